@@ -1,0 +1,30 @@
+"""Errors a person can cause: each says what happened and what to do about it.
+
+The CLI prints them without a traceback; the engine server turns them into EngineError events.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Something the user can fix: a bad path, bad data, a setting the machine cannot honour."""
+
+    code = "user"
+
+    def __init__(self, message: str, hint: str = "", code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        if code:
+            self.code = code
+
+    def __str__(self) -> str:
+        return f"{self.message}\n  hint: {self.hint}" if self.hint else self.message
+
+
+class ModelError(UserError):
+    code = "model"
+
+
+class DataUserError(UserError):
+    code = "data"

@@ -1,0 +1,618 @@
+"""The LoRA / QLoRA fine-tuning recipe: setup, train loop, cleanup, read top to bottom.
+
+The same code runs on CPU (tests, the demo) and CUDA. Everything it does is reported through
+`emit(event)` with protocol events, and written under `<output_dir>/<run_id>/`:
+
+    config.json            the resolved TrainConfig and the equivalent command line
+    metrics.jsonl          one line per logged step and per eval
+    checkpoints/step-<n>/  adapter + trainer_state.pt (optimizer, scheduler, RNG, step)
+    adapter/               the final adapter in PEFT format
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from . import protocol as P
+from .config import TrainConfig, to_command, to_dict
+from .errors import UserError
+
+Emit = Callable[[P.Event], None]
+IGNORE = -100
+STATE_FILE = "trainer_state.pt"
+
+
+class StopSignal:
+    """Set from another thread (or a signal handler) to stop training: graceful saves, abort does not."""
+
+    def __init__(self) -> None:
+        self._mode = ""
+        self._lock = threading.Lock()
+
+    def request(self, mode: str = "graceful") -> None:
+        with self._lock:
+            # An abort may upgrade a pending graceful stop, never the other way round.
+            if self._mode != "abort":
+                self._mode = mode
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+
+@dataclass
+class RunPaths:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / "adapter"
+
+
+@dataclass
+class Batch:
+    input_ids: Any
+    labels: Any
+    attention_mask: Any
+    tokens: int  # real (non-pad) tokens, for tokens/s
+    target_tokens: int  # tokens that carry loss
+
+
+@dataclass
+class TrainPath:
+    """How batches are built and the loss computed on this device: the plain path below runs
+    everywhere; engine/accel.py supplies the CUDA fast path (packing, fused kernels, profiles)."""
+
+    name: str
+    gradient_checkpointing: bool
+    collate: Callable[[list, int, Any], Batch]
+    loss_sum: Callable[[Any, Batch], Any]
+    prepare_base: Callable[[Any], Any] = lambda model: model  # kernel patches, before LoRA
+    notes: list[str] = field(default_factory=list)
+
+
+def plain_path(cfg: TrainConfig) -> TrainPath:
+    return TrainPath("plain", cfg.gradient_checkpointing, collate, forward_loss_sum)
+
+
+def select_path(cfg: TrainConfig, device) -> TrainPath:
+    if device.type == "cuda":
+        try:
+            from .accel import cuda_path
+        except ImportError:
+            return plain_path(cfg)
+        return cuda_path(cfg, device)
+    return plain_path(cfg)
+
+
+@dataclass
+class _Clock:
+    started: float = field(default_factory=time.perf_counter)
+    tokens: int = 0
+    steps: int = 0
+
+    def rate(self) -> float:
+        return self.tokens / max(time.perf_counter() - self.started, 1e-9)
+
+
+# ====================================================================== recipe
+
+
+def run_training(cfg: TrainConfig, emit: Emit, stop: StopSignal | None = None) -> P.TrainFinished:
+    """Fine-tune per `cfg`; blocks until done, stopped or aborted. Raises UserError for bad input."""
+    import torch
+
+    stop = stop or StopSignal()
+    started = time.perf_counter()
+
+    # ---------------------------------------------------------------- setup
+    resume_dir = find_checkpoint(cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else None
+    run = RunPaths(resume_dir.parent.parent if resume_dir else new_run_dir(cfg))
+    _seed_everything(cfg.seed)
+
+    from .data import load_dataset, split_eval, tokenize_samples
+    from .models import load_model
+
+    emit(P.Progress(stage="load", message=f"loading model {cfg.model}"))
+    loaded = load_model(
+        cfg.model,
+        torch_dtype=cfg.torch_dtype,
+        quantize_4bit=cfg.is_qlora,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    emit(
+        P.ModelLoaded(
+            model=loaded.resolved.label,
+            path=str(loaded.resolved.path),
+            parameters=loaded.parameters,
+            seconds=round(loaded.seconds, 3),
+            device=str(loaded.device),
+            dtype=str(loaded.dtype).replace("torch.", ""),
+        )
+    )
+    tokenizer, device = loaded.tokenizer, loaded.device
+
+    emit(P.Progress(stage="tokenize", message="reading and tokenising the data"))
+    samples, problems = load_dataset(
+        cfg.dataset,
+        system=cfg.system,
+        model_name=cfg.model_name,
+        model_author=cfg.model_author,
+        seed=cfg.seed,
+    )
+    if cfg.val_dataset:
+        eval_samples, eval_problems = load_dataset(
+            cfg.val_dataset,
+            system=cfg.system,
+            model_name=cfg.model_name,
+            model_author=cfg.model_author,
+            seed=cfg.seed,
+        )
+        problems = problems + eval_problems
+    else:
+        samples, eval_samples = split_eval(samples, cfg.val_ratio, cfg.seed)
+    train_set, report = tokenize_samples(samples, tokenizer, cfg.max_length, cfg.template)
+    eval_set, eval_report = tokenize_samples(eval_samples, tokenizer, cfg.max_length, cfg.template)
+    all_problems = [str(p) for p in problems + report.problems + eval_report.problems]
+    emit(
+        P.DataReport(
+            samples=len(train_set),
+            eval_samples=len(eval_set),
+            tokens=report.tokens,
+            truncated=report.truncated + eval_report.truncated,
+            dropped=report.dropped + eval_report.dropped,
+            problems=all_problems[:200],
+        )
+    )
+    if not train_set:
+        raise UserError(
+            "no training sample is left after tokenising (all were dropped)",
+            f"raise --max_length (now {cfg.max_length})",
+            code="data",
+        )
+
+    path = select_path(cfg, device)
+    for note in path.notes:
+        emit(P.Log(message=note))
+    model = _attach_lora(path.prepare_base(loaded.model), cfg, path.gradient_checkpointing)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=device.type == "cuda"
+    )
+    plan = build_plan(len(train_set), cfg)
+    total_steps = len(plan)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+
+    start_step = 0
+    if resume_dir:
+        start_step = _load_checkpoint(resume_dir, model, optimizer, scheduler, device)
+        _truncate_metrics(run.metrics, start_step)
+        emit(P.Log(message=f"resumed from {resume_dir} at step {start_step}"))
+    else:
+        run.root.mkdir(parents=True, exist_ok=True)
+        _write_run_config(run, cfg, loaded.resolved.path)
+        run.metrics.write_bytes(b"")
+    command = to_command(cfg)
+    emit(
+        P.TrainStarted(
+            run_id=run.root.name,
+            run_dir=str(run.root),
+            total_steps=total_steps,
+            start_step=start_step,
+            trainable_parameters=trainable,
+            command=command,
+        )
+    )
+
+    # ----------------------------------------------------------- train loop
+    metrics = open(run.metrics, "ab")  # noqa: SIM115 - closed in the finally below
+    clock = _Clock()
+    window_loss, window_tokens, last_loss, grad_norm = 0.0, 0, float("nan"), 0.0
+    step, status = start_step, "completed"
+    steps_per_epoch = max(
+        1,
+        math.ceil(
+            math.ceil(len(train_set) / cfg.per_device_train_batch_size) / cfg.gradient_accumulation_steps
+        ),
+    )
+
+    def log(event: P.Event) -> None:
+        emit(event)
+        metrics.write(orjson.dumps(event.to_dict()) + b"\n")
+        metrics.flush()
+
+    try:
+        model.train()
+        while step < total_steps:
+            micro_batches = [
+                path.collate([train_set[i] for i in idx], tokenizer.pad_token_id, device)
+                for idx in plan[step]
+            ]
+            # Normalise by the loss tokens of the whole step, not per micro-batch, so accumulation
+            # gives the same gradient as one big batch.
+            step_targets = sum(b.target_tokens for b in micro_batches)
+            step_loss = 0.0
+            for batch in micro_batches:
+                if stop.mode == "abort":
+                    break
+                loss_sum = path.loss_sum(model, batch)
+                (loss_sum / step_targets).backward()
+                step_loss += loss_sum.item()  # a CPU-GPU sync point, once per micro-batch
+                clock.tokens += batch.tokens
+            if stop.mode == "abort":
+                status = "aborted"
+                break
+            if cfg.max_grad_norm > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            clock.steps += 1
+            window_loss += step_loss
+            window_tokens += step_targets
+            last_loss = step_loss / step_targets
+
+            if step % cfg.logging_steps == 0 or step == total_steps or step == start_step + 1:
+                elapsed = time.perf_counter() - clock.started
+                per_step = elapsed / clock.steps
+                log(
+                    P.TrainStep(
+                        step=step,
+                        total_steps=total_steps,
+                        epoch=round(step / steps_per_epoch, 4),
+                        loss=window_loss / window_tokens,
+                        lr=scheduler.get_last_lr()[0],
+                        grad_norm=round(grad_norm, 6),
+                        tokens_per_s=round(clock.rate(), 1),
+                        eta_s=round(per_step * (total_steps - step), 1),
+                        elapsed_s=round(time.perf_counter() - started, 1),
+                    )
+                )
+                window_loss, window_tokens = 0.0, 0
+            if eval_set and (step % cfg.eval_steps == 0 or step == total_steps):
+                log(
+                    P.EvalResult(step=step, eval_loss=evaluate(model, eval_set, cfg, tokenizer, device, path))
+                )
+                model.train()
+            if step % cfg.save_steps == 0 and step < total_steps:
+                path = save_checkpoint(run, step, model, optimizer, scheduler, cfg.save_total_limit)
+                log(P.CheckpointSaved(step=step, path=str(path)))
+            if stop.mode == "graceful":
+                status = "stopped"
+                if step < total_steps and step % cfg.save_steps != 0:
+                    path = save_checkpoint(run, step, model, optimizer, scheduler, cfg.save_total_limit)
+                    log(P.CheckpointSaved(step=step, path=str(path)))
+                break
+            if stop.mode == "abort":
+                status = "aborted"
+                break
+
+        # ------------------------------------------------------------ cleanup
+        adapter_dir = ""
+        if status != "aborted":
+            _save_adapter_atomically(model, run.adapter)
+            adapter_dir = str(run.adapter)
+        finished = P.TrainFinished(
+            run_id=run.root.name,
+            status=status,
+            adapter_dir=adapter_dir,
+            final_loss=last_loss,
+            steps=step,
+            seconds=round(time.perf_counter() - started, 1),
+        )
+        log(finished)
+        return finished
+    finally:
+        metrics.close()
+
+
+# ===================================================================== pieces
+
+
+def new_run_dir(cfg: TrainConfig) -> Path:
+    base = Path(cfg.output_dir).expanduser()
+    name = cfg.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = base / name
+    suffix = 1
+    while path.exists():  # two runs started in the same second keep separate folders
+        suffix += 1
+        path = base / f"{name}-{suffix}"
+    return path
+
+
+def _seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _write_run_config(run: RunPaths, cfg: TrainConfig, base_path: Path) -> None:
+    payload = {
+        "run_id": run.root.name,
+        "config": to_dict(cfg),
+        "command": to_command(cfg),
+        "base_model_path": str(base_path),
+        "created": datetime.now().isoformat(timespec="seconds"),
+    }
+    _atomic_write(run.config, orjson.dumps(payload, option=orjson.OPT_INDENT_2))
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _attach_lora(model, cfg: TrainConfig, recompute: bool):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from .models import linear_module_names
+
+    available = linear_module_names(model)
+    if cfg.target_modules != ["all-linear"]:
+        unknown = [m for m in cfg.target_modules if m not in available]
+        if unknown:
+            raise UserError(
+                f"--target_modules: this model has no linear layer named {', '.join(unknown)}",
+                f"choose from all-linear, {', '.join(available)}",
+                code="config",
+            )
+        targets: Any = cfg.target_modules
+    else:
+        targets = available  # explicit list: PEFT's "all-linear" shortcut misses some archs' heads
+    if cfg.is_qlora:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recompute)
+    elif recompute:
+        # Newer transformers renamed the switch; the old name still works but warns.
+        enable = (
+            getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        )
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    lora = LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
+    return get_peft_model(model, lora)
+
+
+def build_plan(num_samples: int, cfg: TrainConfig) -> list[list[list[int]]]:
+    """Every optimizer step's micro-batches of sample indices, fixed by the seed.
+
+    Each epoch is its own seeded permutation and steps never straddle epochs, so resuming at step
+    k replays exactly the batches an uninterrupted run would have seen.
+    """
+    bs, ga = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(math.ceil(num_samples / bs) / ga)
+    if cfg.max_steps > 0:
+        total = cfg.max_steps
+    else:
+        total = max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
+    plan: list[list[list[int]]] = []
+    epoch = 0
+    while len(plan) < total:
+        order = list(range(num_samples))
+        random.Random(cfg.seed * 1_000_003 + epoch).shuffle(order)
+        micro = [order[i : i + bs] for i in range(0, num_samples, bs)]
+        plan.extend(micro[i : i + ga] for i in range(0, len(micro), ga))
+        epoch += 1
+    return plan[:total]
+
+
+def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    warmup = math.ceil(cfg.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if cfg.lr_scheduler_type == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if cfg.lr_scheduler_type == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def collate(samples: list, pad_id: int, device) -> Batch:
+    import torch
+
+    width = max(len(s.input_ids) for s in samples)
+    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(samples), width), dtype=torch.long)
+    for row, s in enumerate(samples):
+        n = len(s.input_ids)
+        ids[row, :n] = torch.tensor(s.input_ids)
+        labels[row, :n] = torch.tensor(s.labels)
+        mask[row, :n] = 1
+    targets = int((labels[:, 1:] != IGNORE).sum())
+    tokens = int(mask.sum())
+    return Batch(ids.to(device), labels.to(device), mask.to(device), tokens, targets)
+
+
+def forward_loss_sum(model, batch: Batch):
+    """Summed cross-entropy over the assistant tokens of one micro-batch.
+
+    Logits are computed only at positions that predict a trained token (`logits_to_keep`): with
+    a 50k-150k vocabulary the output head is a large share of the compute and of the memory.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    shifted = batch.labels[:, 1:]
+    keep = (shifted != IGNORE).any(dim=0).nonzero().squeeze(-1)  # positions t predicting t+1
+    out = model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep, use_cache=False
+    )
+    logits = out.logits.float()
+    targets = shifted[:, keep]
+    return (
+        F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
+        )
+        if keep.numel()
+        else torch.zeros((), device=batch.input_ids.device, requires_grad=True)
+    )
+
+
+def evaluate(model, eval_set: list, cfg: TrainConfig, tokenizer, device, path: TrainPath) -> float:
+    import torch
+
+    model.eval()
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        bs = cfg.per_device_eval_batch_size
+        for i in range(0, len(eval_set), bs):
+            batch = path.collate(eval_set[i : i + bs], tokenizer.pad_token_id, device)
+            total += path.loss_sum(model, batch).item()
+            count += batch.target_tokens
+    return total / max(count, 1)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(run: RunPaths, step: int, model, optimizer, scheduler, keep: int) -> Path:
+    """Write checkpoints/step-<n>/ under a temporary name, fsync, then rename: never half-written."""
+    import numpy as np
+    import torch
+
+    run.checkpoints.mkdir(parents=True, exist_ok=True)
+    final = run.checkpoints / f"step-{step}"
+    tmp = run.checkpoints / f".tmp-step-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng_torch": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "rng_python": list(random.getstate()[1]),
+        "rng_numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+    }
+    torch.save(state, tmp / STATE_FILE)
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _prune_checkpoints(run, keep)
+    return final
+
+
+def _prune_checkpoints(run: RunPaths, keep: int) -> None:
+    if keep <= 0:
+        return
+    for old in list_checkpoints(run.root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary half-written ones are skipped)."""
+    folder = Path(run_dir) / "checkpoints"
+    found = [p for p in folder.glob("step-*") if (p / STATE_FILE).is_file() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def find_checkpoint(path: str) -> Path:
+    """A checkpoint folder, or a run folder (its newest complete checkpoint)."""
+    p = Path(path).expanduser()
+    if (p / STATE_FILE).is_file():
+        return p.resolve()
+    if p.is_dir():
+        found = list_checkpoints(p.parent if p.name == "checkpoints" else p)
+        if found:
+            return found[-1].resolve()
+        raise UserError(
+            f"--resume_from_checkpoint: {p} holds no complete checkpoint",
+            "point it at runs/<run-id> or runs/<run-id>/checkpoints/step-<n>",
+            code="config",
+        )
+    raise UserError(
+        f"--resume_from_checkpoint: {p} does not exist",
+        "point it at runs/<run-id> or runs/<run-id>/checkpoints/step-<n>",
+        code="config",
+    )
+
+
+def _load_checkpoint(path: Path, model, optimizer, scheduler, device) -> int:
+    import numpy as np
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path / "adapter_model.safetensors"), device=str(device))
+    set_peft_model_state_dict(model, weights)
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng_torch"])
+    if state["rng_cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    random.setstate((3, tuple(state["rng_python"]), None))
+    np_state = list(np.random.get_state())
+    np_state[1] = state["rng_numpy"].numpy().astype(np.uint32)
+    np.random.set_state(tuple(np_state))
+    return int(state["step"])
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics logged after the checkpoint we resume from: the resumed run logs them again."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_bytes().splitlines():
+        try:
+            record = orjson.loads(line)
+        except orjson.JSONDecodeError:  # a line cut short by the crash
+            continue
+        if record.get("type") != "TrainFinished" and record.get("step", 0) <= step:
+            kept.append(line + b"\n")
+    _atomic_write(path, b"".join(kept))
+
+
+def _save_adapter_atomically(model, target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)

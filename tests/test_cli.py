@@ -1,0 +1,132 @@
+"""`tunebench train` flags: ms-swift spelling, clear errors, and a real headless run."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+
+import pytest
+from tunebench.engine.cli import build_train_parser, config_from_args, join_negative_numbers, main
+from tunebench.engine.config import ConfigError, TrainConfig, to_command, validate
+
+SWIFT_ARTICLE_COMMAND = """
+  --model demo --train_type lora --dataset sample_data/self_cognition.jsonl
+  --torch_dtype bfloat16 --num_train_epochs 10 --per_device_train_batch_size 1
+  --per_device_eval_batch_size 1 --learning_rate 1e-4 --lora_rank 8 --lora_alpha 32
+  --target_modules all-linear --gradient_accumulation_steps 16 --eval_steps 50
+  --save_steps 50 --save_total_limit 2 --logging_steps 5 --max_length 2048
+  --output_dir output --system 'You are a helpful assistant.' --warmup_ratio 0.05
+  --dataloader_num_workers 4 --model_author swift --model_name swift-robot
+"""
+
+
+def parse(argv: str) -> TrainConfig:
+    return config_from_args(build_train_parser().parse_args(join_negative_numbers(shlex.split(argv))))
+
+
+def test_the_swift_article_command_parses_as_written():
+    cfg = parse(SWIFT_ARTICLE_COMMAND)
+    assert cfg.train_type == "lora" and cfg.torch_dtype == "bfloat16"
+    assert cfg.num_train_epochs == 10.0 and cfg.gradient_accumulation_steps == 16
+    assert cfg.learning_rate == 1e-4 and cfg.lora_rank == 8 and cfg.lora_alpha == 32
+    assert cfg.target_modules == ["all-linear"] and cfg.system == "You are a helpful assistant."
+    assert cfg.model_name == ["swift-robot"] and cfg.model_author == ["swift"]
+    assert cfg.output_dir == "output" and cfg.dataloader_num_workers == 4
+
+
+def test_swift_spellings_and_lists():
+    cfg = parse(
+        "--dataset a.json#50 b.jsonl --quant_bits 4 --target_modules q_proj,v_proj "
+        "--model_name 小黄 'Xiao Huang' --split_dataset_ratio 0.1 --gradient_checkpointing false"
+    )
+    assert cfg.dataset == ["a.json#50", "b.jsonl"] and cfg.train_type == "qlora"
+    assert cfg.target_modules == ["q_proj", "v_proj"] and cfg.model_name == ["小黄", "Xiao Huang"]
+    assert cfg.val_ratio == 0.1 and cfg.gradient_checkpointing is False
+
+
+def test_command_line_round_trips():
+    cfg = parse("--dataset 'my data.jsonl#5' --lora_rank 16 --system 'Be brief.' --learning_rate 2e-4")
+    again = parse(to_command(cfg).removeprefix("tunebench train"))
+    assert again == cfg
+
+
+@pytest.mark.parametrize(
+    "argv, field, words",
+    [
+        ("--lora_rank 0", "lora_rank", "at least 1"),
+        ("--learning_rate -1e-4", "learning_rate", "greater than 0"),
+        ("--per_device_train_batch_size 0", "per_device_train_batch_size", "at least 1"),
+        ("--lora_rank eight", "lora_rank", "not a whole number"),
+        ("--train_type full", "train_type", "not one of lora, qlora"),
+        ("--target_modules 'q proj'", "target_modules", "not a module name"),
+        ("--gradient_checkpointing maybe", "gradient_checkpointing", "not true or false"),
+        ("--val_ratio 0.1 --val_dataset v.jsonl", "val_ratio", "not both"),
+    ],
+)
+def test_bad_values_name_the_flag_and_the_problem(argv, field, words):
+    with pytest.raises(ConfigError) as info:
+        parse("--dataset d.jsonl " + argv)
+    assert words in info.value.problems[field]
+    assert f"--{field}" in str(info.value)
+
+
+def test_validate_reports_every_problem_at_once():
+    cfg = TrainConfig(dataset=["x"])
+    cfg.lora_rank, cfg.learning_rate = 0, 0.0
+    assert set(validate(cfg)) == {"lora_rank", "learning_rate"}
+
+
+def test_unknown_flag_is_named(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--dataset", "d.jsonl", "--lora_rankk", "8"])
+    assert info.value.code == 2
+    assert "unknown flag --lora_rankk" in capsys.readouterr().err
+
+
+def test_errors_print_without_traceback(capsys, tmp_path):
+    code = main(["train", "--dataset", "d.jsonl", "--lora_rank", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--lora_rank: must be at least 1" in err and "Traceback" not in err
+    code = main(["train", "--model", str(tmp_path / "nope"), "--dataset", "d.jsonl"])
+    assert code == 2 and "model not found" in capsys.readouterr().err
+
+
+def test_headless_train_with_json_events(tiny_model_dir, tmp_path):
+    data = tmp_path / "d.jsonl"
+    rows = [{"instruction": f"Say hi {i}", "output": "hi from {{NAME}}"} for i in range(6)]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tunebench.engine.cli",
+            "train",
+            "--model",
+            str(tiny_model_dir),
+            "--dataset",
+            f"{data}#8",
+            "--model_name",
+            "bot",
+            "--max_steps",
+            "3",
+            "--logging_steps",
+            "1",
+            "--output_dir",
+            str(tmp_path / "runs"),
+            "--run_name",
+            "cli",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    kinds = [e["type"] for e in events]
+    assert kinds[-1] == "TrainFinished" and kinds.count("TrainStep") == 3
+    report = next(e for e in events if e["type"] == "DataReport")
+    assert report["samples"] == 8  # #8 over a 6-record file repeats it, as ms-swift does
+    assert (tmp_path / "runs" / "cli" / "adapter" / "adapter_model.safetensors").is_file()

@@ -1,0 +1,70 @@
+"""Model resolution: clear errors for everything a person can get wrong, and the demo model."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from tunebench.engine.errors import ModelError
+from tunebench.engine.models import load_model, resolve_model
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(ModelError, match="model not found"):
+        resolve_model(str(tmp_path / "missing"))
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(ModelError, match="no config.json"):
+        resolve_model(str(tmp_path))
+
+
+def test_file_that_is_not_a_model(tmp_path):
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(ModelError, match="is a file, not a model folder"):
+        resolve_model(str(tmp_path / "notes.txt"))
+
+
+def test_pickle_weights_are_refused(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(ModelError, match="no safetensors weights") as info:
+        resolve_model(str(tmp_path))
+    assert "pickle" in info.value.hint
+
+
+def test_hub_id_not_in_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(ModelError, match="not in the local Hugging Face cache"):
+        resolve_model("nobody/such-model")
+
+
+def test_unsupported_gguf_architecture(tmp_path, monkeypatch):
+    gguf = pytest.importorskip("gguf")
+    monkeypatch.setenv("TUNEBENCH_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "odd.gguf"
+    writer = gguf.GGUFWriter(str(path), "fancyformer")
+    writer.add_block_count(1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelError) as info:
+        resolve_model(str(path))
+    assert "fancyformer" in str(info.value) or "GGUF" in str(info.value)
+    assert not list((tmp_path / "cache" / "models").glob("odd*"))  # nothing half-converted left
+
+
+def test_local_folder_loads(tiny_model_dir):
+    loaded = load_model(str(tiny_model_dir))
+    assert loaded.resolved.kind == "folder" and loaded.tokenizer.pad_token is not None
+
+
+@pytest.mark.slow
+def test_demo_model_loads_fast_once_cached():
+    resolve_model("demo")  # converts once (cached for later runs)
+    started = time.perf_counter()
+    loaded = load_model("demo", torch_dtype="bfloat16")
+    seconds = time.perf_counter() - started
+    assert loaded.parameters > 100e6 and loaded.tokenizer.chat_template
+    assert seconds < 3.0, f"demo load took {seconds:.2f}s"

@@ -1,0 +1,214 @@
+"""The training recipe on a tiny model: loss falls, files land, resume is exact, adapters are plain PEFT."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import orjson
+import pytest
+from tunebench.engine.config import TrainConfig
+from tunebench.engine.errors import UserError
+from tunebench.engine.train import StopSignal, build_plan, list_checkpoints, lr_lambda, run_training
+
+QUESTIONS = [
+    "Who are you?",
+    "What is your name?",
+    "Who made you?",
+    "Introduce yourself.",
+    "你是谁？",
+    "你叫什么名字？",
+]
+
+
+@pytest.fixture(scope="module")
+def identity_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "identity.jsonl"
+    lines = []
+    for i in range(12):
+        q = QUESTIONS[i % len(QUESTIONS)]
+        lines.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"{q} ({i})"},
+                    {"role": "assistant", "content": "I am {{NAME}}, made by {{AUTHOR}}."},
+                ]
+            }
+        )
+    path.write_text("\n".join(json.dumps(x, ensure_ascii=False) for x in lines) + "\n")
+    return path
+
+
+def make_cfg(model_dir, data, out, **over) -> TrainConfig:
+    settings = dict(
+        model=str(model_dir),
+        dataset=[str(data)],
+        model_name=["robot"],
+        model_author=["us"],
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        learning_rate=5e-3,
+        num_train_epochs=3,
+        logging_steps=1,
+        save_steps=2,
+        save_total_limit=2,
+        eval_steps=2,
+        lora_dropout=0.1,
+        gradient_checkpointing=False,
+        output_dir=str(out),
+    )
+    settings.update(over)
+    return TrainConfig(**settings)
+
+
+def run(cfg, stop=None):
+    events = []
+    result = run_training(cfg, events.append, stop)
+    return result, events
+
+
+def losses(events):
+    return [(e.step, e.loss) for e in events if e.type == "TrainStep"]
+
+
+def test_loss_falls_and_run_files_are_written(tiny_model_dir, identity_file, tmp_path):
+    result, events = run(make_cfg(tiny_model_dir, identity_file, tmp_path, val_ratio=0.2, run_name="r1"))
+    assert result.status == "completed"
+    steps = losses(events)
+    assert len(steps) == result.steps == 9  # 10 train samples / (2 x 2) -> 3 steps per epoch
+    assert all(math.isfinite(loss) for _, loss in steps)
+    assert steps[-1][1] < steps[0][1] * 0.9
+    assert any(e.type == "EvalResult" for e in events)
+
+    run_dir = tmp_path / "r1"
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["config"]["lora_rank"] == 8 and saved["command"].startswith("tunebench train")
+    assert saved["base_model_path"] == str(tiny_model_dir)
+    records = [orjson.loads(line) for line in (run_dir / "metrics.jsonl").read_bytes().splitlines()]
+    assert {r["type"] for r in records} == {"TrainStep", "EvalResult", "CheckpointSaved", "TrainFinished"}
+    assert {p.name for p in (run_dir / "adapter").iterdir()} >= {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    }
+    # save_steps=2 over 9 steps saves 2, 4, 6, 8; the limit keeps the newest two.
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step-6", "step-8"]
+
+
+def test_adapter_loads_with_plain_peft_and_disabled_adapter_is_the_base(
+    tiny_model_dir, identity_file, tmp_path
+):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    result, _ = run(make_cfg(tiny_model_dir, identity_file, tmp_path, num_train_epochs=1))
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    with torch.no_grad():
+        base_logits = base(ids).logits
+        tuned = PeftModel.from_pretrained(base, result.adapter_dir)
+        tuned_logits = tuned(ids).logits
+        with tuned.disable_adapter():
+            disabled_logits = tuned(ids).logits
+    assert not torch.allclose(tuned_logits, base_logits, atol=1e-4)
+    torch.testing.assert_close(disabled_logits, base_logits, atol=1e-6, rtol=0)
+
+
+def test_resume_gives_exactly_the_losses_of_an_uninterrupted_run(tiny_model_dir, identity_file, tmp_path):
+    _, full_events = run(make_cfg(tiny_model_dir, identity_file, tmp_path, run_name="full"))
+
+    stop = StopSignal()
+    events = []
+
+    def emit(event):
+        events.append(event)
+        if event.type == "TrainStep" and event.step == 3:
+            stop.request("graceful")
+
+    first = run_training(make_cfg(tiny_model_dir, identity_file, tmp_path, run_name="part"), emit, stop)
+    assert first.status == "stopped" and first.steps == 3
+    assert (tmp_path / "part" / "checkpoints" / "step-3").is_dir()  # graceful stop saved
+
+    second, resumed = run(
+        make_cfg(tiny_model_dir, identity_file, tmp_path, resume_from_checkpoint=str(tmp_path / "part"))
+    )
+    assert second.status == "completed"
+    assert losses(resumed) == [x for x in losses(full_events) if x[0] > 3]
+    # metrics.jsonl of the run holds each step once, before and after the resume
+    steps = [
+        orjson.loads(line)["step"]
+        for line in (tmp_path / "part" / "metrics.jsonl").read_bytes().splitlines()
+        if orjson.loads(line)["type"] == "TrainStep"
+    ]
+    assert steps == sorted(set(steps)) and steps[-1] == 9
+
+
+def test_abort_stops_without_saving_an_adapter(tiny_model_dir, identity_file, tmp_path):
+    stop = StopSignal()
+    stop.request("abort")
+    result, _ = run(make_cfg(tiny_model_dir, identity_file, tmp_path, run_name="ab"), stop)
+    assert result.status == "aborted" and result.steps == 0 and result.adapter_dir == ""
+    assert not (tmp_path / "ab" / "adapter").exists()
+
+
+def test_accumulation_matches_one_big_batch(tiny_model_dir, identity_file, tmp_path):
+    common = dict(lora_dropout=0.0, max_steps=2, logging_steps=1)
+    _, big = run(
+        make_cfg(
+            tiny_model_dir,
+            identity_file,
+            tmp_path,
+            per_device_train_batch_size=4,
+            gradient_accumulation_steps=1,
+            **common,
+        )
+    )
+    _, accumulated = run(
+        make_cfg(
+            tiny_model_dir,
+            identity_file,
+            tmp_path,
+            per_device_train_batch_size=1,
+            gradient_accumulation_steps=4,
+            **common,
+        )
+    )
+    for (_, a), (_, b) in zip(losses(big), losses(accumulated), strict=True):
+        assert a == pytest.approx(b, rel=1e-4)
+
+
+def test_unknown_target_module_is_a_clear_error(tiny_model_dir, identity_file, tmp_path):
+    with pytest.raises(UserError, match="no linear layer named qkv_proj") as info:
+        run(make_cfg(tiny_model_dir, identity_file, tmp_path, target_modules=["qkv_proj"]))
+    assert "q_proj" in info.value.hint
+
+
+def test_qlora_without_cuda_is_refused(tiny_model_dir, identity_file, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(UserError, match="QLoRA needs an NVIDIA GPU"):
+        run(make_cfg(tiny_model_dir, identity_file, tmp_path, quant_bits=4))
+
+
+def test_plan_is_seeded_and_honours_epochs_and_max_steps():
+    cfg = TrainConfig(
+        dataset=["x"], per_device_train_batch_size=2, gradient_accumulation_steps=2, num_train_epochs=2.5
+    )
+    plan = build_plan(10, cfg)
+    assert len(plan) == 8  # 3 steps per epoch (5 micro-batches -> 2 + 2 + 1), 2.5 epochs -> ceil(7.5)
+    assert plan == build_plan(10, cfg)
+    assert sorted(i for step in plan[:3] for mb in step for i in mb) == list(range(10))
+    assert len(build_plan(10, TrainConfig(dataset=["x"], max_steps=25))) == 25
+
+
+def test_schedule_warms_up_then_decays():
+    cfg = TrainConfig(dataset=["x"], warmup_ratio=0.1, lr_scheduler_type="cosine")
+    f = lr_lambda(cfg, 100)
+    assert f(0) < f(5) < f(9) <= 1.0
+    assert f(10) == pytest.approx(1.0)
+    assert f(55) == pytest.approx(0.5, abs=0.02)
+    assert f(99) < 0.01
+    linear = lr_lambda(TrainConfig(dataset=["x"], lr_scheduler_type="linear"), 10)
+    assert linear(5) == pytest.approx(0.5)
