@@ -13,6 +13,7 @@ import dataclasses
 import math
 import os
 import signal
+import warnings
 import sys
 from pathlib import Path
 from typing import Any, get_origin, get_type_hints
@@ -27,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Deprecation notices from inside transformers/peft are for their maintainers, not for users.
+    warnings.filterwarnings("ignore", category=FutureWarning)
     if argv and argv[0] in ("-h", "--help"):
         print(_usage())
         return 0

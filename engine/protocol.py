@@ -2,12 +2,29 @@
 
 Needs only the standard library and orjson, so the TUI and the engine both import it. Every
 message has a `type` tag (the class name). Requests carry an `id`; events that answer a request
-echo it in their own `id` (events the engine sends unprompted have id "").
+echo it in their own `id` (events the engine sends unprompted have id ""). Events a job emits
+(TrainStep, TokenChunk, ...) carry the id of the request that started the job.
+
+Conversation, in order:
+  connect       the engine sends a Snapshot (id "") with the whole state; a client that only
+                watches (`tunebench status`) may stop here
+  Hello         answered by a Snapshot echoing the id, with `controller` set: the first client
+                to say Hello controls the workspace, later ones are read-only (their job requests
+                get EngineError "read_only") until the controller disconnects;
+                Hello(take_control=True) takes the slot over, Hello(observe=True) never takes it
+  jobs          StartTraining / Generate / Export / LoadModel run one at a time; a second one
+                gets EngineError "busy"; JobStatus marks each job's start and end
+  always        MemorySample at least twice a second; GetStatus and EstimateMemory are
+                answered while a job runs
+
+Every Snapshot replaces the client's whole picture of the engine (history included). Lines
+can be long (a Snapshot carries a run's history): read them with a large limit.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -55,13 +72,16 @@ class Event(Message):
 
 @dataclass(frozen=True)
 class Hello(Request):
-    client: str = ""
+    client: str = ""  # who is asking, shown to other clients: "tui", "cli", "test"
     protocol: int = PROTOCOL_VERSION
+    observe: bool = False  # watch only: never take the controller slot
+    take_control: bool = False  # take the slot from the current controller (it turns read-only)
+    pid: int = 0  # the client's process id, shown to other clients
 
 
 @dataclass(frozen=True)
 class GetStatus(Request):
-    pass
+    history: bool = True  # False: a Snapshot without the run history (cheap polling)
 
 
 @dataclass(frozen=True)
@@ -87,6 +107,9 @@ class Generate(Request):
     model: str = ""  # base model; "" = the loaded one, or the first adapter's run config
     system: str = ""
     config: dict[str, Any] = field(default_factory=dict)  # a GenerationConfig as a dict
+    # Side-by-side multi-turn chat: each target's own history (its own earlier answers), user
+    # turn last; when given it replaces `messages`.
+    conversations: dict[str, list[dict[str, str]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -119,11 +142,20 @@ class Snapshot(Event):
     """Whole engine state, sent on connect: lets a reattaching client redraw everything."""
 
     engine_pid: int = 0
-    job: str = ""  # "", "train", "generate", "export"
+    job: str = ""  # "", "train", "generate", "export", "load"
     model: str = ""
     run_id: str = ""
     run_dir: str = ""
     history: list[dict[str, Any]] = field(default_factory=list)  # events of the current run
+    protocol: int = PROTOCOL_VERSION
+    workspace: str = ""
+    job_id: str = ""  # id of the request that started the running job
+    job_started: float = 0.0  # unix time
+    run_status: str = ""  # "", "running", "completed", "stopped", "aborted", "failed", "interrupted"
+    controller: bool = False  # True: this client controls the workspace (may start jobs)
+    controller_client: str = ""  # who controls it now ("" = nobody: the next job request takes it)
+    clients: int = 0  # connected clients, this one included
+    last_error: dict[str, Any] = field(default_factory=dict)  # the last job's EngineError, if any
 
 
 @dataclass(frozen=True)
@@ -207,7 +239,9 @@ class TokenChunk(Event):
 
 @dataclass(frozen=True)
 class GenerateDone(Event):
-    stats: dict[str, dict[str, float]] = field(default_factory=dict)  # target -> ttft_s, tokens_per_s
+    # target -> {ttft_s, tokens, tokens_per_s, text}: the whole answer, for clients that did not
+    # assemble the chunks
+    stats: dict[str, dict[str, Any]] = field(default_factory=dict)
     cancelled: bool = False
 
 
@@ -221,6 +255,10 @@ class ExportDone(Event):
 class MemoryEstimate(Event):
     total_gib: float = 0.0
     parts: dict[str, float] = field(default_factory=dict)  # weights, lora, optimizer, activations...
+    model: str = ""
+    parameters: int = 0  # base model parameters
+    trainable: int = 0  # LoRA parameters
+    notes: list[str] = field(default_factory=list)  # assumptions worth showing next to the number
 
 
 @dataclass(frozen=True)
@@ -230,13 +268,36 @@ class MemorySample(Event):
     reserved: int = 0
     peak: int = 0
     rss: int = 0  # engine process resident memory, for machines without a GPU
+    ram_total: int = 0  # bytes of system memory, so a RAM gauge has a scale
+    ram_available: int = 0
+    gpu_note: str = ""  # why gpus is empty ("no NVIDIA GPU found (NVML: ...)"), else ""
 
 
 @dataclass(frozen=True)
 class EngineError(Event):
-    code: str = ""  # "bad_request", "data", "config", "model", "oom", "busy", "internal"
+    # "bad_request", "busy", "read_only", "idle", "data", "config", "model", "user", "oom",
+    # "internal"
+    code: str = ""
     message: str = ""
     hint: str = ""
+
+
+@dataclass(frozen=True)
+class JobStatus(Event):
+    """A job started or ended: lets every client (read-only ones too) lock and unlock controls."""
+
+    job: str = ""  # "train", "generate", "export", "load"
+    state: str = ""  # "started", "done", "failed"
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class ControlChanged(Event):
+    """Sent to a client whose controller role changed (taken over, granted, or the slot freed)."""
+
+    controller: bool = False
+    controller_client: str = ""
+    message: str = ""
 
 
 @dataclass(frozen=True)
@@ -248,9 +309,14 @@ class Log(Event):
 # ------------------------------------------------------------------ encoding
 
 
+def _fallback(value: Any) -> Any:
+    # Paths and other odd values a job may put into a dict travel as text rather than failing.
+    return str(value)
+
+
 def encode(message: Message) -> bytes:
-    """One message as one JSON line, newline included."""
-    return orjson.dumps(message.to_dict(), option=orjson.OPT_SERIALIZE_NUMPY) + b"\n"
+    """One message as one JSON line, newline included. NaN and infinity travel as null."""
+    return orjson.dumps(message.to_dict(), option=orjson.OPT_SERIALIZE_NUMPY, default=_fallback) + b"\n"
 
 
 def decode(line: bytes | str) -> Message:
@@ -259,8 +325,14 @@ def decode(line: bytes | str) -> Message:
         data = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
         raise ProtocolError(f"not JSON: {exc}") from None
+    return from_dict(data)
+
+
+def from_dict(data: Any) -> Message:
+    """A message from its dict form (as in Snapshot.history); raises ProtocolError."""
     if not isinstance(data, dict):
         raise ProtocolError("a message must be a JSON object")
+    data = dict(data)
     name = data.pop("type", None)
     cls = _REGISTRY.get(name) if isinstance(name, str) else None
     if cls is None or cls in (Message, Request, Event):
@@ -270,9 +342,14 @@ def decode(line: bytes | str) -> Message:
     kwargs = {k: v for k, v in data.items() if k in known}
     for name_, value in kwargs.items():
         default = _default_of(known[name_])
+        if isinstance(default, float) and value is None:
+            # JSON has no NaN: orjson writes a NaN loss (no step done yet) as null.
+            kwargs[name_] = math.nan
+            continue
         if default is not None and not _same_kind(default, value):
-            raise ProtocolError(f"{cls.__name__}.{name_}: expected {type(default).__name__}, "
-                                f"got {type(value).__name__}")
+            raise ProtocolError(
+                f"{cls.__name__}.{name_}: expected {type(default).__name__}, got {type(value).__name__}"
+            )
     return cls(**kwargs)
 
 

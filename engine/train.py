@@ -189,11 +189,13 @@ def run_training(cfg: TrainConfig, emit: Emit, stop: StopSignal | None = None) -
         )
     )
     if not train_set:
+        shown = "\n  ".join(all_problems[:10])
         raise UserError(
-            "no training sample is left after tokenising (all were dropped)",
-            f"raise --max_length (now {cfg.max_length})",
+            f"no training sample is left after tokenising:\n  {shown}",
+            f"each line above says what to change (--max_length is {cfg.max_length})",
             code="data",
         )
+    emit(P.Log(message=f"chat template: {report.template}"))
 
     path = select_path(cfg, device)
     for note in path.notes:
@@ -301,13 +303,13 @@ def run_training(cfg: TrainConfig, emit: Emit, stop: StopSignal | None = None) -
                 )
                 model.train()
             if step % cfg.save_steps == 0 and step < total_steps:
-                path = save_checkpoint(run, step, model, optimizer, scheduler, cfg.save_total_limit)
-                log(P.CheckpointSaved(step=step, path=str(path)))
+                saved = save_checkpoint(run, step, model, optimizer, scheduler, cfg.save_total_limit)
+                log(P.CheckpointSaved(step=step, path=str(saved)))
             if stop.mode == "graceful":
                 status = "stopped"
                 if step < total_steps and step % cfg.save_steps != 0:
-                    path = save_checkpoint(run, step, model, optimizer, scheduler, cfg.save_total_limit)
-                    log(P.CheckpointSaved(step=step, path=str(path)))
+                    saved = save_checkpoint(run, step, model, optimizer, scheduler, cfg.save_total_limit)
+                    log(P.CheckpointSaved(step=step, path=str(saved)))
                 break
             if stop.mode == "abort":
                 status = "aborted"
@@ -395,11 +397,11 @@ def _attach_lora(model, cfg: TrainConfig, recompute: bool):
     if cfg.is_qlora:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recompute)
     elif recompute:
-        # Newer transformers renamed the switch; the old name still works but warns.
-        enable = (
-            getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        )
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Newer transformers renamed the switch (and its kwargs); the old name still works but warns.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     lora = LoraConfig(
         r=cfg.lora_rank,

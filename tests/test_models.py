@@ -68,3 +68,21 @@ def test_demo_model_loads_fast_once_cached():
     seconds = time.perf_counter() - started
     assert loaded.parameters > 100e6 and loaded.tokenizer.chat_template
     assert seconds < 3.0, f"demo load took {seconds:.2f}s"
+
+
+def test_hub_id_found_in_the_local_cache(tiny_model_dir, tmp_path, monkeypatch):
+    # Lay out a Hugging Face cache entry by hand: models--org--name/{refs/main, snapshots/<rev>/...}
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--tiny-org--tiny-chat"
+    snapshot = repo / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    for f in tiny_model_dir.iterdir():
+        (snapshot / f.name).write_bytes(f.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abc")
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    resolved = resolve_model("tiny-org/tiny-chat")
+    assert resolved.kind == "hub" and resolved.path == snapshot
+    assert load_model("tiny-org/tiny-chat").parameters > 0

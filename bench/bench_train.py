@@ -1,0 +1,794 @@
+"""Training speed and memory: TuneBench's recipe against HF Trainer + PEFT and Unsloth, side by side.
+
+Every stack trains the same randomly initialised Qwen2.5 architecture (weights written once to a
+local folder and loaded by all), on the same synthetic samples in the same order, with LoRA r8
+alpha 32 (dropout 0) on the seven projections, AdamW at a constant 1e-4, clipping at 1.0:
+2 warm-up steps, then 5 timed steps. Each stack runs in its own process, so each starts on a
+clean GPU. Run on a GPU box, from the repository root:
+
+    python bench/bench_train.py --size 7b --workload fixed \
+        --runs hf:lora,unsloth:lora,tb-fast:lora,tb-lean:lora --out results/
+
+Workloads: `fixed` is 2048-token samples, micro-batch 1 x accumulation 4; `mixed` is samples of
+30 to 1,500 tokens (uniform), micro-batch 8 x accumulation 2, where padding matters.
+tokens/s counts real tokens (no padding) for every stack.
+
+Stacks:
+  hf       transformers Trainer + PEFT, gradient checkpointing, SDPA (what ms-swift runs);
+           QLoRA: bitsandbytes NF4 + double quant, prepare_model_for_kbit_training, paged 8-bit AdamW
+  unsloth  Unsloth's FastLanguageModel with its own recompute ("unsloth"), the plain HF Trainer;
+           QLoRA: its 4-bit load, paged 8-bit AdamW
+  tb-fast, tb-lean
+           TuneBench: engine.train.run_training itself, with --profile fast / lean; only the data
+           stage is replaced by the same pre-tokenised synthetic samples
+
+`python bench/bench_train.py check` tests the fast path's GPU kernels against references first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+IGNORE = -100
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SEED = 42
+LR = 1e-4
+WARMUP_STEPS, TIMED_STEPS = 2, 5
+
+SIZES = {
+    # "tiny" only checks the bench's own plumbing on a CPU
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=4096,
+        tie_word_embeddings=False,
+    ),
+    "0.5b": dict(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    "7b": dict(
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+        tie_word_embeddings=False,
+    ),
+}
+COMMON = dict(
+    max_position_embeddings=32768,
+    rope_theta=1_000_000.0,
+    rms_norm_eps=1e-6,
+    hidden_act="silu",
+    use_sliding_window=False,
+    bos_token_id=151643,
+    eos_token_id=151645,
+)
+WORKLOADS = {
+    "fixed": dict(batch=1, accumulation=4, lengths=(2048, 2048)),
+    "mixed": dict(batch=8, accumulation=2, lengths=(30, 1500)),
+}
+
+
+# ================================================================== data
+
+
+@dataclass
+class Sample:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def make_samples(workload: str, vocab: int) -> list[Sample]:
+    """Deterministic samples: a prompt (no loss) then an answer (loss), token ids drawn at random."""
+    w = WORKLOADS[workload]
+    n = (WARMUP_STEPS + TIMED_STEPS) * w["batch"] * w["accumulation"]
+    rng = random.Random(SEED)
+    samples = []
+    for _ in range(n):
+        length = rng.randint(*w["lengths"])
+        prompt = max(1, int(length * rng.uniform(0.05, 0.4)))
+        ids = [rng.randrange(16, vocab) for _ in range(length)]
+        samples.append(Sample(ids, [IGNORE] * prompt + ids[prompt:]))
+    return samples
+
+
+def step_order(samples: list[Sample], workload: str) -> list[list[list[int]]]:
+    """The recipe's plan (seeded shuffle): every stack sees the same samples in the same micro-batches."""
+    engine = import_engine()
+    w = WORKLOADS[workload]
+    cfg = engine.config.TrainConfig(
+        per_device_train_batch_size=w["batch"],
+        gradient_accumulation_steps=w["accumulation"],
+        max_steps=WARMUP_STEPS + TIMED_STEPS,
+        seed=SEED,
+    )
+    return engine.train.build_plan(len(samples), cfg)
+
+
+def timed_tokens(samples, plan) -> int:
+    steps = plan[WARMUP_STEPS : WARMUP_STEPS + TIMED_STEPS]
+    return sum(len(samples[i].input_ids) for step in steps for micro in step for i in micro)
+
+
+# ================================================================ imports
+
+
+def import_engine():
+    """tunebench.engine from this checkout, installed or not (the GPU box has it only as a folder)."""
+    try:
+        import tunebench.engine.config
+        import tunebench.engine.train  # noqa: F401
+    except ImportError:
+        pkg = types.ModuleType("tunebench")
+        pkg.__path__ = []
+        engine = types.ModuleType("tunebench.engine")
+        engine.__path__ = [str(REPO / "engine")]
+        pkg.engine = engine
+        sys.modules["tunebench"] = pkg
+        sys.modules["tunebench.engine"] = engine
+    engine = importlib.import_module("tunebench.engine")
+    for name in ("config", "train"):
+        importlib.import_module(f"tunebench.engine.{name}")
+    return engine
+
+
+def install_synthetic_data(samples: list[Sample]) -> None:
+    """Stand in for engine.data's loading: the recipe gets these samples, already tokenised."""
+
+    class Report:
+        def __init__(self, rows):
+            self.samples, self.tokens = len(rows), sum(len(x.input_ids) for x in rows)
+            self.truncated = self.dropped = 0
+            self.problems = []
+            self.template = "synthetic, pre-tokenised"
+
+        def __getattr__(self, name):  # a field the real report gains later
+            return 0
+
+    try:
+        data = importlib.import_module("tunebench.engine.data")
+    except Exception:  # noqa: BLE001 - the real module needs what this box lacks: stand in whole
+        data = types.ModuleType("tunebench.engine.data")
+        sys.modules["tunebench.engine.data"] = data
+    data.load_dataset = lambda *a, **k: (list(samples), [])
+    data.split_eval = lambda s, *a, **k: (s, [])
+    data.tokenize_samples = lambda s, *a, **k: (list(s), Report(s))
+
+
+def versions() -> dict:
+    out = {}
+    for name in (
+        "torch",
+        "transformers",
+        "peft",
+        "accelerate",
+        "triton",
+        "bitsandbytes",
+        "liger_kernel",
+        "trl",
+        "unsloth",
+        "unsloth_zoo",
+    ):
+        try:
+            from importlib.metadata import version
+
+            out[name] = version(name.replace("_", "-") if name != "unsloth_zoo" else "unsloth_zoo")
+        except Exception:  # noqa: BLE001
+            out[name] = None
+    return out
+
+
+# ================================================================ model
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "a", "b", "c"])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="a"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="a"
+    )
+
+
+def make_model(size: str, folder: Path) -> None:
+    """Random Qwen2.5 weights in bfloat16, initialised on the GPU and saved as a model folder."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    if (folder / "config.json").is_file():
+        return
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    torch.manual_seed(0)
+    config = Qwen2Config(**SIZES[size], **COMMON)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = Qwen2ForCausalLM(config)
+    torch.set_default_dtype(torch.float32)
+    model.config.dtype = torch.bfloat16
+    model.save_pretrained(tmp, max_shard_size="4GB")
+    tiny_tokenizer().save_pretrained(tmp)
+    os.replace(tmp, folder)
+
+
+# ================================================================ stacks
+
+
+class Recorder:
+    """Step times (after a device sync), losses and memory, the same way for every stack."""
+
+    def __init__(self):
+        import torch
+
+        self.torch = torch
+        self.cuda = torch.cuda.is_available()
+        self.times: dict[int, float] = {}
+        self.losses: dict[int, float] = {}
+        self.load_peak = 0
+
+    def train_begins(self):
+        t = self.torch
+        if self.cuda:
+            t.cuda.synchronize()
+            self.load_peak = t.cuda.max_memory_allocated()
+            t.cuda.reset_peak_memory_stats()
+
+    def step_done(self, step: int, loss: float | None = None):
+        if self.cuda:
+            self.torch.cuda.synchronize()
+        self.times[step] = time.perf_counter()
+        if loss is not None:
+            self.losses[step] = float(loss)
+
+    def result(self, tokens: int) -> dict:
+        t = self.torch
+        end, start = WARMUP_STEPS + TIMED_STEPS, WARMUP_STEPS
+        seconds = self.times[end] - self.times[start]
+        gib = 1024**3
+        return {
+            "tokens_per_s": tokens / seconds,
+            "timed_tokens": tokens,
+            "timed_seconds": seconds,
+            "step_seconds": [
+                round(self.times[s + 1] - self.times[s], 4) for s in range(1, end) if s + 1 in self.times
+            ],
+            "losses": [self.losses.get(s) for s in range(1, end + 1)],
+            "first_loss": self.losses.get(1),
+            "final_loss": self.losses.get(end),
+            "peak_allocated_gib": t.cuda.max_memory_allocated() / gib if self.cuda else 0.0,
+            "peak_reserved_gib": t.cuda.max_memory_reserved() / gib if self.cuda else 0.0,
+            "load_peak_allocated_gib": self.load_peak / gib,
+        }
+
+
+class Profiler:
+    """Kernel times of steps 3 and 4 (TB_PROFILE=1): where a step's GPU time goes."""
+
+    def __init__(self, args):
+        self.args, self.prof, self.started = args, None, 0.0
+
+    def step(self, step: int) -> None:
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        if step == 2:
+            self.prof = profile(activities=[ProfilerActivity.CUDA])
+            self.prof.__enter__()
+            self.started = time.perf_counter()
+        elif step == 4 and self.prof:
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - self.started
+            self.prof.__exit__(None, None, None)
+            events = self.prof.key_averages()
+            busy = (
+                sum(
+                    getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+                    for e in events
+                )
+                / 1e6
+            )
+            try:
+                text = events.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70)
+            except Exception:  # noqa: BLE001 - older profiler key name
+                text = events.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70)
+            head = f"2 steps: wall {wall:.3f} s, GPU kernels {busy:.3f} s busy ({busy / wall:.0%})\n"
+            print(head + text, flush=True)
+            out = Path(os.environ.get("OUT", "/tmp")) / f"profile_{self.args.size}_{self.args.workload}.txt"
+            out.write_text(head + text)
+
+
+def run_tunebench(args, samples, plan) -> dict:
+    engine = import_engine()
+    install_synthetic_data(samples)
+    from tunebench.engine import protocol as P
+    from tunebench.engine.config import TrainConfig
+    from tunebench.engine.train import run_training
+
+    w = WORKLOADS[args.workload]
+    cfg = TrainConfig(
+        model=str(args.model_dir),
+        train_type=args.method,
+        torch_dtype="bfloat16",
+        profile=args.stack.split("-", 1)[1],
+        gradient_checkpointing=True,
+        lora_rank=8,
+        lora_alpha=32,
+        lora_dropout=0.0,
+        target_modules=list(TARGETS),
+        dataset=["synthetic"],
+        max_length=4096,
+        learning_rate=LR,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        max_steps=WARMUP_STEPS + TIMED_STEPS,
+        per_device_train_batch_size=w["batch"],
+        gradient_accumulation_steps=w["accumulation"],
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        eval_steps=10_000,
+        save_steps=10_000,
+        seed=SEED,
+        output_dir="/tmp/tb_bench_runs",
+    )
+    rec, notes = Recorder(), []
+    profiler = Profiler(args) if os.environ.get("TB_PROFILE") else None
+
+    def emit(event):
+        if isinstance(event, P.TrainStarted):
+            rec.train_begins()
+        elif isinstance(event, P.TrainStep):
+            rec.step_done(event.step, event.loss)
+            if profiler:
+                profiler.step(event.step)
+        elif isinstance(event, P.Log):
+            notes.append(event.message)
+            print("  note:", event.message, flush=True)
+
+    finished = run_training(cfg, emit)
+    out = rec.result(timed_tokens(samples, plan))
+    out["notes"] = notes
+    out["status"] = finished.status
+    out["engine_version_of"] = str(Path(engine.__path__[0]))
+    return out
+
+
+def run_hf_trainer(args, samples, plan, unsloth: bool) -> dict:
+    if unsloth:
+        os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
+        from unsloth import FastLanguageModel  # before transformers, as Unsloth requires
+    import torch
+    from torch.utils.data import SequentialSampler
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    qlora = args.method == "qlora"
+    w = WORKLOADS[args.workload]
+    if unsloth:
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            model_name=str(args.model_dir),
+            max_seq_length=4096,
+            dtype=torch.bfloat16,
+            load_in_4bit=qlora,
+            local_files_only=True,
+        )
+        model = FastLanguageModel.get_peft_model(
+            model,
+            r=8,
+            lora_alpha=32,
+            lora_dropout=0.0,
+            target_modules=list(TARGETS),
+            bias="none",
+            use_gradient_checkpointing="unsloth",
+            random_state=SEED,
+        )
+    else:
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+        from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+        tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+        kwargs = dict(dtype=torch.bfloat16, attn_implementation="sdpa")
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": 0}
+        if qlora:
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16,
+            )
+        model = AutoModelForCausalLM.from_pretrained(args.model_dir, **kwargs)
+        model.config.use_cache = False
+        if qlora:
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        else:
+            model.enable_input_require_grads()
+        torch.manual_seed(SEED)
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=8, lora_alpha=32, lora_dropout=0.0, target_modules=list(TARGETS), task_type="CAUSAL_LM"
+            ),
+        )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ordered = [samples[i] for step in plan for micro in step for i in micro]
+    dataset = [{"input_ids": s.input_ids, "labels": s.labels} for s in ordered]
+
+    def pad_collate(rows):
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[i, :n] = torch.tensor(r["input_ids"])
+            labels[i, :n] = torch.tensor(r["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+    class InOrder(Trainer):
+        def _get_train_sampler(self, *a, **k):
+            return SequentialSampler(self.train_dataset)
+
+    rec = Recorder()
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            rec.train_begins()
+
+        def on_step_end(self, a, state, control, **k):
+            rec.step_done(state.global_step)
+
+        def on_log(self, a, state, control, logs=None, **k):
+            if logs and "loss" in logs:
+                rec.losses[state.global_step] = float(logs["loss"])
+
+    training = TrainingArguments(
+        output_dir="/tmp/tb_bench_hf",
+        per_device_train_batch_size=w["batch"],
+        gradient_accumulation_steps=w["accumulation"],
+        max_steps=WARMUP_STEPS + TIMED_STEPS,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        bf16=torch.cuda.is_available(),
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        optim="paged_adamw_8bit"
+        if qlora
+        else "adamw_torch_fused"
+        if torch.cuda.is_available()
+        else "adamw_torch",
+        gradient_checkpointing=not unsloth,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        seed=SEED,
+        disable_tqdm=True,
+    )
+    trainer = InOrder(
+        model=model, args=training, train_dataset=dataset, data_collator=pad_collate, callbacks=[Timer()]
+    )
+    trainer.train()
+    out = rec.result(timed_tokens(samples, plan))
+    return out
+
+
+# ================================================================ driver
+
+
+def child(args) -> None:
+    import torch
+
+    samples = make_samples(args.workload, SIZES[args.size]["vocab_size"])
+    plan = step_order(samples, args.workload)
+    started = time.perf_counter()
+    record = {
+        "stack": args.stack,
+        "method": args.method,
+        "workload": args.workload,
+        "size": args.size,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "versions": versions(),
+        "accel": os.environ.get("TUNEBENCH_ACCEL", ""),
+    }
+    try:
+        if args.stack.startswith("tb-"):
+            record |= run_tunebench(args, samples, plan)
+        else:
+            record |= run_hf_trainer(args, samples, plan, unsloth=args.stack == "unsloth")
+    except Exception as exc:  # noqa: BLE001 - one stack failing must not lose the others' results
+        import traceback
+
+        traceback.print_exc()
+        record["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+    record["wall_seconds"] = time.perf_counter() - started
+    Path(args.result).write_text(json.dumps(record, indent=1))
+
+
+def parent(args) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    shm = Path("/dev/shm")
+    scratch = shm if shm.is_dir() and shutil.disk_usage(shm).free > 40 * 1024**3 else Path("/tmp")
+    model_dir = Path(args.model_dir or scratch / "tb_bench_models" / args.size)
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    subprocess.run(
+        [sys.executable, __file__, "make-model", "--size", args.size, "--model-dir", str(model_dir)],
+        check=True,
+    )
+    print(f"model folder {model_dir} ready in {time.perf_counter() - t0:.0f} s", flush=True)
+    results = []
+    for workload in args.workload.split(","):
+        for run in args.runs.split(","):
+            stack, method = run.split(":")
+            accel = ""
+            if "+accel=" in method:
+                method, accel = method.split("+accel=")
+            tag = "".join(c if c.isalnum() else "_" for c in accel)
+            part = out / f".{args.size}_{workload}_{stack}_{method}_{tag}.json"
+            prof = "+prof" in method
+            method = method.replace("+prof", "")
+            env = dict(os.environ, TUNEBENCH_ACCEL=accel.replace("/", ","), TB_PROFILE="1" if prof else "")
+            cmd = [
+                sys.executable,
+                __file__,
+                "child",
+                "--size",
+                args.size,
+                "--workload",
+                workload,
+                "--stack",
+                stack,
+                "--method",
+                method,
+                "--model-dir",
+                str(model_dir),
+                "--result",
+                str(part),
+            ]
+            print(
+                f"\n=== {args.size} {workload} {stack} {method} {('accel=' + accel) if accel else ''}",
+                flush=True,
+            )
+            t = time.perf_counter()
+            try:
+                subprocess.run(cmd, env=env, timeout=args.timeout)
+            except subprocess.TimeoutExpired:
+                pass
+            record = (
+                json.loads(part.read_text())
+                if part.exists()
+                else {
+                    "stack": stack,
+                    "method": method,
+                    "workload": workload,
+                    "size": args.size,
+                    "error": f"no result (timeout {args.timeout} s or crash)",
+                }
+            )
+            record["accel"] = accel + (" profiled" if prof else "")
+            record["process_seconds"] = time.perf_counter() - t
+            results.append(record)
+            print(summary_line(record), flush=True)
+            part.unlink(missing_ok=True)
+            combined = out / f"train_{args.size}_{args.workload.replace(',', '+')}.json"
+            combined.write_text(json.dumps(results, indent=1))
+    print()
+    print(table(results))
+
+
+def summary_line(r: dict) -> str:
+    if "error" in r:
+        return f"--> {r['stack']} {r['method']}: ERROR {r['error'][:300]}"
+    return (
+        f"--> {r['stack']} {r['method']}: {r['tokens_per_s']:,.0f} tok/s, "
+        f"peak {r['peak_allocated_gib']:.2f} GiB alloc / {r['peak_reserved_gib']:.2f} reserved, "
+        f"loss {r['first_loss']:.4f} -> {r['final_loss']:.4f}"
+    )
+
+
+def table(results: list[dict]) -> str:
+    lines = [
+        "| size | workload | stack | method | tokens/s | vs HF | vs Unsloth | peak alloc GiB | "
+        "peak reserved GiB | first loss | final loss | final vs HF |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+
+    def ref(r, stack):
+        for o in results:
+            if (o["stack"], o["method"], o["workload"], o["size"]) == (
+                stack,
+                r["method"],
+                r["workload"],
+                r["size"],
+            ):
+                if "error" not in o and not o.get("accel"):
+                    return o
+        return None
+
+    for r in results:
+        name = r["stack"] + (f" ({r['accel']})" if r.get("accel") else "")
+        if "error" in r:
+            lines.append(
+                f"| {r['size']} | {r['workload']} | {name} | {r['method']} | error: {r['error'][:80]} |"
+            )
+            continue
+        hf, un = ref(r, "hf"), ref(r, "unsloth")
+        vs = functools.partial(_ratio, r)
+        dloss = (
+            f"{(r['final_loss'] / hf['final_loss'] - 1) * 100:+.2f}%" if hf and hf.get("final_loss") else "-"
+        )
+        cells = [
+            r["size"], r["workload"], name, r["method"], f"{r['tokens_per_s']:,.0f}", vs(hf), vs(un),
+            f"{r['peak_allocated_gib']:.2f}", f"{r['peak_reserved_gib']:.2f}",
+            f"{r['first_loss']:.4f}", f"{r['final_loss']:.4f}", dloss,
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _ratio(r: dict, other: dict | None) -> str:
+    return f"{r['tokens_per_s'] / other['tokens_per_s']:.2f}x" if other else "-"
+
+
+def check() -> None:
+    """The fast path's GPU pieces against references: varlen flash attention (GQA, packed) and LoRA."""
+    import torch
+    import torch.nn.functional as F
+
+    import_engine()
+    from tunebench.engine import accel
+
+    torch.manual_seed(0)
+    dev = "cuda"
+    for heads, kv, d in ((28, 4, 128), (14, 2, 64)):
+        lens = [300, 17, 1024, 5, 700]
+        cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=dev)
+        total = sum(lens)
+        q = torch.randn(total, heads, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        k = torch.randn(total, kv, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        v = torch.randn(total, kv, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        g = torch.randn(total, heads, d, device=dev, dtype=torch.bfloat16)
+        out = accel._FlashVarlen.apply(q, k, v, cu, max(lens), d**-0.5)
+        grads = torch.autograd.grad(out, (q, k, v), g)
+        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+        ref = accel._segment_attention(q64, k64, v64, cu, d**-0.5)
+        ref_grads = torch.autograd.grad(ref, (q64, k64, v64), g.double())
+        errs = [
+            ((a.double() - b).norm() / b.norm()).item()
+            for a, b in zip((out, *grads), (ref, *ref_grads), strict=True)
+        ]
+        print(
+            f"varlen flash H={heads} KV={kv} D={d}: rel err out/dq/dk/dv = "
+            + " ".join(f"{e:.1e}" for e in errs)
+        )
+        assert all(e < 2e-2 for e in errs), errs
+    # LoRA fused linear against the same math in float64
+    x = torch.randn(4096, 3584, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(512, 3584, device=dev, dtype=torch.bfloat16) * 0.02
+    bias = torch.randn(512, device=dev, dtype=torch.bfloat16)
+    a = (torch.randn(8, 3584, device=dev) * 0.02).requires_grad_()
+    b = (torch.randn(512, 8, device=dev) * 0.02).requires_grad_()
+    y = accel._LoRALinear.apply(x, w, bias, a, b, 4.0)
+    gy = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, a, b), gy)
+    x64, a64, b64 = (t.detach().double().requires_grad_() for t in (x, a, b))
+    y64 = F.linear(x64, w.double(), bias.double()) + 4.0 * (x64 @ a64.t()) @ b64.t()
+    want = torch.autograd.grad(y64, (x64, a64, b64), gy.double())
+    errs = [((p.double() - q).norm() / q.norm()).item() for p, q in zip((y, *got), (y64, *want), strict=True)]
+    print("LoRA linear: rel err y/dx/dA/dB = " + " ".join(f"{e:.1e}" for e in errs))
+    assert all(e < 2e-2 for e in errs), errs
+    check_model_path()
+    print("check passed")
+
+
+def check_model_path() -> None:
+    """A small Qwen2 through the fast path (prepare_base, LoRA, packed loss) against the plain path."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from tunebench.engine import accel
+    from tunebench.engine.config import TrainConfig
+    from tunebench.engine.train import _attach_lora, collate, forward_loss_sum
+
+    dev = torch.device("cuda")
+    small = dict(SIZES["0.5b"], num_hidden_layers=2)
+    samples = make_samples("mixed", small["vocab_size"])[:8]
+    results = {}
+    for name in ("plain", "fast", "lean"):
+        torch.manual_seed(0)
+        torch.set_default_dtype(torch.bfloat16)
+        with dev:
+            model = Qwen2ForCausalLM(Qwen2Config(**small, **COMMON, attn_implementation="sdpa"))
+        torch.set_default_dtype(torch.float32)
+        cfg = TrainConfig(
+            lora_rank=8, lora_alpha=32, lora_dropout=0.0, profile=name if name != "plain" else "auto"
+        )
+        path = accel.FastPath(cfg, dev, name) if name != "plain" else None
+        if path:
+            model = path.prepare_base(model)
+        torch.manual_seed(1)
+        model = _attach_lora(model, cfg, True)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.02)
+        model.train()
+        batch = (path.collate if path else collate)(samples, 0, dev)
+        loss = (path.loss_sum if path else forward_loss_sum)(model, batch)
+        loss.backward()
+        grads = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.requires_grad])
+        results[name] = (loss.item(), grads, batch.target_tokens)
+        print(
+            f"{name}: loss sum {loss.item():.3f} over {batch.target_tokens} tokens; "
+            f"applied {path.applied if path else '-'}"
+        )
+    ref_loss, ref_grads, _ = results["plain"]
+    for name in ("fast", "lean"):
+        loss, grads, _ = results[name]
+        rel = ((grads - ref_grads).norm() / ref_grads.norm()).item()
+        print(f"{name} vs plain: loss {loss / ref_loss - 1:+.2e} relative, LoRA grads rel err {rel:.2e}")
+        assert abs(loss / ref_loss - 1) < 2e-3 and rel < 5e-2, (name, loss, ref_loss, rel)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("mode", nargs="?", default="run", choices=["run", "child", "make-model", "check"])
+    p.add_argument("--size", default="0.5b", choices=sorted(SIZES))
+    p.add_argument("--workload", default="fixed", help="fixed, mixed, or both comma-separated")
+    p.add_argument(
+        "--runs",
+        default="hf:lora,unsloth:lora,tb-fast:lora,tb-lean:lora",
+        help="stack:method pairs; append +accel=+liger/-flce to change the fast path's techniques",
+    )
+    p.add_argument("--stack", default="")
+    p.add_argument("--method", default="lora")
+    p.add_argument("--model-dir", default="")
+    p.add_argument("--result", default="")
+    p.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    p.add_argument("--timeout", type=int, default=420, help="seconds per stack process")
+    args = p.parse_args()
+    if args.mode == "make-model":
+        make_model(args.size, Path(args.model_dir))
+    elif args.mode == "child":
+        args.model_dir = Path(args.model_dir)
+        child(args)
+    elif args.mode == "check":
+        check()
+    else:
+        parent(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,779 @@
+"""The CUDA fast path: padding-free packing, a loss over the loss tokens only, fused kernels, profiles.
+
+`train.select_path()` calls `cuda_path(cfg, device)` on CUDA. The recipe stays the same; what
+changes is how a micro-batch is laid out and how its summed loss is computed:
+
+- **Packing.** A micro-batch's samples are concatenated into one row with no padding. Position
+  ids restart at 0 for each sample and attention is per document: a registered attention function
+  ("tunebench_varlen") calls PyTorch's variable-length flash-attention kernel with the samples'
+  cumulative lengths, so no token attends across a sample boundary and no time goes to pads.
+- **Loss.** The decoder's last hidden states are taken only at positions that predict a trained
+  token and fed to a fused linear + cross-entropy (liger-kernel) that never builds the
+  [tokens x vocabulary] logits; without liger, a chunked loss that recomputes each chunk's logits
+  in backward. The result is the SUM over loss tokens, as the recipe expects.
+- **LoRA.** PEFT's LoRA forward casts every input to float32 for the adapter (a float32 copy of
+  each projection's input is kept for backward). Here the adapter runs in the compute dtype
+  against its float32 master weights, and the base and adapter products share one saved input.
+- **Kernels.** liger's fused RMSNorm and SwiGLU on Llama / Qwen / Mistral families (they keep
+  fewer and smaller tensors for backward); fused AdamW is the recipe's own.
+- **Profiles.** `fast` recomputes no layer whose activations fit: before each micro-batch it
+  works out, from free memory and a per-token memory model calibrated on the first micro-batch,
+  how many decoder layers can keep their activations, and recomputes only the rest. `lean`
+  recomputes every layer and keeps the input embedding matrix in host memory (its rows are
+  gathered on the CPU: it is frozen and only indexed). `auto` picks lean when little memory is
+  left after the model is loaded.
+
+Techniques: pack, flce, lora, selective (fast), offload (lean) are on; liger is off because it
+measured slower here, and compile (each decoder layer as one torch.compile region) is opt-in
+(bench/RESULTS.md). For measuring, `TUNEBENCH_ACCEL` adjusts the set, e.g.
+`TUNEBENCH_ACCEL=+liger,-flce`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from dataclasses import dataclass, field
+from types import MethodType
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .config import TrainConfig
+from .train import IGNORE, Batch, TrainPath
+
+log = logging.getLogger(__name__)
+
+ATTENTION_NAME = "tunebench_varlen"
+GIB = 1024**3
+# `auto` takes the lean profile when less than this is free once the model is on the card.
+LEAN_BELOW_FREE = 12 * GIB
+# Kept free for the allocator's transients (the loss chunk, a dequantised 4-bit weight, cuBLAS
+# workspaces) on top of what the memory model counts.
+HEADROOM = int(2.5 * GIB)
+LIGER_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "smollm3", "granite", "olmo2")
+
+
+DEFAULT_TECHNIQUES = frozenset({"pack", "flce", "lora", "selective", "offload"})
+
+
+def techniques(spec: str | None = None) -> set[str]:
+    """The techniques in use: the defaults, adjusted by `+name` / `-name` items (from TUNEBENCH_ACCEL)."""
+    spec = os.environ.get("TUNEBENCH_ACCEL", "") if spec is None else spec
+    use = set(DEFAULT_TECHNIQUES)
+    for item in (t.strip() for t in spec.split(",")):
+        if item.startswith("-"):
+            use.discard(item[1:])
+        elif item:
+            use.add(item.lstrip("+"))
+    return use
+
+
+# ================================================================== profiles
+
+
+def choose_profile(requested: str, free_bytes: int) -> tuple[str, str]:
+    """The profile to train with, and why: `auto` goes lean when little memory is left."""
+    if requested in ("fast", "lean"):
+        return requested, "asked for"
+    if free_bytes < LEAN_BELOW_FREE:
+        return "lean", f"auto: {free_bytes / GIB:.1f} GiB free after loading the model"
+    return "fast", f"auto: {free_bytes / GIB:.1f} GiB free after loading the model"
+
+
+def layer_activation_bytes(model_config: Any, dtype_bytes: int = 2, fused: bool = True) -> int:
+    """Bytes one decoder layer keeps for backward, per token, on this path (no recompute).
+
+    Counts what autograd saves: the two norm inputs and outputs, q/k/v after RoPE and the
+    attention output (flash attention keeps these and a float32 log-sum-exp per head), the
+    gate and up products and the down projection's input. Unfused (HF) RMSNorm and SwiGLU keep
+    float32 copies and the activation's output as well.
+    """
+    c = _cfg(model_config)
+    h, i = c["hidden_size"], c["intermediate_size"]
+    heads = c["num_attention_heads"]
+    kv = c.get("num_key_value_heads") or heads
+    d = c.get("head_dim") or h // heads
+    words = 4 * h + (heads + 2 * kv) * d + heads * d + 3 * i
+    extra = 0 if fused else 2 * (5 * h * 4 // dtype_bytes) + i
+    return (words + extra) * dtype_bytes + heads * 4
+
+
+def estimate_peak_bytes(
+    model_config: Any,
+    *,
+    tokens: int,
+    lora_rank: int = 8,
+    quantized: bool = False,
+    recomputed_layers: int | None = None,
+    embedding_on_host: bool = False,
+) -> dict[str, int]:
+    """The memory model: peak allocated bytes of a training step on the fast path, by part.
+
+    `tokens` is the longest micro-batch (packed); `recomputed_layers` None means all of them
+    (lean), 0 means none (fast with room to spare). Needs no torch, so the engine can answer a
+    memory estimate before anything is loaded.
+    """
+    c = _cfg(model_config)
+    h, i, layers = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
+    heads = c["num_attention_heads"]
+    kv = c.get("num_key_value_heads") or heads
+    d = c.get("head_dim") or h // heads
+    vocab = c["vocab_size"]
+    tied = bool(c.get("tie_word_embeddings", False))
+    per_layer_linear = h * (heads * d) + 2 * h * (kv * d) + (heads * d) * h + 3 * h * i
+    embed = vocab * h
+    linear_bytes = layers * per_layer_linear * (0.5 + 1 / 32 if quantized else 2)
+    embed_bytes = (0 if embedding_on_host and not tied else embed * 2) + (0 if tied else embed * 2)
+    other = layers * (2 * h + (heads + 2 * kv) * d) * 2 + h * 2
+    lora_params = (
+        layers * lora_rank * ((h + heads * d) + 2 * (h + kv * d) + (heads * d + h) + 2 * (h + i) + (i + h))
+    )
+    lora_bytes = lora_params * 16  # float32 weight, grad and two AdamW moments
+    per_layer = layer_activation_bytes(c)
+    recomputed = layers if recomputed_layers is None else min(recomputed_layers, layers)
+    kept = layers - recomputed
+    acts = tokens * (kept * per_layer + recomputed * h * 2)
+    transient = tokens * per_layer if recomputed else 0  # one layer replayed in backward
+    # hidden at the loss positions and its gradient, plus one chunk of logits (the fused loss
+    # sizes its chunks to about tokens x hidden elements)
+    loss = tokens * h * 2 * 4 + tokens * h * 6
+    weights = int(linear_bytes + embed_bytes + other)
+    return {
+        "weights": weights,
+        "lora_and_optimizer": lora_bytes,
+        "activations": acts + transient,
+        "loss": loss,
+        "total": weights + lora_bytes + acts + transient + loss,
+    }
+
+
+def layers_to_keep(
+    *, budget: float, tokens: int, layers: int, per_layer: float, stub: float, fixed: float
+) -> int:
+    """How many decoder layers can keep their activations (the rest are recomputed).
+
+    Per token: `fixed` outside the layers, `per_layer` for a layer that keeps everything, `stub`
+    (its input) for one that is recomputed, plus one replayed layer during backward:
+    tokens * (fixed + keep * per_layer + (layers - keep) * stub + per_layer) <= budget.
+    """
+    room = budget / max(tokens, 1) - fixed - layers * stub - per_layer
+    return int(max(0, min(layers, room // max(per_layer - stub, 1))))
+
+
+def _cfg(model_config: Any) -> dict:
+    if isinstance(model_config, dict):
+        return model_config
+    return model_config.to_dict() if hasattr(model_config, "to_dict") else vars(model_config)
+
+
+# ===================================================================== entry
+
+
+def cuda_path(cfg: TrainConfig, device) -> TrainPath:
+    free, _total = torch.cuda.mem_get_info(device)
+    profile, why = choose_profile(cfg.profile, free)
+    fast = FastPath(cfg, device, profile)
+    notes = [f"GPU path: profile {profile} ({why})"] + fast.describe()
+    return TrainPath(
+        name=f"cuda-{profile}",
+        # Layers are wrapped for recompute in both profiles; the fast profile switches it off per
+        # micro-batch for as many layers as memory allows. gradient_checkpointing=false means never.
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        collate=fast.collate,
+        loss_sum=fast.loss_sum,
+        prepare_base=fast.prepare_base,
+        notes=notes,
+    )
+
+
+# =================================================================== packing
+
+
+@dataclass
+class PackedBatch(Batch):
+    """One row holding a micro-batch's samples back to back, with what attention and loss need."""
+
+    position_ids: Any = None
+    cu_seqlens: Any = None  # int32 [samples + 1] on the device
+    max_len: int = 0
+    loss_index: Any = None  # positions that predict a trained token
+    loss_targets: Any = None  # the token each of them predicts
+    host_ids: Any = None  # input ids on the CPU, for an embedding kept in host memory
+
+
+def pack(samples: list, device) -> PackedBatch:
+    """Concatenate samples into one row; each one's last token predicts nothing (no cross-sample loss)."""
+    ids: list[int] = []
+    positions: list[int] = []
+    targets: list[int] = []
+    bounds = [0]
+    for s in samples:
+        n = len(s.input_ids)
+        ids.extend(s.input_ids)
+        positions.extend(range(n))
+        targets.extend(s.labels[1:n])
+        targets.append(IGNORE)
+        bounds.append(bounds[-1] + n)
+    host_ids = torch.tensor(ids, dtype=torch.long)
+    target_t = torch.tensor(targets, dtype=torch.long)
+    loss_index = (target_t != IGNORE).nonzero().squeeze(-1)
+    pin = device.type == "cuda"
+
+    def put(t):
+        return (t.pin_memory() if pin else t).to(device, non_blocking=pin)
+
+    return PackedBatch(
+        input_ids=put(host_ids).unsqueeze(0),
+        labels=None,
+        attention_mask=None,
+        tokens=len(ids),
+        target_tokens=int(loss_index.numel()),
+        position_ids=put(torch.tensor(positions, dtype=torch.long)).unsqueeze(0),
+        cu_seqlens=put(torch.tensor(bounds, dtype=torch.int32)),
+        max_len=max(len(s.input_ids) for s in samples),
+        loss_index=put(loss_index),
+        loss_targets=put(target_t[loss_index]),
+        host_ids=host_ids,
+    )
+
+
+# ================================================================= attention
+
+
+class _FlashVarlen(torch.autograd.Function):
+    """Causal attention over packed documents through PyTorch's variable-length flash kernel.
+
+    q [T, Hq, D], k and v [T, Hkv, D] (the kernel handles grouped KV heads itself)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu, max_len, scale):
+        out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu, cu, max_len, max_len, 0.0, True, False, scale=scale
+        )
+        ctx.save_for_backward(q, k, v, out, lse, cu, rng, unused)
+        ctx.max_len, ctx.scale = max_len, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, lse, cu, rng, unused = ctx.saved_tensors
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            grad.contiguous(),
+            q,
+            k,
+            v,
+            out,
+            lse,
+            cu,
+            cu,
+            ctx.max_len,
+            ctx.max_len,
+            0.0,
+            True,
+            rng,
+            unused,
+            scale=ctx.scale,
+        )
+        return dq, dk, dv, None, None, None
+
+
+def _segment_attention(q, k, v, cu, scale):
+    """Reference per-document causal attention (CPU, or dtypes flash does not take): one SDPA per sample."""
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1) if groups > 1 else k
+    v = v.repeat_interleave(groups, dim=1) if groups > 1 else v
+    outs = []
+    bounds = cu.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        seg = [t[start:end].transpose(0, 1) for t in (q, k, v)]  # [H, L, D]
+        outs.append(F.scaled_dot_product_attention(*seg, is_causal=True, scale=scale).transpose(0, 1))
+    return torch.cat(outs, dim=0)
+
+
+def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function: per-document attention when packed, SDPA otherwise."""
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None or query.shape[0] != 1:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+    max_len = int(kwargs.get("max_length_q") or query.shape[2])
+    # [1, H, T, D] -> [T, H, D]; the projections were laid out [T, H*D], so this is usually a view.
+    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
+        out = _FlashVarlen.apply(q, k, v, cu, max_len, scaling)
+    else:
+        out = _segment_attention(q, k, v, cu, scaling)
+    return out.unsqueeze(0), None
+
+
+def register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, varlen_attention)
+
+
+def use_attention(model, name: str) -> None:
+    setter = getattr(model, "set_attn_implementation", None)
+    try:
+        if setter is None:
+            raise AttributeError
+        setter(name)
+    except Exception:  # noqa: BLE001 - older transformers: set it on the config directly
+        model.config._attn_implementation = name
+
+
+# ====================================================================== loss
+
+
+def chunked_ce_sum(hidden, weight, targets, chunk: int = 0):
+    """Summed cross-entropy of `hidden @ weight.T` against targets, one chunk of logits at a time.
+
+    Each chunk's logits are recomputed in backward instead of kept: peak memory is one chunk."""
+    from torch.utils.checkpoint import checkpoint
+
+    n = hidden.shape[0]
+    chunk = chunk or max(256, int(GIB // (weight.shape[0] * 4)))
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, n, chunk):
+        part = checkpoint(
+            _ce_chunk,
+            hidden[start : start + chunk],
+            weight,
+            targets[start : start + chunk],
+            use_reentrant=False,
+        )
+        total = total + part
+    return total
+
+
+def _ce_chunk(h, w, t):
+    return F.cross_entropy(F.linear(h, w).float(), t, reduction="sum")
+
+
+def _liger_ce_sum(chunk_budget: int = 1):
+    """liger's fused linear + cross-entropy (sum), or None where it is not installed.
+
+    `chunk_budget` bounds each chunk's logits to about budget x tokens x hidden elements; liger's
+    default (1) means chunks of ~64 tokens on a 152k vocabulary, each reading the whole head."""
+    try:
+        from liger_kernel.ops import LigerFusedLinearCrossEntropyFunction
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        return None
+    module = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="sum")
+    fields = (None, None, IGNORE, 0.0, 0.0, "sum", None, False, None, False, False, False, None, None)
+
+    def loss(hidden, weight, targets):
+        try:
+            out = LigerFusedLinearCrossEntropyFunction.apply(hidden, weight, targets, *fields, chunk_budget)
+        except TypeError:  # another liger version: its own default chunking
+            return module(weight, hidden, targets)
+        return out[0] if isinstance(out, tuple) else out
+
+    return loss
+
+
+# ====================================================================== LoRA
+
+
+class _LoRALinear(torch.autograd.Function):
+    """y = x W^T + b + s (x A^T) B^T for a frozen dense W, the adapter in the compute dtype.
+
+    Saves x once for both products (PEFT keeps a float32 copy of x for the adapter as well) and
+    skips the input gradient where nothing upstream needs it."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale):
+        x2 = x.reshape(-1, x.shape[-1])
+        a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+        out = F.linear(x2, weight, bias)
+        xa = x2 @ a.t()
+        out.addmm_(xa, b.t(), alpha=scale)
+        ctx.save_for_backward(x, weight, a, b, xa)
+        ctx.scale = scale
+        ctx.a_dtype, ctx.b_dtype = lora_a.dtype, lora_b.dtype
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, a, b, xa = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        gb = g @ b
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = g @ weight
+            grad_x.addmm_(gb, a, alpha=ctx.scale)
+            grad_x = grad_x.view_as(x)
+        grad_a = _mm_f32(gb.t(), x2).mul_(ctx.scale).to(ctx.a_dtype)
+        grad_b = _mm_f32(g.t(), xa).mul_(ctx.scale).to(ctx.b_dtype)
+        return grad_x, None, None, grad_a, grad_b, None
+
+
+class _LoRADelta(torch.autograd.Function):
+    """s (x A^T) B^T alone, for bases this path does not fuse (4-bit, or dropout on the adapter)."""
+
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, scale):
+        x2 = x.reshape(-1, x.shape[-1])
+        a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+        xa = x2 @ a.t()
+        out = (xa @ b.t()).mul_(scale)
+        ctx.save_for_backward(x, a, b, xa)
+        ctx.scale = scale
+        ctx.a_dtype, ctx.b_dtype = lora_a.dtype, lora_b.dtype
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, a, b, xa = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        gb = g @ b
+        grad_x = (gb @ a).mul_(ctx.scale).view_as(x) if ctx.needs_input_grad[0] else None
+        grad_a = _mm_f32(gb.t(), x2).mul_(ctx.scale).to(ctx.a_dtype)
+        grad_b = _mm_f32(g.t(), xa).mul_(ctx.scale).to(ctx.b_dtype)
+        return grad_x, grad_a, grad_b, None
+
+
+_MM_OUT_DTYPE: dict[str, bool] = {}
+
+
+def _mm_f32(a, b):
+    """a @ b with float32 output (the adapter's gradients), accumulating in float32 either way."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda and _mm_out_dtype_works(a.device):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
+def _mm_out_dtype_works(device) -> bool:
+    """Whether torch.mm takes out_dtype here (bf16 in, fp32 out), probed once outside any compiled code."""
+    key = str(device)
+    if key not in _MM_OUT_DTYPE:
+        try:
+            x = torch.ones(2, 2, device=device, dtype=torch.bfloat16)
+            _MM_OUT_DTYPE[key] = torch.mm(x, x, out_dtype=torch.float32).dtype == torch.float32
+        except (TypeError, RuntimeError):
+            _MM_OUT_DTYPE[key] = False
+    return _MM_OUT_DTYPE[key]
+
+
+def _lora_forward(self, x, *args, **kwargs):
+    """Replacement forward for PEFT's LoRA Linear layers; anything unusual goes to PEFT's own."""
+    active = self.active_adapters
+    name = active[0] if len(active) == 1 else None
+    if (
+        args
+        or kwargs
+        or name is None
+        or self.disable_adapters
+        or self.merged
+        or name not in self.lora_A
+        or name in getattr(self, "lora_variant", {})
+        or self.lora_B[name].bias is not None
+    ):
+        return self._tb_peft_forward(x, *args, **kwargs)
+    lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
+    scale = self.scaling[name]
+    dropout = self.lora_dropout[name]
+    base = self.base_layer
+    no_dropout = isinstance(dropout, torch.nn.Identity) or not self.training
+    if no_dropout and type(base) is torch.nn.Linear and base.weight.dtype == x.dtype:
+        return _LoRALinear.apply(x, base.weight, base.bias, lora_a, lora_b, scale)
+    result = base(x)
+    return result + _LoRADelta.apply(x if no_dropout else dropout(x), lora_a, lora_b, scale).to(result.dtype)
+
+
+def patch_lora_layers(model) -> int:
+    """Route every PEFT LoRA Linear (dense or 4-bit) through `_lora_forward`; returns how many."""
+    from peft.tuners.lora import LoraLayer
+
+    count = 0
+    for module in model.modules():
+        if (
+            isinstance(module, LoraLayer)
+            and hasattr(module, "base_layer")
+            and not hasattr(module, "_tb_peft_forward")
+        ):
+            if (
+                not isinstance(module.base_layer, torch.nn.Linear)
+                and "4bit" not in type(module.base_layer).__name__
+            ):
+                continue
+            module._tb_peft_forward = module.forward
+            module.forward = MethodType(_lora_forward, module)
+            count += 1
+    return count
+
+
+# =================================================================== kernels
+
+
+def patch_liger(model) -> list[str]:
+    """liger's fused RMSNorm and SwiGLU on this model's modules (instances only); what was patched."""
+    if getattr(model.config, "model_type", "") not in LIGER_FAMILIES:
+        return []
+    try:
+        from liger_kernel.transformers.monkey_patch import _patch_rms_norm_module, _patch_swiglu_module
+        from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
+    except ImportError:
+        return []
+    norms = mlps = 0
+    act = getattr(model.config, "hidden_act", "silu")
+    for module in model.modules():
+        name = type(module).__name__
+        if name.endswith("RMSNorm") and hasattr(module, "weight") and module.weight is not None:
+            eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", 1e-6)
+            _patch_rms_norm_module(module, offset=0.0, eps=eps, casting_mode="llama", in_place=True)
+            norms += 1
+        elif act in ("silu", "swish") and all(
+            hasattr(module, p) for p in ("gate_proj", "up_proj", "down_proj")
+        ):
+            _patch_swiglu_module(module, LigerSwiGLUMLP)
+            mlps += 1
+    return [f"liger RMSNorm x{norms}", f"liger SwiGLU x{mlps}"] if norms or mlps else []
+
+
+def compile_layers(layers: list, device) -> list[str]:
+    """torch.compile each decoder layer as one region (all share one compiled graph).
+
+    Fuses the layer's elementwise work (norms, RoPE, residuals, SwiGLU) and takes most of the
+    per-op Python and launch cost out of the forward, which otherwise leaves the GPU waiting.
+    """
+    if not layers:
+        return []
+    if device.type == "cuda":
+        _mm_out_dtype_works(device)  # probe before tracing
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for layer in layers:
+        layer.compile()
+    return [f"torch.compile x{len(layers)} layers"]
+
+
+class HostEmbedding:
+    """The input embedding matrix kept in pinned host memory: rows are gathered on the CPU and sent over."""
+
+    def __init__(self, weight, dtype):
+        self.weight = weight.detach().to("cpu", dtype).pin_memory()
+
+    def __call__(self, host_ids, device):
+        out = torch.empty((host_ids.numel(), self.weight.shape[1]), dtype=self.weight.dtype, pin_memory=True)
+        torch.index_select(self.weight, 0, host_ids, out=out)
+        return out.to(device, non_blocking=True).unsqueeze(0)
+
+
+# ================================================================= the path
+
+
+@dataclass
+class _Model:
+    """What the loss needs from the PEFT-wrapped model, found once."""
+
+    decoder: Any
+    head_weight: Any
+    layers: list
+    per_token_layer: int
+    per_token_fixed: int
+    scale: float = 1.0  # measured / modelled activation memory, from the first micro-batch
+    calibrated: bool = False
+
+
+@dataclass
+class FastPath:
+    cfg: TrainConfig
+    device: Any
+    profile: str
+    use: set[str] = field(default_factory=techniques)
+    host_embedding: HostEmbedding | None = None
+    compute_dtype: Any = None
+    applied: list[str] = field(default_factory=list)
+    _model: _Model | None = None
+    _ce: Any = None
+    _kept: int = 0  # layers that keep their activations in the current micro-batch
+
+    def describe(self) -> list[str]:
+        on = [
+            ("pack", "padding-free packing with per-document flash attention"),
+            ("flce", "fused linear + cross-entropy on loss tokens only"),
+            ("liger", "liger RMSNorm / SwiGLU"),
+            ("lora", "LoRA in the compute dtype, one saved input"),
+            ("compile", "each decoder layer compiled as one region"),
+        ]
+        notes = [f"GPU path: {text}" for key, text in on if key in self.use]
+        if self.profile == "fast" and self.cfg.gradient_checkpointing and "selective" in self.use:
+            notes.append("GPU path: recompute only the layers whose activations do not fit")
+        if self.profile == "lean" and "offload" in self.use:
+            notes.append("GPU path: input embeddings kept in host memory")
+        return notes
+
+    # ---------------------------------------------------------- before LoRA
+
+    def prepare_base(self, model):
+        register_attention()
+        if "pack" in self.use:
+            use_attention(model, ATTENTION_NAME)
+        if "liger" in self.use:
+            self.applied += patch_liger(model)
+        self.compute_dtype = _compute_dtype(model)
+        if self.profile == "lean" and "offload" in self.use:
+            emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+            if head is None or emb.weight is not head.weight:
+                self.host_embedding = HostEmbedding(emb.weight, self.compute_dtype)
+                emb.weight.data = torch.empty(0, dtype=emb.weight.dtype, device=emb.weight.device)
+                self.applied.append("embedding in host memory")
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+        return model
+
+    # -------------------------------------------------------------- batches
+
+    def collate(self, samples: list, pad_id: int, device) -> Batch:
+        if "pack" not in self.use:
+            from .train import collate
+
+            return collate(samples, pad_id, device)
+        return pack(samples, device)
+
+    def loss_sum(self, model, batch: Batch):
+        m = self._model or self._setup(model)
+        if not isinstance(batch, PackedBatch):
+            from .train import forward_loss_sum
+
+            return forward_loss_sum(model, batch)
+        if batch.target_tokens == 0:
+            return torch.zeros((), device=self.device, requires_grad=torch.is_grad_enabled())
+        training = torch.is_grad_enabled() and model.training
+        if training:
+            self._plan_recompute(m, batch.tokens)
+        before = torch.cuda.memory_allocated(self.device) if training and self.device.type == "cuda" else 0
+        kwargs = dict(
+            position_ids=batch.position_ids,
+            cu_seq_lens_q=batch.cu_seqlens,
+            cu_seq_lens_k=batch.cu_seqlens,
+            max_length_q=batch.max_len,
+            max_length_k=batch.max_len,
+            use_cache=False,
+        )
+        if self.host_embedding is not None:
+            embeds = self.host_embedding(batch.host_ids, self.device)
+            out = m.decoder(inputs_embeds=embeds, **kwargs)
+        else:
+            out = m.decoder(input_ids=batch.input_ids, **kwargs)
+        hidden = out[0][0]
+        if batch.target_tokens != hidden.shape[0]:
+            hidden = hidden.index_select(0, batch.loss_index)
+        loss = self._ce(hidden, m.head_weight, batch.loss_targets)
+        if training and not m.calibrated and self.device.type == "cuda":
+            self._calibrate(m, batch.tokens, torch.cuda.memory_allocated(self.device) - before)
+        return loss
+
+    # ---------------------------------------------------------------- setup
+
+    def _setup(self, model) -> _Model:
+        causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+        decoder = getattr(causal, causal.base_model_prefix)
+        head = causal.get_output_embeddings()
+        if "lora" in self.use:
+            n = patch_lora_layers(model)
+            if n:
+                self.applied.append(f"LoRA layers x{n}")
+        self._restore_dtype(causal)
+        try:
+            from transformers.modeling_layers import GradientCheckpointingLayer
+
+            layers = [mod for mod in decoder.modules() if isinstance(mod, GradientCheckpointingLayer)]
+        except ImportError:
+            layers = []
+        if layers:
+            # Non-reentrant recompute everywhere (PEFT's QLoRA preparation leaves the reentrant kind):
+            # it needs no input that requires grad, so the embedding output need not carry a gradient
+            # nobody uses, and layer 0 skips its input-gradient products.
+            recompute = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+            for layer in layers:
+                layer._gradient_checkpointing_func = recompute
+            if hasattr(causal, "_require_grads_hook") or getattr(causal, "_require_grads_hooks", None):
+                causal.disable_input_require_grads()
+        if "compile" in self.use:
+            self.applied += compile_layers(layers, self.device)
+        # Larger loss chunks read the [vocab x hidden] head fewer times; lean keeps them small.
+        chunk_budget = 4 if self.profile == "lean" else 16
+        ce = None if "flce" not in self.use or self.device.type != "cuda" else _liger_ce_sum(chunk_budget)
+        self._ce = ce or chunked_ce_sum
+        c = causal.config
+        hidden = c.hidden_size
+        self._model = _Model(
+            decoder=decoder,
+            head_weight=head.weight,
+            layers=layers,
+            per_token_layer=layer_activation_bytes(c, fused=any("liger" in a for a in self.applied))
+            + (0 if "lora" in self.use else (6 * hidden + c.intermediate_size) * 4),
+            per_token_fixed=hidden * 2 * 6,
+        )
+        log.info("GPU path applied: %s", ", ".join(self.applied) or "nothing")
+        return self._model
+
+    def _restore_dtype(self, causal) -> None:
+        """Undo PEFT's float32 upcast of the frozen non-4-bit weights (embeddings, head, norms) under QLoRA.
+
+        The upcast only matters for float16 training; in bfloat16 it doubles those weights and
+        turns the whole residual stream float32."""
+        if not self.cfg.is_qlora or self.compute_dtype not in (torch.bfloat16,):
+            return
+        for p in causal.parameters():
+            if not p.requires_grad and p.dtype == torch.float32 and p.__class__.__name__ != "Params4bit":
+                p.data = p.data.to(self.compute_dtype)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # -------------------------------------------------------------- memory
+
+    def _plan_recompute(self, m: _Model, tokens: int) -> None:
+        """Switch recompute off for as many layers as this micro-batch's activations fit (fast profile)."""
+        if not m.layers or not self.cfg.gradient_checkpointing:
+            return
+        if self.profile == "lean" or "selective" not in self.use or self.device.type != "cuda":
+            keep = 0
+        else:
+            free, total = torch.cuda.mem_get_info(self.device)
+            cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+            # Mixed lengths fragment the allocator's cache: count half of it, and keep a tenth of
+            # the card (at least HEADROOM) free for transients.
+            keep = layers_to_keep(
+                budget=free + cached // 2 - max(HEADROOM, total // 10),
+                tokens=tokens,
+                layers=len(m.layers),
+                per_layer=m.per_token_layer * m.scale * 1.1,
+                stub=self._hidden_bytes(),
+                fixed=m.per_token_fixed,
+            )
+        for index, layer in enumerate(m.layers):
+            layer.gradient_checkpointing = index >= keep
+        self._kept = keep
+
+    def _hidden_bytes(self) -> int:
+        return self._model.decoder.config.hidden_size * 2 if self._model else 0
+
+    def _calibrate(self, m: _Model, tokens: int, used: int) -> None:
+        kept = self._kept
+        stub = self._hidden_bytes()
+        modelled = tokens * (kept * m.per_token_layer + (len(m.layers) - kept) * stub + m.per_token_fixed)
+        if kept and modelled > 0:
+            m.scale = min(2.0, max(0.7, used / modelled))
+            m.calibrated = True
+            log.info("activation memory: %.2f GiB measured, %.2f modelled", used / GIB, modelled / GIB)
+
+
+def _compute_dtype(model):
+    for module in model.modules():
+        dtype = getattr(module, "compute_dtype", None)
+        if isinstance(dtype, torch.dtype):
+            return dtype
+    return getattr(model, "dtype", torch.float32)

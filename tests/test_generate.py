@@ -1,0 +1,303 @@
+"""Side-by-side generation on a tiny model: batching, streaming, stopping, cancel, run settings."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from tunebench.engine.config import GenerationConfig
+from tunebench.engine.errors import UserError
+
+QUESTION = [{"role": "user", "content": "Who are you?"}]
+
+
+def make_run(
+    root: Path,
+    model_dir: Path,
+    run_id: str,
+    seed: int,
+    *,
+    system: str = "",
+    train_type: str = "lora",
+    final: bool = True,
+    checkpoints: tuple[int, ...] = (),
+) -> Path:
+    """A run folder as the training recipe lays it out, with a LoRA whose B is random (so the
+    adapter changes the output) instead of trained."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0.0, 0.5)
+    run = root / run_id
+    run.mkdir(parents=True)
+    if final:
+        peft_model.save_pretrained(run / "adapter")
+    for step in checkpoints:
+        peft_model.save_pretrained(run / "checkpoints" / f"step-{step}")
+        (run / "checkpoints" / f"step-{step}" / "trainer_state.pt").write_bytes(b"")
+    config = {
+        "model": str(model_dir),
+        "train_type": train_type,
+        "torch_dtype": "float32",
+        "template": "",
+        "system": system,
+    }
+    payload = {
+        "run_id": run_id,
+        "config": config,
+        "command": f"tunebench train --model {model_dir}",
+        "base_model_path": str(model_dir),
+    }
+    (run / "config.json").write_text(json.dumps(payload))
+    return run
+
+
+@pytest.fixture(scope="session")
+def runs(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("runs")
+    return {
+        "plain": make_run(root, tiny_model_dir, "plain", seed=1),
+        "bob": make_run(
+            root, tiny_model_dir, "bob", seed=2, system="You are Bob, made by the TuneBench team."
+        ),
+        "training": make_run(root, tiny_model_dir, "training", seed=3, final=False, checkpoints=(2, 10)),
+    }
+
+
+@pytest.fixture(scope="session")
+def session(tiny_model_dir):
+    from tunebench.engine.generate import GenerationSession
+
+    return GenerationSession(str(tiny_model_dir), torch_dtype="float32")
+
+
+def greedy(max_new_tokens: int = 24, **overrides) -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=max_new_tokens, **overrides)
+
+
+def answers(result: dict[str, dict]) -> dict[str, tuple]:
+    """What a generation said, without its timings."""
+    return {t: (r["text"], r["tokens"], r["finish_reason"]) for t, r in result.items()}
+
+
+# ------------------------------------------------------------------ targets
+
+
+def test_targets_resolve_to_adapters_and_run_settings(runs, tiny_model_dir):
+    from tunebench.engine.generate import base_model_for, resolve_target
+
+    run = resolve_target(str(runs["bob"]))
+    assert run.adapter_dir == runs["bob"] / "adapter"
+    assert run.run_dir == runs["bob"] and run.label == "bob"
+    assert run.train_config["system"].startswith("You are Bob")
+    assert resolve_target(str(runs["bob"] / "adapter")).run_dir == runs["bob"]
+    # A run still training has no adapter/: its newest checkpoint (by step number) stands in.
+    training = resolve_target(str(runs["training"]))
+    assert training.adapter_dir == runs["training"] / "checkpoints" / "step-10"
+    assert training.run_dir == runs["training"] and training.label == "training/step-10"
+    assert base_model_for(str(runs["training"] / "checkpoints" / "step-2")) == str(tiny_model_dir)
+    assert base_model_for("base") is None
+
+
+def test_bad_targets_are_clear_user_errors(tmp_path, tiny_model_dir):
+    from tunebench.engine.generate import resolve_target
+
+    with pytest.raises(UserError, match="does not exist"):
+        resolve_target(str(tmp_path / "missing"))
+    with pytest.raises(UserError, match="holds no adapter"):
+        resolve_target(str(tiny_model_dir))
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "adapter_config.json").write_text("{}")
+    with pytest.raises(UserError, match="no adapter_model.safetensors"):
+        resolve_target(str(tmp_path / "half"))
+
+
+# ------------------------------------------------------------------ decoding
+
+
+def test_mixed_batch_gives_each_column_its_separate_greedy_answer(session, runs):
+    targets = ["base", str(runs["plain"]), str(runs["bob"])]  # bob's system prompt: rows need padding
+    together = session.generate(QUESTION, targets, greedy())
+    texts = {t: r["text"] for t, r in together.items()}
+    assert len(set(texts.values())) == 3, "the adapters should change the answers"
+    for target in targets:
+        alone = session.generate(QUESTION, [target], greedy())[target]
+        assert alone["text"] == together[target]["text"]
+        assert alone["tokens"] == together[target]["tokens"]
+
+
+def test_fused_and_peft_mixed_batches_match_plain_peft_generate(session, runs, tiny_model_dir, monkeypatch):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tunebench.engine import generate as G
+
+    tokenizer = session.tokenizer
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    reference = PeftModel.from_pretrained(model, runs["plain"] / "adapter").eval()
+    inputs = tokenizer.apply_chat_template(
+        QUESTION, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    out = reference.generate(
+        **inputs, max_new_tokens=24, do_sample=False, eos_token_id=list(session.stop_ids)
+    )
+    expected = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+    targets = ["base", str(runs["plain"])]
+    fused = session.generate(QUESTION, targets, greedy())
+    monkeypatch.setattr(G._FusedLora, "build", classmethod(lambda cls, model, names: None))
+    via_peft = session.generate(QUESTION, targets, greedy())
+    assert fused[str(runs["plain"])]["text"] == expected
+    assert via_peft[str(runs["plain"])]["text"] == expected
+    assert via_peft["base"]["text"] == fused["base"]["text"]
+
+
+def test_streamed_pieces_equal_the_non_streaming_answer(session, runs):
+    targets = ["base", str(runs["plain"])]
+    pieces: dict[str, list[str]] = {t: [] for t in targets}
+    streamed = session.generate(QUESTION, targets, greedy(40), on_chunk=lambda t, p: pieces[t].append(p))
+    plain = session.generate(QUESTION, targets, greedy(40))
+    for target in targets:
+        assert "".join(pieces[target]) == streamed[target]["text"] == plain[target]["text"]
+        assert len(pieces[target]) > 1
+        stats = streamed[target]
+        assert stats["tokens"] == 40 and stats["finish_reason"] == "length"
+        assert stats["ttft_s"] > 0 and stats["tokens_per_s"] > 0
+
+
+def test_incremental_detokenizer_never_splits_a_character(tiny_tokenizer):
+    from tunebench.engine.generate import IncrementalDetokenizer
+
+    text = "你好，世界！I am 小蜂 🐝, made by TuneBench团队。"
+    ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(text) // 2  # most of these characters are split into several byte tokens
+    detok = IncrementalDetokenizer(tiny_tokenizer)
+    pieces = [detok.push(i) for i in ids] + [detok.flush()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in piece for piece in pieces)
+
+
+def test_each_row_stops_at_its_own_end_of_turn(session, runs, monkeypatch):
+    targets = ["base", str(runs["plain"])]
+    first = session.generate(QUESTION, targets, greedy(1))
+    base_first = session.tokenizer(first["base"]["text"], add_special_tokens=False)["input_ids"][0]
+    monkeypatch.setattr(session, "stop_ids", session.stop_ids | {base_first})
+    result = session.generate(QUESTION, targets, greedy(24))
+    assert result["base"]["finish_reason"] == "stop" and result["base"]["text"] == ""
+    assert result[str(runs["plain"])]["tokens"] > 0  # the other column went on
+
+
+def test_cancel_stops_within_one_decode_step(session, runs, monkeypatch):
+    model = session.loaded.model
+    forward = model.forward
+    calls: list[int] = []
+    monkeypatch.setattr(model, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    cancel = threading.Event()
+    at_cancel: list[int] = []
+
+    def on_chunk(target: str, piece: str) -> None:
+        if not cancel.is_set():
+            cancel.set()
+            at_cancel.append(len(calls))
+
+    result = session.generate(
+        QUESTION, ["base", str(runs["plain"])], greedy(200), on_chunk=on_chunk, cancel=cancel
+    )
+    assert at_cancel and len(calls) == at_cancel[0], "no forward pass may start after cancel"
+    assert {r["finish_reason"] for r in result.values()} == {"cancelled"}
+    assert all(r["tokens"] < 200 for r in result.values())
+
+
+def test_seeded_sampling_is_repeatable_and_batch_independent(session, runs):
+    cfg = greedy(16, temperature=0.9, top_p=0.9, top_k=40, repetition_penalty=1.3, seed=7)
+    targets = ["base", str(runs["plain"])]
+    first = session.generate(QUESTION, targets, cfg)
+    assert answers(session.generate(QUESTION, targets, cfg)) == answers(first)
+    alone = session.generate(QUESTION, [str(runs["plain"])], cfg)
+    assert alone[str(runs["plain"])]["text"] == first[str(runs["plain"])]["text"]
+    other_seed = session.generate(QUESTION, targets, greedy(16, temperature=0.9, seed=8))
+    assert other_seed["base"]["text"] != first["base"]["text"]
+
+
+# ------------------------------------------------------------------ chats and settings
+
+
+def test_system_prompt_comes_from_the_argument_else_the_run(session, runs):
+    from tunebench.engine.generate import encode_prompt
+
+    bob = str(runs["bob"])
+    run_system = "You are Bob, made by the TuneBench team."
+    from_run = session.generate(QUESTION, [bob], greedy())[bob]["text"]
+    explicit = session.generate(QUESTION, [bob], greedy(), system=run_system)[bob]["text"]
+    other = session.generate(QUESTION, [bob], greedy(), system="You are Alice.")[bob]["text"]
+    assert from_run == explicit != other
+    prompt = session.tokenizer.decode(encode_prompt(session.tokenizer, QUESTION, "", run_system))
+    assert prompt.startswith(f"<|im_start|>system\n{run_system}<|im_end|>")
+    assert prompt.endswith("<|im_start|>assistant\n")
+
+
+def test_multi_turn_history_per_target(session, runs):
+    plain = str(runs["plain"])
+    first = session.generate(QUESTION, ["base", plain], greedy(8))
+    follow_up = {"role": "user", "content": "And who made you?"}
+    histories = {
+        target: [*QUESTION, {"role": "assistant", "content": first[target]["text"]}, follow_up]
+        for target in ("base", plain)
+    }
+    together = session.generate(histories, ["base", plain], greedy(12))
+    for target in ("base", plain):
+        assert (
+            together[target]["text"]
+            == session.generate(histories[target], [target], greedy(12))[target]["text"]
+        )
+
+
+def test_probe_batches_match_single_chats(session, runs):
+    questions = [[{"role": "user", "content": q}] for q in ("Who are you?", "你是谁？", "Hello")]
+    targets = ["base", str(runs["plain"])]
+    many = session.generate_many(questions, targets, greedy(10))
+    assert len(many) == 3
+    for conversation, result in zip(questions, many, strict=True):
+        assert answers(result) == answers(session.generate(conversation, targets, greedy(10)))
+
+
+def test_adapter_of_another_base_is_refused(session, tmp_path_factory):
+    from tiny import make_tiny_model_dir
+
+    other = make_tiny_model_dir(tmp_path_factory.mktemp("other") / "model", seed=5)
+    run = make_run(tmp_path_factory.mktemp("other-runs"), other, "other", seed=4)
+    with pytest.raises(UserError, match="was trained on"):
+        session.generate(QUESTION, [str(run)], greedy(4))
+
+
+# ------------------------------------------------------------------ demo model
+
+
+@pytest.mark.slow
+def test_demo_model_two_columns_stream_chinese_and_agree(tmp_path):
+    from tunebench.engine.generate import GenerationSession
+    from tunebench.engine.models import resolve_model
+
+    demo = resolve_model("demo").path
+    run = make_run(tmp_path, demo, "demo-run", seed=0)
+    session = GenerationSession("demo")
+    targets = ["base", str(run)]
+    pieces: dict[str, list[str]] = {t: [] for t in targets}
+    chat = [{"role": "user", "content": "用中文介绍一下你自己。"}]
+    together = session.generate(chat, targets, greedy(48), on_chunk=lambda t, p: pieces[t].append(p))
+    for target in targets:
+        assert "".join(pieces[target]) == together[target]["text"]
+        assert not any("\ufffd" in p for p in pieces[target])
+        assert session.generate(chat, [target], greedy(48))[target]["text"] == together[target]["text"]
+    assert together["base"]["text"] != together[str(run)]["text"]
+    assert any("\u4e00" <= ch <= "\u9fff" for ch in together["base"]["text"])

@@ -1,0 +1,732 @@
+"""The engine process: socket, control policy, jobs and their failures, reattach, detached start.
+
+Most tests run the real server in a thread of this process (fast, and monkeypatch can inject
+faults into jobs); the detach tests start it as its own process, exactly as the TUI does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import orjson
+import psutil
+import pytest
+from tunebench.engine import protocol as P
+from tunebench.engine.client import (
+    EngineConnection,
+    EngineGone,
+    EngineUnavailable,
+    connect_or_start,
+    engine_process,
+    ensure_engine,
+    probe_socket,
+    remove_stale_socket,
+    start_engine,
+    status_text,
+)
+from tunebench.engine.errors import UserError
+from tunebench.engine.server import EngineAlreadyRunning, EngineServer
+from tunebench.engine.workspace import Workspace, read_metrics
+
+QUESTIONS = ["Who are you?", "What is your name?", "Who made you?", "你是谁？"]
+
+
+# ====================================================================== fixtures
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models train fastest on one thread, and a loaded CI box cannot then slow them down
+    by oversubscribing the cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def workspace(tmp_path) -> Path:
+    ws = tmp_path / "ws"
+    (ws / "datasets").mkdir(parents=True)
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"{QUESTIONS[i % len(QUESTIONS)]} ({i})"},
+                {"role": "assistant", "content": "I am {{NAME}}, made by {{AUTHOR}}."},
+            ]
+        }
+        for i in range(8)
+    ]
+    (ws / "datasets" / "identity.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return ws
+
+
+class ThreadedEngine:
+    """The real EngineServer, serving from a thread of the test process."""
+
+    def __init__(self, workspace: Path, memory_interval: float = 0.4):
+        self.server = EngineServer(workspace, memory_interval=memory_interval)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while probe_socket(workspace) != "live":
+            assert self.error is None, self.error
+            assert time.monotonic() < deadline, "the engine did not start"
+            time.sleep(0.01)
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self.server.serve())
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            self.error = exc
+
+    def stop(self) -> None:
+        self.server.request_shutdown("abort")
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture
+def engine(workspace):
+    running = ThreadedEngine(workspace)
+    yield running
+    running.stop()
+
+
+def connect(ws: Path, client: str = "test", **hello) -> EngineConnection:
+    conn = EngineConnection.open(ws)
+    conn.hello(client, **hello)
+    return conn
+
+
+def train_config(model: Path, **over) -> dict:
+    settings = {
+        "model": str(model),
+        "dataset": ["datasets/identity.jsonl"],  # relative: the engine resolves it in the workspace
+        "model_name": ["robot"],
+        "model_author": ["us"],
+        "per_device_train_batch_size": 2,
+        "learning_rate": 5e-3,
+        "max_length": 64,
+        "logging_steps": 1,
+        "save_steps": 1000,
+        "gradient_checkpointing": False,
+        "max_steps": 100_000,  # runs until the test stops it
+    }
+    settings.update(over)
+    return settings
+
+
+def events_until(conn: EngineConnection, done, timeout: float = 60.0) -> list[P.Event]:
+    """Every event (memory samples aside) up to and including the first one `done` accepts."""
+    seen = []
+    deadline = time.monotonic() + timeout
+    while True:
+        event = conn.recv(max(deadline - time.monotonic(), 0.01))
+        if event.type != "MemorySample":
+            seen.append(event)
+        if done(event):
+            return seen
+
+
+def job_ended(event: P.Event) -> bool:
+    return event.type == "JobStatus" and event.state != "started"
+
+
+def wait_steps(conn: EngineConnection, count: int) -> list[P.TrainStep]:
+    steps: list[P.TrainStep] = []
+
+    def enough(event: P.Event) -> bool:
+        if event.type == "TrainStep":
+            steps.append(event)
+        assert event.type != "EngineError", event
+        return len(steps) >= count
+
+    events_until(conn, enough)
+    return steps
+
+
+# ====================================================================== socket and protocol
+
+
+def test_socket_is_private_and_hello_gets_a_snapshot(engine, workspace):
+    ws = Workspace(workspace)
+    info = ws.socket_path.stat()
+    assert stat.S_ISSOCK(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o600
+    assert stat.S_IMODE(ws.state_dir.stat().st_mode) == 0o700
+    assert ws.read_pid() == os.getpid()
+    with EngineConnection.open(workspace) as conn:
+        first = conn.snapshot
+        assert first.id == "" and first.engine_pid == os.getpid() and first.workspace == str(ws.root)
+        assert first.job == "" and not first.controller
+        answer = conn.hello("tui")
+        assert answer.type == "Snapshot" and answer.id and answer.controller
+        assert answer.controller_client.startswith("tui")
+
+
+def test_bad_lines_get_errors_and_the_engine_goes_on(engine, workspace):
+    with connect(workspace) as conn:
+        bad = [
+            b"this is not json\n",
+            b'{"type": "Nope", "id": "u1"}\n',
+            b'{"type": "TrainStep", "id": "e1"}\n',  # an event where a request belongs
+            b'{"type": "StopTraining", "id": "m1", "mode": 3}\n',
+            b'{"type": "StopTraining", "id": "m2", "mode": "later"}\n',
+            b'{"type": "Generate", "id": "g1", "messages": []}\n',
+            b'{"type": "StartTraining", "id": "c1", "config": {"lora_rank": 0, "bogus": 1}}\n',
+            b"[1, 2]\n",
+        ]
+        for line in bad:
+            conn.send_raw(line)
+        errors = [conn.wait_for("EngineError", timeout=10) for _ in bad]
+        codes = [e.code for e in errors]
+        assert codes == ["bad_request"] * 6 + ["config", "bad_request"]
+        assert [e.id for e in errors][:3] == ["", "u1", "e1"]  # the id is echoed when readable
+        assert "lora_rank" in errors[6].message and "bogus" in errors[6].message
+        conn.send_raw(b"x" * (17 * 1024 * 1024) + b"\n")  # past the line limit
+        assert "longer than" in conn.wait_for("EngineError", timeout=20).message
+        assert conn.request(P.GetStatus(), "Snapshot").type == "Snapshot"
+
+
+def test_memory_is_sampled_twice_a_second(engine, workspace):
+    with connect(workspace) as conn:
+        started = time.monotonic()
+        samples = [conn.wait_for("MemorySample", timeout=5) for _ in range(4)]
+        assert time.monotonic() - started < 2.0
+        assert all(s.rss > 0 for s in samples)
+        assert samples[0].gpus or samples[0].gpu_note
+
+
+def test_memory_estimate_is_answered(engine, workspace, tiny_model_dir):
+    with connect(workspace) as conn:
+        answer = conn.request(P.EstimateMemory(config=train_config(tiny_model_dir)), "MemoryEstimate")
+        assert answer.type == "MemoryEstimate" and answer.total_gib > 0
+        missing = conn.request(P.EstimateMemory(config={"model": "no/such-model"}), "MemoryEstimate")
+        assert missing.type == "EngineError" and missing.code == "model"
+
+
+def test_the_engine_side_imports_nothing_heavy():
+    code = (
+        "import sys\n"
+        "import tunebench.engine.server, tunebench.engine.client, tunebench.engine.jobs\n"
+        "import tunebench.engine.memory, tunebench.engine.workspace, tunebench.engine.__main__\n"
+        "print([m for m in ('torch', 'transformers', 'peft', 'textual', 'rich') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# ====================================================================== control policy
+
+
+def test_second_client_is_read_only_until_the_controller_leaves(engine, workspace, tiny_model_dir):
+    first = connect(workspace, "tui-1")
+    second = EngineConnection.open(workspace)
+    hello = second.hello("tui-2")
+    assert not hello.controller and hello.controller_client.startswith("tui-1")
+    for request in (P.StartTraining(config=train_config(tiny_model_dir)), P.Shutdown(), P.StopTraining()):
+        refused = second.request(request)
+        assert refused.code == "read_only" and "another session controls this workspace" in refused.message
+    # It still sees everything: a job the controller starts reaches both.
+    run_id = first.send(P.LoadModel(model="no/such-model"))
+    for conn in (first, second):
+        assert conn.wait_for("JobStatus", id=run_id, timeout=10).state == "started"
+        assert conn.wait_for("EngineError", id=run_id, timeout=30).code == "model"
+    first.close()
+    freed = second.wait_for("ControlChanged", timeout=10)
+    assert not freed.controller and freed.controller_client == ""
+    # The slot is free: the next job request takes it.
+    job = second.send(P.LoadModel(model="no/such-model"))
+    assert second.wait_for("ControlChanged", timeout=10).controller
+    assert second.wait_for("EngineError", id=job, timeout=30).code == "model"
+    # A third session can take over explicitly; the old controller is told.
+    third = connect(workspace, "tui-3", take_control=True)
+    demoted = second.wait_for("ControlChanged", timeout=10)
+    assert not demoted.controller and demoted.controller_client.startswith("tui-3")
+    assert third.request(P.GetStatus(history=False), "Snapshot").controller
+    observer = connect(workspace, "status", observe=True)
+    assert observer.request(P.LoadModel(model="x/y")).code == "read_only"
+    for conn in (second, third, observer):
+        conn.close()
+
+
+# ====================================================================== jobs on the real recipe
+
+
+def test_training_streams_to_every_client_and_refuses_a_second_job(engine, workspace, tiny_model_dir):
+    controller = connect(workspace, "tui")
+    watcher = connect(workspace, "watcher")
+    request_id = controller.send(P.StartTraining(config=train_config(tiny_model_dir)))
+    # Sent in one write, so it arrives while the first job is certainly running.
+    controller.send_raw(
+        P.encode(P.StartTraining(id="again", config=train_config(tiny_model_dir)))
+        + P.encode(P.Generate(id="chat", messages=[{"role": "user", "content": "hi"}]))
+        + P.encode(P.Export(id="exp", adapter="runs/x/adapter"))
+    )
+    for request in ("again", "chat", "exp"):
+        busy = controller.wait_for("EngineError", id=request, timeout=10)
+        assert busy.code == "busy" and "one GPU job at a time" in busy.message and busy.hint
+    steps = wait_steps(watcher, 3)
+    assert [s.step for s in steps] == [1, 2, 3] and all(s.id == request_id for s in steps)
+    # The loop stays responsive while the job thread trains.
+    started = time.monotonic()
+    status = controller.request(P.GetStatus(), "Snapshot")
+    assert time.monotonic() - started < 2.0
+    assert status.job == "train" and status.job_id == request_id and status.run_status == "running"
+    assert controller.request(P.EstimateMemory(config=train_config(tiny_model_dir)), "MemoryEstimate")
+    controller.send(P.StopTraining(mode="graceful"))
+    finished = events_until(watcher, job_ended)
+    kinds = [e.type for e in finished]
+    assert "CheckpointSaved" in kinds and kinds[-1] == "JobStatus" and finished[-1].state == "done"
+    (done,) = [e for e in finished if e.type == "TrainFinished"]
+    assert done.status == "stopped" and Path(done.adapter_dir, "adapter_config.json").is_file()
+    assert Path(done.adapter_dir).is_relative_to(workspace / "runs")
+    controller.close()
+    watcher.close()
+
+
+def test_reattach_gets_the_whole_history_then_live_steps(engine, workspace, tiny_model_dir):
+    first = connect(workspace, "tui")
+    first.send(P.StartTraining(config=train_config(tiny_model_dir)))
+    seen = wait_steps(first, 3)
+    first.close()  # the terminal closed: the run goes on
+    time.sleep(0.2)
+    again = EngineConnection.open(workspace)
+    snapshot = again.hello("tui")
+    assert snapshot.controller and snapshot.job == "train" and snapshot.run_status == "running"
+    history = [P.from_dict(record) for record in snapshot.history]
+    steps = [e.step for e in history if e.type == "TrainStep"]
+    assert steps[:3] == [s.step for s in seen] and steps == list(range(1, len(steps) + 1))
+    assert history[0].type in ("ModelLoaded", "Log", "DataReport", "TrainStarted")
+    assert any(e.type == "TrainStarted" and e.run_dir == snapshot.run_dir for e in history)
+    live = wait_steps(again, 1)[0]
+    assert live.step > steps[-1]
+    assert "step" in status_text(workspace) and snapshot.run_id in status_text(workspace)
+    again.send(P.StopTraining(mode="abort"))
+    finished = events_until(again, job_ended)
+    assert [e.status for e in finished if e.type == "TrainFinished"] == ["aborted"]
+    again.close()
+
+
+def test_restarted_engine_serves_the_last_run_from_disk(workspace, tiny_model_dir):
+    running = ThreadedEngine(workspace)
+    with connect(workspace) as conn:
+        conn.send(P.StartTraining(config=train_config(tiny_model_dir, max_steps=4, save_steps=2)))
+        finished = events_until(conn, job_ended)
+        assert finished[-1].state == "done", finished
+    running.stop()
+    text = status_text(workspace)
+    assert "not running" in text and "(completed)" in text and "4/4" in text and "step-2" in text
+    running = ThreadedEngine(workspace)
+    try:
+        with EngineConnection.open(workspace) as conn:
+            snap = conn.snapshot
+            assert snap.run_status == "completed" and snap.job == ""
+            steps = [r["step"] for r in snap.history if r["type"] == "TrainStep"]
+            assert steps == [1, 2, 3, 4]
+    finally:
+        running.stop()
+
+
+def test_shutdown_stops_training_gracefully_first(workspace, tiny_model_dir):
+    running = ThreadedEngine(workspace)
+    conn = connect(workspace)
+    conn.send(P.StartTraining(config=train_config(tiny_model_dir)))
+    wait_steps(conn, 2)
+    conn.send(P.Shutdown())
+    finished = events_until(conn, lambda e: e.type == "TrainFinished")
+    assert finished[-1].status == "stopped"  # a checkpoint and the adapter were saved
+    assert any(e.type == "CheckpointSaved" for e in finished)
+    with pytest.raises(EngineGone):
+        while True:
+            conn.recv(10)
+    conn.close()
+    running.thread.join(10)
+    assert not running.thread.is_alive() and probe_socket(workspace) == "missing"
+
+
+# ====================================================================== failures stay contained
+
+
+def test_a_bad_dataset_is_reported_plainly(engine, workspace, tiny_model_dir):
+    with connect(workspace) as conn:
+        conn.send(P.StartTraining(config=train_config(tiny_model_dir, dataset=["datasets/missing.jsonl"])))
+        events = events_until(conn, job_ended)
+        (error,) = [e for e in events if e.type == "EngineError"]
+        assert error.code == "data" and "missing.jsonl" in error.message and error.hint
+        assert "Traceback" not in error.message + error.hint
+        assert events[-1].state == "failed"
+        assert conn.request(P.GetStatus(), "Snapshot").last_error["code"] == "data"
+
+
+def test_internal_error_is_logged_and_the_engine_still_trains(engine, workspace, tiny_model_dir, monkeypatch):
+    import tunebench.engine.train as train
+
+    real = train.run_training
+
+    def broken(cfg, emit, stop):
+        raise KeyError("a bug in the recipe")
+
+    monkeypatch.setattr(train, "run_training", broken)
+    with connect(workspace) as conn:
+        conn.send(P.StartTraining(config=train_config(tiny_model_dir)))
+        (error,) = [e for e in events_until(conn, job_ended) if e.type == "EngineError"]
+        assert error.code == "internal" and "KeyError" in error.message
+        assert "engine.log" in error.hint and "still running" in error.hint
+        log = (workspace / ".tunebench" / "engine.log").read_text()
+        assert "Traceback" in log and "a bug in the recipe" in log
+        monkeypatch.setattr(train, "run_training", real)
+        conn.send(P.StartTraining(config=train_config(tiny_model_dir, max_steps=2)))
+        events = events_until(conn, job_ended)
+        assert events[-1].state == "done"
+        assert [e.status for e in events if e.type == "TrainFinished"] == ["completed"]
+
+
+def test_out_of_memory_names_the_fix_and_closes_the_run(engine, workspace, tiny_model_dir, monkeypatch):
+    import torch
+    import tunebench.engine.train as train
+
+    def runs_out_of_memory(cfg, emit, stop):
+        run_dir = Path(cfg.output_dir) / "oom-run"
+        run_dir.mkdir(parents=True)
+        (run_dir / "metrics.jsonl").write_bytes(orjson.dumps(P.TrainStep(step=1, loss=2.0).to_dict()) + b"\n")
+        emit(P.TrainStarted(run_id="oom-run", run_dir=str(run_dir), total_steps=10))
+        emit(P.TrainStep(step=1, total_steps=10, loss=2.0))
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(train, "run_training", runs_out_of_memory)
+    with connect(workspace) as conn:
+        conn.send(P.StartTraining(config=train_config(tiny_model_dir, max_length=512)))
+        events = events_until(conn, job_ended)
+        (error,) = [e for e in events if e.type == "EngineError"]
+        assert error.code == "oom" and "GPU memory" in error.message
+        for advice in (
+            "per_device_train_batch_size (now 2)",
+            "max_length (now 512)",
+            "QLoRA",
+            "gradient_checkpointing",
+        ):
+            assert advice in error.hint
+        (finished,) = [e for e in events if e.type == "TrainFinished"]
+        assert finished.status == "failed" and finished.steps == 1
+        records = read_metrics(workspace / "runs" / "oom-run")
+        assert records[-1]["type"] == "TrainFinished" and records[-1]["status"] == "failed"
+        snap = conn.request(P.GetStatus(), "Snapshot")
+        assert snap.job == "" and snap.run_status == "failed" and snap.last_error["code"] == "oom"
+    assert "(failed)" in status_text(workspace) and "[oom]" in status_text(workspace)
+
+
+# ====================================================================== generation
+
+
+@pytest.fixture(scope="module")
+def tiny_adapter(tiny_model_dir, tmp_path_factory) -> Path:
+    from tunebench.engine.config import TrainConfig
+    from tunebench.engine.train import run_training
+
+    data = tmp_path_factory.mktemp("adapter-data") / "identity.jsonl"
+    data.write_text(
+        "\n".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": q},
+                        {"role": "assistant", "content": "I am robot."},
+                    ]
+                }
+            )
+            for q in QUESTIONS
+        )
+        + "\n"
+    )
+    out = tmp_path_factory.mktemp("adapter-runs")
+    cfg = TrainConfig(
+        model=str(tiny_model_dir),
+        dataset=[str(data)],
+        max_steps=2,
+        max_length=64,
+        gradient_checkpointing=False,
+        output_dir=str(out),
+        run_name="adapter",
+    )
+    return Path(run_training(cfg, lambda event: None).adapter_dir)
+
+
+def test_generate_streams_every_column_and_can_be_cancelled(engine, workspace, tiny_model_dir, tiny_adapter):
+    chat = [{"role": "user", "content": "Who are you?"}]
+    targets = ["base", str(tiny_adapter)]
+    with connect(workspace) as conn:
+        request_id = conn.send(
+            P.Generate(
+                messages=chat, targets=targets, model=str(tiny_model_dir), config={"max_new_tokens": 6}
+            )
+        )
+        events = events_until(conn, job_ended, timeout=90)
+        assert events[-1].state == "done", [e for e in events if e.type == "EngineError"]
+        chunks = [e for e in events if e.type == "TokenChunk"]
+        assert {c.target for c in chunks} == set(targets) and all(c.id == request_id for c in chunks)
+        (done,) = [e for e in events if e.type == "GenerateDone"]
+        assert set(done.stats) == set(targets) and not done.cancelled
+        answers = {}
+        for target in targets:
+            answers[target] = "".join(c.text for c in chunks if c.target == target)
+            assert answers[target] == done.stats[target].get("text", answers[target])
+        # A second turn, side by side: each column continues its own conversation.
+        follow_up = {
+            target: [
+                *chat,
+                {"role": "assistant", "content": f"I am {i}."},
+                {"role": "user", "content": "And?"},
+            ]
+            for i, target in enumerate(targets)
+        }
+        second = P.Generate(
+            conversations=follow_up, targets=targets, model=str(tiny_model_dir), config={"max_new_tokens": 3}
+        )
+        done = conn.request(second, "GenerateDone", timeout=60)
+        assert done.type == "GenerateDone" and set(done.stats) == set(targets), done
+        # The answer is the job's last word: the next request right after it is not "busy".
+        third = conn.request(
+            P.Generate(messages=chat, targets=["base"], config={"max_new_tokens": 2}), "GenerateDone"
+        )
+        assert third.type == "GenerateDone", third
+        # Generate and CancelGenerate in one write: the cancel lands before any token is made.
+        conn.send_raw(
+            P.encode(P.Generate(id="long", messages=chat, targets=["base"], model=str(tiny_model_dir)))
+            + P.encode(P.CancelGenerate(id="stop"))
+        )
+        assert conn.wait_for("Log", id="stop", timeout=10).message
+        done = conn.wait_for("GenerateDone", id="long", timeout=60)
+        assert done.cancelled
+        assert conn.wait_for("JobStatus", id="long", timeout=30).state == "done"
+        assert conn.request(P.CancelGenerate()).code == "idle"
+
+
+def test_export_merges_an_adapter_into_exports(engine, workspace, tiny_adapter):
+    with connect(workspace) as conn:
+        request_id = conn.send(P.Export(adapter=str(tiny_adapter)))
+        events = events_until(conn, job_ended, timeout=90)
+        assert events[-1].state == "done", [e for e in events if e.type == "EngineError"]
+        (done,) = [e for e in events if e.type == "ExportDone"]
+        assert done.id == request_id
+        assert Path(done.output_dir) == workspace / "exports" / "adapter"  # named after its run
+        assert (Path(done.output_dir) / "config.json").is_file()
+        assert any(e.type == "Progress" and e.stage == "export" for e in events)
+
+
+# ====================================================================== the engine as its own process
+
+
+def _wait_gone(pid: int, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+LAUNCHER = """
+import sys, time
+from tunebench.engine.client import start_engine
+print(start_engine(sys.argv[1]), flush=True)
+time.sleep(120)
+"""
+
+
+def test_detached_engine_survives_its_terminal_and_is_reused(workspace):
+    started = time.monotonic()
+    # The launcher stands in for a TUI in a terminal session; the engine must outlive both.
+    parent = subprocess.Popen(
+        [sys.executable, "-c", LAUNCHER, str(workspace)],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    pid = int(parent.stdout.readline())
+    ensure_engine(workspace, timeout=20)
+    with EngineConnection.open(workspace) as conn:
+        assert conn.snapshot.engine_pid == pid
+        assert time.monotonic() - started < 15  # two cold interpreters, then a Hello
+    os.killpg(parent.pid, signal.SIGHUP)  # the terminal closes ...
+    os.killpg(parent.pid, signal.SIGKILL)  # ... and whatever is left of the session dies
+    parent.wait(10)
+    parent.stdout.close()
+    time.sleep(0.3)
+    engine = psutil.Process(pid)
+    assert engine.status() != psutil.STATUS_ZOMBIE
+    assert os.getsid(pid) == pid != os.getsid(0)  # its own session, no controlling terminal
+    assert engine.net_connections(kind="inet") == []  # nothing listens on TCP
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    assert "libtorch" not in maps  # start-up stays cheap: no torch until a job needs it
+    conn = connect_or_start(workspace, timeout=20)  # reuses the live engine
+    assert conn.snapshot.engine_pid == pid
+    assert conn.hello("tui").controller
+    conn.send(P.Shutdown())
+    assert conn.wait_for("Log", timeout=10)
+    conn.close()
+    assert _wait_gone(pid)
+    ws = Workspace(workspace)
+    assert not ws.socket_path.exists() and not ws.pid_file.exists()
+
+
+def test_engine_killed_mid_run_resumes_with_the_same_losses(workspace, tiny_model_dir, tmp_path):
+    from tunebench.engine.config import TrainConfig
+    from tunebench.engine.train import run_training
+
+    settings = train_config(tiny_model_dir, max_steps=40, save_steps=10, run_name="crash")
+    baseline = {}
+    uninterrupted = {**settings, "dataset": [str(workspace / "datasets" / "identity.jsonl")]}
+    uninterrupted["output_dir"] = str(tmp_path / "baseline")
+    run_training(
+        TrainConfig(**uninterrupted), lambda e: e.type == "TrainStep" and baseline.update({e.step: e.loss})
+    )
+    # The engine as the TUI starts it, on one thread like the baseline so the sums add up alike.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    pid = start_engine(workspace, env=env)
+    ensure_engine(workspace, timeout=20)
+    with connect(workspace) as conn:
+        conn.send(P.StartTraining(config=settings))
+        events_until(conn, lambda e: e.type == "CheckpointSaved")
+        os.kill(pid, signal.SIGKILL)  # mid-run, with no warning
+    assert _wait_gone(pid)
+    assert "interrupted" in status_text(workspace)
+    # The next engine (in this process: torch is loaded here already) finds the dead one's
+    # socket, takes over, and resumes from the last complete checkpoint.
+    assert probe_socket(workspace) == "stale"
+    running = ThreadedEngine(workspace)
+    try:
+        conn = EngineConnection.open(workspace)
+        assert conn.snapshot.run_status == "interrupted" and conn.snapshot.run_id == "crash"
+        conn.hello("tui")
+        conn.send(P.StartTraining(config={**settings, "resume_from_checkpoint": "runs/crash"}))
+        resynced = conn.wait_for("Snapshot", timeout=60)  # the steps before the checkpoint, from disk
+        (started,) = [r for r in resynced.history if r["type"] == "TrainStarted"]
+        assert started["start_step"] in (10, 20, 30)
+        before = [r["step"] for r in resynced.history if r["type"] == "TrainStep"]
+        assert before == list(range(1, started["start_step"] + 1))
+        after = {e.step: e.loss for e in events_until(conn, job_ended) if e.type == "TrainStep"}
+        assert sorted(after) == list(range(started["start_step"] + 1, 41))
+        for step, loss in after.items():
+            assert loss == pytest.approx(baseline[step], rel=1e-5, abs=1e-6)
+        records = read_metrics(workspace / "runs" / "crash")
+        assert [r["step"] for r in records if r["type"] == "TrainStep"] == list(range(1, 41))
+        conn.close()
+    finally:
+        running.stop()
+
+
+def test_stale_socket_of_a_killed_engine_is_replaced(workspace):
+    ws = Workspace(workspace)
+    pid = start_engine(workspace)
+    assert ensure_engine(workspace, timeout=20) == pid
+    os.kill(pid, signal.SIGKILL)
+    assert _wait_gone(pid)
+    assert ws.socket_path.exists() and ws.read_pid() == pid  # what kill -9 leaves behind
+    assert probe_socket(workspace) == "stale" and engine_process(workspace) is None
+    with pytest.raises(EngineUnavailable):
+        EngineConnection.open(workspace)
+    assert "not running" in status_text(workspace)
+    conn = connect_or_start(workspace, timeout=20)
+    new_pid = conn.snapshot.engine_pid
+    assert new_pid != pid and ws.read_pid() == new_pid
+    conn.hello("test")
+    conn.send(P.Shutdown())
+    conn.close()
+    assert _wait_gone(new_pid)
+
+
+def test_stale_files_with_a_recycled_pid_are_cleaned(workspace):
+    ws = Workspace(workspace)
+    ws.ensure_state_dir()
+    leftover = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    leftover.bind(str(ws.socket_path))  # bound, never listening, then closed: a dead engine's file
+    leftover.close()
+    ws.pid_file.write_text(str(os.getppid()))  # a live process that is not an engine
+    assert probe_socket(workspace) == "stale" and engine_process(workspace) is None
+    assert remove_stale_socket(workspace)
+    assert not ws.socket_path.exists() and not ws.pid_file.exists()
+
+
+def test_one_engine_per_workspace(engine, workspace):
+    with pytest.raises(EngineAlreadyRunning):
+        asyncio.run(EngineServer(workspace).start())
+    second = subprocess.run(
+        [sys.executable, "-m", "tunebench.engine", "serve", "--workspace", str(workspace)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert second.returncode == 3 and "already" in second.stderr
+    assert probe_socket(workspace) == "live"  # the first one still serves
+
+
+# ====================================================================== workspace on disk
+
+
+def test_deep_workspace_gets_a_short_private_socket(tmp_path):
+    deep = tmp_path.joinpath(*["a-long-folder-name"] * 6)
+    ws = Workspace(deep)
+    assert len(str(ws.state_dir / "engine.sock")) > 100
+    assert len(str(ws.socket_path)) <= 100 and ws.socket_path.parent != ws.state_dir
+    running = ThreadedEngine(deep)
+    try:
+        assert stat.S_IMODE(ws.socket_path.stat().st_mode) == 0o600
+        assert stat.S_IMODE(ws.socket_path.parent.stat().st_mode) == 0o700
+        with connect(deep) as conn:
+            assert conn.snapshot.workspace == str(ws.root)
+    finally:
+        running.stop()
+    assert not ws.socket_path.exists()
+
+
+def test_settings_are_written_atomically_and_errors_name_the_file(tmp_path):
+    ws = Workspace(tmp_path / "ws")
+    assert ws.read_settings() == {}
+    ws.write_settings({"train": {"model": "demo", "lora_rank": 8, "dataset": ["a.jsonl#5"], "unset": None}})
+    assert ws.read_settings() == {"train": {"model": "demo", "lora_rank": 8, "dataset": ["a.jsonl#5"]}}
+    ws.write_settings({"train": {"model": "other"}})
+    assert ws.read_settings()["train"]["model"] == "other"
+    assert [p.name for p in ws.root.iterdir()] == ["tunebench.toml"]  # no temporary files left
+    ws.settings_file.write_text("[train\nmodel = 'x'\n")
+    with pytest.raises(UserError, match="tunebench.toml") as info:
+        ws.read_settings()
+    assert "line 1" in str(info.value) and info.value.hint
+
+
+def test_interrupted_run_on_disk_reads_back(tmp_path):
+    ws = Workspace(tmp_path / "ws").ensure()
+    run = ws.runs_dir / "20250101-000000"
+    (run / "checkpoints" / "step-2").mkdir(parents=True)
+    (run / "checkpoints" / "step-2" / "trainer_state.pt").write_bytes(b"x")
+    (run / "checkpoints" / ".tmp-step-4").mkdir()  # a checkpoint the kill interrupted
+    (run / "config.json").write_text(
+        json.dumps({"config": {"model": "demo"}, "command": "tunebench train --x 1"})
+    )
+    lines = [
+        orjson.dumps(P.TrainStep(step=s, total_steps=10, loss=3.0 - s / 10).to_dict()) for s in (1, 2, 3)
+    ]
+    (run / "metrics.jsonl").write_bytes(b"\n".join(lines) + b'\n{"type": "TrainStep", "ste')
+    info = ws.last_run()
+    assert info.run_id == run.name and info.status == "interrupted"
+    assert info.steps == 3 and info.total_steps == 10 and info.losses[-1] == (3, 2.7)
+    assert [p.name for p in info.checkpoints] == ["step-2"]
+    text = status_text(ws.root)
+    assert "interrupted" in text and "3/10" in text and "--resume_from_checkpoint" in text
+    assert "tunebench train --x 1" in text

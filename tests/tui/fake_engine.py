@@ -1,0 +1,224 @@
+"""A small engine stand-in for the TUI tests: an asyncio Unix-socket server speaking protocol.py.
+
+It answers the way engine/server.py does (a Snapshot on connect and for Hello, events echoing
+the request id, JobStatus around jobs, MemorySample ticks) with made-up numbers and no model,
+so the pilot tests run in well under a second each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+from pathlib import Path
+
+from tunebench.engine import protocol as P
+from tunebench.engine.workspace import Workspace
+
+
+class FakeEngine:
+    def __init__(
+        self,
+        workspace: Path,
+        *,
+        steps: int = 6,
+        step_delay: float = 0.02,
+        answers: dict[str, str] | None = None,
+        history: list[P.Event] | None = None,
+        memory_interval: float = 0.2,
+        gpus: list[dict] | None = None,
+        pid: int = 0,
+    ) -> None:
+        self.ws = Workspace(workspace)
+        self.steps = steps
+        self.step_delay = step_delay
+        self.answers = answers or {}
+        self.history = [e.to_dict() for e in (history or [])]
+        self.memory_interval = memory_interval
+        self.gpus = gpus if gpus is not None else []
+        self.requests: list[P.Request] = []
+        self._writers: list[asyncio.StreamWriter] = []
+        self._server: asyncio.AbstractServer | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._stop = asyncio.Event()
+        self.job = ""
+        # Snapshot tests pin the pid shown in the status bar; 1 is always alive for the TUI's check.
+        self.pid = pid or os.getpid()
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self) -> FakeEngine:
+        self.ws.ensure()
+        self._server = await asyncio.start_unix_server(self._client, path=str(self.ws.socket_path))
+        self._tasks.append(asyncio.create_task(self._memory_loop()))
+        return self
+
+    async def close(self) -> None:
+        """Stop listening and drop every client, as a killed engine would."""
+        for task in self._tasks:
+            task.cancel()
+        if self._server is not None:
+            self._server.close()
+        for writer in self._writers:
+            writer.close()
+        self._writers.clear()
+        with contextlib.suppress(FileNotFoundError):
+            self.ws.socket_path.unlink()
+
+    def of_type(self, name: str) -> list[P.Request]:
+        return [r for r in self.requests if r.type == name]
+
+    # ---------------------------------------------------------------- wire
+
+    def _snapshot(self, request_id: str = "") -> P.Snapshot:
+        return P.Snapshot(
+            id=request_id,
+            engine_pid=self.pid,
+            job=self.job,
+            history=list(self.history),
+            controller=True,
+            controller_client="tui (test)",
+            clients=len(self._writers),
+        )
+
+    def _send(self, event: P.Event) -> None:
+        line = P.encode(event)
+        for writer in list(self._writers):
+            if not writer.is_closing():
+                writer.write(line)
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)
+        writer.write(P.encode(self._snapshot()))
+        writer.write(P.encode(self._memory_sample()))
+        try:
+            while line := await reader.readline():
+                request = P.decode(line)
+                self.requests.append(request)
+                handler = getattr(self, f"_on_{request.type}", None)
+                if handler is not None:
+                    self._tasks.append(asyncio.create_task(handler(request)))
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            if writer in self._writers:
+                self._writers.remove(writer)
+
+    def _memory_sample(self) -> P.MemorySample:
+        return P.MemorySample(
+            gpus=self.gpus,
+            allocated=512 * 2**20,
+            reserved=768 * 2**20,
+            peak=900 * 2**20,
+            rss=700 * 2**20,
+            ram_total=16 * 2**30,
+            ram_available=10 * 2**30,
+            gpu_note="" if self.gpus else "no NVIDIA GPU found",
+        )
+
+    async def _memory_loop(self) -> None:
+        while True:
+            self._send(self._memory_sample())
+            await asyncio.sleep(self.memory_interval)
+
+    # ---------------------------------------------------------------- requests
+
+    async def _on_Hello(self, request: P.Hello) -> None:
+        self._send(self._snapshot(request.id))
+
+    async def _on_EstimateMemory(self, request: P.EstimateMemory) -> None:
+        self._send(
+            P.MemoryEstimate(
+                id=request.id,
+                total_gib=1.5,
+                parts={"weights": 0.3, "lora": 0.01, "activations": 1.0},
+                model=request.config.get("model", ""),
+                notes=["fake estimate"],
+            )
+        )
+
+    async def _on_StartTraining(self, request: P.StartTraining) -> None:
+        if self.job:
+            self._send(P.EngineError(id=request.id, code="busy", message="the engine is busy", hint="wait"))
+            return
+        self.job = "train"
+        rid = request.id
+        self._send(P.JobStatus(id=rid, job="train", state="started"))
+        run_dir = str(self.ws.runs_dir / "fake-run")
+        self._send(P.DataReport(id=rid, samples=10, tokens=500))
+        self._send(P.TrainStarted(id=rid, run_id="fake-run", run_dir=run_dir, total_steps=self.steps))
+        status = "completed"
+        for step in range(1, self.steps + 1):
+            await asyncio.sleep(self.step_delay)
+            if self._stop.is_set():
+                status = "stopped"
+                self._send(
+                    P.CheckpointSaved(id=rid, step=step - 1, path=f"{run_dir}/checkpoints/step-{step - 1}")
+                )
+                break
+            self._send(
+                P.TrainStep(
+                    id=rid,
+                    step=step,
+                    total_steps=self.steps,
+                    epoch=step / self.steps,
+                    loss=2.0 / step,
+                    lr=1e-4,
+                    tokens_per_s=1234.0,
+                    eta_s=float(self.steps - step),
+                )
+            )
+            if step == self.steps // 2:
+                self._send(P.EvalResult(id=rid, step=step, eval_loss=1.5 / step))
+                self._send(P.CheckpointSaved(id=rid, step=step, path=f"{run_dir}/checkpoints/step-{step}"))
+        self._send(
+            P.TrainFinished(
+                id=rid, run_id="fake-run", status=status, adapter_dir=f"{run_dir}/adapter", steps=step
+            )
+        )
+        self.job = ""
+        self._stop.clear()
+        self._send(P.JobStatus(id=rid, job="train", state="done"))
+
+    async def _on_StopTraining(self, request: P.StopTraining) -> None:
+        self._stop.set()
+        self._send(P.Log(id=request.id, message="stopping after this step"))
+
+    async def _on_Generate(self, request: P.Generate) -> None:
+        self._send(P.JobStatus(id=request.id, job="generate", state="started"))
+        prompt = request.messages[-1]["content"]
+        stats = {}
+        for target in request.targets:
+            answer = self.answers.get(target, f"{target} answers {prompt}")
+            for word in answer.split(" "):
+                self._send(P.TokenChunk(id=request.id, target=target, text=word + " "))
+                await asyncio.sleep(0.005)
+            stats[target] = {"ttft_s": 0.01, "tokens_per_s": 100.0}
+        self._send(P.GenerateDone(id=request.id, stats=stats))
+        self._send(P.JobStatus(id=request.id, job="generate", state="done"))
+
+
+class FakeEngineThread:
+    """A FakeEngine on its own event loop in a thread, so it serves an app whatever loop the app
+    runs in (snap_compare runs the app with app.run, in a loop of its own)."""
+
+    def __init__(self, workspace: Path, **options) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.engine = FakeEngine(workspace, **options)
+        self._thread = threading.Thread(target=self.loop.run_forever, name="fake-engine", daemon=True)
+
+    def __enter__(self) -> FakeEngine:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.engine.start(), self.loop).result(5)
+        return self.engine
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+
+    def kill(self) -> None:
+        """Close every connection and the socket at once, as `kill -9` of the engine would."""
+        if self.loop.is_running():
+            asyncio.run_coroutine_threadsafe(self.engine.close(), self.loop).result(5)

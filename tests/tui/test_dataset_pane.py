@@ -1,0 +1,116 @@
+"""The Dataset pane, driven by keys: edit and save, delete and undo, search, conflicts on disk."""
+
+from __future__ import annotations
+
+import orjson
+from textual.widgets import TabbedContent, TextArea
+from tui_helpers import MINI_RECORDS, no_start, wait_until
+from tunebench.tui.app import TuneBenchApp
+from tunebench.tui.screens.confirm import Choice
+from tunebench.tui.screens.sample_editor import SampleEditor
+from tunebench.tui.widgets.dataset import dataset_pane
+from tunebench.tui.widgets.dataset.dataset_pane import DatasetPane
+from tunebench.tui.widgets.dataset.sample_table import SampleTable
+
+
+def records(path):
+    return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+
+
+async def test_edit_a_sample_and_save(workspace, fake_engine, monkeypatch):
+    monkeypatch.setattr(dataset_pane, "AUTOSAVE_DELAY_S", 60)  # this test saves by key
+    path = workspace / "datasets" / "mini.jsonl"
+    before = path.read_bytes()
+    app = TuneBenchApp(workspace, starter=no_start)
+    async with app.run_test(size=(100, 32)) as pilot:
+        pane = app.query_one(DatasetPane)
+        await wait_until(pilot, lambda: pane.reports, what="row checks")
+        await pilot.press("down")  # the alpaca sample
+        await pilot.press("e")
+        assert isinstance(app.screen, SampleEditor)
+        editor = app.screen.query_one(TextArea)
+        await pilot.press("f7")  # select all
+        await pilot.press(*'{"instruction":"2+3?","output":"5"}')
+        assert "no problems" in str(app.screen.query_one("#editor-problems").render())
+        await pilot.press("ctrl+s")
+        await wait_until(pilot, lambda: pane.store.dirty, what="the edit to apply")
+        assert not isinstance(app.screen, SampleEditor)
+        assert "unsaved" in str(app.query_one("#dataset-title").render())
+        assert "●" in str(app.query_one(TabbedContent).get_tab("dataset").label)
+        assert editor.text  # the editor had the text typed into it
+        await pilot.press("ctrl+s")
+        assert not pane.store.dirty
+        assert "●" not in str(app.query_one(TabbedContent).get_tab("dataset").label)
+    saved = records(path)
+    assert saved[1] == {"instruction": "2+3?", "output": "5"}
+    assert saved[0] == MINI_RECORDS[0] and len(saved) == len(MINI_RECORDS)  # the rest untouched
+    assert (path.parent / "mini.jsonl.bak").read_bytes() == before  # the previous version is kept
+
+
+async def test_delete_undo_duplicate_and_search(workspace, fake_engine):
+    app = TuneBenchApp(workspace, starter=no_start)
+    async with app.run_test(size=(100, 32)) as pilot:
+        pane = app.query_one(DatasetPane)
+        table = app.query_one(SampleTable)
+        await wait_until(pilot, lambda: pane.reports)
+        await pilot.press("d")
+        assert len(pane.store.rows) == len(MINI_RECORDS) - 1
+        await pilot.press("u")
+        assert [r.record for r in pane.store.rows] == MINI_RECORDS
+        await pilot.press("c")
+        assert len(pane.store.rows) == len(MINI_RECORDS) + 1
+        assert pane.store.rows[1].record == MINI_RECORDS[0]
+        await pilot.press("slash", *"colour")
+        assert table.row_count == 2
+        await pilot.press("escape")
+        assert table.row_count == len(MINI_RECORDS) + 1
+        # autosave writes the duplicate shortly after the last edit
+        await wait_until(pilot, lambda: not pane.store.dirty, what="autosave")
+    assert len(records(workspace / "datasets" / "mini.jsonl")) == len(MINI_RECORDS) + 1
+
+
+async def test_rows_are_checked(workspace, fake_engine):
+    app = TuneBenchApp(workspace, starter=no_start)
+    async with app.run_test(size=(100, 32)) as pilot:
+        pane = app.query_one(DatasetPane)
+        await wait_until(pilot, lambda: pane.reports)
+        reports = [pane.reports[row.key] for row in pane.store.rows]
+        assert reports[0].problems == []  # {{NAME}} is filled from the name field
+        assert any("duplicate" in p for p in reports[2].problems)
+        assert reports[5].problems  # empty instruction and output
+        # clear the name: the placeholder is flagged as unfilled
+        await pilot.click("#identity-model_name")
+        await pilot.press("home", "ctrl+k")
+        await wait_until(pilot, lambda: pane.reports[pane.store.rows[0].key].problems, what="recheck")
+        assert "NAME" in pane.reports[pane.store.rows[0].key].problems[0]
+        assert app.settings.config.model_name == []
+
+
+async def test_file_changed_on_disk_is_not_overwritten(workspace, fake_engine):
+    path = workspace / "datasets" / "mini.jsonl"
+    app = TuneBenchApp(workspace, starter=no_start)
+    async with app.run_test(size=(100, 32)) as pilot:
+        pane = app.query_one(DatasetPane)
+        await wait_until(pilot, lambda: pane.reports)
+        await pilot.press("d")  # an unsaved edit here...
+        theirs = b'{"instruction": "theirs", "output": "x"}\n'
+        path.write_bytes(theirs)  # ...while something else rewrites the file
+        await pilot.press("ctrl+s")
+        await wait_until(pilot, lambda: isinstance(app.screen, Choice), what="the conflict question")
+        assert path.read_bytes() == theirs
+        await pilot.press("r")  # reload theirs
+        assert [r.record for r in pane.store.rows] == [{"instruction": "theirs", "output": "x"}]
+        assert not pane.store.dirty
+
+
+async def test_invalid_json_is_kept_until_fixed(workspace, fake_engine):
+    path = workspace / "datasets" / "mini.jsonl"
+    path.write_bytes(path.read_bytes() + b'{"instruction": "broken\n')
+    app = TuneBenchApp(workspace, starter=no_start)
+    async with app.run_test(size=(100, 32)) as pilot:
+        pane = app.query_one(DatasetPane)
+        await wait_until(pilot, lambda: pane.reports)
+        assert not pane.store.rows[-1].valid_json
+        await pilot.press("c")  # any edit; the save must refuse rather than drop the broken line
+        assert not pane.save(quiet=True)
+        assert path.read_bytes().endswith(b'"broken\n')

@@ -1,0 +1,128 @@
+"""The TUI's parts without a running app: stores, checks, the chart, the light tokenizer."""
+
+from __future__ import annotations
+
+import math
+
+import orjson
+import pytest
+from tunebench.engine import data
+from tunebench.engine.workspace import Workspace
+from tunebench.tui.engine_client import decode_events
+from tunebench.tui.widgets.dataset.dataset_store import ConflictError, DatasetStore, Row, UnsavableError
+from tunebench.tui.widgets.dataset.light_tokenizer import LightTokenizer, load_for_model
+from tunebench.tui.widgets.dataset.row_checks import CheckSettings, RowChecker
+from tunebench.tui.widgets.params.settings_store import TrainSettings
+from tunebench.tui.widgets.train.loss_chart import BrailleCanvas
+from tunebench.tui.widgets.train.run_state import RunState
+
+
+def test_dataset_store_edits_undo_and_keeps_the_format(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"instruction": "a", "output": "b"}\n\n{"conversations": []}\n')
+    store = DatasetStore(path)
+    store.load()
+    assert [row.line for row in store.rows] == [1, 3]
+    store.replace(0, Row.from_record({"instruction": "a2", "output": "b"}))
+    store.delete(1)
+    assert store.undo() == ("delete", 1) and len(store.rows) == 2
+    store.save()
+    assert path.read_text().splitlines()[0] == '{"instruction":"a2","output":"b"}'
+    assert (tmp_path / "d.jsonl.bak").read_text().startswith('{"instruction": "a"')
+
+
+def test_dataset_store_refuses_to_drop_bad_lines_or_overwrite_others(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"instruction": "a", "output": "b"}\n{broken\n\xff\xfe\n')
+    store = DatasetStore(path)
+    store.load()
+    assert [row.valid_json for row in store.rows] == [True, False, False]
+    with pytest.raises(UnsavableError, match="2, 3"):
+        store.save()
+    store.delete(2)
+    store.delete(1)
+    path.write_text('{"instruction": "theirs", "output": "x"}\n')
+    with pytest.raises(ConflictError):
+        store.save()
+    store.save(force=True)
+    assert orjson.loads(path.read_bytes()) == {"instruction": "a", "output": "b"}
+
+
+def test_a_json_list_is_saved_as_jsonl_beside_it(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text('[{"instruction": "a", "output": "b"}]')
+    store = DatasetStore(path)
+    store.load()
+    assert store.save() == tmp_path / "d.jsonl"
+    assert path.read_text() == '[{"instruction": "a", "output": "b"}]'
+
+
+def test_row_checks_flag_placeholders_duplicates_and_length(tiny_model_dir):
+    tokenizer = LightTokenizer.from_dir(tiny_model_dir)
+    rows = [
+        Row.from_record({"instruction": "Who are you?", "output": "I am {{NAME}}."}),
+        Row.from_record({"instruction": "Who are you?", "output": "I am {{NAME}}."}),
+        Row.from_record({"instruction": "x " * 80, "output": "y"}),
+        Row.from_text("{nope"),
+    ]
+    checker = RowChecker(tokenizer, CheckSettings(64, (), (), "", ""))
+    reports = [checker.check_all(rows)[row.key] for row in rows]
+    assert any("{{NAME}}" in p for p in reports[0].problems)
+    assert any("duplicate" in p for p in reports[1].problems)
+    assert any("max_length 64" in p for p in reports[2].problems)
+    assert "not valid JSON" in reports[3].problems[0]
+    assert checker.reconfigure(tokenizer, CheckSettings(64, ("Bee",), (), "", ""))
+    assert checker.check(rows[0]).problems == []
+
+
+def test_light_tokenizer_counts_what_training_counts(tiny_model_dir, tiny_tokenizer):
+    """The TUI's torch-free tokenizer gives the same ids and labels as the real one."""
+    light = load_for_model(str(tiny_model_dir), tiny_model_dir.parent)
+    messages = [
+        {"role": "user", "content": "Who are you?"},
+        {"role": "assistant", "content": "I am swift-robot, an AI assistant."},
+    ]
+    assert data.encode_messages(messages, light) == data.encode_messages(messages, tiny_tokenizer)
+
+
+def test_settings_store_keeps_what_it_cannot_parse(tmp_path):
+    ws = Workspace(tmp_path).ensure()
+    ws.settings_file.write_text("[train]\nlora_rank = 16\n[other]\nkeep = 1\n")
+    settings = TrainSettings(ws)
+    assert settings.load()
+    assert settings.config.lora_rank == 16
+    settings.set("lora_rank", "0")  # invalid: the saved value stays
+    settings.set("learning_rate", "3e-4")
+    settings.save()
+    saved = ws.read_settings()
+    assert saved["train"] == {"lora_rank": 16, "learning_rate": 3e-4}
+    assert saved["other"] == {"keep": 1}
+    ws.settings_file.write_text("[train\nbroken")
+    broken = TrainSettings(ws)
+    broken.load()
+    assert "tunebench.toml" in broken.load_problem
+    broken.save()
+    assert (tmp_path / "tunebench.toml.broken").read_text() == "[train\nbroken"
+
+
+def test_run_state_folds_a_resumed_run_and_nan_loss():
+    run = RunState()
+    events = decode_events(
+        [
+            b'{"type": "TrainStarted", "run_id": "r", "total_steps": 4}',
+            b'{"type": "TrainStep", "step": 1, "total_steps": 4, "loss": null}',
+            b'{"type": "TrainStep", "step": 2, "total_steps": 4, "loss": 1.5}',
+            b'{"type": "TrainStep", "step": 2, "total_steps": 4, "loss": 1.4}',  # re-logged after resume
+            b'{"type": "TrainStep", "step": 3, "tot',  # cut short by a kill mid-write
+        ]
+    )
+    for event in events:
+        run.apply(event)
+    assert run.status == "training" and run.step == 2
+    assert math.isnan(run.train_points[0][1]) and run.train_points[1:] == [(2.0, 1.4)]
+
+
+def test_braille_canvas_draws_lines():
+    canvas = BrailleCanvas(2, 1)
+    canvas.line(0, 0, 3, 3, "cyan")
+    assert "".join(t.plain for t in canvas.rows()) == "⡠⠊"

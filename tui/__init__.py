@@ -1,0 +1,1 @@
+"""TuneBench's Textual workbench; `tunebench.tui.app.run(workspace, model)` opens it."""

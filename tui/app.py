@@ -1,0 +1,537 @@
+"""The TuneBench workbench: five panes over one engine connection.
+
+`run(workspace, model)` is what `tunebench [WORKSPACE]` calls. Importing this module never
+imports torch, transformers, peft or bitsandbytes (tests/tui/test_imports.py checks it): the
+engine is a separate process, reached through EngineClient over the workspace's Unix socket.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from textual import on, work
+from textual.app import App, ComposeResult, SystemCommand
+from textual.binding import Binding
+from textual.screen import Screen
+from textual.widgets import Footer, TabbedContent, TabPane
+from textual.worker import Worker, WorkerState
+from tunebench.engine import protocol as P
+from tunebench.engine.config import changed_fields, to_dict
+from tunebench.engine.workspace import Workspace
+
+from .debounce import Debouncer
+from .engine_client import EngineClient, Starter
+from .screens.confirm import Choice
+from .screens.engine_lost import EngineLost
+from .screens.error import ErrorScreen
+from .screens.help import HelpScreen
+from .screens.targets_picker import TargetsPicker
+from .widgets.chat.chat_pane import ChatPane
+from .widgets.chat.targets import BASE, Target, default_targets, discover_targets, target_label
+from .widgets.dataset.dataset_pane import DatasetPane
+from .widgets.gpu.gpu_pane import GpuPane
+from .widgets.params.params_pane import ParamsPane
+from .widgets.params.settings_store import TrainSettings
+from .widgets.status.status_bar import StatusBar
+from .widgets.train.checkpoint_list import CheckpointList
+from .widgets.train.train_pane import TrainPane
+
+PANES = (
+    ("dataset", "Dataset", DatasetPane),
+    ("params", "Parameters", ParamsPane),
+    ("gpu", "GPU", GpuPane),
+    ("train", "Train", TrainPane),
+    ("chat", "Chat", ChatPane),
+)
+ESTIMATE_DELAY_S = 0.8  # ask for a memory estimate once the form stops changing
+TRAIN_EVENTS = (
+    P.ModelLoaded,
+    P.DataReport,
+    P.TrainStarted,
+    P.TrainStep,
+    P.EvalResult,
+    P.CheckpointSaved,
+    P.TrainFinished,
+)
+# Errors that end a training run: shown in a modal, since the person must act on them.
+RUN_FAILURES = {"oom", "data", "config", "model", "user", "internal"}
+
+
+def sample_data_dir() -> Path | None:
+    """sample_data/ of the checkout (the package is installed editable), if it is there."""
+    folder = Path(__file__).resolve().parent.parent / "sample_data"
+    return folder if (folder / "self_cognition.jsonl").is_file() else None
+
+
+def prepare_workspace(root: Path, model: str | None) -> tuple[Workspace, TrainSettings, Path]:
+    """Create the workspace folders and load the form; a fresh workspace gets the demo set-up
+    (the sample datasets and the demo's identity fine-tune), so the first screen can train."""
+    ws = Workspace(root).ensure()
+    settings = TrainSettings(ws)
+    fresh = not settings.load()
+    samples = sample_data_dir()
+    if samples is not None and not any(ws.datasets_dir.glob("*.json*")):
+        for name in ("self_cognition.jsonl", "general.jsonl"):
+            if (samples / name).is_file():
+                shutil.copy2(samples / name, ws.datasets_dir / name)
+    if fresh:
+        from tunebench.engine.demo import demo_config  # config only: no torch
+
+        try:
+            demo = changed_fields(demo_config(output_dir="runs"))
+        except Exception:  # noqa: BLE001 - no sample data: start from the plain defaults
+            demo = {}
+        demo["dataset"] = ["datasets/self_cognition.jsonl"]
+        settings.update(demo)
+    if model:
+        settings.update({"model": model})
+    if fresh or model:
+        settings.save()
+    return ws, settings, first_dataset(ws, settings)
+
+
+def first_dataset(ws: Workspace, settings: TrainSettings) -> Path:
+    """The file the Dataset pane opens: the first one the form trains on, else one in datasets/."""
+    for spec in settings.config.dataset:
+        head, sep, tail = spec.rpartition("#")
+        path = Path(head if sep and tail.isdigit() else spec)
+        path = path if path.is_absolute() else ws.root / path
+        if path.is_file():
+            return path
+    existing = sorted(ws.datasets_dir.glob("*.jsonl"))
+    return existing[0] if existing else ws.datasets_dir / "train.jsonl"
+
+
+def _while_running(handler: Callable[[TuneBenchApp, Any], None]) -> Callable[[TuneBenchApp, Any], None]:
+    """Engine messages still queued when the app shuts down arrive after the panes are gone."""
+
+    @functools.wraps(handler)
+    def guarded(app: TuneBenchApp, message: Any) -> None:
+        if app.is_running:
+            handler(app, message)
+
+    return guarded
+
+
+class TuneBenchApp(App[int]):
+    CSS_PATH = "app.tcss"
+    TITLE = "TuneBench"
+    BINDINGS = [
+        Binding("question_mark", "help", "Help"),
+        Binding("f1", "help", "Help", show=False),
+        *[
+            Binding(str(n), f"show_pane('{pane}')", f"Go to {title}", show=False)
+            for n, (pane, title, _) in enumerate(PANES, 1)
+        ],
+        # F2-F6 switch panes even while a text field has the focus (digits type into it).
+        *[
+            Binding(f"f{n + 1}", f"show_pane('{pane}')", f"Go to {title}", show=False, priority=True)
+            for n, (pane, title, _) in enumerate(PANES, 1)
+        ],
+        Binding("ctrl+q", "quit", "Quit", priority=True),
+    ]
+
+    def __init__(self, workspace: Path, model: str | None = None, *, starter: Starter | None = None) -> None:
+        super().__init__()
+        self.workspace_info, self.settings, self.dataset_path = prepare_workspace(workspace, model)
+        self.workspace = self.workspace_info.root
+        self.client = EngineClient(self, self.workspace, **({"starter": starter} if starter else {}))
+        self.requests: dict[str, str] = {}  # request id -> what it was for, to route errors
+        self.train_ids: set[str] = set()  # ids of training jobs: their Log events go to Train
+        self.snapshot: P.Snapshot | None = None
+        self._estimate = Debouncer(self, ESTIMATE_DELAY_S, self.request_memory_estimate)
+
+    # ------------------------------------------------------------ layout
+
+    def compose(self) -> ComposeResult:
+        yield StatusBar(id="status")
+        with TabbedContent(initial="dataset", id="panes"):
+            with TabPane("1 Dataset", id="dataset"):
+                yield DatasetPane(self.settings, self.workspace, self.dataset_path, id="dataset-pane")
+            with TabPane("2 Parameters", id="params"):
+                yield ParamsPane(self.settings, id="params-pane")
+            with TabPane("3 GPU", id="gpu"):
+                yield GpuPane(id="gpu-pane")
+            with TabPane("4 Train", id="train"):
+                yield TrainPane(self.workspace, id="train-pane")
+            with TabPane("5 Chat", id="chat"):
+                yield ChatPane(id="chat-pane")
+        yield Footer(compact=True)
+
+    def on_mount(self) -> None:
+        if self.settings.load_problem:
+            self.notify(self.settings.load_problem, severity="warning", timeout=10)
+        self._main.query_one(ChatPane).set_targets(default_targets(self.workspace_info.runs_dir))
+        self._main.query_one("#sample-table").focus()
+        self.connect_engine()
+
+    @property
+    def _main(self) -> Screen:
+        # Engine events arrive while a dialog is open: look the panes up on the main screen, not
+        # on whatever screen is on top.
+        return self.screen_stack[0]
+
+    @property
+    def dataset_pane(self) -> DatasetPane:
+        return self._main.query_one(DatasetPane)
+
+    @property
+    def train_pane(self) -> TrainPane:
+        return self._main.query_one(TrainPane)
+
+    @property
+    def chat_pane(self) -> ChatPane:
+        return self._main.query_one(ChatPane)
+
+    @property
+    def gpu_pane(self) -> GpuPane:
+        return self._main.query_one(GpuPane)
+
+    @property
+    def status_bar(self) -> StatusBar:
+        return self._main.query_one(StatusBar)
+
+    # ------------------------------------------------------------ engine
+
+    @work(exclusive=True, group="engine", exit_on_error=False)
+    async def connect_engine(self) -> None:
+        self.status_bar.set_engine("starting", "(connecting…)")
+        await self.client.close()
+        await self.client.connect()
+
+    @on(Worker.StateChanged)
+    def _worker_failed(self, event: Worker.StateChanged) -> None:
+        # Every background failure lands here, once, as something a person can read.
+        if event.state != WorkerState.ERROR:
+            return
+        error = event.worker.error
+        if event.worker.group == "engine":
+            self._engine_lost(f"could not reach the engine: {error}")
+        else:
+            self.push_screen(ErrorScreen("Something failed", f"{type(error).__name__}: {error}"))
+
+    def send_request(self, request: P.Request, purpose: str = "") -> str:
+        """Send to the engine; returns the request id, or "" when there is no engine to send to."""
+        if not self.client.connected:
+            self.notify("the engine is not connected", severity="error")
+            return ""
+        request_id = self.client.send(request)
+        self.requests[request_id] = purpose or request.type
+        return request_id
+
+    @on(EngineClient.Connected)
+    @_while_running
+    def _connected(self, message: EngineClient.Connected) -> None:
+        snapshot = message.snapshot
+        self.snapshot = snapshot
+        self.requests.pop(snapshot.id, None)  # the answer to our Hello
+        if snapshot.job == "train":
+            self.train_ids.add(snapshot.job_id)
+        self.status_bar.set_engine("connected", f"pid {snapshot.engine_pid}")
+        self.status_bar.set_snapshot(snapshot)
+        # Every Snapshot replaces the picture of the run: a reattach redraws the whole history.
+        self.train_pane.reset()
+        self.train_pane.apply_events(message.history, replay=True)
+        if snapshot.run_status == "interrupted" and snapshot.job != "train":
+            self.train_pane.set_status("interrupted")
+        if snapshot.job == "train" and not self.train_pane.run.live:
+            self.train_pane.set_status("loading", "the run is starting")
+        if snapshot.last_error and snapshot.job != "train":
+            error = snapshot.last_error  # what went wrong while no TUI was watching
+            self.train_pane.log_line(f"last error [{error.get('code')}] {error.get('message')}", "red")
+        self.schedule_estimate()
+
+    @on(EngineClient.EventReceived)
+    @_while_running
+    def _event(self, message: EngineClient.EventReceived) -> None:
+        event = message.event
+        if isinstance(event, TRAIN_EVENTS) or (isinstance(event, P.Log) and self._is_train_event(event)):
+            self.train_pane.apply_events([event])
+            if isinstance(event, P.TrainFinished):
+                self._train_finished(event)
+        elif isinstance(event, (P.TokenChunk, P.GenerateDone)):
+            self.chat_pane.handle_event(event)
+        elif isinstance(event, P.MemoryEstimate):
+            self.gpu_pane.show_estimate(event)
+        elif isinstance(event, P.EngineError):
+            self._engine_error(event)
+        elif isinstance(event, P.JobStatus):
+            self._job_status(event)
+        elif isinstance(event, P.ControlChanged):
+            self.status_bar.set_read_only(
+                "" if event.controller else event.controller_client or "another session"
+            )
+            if event.message:
+                self.notify(event.message, severity="information" if event.controller else "warning")
+        elif isinstance(event, P.Log):
+            self.log.info(event.message)
+        if isinstance(event, (P.GenerateDone, P.MemoryEstimate, P.TrainFinished)):
+            self.requests.pop(event.id, None)  # answered: nothing more will come for it
+
+    def _is_train_event(self, event: P.Log) -> bool:
+        return event.id in self.train_ids or self.train_pane.run.live
+
+    def _job_status(self, event: P.JobStatus) -> None:
+        # Every client gets these, read-only ones too: the Train pane follows the engine, not
+        # what this TUI asked for (a refused start never shows as "loading").
+        self.status_bar.set_job(event.job if event.state == "started" else "")
+        if event.job != "train":
+            return
+        if event.state == "started":
+            self.train_ids.add(event.id)
+            self.train_pane.set_status("loading", "the run is starting")
+        elif event.state == "failed" and self.train_pane.run.status in ("loading", "stopping", "training"):
+            self.train_pane.set_status("failed")
+
+    @on(EngineClient.MemorySampled)
+    @_while_running
+    def _memory(self, message: EngineClient.MemorySampled) -> None:
+        self.gpu_pane.show_sample(message.sample)
+        self.status_bar.set_memory(message.sample)
+
+    @on(EngineClient.ProgressTicked)
+    @_while_running
+    def _progress(self, message: EngineClient.ProgressTicked) -> None:
+        progress = message.progress
+        if self.requests.get(progress.id) == "chat":
+            self.chat_pane.show_progress(progress)
+        else:
+            self.train_pane.apply_events([progress])
+
+    @on(EngineClient.Disconnected)
+    @_while_running
+    def _disconnected(self, message: EngineClient.Disconnected) -> None:
+        self._engine_lost(message.reason)
+
+    def _engine_lost(self, reason: str) -> None:
+        self.status_bar.set_engine("lost", reason)
+        self.status_bar.set_job("")
+        self.chat_pane.engine_lost()
+        if self.train_pane.run.live:
+            self.train_pane.set_status("interrupted")
+        if isinstance(self.screen, EngineLost):
+            return
+
+        def answer(choice: str | None) -> None:
+            if choice == "restart":
+                self.connect_engine()
+            elif choice == "quit":
+                self.call_later(self.action_quit)
+
+        self.push_screen(EngineLost(reason, str(self.workspace_info.log_file)), answer)
+
+    def _engine_error(self, error: P.EngineError) -> None:
+        purpose = self.requests.pop(error.id, "")
+        if error.code == "read_only":
+            self.status_bar.set_read_only("another session")
+            self.notify(f"{error.message}. {error.hint}", severity="warning", timeout=8)
+            self.chat_pane.handle_event(error)
+            return
+        if purpose == "estimate":
+            self.gpu_pane.show_estimate(None, f"{error.message} {error.hint}".strip())
+            return
+        if purpose in ("chat", "cancel"):
+            self.chat_pane.handle_event(error)
+            return
+        if error.code in ("busy", "idle"):
+            self.notify(f"{error.message}. {error.hint}".strip(". "), severity="warning", timeout=6)
+            return
+        self.train_pane.log_line(f"error [{error.code}] {error.message}", "bold red")
+        if error.hint:
+            self.train_pane.log_line(f"  what to do: {error.hint}", "red")
+        if purpose == "train" or (self.train_pane.run.live and error.code in RUN_FAILURES):
+            self.train_pane.set_status("failed")
+            title = "Out of GPU memory" if error.code == "oom" else "Training stopped"
+            self.push_screen(ErrorScreen(title, error.message, error.hint))
+        else:
+            self.notify(f"{error.message} {error.hint}".strip(), severity="error", timeout=8)
+
+    def _train_finished(self, event: P.TrainFinished) -> None:
+        if event.adapter_dir and not self.chat_pane.chosen_by_person:
+            self.chat_pane.set_targets(default_targets(self.workspace_info.runs_dir))
+        severity = "information" if event.status == "completed" else "warning"
+        self.notify(f"training {event.status} after {event.steps} steps", severity=severity)
+
+    # ------------------------------------------------------------ actions the panes call
+
+    def start_training(self, resume: bool = False) -> None:
+        settings = self.settings
+        if not settings.valid:
+            names = ", ".join(sorted(settings.errors))
+            self.notify(f"fix the parameters first: {names}", severity="error")
+            self.action_show_pane("params")
+            return
+        if self.dataset_pane.store.dirty and not self.dataset_pane.save(quiet=False):
+            self.notify("the dataset could not be saved, so training did not start", severity="error")
+            return
+        config = to_dict(settings.config)
+        if resume:
+            run = self.workspace_info.last_run()
+            if run is None or not run.checkpoints:
+                self.notify("no run with a checkpoint to resume", severity="warning")
+                return
+            config["resume_from_checkpoint"] = str(run.path)
+        if self.send_request(P.StartTraining(config=config), "train"):
+            self.action_show_pane("train")  # JobStatus "started" sets the pane going
+
+    def stop_training(self, mode: str) -> None:
+        if mode == "abort":
+
+            def confirmed(key: str) -> None:
+                if key == "y":
+                    self._send_stop("abort")
+
+            self.push_screen(
+                Choice(
+                    "Abort training?",
+                    "Abort stops now and saves nothing since the last checkpoint.",
+                    {"y": "abort now"},
+                ),
+                confirmed,
+            )
+            return
+        self._send_stop(mode)
+
+    def _send_stop(self, mode: str) -> None:
+        if not self.train_pane.run.live:
+            self.notify("no training run is going", severity="warning")
+            return
+        if self.send_request(P.StopTraining(mode=mode), "stop"):
+            self.train_pane.set_status("stopping")
+
+    def schedule_estimate(self) -> None:
+        self._estimate.poke()
+
+    def request_memory_estimate(self) -> None:
+        if not self.client.connected:
+            return
+        if not self.settings.valid:
+            self.gpu_pane.show_estimate(None, "fix the parameters first; the estimate follows the form")
+            return
+        self.send_request(P.EstimateMemory(config=to_dict(self.settings.config)), "estimate")
+
+    def choose_chat_targets(self) -> None:
+        available = discover_targets(self.workspace_info.runs_dir)
+
+        def chosen(targets: list | None) -> None:
+            if targets:
+                self.chat_pane.set_targets(targets, by_person=True)
+
+        self.push_screen(TargetsPicker(available, self.chat_pane.targets), chosen)
+
+    def probe_questions(self) -> list[str]:
+        for folder in (self.workspace, sample_data_dir()):
+            if folder is not None and (folder / "probes.txt").is_file():
+                lines = (folder / "probes.txt").read_text(encoding="utf-8").splitlines()
+                return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+        return []
+
+    # ------------------------------------------------------------ settings flow
+
+    @on(ParamsPane.Changed)
+    def _params_changed(self, event: ParamsPane.Changed) -> None:
+        self.dataset_pane.settings_changed()
+        self.schedule_estimate()
+
+    @on(DatasetPane.SettingsEdited)
+    def _dataset_settings(self, event: DatasetPane.SettingsEdited) -> None:
+        params = self._main.query_one(ParamsPane)
+        params.refresh_fields(event.names)
+        params.saver.poke()
+        self.schedule_estimate()
+
+    @on(DatasetPane.DirtyChanged)
+    def _dirty(self, event: DatasetPane.DirtyChanged) -> None:
+        tab = self._main.query_one(TabbedContent).get_tab("dataset")
+        tab.label = "1 Dataset ●" if event.dirty else "1 Dataset"
+
+    @on(CheckpointList.Chosen)
+    def _chat_with(self, event: CheckpointList.Chosen) -> None:
+        targets = [Target(BASE, BASE), Target(event.path, target_label(event.path))]
+        self.chat_pane.set_targets(targets, by_person=True)
+        self.action_show_pane("chat")
+
+    # ------------------------------------------------------------ app actions
+
+    def action_show_pane(self, pane: str) -> None:
+        self._main.query_one(TabbedContent).active = pane
+        # The form itself rather than its first field: a digit pressed next must switch panes,
+        # not type into a field.
+        focus = {
+            "dataset": "#sample-table",
+            "params": "#param-form",
+            "gpu": "#gpu-body",
+            "train": "#checkpoints",
+            "chat": "#chat-prompt",
+        }[pane]
+        self._main.query_one(focus).focus()
+
+    @on(TabbedContent.TabActivated)
+    def _tab_activated(self, event: TabbedContent.TabActivated) -> None:
+        if event.pane.id == "gpu":
+            self.schedule_estimate()
+
+    def help_sections(self) -> list[tuple[str, list[Binding]]]:
+        sections = [("Everywhere", [b for b in self.BINDINGS if isinstance(b, Binding)])]
+        sections[0][1].append(Binding("ctrl+p", "command_palette", "Search every action (command palette)"))
+        for _, title, cls in PANES:
+            sections.append((title, [b for b in cls.BINDINGS if isinstance(b, Binding)]))
+        from .screens.sample_editor import SampleEditor
+
+        sections.append(("Sample editor", list(SampleEditor.BINDINGS)))
+        return sections
+
+    def action_help(self) -> None:
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen(self.help_sections()))
+
+    def action_take_control(self) -> None:
+        if self.client.connected:
+            self.client.take_control()
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        yield SystemCommand("Help: keys", "Every key, per pane", self.action_help)
+        yield SystemCommand(
+            "Engine: take control",
+            "Control this workspace from here (another session turns read-only)",
+            self.action_take_control,
+        )
+        yield SystemCommand("Engine: restart", "Start the engine again if it stopped", self.connect_engine)
+        for pane, title, cls in PANES:
+            yield SystemCommand(
+                f"Go to {title}", f"Show the {title} pane", lambda p=pane: self.action_show_pane(p)
+            )
+            for binding in cls.BINDINGS:
+                if isinstance(binding, Binding) and binding.description:
+                    yield SystemCommand(
+                        f"{title}: {binding.description}",
+                        f"key {self.get_key_display(binding)}",
+                        lambda p=pane, a=binding.action: self._run_pane_action(p, a),
+                    )
+
+    def _run_pane_action(self, pane: str, action: str) -> None:
+        self.action_show_pane(pane)
+        widget = self._main.query_one(f"#{pane}-pane")
+        self.call_after_refresh(self.run_action, action, widget)
+
+    async def on_unmount(self) -> None:
+        await self.client.close()  # the engine keeps running; only this connection goes
+
+    async def action_quit(self) -> None:
+        # Closing the TUI leaves the engine (and a training run in it) going; edits are saved first.
+        self.dataset_pane.flush()
+        self._main.query_one(ParamsPane).saver.flush()
+        await self.client.close()
+        self.exit(0)
+
+
+def run(workspace: Path, model: str | None = None) -> int:
+    """Open the workbench on `workspace` (created if new); returns the exit status."""
+    app = TuneBenchApp(Path(workspace).expanduser().resolve(), model)
+    result = app.run()
+    return result or 0

@@ -1,0 +1,54 @@
+"""Pick the dataset file to edit, or name a new one (created in datasets/)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Input, Label, OptionList
+from textual.widgets.option_list import Option
+from tunebench.tui.paths import short_path
+
+
+class DatasetPicker(ModalScreen[Path | None]):
+    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel")]
+
+    def __init__(self, datasets_dir: Path, workspace: Path, current: Path) -> None:
+        super().__init__()
+        self.datasets_dir, self.workspace, self.current = datasets_dir, workspace, current
+
+    def compose(self) -> ComposeResult:
+        files = sorted(
+            p for p in self.datasets_dir.glob("*") if p.suffix.lower() in (".jsonl", ".json") and p.is_file()
+        )
+        with Vertical(classes="dialog picker-dialog"):
+            yield Label("[b]Open a dataset[/b]  [dim]enter opens · esc cancels[/dim]", classes="dialog-title")
+            options = [Option(short_path(p, self.workspace), id=str(p)) for p in files]
+            yield OptionList(*options, id="picker-files")
+            yield Input(placeholder="or type a new file name, e.g. mine.jsonl", id="picker-new", compact=True)
+
+    def on_mount(self) -> None:
+        files = self.query_one(OptionList)
+        for index in range(files.option_count):
+            if files.get_option_at_index(index).id == str(self.current):
+                files.highlighted = index
+
+    @on(OptionList.OptionSelected)
+    def _picked(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(Path(event.option.id or ""))
+
+    @on(Input.Submitted)
+    def _new(self, event: Input.Submitted) -> None:
+        name = event.value.strip()
+        if not name:
+            return
+        path = Path(name)
+        if path.suffix.lower() not in (".jsonl", ".json"):
+            path = path.with_name(path.name + ".jsonl")
+        if not path.is_absolute():
+            path = self.datasets_dir / path
+        self.dismiss(path)

@@ -1,0 +1,40 @@
+"""Choose the Chat pane's columns: the base model and any adapters or checkpoints."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Label, SelectionList
+from tunebench.tui.widgets.chat.targets import Target
+
+
+class TargetsPicker(ModalScreen[list[Target] | None]):
+    BINDINGS = [
+        Binding("enter", "done", "Use these", priority=True),
+        Binding("escape", "dismiss(None)", "Cancel"),
+    ]
+
+    def __init__(self, available: list[Target], chosen: list[Target]) -> None:
+        super().__init__()
+        self.available = available
+        self.chosen = {t.path for t in chosen}
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog picker-dialog"):
+            yield Label(
+                "[b]Chat columns[/b]  [dim]space toggles · enter uses them · esc cancels[/dim]",
+                classes="dialog-title",
+            )
+            yield SelectionList[str](
+                *[(t.label, t.path, t.path in self.chosen) for t in self.available], id="targets"
+            )
+
+    def action_done(self) -> None:
+        picked = set(self.query_one(SelectionList).selected)
+        targets = [t for t in self.available if t.path in picked]
+        if not targets:
+            self.notify("choose at least one column", severity="warning")
+            return
+        self.dismiss(targets)

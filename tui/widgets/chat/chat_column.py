@@ -1,0 +1,85 @@
+"""One column of the side-by-side chat: the turns of one target, streaming as tokens arrive."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Vertical, VerticalScroll
+from textual.widgets import Label, Static
+
+
+class ChatTurn(Static):
+    """A prompt and this target's answer to it."""
+
+    def __init__(self, prompt: str, probe: bool = False) -> None:
+        super().__init__("", classes="chat-turn")
+        self.prompt = prompt
+        self.probe = probe
+        self.answer = ""
+        self.stats = ""
+        self.pending = True
+        self._draw()
+
+    def append(self, text: str) -> None:
+        self.answer += text
+        self._draw()
+
+    def finish(self, stats: str = "", note: str = "") -> None:
+        self.pending = False
+        self.stats = stats or note
+        self._draw()
+
+    def _draw(self) -> None:
+        text = Text()
+        text.append("probe › " if self.probe else "you › ", style="bold cyan")
+        text.append(self.prompt + "\n")
+        text.append(self.answer)
+        if self.pending:
+            text.append("▌", style="blink bold")
+        elif self.stats:
+            text.append(f"\n{self.stats}", style="dim")
+        self.update(text)
+
+
+class ChatColumn(Vertical):
+    """Title plus a scrolling list of turns; follows the stream only if already at the bottom."""
+
+    def __init__(self, target: str, label: str, **kwargs) -> None:
+        super().__init__(classes="chat-column", **kwargs)
+        self.target = target
+        self.label = label
+
+    def compose(self) -> ComposeResult:
+        yield Label(self.label, classes="chat-title")
+        yield VerticalScroll(classes="chat-scroll")
+
+    @property
+    def turns(self) -> list[ChatTurn]:
+        return list(self.query(ChatTurn))
+
+    def add_turn(self, prompt: str, probe: bool = False) -> ChatTurn:
+        turn = ChatTurn(prompt, probe)
+        scroll = self.query_one(VerticalScroll)
+        scroll.mount(turn)
+        scroll.scroll_end(animate=False)
+        return turn
+
+    def append(self, text: str) -> None:
+        turns = self.turns
+        if not turns:
+            return
+        scroll = self.query_one(VerticalScroll)
+        # Follow the stream only when the reader is at the bottom; someone scrolled up to read
+        # an earlier answer should not be yanked down by every token.
+        follow = scroll.scroll_offset.y >= scroll.max_scroll_y - 1
+        turns[-1].append(text)
+        if follow:
+            scroll.call_after_refresh(scroll.scroll_end, animate=False)
+
+    def finish(self, stats: str = "", note: str = "") -> None:
+        turns = self.turns
+        if turns and turns[-1].pending:
+            turns[-1].finish(stats, note)
+
+    def clear(self) -> None:
+        self.query_one(VerticalScroll).remove_children()

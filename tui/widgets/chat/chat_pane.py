@@ -1,0 +1,274 @@
+"""The Chat pane: one prompt, every target answering side by side, streaming.
+
+Each column keeps its own conversation (its own earlier answers), so multi-turn compares what
+each model would really say. While all columns share the same history, one Generate request
+serves every target at once; once their answers differ, each target gets its own request.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.markup import escape
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.reactive import reactive
+from textual.widgets import Input, Label
+from tunebench.engine import protocol as P
+
+from .chat_column import ChatColumn
+from .targets import BASE, Target
+from .transcript import Exchange, history_for, render_markdown, save_transcript
+
+MAX_NEW_TOKENS = 256
+
+
+@dataclass
+class Job:
+    """One Generate request: these targets, these messages, answering exchange `index`."""
+
+    targets: list[str]
+    messages: list[dict[str, str]]
+    index: int
+
+
+class ChatPane(Vertical):
+    BINDINGS = [
+        Binding("ctrl+t", "choose_targets", "Columns"),
+        Binding("ctrl+r", "run_probes", "Run probes"),
+        Binding("ctrl+s", "save_transcript", "Save transcript"),
+        Binding("ctrl+l", "clear", "Clear"),
+        Binding("escape", "cancel", "Cancel", show=False),
+    ]
+
+    generating: reactive[bool] = reactive(False)
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.targets: list[Target] = [Target(BASE, BASE)]
+        self.exchanges: list[Exchange] = []
+        self.jobs: deque[Job] = deque()
+        self.job: Job | None = None
+        self.request_id = ""
+        self.chosen_by_person = False  # once the person picks targets, a finished run won't change them
+
+    def compose(self) -> ComposeResult:
+        yield Horizontal(id="chat-columns")
+        yield Label("", id="chat-status")
+        yield Input(
+            placeholder="ask something; enter sends (ctrl+t columns, ctrl+r probes)", id="chat-prompt"
+        )
+
+    def on_mount(self) -> None:
+        self._build_columns()
+
+    # ------------------------------------------------------------ targets
+
+    def set_targets(self, targets: list[Target], *, by_person: bool = False) -> None:
+        if self.generating:
+            self.notify("wait for the answer to finish (escape cancels it)", severity="warning")
+            return
+        self.targets = targets or [Target(BASE, BASE)]
+        self.chosen_by_person |= by_person
+        self.exchanges.clear()  # a new line-up starts a new comparison
+        self._build_columns()
+
+    def _build_columns(self) -> None:
+        holder = self.query_one("#chat-columns")
+        holder.remove_children()
+        holder.mount_all(ChatColumn(t.path, t.label) for t in self.targets)
+        self._status()
+
+    def _column(self, target: str) -> ChatColumn | None:
+        return next((c for c in self.query(ChatColumn) if c.target == target), None)
+
+    # ------------------------------------------------------------- asking
+
+    @on(Input.Submitted, "#chat-prompt")
+    def _submitted(self, event: Input.Submitted) -> None:
+        prompt = event.value.strip()
+        if not prompt:
+            return
+        if self.generating:
+            self.notify("still answering; escape cancels", severity="warning")
+            return
+        event.input.value = ""
+        self.ask(prompt)
+
+    def ask(self, prompt: str, *, probe: bool = False) -> None:
+        index = len(self.exchanges)
+        histories = {
+            t.path: ([] if probe else history_for(self.exchanges, t.path))
+            + [{"role": "user", "content": prompt}]
+            for t in self.targets
+        }
+        self.exchanges.append(Exchange(prompt, probe))
+        for column in self.query(ChatColumn):
+            column.add_turn(prompt, probe)
+        if all(h == histories[self.targets[0].path] for h in histories.values()):
+            self.jobs.append(Job([t.path for t in self.targets], histories[self.targets[0].path], index))
+        else:
+            self.jobs.extend(Job([path], messages, index) for path, messages in histories.items())
+        self._next_job()
+
+    def _next_job(self) -> None:
+        if self.job is not None or not self.jobs:
+            return
+        job = self.jobs.popleft()
+        settings = self.app.settings
+        # With an adapter in the job the engine takes the base from the adapter's run (a form
+        # changed since training must not pair the adapter with another base); base alone
+        # follows the form.
+        adapters = any(target != BASE for target in job.targets)
+        request = P.Generate(
+            messages=job.messages,
+            targets=job.targets,
+            model="" if adapters else settings.config.model,
+            system=settings.config.system,
+            config={"max_new_tokens": MAX_NEW_TOKENS},
+        )
+        request_id = self.app.send_request(request, "chat")
+        if not request_id:
+            self._fail_all("the engine is not connected")
+            return
+        self.job, self.request_id = job, request_id
+        self.generating = True
+
+    def watch_generating(self, generating: bool) -> None:
+        # The prompt is locked while tokens arrive: a second question would interleave columns.
+        prompt = self.query_one("#chat-prompt", Input)
+        if generating and prompt.has_focus:
+            # Keep the focus in this pane, so escape (cancel) and the footer keys still work.
+            self.query(".chat-scroll").last().focus()
+        prompt.disabled = generating
+        self._status()
+
+    # ------------------------------------------------------ engine events
+
+    def handle_event(self, event: P.Event) -> None:
+        if self.job is None or (event.id and event.id != self.request_id):
+            return  # another client's generation, or one this TUI cancelled
+        if isinstance(event, P.TokenChunk):
+            if not self.exchanges[self.job.index].answers:
+                self._status()  # the first token: "loading model…" is over
+            column = self._column(event.target)
+            if column is not None:
+                column.append(event.text)
+            answers = self.exchanges[self.job.index].answers
+            answers[event.target] = answers.get(event.target, "") + event.text
+        elif isinstance(event, P.GenerateDone):
+            exchange = self.exchanges[self.job.index]
+            for target in self.job.targets:
+                stats = event.stats.get(target, {})
+                exchange.stats[target] = stats
+                exchange.answers.setdefault(target, "")
+                column = self._column(target)
+                if column is not None:
+                    column.finish(_stats_text(stats), "cancelled" if event.cancelled else "")
+            self._job_done()
+        elif isinstance(event, P.EngineError):
+            self._fail_all(f"{event.message} {event.hint}".strip())
+
+    def _job_done(self) -> None:
+        self.job, self.request_id = None, ""
+        if self.jobs:
+            self._next_job()
+        else:
+            self.generating = False
+            # Back to the prompt for the next question, unless the person moved elsewhere.
+            focused = self.screen.focused
+            if focused is None or self in focused.ancestors:
+                self.query_one("#chat-prompt", Input).focus()
+
+    def _fail_all(self, reason: str) -> None:
+        """An error or a lost engine ends every pending answer, saying why."""
+        for column in self.query(ChatColumn):
+            column.finish(note=f"no answer: {reason}")
+        self.jobs.clear()
+        self.job, self.request_id = None, ""
+        self.generating = False
+        self.notify(reason, severity="error")
+
+    def show_progress(self, progress: P.Progress) -> None:
+        """The engine is loading the model for the first answer: say so instead of a silent wait."""
+        if self.generating:
+            self.query_one("#chat-status", Label).update(
+                f"[yellow]{escape(progress.message or progress.stage)}…[/yellow]"
+            )
+
+    def engine_lost(self) -> None:
+        if self.generating:
+            self._fail_all("the engine stopped")
+
+    def _status(self) -> None:
+        if not self.is_mounted:
+            return
+        names = " | ".join(t.label for t in self.targets)
+        count = len(self.exchanges)
+        state = "answering… (escape cancels)" if self.generating else f"{count} exchange{'s' * (count != 1)}"
+        self.query_one("#chat-status", Label).update(f"[dim]{escape(names)}  ·  {state}[/dim]")
+
+    # ------------------------------------------------------------- actions
+
+    def action_choose_targets(self) -> None:
+        self.app.choose_chat_targets()
+
+    def action_run_probes(self) -> None:
+        if self.generating:
+            self.notify("wait for the answer to finish", severity="warning")
+            return
+        probes = self.app.probe_questions()
+        if not probes:
+            self.notify(
+                "no probe set found (probes.txt in the workspace or sample_data/)", severity="warning"
+            )
+            return
+        for probe in probes:
+            self.ask(probe, probe=True)
+
+    def action_save_transcript(self) -> None:
+        if not self.exchanges:
+            self.notify("nothing to save yet", severity="warning")
+            return
+        text = render_markdown(self.targets, self.exchanges, self.app.settings.config.model)
+        folder = self.app.workspace / "transcripts"
+        for target in self.targets:  # beside the run it compares, as DESIGN.md lays out
+            if target.path != BASE:
+                run_dir = Path(target.path).parent
+                if run_dir.name == "checkpoints":
+                    run_dir = run_dir.parent
+                folder = run_dir / "transcripts"
+                break
+        try:
+            path = save_transcript(folder, text)
+        except OSError as exc:
+            self.notify(f"could not save the transcript: {exc}", severity="error")
+            return
+        self.notify(f"transcript saved to {path}")
+
+    def action_clear(self) -> None:
+        if self.generating:
+            self.action_cancel()
+        self.exchanges.clear()
+        self.jobs.clear()
+        for column in self.query(ChatColumn):
+            column.clear()
+        self._status()
+
+    def action_cancel(self) -> None:
+        if self.generating:
+            self.jobs.clear()
+            self.app.send_request(P.CancelGenerate(), "cancel")
+
+
+def _stats_text(stats: dict[str, float]) -> str:
+    parts = []
+    if "tokens_per_s" in stats:
+        parts.append(f"{stats['tokens_per_s']:.1f} tok/s")
+    if "ttft_s" in stats:
+        parts.append(f"first token {stats['ttft_s']:.2f}s")
+    return ", ".join(parts)

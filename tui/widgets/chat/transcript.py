@@ -1,0 +1,61 @@
+"""Chat exchanges and their saved form: a Markdown transcript a person can read or diff."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from .targets import Target
+
+
+@dataclass
+class Exchange:
+    """One prompt and every target's answer to it; probe prompts are not part of the conversation."""
+
+    prompt: str
+    probe: bool = False
+    answers: dict[str, str] = field(default_factory=dict)
+    stats: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def history_for(exchanges: list[Exchange], target: str) -> list[dict[str, str]]:
+    """The conversation so far as this target saw it: its own answers, not the other columns'."""
+    messages: list[dict[str, str]] = []
+    for exchange in exchanges:
+        if exchange.probe:
+            continue
+        messages.append({"role": "user", "content": exchange.prompt})
+        if target in exchange.answers:
+            messages.append({"role": "assistant", "content": exchange.answers[target]})
+    return messages
+
+
+def render_markdown(targets: list[Target], exchanges: list[Exchange], model: str) -> str:
+    lines = [
+        f"# TuneBench transcript, {datetime.now():%Y-%m-%d %H:%M}",
+        "",
+        f"base model: `{model}`",
+        "",
+        *[f"- **{t.label}**: `{t.path}`" for t in targets],
+        "",
+    ]
+    for exchange in exchanges:
+        lines += [f"## {'probe' if exchange.probe else 'user'}: {exchange.prompt}", ""]
+        for target in targets:
+            stats = exchange.stats.get(target.path, {})
+            speed = f" ({stats['tokens_per_s']:.1f} tok/s)" if "tokens_per_s" in stats else ""
+            lines += [f"### {target.label}{speed}", "", exchange.answers.get(target.path, "").strip(), ""]
+    return "\n".join(lines)
+
+
+def save_transcript(folder: Path, text: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{datetime.now():%Y%m%d-%H%M%S}.md"
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".transcript.", suffix=".md")
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(text)
+    os.replace(tmp, path)
+    return path

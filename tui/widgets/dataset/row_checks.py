@@ -1,0 +1,116 @@
+"""Checks on every dataset row, through data.check_sample, plus the cross-row duplicate check.
+
+A row's result depends only on its record and a few settings (max_length, name / author,
+system, template, tokenizer), so results are cached by record: editing one row re-checks one row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from tunebench.engine import data
+from tunebench.engine.config import TrainConfig
+
+from .dataset_store import Row
+from .light_tokenizer import LightTokenizer
+
+
+@dataclass(frozen=True)
+class RowReport:
+    user: str = ""  # first user turn, for the table
+    assistant: str = ""  # last assistant turn
+    tokens: int | None = None
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class CheckSettings:
+    """What the checks read from the parameters; a change to any of these re-checks every row."""
+
+    max_length: int
+    model_name: tuple[str, ...]
+    model_author: tuple[str, ...]
+    system: str
+    template: str
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> CheckSettings:
+        return cls(cfg.max_length, tuple(cfg.model_name), tuple(cfg.model_author), cfg.system, cfg.template)
+
+
+class RowChecker:
+    def __init__(self, tokenizer: LightTokenizer, settings: CheckSettings) -> None:
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self._cache: dict[bytes, RowReport] = {}
+
+    def reconfigure(self, tokenizer: LightTokenizer, settings: CheckSettings) -> bool:
+        """New settings or tokenizer; True when that invalidated the cached results."""
+        if tokenizer is self.tokenizer and settings == self.settings:
+            return False
+        self.tokenizer, self.settings = tokenizer, settings
+        self._cache.clear()
+        return True
+
+    def check(self, row: Row) -> RowReport:
+        key = row.dedupe_key()
+        if key not in self._cache:
+            self._cache[key] = self._check(row)
+        return self._cache[key]
+
+    def check_all(self, rows: list[Row]) -> dict[str, RowReport]:
+        """Every row's report, with duplicates flagged (the same record more than once)."""
+        counts: dict[bytes, int] = {}
+        for row in rows:
+            counts[row.dedupe_key()] = counts.get(row.dedupe_key(), 0) + 1
+        reports = {}
+        for row in rows:
+            report = self.check(row)
+            copies = counts[row.dedupe_key()]
+            if copies > 1:
+                report = RowReport(
+                    report.user,
+                    report.assistant,
+                    report.tokens,
+                    [*report.problems, f"duplicate: the same record appears {copies} times"],
+                )
+            reports[row.key] = report
+        return reports
+
+    def _check(self, row: Row) -> RowReport:
+        if not row.valid_json:
+            return RowReport(row.text[:80], "", None, [row.error])
+        s = self.settings
+        counts = self.tokenizer.counts_tokens
+        problems = data.check_sample(
+            row.record,
+            tokenizer=self.tokenizer if counts else None,
+            max_length=s.max_length if counts else None,
+            model_name=s.model_name,
+            model_author=s.model_author,
+            system=s.system,
+            template=s.template,
+        )
+        try:
+            messages = data.normalise_record(row.record)
+        except Exception:  # noqa: BLE001 - check_sample has already said why
+            return RowReport(_preview(row.record), "", None, problems)
+        user = next((m["content"] for m in messages if m["role"] == "user"), "")
+        answer = next((m["content"] for m in reversed(messages) if m["role"] == "assistant"), "")
+        return RowReport(user, answer, self._count(messages) if counts else None, problems)
+
+    def _count(self, messages: list[dict[str, str]]) -> int | None:
+        s = self.settings
+        if s.system and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": s.system}, *messages]
+        filled, _ = data.fill_placeholders(messages, s.model_name, s.model_author)
+        try:
+            chat_template, _ = data.resolve_template(self.tokenizer, s.template)
+            return len(data.encode_messages(filled, self.tokenizer, chat_template)[0])
+        except Exception:  # noqa: BLE001 - a template failure is already among the problems
+            return None
+
+
+def _preview(record: Any) -> str:
+    return str(record)[:80]

@@ -1,0 +1,66 @@
+"""A sample as the model will see it: rendered through the chat template, trained text marked.
+
+The trained spans come from data.assistant_spans, the same function that builds the loss mask
+for training, so what is highlighted here is exactly what the loss is computed on.
+"""
+
+from __future__ import annotations
+
+import re
+
+from rich.text import Text
+from textual.widgets import Static
+from tunebench.engine import data
+
+from .dataset_store import Row
+from .light_tokenizer import LightTokenizer
+from .row_checks import CheckSettings, RowReport
+
+TRAINED = "bold black on green"
+PLACEHOLDER = re.compile(r"\{\{\s*(name|author)\s*\}\}", re.IGNORECASE)
+
+
+def render_sample(row: Row, tokenizer: LightTokenizer, settings: CheckSettings) -> Text:
+    if not row.valid_json:
+        return Text(row.text)
+    try:
+        messages = data.normalise_record(row.record)
+    except Exception as exc:  # noqa: BLE001 - the reason is shown as the preview
+        return Text(str(exc), style="red")
+    if settings.system and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": settings.system}, *messages]
+    filled, unfilled = data.fill_placeholders(messages, settings.model_name, settings.model_author)
+    try:
+        template, _ = data.resolve_template(tokenizer, settings.template)
+        text, spans = data.assistant_spans(
+            filled, lambda msgs, gen: tokenizer.apply_chat_template(msgs, template, add_generation_prompt=gen)
+        )
+    except Exception as exc:  # noqa: BLE001 - a broken template or record: say which
+        return Text(f"cannot render this sample: {exc}", style="red")
+    out = Text(text)
+    for start, end in spans:
+        out.stylize(TRAINED, start, end)
+    if unfilled:  # still {{NAME}} / {{AUTHOR}}: the fields above the table fill them
+        out.highlight_regex(PLACEHOLDER, "bold black on yellow")
+    return out
+
+
+class SamplePreview(Static):
+    def show(self, row: Row | None, report: RowReport | None, tokenizer: LightTokenizer, settings) -> None:
+        if row is None:
+            self.update(Text("no sample selected", style="dim"))
+            return
+        text = Text()
+        if report is not None:
+            if report.problems:
+                for problem in report.problems:
+                    text.append(f"⚠ {problem}\n", style="yellow")
+            else:
+                text.append("✓ no problems", style="green")
+                if report.tokens is not None:
+                    text.append(f"  ·  {report.tokens} tokens of {settings.max_length}", style="dim")
+                text.append("\n")
+        text.append(" trained ", style=TRAINED)
+        text.append(f" {tokenizer.source}\n", style="dim")
+        text.append_text(render_sample(row, tokenizer, settings))
+        self.update(text)

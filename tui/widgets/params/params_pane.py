@@ -1,0 +1,137 @@
+"""The Parameters pane: a form generated from TrainConfig's field metadata, checked as you type.
+
+Every field, its control, its bounds and its help come from engine/config.py, so the form, the
+CLI flags and the validation cannot disagree. Valid values are written to tunebench.toml shortly
+after each edit; the equivalent command line sits under the form, ready to copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from rich.markup import escape
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical, VerticalScroll
+from textual.message import Message
+from textual.widgets import Label, Static
+from tunebench.engine.config import to_command
+
+from ...debounce import Debouncer
+from .command_line import CommandLine
+from .param_field import ParamField
+from .settings_store import TrainSettings, default_text
+
+GROUP_TITLES = {
+    "model": "Model",
+    "lora": "LoRA",
+    "data": "Data",
+    "optim": "Optimisation",
+    "schedule": "Schedule and checkpoints",
+    "output": "Output",
+}
+HELP_HINT = "[dim]tab / shift+tab move between fields · ctrl+r resets one · ctrl+y copies the command[/dim]"
+SAVE_DELAY_S = 0.4  # write tunebench.toml once typing pauses, not on every keystroke
+
+
+class ParamsPane(Vertical):
+    BINDINGS = [
+        Binding("ctrl+y", "copy_command", "Copy command"),
+        Binding("ctrl+r", "reset_field", "Reset field"),
+    ]
+
+    @dataclass
+    class Changed(Message):
+        """Form values changed (already applied to the shared TrainSettings)."""
+
+        pane: ParamsPane
+        names: list[str]
+
+        @property
+        def control(self) -> ParamsPane:
+            return self.pane
+
+    def __init__(self, settings: TrainSettings, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.settings = settings
+        self.saver = Debouncer(self, SAVE_DELAY_S, self._save)
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="param-form"):
+            groups: dict[str, list[dataclasses.Field]] = {}
+            for f in self.settings.fields.values():
+                groups.setdefault(f.metadata.get("group", "other"), []).append(f)
+            for group, fields in groups.items():
+                yield Label(GROUP_TITLES.get(group, group.title()), classes="param-group")
+                for f in fields:
+                    yield ParamField(f, self.settings.text[f.name])
+        yield Static(HELP_HINT, id="param-help")
+        yield CommandLine(id="param-command")
+
+    def on_mount(self) -> None:
+        self.refresh_fields()
+
+    # ------------------------------------------------------------ public API
+
+    def refresh_fields(self, names: list[str] | None = None) -> None:
+        """Bring controls and errors in line with the settings (after a change made elsewhere)."""
+        for name in names or list(self.settings.fields):
+            self.query_one(f"#field-{name}", ParamField).show(
+                self.settings.text[name], self.settings.errors.get(name)
+            )
+        self._show_errors_and_command()
+
+    def _show_errors_and_command(self) -> None:
+        # Cross-field rules (val_ratio vs val_dataset) can put an error on a field not edited.
+        for widget in self.query(ParamField):
+            widget.show_error(self.settings.errors.get(widget.field.name))
+        self.query_one(CommandLine).show(to_command(self.settings.config), self.settings.errors)
+
+    # -------------------------------------------------------------- events
+
+    @on(ParamField.Edited)
+    def _field_edited(self, event: ParamField.Edited) -> None:
+        self.settings.set(event.name, event.text)
+        self._show_errors_and_command()
+        self.saver.poke()
+        self.post_message(self.Changed(self, [event.name]))
+
+    def on_descendant_focus(self, event) -> None:
+        # The focused field's help, in one line under the form: keeps each row one line high.
+        field = next((n for n in event.widget.ancestors if isinstance(n, ParamField)), None)
+        if field is not None:
+            f = field.field
+            default = default_text(f) or "empty"
+            self.query_one("#param-help", Static).update(
+                f"[b]{f.name}[/b]: {escape(f.metadata['help'])} [dim](default {escape(default)})[/dim]"
+            )
+
+    def _save(self) -> None:
+        try:
+            self.settings.save()
+        except OSError as exc:
+            self.notify(f"could not save {self.settings.workspace.settings_file}: {exc}", severity="error")
+
+    def on_unmount(self) -> None:
+        self.saver.flush()
+
+    # ------------------------------------------------------------- actions
+
+    def action_copy_command(self) -> None:
+        command = self.query_one(CommandLine).command
+        self.app.copy_to_clipboard(command)
+        self.notify("command copied to the clipboard", timeout=2)
+
+    def action_reset_field(self) -> None:
+        focused = self.screen.focused
+        field = next((n for n in focused.ancestors if isinstance(n, ParamField)), None) if focused else None
+        if field is None:
+            self.notify("move to a field first (tab)", severity="warning")
+            return
+        name = field.field.name
+        self.settings.set(name, default_text(field.field))
+        self.refresh_fields([name])
+        self.saver.poke()
+        self.post_message(self.Changed(self, [name]))

@@ -1,0 +1,114 @@
+"""The parameter form's values: text per TrainConfig field, checked as typed, kept in tunebench.toml.
+
+Holding the text rather than the parsed value lets a half-typed "1e-" stay on screen with its
+error beside it, while everything that reads the settings (the command line, the memory estimate,
+Start) only ever sees a TrainConfig that passed config.validate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from tunebench.engine.config import ConfigError, TrainConfig, format_value, parse_value
+from tunebench.engine.errors import UserError
+from tunebench.engine.workspace import Workspace
+
+TABLE = "train"  # tunebench.toml: [train] holds the form's non-default values
+
+
+def default_text(f: dataclasses.Field) -> str:
+    value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return format_value(value)
+
+
+class TrainSettings:
+    """Form text and errors for every TrainConfig field; `config` is the last valid TrainConfig."""
+
+    def __init__(self, workspace: Workspace) -> None:
+        self.workspace = workspace
+        self.fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+        self.text: dict[str, str] = {name: default_text(f) for name, f in self.fields.items()}
+        self.values: dict[str, Any] = {}  # every field whose text parses, typed
+        self.errors: dict[str, str] = {}
+        self.config: TrainConfig = TrainConfig()
+        self.load_problem = ""
+        self._broken_file = False
+
+    # ------------------------------------------------------------------ values
+
+    def set(self, name: str, text: str) -> None:
+        """Take a field's new text; re-check the whole form (cross-field rules live in validate)."""
+        self.text[name] = text
+        self._check()
+
+    def update(self, values: dict[str, Any]) -> None:
+        """Set typed values (from code, e.g. the Dataset pane's name / author fields)."""
+        for name, value in values.items():
+            self.text[name] = value if isinstance(value, str) else format_value(value)
+        self._check()
+
+    def _check(self) -> None:
+        values: dict[str, Any] = {}
+        errors: dict[str, str] = {}
+        for name, text in self.text.items():
+            try:
+                values[name] = parse_value(TrainConfig, name, text)
+            except ValueError as exc:
+                errors[name] = str(exc)
+        try:
+            config = TrainConfig(**values)
+        except ConfigError as exc:
+            errors.update(exc.problems)
+        else:
+            if not errors:
+                self.config = config
+        self.values = values
+        self.errors = errors
+
+    @property
+    def valid(self) -> bool:
+        return not self.errors
+
+    # ------------------------------------------------------------- persistence
+
+    def load(self) -> bool:
+        """Read tunebench.toml; False when there was none (a fresh workspace)."""
+        if not self.workspace.settings_file.is_file():
+            self._check()
+            return False
+        try:
+            table = self.workspace.read_settings().get(TABLE, {})
+        except UserError as exc:
+            # Keep the broken file for the person to fix; save() sets it aside before writing.
+            self.load_problem = f"{exc.message}; using defaults ({exc.hint})"
+            self._broken_file = True
+            table = {}
+        for name, value in table.items() if isinstance(table, dict) else ():
+            if name in self.fields:
+                self.text[name] = format_value(value)
+        self._check()
+        return True
+
+    def save(self) -> None:
+        """Write the non-default values; a field with an error keeps its last saved value."""
+        if self._broken_file:
+            path = self.workspace.settings_file
+            os.replace(path, path.with_name(path.name + ".broken"))
+            self._broken_file = False
+            self.load_problem = ""
+        try:
+            document = self.workspace.read_settings()
+        except UserError:
+            document = {}
+        saved = document.get(TABLE, {}) if isinstance(document.get(TABLE), dict) else {}
+        table: dict[str, Any] = {}
+        for name, f in self.fields.items():
+            if name in self.errors:
+                if name in saved:
+                    table[name] = saved[name]
+            elif self.text[name] != default_text(f):
+                table[name] = self.values[name]
+        document[TABLE] = table  # other tables (another tool's, a person's notes) are kept
+        self.workspace.write_settings(document)
