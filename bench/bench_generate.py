@@ -47,18 +47,20 @@ QWEN25_7B = {
 PROMPT = "Write a long story about a lighthouse keeper who learns to talk to the sea."
 
 
-def build_model(name: str, device_name: str):
+def build_model(name: str, device_name: str, dtype: str = "bfloat16", layers: int = 0):
     """A models.LoadedModel for `name` ("demo" or "qwen2.5-7b") on the device."""
     import torch
     from tunebench.engine.models import LoadedModel, ResolvedModel, load_model
 
     if name == "demo":
-        return load_model("demo", torch_dtype="bfloat16", device=torch.device(device_name))
+        return load_model("demo", torch_dtype=dtype, device=torch.device(device_name))
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     device = torch.device(device_name)
     started = time.perf_counter()
     config = Qwen2Config(**{k: v for k, v in QWEN25_7B.items() if k not in ("architectures", "model_type")})
+    if layers:  # a quick smoke test of the script, not a measurement
+        config.num_hidden_layers = layers
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     with torch.device(device):
@@ -131,16 +133,28 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="qwen2.5-7b", choices=("qwen2.5-7b", "demo"))
     parser.add_argument("--device", default="", help="cuda or cpu (default: cuda if present)")
+    parser.add_argument(
+        "--torch_dtype", default="bfloat16", choices=("bfloat16", "float32"), help="demo model only"
+    )
+    parser.add_argument("--layers", type=int, default=0, help="override the layer count (smoke tests only)")
     parser.add_argument("--new_tokens", type=int, default=0, help="default: 256 on CUDA, 96 on CPU")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
         "--decode", nargs="+", default=None, help="modes to time: graphs static dynamic (default: by device)"
+    )
+    parser.add_argument(
+        "--mixed",
+        nargs="+",
+        default=["fused"],
+        choices=("fused", "peft"),
+        help="mixed-adapter forward: TuneBench's fused one (default) and/or PEFT's adapter_names path",
     )
     parser.add_argument("--json", action="store_true", help="also print one JSON line per mode")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
+    from tunebench.engine import generate
     from tunebench.engine.config import GenerationConfig
     from tunebench.engine.generate import GenerationSession
 
@@ -148,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     cuda = device.startswith("cuda")
     modes = args.decode or (["graphs", "dynamic"] if cuda else ["dynamic", "static"])
     new_tokens = args.new_tokens or (256 if cuda else 96)
-    loaded = build_model(args.model, device)
+    loaded = build_model(args.model, device, args.torch_dtype, args.layers)
     weight_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
     where = (
         torch.cuda.get_device_name(0) if cuda else f"{platform.processor() or 'cpu'}, {os.cpu_count()} cores"
@@ -171,7 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         targets = ["base", str(run)]
         chat = [{"role": "user", "content": PROMPT}]
         cfg = GenerationConfig(max_new_tokens=new_tokens)
-        for mode in modes:
+        fused_build = generate._FusedLora.build
+        for mode, mixed in [(mode, mixed) for mode in modes for mixed in args.mixed]:
+            # "peft": no fused layers, so PEFT's own mixed-batch forward (adapter_names) runs.
+            generate._FusedLora.build = fused_build if mixed == "fused" else classmethod(lambda *a: None)
             session = GenerationSession.from_loaded(loaded, args.model, decode=mode)
             session.stop_ids = set()  # random weights may say "end of turn" at any time; time every step
             session.generate(chat, targets, GenerationConfig(max_new_tokens=8))  # warm-up: load, kernels
@@ -182,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
                 ttfts.append(max(r["ttft_s"] for r in result.values()))
             rate = statistics.median(rates)
             line = (
-                f"{mode:8s} 2 columns: {rate:7.1f} decode steps/s (= tokens/s per column), "
+                f"{mode:8s} {mixed:5s} 2 columns: {rate:7.1f} decode steps/s (= tokens/s per column; "
+                f"best {max(rates):.1f}), "
                 f"runs {', '.join(f'{r:.1f}' for r in rates)}; "
                 f"first token after {statistics.median(ttfts):.3f}s"
             )
@@ -194,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                     "model": args.model,
                     "device": where,
                     "mode": mode,
+                    "mixed": mixed,
                     "steps_per_s": rate,
                     "runs": rates,
                 }

@@ -23,6 +23,8 @@ Stacks:
            stage is replaced by the same pre-tokenised synthetic samples
 
 `python bench/bench_train.py check` tests the fast path's GPU kernels against references first.
+Append `+accel=+liger/-flce` to a run to change the fast path's techniques (TUNEBENCH_ACCEL), and
+`+prof` to print a kernel profile of steps 3-4. Results: bench/RESULTS.md.
 """
 
 from __future__ import annotations

@@ -23,10 +23,10 @@ changes is how a micro-batch is laid out and how its summed loss is computed:
   gathered on the CPU: it is frozen and only indexed). `auto` picks lean when little memory is
   left after the model is loaded.
 
-Techniques: pack, flce, lora, selective (fast), offload (lean) are on; liger is off because it
-measured slower here, and compile (each decoder layer as one torch.compile region) is opt-in
-(bench/RESULTS.md). For measuring, `TUNEBENCH_ACCEL` adjusts the set, e.g.
-`TUNEBENCH_ACCEL=+liger,-flce`.
+Techniques: pack, flce, lora, selective (fast), offload (lean) and compile (each decoder layer
+as one torch.compile region; not under QLoRA, where bitsandbytes' kernels break the graph) are on;
+liger is off because it measured slower here (bench/RESULTS.md). For measuring,
+`TUNEBENCH_ACCEL` adjusts the set, e.g. `TUNEBENCH_ACCEL=+liger,-flce`.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ HEADROOM = int(2.5 * GIB)
 LIGER_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "smollm3", "granite", "olmo2")
 
 
-DEFAULT_TECHNIQUES = frozenset({"pack", "flce", "lora", "selective", "offload"})
+DEFAULT_TECHNIQUES = frozenset({"pack", "flce", "lora", "selective", "offload", "compile"})
 
 
 def techniques(spec: str | None = None) -> set[str]:
@@ -553,6 +553,7 @@ def compile_layers(layers: list, device) -> list[str]:
     if device.type == "cuda":
         _mm_out_dtype_works(device)  # probe before tracing
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    torch._dynamo.config.suppress_errors = True  # a layer dynamo cannot take runs eagerly instead
     for layer in layers:
         layer.compile()
     return [f"torch.compile x{len(layers)} layers"]
@@ -607,7 +608,8 @@ class FastPath:
             ("lora", "LoRA in the compute dtype, one saved input"),
             ("compile", "each decoder layer compiled as one region"),
         ]
-        notes = [f"GPU path: {text}" for key, text in on if key in self.use]
+        use = self.use - ({"compile"} if self.cfg.is_qlora else set())
+        notes = [f"GPU path: {text}" for key, text in on if key in use]
         if self.profile == "fast" and self.cfg.gradient_checkpointing and "selective" in self.use:
             notes.append("GPU path: recompute only the layers whose activations do not fit")
         if self.profile == "lean" and "offload" in self.use:
@@ -701,7 +703,7 @@ class FastPath:
                 layer._gradient_checkpointing_func = recompute
             if hasattr(causal, "_require_grads_hook") or getattr(causal, "_require_grads_hooks", None):
                 causal.disable_input_require_grads()
-        if "compile" in self.use:
+        if "compile" in self.use and not self.cfg.is_qlora:
             self.applied += compile_layers(layers, self.device)
         # Larger loss chunks read the [vocab x hidden] head fewer times; lean keeps them small.
         chunk_budget = 4 if self.profile == "lean" else 16

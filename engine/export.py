@@ -227,7 +227,9 @@ def chat_format(template: str) -> str:
 
 # Ollama passes system messages both as .System (all of them joined) and inside .Messages, so
 # these print .System once and skip system entries in the loop; Ollama puts the Modelfile's SYSTEM
-# there when a request brings none. The output matches the Jinja templates in templates.py.
+# there when a request brings none. Run through Go's text/template with Ollama's message handling,
+# they print exactly what the Jinja templates in templates.py print (Llama 3's BOS aside, which
+# llama.cpp adds itself), for system, multi-turn and CJK chats.
 OLLAMA_TEMPLATES = {
     "chatml": (
         "{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"

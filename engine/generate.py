@@ -314,7 +314,6 @@ class _Row:
     prompt: list[int]
     detok: IncrementalDetokenizer
     pieces: list[str] = field(default_factory=list)
-    done: bool = False
     finish_reason: str = ""
     first_at: float = 0.0
     last_at: float = 0.0
@@ -405,18 +404,17 @@ class GenerationSession:
         `messages` is the chat so far (user turn last), shared by every target, or a dict giving
         each target its own history (side-by-side chat, where each column has its own answers).
         The system prompt is `system`, else a system message in `messages`, else the one the
-        target's run trained with. Returns per target: text, tokens, ttft_s (time to first token,
-        prompt included), tokens_per_s (decode rate after the first token) and finish_reason
-        ("stop", "length" or "cancelled").
+        target's run trained with; the base column takes the chat template and system prompt of
+        the first adapter's run, so both sides get the same prompt. Returns per target: text,
+        tokens, ttft_s (time to first token, prompt included), tokens_per_s (decode rate after
+        the first token) and finish_reason ("stop", "length" or "cancelled").
         """
         specs = list(dict.fromkeys(targets))  # the same target twice is one column
-        if not specs:
-            raise UserError("no targets to generate with", "name 'base' and/or adapter folders")
         conversations = [messages[s] if isinstance(messages, dict) else messages for s in specs]
         with self._lock:
-            resolved = [resolve_target(s) for s in specs]
+            resolved = self._resolve(specs)
             rows = [
-                self._row(target, conversation, system)
+                self._row(target, conversation, system, resolved)
                 for target, conversation in zip(resolved, conversations, strict=True)
             ]
             callback = None
@@ -436,8 +434,8 @@ class GenerationSession:
         """Every conversation against every target (a probe set), batched; one result dict each."""
         specs = list(dict.fromkeys(targets))
         with self._lock:
-            resolved = [resolve_target(s) for s in specs]
-            rows = [self._row(t, conv, system) for conv in conversations for t in resolved]
+            resolved = self._resolve(specs)
+            rows = [self._row(t, conv, system, resolved) for conv in conversations for t in resolved]
             results: list[dict[str, Any]] = []
             per_batch = max(len(specs), MAX_BATCH_ROWS // len(specs) * len(specs))
             for start in range(0, len(rows), per_batch):
@@ -450,12 +448,27 @@ class GenerationSession:
 
     # ------------------------------------------------------------- adapters
 
-    def _row(self, target: Target, messages: list[dict[str, str]], system: str) -> _Row:
+    def _resolve(self, specs: list[str]) -> list[Target]:
+        if not specs:
+            raise UserError("no targets to generate with", "name 'base' and/or adapter folders")
+        targets = [resolve_target(s) for s in specs]
+        if sum(not t.is_base for t in targets) > MAX_LOADED_ADAPTERS:
+            raise UserError(
+                f"at most {MAX_LOADED_ADAPTERS} adapters can answer side by side",
+                "compare fewer adapters at a time",
+            )
+        return targets
+
+    def _row(
+        self, target: Target, messages: list[dict[str, str]], system: str, all_targets: list[Target]
+    ) -> _Row:
         if not messages:
             raise UserError("nothing to answer: the chat has no messages", "send a user message")
+        # The base answers with the first adapter's settings: an A/B comparison needs one prompt.
+        settings = target if not target.is_base else next((t for t in all_targets if not t.is_base), target)
         has_system = any(m.get("role") == "system" for m in messages)
-        run_system = "" if has_system else str(target.train_config.get("system") or "")
-        template = str(target.train_config.get("template") or "")
+        run_system = "" if has_system else str(settings.train_config.get("system") or "")
+        template = str(settings.train_config.get("template") or "")
         adapter = PEFT_BASE if target.is_base else self._adapter_name(target)
         prompt = encode_prompt(self.tokenizer, messages, template, system or run_system)
         return _Row(target, adapter, prompt, IncrementalDetokenizer(self.tokenizer))
@@ -492,14 +505,21 @@ class GenerationSession:
                 "an adapter only loads onto the base model it was trained on; pass that one with --model",
             ) from None
         self._adapters[target.adapter_dir] = (name, mtime)
-        self._fused_cache.clear()
+        self._prune_adapters()
         return name
 
     def _drop_adapter(self, adapter_dir: Path) -> None:
-        name, _ = self._adapters.pop(adapter_dir)
-        if self.peft is not None and name in self.peft.peft_config:
-            if len(self.peft.peft_config) > 1:
-                self.peft.delete_adapter(name)
+        self._adapters.pop(adapter_dir)
+        self._prune_adapters()
+
+    def _prune_adapters(self) -> None:
+        """Delete adapters no longer listed (evicted, or stale copies) from the PeftModel."""
+        live = {name for name, _ in self._adapters.values()}
+        if self.peft is not None:
+            for name in list(self.peft.peft_config):
+                # PEFT keeps at least one adapter; an unlisted last one is replaced on the next load.
+                if name not in live and len(self.peft.peft_config) > 1:
+                    self.peft.delete_adapter(name)
         self._fused_cache.clear()
 
     def _check_base(self, target: Target) -> None:
@@ -567,7 +587,10 @@ class GenerationSession:
         sampler = _Sampler(cfg, rows, device)
         stop_ids = self.stop_ids
         finished = [False] * answered + [True] * (batch - answered)
+        finished_on_device = torch.tensor(finished, device=device)  # refreshed only when a row ends
         mode = self.decode_mode
+        if mode != "dynamic" and not _full_attention_only(self.loaded.model.config):
+            mode = "dynamic"  # sliding-window caches reuse slots, which the static mask cannot follow
         with torch.inference_mode(), self._adapters_for_rows([r.adapter for r in rows]):
             if cancel is not None and cancel.is_set():
                 steps: Any = None
@@ -589,6 +612,7 @@ class GenerationSession:
                         continue
                     if token in stop_ids:
                         finished[i], row.finish_reason = True, "stop"
+                        finished_on_device = torch.tensor(finished, device=device)
                         continue
                     if not row.detok.ids:
                         row.first_at = now
@@ -605,7 +629,7 @@ class GenerationSession:
                 sampler.seen_tokens(next_ids)
                 # Finished rows keep decoding padding (their output is ignored) so the batch keeps
                 # its shape and the KV cache needs no reshuffling.
-                logits = steps.step(next_ids.masked_fill(torch.tensor(finished, device=device), pad_id))
+                logits = steps.step(next_ids.masked_fill(finished_on_device, pad_id))
             del steps  # the KV cache (and a CUDA graph's memory pool) go before the next request
         cancelled = cancel is not None and cancel.is_set()
         results = []
@@ -658,6 +682,12 @@ class _DynamicSteps:
         return self._forward(next_ids[:, None])
 
 
+def _full_attention_only(config: Any) -> bool:
+    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    layer_types = getattr(text_config, "layer_types", None) or ["full_attention"]
+    return all(kind == "full_attention" for kind in layer_types)
+
+
 def _cat_ones(mask: Any) -> Any:
     import torch
 
@@ -677,7 +707,8 @@ class _StaticSteps:
 
         self.model = model
         batch, length = ids.shape
-        self.total = length + max_new_tokens
+        # A multiple of 64: SDPA's memory-efficient kernel wants the mask's last dimension aligned.
+        self.total = -(-(length + max_new_tokens) // 64) * 64
         self.cache = StaticCache(config=model.config, max_cache_len=self.total)
         self.prompt = ids
         # key_valid[b, k]: row b may attend to cache slot k. The decode mask is a view of it.
@@ -748,7 +779,8 @@ class _StaticSteps:
                     restore()
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # thread_local: the engine's memory sampler may touch CUDA from its own thread meanwhile.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.graph_logits = self._forward(self.step_ids, self.decode_mask, self.step_positions)
             restore()
             self.graph = graph

@@ -7,7 +7,6 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from tunebench.engine.config import GenerationConfig
 from tunebench.engine.errors import UserError
 
@@ -139,7 +138,6 @@ def test_fused_and_peft_mixed_batches_match_plain_peft_generate(session, runs, t
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-
     from tunebench.engine import generate as G
 
     tokenizer = session.tokenizer
@@ -241,6 +239,12 @@ def test_system_prompt_comes_from_the_argument_else_the_run(session, runs):
     explicit = session.generate(QUESTION, [bob], greedy(), system=run_system)[bob]["text"]
     other = session.generate(QUESTION, [bob], greedy(), system="You are Alice.")[bob]["text"]
     assert from_run == explicit != other
+    # The base column is asked with the adapter run's system prompt too.
+    side_by_side = session.generate(QUESTION, ["base", bob], greedy())
+    assert (
+        side_by_side["base"]["text"]
+        == session.generate(QUESTION, ["base"], greedy(), system=run_system)["base"]["text"]
+    )
     prompt = session.tokenizer.decode(encode_prompt(session.tokenizer, QUESTION, "", run_system))
     assert prompt.startswith(f"<|im_start|>system\n{run_system}<|im_end|>")
     assert prompt.endswith("<|im_start|>assistant\n")
@@ -293,11 +297,37 @@ def test_demo_model_two_columns_stream_chinese_and_agree(tmp_path):
     session = GenerationSession("demo")
     targets = ["base", str(run)]
     pieces: dict[str, list[str]] = {t: [] for t in targets}
-    chat = [{"role": "user", "content": "用中文介绍一下你自己。"}]
-    together = session.generate(chat, targets, greedy(48), on_chunk=lambda t, p: pieces[t].append(p))
+    chat = [{"role": "user", "content": "Translate into Chinese: Good morning, my friend."}]
+    together = session.generate(chat, targets, greedy(32), on_chunk=lambda t, p: pieces[t].append(p))
     for target in targets:
         assert "".join(pieces[target]) == together[target]["text"]
         assert not any("\ufffd" in p for p in pieces[target])
-        assert session.generate(chat, [target], greedy(48))[target]["text"] == together[target]["text"]
+        assert session.generate(chat, [target], greedy(32))[target]["text"] == together[target]["text"]
     assert together["base"]["text"] != together[str(run)]["text"]
     assert any("\u4e00" <= ch <= "\u9fff" for ch in together["base"]["text"])
+
+
+def test_static_cache_path_matches_the_dynamic_one(tiny_model_dir, runs, session):
+    from tunebench.engine.generate import GenerationSession
+
+    static = GenerationSession(str(tiny_model_dir), torch_dtype="float32", decode="static")
+    targets = ["base", str(runs["plain"]), str(runs["bob"])]  # bob's system prompt: padded rows
+    expected = answers(session.generate(QUESTION, targets, greedy(24)))
+    assert answers(static.generate(QUESTION, targets, greedy(24))) == expected
+    bob = str(runs["bob"])
+    assert answers(static.generate(QUESTION, [bob], greedy(24)))[bob] == expected[bob]
+
+
+def test_an_adapter_saved_again_in_place_is_reloaded(session, tiny_model_dir, tmp_path):
+    import shutil
+
+    first = make_run(tmp_path / "a", tiny_model_dir, "resaved", seed=21)
+    second = make_run(tmp_path / "b", tiny_model_dir, "resaved", seed=22)
+    before = session.generate(QUESTION, [str(first)], greedy(12))[str(first)]["text"]
+    for name in ("adapter_config.json", "adapter_model.safetensors"):  # training saves again
+        shutil.copy(second / "adapter" / name, first / "adapter" / name)
+    after = session.generate(QUESTION, [str(first)], greedy(12))[str(first)]["text"]
+    assert after != before
+    assert after == session.generate(QUESTION, [str(second)], greedy(12))[str(second)]["text"]
+    live = {name for name, _ in session._adapters.values()}
+    assert set(session.peft.peft_config) == live
