@@ -26,7 +26,7 @@ from typing import Any, TextIO, get_type_hints
 
 import orjson
 
-from .config import ConfigError, GenerationConfig, parse_value
+from .config import GenerationConfig
 from .errors import UserError
 
 MIN_COLUMN = 32  # narrower than this, side-by-side columns are printed one after the other
@@ -92,19 +92,9 @@ def _parser(prog: str, description: str, *, generation: bool = True) -> argparse
 
 
 def _generation_config(args: argparse.Namespace) -> GenerationConfig:
-    values: dict[str, Any] = {}
-    problems: dict[str, str] = {}
-    for f in dataclasses.fields(GenerationConfig):
-        raw = getattr(args, f.name)
-        if raw is None:
-            continue
-        try:
-            values[f.name] = parse_value(GenerationConfig, f.name, raw)
-        except ValueError as exc:
-            problems[f.name] = str(exc)
-    if problems:
-        raise ConfigError(problems)
-    return GenerationConfig(**values)
+    from .cli import config_from_args
+
+    return config_from_args(args, GenerationConfig)
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:

@@ -13,8 +13,8 @@ import dataclasses
 import math
 import os
 import signal
-import warnings
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, get_origin, get_type_hints
 
@@ -156,20 +156,22 @@ def join_negative_numbers(argv: list[str]) -> list[str]:
     return out
 
 
-def config_from_args(ns: argparse.Namespace) -> TrainConfig:
+def config_from_args(ns: argparse.Namespace, cls: type = TrainConfig) -> Any:
+    """Build a config dataclass (TrainConfig, GenerationConfig) from parsed flags; every bad value
+    is reported at once."""
     values: dict[str, Any] = {}
     problems: dict[str, str] = {}
-    for f in dataclasses.fields(TrainConfig):
+    for f in dataclasses.fields(cls):
         raw = getattr(ns, f.name)
         if raw is None:
             continue
         try:
-            values[f.name] = parse_value(TrainConfig, f.name, raw)
+            values[f.name] = parse_value(cls, f.name, raw)
         except ValueError as exc:
             problems[f.name] = str(exc)
     if problems:
         raise ConfigError(problems)
-    return TrainConfig(**values)
+    return cls(**values)
 
 
 def train_main(argv: list[str]) -> int:
