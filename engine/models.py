@@ -134,11 +134,37 @@ def _from_hub_cache(repo_id: str) -> Path:
     return _check_model_folder(Path(folder))
 
 
-def _converted_gguf(gguf: Path, name: str | None = None) -> Path:
-    """Dequantise a GGUF file once into a safetensors folder in the cache; reuse it after."""
+def _conversion_target(gguf: Path, name: str | None = None) -> Path:
+    """Where the safetensors copy of `gguf` lives: keyed by path, size and mtime, so an edited
+    or replaced file is converted again."""
     stat = gguf.stat()
     key = hashlib.sha1(f"{gguf}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:10]
-    target = cache_root() / "models" / f"{name or gguf.stem}-{key}"
+    return cache_root() / "models" / f"{name or gguf.stem}-{key}"
+
+
+def cached_model_dir(spec: str) -> Path | None:
+    """The folder `spec` would load from, if it is on disk already; never converts, never imports
+    torch (the TUI uses it to find a tokenizer before the engine has loaded anything)."""
+    spec = spec.strip()
+    try:
+        if spec == DEMO_NAME:
+            target = _conversion_target(demo_gguf_path(), "smollm2-135m-instruct")
+        elif spec.lower().endswith(".gguf"):
+            target = _conversion_target(Path(spec).expanduser().resolve())
+        elif Path(spec).expanduser().is_dir():
+            target = Path(spec).expanduser().resolve()
+        elif _looks_like_hub_id(spec):
+            target = _from_hub_cache(spec)
+        else:
+            return None
+    except (ModelError, OSError):
+        return None
+    return target if (target / "config.json").is_file() else None
+
+
+def _converted_gguf(gguf: Path, name: str | None = None) -> Path:
+    """Dequantise a GGUF file once into a safetensors folder in the cache; reuse it after."""
+    target = _conversion_target(gguf, name)
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,10 @@ async def test_edit_a_sample_and_save(workspace, fake_engine, monkeypatch):
         await pilot.press("down")  # the alpaca sample
         await pilot.press("e")
         assert isinstance(app.screen, SampleEditor)
-        editor = app.screen.query_one(TextArea)
+        assert app.screen.showing_fields  # a single-turn sample opens as text fields
+        await pilot.press("f8")  # the JSON view
+        editor = app.screen.query_one("#editor-text", TextArea)
+        assert editor.has_focus
         await pilot.press("f7")  # select all
         await pilot.press(*'{"instruction":"2+3?","output":"5"}')
         assert "no problems" in str(app.screen.query_one("#editor-problems").render())
@@ -45,6 +48,36 @@ async def test_edit_a_sample_and_save(workspace, fake_engine, monkeypatch):
     assert saved[1] == {"instruction": "2+3?", "output": "5"}
     assert saved[0] == MINI_RECORDS[0] and len(saved) == len(MINI_RECORDS)  # the rest untouched
     assert (path.parent / "mini.jsonl.bak").read_bytes() == before  # the previous version is kept
+
+
+async def test_edit_the_answer_as_a_text_field(workspace, fake_engine, monkeypatch):
+    monkeypatch.setattr(dataset_pane, "AUTOSAVE_DELAY_S", 60)
+    path = workspace / "datasets" / "mini.jsonl"
+    app = TuneBenchApp(workspace, starter=no_start)
+    async with app.run_test(size=(80, 24)) as pilot:
+        pane = app.query_one(DatasetPane)
+        await wait_until(pilot, lambda: pane.reports, what="row checks")
+        await pilot.press("e")  # the messages sample
+        editor = app.screen
+        assert isinstance(editor, SampleEditor) and editor.showing_fields
+        answer = editor.query_one("#field-assistant", TextArea)
+        assert answer.has_focus and answer.text == "I am {{NAME}}."
+        await pilot.press("f7", *"I am {{NAME}}, made by {{AUTHOR}}.")
+        await pilot.press("shift+tab")  # back to the question
+        assert editor.query_one("#field-user", TextArea).has_focus
+        await pilot.press("escape")  # unapplied changes: the first escape only warns
+        assert app.screen is editor
+        await pilot.press("ctrl+s")
+        await wait_until(pilot, lambda: pane.store.dirty, what="the edit to apply")
+        await pilot.press("ctrl+s")
+    saved = records(path)
+    assert saved[0] == {
+        "messages": [
+            {"role": "user", "content": "Who are you?"},
+            {"role": "assistant", "content": "I am {{NAME}}, made by {{AUTHOR}}."},
+        ]
+    }
+    assert saved[1:] == MINI_RECORDS[1:]
 
 
 async def test_delete_undo_duplicate_and_search(workspace, fake_engine):

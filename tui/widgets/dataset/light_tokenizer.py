@@ -9,7 +9,6 @@ model folder's tokenizer.json: token counts match training, and the TUI stays to
 from __future__ import annotations
 
 import json
-import os
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -100,30 +99,13 @@ def tokenizer_folder(model: str, workspace: Path) -> Path | None:
     The demo and GGUF models are converted by the engine on first load; until then there is no
     tokenizer.json and the pane renders with the default template and skips token counts.
     """
-    model = model.strip()
-    path = Path(model).expanduser()
-    if not path.is_absolute() and (workspace / path).exists():
-        path = workspace / path  # the engine reads a relative model path from the workspace too
-    if path.is_dir():
-        return path if (path / "tokenizer.json").is_file() else None
-    from tunebench.engine import models  # stdlib-only at import time; torch loads inside functions
+    from tunebench.engine.models import cached_model_dir  # torch loads only inside its loaders
 
-    if model == models.DEMO_NAME or path.suffix.lower() == ".gguf":
-        stem = "smollm2-135m-instruct" if model == models.DEMO_NAME else path.stem
-        found = sorted(
-            (models.cache_root() / "models").glob(f"{stem}-*/tokenizer.json"),
-            key=lambda p: p.stat().st_mtime,
-        )
-        return found[-1].parent if found else None
-    parts = model.split("/")
-    if len(parts) == 2 and all(parts):
-        hub = Path(
-            os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", "~/.cache/huggingface")) / "hub"
-        )
-        snapshots = hub.expanduser() / f"models--{parts[0]}--{parts[1]}" / "snapshots"
-        found = sorted(snapshots.glob("*/tokenizer.json"), key=lambda p: p.stat().st_mtime)
-        return found[-1].parent if found else None
-    return None
+    path = Path(model.strip()).expanduser()
+    if not path.is_absolute() and (workspace / path).exists():
+        model = str(workspace / path)  # the engine reads a relative model path from the workspace too
+    folder = cached_model_dir(model)
+    return folder if folder is not None and (folder / "tokenizer.json").is_file() else None
 
 
 def load_for_model(model: str, workspace: Path) -> LightTokenizer:
