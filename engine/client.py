@@ -376,6 +376,30 @@ class AsyncEngineConnection:
             await self._writer.wait_closed()
 
 
+# ================================================================ tunebench stop
+
+
+def stop_engine(workspace: Workspace | str | Path, timeout: float = 120.0) -> str:
+    """Shut the workspace's engine down (a training run in it stops gracefully and saves a
+    checkpoint first) and wait for the process to exit; returns what happened, in words."""
+    ws = _workspace(workspace)
+    try:
+        with EngineConnection.open(ws, timeout=3.0) as conn:
+            snapshot = conn.hello("stop", take_control=True)
+            conn.send(P.Shutdown())
+    except EngineUnavailable:
+        remove_stale_socket(ws)
+        return f"no engine is running in {ws.root}"
+    pid = snapshot.engine_pid
+    job = f"; its {snapshot.job} job was stopped (training saves a checkpoint)" if snapshot.job else ""
+    deadline = time.monotonic() + timeout
+    while engine_process(ws) is not None or probe_socket(ws) == "live":
+        if time.monotonic() > deadline:
+            return f"asked the engine (pid {pid}) to stop{job}; it is still finishing after {timeout:.0f}s"
+        time.sleep(0.2)
+    return f"engine (pid {pid}) stopped{job}"
+
+
 # ================================================================ tunebench status
 
 

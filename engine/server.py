@@ -48,7 +48,7 @@ from .jobs import (
     reset_peak_memory,
 )
 from .memory import estimate_training_memory, read_model_info, sample_memory
-from .workspace import Workspace, atomic_write_bytes, read_metrics
+from .workspace import ENGINE_IDLE_EXIT_S, Workspace, atomic_write_bytes, read_metrics
 
 __all__ = [
     "EngineServer",
@@ -109,9 +109,16 @@ class Client:
 class EngineServer:
     """The engine's state and its socket. `await serve()` runs it until Shutdown."""
 
-    def __init__(self, workspace: Workspace | str | Path, *, memory_interval: float = MEMORY_INTERVAL_S):
+    def __init__(
+        self,
+        workspace: Workspace | str | Path,
+        *,
+        memory_interval: float = MEMORY_INTERVAL_S,
+        idle_exit: float = ENGINE_IDLE_EXIT_S,
+    ):
         self.ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
         self.memory_interval = memory_interval
+        self.idle_exit = idle_exit  # <= 0: never
         self.started = time.time()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.AbstractServer | None = None
@@ -163,6 +170,8 @@ class EngineServer:
         self._socket_inode = info.st_ino
         self._load_last_run()
         self._tasks.append(asyncio.create_task(self._sample_memory_forever()))
+        if self.idle_exit > 0:
+            self._tasks.append(asyncio.create_task(self._exit_when_idle()))
         self.log(f"engine {os.getpid()} listening on {path}")
 
     async def serve(self) -> None:
@@ -696,6 +705,17 @@ class EngineServer:
             run_id=run.run_id, run_dir=str(run.path), total_steps=run.total_steps, command=run.command
         )
         self._history = [started.to_dict(), *run.records]
+
+    async def _exit_when_idle(self) -> None:
+        idle_since = time.monotonic()
+        while True:
+            await asyncio.sleep(min(5.0, self.idle_exit / 4))
+            if self._clients or self._job is not None:
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since >= self.idle_exit:
+                self.log(f"no client and no job for {self.idle_exit:.0f}s: exiting to free memory")
+                self._begin_shutdown("graceful")
+                return
 
     async def _sample_memory_forever(self) -> None:
         failed = False

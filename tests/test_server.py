@@ -76,8 +76,8 @@ def workspace(tmp_path) -> Path:
 class ThreadedEngine:
     """The real EngineServer, serving from a thread of the test process."""
 
-    def __init__(self, workspace: Path, memory_interval: float = 0.4):
-        self.server = EngineServer(workspace, memory_interval=memory_interval)
+    def __init__(self, workspace: Path, memory_interval: float = 0.4, idle_exit: float = 0):
+        self.server = EngineServer(workspace, memory_interval=memory_interval, idle_exit=idle_exit)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -730,3 +730,27 @@ def test_interrupted_run_on_disk_reads_back(tmp_path):
     text = status_text(ws.root)
     assert "interrupted" in text and "3/10" in text and "--resume_from_checkpoint" in text
     assert "tunebench train --x 1" in text
+
+
+def test_an_engine_with_no_client_and_no_job_exits_to_free_memory(workspace):
+    running = ThreadedEngine(workspace, idle_exit=1.0)
+    with connect(workspace):
+        time.sleep(1.5)  # a connected client keeps it alive past the idle limit
+        assert running.thread.is_alive()
+    running.thread.join(10)
+    assert not running.thread.is_alive() and running.error is None
+    assert probe_socket(workspace) != "live"
+    assert not (workspace / ".tunebench" / "engine.sock").exists()
+
+
+def test_tunebench_stop_shuts_down_an_engine_that_another_client_controls(workspace, capsys):
+    from tunebench.engine.cli import main as cli_main
+
+    running = ThreadedEngine(workspace)
+    with connect(workspace, "tui"):  # the TUI holds the controller slot
+        assert cli_main(["stop", str(workspace)]) == 0
+    running.thread.join(10)
+    assert not running.thread.is_alive() and running.error is None
+    assert "stopped" in capsys.readouterr().out
+    assert cli_main(["stop", str(workspace)]) == 0
+    assert "no engine is running" in capsys.readouterr().out

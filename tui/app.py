@@ -21,7 +21,7 @@ from textual.widgets import Footer, TabbedContent, TabPane
 from textual.worker import Worker, WorkerState
 from tunebench.engine import protocol as P
 from tunebench.engine.config import changed_fields, to_dict
-from tunebench.engine.workspace import Workspace
+from tunebench.engine.workspace import ENGINE_IDLE_EXIT_S, Workspace
 
 from .debounce import Debouncer
 from .engine_client import EngineClient, Starter
@@ -143,6 +143,7 @@ class TuneBenchApp(App[int]):
         self.requests: dict[str, str] = {}  # request id -> what it was for, to route errors
         self.train_ids: set[str] = set()  # ids of training jobs: their Log events go to Train
         self.snapshot: P.Snapshot | None = None
+        self.farewell = ""  # printed to the terminal once the app has closed
         self._estimate = Debouncer(self, ESTIMATE_DELAY_S, self.request_memory_estimate)
 
     # ------------------------------------------------------------ layout
@@ -526,12 +527,33 @@ class TuneBenchApp(App[int]):
         # Closing the TUI leaves the engine (and a training run in it) going; edits are saved first.
         self.dataset_pane.flush()
         self._main.query_one(ParamsPane).saver.flush()
+        self.farewell = self._farewell()
         await self.client.close()
         self.exit(0)
+
+    def _farewell(self) -> str:
+        """What the terminal shows after the app: where the engine went and how to get back."""
+        pid = self.client.engine_pid
+        if not pid:
+            return ""
+        where = "" if self.workspace == Path.cwd() else f" {self.workspace}"
+        if self.status_bar.job == "train":
+            return (
+                f"training goes on in the engine (pid {pid}): `tunebench{where}` reattaches, "
+                f"`tunebench status{where}` shows progress, "
+                f"`tunebench stop{where}` stops it with a checkpoint"
+            )
+        minutes = ENGINE_IDLE_EXIT_S / 60
+        return (
+            f"the engine (pid {pid}) stays up {minutes:.0f} min for a quick return, then frees its "
+            f"memory; `tunebench stop{where}` frees it now"
+        )
 
 
 def run(workspace: Path, model: str | None = None) -> int:
     """Open the workbench on `workspace` (created if new); returns the exit status."""
     app = TuneBenchApp(Path(workspace).expanduser().resolve(), model)
     result = app.run()
+    if app.farewell:
+        print(app.farewell)
     return result or 0

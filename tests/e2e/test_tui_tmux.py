@@ -102,12 +102,11 @@ def run_e2e(workspace: Path) -> None:
     tmux = Tmux(tunebench_command(workspace))
     try:
         tmux.wait_for("engine connected", "self_cognition.jsonl", timeout=60)
-        # edit the first sample in the multi-line editor, apply, save
+        # edit the first sample's answer in the editor's text fields, apply, save
         tmux.keys("e")
-        tmux.wait_for("ctrl+s apply")
-        tmux.keys("F7")
-        tmux.type('{"messages": [{"role": "user", "content": "Who are you?"}, ')
-        tmux.type('{"role": "assistant", "content": "I am {{NAME}}, made by {{AUTHOR}} in tmux."}]}')
+        tmux.wait_for("ctrl+s apply", "Assistant")
+        tmux.keys("F7")  # select the answer (the field that has the focus)
+        tmux.type("I am {{NAME}}, made by {{AUTHOR}} in tmux.")
         tmux.keys("C-s")
         tmux.keys("C-s")
         tmux.wait_for("saved self_cognition.jsonl", timeout=10)
