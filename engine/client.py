@@ -216,14 +216,29 @@ def _matches(event: P.Event, types: tuple[str, ...], request_id: str | None) -> 
 # ================================================================ clients
 
 
-class EngineConnection:
+class _EventLog:
+    """What both clients keep: every event read, and the latest Snapshot."""
+
+    def __init__(self) -> None:
+        self.received: list[P.Event] = []
+        self.snapshot: P.Snapshot | None = None
+
+    def _accept(self, line: bytes) -> P.Event:
+        event = P.decode(line)
+        assert isinstance(event, P.Event)
+        self.received.append(event)
+        if isinstance(event, P.Snapshot):
+            self.snapshot = event
+        return event
+
+
+class EngineConnection(_EventLog):
     """A blocking client: send requests, read events. Every event read is kept in `received`."""
 
     def __init__(self, sock: socket.socket):
+        super().__init__()
         self._sock = sock
         self._buffer = bytearray()
-        self.received: list[P.Event] = []
-        self.snapshot: P.Snapshot | None = None
 
     @classmethod
     def open(cls, workspace: Workspace | str | Path, timeout: float = 5.0) -> EngineConnection:
@@ -274,12 +289,7 @@ class EngineConnection:
         end = self._buffer.index(b"\n")
         line = bytes(self._buffer[:end])
         del self._buffer[: end + 1]
-        event = P.decode(line)
-        assert isinstance(event, P.Event)
-        self.received.append(event)
-        if isinstance(event, P.Snapshot):
-            self.snapshot = event
-        return event
+        return self._accept(line)
 
     def wait_for(self, *types: str, id: str | None = None, timeout: float = 30.0) -> P.Event:
         """Read until an event of one of `types` (any type if none) with the given id arrives."""
@@ -315,13 +325,12 @@ class EngineConnection:
         self.close()
 
 
-class AsyncEngineConnection:
+class AsyncEngineConnection(_EventLog):
     """The same client for asyncio code."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        super().__init__()
         self._reader, self._writer = reader, writer
-        self.received: list[P.Event] = []
-        self.snapshot: P.Snapshot | None = None
 
     @classmethod
     async def open(cls, workspace: Workspace | str | Path, timeout: float = 5.0) -> AsyncEngineConnection:
@@ -349,12 +358,7 @@ class AsyncEngineConnection:
             raise TimeoutError(f"no message from the engine within {timeout}s") from None
         if not line:
             raise EngineGone("the engine closed the connection")
-        event = P.decode(line)
-        assert isinstance(event, P.Event)
-        self.received.append(event)
-        if isinstance(event, P.Snapshot):
-            self.snapshot = event
-        return event
+        return self._accept(line)
 
     async def wait_for(self, *types: str, id: str | None = None, timeout: float = 30.0) -> P.Event:
         deadline = time.monotonic() + timeout

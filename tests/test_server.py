@@ -21,6 +21,7 @@ from pathlib import Path
 import orjson
 import psutil
 import pytest
+from tiny import write_identity_dataset
 from tunebench.engine import protocol as P
 from tunebench.engine.client import (
     EngineConnection,
@@ -59,17 +60,9 @@ def one_torch_thread():
 @pytest.fixture
 def workspace(tmp_path) -> Path:
     ws = tmp_path / "ws"
-    (ws / "datasets").mkdir(parents=True)
-    rows = [
-        {
-            "messages": [
-                {"role": "user", "content": f"{QUESTIONS[i % len(QUESTIONS)]} ({i})"},
-                {"role": "assistant", "content": "I am {{NAME}}, made by {{AUTHOR}}."},
-            ]
-        }
-        for i in range(8)
-    ]
-    (ws / "datasets" / "identity.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    write_identity_dataset(
+        ws / "datasets" / "identity.jsonl", 8, QUESTIONS, "I am {{NAME}}, made by {{AUTHOR}}."
+    )
     return ws
 
 

@@ -75,3 +75,24 @@ def make_tiny_model_dir(path: str | Path, seed: int = 0) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def write_identity_dataset(
+    path: str | Path, count: int, questions=("Who are you?",), answer: str = "I am {{NAME}}."
+) -> Path:
+    """A small self-cognition JSONL file in messages format: `count` numbered questions."""
+    import json
+
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"{questions[i % len(questions)]} ({i})"},
+                {"role": "assistant", "content": answer},
+            ]
+        }
+        for i in range(count)
+    ]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path

@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+from tiny import write_identity_dataset
 from tui_helpers import wait_until
 
 server = pytest.importorskip("tunebench.engine.server")
@@ -22,17 +23,7 @@ from tunebench.tui.widgets.train.train_pane import TrainPane  # noqa: E402
 @pytest.fixture
 def real_workspace(tmp_path, tiny_model_dir):
     ws = tmp_path / "ws"
-    (ws / "datasets").mkdir(parents=True)
-    rows = [
-        {
-            "messages": [
-                {"role": "user", "content": f"Who are you? ({i})"},
-                {"role": "assistant", "content": "I am {{NAME}}."},
-            ]
-        }
-        for i in range(6)
-    ]
-    (ws / "datasets" / "identity.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_identity_dataset(ws / "datasets" / "identity.jsonl", 6)
     (ws / "tunebench.toml").write_text(
         f"""[train]
 model = "{tiny_model_dir}"
