@@ -40,6 +40,14 @@ HELP_TEXT = (
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
+        from .cli import suggest_flag
+
+        if "unrecognized arguments" in message:
+            flags = message.split(":", 1)[1].split()
+            unknown = [f for f in flags if f.startswith("-")] or flags
+            message = "unknown flag " + ", ".join(
+                f"{flag}{suggest_flag(flag, self._option_string_actions)}" for flag in unknown
+            )
         print(f"error: {message}\n  see `{self.prog} --help`", file=sys.stderr)
         raise SystemExit(2)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
 import os
 import signal
@@ -21,7 +22,7 @@ from typing import Any, get_origin, get_type_hints
 from .config import ConfigError, TrainConfig, parse_value
 from .errors import UserError
 
-SUBCOMMANDS = ("train", "chat", "probe", "export", "status", "serve", "demo")
+SUBCOMMANDS = ("train", "chat", "probe", "export", "status", "stop", "serve", "demo")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     command = argv[0] if argv and argv[0] in SUBCOMMANDS else ""
     rest = argv[1:] if command else argv
     try:
+        if not command and argv:
+            _refuse_misspelled_command(argv[0])
         if command == "train":
             return train_main(rest)
         if command == "demo":
@@ -51,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
 
             print(status_text(Path(rest[0] if rest else ".").resolve()))
             return 0
+        if command == "stop":
+            from .client import stop_engine
+
+            print(stop_engine(Path(rest[0] if rest else ".").resolve()))
+            return 0
         if command == "serve":
             from .__main__ import main as engine_main
 
@@ -60,10 +68,36 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        program = f"tunebench {command}".strip()
+        print(
+            f"error: {exc}\n  hint: change the flag(s) above; `{program} --help` shows each flag's "
+            "allowed values and default",
+            file=sys.stderr,
+        )
+        return 2
+    except OSError as exc:
+        # A full disk, a folder without write permission: the person's to fix, not a bug to trace.
+        where = f": {exc.filename}" if exc.filename else ""
+        print(
+            f"error: {exc.strerror or exc}{where}\n  hint: check that the path exists, is writable "
+            "and that the disk has space",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _refuse_misspelled_command(word: str) -> None:
+    """`tunebench trian ...` would otherwise open the TUI on a new folder named "trian"."""
+    if word.startswith("-") or Path(word).expanduser().exists():
+        return
+    close = difflib.get_close_matches(word, SUBCOMMANDS, n=1, cutoff=0.75)
+    if close:
+        raise UserError(
+            f"unknown command {word!r}: did you mean `tunebench {close[0]}`?",
+            f"`tunebench --help` lists the commands; to open a new workspace named {word}, write ./{word}",
+        )
 
 
 def _usage() -> str:
@@ -74,6 +108,7 @@ def _usage() -> str:
        tunebench probe --adapters DIR   run a probe set against base and adapters, save a transcript
        tunebench export --adapters DIR  merge an adapter into its base and save a model
        tunebench status [WORKSPACE]     show the engine's live state headless
+       tunebench stop [WORKSPACE]       stop the engine (a running training saves a checkpoint)
        tunebench serve [--workspace D]  run the engine process in the foreground"""
 
 
@@ -101,11 +136,22 @@ class _Parser(argparse.ArgumentParser):
         if "unrecognized arguments" in message:
             flags = message.split(":", 1)[1].split()
             unknown = [f for f in flags if f.startswith("-")] or flags
-            message = (
-                f"unknown flag {', '.join(unknown)}; `tunebench train --help` lists the flags TuneBench knows"
-            )
+            named = ", ".join(f"{flag}{suggest_flag(flag, self._option_string_actions)}" for flag in unknown)
+            message = f"unknown flag {named}; `{self.prog} --help` lists the flags TuneBench knows"
+        else:
+            message = f"{message}; see `{self.prog} --help`"
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2)
+
+
+def suggest_flag(flag: str, known: Any) -> str:
+    """' (did you mean --lora_rank?)' for --lora_rnak, --lora-rank or -lora_rank; '' if none is close."""
+    if not flag.startswith("-"):
+        return ""
+    body = flag.split("=", 1)[0].lstrip("-").replace("-", "_")
+    names = {option.lstrip("-"): option for option in known if option.startswith("--")}
+    match = [body] if body in names else difflib.get_close_matches(body, list(names), n=1, cutoff=0.75)
+    return f" (did you mean {names[match[0]]}?)" if match else ""
 
 
 def build_train_parser() -> argparse.ArgumentParser:
@@ -182,17 +228,92 @@ def train_main(argv: list[str]) -> int:
             "no training data: --dataset is required",
             "for example --dataset sample_data/self_cognition.jsonl#50",
         )
+    preflight(cfg)
     from .train import StopSignal, run_training
 
     stop = StopSignal()
-    _install_stop_handlers(stop)
+    previous = _install_stop_handlers(stop)
     renderer = JsonRenderer() if args.json else ProgressRenderer()
-    result = run_training(cfg, renderer, stop)
-    renderer.close()
+    try:
+        result = run_training(cfg, renderer, stop)
+    finally:
+        renderer.close()
+        for signum, handler in previous.items():  # main() may be called in-process (tests)
+            signal.signal(signum, handler)
     return 0 if result.status == "completed" else (130 if result.status == "aborted" else 0)
 
 
-def _install_stop_handlers(stop) -> None:
+def preflight(cfg: TrainConfig) -> None:
+    """Every check that needs no model weights, cheapest first.
+
+    A mistake in the flags or the data is then reported in seconds rather than after the model
+    has loaded, and before anything is written. run_training checks all of this again (the engine
+    calls it directly); what needs the tokenizer (samples longer than --max_length) is found there.
+    """
+    from .data import DataError, load_dataset
+    from .models import (
+        DEMO_NAME,
+        cached_model_dir,
+        check_qlora_possible,
+        demo_gguf_path,
+        linear_module_names_of,
+        resolve_model,
+    )
+    from .templates import get_template
+    from .train import find_checkpoint
+
+    if cfg.is_qlora:
+        check_qlora_possible()
+    if cfg.template:
+        try:
+            get_template(cfg.template)
+        except ValueError as exc:
+            raise UserError(f"--template: {exc}", "pass one of the names listed, or leave it out") from None
+    output = Path(cfg.output_dir).expanduser()
+    if output.exists() and not output.is_dir():
+        raise UserError(
+            f"--output_dir: {output} is a file, not a folder",
+            "give a folder for the runs (it is created if new)",
+        )
+    if cfg.resume_from_checkpoint:
+        find_checkpoint(cfg.resume_from_checkpoint)
+    # A model folder or hub id resolves in milliseconds; a GGUF file (the demo's included) is
+    # converted on first use, which waits until the data has passed.
+    spec = cfg.model.strip()
+    converts = (spec == DEMO_NAME or spec.lower().endswith(".gguf")) and cached_model_dir(spec) is None
+    resolved = None if converts else resolve_model(spec)
+    if converts and spec == DEMO_NAME:
+        demo_gguf_path()  # installed?
+    elif converts and not Path(spec).expanduser().is_file():
+        resolve_model(spec)  # says the file is missing
+    for flag, specs in (("--dataset", cfg.dataset), ("--val_dataset", cfg.val_dataset)):
+        if not specs:
+            continue
+        try:
+            load_dataset(
+                specs,
+                system=cfg.system,
+                model_name=cfg.model_name,
+                model_author=cfg.model_author,
+                seed=cfg.seed,
+            )
+        except DataError as exc:
+            if flag == "--val_dataset":
+                exc.message = f"{flag}: {exc.message}"
+            raise
+    resolved = resolved or resolve_model(spec)
+    if cfg.target_modules != ["all-linear"]:
+        available = linear_module_names_of(resolved.path, cfg.trust_remote_code)
+        unknown = [m for m in cfg.target_modules if available is not None and m not in available]
+        if unknown:
+            raise UserError(
+                f"--target_modules: this model has no linear layer named {', '.join(unknown)}",
+                f"choose from all-linear, {', '.join(available or [])}",
+                code="config",
+            )
+
+
+def _install_stop_handlers(stop) -> dict[int, Any]:
     def on_signal(signum, _frame) -> None:
         if stop.mode:
             stop.request("abort")
@@ -204,8 +325,10 @@ def _install_stop_handlers(stop) -> None:
                 file=sys.stderr,
             )
 
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    return previous
 
 
 class JsonRenderer:

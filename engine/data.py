@@ -13,6 +13,8 @@ tokenisation works on any tokenizer object passed in, returning plain lists of i
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import os
 import random
 import re
@@ -25,6 +27,7 @@ from typing import Any
 
 import orjson
 
+from .config import TrainConfig
 from .errors import DataUserError
 from .templates import DEFAULT_TEMPLATE, TEMPLATES, get_template
 
@@ -33,6 +36,8 @@ EXTENSIONS = (".jsonl", ".json")
 # A single record larger than this is almost always a mistake (a whole file on one line, a
 # pasted binary); refusing it keeps the tokeniser and the TUI responsive.
 MAX_RECORD_BYTES = 16 * 1024 * 1024
+# The largest --max_length TrainConfig accepts: past it, "raise --max_length" is no fix.
+MAX_LENGTH_LIMIT = next(f.metadata["max"] for f in dataclasses.fields(TrainConfig) if f.name == "max_length")
 _SHOWN_PROBLEMS = 10
 _BOM = b"\xef\xbb\xbf"
 
@@ -58,10 +63,17 @@ _MESSAGE_ROLES = {"system": "system", "developer": "system", "user": "user", "as
 
 @dataclass(frozen=True)
 class RecordProblem:
-    """One record that will not be trained on: where it is ("file.jsonl:12", "file.json[3]") and why."""
+    """One record that will not be trained on: where it is ("file.jsonl:12", "file.json[3]") and why.
+
+    `kind` is "record" for a readable record that is not a usable sample (skipped, as ms-swift
+    skips rows its preprocessor rejects), "unreadable" for a line that is not JSON or not UTF-8,
+    and "empty" for a file with no records at all; load_dataset refuses a file with either of
+    the last two, since a broken file is not something to train on part of.
+    """
 
     source: str
     reason: str
+    kind: str = field(default="record", compare=False)
 
     def __str__(self) -> str:
         return f"{self.source}: {self.reason}"
@@ -113,6 +125,15 @@ class InvalidRecord(ValueError):
     """One record is unusable; the message is the reason shown to the person (no location)."""
 
 
+class UnreadableRecord(InvalidRecord):
+    """A line that is not JSON, or not UTF-8: the file itself is broken there."""
+
+
+class PromptTooLong(InvalidRecord):
+    """The text before the first answer is longer than max_length tokens, found without
+    tokenising all of it (a multi-megabyte prompt would take seconds)."""
+
+
 # ============================================================= dataset specs
 
 
@@ -154,9 +175,10 @@ def read_records(path: Path) -> tuple[list[Sample], list[RecordProblem]]:
                 raise record
             samples.append(Sample(normalise_record(record), source))
         except InvalidRecord as exc:
-            problems.append(RecordProblem(source, str(exc)))
+            kind = "unreadable" if isinstance(exc, UnreadableRecord) else "record"
+            problems.append(RecordProblem(source, str(exc), kind))
     if not samples and not problems:
-        problems.append(RecordProblem(str(path), "the file holds no records"))
+        problems.append(RecordProblem(str(path), "the file holds no records", "empty"))
     return samples, problems
 
 
@@ -246,7 +268,7 @@ def _jsonl_records(path: Path, raw: bytes) -> Iterator[tuple[str, Any]]:
         except UnicodeDecodeError as exc:
             yield (
                 source,
-                InvalidRecord(
+                UnreadableRecord(
                     f"bytes that are not UTF-8 at byte {exc.start + 1} (0x{line[exc.start]:02x}): "
                     "save the file as UTF-8"
                 ),
@@ -255,7 +277,7 @@ def _jsonl_records(path: Path, raw: bytes) -> Iterator[tuple[str, Any]]:
         try:
             yield source, orjson.loads(text)
         except orjson.JSONDecodeError as exc:
-            yield source, InvalidRecord(f"bad JSON at column {exc.colno}: {exc.msg}")
+            yield source, UnreadableRecord(f"bad JSON at column {exc.colno}: {exc.msg}")
 
 
 # ============================================================ normalising
@@ -388,7 +410,12 @@ def _list_of_objects(items: Any, key: str) -> list[dict]:
 def _required_text(obj: dict, key: str, where: str = "") -> str:
     prefix = f"{where}: " if where else ""
     if key not in obj or obj[key] is None:
-        raise InvalidRecord(f"{prefix}missing field '{key}'")
+        # Unknown fields are ignored (as ms-swift does), but one that looks like a misspelling
+        # of the missing field is almost always the reason it is missing.
+        others = [str(k) for k in obj if k != key]
+        close = difflib.get_close_matches(key, others, n=1, cutoff=0.75)
+        typo = f" (the record has '{close[0]}': a misspelling of '{key}'?)" if close else ""
+        raise InvalidRecord(f"{prefix}missing field '{key}'{typo}")
     if not isinstance(obj[key], str):
         raise InvalidRecord(f"{prefix}'{key}' must be text, found {_kind(obj[key])}")
     return obj[key]
@@ -458,6 +485,7 @@ def load_dataset(
     for index, spec in enumerate(specs):
         path, count = parse_dataset_spec(spec)
         records, bad = read_records(path)
+        _refuse_broken_file(path, bad)
         problems += bad
         ready = []
         for record in records:
@@ -483,6 +511,26 @@ def load_dataset(
             else "fix the records listed above (each line says where and why)",
         )
     return samples, problems
+
+
+def _refuse_broken_file(path: Path, problems: list[RecordProblem]) -> None:
+    """A file with lines that are not JSON (or not UTF-8), or with no records, is not trained on
+    in part: like `datasets` under ms-swift, the load fails and says where."""
+    unreadable = [p for p in problems if p.kind == "unreadable"]
+    if unreadable:
+        lines = "a line that is" if len(unreadable) == 1 else f"{len(unreadable)} lines that are"
+        raise DataError(
+            f"{path} has {lines} not readable as JSON, so it was not used",
+            unreadable,
+            hint="fix or delete the line(s) listed (JSON lines: one complete {...} object per line); "
+            "records that are valid JSON but not usable samples are only skipped",
+        )
+    if any(p.kind == "empty" for p in problems):
+        raise DataError(
+            f"no valid training sample in {path}: the file is empty",
+            problems,
+            hint="add samples (one JSON object per line), or leave the file out of --dataset",
+        )
 
 
 def _take(items: list[Sample], count: int, rng: random.Random) -> list[Sample]:
@@ -534,7 +582,7 @@ def tokenize_samples(
     for sample in samples:
         try:
             if id(sample) not in cache:
-                cache[id(sample)] = encode_messages(sample.messages, tokenizer, chat_template)
+                cache[id(sample)] = encode_messages(sample.messages, tokenizer, chat_template, max_length)
             ids, labels = cache[id(sample)]
         except InvalidRecord as exc:
             dropped += 1
@@ -544,13 +592,7 @@ def tokenize_samples(
             # Keep the start: the prompt and the first answer matter more than a long tail.
             if all(label == IGNORE_INDEX for label in labels[:max_length]):
                 dropped += 1
-                problems.append(
-                    RecordProblem(
-                        sample.source,
-                        f"{len(ids)} tokens, and --max_length {max_length} cuts away every answer "
-                        f"token: raise --max_length to {len(ids)}, or shorten the prompt",
-                    )
-                )
+                problems.append(RecordProblem(sample.source, _all_answers_cut(len(ids), max_length)))
                 continue
             ids, labels = ids[:max_length], labels[:max_length]
             truncated += 1
@@ -559,15 +601,62 @@ def tokenize_samples(
     return out, TokenizeReport(len(out), tokens, truncated, dropped, problems, note)
 
 
+def _all_answers_cut(tokens: int, max_length: int) -> str:
+    fix = (
+        f"raise --max_length to {tokens}, or shorten the prompt"
+        if tokens <= MAX_LENGTH_LIMIT
+        else f"shorten the prompt (--max_length goes up to {MAX_LENGTH_LIMIT}), or delete the record"
+    )
+    return f"{tokens} tokens, and --max_length {max_length} cuts away every answer token: {fix}"
+
+
+# Prompts longer than a chunk, and than this many characters per allowed token, are counted
+# chunk by chunk first, so a multi-megabyte prompt is dropped in milliseconds instead of being
+# tokenised whole (shorter ones are tokenised whole: that is fast, and gives the exact count).
+_LONG_PROMPT_CHARS_PER_TOKEN = 4
+_CHUNK_CHARS = 1 << 16
+
+
+def _prompt_over(text: str, tokenizer: Any, max_length: int) -> bool:
+    """True when `text` surely holds more than max_length tokens, counted on whitespace-cut
+    chunks until the count is past max_length with a margin for the cuts (each cut may split
+    what would have been one token in two); False when it may fit."""
+    limit = max_length + max_length // 20 + 16
+    counted, start = 0, 0
+    while start < len(text) and counted <= limit:
+        end = min(len(text), start + _CHUNK_CHARS)
+        if end < len(text):
+            space = max(text.rfind(" ", start, end), text.rfind("\n", start, end))
+            end = space if space > start else end
+        counted += len(tokenizer([text[start:end]], add_special_tokens=False)["input_ids"][0])
+        counted -= 1 if start else 0  # the cut may have cost a token
+        start = end
+    return counted > limit
+
+
 def encode_messages(
-    messages: list[dict[str, str]], tokenizer: Any, chat_template: str | None = None
+    messages: list[dict[str, str]],
+    tokenizer: Any,
+    chat_template: str | None = None,
+    max_length: int | None = None,
 ) -> tuple[list[int], list[int]]:
     """Token ids and labels for one conversation (labels = ids on assistant spans, else IGNORE_INDEX).
 
     The text is cut at the assistant spans and each piece tokenised on its own, which is also how
-    the prompt is tokenised at inference time (it ends at the assistant header).
+    the prompt is tokenised at inference time (it ends at the assistant header). With max_length,
+    a prompt that surely leaves no answer token within it raises PromptTooLong without being
+    tokenised in full; the ids of every other conversation do not depend on max_length.
     """
     text, spans = assistant_spans(messages, lambda msgs, gen: _render(tokenizer, msgs, chat_template, gen))
+    if max_length and spans:
+        prompt = text[: spans[0][0]]
+        long = max(_CHUNK_CHARS, max_length * _LONG_PROMPT_CHARS_PER_TOKEN)
+        if len(prompt) > long and _prompt_over(prompt, tokenizer, max_length):
+            raise PromptTooLong(
+                f"the prompt before the first answer is over {max_length} tokens ({len(prompt):,} "
+                f"characters), so --max_length {max_length} cuts away every answer token: shorten "
+                "the prompt, or delete the record"
+            )
     pieces: list[tuple[str, bool]] = []
     cursor = 0
     for start, end in spans:
@@ -668,7 +757,7 @@ def check_sample(
         return problems
     try:
         chat_template, _ = resolve_template(tokenizer, template)
-        ids, labels = encode_messages(filled, tokenizer, chat_template)
+        ids, labels = encode_messages(filled, tokenizer, chat_template, max_length)
     except (InvalidRecord, DataError) as exc:
         return [*problems, str(exc)]
     if len(ids) > max_length:
@@ -686,14 +775,24 @@ def check_sample(
 # ================================================================== saving
 
 
+def jsonl_bytes(records: Sequence[Any]) -> bytes:
+    """Records as the bytes of a JSON lines file (one compact object per line, UTF-8)."""
+    return b"".join(orjson.dumps(record) + b"\n" for record in records)
+
+
 def save_jsonl(path: str | Path, records: list[dict], keep_backup: bool = True) -> None:
     """Write records as JSON lines atomically: the file is either the old or the new one, never half.
 
     The previous version stays as `<name>.jsonl.bak` when keep_backup is set.
     """
-    path = Path(path)
     # Serialise first: a record that cannot be written must not cost the file on disk.
-    data = b"".join(orjson.dumps(record) + b"\n" for record in records)
+    write_atomically(path, jsonl_bytes(records), keep_backup)
+
+
+def write_atomically(path: str | Path, data: bytes, keep_backup: bool = True) -> None:
+    """Write `data` to a temporary file beside `path`, fsync it, keep the old file as
+    `<name>.bak` (when asked), rename over `path`, and fsync the folder."""
+    path = Path(path)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     tmp = Path(tmp_name)
     try:

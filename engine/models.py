@@ -117,7 +117,30 @@ def _check_model_folder(path: Path) -> Path:
             else "the folder holds no *.safetensors weights"
         )
         raise ModelError(f"{path} has no safetensors weights", hint)
+    _check_model_config(path / "config.json")
     return path
+
+
+def _check_model_config(config_file: Path) -> None:
+    """config.json must be a JSON object naming its architecture: transformers' own errors for
+    a broken one are long and say nothing about what to do."""
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ModelError(f"{config_file} is not UTF-8 text", "restore the model's config.json") from None
+    except json.JSONDecodeError as exc:
+        raise ModelError(
+            f"{config_file}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})",
+            "restore the model's config.json (copy it again from where the model came from)",
+        ) from None
+    except OSError as exc:
+        raise ModelError(f"cannot read {config_file}: {exc.strerror}", "check its permissions") from None
+    if not isinstance(config, dict) or not (config.get("model_type") or config.get("architectures")):
+        raise ModelError(
+            f'{config_file} has no "model_type": this is not a Hugging Face model\'s config',
+            "point --model at the folder of a causal language model (its config.json names a "
+            "model_type such as llama or qwen2)",
+        )
 
 
 def _from_hub_cache(repo_id: str) -> Path:
@@ -235,7 +258,15 @@ def resolve_dtype(name: str, device) -> Any:
 def load_tokenizer(resolved: ResolvedModel, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"could not load the tokenizer of {resolved.label} from {resolved.path}: {first}",
+            "the folder needs tokenizer.json (or the tokenizer files of its model family) beside "
+            "config.json; copy them from where the model came from",
+        ) from None
     if tokenizer.pad_token is None:
         # Padding positions are masked out of attention and loss, so any id works; eos is always there.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -282,15 +313,26 @@ def load_model(
     return LoadedModel(model, tokenizer, resolved, device, dtype, time.perf_counter() - started)
 
 
-def _nf4_config(device, compute_dtype):
+def check_qlora_possible(device=None) -> None:
+    """Raise the user's error when 4-bit QLoRA cannot run here (no CUDA, no bitsandbytes)."""
+    device = device or pick_device()
     if device.type != "cuda":
         raise UserError(
-            "QLoRA needs an NVIDIA GPU with CUDA: bitsandbytes' 4-bit kernels do not run on this machine",
+            "--train_type qlora: QLoRA needs an NVIDIA GPU with CUDA, and bitsandbytes' 4-bit "
+            "kernels do not run on this machine",
             "use --train_type lora here, or run on a CUDA machine",
             code="config",
         )
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise UserError("QLoRA needs the bitsandbytes package", "pip install bitsandbytes", code="config")
+        raise UserError(
+            "--train_type qlora: QLoRA needs the bitsandbytes package",
+            "pip install bitsandbytes",
+            code="config",
+        )
+
+
+def _nf4_config(device, compute_dtype):
+    check_qlora_possible(device)
     import torch
     from transformers import BitsAndBytesConfig
 
@@ -318,3 +360,20 @@ def linear_module_names(model) -> list[str]:
         if is_linear:
             names.add(full_name.rsplit(".", 1)[-1])
     return sorted(names)
+
+
+def linear_module_names_of(path: Path, trust_remote_code: bool = False) -> list[str] | None:
+    """linear_module_names for the model in `path`, built on the meta device from its config:
+    no weights are read, so a bad --target_modules is caught in well under a second instead of
+    after a full load. None when the architecture cannot be built that way (then the check
+    happens after loading)."""
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - only a shortcut; the load reports real problems
+        return None
+    return linear_module_names(model)

@@ -79,6 +79,7 @@ class DatasetPane(Vertical):
         self.autosaver = Debouncer(self, AUTOSAVE_DELAY_S, self._autosave)
         self._conflict_open = False
         self._was_dirty = False
+        self._journal_warned = ""
 
     def compose(self) -> ComposeResult:
         yield Label("", id="dataset-title")
@@ -101,12 +102,26 @@ class DatasetPane(Vertical):
         store = DatasetStore(path)
         try:
             store.load()
+            recovery = store.recover()  # edits a crashed (or conflicted) session never saved
         except (OSError, ValueError) as exc:
             self.notify(f"cannot open {path}: {exc}", severity="error", timeout=8)
             return
         self.store = store
         if store.load_note:
             self.notify(store.load_note)
+        if recovery and recovery.replayed:
+            self.notify(
+                f"recovered {recovery.replayed} unsaved edit(s) from the last session (u undoes them)",
+                timeout=8,
+            )
+            self.autosaver.poke()
+        elif recovery and recovery.set_aside:
+            self.notify(
+                f"unsaved edits from an earlier session were not applied: {recovery.reason}. "
+                f"They are kept in {recovery.set_aside.name}",
+                severity="warning",
+                timeout=15,
+            )
         self._redraw_table()
         self._run_checks()
 
@@ -211,6 +226,13 @@ class DatasetPane(Vertical):
     # ------------------------------------------------------------ editing
 
     def _edited(self, focus_key: str | None = None) -> None:
+        if self.store.journal_error and self.store.journal_error != self._journal_warned:
+            self._journal_warned = self.store.journal_error  # once, not on every edit
+            self.notify(
+                f"{self.store.journal_error}: unsaved edits would not survive a crash; ctrl+s saves",
+                severity="warning",
+                timeout=8,
+            )
         self._redraw_table()
         if focus_key:
             self.query_one(SampleTable).move_to(focus_key)
@@ -333,7 +355,9 @@ class DatasetPane(Vertical):
             self.notify(f"could not save: {exc}", severity="error", timeout=8)
             return False
         if not quiet:
-            self.notify(f"saved {path.name} (previous version kept as {path.name}.bak)", timeout=3)
+            self.notify(
+                f"saved {path.name} (the version before this session is kept as {path.name}.bak)", timeout=3
+            )
         if path != self.store.path:  # a .json saved as .jsonl: edit and train on that from now on
             self._switch_dataset(self.store.path, path)
             self.store.path = path
@@ -348,6 +372,7 @@ class DatasetPane(Vertical):
         def answer(key: str) -> None:
             self._conflict_open = False
             if key == "r":
+                self.store.discard_journal()  # the person chose to drop them
                 self.load(self.store.path)
                 self.notify("reloaded from disk; your unsaved edits were dropped")
             elif key == "o":

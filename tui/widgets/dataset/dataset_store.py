@@ -1,24 +1,38 @@
-"""The dataset being edited: its rows, undo history, and safe saving.
+"""The dataset being edited: its rows, undo history, an edit journal, and safe saving.
 
 Rows keep the record exactly as it was in the file (alpaca, sharegpt or messages), not the
 normalised conversation, so saving never rewrites a person's format. A line that is not valid
 JSON is kept as its text and must be fixed or deleted before the file can be saved: dropping it
-silently would lose something the person made. Saves go through data.save_jsonl (atomic, with
-the previous version kept as .bak), and a file changed on disk by something else since it was
-loaded is never overwritten without asking.
+silently would lose something the person made.
+
+Nothing made is lost:
+- Saves are atomic (temporary file, fsync, rename: data.write_atomically). The first save after
+  loading, and a save that overwrites someone else's change, keep the version being replaced
+  as `<name>.jsonl.bak`; later autosaves of the same session leave that .bak alone, so it holds
+  the file as it was before this session's edits rather than as it was a second ago.
+- Every edit is appended to a journal (`.<name>.jsonl.journal` beside the file, fsynced) before
+  it is shown, and the journal is deleted once a save has landed. After a crash, or a quit while
+  a save was impossible (a row that is not JSON, a conflict), `recover()` replays it: at most the
+  sample still open in the editor is lost.
+- A file changed on disk by something else since it was loaded or saved (content hash, checked
+  cheaply by stat first) is never overwritten without asking (ConflictError), and a journal
+  whose file changed under it is set aside under a visible name rather than replayed onto the
+  wrong rows.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+import os
 from collections import Counter
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
-from tunebench.engine.data import save_jsonl
+from tunebench.engine.data import jsonl_bytes, write_atomically
 
 _BOM = b"\xef\xbb\xbf"
 _row_ids = itertools.count(1)
@@ -72,6 +86,25 @@ def digest(path: Path) -> str | None:
         return None
 
 
+def _stat_key(path: Path) -> tuple[int, ...] | None:
+    """What changes whenever the file's bytes may have: inode, size, mtime and ctime (which no
+    tool can set back, unlike an mtime restored by `cp -p` or `rsync -t`)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What recover() found: edits replayed from the journal, or a journal set aside."""
+
+    replayed: int = 0
+    set_aside: Path | None = None
+    reason: str = ""
+
+
 class DatasetStore:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -80,7 +113,12 @@ class DatasetStore:
         # (what, the row index it touched, the rows before it): undo restores and points there
         self.undo_stack: list[tuple[str, int, list[Row]]] = []
         self.disk_digest: str | None = None  # save_path's content when last read or written
+        self._disk_key: tuple[int, ...] | None = None  # save_path's stat when disk_digest was taken
         self.load_note = ""  # e.g. "a .json file: saves go to name.jsonl"
+        self._backed_up = False  # whether this session has kept a .bak yet
+        self._journal_open = False  # whether the journal on disk belongs to the rows in memory
+        self._replaying = False
+        self.journal_error = ""  # why the journal cannot be written (edits then live in memory only)
 
     # ---------------------------------------------------------------- files
 
@@ -90,11 +128,19 @@ class DatasetStore:
         # keep one record per line, so a problem names its line.
         return self.path.with_suffix(".jsonl") if self.path.suffix.lower() == ".json" else self.path
 
+    @property
+    def journal_path(self) -> Path:
+        return self.save_path.with_name(f".{self.save_path.name}.journal")
+
     def load(self) -> None:
-        """Read the file (a missing file is an empty dataset); raises OSError / ValueError."""
+        """Read the file (a missing file is an empty dataset); raises OSError / ValueError.
+
+        A journal left by an earlier session is not replayed here: call recover() next.
+        """
         self.rows, self.undo_stack, self.dirty, self.load_note = [], [], False, ""
+        self._backed_up = self._journal_open = False
         # For a .json file the .jsonl beside it is expected absent; one that exists is a conflict.
-        self.disk_digest = None
+        self.disk_digest, self._disk_key = None, _stat_key(self.save_path)
         if not self.path.exists():
             return
         raw = self.path.read_bytes()
@@ -125,11 +171,21 @@ class DatasetStore:
             self.rows.append(Row.from_text(text.strip(), number))
 
     def changed_on_disk(self) -> bool:
-        """True when the file on disk is no longer what was loaded or last saved."""
-        return digest(self.save_path) != self.disk_digest
+        """True when the file on disk is no longer what was loaded or last saved.
+
+        Cheap enough to poll: the content is hashed again only when the file's stat changed.
+        """
+        key = _stat_key(self.save_path)
+        if key == self._disk_key:
+            return False
+        if digest(self.save_path) != self.disk_digest:
+            return True
+        self._disk_key = key  # touched, or rewritten with the same bytes
+        return False
 
     def save(self, *, force: bool = False) -> Path:
-        """Write every row atomically, keeping the previous file as .bak.
+        """Write every row atomically; the first save of a session keeps the file it replaces
+        as .bak, and so does a forced one (it replaces someone else's version).
 
         Raises ConflictError when the file changed on disk (unless force), and UnsavableError
         while a row is not JSON.
@@ -142,10 +198,114 @@ class DatasetStore:
             raise ConflictError(f"{self.save_path} changed on disk since it was loaded")
         target = self.save_path
         target.parent.mkdir(parents=True, exist_ok=True)
-        save_jsonl(target, [row.record for row in self.rows], keep_backup=True)
-        self.disk_digest = digest(target)
+        data = jsonl_bytes([row.record for row in self.rows])
+        new_digest = hashlib.sha256(data).hexdigest()
+        # Should we crash between the write and the journal's removal, recover() sees the file
+        # holds this digest and knows the journal's edits are in it.
+        self._log({"op": "saving", "digest": new_digest})
+        write_atomically(target, data, keep_backup=force or not self._backed_up)
+        self._backed_up = True
+        self.disk_digest, self._disk_key = new_digest, _stat_key(target)
         self.dirty = False
+        self.discard_journal()
         return target
+
+    # ---------------------------------------------------------------- journal
+
+    def _log(self, op: dict[str, Any]) -> None:
+        """Append one edit to the journal and fsync it; an edit reaches the screen only after."""
+        if self._replaying or (op["op"] == "saving" and not self._journal_open):
+            return
+        lines = b""
+        if not self._journal_open:
+            if self.journal_path.exists():  # an earlier session's, never recovered: keep it apart
+                self._set_aside("it was not recovered before new edits began")
+            lines = (
+                orjson.dumps({"journal": 1, "file": self.save_path.name, "base": self.disk_digest}) + b"\n"
+            )
+        lines += orjson.dumps(op) + b"\n"
+        try:
+            created = not self.journal_path.exists()
+            with open(self.journal_path, "ab") as fh:
+                fh.write(lines)
+                fh.flush()
+                os.fsync(fh.fileno())
+            if created:
+                _fsync_dir(self.journal_path.parent)
+        except OSError as exc:
+            self.journal_error = f"cannot write {self.journal_path.name}: {exc.strerror or exc}"
+            return
+        self._journal_open, self.journal_error = True, ""
+
+    def discard_journal(self) -> None:
+        """Forget the journal (after a save landed, or when the person drops their edits)."""
+        self.journal_path.unlink(missing_ok=True)
+        self._journal_open = False
+
+    def recover(self) -> Recovery | None:
+        """Replay the edits an earlier session journaled but never saved; call right after load().
+
+        Replayed only onto the very file they were made on (the journal records its hash); if
+        that file has changed since, the journal is renamed to a visible
+        `<name>.jsonl.unsaved-<time>.journal` and said so: never applied to the wrong rows.
+        """
+        try:
+            raw = self.journal_path.read_bytes()
+        except OSError:
+            return None
+        entries = []
+        for line in raw.splitlines():
+            try:
+                entries.append(orjson.loads(line))
+            except orjson.JSONDecodeError:
+                break  # the crash cut the last append short: everything before it stands
+        header, ops = (entries[0], entries[1:]) if entries and "journal" in entries[0] else ({}, [])
+        saved = [op.get("digest") for op in ops if op.get("op") == "saving"]
+        edits = [op for op in ops if op.get("op") != "saving"]
+        if not header:
+            return self._set_aside("it is not a journal TuneBench can read")
+        if not edits:  # nothing was edited after all: nothing to keep
+            self.discard_journal()
+            return None
+        if header.get("base") != self.disk_digest:
+            if saved and saved[-1] == self.disk_digest:  # the save landed; only the cleanup did not
+                self.discard_journal()
+                return None
+            return self._set_aside(f"{self.save_path.name} changed on disk after those edits were made")
+        self._replaying = True
+        try:
+            for op in edits:
+                self._apply(op)
+        except (KeyError, IndexError, TypeError, ValueError):
+            self._replaying = False
+            self.load()  # back to the file as it is, untouched by a half-applied journal
+            return self._set_aside("its edits do not fit the file")
+        finally:
+            self._replaying = False
+        self._journal_open = True  # later edits append to it: same base, same file
+        return Recovery(replayed=len(edits))
+
+    def _apply(self, op: dict[str, Any]) -> None:
+        kind = op["op"]
+        if kind == "insert":
+            self.insert(op["at"], Row.from_text(op["text"]))
+        elif kind == "replace":
+            self.replace(_index(op["at"], self.rows), Row.from_text(op["text"]))
+        elif kind == "duplicate":
+            self.duplicate(_index(op["at"], self.rows))
+        elif kind == "delete":
+            self.delete(_index(op["at"], self.rows))
+        elif kind == "undo":
+            self.undo()
+        else:
+            raise ValueError(kind)
+
+    def _set_aside(self, reason: str) -> Recovery:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        target = self.save_path.with_name(f"{self.save_path.name}.unsaved-{stamp}.journal")
+        os.replace(self.journal_path, target)
+        self._journal_open = False
+        return Recovery(set_aside=target, reason=reason)
 
     # ---------------------------------------------------------------- edits
 
@@ -156,21 +316,28 @@ class DatasetStore:
 
     def insert(self, index: int, row: Row) -> int:
         index = max(0, min(index, len(self.rows)))
+        self._log({"op": "insert", "at": index, "text": row.text})
         self._remember("add", index)
         self.rows.insert(index, row)
         return index
 
     def replace(self, index: int, row: Row) -> None:
+        _index(index, self.rows)
+        self._log({"op": "replace", "at": index, "text": row.text})
         self._remember("edit", index)
         self.rows[index] = replace(row, key=self.rows[index].key, line=self.rows[index].line)
 
     def duplicate(self, index: int) -> int:
+        _index(index, self.rows)
+        self._log({"op": "duplicate", "at": index})
         self._remember("duplicate", index)
         source = self.rows[index]
         self.rows.insert(index + 1, Row(source.text, source.record, source.error))
         return index + 1
 
     def delete(self, index: int) -> Row:
+        _index(index, self.rows)
+        self._log({"op": "delete", "at": index})
         self._remember("delete", index)
         return self.rows.pop(index)
 
@@ -178,6 +345,7 @@ class DatasetStore:
         """Undo the last edit; returns (what was undone, the row it touched), or None."""
         if not self.undo_stack:
             return None
+        self._log({"op": "undo"})
         what, index, rows = self.undo_stack.pop()
         self.rows = rows
         self.dirty = True
@@ -201,6 +369,27 @@ class DatasetStore:
             if isinstance(row.record, dict)
         )
         return kinds.most_common(1)[0][0] if kinds else "messages"
+
+
+def _index(index: int, rows: list[Row]) -> int:
+    """A row index that exists (negative ones too would silently pick from the end)."""
+    if not 0 <= index < len(rows):
+        raise IndexError(f"row {index} does not exist ({len(rows)} rows)")
+    return index
+
+
+def _fsync_dir(folder: Path) -> None:
+    # A new file's name is durable only once its folder is.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 NEW_RECORDS: dict[str, dict[str, Any]] = {

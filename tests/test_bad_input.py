@@ -1,0 +1,791 @@
+"""Malformed input, driven through the real `tunebench` entry point: every case must exit nonzero
+with a message that says what is wrong, where (file and line or index, or the flag) and what to
+do, print no traceback, leave every input file byte-identical and leave no run folder behind.
+
+The CLI runs in-process (`cli.main(argv)`) in a fresh folder per case; relative paths in a case
+are relative to that folder, which is also where a run would be created (`--output_dir runs`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from tunebench.engine import data
+from tunebench.engine.cli import main
+
+GOOD = {"instruction": "Who are you?", "output": "I am a tiny test model."}
+GOOD2 = {"instruction": "Say hi.", "output": "Hi!"}
+DIR = object()  # a file spec that means "make a folder here"
+
+
+def lines(*records: object) -> bytes:
+    return b"".join(
+        (r if isinstance(r, bytes) else json.dumps(r, ensure_ascii=False).encode()) + b"\n" for r in records
+    )
+
+
+def msgs(*turns: tuple[str, str]) -> dict:
+    return {"messages": [{"role": role, "content": text} for role, text in turns]}
+
+
+@dataclass
+class Case:
+    id: str
+    argv: list[str]  # "MODEL" stands for the tiny model folder
+    files: dict[str, object] = field(default_factory=dict)  # relative path -> bytes, or DIR
+    what: list[str] = field(default_factory=list)  # every one must be in the message
+    where: list[str] = field(default_factory=list)
+    fix: list[str] = field(default_factory=list)
+
+
+def train(*flags: str, data_spec: str = "data.jsonl") -> list[str]:
+    return ["train", "--model", "MODEL", "--dataset", data_spec, "--output_dir", "runs", *flags]
+
+
+HUGE = ("lorem ipsum dolor sit amet " * 200_000)[: 5 * 2**20]  # a 5 MiB prompt
+
+CASES = [
+    # ------------------------------------------------------------ bad JSON, encodings
+    Case(
+        "jsonl-trailing-comma",
+        train(),
+        {"data.jsonl": b'{"instruction": "q", "output": "a"},\n'},
+        ["bad JSON", "not readable as JSON"],
+        ["data.jsonl:1", "column 36"],
+        ["fix or delete the line"],
+    ),
+    Case(
+        "json-list-trailing-comma",
+        train(data_spec="data.json"),
+        {"data.json": b'[{"instruction": "q", "output": "a"},]'},
+        ["bad JSON", "trailing comma"],
+        ["data.json:1"],
+        ["fix the JSON there"],
+    ),
+    Case(
+        "json-truncated",
+        train(data_spec="data.json"),
+        {"data.json": b'[\n{"instruction": "q", "output": "a"},\n{"instruction": "q", "outp'},
+        ["bad JSON", "end of data"],
+        ["data.json:3"],
+        ["fix the JSON there"],
+    ),
+    Case(
+        "jsonl-one-broken-line",
+        train(),
+        {"data.jsonl": lines(GOOD, b'{"instruction": "q", "output": "a"', GOOD2)},
+        ["bad JSON", "so it was not used"],
+        ["data.jsonl:2"],
+        ["fix or delete the line"],
+    ),
+    Case(
+        "jsonl-not-utf8",
+        train(),
+        {"data.jsonl": lines(GOOD, b'{"instruction": "caf\xe9?", "output": "a"}')},
+        ["not UTF-8", "0xe9"],
+        ["data.jsonl:2"],
+        ["save the file as UTF-8"],
+    ),
+    Case(
+        "json-not-utf8",
+        train(data_spec="data.json"),
+        {"data.json": b'[\n{"instruction": "caf\xe9?", "output": "a"}\n]'},
+        ["not UTF-8"],
+        ["data.json:2"],
+        ["save the file as UTF-8"],
+    ),
+    Case(
+        "utf16-file",
+        train(),
+        {"data.jsonl": json.dumps(GOOD).encode("utf-16")},
+        ["UTF-16"],
+        ["data.jsonl"],
+        ["save it as UTF-8"],
+    ),
+    Case(
+        "json-not-a-list",
+        train(data_spec="data.json"),
+        {"data.json": b'"just some text"'},
+        ["expected a JSON list of records", "found text"],
+        ["data.json"],
+        ["write the file as ["],
+    ),
+    # ------------------------------------------------------------ fields and types
+    Case(
+        "missing-field",
+        train(),
+        {"data.jsonl": lines({"instruction": "q"})},
+        ["missing field 'output'"],
+        ["data.jsonl:1"],
+        ["fix the records listed"],
+    ),
+    Case(
+        "misspelled-field",
+        train(),
+        {"data.jsonl": lines({"instruction": "q", "ouput": "a"})},
+        ["missing field 'output'", "'ouput'"],
+        ["data.jsonl:1"],
+        ["misspelling of 'output'"],
+    ),
+    Case(
+        "empty-output",
+        train(),
+        {"data.jsonl": lines({"instruction": "q", "output": "  "})},
+        ["output is empty"],
+        ["data.jsonl:1"],
+        ["write the answer, or delete the record"],
+    ),
+    Case(
+        "empty-question",
+        train(),
+        {"data.jsonl": lines(msgs(("user", ""), ("assistant", "a")))},
+        ["is empty"],
+        ["data.jsonl:1", "messages[0]"],
+        ["write the question"],
+    ),
+    Case(
+        "number-where-text-goes",
+        train(),
+        {"data.jsonl": lines({"instruction": 42, "output": "a"})},
+        ["'instruction' must be text", "a number (42)"],
+        ["data.jsonl:1"],
+        ["fix the records listed"],
+    ),
+    Case(
+        "list-where-object-goes",
+        train(),
+        {"data.jsonl": lines({"messages": ["hello", "hi"]})},
+        ["must be an object, found text"],
+        ["data.jsonl:1", "messages[0]"],
+        ["fix the records listed"],
+    ),
+    Case(
+        "object-where-list-goes",
+        train(),
+        {"data.jsonl": lines({"conversations": {"from": "human", "value": "hi"}})},
+        ["'conversations' must be a list of turns", "found an object"],
+        ["data.jsonl:1"],
+        ["fix the records listed"],
+    ),
+    Case(
+        "record-is-a-list",
+        train(data_spec="data.json"),
+        {"data.json": json.dumps([["q", "a"]]).encode()},
+        ["expected a JSON object", "found a list"],
+        ["data.json[0]"],
+        ["fix the records listed"],
+    ),
+    Case(
+        "history-wrong-type",
+        train(),
+        {"data.jsonl": lines({**GOOD, "history": "earlier chat"})},
+        ["'history' must be a list"],
+        ["data.jsonl:1"],
+        ["[question, answer] pairs"],
+    ),
+    Case(
+        "unknown-format",
+        train(),
+        {"data.jsonl": lines({"prompt": "q", "completion": "a"})},
+        ["unknown format", "keys: completion, prompt"],
+        ["data.jsonl:1"],
+        ["expected 'messages'"],
+    ),
+    Case(
+        "sharegpt-unknown-role",
+        train(),
+        {
+            "data.jsonl": lines(
+                {"conversations": [{"from": "human", "value": "hi"}, {"from": "robot", "value": "beep"}]}
+            )
+        },
+        ["unknown speaker 'robot'"],
+        ["data.jsonl:1", "conversations[1]"],
+        ["use human, gpt or system"],
+    ),
+    Case(
+        "messages-unknown-role",
+        train(),
+        {"data.jsonl": lines(msgs(("user", "hi"), ("bot", "hello")))},
+        ["unknown role 'bot'"],
+        ["data.jsonl:1", "messages[1]"],
+        ["use system, user or assistant"],
+    ),
+    Case(
+        "messages-do-not-alternate",
+        train(),
+        {"data.jsonl": lines(msgs(("user", "hi"), ("user", "again"), ("assistant", "hello")))},
+        ["turns must alternate user, assistant"],
+        ["data.jsonl:1", "messages[1]"],
+        ["merge the two turns, or add the missing one"],
+    ),
+    Case(
+        "ends-with-the-user",
+        train(),
+        {"data.jsonl": lines(msgs(("user", "hi"), ("assistant", "hello"), ("user", "bye")))},
+        ["is the user's"],
+        ["data.jsonl:1", "messages[2]"],
+        ["end with the assistant's answer"],
+    ),
+    Case(
+        "unfilled-name-placeholder",
+        train(),
+        {"data.jsonl": lines({"instruction": "Who are you?", "output": "I am {{NAME}}."})},
+        ["uses {{NAME}}", "no --model_name"],
+        ["data.jsonl:1"],
+        ["pass --model_name"],
+    ),
+    Case(
+        "huge-record",
+        train(),
+        {"data.jsonl": lines({"instruction": HUGE, "output": "ok"})},
+        ["no training sample is left", "over 2048 tokens", "5,242,"],
+        ["data.jsonl:1", "--max_length 2048"],
+        ["shorten the prompt, or delete the record"],
+    ),
+    # ------------------------------------------------------------ files and path#N
+    Case(
+        "count-zero",
+        train(data_spec="data.jsonl#0"),
+        {"data.jsonl": lines(GOOD)},
+        ["'0' after '#' is not a positive whole number"],
+        ["data.jsonl#0"],
+        ["write data.jsonl#N"],
+    ),
+    Case(
+        "count-negative",
+        train(data_spec="data.jsonl#-1"),
+        {"data.jsonl": lines(GOOD)},
+        ["'-1' after '#' is not a positive whole number"],
+        ["data.jsonl#-1"],
+        ["write data.jsonl#N"],
+    ),
+    Case(
+        "count-not-a-number",
+        train(data_spec="data.jsonl#abc"),
+        {"data.jsonl": lines(GOOD)},
+        ["'abc' after '#' is not a positive whole number"],
+        ["data.jsonl#abc"],
+        ["write data.jsonl#N"],
+    ),
+    Case(
+        "file-does-not-exist",
+        train(data_spec="nowhere.jsonl"),
+        {"data.jsonl": lines(GOOD)},
+        ["dataset file not found"],
+        ["nowhere.jsonl"],
+        ["check the path"],
+    ),
+    Case(
+        "folder-instead-of-file",
+        train(data_spec="sets"),
+        {"sets": DIR, "sets/inside.jsonl": lines(GOOD)},
+        ["is a folder, not a dataset file"],
+        ["sets"],
+        ["name a .jsonl or .json file such as sets/inside.jsonl"],
+    ),
+    Case(
+        "empty-file",
+        train(),
+        {"data.jsonl": b""},
+        ["the file is empty"],
+        ["data.jsonl"],
+        ["add samples"],
+    ),
+    Case(
+        "whitespace-only-file",
+        train(),
+        {"data.jsonl": b"  \n\n\t \r\n"},
+        ["the file is empty"],
+        ["data.jsonl"],
+        ["add samples"],
+    ),
+    Case(
+        "wrong-extension",
+        train(data_spec="data.csv"),
+        {"data.csv": b"instruction,output\nq,a\n"},
+        ["unknown dataset extension '.csv'"],
+        ["data.csv"],
+        ["use .jsonl"],
+    ),
+    Case(
+        "broken-val-dataset",
+        [*train(), "--val_dataset", "val.jsonl"],
+        {"data.jsonl": lines(GOOD), "val.jsonl": lines(GOOD, b"{oops")},
+        ["bad JSON"],
+        ["--val_dataset", "val.jsonl:2"],
+        ["fix or delete the line"],
+    ),
+    Case(
+        "no-dataset",
+        ["train", "--model", "MODEL", "--output_dir", "runs"],
+        {},
+        ["no training data"],
+        ["--dataset"],
+        ["for example --dataset"],
+    ),
+    # ------------------------------------------------------------ parameters
+    Case(
+        "rank-zero",
+        train("--lora_rank", "0"),
+        {},
+        ["must be at least 1 (got 0)"],
+        ["--lora_rank"],
+        ["change the flag"],
+    ),
+    Case(
+        "negative-lr",
+        train("--lr", "-1e-4"),
+        {},
+        ["must be greater than 0"],
+        ["--learning_rate"],
+        ["change the flag"],
+    ),
+    Case(
+        "lr-not-a-number",
+        train("--learning_rate", "fast"),
+        {},
+        ["'fast' is not a number"],
+        ["--learning_rate"],
+        ["change the flag"],
+    ),
+    Case(
+        "batch-zero",
+        train("--per_device_train_batch_size", "0"),
+        {},
+        ["must be at least 1"],
+        ["--per_device_train_batch_size"],
+        ["change the flag"],
+    ),
+    Case(
+        "accumulation-zero",
+        train("--gradient_accumulation_steps", "0"),
+        {},
+        ["must be at least 1"],
+        ["--gradient_accumulation_steps"],
+        ["change the flag"],
+    ),
+    Case(
+        "max-length-below-minimum",
+        train("--max_length", "8"),
+        {},
+        ["must be at least 16"],
+        ["--max_length"],
+        ["change the flag"],
+    ),
+    Case(
+        "unknown-target-module",
+        train("--target_modules", "qq_proj"),
+        {"data.jsonl": lines(GOOD)},
+        ["no linear layer named qq_proj"],
+        ["--target_modules"],
+        ["choose from all-linear", "q_proj"],
+    ),
+    Case(
+        "target-module-not-a-name",
+        train("--target_modules", "q proj"),
+        {},
+        ["not a module name"],
+        ["--target_modules"],
+        ["try all-linear or q_proj"],
+    ),
+    Case(
+        "max-length-shorter-than-prompt",
+        train("--max_length", "16"),
+        {"data.jsonl": lines(GOOD, GOOD2)},
+        ["no training sample is left", "cuts away every answer token"],
+        ["data.jsonl:1", "data.jsonl:2", "--max_length 16"],
+        ["raise --max_length to"],
+    ),
+    Case(
+        "unknown-train-type",
+        train("--train_type", "full"),
+        {},
+        ["'full' is not one of lora, qlora"],
+        ["--train_type"],
+        ["change the flag"],
+    ),
+    Case(
+        "qlora-without-cuda",
+        train("--train_type", "qlora"),
+        {"data.jsonl": lines(GOOD)},
+        ["QLoRA needs an NVIDIA GPU with CUDA"],
+        ["--train_type qlora"],
+        ["use --train_type lora here"],
+    ),
+    Case(
+        "both-val-flags",
+        train("--val_dataset", "v.jsonl", "--val_ratio", "0.1"),
+        {},
+        ["not both"],
+        ["--val_ratio"],
+        ["give either --val_dataset or --val_ratio"],
+    ),
+    Case(
+        "three-model-names",
+        train("--model_name", "a", "b", "c"),
+        {},
+        ["give one value, or two"],
+        ["--model_name"],
+        ["change the flag"],
+    ),
+    Case(
+        "unknown-template",
+        train("--template", "vicuna"),
+        {"data.jsonl": lines(GOOD)},
+        ["unknown chat template 'vicuna'"],
+        ["--template"],
+        ["use one of chatml"],
+    ),
+    Case(
+        "output-dir-is-a-file",
+        ["train", "--model", "MODEL", "--dataset", "data.jsonl", "--output_dir", "data.jsonl"],
+        {"data.jsonl": lines(GOOD)},
+        ["is a file, not a folder"],
+        ["--output_dir"],
+        ["give a folder"],
+    ),
+    Case(
+        "resume-from-nothing",
+        train("--resume_from_checkpoint", "runs/old"),
+        {"data.jsonl": lines(GOOD)},
+        ["does not exist"],
+        ["--resume_from_checkpoint", "runs/old"],
+        ["point it at runs/<run-id>"],
+    ),
+    # ------------------------------------------------------------ flags and commands
+    Case(
+        "unknown-flag",
+        train("--frobnicate", "3"),
+        {},
+        ["unknown flag --frobnicate"],
+        ["--frobnicate"],
+        ["`tunebench train --help` lists the flags"],
+    ),
+    Case(
+        "misspelled-flag",
+        train("--lora_rnak", "8"),
+        {},
+        ["unknown flag --lora_rnak"],
+        ["--lora_rnak"],
+        ["did you mean --lora_rank?"],
+    ),
+    Case(
+        "hyphenated-flag",
+        train("--learning-rate", "1e-4"),
+        {},
+        ["unknown flag --learning-rate"],
+        ["--learning-rate"],
+        ["did you mean --learning_rate?"],
+    ),
+    Case(
+        "flag-without-value",
+        train("--lora_rank"),
+        {},
+        ["expected one argument"],
+        ["--lora_rank"],
+        ["tunebench train --help"],
+    ),
+    Case(
+        "misspelled-command",
+        ["trian", "--model", "MODEL", "--dataset", "data.jsonl"],
+        {"data.jsonl": lines(GOOD)},
+        ["unknown command 'trian'"],
+        ["trian"],
+        ["did you mean `tunebench train`?"],
+    ),
+    # ------------------------------------------------------------ models and adapters
+    Case(
+        "model-folder-without-config",
+        ["train", "--model", "notamodel", "--dataset", "data.jsonl", "--output_dir", "runs"],
+        {"notamodel": DIR, "notamodel/readme.txt": b"hello", "data.jsonl": lines(GOOD)},
+        ["is not a model folder", "no config.json"],
+        ["notamodel"],
+        ["point --model at the folder that holds config.json"],
+    ),
+    Case(
+        "model-config-not-json",
+        ["train", "--model", "broken", "--dataset", "data.jsonl", "--output_dir", "runs"],
+        {
+            "broken": DIR,
+            "broken/config.json": b'{"model_type": "llama",\n',
+            "broken/model.safetensors": b"",
+            "data.jsonl": lines(GOOD),
+        },
+        ["not valid JSON"],
+        ["broken/config.json:2"],
+        ["restore the model's config.json"],
+    ),
+    Case(
+        "model-config-not-a-model",
+        ["train", "--model", "other", "--dataset", "data.jsonl", "--output_dir", "runs"],
+        {
+            "other": DIR,
+            "other/config.json": b'{"name": "my app settings"}',
+            "other/model.safetensors": b"",
+            "data.jsonl": lines(GOOD),
+        },
+        ['has no "model_type"'],
+        ["other/config.json"],
+        ["point --model at the folder of a causal language model"],
+    ),
+    Case(
+        "model-pickle-weights-only",
+        ["train", "--model", "pickled", "--dataset", "data.jsonl", "--output_dir", "runs"],
+        {
+            "pickled": DIR,
+            "pickled/config.json": b'{"model_type": "llama"}',
+            "pickled/pytorch_model.bin": b"not really a pickle",
+            "data.jsonl": lines(GOOD),
+        },
+        ["has no safetensors weights"],
+        ["pickled"],
+        ["convert them to safetensors"],
+    ),
+    Case(
+        "model-path-missing",
+        ["train", "--model", "./no/such/model", "--dataset", "data.jsonl", "--output_dir", "runs"],
+        {"data.jsonl": lines(GOOD)},
+        ["model not found"],
+        ["./no/such/model"],
+        ["give 'demo', a local Hugging Face model folder"],
+    ),
+    Case(
+        "chat-adapter-missing",
+        ["chat", "--model", "MODEL", "--adapters", "runs/none"],
+        {},
+        ["adapter not found"],
+        ["runs/none"],
+        ["give a run folder"],
+    ),
+    Case(
+        "chat-adapter-is-pickle",
+        ["chat", "--model", "MODEL", "--adapters", "adapter"],
+        {
+            "adapter": DIR,
+            "adapter/adapter_config.json": b'{"peft_type": "LORA"}',
+            "adapter/adapter_model.bin": b"not really a pickle",
+        },
+        ["pickle file (adapter_model.bin)"],
+        ["adapter"],
+        ["re-save it as safetensors"],
+    ),
+    Case(
+        "chat-misspelled-flag",
+        ["chat", "--model", "MODEL", "--tempreature", "0.5"],
+        {},
+        ["unknown flag --tempreature"],
+        ["--tempreature"],
+        ["did you mean --temperature?"],
+    ),
+    Case(
+        "chat-negative-temperature",
+        ["chat", "--model", "MODEL", "--temperature", "-1"],
+        {},
+        ["must be at least 0.0"],
+        ["--temperature"],
+        ["change the flag"],
+    ),
+]
+
+
+def tree(*roots: Path) -> dict[str, str]:
+    """Every file and folder under the roots, with the hash of each file's bytes."""
+    found = {}
+    for root in roots:
+        for path in [root, *sorted(root.rglob("*"))]:
+            found[str(path)] = "folder" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
+
+
+def write_files(root: Path, files: dict[str, object]) -> None:
+    for name, content in files.items():
+        path = root / name
+        if content is DIR:
+            path.mkdir(parents=True, exist_ok=True)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(content)
+
+
+def run_cli(argv: list[str], capfd) -> tuple[int, str, str]:
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own exit
+        code = exc.code
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
+def test_the_corpus_is_large_and_distinct():
+    assert len(CASES) >= 30
+    assert len({case.id for case in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_bad_input_is_refused_clearly_and_touches_nothing(case, tmp_path, monkeypatch, capfd, tiny_model_dir):
+    if case.id == "qlora-without-cuda":
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+    work = tmp_path / "work"
+    work.mkdir()
+    write_files(work, case.files)
+    monkeypatch.chdir(work)
+    before = tree(work, tiny_model_dir)
+
+    argv = [str(tiny_model_dir) if arg == "MODEL" else arg for arg in case.argv]
+    code, out, err = run_cli(argv, capfd)
+
+    assert code not in (0, None), f"exit {code}\n{out}\n{err}"
+    assert "Traceback" not in out + err
+    assert err.startswith("error: ") or "\nerror: " in err, err
+    message = err[err.index("error: ") :]
+    for words in (*case.what, *case.where, *case.fix):
+        assert words in message, f"{words!r} not in:\n{message}"
+    assert tree(work, tiny_model_dir) == before  # no file changed, no run folder or checkpoint made
+
+
+def test_data_errors_come_before_the_model_loads(tmp_path, monkeypatch, capfd, tiny_model_dir):
+    """Bad data is found without reading any weights (a 7B model takes a minute to load)."""
+    from tunebench.engine import models
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(models, "load_model", no_loading)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data.jsonl").write_bytes(lines(GOOD, b"{broken"))
+    code, _, err = run_cli(["train", "--model", str(tiny_model_dir), "--dataset", "data.jsonl"], capfd)
+    assert code == 2 and "data.jsonl:2: bad JSON" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl"]
+
+
+# ================================================================= accepted input
+
+
+def test_bom_extra_fields_and_skippable_records_are_accepted(tmp_path, monkeypatch, capfd, tiny_model_dir):
+    """A UTF-8 BOM is read as if absent (Windows editors write one); unknown extra fields are
+    ignored, as ms-swift ignores them; a readable record that is not a usable sample is skipped and
+    reported, not fatal; a long answer is truncated to max_length and counted."""
+    monkeypatch.chdir(tmp_path)
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + lines(GOOD, GOOD2))
+    bom_json = tmp_path / "bom.json"
+    bom_json.write_bytes(b"\xef\xbb\xbf" + json.dumps([GOOD]).encode())
+    extras = tmp_path / "extras.jsonl"
+    extras.write_bytes(
+        lines({**GOOD, "id": 7, "source": "web", "meta": {"lang": "en"}}, {"instruction": "no answer here"})
+    )
+    long = tmp_path / "long.jsonl"
+    long.write_bytes(lines({"instruction": "Tell me a story.", "output": "Once upon a time. " * 2000}))
+    inputs = {p: p.read_bytes() for p in (bom, bom_json, extras, long)}
+
+    argv = ["train", "--model", str(tiny_model_dir), "--output_dir", "runs", "--run_name", "ok"]
+    argv += ["--dataset", "bom.jsonl", "bom.json", "extras.jsonl", "long.jsonl"]
+    code, out, err = run_cli([*argv, "--max_length", "256", "--max_steps", "1", "--json"], capfd)
+
+    assert code == 0, err
+    assert "Traceback" not in out + err
+    events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    report = next(e for e in events if e["type"] == "DataReport")
+    assert report["samples"] == 5  # two + one + the extras record + the long one
+    assert report["truncated"] == 1 and report["dropped"] == 0
+    assert report["problems"] == ["extras.jsonl:2: missing field 'output'"]
+    assert events[-1]["type"] == "TrainFinished" and events[-1]["status"] == "completed"
+    assert {p: p.read_bytes() for p in inputs} == inputs
+    assert (tmp_path / "runs" / "ok" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_bom_records_read_like_plain_ones(tmp_path):
+    plain = tmp_path / "plain.jsonl"
+    plain.write_bytes(lines(GOOD, GOOD2))
+    # Files joined with `cat` carry a BOM at the start of each part.
+    with_boms = tmp_path / "boms.jsonl"
+    with_boms.write_bytes(b"\xef\xbb\xbf" + lines(GOOD) + b"\xef\xbb\xbf" + lines(GOOD2))
+    expected = [s.messages for s in data.read_records(plain)[0]]
+    samples, problems = data.read_records(with_boms)
+    assert problems == [] and [s.messages for s in samples] == expected
+
+
+# ========================================= loading never runs code from the model folder
+
+
+def booby_trapped_copy(tiny_model_dir: Path, folder: Path, marker: Path) -> Path:
+    """The tiny model, plus a pickle weights file and custom model code that would each create
+    `marker` if anything unpickled or imported them."""
+    import pickle
+    import shutil
+
+    shutil.copytree(tiny_model_dir, folder)
+
+    class Trap:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps({"model.embed_tokens.weight": Trap()}))
+    (folder / "evil.py").write_text(f"from pathlib import Path\nPath({str(marker)!r}).touch()\n")
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_models_load_from_safetensors_without_remote_code(tiny_model_dir, tmp_path, monkeypatch):
+    import torch
+    from tunebench.engine.config import TrainConfig
+    from tunebench.engine.models import load_model
+
+    marker = tmp_path / "code-ran"
+    folder = booby_trapped_copy(tiny_model_dir, tmp_path / "model", marker)
+
+    def no_pickles(*args, **kwargs):
+        raise AssertionError("torch.load (pickle) was called while loading a model")
+
+    monkeypatch.setattr(torch, "load", no_pickles)
+    assert TrainConfig().trust_remote_code is False  # off unless the person turns it on
+    loaded = load_model(str(folder), device=torch.device("cpu"))
+    assert type(loaded.model).__name__ == "LlamaForCausalLM"  # the library's class, not evil.py's
+    assert not marker.exists()
+
+
+def test_trust_remote_code_is_a_flag_that_defaults_off():
+    from tunebench.engine.cli import build_train_parser, config_from_args
+
+    parser = build_train_parser()
+    assert config_from_args(parser.parse_args(["--dataset", "d.jsonl"])).trust_remote_code is False
+    assert config_from_args(
+        parser.parse_args(["--dataset", "d.jsonl", "--trust_remote_code"])
+    ).trust_remote_code
+
+
+def test_adapters_load_from_safetensors_only(tmp_path, monkeypatch):
+    """A PEFT adapter folder holding only a pickle is refused before anything reads it; with both,
+    PEFT reads the safetensors file."""
+    from tunebench.engine.errors import UserError
+    from tunebench.engine.generate import find_adapter_dir
+
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    (folder / "adapter_model.bin").write_bytes(b"pickle")
+    with pytest.raises(UserError, match="pickle"):
+        find_adapter_dir(str(folder))
+
+
+# ======================================================================= huge records
+
+
+def test_the_long_prompt_shortcut_never_drops_a_prompt_that_fits(tiny_tokenizer):
+    """Multi-megabyte prompts are counted chunk by chunk and dropped early; the count must never
+    call a prompt "over" when it fits, or a sample that trains would be lost."""
+    text = ("Who are you? I am swift-robot, an AI assistant developed by swift.\n" * 3000) + "x" * 70_000
+    exact = len(tiny_tokenizer([text], add_special_tokens=False)["input_ids"][0])
+    assert len(text) > 2 * data._CHUNK_CHARS  # several chunks, so the cuts are exercised
+    assert not data._prompt_over(text, tiny_tokenizer, exact)
+    assert data._prompt_over(text, tiny_tokenizer, int(exact / 1.2))
