@@ -77,8 +77,11 @@ class Jobs:
         self._session: Any = None
 
     def train(self, job: Job, request: P.Request, emit: Emit) -> P.Event:
-        self.drop_session()  # training needs the GPU memory a chat model holds
+        from .preflight import preflight
         from .train import StopSignal, run_training
+
+        preflight(job.config)  # a bad dataset or flag fails in seconds, before any weights load
+        self.drop_session()  # training needs the GPU memory a chat model holds
 
         stop = StopSignal()
         job.attach_stop(stop)

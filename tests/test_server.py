@@ -354,7 +354,13 @@ def test_shutdown_stops_training_gracefully_first(workspace, tiny_model_dir):
 # ====================================================================== failures stay contained
 
 
-def test_a_bad_dataset_is_reported_plainly(engine, workspace, tiny_model_dir):
+def test_a_bad_dataset_is_reported_plainly(engine, workspace, tiny_model_dir, monkeypatch):
+    from tunebench.engine import models
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the data is checked before any weights load")
+
+    monkeypatch.setattr(models, "load_model", no_load)
     with connect(workspace) as conn:
         conn.send(P.StartTraining(config=train_config(tiny_model_dir, dataset=["datasets/missing.jsonl"])))
         events = events_until(conn, job_ended)
