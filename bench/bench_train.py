@@ -43,6 +43,10 @@ import types
 from dataclasses import dataclass
 from pathlib import Path
 
+# Growable allocator segments, as the engine sets them (engine/memory.py, engine/train.py); every
+# stack runs in a child process that inherits this.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
 REPO = Path(__file__).resolve().parent.parent
 IGNORE = -100
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -301,7 +305,9 @@ class Profiler:
         from torch.profiler import ProfilerActivity, profile
 
         if step == 2:
-            self.prof = profile(activities=[ProfilerActivity.CUDA])
+            host = os.environ.get("TB_PROFILE") == "cpu"  # +cprof: where the host's time goes too
+            acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if host else [ProfilerActivity.CUDA]
+            self.prof = profile(activities=acts)
             self.prof.__enter__()
             self.started = time.perf_counter()
         elif step == 4 and self.prof:
@@ -321,6 +327,10 @@ class Profiler:
             except Exception:  # noqa: BLE001 - older profiler key name
                 text = events.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70)
             head = f"2 steps: wall {wall:.3f} s, GPU kernels {busy:.3f} s busy ({busy / wall:.0%})\n"
+            if os.environ.get("TB_PROFILE") == "cpu":
+                text += "\n" + events.table(
+                    sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=70
+                )
             print(head + text, flush=True)
             out = Path(os.environ.get("OUT", "/tmp")) / f"profile_{self.args.size}_{self.args.workload}.txt"
             out.write_text(head + text)
@@ -376,6 +386,9 @@ def run_tunebench(args, samples, plan) -> dict:
     finished = run_training(cfg, emit)
     out = rec.result(timed_tokens(samples, plan))
     out["notes"] = notes
+    modelled = [n for n in notes if n.startswith("memory model: peak ")]
+    if modelled:  # the path's own memory model for its largest forward, to check against the peak
+        out["model_peak_gib"] = float(modelled[-1].split()[3])
     out["status"] = finished.status
     out["engine_version_of"] = str(Path(engine.__path__[0]))
     return out
@@ -560,9 +573,9 @@ def parent(args) -> None:
                 method, accel = method.split("+accel=")
             tag = "".join(c if c.isalnum() else "_" for c in accel)
             part = out / f".{args.size}_{workload}_{stack}_{method}_{tag}.json"
-            prof = "+prof" in method
-            method = method.replace("+prof", "")
-            env = dict(os.environ, TUNEBENCH_ACCEL=accel.replace("/", ","), TB_PROFILE="1" if prof else "")
+            prof = "cpu" if "+cprof" in method else "1" if "+prof" in method else ""
+            method = method.replace("+cprof", "").replace("+prof", "")
+            env = dict(os.environ, TUNEBENCH_ACCEL=accel.replace("/", ","), TB_PROFILE=prof)
             cmd = [
                 sys.executable,
                 __file__,
@@ -605,7 +618,7 @@ def parent(args) -> None:
             results.append(record)
             print(summary_line(record), flush=True)
             part.unlink(missing_ok=True)
-            combined = out / f"train_{args.size}_{args.workload.replace(',', '+')}.json"
+            combined = out / f"train_{args.size}_{args.workload.replace(',', '+')}{args.tag}.json"
             combined.write_text(json.dumps(results, indent=1))
     print()
     print(table(results))
@@ -616,16 +629,17 @@ def summary_line(r: dict) -> str:
         return f"--> {r['stack']} {r['method']}: ERROR {r['error'][:300]}"
     return (
         f"--> {r['stack']} {r['method']}: {r['tokens_per_s']:,.0f} tok/s, "
-        f"peak {r['peak_allocated_gib']:.2f} GiB alloc / {r['peak_reserved_gib']:.2f} reserved, "
-        f"loss {r['first_loss']:.4f} -> {r['final_loss']:.4f}"
+        f"peak {r['peak_allocated_gib']:.2f} GiB alloc / {r['peak_reserved_gib']:.2f} reserved"
+        + (f" (model {r['model_peak_gib']:.2f})" if r.get("model_peak_gib") else "")
+        + f", loss {r['first_loss']:.4f} -> {r['final_loss']:.4f}, steps {r.get('step_seconds')}"
     )
 
 
 def table(results: list[dict]) -> str:
     lines = [
         "| size | workload | stack | method | tokens/s | vs HF | vs Unsloth | peak alloc GiB | "
-        "peak reserved GiB | first loss | final loss | final vs HF |",
-        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "peak reserved GiB | model GiB | first loss | final loss | final vs HF |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
 
     def ref(r, stack):
@@ -655,6 +669,7 @@ def table(results: list[dict]) -> str:
         cells = [
             r["size"], r["workload"], name, r["method"], f"{r['tokens_per_s']:,.0f}", vs(hf), vs(un),
             f"{r['peak_allocated_gib']:.2f}", f"{r['peak_reserved_gib']:.2f}",
+            f"{r['model_peak_gib']:.2f}" if r.get("model_peak_gib") else "-",
             f"{r['first_loss']:.4f}", f"{r['final_loss']:.4f}", dloss,
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
@@ -713,6 +728,7 @@ def check() -> None:
     print("LoRA linear: rel err y/dx/dA/dB = " + " ".join(f"{e:.1e}" for e in errs))
     assert all(e < 2e-2 for e in errs), errs
     check_model_path()
+    check_compile()
     print("check passed")
 
 
@@ -764,6 +780,40 @@ def check_model_path() -> None:
         assert abs(loss / ref_loss - 1) < 2e-3 and rel < 5e-2, (name, loss, ref_loss, rel)
 
 
+def check_compile() -> None:
+    """The compiled decoder layers on the packed path: no graph break, no fallback to eager."""
+    import torch
+    from torch._dynamo.utils import counters
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from tunebench.engine import accel
+    from tunebench.engine.config import TrainConfig
+    from tunebench.engine.train import _attach_lora
+
+    dev = torch.device("cuda")
+    small = dict(SIZES["0.5b"], num_hidden_layers=2)
+    for profile in ("fast", "lean"):
+        torch._dynamo.reset()
+        counters.clear()
+        torch.set_default_dtype(torch.bfloat16)
+        with dev:
+            model = Qwen2ForCausalLM(Qwen2Config(**small, **COMMON, attn_implementation="sdpa"))
+        torch.set_default_dtype(torch.float32)
+        cfg = TrainConfig(lora_rank=8, lora_alpha=32, lora_dropout=0.0, profile=profile)
+        path = accel.FastPath(cfg, dev, profile)
+        model = _attach_lora(path.prepare_base(model), cfg, True)
+        model.train()
+        path._setup(model)
+        torch._dynamo.config.suppress_errors = False  # a failure must show here, not fall back
+        for lengths in ((300, 700, 1000), (50, 1500), (900, 900, 200)):
+            samples = [s for s in make_samples("mixed", small["vocab_size"])[: len(lengths)]]
+            samples = [Sample(s.input_ids[:n], s.labels[:n]) for s, n in zip(samples, lengths, strict=True)]
+            path.loss_sum(model, path.collate(samples, 0, dev)).backward()
+        breaks = dict(counters["graph_break"])
+        stats = dict(counters["stats"])
+        print(f"compile {profile}: graph breaks {breaks or 'none'}; dynamo stats {stats}")
+        assert not breaks, breaks
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("mode", nargs="?", default="run", choices=["run", "child", "make-model", "check"])
@@ -780,6 +830,7 @@ def main() -> None:
     p.add_argument("--result", default="")
     p.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     p.add_argument("--timeout", type=int, default=420, help="seconds per stack process")
+    p.add_argument("--tag", default="", help="suffix of the combined results file")
     args = p.parse_args()
     if args.mode == "make-model":
         make_model(args.size, Path(args.model_dir))

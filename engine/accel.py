@@ -16,6 +16,11 @@ changes is how a micro-batch is laid out and how its summed loss is computed:
   against its float32 master weights, and the base and adapter products share one saved input.
 - **Kernels.** liger's fused RMSNorm and SwiGLU on Llama / Qwen / Mistral families (they keep
   fewer and smaller tensors for backward); fused AdamW is the recipe's own.
+- **Merged forwards.** A step's samples are regrouped (in order, never split) into forwards of
+  at most the profile's token count from the memory model (engine/gpu_memory.py): fast packs as
+  many as keep every layer's activations on the card (the whole step, for 4 x 2048 tokens on a
+  7B and an 80 GB card), lean as many as fit a small fixed allowance. The loss is summed and
+  normalised by the step's loss tokens, so the gradient is the configured micro-batches'.
 - **Profiles.** `fast` recomputes no layer whose activations fit: before each micro-batch it
   works out, from free memory and a per-token memory model calibrated on the first micro-batch,
   how many decoder layers can keep their activations, and recomputes only the rest. `lean`
@@ -23,10 +28,11 @@ changes is how a micro-batch is laid out and how its summed loss is computed:
   gathered on the CPU: it is frozen and only indexed). `auto` picks lean when little memory is
   left after the model is loaded.
 
-Techniques: pack, flce, lora, selective (fast), offload (lean) and compile (each decoder layer
-as one torch.compile region; not under QLoRA, where bitsandbytes' kernels break the graph) are on;
-liger is off because it measured slower here (bench/RESULTS.md). For measuring,
-`TUNEBENCH_ACCEL` adjusts the set, e.g. `TUNEBENCH_ACCEL=+liger,-flce`.
+Techniques: pack, merge, flce, lora, selective (fast), offload (lean) and compile (each decoder
+layer as one torch.compile region; not under QLoRA unless `+qcompile`, where bitsandbytes'
+layers are untested under compile) are on; liger is off because it measured slower here
+(bench/RESULTS.md). For measuring, `TUNEBENCH_ACCEL` adjusts the set, e.g.
+`TUNEBENCH_ACCEL=+liger,-merge`.
 """
 
 from __future__ import annotations
@@ -42,21 +48,25 @@ import torch
 import torch.nn.functional as F
 
 from .config import TrainConfig
+from .gpu_memory import (  # noqa: F401 - the memory model, re-exported for callers and tests
+    GIB,
+    HEADROOM,
+    LEAN_BELOW_FREE,
+    choose_profile,
+    estimate_peak_bytes,
+    layer_activation_bytes,
+    layers_to_keep,
+    tokens_per_forward,
+)
 from .train import IGNORE, Batch, TrainPath
 
 log = logging.getLogger(__name__)
 
 ATTENTION_NAME = "tunebench_varlen"
-GIB = 1024**3
-# `auto` takes the lean profile when less than this is free once the model is on the card.
-LEAN_BELOW_FREE = 12 * GIB
-# Kept free for the allocator's transients (the loss chunk, a dequantised 4-bit weight, cuBLAS
-# workspaces) on top of what the memory model counts.
-HEADROOM = int(2.5 * GIB)
 LIGER_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "smollm3", "granite", "olmo2")
 
 
-DEFAULT_TECHNIQUES = frozenset({"pack", "flce", "lora", "selective", "offload", "compile"})
+DEFAULT_TECHNIQUES = frozenset({"pack", "merge", "flce", "lora", "selective", "offload", "compile"})
 
 
 def techniques(spec: str | None = None) -> set[str]:
@@ -71,104 +81,6 @@ def techniques(spec: str | None = None) -> set[str]:
     return use
 
 
-# ================================================================== profiles
-
-
-def choose_profile(requested: str, free_bytes: int) -> tuple[str, str]:
-    """The profile to train with, and why: `auto` goes lean when little memory is left."""
-    if requested in ("fast", "lean"):
-        return requested, "asked for"
-    if free_bytes < LEAN_BELOW_FREE:
-        return "lean", f"auto: {free_bytes / GIB:.1f} GiB free after loading the model"
-    return "fast", f"auto: {free_bytes / GIB:.1f} GiB free after loading the model"
-
-
-def layer_activation_bytes(model_config: Any, dtype_bytes: int = 2, fused: bool = True) -> int:
-    """Bytes one decoder layer keeps for backward, per token, on this path (no recompute).
-
-    Counts what autograd saves: the two norm inputs and outputs, q/k/v after RoPE and the
-    attention output (flash attention keeps these and a float32 log-sum-exp per head), the
-    gate and up products and the down projection's input. Unfused (HF) RMSNorm and SwiGLU keep
-    float32 copies and the activation's output as well.
-    """
-    c = _cfg(model_config)
-    h, i = c["hidden_size"], c["intermediate_size"]
-    heads = c["num_attention_heads"]
-    kv = c.get("num_key_value_heads") or heads
-    d = c.get("head_dim") or h // heads
-    words = 4 * h + (heads + 2 * kv) * d + heads * d + 3 * i
-    extra = 0 if fused else 2 * (5 * h * 4 // dtype_bytes) + i
-    return (words + extra) * dtype_bytes + heads * 4
-
-
-def estimate_peak_bytes(
-    model_config: Any,
-    *,
-    tokens: int,
-    lora_rank: int = 8,
-    quantized: bool = False,
-    recomputed_layers: int | None = None,
-    embedding_on_host: bool = False,
-) -> dict[str, int]:
-    """The memory model: peak allocated bytes of a training step on the fast path, by part.
-
-    `tokens` is the longest micro-batch (packed); `recomputed_layers` None means all of them
-    (lean), 0 means none (fast with room to spare). Needs no torch, so the engine can answer a
-    memory estimate before anything is loaded.
-    """
-    c = _cfg(model_config)
-    h, i, layers = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
-    heads = c["num_attention_heads"]
-    kv = c.get("num_key_value_heads") or heads
-    d = c.get("head_dim") or h // heads
-    vocab = c["vocab_size"]
-    tied = bool(c.get("tie_word_embeddings", False))
-    per_layer_linear = h * (heads * d) + 2 * h * (kv * d) + (heads * d) * h + 3 * h * i
-    embed = vocab * h
-    linear_bytes = layers * per_layer_linear * (0.5 + 1 / 32 if quantized else 2)
-    embed_bytes = (0 if embedding_on_host and not tied else embed * 2) + (0 if tied else embed * 2)
-    other = layers * (2 * h + (heads + 2 * kv) * d) * 2 + h * 2
-    lora_params = (
-        layers * lora_rank * ((h + heads * d) + 2 * (h + kv * d) + (heads * d + h) + 2 * (h + i) + (i + h))
-    )
-    lora_bytes = lora_params * 16  # float32 weight, grad and two AdamW moments
-    per_layer = layer_activation_bytes(c)
-    recomputed = layers if recomputed_layers is None else min(recomputed_layers, layers)
-    kept = layers - recomputed
-    acts = tokens * (kept * per_layer + recomputed * h * 2)
-    transient = tokens * per_layer if recomputed else 0  # one layer replayed in backward
-    # hidden at the loss positions and its gradient, plus one chunk of logits (the fused loss
-    # sizes its chunks to about tokens x hidden elements)
-    loss = tokens * h * 2 * 4 + tokens * h * 6
-    weights = int(linear_bytes + embed_bytes + other)
-    return {
-        "weights": weights,
-        "lora_and_optimizer": lora_bytes,
-        "activations": acts + transient,
-        "loss": loss,
-        "total": weights + lora_bytes + acts + transient + loss,
-    }
-
-
-def layers_to_keep(
-    *, budget: float, tokens: int, layers: int, per_layer: float, stub: float, fixed: float
-) -> int:
-    """How many decoder layers can keep their activations (the rest are recomputed).
-
-    Per token: `fixed` outside the layers, `per_layer` for a layer that keeps everything, `stub`
-    (its input) for one that is recomputed, plus one replayed layer during backward:
-    tokens * (fixed + keep * per_layer + (layers - keep) * stub + per_layer) <= budget.
-    """
-    room = budget / max(tokens, 1) - fixed - layers * stub - per_layer
-    return int(max(0, min(layers, room // max(per_layer - stub, 1))))
-
-
-def _cfg(model_config: Any) -> dict:
-    if isinstance(model_config, dict):
-        return model_config
-    return model_config.to_dict() if hasattr(model_config, "to_dict") else vars(model_config)
-
-
 # ===================================================================== entry
 
 
@@ -177,6 +89,7 @@ def cuda_path(cfg: TrainConfig, device) -> TrainPath:
     profile, why = choose_profile(cfg.profile, free)
     fast = FastPath(cfg, device, profile)
     notes = [f"GPU path: profile {profile} ({why})"] + fast.describe()
+    fast.notes = notes  # the path adds the memory model's numbers once it has seen a forward
     return TrainPath(
         name=f"cuda-{profile}",
         # Layers are wrapped for recompute in both profiles; the fast profile switches it off per
@@ -185,6 +98,7 @@ def cuda_path(cfg: TrainConfig, device) -> TrainPath:
         collate=fast.collate,
         loss_sum=fast.loss_sum,
         prepare_base=fast.prepare_base,
+        group=fast.group,
         notes=notes,
     )
 
@@ -238,6 +152,25 @@ def pack(samples: list, device) -> PackedBatch:
         loss_targets=put(target_t[loss_index]),
         host_ids=host_ids,
     )
+
+
+def repartition(step: list[list[int]], length, max_tokens: int) -> list[list[int]]:
+    """A step's samples, in their order, regrouped into forwards of at most `max_tokens` tokens
+    (a longer sample goes alone). The loss is summed and normalised by the step's loss tokens, so
+    the gradient is the same however a step's samples are grouped."""
+    forwards: list[list[int]] = []
+    current: list[int] = []
+    used = 0
+    for index in (i for micro in step for i in micro):
+        n = length(index)
+        if current and used + n > max_tokens:
+            forwards.append(current)
+            current, used = [], 0
+        current.append(index)
+        used += n
+    if current:
+        forwards.append(current)
+    return forwards
 
 
 # ================================================================= attention
@@ -442,28 +375,31 @@ class _LoRADelta(torch.autograd.Function):
         return grad_x, grad_a, grad_b, None
 
 
-_MM_OUT_DTYPE: dict[str, bool] = {}
+# Whether torch.mm takes out_dtype (bf16 in, fp32 out) on this GPU: probed once, eagerly, before
+# anything is compiled. Traced code only reads it: a lookup that fills a cache inside the LoRA
+# backward made dynamo break the graph at every LoRA layer (bench/RESULTS.md, call D).
+_MM_OUT_DTYPE_OK: bool | None = None
 
 
 def _mm_f32(a, b):
     """a @ b with float32 output (the adapter's gradients), accumulating in float32 either way."""
     if a.dtype == torch.float32:
         return a @ b
-    if a.is_cuda and _mm_out_dtype_works(a.device):
+    if a.is_cuda and _MM_OUT_DTYPE_OK:
         return torch.mm(a, b, out_dtype=torch.float32)
     return a.float() @ b.float()
 
 
-def _mm_out_dtype_works(device) -> bool:
-    """Whether torch.mm takes out_dtype here (bf16 in, fp32 out), probed once outside any compiled code."""
-    key = str(device)
-    if key not in _MM_OUT_DTYPE:
+def probe_mm_out_dtype(device) -> bool:
+    """Find out (once) whether torch.mm takes out_dtype on `device`; call outside compiled code."""
+    global _MM_OUT_DTYPE_OK
+    if _MM_OUT_DTYPE_OK is None and torch.device(device).type == "cuda":
         try:
             x = torch.ones(2, 2, device=device, dtype=torch.bfloat16)
-            _MM_OUT_DTYPE[key] = torch.mm(x, x, out_dtype=torch.float32).dtype == torch.float32
+            _MM_OUT_DTYPE_OK = torch.mm(x, x, out_dtype=torch.float32).dtype == torch.float32
         except (TypeError, RuntimeError):
-            _MM_OUT_DTYPE[key] = False
-    return _MM_OUT_DTYPE[key]
+            _MM_OUT_DTYPE_OK = False
+    return bool(_MM_OUT_DTYPE_OK)
 
 
 def _lora_forward(self, x, *args, **kwargs):
@@ -551,8 +487,18 @@ def compile_layers(layers: list, device) -> list[str]:
     if not layers:
         return []
     if device.type == "cuda":
-        _mm_out_dtype_works(device)  # probe before tracing
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        probe_mm_out_dtype(device)  # before tracing: compiled code must only read the answer
+    # Each layer may get its own compiled variant (its index is a constant in its code), and
+    # recompute replays it under other grad modes: past the recompile limit dynamo silently runs
+    # a layer eagerly in small pieces, so the limits grow with the number of layers.
+    limit = max(64, 8 * len(layers))
+    dynamo = torch._dynamo.config
+    for name in ("cache_size_limit", "recompile_limit"):
+        if hasattr(dynamo, name):
+            setattr(dynamo, name, max(getattr(dynamo, name), limit))
+    for name in ("accumulated_cache_size_limit", "accumulated_recompile_limit"):
+        if hasattr(dynamo, name):
+            setattr(dynamo, name, max(getattr(dynamo, name), 4 * limit))
     torch._dynamo.config.suppress_errors = True  # a layer dynamo cannot take runs eagerly instead
     for layer in layers:
         layer.compile()
@@ -596,9 +542,18 @@ class FastPath:
     host_embedding: HostEmbedding | None = None
     compute_dtype: Any = None
     applied: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # the TrainPath's notes: the recipe logs new ones
     _model: _Model | None = None
     _ce: Any = None
     _kept: int = 0  # layers that keep their activations in the current micro-batch
+    _config: Any = None  # the base model's config, for the memory model
+    _max_tokens: int = 0  # tokens per forward, from the memory model (0: not worked out yet)
+    _modelled_peak: int = 0  # the largest peak the memory model gave for a forward so far
+
+    @property
+    def compiles(self) -> bool:
+        # bitsandbytes' 4-bit layers under torch.compile are a measurement (+qcompile), not a default
+        return "compile" in self.use and (not self.cfg.is_qlora or "qcompile" in self.use)
 
     def describe(self) -> list[str]:
         on = [
@@ -607,8 +562,9 @@ class FastPath:
             ("liger", "liger RMSNorm / SwiGLU"),
             ("lora", "LoRA in the compute dtype, one saved input"),
             ("compile", "each decoder layer compiled as one region"),
+            ("merge", "a step's samples packed into as few forwards as the profile's memory allows"),
         ]
-        use = self.use - ({"compile"} if self.cfg.is_qlora else set())
+        use = self.use - (set() if self.compiles else {"compile"})
         notes = [f"GPU path: {text}" for key, text in on if key in use]
         if self.profile == "fast" and self.cfg.gradient_checkpointing and "selective" in self.use:
             notes.append("GPU path: recompute only the layers whose activations do not fit")
@@ -625,6 +581,7 @@ class FastPath:
         if "liger" in self.use:
             self.applied += patch_liger(model)
         self.compute_dtype = _compute_dtype(model)
+        self._config = model.config
         if self.profile == "lean" and "offload" in self.use:
             emb, head = model.get_input_embeddings(), model.get_output_embeddings()
             if head is None or emb.weight is not head.weight:
@@ -636,6 +593,25 @@ class FastPath:
         return model
 
     # -------------------------------------------------------------- batches
+
+    def group(self, step: list[list[int]], samples: list) -> list[list[int]]:
+        """The step's forwards: its samples regrouped to the profile's tokens per forward (CUDA only)."""
+        if "pack" not in self.use or "merge" not in self.use or self.device.type != "cuda":
+            return step
+        if not self._max_tokens:
+            free, _total = torch.cuda.mem_get_info(self.device)
+            self._max_tokens = tokens_per_forward(
+                self._config,
+                profile=self.profile,
+                card_bytes=free + torch.cuda.memory_reserved(self.device),
+                lora_rank=self.cfg.lora_rank,
+                quantized=self.cfg.is_qlora,
+                embedding_on_host=self.host_embedding is not None,
+            )
+            self.notes.append(
+                f"GPU path: forwards of up to {self._max_tokens} tokens ({self.profile} profile)"
+            )
+        return repartition(step, lambda i: len(samples[i].input_ids), self._max_tokens)
 
     def collate(self, samples: list, pad_id: int, device) -> Batch:
         if "pack" not in self.use:
@@ -673,8 +649,10 @@ class FastPath:
         if batch.target_tokens != hidden.shape[0]:
             hidden = hidden.index_select(0, batch.loss_index)
         loss = self._ce(hidden, m.head_weight, batch.loss_targets)
-        if training and not m.calibrated and self.device.type == "cuda":
-            self._calibrate(m, batch.tokens, torch.cuda.memory_allocated(self.device) - before)
+        if training and self.device.type == "cuda":
+            if not m.calibrated:
+                self._calibrate(m, batch.tokens, torch.cuda.memory_allocated(self.device) - before)
+            self._note_memory_model(m, batch.tokens)
         return loss
 
     # ---------------------------------------------------------------- setup
@@ -682,6 +660,8 @@ class FastPath:
     def _setup(self, model) -> _Model:
         causal = model.get_base_model() if hasattr(model, "get_base_model") else model
         decoder = getattr(causal, causal.base_model_prefix)
+        if self.device.type == "cuda":
+            probe_mm_out_dtype(self.device)
         head = causal.get_output_embeddings()
         if "lora" in self.use:
             n = patch_lora_layers(model)
@@ -703,7 +683,7 @@ class FastPath:
                 layer._gradient_checkpointing_func = recompute
             if hasattr(causal, "_require_grads_hook") or getattr(causal, "_require_grads_hooks", None):
                 causal.disable_input_require_grads()
-        if "compile" in self.use and not self.cfg.is_qlora:
+        if self.compiles:
             self.applied += compile_layers(layers, self.device)
         # Larger loss chunks read the [vocab x hidden] head fewer times; lean keeps them small.
         chunk_budget = 4 if self.profile == "lean" else 16
@@ -759,6 +739,24 @@ class FastPath:
         for index, layer in enumerate(m.layers):
             layer.gradient_checkpointing = index >= keep
         self._kept = keep
+
+    def _note_memory_model(self, m: _Model, tokens: int) -> None:
+        """Say what the memory model expects for the largest forward so far (the bench checks it)."""
+        recomputed = len(m.layers) - self._kept if self.cfg.gradient_checkpointing and m.layers else 0
+        parts = estimate_peak_bytes(
+            self._config,
+            tokens=tokens,
+            lora_rank=self.cfg.lora_rank,
+            quantized=self.cfg.is_qlora,
+            recomputed_layers=recomputed,
+            embedding_on_host=self.host_embedding is not None,
+        )
+        if parts["total"] > self._modelled_peak * 1.02:
+            self._modelled_peak = parts["total"]
+            self.notes.append(
+                f"memory model: peak {parts['total'] / GIB:.2f} GiB for a forward of {tokens} tokens, "
+                f"{recomputed} of {len(m.layers)} layers recomputed"
+            )
 
     def _hidden_bytes(self) -> int:
         return self._model.decoder.config.hidden_size * 2 if self._model else 0

@@ -4,8 +4,10 @@ A GenerationSession owns one base model. Every adapter (a run's final adapter, a
 PEFT adapter folder) is loaded once into the same PeftModel under its own name, so all columns
 share one copy of the base weights, and one batched decode loop serves every column at once:
 row i of the batch runs with adapter i, or with none for the base (PEFT's mixed-adapter batches,
-`adapter_names=[..., "__base__"]`). Greedy decoding (temperature 0) gives each column exactly
-what a call with that column alone gives.
+`adapter_names=[..., "__base__"]`, computed by the faster equivalent in fused_lora.py). Greedy
+decoding (temperature 0) gives each column exactly what a call with that column alone gives.
+The KV caches, CUDA graphs and sampling of a decode live in decode_steps.py; the decode-speed
+options and their measured worth are in bench/RESULTS_generate.md.
 
 Targets are "base", or a run folder (its adapter/, else its newest checkpoint), an adapter
 folder, or a checkpoint folder. The run's config.json (in the same folder, its parent or its
@@ -25,10 +27,12 @@ from typing import Any
 import orjson
 
 from .config import GenerationConfig
+from .decode_steps import ATTENTION_WINDOW
 from .errors import UserError
+from .fused_lora import PEFT_BASE
+from .fused_lora import FusedLora as _FusedLora
 
 BASE = "base"
-PEFT_BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 TARGET_HINT = (
@@ -386,7 +390,23 @@ class GenerationSession:
         self._adapters: dict[Path, tuple[str, int]] = {}  # adapter dir -> (name, weights mtime)
         self._next_name = 0
         self._fused_cache: dict[tuple[str, ...], Any] = {}
+        self._decoder: Any = None  # the last StaticDecoder (KV cache and CUDA graphs), for reuse
+        self._compiled_step: Any = None
         self._lock = threading.Lock()  # one generation at a time: the batch owns the model
+        # Decode-speed options, all on by default where they help (CUDA); bench/bench_generate.py
+        # turns them off one at a time to measure each (bench/RESULTS_generate.md).
+        cuda = loaded.device.type == "cuda"
+        # One base matmul for q/k/v and for gate/up: their weights are laid out side by side once.
+        self.fuse_base = cuda
+        # One-token attention on the key/value heads themselves, no per-step repeat_kv copies.
+        self.packed_gqa = cuda
+        # Launch step n+1 before reading step n's tokens back, so the GPU never waits for Python.
+        self.pipelined = cuda
+        # Attention reads the static cache up to the next multiple of this many slots (0: all).
+        self.attention_window = ATTENTION_WINDOW
+        # torch.compile the decode step before capturing it (measured, off: see RESULTS_generate).
+        self.compile_step = False
+        self._weights_fused = False
 
     # ------------------------------------------------------------- public API
 
@@ -521,6 +541,7 @@ class GenerationSession:
                 if name not in live and len(self.peft.peft_config) > 1:
                     self.peft.delete_adapter(name)
         self._fused_cache.clear()
+        self._decoder = None  # its graphs read the fused weights just dropped
 
     def _check_base(self, target: Target) -> None:
         recorded = str(target.run.get("base_model_path") or "")
@@ -534,23 +555,25 @@ class GenerationSession:
             )
 
     @contextmanager
-    def _adapters_for_rows(self, names: list[str]) -> Iterator[None]:
-        """Within this block a forward pass runs row i with adapter names[i] (PEFT_BASE: none)."""
-        if self.peft is None:
-            yield
+    def _adapters_for_rows(self, names: list[str]) -> Iterator[Any]:
+        """Within this block a forward pass runs row i with adapter names[i] (PEFT_BASE: none).
+        Yields the fused forward in use, or None (PEFT's own forward, or the plain model)."""
+        model = self.peft if self.peft is not None else self.loaded.model
+        if self.peft is None and not self.fuse_base:
+            yield None
             return
         fused = self._fused_cache.get(tuple(names))
         if fused is None:
-            fused = _FusedLora.build(self.peft, names)
+            fused = _FusedLora.build(model, names, fuse_base=self.fuse_base)
             if fused is not None:
                 self._fused_cache[tuple(names)] = fused
         if fused is not None:
             with fused.installed():
-                yield
+                yield fused
             return
         # Any LoRA variant the fused path does not cover: PEFT's own mixed-batch forward.
         with self.peft._enable_peft_forward_hooks(adapter_names=names):
-            yield
+            yield None
 
     # ------------------------------------------------------------- decode loop
 
@@ -562,6 +585,8 @@ class GenerationSession:
         cancel: threading.Event | None,
     ) -> list[dict[str, Any]]:
         import torch
+
+        from .decode_steps import Sampler, full_attention_only
 
         device = self.loaded.device
         started = time.perf_counter()
@@ -584,35 +609,66 @@ class GenerationSession:
             ids[i, longest - len(row.prompt) :] = torch.tensor(row.prompt)
             mask[i, longest - len(row.prompt) :] = 1
         ids, mask = ids.to(device), mask.to(device)
-        sampler = _Sampler(cfg, rows, device)
+        sampler = Sampler(cfg, rows, device)
         stop_ids = self.stop_ids
         finished = [False] * answered + [True] * (batch - answered)
-        finished_on_device = torch.tensor(finished, device=device)  # refreshed only when a row ends
+        finished_on_device = torch.tensor(finished, device=device)
         mode = self.decode_mode
-        if mode != "dynamic" and not _full_attention_only(self.loaded.model.config):
+        if mode != "dynamic" and not full_attention_only(self.loaded.model.config):
             mode = "dynamic"  # sliding-window caches reuse slots, which the static mask cannot follow
-        with torch.inference_mode(), self._adapters_for_rows([r.adapter for r in rows]):
-            if cancel is not None and cancel.is_set():
-                steps: Any = None
-            elif mode == "dynamic":
-                steps = _DynamicSteps(self.loaded.model, ids, mask)
-            else:
-                steps = _StaticSteps(
-                    self.loaded.model, ids, mask, cfg.max_new_tokens, graphs=mode == "graphs"
-                )
-            logits = steps.prefill() if steps is not None else None
+        if self.fuse_base and not self._weights_fused:
+            from .fused_lora import fuse_sibling_weights
+
+            fuse_sibling_weights(self.loaded.model)  # once per model, before inference_mode
+            self._weights_fused = True
+        cancelled_early = cancel is not None and cancel.is_set()
+        with (
+            torch.inference_mode(),
+            self._adapters_for_rows([r.adapter for r in rows]) as fused,
+            self._attention(),
+        ):
+            try:
+                names = tuple(r.adapter for r in rows)
+                steps = None if cancelled_early else self._steps(mode, ids, mask, cfg, fused, names)
+                logits = steps.prefill() if steps is not None else None
+            except BaseException:
+                self._decoder = None  # half-written: the next request starts a fresh one
+                raise
+            # Pipelined (CUDA graphs): step n+1 is launched before step n's tokens are read back,
+            # so the GPU never idles while Python detokenises and streams. Only the token copy is
+            # waited for. A row that ends at step n gets its stop token instead of padding for
+            # one extra step; its output is ignored either way.
+            pipelined = self.pipelined and device.type == "cuda" and steps is not None
+            if pipelined:
+                host_ids = torch.empty((batch,), dtype=torch.long, pin_memory=True)
+                copied = torch.cuda.Event()
             for step in range(cfg.max_new_tokens):
                 if logits is None:
                     break
                 next_ids = sampler.pick(logits)
-                chosen = next_ids.tolist()  # the one host sync per step; streaming needs the ids anyway
+                last = step == cfg.max_new_tokens - 1
+                ahead = (
+                    pipelined
+                    and not last
+                    and not (cancel is not None and cancel.is_set())
+                    and steps.replay_ready()
+                )
+                if ahead:
+                    host_ids.copy_(next_ids, non_blocking=True)
+                    copied.record()
+                    sampler.seen_tokens(next_ids)
+                    logits = steps.step(next_ids.masked_fill(finished_on_device, pad_id))
+                    copied.synchronize()
+                    chosen = host_ids.tolist()
+                else:
+                    chosen = next_ids.tolist()  # a host sync; streaming needs the ids anyway
                 now = time.perf_counter()
                 for i, (row, token) in enumerate(zip(rows, chosen, strict=True)):
                     if finished[i]:
                         continue
                     if token in stop_ids:
                         finished[i], row.finish_reason = True, "stop"
-                        finished_on_device = torch.tensor(finished, device=device)
+                        finished_on_device[i] = True  # a device-side write: no sync
                         continue
                     if not row.detok.ids:
                         row.first_at = now
@@ -622,15 +678,16 @@ class GenerationSession:
                         row.pieces.append(piece)
                         if on_chunk is not None:
                             on_chunk(i, piece)
-                if all(finished) or step == cfg.max_new_tokens - 1:
+                if all(finished) or last:
                     break
                 if cancel is not None and cancel.is_set():
                     break
-                sampler.seen_tokens(next_ids)
-                # Finished rows keep decoding padding (their output is ignored) so the batch keeps
-                # its shape and the KV cache needs no reshuffling.
-                logits = steps.step(next_ids.masked_fill(finished_on_device, pad_id))
-            del steps  # the KV cache (and a CUDA graph's memory pool) go before the next request
+                if not ahead:
+                    sampler.seen_tokens(next_ids)
+                    # Finished rows keep decoding padding (their output is ignored) so the batch
+                    # keeps its shape and the KV cache needs no reshuffling.
+                    logits = steps.step(next_ids.masked_fill(finished_on_device, pad_id))
+            del steps  # a dynamic cache goes now; a static decoder stays for the next request
         cancelled = cancel is not None and cancel.is_set()
         results = []
         for i, row in enumerate(rows[:answered]):
@@ -644,300 +701,53 @@ class GenerationSession:
             results.append(row.result(started))
         return results
 
+    def _steps(
+        self, mode: str, ids: Any, mask: Any, cfg: GenerationConfig, fused: Any, names: tuple[str, ...]
+    ) -> Any:
+        """The decode steps for this batch: a fresh dynamic cache, or the static decoder (reused
+        when the last request had the same rows, adapters and options and this one fits)."""
+        from .decode_steps import CACHE_ROUNDING, DynamicSteps, StaticDecoder
 
-# ================================================================ decode steps
+        if mode == "dynamic":
+            self._decoder = None
+            return DynamicSteps(self.loaded.model, ids, mask)
+        graphs = mode == "graphs"
+        needed = ids.shape[1] + cfg.max_new_tokens
+        # The graphs bake in which adapter each row runs (PEFT's own forward slices by name).
+        key = (names, id(fused), graphs, self.attention_window, self.packed_gqa, self.compile_step)
+        decoder = self._decoder
+        if decoder is None or not decoder.fits(key, needed):
+            self._decoder = decoder = None  # the old cache and graphs go before the new ones come
+            decoder = StaticDecoder(
+                self.loaded.model,
+                ids.shape[0],
+                -(-needed // CACHE_ROUNDING) * CACHE_ROUNDING,
+                ids.device,
+                graphs=graphs,
+                window=self.attention_window,
+                forward=self._compiled_step_fn(),
+                key=key,
+                keepalive=fused,
+            )
+            self._decoder = decoder
+        decoder.reset(ids, mask)
+        return decoder
 
+    def _attention(self) -> Any:
+        from contextlib import nullcontext
 
-class _DynamicSteps:
-    """Forward passes over a growing KV cache: the CPU path (attention reads only what exists)."""
+        from .decode_steps import packed_gqa_attention
 
-    def __init__(self, model: Any, ids: Any, mask: Any) -> None:
-        from transformers import DynamicCache
+        return packed_gqa_attention() if self.packed_gqa else nullcontext()
 
-        self.model = model
-        self.ids = ids
-        self.padded = bool((mask == 0).any())
-        self.mask = mask if self.padded else None  # no padding: no mask to build every step
-        self.positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        self.cache = DynamicCache(config=model.config)
+    def _compiled_step_fn(self) -> Any:
+        """torch.compile of one decode forward, made once per session (compile_step only)."""
+        if not self.compile_step:
+            return None
+        if self._compiled_step is None:
+            import torch
 
-    def _forward(self, ids: Any) -> Any:
-        out = self.model(
-            input_ids=ids,
-            attention_mask=self.mask,
-            position_ids=self.positions,
-            past_key_values=self.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        return out.logits[:, -1, :]
+            from .decode_steps import decode_forward
 
-    def prefill(self) -> Any:
-        return self._forward(self.ids)
-
-    def step(self, next_ids: Any) -> Any:
-        self.positions = self.positions[:, -1:] + 1
-        if self.padded:
-            self.mask = _cat_ones(self.mask)
-        return self._forward(next_ids[:, None])
-
-
-def _full_attention_only(config: Any) -> bool:
-    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    layer_types = getattr(text_config, "layer_types", None) or ["full_attention"]
-    return all(kind == "full_attention" for kind in layer_types)
-
-
-def _cat_ones(mask: Any) -> Any:
-    import torch
-
-    return torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-
-
-class _StaticSteps:
-    """Forward passes over a preallocated KV cache, with the attention mask kept by us as a 4-D
-    tensor updated in place: nothing in a decode step depends on values read back to the host, so
-    on CUDA the step is captured once as a CUDA graph and replayed. A 7B model's eager step is
-    bound by Python launching ~2,000 kernels; a replay launches them all at once.
-    """
-
-    def __init__(self, model: Any, ids: Any, mask: Any, max_new_tokens: int, graphs: bool) -> None:
-        import torch
-        from transformers import StaticCache
-
-        self.model = model
-        batch, length = ids.shape
-        # A multiple of 64: SDPA's memory-efficient kernel wants the mask's last dimension aligned.
-        self.total = -(-(length + max_new_tokens) // 64) * 64
-        self.cache = StaticCache(config=model.config, max_cache_len=self.total)
-        self.prompt = ids
-        # key_valid[b, k]: row b may attend to cache slot k. The decode mask is a view of it.
-        self.key_valid = torch.zeros((batch, self.total), dtype=torch.bool, device=ids.device)
-        self.key_valid[:, :length] = mask.bool()
-        self.decode_mask = self.key_valid.view(batch, 1, 1, self.total)
-        self.prompt_positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        self.step_ids = torch.zeros((batch, 1), dtype=torch.long, device=ids.device)
-        self.step_positions = self.prompt_positions[:, -1:].clone()
-        self.slot = length  # cache slot the next token goes to
-        self.use_graphs = graphs and ids.device.type == "cuda"
-        self.graph: Any = None
-        self.graph_logits: Any = None
-
-    def _forward(self, ids: Any, mask: Any, positions: Any) -> Any:
-        out = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=self.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        return out.logits[:, -1, :]
-
-    def prefill(self) -> Any:
-        import torch
-
-        batch, length = self.prompt.shape
-        causal = torch.ones((length, self.total), dtype=torch.bool, device=self.prompt.device).tril()
-        mask = causal[None, None] & self.key_valid[:, None, None, :]
-        # A padding query that may see no key would give NaN, and NaN times a zero weight is still
-        # NaN in later steps' attention; letting every query see its own slot keeps all of it finite.
-        mask |= torch.eye(length, self.total, dtype=torch.bool, device=self.prompt.device)[None, None]
-        return self._forward(self.prompt, mask, self.prompt_positions)
-
-    def step(self, next_ids: Any) -> Any:
-        self.step_ids.copy_(next_ids[:, None])
-        self.step_positions += 1
-        self.key_valid[:, self.slot] = True
-        self.slot += 1
-        if self.use_graphs:
-            if self.graph is None:
-                self._capture()
-            if self.graph is not None:
-                self.graph.replay()
-                return self.graph_logits
-        return self._forward(self.step_ids, self.decode_mask, self.step_positions)
-
-    def _capture(self) -> None:
-        import torch
-
-        # Each static layer counts the tokens it holds in a tensor that every forward advances;
-        # warm-up and capture must not count, so it is put back after each.
-        counters = [layer.cumulative_length for layer in self.cache.layers]
-        saved = [c.clone() for c in counters]
-
-        def restore() -> None:
-            for counter, value in zip(counters, saved, strict=True):
-                counter.copy_(value)
-
-        try:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # lets cuBLAS and the allocator settle before capture
-                    self._forward(self.step_ids, self.decode_mask, self.step_positions)
-                    restore()
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: the engine's memory sampler may touch CUDA from its own thread meanwhile.
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                self.graph_logits = self._forward(self.step_ids, self.decode_mask, self.step_positions)
-            restore()
-            self.graph = graph
-        except Exception as exc:  # noqa: BLE001 - a model whose step cannot be captured still decodes
-            restore()
-            self.use_graphs = False
-            self.graph_logits = None
-            import warnings
-
-            warnings.warn(f"CUDA graph capture failed, decoding eagerly: {exc}", RuntimeWarning, stacklevel=2)
-
-
-class _Sampler:
-    """Greedy, or temperature / top-k / top-p sampling, with a repetition penalty.
-
-    Each row draws from its own generator seeded with cfg.seed, so a column samples the same way
-    whatever else is in the batch; the penalty covers the row's own prompt and answer, never padding.
-    """
-
-    def __init__(self, cfg: GenerationConfig, rows: list[_Row], device: Any) -> None:
-        import torch
-
-        self.cfg = cfg
-        self.greedy = cfg.temperature == 0
-        self.penalty = cfg.repetition_penalty != 1.0
-        self.prompts = [r.prompt for r in rows]
-        self.device = device
-        self.seen: Any = None  # [rows, vocab] bool, made on the first step when the vocab size is known
-        self.generators = []
-        if not self.greedy:
-            for _ in rows:
-                generator = torch.Generator(device=device)
-                generator.manual_seed(cfg.seed)
-                self.generators.append(generator)
-
-    def _init_seen(self, vocab: int) -> None:
-        import torch
-
-        self.seen = torch.zeros((len(self.prompts), vocab), dtype=torch.bool, device=self.device)
-        for i, prompt in enumerate(self.prompts):
-            self.seen[i, torch.tensor(prompt, device=self.device)] = True
-
-    def seen_tokens(self, next_ids: Any) -> None:
-        if self.penalty and self.seen is not None:
-            self.seen[range(next_ids.shape[0]), next_ids] = True
-
-    def pick(self, logits: Any) -> Any:
-        import torch
-
-        if self.penalty:
-            if self.seen is None:
-                self._init_seen(logits.shape[-1])
-            logits = logits.float()
-            p = self.cfg.repetition_penalty
-            penalised = torch.where(logits < 0, logits * p, logits / p)
-            logits = torch.where(self.seen, penalised, logits)
-        if self.greedy:
-            return logits.argmax(dim=-1)
-        logits = logits.float() / self.cfg.temperature
-        if self.cfg.top_k > 0:
-            k = min(self.cfg.top_k, logits.shape[-1])
-            kth = torch.topk(logits, k, dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if self.cfg.top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-            probs = sorted_logits.softmax(dim=-1)
-            # Drop a token once the more likely ones already hold top_p of the mass (keep the first).
-            drop = probs.cumsum(dim=-1) - probs > self.cfg.top_p
-            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-            logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
-        probs = logits.softmax(dim=-1)
-        picks = [
-            torch.multinomial(probs[i], 1, generator=generator) for i, generator in enumerate(self.generators)
-        ]
-        return torch.cat(picks)
-
-
-# ================================================================ fused LoRA
-
-
-class _FusedLora:
-    """A faster mixed-adapter forward for plain LoRA linear layers, used while a batch decodes.
-
-    PEFT's mixed batch (`adapter_names=`) slices the batch per adapter in every LoRA layer: an
-    index, two small matmuls and an index_put per adapter per layer, which on a 2-core CPU costs
-    more than the base model's own matmuls (see bench/RESULTS_generate.md). Here every adapter's A
-    matrices are stacked along the rank, and a per-row mask (0, or the adapter's scaling, on that
-    adapter's rank block) picks which adapter each row gets: x @ A_allᵀ * mask @ B_allᵀ is one
-    pass for the whole batch, whatever the number of adapters. Rows with no adapter get an exact 0.
-    Layers or adapters it does not cover (DoRA, LoRA bias, embeddings, modules_to_save, ...) make
-    build() return None, and PEFT's own mixed-batch forward is used instead.
-    """
-
-    def __init__(self, layers: list[tuple[Any, Any, Any, Any]]) -> None:
-        self.layers = layers  # (module, A_all, B_all, row mask) per LoRA layer
-
-    @classmethod
-    def build(cls, peft_model: Any, names: list[str]) -> _FusedLora | None:
-        import torch
-        from peft.tuners.lora import LoraLayer
-        from peft.tuners.lora.layer import Linear as LoraLinear
-
-        used = [n for n in dict.fromkeys(names) if n != PEFT_BASE]
-        for name in used:
-            config = peft_model.peft_config[name]
-            if getattr(config, "modules_to_save", None) or getattr(config, "trainable_token_indices", None):
-                return None
-        layers = []
-        for module in peft_model.modules():
-            if not isinstance(module, LoraLayer):
-                continue
-            if type(module) is not LoraLinear or getattr(module, "fan_in_fan_out", False) or module.merged:
-                return None
-            blocks = []
-            for name in used:
-                if name not in module.lora_A:
-                    continue
-                if name in module.lora_variant or module.lora_bias.get(name, False):
-                    return None
-                blocks.append(name)
-            if not blocks:
-                layers.append((module, None, None, None))
-                continue
-            a_all = torch.cat([module.lora_A[n].weight for n in blocks], dim=0)
-            b_all = torch.cat([module.lora_B[n].weight for n in blocks], dim=1)
-            row_mask = torch.zeros((len(names), 1, a_all.shape[0]), dtype=a_all.dtype, device=a_all.device)
-            offset = 0
-            for n in blocks:
-                rank = module.lora_A[n].weight.shape[0]
-                for row, row_name in enumerate(names):
-                    if row_name == n:
-                        row_mask[row, 0, offset : offset + rank] = module.scaling[n]
-                offset += rank
-            layers.append((module, a_all, b_all, row_mask))
-        return cls(layers)
-
-    @contextmanager
-    def installed(self) -> Iterator[None]:
-        """Swap each LoRA layer's forward for the fused one; always restored, even on error."""
-        import torch.nn.functional as F
-
-        def make_forward(module: Any, a_all: Any, b_all: Any, row_mask: Any) -> Callable[..., Any]:
-            base_layer = module.base_layer
-            if a_all is None:
-                return lambda x, *args, **kwargs: base_layer(x, *args, **kwargs)
-
-            def forward(x: Any, *args: Any, **kwargs: Any) -> Any:
-                result = base_layer(x, *args, **kwargs)
-                low_rank = F.linear(x.to(a_all.dtype), a_all) * row_mask
-                return result + F.linear(low_rank, b_all).to(result.dtype)
-
-            return forward
-
-        try:
-            for module, a_all, b_all, row_mask in self.layers:
-                module.forward = make_forward(module, a_all, b_all, row_mask)
-            yield
-        finally:
-            for module, *_ in self.layers:
-                module.__dict__.pop("forward", None)
+            self._compiled_step = torch.compile(decode_forward, dynamic=False)
+        return self._compiled_step

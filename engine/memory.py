@@ -5,9 +5,9 @@ torch allocator (only when torch is already imported and CUDA initialised: sampl
 be what pulls torch in or creates a CUDA context) and the process RSS.
 
 `estimate_training_memory(cfg)` answers "will this form fit?" before anything is loaded, from
-the model's config.json alone. The whole memory model is `training_memory_parts()`; its
-constants are named below so that calibrating it against measurements means editing numbers,
-not code.
+the model's config.json alone, with the CUDA path's own memory model (engine/gpu_memory.py,
+calibrated against the bench's measured peaks): the same profile, packed forwards and recompute
+that engine/accel.py will choose.
 """
 
 from __future__ import annotations
@@ -20,9 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import gpu_memory as gm
 from . import protocol as P
 
-GIB = 1024**3
+GIB = gm.GIB
+# Mixed sample lengths fragment the CUDA caching allocator; growable segments keep reserved memory
+# close to allocated. The engine process imports this module before torch, so it is set in time.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 # ==================================================================== sampling
 
@@ -118,39 +122,9 @@ def sample_memory() -> P.MemorySample:
 
 # ================================================================== estimation
 
-# Bytes per element of the base weights by torch_dtype; "auto" is bf16 because the estimate is
-# for a GPU (on a CPU the engine trains in float32, and memory is rarely the question there).
-DTYPE_BYTES = {"auto": 2, "bfloat16": 2, "float16": 2, "float32": 4}
-# NF4 stores two weights per byte. Each block of 64 weights has an absmax scale; with double
-# quantisation that scale is 8-bit, plus one fp32 scale per 256 blocks.
-NF4_BYTES_PER_WEIGHT = 0.5
-NF4_BLOCK = 64
-NF4_DOUBLE_QUANT_BLOCK = 256
-NF4_CONSTANT_BYTES_PER_WEIGHT = 1 / NF4_BLOCK + 4 / (NF4_BLOCK * NF4_DOUBLE_QUANT_BLOCK)
-# peft's prepare_model_for_kbit_training casts the layers that stay unquantised (embeddings,
-# output head, norms) to float32: for a 150k vocabulary that alone is gigabytes.
-QLORA_UNQUANTISED_BYTES = 4
-# Each LoRA parameter: fp32 weight (peft upcasts adapters) + fp32 gradient + AdamW's two fp32
-# moments.
-TRAINABLE_BYTES_PER_PARAM = 4 + 4 + 8
-# Activations kept for backward, per token and decoder layer, counted in tensors as wide as the
-# hidden size and as wide as the MLP's intermediate size (elements in the compute dtype). For a
-# Llama-style layer with LoRA: norm inputs/outputs, q/k/v/o, rotary copies, the attention output
-# and the LoRA dropout copies give about 14 hidden-wide tensors; gate, up, act(gate), their
-# product and the down projection's dropout copy about 5 intermediate-wide ones.
-ACT_HIDDEN_TENSORS = 14
-ACT_INTERMEDIATE_TENSORS = 5
-# With recompute only each layer's input is kept, plus one layer's full set while it is redone.
-RECOMPUTE_HIDDEN_TENSORS = 1
-# Logits at trained positions: the head's output in the compute dtype, its float32 copy for the
-# loss, and the float32 gradient. Worst case: every token of the batch is an answer token.
-LOGIT_BYTES_PER_VOCAB_ENTRY = 2 + 4 + 4
-LOGIT_TOKEN_FRACTION = 1.0
-# The CUDA context, cuBLAS workspaces and kernels, before any tensor is allocated.
+# The CUDA context, cuBLAS workspaces and the allocator's cache come on top of the estimate (it is
+# the allocator's peak, what the bench measures); this much is said in the notes.
 CUDA_CONTEXT_BYTES = int(0.5 * GIB)
-# The caching allocator's fragmentation, on top of the tensors that come and go every step
-# (activations, logits, gradients); the weights are allocated once and do not fragment.
-ALLOCATOR_SLACK = 0.10
 
 # The demo model (SmolLM2-135M-Instruct), for when its converted folder is not cached yet.
 DEMO_MODEL_INFO = {
@@ -200,6 +174,19 @@ class ModelShape:
             tied=bool(config.get("tie_word_embeddings", c.get("tie_word_embeddings", False))),
         )
 
+    def as_config(self) -> dict[str, Any]:
+        """The sizes in config.json's names (what engine/gpu_memory.py reads)."""
+        return {
+            "hidden_size": self.hidden,
+            "num_hidden_layers": self.layers,
+            "intermediate_size": self.intermediate,
+            "vocab_size": self.vocab,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+            "tie_word_embeddings": self.tied,
+        }
+
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(in, out) features of each linear layer in one decoder layer."""
         h, i = self.hidden, self.intermediate
@@ -228,19 +215,6 @@ class ModelShape:
         return self.linear_params + self.embedding_params
 
 
-@dataclass(frozen=True)
-class TrainSetup:
-    """The settings memory depends on, taken from a TrainConfig."""
-
-    dtype_bytes: int
-    qlora: bool
-    lora_rank: int
-    target_modules: tuple[str, ...]
-    micro_batch: int
-    max_length: int
-    recompute: bool
-
-
 def lora_params(shape: ModelShape, rank: int, targets: tuple[str, ...]) -> int:
     """A (rank x in) and B (out x rank) for every targeted linear layer."""
     names = LINEAR_NAMES if "all-linear" in targets else targets
@@ -249,82 +223,100 @@ def lora_params(shape: ModelShape, rank: int, targets: tuple[str, ...]) -> int:
     return shape.layers * per_layer
 
 
-def training_memory_parts(shape: ModelShape, setup: TrainSetup) -> dict[str, int]:
-    """THE memory model, in bytes per part. Everything else in this file only feeds it.
+@dataclass(frozen=True)
+class TrainingLayout:
+    """What the GPU path will do with a config on a card: the memory model's inputs."""
 
-    weights      base weights: dtype bytes each, or NF4 for the linear layers under QLoRA
-                 (+ its quantisation constants, + fp32 copies of what stays unquantised)
-    lora         trainable LoRA weights, fp32
-    gradients    their fp32 gradients (the frozen base has none)
-    optimizer    AdamW's two fp32 moments per trainable weight
-    activations  kept for backward: per token per layer, or only layer inputs with recompute
-    logits       the output head's logits at trained positions, with their fp32 loss copies
-    overhead     CUDA context, plus allocator fragmentation on the per-step tensors
-    """
-    tokens = setup.micro_batch * setup.max_length
-    h, i = shape.hidden, shape.intermediate
-    act = setup.dtype_bytes
-    if setup.qlora:
-        weights = shape.linear_params * (NF4_BYTES_PER_WEIGHT + NF4_CONSTANT_BYTES_PER_WEIGHT)
-        weights += shape.embedding_params * QLORA_UNQUANTISED_BYTES
+    profile: str
+    why: str
+    tokens: int  # the largest forward, packed
+    recomputed_layers: int
+    quantized: bool
+    embedding_on_host: bool
+    lora_params: int
+
+
+def training_layout(shape: ModelShape, cfg: Any, card_bytes: int | None) -> TrainingLayout:
+    """The profile, the largest forward and the recomputed layers the CUDA path (engine/accel.py)
+    will pick for `cfg` on a card of `card_bytes` (None: unknown, no GPU here)."""
+    model = shape.as_config()
+    quantized = cfg.train_type == "qlora" or cfg.quant_bits == 4
+    trainable = lora_params(shape, cfg.lora_rank, tuple(cfg.target_modules))
+    weights_only = gm.estimate_peak_bytes(
+        model, tokens=0, quantized=quantized, recomputed_layers=0, lora_params=trainable
+    )["weights"]
+    if card_bytes:
+        profile, why = gm.choose_profile(cfg.profile, card_bytes - weights_only - CUDA_CONTEXT_BYTES)
     else:
-        weights = shape.parameters * setup.dtype_bytes
-    trainable = lora_params(shape, setup.lora_rank, setup.target_modules)
-    one_layer = (ACT_HIDDEN_TENSORS * h + ACT_INTERMEDIATE_TENSORS * i) * act
-    if setup.recompute:
-        activations = tokens * (shape.layers * RECOMPUTE_HIDDEN_TENSORS * h * act + one_layer)
+        profile, why = (cfg.profile, "asked for") if cfg.profile != "auto" else ("fast", "auto: no GPU seen")
+    on_host = profile == "lean" and not shape.tied
+    kw = dict(quantized=quantized, embedding_on_host=on_host, lora_params=trainable)
+    step_tokens = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * cfg.max_length
+    if profile == "lean" or card_bytes:
+        limit = gm.tokens_per_forward(model, profile=profile, card_bytes=card_bytes or 0, **kw)
+        tokens = min(step_tokens, max(cfg.max_length, limit))  # a sample is never split
     else:
-        activations = tokens * shape.layers * one_layer
-    logits = tokens * LOGIT_TOKEN_FRACTION * shape.vocab * LOGIT_BYTES_PER_VOCAB_ENTRY
-    parts = {
-        "weights": weights,
-        "lora": trainable * 4,
-        "gradients": trainable * 4,
-        "optimizer": trainable * 8,
-        "activations": activations,
-        "logits": logits,
-    }
-    transient = activations + logits + parts["gradients"]
-    parts["overhead"] = CUDA_CONTEXT_BYTES + ALLOCATOR_SLACK * transient
-    return {name: int(value) for name, value in parts.items()}
+        tokens = cfg.per_device_train_batch_size * cfg.max_length
+    recomputed = 0
+    if cfg.gradient_checkpointing:
+        if profile == "lean":
+            recomputed = shape.layers
+        elif card_bytes:
+            fixed = gm.estimate_peak_bytes(model, tokens=0, recomputed_layers=0, **kw)["total"]
+            per_layer = gm.layer_activation_bytes(model)
+            keep = gm.layers_to_keep(
+                budget=card_bytes - max(gm.HEADROOM, card_bytes // 10) - fixed,
+                tokens=tokens,
+                layers=shape.layers,
+                per_layer=per_layer,
+                stub=shape.hidden * 2,
+                fixed=gm.loss_bytes_per_token(model),
+            )
+            recomputed = shape.layers - keep
+    return TrainingLayout(profile, why, tokens, recomputed, quantized, on_host, trainable)
 
 
-def setup_from_config(cfg: Any) -> TrainSetup:
-    return TrainSetup(
-        dtype_bytes=DTYPE_BYTES.get(cfg.torch_dtype, 2),
-        qlora=cfg.train_type == "qlora" or cfg.quant_bits == 4,
-        lora_rank=cfg.lora_rank,
-        target_modules=tuple(cfg.target_modules),
-        micro_batch=cfg.per_device_train_batch_size,
-        max_length=cfg.max_length,
-        recompute=bool(cfg.gradient_checkpointing) or cfg.profile == "lean",
-    )
-
-
-def estimate_training_memory(cfg: Any, model_info: dict[str, Any] | None = None) -> P.MemoryEstimate:
-    """GPU memory a TrainConfig will need at its peak, from the model's config.json (read
-    without torch); `model_info` is that config.json as a dict, when the caller has it.
-    Raises ValueError when the model's sizes cannot be found."""
+def estimate_training_memory(
+    cfg: Any, model_info: dict[str, Any] | None = None, card_bytes: int | None = -1
+) -> P.MemoryEstimate:
+    """GPU memory a TrainConfig will need at its peak (the allocator's), from the model's
+    config.json (read without torch); `model_info` is that config.json as a dict, when the caller
+    has it; `card_bytes` the GPU's memory (-1: ask NVML; None: no GPU). The numbers are the CUDA
+    path's own memory model (engine/gpu_memory.py). Raises ValueError when the model's sizes
+    cannot be found."""
     info = model_info if model_info is not None else read_model_info(cfg.model)
     if info is None:
         raise ValueError(f"cannot find config.json for model {cfg.model!r} to estimate its memory")
     shape = ModelShape.from_config(info)
-    setup = setup_from_config(cfg)
-    parts = training_memory_parts(shape, setup)
+    if card_bytes == -1:
+        gpus, _note = gpu_stats()
+        card_bytes = gpus[0]["total"] if gpus else None
+    layout = training_layout(shape, cfg, card_bytes)
+    parts = gm.estimate_peak_bytes(
+        shape.as_config(),
+        tokens=layout.tokens,
+        quantized=layout.quantized,
+        recomputed_layers=layout.recomputed_layers,
+        embedding_on_host=layout.embedding_on_host,
+        lora_params=layout.lora_params,
+    )
+    total = parts.pop("total")
     notes = [
-        f"{setup.micro_batch} x {setup.max_length} tokens per micro-batch, padded to max_length",
-        "recompute on: only layer inputs are kept"
-        if setup.recompute
-        else "recompute off: every layer's activations are kept",
+        f"profile {layout.profile} ({layout.why})",
+        f"largest forward {layout.tokens} tokens, packed without padding",
+        f"{layout.recomputed_layers} of {shape.layers} layers recomputed in backward",
+        f"plus about {CUDA_CONTEXT_BYTES / GIB:.1f} GiB of CUDA context and the allocator's cache",
     ]
-    if setup.qlora:
-        notes.append("QLoRA: NF4 linear layers; embeddings and head in float32")
+    if layout.quantized:
+        notes.append("QLoRA: NF4 linear layers with double quantisation")
+    if layout.embedding_on_host:
+        notes.append("input embeddings kept in host memory")
     return P.MemoryEstimate(
-        total_gib=round(sum(parts.values()) / GIB, 3),
+        total_gib=round(total / GIB, 3),
         parts={name: round(value / GIB, 3) for name, value in parts.items()},
         model=cfg.model,
         parameters=shape.parameters,
-        trainable=lora_params(shape, setup.lora_rank, setup.target_modules),
+        trainable=layout.lora_params,
         notes=notes,
     )
 

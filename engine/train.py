@@ -29,6 +29,11 @@ from . import protocol as P
 from .config import TrainConfig, to_command, to_dict
 from .errors import UserError
 
+# Mixed sample lengths fragment the CUDA caching allocator; growable segments keep the reserved
+# memory close to the allocated. Read when CUDA first allocates, so set before any GPU work
+# (engine/memory.py sets it as well, for the engine process).
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
 Emit = Callable[[P.Event], None]
 IGNORE = -100
 STATE_FILE = "trainer_state.pt"
@@ -92,6 +97,9 @@ class TrainPath:
     collate: Callable[[list, int, Any], Batch]
     loss_sum: Callable[[Any, Batch], Any]
     prepare_base: Callable[[Any], Any] = lambda model: model  # kernel patches, before LoRA
+    # A step's micro-batches of sample indices -> the forwards actually run (same samples, same
+    # gradient); the CUDA path packs them to what memory allows.
+    group: Callable[[list[list[int]], list], list[list[int]]] = lambda step, samples: step
     notes: list[str] = field(default_factory=list)
 
 
@@ -250,35 +258,47 @@ def run_training(cfg: TrainConfig, emit: Emit, stop: StopSignal | None = None) -
 
     try:
         model.train()
+        noted = len(path.notes)
         while step < total_steps:
             micro_batches = [
                 path.collate([train_set[i] for i in idx], tokenizer.pad_token_id, device)
-                for idx in plan[step]
+                for idx in path.group(plan[step], train_set)
             ]
             # Normalise by the loss tokens of the whole step, not per micro-batch, so accumulation
             # gives the same gradient as one big batch.
             step_targets = sum(b.target_tokens for b in micro_batches)
-            step_loss = 0.0
+            # The step's loss stays on the device: reading it per micro-batch would make the host
+            # wait for the GPU before it may launch the next forward.
+            loss_total = torch.zeros((), dtype=torch.float32, device=device)
             for batch in micro_batches:
                 if stop.mode == "abort":
                     break
                 loss_sum = path.loss_sum(model, batch)
                 (loss_sum / step_targets).backward()
-                step_loss += loss_sum.item()  # a CPU-GPU sync point, once per micro-batch
+                loss_total += loss_sum.detach().float()
                 clock.tokens += batch.tokens
             if stop.mode == "abort":
                 status = "aborted"
                 break
-            if cfg.max_grad_norm > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            norm = (
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+            )
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            # The one CPU-GPU sync point of a step: its loss and gradient norm, read together.
+            if norm is None:
+                step_loss = loss_total.item()
+            else:
+                step_loss, grad_norm = torch.stack([loss_total, norm.float()]).tolist()
             step += 1
             clock.steps += 1
             window_loss += step_loss
             window_tokens += step_targets
             last_loss = step_loss / step_targets
+            for note in path.notes[noted:]:  # what the path learnt on the first forwards
+                emit(P.Log(message=note))
+            noted = len(path.notes)
 
             if step % cfg.logging_steps == 0 or step == total_steps or step == start_step + 1:
                 elapsed = time.perf_counter() - clock.started
@@ -394,15 +414,16 @@ def _attach_lora(model, cfg: TrainConfig, recompute: bool):
         targets: Any = cfg.target_modules
     else:
         targets = available  # explicit list: PEFT's "all-linear" shortcut misses some archs' heads
-    if cfg.is_qlora:
+    if cfg.is_qlora and _keeps_float32_copies(model):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recompute)
-    elif recompute:
-        # Newer transformers renamed the switch (and its kwargs); the old name still works but warns.
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    else:
+        # bf16 QLoRA skips PEFT's preparation: it would upcast every frozen weight that is not
+        # 4-bit (embeddings, head, norms) to float32, which only float16 training needs; for a
+        # 150k vocabulary that is 2 GiB more and a float32 residual stream. Its other steps
+        # (freeze the base, recompute) are the same as for LoRA.
+        for p in model.parameters():
+            p.requires_grad_(False)
+        _enable_recompute(model, recompute)
     lora = LoraConfig(
         r=cfg.lora_rank,
         lora_alpha=cfg.lora_alpha,
@@ -412,6 +433,30 @@ def _attach_lora(model, cfg: TrainConfig, recompute: bool):
         bias="none",
     )
     return get_peft_model(model, lora)
+
+
+def _keeps_float32_copies(model) -> bool:
+    """Whether QLoRA needs PEFT's float32 upcast of the unquantised weights: float16 training does
+    (its norms and head overflow), bfloat16 does not."""
+    import torch
+
+    for module in model.modules():  # bitsandbytes' 4-bit layers carry the compute dtype
+        compute = getattr(module, "compute_dtype", None)
+        if isinstance(compute, torch.dtype):
+            return compute != torch.bfloat16
+    return getattr(model, "dtype", None) != torch.bfloat16
+
+
+def _enable_recompute(model, recompute: bool) -> None:
+    """Non-reentrant activation checkpointing on the decoder layers, when asked for."""
+    if not recompute:
+        return
+    # Newer transformers renamed the switch (and its kwargs); the old name still works but warns.
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
 
 
 def build_plan(num_samples: int, cfg: TrainConfig) -> list[list[list[int]]]:

@@ -222,7 +222,71 @@ def test_memory_model_on_the_7b_architecture():
     assert 15 * GIB < lora["total"] < 15.6 * GIB
     assert accel.estimate_peak_bytes(QWEN25_7B, tokens=2048, embedding_on_host=True)["total"] < 15 * GIB
     fast = accel.estimate_peak_bytes(QWEN25_7B, tokens=2048, recomputed_layers=0)
-    assert 7e9 < fast["activations"] < 12e9
+    assert 10 * GIB < fast["activations"] < 13 * GIB  # measured 10.8-11.6 GiB
     qlora = accel.estimate_peak_bytes(QWEN25_7B, tokens=2048, quantized=True, embedding_on_host=True)
-    assert qlora["weights"] < 5.0e9 and qlora["total"] < 6 * GIB
-    assert accel.layer_activation_bytes(QWEN25_7B, fused=False) > accel.layer_activation_bytes(QWEN25_7B)
+    assert qlora["weights"] < 5.0e9 and qlora["total"] < 6 * GIB and qlora["dequantised"] > 0
+    assert accel.layer_activation_bytes(QWEN25_7B, fused=False) > accel.layer_activation_bytes(
+        QWEN25_7B, fused=True
+    )
+
+
+def test_tokens_per_forward():
+    card = 79 * GIB
+    fast = accel.tokens_per_forward(QWEN25_7B, profile="fast", card_bytes=card)
+    assert 8192 <= fast <= 12000  # the fixed workload's whole step (4 x 2048) in one forward
+    peak = accel.estimate_peak_bytes(QWEN25_7B, tokens=fast, recomputed_layers=0)["total"]
+    assert peak <= card * 0.9
+    lean = accel.tokens_per_forward(QWEN25_7B, profile="lean", card_bytes=card, embedding_on_host=True)
+    assert 2048 <= lean < 4096
+    assert accel.estimate_peak_bytes(QWEN25_7B, tokens=lean, embedding_on_host=True)["total"] < 15 * GIB
+
+
+def test_repartition_keeps_order_and_never_splits_a_sample():
+    lengths = {0: 100, 1: 300, 2: 50, 3: 700, 4: 20, 5: 1000}
+    step = [[0, 1, 2], [3, 4, 5]]
+    assert accel.repartition(step, lengths.get, 500) == [[0, 1, 2], [3], [4], [5]]
+    assert accel.repartition(step, lengths.get, 10_000) == [[0, 1, 2, 3, 4, 5]]
+    assert accel.repartition(step, lengths.get, 1) == [[0], [1], [2], [3], [4], [5]]
+
+
+def test_regrouped_forwards_give_the_same_gradient():
+    """The fast path's merged forwards: same summed loss and LoRA gradients as the micro-batches."""
+    samples = make_samples([37, 5, 64, 20, 11, 50])
+    results = []
+    for groups in ([[0, 1], [2, 3], [4, 5]], [[0, 1, 2, 3, 4, 5]]):
+        path = fast_path()
+        model, _ = lora_model(path)
+        total = 0.0
+        batches = [path.collate([samples[i] for i in g], 0, torch.device("cpu")) for g in groups]
+        targets = sum(b.target_tokens for b in batches)
+        for b in batches:
+            loss = path.loss_sum(model, b)
+            (loss / targets).backward()
+            total += loss.item()
+        results.append((total, grads(model)))
+    (l1, g1), (l2, g2) = results
+    assert math.isclose(l1, l2, rel_tol=1e-5)
+    for name in g1:
+        torch.testing.assert_close(g1[name], g2[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_lora_function_traces_without_graph_breaks():
+    """The LoRA autograd function must trace whole (forward and backward) inside a compiled layer:
+    a cache filled from inside its backward once broke every decoder layer into eager pieces. This
+    guards the CPU branch; `bench/bench_train.py check` checks the CUDA one (out_dtype products)."""
+    torch._dynamo.reset()
+    x = torch.randn(6, 16, requires_grad=True)
+    w = torch.randn(12, 16)
+    a = (torch.randn(4, 16) * 0.1).requires_grad_()
+    b = (torch.randn(12, 4) * 0.1).requires_grad_()
+
+    def step(x, a, b):
+        return accel._LoRALinear.apply(x, w, None, a, b, 2.0).square().sum()
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)  # fullgraph: a break raises
+    compiled(x, a, b).backward()
+    got = (x.grad.clone(), a.grad.clone(), b.grad.clone())
+    x.grad = a.grad = b.grad = None
+    step(x, a, b).backward()
+    for g, want in zip(got, (x.grad, a.grad, b.grad), strict=True):
+        torch.testing.assert_close(g, want)

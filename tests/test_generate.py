@@ -331,3 +331,60 @@ def test_an_adapter_saved_again_in_place_is_reloaded(session, tiny_model_dir, tm
     assert after == session.generate(QUESTION, [str(second)], greedy(12))[str(second)]["text"]
     live = {name for name, _ in session._adapters.values()}
     assert set(session.peft.peft_config) == live
+
+
+def test_gpu_decode_options_give_the_same_answers(tiny_model_dir, runs, session, monkeypatch):
+    """The CUDA defaults, run here on the CPU: fused base projections (q/k/v and gate/up weights
+    laid out as one buffer), packed one-token GQA attention, each way of running the LoRA A pass,
+    and a static cache whose attention window is small enough that decoding crosses several
+    windows, reused by later requests."""
+    import torch
+    from tunebench.engine import fused_lora
+    from tunebench.engine.generate import GenerationSession
+
+    targets = ["base", str(runs["plain"]), str(runs["bob"])]  # bob's system prompt: padded rows
+    expected = answers(session.generate(QUESTION, targets, greedy(24)))
+    for low_rank_pass in ("bmm_ax", "mulsum", "bmm_xa", fused_lora.GPU_LOW_RANK_PASS):  # CUDA's last
+        monkeypatch.setattr(fused_lora, "CPU_LOW_RANK_PASS", low_rank_pass)
+        fast = GenerationSession(str(tiny_model_dir), torch_dtype="float32", decode="static")
+        fast.fuse_base = fast.packed_gqa = True
+        fast.attention_window = 8
+        assert answers(fast.generate(QUESTION, targets, greedy(24))) == expected, low_rank_pass
+    decoder = fast._decoder
+    assert answers(fast.generate(QUESTION, targets, greedy(24))) == expected
+    assert fast._decoder is decoder, "a request that fits reuses the static cache"
+    bob = str(runs["bob"])
+    assert answers(fast.generate(QUESTION, [bob], greedy(24)))[bob] == expected[bob]
+
+    # The fused layout keeps one copy of the weights: each projection is a view of its group's buffer.
+    attention = fast.loaded.model.model.layers[0].self_attn
+    q, k, v = (getattr(attention, n).base_layer.weight for n in ("q_proj", "k_proj", "v_proj"))
+    assert q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+    assert k.data_ptr() == q.data_ptr() + q.numel() * q.element_size()
+    stored = {
+        p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in fast.loaded.model.parameters()
+    }
+    params = sum(p.numel() * p.element_size() for p in fast.loaded.model.parameters())
+    assert sum(stored.values()) == params
+    with torch.no_grad():
+        base_only = answers(fast.generate(QUESTION, ["base"], greedy(24)))
+    assert base_only["base"] == expected["base"]
+
+
+def test_static_decoder_is_reused_only_for_the_same_rows(tiny_model_dir, runs, session, monkeypatch):
+    """A static decoder's CUDA graphs bake in which adapter each row runs, so a batch with as many
+    rows but other adapters gets its own decoder (here with PEFT's own forward, no fused one)."""
+    from tunebench.engine import generate as G
+    from tunebench.engine.generate import GenerationSession
+
+    plain, bob = str(runs["plain"]), str(runs["bob"])
+    expected = {
+        tuple(t): answers(session.generate(QUESTION, t, greedy(12))) for t in (["base", plain], [bob, plain])
+    }
+    static = GenerationSession(str(tiny_model_dir), torch_dtype="float32", decode="static")
+    monkeypatch.setattr(G._FusedLora, "build", classmethod(lambda cls, model, names, **kw: None))
+    decoders = []
+    for targets in (["base", plain], [bob, plain], [bob, plain]):
+        assert answers(static.generate(QUESTION, targets, greedy(12))) == expected[tuple(targets)]
+        decoders.append(static._decoder)
+    assert decoders[0] is not decoders[1] and decoders[1] is decoders[2]

@@ -1,0 +1,400 @@
+"""The mixed-adapter forward used while a batch decodes: grouped LoRA matmuls, fused projections.
+
+PEFT's mixed batch (`adapter_names=`) slices the batch per adapter in every LoRA layer: an index,
+two small matmuls and an index_put per adapter per layer. On a 2-core CPU that costs more than the
+base model's own matmuls; on a GPU each of those small ops is a kernel launch, and a 7B model's
+decode step is bound by launching them (bench/RESULTS_generate.md). FusedLora instead:
+
+- stacks every used adapter's A matrices (scaling included) along the rank, and keeps each row to
+  its own adapter's block with a 0/1 row mask (on the CPU, folded into per-row copies of the
+  stacked A: see GPU_LOW_RANK_PASS), so one low-rank pass serves the whole batch whatever the
+  number of adapters; rows with no adapter get an exact 0;
+- computes that pass once for sibling projections that read the same input (q/k/v, gate/up): their
+  A matrices are stacked too, so a decoder block has four low-rank passes instead of seven;
+- runs that pass in the base dtype on a GPU (bf16: no casts) and adds each projection's B product
+  into the base output in place with one addmm_; on a CPU it keeps PEFT's float32 adapter weights;
+- on CUDA, where the base weights of such siblings lie next to each other in memory
+  (fuse_sibling_weights), runs one base matmul for the group and hands each sibling a slice of it.
+
+Layers or adapters it does not cover (DoRA, LoRA bias, embeddings, modules_to_save, quantised
+base layers, ...) make build() return None, and PEFT's own mixed-batch forward is used instead.
+This module imports torch only inside its functions, like the rest of the engine's import surface.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+PEFT_BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+# Sibling projections that receive the very same input tensor in the decoder blocks of the common
+# architectures (Llama, Qwen2/3, Mistral, Gemma). A group only shares its work when the call sees
+# the identical tensor object, so a model that feeds them different inputs still gets right answers.
+SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# Architectures whose blocks only view() each projection's output per head or multiply it
+# elementwise, so a strided slice of a fused output can stand in for a separate output.
+FUSED_BASE_MODEL_TYPES = frozenset({"qwen2", "qwen3", "llama", "mistral", "gemma"})
+# Per-row copies of the stacked A matrices (one matmul instead of matmul + mask) are made while
+# they take at most this much memory; for many rows times many adapters the mask is used instead.
+ROW_COPY_BUDGET_BYTES = 256 * 2**20
+# How the low-rank pass x @ A_allᵀ (each row keeping only its own adapter's block) runs:
+# "mask": x @ A_allᵀ, then times the 0/1 row mask (two kernels);
+# "bmm_xa": x @ row_aᵀ, one batched matmul over per-row copies of A_all with the mask folded in;
+# "bmm_ax": (row_a @ xᵀ)ᵀ, the same product the other way round; "mulsum": (x * row_a).sum(-1).
+# On the H100 (bench/RESULTS_generate.md, "LoRA A pass") cuBLAS runs the two-row batched matmuls
+# on one tile per row: 6.6 us at 3584 inputs but 25 us at down_proj's 18944, where the mask way
+# takes 7 us; on the CPU the folded batched matmul is one op instead of two.
+GPU_LOW_RANK_PASS = "mask"
+CPU_LOW_RANK_PASS = "bmm_xa"
+
+
+def _plain_linear(module: Any) -> Any:
+    """The nn.Linear computing this module's base output, or None when it is something else."""
+    import torch
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    if type(module) is torch.nn.Linear:
+        return module
+    if type(module) is LoraLinear and type(module.base_layer) is torch.nn.Linear:
+        return module.base_layer
+    return None
+
+
+def fuse_sibling_weights(model: Any) -> int:
+    """Lay the base weights of each q/k/v and gate/up group out as one buffer, each projection's
+    weight a view of it, so one matmul can compute the group (see _Group). The old storage is
+    freed: no copy of the weights is kept. Only for FUSED_BASE_MODEL_TYPES; returns the number of
+    groups laid out. Run it before inference_mode (parameters must stay normal tensors)."""
+    import torch
+
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) not in FUSED_BASE_MODEL_TYPES:
+        return 0
+    count = 0
+    with torch.no_grad():
+        for parent in model.modules():
+            children = dict(parent.named_children())
+            for names in SHARED_INPUT_GROUPS:
+                linears = [_plain_linear(children.get(n)) for n in names]
+                if any(lin is None for lin in linears) or _adjacent_weight(linears) is not None:
+                    continue
+                weights = [lin.weight for lin in linears]
+                first = weights[0]
+                if any(
+                    w.dtype != first.dtype or w.device != first.device or w.shape[1] != first.shape[1]
+                    for w in weights
+                ):
+                    continue
+                fused = torch.cat([w.data for w in weights], dim=0)  # one group's weights extra, briefly
+                offset = 0
+                for w in weights:
+                    w.data = fused[offset : offset + w.shape[0]]
+                    offset += w.shape[0]
+                count += 1
+    return count
+
+
+def _adjacent_weight(linears: list[Any]) -> Any:
+    """One (sum of out_features, in_features) view over the linears' weights if they lie back to
+    back in one buffer (fuse_sibling_weights), else None."""
+    weights = [lin.weight for lin in linears]
+    first = weights[0]
+    if not all(
+        w.is_contiguous() and w.dtype == first.dtype and w.shape[1] == first.shape[1] for w in weights
+    ):
+        return None
+    storage = first.untyped_storage()
+    pointer = first.data_ptr()
+    for w in weights:
+        if w.untyped_storage().data_ptr() != storage.data_ptr() or w.data_ptr() != pointer:
+            return None
+        pointer += w.numel() * w.element_size()
+    rows = sum(w.shape[0] for w in weights)
+    return first.detach().as_strided((rows, first.shape[1]), (first.shape[1], 1))
+
+
+class _Group:
+    """Projections that read one input: their base outputs and LoRA deltas, computed together.
+
+    Each member's forward asks the group for its output. The first member called with a new input
+    computes every member's output; the others take theirs from that result while the input is the
+    same tensor object. Once every member has taken its output the group lets go of them, so no
+    activation outlives the forward pass.
+    """
+
+    def __init__(self, members: list[Any], bases: list[Any]) -> None:
+        self.members = members
+        self.bases = bases  # each member's base nn.Linear (or its own base_layer)
+        self.outs = (
+            [base.out_features for base in bases] if all(hasattr(b, "out_features") for b in bases) else []
+        )
+        self.base_weight: Any = None  # fused (sum out, in) view, when the base matmul is fused
+        self.base_bias: Any = None
+        self.compute_dtype: Any = None
+        self.lora_a: Any = None  # (sum rank, in): every member's adapters, scaling included, stacked
+        self.row_keep: Any = None  # (rows, 1, sum rank): 1 on the block of the row's own adapter, else 0
+        self.row_a: Any = None  # (rows, sum rank, in): lora_a * row_keep, when affordable
+        self.blocks: list[
+            tuple[int, int, Any]
+        ] = []  # per member: (offset, rank, B (out, rank)); rank 0: none
+        self.block_b: Any = None  # (sum out, sum rank) block-diagonal B, with the fused base matmul
+        self._input: Any = None
+        self._outputs: list[Any] | None = None
+        self._taken: set[int] = set()
+
+    @property
+    def has_lora(self) -> bool:
+        return self.lora_a is not None
+
+    def output(self, index: int, x: Any) -> Any:
+        if self._input is not x or index in self._taken or self._outputs is None:
+            self._outputs = self._compute(x)
+            self._input = x
+            self._taken = set()
+        self._taken.add(index)
+        out = self._outputs[index]
+        if len(self._taken) == len(self.members):
+            self.release()
+        return out
+
+    def release(self) -> None:
+        self._input, self._outputs, self._taken = None, None, set()
+
+    def _compute(self, x: Any) -> list[Any]:
+        import torch.nn.functional as F
+
+        if self.base_weight is not None:
+            full = F.linear(x, self.base_weight, self.base_bias)
+            if self.has_lora:
+                full = _add_low_rank(full, self._low_rank(x), self.block_b)
+            outputs, offset = [], 0
+            for size in self.outs:
+                outputs.append(full[..., offset : offset + size])
+                offset += size
+            return outputs
+        outputs = [base(x) for base in self.bases]
+        if self.has_lora:
+            low = self._low_rank(x)
+            for i, (offset, rank, b) in enumerate(self.blocks):
+                if rank:
+                    outputs[i] = _add_low_rank(outputs[i], low[..., offset : offset + rank], b)
+        return outputs
+
+    def _low_rank(self, x: Any) -> Any:
+        """x @ A_allᵀ with each row's scaling on its own adapter's block and 0 elsewhere."""
+        import torch
+        import torch.nn.functional as F
+
+        if x.dtype != self.compute_dtype:
+            x = x.to(self.compute_dtype)
+        how = _low_rank_pass(x.device)
+        if how != "mask" and self.row_a is not None and x.dim() == 3 and x.shape[0] == self.row_a.shape[0]:
+            if how == "bmm_ax":
+                return torch.bmm(self.row_a, x.transpose(1, 2)).transpose(1, 2)
+            if how == "mulsum" and x.shape[1] == 1:
+                return (x[:, :, None, :] * self.row_a[:, None]).sum(-1)
+            return torch.bmm(x, self.row_a.transpose(1, 2))
+        low = F.linear(x, self.lora_a)
+        return low * (self.row_keep if low.dim() == 3 else self.row_keep[:, 0])
+
+
+def _low_rank_pass(device: Any) -> str:
+    return GPU_LOW_RANK_PASS if device.type == "cuda" else CPU_LOW_RANK_PASS
+
+
+def _add_low_rank(out: Any, low: Any, b: Any) -> Any:
+    """out + low @ bᵀ: in place with one addmm_ when the dtypes match (a GPU in bf16); else the
+    product in the adapter's dtype, rounded to the base dtype and added (float32 LoRA on a bf16
+    CPU model: an in-place add across dtypes takes a slow path there)."""
+    import torch.nn.functional as F
+
+    if out.dtype == low.dtype and out.is_contiguous():
+        out.view(-1, out.shape[-1]).addmm_(low.reshape(-1, low.shape[-1]), b.t())
+        return out
+    return out + F.linear(low, b).to(out.dtype)
+
+
+def _single_forward(group: _Group) -> Callable[..., Any]:
+    """The forward of a projection that shares its input with no other (o_proj, down_proj): base
+    output plus x @ A_allᵀ * row mask @ Bᵀ, with as little Python per call as the old per-layer
+    forward had (on a 2-core CPU, microseconds per call add up over 200 layers)."""
+    import torch.nn.functional as F
+
+    base = group.bases[0]
+    if not group.has_lora:
+        return lambda x, *args, **kwargs: base(x)
+    lora_a, keep, dtype = group.lora_a, group.row_keep, group.compute_dtype
+    b = group.blocks[0][2]
+
+    def forward(x: Any, *args: Any, **kwargs: Any) -> Any:
+        out = base(x)
+        low = F.linear(x if x.dtype == dtype else x.to(dtype), lora_a)
+        return _add_low_rank(out, low * (keep if low.dim() == 3 else keep[:, 0]), b)
+
+    return forward
+
+
+class FusedLora:
+    """The fused forward for one batch layout (which adapter each row uses); see the module doc."""
+
+    def __init__(self, groups: list[_Group]) -> None:
+        self.groups = groups
+
+    @classmethod
+    def build(cls, model: Any, names: list[str], *, fuse_base: bool = False) -> FusedLora | None:
+        """The fused forward of `model` (a PeftModel, or a plain model for base-only batches) for
+        rows running adapters `names` (PEFT_BASE: none); None where PEFT's forward must be used.
+        fuse_base: use one base matmul for siblings whose weights fuse_sibling_weights laid out."""
+        import torch
+        from peft.tuners.lora import LoraLayer
+        from peft.tuners.lora.layer import Linear as LoraLinear
+
+        used = [n for n in dict.fromkeys(names) if n != PEFT_BASE]
+        peft_config = getattr(model, "peft_config", {}) or {}
+        for name in used:
+            config = peft_config.get(name)
+            if getattr(config, "modules_to_save", None) or getattr(config, "trainable_token_indices", None):
+                return None
+        lora_modules = []
+        for module in model.modules():
+            if not isinstance(module, LoraLayer):
+                continue
+            if type(module) is not LoraLinear or getattr(module, "fan_in_fan_out", False) or module.merged:
+                return None
+            for name in used:
+                if name in module.lora_A and (
+                    name in module.lora_variant or module.lora_bias.get(name, False)
+                ):
+                    return None
+            lora_modules.append(module)
+
+        # Groups of siblings that share an input, then every other LoRA layer on its own.
+        grouped: list[list[Any]] = []
+        seen: set[int] = set()
+        for parent in model.modules():
+            children = dict(parent.named_children())
+            for group_names in SHARED_INPUT_GROUPS:
+                members = [children.get(n) for n in group_names]
+                if any(m is None for m in members) or any(_plain_linear(m) is None for m in members):
+                    continue
+                if any(id(m) in seen for m in members):
+                    continue
+                if not any(isinstance(m, LoraLinear) for m in members) and not fuse_base:
+                    continue
+                grouped.append(members)
+                seen.update(id(m) for m in members)
+        for module in lora_modules:
+            if id(module) not in seen:
+                grouped.append([module])
+                seen.add(id(module))
+
+        rows = len(names)
+        groups: list[_Group] = []
+        with_lora: list[_Group] = []
+        for members in grouped:
+            bases = [m.base_layer if isinstance(m, LoraLinear) else m for m in members]
+            group = _Group(members, bases)
+            linears = [_plain_linear(m) for m in members]
+            if fuse_base and len(members) > 1 and None not in linears and group.outs:
+                group.base_weight = _adjacent_weight(linears)
+            if group.base_weight is not None:
+                biases = [lin.bias for lin in linears]
+                if any(b is not None for b in biases):
+                    w = group.base_weight
+                    group.base_bias = torch.cat(
+                        [
+                            b.detach() if b is not None else w.new_zeros(lin.out_features)
+                            for b, lin in zip(biases, linears, strict=True)
+                        ]
+                    )
+            # LoRA blocks: per member, every used adapter it has, in a fixed order.
+            a_blocks: list[tuple[Any, str]] = []
+            b_parts: list[list[Any]] = []
+            for member in members:
+                parts: list[Any] = []
+                if isinstance(member, LoraLinear):
+                    for name in used:
+                        if name in member.lora_A:
+                            a_blocks.append((member.lora_A[name].weight * member.scaling[name], name))
+                            parts.append(member.lora_B[name].weight)
+                b_parts.append(parts)
+            if (
+                not a_blocks
+                and group.base_weight is None
+                and not any(isinstance(m, LoraLinear) for m in members)
+            ):
+                continue  # plain layers with nothing to share: left as they are
+            if a_blocks:
+                weight = next(m for m in members if isinstance(m, LoraLinear)).base_layer.weight
+                lora_dtype = a_blocks[0][0].dtype
+                on_gpu = weight.device.type == "cuda"
+                # On a GPU the low-rank pass runs in the base dtype: no casts, and the B product can
+                # be added in place with one addmm_. On a CPU, tiny bf16 matmuls are several times
+                # slower than float32 ones, so PEFT's float32 adapter weights are kept.
+                group.compute_dtype = (
+                    weight.dtype if on_gpu and weight.dtype in (torch.bfloat16, torch.float16) else lora_dtype
+                )
+                offset = 0
+                for parts in b_parts:
+                    rank = sum(b.shape[1] for b in parts)
+                    b = torch.cat(parts, dim=1).to(group.compute_dtype) if parts else None
+                    group.blocks.append((offset, rank, b))
+                    offset += rank
+                group.lora_a = torch.cat([a for a, _ in a_blocks], dim=0).to(group.compute_dtype)
+                total_rank = group.lora_a.shape[0]
+                # Scaling is already in the A blocks; the row mask only keeps a row's own adapter.
+                keep = torch.zeros((rows, 1, total_rank), dtype=group.compute_dtype, device=weight.device)
+                position = 0
+                for a, name in a_blocks:
+                    for row, row_name in enumerate(names):
+                        if row_name == name:
+                            keep[row, 0, position : position + a.shape[0]] = 1
+                    position += a.shape[0]
+                group.row_keep = keep
+                if group.base_weight is not None:
+                    block_b = group.lora_a.new_zeros((sum(group.outs), total_rank))
+                    out_offset = 0
+                    for (offset, rank, b), size in zip(group.blocks, group.outs, strict=True):
+                        if rank:
+                            block_b[out_offset : out_offset + size, offset : offset + rank] = b
+                        out_offset += size
+                    group.block_b = block_b
+                with_lora.append(group)
+            groups.append(group)
+        # Per-row copies of A_all with the row mask folded in, for the passes that use them (groups
+        # of one always take the mask way: see _single_forward).
+        with_lora = [g for g in with_lora if len(g.members) > 1]
+        row_copy_bytes = sum(rows * g.lora_a.numel() * g.lora_a.element_size() for g in with_lora)
+        if (
+            with_lora
+            and _low_rank_pass(with_lora[0].lora_a.device) != "mask"
+            and row_copy_bytes <= ROW_COPY_BUDGET_BYTES
+        ):
+            for group in with_lora:
+                group.row_a = group.row_keep[:, 0, :, None] * group.lora_a[None]  # (rows, rank, in)
+        return cls(groups)
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        """Swap each member's forward for the group's; always restored, even on error."""
+
+        def member_forward(group: _Group, index: int) -> Callable[..., Any]:
+            if len(group.members) == 1 and group.base_weight is None:
+                return _single_forward(group)
+
+            def forward(x: Any, *args: Any, **kwargs: Any) -> Any:
+                return group.output(index, x)
+
+            return forward
+
+        try:
+            for group in self.groups:
+                for index, module in enumerate(group.members):
+                    module.forward = member_forward(group, index)
+            yield
+        finally:
+            for group in self.groups:
+                group.release()
+                for module in group.members:
+                    module.__dict__.pop("forward", None)
