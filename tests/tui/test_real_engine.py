@@ -73,7 +73,8 @@ async def test_edit_set_train_and_chat_with_the_real_engine(real_workspace, real
         await wait_until(pilot, lambda: app.dataset_pane.reports, what="row checks")
         await pilot.press(
             "e",
-            "f7",
+            "f8",  # a single-turn sample opens as text fields: switch to its JSON
+            "f7",  # select all
             *'{"messages":[{"role":"user","content":"Hi"},',
             *'{"role":"assistant","content":"Yo"}]}',
         )
