@@ -29,9 +29,9 @@ changes is how a micro-batch is laid out and how its summed loss is computed:
   left after the model is loaded.
 
 Techniques: pack, merge, flce, lora, selective (fast), offload (lean) and compile (each decoder
-layer as one torch.compile region; not under QLoRA unless `+qcompile`, where bitsandbytes'
-layers are untested under compile) are on; liger is off because it measured slower here
-(bench/RESULTS.md). For measuring, `TUNEBENCH_ACCEL` adjusts the set, e.g.
+layer as one torch.compile region, bitsandbytes' 4-bit layers included: lean QLoRA measured 2x
+faster compiled) are on; liger is off because it measured slower here (bench/RESULTS.md). For
+measuring, `TUNEBENCH_ACCEL` adjusts the set, e.g.
 `TUNEBENCH_ACCEL=+liger,-merge`.
 """
 
@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 from .config import TrainConfig
 from .gpu_memory import (  # noqa: F401 - the memory model, re-exported for callers and tests
+    FAST_MAX_TOKENS,
     GIB,
     HEADROOM,
     LEAN_BELOW_FREE,
@@ -552,8 +553,7 @@ class FastPath:
 
     @property
     def compiles(self) -> bool:
-        # bitsandbytes' 4-bit layers under torch.compile are a measurement (+qcompile), not a default
-        return "compile" in self.use and (not self.cfg.is_qlora or "qcompile" in self.use)
+        return "compile" in self.use
 
     def describe(self) -> list[str]:
         on = [
@@ -607,6 +607,7 @@ class FastPath:
                 lora_rank=self.cfg.lora_rank,
                 quantized=self.cfg.is_qlora,
                 embedding_on_host=self.host_embedding is not None,
+                compiled=self.compiles,
             )
             self.notes.append(
                 f"GPU path: forwards of up to {self._max_tokens} tokens ({self.profile} profile)"
@@ -695,7 +696,9 @@ class FastPath:
             decoder=decoder,
             head_weight=head.weight,
             layers=layers,
-            per_token_layer=layer_activation_bytes(c, fused=any("liger" in a for a in self.applied))
+            per_token_layer=layer_activation_bytes(
+                c, fused=any("liger" in a for a in self.applied), compiled=self.compiles
+            )
             + (0 if "lora" in self.use else (6 * hidden + c.intermediate_size) * 4),
             per_token_fixed=hidden * 2 * 6,
         )
@@ -750,6 +753,7 @@ class FastPath:
             quantized=self.cfg.is_qlora,
             recomputed_layers=recomputed,
             embedding_on_host=self.host_embedding is not None,
+            compiled=self.compiles,
         )
         if parts["total"] > self._modelled_peak * 1.02:
             self._modelled_peak = parts["total"]

@@ -2,7 +2,7 @@
 
 Torch-free on purpose: the TUI's estimate (engine/memory.py) and the CUDA path (engine/accel.py)
 use the same numbers, and the estimate is answered before torch is ever imported. Calibrated
-against the peaks measured on an H100 (bench/RESULTS.md, "Memory model").
+against the peaks measured on an H100 and an H200 (bench/RESULTS.md, "Memory model").
 """
 
 from __future__ import annotations
@@ -58,20 +58,23 @@ def choose_profile(requested: str, free_bytes: int) -> tuple[str, str]:
     return "fast", f"auto: {free_bytes / GIB:.1f} GiB free after loading the model"
 
 
-def layer_activation_bytes(model_config: Any, dtype_bytes: int = 2, fused: bool = False) -> int:
+def layer_activation_bytes(
+    model_config: Any, dtype_bytes: int = 2, fused: bool = False, compiled: bool = True
+) -> int:
     """Bytes one decoder layer keeps for backward, per token, on this path (no recompute).
 
     What autograd saves: the two norm inputs and outputs, q/k/v after RoPE and the attention
     output (flash attention keeps these and a float32 log-sum-exp per head), the gate and up
-    products and the down projection's input. HF's RMSNorm and SwiGLU keep about one more
-    hidden-wide and one more intermediate-wide tensor (`fused=False`, the default path; liger's
-    kernels do not). Measured on Qwen2.5-7B (call A): 195 KB per token and layer compiled,
-    212 KB eager; 204 KB here.
+    products and the down projection's input. A layer compiled whole (the default) keeps about one
+    hidden-wide tensor more than that: measured on Qwen2.5-7B, H200, 164 KB per token and layer
+    against 159 KB counted (bench/RESULTS.md, session 3). Eager, HF's RMSNorm and SwiGLU keep
+    about one more hidden-wide and one more intermediate-wide tensor (212 KB measured), liger's
+    fused kernels (`fused=True`) do not.
     """
     s = model_sizes(model_config)
     h, i, heads, kv, d = s["hidden"], s["intermediate"], s["heads"], s["kv_heads"], s["head_dim"]
     words = 4 * h + (heads + 2 * kv) * d + heads * d + 3 * i
-    extra = 0 if fused else h + i
+    extra = h if compiled else 0 if fused else h + i
     return (words + extra) * dtype_bytes + heads * 4
 
 
@@ -98,11 +101,13 @@ def estimate_peak_bytes(
     recomputed_layers: int | None = None,
     embedding_on_host: bool = False,
     lora_params: int | None = None,
+    compiled: bool = True,
 ) -> dict[str, int]:
     """THE memory model: peak allocated bytes of a training step on the GPU path, by part.
 
     `tokens` is the largest forward (packed, no padding); `recomputed_layers` None means all of
-    them (lean), 0 means none. `lora_params` overrides the count for the seven projections. The
+    them (lean), 0 means none. `lora_params` overrides the count for the seven projections;
+    `compiled` False models decoder layers that run eagerly (the `-compile` technique). The
     CUDA context and the allocator's cache are not counted (they are not "allocated").
     """
     s = model_sizes(model_config)
@@ -116,7 +121,7 @@ def estimate_peak_bytes(
     other = layers * (2 * h + (heads + 2 * kv) * d) * 2 + h * 2
     trainable = lora_params if lora_params is not None else lora_parameters(s, lora_rank)
     lora_bytes = trainable * 16  # float32 weight, gradient and two AdamW moments
-    per_layer = layer_activation_bytes(s)
+    per_layer = layer_activation_bytes(s, compiled=compiled)
     recomputed = layers if recomputed_layers is None else min(recomputed_layers, layers)
     kept = layers - recomputed
     acts = tokens * (kept * per_layer + recomputed * h * 2)
@@ -146,6 +151,7 @@ def tokens_per_forward(
     quantized: bool = False,
     embedding_on_host: bool = False,
     lora_params: int | None = None,
+    compiled: bool = True,
 ) -> int:
     """How many tokens one forward may take: the path packs a step's samples into forwards of at
     most this many tokens (never splitting a sample), whatever the configured micro-batch.
@@ -159,6 +165,7 @@ def tokens_per_forward(
         quantized=quantized,
         embedding_on_host=embedding_on_host,
         lora_params=lora_params,
+        compiled=compiled,
     )
     if profile == "lean":
         one = estimate_peak_bytes(model_config, tokens=1, recomputed_layers=None, **kw)

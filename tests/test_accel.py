@@ -222,18 +222,21 @@ def test_memory_model_on_the_7b_architecture():
     assert 15 * GIB < lora["total"] < 15.6 * GIB
     assert accel.estimate_peak_bytes(QWEN25_7B, tokens=2048, embedding_on_host=True)["total"] < 15 * GIB
     fast = accel.estimate_peak_bytes(QWEN25_7B, tokens=2048, recomputed_layers=0)
-    assert 10 * GIB < fast["activations"] < 13 * GIB  # measured 10.8-11.6 GiB
+    # measured 8.8 GiB (164 KB per token and layer, layers compiled whole; H200, session 3)
+    assert 8.5 * GIB < fast["activations"] < 9.5 * GIB
+    eager = accel.estimate_peak_bytes(QWEN25_7B, tokens=2048, recomputed_layers=0, compiled=False)
+    assert 10 * GIB < eager["activations"] < 13 * GIB  # measured 10.8-11.6 GiB eager (session 1)
     qlora = accel.estimate_peak_bytes(QWEN25_7B, tokens=2048, quantized=True, embedding_on_host=True)
     assert qlora["weights"] < 5.0e9 and qlora["total"] < 6 * GIB and qlora["dequantised"] > 0
-    assert accel.layer_activation_bytes(QWEN25_7B, fused=False) > accel.layer_activation_bytes(
-        QWEN25_7B, fused=True
-    )
+    assert accel.layer_activation_bytes(
+        QWEN25_7B, fused=False, compiled=False
+    ) > accel.layer_activation_bytes(QWEN25_7B, fused=True, compiled=False)
 
 
 def test_tokens_per_forward():
     card = 79 * GIB
     fast = accel.tokens_per_forward(QWEN25_7B, profile="fast", card_bytes=card)
-    assert 8192 <= fast <= 12000  # the fixed workload's whole step (4 x 2048) in one forward
+    assert 8192 <= fast <= accel.FAST_MAX_TOKENS  # the fixed workload's whole step (4 x 2048) in one forward
     peak = accel.estimate_peak_bytes(QWEN25_7B, tokens=fast, recomputed_layers=0)["total"]
     assert peak <= card * 0.9
     lean = accel.tokens_per_forward(QWEN25_7B, profile="lean", card_bytes=card, embedding_on_host=True)
