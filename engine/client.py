@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -383,9 +384,14 @@ class AsyncEngineConnection(_EventLog):
 # ================================================================ tunebench stop
 
 
-def stop_engine(workspace: Workspace | str | Path, timeout: float = 120.0) -> str:
+def stop_engine(
+    workspace: Workspace | str | Path,
+    timeout: float = 120.0,
+    say: Callable[[str], None] | None = None,
+) -> str:
     """Shut the workspace's engine down (a training run in it stops gracefully and saves a
-    checkpoint first) and wait for the process to exit; returns what happened, in words."""
+    checkpoint first) and wait for the process to exit; returns what happened, in words.
+    `say` hears, at once, what it is waiting for when a job has to finish first."""
     ws = _workspace(workspace)
     try:
         with EngineConnection.open(ws, timeout=3.0) as conn:
@@ -396,6 +402,10 @@ def stop_engine(workspace: Workspace | str | Path, timeout: float = 120.0) -> st
         return f"no engine is running in {ws.root}"
     pid = snapshot.engine_pid
     job = f"; its {snapshot.job} job was stopped (training saves a checkpoint)" if snapshot.job else ""
+    if snapshot.job and say is not None:
+        # A training step on a CPU or a big model can take a minute: say why nothing happens yet.
+        finishing = "finishes its current step and saves a checkpoint" if snapshot.job == "train" else "ends"
+        say(f"stopping the engine (pid {pid}): its {snapshot.job} job {finishing} first ...")
     deadline = time.monotonic() + timeout
     while engine_process(ws) is not None or probe_socket(ws) == "live":
         if time.monotonic() > deadline:
@@ -472,6 +482,13 @@ def _run_lines(run: RunInfo, live: bool) -> list[str]:
     lines.append(progress)
     if run.tokens_per_s:
         lines[-1] += f", {run.tokens_per_s:,.0f} tok/s"
+    points = [
+        (step, loss) for step, loss in run.losses if isinstance(loss, (int, float)) and not _is_nan(loss)
+    ]
+    if len(points) >= 2:
+        (first_step, first), (last_step, last) = points[0], points[-1]
+        curve = sparkline([loss for _, loss in points])
+        lines.append(f"loss        {curve}  {first:.4f} -> {last:.4f}, steps {first_step}-{last_step}")
     if run.checkpoints:
         names = ", ".join(p.name for p in run.checkpoints)
         lines.append(f"checkpoints {names}")
@@ -481,6 +498,23 @@ def _run_lines(run: RunInfo, live: bool) -> list[str]:
         command = run.command or "tunebench train ..."
         lines.append(f"resume      {command} --resume_from_checkpoint {run.path}")
     return lines
+
+
+SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float], width: int = 40) -> str:
+    """The whole curve in `width` characters: each one is the mean of its share of the values."""
+    if not values:
+        return ""
+    buckets = min(width, len(values))
+    means = []
+    for i in range(buckets):
+        chunk = values[i * len(values) // buckets : (i + 1) * len(values) // buckets]
+        means.append(sum(chunk) / len(chunk))
+    low, high = min(means), max(means)
+    span = (high - low) or 1.0
+    return "".join(SPARKS[round((m - low) / span * (len(SPARKS) - 1))] for m in means)
 
 
 def _fmt_duration(seconds: float) -> str:

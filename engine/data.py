@@ -30,6 +30,7 @@ import orjson
 from .config import TrainConfig
 from .errors import DataUserError
 from .templates import DEFAULT_TEMPLATE, TEMPLATES, get_template
+from .workspace import new_file_mode
 
 IGNORE_INDEX = -100  # label of a token the loss skips (the Hugging Face / PyTorch convention)
 EXTENSIONS = (".jsonl", ".json")
@@ -800,7 +801,7 @@ def write_atomically(path: str | Path, data: bytes, keep_backup: bool = True) ->
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else new_file_mode())
         if keep_backup and path.exists():
             _backup(path, path.with_name(path.name + ".bak"))
         os.replace(tmp, path)

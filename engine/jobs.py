@@ -26,7 +26,7 @@ from typing import Any
 from . import protocol as P
 from .config import ConfigError
 from .errors import UserError
-from .workspace import Workspace
+from .workspace import Workspace, list_checkpoints
 
 Emit = Callable[[P.Event], None]
 
@@ -199,19 +199,26 @@ class Jobs:
 
 
 def describe_failure(
-    exc: BaseException, job: str, config: Any = None, log_file: str | Path = ""
+    exc: BaseException,
+    job: str,
+    config: Any = None,
+    log_file: str | Path = "",
+    *,
+    progress: RunProgress | None = None,
 ) -> tuple[P.EngineError, str]:
     """An exception as an EngineError a person can act on, plus the text for the engine log:
     the traceback of an unexpected error, the allocator's report of an out-of-memory, and ""
-    for errors a person caused (bad data, bad settings), which need neither."""
+    for errors a person caused (bad data, bad settings), which need neither. `progress` says
+    how far a training run got, so an out-of-memory can say which kind it was."""
     if isinstance(exc, UserError):
-        return P.EngineError(code=exc.code, message=exc.message, hint=exc.hint), ""
+        return P.EngineError(code=exc.code, message=_with_problems(exc), hint=exc.hint), ""
     if isinstance(exc, ConfigError):
         return P.EngineError(code="config", message=str(exc), hint="fix the settings named above"), ""
     if _is_out_of_memory(exc):
-        return _oom_error(exc, job, config), str(exc)
+        return _oom_error(exc, job, config, progress or RunProgress()), _safe_str(exc)
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    detail = _safe_str(exc).strip()
+    first = detail.splitlines()[0] if detail else ""
     where = f" (the full traceback is in {log_file})" if log_file else ""
     error = P.EngineError(
         code="internal",
@@ -222,6 +229,48 @@ def describe_failure(
     return error, text
 
 
+SHOWN_PROBLEMS = 10
+
+
+def _with_problems(exc: UserError) -> str:
+    """The message, plus the records it is about (a DataError's "file.jsonl:12: reason" lines),
+    as the CLI prints them: without them a person would not know where to look."""
+    problems = list(getattr(exc, "problems", None) or [])
+    lines = [exc.message, *(f"  {p}" for p in problems[:SHOWN_PROBLEMS])]
+    if len(problems) > SHOWN_PROBLEMS:
+        lines.append(f"  ... and {len(problems) - SHOWN_PROBLEMS} more")
+    return "\n".join(lines)
+
+
+@dataclass
+class RunProgress:
+    """How far a training run got, read off its events as the worker emits them (so it is
+    exact when the run fails): its folder, the step it resumed from and the last step reached."""
+
+    run_dir: str = ""
+    start_step: int = 0
+    last_step: int = 0
+
+    def note(self, event: P.Event) -> None:
+        if isinstance(event, P.TrainStarted):
+            self.run_dir, self.start_step, self.last_step = event.run_dir, event.start_step, event.start_step
+        elif isinstance(event, (P.TrainStep, P.CheckpointSaved)):
+            self.last_step = max(self.last_step, event.step)
+
+    @property
+    def checkpoint(self) -> str:
+        """The run's newest complete checkpoint, or "" when it has none."""
+        found = list_checkpoints(self.run_dir) if self.run_dir else []
+        return str(found[-1]) if found else ""
+
+
+def _safe_str(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:  # noqa: BLE001 - a broken __str__ must not hide the failure itself
+        return ""
+
+
 def _is_out_of_memory(exc: BaseException) -> bool:
     torch = sys.modules.get("torch")
     oom_type = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None) if torch else None
@@ -229,35 +278,79 @@ def _is_out_of_memory(exc: BaseException) -> bool:
         return True
     if isinstance(exc, MemoryError):
         return True
-    text = str(exc).lower()
+    text = _safe_str(exc).lower()
     return "out of memory" in text or "cublas_status_alloc_failed" in text
 
 
-def _oom_error(exc: BaseException, job: str, cfg: Any) -> P.EngineError:
+def _oom_error(exc: BaseException, job: str, cfg: Any, progress: RunProgress) -> P.EngineError:
     host = isinstance(exc, MemoryError)
     where = "the machine's RAM" if host else "GPU memory"
     # torch's report is a paragraph (capacity, free, reserved...): the message keeps the size that
     # failed, and the whole report goes to the engine log.
-    asked = re.search(r"Tried to allocate ([\d.]+ ?[KMGT]?i?B)", str(exc))
-    message = f"{job} ran out of {where}" + (f" (it asked for {asked.group(1)} more)" if asked else "")
-    if job == "train":
-        batch = getattr(cfg, "per_device_train_batch_size", "?")
-        length = getattr(cfg, "max_length", "?")
-        steps = []
-        steps.append(f"lower per_device_train_batch_size (now {batch}) and raise gradient_accumulation_steps")
-        steps.append(f"lower max_length (now {length})")
-        if getattr(cfg, "train_type", "") != "qlora":
+    asked = re.search(r"Tried to allocate ([\d.]+ ?[KMGT]?i?B)", _safe_str(exc))
+    size = f" (it asked for {asked.group(1)} more)" if asked else ""
+    if job != "train":
+        if job == "generate":
+            hint = "lower max_new_tokens, compare fewer adapters at once, or wait until no training runs"
+        else:
+            hint = "close other programs using the GPU, or use a smaller model"
+        return P.EngineError(code="oom", message=f"{job} ran out of {where}{size}", hint=hint)
+
+    if not progress.run_dir:  # before TrainStarted: the model itself did not fit
+        steps = ["close other programs using the GPU (nvidia-smi lists them)"]
+        if not host and getattr(cfg, "train_type", "") != "qlora":
             steps.append("use QLoRA (train_type qlora) to hold the base model in 4 bits")
-        if not getattr(cfg, "gradient_checkpointing", True):
-            steps.append("turn on gradient_checkpointing (recompute activations)")
-        elif getattr(cfg, "profile", "") != "lean":
-            steps.append("choose the lean profile")
-        hint = "; ".join(steps) + ". The run's last checkpoint is kept: resume from it with the new settings."
-    elif job == "generate":
-        hint = "lower max_new_tokens, compare fewer adapters at once, or wait until no training runs"
+        steps.append("or choose a smaller model")
+        return P.EngineError(
+            code="oom",
+            message=f"training ran out of {where}{size} while loading the model, before its first step",
+            hint="; ".join(steps) + ". Nothing was trained or written yet.",
+        )
+    batch = getattr(cfg, "per_device_train_batch_size", 1)
+    accumulation = getattr(cfg, "gradient_accumulation_steps", 1)
+    length = getattr(cfg, "max_length", "?")
+    fitted = max(progress.last_step - progress.start_step, 0)
+    # Memory peaks in the backward of the largest micro-batch: if no step fitted, the settings do
+    # not fit at all; if some did, a batch of longer samples than before crossed the line.
+    if fitted == 0:
+        cause = (
+            f"activations for {batch} sample(s) of up to {length} tokens per micro-batch, plus the "
+            "model, need more than is free"
+        )
     else:
-        hint = "close other programs using the GPU, or use a smaller model"
-    return P.EngineError(code="oom", message=message, hint=hint)
+        cause = (
+            f"{fitted} step(s) fitted, then a micro-batch of longer samples did not "
+            f"(up to {batch} x {length} tokens)"
+        )
+    when = f"after step {progress.last_step}" if fitted else "in its first step"
+    message = f"training ran out of {where}{size} {when}: {cause}"
+    steps = []
+    if batch > 1:
+        steps.append(
+            f"lower per_device_train_batch_size (now {batch}) to {max(batch // 2, 1)} and raise "
+            f"gradient_accumulation_steps (now {accumulation}) to {accumulation * 2}: the same samples "
+            "per step in smaller micro-batches"
+        )
+    steps.append(f"lower max_length (now {length}): the longest samples set the peak")
+    if not host and getattr(cfg, "train_type", "") != "qlora":
+        steps.append("use QLoRA (train_type qlora) to hold the base model in 4 bits")
+    if not getattr(cfg, "gradient_checkpointing", True):
+        steps.append(
+            "turn on gradient_checkpointing (recompute activations in backward instead of keeping them)"
+        )
+    elif not host and getattr(cfg, "profile", "") != "lean":
+        steps.append(
+            "choose profile lean (it recomputes every layer and keeps the embedding matrix in host memory)"
+        )
+    checkpoint = progress.checkpoint
+    if checkpoint:
+        kept = (
+            f"The run's checkpoints are kept: resume from {Path(checkpoint).name} with the new settings "
+            "(Train pane r, or --resume_from_checkpoint)."
+        )
+    else:
+        kept = "No checkpoint had been saved yet, so the run starts again from the beginning."
+    return P.EngineError(code="oom", message=message, hint="; ".join(steps) + ". " + kept)
 
 
 def free_memory() -> None:

@@ -41,6 +41,7 @@ from .jobs import (
     Job,
     JobFunction,
     Jobs,
+    RunProgress,
     build_config,
     check_messages,
     describe_failure,
@@ -390,14 +391,16 @@ class EngineServer:
             )
 
     def _read_only_error(self, request_id: str) -> P.EngineError:
-        holder = self._controller.label if self._controller else "another session"
-        return P.EngineError(
-            id=request_id,
-            code="read_only",
-            message=f"another session controls this workspace ({holder}); this one is read-only",
-            hint="this session shows the same live state; close the other one to control from here, "
-            "or take control over (Hello with take_control)",
-        )
+        if self._controller is None:  # an observer, with nobody in control
+            message = "this session attached as an observer, which is read-only"
+            hint = "connect without observe (or say Hello again without it) to control the workspace"
+        else:
+            message = f"{self._controller.label} controls this workspace; this session is read-only"
+            hint = (
+                "it still shows the same live state. To control from here, close the other session, "
+                "or take control (in the TUI: ctrl+p, Engine: take control; the other one turns read-only)"
+            )
+        return P.EngineError(id=request_id, code="read_only", message=message, hint=hint)
 
     def _on_Hello(self, client: Client, msg: P.Hello) -> None:
         client.name = msg.client or client.name
@@ -558,25 +561,42 @@ class EngineServer:
         )
 
     def _job_thread(self, job: Job, fn: JobFunction, request: P.Request) -> None:
+        progress = RunProgress()
+
         def emit(event: P.Event) -> None:
+            progress.note(event)  # here, in the worker: exact when the job fails right after
             self._from_thread(self._on_job_event, job, event)
 
-        reset_peak_memory()
         error, final = None, None
         try:
+            reset_peak_memory()
             final = fn(job, request, emit)
         except BaseException as exc:  # noqa: BLE001 - even a SystemExit deep in a library must
             # end as a reported failure, or the engine would stay "busy" forever
-            error = self._describe(exc, job.kind, job.config)
-        if error is not None or job.kind != "generate":
-            # A failed job's traceback (gone with `exc` now) held its frames and their tensors, and
-            # a finished run's model sits in reference cycles: collect them so the next job finds
-            # the GPU free. A chat keeps its model, so a generation skips this (it costs ~0.1 s).
-            free_memory()
-        self._from_thread(self._on_job_done, job, error, final)
+            error = self._describe(exc, job.kind, job.config, progress)
+        finally:
+            try:
+                if error is not None or job.kind != "generate":
+                    # A failed job's traceback (gone with `exc` now) held its frames and their
+                    # tensors, and a finished run's model sits in reference cycles: collect them
+                    # so the next job finds the GPU free. A chat keeps its model, so a generation
+                    # skips this (it costs ~0.1 s).
+                    free_memory()
+            finally:
+                self._from_thread(self._on_job_done, job, error, final)
 
-    def _describe(self, exc: BaseException, job: str, config: Any = None) -> P.EngineError:
-        error, trace = describe_failure(exc, job, config, self.ws.log_file)
+    def _describe(
+        self, exc: BaseException, job: str, config: Any = None, progress: RunProgress | None = None
+    ) -> P.EngineError:
+        try:
+            error, trace = describe_failure(exc, job, config, self.ws.log_file, progress=progress)
+        except Exception as failure:  # noqa: BLE001 - describing a failure must not fail the engine
+            error = P.EngineError(
+                code="internal",
+                message=f"{job} failed: {type(exc).__name__}",
+                hint=f"the engine is still running; details are in {self.ws.log_file}",
+            )
+            trace = f"(describing {type(exc).__name__} failed too: {failure!r})"
         if trace:
             self.log(f"{job} failed: [{error.code}] {error.message}\n{trace}")
         return error

@@ -326,11 +326,17 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         if path.exists():
             os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
         else:
-            os.chmod(tmp, 0o666 & ~_current_umask())
+            os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def new_file_mode() -> int:
+    """The mode a new file gets under this process's umask (mkstemp's 0600 is only for the
+    temporary name): 0644 under the usual 022, 0600 for someone who set 077 on a shared box."""
+    return 0o666 & ~_current_umask()
 
 
 def _current_umask() -> int:

@@ -666,6 +666,93 @@ def test_data_errors_come_before_the_model_loads(tmp_path, monkeypatch, capfd, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl"]
 
 
+# ================================================================= the same input through the engine
+
+
+def engine_config(case: Case, folder: str, model: Path) -> dict | None:
+    """The StartTraining config for a `train` case that names only files (model, datasets, output),
+    relative to the workspace as the TUI sends them. None for cases about flags and their values."""
+    names = {
+        "--model": "model",
+        "--dataset": "dataset",
+        "--val_dataset": "val_dataset",
+        "--output_dir": "output_dir",
+    }
+    flags = case.argv[1:]
+    if case.argv[0] != "train" or len(flags) % 2 or "--dataset" not in flags:
+        return None
+    config: dict = {}
+    for flag, value in zip(flags[::2], flags[1::2], strict=True):
+        if flag not in names or value.startswith("--"):
+            return None
+        if value == "MODEL":
+            config["model"] = str(model)
+        elif value.startswith("./"):  # a path that is not there stays as typed
+            config[names[flag]] = value
+        else:
+            config[names[flag]] = f"{folder}/{value}"
+    for key in ("dataset", "val_dataset"):
+        if key in config:
+            config[key] = [config[key]]
+    return config
+
+
+ENGINE_CASES = [case for case in CASES if engine_config(case, "x", Path("m")) is not None]
+
+
+@pytest.fixture(scope="module")
+def engine_workspace(tmp_path_factory):
+    """engine/server.py's EngineServer, serving one workspace from a thread of this process."""
+    import asyncio
+    import threading
+    import time
+
+    from tunebench.engine.client import probe_socket
+    from tunebench.engine.server import EngineServer
+
+    workspace = tmp_path_factory.mktemp("engine") / "ws"
+    server = EngineServer(workspace, idle_exit=0)
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while probe_socket(workspace) != "live":
+        assert time.monotonic() < deadline, "the engine did not start"
+        time.sleep(0.02)
+    yield workspace
+    server.request_shutdown("abort")
+    thread.join(30)
+
+
+def test_the_engine_path_covers_the_file_cases():
+    assert len(ENGINE_CASES) >= 20
+
+
+@pytest.mark.parametrize("case", ENGINE_CASES, ids=[case.id for case in ENGINE_CASES])
+def test_bad_input_through_the_engine_reads_like_the_cli(case, engine_workspace, tiny_model_dir):
+    """What the TUI shows for the same mistake: an EngineError with the same what, where and fix
+    (paths are absolute there), no traceback, and every file as it was."""
+    from tunebench.engine import protocol as P
+    from tunebench.engine.client import EngineConnection
+
+    folder = engine_workspace / case.id
+    folder.mkdir()
+    write_files(folder, case.files)
+    before = tree(folder, tiny_model_dir)
+    config = engine_config(case, case.id, tiny_model_dir)
+    with EngineConnection.open(engine_workspace) as conn:
+        conn.hello("test")
+        request_id = conn.send(P.StartTraining(config=config))
+        error = conn.wait_for("EngineError", id=request_id, timeout=60)
+        status = conn.wait_for("JobStatus", id=request_id, timeout=60)
+        while status.state == "started":
+            status = conn.wait_for("JobStatus", id=request_id, timeout=60)
+    text = f"{error.message}\n  hint: {error.hint}".replace(f"{folder}/", "")
+    assert status.state == "failed" and error.hint and "Traceback" not in text
+    for words in (*case.what, *case.where, *case.fix):
+        assert words in text, f"{words!r} not in:\n{text}"
+    assert tree(folder, tiny_model_dir) == before
+
+
 # ================================================================= accepted input
 
 

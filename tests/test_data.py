@@ -712,6 +712,17 @@ def test_save_jsonl_is_atomic_and_keeps_the_previous_version(tmp_path):
     assert os.stat(path).st_mode & 0o777 == 0o600
 
 
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_a_new_dataset_file_follows_the_umask(tmp_path, umask, mode):
+    """On a shared box, someone with umask 077 keeps their data to themselves."""
+    old = os.umask(umask)
+    try:
+        save_jsonl(tmp_path / "new.jsonl", [qa("q", "a")])
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "new.jsonl").st_mode & 0o777 == mode
+
+
 # ======================================================== import hygiene
 
 
