@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         if command == "stop":
             from .client import stop_engine
 
-            print(stop_engine(Path(rest[0] if rest else ".").resolve()))
+            say = lambda line: print(line, flush=True)  # noqa: E731 - what it waits for, at once
+            print(stop_engine(Path(rest[0] if rest else ".").resolve(), say=say))
             return 0
         if command == "serve":
             from .__main__ import main as engine_main
@@ -75,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    except BrokenPipeError:
+        # `tunebench status ws | head`: the reader has gone, which is not an error of the disk.
+        # Point stdout at /dev/null so Python's exit-time flush does not complain again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as exc:
         # A full disk, a folder without write permission: the person's to fix, not a bug to trace.
         where = f": {exc.filename}" if exc.filename else ""

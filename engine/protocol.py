@@ -52,7 +52,9 @@ class Message:
         return type(self).__name__
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": self.type, **dataclasses.asdict(self)}
+        # Shallow on purpose: fields hold only JSON-ready values, and dataclasses.asdict would
+        # deep-copy a Snapshot's whole run history (most of a second for 30,000 steps).
+        return {"type": self.type, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ import orjson
 from . import protocol as P
 from .config import TrainConfig, to_command, to_dict
 from .errors import UserError
+from .workspace import CHECKPOINT_STATE_FILE, list_checkpoints
 
 # Mixed sample lengths fragment the CUDA caching allocator; growable segments keep the reserved
 # memory close to the allocated. Read when CUDA first allocates, so set before any GPU work
@@ -36,7 +37,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 Emit = Callable[[P.Event], None]
 IGNORE = -100
-STATE_FILE = "trainer_state.pt"
+STATE_FILE = CHECKPOINT_STATE_FILE
 
 
 class StopSignal:
@@ -580,10 +581,19 @@ def save_checkpoint(run: RunPaths, step: int, model, optimizer, scheduler, keep:
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-    shutil.rmtree(final, ignore_errors=True)
+    shutil.rmtree(final, ignore_errors=True)  # the same step saved again (after a resume)
     os.replace(tmp, final)
+    _fsync_dir(run.checkpoints)  # the rename itself survives a power loss
     _prune_checkpoints(run, keep)
     return final
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _prune_checkpoints(run: RunPaths, keep: int) -> None:
@@ -591,13 +601,6 @@ def _prune_checkpoints(run: RunPaths, keep: int) -> None:
         return
     for old in list_checkpoints(run.root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (temporary half-written ones are skipped)."""
-    folder = Path(run_dir) / "checkpoints"
-    found = [p for p in folder.glob("step-*") if (p / STATE_FILE).is_file() and p.name[5:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[5:]))
 
 
 def find_checkpoint(path: str) -> Path:
