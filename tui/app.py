@@ -24,11 +24,11 @@ from tunebench.engine.config import changed_fields, to_dict
 from tunebench.engine.workspace import ENGINE_IDLE_EXIT_S, Workspace
 
 from .debounce import Debouncer
-from .engine_client import EngineClient, Starter
+from .engine_client import EngineClient, Starter, error_text
 from .screens.confirm import Choice
 from .screens.engine_lost import EngineLost
 from .screens.error import ErrorScreen
-from .screens.help import HelpScreen
+from .screens.help import HelpScreen, HelpSection
 from .screens.targets_picker import TargetsPicker
 from .widgets.chat.chat_pane import ChatPane
 from .widgets.chat.targets import BASE, Target, default_targets, discover_targets, target_label
@@ -56,6 +56,11 @@ TRAIN_EVENTS = (
     P.EvalResult,
     P.CheckpointSaved,
     P.TrainFinished,
+)
+# Keys that Textual's own widgets and the focus chain handle, for the help screen.
+GLOBAL_HELP_KEYS = (
+    ("tab / shift+tab", "move between the parts of a pane"),
+    ("esc", "leave a text field: digits switch panes again (f2-f6 work from anywhere)"),
 )
 # Errors that end a training run: shown in a modal, since the person must act on them.
 RUN_FAILURES = {"oom", "data", "config", "model", "user", "internal"}
@@ -329,17 +334,17 @@ class TuneBenchApp(App[int]):
         purpose = self.requests.pop(error.id, "")
         if error.code == "read_only":
             self.status_bar.set_read_only("another session")
-            self.notify(f"{error.message}. {error.hint}", severity="warning", timeout=8)
+            self.notify(error_text(error), severity="warning", timeout=8)
             self.chat_pane.handle_event(error)
             return
         if purpose == "estimate":
-            self.gpu_pane.show_estimate(None, f"{error.message} {error.hint}".strip())
+            self.gpu_pane.show_estimate(None, error_text(error))
             return
         if purpose in ("chat", "cancel"):
             self.chat_pane.handle_event(error)
             return
         if error.code in ("busy", "idle"):
-            self.notify(f"{error.message}. {error.hint}".strip(". "), severity="warning", timeout=6)
+            self.notify(error_text(error), severity="warning", timeout=6)
             return
         self.train_pane.log_line(f"error [{error.code}] {error.message}", "bold red")
         if error.hint:
@@ -349,7 +354,7 @@ class TuneBenchApp(App[int]):
             title = "Out of GPU memory" if error.code == "oom" else "Training stopped"
             self.push_screen(ErrorScreen(title, error.message, error.hint))
         else:
-            self.notify(f"{error.message} {error.hint}".strip(), severity="error", timeout=8)
+            self.notify(error_text(error), severity="error", timeout=8)
 
     def _train_finished(self, event: P.TrainFinished) -> None:
         if event.adapter_dir and not self.chat_pane.chosen_by_person:
@@ -460,6 +465,9 @@ class TuneBenchApp(App[int]):
 
     def action_show_pane(self, pane: str) -> None:
         self._main.query_one(TabbedContent).active = pane
+        if pane == "chat":
+            self.chat_pane.focus_default()  # the prompt; the columns while it is locked
+            return
         # The form itself rather than its first field: a digit pressed next must switch panes,
         # not type into a field.
         focus = {
@@ -467,7 +475,6 @@ class TuneBenchApp(App[int]):
             "params": "#param-form",
             "gpu": "#gpu-body",
             "train": "#checkpoints",
-            "chat": "#chat-prompt",
         }[pane]
         self._main.query_one(focus).focus()
 
@@ -476,14 +483,16 @@ class TuneBenchApp(App[int]):
         if event.pane.id == "gpu":
             self.schedule_estimate()
 
-    def help_sections(self) -> list[tuple[str, list[Binding]]]:
-        sections = [("Everywhere", [b for b in self.BINDINGS if isinstance(b, Binding)])]
-        sections[0][1].append(Binding("ctrl+p", "command_palette", "Search every action (command palette)"))
-        for _, title, cls in PANES:
-            sections.append((title, [b for b in cls.BINDINGS if isinstance(b, Binding)]))
+    def help_sections(self) -> list[HelpSection]:
         from .screens.sample_editor import SampleEditor
 
-        sections.append(("Sample editor", list(SampleEditor.BINDINGS)))
+        everywhere = [b for b in self.BINDINGS if isinstance(b, Binding)]
+        everywhere.append(Binding("ctrl+p", "command_palette", "Search every action (command palette)"))
+        sections = [HelpSection("Everywhere", everywhere, GLOBAL_HELP_KEYS)]
+        for _, title, cls in PANES:
+            bindings = [b for b in cls.BINDINGS if isinstance(b, Binding)]
+            sections.append(HelpSection(title, bindings, getattr(cls, "HELP_KEYS", ())))
+        sections.append(HelpSection("Sample editor", list(SampleEditor.BINDINGS), SampleEditor.HELP_KEYS))
         return sections
 
     def action_help(self) -> None:
@@ -508,12 +517,15 @@ class TuneBenchApp(App[int]):
                 f"Go to {title}", f"Show the {title} pane", lambda p=pane: self.action_show_pane(p)
             )
             for binding in cls.BINDINGS:
-                if isinstance(binding, Binding) and binding.description:
-                    yield SystemCommand(
-                        f"{title}: {binding.description}",
-                        f"key {self.get_key_display(binding)}",
-                        lambda p=pane, a=binding.action: self._run_pane_action(p, a),
-                    )
+                # Moving the focus in or out of a text field means nothing from the palette.
+                if not isinstance(binding, Binding) or binding.action.startswith(("focus_", "leave_")):
+                    continue
+                key = f"key {self.get_key_display(binding)}"
+                yield SystemCommand(
+                    f"{title}: {binding.description}",
+                    f"{binding.tooltip} · {key}" if binding.tooltip else key,
+                    lambda p=pane, a=binding.action: self._run_pane_action(p, a),
+                )
 
     def _run_pane_action(self, pane: str, action: str) -> None:
         self.action_show_pane(pane)

@@ -228,3 +228,9 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:  # alive, owned by someone else
         return True
     return True
+
+
+def error_text(error: P.EngineError) -> str:
+    """An engine error as a person reads it: what happened, then (if known) what to do."""
+    message, hint = error.message.strip(), error.hint.strip()
+    return f"{message}\nwhat to do: {hint}" if hint else message

@@ -1,8 +1,8 @@
 """End to end, as a person over SSH: `tunebench` on the demo model inside tmux, driven by keys.
 
-It edits a sample, trains a few steps, and chats with base and adapter side by side, reading the
-screen with `tmux capture-pane`. It takes minutes on a CPU (it loads the demo model and trains),
-so a plain `pytest` skips it; run it with
+In an 80x24 terminal it edits a sample, trains a few steps, and chats with base and adapter side
+by side, reading the screen with `tmux capture-pane`. It takes minutes on a CPU (it loads the
+demo model and trains), so a plain `pytest` skips it; run it with
 
     TUNEBENCH_E2E=1 pytest tests/e2e      or      python tests/e2e/test_tui_tmux.py
 """
@@ -43,7 +43,7 @@ gradient_checkpointing = false
 
 
 class Tmux:
-    def __init__(self, command: str, width: int = 100, height: int = 30) -> None:
+    def __init__(self, command: str, width: int = 80, height: int = 24) -> None:
         self.name = f"tb-e2e-{uuid.uuid4().hex[:8]}"
         subprocess.run(
             ["tmux", "new-session", "-d", "-s", self.name, "-x", str(width), "-y", str(height), command],
@@ -127,6 +127,18 @@ def run_e2e(workspace: Path) -> None:
             assert time.monotonic() < deadline, tmux.screen()
             time.sleep(1)
         print(tmux.screen())
+        # a second turn goes on from each column's own answer
+        tmux.type("And who made you?")
+        tmux.keys("Enter")
+        tmux.wait_for("And who made you?")
+        deadline = time.monotonic() + 300
+        while tmux.screen().count("tok/s") < 2 or "answering" in tmux.screen():
+            assert time.monotonic() < deadline, tmux.screen()
+            time.sleep(1)
+        # escape leaves the prompt, so the digit keys switch panes again
+        tmux.keys("Escape")
+        tmux.keys("1")
+        tmux.wait_for("datasets/self_cognition.jsonl", "a Add", timeout=10)
         tmux.keys("C-q")
     finally:
         tmux.kill()

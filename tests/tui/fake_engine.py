@@ -42,6 +42,7 @@ class FakeEngine:
         self._server: asyncio.AbstractServer | None = None
         self._tasks: list[asyncio.Task] = []
         self._stop = asyncio.Event()
+        self._cancel = asyncio.Event()
         self.job = ""
         # Snapshot tests pin the pid shown in the status bar; 1 is always alive for the TUI's check.
         self.pid = pid or os.getpid()
@@ -186,17 +187,32 @@ class FakeEngine:
         self._send(P.Log(id=request.id, message="stopping after this step"))
 
     async def _on_Generate(self, request: P.Generate) -> None:
+        if self.job:  # one job at a time, as the real engine
+            message = f"the engine is busy with a {self.job} run"
+            self._send(P.EngineError(id=request.id, code="busy", message=message, hint="wait for it"))
+            return
+        self.job = "generate"
         self._send(P.JobStatus(id=request.id, job="generate", state="started"))
         prompt = request.messages[-1]["content"]
         stats = {}
+        cancelled = False
         for target in request.targets:
             answer = self.answers.get(target, f"{target} answers {prompt}")
             for word in answer.split(" "):
+                if self._cancel.is_set():
+                    cancelled = True
+                    break
                 self._send(P.TokenChunk(id=request.id, target=target, text=word + " "))
                 await asyncio.sleep(0.005)
             stats[target] = {"ttft_s": 0.01, "tokens_per_s": 100.0}
-        self._send(P.GenerateDone(id=request.id, stats=stats))
+        self._cancel.clear()
+        self.job = ""
+        self._send(P.GenerateDone(id=request.id, stats=stats, cancelled=cancelled))
         self._send(P.JobStatus(id=request.id, job="generate", state="done"))
+
+    async def _on_CancelGenerate(self, request: P.CancelGenerate) -> None:
+        if self.job == "generate":
+            self._cancel.set()
 
 
 class FakeEngineThread:

@@ -147,3 +147,20 @@ async def test_invalid_json_is_kept_until_fixed(workspace, fake_engine):
         await pilot.press("c")  # any edit; the save must refuse rather than drop the broken line
         assert not pane.save(quiet=True)
         assert path.read_bytes().endswith(b'"broken\n')
+
+
+async def test_the_table_uses_the_width_it_is_given(workspace, fake_engine):
+    path = workspace / "datasets" / "mini.jsonl"
+    long_answer = "a long answer " * 12
+    path.write_bytes(path.read_bytes() + orjson.dumps({"instruction": "Say a lot", "output": long_answer}))
+    app = TuneBenchApp(workspace, starter=no_start)
+    async with app.run_test(size=(80, 24)) as pilot:
+        pane = app.query_one(DatasetPane)
+        table = app.query_one(SampleTable)
+        await wait_until(pilot, lambda: pane.reports, what="row checks")
+        key = pane.store.rows[-1].key
+        narrow = table.get_cell(key, "answer")
+        assert narrow.endswith("…") and len(narrow) <= 30
+        await pilot.resize_terminal(120, 40)
+        await wait_until(pilot, lambda: len(table.get_cell(key, "answer")) > 40, what="the wider cut")
+        assert table.get_cell(key, "answer").startswith(narrow[:-1])

@@ -98,6 +98,11 @@ async def test_probe_set_runs_on_every_column(workspace, fake_engine):
         assert [e.prompt for e in chat.exchanges] == ["Who are you?", "Who made you?"]
         assert all(e.probe for e in chat.exchanges)
         assert all(len(g.messages) == 1 for g in fake_engine.of_type("Generate"))
+        # each answer lands under its own question, and every turn is finished
+        (column,) = app.query(ChatColumn)
+        answers = [turn.answer.strip() for turn in column.turns]
+        assert answers == ["base answers Who are you?", "base answers Who made you?"]
+        assert not any(turn.pending for turn in column.turns)
 
 
 async def test_gpu_pane_shows_memory_and_the_estimate(workspace):
@@ -195,7 +200,7 @@ async def test_help_lists_every_key_and_the_palette_has_every_action(workspace, 
     async with app.run_test(size=(100, 32)) as pilot:
         await pilot.press("question_mark")
         assert isinstance(app.screen, HelpScreen)
-        listed = {b.action for _, bindings in app.screen.sections for b in bindings}
+        listed = {b.action for section in app.screen.sections for b in section.bindings}
         for pane in (TrainPane, ChatPane, GpuPane):
             assert {b.action for b in pane.BINDINGS} <= listed
         await pilot.press("escape")

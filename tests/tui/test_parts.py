@@ -126,3 +126,27 @@ def test_braille_canvas_draws_lines():
     canvas = BrailleCanvas(2, 1)
     canvas.line(0, 0, 3, 3, "cyan")
     assert "".join(t.plain for t in canvas.rows()) == "⡠⠊"
+
+
+def test_the_preview_marks_only_the_answers_and_fills_the_identity():
+    from tunebench.tui.widgets.dataset.sample_preview import TRAINED, render_sample
+
+    record = {
+        "messages": [
+            {"role": "user", "content": "Who are you?"},
+            {"role": "assistant", "content": "I am {{NAME}}."},
+            {"role": "user", "content": "Who made you?"},
+            {"role": "assistant", "content": "{{AUTHOR}} did."},
+        ]
+    }
+    settings = CheckSettings(64, ("TuneBee",), ("Ada",), "Be brief.", "")
+    text = render_sample(Row.from_record(record), LightTokenizer(None), settings)
+    trained = "".join(text.plain[s.start : s.end] for s in text.spans if s.style == TRAINED)
+    assert "I am TuneBee." in trained and "Ada did." in trained  # the identity is filled in
+    assert "Who are you?" not in trained and "Be brief." not in trained  # prompts are not trained
+    assert "Be brief." in text.plain  # the form's system prompt is part of the rendering
+    # with no name set, the placeholder is left and marked
+    unnamed = CheckSettings(64, (), ("Ada",), "", "")
+    text = render_sample(Row.from_record(record), LightTokenizer(None), unnamed)
+    assert "{{NAME}}" in text.plain
+    assert any(text.plain[s.start : s.end] == "{{NAME}}" and "yellow" in str(s.style) for s in text.spans)

@@ -7,7 +7,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Label, Static
+from textual.widgets import Footer, Label, Static
 
 
 def keys_line(keys: dict[str, str]) -> str:
@@ -29,6 +29,8 @@ class Choice(ModalScreen[str]):
             yield Label(f"[b]{escape(self.title_text)}[/b]", classes="dialog-title")
             yield Static(self.body, classes="dialog-body", markup=False)
             yield Static(keys_line({**self.choices, "esc": "cancel"}), classes="dialog-keys")
+        # This screen's own keys at the bottom, not the stale ones of the screen beneath.
+        yield Footer(compact=True)
 
     def on_key(self, event) -> None:
         if event.key in self.choices:

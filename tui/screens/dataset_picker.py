@@ -9,7 +9,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Input, Label, OptionList
+from textual.widgets import Footer, Input, Label, OptionList
 from textual.widgets.option_list import Option
 from tunebench.tui.paths import short_path
 
@@ -30,6 +30,8 @@ class DatasetPicker(ModalScreen[Path | None]):
             options = [Option(short_path(p, self.workspace), id=str(p)) for p in files]
             yield OptionList(*options, id="picker-files")
             yield Input(placeholder="or type a new file name, e.g. mine.jsonl", id="picker-new", compact=True)
+        # This screen's own keys at the bottom, not the stale ones of the screen beneath.
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         files = self.query_one(OptionList)

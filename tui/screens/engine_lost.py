@@ -6,7 +6,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Label, Static
+from textual.widgets import Footer, Label, Static
 
 from .confirm import keys_line
 
@@ -34,3 +34,5 @@ class EngineLost(ModalScreen[str]):
             )
             keys = {"r": "restart the engine", "q": "quit", "esc": "stay offline"}
             yield Static(keys_line(keys), classes="dialog-keys")
+        # This screen's own keys at the bottom, not the stale ones of the screen beneath.
+        yield Footer(compact=True)

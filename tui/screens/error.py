@@ -7,7 +7,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Label, Static
+from textual.widgets import Footer, Label, Static
 
 from .confirm import keys_line
 
@@ -30,3 +30,5 @@ class ErrorScreen(ModalScreen[None]):
                 if self.hint:
                     yield Static(f"what to do: {self.hint}", classes="dialog-hint", markup=False)
             yield Static(keys_line({"esc": "close"}), classes="dialog-keys")
+        # This screen's own keys at the bottom, not the stale ones of the screen beneath.
+        yield Footer(compact=True)

@@ -17,7 +17,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Label, Static, TextArea
+from textual.widgets import Footer, Label, Static, TextArea
 from tunebench.tui.widgets.dataset.dataset_store import Row
 from tunebench.tui.widgets.dataset.sample_fields import SampleFields, join_fields, split_fields
 
@@ -34,8 +34,13 @@ class SampleEditor(ModalScreen[Row | None]):
     BINDINGS = [
         Binding("ctrl+s", "apply", "Apply", priority=True),
         Binding("f8", "toggle_view", "Fields / JSON", priority=True),
-        Binding("escape", "cancel", "Cancel"),
+        Binding("escape", "cancel", "Cancel", tooltip="Cancel (with changes: twice discards them)"),
     ]
+    HELP_KEYS = (
+        ("tab / shift+tab", "next / previous field"),
+        ("f7 / f6", "select all / the line, to type over it"),
+        ("ctrl+z / ctrl+y", "undo / redo typing"),
+    )
 
     def __init__(self, title: str, row: Row, check: Callable[[Row], list[str]]) -> None:
         super().__init__()
@@ -56,6 +61,8 @@ class SampleEditor(ModalScreen[Row | None]):
                     yield from self._field_areas(self.fields)
             yield TextArea(pretty(self.row), id="editor-text", soft_wrap=True, tab_behavior="indent")
             yield Static("", id="editor-problems")
+        # This screen's own keys at the bottom, not the stale ones of the screen beneath.
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         self._show(fields=self.fields is not None)

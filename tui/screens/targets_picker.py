@@ -6,7 +6,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Label, SelectionList
+from textual.widgets import Footer, Label, SelectionList
 from tunebench.tui.widgets.chat.targets import Target
 
 
@@ -30,6 +30,8 @@ class TargetsPicker(ModalScreen[list[Target] | None]):
             yield SelectionList[str](
                 *[(t.label, t.path, t.path in self.chosen) for t in self.available], id="targets"
             )
+        # This screen's own keys at the bottom, not the stale ones of the screen beneath.
+        yield Footer(compact=True)
 
     def action_done(self) -> None:
         picked = set(self.query_one(SelectionList).selected)

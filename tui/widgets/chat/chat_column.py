@@ -26,7 +26,8 @@ class ChatTurn(Static):
 
     def finish(self, stats: str = "", note: str = "") -> None:
         self.pending = False
-        self.stats = stats or note
+        # "cancelled · 12.0 tok/s": a cancelled answer still has its speed, and must say it stopped.
+        self.stats = " · ".join(part for part in (note, stats) if part)
         self._draw()
 
     def _draw(self) -> None:
@@ -34,6 +35,9 @@ class ChatTurn(Static):
         text.append("probe › " if self.probe else "you › ", style="bold cyan")
         text.append(self.prompt + "\n")
         text.append(self.answer)
+        if self.pending and not self.answer:
+            # Loading the model, or another column answering first (one request at a time).
+            text.append("waiting ", style="dim")
         if self.pending:
             text.append("▌", style="blink bold")
         elif self.stats:
@@ -64,22 +68,26 @@ class ChatColumn(Vertical):
         scroll.scroll_end(animate=False)
         return turn
 
-    def append(self, text: str) -> None:
+    def append(self, index: int, text: str) -> None:
+        """Stream `text` into turn `index` (a probe set queues several turns at once)."""
         turns = self.turns
-        if not turns:
+        if not 0 <= index < len(turns):
             return
         scroll = self.query_one(VerticalScroll)
         # Follow the stream only when the reader is at the bottom; someone scrolled up to read
         # an earlier answer should not be yanked down by every token.
         follow = scroll.scroll_offset.y >= scroll.max_scroll_y - 1
-        turns[-1].append(text)
+        turns[index].append(text)
         if follow:
             scroll.call_after_refresh(scroll.scroll_end, animate=False)
 
-    def finish(self, stats: str = "", note: str = "") -> None:
+    def finish(self, index: int | None = None, stats: str = "", note: str = "") -> None:
+        """End turn `index`, or with None every turn still waiting."""
         turns = self.turns
-        if turns and turns[-1].pending:
-            turns[-1].finish(stats, note)
+        chosen = turns if index is None else turns[index : index + 1]
+        for turn in chosen:
+            if turn.pending:
+                turn.finish(stats, note)
 
     def clear(self) -> None:
         self.query_one(VerticalScroll).remove_children()

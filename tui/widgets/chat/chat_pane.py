@@ -19,6 +19,8 @@ from textual.containers import Horizontal, Vertical
 from textual.reactive import reactive
 from textual.widgets import Input, Label
 from tunebench.engine import protocol as P
+from tunebench.tui.engine_client import error_text
+from tunebench.tui.paths import short_path
 
 from .chat_column import ChatColumn
 from .targets import BASE, Target
@@ -37,13 +39,22 @@ class Job:
 
 
 class ChatPane(Vertical):
+    # Short descriptions for the footer (80 columns hold them all); the tooltip is what the help
+    # screen and the command palette say.
     BINDINGS = [
-        Binding("ctrl+t", "choose_targets", "Columns"),
-        Binding("ctrl+r", "run_probes", "Run probes"),
-        Binding("ctrl+s", "save_transcript", "Save transcript"),
-        Binding("ctrl+l", "clear", "Clear"),
-        Binding("escape", "cancel", "Cancel", show=False),
+        Binding("escape", "cancel", "Cancel answer", tooltip="Cancel the answer being streamed"),
+        Binding("escape", "leave_prompt", "Leave", tooltip="Leave the prompt, so 1-5 switch panes again"),
+        Binding("enter", "focus_prompt", "Type", tooltip="Back to the prompt, to type a question"),
+        Binding("ctrl+t", "choose_targets", "Columns", tooltip="Choose the columns: base, adapters"),
+        Binding("ctrl+r", "run_probes", "Run probes", tooltip="Run the probe set on every column"),
+        Binding("ctrl+s", "save_transcript", "Save", tooltip="Save the transcript (Markdown)"),
+        Binding("ctrl+l", "clear", "Clear", tooltip="Clear the conversation"),
     ]
+    HELP_KEYS = (
+        ("enter", "in the prompt: send it to every column; the conversation goes on from there"),
+        ("↑ ↓ pgup pgdn", "out of the prompt: scroll the column"),
+        ("tab", "next column"),
+    )
 
     generating: reactive[bool] = reactive(False)
 
@@ -60,7 +71,7 @@ class ChatPane(Vertical):
         yield Horizontal(id="chat-columns")
         yield Label("", id="chat-status")
         yield Input(
-            placeholder="ask something; enter sends (ctrl+t columns, ctrl+r probes)", id="chat-prompt"
+            placeholder="ask something; enter sends to every column · esc leaves the prompt", id="chat-prompt"
         )
 
     def on_mount(self) -> None:
@@ -143,9 +154,22 @@ class ChatPane(Vertical):
         prompt = self.query_one("#chat-prompt", Input)
         if generating and prompt.has_focus:
             # Keep the focus in this pane, so escape (cancel) and the footer keys still work.
-            self.query(".chat-scroll").last().focus()
+            self._focus_columns()
         prompt.disabled = generating
         self._status()
+        self.refresh_bindings()  # escape changes meaning: cancel while answering, leave otherwise
+
+    def focus_default(self) -> None:
+        """The prompt, ready to type; while an answer streams (the prompt locked) the columns."""
+        if self.generating:
+            self._focus_columns()
+        else:
+            self.query_one("#chat-prompt", Input).focus()
+
+    def _focus_columns(self) -> None:
+        scrolls = self.query(".chat-scroll")
+        if scrolls:
+            scrolls.first().focus()
 
     # ------------------------------------------------------ engine events
 
@@ -157,7 +181,7 @@ class ChatPane(Vertical):
                 self._status()  # the first token: "loading model…" is over
             column = self._column(event.target)
             if column is not None:
-                column.append(event.text)
+                column.append(self.job.index, event.text)
             answers = self.exchanges[self.job.index].answers
             answers[event.target] = answers.get(event.target, "") + event.text
         elif isinstance(event, P.GenerateDone):
@@ -168,29 +192,32 @@ class ChatPane(Vertical):
                 exchange.answers.setdefault(target, "")
                 column = self._column(target)
                 if column is not None:
-                    column.finish(_stats_text(stats), "cancelled" if event.cancelled else "")
+                    column.finish(self.job.index, _stats_text(stats), "cancelled" if event.cancelled else "")
             self._job_done()
         elif isinstance(event, P.EngineError):
-            self._fail_all(f"{event.message} {event.hint}".strip())
+            self._fail_all(error_text(event))
 
     def _job_done(self) -> None:
         self.job, self.request_id = None, ""
         if self.jobs:
             self._next_job()
         else:
-            self.generating = False
-            # Back to the prompt for the next question, unless the person moved elsewhere.
-            focused = self.screen.focused
-            if focused is None or self in focused.ancestors:
-                self.query_one("#chat-prompt", Input).focus()
+            self._answered()
+
+    def _answered(self) -> None:
+        self.generating = False
+        # Back to the prompt for the next question, unless the person moved elsewhere.
+        focused = self.screen.focused
+        if focused is None or self in focused.ancestors:
+            self.query_one("#chat-prompt", Input).focus()
 
     def _fail_all(self, reason: str) -> None:
         """An error or a lost engine ends every pending answer, saying why."""
         for column in self.query(ChatColumn):
-            column.finish(note=f"no answer: {reason}")
+            column.finish(note=f"no answer: {reason}")  # every turn still waiting
         self.jobs.clear()
         self.job, self.request_id = None, ""
-        self.generating = False
+        self._answered()
         self.notify(reason, severity="error")
 
     def show_progress(self, progress: P.Progress) -> None:
@@ -248,7 +275,7 @@ class ChatPane(Vertical):
         except OSError as exc:
             self.notify(f"could not save the transcript: {exc}", severity="error")
             return
-        self.notify(f"transcript saved to {path}")
+        self.notify(f"transcript saved to {short_path(path, self.app.workspace)}")
 
     def action_clear(self) -> None:
         if self.generating:
@@ -259,10 +286,35 @@ class ChatPane(Vertical):
             column.clear()
         self._status()
 
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        # Escape and enter do one thing at a time; False hides the others from the footer and
+        # lets the key fall through to the binding that applies.
+        if action == "cancel":
+            return self.generating
+        if action in ("leave_prompt", "focus_prompt"):
+            in_prompt = self.is_mounted and self.query_one("#chat-prompt", Input).has_focus
+            if action == "leave_prompt":
+                return in_prompt and not self.generating
+            return not in_prompt and not self.generating
+        return True
+
     def action_cancel(self) -> None:
         if self.generating:
+            # Columns still waiting their turn will not get one: say so rather than spin forever.
+            for job in self.jobs:
+                for target in job.targets:
+                    column = self._column(target)
+                    if column is not None:
+                        column.finish(job.index, note="cancelled")
             self.jobs.clear()
             self.app.send_request(P.CancelGenerate(), "cancel")
+
+    def action_leave_prompt(self) -> None:
+        """Out of the prompt, digits switch panes and arrows scroll the columns (enter comes back)."""
+        self._focus_columns()
+
+    def action_focus_prompt(self) -> None:
+        self.query_one("#chat-prompt", Input).focus()
 
 
 def _stats_text(stats: dict[str, float]) -> str:

@@ -25,11 +25,12 @@ def history_for(exchanges: list[Exchange], target: str) -> list[dict[str, str]]:
     """The conversation so far as this target saw it: its own answers, not the other columns'."""
     messages: list[dict[str, str]] = []
     for exchange in exchanges:
-        if exchange.probe:
+        # A question this target never answered (the engine was busy, or failed) is left out:
+        # two user turns in a row would not be the conversation the person saw.
+        if exchange.probe or target not in exchange.answers:
             continue
         messages.append({"role": "user", "content": exchange.prompt})
-        if target in exchange.answers:
-            messages.append({"role": "assistant", "content": exchange.answers[target]})
+        messages.append({"role": "assistant", "content": exchange.answers[target]})
     return messages
 
 
@@ -47,7 +48,8 @@ def render_markdown(targets: list[Target], exchanges: list[Exchange], model: str
         for target in targets:
             stats = exchange.stats.get(target.path, {})
             speed = f" ({stats['tokens_per_s']:.1f} tok/s)" if "tokens_per_s" in stats else ""
-            lines += [f"### {target.label}{speed}", "", exchange.answers.get(target.path, "").strip(), ""]
+            answer = exchange.answers[target.path].strip() if target.path in exchange.answers else ""
+            lines += [f"### {target.label}{speed}", "", answer or "_(no answer)_", ""]
     return "\n".join(lines)
 
 

@@ -43,8 +43,21 @@ class DatasetPane(Vertical):
         Binding("ctrl+s", "save", "Save"),
         Binding("o", "open", "Open file", show=False),
         Binding("t", "train_on_file", "Train on file", show=False),
-        Binding("escape", "clear_search", "Clear search", show=False),
+        Binding(
+            "escape",
+            "clear_search",
+            "Clear search",
+            show=False,
+            tooltip="Clear the search, or leave the name / author field: back to the table",
+        ),
     ]
+    HELP_KEYS = (
+        ("↑ ↓ pgup pgdn", "move through the samples; the preview follows"),
+        ("enter", "edit the highlighted sample (same as e)"),
+        ("shift+tab", "to the name / author fields that fill {{NAME}} / {{AUTHOR}}"),
+        ("tab", "to the preview (arrows scroll it)"),
+        ("enter in search", "back to the table, keeping the filter"),
+    )
 
     @dataclass
     class SettingsEdited(Message):
@@ -80,6 +93,7 @@ class DatasetPane(Vertical):
         self._conflict_open = False
         self._was_dirty = False
         self._journal_warned = ""
+        self._previewed: str | None = None  # the row the preview shows
 
     def compose(self) -> ComposeResult:
         yield Label("", id="dataset-title")
@@ -198,6 +212,11 @@ class DatasetPane(Vertical):
         self.query_one(SamplePreview).show(
             row, report, self.tokenizer, CheckSettings.from_config(self.settings.config)
         )
+        key = row.key if row else None
+        if key != self._previewed:
+            # Another sample: start at its top, where its problems are listed.
+            self._previewed = key
+            self.query_one("#preview-scroll").scroll_home(animate=False)
 
     def _current_row(self) -> Row | None:
         key = self.query_one(SampleTable).current_key

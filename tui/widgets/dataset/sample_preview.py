@@ -59,8 +59,10 @@ class SamplePreview(Static):
                 text.append("✓ no problems", style="green")
                 if report.tokens is not None:
                     text.append(f"  ·  {report.tokens} tokens of {settings.max_length}", style="dim")
-                text.append("\n")
+                text.append("  ·  ", style="dim")
+        # The legend, then where the rendering comes from: two short lines that fit 80 columns.
         text.append(" trained ", style=TRAINED)
-        text.append(f" {tokenizer.source}\n", style="dim")
+        text.append(" = what the loss learns\n", style="dim")
+        text.append(f"via {tokenizer.source}\n", style="dim")
         text.append_text(render_sample(row, tokenizer, settings))
         self.update(text)

@@ -23,6 +23,7 @@ class SampleTable(DataTable):
 
     def __init__(self, **kwargs) -> None:
         super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)
+        self._shown: tuple[list[tuple[int, Row]], dict[str, RowReport]] = ([], {})
 
     def on_mount(self) -> None:
         self.add_column("#", key="n", width=4)
@@ -34,12 +35,15 @@ class SampleTable(DataTable):
     def on_resize(self) -> None:
         # Give the two text columns whatever the terminal has to spare, split evenly.
         spare = max(self.size.width - 4 - 1 - 5 - 10, 20)
+        if self.columns["user"].width == spare // 2:  # type: ignore[index]
+            return
         for key in ("user", "answer"):
             self.columns[key].width = spare // 2  # type: ignore[index]
-        self.refresh()
+        self.show(*self._shown)  # the text was cut to the old width: cut it again
 
     def show(self, rows: list[tuple[int, Row]], reports: dict[str, RowReport]) -> None:
         """Redraw with (file index, row) pairs, keeping the cursor on the same sample if it is there."""
+        self._shown = (rows, reports)
         current = self.current_key
         self.clear()
         width = max(self.columns["user"].width, 10)  # type: ignore[index]

@@ -86,6 +86,8 @@ class GpuPane(Vertical):
                     + ("" if fits else ": lower the micro-batch or max_length, or use qlora"),
                     style="green" if fits else "bold red",
                 )
+        elif self.sample is not None:
+            text.append("\nthat is for a CUDA GPU; here training uses RAM (engine RSS above)", style="dim")
         for note in estimate.notes:
             text.append(f"\n{note}", style="dim")
         if self.sample is not None and self.sample.gpus:

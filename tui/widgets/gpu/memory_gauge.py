@@ -111,7 +111,8 @@ class EngineMemory(Static):
             text.append(f"{sample.gpu_note}\n", style="dim")
         total = sample.ram_total or 1
         used = total - sample.ram_available if sample.ram_total else sample.rss
+        text.append("█ ", style="cyan")
         text.append("engine RSS ", style="bold")
         text.append(f"{gib(sample.rss)}   system {gib(used)} / {gib(total)}\n")
-        text.append_text(bar(used / total, max(self.size.width - 2, 10)))
+        text.append_text(bar(used / total, max(self.size.width - 2, 10), own=sample.rss / total))
         return text

@@ -32,15 +32,22 @@ GROUP_TITLES = {
     "schedule": "Schedule and checkpoints",
     "output": "Output",
 }
-HELP_HINT = "[dim]tab / shift+tab move between fields · ctrl+r resets one · ctrl+y copies the command[/dim]"
+HELP_HINT = "[dim]tab / shift+tab move between fields · esc leaves one · ctrl+r resets it[/dim]"
 SAVE_DELAY_S = 0.4  # write tunebench.toml once typing pauses, not on every keystroke
 
 
 class ParamsPane(Vertical):
     BINDINGS = [
-        Binding("ctrl+y", "copy_command", "Copy command"),
-        Binding("ctrl+r", "reset_field", "Reset field"),
+        Binding("escape", "leave_field", "Leave field", tooltip="Leave the field, so 1-5 switch panes again"),
+        Binding("enter", "focus_field", "Edit field", tooltip="Back into the field last edited"),
+        Binding("ctrl+y", "copy_command", "Copy command", tooltip="Copy the tunebench train command"),
+        Binding("ctrl+r", "reset_field", "Reset field", tooltip="Reset the field to its default"),
     ]
+    HELP_KEYS = (
+        ("tab / shift+tab", "next / previous field (the command under the form comes last)"),
+        ("enter / space", "open a choice list, or flip a switch"),
+        ("↑ ↓ pgup pgdn", "out of a field: scroll the form"),
+    )
 
     @dataclass
     class Changed(Message):
@@ -57,6 +64,7 @@ class ParamsPane(Vertical):
         super().__init__(**kwargs)
         self.settings = settings
         self.saver = Debouncer(self, SAVE_DELAY_S, self._save)
+        self._last_field: ParamField | None = None  # where enter goes back to after escape
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="param-form"):
@@ -68,7 +76,10 @@ class ParamsPane(Vertical):
                 for f in fields:
                     yield ParamField(f, self.settings.text[f.name])
         yield Static(HELP_HINT, id="param-help")
-        yield CommandLine(id="param-command")
+        # Focusable and scrolling: a long command (many datasets) stays readable at 80x24.
+        with VerticalScroll(id="param-command-box") as box:
+            box.border_title = "command · ctrl+y copies"
+            yield CommandLine(id="param-command")
 
     def on_mount(self) -> None:
         self.refresh_fields()
@@ -119,14 +130,38 @@ class ParamsPane(Vertical):
 
     # ------------------------------------------------------------- actions
 
+    def _focused_field(self) -> ParamField | None:
+        focused = self.screen.focused
+        return next((n for n in focused.ancestors if isinstance(n, ParamField)), None) if focused else None
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "leave_field":
+            return self.is_mounted and self._focused_field() is not None
+        if action == "focus_field":
+            return self.is_mounted and self.screen.focused is self.query_one("#param-form")
+        return True
+
+    def action_leave_field(self) -> None:
+        # The form itself keeps the focus: arrows scroll it, digits switch panes, enter goes back.
+        self._last_field = self._focused_field()
+        self.query_one("#param-form").focus()
+
+    def action_focus_field(self) -> None:
+        field = self._last_field if self._last_field is not None else self.query(ParamField).first()
+        field.query_one(".param-control").focus()
+
     def action_copy_command(self) -> None:
         command = self.query_one(CommandLine).command
         self.app.copy_to_clipboard(command)
-        self.notify("command copied to the clipboard", timeout=2)
+        # Textual copies through the terminal (OSC 52); over SSH some terminals ignore that.
+        self.notify(
+            "command sent to the terminal's clipboard; if nothing pastes, each run's config.json "
+            "holds it too",
+            timeout=4,
+        )
 
     def action_reset_field(self) -> None:
-        focused = self.screen.focused
-        field = next((n for n in focused.ancestors if isinstance(n, ParamField)), None) if focused else None
+        field = self._focused_field()
         if field is None:
             self.notify("move to a field first (tab)", severity="warning")
             return

@@ -113,6 +113,8 @@ class LossChart(Widget):
                 label = f"{y_hi:7.3f}┤"
             elif i == plot_h - 1:
                 label = f"{y_lo:7.3f}┤"
+            elif i == plot_h // 2 and plot_h >= 7:  # a tall chart gets a middle tick too
+                label = f"{y_hi - (y_hi - y_lo) * i / (plot_h - 1):7.3f}┤"
             else:
                 label = " " * 7 + "│"
             lines.append(Text(label, style="dim") + row)

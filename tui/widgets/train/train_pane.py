@@ -26,6 +26,7 @@ class TrainPane(Vertical):
         Binding("X", "abort", "Abort"),
         Binding("r", "resume", "Resume last"),
     ]
+    HELP_KEYS = (("↑ ↓ enter", "on a checkpoint or the final adapter: chat with it beside the base"),)
 
     def __init__(self, workspace: Path, **kwargs) -> None:
         super().__init__(**kwargs)
