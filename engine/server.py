@@ -304,16 +304,13 @@ class EngineServer:
         client.queue.put_nowait(None)
         if self._controller is client:
             self._controller = None
-            message = (
-                f"{client.label} disconnected; the workspace is free: the next job request from "
-                "any session takes control"
-            )
-            self.log(message)
-            for other in self._clients:
-                if not other.observe:
-                    self._send(
-                        other, P.ControlChanged(controller=False, controller_client="", message=message)
-                    )
+            # The longest-attached session that asked for control gets it, and is told so: a
+            # read-only TUI left behind becomes the one that controls, without asking.
+            heir = next((other for other in self._clients if not other.observe), None)
+            if heir is None:
+                self.log(f"{client.label} disconnected; no session controls the workspace")
+            else:
+                self._set_controller(heir, f"{client.label} disconnected")
 
     def _send(self, client: Client, event: P.Event) -> None:
         if client.closed:

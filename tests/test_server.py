@@ -303,11 +303,11 @@ def test_second_client_is_read_only_until_the_controller_leaves(engine, workspac
         assert conn.wait_for("JobStatus", id=run_id, timeout=10).state == "started"
         assert conn.wait_for("EngineError", id=run_id, timeout=30).code == "model"
     first.close()
-    freed = second.wait_for("ControlChanged", timeout=10)
-    assert not freed.controller and freed.controller_client == ""
-    # The slot is free: the next job request takes it.
+    # The controller left: the session that was waiting is told that it controls now.
+    promoted = second.wait_for("ControlChanged", timeout=10)
+    assert promoted.controller and promoted.controller_client.startswith("tui-2")
+    assert "tui-1" in promoted.message and "disconnected" in promoted.message
     job = second.send(P.LoadModel(model="no/such-model"))
-    assert second.wait_for("ControlChanged", timeout=10).controller
     assert second.wait_for("EngineError", id=job, timeout=30).code == "model"
     # A third session can take over explicitly; the old controller is told.
     third = connect(workspace, "tui-3", take_control=True)

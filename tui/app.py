@@ -147,7 +147,7 @@ class TuneBenchApp(App[int]):
         self.client = EngineClient(self, self.workspace, **({"starter": starter} if starter else {}))
         self.requests: dict[str, str] = {}  # request id -> what it was for, to route errors
         self.train_ids: set[str] = set()  # ids of training jobs: their Log events go to Train
-        self.snapshot: P.Snapshot | None = None
+        self.snapshot: P.Snapshot | None = None  # None until the first connect
         self.farewell = ""  # printed to the terminal once the app has closed
         self._estimate = Debouncer(self, ESTIMATE_DELAY_S, self.request_memory_estimate)
 
@@ -233,6 +233,7 @@ class TuneBenchApp(App[int]):
     @_while_running
     def _connected(self, message: EngineClient.Connected) -> None:
         snapshot = message.snapshot
+        first_attach = self.snapshot is None
         self.snapshot = snapshot
         self.requests.pop(snapshot.id, None)  # the answer to our Hello
         if snapshot.job == "train":
@@ -246,6 +247,8 @@ class TuneBenchApp(App[int]):
             self.train_pane.set_status("interrupted")
         if snapshot.job == "train" and not self.train_pane.run.live:
             self.train_pane.set_status("loading", "the run is starting")
+        if snapshot.job == "train" and first_attach:
+            self.action_show_pane("train")  # reattaching to a live run: show it, not the dataset
         if snapshot.last_error and snapshot.job != "train":
             error = snapshot.last_error  # what went wrong while no TUI was watching
             self.train_pane.log_line(f"last error [{error.get('code')}] {error.get('message')}", "red")
