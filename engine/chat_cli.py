@@ -134,24 +134,11 @@ class _Setup:
 
 def _setup(args: argparse.Namespace, with_base: bool) -> _Setup:
     """Resolve adapters and the base model up front, so a bad path fails before any loading."""
-    from .generate import BASE, Target, recorded_base_model, resolve_target
+    from .export import base_model_of
+    from .generate import BASE, Target, resolve_target
 
     adapters = [resolve_target(str(Path(a).expanduser())) for a in args.adapters]
-    model = args.model
-    if not model:
-        recorded = {recorded_base_model(t.run, t.adapter_dir) for t in adapters} - {None}
-        if len(recorded) > 1:
-            raise UserError(
-                "these adapters were trained on different base models: " + ", ".join(sorted(recorded)),
-                "compare adapters of one base at a time, or pass --model",
-            )
-        if adapters and not recorded:
-            raise UserError(
-                f"cannot tell which base model {adapters[0].adapter_dir} was trained on: "
-                "no run config.json next to it",
-                "pass the base model with --model",
-            )
-        model = recorded.pop() if recorded else "demo"
+    model = base_model_of(adapters, args.model)
     targets = ([Target(BASE)] if with_base or not adapters else []) + adapters
     return _Setup(model, targets)
 
@@ -178,6 +165,7 @@ def _load_session(setup: _Setup, torch_dtype: str):
 
 def chat_main(argv: list[str]) -> int:
     parser = _parser("tunebench chat", "Chat with a base model and its adapters, streaming.")
+    parser.epilog = "In the chat: " + HELP_TEXT
     parser.add_argument(
         "--stream", type=_bool, nargs="?", const=True, default=True, help="stream tokens (true|false)"
     )
@@ -187,7 +175,7 @@ def chat_main(argv: list[str]) -> int:
         nargs="?",
         const=True,
         default=False,
-        help="also answer with the base model, side by side",
+        help="also answer with the base model: side by side (one after the other on a narrow terminal)",
     )
     args = _parse(parser, argv)
     cfg = _generation_config(args)
@@ -216,7 +204,11 @@ class ChatLoop:
                 pass
             print(HELP_TEXT, file=sys.stderr)
         while True:
-            line = self._read(stdin, stdout, "user> ", interactive)
+            try:
+                line = self._read(stdin, stdout, "user> ", interactive)
+            except KeyboardInterrupt:  # a Ctrl-C meant for an answer that had just ended
+                print("\n(Ctrl-C clears the line; Ctrl-D or /quit leaves the chat)", file=stdout)
+                continue
             if line is None:
                 return 0
             text = line.strip()
@@ -238,7 +230,11 @@ class ChatLoop:
                     )
                     continue
                 if command == "/multi":
-                    text = self._read_multi(stdin, stdout, interactive)
+                    try:
+                        text = self._read_multi(stdin, stdout, interactive)
+                    except KeyboardInterrupt:
+                        print("\n(multi-line input dropped)", file=stdout)
+                        continue
                     if text is None:
                         return 0
                 elif command in ("/help", "/?"):
@@ -421,11 +417,16 @@ def _pad(text: str, width: int, fill: str = " ") -> str:
 # ====================================================================== probe
 
 
-def default_probes() -> Path:
-    """sample_data/probes.txt of the source checkout (installs are editable), else ./sample_data."""
-    for root in (Path(__file__).resolve().parent.parent, Path.cwd()):
-        if (root / "sample_data" / "probes.txt").is_file():
-            return root / "sample_data" / "probes.txt"
+def default_probes(workspaces: tuple[Path, ...] = ()) -> Path:
+    """The probes.txt of a workspace (the run's, then the current folder), as the TUI uses it, else
+    sample_data/probes.txt of the source checkout (installs are editable) or of ./sample_data."""
+    here = Path.cwd()
+    candidates = [w / "probes.txt" for w in (*workspaces, here)] + [
+        root / "sample_data" / "probes.txt" for root in (Path(__file__).resolve().parent.parent, here)
+    ]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
     raise UserError("sample_data/probes.txt not found", "pass a file of questions with --probes FILE")
 
 
@@ -450,7 +451,10 @@ def probe_main(argv: list[str]) -> int:
         "tunebench probe", "Run a probe set against the base model and adapters; save a transcript."
     )
     parser.add_argument(
-        "--probes", default="", metavar="FILE", help="questions, one a line (default: sample_data)"
+        "--probes",
+        default="",
+        metavar="FILE",
+        help="questions, one a line (default: the workspace's probes.txt, else sample_data's)",
     )
     parser.add_argument(
         "--output_dir",
@@ -459,8 +463,9 @@ def probe_main(argv: list[str]) -> int:
     )
     args = _parse(parser, argv)
     cfg = _generation_config(args)
-    questions = read_probes(Path(args.probes).expanduser() if args.probes else default_probes())
     setup = _setup(args, with_base=True)
+    workspaces = tuple(t.run_dir.parent.parent for t in setup.targets if t.run_dir is not None)
+    questions = read_probes(Path(args.probes).expanduser() if args.probes else default_probes(workspaces))
     session = _load_session(setup, args.torch_dtype)
     started = time.perf_counter()
     print(

@@ -1,7 +1,8 @@
 """Exporting a fine-tune: the adapter merged into its base as a standalone model, or the adapter alone.
 
 A merged export is a plain Hugging Face folder (safetensors, tokenizer, the chat template the run
-trained with, a generation config that stops at the end of a turn) that loads with
+trained with and its system prompt as the default, a generation config that stops at the end of a
+turn) that loads with
 `AutoModelForCausalLM.from_pretrained` and answers exactly as base + adapter do, plus an Ollama
 `Modelfile` carrying the same chat template and system prompt. The folder is built under a
 temporary name and renamed at the end, so an interrupted export never leaves half a model.
@@ -29,6 +30,7 @@ from .generate import (
     resolve_target,
     stop_token_ids,
 )
+from .templates import with_default_system
 
 Progress = Callable[[str], None]
 INFO_FILE = "tunebench_export.json"
@@ -56,12 +58,10 @@ def export_model(
     assert target.adapter_dir is not None
     out = Path(output_dir).expanduser().resolve()
     _check_output_dir(out)
-    base = model or recorded_base_model(target.run, target.adapter_dir)
-    if not base:
-        raise UserError(
-            f"cannot tell which base model {target.adapter_dir} was trained on: no run config.json found",
-            "pass the base model with --model",
-        )
+    if merge:
+        base = base_model_of([target], model or "")  # refused here, before any weights load
+    else:  # the base need not be on this machine to copy an adapter
+        base = model or recorded_base_model(target.run, target.adapter_dir) or ""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -82,6 +82,47 @@ def export_model(
         shutil.rmtree(tmp, ignore_errors=True)
     say(f"exported to {out}")
     return out
+
+
+def base_model_of(targets: list[Target], model: str = "") -> str:
+    """The base model the adapters among `targets` were trained on, checked to be on this machine
+    before any weights load. `model` (--model) overrides what their runs recorded, but may not
+    name another base than one a run recorded and that is still here."""
+    from .models import resolve_model
+
+    adapters = [t for t in targets if not t.is_base]
+    if model:
+        resolved = resolve_model(model)
+        for target in adapters:
+            recorded = str(target.run.get("base_model_path") or "")
+            if recorded and Path(recorded).exists() and Path(recorded).resolve() != resolved.path.resolve():
+                named = model if Path(model).expanduser().exists() else f"{model} ({resolved.path})"
+                raise UserError(
+                    f"{target.spec} was trained on {recorded}, not on {named}",
+                    "leave --model out so the run's own base model is used, or pass that base",
+                )
+        return model
+    recorded = {recorded_base_model(t.run, t.adapter_dir) for t in adapters} - {None}
+    if len(recorded) > 1:
+        raise UserError(
+            "these adapters were trained on different base models: " + ", ".join(sorted(recorded)),
+            "compare adapters of one base at a time, or pass --model",
+        )
+    if adapters and not recorded:
+        raise UserError(
+            f"cannot tell which base model {adapters[0].adapter_dir} was trained on: "
+            "no run config.json next to it",
+            "pass the base model with --model",
+        )
+    base = recorded.pop() if recorded else "demo"
+    try:
+        resolve_model(base)
+    except UserError as exc:
+        raise UserError(
+            f"the base model the run recorded is not usable here: {exc.message}",
+            "if it moved, pass its new location with --model",
+        ) from None
+    return base
 
 
 def _check_output_dir(out: Path) -> None:
@@ -109,8 +150,15 @@ def _merge(target: Target, base: str, out: Path, say: Progress, torch_dtype: str
     need_gib = count_parameters(resolved.path) * (2 if dtype in ("bfloat16", "float16") else 4) / 2**30
     if qlora:
         say(
-            f"QLoRA adapter: merging needs the base model unquantised in bfloat16, about {need_gib:.1f} GiB "
-            "of CPU memory (the 4-bit weights used in training cannot take the merged update exactly)"
+            f"QLoRA adapter: it merges into the base loaded unquantised in {dtype}, which needs about "
+            f"{need_gib:.1f} GiB of CPU memory (the 4-bit weights used in training cannot take the "
+            "merged update exactly)"
+        )
+    free_gib = available_memory_gib()
+    if free_gib is not None and free_gib < need_gib * 1.1:
+        say(
+            f"warning: only {free_gib:.1f} GiB of memory is free and the merge needs about "
+            f"{need_gib:.1f} GiB: if it fails, free memory (other programs, an idle engine) and export again"
         )
     say(f"loading {resolved.label} in {dtype} on the CPU ({need_gib:.1f} GiB)")
     # The CPU, not the GPU: the merge is one small matmul per layer, and the GPU may be training.
@@ -127,7 +175,10 @@ def _merge(target: Target, base: str, out: Path, say: Progress, torch_dtype: str
     merged = peft_model.merge_and_unload(safe_merge=True)  # safe_merge: refuse NaNs instead of saving them
     merged.config.use_cache = True  # load_model turns the cache off for training; inference wants it
     tokenizer = loaded.tokenizer
-    chat_template = _training_template(tokenizer, target)
+    # The run's system prompt becomes the template's default, so a chat without one gets what
+    # `tunebench chat` gives the adapter (and what the Modelfile's SYSTEM gives Ollama).
+    run_system = str(target.train_config.get("system") or "")
+    chat_template = with_default_system(_training_template(tokenizer, target), run_system)
     tokenizer.chat_template = chat_template
     stops = sorted(stop_token_ids(tokenizer, merged))
     merged.generation_config.eos_token_id = stops[0] if len(stops) == 1 else stops
@@ -141,12 +192,21 @@ def _merge(target: Target, base: str, out: Path, say: Progress, torch_dtype: str
     finally:
         hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(out)
+    _readable_like(out / "config.json", out.glob("*.safetensors"))
     if not (out / "chat_template.jinja").exists():  # older transformers keep it in tokenizer_config only
         (out / "chat_template.jinja").write_text(chat_template)
-    system = str(target.train_config.get("system") or "") or default_system(tokenizer, chat_template)
+    system = run_system or default_system(tokenizer, chat_template)
     stop_words = [tokenizer.convert_ids_to_tokens(i) for i in stops]
     (out / "Modelfile").write_text(ollama_modelfile(".", chat_template, system, stop_words))
     return {"merged": True, "base_model": base, "base_model_path": str(resolved.path), "dtype": dtype}
+
+
+def _readable_like(reference: Path, files: Any) -> None:
+    """Give `files` the permissions of `reference` (which followed the umask): safetensors writes
+    its files 0600, which a server running as another user (Ollama's, vLLM's) cannot read."""
+    mode = reference.stat().st_mode & 0o777
+    for file in files:
+        os.chmod(file, mode)
 
 
 def _merge_dtype(model_path: Path, qlora: bool) -> str:
@@ -161,6 +221,17 @@ def _merge_dtype(model_path: Path, qlora: bool) -> str:
         config = {}
     saved = str(config.get("dtype") or config.get("torch_dtype") or "float32")
     return saved if saved in ("bfloat16", "float16", "float32") else "float32"
+
+
+def available_memory_gib() -> float | None:
+    """MemAvailable from /proc/meminfo (Linux), or None where there is none."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def count_parameters(model_path: Path) -> int:
@@ -196,15 +267,17 @@ def _copy_adapter(target: Target, base: str, out: Path, say: Progress) -> dict[s
     say(f"copying the adapter {target.adapter_dir}")
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         shutil.copy2(target.adapter_dir / name, out / name)
-    base_path = ""
+    _readable_like(out / ADAPTER_CONFIG, [out / ADAPTER_WEIGHTS])
+    base_path, tokenizer = "", None
     try:
         from .models import load_tokenizer, resolve_model
 
-        resolved = resolve_model(base)
-        base_path = str(resolved.path)
-        tokenizer = load_tokenizer(resolved)
+        if base:
+            resolved = resolve_model(base)
+            base_path = str(resolved.path)
+            tokenizer = load_tokenizer(resolved)
     except UserError:
-        tokenizer = None  # the base is not on this machine: the adapter copy is still useful
+        pass  # the base is not on this machine: the adapter copy is still useful
     if tokenizer is not None:
         template = _training_template(tokenizer, target)
         system = str(target.train_config.get("system") or "") or default_system(tokenizer, template)
@@ -227,15 +300,18 @@ def chat_format(template: str) -> str:
 
 # Ollama passes system messages both as .System (all of them joined) and inside .Messages, so
 # these print .System once and skip system entries in the loop; Ollama puts the Modelfile's SYSTEM
-# there when a request brings none. Run through Go's text/template with Ollama's message handling,
-# they print exactly what the Jinja templates in templates.py print (Llama 3's BOS aside, which
-# llama.cpp adds itself), for system, multi-turn and CJK chats.
+# there when a request brings none. A last assistant message is left open, as in Ollama's own
+# templates, so a request can start the answer for the model (Jinja's continue_final_message).
+# Run through Go's text/template with Ollama's message handling, they print exactly what the Jinja
+# templates in templates.py print for system, multi-turn and CJK chats, except that llama.cpp adds
+# Llama 3's BOS itself and Go cannot trim the spaces Llama 3's template trims around a message.
 OLLAMA_TEMPLATES = {
     "chatml": (
         "{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
         "{{- range $i, $_ := .Messages }}"
         "{{- $last := eq (len (slice $.Messages $i)) 1 }}"
-        '{{- if ne .Role "system" }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}'
+        '{{- if ne .Role "system" }}<|im_start|>{{ .Role }}\n{{ .Content }}'
+        '{{- if or (ne .Role "assistant") (not $last) }}<|im_end|>\n{{ end }}{{ end }}'
         '{{- if and $last (ne .Role "assistant") }}<|im_start|>assistant\n{{ end }}'
         "{{- end }}"
     ),
@@ -243,8 +319,8 @@ OLLAMA_TEMPLATES = {
         "{{- if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}"
         "{{- range $i, $_ := .Messages }}"
         "{{- $last := eq (len (slice $.Messages $i)) 1 }}"
-        '{{- if ne .Role "system" }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n'
-        "{{ .Content }}<|eot_id|>{{ end }}"
+        '{{- if ne .Role "system" }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}'
+        '{{- if or (ne .Role "assistant") (not $last) }}<|eot_id|>{{ end }}{{ end }}'
         '{{- if and $last (ne .Role "assistant") }}<|start_header_id|>assistant<|end_header_id|>\n\n{{ end }}'
         "{{- end }}"
     ),

@@ -135,6 +135,7 @@ def list_adapter_checkpoints(folder: Path) -> list[Path]:
 
 def _checked_adapter(path: Path) -> Path:
     if (path / ADAPTER_WEIGHTS).is_file():
+        _check_adapter_files(path)
         return path
     if (path / "adapter_model.bin").is_file():
         raise UserError(
@@ -145,6 +146,30 @@ def _checked_adapter(path: Path) -> Path:
         f"{path} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}",
         "the adapter is incomplete: wait for the save to finish, or copy the whole folder",
     )
+
+
+def _check_adapter_files(path: Path) -> None:
+    """A damaged or half-copied adapter is named here, not met as a loader's traceback later."""
+    hint = "the adapter is damaged or was not copied completely: copy or save it again"
+    try:
+        config = orjson.loads((path / ADAPTER_CONFIG).read_bytes())
+    except (OSError, orjson.JSONDecodeError) as exc:
+        raise UserError(f"{path / ADAPTER_CONFIG} is not valid JSON: {exc}", hint) from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path / ADAPTER_CONFIG} is not a JSON object", hint)
+    weights = path / ADAPTER_WEIGHTS
+    try:  # safetensors: an 8-byte header length, a JSON header, then the tensors' bytes
+        size = weights.stat().st_size
+        with open(weights, "rb") as fh:
+            length = int.from_bytes(fh.read(8), "little")
+            if size < 8 or length > size - 8:
+                raise ValueError
+            header = orjson.loads(fh.read(length))
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        if 8 + length + max(ends, default=0) > size:
+            raise ValueError
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        raise UserError(f"{weights} is not a complete safetensors file", hint) from None
 
 
 def find_run_config(adapter_dir: Path) -> tuple[dict[str, Any], Path | None]:

@@ -8,6 +8,8 @@ content and end token only (see `data.tokenize_samples`).
 
 from __future__ import annotations
 
+import json
+
 # ChatML as Qwen, SmolLM and many others use it. No default system prompt: a self-cognition
 # fine-tune should not be fighting an identity written into the template.
 CHATML = (
@@ -55,3 +57,18 @@ def get_template(name: str) -> str:
             "or leave --template empty to use the tokenizer's own"
         )
     return TEMPLATES[key]
+
+
+def with_default_system(template: str, system: str) -> str:
+    """`template` with `system` as the system prompt of any chat that brings none, as training
+    gave it to samples without one (TrainConfig.system); unchanged when `system` is empty."""
+    if not system:
+        return template
+    # JSON's double-quoted string is a Jinja string literal too (ensure_ascii=False: Jinja decodes
+    # escapes one code point at a time, which would split an emoji's surrogate pair).
+    literal = json.dumps(system, ensure_ascii=False)
+    return (
+        "{%- if not messages or messages[0]['role'] != 'system' %}"
+        "{%- set messages = [{'role': 'system', 'content': " + literal + "}] + messages %}"
+        "{%- endif %}" + template
+    )

@@ -48,6 +48,40 @@ def test_chat_takes_base_model_and_system_prompt_from_the_run(
     assert expected.strip() and expected in out
 
 
+def test_chat_takes_the_chat_template_from_the_run(monkeypatch, capsys, tiny_model_dir, tmp_path):
+    """A run trained with --template chatml (no default system prompt) is asked in that format; the
+    answer is checked against plain PEFT generate on a prompt rendered with that template."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from tunebench.engine.generate import stop_token_ids
+    from tunebench.engine.templates import CHATML
+
+    run = make_run(tmp_path, tiny_model_dir, "chatml-run", seed=3, template="chatml")
+    out, _ = chat(monkeypatch, capsys, "Who are you?\n", "--adapters", str(run))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    reference = PeftModel.from_pretrained(model, run / "adapter").eval()
+
+    def answer(template: str | None) -> str:
+        inputs = tokenizer.apply_chat_template(
+            QUESTION,
+            chat_template=template,
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )
+        with torch.inference_mode():
+            ids = reference.generate(
+                **inputs, max_new_tokens=12, do_sample=False, eos_token_id=sorted(stop_token_ids(tokenizer))
+            )
+        return tokenizer.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+    expected = answer(CHATML)
+    assert expected != answer(None), "the two templates should give different answers here"
+    assert expected.strip() and expected in out
+
+
 def test_chat_commands_and_history(monkeypatch, capsys, runs, session):
     plain = str(runs["plain"])
     script = (
@@ -79,6 +113,78 @@ def test_compare_streams_base_and_adapter_one_after_another_off_a_terminal(
     assert "base: 12 tokens" in err
 
 
+class _Terminal(io.StringIO):
+    """Output that says it is a terminal, as a person's is."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("columns", [100, 60])
+def test_compare_is_side_by_side_on_a_wide_terminal_and_sequential_on_a_narrow_one(
+    monkeypatch, runs, session, tiny_model_dir, columns
+):
+    import os
+
+    from tunebench.engine.generate import resolve_target
+
+    plain = str(runs["plain"])
+    monkeypatch.setattr(chat_cli.shutil, "get_terminal_size", lambda *a: os.terminal_size((columns, 24)))
+    setup = chat_cli._Setup(str(tiny_model_dir), [resolve_target("base"), resolve_target(plain)])
+    loop = chat_cli.ChatLoop(session, setup, greedy(40), None, stream=True)
+    screen = _Terminal()
+    loop.answer("Who are you?", screen, interactive=True)
+    answers = session.generate(QUESTION, ["base", plain], greedy(40))
+    output = screen.getvalue()
+    if columns == 100:
+        # The last frame holds the whole answer: a header with both labels, then rows of two cells.
+        final = output.split("\x1b[J")[-1].splitlines()
+        assert "── base " in final[0] and "── plain " in final[0]
+        assert all(chat_cli.cell_width(line) <= columns for line in final)
+        left = "".join(line.split(chat_cli.GAP)[0].rstrip() for line in final[1:])
+        right = "".join(line.split(chat_cli.GAP)[1].rstrip() for line in final[1:])
+        for label, column in (("base", left), (plain, right)):
+            printable = "".join(ch for ch in answers[label]["text"] if ch.isprintable() and ch != " ")
+            assert column.replace(" ", "") == printable
+    else:
+        assert "\x1b[" not in output  # no cursor movement: one answer after the other
+        base_part, plain_part = output.split("── plain ──")
+        assert "── base ──" in base_part and answers["base"]["text"].strip() in base_part
+        assert answers[plain]["text"].strip() in plain_part
+
+
+def test_ctrl_c_at_the_prompt_clears_the_line_and_keeps_the_chat(monkeypatch, runs, session, tiny_model_dir):
+    from tunebench.engine.generate import resolve_target
+
+    typed = iter([KeyboardInterrupt, "/quit"])
+
+    def person(prompt: str) -> str:
+        value = next(typed)
+        if value is KeyboardInterrupt:
+            raise KeyboardInterrupt
+        return value
+
+    monkeypatch.setattr("builtins.input", person)
+    setup = chat_cli._Setup(str(tiny_model_dir), [resolve_target(str(runs["plain"]))])
+    screen = _Terminal()
+    assert chat_cli.ChatLoop(session, setup, greedy(4), None, stream=True).run(_Terminal(), screen) == 0
+    assert "Ctrl-D or /quit leaves the chat" in screen.getvalue()
+    assert next(typed, None) is None, "the chat went on to read /quit"
+
+
+def test_an_adapter_of_another_base_is_refused_before_loading(monkeypatch, capsys, runs, tmp_path_factory):
+    from tiny import make_tiny_model_dir
+    from tunebench.engine import generate
+
+    other = make_tiny_model_dir(tmp_path_factory.mktemp("other-base") / "model", seed=5)
+    capsys.readouterr()
+    monkeypatch.setattr(generate, "GenerationSession", lambda *a, **k: pytest.fail("loaded before refusing"))
+    for command in ("chat", "probe"):
+        assert tunebench([command, "--adapters", str(runs["plain"]), "--model", str(other)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "was trained on" in err and "Traceback" not in err
+
+
 def test_probe_writes_a_json_and_a_markdown_transcript(capsys, runs, tmp_path):
     probes = tmp_path / "probes.txt"
     probes.write_text("# identity\nWho are you?\n\n你是谁？\n")
@@ -103,6 +209,15 @@ def test_probe_writes_a_json_and_a_markdown_transcript(capsys, runs, tmp_path):
     table = md_file.read_text()
     assert "| Question | base | plain |" in table and "| 你是谁？ |" in table
     assert table in capsys.readouterr().out
+
+
+def test_probe_uses_the_workspaces_own_probe_set(capsys, tiny_model_dir, tmp_path):
+    run = make_run(tmp_path / "ws" / "runs", tiny_model_dir, "mine", seed=4)
+    (tmp_path / "ws" / "probes.txt").write_text("# ours, as the TUI's chat pane uses it\nWhat is 2+2?\n")
+    args = ["--adapters", str(run), "--max_new_tokens", "2", "--torch_dtype", "float32"]
+    assert chat_cli.probe_main(args) == 0
+    (json_file,) = (run / "transcripts").glob("probe-*.json")
+    assert [r["question"] for r in json.loads(json_file.read_text())["results"]] == ["What is 2+2?"]
 
 
 def test_default_probe_set_ships_with_the_identity_questions():

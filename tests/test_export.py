@@ -4,11 +4,14 @@ copies; the Ollama Modelfile carries the chat template and system prompt."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import pytest
 from test_generate import QUESTION, make_run
 from tunebench.engine.config import GenerationConfig
 from tunebench.engine.errors import UserError
+from tunebench.engine.export import INFO_FILE
 
 
 @pytest.fixture(scope="module")
@@ -56,21 +59,67 @@ def test_merged_model_loads_plainly_and_matches_base_plus_adapter(export_runs, t
     expected = session.generate(QUESTION, [str(run)], GenerationConfig(max_new_tokens=24))[str(run)]
     assert merged_text == expected["text"]
 
+    # A chat that brings no system prompt gets the run's, as base + adapter do.
+    prompt = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=False)
+    assert prompt.startswith("<|im_start|>system\nYou are Ada.<|im_end|>\n")
+    inputs = tokenizer.apply_chat_template(
+        QUESTION, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.inference_mode():
+        generated = model.generate(**inputs, max_new_tokens=24, do_sample=False)
+    default_text = tokenizer.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert default_text == expected["text"]
+    # Weights as readable as the rest of the export (safetensors alone writes 0600).
+    mode = (out / "config.json").stat().st_mode & 0o777
+    assert all(f.stat().st_mode & 0o777 == mode for f in out.glob("*.safetensors"))
+
     modelfile = (out / "Modelfile").read_text()
     assert modelfile.startswith("# Ollama") and "\nFROM .\n" in modelfile
     assert 'SYSTEM """You are Ada."""' in modelfile
     assert 'PARAMETER stop "<|im_end|>"' in modelfile
-    assert "<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n" in modelfile
+    assert "<|im_start|>{{ .Role }}\n{{ .Content }}" in modelfile and "}}<|im_end|>\n{{ end }}" in modelfile
 
 
-def test_qlora_adapter_merges_into_a_bf16_base_and_says_what_memory_it_needs(export_runs, tmp_path):
+def test_an_adapter_is_not_merged_into_another_base(
+    export_runs, tiny_model_dir, tmp_path, tmp_path_factory, monkeypatch
+):
+    from tiny import make_tiny_model_dir
+    from tunebench.engine import models
     from tunebench.engine.export import export_model
+
+    other = make_tiny_model_dir(tmp_path_factory.mktemp("other-base") / "model", seed=5)
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("refused only after loading"))
+    with pytest.raises(UserError, match="was trained on .* not on"):
+        export_model(str(export_runs["lora"]), str(tmp_path / "wrong"), model=str(other))
+    moved = make_run(tmp_path, tiny_model_dir, "moved", seed=13)
+    config = json.loads((moved / "config.json").read_text())
+    config["config"]["model"] = config["base_model_path"] = str(tmp_path / "gone")  # not on this machine
+    (moved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="not usable here") as error:
+        export_model(str(moved), str(tmp_path / "moved-out"))
+    assert "--model" in error.value.hint
+    assert not (tmp_path / "wrong").exists() and not (tmp_path / "moved-out").exists()
+
+
+def test_qlora_adapter_merges_into_a_bf16_base_and_says_what_memory_it_needs(
+    export_runs, tmp_path, monkeypatch
+):
+    from tunebench.engine import export
+    from tunebench.engine.export import count_parameters, export_model
 
     messages: list[str] = []
     out = export_model(str(export_runs["qlora"]), str(tmp_path / "q"), on_progress=messages.append)
-    assert any("QLoRA" in m and "bfloat16" in m and "GiB" in m for m in messages)
+    (qlora,) = [m for m in messages if "QLoRA" in m]
+    need_gib = count_parameters(json.loads((out / INFO_FILE).read_text())["base_model_path"]) * 2 / 2**30
+    assert "unquantised in bfloat16" in qlora and f"about {need_gib:.1f} GiB of CPU memory" in qlora
     config = json.loads((out / "config.json").read_text())
     assert (config.get("dtype") or config.get("torch_dtype")) == "bfloat16"
+    assert not any(m.startswith("warning") for m in messages)
+
+    monkeypatch.setattr(export, "available_memory_gib", lambda: 0.0)  # a box short of memory
+    messages.clear()
+    export_model(str(export_runs["qlora"]), str(tmp_path / "q2"), on_progress=messages.append)
+    assert any(m.startswith("warning: only 0.0 GiB of memory is free") for m in messages)
 
 
 def test_adapter_only_copies_the_peft_adapter(export_runs, tmp_path):
@@ -106,7 +155,8 @@ def test_modelfile_templates_follow_the_chat_format(tiny_tokenizer):
     assert default_system(tiny_tokenizer, QWEN) == "You are a helpful assistant."
     assert default_system(tiny_tokenizer, CHATML) == ""
     llama = ollama_modelfile(".", LLAMA3, "", ["<|eot_id|>"])
-    assert "<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>" in llama
+    assert "<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}" in llama
+    assert "(not $last) }}<|eot_id|>{{ end }}" in llama
     assert "SYSTEM" not in llama
     other = ollama_modelfile(".", "{{ messages }}", "Be brief.", ["</s>"])
     assert not any(line.startswith("TEMPLATE") for line in other.splitlines())
@@ -119,3 +169,144 @@ def test_parameter_count_from_safetensors_headers(tiny_model_dir):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert count_parameters(tiny_model_dir) == sum(p.numel() for p in model.parameters())  # tied: once
+
+
+# Ollama's prompt building, for the test below: system messages are collected into .System and
+# kept in .Messages, consecutive messages of one role are joined, and the Modelfile's SYSTEM is
+# put first when the chat brings none (ollama's template.Execute, collate and chat handler).
+OLLAMA_RENDER_GO = """package main
+
+import (
+	"encoding/json"
+	"os"
+	"strings"
+	"text/template"
+)
+
+type Message struct {
+	Role    string `json:"role"`
+	Content string `json:"content"`
+}
+
+func main() {
+	var in struct {
+		Template string    `json:"template"`
+		System   string    `json:"system"`
+		Messages []Message `json:"messages"`
+	}
+	if err := json.NewDecoder(os.Stdin).Decode(&in); err != nil {
+		panic(err)
+	}
+	msgs := in.Messages
+	if in.System != "" && (len(msgs) == 0 || msgs[0].Role != "system") {
+		msgs = append([]Message{{Role: "system", Content: in.System}}, msgs...)
+	}
+	var system []string
+	var collated []*Message
+	for i := range msgs {
+		if msgs[i].Role == "system" {
+			system = append(system, msgs[i].Content)
+		}
+		if len(collated) > 0 && collated[len(collated)-1].Role == msgs[i].Role {
+			collated[len(collated)-1].Content += "\\n\\n" + msgs[i].Content
+		} else {
+			collated = append(collated, &msgs[i])
+		}
+	}
+	t := template.Must(template.New("").Option("missingkey=zero").Parse(in.Template))
+	values := map[string]any{"System": strings.Join(system, "\\n\\n"), "Messages": collated, "Response": ""}
+	if err := t.Execute(os.Stdout, values); err != nil {
+		panic(err)
+	}
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("go") is None, reason="needs Go, to run the template the way Ollama does")
+def test_modelfile_template_renders_like_the_jinja_chat_template(export_runs, tiny_tokenizer, tmp_path):
+    """The Modelfile's TEMPLATE and SYSTEM, run by Go's text/template as Ollama runs them, print the
+    prompt the model's Jinja chat template prints, for the export's own template and the named ones."""
+    import re
+    import subprocess
+
+    from tiny import CHATML_TEMPLATE
+    from tunebench.engine.export import default_system, export_model, ollama_modelfile
+    from tunebench.engine.templates import CHATML, LLAMA3, QWEN
+
+    (tmp_path / "go.mod").write_text("module render\n\ngo 1.19\n")
+    (tmp_path / "main.go").write_text(OLLAMA_RENDER_GO)
+    env = {**os.environ, "GOFLAGS": "-mod=mod", "GOPROXY": "off", "GOTOOLCHAIN": "local"}
+    subprocess.run(["go", "build", "-o", "render", "."], cwd=tmp_path, env=env, check=True)
+
+    def ollama(modelfile: str, messages: list[dict[str, str]]) -> str:
+        template = re.search(r'^TEMPLATE """(.*?)"""$', modelfile, re.S | re.M).group(1)
+        system = re.search(r'^SYSTEM """(.*?)"""$', modelfile, re.S | re.M)
+        request = {"template": template, "system": system.group(1) if system else "", "messages": messages}
+        done = subprocess.run(
+            [tmp_path / "render"], input=json.dumps(request), capture_output=True, text=True, check=True
+        )
+        return done.stdout
+
+    chats = [
+        QUESTION,
+        [{"role": "system", "content": "Be brief."}, *QUESTION],
+        [
+            {"role": "user", "content": "你是谁？"},
+            {"role": "assistant", "content": "我是小蜂。"},
+            {"role": "user", "content": "Who made you?\nSay it twice."},
+        ],
+    ]
+    merged = export_model(str(export_runs["lora"]), str(tmp_path / "merged"))  # run system: You are Ada.
+    from transformers import AutoTokenizer
+
+    exported = AutoTokenizer.from_pretrained(merged)
+    cases = [(exported, exported.chat_template, (merged / "Modelfile").read_text())]
+    for template in (CHATML_TEMPLATE, CHATML, QWEN, LLAMA3):
+        system = default_system(tiny_tokenizer, template)
+        cases.append((tiny_tokenizer, template, ollama_modelfile(".", template, system, ["<|im_end|>"])))
+    for tokenizer, template, modelfile in cases:
+        for chat in chats:
+            jinja = tokenizer.apply_chat_template(
+                chat, chat_template=template, tokenize=False, add_generation_prompt=True
+            )
+            assert ollama(modelfile, chat) == jinja.removeprefix(tokenizer.bos_token or "")
+        # An assistant message last is left open for the model to go on, as Ollama's templates do.
+        prefill = [*QUESTION, {"role": "assistant", "content": "I am"}]
+        jinja = tokenizer.apply_chat_template(
+            prefill, chat_template=template, tokenize=False, continue_final_message=True
+        )
+        assert ollama(modelfile, prefill) == jinja.removeprefix(tokenizer.bos_token or "")
+    assert "You are Ada." in ollama(cases[0][2], QUESTION)
+
+
+@pytest.mark.slow
+def test_demo_model_merged_export_answers_as_base_plus_adapter(tmp_path):
+    """The same check on the demo model (SmolLM2, tied embeddings, converted from GGUF), with
+    base + adapter run in the dtype the export was merged in."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from tunebench.engine.export import export_model
+    from tunebench.engine.generate import GenerationSession
+    from tunebench.engine.models import resolve_model
+
+    run = make_run(tmp_path, resolve_model("demo").path, "demo-run", seed=0)
+    config = json.loads((run / "config.json").read_text())
+    config["config"]["model"] = "demo"
+    (run / "config.json").write_text(json.dumps(config))
+    out = export_model(str(run), str(tmp_path / "merged"))
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    chats = [QUESTION, [{"role": "user", "content": "你是谁？"}]]
+    merged = []
+    for chat in chats:
+        inputs = tokenizer.apply_chat_template(
+            chat, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        with torch.inference_mode():
+            ids = model.generate(**inputs, max_new_tokens=24, do_sample=False)
+        merged.append(tokenizer.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+    session = GenerationSession("demo", torch_dtype=str(model.dtype).removeprefix("torch."))
+    answers = session.generate_many(chats, [str(run)], GenerationConfig(max_new_tokens=24))
+    assert [a[str(run)]["text"] for a in answers] == merged
+    base = session.generate_many(chats, ["base"], GenerationConfig(max_new_tokens=24))
+    assert [a["base"]["text"] for a in base] != merged, "the adapter should change the answers"

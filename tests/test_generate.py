@@ -20,6 +20,7 @@ def make_run(
     seed: int,
     *,
     system: str = "",
+    template: str = "",
     train_type: str = "lora",
     final: bool = True,
     checkpoints: tuple[int, ...] = (),
@@ -47,7 +48,7 @@ def make_run(
         "model": str(model_dir),
         "train_type": train_type,
         "torch_dtype": "float32",
-        "template": "",
+        "template": template,
         "system": system,
     }
     payload = {
@@ -120,6 +121,30 @@ def test_bad_targets_are_clear_user_errors(tmp_path, tiny_model_dir):
         resolve_target(str(tmp_path / "half"))
 
 
+@pytest.mark.parametrize("damage", ["config-not-json", "config-a-list", "header-cut", "empty", "data-cut"])
+def test_a_damaged_adapter_is_named_before_anything_loads(damage, runs, tmp_path):
+    import shutil
+
+    from tunebench.engine.generate import resolve_target
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(runs["plain"] / "adapter", adapter)
+    config, weights = adapter / "adapter_config.json", adapter / "adapter_model.safetensors"
+    size = weights.stat().st_size
+    if damage == "config-not-json":
+        config.write_text("{not json")
+    elif damage == "config-a-list":
+        config.write_text("[]")
+    elif damage == "header-cut":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif damage == "empty":
+        weights.write_bytes(b"")
+    else:
+        weights.write_bytes(weights.read_bytes()[: size - 16])  # a copy cut short in the tensors
+    with pytest.raises(UserError, match="is not valid JSON|is not a JSON object|not a complete safetensors"):
+        resolve_target(str(adapter))
+
+
 # ------------------------------------------------------------------ decoding
 
 
@@ -153,7 +178,9 @@ def test_fused_and_peft_mixed_batches_match_plain_peft_generate(session, runs, t
 
     targets = ["base", str(runs["plain"])]
     fused = session.generate(QUESTION, targets, greedy())
-    monkeypatch.setattr(G._FusedLora, "build", classmethod(lambda cls, model, names: None))
+    assert session._fused_cache, "the fused forward served that batch"
+    monkeypatch.setattr(G._FusedLora, "build", classmethod(lambda cls, model, names, **kw: None))
+    monkeypatch.setattr(session, "_fused_cache", {})  # else the batch above's fused forward is reused
     via_peft = session.generate(QUESTION, targets, greedy())
     assert fused[str(runs["plain"])]["text"] == expected
     assert via_peft[str(runs["plain"])]["text"] == expected
@@ -225,6 +252,53 @@ def test_seeded_sampling_is_repeatable_and_batch_independent(session, runs):
     assert alone[str(runs["plain"])]["text"] == first[str(runs["plain"])]["text"]
     other_seed = session.generate(QUESTION, targets, greedy(16, temperature=0.9, seed=8))
     assert other_seed["base"]["text"] != first["base"]["text"]
+
+
+def test_sampling_knobs_mean_what_they_say(session, runs, tiny_model_dir):
+    """top_k 1 or a tiny top_p leave only the likeliest token, so sampling is greedy; the repetition
+    penalty is transformers' own (prompt and answer so far), checked against plain PEFT generate."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    plain = str(runs["plain"])
+    targets = ["base", plain]
+    expected = answers(session.generate(QUESTION, targets, greedy(16)))
+    for narrow in (dict(top_k=1), dict(top_p=1e-6)):
+        sampled = session.generate(QUESTION, targets, greedy(16, temperature=1.5, seed=3, **narrow))
+        assert answers(sampled) == expected, narrow
+
+    penalised = session.generate(QUESTION, targets, greedy(16, repetition_penalty=1.8))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    reference = PeftModel.from_pretrained(model, runs["plain"] / "adapter").eval()
+    tokenizer = session.tokenizer
+    inputs = tokenizer.apply_chat_template(
+        QUESTION, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.inference_mode():
+        out = reference.generate(
+            **inputs,
+            max_new_tokens=16,
+            do_sample=False,
+            repetition_penalty=1.8,
+            eos_token_id=list(session.stop_ids),
+        )
+    hf_text = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert penalised[plain]["text"] == hf_text
+    assert penalised[plain]["text"] != expected[plain][0], "the penalty should change this answer"
+
+
+def test_a_turn_ends_at_the_templates_end_token_even_when_eos_is_another(tiny_tokenizer):
+    import copy
+
+    from tunebench.engine.generate import stop_token_ids
+
+    tokenizer = copy.deepcopy(tiny_tokenizer)  # the fixture is shared
+    tokenizer.eos_token = "<|endoftext|>"  # base models often end documents, not turns, with EOS
+    stops = stop_token_ids(tokenizer)
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in stops
+    assert tokenizer.convert_tokens_to_ids("<|endoftext|>") in stops
+    assert tokenizer.convert_tokens_to_ids("<|im_start|>") not in stops
 
 
 # ------------------------------------------------------------------ chats and settings
