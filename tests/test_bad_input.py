@@ -702,25 +702,13 @@ ENGINE_CASES = [case for case in CASES if engine_config(case, "x", Path("m")) is
 
 @pytest.fixture(scope="module")
 def engine_workspace(tmp_path_factory):
-    """engine/server.py's EngineServer, serving one workspace from a thread of this process."""
-    import asyncio
-    import threading
-    import time
-
-    from tunebench.engine.client import probe_socket
-    from tunebench.engine.server import EngineServer
+    """The real engine, serving one workspace from a thread of this process."""
+    from threaded_engine import ThreadedEngine
 
     workspace = tmp_path_factory.mktemp("engine") / "ws"
-    server = EngineServer(workspace, idle_exit=0)
-    thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while probe_socket(workspace) != "live":
-        assert time.monotonic() < deadline, "the engine did not start"
-        time.sleep(0.02)
+    running = ThreadedEngine(workspace)
     yield workspace
-    server.request_shutdown("abort")
-    thread.join(30)
+    running.stop()
 
 
 def test_the_engine_path_covers_the_file_cases():

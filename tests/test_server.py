@@ -14,13 +14,13 @@ import socket
 import stat
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import orjson
 import psutil
 import pytest
+from threaded_engine import ThreadedEngine
 from tiny import write_identity_dataset
 from tunebench.engine import protocol as P
 from tunebench.engine.client import (
@@ -64,32 +64,6 @@ def workspace(tmp_path) -> Path:
         ws / "datasets" / "identity.jsonl", 8, QUESTIONS, "I am {{NAME}}, made by {{AUTHOR}}."
     )
     return ws
-
-
-class ThreadedEngine:
-    """The real EngineServer, serving from a thread of the test process."""
-
-    def __init__(self, workspace: Path, memory_interval: float = 0.4, idle_exit: float = 0):
-        self.server = EngineServer(workspace, memory_interval=memory_interval, idle_exit=idle_exit)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while probe_socket(workspace) != "live":
-            assert self.error is None, self.error
-            assert time.monotonic() < deadline, "the engine did not start"
-            time.sleep(0.01)
-
-    def _run(self) -> None:
-        try:
-            asyncio.run(self.server.serve())
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
-            self.error = exc
-
-    def stop(self) -> None:
-        self.server.request_shutdown("abort")
-        self.thread.join(30)
-        assert not self.thread.is_alive()
 
 
 @pytest.fixture

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
-import time
 
 import pytest
 from tiny import write_identity_dataset
@@ -13,7 +10,6 @@ from tui_helpers import wait_until
 
 server = pytest.importorskip("tunebench.engine.server")
 
-from tunebench.engine.client import probe_socket  # noqa: E402
 from tunebench.tui.app import TuneBenchApp  # noqa: E402
 from tunebench.tui.widgets.chat.chat_column import ChatColumn  # noqa: E402
 from tunebench.tui.widgets.chat.chat_pane import ChatPane  # noqa: E402
@@ -44,21 +40,15 @@ gradient_checkpointing = false
 
 @pytest.fixture
 def real_engine(real_workspace):
-    """engine/server.py's EngineServer, serving from a thread of this process (torch loads once)."""
+    """The real engine, serving from a thread of this process (torch loads once)."""
     import torch
+    from threaded_engine import ThreadedEngine
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models train fastest on one thread; the app needs the other
-    engine = server.EngineServer(real_workspace, memory_interval=0.4)
-    thread = threading.Thread(target=lambda: asyncio.run(engine.serve()), daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while probe_socket(real_workspace) != "live":
-        assert time.monotonic() < deadline, "the engine did not start"
-        time.sleep(0.02)
-    yield engine
-    engine.request_shutdown("abort")
-    thread.join(30)
+    running = ThreadedEngine(real_workspace)
+    yield running.server
+    running.stop()
     torch.set_num_threads(threads)
 
 
