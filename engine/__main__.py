@@ -10,10 +10,14 @@ import argparse
 import sys
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tunebench.engine", description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str = "python -m tunebench.engine") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    serve_parser = commands.add_parser("serve", help="run the engine for a workspace in the foreground")
+    serve_parser = commands.add_parser(
+        "serve",
+        help="run the engine for a workspace in the foreground (a TUI attaches to it; it listens "
+        "only on the workspace's private Unix socket, never on TCP)",
+    )
     serve_parser.add_argument("workspace_arg", nargs="?", metavar="WORKSPACE", help="same as --workspace")
     serve_parser.add_argument("--workspace", default=None, help="workspace folder (default: .)")
     status_parser = commands.add_parser("status", help="print the engine's or the last run's state")

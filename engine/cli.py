@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         if command == "serve":
             from .__main__ import main as engine_main
 
-            return engine_main(["serve", *rest])
+            return engine_main(["serve", *rest], prog="tunebench")
         return _tui_main(rest)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
