@@ -243,7 +243,9 @@ def run_training(cfg: TrainConfig, emit: Emit, stop: StopSignal | None = None) -
     # ----------------------------------------------------------- train loop
     metrics = open(run.metrics, "ab")  # noqa: SIM115 - closed in the finally below
     clock = _Clock()
-    window_loss, window_tokens, last_loss, grad_norm = 0.0, 0, float("nan"), 0.0
+    # Logged losses are token-weighted means over the steps since the last log; the final loss
+    # is the last such window, the same number a person saw on the last progress line.
+    window_loss, window_tokens, logged_loss, grad_norm = 0.0, 0, float("nan"), 0.0
     step, status = start_step, "completed"
     steps_per_epoch = max(
         1,
@@ -296,7 +298,6 @@ def run_training(cfg: TrainConfig, emit: Emit, stop: StopSignal | None = None) -
             clock.steps += 1
             window_loss += step_loss
             window_tokens += step_targets
-            last_loss = step_loss / step_targets
             for note in path.notes[noted:]:  # what the path learnt on the first forwards
                 emit(P.Log(message=note))
             noted = len(path.notes)
@@ -304,12 +305,13 @@ def run_training(cfg: TrainConfig, emit: Emit, stop: StopSignal | None = None) -
             if step % cfg.logging_steps == 0 or step == total_steps or step == start_step + 1:
                 elapsed = time.perf_counter() - clock.started
                 per_step = elapsed / clock.steps
+                logged_loss = window_loss / window_tokens
                 log(
                     P.TrainStep(
                         step=step,
                         total_steps=total_steps,
                         epoch=round(step / steps_per_epoch, 4),
-                        loss=window_loss / window_tokens,
+                        loss=logged_loss,
                         lr=scheduler.get_last_lr()[0],
                         grad_norm=round(grad_norm, 6),
                         tokens_per_s=round(clock.rate(), 1),
@@ -345,7 +347,7 @@ def run_training(cfg: TrainConfig, emit: Emit, stop: StopSignal | None = None) -
             run_id=run.root.name,
             status=status,
             adapter_dir=adapter_dir,
-            final_loss=last_loss,
+            final_loss=window_loss / window_tokens if window_tokens else logged_loss,
             steps=step,
             seconds=round(time.perf_counter() - started, 1),
         )

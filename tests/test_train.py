@@ -94,6 +94,15 @@ def test_loss_falls_and_run_files_are_written(tiny_model_dir, identity_file, tmp
     assert [p.name for p in list_checkpoints(run_dir)] == ["step-6", "step-8"]
 
 
+def test_final_loss_is_the_last_logged_window(tiny_model_dir, identity_file, tmp_path):
+    """Logged losses average the steps since the last log; the final loss must be the number the
+    last progress line showed, not the last step's alone."""
+    result, events = run(make_cfg(tiny_model_dir, identity_file, tmp_path, logging_steps=4, max_steps=8))
+    assert [step for step, _ in losses(events)] == [1, 4, 8]  # the last window is steps 5-8
+    (finished,) = [e for e in events if e.type == "TrainFinished"]
+    assert finished.final_loss == losses(events)[-1][1]
+
+
 def test_adapter_loads_with_plain_peft_and_disabled_adapter_is_the_base(
     tiny_model_dir, identity_file, tmp_path
 ):
