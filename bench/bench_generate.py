@@ -189,6 +189,29 @@ def hbm_bandwidth_gbs(device) -> float:
     return 2 * 2**30 / seconds / 1e9
 
 
+def graph_us_per_call(work, calls: int) -> float:
+    """Capture `work()` (which makes `calls` calls) in a CUDA graph after one eager warm-up and
+    return the median of 5 replays, in microseconds per call."""
+    import torch
+
+    work()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        work()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return statistics.median(times)
+
+
 def gemv_floor(device, layers: int) -> float:
     """Time each Qwen2.5-7B matmul alone at two rows (bf16, CUDA graph of back-to-back calls over
     enough weight copies to defeat the 50 MB L2); print them and return the sum for one step."""
@@ -213,30 +236,18 @@ def gemv_floor(device, layers: int) -> float:
         copies = max(2, math.ceil(256 * 2**20 / weight_bytes))
         weights = [torch.randn(n_out, n_in, device=device, dtype=torch.bfloat16) for _ in range(copies)]
         x = torch.randn(2, n_in, device=device, dtype=torch.bfloat16)
-        for w in weights:
-            F.linear(x, w)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+
+        def matmuls(x=x, weights=weights):
             for w in weights:
                 F.linear(x, w)
-        graph.replay()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        times = []
-        for _ in range(5):
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) * 1e3 / copies)
-        us = statistics.median(times)
+
+        us = graph_us_per_call(matmuls, copies)
         print(
             f"  {name:14s} {n_in:6d} -> {n_out:6d}: {us:7.1f} us, {weight_bytes / us / 1e3:6.0f} GB/s",
             flush=True,
         )
         timed[name] = us
-        del weights, graph
+        del weights
     separate = sum(timed[name] * per_step for name, _, _, per_step in shapes)
     fused = separate + layers * (
         timed["qkv fused"] + timed["gate_up fused"] - timed["q"] - 2 * timed["k/v"] - 2 * timed["gate/up"]
@@ -278,24 +289,12 @@ def lora_micro(device, layers: int) -> None:
         timings = []
         for way, fn in ways.items():
             error = (fn(x, ras[0], las[0], keep).float() - reference).norm() / reference.norm()
-            for ra, la in zip(ras, las, strict=True):
-                fn(x, ra, la, keep)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+
+            def passes(fn=fn, x=x, ras=ras, las=las, keep=keep):
                 for ra, la in zip(ras, las, strict=True):
                     fn(x, ra, la, keep)
-            graph.replay()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            times = []
-            for _ in range(5):
-                start.record()
-                graph.replay()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) * 1e3 / layers)
-            timings.append(f"{way} {statistics.median(times):5.1f} (err {error:.0e})")
-            del graph
+
+            timings.append(f"{way} {graph_us_per_call(passes, layers):5.1f} (err {error:.0e})")
         print(f"  {name:8s} {n_in:5d} x rank {rank:2d}: " + ", ".join(timings), flush=True)
 
 
