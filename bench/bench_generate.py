@@ -34,8 +34,9 @@ import sys
 import tempfile
 import threading
 import time
-import types
 from pathlib import Path
+
+import checkout_engine
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -74,20 +75,7 @@ VARIANTS = {
 
 
 def import_engine() -> None:
-    """tunebench.engine from this checkout, installed or not (the GPU box has it only as a folder)."""
-    try:
-        importlib.import_module("tunebench.engine.generate")
-        return
-    except ImportError:
-        pass
-    package = types.ModuleType("tunebench")
-    package.__path__ = []
-    engine = types.ModuleType("tunebench.engine")
-    engine.__path__ = [str(REPO / "engine")]
-    package.engine = engine
-    sys.modules["tunebench"] = package
-    sys.modules["tunebench.engine"] = engine
-    importlib.import_module("tunebench.engine.generate")
+    checkout_engine.import_engine("generate")
 
 
 def load_legacy_fused(path: str):

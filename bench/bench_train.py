@@ -43,6 +43,8 @@ import types
 from dataclasses import dataclass
 from pathlib import Path
 
+import checkout_engine
+
 # Growable allocator segments, as the engine sets them (engine/memory.py, engine/train.py); every
 # stack runs in a child process that inherits this.
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
@@ -144,22 +146,7 @@ def timed_tokens(samples, plan) -> int:
 
 
 def import_engine():
-    """tunebench.engine from this checkout, installed or not (the GPU box has it only as a folder)."""
-    try:
-        import tunebench.engine.config
-        import tunebench.engine.train  # noqa: F401
-    except ImportError:
-        pkg = types.ModuleType("tunebench")
-        pkg.__path__ = []
-        engine = types.ModuleType("tunebench.engine")
-        engine.__path__ = [str(REPO / "engine")]
-        pkg.engine = engine
-        sys.modules["tunebench"] = pkg
-        sys.modules["tunebench.engine"] = engine
-    engine = importlib.import_module("tunebench.engine")
-    for name in ("config", "train"):
-        importlib.import_module(f"tunebench.engine.{name}")
-    return engine
+    return checkout_engine.import_engine("config", "train")
 
 
 def install_synthetic_data(samples: list[Sample]) -> None:

@@ -40,15 +40,7 @@ class DynamicSteps:
         self.cache = DynamicCache(config=model.config)
 
     def _forward(self, ids: Any) -> Any:
-        out = self.model(
-            input_ids=ids,
-            attention_mask=self.mask,
-            position_ids=self.positions,
-            past_key_values=self.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        return out.logits[:, -1, :]
+        return decode_forward(self.model, self.cache, ids, self.mask, self.positions)
 
     def prefill(self) -> Any:
         return self._forward(self.ids)
@@ -228,7 +220,7 @@ class StaticDecoder:
 
 
 def decode_forward(model: Any, cache: Any, ids: Any, mask: Any, positions: Any) -> Any:
-    """One forward pass over the static cache; the last position's logits."""
+    """One forward pass over the KV cache; the last position's logits."""
     out = model(
         input_ids=ids,
         attention_mask=mask,
