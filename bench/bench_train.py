@@ -314,13 +314,45 @@ class Profiler:
             except Exception:  # noqa: BLE001 - older profiler key name
                 text = events.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70)
             head = f"2 steps: wall {wall:.3f} s, GPU kernels {busy:.3f} s busy ({busy / wall:.0%})\n"
+            head += gaps(self.prof)
             if os.environ.get("TB_PROFILE") == "cpu":
                 text += "\n" + events.table(
                     sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=70
                 )
             print(head + text, flush=True)
-            out = Path(os.environ.get("OUT", "/tmp")) / f"profile_{self.args.size}_{self.args.workload}.txt"
-            out.write_text(head + text)
+            accel = "".join(c if c.isalnum() else "_" for c in os.environ.get("TUNEBENCH_ACCEL", ""))
+            a = self.args
+            name = f"profile_{a.size}_{a.workload}_{a.stack}_{a.method}{accel}.txt"
+            (Path(os.environ.get("OUT", "/tmp")) / name).write_text(head + text)
+
+
+def gaps(prof, top: int = 12) -> str:
+    """Where the GPU waited: idle time between device activities (kernels, copies) and the longest gaps."""
+    try:
+        from torch.autograd import DeviceType
+
+        events = [e for e in prof.profiler.kineto_results.events() if e.device_type() == DeviceType.CUDA]
+        spans = sorted((e.start_ns(), e.start_ns() + e.duration_ns(), e.name()) for e in events)
+    except Exception as exc:  # noqa: BLE001 - a profiler without these accessors
+        return f"(no gap analysis: {exc})\n"
+    if not spans:
+        return "(no device activity recorded)\n"
+    idle, found, end, last = 0, [], spans[0][1], spans[0][2]
+    for start, stop, name in spans[1:]:
+        if start > end:
+            idle += start - end
+            found.append((start - end, last, name))
+        if stop > end:
+            end, last = stop, name
+    total = end - spans[0][0]
+    found.sort(reverse=True)
+    lines = [
+        f"GPU idle {idle / 1e6:.1f} ms of {total / 1e6:.1f} ms ({idle / max(total, 1):.0%}); "
+        f"gaps over 50 us: {sum(1 for g in found if g[0] > 50_000)}, "
+        f"{sum(g[0] for g in found if g[0] > 50_000) / 1e6:.1f} ms"
+    ]
+    lines += [f"  {g / 1e3:9.1f} us after {a[:60]!r} before {b[:60]!r}" for g, a, b in found[:top]]
+    return "\n".join(lines) + "\n"
 
 
 def run_tunebench(args, samples, plan) -> dict:
@@ -685,7 +717,7 @@ def check() -> None:
         k = torch.randn(total, kv, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
         v = torch.randn(total, kv, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
         g = torch.randn(total, heads, d, device=dev, dtype=torch.bfloat16)
-        out = accel._FlashVarlen.apply(q, k, v, cu, max(lens), d**-0.5)
+        out = accel.flash_varlen(q, k, v, cu, max(lens), d**-0.5)
         grads = torch.autograd.grad(out, (q, k, v), g)
         q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
         ref = accel._segment_attention(q64, k64, v64, cu, d**-0.5)
@@ -778,7 +810,8 @@ def check_compile() -> None:
 
     dev = torch.device("cuda")
     small = dict(SIZES["0.5b"], num_hidden_layers=2)
-    for profile in ("fast", "lean"):
+    # the defaults (recompute in the graph), and the checkpoint around the compiled layer
+    for profile, off in (("fast", ""), ("lean", ""), ("lean", "ingraph"), ("fast", "ingraph")):
         torch._dynamo.reset()
         counters.clear()
         torch.set_default_dtype(torch.bfloat16)
@@ -787,6 +820,7 @@ def check_compile() -> None:
         torch.set_default_dtype(torch.float32)
         cfg = TrainConfig(lora_rank=8, lora_alpha=32, lora_dropout=0.0, profile=profile)
         path = accel.FastPath(cfg, dev, profile)
+        path.use.discard(off)
         model = _attach_lora(path.prepare_base(model), cfg, True)
         model.train()
         path._setup(model)
@@ -797,13 +831,39 @@ def check_compile() -> None:
             path.loss_sum(model, path.collate(samples, 0, dev)).backward()
         breaks = dict(counters["graph_break"])
         stats = dict(counters["stats"])
-        print(f"compile {profile}: graph breaks {breaks or 'none'}; dynamo stats {stats}")
+        print(f"compile {profile} {'-' + off if off else ''}: graph breaks {breaks or 'none'}; stats {stats}")
         assert not breaks, breaks
+
+
+def host_copy() -> None:
+    """Pinned host <-> GPU copy rates, each way alone and both at once (what offloading can spend)."""
+    import torch
+
+    n = 512 << 20
+    host = [torch.empty(n, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+    dev = [torch.empty(n, dtype=torch.uint8, device="cuda") for _ in range(2)]
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+
+    def timed(*copies) -> float:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(4):
+            for stream, (dst, src) in zip(streams, copies, strict=False):
+                with torch.cuda.stream(stream):
+                    dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+        return len(copies) * 4 * n / (time.perf_counter() - t) / 1e9
+
+    timed((dev[0], host[0]))  # warm-up
+    up, down = timed((dev[0], host[0])), timed((host[1], dev[1]))
+    both = timed((dev[0], host[0]), (host[1], dev[1]))
+    print(f"host copy: to GPU {up:.1f} GB/s, to host {down:.1f} GB/s, both at once {both:.1f} GB/s")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("mode", nargs="?", default="run", choices=["run", "child", "make-model", "check"])
+    modes = ["run", "child", "make-model", "check", "host-copy"]
+    p.add_argument("mode", nargs="?", default="run", choices=modes)
     p.add_argument("--size", default="0.5b", choices=sorted(SIZES))
     p.add_argument("--workload", default="fixed", help="fixed, mixed, or both comma-separated")
     p.add_argument(
@@ -826,6 +886,8 @@ def main() -> None:
         child(args)
     elif args.mode == "check":
         check()
+    elif args.mode == "host-copy":
+        host_copy()
     else:
         parent(args)
 

@@ -14,6 +14,12 @@ changes is how a micro-batch is laid out and how its summed loss is computed:
 - **LoRA.** PEFT's LoRA forward casts every input to float32 for the adapter (a float32 copy of
   each projection's input is kept for backward). Here the adapter runs in the compute dtype
   against its float32 master weights, and the base and adapter products share one saved input.
+- **Recompute in the graph.** Each decoder layer is compiled with its checkpoint inside
+  (`ingraph`): the forward graph keeps only the layer's input and the backward graph replays the
+  forward itself, fused with the backward's own work. Inside such a layer nothing is an
+  autograd.Function (the LoRA and 4-bit products are plain ops, attention is the aten flash op):
+  torch 2.11 kept what a Function saves instead of recomputing it. Lean LoRA measured 1.5x
+  faster than with the checkpoint around the compiled layer.
 - **Kernels.** liger's fused RMSNorm and SwiGLU on Llama / Qwen / Mistral families (they keep
   fewer and smaller tensors for backward); fused AdamW is the recipe's own.
 - **Merged forwards.** A step's samples are regrouped (in order, never split) into forwards of
@@ -24,22 +30,23 @@ changes is how a micro-batch is laid out and how its summed loss is computed:
 - **Profiles.** `fast` recomputes no layer whose activations fit: before each micro-batch it
   works out, from free memory and a per-token memory model calibrated on the first micro-batch,
   how many decoder layers can keep their activations, and recomputes only the rest. `lean`
-  recomputes every layer and keeps the input embedding matrix in host memory (its rows are
-  gathered on the CPU: it is frozen and only indexed). `auto` picks lean when little memory is
-  left after the model is loaded.
+  recomputes every layer, keeps the input embedding matrix in host memory (its rows are
+  gathered on the CPU: it is frozen and only indexed) and the recomputed layers' inputs too
+  (engine/offload.py). `auto` picks lean when little memory is left after the model is loaded.
 
-Techniques: pack, merge, flce, lora, selective (fast), offload (lean) and compile (each decoder
-layer as one torch.compile region, bitsandbytes' 4-bit layers included: lean QLoRA measured 2x
-faster compiled) are on; liger is off because it measured slower here (bench/RESULTS.md). For
-measuring, `TUNEBENCH_ACCEL` adjusts the set, e.g.
-`TUNEBENCH_ACCEL=+liger,-merge`.
+Techniques: pack, merge, flce, lora, selective (fast), offload and hostinputs (lean), compile
+(each decoder layer as one torch.compile region, bitsandbytes' 4-bit layers included) and
+ingraph are on; liger is off because it measured slower here (bench/RESULTS.md). For measuring,
+`TUNEBENCH_ACCEL` adjusts the set, e.g. `TUNEBENCH_ACCEL=+liger,-merge` or `-ingraph` (the
+checkpoint around the compiled layer); `tokens=4096` sets the tokens per forward instead of
+the memory model.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from types import MethodType
 from typing import Any
@@ -53,12 +60,14 @@ from .gpu_memory import (  # noqa: F401 - the memory model, re-exported for call
     GIB,
     HEADROOM,
     LEAN_BELOW_FREE,
+    REPLAY_LAYERS_IN_GRAPH,
     choose_profile,
     estimate_peak_bytes,
     layer_activation_bytes,
     layers_to_keep,
     tokens_per_forward,
 )
+from .offload import HostEmbedding, HostInputs
 from .train import IGNORE, Batch, TrainPath
 
 log = logging.getLogger(__name__)
@@ -67,7 +76,9 @@ ATTENTION_NAME = "tunebench_varlen"
 LIGER_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "smollm3", "granite", "olmo2")
 
 
-DEFAULT_TECHNIQUES = frozenset({"pack", "merge", "flce", "lora", "selective", "offload", "compile"})
+DEFAULT_TECHNIQUES = frozenset(
+    {"pack", "merge", "flce", "lora", "selective", "offload", "compile", "ingraph", "hostinputs"}
+)
 
 
 def techniques(spec: str | None = None) -> set[str]:
@@ -177,41 +188,16 @@ def repartition(step: list[list[int]], length, max_tokens: int) -> list[list[int
 # ================================================================= attention
 
 
-class _FlashVarlen(torch.autograd.Function):
+def flash_varlen(q, k, v, cu, max_len: int, scale):
     """Causal attention over packed documents through PyTorch's variable-length flash kernel.
 
-    q [T, Hq, D], k and v [T, Hkv, D] (the kernel handles grouped KV heads itself)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, cu, max_len, scale):
-        out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
-            q, k, v, cu, cu, max_len, max_len, 0.0, True, False, scale=scale
-        )
-        ctx.save_for_backward(q, k, v, out, lse, cu, rng, unused)
-        ctx.max_len, ctx.scale = max_len, scale
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        q, k, v, out, lse, cu, rng, unused = ctx.saved_tensors
-        dq, dk, dv = torch.ops.aten._flash_attention_backward(
-            grad.contiguous(),
-            q,
-            k,
-            v,
-            out,
-            lse,
-            cu,
-            cu,
-            ctx.max_len,
-            ctx.max_len,
-            0.0,
-            True,
-            rng,
-            unused,
-            scale=ctx.scale,
-        )
-        return dq, dk, dv, None, None, None
+    q [T, Hq, D], k and v [T, Hkv, D] (the kernel handles grouped KV heads itself). The aten op
+    has its own backward; a custom autograd.Function here kept its saved tensors out of the
+    recompute that torch 2.11 compiles into a layer's graph (bench/RESULTS.md, session 4)."""
+    out, *_ = torch.ops.aten._flash_attention_forward(
+        q, k, v, cu, cu, max_len, max_len, 0.0, True, False, scale=scale
+    )
+    return out
 
 
 def _segment_attention(q, k, v, cu, scale):
@@ -227,6 +213,19 @@ def _segment_attention(q, k, v, cu, scale):
     return torch.cat(outs, dim=0)
 
 
+def _masked_attention(q, k, v, cu, scale):
+    """Per-document causal attention as one SDPA with a block-diagonal mask: traceable, O(T^2) memory."""
+    t = q.shape[0]
+    doc = torch.searchsorted(cu[1:].long(), torch.arange(t, device=q.device), right=True)
+    pos = torch.arange(t, device=q.device)
+    mask = (doc[:, None] == doc[None, :]) & (pos[:, None] >= pos[None, :])
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1) if groups > 1 else k
+    v = v.repeat_interleave(groups, dim=1) if groups > 1 else v
+    seg = [x.transpose(0, 1) for x in (q, k, v)]  # [H, T, D]
+    return F.scaled_dot_product_attention(*seg, attn_mask=mask, scale=scale).transpose(0, 1)
+
+
 def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function: per-document attention when packed, SDPA otherwise."""
     cu = kwargs.get("cu_seq_lens_q")
@@ -240,7 +239,9 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     # [1, H, T, D] -> [T, H, D]; the projections were laid out [T, H*D], so this is usually a view.
     q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
-        out = _FlashVarlen.apply(q, k, v, cu, max_len, scaling)
+        out = flash_varlen(q, k, v, cu, max_len, scaling)
+    elif torch.compiler.is_compiling():
+        out = _masked_attention(q, k, v, cu, scaling)  # the per-sample loop reads cu on the host
     else:
         out = _segment_attention(q, k, v, cu, scaling)
     return out.unsqueeze(0), None
@@ -403,6 +404,32 @@ def probe_mm_out_dtype(device) -> bool:
     return bool(_MM_OUT_DTYPE_OK)
 
 
+def _dequantized(base, dtype):
+    """A bitsandbytes 4-bit weight as the dense [out, in] matrix its products use."""
+    import bitsandbytes.functional as bnb_functional
+
+    return bnb_functional.dequantize_4bit(base.weight.data, base.weight.quant_state).to(dtype)
+
+
+def _lora_plain(self, x, lora_a, lora_b, scale, dropout):
+    """The base product and the adapter's in plain differentiable ops, no autograd.Function.
+
+    For layers whose recompute is compiled into their graph: torch 2.11 kept what an
+    autograd.Function saves (the adapters' inputs, bitsandbytes' product outputs) for backward
+    instead of recomputing it, 5 to 10 GiB more on a 7B (bench/RESULTS.md, session 4). The
+    adapter's gradients come out of a compute-dtype product here, as under autocast."""
+    base = self.base_layer
+    bias = None if base.bias is None else base.bias.to(x.dtype)
+    if type(base) is torch.nn.Linear and base.weight.dtype == x.dtype:
+        out = F.linear(x, base.weight, bias)
+    elif "4bit" in type(base).__name__ and getattr(base.weight, "quant_state", None) is not None:
+        out = F.linear(x, _dequantized(base, x.dtype), bias)  # one dequantisation: replay and backward
+    else:
+        out = base(x)
+    xa = F.linear(x if isinstance(dropout, torch.nn.Identity) else dropout(x), lora_a.to(x.dtype))
+    return out + (F.linear(xa, lora_b.to(x.dtype)) * scale).to(out.dtype)
+
+
 def _lora_forward(self, x, *args, **kwargs):
     """Replacement forward for PEFT's LoRA Linear layers; anything unusual goes to PEFT's own."""
     active = self.active_adapters
@@ -421,6 +448,8 @@ def _lora_forward(self, x, *args, **kwargs):
     lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
     scale = self.scaling[name]
     dropout = self.lora_dropout[name]
+    if self._tb_plain:
+        return _lora_plain(self, x, lora_a, lora_b, scale, dropout if self.training else torch.nn.Identity())
     base = self.base_layer
     no_dropout = isinstance(dropout, torch.nn.Identity) or not self.training
     if no_dropout and type(base) is torch.nn.Linear and base.weight.dtype == x.dtype:
@@ -429,8 +458,10 @@ def _lora_forward(self, x, *args, **kwargs):
     return result + _LoRADelta.apply(x if no_dropout else dropout(x), lora_a, lora_b, scale).to(result.dtype)
 
 
-def patch_lora_layers(model) -> int:
-    """Route every PEFT LoRA Linear (dense or 4-bit) through `_lora_forward`; returns how many."""
+def patch_lora_layers(model, plain: bool = False) -> int:
+    """Route every PEFT LoRA Linear (dense or 4-bit) through `_lora_forward`; returns how many.
+
+    `plain`: the products in plain ops (`_lora_plain`), for layers that recompute in their graph."""
     from peft.tuners.lora import LoraLayer
 
     count = 0
@@ -446,6 +477,7 @@ def patch_lora_layers(model) -> int:
             ):
                 continue
             module._tb_peft_forward = module.forward
+            module._tb_plain = plain
             module.forward = MethodType(_lora_forward, module)
             count += 1
     return count
@@ -479,11 +511,41 @@ def patch_liger(model) -> list[str]:
     return [f"liger RMSNorm x{norms}", f"liger SwiGLU x{mlps}"] if norms or mlps else []
 
 
-def compile_layers(layers: list, device) -> list[str]:
+def _recomputed_forward(self, *args, **kwargs):
+    """A decoder layer's forward, replayed in backward when `_tb_recompute` is set (training only)."""
+    if self._tb_recompute and self.training and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(self._tb_forward, *args, use_reentrant=False, **kwargs)
+    return self._tb_forward(*args, **kwargs)
+
+
+def own_recompute(layers: list, recompute: bool) -> None:
+    """This path decides, per layer and per forward, which decoder layers are recomputed.
+
+    transformers puts its checkpoint around the layer's call in some versions and around its
+    forward in others, so whether a compiled layer had the recompute inside its graph or outside
+    depended on the version. Here HF's switch stays off and each layer's forward is wrapped in a
+    non-reentrant checkpoint of our own (PEFT's QLoRA preparation leaves the reentrant kind; the
+    non-reentrant one needs no input that requires grad, so layer 0 skips its input-gradient
+    products), switched by `layer._tb_recompute`.
+    """
+    for layer in layers:
+        if hasattr(layer, "_tb_forward"):
+            continue
+        layer.gradient_checkpointing = False
+        layer._tb_forward = layer.forward  # HF's forward (its own checkpoint wrapper, now idle)
+        layer._tb_recompute = recompute
+        layer.forward = MethodType(_recomputed_forward, layer)
+
+
+def compile_layers(layers: list, device, recompute_in_graph: bool = False, **options) -> list[str]:
     """torch.compile each decoder layer as one region (all share one compiled graph).
 
     Fuses the layer's elementwise work (norms, RoPE, residuals, SwiGLU) and takes most of the
     per-op Python and launch cost out of the forward, which otherwise leaves the GPU waiting.
+    `recompute_in_graph` compiles the checkpoint with the layer: the forward graph keeps only the
+    layer's inputs and the backward graph replays the forward itself, so the replay costs no
+    second call into the compiled code and its elementwise work fuses with the backward's.
+    Otherwise the checkpoint stays outside and replays the compiled forward.
     """
     if not layers:
         return []
@@ -502,20 +564,12 @@ def compile_layers(layers: list, device) -> list[str]:
             setattr(dynamo, name, max(getattr(dynamo, name), 4 * limit))
     torch._dynamo.config.suppress_errors = True  # a layer dynamo cannot take runs eagerly instead
     for layer in layers:
-        layer.compile()
-    return [f"torch.compile x{len(layers)} layers"]
-
-
-class HostEmbedding:
-    """The input embedding matrix kept in pinned host memory: rows are gathered on the CPU and sent over."""
-
-    def __init__(self, weight, dtype):
-        self.weight = weight.detach().to("cpu", dtype).pin_memory()
-
-    def __call__(self, host_ids, device):
-        out = torch.empty((host_ids.numel(), self.weight.shape[1]), dtype=self.weight.dtype, pin_memory=True)
-        torch.index_select(self.weight, 0, host_ids, out=out)
-        return out.to(device, non_blocking=True).unsqueeze(0)
+        if recompute_in_graph or not hasattr(layer, "_tb_forward"):
+            layer.compile(**options)
+        else:
+            layer._tb_forward = torch.compile(layer._tb_forward, **options)
+    where = ", recompute inside the graph" if recompute_in_graph else ""
+    return [f"torch.compile x{len(layers)} layers{where}"]
 
 
 # ================================================================= the path
@@ -541,19 +595,26 @@ class FastPath:
     profile: str
     use: set[str] = field(default_factory=techniques)
     host_embedding: HostEmbedding | None = None
+    host_inputs: HostInputs | None = None  # the recomputed layers' inputs in host memory (lean)
     compute_dtype: Any = None
     applied: list[str] = field(default_factory=list)
+    compile_options: dict = field(default_factory=dict)  # torch.compile's, e.g. a test's backend
     notes: list[str] = field(default_factory=list)  # the TrainPath's notes: the recipe logs new ones
     _model: _Model | None = None
     _ce: Any = None
     _kept: int = 0  # layers that keep their activations in the current micro-batch
     _config: Any = None  # the base model's config, for the memory model
     _max_tokens: int = 0  # tokens per forward, from the memory model (0: not worked out yet)
+    _lengths_vary: bool = False  # the samples differ in length: forwards will too
     _modelled_peak: int = 0  # the largest peak the memory model gave for a forward so far
 
     @property
     def compiles(self) -> bool:
         return "compile" in self.use
+
+    @property
+    def recompiles_in_graph(self) -> bool:
+        return self.compiles and "ingraph" in self.use
 
     def describe(self) -> list[str]:
         on = [
@@ -562,14 +623,17 @@ class FastPath:
             ("liger", "liger RMSNorm / SwiGLU"),
             ("lora", "LoRA in the compute dtype, one saved input"),
             ("compile", "each decoder layer compiled as one region"),
+            ("ingraph", "recompute compiled into each layer's graph"),
             ("merge", "a step's samples packed into as few forwards as the profile's memory allows"),
         ]
-        use = self.use - (set() if self.compiles else {"compile"})
+        use = self.use - (set() if self.compiles else {"compile", "ingraph"})
         notes = [f"GPU path: {text}" for key, text in on if key in use]
         if self.profile == "fast" and self.cfg.gradient_checkpointing and "selective" in self.use:
             notes.append("GPU path: recompute only the layers whose activations do not fit")
         if self.profile == "lean" and "offload" in self.use:
             notes.append("GPU path: input embeddings kept in host memory")
+        if self.profile == "lean" and "hostinputs" in self.use and self.recompiles_in_graph:
+            notes.append("GPU path: recomputed layers' inputs kept in host memory")
         return notes
 
     # ---------------------------------------------------------- before LoRA
@@ -590,14 +654,25 @@ class FastPath:
                 self.applied.append("embedding in host memory")
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
+        # Only a checkpoint compiled into the graph saves its inputs where hooks can move them.
+        if self.profile == "lean" and "hostinputs" in self.use and self.recompiles_in_graph:
+            if self.device.type == "cuda" and self.cfg.gradient_checkpointing:
+                self.host_inputs = HostInputs(self.device, model.config.hidden_size, self.compute_dtype)
+                self.applied.append("recomputed layers' inputs in host memory")
         return model
 
     # -------------------------------------------------------------- batches
 
     def group(self, step: list[list[int]], samples: list) -> list[list[int]]:
         """The step's forwards: its samples regrouped to the profile's tokens per forward (CUDA only)."""
+        if self._model is None:  # before the layers are compiled: will the forwards' shapes vary?
+            self._lengths_vary = len({len(s.input_ids) for s in samples}) > 1
         if "pack" not in self.use or "merge" not in self.use or self.device.type != "cuda":
             return step
+        forced = [int(t.split("=", 1)[1]) for t in self.use if t.startswith("tokens=")]
+        if forced and not self._max_tokens:  # measuring: a forward size other than the memory model's
+            self._max_tokens = forced[0]
+            self.notes.append(f"GPU path: forwards of up to {self._max_tokens} tokens (set by tokens=)")
         if not self._max_tokens:
             free, _total = torch.cuda.mem_get_info(self.device)
             self._max_tokens = tokens_per_forward(
@@ -608,6 +683,8 @@ class FastPath:
                 quantized=self.cfg.is_qlora,
                 embedding_on_host=self.host_embedding is not None,
                 compiled=self.compiles,
+                inputs_on_host=self.host_inputs is not None,
+                in_graph=self.recompiles_in_graph,
             )
             self.notes.append(
                 f"GPU path: forwards of up to {self._max_tokens} tokens ({self.profile} profile)"
@@ -642,10 +719,11 @@ class FastPath:
             use_cache=False,
         )
         if self.host_embedding is not None:
-            embeds = self.host_embedding(batch.host_ids, self.device)
-            out = m.decoder(inputs_embeds=embeds, **kwargs)
+            kwargs["inputs_embeds"] = self.host_embedding(batch.host_ids, self.device)
         else:
-            out = m.decoder(input_ids=batch.input_ids, **kwargs)
+            kwargs["input_ids"] = batch.input_ids
+        with self.host_inputs.around(batch.tokens) if training and self.host_inputs else nullcontext():
+            out = m.decoder(**kwargs)
         hidden = out[0][0]
         if batch.target_tokens != hidden.shape[0]:
             hidden = hidden.index_select(0, batch.loss_index)
@@ -665,7 +743,7 @@ class FastPath:
             probe_mm_out_dtype(self.device)
         head = causal.get_output_embeddings()
         if "lora" in self.use:
-            n = patch_lora_layers(model)
+            n = patch_lora_layers(model, plain=self.recompiles_in_graph)
             if n:
                 self.applied.append(f"LoRA layers x{n}")
         self._restore_dtype(causal)
@@ -676,16 +754,20 @@ class FastPath:
         except ImportError:
             layers = []
         if layers:
-            # Non-reentrant recompute everywhere (PEFT's QLoRA preparation leaves the reentrant kind):
-            # it needs no input that requires grad, so the embedding output need not carry a gradient
-            # nobody uses, and layer 0 skips its input-gradient products.
-            recompute = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
-            for layer in layers:
-                layer._gradient_checkpointing_func = recompute
+            own_recompute(layers, self.cfg.gradient_checkpointing)
             if hasattr(causal, "_require_grads_hook") or getattr(causal, "_require_grads_hooks", None):
                 causal.disable_input_require_grads()
         if self.compiles:
-            self.applied += compile_layers(layers, self.device)
+            # Samples of many lengths give every forward a new token count: compiled for any size
+            # from the start, instead of for the first size and then again as dynamo sees sizes
+            # change (two recompiles, 8 and 11 s, in the mixed bench's first steps; H200, session 4).
+            options = {"dynamic": True} if self._lengths_vary else {}
+            self.applied += compile_layers(
+                layers,
+                self.device,
+                recompute_in_graph=self.recompiles_in_graph,
+                **(options | self.compile_options),
+            )
         # Larger loss chunks read the [vocab x hidden] head fewer times; lean keeps them small.
         chunk_budget = 4 if self.profile == "lean" else 16
         ce = None if "flce" not in self.use or self.device.type != "cuda" else _liger_ce_sum(chunk_budget)
@@ -731,16 +813,18 @@ class FastPath:
             cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
             # Mixed lengths fragment the allocator's cache: count half of it, and keep a tenth of
             # the card (at least HEADROOM) free for transients.
+            per_layer = m.per_token_layer * m.scale * 1.1
             keep = layers_to_keep(
                 budget=free + cached // 2 - max(HEADROOM, total // 10),
                 tokens=tokens,
                 layers=len(m.layers),
-                per_layer=m.per_token_layer * m.scale * 1.1,
+                per_layer=per_layer,
                 stub=self._hidden_bytes(),
                 fixed=m.per_token_fixed,
+                replay=per_layer * (REPLAY_LAYERS_IN_GRAPH if self.recompiles_in_graph else 1),
             )
         for index, layer in enumerate(m.layers):
-            layer.gradient_checkpointing = index >= keep
+            layer._tb_recompute = index >= keep
         self._kept = keep
 
     def _note_memory_model(self, m: _Model, tokens: int) -> None:
@@ -754,6 +838,8 @@ class FastPath:
             recomputed_layers=recomputed,
             embedding_on_host=self.host_embedding is not None,
             compiled=self.compiles,
+            inputs_on_host=self.host_inputs is not None,
+            in_graph=self.recompiles_in_graph,
         )
         if parts["total"] > self._modelled_peak * 1.02:
             self._modelled_peak = parts["total"]

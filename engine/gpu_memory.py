@@ -17,11 +17,16 @@ LEAN_BELOW_FREE = 12 * GIB
 # card free (mixed lengths fragment the cache).
 HEADROOM = int(2.5 * GIB)
 # The lean profile's allowance for everything that scales with tokens (activations, loss): a
-# forward takes as many samples as fit in it. At 2048 tokens a 7B needs about 0.9 GiB.
-LEAN_TOKEN_BYTES = int(1.25 * GIB)
+# forward takes as many samples as fit in it. At 2048 tokens a 7B needs about 1.0 GiB (the replay
+# in the graph holds more than an eager one: REPLAY_LAYERS_IN_GRAPH).
+LEAN_TOKEN_BYTES = int(1.0 * GIB)
 # The fast profile packs at most this many tokens into one forward: beyond it the matrix products
 # are as efficient as they get and only memory grows.
 FAST_MAX_TOKENS = 16384
+# A layer whose recompute is compiled into its graph replays it inside one backward graph, which
+# holds about this many layers' worth of activations at its peak (the eager replay holds one):
+# measured 454 KB per token on Qwen2.5-7B against 164 KB kept by a layer (H200, session 4).
+REPLAY_LAYERS_IN_GRAPH = 2.75
 
 
 def model_sizes(model_config: Any) -> dict[str, Any]:
@@ -102,13 +107,18 @@ def estimate_peak_bytes(
     embedding_on_host: bool = False,
     lora_params: int | None = None,
     compiled: bool = True,
+    inputs_on_host: bool = False,
+    in_graph: bool = True,
 ) -> dict[str, int]:
     """THE memory model: peak allocated bytes of a training step on the GPU path, by part.
 
     `tokens` is the largest forward (packed, no padding); `recomputed_layers` None means all of
     them (lean), 0 means none. `lora_params` overrides the count for the seven projections;
-    `compiled` False models decoder layers that run eagerly (the `-compile` technique). The
-    CUDA context and the allocator's cache are not counted (they are not "allocated").
+    `compiled` False models decoder layers that run eagerly (the `-compile` technique);
+    `inputs_on_host` models the recomputed layers' inputs kept in host memory (two of them on the
+    card at a time: one in use, one arriving); `in_graph` a compiled layer whose recompute is in
+    its graph (the `ingraph` technique, on by default). The CUDA context and the allocator's cache
+    are not counted (they are not "allocated").
     """
     s = model_sizes(model_config)
     h, i, layers = s["hidden"], s["intermediate"], s["layers"]
@@ -124,11 +134,20 @@ def estimate_peak_bytes(
     per_layer = layer_activation_bytes(s, compiled=compiled)
     recomputed = layers if recomputed_layers is None else min(recomputed_layers, layers)
     kept = layers - recomputed
-    acts = tokens * (kept * per_layer + recomputed * h * 2)
-    transient = tokens * per_layer if recomputed else 0  # one layer replayed in backward
-    # bitsandbytes dequantises each 4-bit weight to the compute dtype for its product (forward and
-    # backward): the largest projection, twice at worst.
-    dequant = 2 * 2 * h * i if quantized else 0
+    stubs = min(recomputed, 2) if inputs_on_host else recomputed
+    acts = tokens * (kept * per_layer + stubs * h * 2)
+    replayed_in_graph = in_graph and compiled
+    replay = per_layer * (REPLAY_LAYERS_IN_GRAPH if replayed_in_graph else 1)
+    transient = int(tokens * replay) if recomputed else 0  # one layer replayed in backward
+    # Each 4-bit weight is dequantised to the compute dtype for its product: bitsandbytes' own
+    # product holds the largest projection, twice at worst; a replay in the graph dequantises the
+    # layer's weights once for its recompute and backward, so it holds all of them.
+    if not quantized:
+        dequant = 0
+    elif replayed_in_graph and recomputed:
+        dequant = per_layer_linear * 2
+    else:
+        dequant = 2 * 2 * h * i
     loss = tokens * loss_bytes_per_token(s)
     weights = int(linear_bytes + embed_bytes + other)
     parts = {
@@ -152,6 +171,8 @@ def tokens_per_forward(
     embedding_on_host: bool = False,
     lora_params: int | None = None,
     compiled: bool = True,
+    inputs_on_host: bool = False,
+    in_graph: bool = True,
 ) -> int:
     """How many tokens one forward may take: the path packs a step's samples into forwards of at
     most this many tokens (never splitting a sample), whatever the configured micro-batch.
@@ -166,6 +187,8 @@ def tokens_per_forward(
         embedding_on_host=embedding_on_host,
         lora_params=lora_params,
         compiled=compiled,
+        inputs_on_host=inputs_on_host,
+        in_graph=in_graph,
     )
     if profile == "lean":
         one = estimate_peak_bytes(model_config, tokens=1, recomputed_layers=None, **kw)
@@ -178,15 +201,24 @@ def tokens_per_forward(
 
 
 def layers_to_keep(
-    *, budget: float, tokens: int, layers: int, per_layer: float, stub: float, fixed: float
+    *,
+    budget: float,
+    tokens: int,
+    layers: int,
+    per_layer: float,
+    stub: float,
+    fixed: float,
+    replay: float | None = None,
 ) -> int:
     """How many decoder layers can keep their activations (the rest are recomputed).
 
     Per token: `fixed` outside the layers, `per_layer` for a layer that keeps everything, `stub`
-    (its input) for one that is recomputed, plus one replayed layer during backward:
-    tokens * (fixed + keep * per_layer + (layers - keep) * stub + per_layer) <= budget.
+    (its input) for one that is recomputed, plus one replayed layer during backward (`replay`,
+    `per_layer` when not given):
+    tokens * (fixed + keep * per_layer + (layers - keep) * stub + replay) <= budget.
     """
     if budget >= tokens * (fixed + layers * per_layer):
         return layers  # everything kept: no replayed layer either
-    room = budget / max(tokens, 1) - fixed - layers * stub - per_layer
+    replay = per_layer if replay is None else replay
+    room = budget / max(tokens, 1) - fixed - layers * stub - replay
     return int(max(0, min(layers, room // max(per_layer - stub, 1))))

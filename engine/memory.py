@@ -234,6 +234,7 @@ class TrainingLayout:
     quantized: bool
     embedding_on_host: bool
     lora_params: int
+    inputs_on_host: bool = False  # the recomputed layers' inputs (lean)
 
 
 def training_layout(shape: ModelShape, cfg: Any, card_bytes: int | None) -> TrainingLayout:
@@ -250,7 +251,10 @@ def training_layout(shape: ModelShape, cfg: Any, card_bytes: int | None) -> Trai
     else:
         profile, why = (cfg.profile, "asked for") if cfg.profile != "auto" else ("fast", "auto: no GPU seen")
     on_host = profile == "lean" and not shape.tied
-    kw = dict(quantized=quantized, embedding_on_host=on_host, lora_params=trainable)
+    inputs_on_host = profile == "lean" and bool(cfg.gradient_checkpointing)
+    kw = dict(
+        quantized=quantized, embedding_on_host=on_host, lora_params=trainable, inputs_on_host=inputs_on_host
+    )
     step_tokens = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * cfg.max_length
     if profile == "lean" or card_bytes:
         limit = gm.tokens_per_forward(model, profile=profile, card_bytes=card_bytes or 0, **kw)
@@ -271,9 +275,10 @@ def training_layout(shape: ModelShape, cfg: Any, card_bytes: int | None) -> Trai
                 per_layer=per_layer,
                 stub=shape.hidden * 2,
                 fixed=gm.loss_bytes_per_token(model),
+                replay=per_layer * gm.REPLAY_LAYERS_IN_GRAPH,
             )
             recomputed = shape.layers - keep
-    return TrainingLayout(profile, why, tokens, recomputed, quantized, on_host, trainable)
+    return TrainingLayout(profile, why, tokens, recomputed, quantized, on_host, trainable, inputs_on_host)
 
 
 def estimate_training_memory(
@@ -299,6 +304,7 @@ def estimate_training_memory(
         recomputed_layers=layout.recomputed_layers,
         embedding_on_host=layout.embedding_on_host,
         lora_params=layout.lora_params,
+        inputs_on_host=layout.inputs_on_host,
     )
     total = parts.pop("total")
     notes = [
@@ -311,6 +317,8 @@ def estimate_training_memory(
         notes.append("QLoRA: NF4 linear layers with double quantisation")
     if layout.embedding_on_host:
         notes.append("input embeddings kept in host memory")
+    if layout.inputs_on_host:
+        notes.append("recomputed layers' inputs kept in host memory")
     return P.MemoryEstimate(
         total_gib=round(total / GIB, 3),
         parts={name: round(value / GIB, 3) for name, value in parts.items()},
