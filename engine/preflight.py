@@ -15,7 +15,8 @@ def preflight(cfg: TrainConfig) -> None:
 
     A mistake in the flags or the data is then reported in seconds rather than after the model
     has loaded, and before anything is written. run_training checks all of this again (the engine
-    calls it directly); what needs the tokenizer (samples longer than --max_length) is found there.
+    calls it directly). With the model's tokenizer at hand, a dataset of which --max_length would
+    leave nothing is found here too, for datasets up to TOKENIZE_LIMIT samples.
     """
     from .data import DataError, load_dataset
     from .models import (
@@ -53,11 +54,12 @@ def preflight(cfg: TrainConfig) -> None:
         demo_gguf_path()  # installed?
     elif converts and not Path(spec).expanduser().is_file():
         resolve_model(spec)  # says the file is missing
+    train_samples: list = []
     for flag, specs in (("--dataset", cfg.dataset), ("--val_dataset", cfg.val_dataset)):
         if not specs:
             continue
         try:
-            load_dataset(
+            samples, _problems = load_dataset(
                 specs,
                 system=cfg.system,
                 model_name=cfg.model_name,
@@ -68,7 +70,10 @@ def preflight(cfg: TrainConfig) -> None:
             if flag == "--val_dataset":
                 exc.message = f"{flag}: {exc.message}"
             raise
+        if flag == "--dataset":
+            train_samples = samples
     resolved = resolved or resolve_model(spec)
+    _check_something_fits(cfg, resolved, train_samples)
     if cfg.target_modules != ["all-linear"]:
         available = linear_module_names_of(resolved.path, cfg.trust_remote_code)
         unknown = [m for m in cfg.target_modules if available is not None and m not in available]
@@ -78,3 +83,25 @@ def preflight(cfg: TrainConfig) -> None:
                 f"choose from all-linear, {', '.join(available or [])}",
                 code="config",
             )
+
+
+# Tokenising costs about a second per few thousand samples, and the recipe tokenises again after
+# the model has loaded (where every size is checked): past this many the preflight leaves it there.
+TOKENIZE_LIMIT = 5000
+
+
+def _check_something_fits(cfg: TrainConfig, resolved, samples: list) -> None:
+    """Refuse a dataset of which --max_length would leave no sample, before the weights load."""
+    from .data import tokenize_samples
+    from .models import ModelError, load_tokenizer
+    from .train import no_sample_left
+
+    if not samples or len(samples) > TOKENIZE_LIMIT:
+        return
+    try:
+        tokenizer = load_tokenizer(resolved, cfg.trust_remote_code)
+    except ModelError:
+        return  # the model load says what is wrong with it, with its own advice
+    kept, report = tokenize_samples(samples, tokenizer, cfg.max_length, cfg.template)
+    if not kept:
+        raise no_sample_left([str(p) for p in report.problems], cfg.max_length)

@@ -198,12 +198,7 @@ def run_training(cfg: TrainConfig, emit: Emit, stop: StopSignal | None = None) -
         )
     )
     if not train_set:
-        shown = "\n  ".join(all_problems[:10])
-        raise UserError(
-            f"no training sample is left after tokenising:\n  {shown}",
-            f"each line above says what to change (--max_length is {cfg.max_length})",
-            code="data",
-        )
+        raise no_sample_left(all_problems, cfg.max_length)
     emit(P.Log(message=f"chat template: {report.template}"))
 
     path = select_path(cfg, device)
@@ -460,6 +455,16 @@ def _enable_recompute(model, recompute: bool) -> None:
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
+
+
+def no_sample_left(problems: list[str], max_length: int) -> UserError:
+    """The error for a dataset of which tokenising (and --max_length) leaves nothing to train on."""
+    shown = "\n  ".join(problems[:10])
+    return UserError(
+        f"no training sample is left after tokenising:\n  {shown}",
+        f"each line above says what to change (--max_length is {max_length})",
+        code="data",
+    )
 
 
 def build_plan(num_samples: int, cfg: TrainConfig) -> list[list[list[int]]]:

@@ -666,6 +666,28 @@ def test_data_errors_come_before_the_model_loads(tmp_path, monkeypatch, capfd, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl"]
 
 
+def test_a_max_length_that_leaves_nothing_is_found_before_the_model_loads(
+    tmp_path, monkeypatch, capfd, tiny_model_dir
+):
+    """Only the tokenizer is read to find that --max_length cuts away every answer."""
+    from tunebench.engine import models
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before --max_length was checked")
+
+    monkeypatch.setattr(models, "load_model", no_loading)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data.jsonl").write_bytes(lines(GOOD, GOOD2))
+    argv = ["train", "--model", str(tiny_model_dir), "--dataset", "data.jsonl", "--output_dir", "runs"]
+    code, _, err = run_cli([*argv, "--max_length", "16"], capfd)
+    assert code == 2 and "no training sample is left" in err and "raise --max_length to" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl"]
+    # one sample that fits is enough to pass the check (and reach the load)
+    (tmp_path / "data.jsonl").write_bytes(lines(GOOD, GOOD2, {"instruction": "q", "output": "a"}))
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        run_cli([*argv, "--max_length", "48"], capfd)  # "q" / "a" takes 45 tokens
+
+
 # ================================================================= the same input through the engine
 
 
