@@ -705,7 +705,7 @@ def check() -> None:
     import torch.nn.functional as F
 
     import_engine()
-    from tunebench.engine import accel
+    from tunebench.engine import lora_ops, packing
 
     torch.manual_seed(0)
     dev = "cuda"
@@ -717,10 +717,10 @@ def check() -> None:
         k = torch.randn(total, kv, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
         v = torch.randn(total, kv, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
         g = torch.randn(total, heads, d, device=dev, dtype=torch.bfloat16)
-        out = accel.flash_varlen(q, k, v, cu, max(lens), d**-0.5)
+        out = packing.flash_varlen(q, k, v, cu, max(lens), d**-0.5)
         grads = torch.autograd.grad(out, (q, k, v), g)
         q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-        ref = accel._segment_attention(q64, k64, v64, cu, d**-0.5)
+        ref = packing._segment_attention(q64, k64, v64, cu, d**-0.5)
         ref_grads = torch.autograd.grad(ref, (q64, k64, v64), g.double())
         errs = [
             ((a.double() - b).norm() / b.norm()).item()
@@ -737,7 +737,7 @@ def check() -> None:
     bias = torch.randn(512, device=dev, dtype=torch.bfloat16)
     a = (torch.randn(8, 3584, device=dev) * 0.02).requires_grad_()
     b = (torch.randn(512, 8, device=dev) * 0.02).requires_grad_()
-    y = accel._LoRALinear.apply(x, w, bias, a, b, 4.0)
+    y = lora_ops._LoRALinear.apply(x, w, bias, a, b, 4.0)
     gy = torch.randn_like(y)
     got = torch.autograd.grad(y, (x, a, b), gy)
     x64, a64, b64 = (t.detach().double().requires_grad_() for t in (x, a, b))

@@ -3,17 +3,19 @@
 `train.select_path()` calls `cuda_path(cfg, device)` on CUDA. The recipe stays the same; what
 changes is how a micro-batch is laid out and how its summed loss is computed:
 
-- **Packing.** A micro-batch's samples are concatenated into one row with no padding. Position
-  ids restart at 0 for each sample and attention is per document: a registered attention function
-  ("tunebench_varlen") calls PyTorch's variable-length flash-attention kernel with the samples'
-  cumulative lengths, so no token attends across a sample boundary and no time goes to pads.
-- **Loss.** The decoder's last hidden states are taken only at positions that predict a trained
-  token and fed to a fused linear + cross-entropy (liger-kernel) that never builds the
-  [tokens x vocabulary] logits; without liger, a chunked loss that recomputes each chunk's logits
-  in backward. The result is the SUM over loss tokens, as the recipe expects.
-- **LoRA.** PEFT's LoRA forward casts every input to float32 for the adapter (a float32 copy of
-  each projection's input is kept for backward). Here the adapter runs in the compute dtype
-  against its float32 master weights, and the base and adapter products share one saved input.
+- **Packing** (engine/packing.py). A micro-batch's samples are concatenated into one row with
+  no padding. Position ids restart at 0 for each sample and attention is per document: a
+  registered attention function ("tunebench_varlen") calls PyTorch's variable-length
+  flash-attention kernel with the samples' cumulative lengths, so no token attends across a
+  sample boundary and no time goes to pads.
+- **Loss** (engine/fused_loss.py). The decoder's last hidden states are taken only at positions
+  that predict a trained token and fed to a fused linear + cross-entropy (liger-kernel) that
+  never builds the [tokens x vocabulary] logits; without liger, a chunked loss that recomputes
+  each chunk's logits in backward. The result is the SUM over loss tokens, as the recipe expects.
+- **LoRA** (engine/lora_ops.py). PEFT's LoRA forward casts every input to float32 for the
+  adapter (a float32 copy of each projection's input is kept for backward). Here the adapter runs
+  in the compute dtype against its float32 master weights, and the base and adapter products
+  share one saved input.
 - **Recompute in the graph.** Each decoder layer is compiled with its checkpoint inside
   (`ingraph`): the forward graph keeps only the layer's input and the backward graph replays the
   forward itself, fused with the backward's own work. Inside such a layer nothing is an
@@ -53,9 +55,9 @@ from types import MethodType
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .config import TrainConfig
+from .fused_loss import chunked_ce_sum, liger_ce_sum
 from .gpu_memory import (  # noqa: F401 - the memory model, re-exported for callers and tests
     FAST_MAX_TOKENS,
     GIB,
@@ -68,12 +70,13 @@ from .gpu_memory import (  # noqa: F401 - the memory model, re-exported for call
     layers_to_keep,
     tokens_per_forward,
 )
+from .lora_ops import patch_lora_layers, probe_mm_out_dtype
 from .offload import HostEmbedding, HostInputs
-from .train import IGNORE, Batch, TrainPath
+from .packing import ATTENTION_NAME, PackedBatch, pack, register_attention, repartition, use_attention
+from .train import Batch, TrainPath
 
 log = logging.getLogger(__name__)
 
-ATTENTION_NAME = "tunebench_varlen"
 LIGER_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "smollm3", "granite", "olmo2")
 
 
@@ -114,374 +117,6 @@ def cuda_path(cfg: TrainConfig, device) -> TrainPath:
         group=fast.group,
         notes=notes,
     )
-
-
-# =================================================================== packing
-
-
-@dataclass
-class PackedBatch(Batch):
-    """One row holding a micro-batch's samples back to back, with what attention and loss need."""
-
-    position_ids: Any = None
-    cu_seqlens: Any = None  # int32 [samples + 1] on the device
-    max_len: int = 0
-    loss_index: Any = None  # positions that predict a trained token
-    loss_targets: Any = None  # the token each of them predicts
-    host_ids: Any = None  # input ids on the CPU, for an embedding kept in host memory
-
-
-def pack(samples: list, device) -> PackedBatch:
-    """Concatenate samples into one row; each one's last token predicts nothing (no cross-sample loss)."""
-    ids: list[int] = []
-    positions: list[int] = []
-    targets: list[int] = []
-    bounds = [0]
-    for s in samples:
-        n = len(s.input_ids)
-        ids.extend(s.input_ids)
-        positions.extend(range(n))
-        targets.extend(s.labels[1:n])
-        targets.append(IGNORE)
-        bounds.append(bounds[-1] + n)
-    host_ids = torch.tensor(ids, dtype=torch.long)
-    target_t = torch.tensor(targets, dtype=torch.long)
-    loss_index = (target_t != IGNORE).nonzero().squeeze(-1)
-    pin = device.type == "cuda"
-
-    def put(t):
-        return (t.pin_memory() if pin else t).to(device, non_blocking=pin)
-
-    return PackedBatch(
-        input_ids=put(host_ids).unsqueeze(0),
-        labels=None,
-        attention_mask=None,
-        tokens=len(ids),
-        target_tokens=int(loss_index.numel()),
-        position_ids=put(torch.tensor(positions, dtype=torch.long)).unsqueeze(0),
-        cu_seqlens=put(torch.tensor(bounds, dtype=torch.int32)),
-        max_len=max(len(s.input_ids) for s in samples),
-        loss_index=put(loss_index),
-        loss_targets=put(target_t[loss_index]),
-        host_ids=host_ids,
-    )
-
-
-def repartition(step: list[list[int]], length, max_tokens: int) -> list[list[int]]:
-    """A step's samples, in their order, regrouped into forwards of at most `max_tokens` tokens
-    (a longer sample goes alone). The loss is summed and normalised by the step's loss tokens, so
-    the gradient is the same however a step's samples are grouped."""
-    forwards: list[list[int]] = []
-    current: list[int] = []
-    used = 0
-    for index in (i for micro in step for i in micro):
-        n = length(index)
-        if current and used + n > max_tokens:
-            forwards.append(current)
-            current, used = [], 0
-        current.append(index)
-        used += n
-    if current:
-        forwards.append(current)
-    return forwards
-
-
-# ================================================================= attention
-
-
-def flash_varlen(q, k, v, cu, max_len: int, scale):
-    """Causal attention over packed documents through PyTorch's variable-length flash kernel.
-
-    q [T, Hq, D], k and v [T, Hkv, D] (the kernel handles grouped KV heads itself). The aten op
-    has its own backward; a custom autograd.Function here kept its saved tensors out of the
-    recompute that torch 2.11 compiles into a layer's graph (bench/RESULTS.md, session 4)."""
-    out, *_ = torch.ops.aten._flash_attention_forward(
-        q, k, v, cu, cu, max_len, max_len, 0.0, True, False, scale=scale
-    )
-    return out
-
-
-def _segment_attention(q, k, v, cu, scale):
-    """Reference per-document causal attention (CPU, or dtypes flash does not take): one SDPA per sample."""
-    groups = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(groups, dim=1) if groups > 1 else k
-    v = v.repeat_interleave(groups, dim=1) if groups > 1 else v
-    outs = []
-    bounds = cu.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-        seg = [t[start:end].transpose(0, 1) for t in (q, k, v)]  # [H, L, D]
-        outs.append(F.scaled_dot_product_attention(*seg, is_causal=True, scale=scale).transpose(0, 1))
-    return torch.cat(outs, dim=0)
-
-
-def _masked_attention(q, k, v, cu, scale):
-    """Per-document causal attention as one SDPA with a block-diagonal mask: traceable, O(T^2) memory."""
-    t = q.shape[0]
-    doc = torch.searchsorted(cu[1:].long(), torch.arange(t, device=q.device), right=True)
-    pos = torch.arange(t, device=q.device)
-    mask = (doc[:, None] == doc[None, :]) & (pos[:, None] >= pos[None, :])
-    groups = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(groups, dim=1) if groups > 1 else k
-    v = v.repeat_interleave(groups, dim=1) if groups > 1 else v
-    seg = [x.transpose(0, 1) for x in (q, k, v)]  # [H, T, D]
-    return F.scaled_dot_product_attention(*seg, attn_mask=mask, scale=scale).transpose(0, 1)
-
-
-def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention function: per-document attention when packed, SDPA otherwise."""
-    cu = kwargs.get("cu_seq_lens_q")
-    if cu is None or query.shape[0] != 1:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
-        )
-    max_len = int(kwargs.get("max_length_q") or query.shape[2])
-    # [1, H, T, D] -> [T, H, D]; the projections were laid out [T, H*D], so this is usually a view.
-    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
-        out = flash_varlen(q, k, v, cu, max_len, scaling)
-    elif torch.compiler.is_compiling():
-        out = _masked_attention(q, k, v, cu, scaling)  # the per-sample loop reads cu on the host
-    else:
-        out = _segment_attention(q, k, v, cu, scaling)
-    return out.unsqueeze(0), None
-
-
-def register_attention() -> None:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(ATTENTION_NAME, varlen_attention)
-
-
-def use_attention(model, name: str) -> None:
-    setter = getattr(model, "set_attn_implementation", None)
-    try:
-        if setter is None:
-            raise AttributeError
-        setter(name)
-    except Exception:  # noqa: BLE001 - older transformers: set it on the config directly
-        model.config._attn_implementation = name
-
-
-# ====================================================================== loss
-
-
-def chunked_ce_sum(hidden, weight, targets, chunk: int = 0):
-    """Summed cross-entropy of `hidden @ weight.T` against targets, one chunk of logits at a time.
-
-    Each chunk's logits are recomputed in backward instead of kept: peak memory is one chunk."""
-    from torch.utils.checkpoint import checkpoint
-
-    n = hidden.shape[0]
-    chunk = chunk or max(256, int(GIB // (weight.shape[0] * 4)))
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, n, chunk):
-        part = checkpoint(
-            _ce_chunk,
-            hidden[start : start + chunk],
-            weight,
-            targets[start : start + chunk],
-            use_reentrant=False,
-        )
-        total = total + part
-    return total
-
-
-def _ce_chunk(h, w, t):
-    return F.cross_entropy(F.linear(h, w).float(), t, reduction="sum")
-
-
-def _liger_ce_sum(chunk_budget: int = 1):
-    """liger's fused linear + cross-entropy (sum), or None where it is not installed.
-
-    `chunk_budget` bounds each chunk's logits to about budget x tokens x hidden elements; liger's
-    default (1) means chunks of ~64 tokens on a 152k vocabulary, each reading the whole head."""
-    try:
-        from liger_kernel.ops import LigerFusedLinearCrossEntropyFunction
-        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
-    except ImportError:
-        return None
-    module = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="sum")
-    fields = (None, None, IGNORE, 0.0, 0.0, "sum", None, False, None, False, False, False, None, None)
-
-    def loss(hidden, weight, targets):
-        try:
-            out = LigerFusedLinearCrossEntropyFunction.apply(hidden, weight, targets, *fields, chunk_budget)
-        except TypeError:  # another liger version: its own default chunking
-            return module(weight, hidden, targets)
-        return out[0] if isinstance(out, tuple) else out
-
-    return loss
-
-
-# ====================================================================== LoRA
-
-
-class _LoRALinear(torch.autograd.Function):
-    """y = x W^T + b + s (x A^T) B^T for a frozen dense W, the adapter in the compute dtype.
-
-    Saves x once for both products (PEFT keeps a float32 copy of x for the adapter as well) and
-    skips the input gradient where nothing upstream needs it."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale):
-        x2 = x.reshape(-1, x.shape[-1])
-        a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
-        out = F.linear(x2, weight, bias)
-        xa = x2 @ a.t()
-        out.addmm_(xa, b.t(), alpha=scale)
-        ctx.save_for_backward(x, weight, a, b, xa)
-        ctx.scale = scale
-        ctx.a_dtype, ctx.b_dtype = lora_a.dtype, lora_b.dtype
-        return out.view(*x.shape[:-1], out.shape[-1])
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, a, b, xa = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1])
-        x2 = x.reshape(-1, x.shape[-1])
-        gb = g @ b
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = g @ weight
-            grad_x.addmm_(gb, a, alpha=ctx.scale)
-            grad_x = grad_x.view_as(x)
-        grad_a = _mm_f32(gb.t(), x2).mul_(ctx.scale).to(ctx.a_dtype)
-        grad_b = _mm_f32(g.t(), xa).mul_(ctx.scale).to(ctx.b_dtype)
-        return grad_x, None, None, grad_a, grad_b, None
-
-
-class _LoRADelta(torch.autograd.Function):
-    """s (x A^T) B^T alone, for bases this path does not fuse (4-bit, or dropout on the adapter)."""
-
-    @staticmethod
-    def forward(ctx, x, lora_a, lora_b, scale):
-        x2 = x.reshape(-1, x.shape[-1])
-        a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
-        xa = x2 @ a.t()
-        out = (xa @ b.t()).mul_(scale)
-        ctx.save_for_backward(x, a, b, xa)
-        ctx.scale = scale
-        ctx.a_dtype, ctx.b_dtype = lora_a.dtype, lora_b.dtype
-        return out.view(*x.shape[:-1], out.shape[-1])
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, a, b, xa = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1])
-        x2 = x.reshape(-1, x.shape[-1])
-        gb = g @ b
-        grad_x = (gb @ a).mul_(ctx.scale).view_as(x) if ctx.needs_input_grad[0] else None
-        grad_a = _mm_f32(gb.t(), x2).mul_(ctx.scale).to(ctx.a_dtype)
-        grad_b = _mm_f32(g.t(), xa).mul_(ctx.scale).to(ctx.b_dtype)
-        return grad_x, grad_a, grad_b, None
-
-
-# Whether torch.mm takes out_dtype (bf16 in, fp32 out) on this GPU: probed once, eagerly, before
-# anything is compiled. Traced code only reads it: a lookup that fills a cache inside the LoRA
-# backward made dynamo break the graph at every LoRA layer (bench/RESULTS.md, call D).
-_MM_OUT_DTYPE_OK: bool | None = None
-
-
-def _mm_f32(a, b):
-    """a @ b with float32 output (the adapter's gradients), accumulating in float32 either way."""
-    if a.dtype == torch.float32:
-        return a @ b
-    if a.is_cuda and _MM_OUT_DTYPE_OK:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return a.float() @ b.float()
-
-
-def probe_mm_out_dtype(device) -> bool:
-    """Find out (once) whether torch.mm takes out_dtype on `device`; call outside compiled code."""
-    global _MM_OUT_DTYPE_OK
-    if _MM_OUT_DTYPE_OK is None and torch.device(device).type == "cuda":
-        try:
-            x = torch.ones(2, 2, device=device, dtype=torch.bfloat16)
-            _MM_OUT_DTYPE_OK = torch.mm(x, x, out_dtype=torch.float32).dtype == torch.float32
-        except (TypeError, RuntimeError):
-            _MM_OUT_DTYPE_OK = False
-    return bool(_MM_OUT_DTYPE_OK)
-
-
-def _dequantized(base, dtype):
-    """A bitsandbytes 4-bit weight as the dense [out, in] matrix its products use."""
-    import bitsandbytes.functional as bnb_functional
-
-    return bnb_functional.dequantize_4bit(base.weight.data, base.weight.quant_state).to(dtype)
-
-
-def _lora_plain(self, x, lora_a, lora_b, scale, dropout):
-    """The base product and the adapter's in plain differentiable ops, no autograd.Function.
-
-    For layers whose recompute is compiled into their graph: torch 2.11 kept what an
-    autograd.Function saves (the adapters' inputs, bitsandbytes' product outputs) for backward
-    instead of recomputing it, 5 to 10 GiB more on a 7B (bench/RESULTS.md, session 4). The
-    adapter's gradients come out of a compute-dtype product here, as under autocast."""
-    base = self.base_layer
-    bias = None if base.bias is None else base.bias.to(x.dtype)
-    if type(base) is torch.nn.Linear and base.weight.dtype == x.dtype:
-        out = F.linear(x, base.weight, bias)
-    elif "4bit" in type(base).__name__ and getattr(base.weight, "quant_state", None) is not None:
-        out = F.linear(x, _dequantized(base, x.dtype), bias)  # one dequantisation: replay and backward
-    else:
-        out = base(x)
-    xa = F.linear(x if isinstance(dropout, torch.nn.Identity) else dropout(x), lora_a.to(x.dtype))
-    return out + (F.linear(xa, lora_b.to(x.dtype)) * scale).to(out.dtype)
-
-
-def _lora_forward(self, x, *args, **kwargs):
-    """Replacement forward for PEFT's LoRA Linear layers; anything unusual goes to PEFT's own."""
-    active = self.active_adapters
-    name = active[0] if len(active) == 1 else None
-    if (
-        args
-        or kwargs
-        or name is None
-        or self.disable_adapters
-        or self.merged
-        or name not in self.lora_A
-        or name in getattr(self, "lora_variant", {})
-        or self.lora_B[name].bias is not None
-    ):
-        return self._tb_peft_forward(x, *args, **kwargs)
-    lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
-    scale = self.scaling[name]
-    dropout = self.lora_dropout[name]
-    if self._tb_plain:
-        return _lora_plain(self, x, lora_a, lora_b, scale, dropout if self.training else torch.nn.Identity())
-    base = self.base_layer
-    no_dropout = isinstance(dropout, torch.nn.Identity) or not self.training
-    if no_dropout and type(base) is torch.nn.Linear and base.weight.dtype == x.dtype:
-        return _LoRALinear.apply(x, base.weight, base.bias, lora_a, lora_b, scale)
-    result = base(x)
-    return result + _LoRADelta.apply(x if no_dropout else dropout(x), lora_a, lora_b, scale).to(result.dtype)
-
-
-def patch_lora_layers(model, plain: bool = False) -> int:
-    """Route every PEFT LoRA Linear (dense or 4-bit) through `_lora_forward`; returns how many.
-
-    `plain`: the products in plain ops (`_lora_plain`), for layers that recompute in their graph."""
-    from peft.tuners.lora import LoraLayer
-
-    count = 0
-    for module in model.modules():
-        if (
-            isinstance(module, LoraLayer)
-            and hasattr(module, "base_layer")
-            and not hasattr(module, "_tb_peft_forward")
-        ):
-            if (
-                not isinstance(module.base_layer, torch.nn.Linear)
-                and "4bit" not in type(module.base_layer).__name__
-            ):
-                continue
-            module._tb_peft_forward = module.forward
-            module._tb_plain = plain
-            module.forward = MethodType(_lora_forward, module)
-            count += 1
-    return count
 
 
 # =================================================================== kernels
@@ -771,7 +406,7 @@ class FastPath:
             )
         # Larger loss chunks read the [vocab x hidden] head fewer times; lean keeps them small.
         chunk_budget = 4 if self.profile == "lean" else 16
-        ce = None if "flce" not in self.use or self.device.type != "cuda" else _liger_ce_sum(chunk_budget)
+        ce = None if "flce" not in self.use or self.device.type != "cuda" else liger_ce_sum(chunk_budget)
         self._ce = ce or chunked_ce_sum
         c = causal.config
         hidden = c.hidden_size

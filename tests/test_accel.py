@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from tunebench.engine import accel
+from tunebench.engine import accel, fused_loss, lora_ops, packing
 from tunebench.engine.config import TrainConfig
 from tunebench.engine.train import IGNORE, _attach_lora, collate, forward_loss_sum
 
@@ -90,7 +90,7 @@ def test_pack_layout():
         Sample([8, 9], [IGNORE, IGNORE]),
         Sample([1, 2, 3, 4], [1, 2, 3, 4]),
     ]
-    b = accel.pack(samples, torch.device("cpu"))
+    b = packing.pack(samples, torch.device("cpu"))
     assert b.input_ids.tolist() == [[5, 6, 7, 8, 9, 1, 2, 3, 4]]
     assert b.position_ids.tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
     assert b.cu_seqlens.tolist() == [0, 3, 5, 9]
@@ -111,7 +111,7 @@ def test_packed_loss_and_grads_equal_the_padded_plain_path(recompute):
     path = fast_path(recompute)
     fast, _ = lora_model(path, recompute)
     batch = path.collate(samples, 0, torch.device("cpu"))
-    assert isinstance(batch, accel.PackedBatch)
+    assert isinstance(batch, packing.PackedBatch)
     loss_fast = path.loss_sum(fast, batch)
     loss_fast.backward()
 
@@ -167,7 +167,7 @@ def test_fused_lora_matches_peft_in_bfloat16():
     ref_grads = grads(model) | {"x": x.grad.clone()}
     model.zero_grad()
     x.grad = None
-    assert accel.patch_lora_layers(model) == 1
+    assert lora_ops.patch_lora_layers(model) == 1
     out = model(x)
     out.float().square().sum().backward()
     torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
@@ -184,7 +184,7 @@ def test_chunked_loss_equals_full_cross_entropy():
     t = torch.randint(0, 300, (50,))
     full = torch.nn.functional.cross_entropy(h @ w.t(), t, reduction="sum")
     gh, gw = torch.autograd.grad(full, (h, w))
-    chunked = accel.chunked_ce_sum(h, w, t, chunk=7)
+    chunked = fused_loss.chunked_ce_sum(h, w, t, chunk=7)
     ch, cw = torch.autograd.grad(chunked, (h, w))
     torch.testing.assert_close(chunked, full)
     torch.testing.assert_close(ch, gh)
@@ -260,9 +260,9 @@ def test_tokens_per_forward():
 def test_repartition_keeps_order_and_never_splits_a_sample():
     lengths = {0: 100, 1: 300, 2: 50, 3: 700, 4: 20, 5: 1000}
     step = [[0, 1, 2], [3, 4, 5]]
-    assert accel.repartition(step, lengths.get, 500) == [[0, 1, 2], [3], [4], [5]]
-    assert accel.repartition(step, lengths.get, 10_000) == [[0, 1, 2, 3, 4, 5]]
-    assert accel.repartition(step, lengths.get, 1) == [[0], [1], [2], [3], [4], [5]]
+    assert packing.repartition(step, lengths.get, 500) == [[0, 1, 2], [3], [4], [5]]
+    assert packing.repartition(step, lengths.get, 10_000) == [[0, 1, 2, 3, 4, 5]]
+    assert packing.repartition(step, lengths.get, 1) == [[0], [1], [2], [3], [4], [5]]
 
 
 def test_regrouped_forwards_give_the_same_gradient():
@@ -297,7 +297,7 @@ def test_lora_function_traces_without_graph_breaks():
     b = (torch.randn(12, 4) * 0.1).requires_grad_()
 
     def step(x, a, b):
-        return accel._LoRALinear.apply(x, w, None, a, b, 2.0).square().sum()
+        return lora_ops._LoRALinear.apply(x, w, None, a, b, 2.0).square().sum()
 
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)  # fullgraph: a break raises
     compiled(x, a, b).backward()
