@@ -252,6 +252,18 @@ class FastPath:
     def recompiles_in_graph(self) -> bool:
         return self.compiles and "ingraph" in self.use
 
+    @property
+    def keeps_inputs_on_host(self) -> bool:
+        """Lean's recomputed layers' inputs go to host memory: only a checkpoint compiled into the
+        graph saves its inputs where hooks can move them, and the streams are CUDA's."""
+        return (
+            self.profile == "lean"
+            and "hostinputs" in self.use
+            and self.recompiles_in_graph
+            and self.cfg.gradient_checkpointing
+            and self.device.type == "cuda"
+        )
+
     def describe(self) -> list[str]:
         on = [
             ("pack", "padding-free packing with per-document flash attention"),
@@ -268,7 +280,7 @@ class FastPath:
             notes.append("GPU path: recompute only the layers whose activations do not fit")
         if self.profile == "lean" and "offload" in self.use:
             notes.append("GPU path: input embeddings kept in host memory")
-        if self.profile == "lean" and "hostinputs" in self.use and self.recompiles_in_graph:
+        if self.keeps_inputs_on_host:
             notes.append("GPU path: recomputed layers' inputs kept in host memory")
         return notes
 
@@ -290,11 +302,9 @@ class FastPath:
                 self.applied.append("embedding in host memory")
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
-        # Only a checkpoint compiled into the graph saves its inputs where hooks can move them.
-        if self.profile == "lean" and "hostinputs" in self.use and self.recompiles_in_graph:
-            if self.device.type == "cuda" and self.cfg.gradient_checkpointing:
-                self.host_inputs = HostInputs(self.device, model.config.hidden_size, self.compute_dtype)
-                self.applied.append("recomputed layers' inputs in host memory")
+        if self.keeps_inputs_on_host:
+            self.host_inputs = HostInputs(self.device, model.config.hidden_size, self.compute_dtype)
+            self.applied.append("recomputed layers' inputs in host memory")
         return model
 
     # -------------------------------------------------------------- batches
