@@ -396,13 +396,23 @@ def run_tunebench(args, samples, plan) -> dict:
             rec.train_begins()
         elif isinstance(event, P.TrainStep):
             rec.step_done(event.step, event.loss)
+            # live, so a run cut off by its timeout still shows how far it got (compiles included)
+            seconds = time.perf_counter() - begun
+            print(f"  step {event.step}: loss {event.loss:.4f} at {seconds:.1f} s", flush=True)
             if profiler:
                 profiler.step(event.step)
         elif isinstance(event, P.Log):
             notes.append(event.message)
             print("  note:", event.message, flush=True)
 
+    begun = time.perf_counter()
     finished = run_training(cfg, emit)
+    try:
+        import torch._dynamo.utils
+
+        print(torch._dynamo.utils.compile_times(), flush=True)  # where the compile time went
+    except Exception:  # noqa: BLE001 - a torch without this report
+        pass
     out = rec.result(timed_tokens(samples, plan))
     out["notes"] = notes
     modelled = [n for n in notes if n.startswith("memory model: peak ")]
@@ -746,9 +756,42 @@ def check() -> None:
     errs = [((p.double() - q).norm() / q.norm()).item() for p, q in zip((y, *got), (y64, *want), strict=True)]
     print("LoRA linear: rel err y/dx/dA/dB = " + " ".join(f"{e:.1e}" for e in errs))
     assert all(e < 2e-2 for e in errs), errs
+    check_nf4()
     check_model_path()
     check_compile()
     print("check passed")
+
+
+def check_nf4() -> None:
+    """The fused NF4 dequantisation equals bitsandbytes' CUDA kernel, and what each takes."""
+    import torch
+
+    import_engine()
+    import bitsandbytes.functional as bnb_functional
+    from tunebench.engine import lora_ops
+
+    w = torch.randn(18944, 3584, device="cuda", dtype=torch.bfloat16) * 0.02  # a 7B's MLP weight
+    packed, state = bnb_functional.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+    fused = torch.compile(lambda p: lora_ops.dequantize_nf4(p, state, torch.bfloat16))
+    assert torch.equal(fused(packed), bnb_functional.dequantize_4bit(packed, state))
+
+    def ms(fn) -> float:
+        for _ in range(3):
+            fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(50):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 50
+
+    ours, theirs = ms(lambda: fused(packed)), ms(lambda: bnb_functional.dequantize_4bit(packed, state))
+    moved = w.numel() * 2.5 / 1e9  # half a byte read and two bytes written per weight
+    print(
+        f"NF4 dequant 18944x3584: bitsandbytes {theirs:.3f} ms, fused {ours:.3f} ms "
+        f"({moved / ours * 1e3:.0f} GB/s), equal values"
+    )
 
 
 def check_model_path() -> None:

@@ -38,11 +38,12 @@ changes is how a micro-batch is laid out and how its summed loss is computed:
   (engine/offload.py). `auto` picks lean when little memory is left after the model is loaded.
 
 Techniques: pack, merge, flce, lora, selective (fast), offload and hostinputs (lean), compile
-(each decoder layer as one torch.compile region, bitsandbytes' 4-bit layers included) and
-ingraph are on; liger is off because it measured slower here (bench/RESULTS.md). For measuring,
-`TUNEBENCH_ACCEL` adjusts the set, e.g. `TUNEBENCH_ACCEL=+liger,-merge` or `-ingraph` (the
-checkpoint around the compiled layer); `tokens=4096` sets the tokens per forward instead of
-the memory model.
+(each decoder layer as one torch.compile region, bitsandbytes' 4-bit layers included), ingraph
+and nf4 (in such layers the NF4 dequantisation in plain ops, one fused kernel per weight: lean
+QLoRA 7,244 -> 9,151 tokens/s on a 7B, H200, session 5) are on; liger is off because it
+measured slower here (bench/RESULTS.md). For measuring, `TUNEBENCH_ACCEL` adjusts the set, e.g.
+`TUNEBENCH_ACCEL=+liger,-merge` or `-ingraph` (the checkpoint around the compiled layer);
+`tokens=4096` sets the tokens per forward instead of the memory model.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ LIGER_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "smollm3", "granite", "o
 
 
 DEFAULT_TECHNIQUES = frozenset(
-    {"pack", "merge", "flce", "lora", "selective", "offload", "compile", "ingraph", "hostinputs"}
+    {"pack", "merge", "flce", "lora", "selective", "offload", "compile", "ingraph", "hostinputs", "nf4"}
 )
 
 
@@ -173,7 +174,9 @@ def own_recompute(layers: list, recompute: bool) -> None:
         layer.forward = MethodType(_recomputed_forward, layer)
 
 
-def compile_layers(layers: list, device, recompute_in_graph: bool = False, **options) -> list[str]:
+def compile_layers(
+    layers: list, device, recompute_in_graph: bool = False, dynamic_tokens: bool = False, **options
+) -> list[str]:
     """torch.compile each decoder layer as one region (all share one compiled graph).
 
     Fuses the layer's elementwise work (norms, RoPE, residuals, SwiGLU) and takes most of the
@@ -181,7 +184,8 @@ def compile_layers(layers: list, device, recompute_in_graph: bool = False, **opt
     `recompute_in_graph` compiles the checkpoint with the layer: the forward graph keeps only the
     layer's inputs and the backward graph replays the forward itself, so the replay costs no
     second call into the compiled code and its elementwise work fuses with the backward's.
-    Otherwise the checkpoint stays outside and replays the compiled forward.
+    Otherwise the checkpoint stays outside and replays the compiled forward. `dynamic_tokens`:
+    the packed forwards vary in size (`_token_dims_dynamic`).
     """
     if not layers:
         return []
@@ -202,10 +206,40 @@ def compile_layers(layers: list, device, recompute_in_graph: bool = False, **opt
     for layer in layers:
         if recompute_in_graph or not hasattr(layer, "_tb_forward"):
             layer.compile(**options)
+            if dynamic_tokens:  # nn.Module.__call__ calls this when set
+                layer._compiled_call_impl = _token_dims_dynamic(layer._compiled_call_impl)
         else:
             layer._tb_forward = torch.compile(layer._tb_forward, **options)
+            if dynamic_tokens:
+                layer._tb_forward = _token_dims_dynamic(layer._tb_forward)
     where = ", recompute inside the graph" if recompute_in_graph else ""
-    return [f"torch.compile x{len(layers)} layers{where}"]
+    sizes = ", one graph for every forward size" if dynamic_tokens else ""
+    return [f"torch.compile x{len(layers)} layers{where}{sizes}"]
+
+
+def _token_dims_dynamic(compiled):
+    """Call `compiled` (a packed decoder layer) with its token and sample-count dimensions marked
+    dynamic: compiled once for every forward size, all other sizes static.
+
+    dynamo otherwise compiles for the first size and again as sizes change (two recompiles, 8 and
+    11 s, in the mixed bench's first steps; H200, session 4). `dynamic=True` makes every size
+    symbolic: no result within 100 s on the same bench, where this compiles in 15 s (session 5)."""
+
+    def call(*args, **kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        tokens = hidden.shape[1]  # packed: [1, tokens, hidden]
+        for value in (*args, *kwargs.values()):
+            for t in value if isinstance(value, tuple) else (value,):
+                if not isinstance(t, torch.Tensor):
+                    continue
+                if t.dim() == 1 and not t.is_floating_point():  # sample bounds: [samples + 1]
+                    torch._dynamo.maybe_mark_dynamic(t, 0)
+                for dim, size in enumerate(t.shape):
+                    if size == tokens and dim > 0:
+                        torch._dynamo.maybe_mark_dynamic(t, dim)
+        return compiled(*args, **kwargs)
+
+    return call
 
 
 # ================================================================= the path
@@ -242,6 +276,7 @@ class FastPath:
     _config: Any = None  # the base model's config, for the memory model
     _max_tokens: int = 0  # tokens per forward, from the memory model (0: not worked out yet)
     _lengths_vary: bool = False  # the samples differ in length: forwards will too
+    _longest: int = 0  # the longest sample's tokens
     _modelled_peak: int = 0  # the largest peak the memory model gave for a forward so far
 
     @property
@@ -282,6 +317,8 @@ class FastPath:
             notes.append("GPU path: input embeddings kept in host memory")
         if self.keeps_inputs_on_host:
             notes.append("GPU path: recomputed layers' inputs kept in host memory")
+        if self.cfg.is_qlora and self.recompiles_in_graph and "nf4" in self.use:
+            notes.append("GPU path: 4-bit weights dequantised in one fused kernel each")
         return notes
 
     # ---------------------------------------------------------- before LoRA
@@ -312,7 +349,9 @@ class FastPath:
     def group(self, step: list[list[int]], samples: list) -> list[list[int]]:
         """The step's forwards: its samples regrouped to the profile's tokens per forward (CUDA only)."""
         if self._model is None:  # before the layers are compiled: will the forwards' shapes vary?
-            self._lengths_vary = len({len(s.input_ids) for s in samples}) > 1
+            lengths = {len(s.input_ids) for s in samples}
+            self._lengths_vary = len(lengths) > 1
+            self._longest = max(lengths, default=0)
         if "pack" not in self.use or "merge" not in self.use or self.device.type != "cuda":
             return step
         forced = [int(t.split("=", 1)[1]) for t in self.use if t.startswith("tokens=")]
@@ -342,7 +381,9 @@ class FastPath:
             from .train import collate
 
             return collate(samples, pad_id, device)
-        return pack(samples, device)
+        # Attention's longest-sample bound is an int the compiled layers would be specialised on:
+        # with lengths that vary it is the dataset's longest sample, the same for every forward.
+        return pack(samples, device, max_len=self._longest if self._lengths_vary else 0)
 
     def loss_sum(self, model, batch: Batch):
         m = self._model or self._setup(model)
@@ -389,7 +430,7 @@ class FastPath:
             probe_mm_out_dtype(self.device)
         head = causal.get_output_embeddings()
         if "lora" in self.use:
-            n = patch_lora_layers(model, plain=self.recompiles_in_graph)
+            n = patch_lora_layers(model, plain=self.recompiles_in_graph, fused_nf4="nf4" in self.use)
             if n:
                 self.applied.append(f"LoRA layers x{n}")
         self._restore_dtype(causal)
@@ -404,14 +445,15 @@ class FastPath:
             if hasattr(causal, "_require_grads_hook") or getattr(causal, "_require_grads_hooks", None):
                 causal.disable_input_require_grads()
         if self.compiles:
-            # Samples of many lengths give every forward a new token count: compiled for any size
-            # from the start, instead of for the first size and then again as dynamo sees sizes
-            # change (two recompiles, 8 and 11 s, in the mixed bench's first steps; H200, session 4).
-            options = {"dynamic": True} if self._lengths_vary else {}
+            # Samples of many lengths give every forward a new token count: packed forwards are
+            # compiled for any size from the start (`_token_dims_dynamic`).
+            packed = "pack" in self.use
+            options = {"dynamic": True} if self._lengths_vary and not packed else {}
             self.applied += compile_layers(
                 layers,
                 self.device,
                 recompute_in_graph=self.recompiles_in_graph,
+                dynamic_tokens=self._lengths_vary and packed,
                 **(options | self.compile_options),
             )
         # Larger loss chunks read the [vocab x hidden] head fewer times; lean keeps them small.

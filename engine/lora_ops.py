@@ -97,11 +97,41 @@ def probe_mm_out_dtype(device) -> bool:
     return bool(_MM_OUT_DTYPE_OK)
 
 
-def _dequantized(base, dtype):
+def _dequantized(base, dtype, fused: bool = True):
     """A bitsandbytes 4-bit weight as the dense [out, in] matrix its products use."""
+    state = base.weight.quant_state
+    if fused and nf4_fusable(state):
+        return dequantize_nf4(base.weight.data, state, dtype)
     import bitsandbytes.functional as bnb_functional
 
-    return bnb_functional.dequantize_4bit(base.weight.data, base.weight.quant_state).to(dtype)
+    return bnb_functional.dequantize_4bit(base.weight.data, state).to(dtype)
+
+
+def nf4_fusable(state) -> bool:
+    """Whether `dequantize_nf4` covers this bitsandbytes quant state: NF4 whose blocks tile the
+    weight exactly (and, with double quant, whose scales tile the second level's blocks)."""
+    n = state.shape.numel()
+    if state.quant_type != "nf4" or n % state.blocksize:
+        return False
+    return not state.nested or (n // state.blocksize) % state.state2.blocksize == 0
+
+
+def dequantize_nf4(packed: torch.Tensor, state, dtype: torch.dtype) -> torch.Tensor:
+    """bitsandbytes' NF4 dequantisation (double quant included) in plain tensor ops.
+
+    Inside a compiled layer inductor fuses this into one memory-bound kernel per weight, where
+    bitsandbytes' own takes three kernels and allocations for the scales, 56 times a forward and
+    backward on a 7B. Same values: each code times its block's float32 scale, rounded once to
+    `dtype`; bytes hold two codes, the high nibble first."""
+    codes = packed.reshape(-1)
+    codes = torch.stack((codes >> 4, codes & 15), dim=-1).reshape(-1).long()
+    scales = state.absmax
+    if state.nested:
+        inner = state.state2
+        scales = inner.code[scales.long()].view(-1, inner.blocksize) * inner.absmax.view(-1, 1)
+        scales = scales.reshape(-1) + state.offset
+    values = state.code[codes].view(-1, state.blocksize) * scales.float().view(-1, 1)
+    return values.to(dtype).view(state.shape)
 
 
 def _lora_plain(self, x, lora_a, lora_b, scale, dropout):
@@ -116,7 +146,8 @@ def _lora_plain(self, x, lora_a, lora_b, scale, dropout):
     if type(base) is torch.nn.Linear and base.weight.dtype == x.dtype:
         out = F.linear(x, base.weight, bias)
     elif "4bit" in type(base).__name__ and getattr(base.weight, "quant_state", None) is not None:
-        out = F.linear(x, _dequantized(base, x.dtype), bias)  # one dequantisation: replay and backward
+        # one dequantisation for the replay and the backward
+        out = F.linear(x, _dequantized(base, x.dtype, self._tb_fused_nf4), bias)
     else:
         out = base(x)
     xa = F.linear(x if isinstance(dropout, torch.nn.Identity) else dropout(x), lora_a.to(x.dtype))
@@ -151,10 +182,11 @@ def _lora_forward(self, x, *args, **kwargs):
     return result + _LoRADelta.apply(x if no_dropout else dropout(x), lora_a, lora_b, scale).to(result.dtype)
 
 
-def patch_lora_layers(model, plain: bool = False) -> int:
+def patch_lora_layers(model, plain: bool = False, fused_nf4: bool = True) -> int:
     """Route every PEFT LoRA Linear (dense or 4-bit) through `_lora_forward`; returns how many.
 
-    `plain`: the products in plain ops (`_lora_plain`), for layers that recompute in their graph."""
+    `plain`: the products in plain ops (`_lora_plain`), for layers that recompute in their graph;
+    `fused_nf4`: there, NF4 weights dequantised by `dequantize_nf4` rather than bitsandbytes."""
     from peft.tuners.lora import LoraLayer
 
     count = 0
@@ -171,6 +203,7 @@ def patch_lora_layers(model, plain: bool = False) -> int:
                 continue
             module._tb_peft_forward = module.forward
             module._tb_plain = plain
+            module._tb_fused_nf4 = fused_nf4
             module.forward = MethodType(_lora_forward, module)
             count += 1
     return count

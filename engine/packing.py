@@ -31,8 +31,10 @@ class PackedBatch(Batch):
     host_ids: Any = None  # input ids on the CPU, for an embedding kept in host memory
 
 
-def pack(samples: list, device) -> PackedBatch:
-    """Concatenate samples into one row; each one's last token predicts nothing (no cross-sample loss)."""
+def pack(samples: list, device, max_len: int = 0) -> PackedBatch:
+    """Concatenate samples into one row; each one's last token predicts nothing (no cross-sample loss).
+
+    `max_len`: the bound attention is given for the longest sample, if larger than this row's."""
     ids: list[int] = []
     positions: list[int] = []
     targets: list[int] = []
@@ -60,7 +62,7 @@ def pack(samples: list, device) -> PackedBatch:
         target_tokens=int(loss_index.numel()),
         position_ids=put(torch.tensor(positions, dtype=torch.long)).unsqueeze(0),
         cu_seqlens=put(torch.tensor(bounds, dtype=torch.int32)),
-        max_len=max(len(s.input_ids) for s in samples),
+        max_len=max(max_len, *(len(s.input_ids) for s in samples)),
         loss_index=put(loss_index),
         loss_targets=put(target_t[loss_index]),
         host_ids=host_ids,

@@ -378,3 +378,17 @@ def test_layers_compile_once_for_every_size_when_sample_lengths_vary(lengths_var
         assert graphs[0] == graphs[-1] > 0, graphs  # compiled once, for any size
     else:
         assert graphs[-1] > graphs[0], graphs  # equal lengths: static, so another size recompiles
+
+
+def test_packed_attention_bound_is_the_datasets_longest_sample_when_lengths_vary():
+    """The longest-sample bound given to attention is an int the compiled layers would be
+    specialised on: with varying lengths it is the same for every forward."""
+    path = fast_path()
+    samples = make_samples([37, 5, 64, 20])
+    path.group([[0, 1], [2, 3]], samples)
+    assert path.collate(samples[:2], 0, torch.device("cpu")).max_len == 64
+    assert path.collate(samples[1:2], 0, torch.device("cpu")).max_len == 64
+    same = fast_path()
+    equal = make_samples([16, 16])
+    same.group([[0, 1]], equal)
+    assert same.collate(equal, 0, torch.device("cpu")).max_len == 16
