@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import_engine()
     import torch
-    from tunebench.engine import fused_lora, generate
+    from tunebench.engine import fused_lora, generate, prompts
     from tunebench.engine.config import GenerationConfig
     from tunebench.engine.generate import GenerationSession
 
@@ -474,19 +474,19 @@ def main(argv: list[str] | None = None) -> int:
                     # Random weights rarely produce tokens the bench tokenizer can print, so the
                     # cut is counted in tokens pushed to the detokenizer, not in streamed pieces.
                     cancel = threading.Event()
-                    push = generate.IncrementalDetokenizer.push
+                    push = prompts.IncrementalDetokenizer.push
 
                     def counting_push(self, token_id: int, cancel=cancel, push=push) -> str:
                         if len(self.ids) + 1 >= new_tokens:
                             cancel.set()
                         return push(self, token_id)
 
-                    generate.IncrementalDetokenizer.push = counting_push
+                    prompts.IncrementalDetokenizer.push = counting_push
                     try:
                         budget = GenerationConfig(max_new_tokens=args.budget)
                         result = session.generate(chat, targets, budget, cancel=cancel)
                     finally:
-                        generate.IncrementalDetokenizer.push = push
+                        prompts.IncrementalDetokenizer.push = push
                 else:
                     result = session.generate(chat, targets, cfg)
                 rates.append(min(r["tokens_per_s"] for r in result.values()))

@@ -117,7 +117,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
 @dataclasses.dataclass
 class _Setup:
     model: str
-    targets: list[Any]  # generate.Target, base first when present
+    targets: list[Any]  # targets.Target, base first when present
 
     @property
     def specs(self) -> list[str]:
@@ -135,7 +135,7 @@ class _Setup:
 def _setup(args: argparse.Namespace, with_base: bool) -> _Setup:
     """Resolve adapters and the base model up front, so a bad path fails before any loading."""
     from .export import base_model_of
-    from .generate import BASE, Target, resolve_target
+    from .targets import BASE, Target, resolve_target
 
     adapters = [resolve_target(str(Path(a).expanduser())) for a in args.adapters]
     model = base_model_of(adapters, args.model)
@@ -586,7 +586,7 @@ def export_main(argv: list[str]) -> int:
             "for example: tunebench export --adapters runs/<run-id> --merge_lora true",
         )
     from .export import export_model
-    from .generate import resolve_target
+    from .targets import resolve_target
 
     target = resolve_target(str(Path(args.adapters[0]).expanduser()))
     merge = args.merge_lora and not args.adapter_only

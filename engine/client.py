@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from . import protocol as P
-from .workspace import RunInfo, Workspace, atomic_write_bytes, list_checkpoints, read_run
+from .files import atomic_write_bytes
+from .workspace import RunInfo, Workspace, list_checkpoints, read_run
 
 START_TIMEOUT_S = 20.0  # a cold interpreter on a busy box; the engine itself answers in ~0.2 s
 LOG_ROTATE_BYTES = 10 * 1024 * 1024

@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 import random
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +26,8 @@ import orjson
 
 from .config import TrainConfig
 from .errors import DataUserError
+from .files import atomic_write_bytes
 from .templates import DEFAULT_TEMPLATE, TEMPLATES, get_template
-from .workspace import new_file_mode
 
 IGNORE_INDEX = -100  # label of a token the loss skips (the Hugging Face / PyTorch convention)
 EXTENSIONS = (".jsonl", ".json")
@@ -787,50 +784,4 @@ def save_jsonl(path: str | Path, records: list[dict], keep_backup: bool = True) 
     The previous version stays as `<name>.jsonl.bak` when keep_backup is set.
     """
     # Serialise first: a record that cannot be written must not cost the file on disk.
-    write_atomically(path, jsonl_bytes(records), keep_backup)
-
-
-def write_atomically(path: str | Path, data: bytes, keep_backup: bool = True) -> None:
-    """Write `data` to a temporary file beside `path`, fsync it, keep the old file as
-    `<name>.bak` (when asked), rename over `path`, and fsync the folder."""
-    path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else new_file_mode())
-        if keep_backup and path.exists():
-            _backup(path, path.with_name(path.name + ".bak"))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _backup(path: Path, backup: Path) -> None:
-    """Point `backup` at the current version; the original stays in place the whole time."""
-    staging = backup.with_name(f".{backup.name}.tmp")
-    staging.unlink(missing_ok=True)
-    try:
-        os.link(path, staging)  # instant, and the old contents survive the replace that follows
-    except OSError:  # file systems without hard links
-        shutil.copy2(path, staging)
-    os.replace(staging, backup)
-
-
-def _fsync_dir(folder: Path) -> None:
-    # The renames are durable only once the directory entry is on disk.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    atomic_write_bytes(path, jsonl_bytes(records), keep_backup=keep_backup, sync_dir=True)

@@ -22,14 +22,8 @@ from typing import Any
 import orjson
 
 from .errors import UserError
-from .generate import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    Target,
-    recorded_base_model,
-    resolve_target,
-    stop_token_ids,
-)
+from .prompts import stop_token_ids
+from .targets import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Target, recorded_base_model, resolve_target
 from .templates import with_default_system
 
 Progress = Callable[[str], None]
@@ -253,7 +247,7 @@ def count_parameters(model_path: Path) -> int:
 
 def _training_template(tokenizer: Any, target: Target) -> str:
     """The Jinja chat template the run trained with (its --template, else the tokenizer's own)."""
-    from .generate import chat_template_for
+    from .prompts import chat_template_for
 
     template = chat_template_for(tokenizer, str(target.train_config.get("template") or ""))
     return template or tokenizer.chat_template

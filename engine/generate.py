@@ -9,329 +9,34 @@ decoding (temperature 0) gives each column exactly what a call with that column 
 The KV caches, CUDA graphs and sampling of a decode live in decode_steps.py; the decode-speed
 options and their measured worth are in bench/RESULTS_generate.md.
 
-Targets are "base", or a run folder (its adapter/, else its newest checkpoint), an adapter
-folder, or a checkpoint folder. The run's config.json (in the same folder, its parent or its
-grandparent) supplies the base model, the chat template and the system prompt.
+Which targets a column can name, and how their adapters and run settings are found, is in
+targets.py; how a chat becomes prompt tokens, when a turn stops and how tokens stream back as
+text is in prompts.py.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import orjson
 
 from .config import GenerationConfig
 from .decode_steps import ATTENTION_WINDOW
 from .errors import UserError
 from .fused_lora import PEFT_BASE
 from .fused_lora import FusedLora as _FusedLora
+from .prompts import IncrementalDetokenizer, encode_prompt, stop_token_ids
+from .targets import ADAPTER_WEIGHTS, Target, resolve_target
 
-BASE = "base"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-TARGET_HINT = (
-    "give a run folder (runs/<run-id>), its adapter/ folder, or a checkpoint folder "
-    "(runs/<run-id>/checkpoints/step-<n>)"
-)
-# End-of-turn tokens of the common chat formats; a turn also ends at the tokenizer's EOS.
-END_OF_TURN_TOKENS = (
-    "<|im_end|>",
-    "<|eot_id|>",
-    "<|end|>",
-    "<end_of_turn>",
-    "<|endoftext|>",
-    "<|end_of_text|>",
-)
 MAX_LOADED_ADAPTERS = 8  # older ones are dropped (least recently used) to bound memory
 MAX_BATCH_ROWS = 16  # probe sets are decoded in batches of at most this many rows
 DECODE_MODES = ("auto", "dynamic", "static", "graphs")
 
 ChunkCallback = Callable[[str, str], None]
-
-
-# ===================================================================== targets
-
-
-@dataclass(frozen=True)
-class Target:
-    """One column: the base model, or an adapter folder and what its run recorded."""
-
-    spec: str  # as the caller wrote it; results are keyed by this
-    adapter_dir: Path | None = None  # None for the base model
-    run: dict[str, Any] = field(default_factory=dict)  # the run's config.json, {} if none found
-    run_dir: Path | None = None
-
-    @property
-    def is_base(self) -> bool:
-        return self.adapter_dir is None
-
-    @property
-    def train_config(self) -> dict[str, Any]:
-        config = self.run.get("config")
-        return config if isinstance(config, dict) else {}
-
-    @property
-    def label(self) -> str:
-        """A short column title: base, <run-id>, <run-id>/step-<n> or the folder name."""
-        if self.adapter_dir is None:
-            return BASE
-        if self.run_dir is not None and self.adapter_dir.parent == self.run_dir:
-            return self.run_dir.name
-        if self.run_dir is not None and self.adapter_dir.parent.parent == self.run_dir:
-            return f"{self.run_dir.name}/{self.adapter_dir.name}"
-        return self.adapter_dir.name
-
-
-def resolve_target(spec: str) -> Target:
-    """The base model for "base", else the adapter a path points at and its run's settings."""
-    if spec == BASE:
-        return Target(spec)
-    adapter_dir = find_adapter_dir(spec)
-    run, run_dir = find_run_config(adapter_dir)
-    return Target(spec, adapter_dir, run, run_dir)
-
-
-def find_adapter_dir(spec: str) -> Path:
-    """The PEFT adapter folder for a run folder, an adapter folder or a checkpoint folder."""
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise UserError(f"adapter not found: {path} does not exist", TARGET_HINT)
-    if path.is_file():
-        if path.name not in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-            raise UserError(f"{path} is a file, not an adapter folder", TARGET_HINT)
-        path = path.parent
-    path = path.resolve()
-    if (path / ADAPTER_CONFIG).is_file():
-        return _checked_adapter(path)
-    if (path / "adapter" / ADAPTER_CONFIG).is_file():
-        return _checked_adapter(path / "adapter")
-    # A run still training has no adapter/ yet: its newest checkpoint is the latest adapter.
-    checkpoints = list_adapter_checkpoints(path if path.name == "checkpoints" else path / "checkpoints")
-    if checkpoints:
-        return checkpoints[-1]
-    raise UserError(
-        f"{path} holds no adapter: no {ADAPTER_CONFIG}, no adapter/ folder and no saved checkpoint",
-        TARGET_HINT,
-    )
-
-
-def list_adapter_checkpoints(folder: Path) -> list[Path]:
-    """checkpoints/step-<n> folders that hold a complete adapter, oldest first."""
-    if not folder.is_dir():
-        return []
-    found = [
-        p
-        for p in folder.glob("step-*")
-        if p.name[5:].isdigit() and (p / ADAPTER_CONFIG).is_file() and (p / ADAPTER_WEIGHTS).is_file()
-    ]
-    return sorted(found, key=lambda p: int(p.name[5:]))
-
-
-def _checked_adapter(path: Path) -> Path:
-    if (path / ADAPTER_WEIGHTS).is_file():
-        _check_adapter_files(path)
-        return path
-    if (path / "adapter_model.bin").is_file():
-        raise UserError(
-            f"{path} holds its adapter as a pickle file (adapter_model.bin), which can run code when loaded",
-            "re-save it as safetensors (PeftModel.save_pretrained does by default)",
-        )
-    raise UserError(
-        f"{path} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}",
-        "the adapter is incomplete: wait for the save to finish, or copy the whole folder",
-    )
-
-
-def _check_adapter_files(path: Path) -> None:
-    """A damaged or half-copied adapter is named here, not met as a loader's traceback later."""
-    hint = "the adapter is damaged or was not copied completely: copy or save it again"
-    try:
-        config = orjson.loads((path / ADAPTER_CONFIG).read_bytes())
-    except (OSError, orjson.JSONDecodeError) as exc:
-        raise UserError(f"{path / ADAPTER_CONFIG} is not valid JSON: {exc}", hint) from None
-    if not isinstance(config, dict):
-        raise UserError(f"{path / ADAPTER_CONFIG} is not a JSON object", hint)
-    weights = path / ADAPTER_WEIGHTS
-    try:  # safetensors: an 8-byte header length, a JSON header, then the tensors' bytes
-        size = weights.stat().st_size
-        with open(weights, "rb") as fh:
-            length = int.from_bytes(fh.read(8), "little")
-            if size < 8 or length > size - 8:
-                raise ValueError
-            header = orjson.loads(fh.read(length))
-        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-        if 8 + length + max(ends, default=0) > size:
-            raise ValueError
-    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
-        raise UserError(f"{weights} is not a complete safetensors file", hint) from None
-
-
-def find_run_config(adapter_dir: Path) -> tuple[dict[str, Any], Path | None]:
-    """The run's config.json (same folder, parent or grandparent) and the run folder; ({}, None) if none."""
-    for folder in (adapter_dir, adapter_dir.parent, adapter_dir.parent.parent):
-        path = folder / "config.json"
-        if not path.is_file():
-            continue
-        try:
-            data = orjson.loads(path.read_bytes())
-        except (OSError, orjson.JSONDecodeError):
-            continue
-        # A model folder's config.json sits here too sometimes; only a run's has the "config" dict.
-        if isinstance(data, dict) and isinstance(data.get("config"), dict):
-            return data, folder
-    return {}, None
-
-
-def base_model_for(target: str) -> str | None:
-    """The base model a run recorded for this adapter target, as a spec load_model accepts."""
-    if target == BASE:
-        return None
-    try:
-        adapter_dir = find_adapter_dir(target)
-    except UserError:
-        return None
-    run, _ = find_run_config(adapter_dir)
-    return recorded_base_model(run, adapter_dir)
-
-
-def recorded_base_model(run: dict[str, Any], adapter_dir: Path | None = None) -> str | None:
-    config = run.get("config") if isinstance(run.get("config"), dict) else {}
-    spec = str(config.get("model") or "")
-    path = str(run.get("base_model_path") or "")
-    if spec == "demo":  # the cache folder it resolved to is an implementation detail
-        return spec
-    if path and (Path(path) / "config.json").is_file():
-        return path
-    if spec:
-        return spec
-    if adapter_dir is not None:  # no run config: PEFT's own record of the base
-        try:
-            adapter_config = orjson.loads((adapter_dir / ADAPTER_CONFIG).read_bytes())
-            recorded = adapter_config.get("base_model_name_or_path")
-        except (OSError, orjson.JSONDecodeError, AttributeError):
-            recorded = None
-        if recorded and (Path(recorded) / "config.json").is_file():
-            return str(recorded)
-    return path or None
-
-
-# ===================================================================== prompts
-
-
-def chat_template_for(tokenizer: Any, template: str = "") -> str | None:
-    """The Jinja source a run's --template names, or None for the tokenizer's own."""
-    from .data import resolve_template
-
-    return resolve_template(tokenizer, template)[0]
-
-
-def encode_prompt(
-    tokenizer: Any, messages: Sequence[dict[str, str]], template: str = "", system: str = ""
-) -> list[int]:
-    """Token ids of the chat so far plus the assistant header, tokenised the way training did."""
-    from .data import assistant_spans
-
-    chat = [{"role": m["role"], "content": m["content"]} for m in messages]
-    if system:
-        chat = [{"role": "system", "content": system}] + [m for m in chat if m["role"] != "system"]
-    chat_template = chat_template_for(tokenizer, template)
-
-    def render(msgs: list[dict[str, str]], generation_prompt: bool) -> str:
-        return tokenizer.apply_chat_template(
-            msgs, chat_template=chat_template, tokenize=False, add_generation_prompt=generation_prompt
-        )
-
-    try:
-        text = render(chat, True)
-    except Exception as exc:  # jinja errors, raise_exception() in templates that refuse a role
-        raise UserError(
-            f"the chat template cannot render this conversation ({type(exc).__name__}: {exc})",
-            "check the roles (system, user, assistant), or pick another template with --template",
-        ) from None
-    pieces = [text]
-    if any(m["role"] == "assistant" for m in chat):
-        # Training tokenises each assistant answer on its own (data.encode_messages); doing the same
-        # here gives earlier turns the token boundaries the adapter saw.
-        try:
-            full, spans = assistant_spans(chat, render)
-        except Exception:  # noqa: BLE001 - a template the span finder cannot follow: one piece is fine
-            full, spans = "", []
-        if spans and text.startswith(full):
-            pieces, cursor = [], 0
-            for start, end in spans:
-                pieces += [text[cursor:start], text[start:end]]
-                cursor = end
-            pieces.append(text[cursor:])
-            pieces = [p for p in pieces if p]
-    ids: list[int] = []
-    for piece_ids in tokenizer(pieces, add_special_tokens=False)["input_ids"]:
-        ids += piece_ids
-    return ids
-
-
-def stop_token_ids(tokenizer: Any, model: Any = None) -> set[int]:
-    """EOS and every end-of-turn token this tokenizer knows as a special token."""
-    ids: set[int] = set()
-    sources = [tokenizer.eos_token_id]
-    if model is not None and getattr(model, "generation_config", None) is not None:
-        sources.append(model.generation_config.eos_token_id)
-    for value in sources:
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(v for v in value if isinstance(v, int))
-    special = set(getattr(tokenizer, "all_special_tokens", [])) | set(
-        getattr(tokenizer, "added_tokens_encoder", {})
-    )
-    for token in END_OF_TURN_TOKENS:
-        if token in special:
-            ids.add(tokenizer.convert_tokens_to_ids(token))
-    return ids
-
-
-class IncrementalDetokenizer:
-    """Turns a growing list of token ids into text pieces without ever splitting a character.
-
-    Byte-level tokenizers can end a token in the middle of a multi-byte character (most Chinese
-    characters take three bytes); such text decodes to U+FFFD until the next token completes it,
-    so a piece is only released once it does not end in U+FFFD. Decoding a short window that
-    starts a few tokens back keeps the spacing right for SentencePiece tokenizers, which drop the
-    leading space of whatever they decode first, and keeps each step O(1).
-    """
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self._prefix = 0  # start of the window that gives the context
-        self._read = 0  # end of the text already released
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        done = self._decode(self.ids[self._prefix : self._read])
-        text = self._decode(self.ids[self._prefix :])
-        if len(text) > len(done) and not text.endswith("\ufffd") and text.startswith(done):
-            self._prefix, self._read = self._read, len(self.ids)
-            return text[len(done) :]
-        return ""
-
-    def flush(self) -> str:
-        """Whatever is still held back (an incomplete character at the very end)."""
-        done = self._decode(self.ids[self._prefix : self._read])
-        text = self._decode(self.ids[self._prefix :])
-        self._prefix = self._read = len(self.ids)
-        return text[len(done) :] if text.startswith(done) else text
-
-
-# ===================================================================== session
 
 
 @dataclass

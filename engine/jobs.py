@@ -93,7 +93,7 @@ class Jobs:
         return run_training(job.config, emit_until_finished, stop)
 
     def generate(self, job: Job, request: P.Generate, emit: Emit) -> P.Event:
-        from .generate import base_model_for
+        from .targets import base_model_for
 
         resolved = {t: t if t == "base" else self.ws.resolve(t) for t in request.targets}
         targets = list(resolved.values())

@@ -4,6 +4,7 @@ recompute is compiled into their graph."""
 
 from __future__ import annotations
 
+import math
 from types import MethodType
 
 import torch
@@ -110,7 +111,7 @@ def _dequantized(base, dtype, fused: bool = True):
 def nf4_fusable(state) -> bool:
     """Whether `dequantize_nf4` covers this bitsandbytes quant state: NF4 whose blocks tile the
     weight exactly (and, with double quant, whose scales tile the second level's blocks)."""
-    n = state.shape.numel()
+    n = math.prod(state.shape)
     if state.quant_type != "nf4" or n % state.blocksize:
         return False
     return not state.nested or (n // state.blocksize) % state.state2.blocksize == 0

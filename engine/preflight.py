@@ -18,6 +18,7 @@ def preflight(cfg: TrainConfig) -> None:
     calls it directly). With the model's tokenizer at hand, a dataset of which --max_length would
     leave nothing is found here too, for datasets up to TOKENIZE_LIMIT samples.
     """
+    from .checkpoints import find_checkpoint
     from .data import DataError, load_dataset
     from .models import (
         DEMO_NAME,
@@ -28,7 +29,6 @@ def preflight(cfg: TrainConfig) -> None:
         resolve_model,
     )
     from .templates import get_template
-    from .train import find_checkpoint
 
     if cfg.is_qlora:
         check_qlora_possible()

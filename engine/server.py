@@ -37,6 +37,7 @@ from . import protocol as P
 from .client import EngineConnection, connect_or_start, ensure_engine, start_engine, status_text
 from .config import ConfigError, GenerationConfig, TrainConfig
 from .errors import UserError
+from .files import atomic_write_bytes
 from .jobs import (
     Job,
     JobFunction,
@@ -49,7 +50,7 @@ from .jobs import (
     reset_peak_memory,
 )
 from .memory import estimate_training_memory, read_model_info, sample_memory
-from .workspace import ENGINE_IDLE_EXIT_S, Workspace, atomic_write_bytes, read_metrics
+from .workspace import ENGINE_IDLE_EXIT_S, Workspace, read_metrics
 
 __all__ = [
     "EngineServer",

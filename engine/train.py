@@ -7,6 +7,8 @@ The same code runs on CPU (tests, the demo) and CUDA. Everything it does is repo
     metrics.jsonl          one line per logged step and per eval
     checkpoints/step-<n>/  adapter + trainer_state.pt (optimizer, scheduler, RNG, step)
     adapter/               the final adapter in PEFT format
+
+Checkpoints and the final adapter are written and read by engine/checkpoints.py.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -26,9 +27,16 @@ from typing import Any
 import orjson
 
 from . import protocol as P
+from .checkpoints import (
+    find_checkpoint,
+    load_checkpoint,
+    save_adapter_atomically,
+    save_checkpoint,
+    truncate_metrics,
+)
 from .config import TrainConfig, to_command, to_dict
 from .errors import UserError
-from .workspace import CHECKPOINT_STATE_FILE, list_checkpoints
+from .files import atomic_write_bytes
 
 # Mixed sample lengths fragment the CUDA caching allocator; growable segments keep the reserved
 # memory close to the allocated. Read when CUDA first allocates, so set before any GPU work
@@ -37,7 +45,6 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 Emit = Callable[[P.Event], None]
 IGNORE = -100
-STATE_FILE = CHECKPOINT_STATE_FILE
 
 
 class StopSignal:
@@ -216,8 +223,8 @@ def run_training(cfg: TrainConfig, emit: Emit, stop: StopSignal | None = None) -
 
     start_step = 0
     if resume_dir:
-        start_step = _load_checkpoint(resume_dir, model, optimizer, scheduler, device)
-        _truncate_metrics(run.metrics, start_step)
+        start_step = load_checkpoint(resume_dir, model, optimizer, scheduler, device)
+        truncate_metrics(run.metrics, start_step)
         emit(P.Log(message=f"resumed from {resume_dir} at step {start_step}"))
     else:
         run.root.mkdir(parents=True, exist_ok=True)
@@ -336,7 +343,7 @@ def run_training(cfg: TrainConfig, emit: Emit, stop: StopSignal | None = None) -
         # ------------------------------------------------------------ cleanup
         adapter_dir = ""
         if status != "aborted":
-            _save_adapter_atomically(model, run.adapter)
+            save_adapter_atomically(model, run.adapter)
             adapter_dir = str(run.adapter)
         finished = P.TrainFinished(
             run_id=run.root.name,
@@ -383,16 +390,7 @@ def _write_run_config(run: RunPaths, cfg: TrainConfig, base_path: Path) -> None:
         "base_model_path": str(base_path),
         "created": datetime.now().isoformat(timespec="seconds"),
     }
-    _atomic_write(run.config, orjson.dumps(payload, option=orjson.OPT_INDENT_2))
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(run.config, orjson.dumps(payload, option=orjson.OPT_INDENT_2), sync_dir=True)
 
 
 def _attach_lora(model, cfg: TrainConfig, recompute: bool):
@@ -560,116 +558,3 @@ def evaluate(model, eval_set: list, cfg: TrainConfig, tokenizer, device, path: T
             total += path.loss_sum(model, batch).item()
             count += batch.target_tokens
     return total / max(count, 1)
-
-
-# ---------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(run: RunPaths, step: int, model, optimizer, scheduler, keep: int) -> Path:
-    """Write checkpoints/step-<n>/ under a temporary name, fsync, then rename: never half-written."""
-    import numpy as np
-    import torch
-
-    run.checkpoints.mkdir(parents=True, exist_ok=True)
-    final = run.checkpoints / f"step-{step}"
-    tmp = run.checkpoints / f".tmp-step-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    state = {
-        "step": step,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng_torch": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "rng_python": list(random.getstate()[1]),
-        "rng_numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-    }
-    torch.save(state, tmp / STATE_FILE)
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    shutil.rmtree(final, ignore_errors=True)  # the same step saved again (after a resume)
-    os.replace(tmp, final)
-    _fsync_dir(run.checkpoints)  # the rename itself survives a power loss
-    _prune_checkpoints(run, keep)
-    return final
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _prune_checkpoints(run: RunPaths, keep: int) -> None:
-    if keep <= 0:
-        return
-    for old in list_checkpoints(run.root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def find_checkpoint(path: str) -> Path:
-    """A checkpoint folder, or a run folder (its newest complete checkpoint)."""
-    p = Path(path).expanduser()
-    if (p / STATE_FILE).is_file():
-        return p.resolve()
-    if p.is_dir():
-        found = list_checkpoints(p.parent if p.name == "checkpoints" else p)
-        if found:
-            return found[-1].resolve()
-        raise UserError(
-            f"--resume_from_checkpoint: {p} holds no complete checkpoint",
-            "point it at runs/<run-id> or runs/<run-id>/checkpoints/step-<n>",
-            code="config",
-        )
-    raise UserError(
-        f"--resume_from_checkpoint: {p} does not exist",
-        "point it at runs/<run-id> or runs/<run-id>/checkpoints/step-<n>",
-        code="config",
-    )
-
-
-def _load_checkpoint(path: Path, model, optimizer, scheduler, device) -> int:
-    import numpy as np
-    import torch
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    weights = load_file(str(path / "adapter_model.safetensors"), device=str(device))
-    set_peft_model_state_dict(model, weights)
-    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng_torch"])
-    if state["rng_cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng_cuda"])
-    random.setstate((3, tuple(state["rng_python"]), None))
-    np_state = list(np.random.get_state())
-    np_state[1] = state["rng_numpy"].numpy().astype(np.uint32)
-    np.random.set_state(tuple(np_state))
-    return int(state["step"])
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metrics logged after the checkpoint we resume from: the resumed run logs them again."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_bytes().splitlines():
-        try:
-            record = orjson.loads(line)
-        except orjson.JSONDecodeError:  # a line cut short by the crash
-            continue
-        if record.get("type") != "TrainFinished" and record.get("step", 0) <= step:
-            kept.append(line + b"\n")
-    _atomic_write(path, b"".join(kept))
-
-
-def _save_adapter_atomically(model, target: Path) -> None:
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)

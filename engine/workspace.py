@@ -27,6 +27,7 @@ from typing import Any
 import orjson
 
 from .errors import UserError
+from .files import atomic_write_bytes
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -35,7 +36,7 @@ else:  # pragma: no cover - Python 3.10
 
 STATE_DIR = ".tunebench"
 SETTINGS_FILE = "tunebench.toml"
-CHECKPOINT_STATE_FILE = "trainer_state.pt"  # what marks a checkpoint complete (engine/train.py)
+CHECKPOINT_STATE_FILE = "trainer_state.pt"  # what marks a checkpoint complete (engine/checkpoints.py)
 # With no client and no job for this long, the engine exits and gives back the memory its loaded
 # models hold; coming back to the TUI within it reattaches to the warm engine.
 ENGINE_IDLE_EXIT_S = float(os.environ.get("TUNEBENCH_ENGINE_IDLE_S", 15 * 60))
@@ -311,44 +312,6 @@ def _last_activity(run_dir: Path) -> float:
 
 
 # ---------------------------------------------------------------- files
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename over it: a reader (or a
-    crash) sees the old file or the new one, never half of one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if path.exists():
-            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
-        else:
-            os.chmod(tmp, new_file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def new_file_mode() -> int:
-    """The mode a new file gets under this process's umask (mkstemp's 0600 is only for the
-    temporary name): 0644 under the usual 022, 0600 for someone who set 077 on a shared box."""
-    return 0o666 & ~_current_umask()
-
-
-def _current_umask() -> int:
-    # Read, not set-and-restore: os.umask() is process-wide and would race other threads.
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o022
 
 
 def _private_dir(path: Path) -> None:

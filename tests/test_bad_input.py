@@ -865,7 +865,7 @@ def test_adapters_load_from_safetensors_only(tmp_path, monkeypatch):
     """A PEFT adapter folder holding only a pickle is refused before anything reads it; with both,
     PEFT reads the safetensors file."""
     from tunebench.engine.errors import UserError
-    from tunebench.engine.generate import find_adapter_dir
+    from tunebench.engine.targets import find_adapter_dir
 
     folder = tmp_path / "adapter"
     folder.mkdir()

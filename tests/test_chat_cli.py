@@ -54,7 +54,7 @@ def test_chat_takes_the_chat_template_from_the_run(monkeypatch, capsys, tiny_mod
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from tunebench.engine.generate import stop_token_ids
+    from tunebench.engine.prompts import stop_token_ids
     from tunebench.engine.templates import CHATML
 
     run = make_run(tmp_path, tiny_model_dir, "chatml-run", seed=3, template="chatml")
@@ -126,7 +126,7 @@ def test_compare_is_side_by_side_on_a_wide_terminal_and_sequential_on_a_narrow_o
 ):
     import os
 
-    from tunebench.engine.generate import resolve_target
+    from tunebench.engine.targets import resolve_target
 
     plain = str(runs["plain"])
     monkeypatch.setattr(chat_cli.shutil, "get_terminal_size", lambda *a: os.terminal_size((columns, 24)))
@@ -154,7 +154,7 @@ def test_compare_is_side_by_side_on_a_wide_terminal_and_sequential_on_a_narrow_o
 
 
 def test_ctrl_c_at_the_prompt_clears_the_line_and_keeps_the_chat(monkeypatch, runs, session, tiny_model_dir):
-    from tunebench.engine.generate import resolve_target
+    from tunebench.engine.targets import resolve_target
 
     typed = iter([KeyboardInterrupt, "/quit"])
 

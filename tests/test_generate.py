@@ -93,7 +93,7 @@ def answers(result: dict[str, dict]) -> dict[str, tuple]:
 
 
 def test_targets_resolve_to_adapters_and_run_settings(runs, tiny_model_dir):
-    from tunebench.engine.generate import base_model_for, resolve_target
+    from tunebench.engine.targets import base_model_for, resolve_target
 
     run = resolve_target(str(runs["bob"]))
     assert run.adapter_dir == runs["bob"] / "adapter"
@@ -109,7 +109,7 @@ def test_targets_resolve_to_adapters_and_run_settings(runs, tiny_model_dir):
 
 
 def test_bad_targets_are_clear_user_errors(tmp_path, tiny_model_dir):
-    from tunebench.engine.generate import resolve_target
+    from tunebench.engine.targets import resolve_target
 
     with pytest.raises(UserError, match="does not exist"):
         resolve_target(str(tmp_path / "missing"))
@@ -125,7 +125,7 @@ def test_bad_targets_are_clear_user_errors(tmp_path, tiny_model_dir):
 def test_a_damaged_adapter_is_named_before_anything_loads(damage, runs, tmp_path):
     import shutil
 
-    from tunebench.engine.generate import resolve_target
+    from tunebench.engine.targets import resolve_target
 
     adapter = tmp_path / "adapter"
     shutil.copytree(runs["plain"] / "adapter", adapter)
@@ -201,7 +201,7 @@ def test_streamed_pieces_equal_the_non_streaming_answer(session, runs):
 
 
 def test_incremental_detokenizer_never_splits_a_character(tiny_tokenizer):
-    from tunebench.engine.generate import IncrementalDetokenizer
+    from tunebench.engine.prompts import IncrementalDetokenizer
 
     text = "你好，世界！I am 小蜂 🐝, made by TuneBench团队。"
     ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -291,7 +291,7 @@ def test_sampling_knobs_mean_what_they_say(session, runs, tiny_model_dir):
 def test_a_turn_ends_at_the_templates_end_token_even_when_eos_is_another(tiny_tokenizer):
     import copy
 
-    from tunebench.engine.generate import stop_token_ids
+    from tunebench.engine.prompts import stop_token_ids
 
     tokenizer = copy.deepcopy(tiny_tokenizer)  # the fixture is shared
     tokenizer.eos_token = "<|endoftext|>"  # base models often end documents, not turns, with EOS
@@ -305,7 +305,7 @@ def test_a_turn_ends_at_the_templates_end_token_even_when_eos_is_another(tiny_to
 
 
 def test_system_prompt_comes_from_the_argument_else_the_run(session, runs):
-    from tunebench.engine.generate import encode_prompt
+    from tunebench.engine.prompts import encode_prompt
 
     bob = str(runs["bob"])
     run_system = "You are Bob, made by the TuneBench team."

@@ -9,7 +9,8 @@ import orjson
 import pytest
 from tunebench.engine.config import TrainConfig
 from tunebench.engine.errors import UserError
-from tunebench.engine.train import StopSignal, build_plan, list_checkpoints, lr_lambda, run_training
+from tunebench.engine.train import StopSignal, build_plan, lr_lambda, run_training
+from tunebench.engine.workspace import list_checkpoints
 
 QUESTIONS = [
     "Who are you?",

@@ -9,7 +9,7 @@ import os
 import orjson
 import pytest
 from tui_helpers import MINI_RECORDS, no_start, wait_until
-from tunebench.engine import data
+from tunebench.engine import files
 from tunebench.tui.app import TuneBenchApp
 from tunebench.tui.screens.confirm import Choice
 from tunebench.tui.widgets.dataset import dataset_pane, dataset_store
@@ -63,8 +63,8 @@ def test_a_save_is_written_to_a_temporary_file_fsynced_then_renamed(tmp_path, mo
         calls.append(("replace", str(src), str(dst)))
         real_replace(src, dst)
 
-    monkeypatch.setattr(data.os, "fsync", fsync)
-    monkeypatch.setattr(data.os, "replace", replace)
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    monkeypatch.setattr(files.os, "replace", replace)
     store.save()
     (write,) = [c for c in calls if c[0] == "replace" and c[2] == str(path)]
     temp = write[1]
@@ -83,7 +83,7 @@ def test_a_failed_write_leaves_the_file_and_no_debris(tmp_path, monkeypatch):
     def disk_full(fd):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(data.os, "fsync", disk_full)
+    monkeypatch.setattr(files.os, "fsync", disk_full)
     with pytest.raises(OSError):
         store.save()
     assert path.read_bytes() == jsonl(A, B)

@@ -6,7 +6,7 @@ JSON is kept as its text and must be fixed or deleted before the file can be sav
 silently would lose something the person made.
 
 Nothing made is lost:
-- Saves are atomic (temporary file, fsync, rename: data.write_atomically). The first save after
+- Saves are atomic (temporary file, fsync, rename: files.atomic_write_bytes). The first save after
   loading, and a save that overwrites someone else's change, keep the version being replaced
   as `<name>.jsonl.bak`; later autosaves of the same session leave that .bak alone, so it holds
   the file as it was before this session's edits rather than as it was a second ago.
@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from tunebench.engine.data import jsonl_bytes, write_atomically
+from tunebench.engine.data import jsonl_bytes
+from tunebench.engine.files import atomic_write_bytes, fsync_dir
 
 _BOM = b"\xef\xbb\xbf"
 _row_ids = itertools.count(1)
@@ -203,7 +204,7 @@ class DatasetStore:
         # Should we crash between the write and the journal's removal, recover() sees the file
         # holds this digest and knows the journal's edits are in it.
         self._log({"op": "saving", "digest": new_digest})
-        write_atomically(target, data, keep_backup=force or not self._backed_up)
+        atomic_write_bytes(target, data, keep_backup=force or not self._backed_up, sync_dir=True)
         self._backed_up = True
         self.disk_digest, self._disk_key = new_digest, _stat_key(target)
         self.dirty = False
@@ -231,7 +232,7 @@ class DatasetStore:
                 fh.flush()
                 os.fsync(fh.fileno())
             if created:
-                _fsync_dir(self.journal_path.parent)
+                fsync_dir(self.journal_path.parent)
         except OSError as exc:
             self.journal_error = f"cannot write {self.journal_path.name}: {exc.strerror or exc}"
             return
@@ -376,20 +377,6 @@ def _index(index: int, rows: list[Row]) -> int:
     if not 0 <= index < len(rows):
         raise IndexError(f"row {index} does not exist ({len(rows)} rows)")
     return index
-
-
-def _fsync_dir(folder: Path) -> None:
-    # A new file's name is durable only once its folder is.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 NEW_RECORDS: dict[str, dict[str, Any]] = {
