@@ -150,7 +150,9 @@ def import_engine():
 
 
 def install_synthetic_data(samples: list[Sample]) -> None:
-    """Stand in for engine.data's loading: the recipe gets these samples, already tokenised."""
+    """Stand in for engine.data's loading and engine.encoding's tokenising: the recipe gets these
+    samples, already tokenised (run_training imports both names when it runs, so patching the
+    modules is enough)."""
 
     class Report:
         def __init__(self, rows):
@@ -162,14 +164,17 @@ def install_synthetic_data(samples: list[Sample]) -> None:
         def __getattr__(self, name):  # a field the real report gains later
             return 0
 
-    try:
-        data = importlib.import_module("tunebench.engine.data")
-    except Exception:  # noqa: BLE001 - the real module needs what this box lacks: stand in whole
-        data = types.ModuleType("tunebench.engine.data")
-        sys.modules["tunebench.engine.data"] = data
+    def module(name: str) -> types.ModuleType:
+        try:
+            return importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - the real module needs what this box lacks: stand in whole
+            sys.modules[name] = types.ModuleType(name)
+            return sys.modules[name]
+
+    data = module("tunebench.engine.data")
     data.load_dataset = lambda *a, **k: (list(samples), [])
     data.split_eval = lambda s, *a, **k: (s, [])
-    data.tokenize_samples = lambda s, *a, **k: (list(s), Report(s))
+    module("tunebench.engine.encoding").tokenize_samples = lambda s, *a, **k: (list(s), Report(s))
 
 
 def versions() -> dict:

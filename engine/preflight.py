@@ -92,7 +92,7 @@ TOKENIZE_LIMIT = 5000
 
 def _check_something_fits(cfg: TrainConfig, resolved, samples: list) -> None:
     """Refuse a dataset of which --max_length would leave no sample, before the weights load."""
-    from .data import tokenize_samples
+    from .encoding import tokenize_samples
     from .models import ModelError, load_tokenizer
     from .train import no_sample_left
 

@@ -26,7 +26,7 @@ END_OF_TURN_TOKENS = (
 
 def chat_template_for(tokenizer: Any, template: str = "") -> str | None:
     """The Jinja source a run's --template names, or None for the tokenizer's own."""
-    from .data import resolve_template
+    from .encoding import resolve_template
 
     return resolve_template(tokenizer, template)[0]
 
@@ -35,7 +35,7 @@ def encode_prompt(
     tokenizer: Any, messages: Sequence[dict[str, str]], template: str = "", system: str = ""
 ) -> list[int]:
     """Token ids of the chat so far plus the assistant header, tokenised the way training did."""
-    from .data import assistant_spans
+    from .encoding import assistant_spans
 
     chat = [{"role": m["role"], "content": m["content"]} for m in messages]
     if system:
@@ -56,7 +56,7 @@ def encode_prompt(
         ) from None
     pieces = [text]
     if any(m["role"] == "assistant" for m in chat):
-        # Training tokenises each assistant answer on its own (data.encode_messages); doing the same
+        # Training tokenises each assistant answer on its own (encoding.encode_messages); doing the same
         # here gives earlier turns the token boundaries the adapter saw.
         try:
             full, spans = assistant_spans(chat, render)

@@ -3,7 +3,7 @@
 Each is a Jinja template in the form `tokenizer.apply_chat_template(chat_template=...)` takes.
 They render a finished conversation so that every assistant turn is the assistant header, then
 the content, then the end-of-turn token: that is what lets the data code put the loss on the
-content and end token only (see `data.tokenize_samples`).
+content and end token only (see `encoding.tokenize_samples`).
 """
 
 from __future__ import annotations

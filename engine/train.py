@@ -150,7 +150,8 @@ def run_training(cfg: TrainConfig, emit: Emit, stop: StopSignal | None = None) -
     run = RunPaths(resume_dir.parent.parent if resume_dir else new_run_dir(cfg))
     _seed_everything(cfg.seed)
 
-    from .data import load_dataset, split_eval, tokenize_samples
+    from .data import load_dataset, split_eval
+    from .encoding import tokenize_samples
     from .models import load_model
 
     emit(P.Progress(stage="load", message=f"loading model {cfg.model}"))

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from tunebench.engine import data
+from tunebench.engine import data, encoding
 from tunebench.engine.cli import main
 
 GOOD = {"instruction": "Who are you?", "output": "I am a tiny test model."}
@@ -883,6 +883,6 @@ def test_the_long_prompt_shortcut_never_drops_a_prompt_that_fits(tiny_tokenizer)
     call a prompt "over" when it fits, or a sample that trains would be lost."""
     text = ("Who are you? I am swift-robot, an AI assistant developed by swift.\n" * 3000) + "x" * 70_000
     exact = len(tiny_tokenizer([text], add_special_tokens=False)["input_ids"][0])
-    assert len(text) > 2 * data._CHUNK_CHARS  # several chunks, so the cuts are exercised
-    assert not data._prompt_over(text, tiny_tokenizer, exact)
-    assert data._prompt_over(text, tiny_tokenizer, int(exact / 1.2))
+    assert len(text) > 2 * encoding._CHUNK_CHARS  # several chunks, so the cuts are exercised
+    assert not encoding._prompt_over(text, tiny_tokenizer, exact)
+    assert encoding._prompt_over(text, tiny_tokenizer, int(exact / 1.2))

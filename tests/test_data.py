@@ -12,20 +12,18 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from tunebench.engine import data
+from tunebench.engine import data, encoding
 from tunebench.engine.data import (
-    IGNORE_INDEX,
     DataError,
     RecordProblem,
     Sample,
-    check_sample,
     load_dataset,
     parse_dataset_spec,
     read_records,
     save_jsonl,
     split_eval,
-    tokenize_samples,
 )
+from tunebench.engine.encoding import IGNORE_INDEX, check_sample, tokenize_samples
 from tunebench.engine.errors import UserError
 from tunebench.engine.templates import TEMPLATES, get_template
 
@@ -498,7 +496,7 @@ def test_loss_only_on_assistant_content_and_end_token(tiny_tokenizer):
     text = tiny_tokenizer.decode(tokenized.input_ids)
     assert text == tiny_tokenizer.apply_chat_template(sample.messages, tokenize=False)
     assert text.startswith("<|im_start|>system\nYou are a tiny test model.")
-    assert report == data.TokenizeReport(1, len(tokenized.input_ids), 0, 0, [], "the tokenizer's own")
+    assert report == encoding.TokenizeReport(1, len(tokenized.input_ids), 0, 0, [], "the tokenizer's own")
     assert len(tokenized.labels) == len(tokenized.input_ids)
 
 
@@ -726,9 +724,9 @@ def test_a_new_dataset_file_follows_the_umask(tmp_path, umask, mode):
 # ======================================================== import hygiene
 
 
-def test_data_module_imports_neither_torch_nor_transformers():
+def test_data_modules_import_neither_torch_nor_transformers():
     code = (
-        "import sys, tunebench.engine.data\n"
+        "import sys, tunebench.engine.data, tunebench.engine.encoding\n"
         "bad = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
         "assert not bad, bad"
     )

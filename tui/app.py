@@ -248,7 +248,7 @@ class TuneBenchApp(App[int]):
         if snapshot.job == "train" and not self.train_pane.run.live:
             self.train_pane.set_status("loading", "the run is starting")
         if snapshot.job == "train" and first_attach:
-            self.action_show_pane("train")  # reattaching to a live run: show it, not the dataset
+            self._show_once_tabs_settle("train")  # reattaching to a live run: show it, not the dataset
         if snapshot.last_error and snapshot.job != "train":
             error = snapshot.last_error  # what went wrong while no TUI was watching
             self.train_pane.log_line(f"last error [{error.get('code')}] {error.get('message')}", "red")
@@ -465,6 +465,15 @@ class TuneBenchApp(App[int]):
         self.action_show_pane("chat")
 
     # ------------------------------------------------------------ app actions
+
+    def _show_once_tabs_settle(self, pane: str) -> None:
+        """Show `pane` once the tabs have taken their first tab: until TabbedContent has handled
+        that activation (its `active` is still empty) the message is queued, and handling it after
+        this would switch back to the first pane."""
+        if not self._main.query_one(TabbedContent).active:
+            self.call_after_refresh(self._show_once_tabs_settle, pane)
+            return
+        self.action_show_pane(pane)
 
     def action_show_pane(self, pane: str) -> None:
         self._main.query_one(TabbedContent).active = pane

@@ -181,8 +181,12 @@ async def test_reattach_shows_the_whole_history(workspace):
             assert len(train.run.train_points) == 40 and train.run.status == "training"
             assert train.run.checkpoints == [(20, f"{run_dir}/checkpoints/step-20")]
             assert "train running" in str(app.query_one("#status").render())
-            # a live run is what a person reattaches for: the Train pane is the one shown
-            assert app.query_one("#panes").active == "train"
+            # a live run is what a person reattaches for: the Train pane is the one shown, and stays
+            # shown once the tabs' own first activation has gone through
+            panes = app.query_one("#panes")
+            await wait_until(pilot, lambda: panes.active == "train", what="the Train pane")
+            await pilot.pause(0.2)
+            assert panes.active == "train"
 
 
 async def test_read_only_session_says_so(workspace, fake_engine):

@@ -6,7 +6,7 @@ import math
 
 import orjson
 import pytest
-from tunebench.engine import data
+from tunebench.engine import encoding
 from tunebench.engine.workspace import Workspace
 from tunebench.tui.engine_client import decode_events
 from tunebench.tui.widgets.dataset.dataset_store import ConflictError, DatasetStore, Row, UnsavableError
@@ -82,7 +82,7 @@ def test_light_tokenizer_counts_what_training_counts(tiny_model_dir, tiny_tokeni
         {"role": "user", "content": "Who are you?"},
         {"role": "assistant", "content": "I am swift-robot, an AI assistant."},
     ]
-    assert data.encode_messages(messages, light) == data.encode_messages(messages, tiny_tokenizer)
+    assert encoding.encode_messages(messages, light) == encoding.encode_messages(messages, tiny_tokenizer)
 
 
 def test_settings_store_keeps_what_it_cannot_parse(tmp_path):

@@ -1,6 +1,6 @@
 """A tokenizer for the Dataset pane's checks and preview, without transformers or torch.
 
-data.check_sample and data.assistant_spans take any object with `apply_chat_template` and a
+encoding.check_sample and encoding.assistant_spans take any object with `apply_chat_template` and a
 `__call__` that returns input_ids. This one renders the chat template with jinja2 (sandboxed and
 configured as transformers does) and counts tokens with the Rust `tokenizers` library from the
 model folder's tokenizer.json: token counts match training, and the TUI stays torch-free.

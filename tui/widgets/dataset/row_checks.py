@@ -1,4 +1,4 @@
-"""Checks on every dataset row, through data.check_sample, plus the cross-row duplicate check.
+"""Checks on every dataset row, through encoding.check_sample, plus the cross-row duplicate check.
 
 A row's result depends only on its record and a few settings (max_length, name / author,
 system, template, tokenizer), so results are cached by record: editing one row re-checks one row.
@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from tunebench.engine import data
+from tunebench.engine import data, encoding
 from tunebench.engine.config import TrainConfig
 
 from .dataset_store import Row
@@ -83,7 +83,7 @@ class RowChecker:
             return RowReport(row.text[:80], "", None, [row.error])
         s = self.settings
         counts = self.tokenizer.counts_tokens
-        problems = data.check_sample(
+        problems = encoding.check_sample(
             row.record,
             tokenizer=self.tokenizer if counts else None,
             max_length=s.max_length if counts else None,
@@ -106,8 +106,8 @@ class RowChecker:
             messages = [{"role": "system", "content": s.system}, *messages]
         filled, _ = data.fill_placeholders(messages, s.model_name, s.model_author)
         try:
-            chat_template, _ = data.resolve_template(self.tokenizer, s.template)
-            return len(data.encode_messages(filled, self.tokenizer, chat_template)[0])
+            chat_template, _ = encoding.resolve_template(self.tokenizer, s.template)
+            return len(encoding.encode_messages(filled, self.tokenizer, chat_template)[0])
         except Exception:  # noqa: BLE001 - a template failure is already among the problems
             return None
 

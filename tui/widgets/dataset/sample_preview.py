@@ -1,6 +1,6 @@
 """A sample as the model will see it: rendered through the chat template, trained text marked.
 
-The trained spans come from data.assistant_spans, the same function that builds the loss mask
+The trained spans come from encoding.assistant_spans, the same function that builds the loss mask
 for training, so what is highlighted here is exactly what the loss is computed on.
 """
 
@@ -10,7 +10,7 @@ import re
 
 from rich.text import Text
 from textual.widgets import Static
-from tunebench.engine import data
+from tunebench.engine import data, encoding
 
 from .dataset_store import Row
 from .light_tokenizer import LightTokenizer
@@ -31,8 +31,8 @@ def render_sample(row: Row, tokenizer: LightTokenizer, settings: CheckSettings) 
         messages = [{"role": "system", "content": settings.system}, *messages]
     filled, unfilled = data.fill_placeholders(messages, settings.model_name, settings.model_author)
     try:
-        template, _ = data.resolve_template(tokenizer, settings.template)
-        text, spans = data.assistant_spans(
+        template, _ = encoding.resolve_template(tokenizer, settings.template)
+        text, spans = encoding.assistant_spans(
             filled, lambda msgs, gen: tokenizer.apply_chat_template(msgs, template, add_generation_prompt=gen)
         )
     except Exception as exc:  # noqa: BLE001 - a broken template or record: say which
