@@ -121,9 +121,10 @@ def dequantize_nf4(packed: torch.Tensor, state, dtype: torch.dtype) -> torch.Ten
     """bitsandbytes' NF4 dequantisation (double quant included) in plain tensor ops.
 
     Inside a compiled layer inductor fuses this into one memory-bound kernel per weight, where
-    bitsandbytes' own takes three kernels and allocations for the scales, 56 times a forward and
-    backward on a 7B. Same values: each code times its block's float32 scale, rounded once to
-    `dtype`; bytes hold two codes, the high nibble first."""
+    bitsandbytes' own takes three kernels and allocations for the scales; a 7B's 196 weights are
+    dequantised twice in every forward and backward (forward, replay). Same values: each code
+    times its block's float32 scale, rounded once to `dtype`; bytes hold two codes, the high
+    nibble first."""
     codes = packed.reshape(-1)
     codes = torch.stack((codes >> 4, codes & 15), dim=-1).reshape(-1).long()
     scales = state.absmax
