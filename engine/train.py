@@ -35,6 +35,7 @@ from .checkpoints import (
     truncate_metrics,
 )
 from .config import TrainConfig, to_command, to_dict
+from .encoding import IGNORE_INDEX
 from .errors import UserError
 from .files import atomic_write_bytes
 
@@ -44,7 +45,7 @@ from .files import atomic_write_bytes
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 Emit = Callable[[P.Event], None]
-IGNORE = -100
+IGNORE = IGNORE_INDEX  # the label the loss skips; encoding.py writes it into the labels
 
 
 class StopSignal:

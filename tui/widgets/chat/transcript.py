@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+
+from tunebench.engine.files import atomic_write_bytes
 
 from .targets import Target
 
@@ -56,8 +56,5 @@ def render_markdown(targets: list[Target], exchanges: list[Exchange], model: str
 def save_transcript(folder: Path, text: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{datetime.now():%Y%m%d-%H%M%S}.md"
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".transcript.", suffix=".md")
-    with os.fdopen(fd, "w", encoding="utf-8") as out:
-        out.write(text)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, text.encode("utf-8"))
     return path
