@@ -86,6 +86,18 @@ DEFAULT_TECHNIQUES = frozenset(
 )
 
 
+# The techniques that need torch.compile to take a decoder layer whole, in the order they are
+# given up when it cannot, and what giving each up costs (lean on a 7B, H200, bench/RESULTS.md).
+COMPILED_TECHNIQUES = (
+    (
+        "ingraph",
+        "the recompute now runs around the compiled layer (lean LoRA measured 7,155 instead of "
+        "10,531 tokens/s)",
+    ),
+    ("compile", "the decoder layers now run eagerly (lean QLoRA measured 3,881 instead of 7,651 tokens/s)"),
+)
+
+
 def techniques(spec: str | None = None) -> set[str]:
     """The techniques in use: the defaults, adjusted by `+name` / `-name` items (from TUNEBENCH_ACCEL)."""
     spec = os.environ.get("TUNEBENCH_ACCEL", "") if spec is None else spec
@@ -202,19 +214,49 @@ def compile_layers(
     for name in ("accumulated_cache_size_limit", "accumulated_recompile_limit"):
         if hasattr(dynamo, name):
             setattr(dynamo, name, max(getattr(dynamo, name), 4 * limit))
-    torch._dynamo.config.suppress_errors = True  # a layer dynamo cannot take runs eagerly instead
+    # fullgraph: a layer dynamo cannot take whole raises instead of running as eager pieces, so
+    # the path can switch the technique off and say so (`FastPath._switch_off`).
+    options = {"fullgraph": True} | options
     for layer in layers:
         if recompute_in_graph or not hasattr(layer, "_tb_forward"):
             layer.compile(**options)
             if dynamic_tokens:  # nn.Module.__call__ calls this when set
                 layer._compiled_call_impl = _token_dims_dynamic(layer._compiled_call_impl)
         else:
+            layer._tb_eager_forward = layer._tb_forward
             layer._tb_forward = torch.compile(layer._tb_forward, **options)
             if dynamic_tokens:
                 layer._tb_forward = _token_dims_dynamic(layer._tb_forward)
     where = ", recompute inside the graph" if recompute_in_graph else ""
     sizes = ", one graph for every forward size" if dynamic_tokens else ""
     return [f"torch.compile x{len(layers)} layers{where}{sizes}"]
+
+
+def uncompile_layers(layers: list) -> None:
+    """Undo `compile_layers`: every layer runs its eager forward again."""
+    for layer in layers:
+        layer._compiled_call_impl = None
+        if hasattr(layer, "_tb_eager_forward"):
+            layer._tb_forward = layer.__dict__.pop("_tb_eager_forward")
+
+
+def call_module_forwards_directly(layers: list) -> int:
+    """Bypass the `kernels` package's routing wrapper on the layers' modules; how many.
+
+    transformers wraps some modules (Qwen2's attention, for its RoPE) with `use_kernelized_func`
+    so that a hub kernel chosen by `kernels.kernelize` can stand in. The wrapper sets a
+    module-level variable around every forward, a side effect dynamo refuses inside a checkpoint:
+    each decoder layer would break its graph. Nothing here kernelizes (no hub downloads), so the
+    wrapper only routes back to the module's own forward, which is called directly instead."""
+    count = 0
+    for layer in layers:
+        for module in layer.modules():
+            routed = type(module).forward
+            own = "forward" in module.__dict__  # already replaced on this instance: leave it
+            if "_kernel_funcs" in module.__dict__ and hasattr(routed, "__wrapped__") and not own:
+                module.forward = MethodType(routed.__wrapped__, module)
+                count += 1
+    return count
 
 
 def _token_dims_dynamic(compiled):
@@ -409,8 +451,7 @@ class FastPath:
             kwargs["inputs_embeds"] = self.host_embedding(batch.host_ids, self.device)
         else:
             kwargs["input_ids"] = batch.input_ids
-        with self.host_inputs.around(batch.tokens) if training and self.host_inputs else nullcontext():
-            out = m.decoder(**kwargs)
+        out = self._decoder_forward(m, kwargs, batch.tokens if training else 0)
         hidden = out[0][0]
         if batch.target_tokens != hidden.shape[0]:
             hidden = hidden.index_select(0, batch.loss_index)
@@ -445,20 +486,18 @@ class FastPath:
             if hasattr(causal, "_require_grads_hook") or getattr(causal, "_require_grads_hooks", None):
                 causal.disable_input_require_grads()
         if self.compiles:
-            # Samples of many lengths give every forward a new token count: packed forwards are
-            # compiled for any size from the start (`_token_dims_dynamic`).
-            packed = "pack" in self.use
-            options = {"dynamic": True} if self._lengths_vary and not packed else {}
-            self.applied += compile_layers(
-                layers,
-                self.device,
-                recompute_in_graph=self.recompiles_in_graph,
-                dynamic_tokens=self._lengths_vary and packed,
-                **(options | self.compile_options),
-            )
+            if call_module_forwards_directly(layers):
+                self.applied.append("kernels-hub routing bypassed")
+            self.applied += self._compile(layers)
         # Larger loss chunks read the [vocab x hidden] head fewer times; lean keeps them small.
         chunk_budget = 4 if self.profile == "lean" else 16
         ce = None if "flce" not in self.use or self.device.type != "cuda" else liger_ce_sum(chunk_budget)
+        if ce is None and "flce" in self.use and self.device.type == "cuda":
+            self.use.discard("flce")
+            self.notes.append(
+                "GPU path: flce switched off: liger-kernel is not installed (pip install liger-kernel); "
+                "the chunked loss instead builds each chunk's logits twice and reads the head more often"
+            )
         self._ce = ce or chunked_ce_sum
         c = causal.config
         hidden = c.hidden_size
@@ -474,6 +513,57 @@ class FastPath:
         )
         log.info("GPU path applied: %s", ", ".join(self.applied) or "nothing")
         return self._model
+
+    def _compile(self, layers: list) -> list[str]:
+        # Samples of many lengths give every forward a new token count: packed forwards are
+        # compiled for any size from the start (`_token_dims_dynamic`).
+        packed = "pack" in self.use
+        options = {"dynamic": True} if self._lengths_vary and not packed else {}
+        return compile_layers(
+            layers,
+            self.device,
+            recompute_in_graph=self.recompiles_in_graph,
+            dynamic_tokens=self._lengths_vary and packed,
+            **(options | self.compile_options),
+        )
+
+    def _decoder_forward(self, m: _Model, kwargs: dict, training_tokens: int):
+        """The decoder's forward. Where torch.compile cannot take a layer whole (a new library
+        version can bring a side effect or an op dynamo refuses), the technique that needs it is
+        switched off, with a note saying why and what it costs, and the forward runs again."""
+        while True:
+            host_inputs = self.host_inputs if training_tokens else None
+            try:
+                with host_inputs.around(training_tokens) if host_inputs else nullcontext():
+                    return m.decoder(**kwargs)
+            except torch._dynamo.exc.TorchDynamoException as error:
+                if not self._switch_off(m, error):
+                    raise
+
+    def _switch_off(self, m: _Model, error: Exception) -> bool:
+        """Drop the first compiled technique still on (see `COMPILED_TECHNIQUES`); False if none is."""
+        technique = next((t for t, _ in COMPILED_TECHNIQUES if t in self.use and self.compiles), None)
+        if technique is None:
+            return False
+        cost = dict(COMPILED_TECHNIQUES)[technique]
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        note = (
+            f"GPU path: {technique} switched off: torch.compile cannot take a decoder layer whole "
+            f"({reason}); {cost}"
+        )
+        log.warning("%s\n%s", note, error)
+        self.notes.append(note)
+        self.use.discard(technique)
+        uncompile_layers(m.layers)
+        for layer in m.layers:  # LoRA products as autograd functions again: they save less
+            for module in layer.modules():
+                if hasattr(module, "_tb_plain"):
+                    module._tb_plain = self.recompiles_in_graph
+        self.host_inputs = None  # only a checkpoint compiled into the graph can move its inputs
+        self._max_tokens = 0  # the memory model plans the next step's forwards again
+        if self.compiles:
+            self.applied += self._compile(m.layers)
+        return True
 
     def _restore_dtype(self, causal) -> None:
         """Undo PEFT's float32 upcast of the frozen non-4-bit weights (embeddings, head, norms) under QLoRA.

@@ -16,6 +16,7 @@ text is in prompts.py.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +32,8 @@ from .fused_lora import PEFT_BASE
 from .fused_lora import FusedLora as _FusedLora
 from .prompts import IncrementalDetokenizer, encode_prompt, stop_token_ids
 from .targets import ADAPTER_WEIGHTS, Target, resolve_target
+
+log = logging.getLogger(__name__)
 
 MAX_LOADED_ADAPTERS = 8  # older ones are dropped (least recently used) to bound memory
 MAX_BATCH_ROWS = 16  # probe sets are decoded in batches of at most this many rows
@@ -120,6 +123,7 @@ class GenerationSession:
         self._adapters: dict[Path, tuple[str, int]] = {}  # adapter dir -> (name, weights mtime)
         self._next_name = 0
         self._fused_cache: dict[tuple[str, ...], Any] = {}
+        self._eager_batches_noted: set[tuple[str, ...]] = set()
         self._decoder: Any = None  # the last StaticDecoder (KV cache and CUDA graphs), for reuse
         self._compiled_step: Any = None
         self._lock = threading.Lock()  # one generation at a time: the batch owns the model
@@ -442,6 +446,17 @@ class GenerationSession:
             self._decoder = None
             return DynamicSteps(self.loaded.model, ids, mask)
         graphs = mode == "graphs"
+        if graphs and fused is None and self.peft is not None:
+            # PEFT's own mixed-batch forward picks each adapter's rows with a Python list, a
+            # host-to-device copy that a CUDA graph cannot capture.
+            graphs = False
+            if names not in self._eager_batches_noted:
+                self._eager_batches_noted.add(names)
+                log.warning(
+                    "decoding eagerly (no CUDA graph): the adapters %s use a LoRA variant that only "
+                    "PEFT's own mixed-batch forward serves, and it copies row indices from the host",
+                    ", ".join(sorted(set(names) - {PEFT_BASE})),
+                )
         needed = ids.shape[1] + cfg.max_new_tokens
         # The graphs bake in which adapter each row runs (PEFT's own forward slices by name).
         key = (names, id(fused), graphs, self.attention_window, self.packed_gqa, self.compile_step)

@@ -308,9 +308,9 @@ def test_lora_function_traces_without_graph_breaks():
         torch.testing.assert_close(g, want)
 
 
-def _train_once(recompute: bool, in_graph: bool | None, backend="aot_eager"):
+def _train_once(recompute: bool, in_graph: bool | None, backend="aot_eager", change_layers=None):
     """One packed forward and backward of the tiny model: loss, LoRA grads, graph breaks and the
-    bytes autograd kept for backward that are not parameters (activations)."""
+    bytes autograd kept for backward that are not parameters (activations), and the path."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -322,6 +322,8 @@ def _train_once(recompute: bool, in_graph: bool | None, backend="aot_eager"):
             path.use.discard("ingraph")
         path.compile_options = {"backend": backend}
     model, _ = lora_model(path, recompute)
+    if change_layers:
+        change_layers(model)
     path._setup(model)
     params = {p.data_ptr() for p in model.parameters()}
     kept = {}  # by storage: every layer saves the same RoPE tables
@@ -335,17 +337,19 @@ def _train_once(recompute: bool, in_graph: bool | None, backend="aot_eager"):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = path.loss_sum(model, batch)
     loss.backward()
-    return loss.item(), grads(model), dict(counters["graph_break"]), sum(kept.values())
+    return loss.item(), grads(model), dict(counters["graph_break"]), sum(kept.values()), path
 
 
 @pytest.mark.parametrize("in_graph", [False, True])
 def test_compiled_layers_recompute_with_the_same_math_and_keep_only_their_inputs(in_graph):
     """Recompute compiled inside each layer's graph (`ingraph`) or around it: no graph break, the
     gradients of the eager path without recompute, and only the layers' inputs kept for backward."""
-    ref_loss, ref_grads, _, kept_all = _train_once(recompute=False, in_graph=None)
-    _, _, _, kept_eager_ckpt = _train_once(recompute=True, in_graph=None)
-    loss, got, breaks, kept = _train_once(recompute=True, in_graph=in_graph)
+    ref_loss, ref_grads, _, kept_all, _ = _train_once(recompute=False, in_graph=None)
+    _, _, _, kept_eager_ckpt, _ = _train_once(recompute=True, in_graph=None)
+    loss, got, breaks, kept, path = _train_once(recompute=True, in_graph=in_graph)
     assert not breaks, breaks
+    assert {"compile", "ingraph"} & path.use == ({"compile", "ingraph"} if in_graph else {"compile"})
+    assert not [n for n in path.notes if "switched off" in n], path.notes
     assert math.isclose(loss, ref_loss, rel_tol=1e-5)
     for name in ref_grads:
         torch.testing.assert_close(got[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
@@ -355,6 +359,85 @@ def test_compiled_layers_recompute_with_the_same_math_and_keep_only_their_inputs
     # (shared by the layers) and the sample bounds. Nothing else.
     inputs = 2 * 126 * 64 * 4 + 2 * 126 * 16 * 4 + 2 * 5 * 4
     assert kept <= kept_eager_ckpt + (inputs if in_graph else 0), (kept, kept_eager_ckpt, kept_all)
+
+
+class _Tally:
+    """A module-level counter that a layer bumps on every forward: a side effect dynamo refuses
+    inside a checkpoint, as the `kernels` package's routing wrapper once was."""
+
+    calls = 0
+
+
+def _bump_in_every_attention(model):
+    for module in model.modules():
+        if type(module).__name__ == "Qwen2Attention":
+            forward = module.forward
+
+            def counted(*args, _forward=forward, **kwargs):
+                _Tally.calls += 1
+                return _forward(*args, **kwargs)
+
+            module.forward = counted
+
+
+def _break_every_attention(model):
+    for module in model.modules():
+        if type(module).__name__ == "Qwen2Attention":
+            forward = module.forward
+
+            def broken(*args, _forward=forward, **kwargs):
+                torch._dynamo.graph_break()
+                return _forward(*args, **kwargs)
+
+            module.forward = broken
+
+
+@pytest.mark.parametrize(
+    "change, switched_off, still_on",
+    [
+        (_bump_in_every_attention, ["ingraph"], {"compile"}),
+        (_break_every_attention, ["ingraph", "compile"], set()),
+    ],
+)
+def test_a_layer_dynamo_cannot_take_whole_switches_its_technique_off_and_says_so(
+    change, switched_off, still_on
+):
+    """A side effect inside the checkpoint costs the in-graph recompute only; an op dynamo cannot
+    trace at all costs the compile too. Either way the run goes on with the same math, and a note
+    names the technique, the reason and the cost instead of a silent slowdown."""
+    ref_loss, ref_grads, _, _, _ = _train_once(recompute=True, in_graph=None)
+    loss, got, _, _, path = _train_once(recompute=True, in_graph=True, change_layers=change)
+    off = [n for n in path.notes if "switched off" in n]
+    assert [n.split(":")[1].split()[0] for n in off] == switched_off, off
+    assert all("tokens/s" in n for n in off), off  # what it costs
+    assert {"compile", "ingraph"} & path.use == still_on
+    assert math.isclose(loss, ref_loss, rel_tol=1e-5)
+    for name in ref_grads:
+        torch.testing.assert_close(got[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_kernels_routing_wrapper_is_bypassed_for_the_modules_own_forward():
+    """transformers' `use_kernelized_func` wrapper (package `kernels`) sets a module-level variable
+    around the forward; the path calls the module's own forward, with the same result."""
+    kernels = pytest.importorskip("kernels")
+
+    @kernels.use_kernel_forward_from_hub("TunebenchTestRope")
+    def rope_like(x):
+        return x + 1
+
+    @kernels.use_kernelized_func(rope_like)
+    class Scaled(torch.nn.Module):
+        def forward(self, x):
+            return rope_like(x) * 2
+
+    module = Scaled()
+    layer = torch.nn.Sequential(module)
+    x = torch.randn(3, 4)
+    want = layer(x)
+    assert accel.call_module_forwards_directly([layer]) == 1
+    assert module.forward.__func__ is type(module).forward.__wrapped__
+    torch.testing.assert_close(layer(x), want)
+    assert accel.call_module_forwards_directly([torch.nn.Sequential(torch.nn.Linear(4, 4))]) == 0
 
 
 @pytest.mark.parametrize("lengths_vary", [False, True])

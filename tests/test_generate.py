@@ -159,7 +159,9 @@ def test_mixed_batch_gives_each_column_its_separate_greedy_answer(session, runs)
         assert alone["tokens"] == together[target]["tokens"]
 
 
-def test_fused_and_peft_mixed_batches_match_plain_peft_generate(session, runs, tiny_model_dir, monkeypatch):
+def test_fused_and_peft_mixed_batches_match_plain_peft_generate(
+    session, runs, tiny_model_dir, monkeypatch, recwarn
+):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -185,6 +187,9 @@ def test_fused_and_peft_mixed_batches_match_plain_peft_generate(session, runs, t
     assert fused[str(runs["plain"])]["text"] == expected
     assert via_peft[str(runs["plain"])]["text"] == expected
     assert via_peft["base"]["text"] == fused["base"]["text"]
+    # On CUDA PEFT's batch decodes eagerly by choice (its row indices come from the host), and
+    # the fused one is captured: no capture is tried and failed.
+    assert not [w for w in recwarn if "CUDA graph capture failed" in str(w.message)]
 
 
 def test_streamed_pieces_equal_the_non_streaming_answer(session, runs):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from tunebench.engine.errors import ModelError
 from tunebench.engine.models import load_model, resolve_model
@@ -61,13 +59,21 @@ def test_local_folder_loads(tiny_model_dir):
 
 
 @pytest.mark.slow
-def test_demo_model_loads_fast_once_cached():
-    resolve_model("demo")  # converts once (cached for later runs)
-    started = time.perf_counter()
+def test_demo_model_loads_from_its_cached_copy_once_converted(monkeypatch):
+    """Once converted, the demo loads from the safetensors copy: the GGUF is never read again.
+    (How fast that is, bench/bench_demo.py reports: a time bound here would fail on a busy box.)"""
+    from tunebench.engine import models
+
+    first = resolve_model("demo")  # converts once (cached for later runs)
+
+    def no_second_conversion(*args, **kwargs):
+        raise AssertionError("the demo model was converted again")
+
+    monkeypatch.setattr(models, "_convert_gguf", no_second_conversion)
     loaded = load_model("demo", torch_dtype="bfloat16")
-    seconds = time.perf_counter() - started
+    assert loaded.resolved.path == first.path == models.cached_model_dir("demo")
+    assert (first.path / "config.json").is_file() and list(first.path.glob("*.safetensors"))
     assert loaded.parameters > 100e6 and loaded.tokenizer.chat_template
-    assert seconds < 3.0, f"demo load took {seconds:.2f}s"
 
 
 def test_hub_id_found_in_the_local_cache(tiny_model_dir, tmp_path, monkeypatch):
