@@ -471,7 +471,9 @@ def run_hf_trainer(args, samples, plan, unsloth: bool) -> dict:
                 bnb_4bit_use_double_quant=True,
                 bnb_4bit_compute_dtype=torch.bfloat16,
             )
-        model = AutoModelForCausalLM.from_pretrained(args.model_dir, **kwargs)
+        # No hub kernels (transformers' default where `kernels` is installed): offline, and the
+        # plain HF stack is the anchor.
+        model = AutoModelForCausalLM.from_pretrained(args.model_dir, use_kernels=False, **kwargs)
         model.config.use_cache = False
         if qlora:
             model = prepare_model_for_kbit_training(

@@ -213,7 +213,9 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, use_kernels=False
+        )
     except ValueError as exc:
         if "not supported" in str(exc).lower() or "architecture" in str(exc).lower():
             raise ModelError(
@@ -290,7 +292,15 @@ def load_model(
     resolved = resolve_model(spec)
     device = device or pick_device()
     dtype = resolve_dtype(torch_dtype, device)
-    kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, "trust_remote_code": trust_remote_code}
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "use_safetensors": True,
+        "trust_remote_code": trust_remote_code,
+        # Where the `kernels` package is installed, transformers swaps layers for kernels fetched
+        # from the hub by default: code from the network on a GPU box, and an error offline.
+        # Models load as they are; the training path brings its own kernels.
+        "use_kernels": False,
+    }
     if quantize_4bit:
         kwargs["quantization_config"] = _nf4_config(device, dtype)
         kwargs["device_map"] = {"": device.index or 0}

@@ -56,6 +56,9 @@ def test_unsupported_gguf_architecture(tmp_path, monkeypatch):
 def test_local_folder_loads(tiny_model_dir):
     loaded = load_model(str(tiny_model_dir))
     assert loaded.resolved.kind == "folder" and loaded.tokenizer.pad_token is not None
+    # No layer swapped for a kernel from the hub (transformers' default where `kernels` is
+    # installed): on a GPU box that would fetch code from the network, and fail offline.
+    assert not getattr(loaded.model, "use_kernels", False)
 
 
 @pytest.mark.slow
