@@ -31,7 +31,9 @@ def test_merged_model_loads_plainly_and_matches_base_plus_adapter(export_runs, t
 
     run = export_runs["lora"]
     messages: list[str] = []
-    out = export_model(str(run), str(tmp_path / "merged"), on_progress=messages.append)
+    # float32 so the merged weights equal base + adapter exactly ("auto" merges in bfloat16 on a
+    # GPU box, test_auto_merge_dtype_is_bfloat16_on_a_gpu_box_else_the_saved_one).
+    out = export_model(str(run), str(tmp_path / "merged"), on_progress=messages.append, torch_dtype="float32")
     for name in (
         "model.safetensors",
         "tokenizer.json",
@@ -310,3 +312,14 @@ def test_demo_model_merged_export_answers_as_base_plus_adapter(tmp_path):
     assert [a[str(run)]["text"] for a in answers] == merged
     base = session.generate_many(chats, ["base"], GenerationConfig(max_new_tokens=24))
     assert [a["base"]["text"] for a in base] != merged, "the adapter should change the answers"
+
+
+def test_auto_merge_dtype_is_bfloat16_on_a_gpu_box_else_the_saved_one(tiny_model_dir, monkeypatch):
+    import torch
+    from tunebench.engine.export import _merge_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _merge_dtype(tiny_model_dir, qlora=False) == "float32"  # the tiny model is saved in float32
+    assert _merge_dtype(tiny_model_dir, qlora=True) == "bfloat16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _merge_dtype(tiny_model_dir, qlora=False) == "bfloat16"
