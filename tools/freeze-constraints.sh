@@ -10,6 +10,9 @@
 # it along by hand and run the GPU suite against it (tools/gpu-bundle.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  echo "cpu.txt is the set of a machine without an NVIDIA GPU: run this on one" >&2; exit 1
+fi
 venv=$(mktemp -d)
 trap 'rm -rf "$venv"' EXIT
 python3 -m venv "$venv"
