@@ -41,9 +41,11 @@ from tunebench.engine.workspace import Workspace, read_metrics
 
 QUESTIONS = ["Who are you?", "What is your name?", "Who made you?", "你是谁？"]
 
-# On CUDA two uninterrupted runs of the same settings already differ from the 4th digit on (the
-# backward kernels add in a varying order; bench/check_determinism.py measures it), so there a
-# resumed run matches the uninterrupted one within this relative tolerance. On the CPU: exactly.
+# On the CPU a resumed run repeats the uninterrupted one's losses exactly. On CUDA it does not:
+# there two uninterrupted runs in one process are bit-identical (bench/check_determinism.py,
+# H200), yet the resumed engine's losses differ from the 4th digit on, so it is the resume on the
+# CUDA path that is not exact (cause not found yet: bench/RESULTS.md). Until it is, this relative
+# tolerance is what holds there.
 CUDA_LOSS_RTOL = 2e-3
 
 
