@@ -533,10 +533,12 @@ class FastPath:
         switched off, with a note saying why and what it costs, and the forward runs again."""
         while True:
             host_inputs = self.host_inputs if training_tokens else None
+            hooks_before = _saved_tensor_hooks_top()
             try:
                 with host_inputs.around(training_tokens) if host_inputs else nullcontext():
                     return m.decoder(**kwargs)
             except torch._dynamo.exc.TorchDynamoException as error:
+                _pop_saved_tensor_hooks_to(hooks_before)
                 if not self._switch_off(m, error):
                     raise
 
@@ -637,6 +639,24 @@ class FastPath:
             m.scale = min(2.0, max(0.7, used / modelled))
             m.calibrated = True
             log.info("activation memory: %.2f GiB measured, %.2f modelled", used / GIB, modelled / GIB)
+
+
+def _saved_tensor_hooks_top():
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top(False) if top else None
+
+
+def _pop_saved_tensor_hooks_to(expected) -> None:
+    """Uninstall the saved-tensor hooks a failed forward left behind.
+
+    torch 2.11's non-reentrant checkpoint leaves its hooks installed when the function it runs
+    raises: every tensor saved afterwards would be "recomputed" in backward by that failed
+    function. Pops back to the hooks that were installed before the forward."""
+    pop = getattr(torch._C._autograd, "_pop_saved_tensors_default_hooks", None)
+    for _ in range(64):  # a bound: each failed checkpoint leaves one pair
+        if pop is None or _saved_tensor_hooks_top() == expected:
+            return
+        pop()
 
 
 def _compute_dtype(model):
