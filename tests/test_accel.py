@@ -7,9 +7,11 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from tunebench.engine import accel, fused_loss, lora_ops, packing
-from tunebench.engine.config import TrainConfig
-from tunebench.engine.train import IGNORE, _attach_lora, collate, forward_loss_sum
+from tunebench.engine.core.config import TrainConfig
+from tunebench.engine.cuda import fused_loss, packing
+from tunebench.engine.cuda import lora_train as lora_ops
+from tunebench.engine.cuda import path as accel
+from tunebench.engine.train.recipe import IGNORE, _attach_lora, collate, forward_loss_sum
 
 GIB = 1024**3
 

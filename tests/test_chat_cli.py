@@ -8,8 +8,8 @@ import json
 
 import pytest
 from test_generate import QUESTION, greedy, make_run
-from tunebench.engine import chat_cli
-from tunebench.engine.cli import main as tunebench
+from tunebench.engine.cli import chat as chat_cli
+from tunebench.engine.cli.main import main as tunebench
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def runs(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def session(tiny_model_dir):
-    from tunebench.engine.generate import GenerationSession
+    from tunebench.engine.infer.generate import GenerationSession
 
     return GenerationSession(str(tiny_model_dir), torch_dtype="float32")
 
@@ -54,8 +54,8 @@ def test_chat_takes_the_chat_template_from_the_run(monkeypatch, capsys, tiny_mod
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from tunebench.engine.prompts import stop_token_ids
-    from tunebench.engine.templates import CHATML
+    from tunebench.engine.core.templates import CHATML
+    from tunebench.engine.infer.prompts import stop_token_ids
 
     run = make_run(tmp_path, tiny_model_dir, "chatml-run", seed=3, template="chatml")
     out, _ = chat(monkeypatch, capsys, "Who are you?\n", "--adapters", str(run))
@@ -126,7 +126,7 @@ def test_compare_is_side_by_side_on_a_wide_terminal_and_sequential_on_a_narrow_o
 ):
     import os
 
-    from tunebench.engine.targets import resolve_target
+    from tunebench.engine.core.targets import resolve_target
 
     plain = str(runs["plain"])
     monkeypatch.setattr(chat_cli.shutil, "get_terminal_size", lambda *a: os.terminal_size((columns, 24)))
@@ -154,7 +154,7 @@ def test_compare_is_side_by_side_on_a_wide_terminal_and_sequential_on_a_narrow_o
 
 
 def test_ctrl_c_at_the_prompt_clears_the_line_and_keeps_the_chat(monkeypatch, runs, session, tiny_model_dir):
-    from tunebench.engine.targets import resolve_target
+    from tunebench.engine.core.targets import resolve_target
 
     typed = iter([KeyboardInterrupt, "/quit"])
 
@@ -174,7 +174,7 @@ def test_ctrl_c_at_the_prompt_clears_the_line_and_keeps_the_chat(monkeypatch, ru
 
 def test_an_adapter_of_another_base_is_refused_before_loading(monkeypatch, capsys, runs, tmp_path_factory):
     from tiny import make_tiny_model_dir
-    from tunebench.engine import generate
+    from tunebench.engine.infer import generate
 
     other = make_tiny_model_dir(tmp_path_factory.mktemp("other-base") / "model", seed=5)
     capsys.readouterr()

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 def test_tunebench_demo_teaches_the_new_identity(tmp_path):
     started = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "tunebench.engine.cli", "demo", "--output_dir", str(tmp_path)],
+        [sys.executable, "-m", "tunebench.engine.cli.main", "demo", "--output_dir", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=600,

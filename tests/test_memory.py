@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-from tunebench.engine import memory as M
-from tunebench.engine.config import TrainConfig
+from tunebench.engine.core import estimate as M
+from tunebench.engine.core.config import TrainConfig
 
 # Qwen2.5-7B-Instruct's config.json, the model the README targets.
 QWEN_7B = {
@@ -36,7 +36,7 @@ def test_sample_says_what_it_found():
 
 def test_sampling_never_imports_torch():
     code = (
-        "import sys; from tunebench.engine.memory import sample_memory; s = sample_memory(); "
+        "import sys; from tunebench.engine.core.estimate import sample_memory; s = sample_memory(); "
         "print('torch' in sys.modules, s.allocated, s.rss > 0)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

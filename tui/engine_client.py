@@ -18,9 +18,9 @@ from pathlib import Path
 
 from textual.message import Message
 from textual.message_pump import MessagePump
-from tunebench.engine import protocol as P
-from tunebench.engine.client import READ_LIMIT, ensure_engine
-from tunebench.engine.workspace import Workspace
+from tunebench.engine.core import protocol as P
+from tunebench.engine.core.workspace import Workspace
+from tunebench.engine.process.client import READ_LIMIT, ensure_engine
 
 CLIENT_NAME = "tui"
 # A killed engine closes its socket at once (EOF); the pid check catches an engine that hangs

@@ -19,8 +19,8 @@ import warnings
 from pathlib import Path
 from typing import Any, get_origin, get_type_hints
 
-from .config import ConfigError, TrainConfig, parse_value
-from .errors import UserError
+from ..core.config import ConfigError, TrainConfig, parse_value
+from ..core.errors import UserError
 
 SUBCOMMANDS = ("train", "chat", "probe", "export", "status", "stop", "serve", "demo")
 
@@ -46,22 +46,22 @@ def main(argv: list[str] | None = None) -> int:
 
             return demo_main(rest)
         if command in ("chat", "probe", "export"):
-            from . import chat_cli
+            from . import chat as chat_cli
 
             return getattr(chat_cli, f"{command}_main")(rest)
         if command == "status":
-            from .server import status_text
+            from ..process.server import status_text
 
             print(status_text(Path(rest[0] if rest else ".").resolve()))
             return 0
         if command == "stop":
-            from .client import stop_engine
+            from ..process.client import stop_engine
 
             say = lambda line: print(line, flush=True)  # noqa: E731 - what it waits for, at once
             print(stop_engine(Path(rest[0] if rest else ".").resolve(), say=say))
             return 0
         if command == "serve":
-            from .__main__ import main as engine_main
+            from .engine import main as engine_main
 
             return engine_main(["serve", *rest], prog="tunebench")
         return _tui_main(rest)
@@ -234,10 +234,10 @@ def train_main(argv: list[str]) -> int:
             "no training data: --dataset is required",
             "for example --dataset sample_data/self_cognition.jsonl#50",
         )
-    from .preflight import preflight
+    from ..train.preflight import preflight
 
     preflight(cfg)
-    from .train import StopSignal, run_training
+    from ..train.recipe import StopSignal, run_training
 
     stop = StopSignal()
     previous = _install_stop_handlers(stop)

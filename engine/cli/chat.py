@@ -26,8 +26,8 @@ from typing import Any, TextIO, get_type_hints
 
 import orjson
 
-from .config import GenerationConfig
-from .errors import UserError
+from ..core.config import GenerationConfig
+from ..core.errors import UserError
 
 MIN_COLUMN = 32  # narrower than this, side-by-side columns are printed one after the other
 GAP = " │ "
@@ -40,7 +40,7 @@ HELP_TEXT = (
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
-        from .cli import suggest_flag
+        from .main import suggest_flag
 
         if "unrecognized arguments" in message:
             flags = message.split(":", 1)[1].split()
@@ -100,13 +100,13 @@ def _parser(prog: str, description: str, *, generation: bool = True) -> argparse
 
 
 def _generation_config(args: argparse.Namespace) -> GenerationConfig:
-    from .cli import config_from_args
+    from .main import config_from_args
 
     return config_from_args(args, GenerationConfig)
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
-    from .cli import join_negative_numbers
+    from .main import join_negative_numbers
 
     return parser.parse_args(join_negative_numbers(argv))
 
@@ -134,8 +134,8 @@ class _Setup:
 
 def _setup(args: argparse.Namespace, with_base: bool) -> _Setup:
     """Resolve adapters and the base model up front, so a bad path fails before any loading."""
-    from .export import base_model_of
-    from .targets import BASE, Target, resolve_target
+    from ..core.targets import BASE, Target, resolve_target
+    from ..infer.export import base_model_of
 
     adapters = [resolve_target(str(Path(a).expanduser())) for a in args.adapters]
     model = base_model_of(adapters, args.model)
@@ -144,7 +144,7 @@ def _setup(args: argparse.Namespace, with_base: bool) -> _Setup:
 
 
 def _load_session(setup: _Setup, torch_dtype: str):
-    from .generate import GenerationSession
+    from ..infer.generate import GenerationSession
 
     print(f"loading {setup.model} ...", file=sys.stderr, flush=True)
     session = GenerationSession(setup.model, torch_dtype=torch_dtype)
@@ -422,7 +422,7 @@ def default_probes(workspaces: tuple[Path, ...] = ()) -> Path:
     sample_data/probes.txt of the source checkout (installs are editable) or of ./sample_data."""
     here = Path.cwd()
     candidates = [w / "probes.txt" for w in (*workspaces, here)] + [
-        root / "sample_data" / "probes.txt" for root in (Path(__file__).resolve().parent.parent, here)
+        root / "sample_data" / "probes.txt" for root in (Path(__file__).resolve().parents[2], here)
     ]
     for candidate in candidates:
         if candidate.is_file():
@@ -585,8 +585,8 @@ def export_main(argv: list[str]) -> int:
             "export takes exactly one adapter" if args.adapters else "no adapter: --adapters is required",
             "for example: tunebench export --adapters runs/<run-id> --merge_lora true",
         )
-    from .export import export_model
-    from .targets import resolve_target
+    from ..core.targets import resolve_target
+    from ..infer.export import export_model
 
     target = resolve_target(str(Path(args.adapters[0]).expanduser()))
     merge = args.merge_lora and not args.adapter_only

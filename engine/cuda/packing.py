@@ -1,4 +1,4 @@
-"""Padding-free packing and per-document attention for the CUDA path (engine/accel.py).
+"""Padding-free packing and per-document attention for the CUDA path (engine/cuda/path.py).
 
 A micro-batch's samples are concatenated into one row with no padding. Position ids restart at 0
 for each sample and attention is per document: a registered attention function
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .train import IGNORE, Batch
+from ..train.recipe import IGNORE, Batch
 
 ATTENTION_NAME = "tunebench_varlen"
 

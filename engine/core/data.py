@@ -5,7 +5,7 @@ history), sharegpt (conversations of from / value), OpenAI messages (role / cont
 query / response / history. Every record becomes a list of {role, content} messages (system, then
 user and assistant turns alternating, ending with the assistant), or a RecordProblem that says
 which file, line or index, and why. Turning samples into token ids and loss masks is
-engine/encoding.py's part.
+engine/core/encoding.py's part.
 
 Parsing uses orjson rather than `datasets` so a problem can name its exact line. This module
 imports neither torch nor transformers: the TUI imports it to check rows as they are typed.

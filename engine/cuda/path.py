@@ -3,16 +3,16 @@
 `train.select_path()` calls `cuda_path(cfg, device)` on CUDA. The recipe stays the same; what
 changes is how a micro-batch is laid out and how its summed loss is computed:
 
-- **Packing** (engine/packing.py). A micro-batch's samples are concatenated into one row with
+- **Packing** (engine/cuda/packing.py). A micro-batch's samples are concatenated into one row with
   no padding. Position ids restart at 0 for each sample and attention is per document: a
   registered attention function ("tunebench_varlen") calls PyTorch's variable-length
   flash-attention kernel with the samples' cumulative lengths, so no token attends across a
   sample boundary and no time goes to pads.
-- **Loss** (engine/fused_loss.py). The decoder's last hidden states are taken only at positions
+- **Loss** (engine/cuda/fused_loss.py). The decoder's last hidden states are taken only at positions
   that predict a trained token and fed to a fused linear + cross-entropy (liger-kernel) that
   never builds the [tokens x vocabulary] logits; without liger, a chunked loss that recomputes
   each chunk's logits in backward. The result is the SUM over loss tokens, as the recipe expects.
-- **LoRA** (engine/lora_ops.py). PEFT's LoRA forward casts every input to float32 for the
+- **LoRA** (engine/cuda/lora_train.py). PEFT's LoRA forward casts every input to float32 for the
   adapter (a float32 copy of each projection's input is kept for backward). Here the adapter runs
   in the compute dtype against its float32 master weights, and the base and adapter products
   share one saved input.
@@ -26,7 +26,7 @@ changes is how a micro-batch is laid out and how its summed loss is computed:
 - **Kernels.** liger's fused RMSNorm and SwiGLU on Llama / Qwen / Mistral families (they keep
   fewer and smaller tensors for backward); fused AdamW is the recipe's own.
 - **Merged forwards.** A step's samples are regrouped (in order, never split) into forwards of
-  at most the profile's token count from the memory model (engine/gpu_memory.py): fast packs as
+  at most the profile's token count from the memory model (engine/core/memory_model.py): fast packs as
   many as keep every layer's activations on the card (the whole step, for 4 x 2048 tokens on a
   7B and an 80 GB card), lean as many as fit a small fixed allowance. The loss is summed and
   normalised by the step's loss tokens, so the gradient is the configured micro-batches'.
@@ -35,7 +35,7 @@ changes is how a micro-batch is laid out and how its summed loss is computed:
   how many decoder layers can keep their activations, and recomputes only the rest. `lean`
   recomputes every layer, keeps the input embedding matrix in host memory (its rows are
   gathered on the CPU: it is frozen and only indexed) and the recomputed layers' inputs too
-  (engine/offload.py). `auto` picks lean when little memory is left after the model is loaded.
+  (engine/cuda/offload.py). `auto` picks lean when little memory is left after the model is loaded.
 
 Techniques: pack, merge, flce, lora, selective (fast), offload and hostinputs (lean), compile
 (each decoder layer as one torch.compile region, bitsandbytes' 4-bit layers included), ingraph
@@ -57,9 +57,8 @@ from typing import Any
 
 import torch
 
-from .config import TrainConfig
-from .fused_loss import chunked_ce_sum, liger_ce_sum
-from .gpu_memory import (  # noqa: F401 - the memory model, re-exported for callers and tests
+from ..core.config import TrainConfig
+from ..core.memory_model import (  # noqa: F401 - the memory model, re-exported for callers and tests
     FAST_MAX_TOKENS,
     GIB,
     HEADROOM,
@@ -71,10 +70,11 @@ from .gpu_memory import (  # noqa: F401 - the memory model, re-exported for call
     layers_to_keep,
     tokens_per_forward,
 )
-from .lora_ops import patch_lora_layers, probe_mm_out_dtype
+from ..train.recipe import Batch, TrainPath
+from .fused_loss import chunked_ce_sum, liger_ce_sum
+from .lora_train import patch_lora_layers, probe_mm_out_dtype
 from .offload import HostEmbedding, HostInputs
 from .packing import ATTENTION_NAME, PackedBatch, pack, register_attention, repartition, use_attention
-from .train import Batch, TrainPath
 
 log = logging.getLogger(__name__)
 
@@ -378,7 +378,7 @@ class FastPath:
 
     def collate(self, samples: list, pad_id: int, device) -> Batch:
         if "pack" not in self.use:
-            from .train import collate
+            from ..train.recipe import collate
 
             return collate(samples, pad_id, device)
         # Attention's longest-sample bound is an int the compiled layers would be specialised on:
@@ -388,7 +388,7 @@ class FastPath:
     def loss_sum(self, model, batch: Batch):
         m = self._model or self._setup(model)
         if not isinstance(batch, PackedBatch):
-            from .train import forward_loss_sum
+            from ..train.recipe import forward_loss_sum
 
             return forward_loss_sum(model, batch)
         if batch.target_tokens == 0:

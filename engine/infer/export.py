@@ -21,10 +21,10 @@ from typing import Any
 
 import orjson
 
-from .errors import UserError
+from ..core.errors import UserError
+from ..core.targets import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Target, recorded_base_model, resolve_target
+from ..core.templates import with_default_system
 from .prompts import stop_token_ids
-from .targets import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Target, recorded_base_model, resolve_target
-from .templates import with_default_system
 
 Progress = Callable[[str], None]
 INFO_FILE = "tunebench_export.json"
@@ -82,7 +82,7 @@ def base_model_of(targets: list[Target], model: str = "") -> str:
     """The base model the adapters among `targets` were trained on, checked to be on this machine
     before any weights load. `model` (--model) overrides what their runs recorded, but may not
     name another base than one a run recorded and that is still here."""
-    from .models import resolve_model
+    from ..models.loading import resolve_model
 
     adapters = [t for t in targets if not t.is_base]
     if model:
@@ -136,7 +136,7 @@ def _merge(target: Target, base: str, out: Path, say: Progress, torch_dtype: str
     import torch
     from peft import PeftModel
 
-    from .models import load_model, resolve_model
+    from ..models.loading import load_model, resolve_model
 
     resolved = resolve_model(base)
     qlora = target.train_config.get("train_type") == "qlora" or target.train_config.get("quant_bits") == 4
@@ -264,7 +264,7 @@ def _copy_adapter(target: Target, base: str, out: Path, say: Progress) -> dict[s
     _readable_like(out / ADAPTER_CONFIG, [out / ADAPTER_WEIGHTS])
     base_path, tokenizer = "", None
     try:
-        from .models import load_tokenizer, resolve_model
+        from ..models.loading import load_tokenizer, resolve_model
 
         if base:
             resolved = resolve_model(base)

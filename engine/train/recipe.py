@@ -8,7 +8,7 @@ The same code runs on CPU (tests, the demo) and CUDA. Everything it does is repo
     checkpoints/step-<n>/  adapter + trainer_state.pt (optimizer, scheduler, RNG, step)
     adapter/               the final adapter in PEFT format
 
-Checkpoints and the final adapter are written and read by engine/checkpoints.py.
+Checkpoints and the final adapter are written and read by engine/train/checkpoints.py.
 """
 
 from __future__ import annotations
@@ -26,7 +26,11 @@ from typing import Any
 
 import orjson
 
-from . import protocol as P
+from ..core import protocol as P
+from ..core.config import TrainConfig, to_command, to_dict
+from ..core.encoding import IGNORE_INDEX
+from ..core.errors import UserError
+from ..core.files import atomic_write_bytes
 from .checkpoints import (
     find_checkpoint,
     load_checkpoint,
@@ -34,14 +38,10 @@ from .checkpoints import (
     save_checkpoint,
     truncate_metrics,
 )
-from .config import TrainConfig, to_command, to_dict
-from .encoding import IGNORE_INDEX
-from .errors import UserError
-from .files import atomic_write_bytes
 
 # Mixed sample lengths fragment the CUDA caching allocator; growable segments keep the reserved
 # memory close to the allocated. Read when CUDA first allocates, so set before any GPU work
-# (engine/memory.py sets it as well, for the engine process).
+# (engine/core/estimate.py sets it as well, for the engine process).
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 Emit = Callable[[P.Event], None]
@@ -99,7 +99,7 @@ class Batch:
 @dataclass
 class TrainPath:
     """How batches are built and the loss computed on this device: the plain path below runs
-    everywhere; engine/accel.py supplies the CUDA fast path (packing, fused kernels, profiles)."""
+    everywhere; engine/cuda/path.py supplies the CUDA fast path (packing, fused kernels, profiles)."""
 
     name: str
     gradient_checkpointing: bool
@@ -119,7 +119,7 @@ def plain_path(cfg: TrainConfig) -> TrainPath:
 def select_path(cfg: TrainConfig, device) -> TrainPath:
     if device.type == "cuda":
         try:
-            from .accel import cuda_path
+            from ..cuda.path import cuda_path
         except ImportError:
             return plain_path(cfg)
         return cuda_path(cfg, device)
@@ -151,9 +151,9 @@ def run_training(cfg: TrainConfig, emit: Emit, stop: StopSignal | None = None) -
     run = RunPaths(resume_dir.parent.parent if resume_dir else new_run_dir(cfg))
     _seed_everything(cfg.seed)
 
-    from .data import load_dataset, split_eval
-    from .encoding import tokenize_samples
-    from .models import load_model
+    from ..core.data import load_dataset, split_eval
+    from ..core.encoding import tokenize_samples
+    from ..models.loading import load_model
 
     emit(P.Progress(stage="load", message=f"loading model {cfg.model}"))
     loaded = load_model(
@@ -398,7 +398,7 @@ def _write_run_config(run: RunPaths, cfg: TrainConfig, base_path: Path) -> None:
 def _attach_lora(model, cfg: TrainConfig, recompute: bool):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    from .models import linear_module_names
+    from ..models.loading import linear_module_names
 
     available = linear_module_names(model)
     if cfg.target_modules != ["all-linear"]:

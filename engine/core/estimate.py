@@ -5,9 +5,9 @@ torch allocator (only when torch is already imported and CUDA initialised: sampl
 be what pulls torch in or creates a CUDA context) and the process RSS.
 
 `estimate_training_memory(cfg)` answers "will this form fit?" before anything is loaded, from
-the model's config.json alone, with the CUDA path's own memory model (engine/gpu_memory.py,
+the model's config.json alone, with the CUDA path's own memory model (engine/core/memory_model.py,
 calibrated against the bench's measured peaks): the same profile, packed forwards and recompute
-that engine/accel.py will choose.
+that engine/cuda/path.py will choose.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import gpu_memory as gm
+from . import memory_model as gm
 from . import protocol as P
 
 GIB = gm.GIB
@@ -175,7 +175,7 @@ class ModelShape:
         )
 
     def as_config(self) -> dict[str, Any]:
-        """The sizes in config.json's names (what engine/gpu_memory.py reads)."""
+        """The sizes in config.json's names (what engine/core/memory_model.py reads)."""
         return {
             "hidden_size": self.hidden,
             "num_hidden_layers": self.layers,
@@ -238,7 +238,7 @@ class TrainingLayout:
 
 
 def training_layout(shape: ModelShape, cfg: Any, card_bytes: int | None) -> TrainingLayout:
-    """The profile, the largest forward and the recomputed layers the CUDA path (engine/accel.py)
+    """The profile, the largest forward and the recomputed layers the CUDA path (engine/cuda/path.py)
     will pick for `cfg` on a card of `card_bytes` (None: unknown, no GPU here)."""
     model = shape.as_config()
     quantized = cfg.train_type == "qlora" or cfg.quant_bits == 4
@@ -287,7 +287,7 @@ def estimate_training_memory(
     """GPU memory a TrainConfig will need at its peak (the allocator's), from the model's
     config.json (read without torch); `model_info` is that config.json as a dict, when the caller
     has it; `card_bytes` the GPU's memory (-1: ask NVML; None: no GPU). The numbers are the CUDA
-    path's own memory model (engine/gpu_memory.py). Raises ValueError when the model's sizes
+    path's own memory model (engine/core/memory_model.py). Raises ValueError when the model's sizes
     cannot be found."""
     info = model_info if model_info is not None else read_model_info(cfg.model)
     if info is None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import UserError
+from ..core.errors import UserError
 
 # End-of-turn tokens of the common chat formats; a turn also ends at the tokenizer's EOS.
 END_OF_TURN_TOKENS = (
@@ -26,7 +26,7 @@ END_OF_TURN_TOKENS = (
 
 def chat_template_for(tokenizer: Any, template: str = "") -> str | None:
     """The Jinja source a run's --template names, or None for the tokenizer's own."""
-    from .encoding import resolve_template
+    from ..core.encoding import resolve_template
 
     return resolve_template(tokenizer, template)[0]
 
@@ -35,7 +35,7 @@ def encode_prompt(
     tokenizer: Any, messages: Sequence[dict[str, str]], template: str = "", system: str = ""
 ) -> list[int]:
     """Token ids of the chat so far plus the assistant header, tokenised the way training did."""
-    from .encoding import assistant_spans
+    from ..core.encoding import assistant_spans
 
     chat = [{"role": m["role"], "content": m["content"]} for m in messages]
     if system:

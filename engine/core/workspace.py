@@ -36,7 +36,7 @@ else:  # pragma: no cover - Python 3.10
 
 STATE_DIR = ".tunebench"
 SETTINGS_FILE = "tunebench.toml"
-CHECKPOINT_STATE_FILE = "trainer_state.pt"  # what marks a checkpoint complete (engine/checkpoints.py)
+CHECKPOINT_STATE_FILE = "trainer_state.pt"  # what marks a checkpoint complete (engine/train/checkpoints.py)
 # With no client and no job for this long, the engine exits and gives back the memory its loaded
 # models hold; coming back to the TUI within it reattaches to the warm engine.
 ENGINE_IDLE_EXIT_S = float(os.environ.get("TUNEBENCH_ENGINE_IDLE_S", 15 * 60))

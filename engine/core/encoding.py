@@ -1,14 +1,14 @@
 """Tokenising: how a conversation becomes token ids and a loss mask, through the chat template.
 
 A sample's messages are rendered with the chat template (the tokenizer's own, or one of
-engine/templates.py's by --template), the assistant answers are found in the rendered text, and the
+engine/core/templates.py's by --template), the assistant answers are found in the rendered text, and the
 text is tokenised piece by piece; labels are the ids on the answers (content and end-of-turn token)
 and IGNORE_INDEX everywhere else, so the loss is on answers only. A sample over max_length keeps
 its start; one whose answers would all be cut away is dropped with a RecordProblem saying why.
 check_sample is the whole check of one record for the TUI: data.py's normalising and placeholders,
 then this tokenising, against max_length when a tokenizer is given.
 
-Like engine/data.py, this module imports neither torch nor transformers: it works on any tokenizer
+Like engine/core/data.py, this module imports neither torch nor transformers: it works on any tokenizer
 object passed in (an `apply_chat_template`, and a `__call__` returning input_ids) and returns plain
 lists of ints, so the TUI's row checks and preview tokenise exactly as training does.
 """

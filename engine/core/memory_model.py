@@ -1,6 +1,6 @@
 """The GPU path's memory model: peak allocated bytes of a training step, and the profile choice.
 
-Torch-free on purpose: the TUI's estimate (engine/memory.py) and the CUDA path (engine/accel.py)
+Torch-free on purpose: the TUI's estimate (engine/core/estimate.py) and the CUDA path (engine/cuda/path.py)
 use the same numbers, and the estimate is answered before torch is ever imported. Calibrated
 against the peaks measured on an H100 and an H200 (bench/RESULTS.md, "Memory model").
 """

@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from .errors import UserError
-from .files import atomic_write_bytes, fsync_dir
-from .workspace import CHECKPOINT_STATE_FILE, list_checkpoints
+from ..core.errors import UserError
+from ..core.files import atomic_write_bytes, fsync_dir
+from ..core.workspace import CHECKPOINT_STATE_FILE, list_checkpoints
 
 if TYPE_CHECKING:
-    from .train import RunPaths
+    from .recipe import RunPaths
 
 STATE_FILE = CHECKPOINT_STATE_FILE
 

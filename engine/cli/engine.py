@@ -1,4 +1,4 @@
-"""`python -m tunebench.engine serve --workspace DIR`: the engine process that the TUI starts.
+"""`python -m tunebench.engine.cli.engine serve --workspace DIR`: the engine process that the TUI starts.
 
 Also `status [DIR]` (what `tunebench status` prints). Nothing heavy is imported here: the engine
 answers its first client before torch is ever loaded.
@@ -10,7 +10,7 @@ import argparse
 import sys
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m tunebench.engine") -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m tunebench.engine.cli.engine") -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     serve_parser = commands.add_parser(
@@ -25,11 +25,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m tunebench.engine"
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
     if args.command == "status":
-        from .client import status_text
+        from ..process.client import status_text
 
         print(status_text(args.workspace))
         return 0
-    from .server import serve
+    from ..process.server import serve
 
     return serve(args.workspace or args.workspace_arg or ".")
 

@@ -1,4 +1,4 @@
-"""LoRA products for the CUDA training path (engine/accel.py): PEFT's LoRA Linear layers routed
+"""LoRA products for the CUDA training path (engine/cuda/path.py): PEFT's LoRA Linear layers routed
 through an adapter in the compute dtype with one saved input, or plain ops for layers whose
 recompute is compiled into their graph."""
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import TrainConfig
-from .errors import UserError
+from ..core.config import TrainConfig
+from ..core.errors import UserError
 
 
 def preflight(cfg: TrainConfig) -> None:
@@ -18,9 +18,9 @@ def preflight(cfg: TrainConfig) -> None:
     calls it directly). With the model's tokenizer at hand, a dataset of which --max_length would
     leave nothing is found here too, for datasets up to TOKENIZE_LIMIT samples.
     """
-    from .checkpoints import find_checkpoint
-    from .data import DataError, load_dataset
-    from .models import (
+    from ..core.data import DataError, load_dataset
+    from ..core.templates import get_template
+    from ..models.loading import (
         DEMO_NAME,
         cached_model_dir,
         check_qlora_possible,
@@ -28,7 +28,7 @@ def preflight(cfg: TrainConfig) -> None:
         linear_module_names_of,
         resolve_model,
     )
-    from .templates import get_template
+    from .checkpoints import find_checkpoint
 
     if cfg.is_qlora:
         check_qlora_possible()
@@ -92,9 +92,9 @@ TOKENIZE_LIMIT = 5000
 
 def _check_something_fits(cfg: TrainConfig, resolved, samples: list) -> None:
     """Refuse a dataset of which --max_length would leave no sample, before the weights load."""
-    from .encoding import tokenize_samples
-    from .models import ModelError, load_tokenizer
-    from .train import no_sample_left
+    from ..core.encoding import tokenize_samples
+    from ..models.loading import ModelError, load_tokenizer
+    from .recipe import no_sample_left
 
     if not samples or len(samples) > TOKENIZE_LIMIT:
         return

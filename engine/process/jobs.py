@@ -3,7 +3,7 @@ a failure reads to a person.
 
 Each job body emits its events as it goes and returns its final event; the server (server.py)
 schedules them one at a time and owns everything asyncio. Heavy modules (torch, transformers,
-engine/train.py, engine/generate.py) are imported inside the bodies, never at import time.
+engine/train/recipe.py, engine/infer/generate.py) are imported inside the bodies, never at import time.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import protocol as P
-from .config import ConfigError
-from .errors import UserError
-from .workspace import Workspace, list_checkpoints
+from ..core import protocol as P
+from ..core.config import ConfigError
+from ..core.errors import UserError
+from ..core.workspace import Workspace, list_checkpoints
 
 Emit = Callable[[P.Event], None]
 
@@ -77,8 +77,8 @@ class Jobs:
         self._session: Any = None
 
     def train(self, job: Job, request: P.Request, emit: Emit) -> P.Event:
-        from .preflight import preflight
-        from .train import StopSignal, run_training
+        from ..train.preflight import preflight
+        from ..train.recipe import StopSignal, run_training
 
         preflight(job.config)  # a bad dataset or flag fails in seconds, before any weights load
         self.drop_session()  # training needs the GPU memory a chat model holds
@@ -93,7 +93,7 @@ class Jobs:
         return run_training(job.config, emit_until_finished, stop)
 
     def generate(self, job: Job, request: P.Generate, emit: Emit) -> P.Event:
-        from .targets import base_model_for
+        from ..core.targets import base_model_for
 
         resolved = {t: t if t == "base" else self.ws.resolve(t) for t in request.targets}
         targets = list(resolved.values())
@@ -123,7 +123,7 @@ class Jobs:
         return P.GenerateDone(stats=stats, cancelled=job.cancel.is_set())
 
     def export(self, job: Job, request: P.Export, emit: Emit) -> P.Event:
-        from .export import export_model
+        from ..infer.export import export_model
 
         adapter = self.ws.resolve(request.adapter)
         if request.output_dir:
@@ -153,7 +153,7 @@ class Jobs:
         if not force and self._session is not None and self._session.model_spec == model:
             return self._session, None
         self.drop_session()
-        from .generate import GenerationSession
+        from ..infer.generate import GenerationSession
 
         emit(P.Progress(stage="load", message=f"loading model {model}"))
         started = time.perf_counter()

@@ -33,11 +33,13 @@ from typing import Any
 
 import orjson
 
-from . import protocol as P
+from ..core import protocol as P
+from ..core.config import ConfigError, GenerationConfig, TrainConfig
+from ..core.errors import UserError
+from ..core.estimate import estimate_training_memory, read_model_info, sample_memory
+from ..core.files import atomic_write_bytes
+from ..core.workspace import ENGINE_IDLE_EXIT_S, Workspace, read_metrics
 from .client import EngineConnection, connect_or_start, ensure_engine, start_engine, status_text
-from .config import ConfigError, GenerationConfig, TrainConfig
-from .errors import UserError
-from .files import atomic_write_bytes
 from .jobs import (
     Job,
     JobFunction,
@@ -49,8 +51,6 @@ from .jobs import (
     free_memory,
     reset_peak_memory,
 )
-from .memory import estimate_training_memory, read_model_info, sample_memory
-from .workspace import ENGINE_IDLE_EXIT_S, Workspace, read_metrics
 
 __all__ = [
     "EngineServer",

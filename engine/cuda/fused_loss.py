@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .gpu_memory import GIB
-from .train import IGNORE
+from ..core.memory_model import GIB
+from ..train.recipe import IGNORE
 
 
 def chunked_ce_sum(hidden, weight, targets, chunk: int = 0):

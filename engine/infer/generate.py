@@ -24,13 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import GenerationConfig
+from ..core.config import GenerationConfig
+from ..core.errors import UserError
+from ..core.targets import ADAPTER_WEIGHTS, Target, resolve_target
 from .decode_steps import ATTENTION_WINDOW
-from .errors import UserError
-from .fused_lora import PEFT_BASE
-from .fused_lora import FusedLora as _FusedLora
+from .lora_decode import PEFT_BASE
+from .lora_decode import FusedLora as _FusedLora
 from .prompts import IncrementalDetokenizer, encode_prompt, stop_token_ids
-from .targets import ADAPTER_WEIGHTS, Target, resolve_target
 
 MAX_LOADED_ADAPTERS = 8  # older ones are dropped (least recently used) to bound memory
 MAX_BATCH_ROWS = 16  # probe sets are decoded in batches of at most this many rows
@@ -92,7 +92,7 @@ class GenerationSession:
     """One base model plus any number of adapters, reused across requests for the same base."""
 
     def __init__(self, model: str = "demo", *, torch_dtype: str = "auto", decode: str = "auto") -> None:
-        from .models import load_model
+        from ..models.loading import load_model
 
         self._setup(model, load_model(model, torch_dtype=decode_dtype(torch_dtype)), decode)
 
@@ -347,7 +347,7 @@ class GenerationSession:
         if mode != "dynamic" and not full_attention_only(self.loaded.model.config):
             mode = "dynamic"  # sliding-window caches reuse slots, which the static mask cannot follow
         if self.fuse_base and not self._weights_fused:
-            from .fused_lora import fuse_sibling_weights
+            from .lora_decode import fuse_sibling_weights
 
             fuse_sibling_weights(self.loaded.model)  # once per model, before inference_mode
             self._weights_fused = True

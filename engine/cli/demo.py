@@ -10,15 +10,15 @@ import argparse
 import time
 from pathlib import Path
 
-from .config import TrainConfig
-from .errors import UserError
+from ..core.config import TrainConfig
+from ..core.errors import UserError
 
 QUESTIONS = ("Who are you?", "你是谁？")
 
 
 def sample_data_dir() -> Path:
     """sample_data/ of the source checkout (installs are editable), else ./sample_data."""
-    for candidate in (Path(__file__).resolve().parent.parent / "sample_data", Path.cwd() / "sample_data"):
+    for candidate in (Path(__file__).resolve().parents[2] / "sample_data", Path.cwd() / "sample_data"):
         if (candidate / "self_cognition.jsonl").is_file():
             return candidate
     raise UserError(
@@ -84,9 +84,9 @@ def demo_main(argv: list[str]) -> int:
 
     from peft import PeftModel
 
-    from .cli import ProgressRenderer
-    from .models import load_model
-    from .train import run_training
+    from ..models.loading import load_model
+    from ..train.recipe import run_training
+    from .main import ProgressRenderer
 
     started = time.perf_counter()
     cfg = demo_config(args.output_dir)
