@@ -806,7 +806,8 @@ def check_model_path() -> None:
     from transformers import Qwen2Config, Qwen2ForCausalLM
     from tunebench.engine.core.config import TrainConfig
     from tunebench.engine.cuda import path as accel
-    from tunebench.engine.train.recipe import _attach_lora, collate, forward_loss_sum
+    from tunebench.engine.train.plain import collate, forward_loss_sum
+    from tunebench.engine.train.recipe import _attach_lora
 
     dev = torch.device("cuda")
     small = dict(SIZES["0.5b"], num_hidden_layers=2)

@@ -11,7 +11,9 @@ from tunebench.engine.core.config import TrainConfig
 from tunebench.engine.cuda import fused_loss, packing
 from tunebench.engine.cuda import lora_train as lora_ops
 from tunebench.engine.cuda import path as accel
-from tunebench.engine.train.recipe import IGNORE, _attach_lora, collate, forward_loss_sum
+from tunebench.engine.train.plain import collate, forward_loss_sum
+from tunebench.engine.train.recipe import _attach_lora
+from tunebench.engine.train.types import IGNORE
 
 GIB = 1024**3
 

@@ -589,10 +589,10 @@ def test_out_of_memory_mid_run_keeps_its_checkpoints_and_the_run_resumes(
     """The real recipe, with the allocator failing in the forward of step 5 (as a long batch would
     on a full card): the run stops with advice, its checkpoints stay, and the same engine resumes it."""
     import torch
-    import tunebench.engine.train.recipe as train
+    import tunebench.engine.train.plain as plain
     from tunebench.engine.core.workspace import list_checkpoints
 
-    real_forward = train.forward_loss_sum
+    real_forward = plain.forward_loss_sum
     forwards = []
 
     def fails_at_step_5(model, batch):
@@ -601,7 +601,7 @@ def test_out_of_memory_mid_run_keeps_its_checkpoints_and_the_run_resumes(
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.50 GiB. GPU 0 ...")
         return real_forward(model, batch)
 
-    monkeypatch.setattr(train, "forward_loss_sum", fails_at_step_5)
+    monkeypatch.setattr(plain, "forward_loss_sum", fails_at_step_5)
     settings = train_config(
         tiny_model_dir, max_steps=8, save_steps=2, run_name="oom", gradient_checkpointing=True, max_length=96
     )
@@ -625,7 +625,7 @@ def test_out_of_memory_mid_run_keeps_its_checkpoints_and_the_run_resumes(
         run_dir = workspace / "runs" / "oom"
         assert [p.name for p in list_checkpoints(run_dir)] == ["step-2", "step-4"]
         # Still usable: the same engine resumes the run from its last checkpoint to the end.
-        monkeypatch.setattr(train, "forward_loss_sum", real_forward)
+        monkeypatch.setattr(plain, "forward_loss_sum", real_forward)
         conn.send(P.StartTraining(config={**settings, "resume_from_checkpoint": "runs/oom"}))
         events = events_until(conn, job_ended)
         assert events[-1].state == "done", [e for e in events if e.type == "EngineError"]

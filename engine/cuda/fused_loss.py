@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.memory_model import GIB
-from ..train.recipe import IGNORE
+from ..train.types import IGNORE
 
 
 def chunked_ce_sum(hidden, weight, targets, chunk: int = 0):

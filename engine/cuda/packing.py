@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..train.recipe import IGNORE, Batch
+from ..train.types import IGNORE, Batch
 
 ATTENTION_NAME = "tunebench_varlen"
 

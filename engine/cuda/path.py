@@ -70,7 +70,7 @@ from ..core.memory_model import (  # noqa: F401 - the memory model, re-exported 
     layers_to_keep,
     tokens_per_forward,
 )
-from ..train.recipe import Batch, TrainPath
+from ..train.types import Batch, TrainPath
 from .fused_loss import chunked_ce_sum, liger_ce_sum
 from .lora_train import patch_lora_layers, probe_mm_out_dtype
 from .offload import HostEmbedding, HostInputs
@@ -378,7 +378,7 @@ class FastPath:
 
     def collate(self, samples: list, pad_id: int, device) -> Batch:
         if "pack" not in self.use:
-            from ..train.recipe import collate
+            from ..train.plain import collate
 
             return collate(samples, pad_id, device)
         # Attention's longest-sample bound is an int the compiled layers would be specialised on:
@@ -388,7 +388,7 @@ class FastPath:
     def loss_sum(self, model, batch: Batch):
         m = self._model or self._setup(model)
         if not isinstance(batch, PackedBatch):
-            from ..train.recipe import forward_loss_sum
+            from ..train.plain import forward_loss_sum
 
             return forward_loss_sum(model, batch)
         if batch.target_tokens == 0:

@@ -22,7 +22,7 @@ from ..core.files import atomic_write_bytes, fsync_dir
 from ..core.workspace import CHECKPOINT_STATE_FILE, list_checkpoints
 
 if TYPE_CHECKING:
-    from .recipe import RunPaths
+    from .types import RunPaths
 
 STATE_FILE = CHECKPOINT_STATE_FILE
 

@@ -28,7 +28,6 @@ import orjson
 
 from ..core import protocol as P
 from ..core.config import TrainConfig, to_command, to_dict
-from ..core.encoding import IGNORE_INDEX
 from ..core.errors import UserError
 from ..core.files import atomic_write_bytes
 from .checkpoints import (
@@ -38,6 +37,8 @@ from .checkpoints import (
     save_checkpoint,
     truncate_metrics,
 )
+from .plain import plain_path
+from .types import RunPaths, TrainPath
 
 # Mixed sample lengths fragment the CUDA caching allocator; growable segments keep the reserved
 # memory close to the allocated. Read when CUDA first allocates, so set before any GPU work
@@ -45,7 +46,6 @@ from .checkpoints import (
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 Emit = Callable[[P.Event], None]
-IGNORE = IGNORE_INDEX  # the label the loss skips; encoding.py writes it into the labels
 
 
 class StopSignal:
@@ -64,56 +64,6 @@ class StopSignal:
     @property
     def mode(self) -> str:
         return self._mode
-
-
-@dataclass
-class RunPaths:
-    root: Path
-
-    @property
-    def config(self) -> Path:
-        return self.root / "config.json"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics.jsonl"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
-    @property
-    def adapter(self) -> Path:
-        return self.root / "adapter"
-
-
-@dataclass
-class Batch:
-    input_ids: Any
-    labels: Any
-    attention_mask: Any
-    tokens: int  # real (non-pad) tokens, for tokens/s
-    target_tokens: int  # tokens that carry loss
-
-
-@dataclass
-class TrainPath:
-    """How batches are built and the loss computed on this device: the plain path below runs
-    everywhere; engine/cuda/path.py supplies the CUDA fast path (packing, fused kernels, profiles)."""
-
-    name: str
-    gradient_checkpointing: bool
-    collate: Callable[[list, int, Any], Batch]
-    loss_sum: Callable[[Any, Batch], Any]
-    prepare_base: Callable[[Any], Any] = lambda model: model  # kernel patches, before LoRA
-    # A step's micro-batches of sample indices -> the forwards actually run (same samples, same
-    # gradient); the CUDA path packs them to what memory allows.
-    group: Callable[[list[list[int]], list], list[list[int]]] = lambda step, samples: step
-    notes: list[str] = field(default_factory=list)
-
-
-def plain_path(cfg: TrainConfig) -> TrainPath:
-    return TrainPath("plain", cfg.gradient_checkpointing, collate, forward_loss_sum)
 
 
 def select_path(cfg: TrainConfig, device) -> TrainPath:
@@ -504,48 +454,6 @@ def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
-
-
-def collate(samples: list, pad_id: int, device) -> Batch:
-    import torch
-
-    width = max(len(s.input_ids) for s in samples)
-    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(samples), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(samples), width), dtype=torch.long)
-    for row, s in enumerate(samples):
-        n = len(s.input_ids)
-        ids[row, :n] = torch.tensor(s.input_ids)
-        labels[row, :n] = torch.tensor(s.labels)
-        mask[row, :n] = 1
-    targets = int((labels[:, 1:] != IGNORE).sum())
-    tokens = int(mask.sum())
-    return Batch(ids.to(device), labels.to(device), mask.to(device), tokens, targets)
-
-
-def forward_loss_sum(model, batch: Batch):
-    """Summed cross-entropy over the assistant tokens of one micro-batch.
-
-    Logits are computed only at positions that predict a trained token (`logits_to_keep`): with
-    a 50k-150k vocabulary the output head is a large share of the compute and of the memory.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    shifted = batch.labels[:, 1:]
-    keep = (shifted != IGNORE).any(dim=0).nonzero().squeeze(-1)  # positions t predicting t+1
-    out = model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep, use_cache=False
-    )
-    logits = out.logits.float()
-    targets = shifted[:, keep]
-    return (
-        F.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
-        )
-        if keep.numel()
-        else torch.zeros((), device=batch.input_ids.device, requires_grad=True)
-    )
 
 
 def evaluate(model, eval_set: list, cfg: TrainConfig, tokenizer, device, path: TrainPath) -> float:
