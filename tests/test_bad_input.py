@@ -852,7 +852,8 @@ def test_models_load_from_safetensors_without_remote_code(tiny_model_dir, tmp_pa
 
 
 def test_trust_remote_code_is_a_flag_that_defaults_off():
-    from tunebench.engine.cli.main import build_train_parser, config_from_args
+    from tunebench.engine.cli.flags import config_from_args
+    from tunebench.engine.cli.train import build_train_parser
 
     parser = build_train_parser()
     assert config_from_args(parser.parse_args(["--dataset", "d.jsonl"])).trust_remote_code is False

@@ -8,7 +8,9 @@ import subprocess
 import sys
 
 import pytest
-from tunebench.engine.cli.main import build_train_parser, config_from_args, join_negative_numbers, main
+from tunebench.engine.cli.flags import config_from_args, join_negative_numbers
+from tunebench.engine.cli.main import main
+from tunebench.engine.cli.train import build_train_parser
 from tunebench.engine.core.config import ConfigError, TrainConfig, to_command, validate
 
 SWIFT_ARTICLE_COMMAND = """

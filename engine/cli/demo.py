@@ -86,7 +86,7 @@ def demo_main(argv: list[str]) -> int:
 
     from ..models.loading import load_model
     from ..train.recipe import run_training
-    from .main import ProgressRenderer
+    from .progress import ProgressRenderer
 
     started = time.perf_counter()
     cfg = demo_config(args.output_dir)
