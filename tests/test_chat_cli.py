@@ -222,6 +222,32 @@ def test_probe_uses_the_workspaces_own_probe_set(capsys, tiny_model_dir, tmp_pat
     assert [r["question"] for r in json.loads(json_file.read_text())["results"]] == ["What is 2+2?"]
 
 
+def test_a_probe_transcript_is_whole_or_absent(monkeypatch, tmp_path):
+    """A disk that fails mid-write (here: fsync) leaves no half-written transcript behind."""
+    from types import SimpleNamespace
+
+    from tunebench.engine.core import files
+
+    target = SimpleNamespace(spec="base", label="base", adapter_dir=None)
+    setup = Setup("tiny", [target])
+    session = SimpleNamespace(loaded=SimpleNamespace(resolved=SimpleNamespace(path=tmp_path)))
+    answers = [{"base": {"text": "I am a model.", "tokens": 4}}]
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(files.os, "fsync", full_disk)
+    with pytest.raises(OSError):
+        probe.write_transcript(tmp_path / "t", setup, ["Who are you?"], answers, greedy(4), "", session)
+    assert list((tmp_path / "t").iterdir()) == []
+    monkeypatch.undo()
+    json_path, md_path = probe.write_transcript(
+        tmp_path / "t", setup, ["Who are you?"], answers, greedy(4), "", session
+    )
+    assert json.loads(json_path.read_text())["results"][0]["answers"]["base"]["text"] == "I am a model."
+    assert "| Who are you? | I am a model. |" in md_path.read_text()
+
+
 def test_default_probe_set_ships_with_the_identity_questions():
     questions = probe.read_probes(probe.default_probes())
     assert {"Who are you?", "Can you browse the internet?"} <= set(questions)

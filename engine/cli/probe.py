@@ -20,6 +20,7 @@ import orjson
 
 from ..core.config import GenerationConfig
 from ..core.errors import UserError
+from ..core.files import atomic_write_bytes
 from .flags import adapter_parser, generation_config, parse_args
 from .session import Setup, load_session, resolve_setup
 
@@ -138,7 +139,7 @@ def write_transcript(
         ],
     }
     json_path = stem.with_suffix(".json")
-    json_path.write_bytes(orjson.dumps(payload, option=orjson.OPT_INDENT_2))
+    atomic_write_bytes(json_path, orjson.dumps(payload, option=orjson.OPT_INDENT_2))
     lines = [
         f"# Probe {stamp}",
         "",
@@ -152,7 +153,7 @@ def write_transcript(
         cells = [_md_cell(result[t.spec]["text"]) for t in setup.targets]
         lines.append(f"| {_md_cell(question)} | " + " | ".join(cells) + " |")
     md_path = stem.with_suffix(".md")
-    md_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    atomic_write_bytes(md_path, ("\n".join(lines) + "\n").encode("utf-8"))
     return json_path, md_path
 
 
