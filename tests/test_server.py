@@ -253,7 +253,7 @@ def test_the_engine_side_imports_nothing_heavy():
         "import sys\n"
         "import tunebench.engine.process.server, tunebench.engine.process.client\n"
         "import tunebench.engine.process.jobs, tunebench.engine.core.estimate\n"
-        "import tunebench.engine.core.workspace, tunebench.engine.cli.engine\n"
+        "import tunebench.engine.core.workspace, tunebench.engine.cli.main, tunebench.engine.cli.engine\n"
         "print([m for m in ('torch', 'transformers', 'peft', 'textual', 'rich') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -958,7 +958,7 @@ def test_one_engine_per_workspace(engine, workspace):
     with pytest.raises(EngineAlreadyRunning):
         asyncio.run(EngineServer(workspace).start())
     second = subprocess.run(
-        [sys.executable, "-m", "tunebench.engine.cli.engine", "serve", "--workspace", str(workspace)],
+        [sys.executable, "-m", "tunebench.engine.cli.main", "engine", "--workspace", str(workspace)],
         capture_output=True,
         text=True,
         timeout=30,

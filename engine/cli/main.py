@@ -18,7 +18,7 @@ from pathlib import Path
 from ..core.config import ConfigError
 from ..core.errors import UserError
 
-SUBCOMMANDS = ("train", "chat", "probe", "export", "status", "stop", "serve", "demo")
+SUBCOMMANDS = ("train", "chat", "probe", "export", "status", "stop", "engine", "demo")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,10 +63,10 @@ def main(argv: list[str] | None = None) -> int:
             from .status import stop_main
 
             return stop_main(rest)
-        if command == "serve":
-            from .engine import main as engine_main
+        if command == "engine":
+            from .engine import engine_main
 
-            return engine_main(["serve", *rest], prog="tunebench")
+            return engine_main(rest)
         return _tui_main(rest)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -118,7 +118,7 @@ def _usage() -> str:
        tunebench export --adapters DIR  merge an adapter into its base and save a model
        tunebench status [WORKSPACE]     show the engine's live state headless
        tunebench stop [WORKSPACE]       stop the engine (a running training saves a checkpoint)
-       tunebench serve [--workspace D]  run the engine process in the foreground"""
+       tunebench engine [WORKSPACE]     run the engine process in the foreground (the TUI starts it)"""
 
 
 def _tui_main(argv: list[str]) -> int:

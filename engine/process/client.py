@@ -99,7 +99,7 @@ def remove_stale_socket(workspace: Workspace | str | Path) -> bool:
 
 
 def start_engine(workspace: Workspace | str | Path, *, env: dict[str, str] | None = None) -> int:
-    """Launch `python -m tunebench.engine.cli.engine serve` for the workspace, detached, and return its pid.
+    """Launch `tunebench engine` for the workspace, detached, and return its pid.
 
     A fresh interpreter (not a fork: a forked TUI would carry its threads and terminal state)
     in its own session, so closing the terminal or dropping SSH sends it no SIGHUP; stdin is
@@ -116,7 +116,7 @@ def start_engine(workspace: Workspace | str | Path, *, env: dict[str, str] | Non
     child_env.setdefault("TOKENIZERS_PARALLELISM", "false")
     with open(ws.log_file, "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tunebench.engine.cli.engine", "serve", "--workspace", str(ws.root)],
+            [sys.executable, "-m", "tunebench.engine.cli.main", "engine", "--workspace", str(ws.root)],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -811,8 +811,8 @@ def _take_lock(path: Path, wait_s: float = LOCK_WAIT_S) -> int:
 
 
 def serve(workspace: str | Path, *, chdir: bool = True) -> int:
-    """Run the engine in this process until Shutdown or SIGTERM (what `python -m
-    tunebench.engine serve` does). Returns the exit status."""
+    """Run the engine in this process until Shutdown or SIGTERM (what `tunebench engine` does).
+    Returns the exit status."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     ws = Workspace(workspace)
@@ -828,7 +828,7 @@ def serve(workspace: str | Path, *, chdir: bool = True) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, server.request_shutdown)
-        # Started detached there is no terminal to hang up, but `tunebench serve` in a terminal
+        # Started detached there is no terminal to hang up, but `tunebench engine` in a terminal
         # that closes must not take a training run with it either.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         await server.serve()
