@@ -98,7 +98,8 @@ def load_legacy_fused(path: str):
 def build_model(name: str, device_name: str, dtype: str = "bfloat16", layers: int = 0):
     """A models.LoadedModel for `name` ("demo" or "qwen2.5-7b") on the device."""
     import torch
-    from tunebench.engine.models.loading import LoadedModel, ResolvedModel, load_model
+    from tunebench.engine.core.model_files import ResolvedModel
+    from tunebench.engine.models.loading import LoadedModel, load_model
 
     if name == "demo":
         return load_model("demo", torch_dtype=dtype, device=torch.device(device_name))

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import checkout_engine
 
-# Growable allocator segments, as the engine sets them (engine/core/estimate.py,
+# Growable allocator segments, as the engine sets them (engine/core/memory_sampler.py,
 # engine/train/recipe.py); every stack runs in a child process that inherits this.
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 

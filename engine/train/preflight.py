@@ -19,15 +19,9 @@ def preflight(cfg: TrainConfig) -> None:
     leave nothing is found here too, for datasets up to TOKENIZE_LIMIT samples.
     """
     from ..core.data import DataError, load_dataset
+    from ..core.model_files import DEMO_NAME, cached_model_dir, demo_gguf_path
     from ..core.templates import get_template
-    from ..models.loading import (
-        DEMO_NAME,
-        cached_model_dir,
-        check_qlora_possible,
-        demo_gguf_path,
-        linear_module_names_of,
-        resolve_model,
-    )
+    from ..models.loading import check_qlora_possible, linear_module_names_of, resolve_model
     from .checkpoints import find_checkpoint
 
     if cfg.is_qlora:

@@ -42,7 +42,7 @@ from .types import RunPaths, TrainPath
 
 # Mixed sample lengths fragment the CUDA caching allocator; growable segments keep the reserved
 # memory close to the allocated. Read when CUDA first allocates, so set before any GPU work
-# (engine/core/estimate.py sets it as well, for the engine process).
+# (engine/core/memory_sampler.py sets it as well, for the engine process).
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 Emit = Callable[[P.Event], None]
