@@ -163,7 +163,7 @@ def test_fused_and_peft_mixed_batches_match_plain_peft_generate(session, runs, t
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-    from tunebench.engine.infer import generate as G
+    from tunebench.engine.infer.lora_decode import FusedLora
 
     tokenizer = session.tokenizer
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
@@ -179,7 +179,7 @@ def test_fused_and_peft_mixed_batches_match_plain_peft_generate(session, runs, t
     targets = ["base", str(runs["plain"])]
     fused = session.generate(QUESTION, targets, greedy())
     assert session._fused_cache, "the fused forward served that batch"
-    monkeypatch.setattr(G._FusedLora, "build", classmethod(lambda cls, model, names, **kw: None))
+    monkeypatch.setattr(FusedLora, "build", classmethod(lambda cls, model, names, **kw: None))
     monkeypatch.setattr(session, "_fused_cache", {})  # else the batch above's fused forward is reused
     via_peft = session.generate(QUESTION, targets, greedy())
     assert fused[str(runs["plain"])]["text"] == expected
@@ -448,15 +448,15 @@ def test_gpu_decode_options_give_the_same_answers(tiny_model_dir, runs, session,
 def test_static_decoder_is_reused_only_for_the_same_rows(tiny_model_dir, runs, session, monkeypatch):
     """A static decoder's CUDA graphs bake in which adapter each row runs, so a batch with as many
     rows but other adapters gets its own decoder (here with PEFT's own forward, no fused one)."""
-    from tunebench.engine.infer import generate as G
     from tunebench.engine.infer.generate import GenerationSession
+    from tunebench.engine.infer.lora_decode import FusedLora
 
     plain, bob = str(runs["plain"]), str(runs["bob"])
     expected = {
         tuple(t): answers(session.generate(QUESTION, t, greedy(12))) for t in (["base", plain], [bob, plain])
     }
     static = GenerationSession(str(tiny_model_dir), torch_dtype="float32", decode="static")
-    monkeypatch.setattr(G._FusedLora, "build", classmethod(lambda cls, model, names, **kw: None))
+    monkeypatch.setattr(FusedLora, "build", classmethod(lambda cls, model, names, **kw: None))
     decoders = []
     for targets in (["base", plain], [bob, plain], [bob, plain]):
         assert answers(static.generate(QUESTION, targets, greedy(12))) == expected[tuple(targets)]

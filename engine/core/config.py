@@ -306,15 +306,6 @@ def field_specs(cls: type) -> list[dataclasses.Field]:
     return list(dataclasses.fields(cls))
 
 
-def from_dict(cls: type, data: dict[str, Any]) -> Any:
-    """Build a config from a dict (a saved config.json or a protocol message); unknown keys error."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError({key: "unknown setting" for key in unknown})
-    return cls(**data)
-
-
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 

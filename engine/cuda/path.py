@@ -58,11 +58,9 @@ from typing import Any
 import torch
 
 from ..core.config import TrainConfig
-from ..core.memory_model import (  # noqa: F401 - the memory model, re-exported for callers and tests
-    FAST_MAX_TOKENS,
+from ..core.memory_model import (
     GIB,
     HEADROOM,
-    LEAN_BELOW_FREE,
     REPLAY_LAYERS_IN_GRAPH,
     choose_profile,
     estimate_peak_bytes,

@@ -24,7 +24,7 @@ from typing import Any
 
 from ..core import protocol as P
 from ..core.files import atomic_write_bytes
-from ..core.workspace import RunInfo, Workspace, list_checkpoints, read_run
+from ..core.workspace import RunInfo, Workspace, list_checkpoints
 
 START_TIMEOUT_S = 20.0  # a cold interpreter on a busy box; the engine itself answers in ~0.2 s
 LOG_ROTATE_BYTES = 10 * 1024 * 1024
@@ -539,7 +539,6 @@ __all__ = [
     "ensure_engine",
     "new_request_id",
     "probe_socket",
-    "read_run",
     "remove_stale_socket",
     "start_engine",
     "status_text",

@@ -40,7 +40,6 @@ from ..core.estimate import estimate_training_memory, read_model_info
 from ..core.files import atomic_write_bytes
 from ..core.memory_sampler import sample_memory
 from ..core.workspace import ENGINE_IDLE_EXIT_S, Workspace, read_metrics
-from .client import EngineConnection, connect_or_start, ensure_engine, start_engine, status_text
 from .jobs import (
     Job,
     JobFunction,
@@ -53,17 +52,7 @@ from .jobs import (
     reset_peak_memory,
 )
 
-__all__ = [
-    "EngineServer",
-    "EngineAlreadyRunning",
-    "serve",
-    "describe_failure",
-    "EngineConnection",
-    "connect_or_start",
-    "ensure_engine",
-    "start_engine",
-    "status_text",
-]
+__all__ = ["EngineServer", "EngineAlreadyRunning", "serve"]
 
 MEMORY_INTERVAL_S = 0.4  # the gauge promises at least two samples a second
 MAX_LINE = 16 * 1024 * 1024  # a Generate with a long chat is large; a line past this is refused
