@@ -25,7 +25,7 @@ LEAN_TOKEN_BYTES = int(1.0 * GIB)
 FAST_MAX_TOKENS = 16384
 # A layer whose recompute is compiled into its graph replays it inside one backward graph, which
 # holds about this many layers' worth of activations at its peak (the eager replay holds one):
-# measured 454 KB per token on Qwen2.5-7B against 164 KB kept by a layer (H200, session 4).
+# measured 454 KB per token on Qwen2.5-7B against 164 KB kept by a layer (H200).
 REPLAY_LAYERS_IN_GRAPH = 2.75
 
 
@@ -72,7 +72,7 @@ def layer_activation_bytes(
     output (flash attention keeps these and a float32 log-sum-exp per head), the gate and up
     products and the down projection's input. A layer compiled whole (the default) keeps about one
     hidden-wide tensor more than that: measured on Qwen2.5-7B, H200, 164 KB per token and layer
-    against 159 KB counted (bench/RESULTS.md, session 3). Eager, HF's RMSNorm and SwiGLU keep
+    against 159 KB counted (bench/RESULTS.md). Eager, HF's RMSNorm and SwiGLU keep
     about one more hidden-wide and one more intermediate-wide tensor (212 KB measured), liger's
     fused kernels (`fused=True`) do not.
     """

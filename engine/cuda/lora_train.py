@@ -139,9 +139,9 @@ def dequantize_nf4(packed: torch.Tensor, state, dtype: torch.dtype) -> torch.Ten
 def _lora_plain(self, x, lora_a, lora_b, scale, dropout):
     """The base product and the adapter's in plain differentiable ops, no autograd.Function.
 
-    For layers whose recompute is compiled into their graph: torch 2.11 kept what an
+    For layers whose recompute is compiled into their graph: torch 2.11 keeps what an
     autograd.Function saves (the adapters' inputs, bitsandbytes' product outputs) for backward
-    instead of recomputing it, 5 to 10 GiB more on a 7B (bench/RESULTS.md, session 4). The
+    instead of recomputing it, 5 to 10 GiB more on a 7B (bench/RESULTS.md). The
     adapter's gradients come out of a compute-dtype product here, as under autocast."""
     base = self.base_layer
     bias = None if base.bias is None else base.bias.to(x.dtype)

@@ -92,8 +92,8 @@ def flash_varlen(q, k, v, cu, max_len: int, scale):
     """Causal attention over packed documents through PyTorch's variable-length flash kernel.
 
     q [T, Hq, D], k and v [T, Hkv, D] (the kernel handles grouped KV heads itself). The aten op
-    has its own backward; a custom autograd.Function here kept its saved tensors out of the
-    recompute that torch 2.11 compiles into a layer's graph (bench/RESULTS.md, session 4)."""
+    has its own backward; a custom autograd.Function here would keep its saved tensors out of the
+    recompute that torch 2.11 compiles into a layer's graph (bench/RESULTS.md)."""
     out, *_ = torch.ops.aten._flash_attention_forward(
         q, k, v, cu, cu, max_len, max_len, 0.0, True, False, scale=scale
     )

@@ -20,9 +20,9 @@ changes is how a micro-batch is laid out and how its summed loss is computed:
   (`ingraph`): the forward graph keeps only the layer's input and the backward graph replays the
   forward itself, fused with the backward's own work. Inside such a layer nothing is an
   autograd.Function (the LoRA and 4-bit products are plain ops, attention is the aten flash op):
-  torch 2.11 kept what a Function saves instead of recomputing it. Lean LoRA on a 7B: 7,155
-  tokens/s with the checkpoint around the compiled layer, 10,531 to 11,240 with it inside (H200,
-  bench/RESULTS.md session 4).
+  torch 2.11 keeps what a Function saves instead of recomputing it. Lean LoRA on a 7B makes
+  10,531 to 11,240 tokens/s with the checkpoint inside the compiled layer, 7,155 with it around
+  (H200, bench/RESULTS.md).
 - **Kernels.** liger's fused RMSNorm and SwiGLU on Llama / Qwen / Mistral families (they keep
   fewer and smaller tensors for backward); fused AdamW is the recipe's own.
 - **Merged forwards.** A step's samples are regrouped (in order, never split) into forwards of
@@ -40,7 +40,7 @@ changes is how a micro-batch is laid out and how its summed loss is computed:
 Techniques: pack, merge, flce, lora, selective (fast), offload and hostinputs (lean), compile
 (each decoder layer as one torch.compile region, bitsandbytes' 4-bit layers included), ingraph
 and nf4 (in such layers the NF4 dequantisation in plain ops, one fused kernel per weight: lean
-QLoRA 7,244 -> 9,151 tokens/s on a 7B, H200, session 5) are on; liger is off because it
+QLoRA on a 7B makes 9,151 tokens/s with it, 7,244 without, H200) are on; liger is off because it
 measured slower here (bench/RESULTS.md). For measuring, `TUNEBENCH_ACCEL` adjusts the set, e.g.
 `TUNEBENCH_ACCEL=+liger,-merge` or `-ingraph` (the checkpoint around the compiled layer);
 `tokens=4096` sets the tokens per forward instead of the memory model.
@@ -220,8 +220,8 @@ def _token_dims_dynamic(compiled):
     dynamic: compiled once for every forward size, all other sizes static.
 
     dynamo otherwise compiles for the first size and again as sizes change (two recompiles, 8 and
-    11 s, in the mixed bench's first steps; H200, session 4). `dynamic=True` makes every size
-    symbolic: no result within 100 s on the same bench, where this compiles in 15 s (session 5)."""
+    11 s, in the mixed bench's first steps on an H200). `dynamic=True` makes every size symbolic:
+    no result within 100 s on the same bench, where this compiles in 15 s."""
 
     def call(*args, **kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
