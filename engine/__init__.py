@@ -8,5 +8,6 @@
     core     torch-free: protocol, config, data, files, workspace, memory model; the TUI's only
              engine import besides process.client
 
-Imports point down this list (tests/test_layers.py checks every module, lazy imports included).
+Imports point down this list; the one step up is cuda's use of train/types.py and train/plain.py,
+which sit below the recipe. tests/test_layers.py checks every module, lazy imports included.
 """

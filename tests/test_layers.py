@@ -22,8 +22,9 @@ FOLDERS = {"engine": "tunebench.engine", "tui": "tunebench.tui"}
 TORCH_STACK = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors", "liger_kernel")
 UI_LIBRARIES = ("textual", "rich")
 
-# The engine's wings, each with the wings it may import (its own always). Imports point down:
-# cli -> process -> train / infer -> cuda / models -> core.
+# The engine's wings, each with the wings it may import (its own always). Imports point down,
+# cli -> process -> train / infer -> cuda / models -> core, except that cuda builds on the two
+# train modules below the recipe.
 MAY_IMPORT = {
     "core": set(),
     "models": {"core"},

@@ -1,4 +1,5 @@
-"""Finding and loading base models: the demo, local folders, cached hub ids and GGUF files, offline.
+"""Loading base models: the demo, local folders, cached hub ids and GGUF files (converted once to
+safetensors), offline. Where their files are is core/model_files.py's to say, torch-free.
 
 Imports: core, and torch / transformers inside the functions that load.
 """
