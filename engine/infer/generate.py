@@ -4,7 +4,7 @@ A GenerationSession owns one base model. Every adapter (a run's final adapter, a
 PEFT adapter folder) is loaded once into the same PeftModel under its own name, so all columns
 share one copy of the base weights, and one batched decode loop serves every column at once:
 row i of the batch runs with adapter i, or with none for the base (PEFT's mixed-adapter batches,
-`adapter_names=[..., "__base__"]`, computed by the faster equivalent in fused_lora.py). Greedy
+`adapter_names=[..., "__base__"]`, computed by the faster equivalent in lora_decode.py). Greedy
 decoding (temperature 0) gives each column exactly what a call with that column alone gives.
 The KV caches, CUDA graphs and sampling of a decode live in decode_steps.py; the decode-speed
 options and their measured worth are in bench/RESULTS_generate.md.
