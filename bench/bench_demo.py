@@ -26,7 +26,7 @@ def run_once() -> dict:
         load_before = os.getloadavg()[0]
         started = time.perf_counter()
         proc = subprocess.run(
-            [sys.executable, "-m", "tunebench.engine.cli", "demo", "--output_dir", out],
+            [sys.executable, "-m", "tunebench.engine.cli.main", "demo", "--output_dir", out],
             capture_output=True,
             text=True,
             check=False,

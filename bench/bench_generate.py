@@ -5,7 +5,7 @@
     # this CPU box: the demo model (SmolLM2-135M), the issue's >= 15 tokens/s per column target
     python bench/bench_generate.py --model demo
 
-It runs tunebench.engine.generate.GenerationSession exactly as chat and the TUI do, with a
+It runs tunebench.engine.infer.generate.GenerationSession exactly as chat and the TUI do, with a
 rank-8 all-linear LoRA (random, small B so the adapter behaves like a trained one), ignoring
 end-of-turn tokens so every run decodes the full --new_tokens. Both columns advance one token per
 step, so decode steps/s equals tokens/s per column. For CUDA it also prints the bandwidth bound:
@@ -75,7 +75,7 @@ VARIANTS = {
 
 
 def import_engine() -> None:
-    checkout_engine.import_engine("generate")
+    checkout_engine.import_engine("infer.generate")
 
 
 def load_legacy_fused(path: str):
@@ -98,7 +98,8 @@ def load_legacy_fused(path: str):
 def build_model(name: str, device_name: str, dtype: str = "bfloat16", layers: int = 0):
     """A models.LoadedModel for `name` ("demo" or "qwen2.5-7b") on the device."""
     import torch
-    from tunebench.engine.models import LoadedModel, ResolvedModel, load_model
+    from tunebench.engine.core.model_files import ResolvedModel
+    from tunebench.engine.models.loading import LoadedModel, load_model
 
     if name == "demo":
         return load_model("demo", torch_dtype=dtype, device=torch.device(device_name))
@@ -384,9 +385,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import_engine()
     import torch
-    from tunebench.engine import fused_lora, generate, prompts
-    from tunebench.engine.config import GenerationConfig
-    from tunebench.engine.generate import GenerationSession
+    from tunebench.engine.core.config import GenerationConfig
+    from tunebench.engine.infer import generate, prompts
+    from tunebench.engine.infer import lora_decode as fused_lora
+    from tunebench.engine.infer.generate import GenerationSession
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.startswith("cuda")

@@ -19,7 +19,7 @@ Stacks:
   unsloth  Unsloth's FastLanguageModel with its own recompute ("unsloth"), the plain HF Trainer;
            QLoRA: its 4-bit load, paged 8-bit AdamW
   tb-fast, tb-lean
-           TuneBench: engine.train.run_training itself, with --profile fast / lean; only the data
+           TuneBench: engine.train.recipe.run_training itself, with --profile fast / lean; only the data
            stage is replaced by the same pre-tokenised synthetic samples
 
 `python bench/bench_train.py check` tests the fast path's GPU kernels against references first.
@@ -45,8 +45,8 @@ from pathlib import Path
 
 import checkout_engine
 
-# Growable allocator segments, as the engine sets them (engine/memory.py, engine/train.py); every
-# stack runs in a child process that inherits this.
+# Growable allocator segments, as the engine sets them (engine/core/memory_sampler.py,
+# engine/train/recipe.py); every stack runs in a child process that inherits this.
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 REPO = Path(__file__).resolve().parent.parent
@@ -128,13 +128,13 @@ def step_order(samples: list[Sample], workload: str) -> list[list[list[int]]]:
     """The recipe's plan (seeded shuffle): every stack sees the same samples in the same micro-batches."""
     engine = import_engine()
     w = WORKLOADS[workload]
-    cfg = engine.config.TrainConfig(
+    cfg = engine.core.config.TrainConfig(
         per_device_train_batch_size=w["batch"],
         gradient_accumulation_steps=w["accumulation"],
         max_steps=WARMUP_STEPS + TIMED_STEPS,
         seed=SEED,
     )
-    return engine.train.build_plan(len(samples), cfg)
+    return engine.train.recipe.build_plan(len(samples), cfg)
 
 
 def timed_tokens(samples, plan) -> int:
@@ -146,11 +146,11 @@ def timed_tokens(samples, plan) -> int:
 
 
 def import_engine():
-    return checkout_engine.import_engine("config", "train")
+    return checkout_engine.import_engine("core.config", "train.recipe")
 
 
 def install_synthetic_data(samples: list[Sample]) -> None:
-    """Stand in for engine.data's loading and engine.encoding's tokenising: the recipe gets these
+    """Stand in for engine.core.data's loading and engine.core.encoding's tokenising: the recipe gets these
     samples, already tokenised (run_training imports both names when it runs, so patching the
     modules is enough)."""
 
@@ -171,10 +171,10 @@ def install_synthetic_data(samples: list[Sample]) -> None:
             sys.modules[name] = types.ModuleType(name)
             return sys.modules[name]
 
-    data = module("tunebench.engine.data")
+    data = module("tunebench.engine.core.data")
     data.load_dataset = lambda *a, **k: (list(samples), [])
     data.split_eval = lambda s, *a, **k: (s, [])
-    module("tunebench.engine.encoding").tokenize_samples = lambda s, *a, **k: (list(s), Report(s))
+    module("tunebench.engine.core.encoding").tokenize_samples = lambda s, *a, **k: (list(s), Report(s))
 
 
 def versions() -> dict:
@@ -363,9 +363,9 @@ def gaps(prof, top: int = 12) -> str:
 def run_tunebench(args, samples, plan) -> dict:
     engine = import_engine()
     install_synthetic_data(samples)
-    from tunebench.engine import protocol as P
-    from tunebench.engine.config import TrainConfig
-    from tunebench.engine.train import run_training
+    from tunebench.engine.core import protocol as P
+    from tunebench.engine.core.config import TrainConfig
+    from tunebench.engine.train.recipe import run_training
 
     w = WORKLOADS[args.workload]
     cfg = TrainConfig(
@@ -722,7 +722,8 @@ def check() -> None:
     import torch.nn.functional as F
 
     import_engine()
-    from tunebench.engine import lora_ops, packing
+    from tunebench.engine.cuda import lora_train as lora_ops
+    from tunebench.engine.cuda import packing
 
     torch.manual_seed(0)
     dev = "cuda"
@@ -775,7 +776,7 @@ def check_nf4() -> None:
 
     import_engine()
     import bitsandbytes.functional as bnb_functional
-    from tunebench.engine import lora_ops
+    from tunebench.engine.cuda import lora_train as lora_ops
 
     w = torch.randn(18944, 3584, device="cuda", dtype=torch.bfloat16) * 0.02  # a 7B's MLP weight
     packed, state = bnb_functional.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
@@ -805,9 +806,10 @@ def check_model_path() -> None:
     """A small Qwen2 through the fast path (prepare_base, LoRA, packed loss) against the plain path."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
-    from tunebench.engine import accel
-    from tunebench.engine.config import TrainConfig
-    from tunebench.engine.train import _attach_lora, collate, forward_loss_sum
+    from tunebench.engine.core.config import TrainConfig
+    from tunebench.engine.cuda import path as accel
+    from tunebench.engine.train.plain import collate, forward_loss_sum
+    from tunebench.engine.train.recipe import _attach_lora
 
     dev = torch.device("cuda")
     small = dict(SIZES["0.5b"], num_hidden_layers=2)
@@ -854,9 +856,9 @@ def check_compile() -> None:
     import torch
     from torch._dynamo.utils import counters
     from transformers import Qwen2Config, Qwen2ForCausalLM
-    from tunebench.engine import accel
-    from tunebench.engine.config import TrainConfig
-    from tunebench.engine.train import _attach_lora
+    from tunebench.engine.core.config import TrainConfig
+    from tunebench.engine.cuda import path as accel
+    from tunebench.engine.train.recipe import _attach_lora
 
     dev = torch.device("cuda")
     small = dict(SIZES["0.5b"], num_hidden_layers=2)

@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 
 def losses(model_dir: Path, data: Path, out: Path, steps: int) -> dict[int, float]:
-    from tunebench.engine.config import TrainConfig
-    from tunebench.engine.train import run_training
+    from tunebench.engine.core.config import TrainConfig
+    from tunebench.engine.train.recipe import run_training
 
     cfg = TrainConfig(
         model=str(model_dir),

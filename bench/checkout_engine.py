@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def import_engine(*modules: str):
-    """The tunebench.engine package, with `modules` (e.g. "train") imported from it."""
+    """The tunebench.engine package, with `modules` (e.g. "train.recipe") imported from it."""
     try:
         importlib.import_module("tunebench.engine")
     except ImportError:

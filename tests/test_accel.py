@@ -7,9 +7,21 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from tunebench.engine import accel, fused_loss, lora_ops, packing
-from tunebench.engine.config import TrainConfig
-from tunebench.engine.train import IGNORE, _attach_lora, collate, forward_loss_sum
+from tunebench.engine.core.config import TrainConfig
+from tunebench.engine.core.memory_model import (
+    FAST_MAX_TOKENS,
+    choose_profile,
+    estimate_peak_bytes,
+    layer_activation_bytes,
+    layers_to_keep,
+    tokens_per_forward,
+)
+from tunebench.engine.cuda import fused_loss, packing
+from tunebench.engine.cuda import lora_train as lora_ops
+from tunebench.engine.cuda import path as accel
+from tunebench.engine.train.plain import collate, forward_loss_sum
+from tunebench.engine.train.recipe import _attach_lora
+from tunebench.engine.train.types import IGNORE
 
 GIB = 1024**3
 
@@ -192,10 +204,10 @@ def test_chunked_loss_equals_full_cross_entropy():
 
 
 def test_profile_choice():
-    assert accel.choose_profile("fast", 1 * GIB)[0] == "fast"
-    assert accel.choose_profile("lean", 70 * GIB)[0] == "lean"
-    assert accel.choose_profile("auto", 60 * GIB)[0] == "fast"  # a 7B on an 80 GB card
-    assert accel.choose_profile("auto", 8 * GIB)[0] == "lean"  # a 7B on a 24 GB card
+    assert choose_profile("fast", 1 * GIB)[0] == "fast"
+    assert choose_profile("lean", 70 * GIB)[0] == "lean"
+    assert choose_profile("auto", 60 * GIB)[0] == "fast"  # a 7B on an 80 GB card
+    assert choose_profile("auto", 8 * GIB)[0] == "lean"  # a 7B on a 24 GB card
 
 
 def test_technique_switches():
@@ -208,53 +220,53 @@ def test_technique_switches():
 
 def test_layers_to_keep():
     kw = dict(tokens=2048, layers=28, per_layer=160_000, stub=7_168, fixed=43_000)
-    assert accel.layers_to_keep(budget=100 * GIB, **kw) == 28
-    assert accel.layers_to_keep(budget=0.5 * GIB, **kw) == 0
-    some = accel.layers_to_keep(budget=5 * GIB, **kw)
+    assert layers_to_keep(budget=100 * GIB, **kw) == 28
+    assert layers_to_keep(budget=0.5 * GIB, **kw) == 0
+    some = layers_to_keep(budget=5 * GIB, **kw)
     assert 0 < some < 28
     need = 2048 * (43_000 + some * 160_000 + (28 - some) * 7_168 + 160_000)
     assert need <= 5 * GIB < need + 2048 * (160_000 - 7_168)
     # a replay that holds more (recompute in the graph) leaves room for fewer kept layers
-    assert accel.layers_to_keep(budget=5 * GIB, replay=440_000, **kw) < some
+    assert layers_to_keep(budget=5 * GIB, replay=440_000, **kw) < some
 
 
 def test_memory_model_on_the_7b_architecture():
-    lora = accel.estimate_peak_bytes(QWEN25_7B, tokens=2048)  # every layer recomputed, nothing on the host
+    lora = estimate_peak_bytes(QWEN25_7B, tokens=2048)  # every layer recomputed, nothing on the host
     assert 15.0e9 < lora["weights"] < 15.5e9  # 7.6B parameters in bfloat16
     assert 15 * GIB < lora["total"] < 16.2 * GIB
     # lean, recompute in the graph: measured 14.84 GiB with the embedding on the host (H200, session 4)
-    lean = accel.estimate_peak_bytes(QWEN25_7B, tokens=2048, embedding_on_host=True)["total"]
+    lean = estimate_peak_bytes(QWEN25_7B, tokens=2048, embedding_on_host=True)["total"]
     assert 14.6 * GIB < lean < 15 * GIB
     # ... and the recomputed layers' inputs too: 28 x 2048 x 7 KB less
-    host = accel.estimate_peak_bytes(QWEN25_7B, tokens=2048, embedding_on_host=True, inputs_on_host=True)
+    host = estimate_peak_bytes(QWEN25_7B, tokens=2048, embedding_on_host=True, inputs_on_host=True)
     assert 0.3 * GIB < lean - host["total"] < 0.4 * GIB
     # the replay in the graph holds ~2.75 layers (measured); the eager replay one
-    eager_replay = accel.estimate_peak_bytes(QWEN25_7B, tokens=2048, embedding_on_host=True, in_graph=False)
+    eager_replay = estimate_peak_bytes(QWEN25_7B, tokens=2048, embedding_on_host=True, in_graph=False)
     assert 0.5 * GIB < lean - eager_replay["total"] < 0.65 * GIB
-    fast = accel.estimate_peak_bytes(QWEN25_7B, tokens=2048, recomputed_layers=0)
+    fast = estimate_peak_bytes(QWEN25_7B, tokens=2048, recomputed_layers=0)
     # measured 8.8 GiB (164 KB per token and layer, layers compiled whole; H200, session 3)
     assert 8.5 * GIB < fast["activations"] < 9.5 * GIB
-    eager = accel.estimate_peak_bytes(QWEN25_7B, tokens=2048, recomputed_layers=0, compiled=False)
+    eager = estimate_peak_bytes(QWEN25_7B, tokens=2048, recomputed_layers=0, compiled=False)
     assert 10 * GIB < eager["activations"] < 13 * GIB  # measured 10.8-11.6 GiB eager (session 1)
-    qlora = accel.estimate_peak_bytes(
+    qlora = estimate_peak_bytes(
         QWEN25_7B, tokens=2048, quantized=True, embedding_on_host=True, inputs_on_host=True
     )
     assert qlora["weights"] < 5.0e9 and qlora["total"] < 6 * GIB and qlora["dequantised"] > 0
-    assert accel.layer_activation_bytes(
-        QWEN25_7B, fused=False, compiled=False
-    ) > accel.layer_activation_bytes(QWEN25_7B, fused=True, compiled=False)
+    assert layer_activation_bytes(QWEN25_7B, fused=False, compiled=False) > layer_activation_bytes(
+        QWEN25_7B, fused=True, compiled=False
+    )
 
 
 def test_tokens_per_forward():
     card = 79 * GIB
-    fast = accel.tokens_per_forward(QWEN25_7B, profile="fast", card_bytes=card)
-    assert 8192 <= fast <= accel.FAST_MAX_TOKENS  # the fixed workload's whole step (4 x 2048) in one forward
-    peak = accel.estimate_peak_bytes(QWEN25_7B, tokens=fast, recomputed_layers=0)["total"]
+    fast = tokens_per_forward(QWEN25_7B, profile="fast", card_bytes=card)
+    assert 8192 <= fast <= FAST_MAX_TOKENS  # the fixed workload's whole step (4 x 2048) in one forward
+    peak = estimate_peak_bytes(QWEN25_7B, tokens=fast, recomputed_layers=0)["total"]
     assert peak <= card * 0.9
     on_host = dict(embedding_on_host=True, inputs_on_host=True)
-    lean = accel.tokens_per_forward(QWEN25_7B, profile="lean", card_bytes=card, **on_host)
+    lean = tokens_per_forward(QWEN25_7B, profile="lean", card_bytes=card, **on_host)
     assert 2048 <= lean < 4096
-    assert accel.estimate_peak_bytes(QWEN25_7B, tokens=lean, **on_host)["total"] < 15 * GIB
+    assert estimate_peak_bytes(QWEN25_7B, tokens=lean, **on_host)["total"] < 15 * GIB
 
 
 def test_repartition_keeps_order_and_never_splits_a_sample():

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from tunebench.engine import data, encoding
-from tunebench.engine.cli import main
+from tunebench.engine.cli.main import main
+from tunebench.engine.core import data, encoding
 
 GOOD = {"instruction": "Who are you?", "output": "I am a tiny test model."}
 GOOD2 = {"instruction": "Say hi.", "output": "Hi!"}
@@ -653,7 +653,7 @@ def test_bad_input_is_refused_clearly_and_touches_nothing(case, tmp_path, monkey
 
 def test_data_errors_come_before_the_model_loads(tmp_path, monkeypatch, capfd, tiny_model_dir):
     """Bad data is found without reading any weights (a 7B model takes a minute to load)."""
-    from tunebench.engine import models
+    from tunebench.engine.models import loading as models
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the data was checked")
@@ -670,7 +670,7 @@ def test_a_max_length_that_leaves_nothing_is_found_before_the_model_loads(
     tmp_path, monkeypatch, capfd, tiny_model_dir
 ):
     """Only the tokenizer is read to find that --max_length cuts away every answer."""
-    from tunebench.engine import models
+    from tunebench.engine.models import loading as models
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before --max_length was checked")
@@ -741,8 +741,8 @@ def test_the_engine_path_covers_the_file_cases():
 def test_bad_input_through_the_engine_reads_like_the_cli(case, engine_workspace, tiny_model_dir):
     """What the TUI shows for the same mistake: an EngineError with the same what, where and fix
     (paths are absolute there), no traceback, and every file as it was."""
-    from tunebench.engine import protocol as P
-    from tunebench.engine.client import EngineConnection
+    from tunebench.engine.core import protocol as P
+    from tunebench.engine.process.client import EngineConnection
 
     folder = engine_workspace / case.id
     folder.mkdir()
@@ -835,8 +835,8 @@ def booby_trapped_copy(tiny_model_dir: Path, folder: Path, marker: Path) -> Path
 
 def test_models_load_from_safetensors_without_remote_code(tiny_model_dir, tmp_path, monkeypatch):
     import torch
-    from tunebench.engine.config import TrainConfig
-    from tunebench.engine.models import load_model
+    from tunebench.engine.core.config import TrainConfig
+    from tunebench.engine.models.loading import load_model
 
     marker = tmp_path / "code-ran"
     folder = booby_trapped_copy(tiny_model_dir, tmp_path / "model", marker)
@@ -852,7 +852,8 @@ def test_models_load_from_safetensors_without_remote_code(tiny_model_dir, tmp_pa
 
 
 def test_trust_remote_code_is_a_flag_that_defaults_off():
-    from tunebench.engine.cli import build_train_parser, config_from_args
+    from tunebench.engine.cli.flags import config_from_args
+    from tunebench.engine.cli.train import build_train_parser
 
     parser = build_train_parser()
     assert config_from_args(parser.parse_args(["--dataset", "d.jsonl"])).trust_remote_code is False
@@ -864,8 +865,8 @@ def test_trust_remote_code_is_a_flag_that_defaults_off():
 def test_adapters_load_from_safetensors_only(tmp_path, monkeypatch):
     """A PEFT adapter folder holding only a pickle is refused before anything reads it; with both,
     PEFT reads the safetensors file."""
-    from tunebench.engine.errors import UserError
-    from tunebench.engine.targets import find_adapter_dir
+    from tunebench.engine.core.errors import UserError
+    from tunebench.engine.core.targets import find_adapter_dir
 
     folder = tmp_path / "adapter"
     folder.mkdir()

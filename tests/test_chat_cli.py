@@ -8,8 +8,10 @@ import json
 
 import pytest
 from test_generate import QUESTION, greedy, make_run
-from tunebench.engine import chat_cli
-from tunebench.engine.cli import main as tunebench
+from tunebench.engine.cli import chat as chat_command
+from tunebench.engine.cli import export, probe
+from tunebench.engine.cli.main import main as tunebench
+from tunebench.engine.cli.session import Setup
 
 
 @pytest.fixture(scope="module")
@@ -25,14 +27,14 @@ def runs(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def session(tiny_model_dir):
-    from tunebench.engine.generate import GenerationSession
+    from tunebench.engine.infer.generate import GenerationSession
 
     return GenerationSession(str(tiny_model_dir), torch_dtype="float32")
 
 
 def chat(monkeypatch, capsys, stdin: str, *args: str) -> tuple[str, str]:
     monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
-    assert chat_cli.chat_main([*args, "--max_new_tokens", "12", "--torch_dtype", "float32"]) == 0
+    assert chat_command.chat_main([*args, "--max_new_tokens", "12", "--torch_dtype", "float32"]) == 0
     out = capsys.readouterr()
     return out.out, out.err
 
@@ -54,8 +56,8 @@ def test_chat_takes_the_chat_template_from_the_run(monkeypatch, capsys, tiny_mod
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from tunebench.engine.prompts import stop_token_ids
-    from tunebench.engine.templates import CHATML
+    from tunebench.engine.core.templates import CHATML
+    from tunebench.engine.infer.prompts import stop_token_ids
 
     run = make_run(tmp_path, tiny_model_dir, "chatml-run", seed=3, template="chatml")
     out, _ = chat(monkeypatch, capsys, "Who are you?\n", "--adapters", str(run))
@@ -126,14 +128,12 @@ def test_compare_is_side_by_side_on_a_wide_terminal_and_sequential_on_a_narrow_o
 ):
     import os
 
-    from tunebench.engine.targets import resolve_target
+    from tunebench.engine.core.targets import resolve_target
 
     plain = str(runs["plain"])
-    monkeypatch.setattr(
-        chat_cli.shutil, "get_terminal_size", lambda *a, **kw: os.terminal_size((columns, 24))
-    )
-    setup = chat_cli._Setup(str(tiny_model_dir), [resolve_target("base"), resolve_target(plain)])
-    loop = chat_cli.ChatLoop(session, setup, greedy(40), None, stream=True)
+    monkeypatch.setattr(chat_command.shutil, "get_terminal_size", lambda *a, **kw: os.terminal_size((columns, 24)))
+    setup = Setup(str(tiny_model_dir), [resolve_target("base"), resolve_target(plain)])
+    loop = chat_command.ChatLoop(session, setup, greedy(40), None, stream=True)
     screen = _Terminal()
     loop.answer("Who are you?", screen, interactive=True)
     answers = session.generate(QUESTION, ["base", plain], greedy(40))
@@ -142,9 +142,9 @@ def test_compare_is_side_by_side_on_a_wide_terminal_and_sequential_on_a_narrow_o
         # The last frame holds the whole answer: a header with both labels, then rows of two cells.
         final = output.split("\x1b[J")[-1].splitlines()
         assert "── base " in final[0] and "── plain " in final[0]
-        assert all(chat_cli.cell_width(line) <= columns for line in final)
-        left = "".join(line.split(chat_cli.GAP)[0].rstrip() for line in final[1:])
-        right = "".join(line.split(chat_cli.GAP)[1].rstrip() for line in final[1:])
+        assert all(chat_command.cell_width(line) <= columns for line in final)
+        left = "".join(line.split(chat_command.GAP)[0].rstrip() for line in final[1:])
+        right = "".join(line.split(chat_command.GAP)[1].rstrip() for line in final[1:])
         for label, column in (("base", left), (plain, right)):
             printable = "".join(ch for ch in answers[label]["text"] if ch.isprintable() and ch != " ")
             assert column.replace(" ", "") == printable
@@ -156,7 +156,7 @@ def test_compare_is_side_by_side_on_a_wide_terminal_and_sequential_on_a_narrow_o
 
 
 def test_ctrl_c_at_the_prompt_clears_the_line_and_keeps_the_chat(monkeypatch, runs, session, tiny_model_dir):
-    from tunebench.engine.targets import resolve_target
+    from tunebench.engine.core.targets import resolve_target
 
     typed = iter([KeyboardInterrupt, "/quit"])
 
@@ -167,16 +167,16 @@ def test_ctrl_c_at_the_prompt_clears_the_line_and_keeps_the_chat(monkeypatch, ru
         return value
 
     monkeypatch.setattr("builtins.input", person)
-    setup = chat_cli._Setup(str(tiny_model_dir), [resolve_target(str(runs["plain"]))])
+    setup = Setup(str(tiny_model_dir), [resolve_target(str(runs["plain"]))])
     screen = _Terminal()
-    assert chat_cli.ChatLoop(session, setup, greedy(4), None, stream=True).run(_Terminal(), screen) == 0
+    assert chat_command.ChatLoop(session, setup, greedy(4), None, stream=True).run(_Terminal(), screen) == 0
     assert "Ctrl-D or /quit leaves the chat" in screen.getvalue()
     assert next(typed, None) is None, "the chat went on to read /quit"
 
 
 def test_an_adapter_of_another_base_is_refused_before_loading(monkeypatch, capsys, runs, tmp_path_factory):
     from tiny import make_tiny_model_dir
-    from tunebench.engine import generate
+    from tunebench.engine.infer import generate
 
     other = make_tiny_model_dir(tmp_path_factory.mktemp("other-base") / "model", seed=5)
     capsys.readouterr()
@@ -201,7 +201,7 @@ def test_probe_writes_a_json_and_a_markdown_transcript(capsys, runs, tmp_path):
         "--torch_dtype",
         "float32",
     ]
-    assert chat_cli.probe_main(args) == 0
+    assert probe.probe_main(args) == 0
     (json_file,) = (run / "transcripts").glob("probe-*.json")
     (md_file,) = (run / "transcripts").glob("probe-*.md")
     transcript = json.loads(json_file.read_text())
@@ -217,13 +217,39 @@ def test_probe_uses_the_workspaces_own_probe_set(capsys, tiny_model_dir, tmp_pat
     run = make_run(tmp_path / "ws" / "runs", tiny_model_dir, "mine", seed=4)
     (tmp_path / "ws" / "probes.txt").write_text("# ours, as the TUI's chat pane uses it\nWhat is 2+2?\n")
     args = ["--adapters", str(run), "--max_new_tokens", "2", "--torch_dtype", "float32"]
-    assert chat_cli.probe_main(args) == 0
+    assert probe.probe_main(args) == 0
     (json_file,) = (run / "transcripts").glob("probe-*.json")
     assert [r["question"] for r in json.loads(json_file.read_text())["results"]] == ["What is 2+2?"]
 
 
+def test_a_probe_transcript_is_whole_or_absent(monkeypatch, tmp_path):
+    """A disk that fails mid-write (here: fsync) leaves no half-written transcript behind."""
+    from types import SimpleNamespace
+
+    from tunebench.engine.core import files
+
+    target = SimpleNamespace(spec="base", label="base", adapter_dir=None)
+    setup = Setup("tiny", [target])
+    session = SimpleNamespace(loaded=SimpleNamespace(resolved=SimpleNamespace(path=tmp_path)))
+    answers = [{"base": {"text": "I am a model.", "tokens": 4}}]
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(files.os, "fsync", full_disk)
+    with pytest.raises(OSError):
+        probe.write_transcript(tmp_path / "t", setup, ["Who are you?"], answers, greedy(4), "", session)
+    assert list((tmp_path / "t").iterdir()) == []
+    monkeypatch.undo()
+    json_path, md_path = probe.write_transcript(
+        tmp_path / "t", setup, ["Who are you?"], answers, greedy(4), "", session
+    )
+    assert json.loads(json_path.read_text())["results"][0]["answers"]["base"]["text"] == "I am a model."
+    assert "| Who are you? | I am a model. |" in md_path.read_text()
+
+
 def test_default_probe_set_ships_with_the_identity_questions():
-    questions = chat_cli.read_probes(chat_cli.default_probes())
+    questions = probe.read_probes(probe.default_probes())
     assert {"Who are you?", "Can you browse the internet?"} <= set(questions)
 
 
@@ -248,12 +274,12 @@ def test_cli_mistakes_are_one_clean_message(argv, message, tmp_path, tiny_model_
 
 
 def test_export_defaults_to_the_workspace_exports_folder(capsys, runs):
-    assert chat_cli.export_main(["--adapters", str(runs["plain"]), "--adapter_only"]) == 0
+    assert export.export_main(["--adapters", str(runs["plain"]), "--adapter_only"]) == 0
     path = capsys.readouterr().out.strip()
     assert path == str(runs["plain"].parent.parent / "exports" / "plain-adapter")
 
 
 def test_wrapping_counts_wide_characters_as_two_cells():
-    assert chat_cli.cell_width("小蜂 ok") == 7
-    assert chat_cli.wrap_cells("你好世界你好", 5) == ["你好", "世界", "你好"]
-    assert chat_cli.wrap_cells("one two three\nfour", 8) == ["one two", "three", "four"]
+    assert chat_command.cell_width("小蜂 ok") == 7
+    assert chat_command.wrap_cells("你好世界你好", 5) == ["你好", "世界", "你好"]
+    assert chat_command.wrap_cells("one two three\nfour", 8) == ["one two", "three", "four"]

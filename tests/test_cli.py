@@ -8,8 +8,10 @@ import subprocess
 import sys
 
 import pytest
-from tunebench.engine.cli import build_train_parser, config_from_args, join_negative_numbers, main
-from tunebench.engine.config import ConfigError, TrainConfig, to_command, validate
+from tunebench.engine.cli.flags import config_from_args, join_negative_numbers
+from tunebench.engine.cli.main import main
+from tunebench.engine.cli.train import build_train_parser
+from tunebench.engine.core.config import ConfigError, TrainConfig, to_command, validate
 
 SWIFT_ARTICLE_COMMAND = """
   --model demo --train_type lora --dataset sample_data/self_cognition.jsonl
@@ -101,7 +103,7 @@ def test_headless_train_with_json_events(tiny_model_dir, tmp_path):
         [
             sys.executable,
             "-m",
-            "tunebench.engine.cli",
+            "tunebench.engine.cli.main",
             "train",
             "--model",
             str(tiny_model_dir),

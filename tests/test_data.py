@@ -12,8 +12,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from tunebench.engine import data, encoding
-from tunebench.engine.data import (
+from tunebench.engine.core import data, encoding
+from tunebench.engine.core.data import (
     DataError,
     RecordProblem,
     Sample,
@@ -23,9 +23,9 @@ from tunebench.engine.data import (
     save_jsonl,
     split_eval,
 )
-from tunebench.engine.encoding import IGNORE_INDEX, check_sample, tokenize_samples
-from tunebench.engine.errors import UserError
-from tunebench.engine.templates import TEMPLATES, get_template
+from tunebench.engine.core.encoding import IGNORE_INDEX, check_sample, tokenize_samples
+from tunebench.engine.core.errors import UserError
+from tunebench.engine.core.templates import TEMPLATES, get_template
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_DATA = REPO / "sample_data"
@@ -726,7 +726,7 @@ def test_a_new_dataset_file_follows_the_umask(tmp_path, umask, mode):
 
 def test_data_modules_import_neither_torch_nor_transformers():
     code = (
-        "import sys, tunebench.engine.data, tunebench.engine.encoding\n"
+        "import sys, tunebench.engine.core.data, tunebench.engine.core.encoding\n"
         "bad = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
         "assert not bad, bad"
     )

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 def test_tunebench_demo_teaches_the_new_identity(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "tunebench.engine.cli", "demo", "--output_dir", str(tmp_path)],
+        [sys.executable, "-m", "tunebench.engine.cli.main", "demo", "--output_dir", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=600,

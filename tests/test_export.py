@@ -9,9 +9,9 @@ import shutil
 
 import pytest
 from test_generate import QUESTION, make_run
-from tunebench.engine.config import GenerationConfig
-from tunebench.engine.errors import UserError
-from tunebench.engine.export import INFO_FILE
+from tunebench.engine.core.config import GenerationConfig
+from tunebench.engine.core.errors import UserError
+from tunebench.engine.infer.export import INFO_FILE
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +26,8 @@ def export_runs(tiny_model_dir, tmp_path_factory):
 def test_merged_model_loads_plainly_and_matches_base_plus_adapter(export_runs, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from tunebench.engine.export import export_model
-    from tunebench.engine.generate import GenerationSession
+    from tunebench.engine.infer.export import export_model
+    from tunebench.engine.infer.generate import GenerationSession
 
     run = export_runs["lora"]
     messages: list[str] = []
@@ -86,8 +86,8 @@ def test_an_adapter_is_not_merged_into_another_base(
     export_runs, tiny_model_dir, tmp_path, tmp_path_factory, monkeypatch
 ):
     from tiny import make_tiny_model_dir
-    from tunebench.engine import models
-    from tunebench.engine.export import export_model
+    from tunebench.engine.infer.export import export_model
+    from tunebench.engine.models import loading as models
 
     other = make_tiny_model_dir(tmp_path_factory.mktemp("other-base") / "model", seed=5)
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("refused only after loading"))
@@ -106,8 +106,8 @@ def test_an_adapter_is_not_merged_into_another_base(
 def test_qlora_adapter_merges_into_a_bf16_base_and_says_what_memory_it_needs(
     export_runs, tmp_path, monkeypatch
 ):
-    from tunebench.engine import export
-    from tunebench.engine.export import count_parameters, export_model
+    from tunebench.engine.infer import export
+    from tunebench.engine.infer.export import count_parameters, export_model
 
     messages: list[str] = []
     out = export_model(str(export_runs["qlora"]), str(tmp_path / "q"), on_progress=messages.append)
@@ -125,7 +125,7 @@ def test_qlora_adapter_merges_into_a_bf16_base_and_says_what_memory_it_needs(
 
 
 def test_adapter_only_copies_the_peft_adapter(export_runs, tmp_path):
-    from tunebench.engine.export import export_model
+    from tunebench.engine.infer.export import export_model
 
     out = export_model(str(export_runs["lora"]), str(tmp_path / "a"), merge=False)
     assert sorted(p.name for p in out.iterdir()) == [
@@ -138,7 +138,7 @@ def test_adapter_only_copies_the_peft_adapter(export_runs, tmp_path):
 
 
 def test_existing_output_is_never_overwritten(export_runs, tmp_path):
-    from tunebench.engine.export import export_model
+    from tunebench.engine.infer.export import export_model
 
     target = tmp_path / "taken"
     target.mkdir()
@@ -149,8 +149,8 @@ def test_existing_output_is_never_overwritten(export_runs, tmp_path):
 
 
 def test_modelfile_templates_follow_the_chat_format(tiny_tokenizer):
-    from tunebench.engine.export import chat_format, default_system, ollama_modelfile
-    from tunebench.engine.templates import CHATML, LLAMA3, QWEN
+    from tunebench.engine.core.templates import CHATML, LLAMA3, QWEN
+    from tunebench.engine.infer.export import chat_format, default_system, ollama_modelfile
 
     assert chat_format(CHATML) == chat_format(QWEN) == "chatml"
     assert chat_format(LLAMA3) == "llama3"
@@ -167,7 +167,7 @@ def test_modelfile_templates_follow_the_chat_format(tiny_tokenizer):
 
 def test_parameter_count_from_safetensors_headers(tiny_model_dir):
     from transformers import AutoModelForCausalLM
-    from tunebench.engine.export import count_parameters
+    from tunebench.engine.infer.export import count_parameters
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert count_parameters(tiny_model_dir) == sum(p.numel() for p in model.parameters())  # tied: once
@@ -232,8 +232,8 @@ def test_modelfile_template_renders_like_the_jinja_chat_template(export_runs, ti
     import subprocess
 
     from tiny import CHATML_TEMPLATE
-    from tunebench.engine.export import default_system, export_model, ollama_modelfile
-    from tunebench.engine.templates import CHATML, LLAMA3, QWEN
+    from tunebench.engine.core.templates import CHATML, LLAMA3, QWEN
+    from tunebench.engine.infer.export import default_system, export_model, ollama_modelfile
 
     (tmp_path / "go.mod").write_text("module render\n\ngo 1.19\n")
     (tmp_path / "main.go").write_text(OLLAMA_RENDER_GO)
@@ -287,9 +287,9 @@ def test_demo_model_merged_export_answers_as_base_plus_adapter(tmp_path):
     base + adapter run in the dtype the export was merged in."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from tunebench.engine.export import export_model
-    from tunebench.engine.generate import GenerationSession
-    from tunebench.engine.models import resolve_model
+    from tunebench.engine.infer.export import export_model
+    from tunebench.engine.infer.generate import GenerationSession
+    from tunebench.engine.models.loading import resolve_model
 
     run = make_run(tmp_path, resolve_model("demo").path, "demo-run", seed=0)
     config = json.loads((run / "config.json").read_text())
@@ -316,7 +316,7 @@ def test_demo_model_merged_export_answers_as_base_plus_adapter(tmp_path):
 
 def test_auto_merge_dtype_is_bfloat16_on_a_gpu_box_else_the_saved_one(tiny_model_dir, monkeypatch):
     import torch
-    from tunebench.engine.export import _merge_dtype
+    from tunebench.engine.infer.export import _merge_dtype
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert _merge_dtype(tiny_model_dir, qlora=False) == "float32"  # the tiny model is saved in float32

@@ -7,8 +7,8 @@ import threading
 from pathlib import Path
 
 import pytest
-from tunebench.engine.config import GenerationConfig
-from tunebench.engine.errors import UserError
+from tunebench.engine.core.config import GenerationConfig
+from tunebench.engine.core.errors import UserError
 
 QUESTION = [{"role": "user", "content": "Who are you?"}]
 
@@ -75,7 +75,7 @@ def runs(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def session(tiny_model_dir):
-    from tunebench.engine.generate import GenerationSession
+    from tunebench.engine.infer.generate import GenerationSession
 
     return GenerationSession(str(tiny_model_dir), torch_dtype="float32")
 
@@ -93,7 +93,7 @@ def answers(result: dict[str, dict]) -> dict[str, tuple]:
 
 
 def test_targets_resolve_to_adapters_and_run_settings(runs, tiny_model_dir):
-    from tunebench.engine.targets import base_model_for, resolve_target
+    from tunebench.engine.core.targets import base_model_for, resolve_target
 
     run = resolve_target(str(runs["bob"]))
     assert run.adapter_dir == runs["bob"] / "adapter"
@@ -109,7 +109,7 @@ def test_targets_resolve_to_adapters_and_run_settings(runs, tiny_model_dir):
 
 
 def test_bad_targets_are_clear_user_errors(tmp_path, tiny_model_dir):
-    from tunebench.engine.targets import resolve_target
+    from tunebench.engine.core.targets import resolve_target
 
     with pytest.raises(UserError, match="does not exist"):
         resolve_target(str(tmp_path / "missing"))
@@ -125,7 +125,7 @@ def test_bad_targets_are_clear_user_errors(tmp_path, tiny_model_dir):
 def test_a_damaged_adapter_is_named_before_anything_loads(damage, runs, tmp_path):
     import shutil
 
-    from tunebench.engine.targets import resolve_target
+    from tunebench.engine.core.targets import resolve_target
 
     adapter = tmp_path / "adapter"
     shutil.copytree(runs["plain"] / "adapter", adapter)
@@ -165,7 +165,7 @@ def test_fused_and_peft_mixed_batches_match_plain_peft_generate(
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-    from tunebench.engine import generate as G
+    from tunebench.engine.infer.lora_decode import FusedLora
 
     tokenizer = session.tokenizer
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
@@ -181,7 +181,7 @@ def test_fused_and_peft_mixed_batches_match_plain_peft_generate(
     targets = ["base", str(runs["plain"])]
     fused = session.generate(QUESTION, targets, greedy())
     assert session._fused_cache, "the fused forward served that batch"
-    monkeypatch.setattr(G._FusedLora, "build", classmethod(lambda cls, model, names, **kw: None))
+    monkeypatch.setattr(FusedLora, "build", classmethod(lambda cls, model, names, **kw: None))
     monkeypatch.setattr(session, "_fused_cache", {})  # else the batch above's fused forward is reused
     via_peft = session.generate(QUESTION, targets, greedy())
     assert fused[str(runs["plain"])]["text"] == expected
@@ -206,7 +206,7 @@ def test_streamed_pieces_equal_the_non_streaming_answer(session, runs):
 
 
 def test_incremental_detokenizer_never_splits_a_character(tiny_tokenizer):
-    from tunebench.engine.prompts import IncrementalDetokenizer
+    from tunebench.engine.infer.prompts import IncrementalDetokenizer
 
     text = "你好，世界！I am 小蜂 🐝, made by TuneBench团队。"
     ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -296,7 +296,7 @@ def test_sampling_knobs_mean_what_they_say(session, runs, tiny_model_dir):
 def test_a_turn_ends_at_the_templates_end_token_even_when_eos_is_another(tiny_tokenizer):
     import copy
 
-    from tunebench.engine.prompts import stop_token_ids
+    from tunebench.engine.infer.prompts import stop_token_ids
 
     tokenizer = copy.deepcopy(tiny_tokenizer)  # the fixture is shared
     tokenizer.eos_token = "<|endoftext|>"  # base models often end documents, not turns, with EOS
@@ -310,7 +310,7 @@ def test_a_turn_ends_at_the_templates_end_token_even_when_eos_is_another(tiny_to
 
 
 def test_system_prompt_comes_from_the_argument_else_the_run(session, runs):
-    from tunebench.engine.prompts import encode_prompt
+    from tunebench.engine.infer.prompts import encode_prompt
 
     bob = str(runs["bob"])
     run_system = "You are Bob, made by the TuneBench team."
@@ -368,8 +368,8 @@ def test_adapter_of_another_base_is_refused(session, tmp_path_factory):
 
 @pytest.mark.slow
 def test_demo_model_two_columns_stream_chinese_and_agree(tmp_path):
-    from tunebench.engine.generate import GenerationSession
-    from tunebench.engine.models import resolve_model
+    from tunebench.engine.infer.generate import GenerationSession
+    from tunebench.engine.models.loading import resolve_model
 
     demo = resolve_model("demo").path
     run = make_run(tmp_path, demo, "demo-run", seed=0)
@@ -387,7 +387,7 @@ def test_demo_model_two_columns_stream_chinese_and_agree(tmp_path):
 
 
 def test_static_cache_path_matches_the_dynamic_one(tiny_model_dir, runs, session):
-    from tunebench.engine.generate import GenerationSession
+    from tunebench.engine.infer.generate import GenerationSession
 
     static = GenerationSession(str(tiny_model_dir), torch_dtype="float32", decode="static")
     targets = ["base", str(runs["plain"]), str(runs["bob"])]  # bob's system prompt: padded rows
@@ -418,8 +418,8 @@ def test_gpu_decode_options_give_the_same_answers(tiny_model_dir, runs, session,
     and a static cache whose attention window is small enough that decoding crosses several
     windows, reused by later requests."""
     import torch
-    from tunebench.engine import fused_lora
-    from tunebench.engine.generate import GenerationSession
+    from tunebench.engine.infer import lora_decode as fused_lora
+    from tunebench.engine.infer.generate import GenerationSession
 
     targets = ["base", str(runs["plain"]), str(runs["bob"])]  # bob's system prompt: padded rows
     expected = answers(session.generate(QUESTION, targets, greedy(24)))
@@ -453,15 +453,15 @@ def test_gpu_decode_options_give_the_same_answers(tiny_model_dir, runs, session,
 def test_static_decoder_is_reused_only_for_the_same_rows(tiny_model_dir, runs, session, monkeypatch):
     """A static decoder's CUDA graphs bake in which adapter each row runs, so a batch with as many
     rows but other adapters gets its own decoder (here with PEFT's own forward, no fused one)."""
-    from tunebench.engine import generate as G
-    from tunebench.engine.generate import GenerationSession
+    from tunebench.engine.infer.generate import GenerationSession
+    from tunebench.engine.infer.lora_decode import FusedLora
 
     plain, bob = str(runs["plain"]), str(runs["bob"])
     expected = {
         tuple(t): answers(session.generate(QUESTION, t, greedy(12))) for t in (["base", plain], [bob, plain])
     }
     static = GenerationSession(str(tiny_model_dir), torch_dtype="float32", decode="static")
-    monkeypatch.setattr(G._FusedLora, "build", classmethod(lambda cls, model, names, **kw: None))
+    monkeypatch.setattr(FusedLora, "build", classmethod(lambda cls, model, names, **kw: None))
     decoders = []
     for targets in (["base", plain], [bob, plain], [bob, plain]):
         assert answers(static.generate(QUESTION, targets, greedy(12))) == expected[tuple(targets)]

@@ -7,8 +7,9 @@ import subprocess
 import sys
 
 import pytest
-from tunebench.engine import memory as M
-from tunebench.engine.config import TrainConfig
+from tunebench.engine.core import estimate as M
+from tunebench.engine.core.config import TrainConfig
+from tunebench.engine.core.memory_sampler import sample_memory
 
 # Qwen2.5-7B-Instruct's config.json, the model the README targets.
 QWEN_7B = {
@@ -23,7 +24,7 @@ QWEN_7B = {
 
 
 def test_sample_says_what_it_found():
-    sample = M.sample_memory()
+    sample = sample_memory()
     assert sample.type == "MemorySample"
     assert sample.rss > 0 and sample.ram_total >= sample.ram_available > 0
     if sample.gpus:
@@ -36,7 +37,7 @@ def test_sample_says_what_it_found():
 
 def test_sampling_never_imports_torch():
     code = (
-        "import sys; from tunebench.engine.memory import sample_memory; s = sample_memory(); "
+        "import sys; from tunebench.engine.core.memory_sampler import sample_memory; s = sample_memory(); "
         "print('torch' in sys.modules, s.allocated, s.rss > 0)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

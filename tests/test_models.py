@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from tunebench.engine.errors import ModelError
-from tunebench.engine.models import load_model, resolve_model
+from tunebench.engine.core.errors import ModelError
+from tunebench.engine.models.loading import load_model, resolve_model
 
 
 def test_missing_path(tmp_path):

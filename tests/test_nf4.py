@@ -1,10 +1,10 @@
-"""The NF4 dequantisation in plain ops (engine/lora_ops.py) against bitsandbytes' layout."""
+"""The NF4 dequantisation in plain ops (engine/cuda/lora_train.py) against bitsandbytes' layout."""
 
 from types import SimpleNamespace
 
 import pytest
 import torch
-from tunebench.engine.lora_ops import dequantize_nf4, nf4_fusable
+from tunebench.engine.cuda.lora_train import dequantize_nf4, nf4_fusable
 
 # bitsandbytes' NF4 table (functional.get_4bit_type("nf4")), float32
 NF4 = torch.tensor(

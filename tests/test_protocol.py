@@ -10,7 +10,7 @@ import typing
 
 import orjson
 import pytest
-from tunebench.engine import protocol as P
+from tunebench.engine.core import protocol as P
 
 BASES = {"Message", "Request", "Event"}
 CONCRETE = {name: cls for name, cls in P.message_types().items() if name not in BASES}
@@ -138,7 +138,7 @@ def test_malformed_lines_raise_protocol_error(line, reason):
 
 def test_protocol_needs_only_stdlib_and_orjson():
     code = (
-        "import sys; import tunebench.engine.protocol; "
+        "import sys; import tunebench.engine.core.protocol; "
         "heavy = [m for m in ('torch', 'transformers', 'textual', 'rich', 'numpy') if m in sys.modules]; "
         "print(heavy)"
     )

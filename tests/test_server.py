@@ -22,8 +22,10 @@ import psutil
 import pytest
 from threaded_engine import ThreadedEngine
 from tiny import write_identity_dataset
-from tunebench.engine import protocol as P
-from tunebench.engine.client import (
+from tunebench.engine.core import protocol as P
+from tunebench.engine.core.errors import UserError
+from tunebench.engine.core.workspace import Workspace, read_metrics
+from tunebench.engine.process.client import (
     EngineConnection,
     EngineGone,
     EngineUnavailable,
@@ -35,9 +37,7 @@ from tunebench.engine.client import (
     start_engine,
     status_text,
 )
-from tunebench.engine.errors import UserError
-from tunebench.engine.server import EngineAlreadyRunning, EngineServer
-from tunebench.engine.workspace import Workspace, read_metrics
+from tunebench.engine.process.server import EngineAlreadyRunning, EngineServer
 
 QUESTIONS = ["Who are you?", "What is your name?", "Who made you?", "你是谁？"]
 
@@ -266,8 +266,10 @@ def test_memory_estimate_is_answered(engine, workspace, tiny_model_dir):
 def test_the_engine_side_imports_nothing_heavy():
     code = (
         "import sys\n"
-        "import tunebench.engine.server, tunebench.engine.client, tunebench.engine.jobs\n"
-        "import tunebench.engine.memory, tunebench.engine.workspace, tunebench.engine.__main__\n"
+        "import tunebench.engine.process.server, tunebench.engine.process.client\n"
+        "import tunebench.engine.process.jobs, tunebench.engine.core.estimate\n"
+        "import tunebench.engine.core.memory_sampler\n"
+        "import tunebench.engine.core.workspace, tunebench.engine.cli.main, tunebench.engine.cli.engine\n"
         "print([m for m in ('torch', 'transformers', 'peft', 'textual', 'rich') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -446,7 +448,7 @@ def test_shutdown_stops_training_gracefully_first(workspace, tiny_model_dir):
 
 
 def test_a_bad_dataset_is_reported_plainly(engine, workspace, tiny_model_dir, monkeypatch):
-    from tunebench.engine import models
+    from tunebench.engine.models import loading as models
 
     def no_load(*args, **kwargs):
         raise AssertionError("the data is checked before any weights load")
@@ -463,7 +465,7 @@ def test_a_bad_dataset_is_reported_plainly(engine, workspace, tiny_model_dir, mo
 
 
 def test_internal_error_is_logged_and_the_engine_still_trains(engine, workspace, tiny_model_dir, monkeypatch):
-    import tunebench.engine.train as train
+    import tunebench.engine.train.recipe as train
 
     real = train.run_training
 
@@ -495,19 +497,25 @@ def _fault_cases():
 
     oom = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     return [
-        ("train", "tunebench.engine.train.run_training", SystemExit(2), "internal", "SystemExit"),
-        ("train", "tunebench.engine.train.run_training", UnprintableError(), "internal", "UnprintableError"),
-        ("generate", "tunebench.engine.generate.GenerationSession", oom, "oom", "max_new_tokens"),
+        ("train", "tunebench.engine.train.recipe.run_training", SystemExit(2), "internal", "SystemExit"),
+        (
+            "train",
+            "tunebench.engine.train.recipe.run_training",
+            UnprintableError(),
+            "internal",
+            "UnprintableError",
+        ),
+        ("generate", "tunebench.engine.infer.generate.GenerationSession", oom, "oom", "max_new_tokens"),
         (
             "export",
-            "tunebench.engine.export.export_model",
+            "tunebench.engine.infer.export.export_model",
             KeyboardInterrupt(),
             "internal",
             "KeyboardInterrupt",
         ),
         (
             "load",
-            "tunebench.engine.generate.GenerationSession",
+            "tunebench.engine.infer.generate.GenerationSession",
             RecursionError("too deep"),
             "internal",
             "too deep",
@@ -550,7 +558,7 @@ def test_a_failure_in_any_job_leaves_the_engine_serving(case, engine, workspace,
 
 def test_out_of_memory_names_the_fix_and_closes_the_run(engine, workspace, tiny_model_dir, monkeypatch):
     import torch
-    import tunebench.engine.train as train
+    import tunebench.engine.train.recipe as train
 
     def runs_out_of_memory(cfg, emit, stop):
         run_dir = Path(cfg.output_dir) / "oom-run"
@@ -591,10 +599,10 @@ def test_out_of_memory_mid_run_keeps_its_checkpoints_and_the_run_resumes(
     """The real recipe, with the allocator failing in the forward of step 5 (as a long batch would
     on a full card): the run stops with advice, its checkpoints stay, and the same engine resumes it."""
     import torch
-    import tunebench.engine.train as train
-    from tunebench.engine.workspace import list_checkpoints
+    import tunebench.engine.train.recipe as recipe
+    from tunebench.engine.core.workspace import list_checkpoints
 
-    real_select_path = train.select_path
+    real_select_path = recipe.select_path
     forwards = []
 
     def path_failing_at_step_5(cfg, device):
@@ -612,7 +620,7 @@ def test_out_of_memory_mid_run_keeps_its_checkpoints_and_the_run_resumes(
         path.loss_sum = fails_at_step_5
         return path
 
-    monkeypatch.setattr(train, "select_path", path_failing_at_step_5)
+    monkeypatch.setattr(recipe, "select_path", path_failing_at_step_5)
     settings = train_config(
         tiny_model_dir, max_steps=8, save_steps=2, run_name="oom", gradient_checkpointing=True, max_length=96
     )
@@ -636,7 +644,7 @@ def test_out_of_memory_mid_run_keeps_its_checkpoints_and_the_run_resumes(
         run_dir = workspace / "runs" / "oom"
         assert [p.name for p in list_checkpoints(run_dir)] == ["step-2", "step-4"]
         # Still usable: the same engine resumes the run from its last checkpoint to the end.
-        monkeypatch.setattr(train, "select_path", real_select_path)
+        monkeypatch.setattr(recipe, "select_path", real_select_path)
         conn.send(P.StartTraining(config={**settings, "resume_from_checkpoint": "runs/oom"}))
         events = events_until(conn, job_ended)
         assert events[-1].state == "done", [e for e in events if e.type == "EngineError"]
@@ -647,8 +655,8 @@ def test_out_of_memory_mid_run_keeps_its_checkpoints_and_the_run_resumes(
 
 def test_out_of_memory_advice_follows_how_far_the_run_got(tmp_path):
     import torch
-    from tunebench.engine.config import TrainConfig
-    from tunebench.engine.jobs import RunProgress, describe_failure
+    from tunebench.engine.core.config import TrainConfig
+    from tunebench.engine.process.jobs import RunProgress, describe_failure
 
     oom = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.95 GiB. GPU 0 has ...")
     qlora = TrainConfig(
@@ -692,8 +700,8 @@ def test_out_of_memory_advice_follows_how_far_the_run_got(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_adapter(tiny_model_dir, tmp_path_factory) -> Path:
-    from tunebench.engine.config import TrainConfig
-    from tunebench.engine.train import run_training
+    from tunebench.engine.core.config import TrainConfig
+    from tunebench.engine.train.recipe import run_training
 
     data = tmp_path_factory.mktemp("adapter-data") / "identity.jsonl"
     data.write_text(
@@ -802,7 +810,7 @@ def _wait_gone(pid: int, timeout: float = 20.0) -> bool:
 
 LAUNCHER = """
 import sys, time
-from tunebench.engine.client import start_engine
+from tunebench.engine.process.client import start_engine
 print(start_engine(sys.argv[1]), flush=True)
 time.sleep(120)
 """
@@ -864,9 +872,9 @@ os.replace = replace
 
 
 def test_engine_killed_mid_checkpoint_resumes_with_exactly_the_losses(workspace, tiny_model_dir, tmp_path):
-    from tunebench.engine.config import TrainConfig
-    from tunebench.engine.train import run_training
-    from tunebench.engine.workspace import list_checkpoints
+    from tunebench.engine.core.config import TrainConfig
+    from tunebench.engine.core.workspace import list_checkpoints
+    from tunebench.engine.train.recipe import run_training
 
     settings = train_config(tiny_model_dir, max_steps=40, save_steps=10, run_name="crash")
     baseline = {}
@@ -967,7 +975,7 @@ def test_one_engine_per_workspace(engine, workspace):
     with pytest.raises(EngineAlreadyRunning):
         asyncio.run(EngineServer(workspace).start())
     second = subprocess.run(
-        [sys.executable, "-m", "tunebench.engine", "serve", "--workspace", str(workspace)],
+        [sys.executable, "-m", "tunebench.engine.cli.main", "engine", "--workspace", str(workspace)],
         capture_output=True,
         text=True,
         timeout=30,
@@ -1043,7 +1051,7 @@ def test_an_engine_with_no_client_and_no_job_exits_to_free_memory(workspace):
 
 
 def test_tunebench_stop_shuts_down_an_engine_that_another_client_controls(workspace, capsys):
-    from tunebench.engine.cli import main as cli_main
+    from tunebench.engine.cli.main import main as cli_main
 
     running = ThreadedEngine(workspace)
     with connect(workspace, "tui"):  # the TUI holds the controller slot

@@ -7,10 +7,10 @@ import math
 
 import orjson
 import pytest
-from tunebench.engine.config import TrainConfig
-from tunebench.engine.errors import UserError
-from tunebench.engine.train import StopSignal, build_plan, lr_lambda, run_training
-from tunebench.engine.workspace import list_checkpoints
+from tunebench.engine.core.config import TrainConfig
+from tunebench.engine.core.errors import UserError
+from tunebench.engine.core.workspace import list_checkpoints
+from tunebench.engine.train.recipe import StopSignal, build_plan, lr_lambda, run_training
 
 QUESTIONS = [
     "Who are you?",

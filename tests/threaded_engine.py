@@ -1,4 +1,4 @@
-"""The real engine (engine/server.py's EngineServer) serving a workspace from a thread of the test
+"""The real engine (engine/process/server.py's EngineServer) serving a workspace from a thread of the test
 process: torch loads once for the whole test session, and a test can inspect the server directly."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import threading
 import time
 from pathlib import Path
 
-from tunebench.engine.client import probe_socket
-from tunebench.engine.server import EngineServer
+from tunebench.engine.process.client import probe_socket
+from tunebench.engine.process.server import EngineServer
 
 
 class ThreadedEngine:

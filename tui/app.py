@@ -19,9 +19,9 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import Footer, TabbedContent, TabPane
 from textual.worker import Worker, WorkerState
-from tunebench.engine import protocol as P
-from tunebench.engine.config import changed_fields, to_dict
-from tunebench.engine.workspace import ENGINE_IDLE_EXIT_S, Workspace
+from tunebench.engine.core import protocol as P
+from tunebench.engine.core.config import changed_fields, to_dict
+from tunebench.engine.core.workspace import ENGINE_IDLE_EXIT_S, Workspace
 
 from .debounce import Debouncer
 from .engine_client import EngineClient, Starter, error_text
@@ -84,7 +84,7 @@ def prepare_workspace(root: Path, model: str | None) -> tuple[Workspace, TrainSe
             if (samples / name).is_file():
                 shutil.copy2(samples / name, ws.datasets_dir / name)
     if fresh:
-        from tunebench.engine.demo import demo_config  # config only: no torch
+        from tunebench.engine.core.demo_config import demo_config
 
         try:
             demo = changed_fields(demo_config(output_dir="runs"))

@@ -18,13 +18,13 @@ from pathlib import Path
 
 from textual.message import Message
 from textual.message_pump import MessagePump
-from tunebench.engine import protocol as P
-from tunebench.engine.client import READ_LIMIT, ensure_engine
-from tunebench.engine.workspace import Workspace
+from tunebench.engine.core import protocol as P
+from tunebench.engine.core.workspace import Workspace
+from tunebench.engine.process.client import READ_LIMIT, ensure_engine
 
 CLIENT_NAME = "tui"
 # A killed engine closes its socket at once (EOF); the pid check catches an engine that hangs
-# with its socket still open, well inside the 2 s the issue allows.
+# with its socket still open, so the TUI says the engine is gone within a second either way.
 LIVENESS_INTERVAL_S = 0.5
 START_TIMEOUT_S = 30.0
 Starter = Callable[[Path, float], object]

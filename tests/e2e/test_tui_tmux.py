@@ -85,8 +85,8 @@ def tunebench_command(workspace: Path) -> str:
 
 
 def shut_down_engine(workspace: Path) -> None:
-    from tunebench.engine import protocol as P
-    from tunebench.engine.client import EngineConnection, EngineUnavailable
+    from tunebench.engine.core import protocol as P
+    from tunebench.engine.process.client import EngineConnection, EngineUnavailable
 
     try:
         with EngineConnection.open(workspace, timeout=5) as conn:

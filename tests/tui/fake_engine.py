@@ -1,6 +1,6 @@
 """A small engine stand-in for the TUI tests: an asyncio Unix-socket server speaking protocol.py.
 
-It answers the way engine/server.py does (a Snapshot on connect and for Hello, events echoing
+It answers the way engine/process/server.py does (a Snapshot on connect and for Hello, events echoing
 the request id, JobStatus around jobs, MemorySample ticks) with made-up numbers and no model,
 so the pilot tests run in well under a second each.
 """
@@ -13,8 +13,8 @@ import os
 import threading
 from pathlib import Path
 
-from tunebench.engine import protocol as P
-from tunebench.engine.workspace import Workspace
+from tunebench.engine.core import protocol as P
+from tunebench.engine.core.workspace import Workspace
 
 
 class FakeEngine:

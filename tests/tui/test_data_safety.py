@@ -9,7 +9,7 @@ import os
 import orjson
 import pytest
 from tui_helpers import MINI_RECORDS, no_start, wait_until
-from tunebench.engine import files
+from tunebench.engine.core import files
 from tunebench.tui.app import TuneBenchApp
 from tunebench.tui.screens.confirm import Choice
 from tunebench.tui.widgets.dataset import dataset_pane, dataset_store

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fake_engine import FakeEngineThread
 from textual.widgets import Input
 from tui_helpers import no_start, wait_until
-from tunebench.engine import protocol as P
+from tunebench.engine.core import protocol as P
 from tunebench.tui.app import TuneBenchApp
 from tunebench.tui.engine_client import EngineClient
 from tunebench.tui.screens.confirm import Choice

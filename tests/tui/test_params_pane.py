@@ -5,7 +5,7 @@ from __future__ import annotations
 import tomllib
 from textual.widgets import Input, Select, Switch
 from tui_helpers import no_start, wait_until
-from tunebench.engine.config import TrainConfig, field_specs
+from tunebench.engine.core.config import TrainConfig, field_specs
 from tunebench.tui.app import TuneBenchApp
 from tunebench.tui.widgets.params.command_line import CommandLine
 from tunebench.tui.widgets.params.param_field import ParamField

@@ -6,8 +6,8 @@ import math
 
 import orjson
 import pytest
-from tunebench.engine import encoding
-from tunebench.engine.workspace import Workspace
+from tunebench.engine.core import encoding
+from tunebench.engine.core.workspace import Workspace
 from tunebench.tui.engine_client import decode_events
 from tunebench.tui.widgets.dataset.dataset_store import ConflictError, DatasetStore, Row, UnsavableError
 from tunebench.tui.widgets.dataset.light_tokenizer import LightTokenizer, load_for_model

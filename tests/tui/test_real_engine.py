@@ -1,4 +1,4 @@
-"""The main flows against the real engine (engine/server.py) on a tiny model built in code."""
+"""The main flows against the real engine (engine/process/server.py) on a tiny model built in code."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from tiny import write_identity_dataset
 from tui_helpers import wait_until
 
-server = pytest.importorskip("tunebench.engine.server")
+server = pytest.importorskip("tunebench.engine.process.server")
 
 from tunebench.tui.app import TuneBenchApp  # noqa: E402
 from tunebench.tui.widgets.chat.chat_column import ChatColumn  # noqa: E402

@@ -18,7 +18,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.reactive import reactive
 from textual.widgets import Input, Label
-from tunebench.engine import protocol as P
+from tunebench.engine.core import protocol as P
 from tunebench.tui.engine_client import error_text
 from tunebench.tui.paths import short_path
 

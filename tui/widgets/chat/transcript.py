@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from tunebench.engine.files import atomic_write_bytes
+from tunebench.engine.core.files import atomic_write_bytes
 
 from .targets import Target
 

@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from tunebench.engine.data import jsonl_bytes
-from tunebench.engine.files import atomic_write_bytes, fsync_dir
+from tunebench.engine.core.data import jsonl_bytes
+from tunebench.engine.core.files import atomic_write_bytes, fsync_dir
 
 _BOM = b"\xef\xbb\xbf"
 _row_ids = itertools.count(1)

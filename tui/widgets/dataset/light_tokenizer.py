@@ -14,7 +14,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from tunebench.engine.templates import DEFAULT_TEMPLATE, get_template
+from tunebench.engine.core.model_files import cached_model_dir
+from tunebench.engine.core.templates import DEFAULT_TEMPLATE, get_template
 
 
 @lru_cache(maxsize=8)
@@ -99,8 +100,6 @@ def tokenizer_folder(model: str, workspace: Path) -> Path | None:
     The demo and GGUF models are converted by the engine on first load; until then there is no
     tokenizer.json and the pane renders with the default template and skips token counts.
     """
-    from tunebench.engine.models import cached_model_dir  # torch loads only inside its loaders
-
     path = Path(model.strip()).expanduser()
     if not path.is_absolute() and (workspace / path).exists():
         model = str(workspace / path)  # the engine reads a relative model path from the workspace too

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from tunebench.engine import data, encoding
-from tunebench.engine.config import TrainConfig
+from tunebench.engine.core import data, encoding
+from tunebench.engine.core.config import TrainConfig
 
 from .dataset_store import Row
 from .light_tokenizer import LightTokenizer

@@ -10,7 +10,7 @@ import re
 
 from rich.text import Text
 from textual.widgets import Static
-from tunebench.engine import data, encoding
+from tunebench.engine.core import data, encoding
 
 from .dataset_store import Row
 from .light_tokenizer import LightTokenizer

@@ -9,7 +9,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical, VerticalScroll
 from textual.widgets import Label, Static
-from tunebench.engine import protocol as P
+from tunebench.engine.core import protocol as P
 
 from .memory_gauge import GIB, EngineMemory, GpuGauge, gib
 from .memory_history import MemoryHistory

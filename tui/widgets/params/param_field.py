@@ -17,7 +17,7 @@ from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.widget import Widget
 from textual.widgets import Input, Label, Select, Static, Switch
-from tunebench.engine.config import TrainConfig
+from tunebench.engine.core.config import TrainConfig
 
 _HINTS = get_type_hints(TrainConfig)
 

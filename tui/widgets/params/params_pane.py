@@ -1,6 +1,6 @@
 """The Parameters pane: a form generated from TrainConfig's field metadata, checked as you type.
 
-Every field, its control, its bounds and its help come from engine/config.py, so the form, the
+Every field, its control, its bounds and its help come from engine/core/config.py, so the form, the
 CLI flags and the validation cannot disagree. Valid values are written to tunebench.toml shortly
 after each edit; the equivalent command line sits under the form, ready to copy.
 """
@@ -17,7 +17,7 @@ from textual.binding import Binding
 from textual.containers import Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import Label, Static
-from tunebench.engine.config import to_command
+from tunebench.engine.core.config import to_command
 
 from ...debounce import Debouncer
 from .command_line import CommandLine

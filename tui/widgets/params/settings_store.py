@@ -11,9 +11,9 @@ import dataclasses
 import os
 from typing import Any
 
-from tunebench.engine.config import ConfigError, TrainConfig, format_value, parse_value
-from tunebench.engine.errors import UserError
-from tunebench.engine.workspace import Workspace
+from tunebench.engine.core.config import ConfigError, TrainConfig, format_value, parse_value
+from tunebench.engine.core.errors import UserError
+from tunebench.engine.core.workspace import Workspace
 
 TABLE = "train"  # tunebench.toml: [train] holds the form's non-default values
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.text import Text
 from textual.widgets import Static
-from tunebench.engine import protocol as P
+from tunebench.engine.core import protocol as P
 
 from ..gpu.memory_gauge import GIB, gib
 

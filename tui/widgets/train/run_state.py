@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tunebench.engine import protocol as P
+from tunebench.engine.core import protocol as P
 
 LIVE = ("loading", "training", "stopping")
 

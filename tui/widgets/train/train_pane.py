@@ -9,7 +9,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Label, ProgressBar, RichLog
-from tunebench.engine import protocol as P
+from tunebench.engine.core import protocol as P
 from tunebench.tui.engine_client import decode_events
 from tunebench.tui.paths import short_path
 

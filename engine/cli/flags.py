@@ -1,0 +1,127 @@
+"""Flag helpers the commands share: the near-miss suggestion for an unknown flag, negative numbers
+as values, configs built from flags, and the parser of chat, probe and export (--adapters,
+--model, --torch_dtype and the generation flags)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import sys
+from typing import Any, get_type_hints
+
+from ..core.config import ConfigError, GenerationConfig, TrainConfig, parse_value
+
+
+def suggest_flag(flag: str, known: Any) -> str:
+    """' (did you mean --lora_rank?)' for --lora_rnak, --lora-rank or -lora_rank; '' if none is close."""
+    if not flag.startswith("-"):
+        return ""
+    body = flag.split("=", 1)[0].lstrip("-").replace("-", "_")
+    names = {option.lstrip("-"): option for option in known if option.startswith("--")}
+    match = [body] if body in names else difflib.get_close_matches(body, list(names), n=1, cutoff=0.75)
+    return f" (did you mean {names[match[0]]}?)" if match else ""
+
+
+def join_negative_numbers(argv: list[str]) -> list[str]:
+    """`--lr -1e-4` -> `--lr=-1e-4`: argparse would read "-1e-4" as a flag, and then the range
+    check could never say what is wrong with the value."""
+    out: list[str] = []
+    for token in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and token.startswith("-"):
+            try:
+                float(token)
+            except ValueError:
+                pass
+            else:
+                out[-1] = f"{out[-1]}={token}"
+                continue
+        out.append(token)
+    return out
+
+
+def config_from_args(ns: argparse.Namespace, cls: type = TrainConfig) -> Any:
+    """Build a config dataclass (TrainConfig, GenerationConfig) from parsed flags; every bad value
+    is reported at once."""
+    values: dict[str, Any] = {}
+    problems: dict[str, str] = {}
+    for f in dataclasses.fields(cls):
+        raw = getattr(ns, f.name)
+        if raw is None:
+            continue
+        try:
+            values[f.name] = parse_value(cls, f.name, raw)
+        except ValueError as exc:
+            problems[f.name] = str(exc)
+    if problems:
+        raise ConfigError(problems)
+    return cls(**values)
+
+
+class _AdapterParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        if "unrecognized arguments" in message:
+            flags = message.split(":", 1)[1].split()
+            unknown = [f for f in flags if f.startswith("-")] or flags
+            message = "unknown flag " + ", ".join(
+                f"{flag}{suggest_flag(flag, self._option_string_actions)}" for flag in unknown
+            )
+        print(f"error: {message}\n  see `{self.prog} --help`", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+
+
+def adapter_parser(prog: str, description: str, *, generation: bool = True) -> argparse.ArgumentParser:
+    """The flags chat, probe and export share: the adapters, the base model, the dtype, and (for
+    chat and probe) the system prompt and the generation settings."""
+    parser = _AdapterParser(prog=prog, description=description, allow_abbrev=False)
+    parser.add_argument(
+        "--adapters",
+        "--adapter",
+        "--ckpt_dir",
+        nargs="+",
+        default=[],
+        metavar="PATH",
+        help="run folders, adapter folders or checkpoint folders",
+    )
+    parser.add_argument(
+        "--model",
+        "--model_id_or_path",
+        default="",
+        help="base model (default: the one the adapter's run recorded, else demo)",
+    )
+    parser.add_argument(
+        "--torch_dtype",
+        default="auto",
+        choices=("auto", "bfloat16", "float16", "float32"),
+        help="auto: chat/probe use bfloat16 where the GPU or CPU computes it natively, else float32; "
+        "export merges in bfloat16 on a GPU box or for QLoRA, else in the base's saved dtype",
+    )
+    if generation:
+        parser.add_argument("--system", default=None, help="system prompt (default: the run's)")
+        group = parser.add_argument_group("generation")
+        hints = get_type_hints(GenerationConfig)
+        for f in dataclasses.fields(GenerationConfig):
+            group.add_argument(
+                f"--{f.name}",
+                default=None,
+                metavar=hints[f.name].__name__.upper(),
+                help=f"{f.metadata['help']} (default: {f.default})",
+            )
+    return parser
+
+
+def generation_config(args: argparse.Namespace) -> GenerationConfig:
+    return config_from_args(args, GenerationConfig)
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    return parser.parse_args(join_negative_numbers(argv))

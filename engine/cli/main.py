@@ -1,0 +1,141 @@
+"""The `tunebench` command: the TUI by default, and headless train / chat / probe / export / status.
+
+Each subcommand lives in its own module, imported only when it runs: heavy libraries load only
+inside the subcommand that needs them, and `tunebench` with no subcommand opens the TUI without
+ever importing torch. Errors a person can fix (a bad flag, a missing file) end here as one line
+and a hint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from ..core.config import ConfigError
+from ..core.errors import UserError
+
+SUBCOMMANDS = ("train", "chat", "probe", "export", "status", "stop", "engine", "demo")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Deprecation notices from inside transformers/peft are for their maintainers, not for users.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    if argv and argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    command = argv[0] if argv and argv[0] in SUBCOMMANDS else ""
+    rest = argv[1:] if command else argv
+    try:
+        if not command and argv:
+            _refuse_misspelled_command(argv[0])
+        if command == "train":
+            from .train import train_main
+
+            return train_main(rest)
+        if command == "demo":
+            from .demo import demo_main
+
+            return demo_main(rest)
+        if command == "chat":
+            from .chat import chat_main
+
+            return chat_main(rest)
+        if command == "probe":
+            from .probe import probe_main
+
+            return probe_main(rest)
+        if command == "export":
+            from .export import export_main
+
+            return export_main(rest)
+        if command == "status":
+            from .status import status_main
+
+            return status_main(rest)
+        if command == "stop":
+            from .status import stop_main
+
+            return stop_main(rest)
+        if command == "engine":
+            from .engine import engine_main
+
+            return engine_main(rest)
+        return _tui_main(rest)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ConfigError as exc:
+        program = f"tunebench {command}".strip()
+        print(
+            f"error: {exc}\n  hint: change the flag(s) above; `{program} --help` shows each flag's "
+            "allowed values and default",
+            file=sys.stderr,
+        )
+        return 2
+    except BrokenPipeError:
+        # `tunebench status ws | head`: the reader has gone, which is not an error of the disk.
+        # Point stdout at /dev/null so Python's exit-time flush does not complain again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as exc:
+        # A full disk, a folder without write permission: the person's to fix, not a bug to trace.
+        where = f": {exc.filename}" if exc.filename else ""
+        print(
+            f"error: {exc.strerror or exc}{where}\n  hint: check that the path exists, is writable "
+            "and that the disk has space",
+            file=sys.stderr,
+        )
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _refuse_misspelled_command(word: str) -> None:
+    """`tunebench trian ...` would otherwise open the TUI on a new folder named "trian"."""
+    if word.startswith("-") or Path(word).expanduser().exists():
+        return
+    close = difflib.get_close_matches(word, SUBCOMMANDS, n=1, cutoff=0.75)
+    if close:
+        raise UserError(
+            f"unknown command {word!r}: did you mean `tunebench {close[0]}`?",
+            f"`tunebench --help` lists the commands; to open a new workspace named {word}, write ./{word}",
+        )
+
+
+def _usage() -> str:
+    return """usage: tunebench [WORKSPACE]            open the workbench (TUI) in WORKSPACE (default: .)
+       tunebench train [flags]          fine-tune headless (ms-swift flags; --help lists them)
+       tunebench demo                   identity fine-tune of the demo model, answers before/after
+       tunebench chat --adapters DIR    chat with a base model and adapter (--compare: side by side)
+       tunebench probe --adapters DIR   run a probe set against base and adapters, save a transcript
+       tunebench export --adapters DIR  merge an adapter into its base and save a model
+       tunebench status [WORKSPACE]     show the engine's live state headless
+       tunebench stop [WORKSPACE]       stop the engine (a running training saves a checkpoint)
+       tunebench engine [WORKSPACE]     run the engine process in the foreground (the TUI starts it)"""
+
+
+def _tui_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="tunebench", usage=_usage())
+    parser.add_argument("workspace", nargs="?", default=".")
+    parser.add_argument("--model", default=None, help="base model for this workspace (default: demo)")
+    args = parser.parse_args(argv)
+    workspace = Path(args.workspace).expanduser()
+    if workspace.exists() and not workspace.is_dir():
+        raise UserError(
+            f"{workspace} is a file, not a workspace folder", "give a folder (it is created if new)"
+        )
+    workspace.mkdir(parents=True, exist_ok=True)
+    from tunebench.tui.app import run  # the UI side; never imports torch
+
+    return run(workspace.resolve(), model=args.model) or 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,99 @@
+"""How `tunebench train` and `tunebench demo` show a run: a progress bar on a terminal, or one
+JSON object per event (`--json`, the same events the TUI receives)."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+
+class JsonRenderer:
+    def __call__(self, event) -> None:
+        import orjson
+
+        sys.stdout.buffer.write(orjson.dumps(event.to_dict()) + b"\n")
+        sys.stdout.flush()
+
+    def close(self) -> None:
+        pass
+
+
+class ProgressRenderer:
+    """A progress bar with step, loss, tokens/s and ETA; one-line notes for everything else."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def _print(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def __call__(self, event) -> None:
+        kind = event.type
+        if kind == "ModelLoaded":
+            self._print(
+                f"model   {event.model}: {event.parameters / 1e6:.1f}M parameters, "
+                f"{event.dtype} on {event.device}, loaded in {event.seconds:.1f}s"
+            )
+        elif kind == "DataReport":
+            self._print(
+                f"data    {event.samples} training samples, {event.eval_samples} eval, "
+                f"{event.tokens} tokens; {event.truncated} truncated, {event.dropped} dropped"
+            )
+            for problem in event.problems[:20]:
+                self._print(f"  skipped {problem}")
+            if len(event.problems) > 20:
+                self._print(f"  ... and {len(event.problems) - 20} more")
+        elif kind == "TrainStarted":
+            self._print(f"run     {event.run_dir} ({event.trainable_parameters / 1e6:.2f}M trainable)")
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=event.total_steps,
+                initial=event.start_step,
+                unit="step",
+                dynamic_ncols=True,
+                disable=None,
+                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]",
+            )
+        elif kind == "TrainStep" and self.bar is not None:
+            self.bar.update(event.step - self.bar.n)
+            self.bar.set_postfix_str(
+                f"loss {event.loss:.4f}, lr {event.lr:.2e}, {event.tokens_per_s:,.0f} tok/s", refresh=True
+            )
+            if self.bar.disable:  # not a terminal: one plain line per logged step
+                self._print(
+                    f"step {event.step}/{event.total_steps} loss {event.loss:.4f} "
+                    f"lr {event.lr:.2e} {event.tokens_per_s:,.0f} tok/s eta {_fmt_s(event.eta_s)}"
+                )
+        elif kind == "EvalResult":
+            self._print(f"eval    step {event.step}: eval_loss {event.eval_loss:.4f}")
+        elif kind == "CheckpointSaved":
+            self._print(f"saved   {event.path}")
+        elif kind == "Log":
+            self._print(f"note    {event.message}")
+        elif kind == "TrainFinished":
+            self.close()
+            loss = "" if math.isnan(event.final_loss) else f", final loss {event.final_loss:.4f}"
+            print(f"{event.status} after {event.steps} steps in {_fmt_s(event.seconds)}{loss}")
+            if event.adapter_dir:
+                print(
+                    f"adapter {event.adapter_dir}\n"
+                    f"try it  tunebench chat --adapters {event.adapter_dir} --compare"
+                )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _fmt_s(seconds: float) -> str:
+    seconds = int(seconds)
+    return (
+        f"{seconds // 60}:{seconds % 60:02d}"
+        if seconds < 3600
+        else f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    )

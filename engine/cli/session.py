@@ -1,0 +1,56 @@
+"""What chat and probe answer with: the base model and the targets (base, adapters, checkpoints)
+resolved from --adapters and --model before anything loads, and the generation session."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+
+@dataclasses.dataclass
+class Setup:
+    model: str
+    targets: list[Any]  # targets.Target, base first when present
+
+    @property
+    def specs(self) -> list[str]:
+        return [t.spec for t in self.targets]
+
+    @property
+    def labels(self) -> list[str]:
+        labels: list[str] = []
+        for target in self.targets:
+            label = target.label
+            labels.append(label if label not in labels else f"{label} ({len(labels) + 1})")
+        return labels
+
+
+def resolve_setup(args: argparse.Namespace, with_base: bool) -> Setup:
+    """Resolve adapters and the base model up front, so a bad path fails before any loading."""
+    from ..core.targets import BASE, Target, resolve_target
+    from ..infer.export import base_model_of
+
+    adapters = [resolve_target(str(Path(a).expanduser())) for a in args.adapters]
+    model = base_model_of(adapters, args.model)
+    targets = ([Target(BASE)] if with_base or not adapters else []) + adapters
+    return Setup(model, targets)
+
+
+def load_session(setup: Setup, torch_dtype: str):
+    from ..infer.generate import GenerationSession
+
+    print(f"loading {setup.model} ...", file=sys.stderr, flush=True)
+    session = GenerationSession(setup.model, torch_dtype=torch_dtype)
+    loaded = session.loaded
+    print(
+        f"model   {loaded.resolved.label}: {loaded.parameters / 1e6:.0f}M parameters, "
+        f"{str(loaded.dtype).replace('torch.', '')} on {loaded.device}, {loaded.seconds:.1f}s",
+        file=sys.stderr,
+    )
+    for target in setup.targets:
+        if target.adapter_dir is not None:
+            print(f"adapter {target.adapter_dir}", file=sys.stderr)
+    return session

@@ -1,0 +1,106 @@
+"""`tunebench train`: fine-tune headless, with the flags ms-swift articles use.
+
+The flags are generated from TrainConfig, so a copied `swift sft ...` command runs with
+`swift sft` replaced by `tunebench train`. Ctrl-C (or SIGTERM) stops after the current step and
+saves a checkpoint; a second one aborts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import signal
+import sys
+from typing import Any, get_origin, get_type_hints
+
+from ..core.config import TrainConfig
+from ..core.errors import UserError
+from .flags import config_from_args, join_negative_numbers, suggest_flag
+from .progress import JsonRenderer, ProgressRenderer
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        if "unrecognized arguments" in message:
+            flags = message.split(":", 1)[1].split()
+            unknown = [f for f in flags if f.startswith("-")] or flags
+            named = ", ".join(f"{flag}{suggest_flag(flag, self._option_string_actions)}" for flag in unknown)
+            message = f"unknown flag {named}; `{self.prog} --help` lists the flags TuneBench knows"
+        else:
+            message = f"{message}; see `{self.prog} --help`"
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_train_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="tunebench train",
+        allow_abbrev=False,
+        description="Fine-tune a chat model with LoRA or QLoRA, headless.",
+    )
+    hints = get_type_hints(TrainConfig)
+    groups: dict[str, Any] = {}
+    for f in dataclasses.fields(TrainConfig):
+        meta = f.metadata
+        group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+        names = [f"--{f.name}", *(f"--{a}" for a in meta.get("aliases", ()))]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        extra: dict[str, Any] = {}
+        if get_origin(hints[f.name]) is list:
+            extra["nargs"] = "+"
+        elif hints[f.name] is bool:
+            extra.update(nargs="?", const="true")  # --flag, --flag true, --flag false
+        choices = f" {{{','.join(map(str, meta['choices']))}}}" if "choices" in meta else ""
+        group.add_argument(
+            *names,
+            dest=f.name,
+            default=None,
+            metavar=f.name.upper(),
+            help=f"{meta['help']}{choices} (default: {default!r})",
+            **extra,
+        )
+    parser.add_argument("--json", action="store_true", help="print one JSON object per event")
+    return parser
+
+
+def train_main(argv: list[str]) -> int:
+    args = build_train_parser().parse_args(join_negative_numbers(argv))
+    cfg = config_from_args(args)
+    if not cfg.dataset:
+        raise UserError(
+            "no training data: --dataset is required",
+            "for example --dataset sample_data/self_cognition.jsonl#50",
+        )
+    from ..train.preflight import preflight
+
+    preflight(cfg)
+    from ..train.recipe import StopSignal, run_training
+
+    stop = StopSignal()
+    previous = _install_stop_handlers(stop)
+    renderer = JsonRenderer() if args.json else ProgressRenderer()
+    try:
+        result = run_training(cfg, renderer, stop)
+    finally:
+        renderer.close()
+        for signum, handler in previous.items():  # main() may be called in-process (tests)
+            signal.signal(signum, handler)
+    return 0 if result.status == "completed" else (130 if result.status == "aborted" else 0)
+
+
+def _install_stop_handlers(stop) -> dict[int, Any]:
+    def on_signal(signum, _frame) -> None:
+        if stop.mode:
+            stop.request("abort")
+            print("\naborting now (no checkpoint)", file=sys.stderr)
+        else:
+            stop.request("graceful")
+            print(
+                "\nstopping after this step and saving a checkpoint; press Ctrl-C again to abort",
+                file=sys.stderr,
+            )
+
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    return previous

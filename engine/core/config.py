@@ -1,0 +1,335 @@
+"""Training and generation settings: one dataclass each, whose fields carry their own help.
+
+The TUI's parameter form, the CLI flags (ms-swift names) and validation are all generated from
+the field metadata here, so the three cannot disagree. This module needs only the standard
+library: the TUI imports it without pulling in torch.
+
+Metadata keys a field may carry:
+  help     one line shown in --help and the form
+  group    form section ("model", "lora", "data", "optim", "schedule", "output")
+  min/max  inclusive numeric bounds;  gt: exclusive lower bound
+  choices  allowed values
+  aliases  other flag names accepted on the command line (ms-swift / HF spellings)
+  nargs    "+" for list fields
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shlex
+from dataclasses import dataclass, field
+from typing import Any, get_args, get_origin, get_type_hints
+
+
+class ConfigError(ValueError):
+    """One or more invalid settings; `problems` maps field name to message."""
+
+    def __init__(self, problems: dict[str, str]):
+        self.problems = problems
+        lines = [f"--{name}: {message}" for name, message in problems.items()]
+        super().__init__("invalid settings:\n  " + "\n  ".join(lines))
+
+
+def _f(default: Any, help: str, group: str = "other", **meta: Any) -> Any:
+    """A dataclass field with metadata; mutable defaults go through default_factory."""
+    meta = {"help": help, "group": group, **meta}
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+TRAIN_TYPES = ("lora", "qlora")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+SCHEDULERS = ("cosine", "linear", "constant")
+PROFILES = ("auto", "fast", "lean")
+# Module names LoRA can target in the Llama / Qwen / Mistral families; "all-linear" means every
+# linear layer except the output head. Anything else is checked against the model at load time.
+KNOWN_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class TrainConfig:
+    # model
+    model: str = _f(
+        "demo",
+        "base model: 'demo', a local HF folder, a cached hub id or a .gguf file",
+        "model",
+        aliases=("model_id_or_path",),
+    )
+    train_type: str = _f(
+        "lora",
+        "lora, or qlora (4-bit NF4 base with double quantisation; CUDA only)",
+        "model",
+        choices=TRAIN_TYPES,
+    )
+    quant_bits: int = _f(
+        0, "4 turns lora into qlora (ms-swift spelling); 0 = no quantisation", "model", choices=(0, 4)
+    )
+    torch_dtype: str = _f(
+        "auto",
+        "compute dtype; auto = bfloat16 on a GPU that has it, else float32",
+        "model",
+        choices=DTYPES,
+        aliases=("dtype",),
+    )
+    template: str = _f("", "chat template: empty = the tokenizer's own; or chatml, qwen, llama3", "model")
+    trust_remote_code: bool = _f(False, "allow model code from the model folder to run", "model")
+    profile: str = _f(
+        "auto",
+        "GPU memory profile: fast (spend memory on speed), lean (least memory)",
+        "model",
+        choices=PROFILES,
+    )
+    gradient_checkpointing: bool = _f(True, "recompute activations in backward to save memory", "model")
+    # lora
+    lora_rank: int = _f(8, "LoRA rank r", "lora", min=1, max=1024, aliases=("lora_r",))
+    lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / rank)", "lora", min=1, max=8192)
+    lora_dropout: float = _f(0.05, "dropout on the LoRA input", "lora", min=0.0, max=0.9)
+    target_modules: list[str] = _f(
+        ["all-linear"], "modules to adapt: all-linear or names like q_proj", "lora", nargs="+"
+    )
+    # data
+    dataset: list[str] = _f([], "training data files (json/jsonl); path#N takes N samples", "data", nargs="+")
+    val_dataset: list[str] = _f([], "evaluation data files; path#N takes N samples", "data", nargs="+")
+    val_ratio: float = _f(
+        0.0,
+        "fraction of the training data held out for eval",
+        "data",
+        min=0.0,
+        max=0.5,
+        aliases=("split_dataset_ratio",),
+    )
+    system: str = _f("", "default system prompt for samples that have none", "data")
+    model_name: list[str] = _f(
+        [], "name for {{NAME}} in self-cognition data: one, or Chinese English", "data", nargs="+"
+    )
+    model_author: list[str] = _f([], "author for {{AUTHOR}}: one, or Chinese English", "data", nargs="+")
+    max_length: int = _f(2048, "tokens per sample; longer ones are truncated", "data", min=16, max=131072)
+    # optimisation
+    learning_rate: float = _f(1e-4, "peak learning rate", "optim", gt=0.0, max=1.0, aliases=("lr",))
+    weight_decay: float = _f(0.1, "AdamW weight decay", "optim", min=0.0, max=1.0)
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)", "optim", min=0.0)
+    num_train_epochs: float = _f(
+        3.0, "passes over the training data", "optim", gt=0.0, max=10000, aliases=("epochs",)
+    )
+    max_steps: int = _f(-1, "optimizer steps; overrides epochs when > 0", "optim", min=-1)
+    per_device_train_batch_size: int = _f(
+        1, "micro-batch size", "optim", min=1, max=4096, aliases=("batch_size",)
+    )
+    per_device_eval_batch_size: int = _f(1, "eval micro-batch size", "optim", min=1, max=4096)
+    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step", "optim", min=1, max=4096)
+    # schedule
+    warmup_ratio: float = _f(0.0, "fraction of steps spent warming the lr up", "schedule", min=0.0, max=1.0)
+    lr_scheduler_type: str = _f("cosine", "lr decay after warm-up", "schedule", choices=SCHEDULERS)
+    logging_steps: int = _f(5, "log train loss every N optimizer steps", "schedule", min=1)
+    eval_steps: int = _f(50, "evaluate every N optimizer steps (needs an eval split)", "schedule", min=1)
+    save_steps: int = _f(50, "checkpoint every N optimizer steps", "schedule", min=1)
+    save_total_limit: int = _f(2, "keep only the newest N checkpoints (0 = keep all)", "schedule", min=0)
+    seed: int = _f(42, "random seed for shuffling, splits, dropout and LoRA init", "schedule", min=0)
+    # output
+    output_dir: str = _f("runs", "folder that receives runs/<run-id>/", "output")
+    run_name: str = _f("", "run id; default: a timestamp", "output")
+    resume_from_checkpoint: str = _f("", "checkpoint folder (or run folder) to resume from exactly", "output")
+    dataloader_num_workers: int = _f(
+        0,
+        "accepted for ms-swift compatibility; data is tokenised once up front, so workers are not needed",
+        "output",
+        min=0,
+    )
+
+    def __post_init__(self) -> None:
+        if self.quant_bits == 4:
+            self.train_type = "qlora"
+        problems = validate(self)
+        if problems:
+            raise ConfigError(problems)
+
+    @property
+    def is_qlora(self) -> bool:
+        return self.train_type == "qlora"
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = _f(512, "most tokens to generate per answer", "generate", min=1, max=32768)
+    temperature: float = _f(
+        0.0, "0 = greedy (repeatable A/B); higher = more random", "generate", min=0.0, max=5.0
+    )
+    top_p: float = _f(1.0, "nucleus sampling mass", "generate", gt=0.0, max=1.0)
+    top_k: int = _f(0, "sample from the k most likely tokens (0 = off)", "generate", min=0)
+    repetition_penalty: float = _f(1.0, "penalise repeated tokens (1 = off)", "generate", gt=0.0, max=10.0)
+    seed: int = _f(0, "seed for sampling", "generate", min=0)
+
+    def __post_init__(self) -> None:
+        problems = validate(self)
+        if problems:
+            raise ConfigError(problems)
+
+
+# ---------------------------------------------------------------- validation
+
+
+_MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
+
+
+def _check_field(f: dataclasses.Field, value: Any) -> str | None:
+    meta = f.metadata
+    if "choices" in meta and value not in meta["choices"]:
+        return f"{value!r} is not one of {', '.join(map(str, meta['choices']))}"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value != value:  # NaN
+            return "must be a number"
+        if "min" in meta and value < meta["min"]:
+            return f"must be at least {meta['min']} (got {value})"
+        if "gt" in meta and value <= meta["gt"]:
+            return f"must be greater than {meta['gt']} (got {value})"
+        if "max" in meta and value > meta["max"]:
+            return f"must be at most {meta['max']} (got {value})"
+    return None
+
+
+def validate(cfg: Any) -> dict[str, str]:
+    """Every problem with a config, field name -> message (empty when valid)."""
+    problems: dict[str, str] = {}
+    hints = get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        expected = _base_type(hints[f.name])
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+            setattr(cfg, f.name, value)
+        if not _is_instance(value, hints[f.name]):
+            problems[f.name] = f"must be {_type_word(hints[f.name])} (got {value!r})"
+            continue
+        message = _check_field(f, value)
+        if message:
+            problems[f.name] = message
+    if isinstance(cfg, TrainConfig):
+        problems.update(_cross_checks(cfg))
+    return problems
+
+
+def _cross_checks(cfg: TrainConfig) -> dict[str, str]:
+    problems: dict[str, str] = {}
+    if not cfg.target_modules:
+        problems["target_modules"] = "name at least one module, or all-linear"
+    for name in cfg.target_modules:
+        if name != "all-linear" and not _MODULE_NAME.match(name):
+            problems["target_modules"] = f"{name!r} is not a module name (try all-linear or q_proj)"
+    if "all-linear" in cfg.target_modules and len(cfg.target_modules) > 1:
+        problems["target_modules"] = "all-linear already covers every linear layer; give it alone"
+    if cfg.val_dataset and cfg.val_ratio > 0:
+        problems["val_ratio"] = "give either --val_dataset or --val_ratio, not both"
+    for key in ("model_name", "model_author"):
+        values = getattr(cfg, key)
+        if len(values) > 2:
+            problems[key] = "give one value, or two (Chinese then English)"
+        elif any(not v.strip() for v in values):
+            problems[key] = "must not be empty"
+    if not cfg.model.strip():
+        problems["model"] = "name a model: demo, a folder, a hub id or a .gguf file"
+    return problems
+
+
+def _base_type(tp: Any) -> Any:
+    return get_origin(tp) or tp
+
+
+def _is_instance(value: Any, tp: Any) -> bool:
+    origin = get_origin(tp)
+    if origin is list:
+        (item,) = get_args(tp)
+        return isinstance(value, list) and all(isinstance(v, item) for v in value)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _type_word(tp: Any) -> str:
+    if get_origin(tp) is list:
+        return "a list of " + _type_word(get_args(tp)[0])
+    return {int: "a whole number", float: "a number", str: "text", bool: "true or false"}.get(tp, str(tp))
+
+
+# ------------------------------------------------------- text <-> field values
+
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def parse_value(cls: type, name: str, raw: str | list[str]) -> Any:
+    """Turn command-line / form text into a typed field value; ValueError says what is wrong."""
+    tp = get_type_hints(cls)[name]
+    if get_origin(tp) is list:
+        items = raw if isinstance(raw, list) else shlex.split(raw)
+        # ms-swift accepts "a,b" as well as "a b" for module lists.
+        if name == "target_modules":
+            items = [part for item in items for part in item.split(",") if part]
+        return list(items)
+    if isinstance(raw, list):
+        if len(raw) != 1:
+            raise ValueError("takes one value")
+        raw = raw[0]
+    text = raw.strip()
+    if tp is bool:
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise ValueError(f"{raw!r} is not true or false")
+    if tp is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"{raw!r} is not a whole number") from None
+    if tp is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"{raw!r} is not a number") from None
+    return raw
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return " ".join(shlex.quote(str(v)) for v in value)
+    return str(value)
+
+
+def field_specs(cls: type) -> list[dataclasses.Field]:
+    return list(dataclasses.fields(cls))
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def changed_fields(cfg: Any) -> dict[str, Any]:
+    """Fields whose value differs from the default, in declaration order."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        base = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        value = getattr(cfg, f.name)
+        if value != base:
+            out[f.name] = value
+    return out
+
+
+def to_command(cfg: TrainConfig, program: str = "tunebench train") -> str:
+    """The equivalent `tunebench train ...` command line (only non-default settings)."""
+    parts = [program]
+    for name, value in changed_fields(cfg).items():
+        if name == "train_type" and cfg.quant_bits == 4:
+            continue
+        parts.append(f"--{name}")
+        if isinstance(value, list):
+            parts.extend(shlex.quote(str(v)) for v in value)
+        else:
+            parts.append(shlex.quote(format_value(value)))
+    return " ".join(parts)

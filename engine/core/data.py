@@ -1,0 +1,541 @@
+"""Training data: read JSON / JSONL conversations, check every record, mix, split and save them.
+
+Formats are detected per record: alpaca (instruction / input / output, optional system and
+history), sharegpt (conversations of from / value), OpenAI messages (role / content), and ms-swift's
+query / response / history. Every record becomes a list of {role, content} messages (system, then
+user and assistant turns alternating, ending with the assistant), or a RecordProblem that says
+which file, line or index, and why. Turning samples into token ids and loss masks is
+engine/core/encoding.py's part.
+
+Parsing uses orjson rather than `datasets` so a problem can name its exact line. This module
+imports neither torch nor transformers: the TUI imports it to check rows as they are typed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import random
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .errors import DataUserError
+from .files import atomic_write_bytes
+
+EXTENSIONS = (".jsonl", ".json")
+# A single record larger than this is almost always a mistake (a whole file on one line, a
+# pasted binary); refusing it keeps the tokeniser and the TUI responsive.
+MAX_RECORD_BYTES = 16 * 1024 * 1024
+_SHOWN_PROBLEMS = 10
+_BOM = b"\xef\xbb\xbf"
+
+_PLACEHOLDER = re.compile(r"\{\{\s*(name|author)\s*\}\}", re.IGNORECASE)
+# CJK Unified Ideographs, Extension A and the compatibility block: enough to tell Chinese text.
+_CJK = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+
+_SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bot": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
+_MESSAGE_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+# ===================================================================== types
+
+
+@dataclass(frozen=True)
+class RecordProblem:
+    """One record that will not be trained on: where it is ("file.jsonl:12", "file.json[3]") and why.
+
+    `kind` is "record" for a readable record that is not a usable sample (skipped, as ms-swift
+    skips rows its preprocessor rejects), "unreadable" for a line that is not JSON or not UTF-8,
+    and "empty" for a file with no records at all; load_dataset refuses a file with either of
+    the last two, since a broken file is not something to train on part of.
+    """
+
+    source: str
+    reason: str
+    kind: str = field(default="record", compare=False)
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.reason}"
+
+
+class DataError(DataUserError, ValueError):
+    """The whole load failed (no file, unreadable file, no valid sample); `problems` says where."""
+
+    def __init__(self, message: str, problems: Sequence[RecordProblem] = (), hint: str = ""):
+        self.problems = list(problems)
+        super().__init__(message, hint)
+
+    def __str__(self) -> str:
+        lines = [self.message]
+        lines += [f"  {p}" for p in self.problems[:_SHOWN_PROBLEMS]]
+        if len(self.problems) > _SHOWN_PROBLEMS:
+            lines.append(f"  ... and {len(self.problems) - _SHOWN_PROBLEMS} more")
+        if self.hint:
+            lines.append(f"  hint: {self.hint}")
+        return "\n".join(lines)
+
+
+@dataclass
+class Sample:
+    """One conversation ready to train on; `source` is where it came from, for messages."""
+
+    messages: list[dict[str, str]]
+    source: str
+
+
+class InvalidRecord(ValueError):
+    """One record is unusable; the message is the reason shown to the person (no location)."""
+
+
+class UnreadableRecord(InvalidRecord):
+    """A line that is not JSON, or not UTF-8: the file itself is broken there."""
+
+
+# ============================================================= dataset specs
+
+
+def parse_dataset_spec(spec: str) -> tuple[Path, int | None]:
+    """Split "path#N" into the path and the number of samples to take (None = all of them)."""
+    text = spec.strip()
+    if not text:
+        raise DataError("empty dataset name", hint="give a .jsonl or .json file, optionally as path#N")
+    head, sep, tail = text.rpartition("#")
+    # A '#' that is part of an existing file's name is not a sample count.
+    if not sep or Path(text).is_file():
+        return Path(text), None
+    if not head:
+        raise DataError(f"dataset {spec!r} has no file name before '#'", hint="write it as path#N")
+    digits = tail.strip()
+    if not (digits.isascii() and digits.isdigit()) or int(digits) == 0:
+        raise DataError(
+            f"dataset {spec!r}: {tail!r} after '#' is not a positive whole number",
+            hint=f"write {head}#N with N the number of samples to take (1 or more), or drop the #",
+        )
+    return Path(head.strip()), int(digits)
+
+
+# ================================================================== reading
+
+
+def read_records(path: Path) -> tuple[list[Sample], list[RecordProblem]]:
+    """Read one .json / .jsonl file; bad records come back as problems, a bad file raises DataError.
+
+    Placeholders are left as they are here; load_dataset fills them.
+    """
+    path = Path(path)
+    raw = _read_bytes(path)
+    samples: list[Sample] = []
+    problems: list[RecordProblem] = []
+    for source, record in _records(path, raw):
+        try:
+            if isinstance(record, InvalidRecord):
+                raise record
+            samples.append(Sample(normalise_record(record), source))
+        except InvalidRecord as exc:
+            kind = "unreadable" if isinstance(exc, UnreadableRecord) else "record"
+            problems.append(RecordProblem(source, str(exc), kind))
+    if not samples and not problems:
+        problems.append(RecordProblem(str(path), "the file holds no records", "empty"))
+    return samples, problems
+
+
+def _read_bytes(path: Path) -> bytes:
+    if not path.exists():
+        raise DataError(
+            f"dataset file not found: {path}",
+            hint=f"check the path; relative paths start from {Path.cwd()}",
+        )
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.suffix.lower() in EXTENSIONS)[:5]
+        hint = "name a .jsonl or .json file" + (f" such as {path / inside[0]}" if inside else "")
+        raise DataError(f"{path} is a folder, not a dataset file", hint=hint)
+    if path.suffix.lower() not in EXTENSIONS:
+        raise DataError(
+            f"{path}: unknown dataset extension {path.suffix or '(none)'!r}",
+            hint="use .jsonl (one JSON object per line) or .json (a list of objects)",
+        )
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror}", hint="check the file's permissions") from None
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(f"{path} is UTF-16 text", hint="save it as UTF-8 (most editors: Save with Encoding)")
+    return raw[len(_BOM) :] if raw.startswith(_BOM) else raw
+
+
+def _records(path: Path, raw: bytes) -> Iterator[tuple[str, Any]]:
+    """(source, record or InvalidRecord) for each record in the file, in order.
+
+    The extension decides, except that a file holding the other layout is read as what it is:
+    a .jsonl with one JSON list in it, a .json with one object per line.
+    """
+    jsonl = path.suffix.lower() == ".jsonl"
+    first = raw.lstrip()[:1]
+    if jsonl and first != b"[":
+        yield from _jsonl_records(path, raw)
+        return
+    try:
+        document = orjson.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        if jsonl:
+            yield from _jsonl_records(path, raw)
+            return
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DataError(
+            f"{path}:{line}: bytes that are not UTF-8 (0x{raw[exc.start]:02x})",
+            hint="save the file as UTF-8",
+        ) from None
+    except orjson.JSONDecodeError as exc:
+        if jsonl or first == b"{":
+            yield from _jsonl_records(path, raw)
+            return
+        raise DataError(
+            f"{path}:{exc.lineno}: bad JSON at column {exc.colno}: {exc.msg}",
+            hint="fix the JSON there; a missing comma, quote or bracket is the usual cause",
+        ) from None
+    if isinstance(document, dict):
+        document = [document]
+    if not isinstance(document, list):
+        raise DataError(
+            f"{path}: expected a JSON list of records, found {_kind(document)}",
+            hint="write the file as [{...}, {...}], or as .jsonl with one object per line",
+        )
+    for index, record in enumerate(document):
+        yield f"{path}[{index}]", record
+
+
+def _jsonl_records(path: Path, raw: bytes) -> Iterator[tuple[str, Any]]:
+    for lineno, line in enumerate(raw.split(b"\n"), 1):
+        if not line.strip():
+            continue  # blank lines separate nothing, but keep the line numbers true
+        source = f"{path}:{lineno}"
+        if line.startswith(_BOM):  # files joined with `cat` keep each one's BOM
+            line = line[len(_BOM) :]
+        if len(line) > MAX_RECORD_BYTES:
+            yield (
+                source,
+                InvalidRecord(
+                    f"record is {len(line) / 2**20:.0f} MiB; records over {MAX_RECORD_BYTES // 2**20} MiB "
+                    "are not read (is the whole file on one line?)"
+                ),
+            )
+            continue
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield (
+                source,
+                UnreadableRecord(
+                    f"bytes that are not UTF-8 at byte {exc.start + 1} (0x{line[exc.start]:02x}): "
+                    "save the file as UTF-8"
+                ),
+            )
+            continue
+        try:
+            yield source, orjson.loads(text)
+        except orjson.JSONDecodeError as exc:
+            yield source, UnreadableRecord(f"bad JSON at column {exc.colno}: {exc.msg}")
+
+
+# ============================================================ normalising
+
+
+def normalise_record(record: Any) -> list[dict[str, str]]:
+    """Any supported format -> checked messages; raises InvalidRecord with the reason."""
+    if not isinstance(record, dict):
+        raise InvalidRecord(
+            f"expected a JSON object {{...}} holding the record's fields, found {_kind(record)}"
+        )
+    system = _optional_text(record, "system")
+    if "messages" in record:
+        turns = _from_messages(record["messages"])
+    elif "conversations" in record:
+        turns = _from_sharegpt(record["conversations"])
+    elif "instruction" in record or "output" in record:
+        turns = _from_alpaca(record)
+    elif "query" in record or "response" in record:
+        turns = _from_query_response(record)
+    else:
+        keys = ", ".join(sorted(map(str, record))[:8]) or "none"
+        raise InvalidRecord(
+            f"unknown format (keys: {keys}): expected 'messages' (OpenAI), 'conversations' "
+            "(sharegpt), 'instruction' + 'output' (alpaca) or 'query' + 'response'"
+        )
+    # An empty system prompt is how many exported datasets say "none".
+    turns = [t for t in turns if not (t[0] == "system" and not t[1].strip())]
+    if system and not (turns and turns[0][0] == "system"):
+        turns.insert(0, ("system", system, "system"))
+    _check_turns(turns)
+    return [{"role": role, "content": content} for role, content, _ in turns]
+
+
+_Turn = tuple[str, str, str]  # role, content, where it came from in the record (for messages)
+
+
+def _from_messages(items: Any) -> list[_Turn]:
+    turns = []
+    for i, item in enumerate(_list_of_objects(items, "messages")):
+        where = f"messages[{i}]"
+        role = _required_text(item, "role", where)
+        if role not in _MESSAGE_ROLES:
+            raise InvalidRecord(f"{where}: unknown role {role!r}: use system, user or assistant")
+        turns.append((_MESSAGE_ROLES[role], _required_text(item, "content", where), where))
+    return turns
+
+
+def _from_sharegpt(items: Any) -> list[_Turn]:
+    turns = []
+    for i, item in enumerate(_list_of_objects(items, "conversations")):
+        where = f"conversations[{i}]"
+        # Some sharegpt exports use the OpenAI key names inside `conversations`.
+        speaker_key, text_key = (
+            ("role", "content") if "from" not in item and "role" in item else ("from", "value")
+        )
+        speaker = _required_text(item, speaker_key, where)
+        role = _SHAREGPT_ROLES.get(speaker.lower())
+        if role is None:
+            raise InvalidRecord(
+                f"{where}: unknown speaker {speaker!r} in '{speaker_key}': use human, gpt or system"
+            )
+        turns.append((role, _required_text(item, text_key, where), where))
+    return turns
+
+
+def _from_alpaca(record: dict) -> list[_Turn]:
+    instruction = _required_text(record, "instruction")
+    extra = _optional_text(record, "input")
+    query = f"{instruction}\n{extra}" if extra.strip() else instruction
+    return [
+        *_history(record),
+        ("user", query, "instruction"),
+        ("assistant", _required_text(record, "output"), "output"),
+    ]
+
+
+def _from_query_response(record: dict) -> list[_Turn]:
+    query, response = _required_text(record, "query"), _required_text(record, "response")
+    return [*_history(record), ("user", query, "query"), ("assistant", response, "response")]
+
+
+def _history(record: dict) -> list[_Turn]:
+    history = record.get("history")
+    if history is None:
+        return []
+    if not isinstance(history, list):
+        raise InvalidRecord(f"'history' must be a list of [question, answer] pairs, found {_kind(history)}")
+    turns = []
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise InvalidRecord(
+                f"history[{i}] must be a [question, answer] pair of texts, found {_kind(pair)}"
+            )
+        turns += [("user", pair[0], f"history[{i}][0]"), ("assistant", pair[1], f"history[{i}][1]")]
+    return turns
+
+
+def _check_turns(turns: list[_Turn]) -> None:
+    """System first if at all, then user / assistant alternating, ending with a non-empty answer."""
+    body = turns[1:] if turns and turns[0][0] == "system" else turns
+    if not body:
+        raise InvalidRecord("no conversation: give at least a user turn and the assistant's answer")
+    expected = "user"
+    for role, content, where in body:
+        if role == "system":
+            raise InvalidRecord(f"{where}: a system message may only come first")
+        if role != expected:
+            raise InvalidRecord(
+                f"{where} is from the {role} but the {expected} should speak here: turns must "
+                "alternate user, assistant (merge the two turns, or add the missing one)"
+            )
+        if not content.strip():
+            what = "answer" if role == "assistant" else "question"
+            raise InvalidRecord(f"{where} is empty: write the {what}, or delete the record")
+        expected = "assistant" if role == "user" else "user"
+    if body[-1][0] != "assistant":
+        raise InvalidRecord(f"the last turn ({body[-1][2]}) is the user's: end with the assistant's answer")
+
+
+def _list_of_objects(items: Any, key: str) -> list[dict]:
+    if not isinstance(items, list):
+        raise InvalidRecord(f"'{key}' must be a list of turns, found {_kind(items)}")
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise InvalidRecord(f"{key}[{i}] must be an object, found {_kind(item)}")
+    return items
+
+
+def _required_text(obj: dict, key: str, where: str = "") -> str:
+    prefix = f"{where}: " if where else ""
+    if key not in obj or obj[key] is None:
+        # Unknown fields are ignored (as ms-swift does), but one that looks like a misspelling
+        # of the missing field is almost always the reason it is missing.
+        others = [str(k) for k in obj if k != key]
+        close = difflib.get_close_matches(key, others, n=1, cutoff=0.75)
+        typo = f" (the record has '{close[0]}': a misspelling of '{key}'?)" if close else ""
+        raise InvalidRecord(f"{prefix}missing field '{key}'{typo}")
+    if not isinstance(obj[key], str):
+        raise InvalidRecord(f"{prefix}'{key}' must be text, found {_kind(obj[key])}")
+    return obj[key]
+
+
+def _optional_text(obj: dict, key: str) -> str:
+    value = obj.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InvalidRecord(f"'{key}' must be text, found {_kind(value)}")
+    return value
+
+
+def _kind(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "text", bool: "true/false", type(None): "null"}
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"a number ({value})"
+    return names.get(type(value), type(value).__name__)
+
+
+# ==================================================== placeholders, mixing
+
+
+def fill_placeholders(
+    messages: list[dict[str, str]], model_name: Sequence[str] = (), model_author: Sequence[str] = ()
+) -> tuple[list[dict[str, str]], list[str]]:
+    """Replace {{NAME}} / {{AUTHOR}} (any case); the reasons list is non-empty when one stays unfilled.
+
+    With two values the first is for samples with Chinese text, the second for the rest.
+    """
+    text = "\n".join(m["content"] for m in messages)
+    found = {m.group(1).lower() for m in _PLACEHOLDER.finditer(text)}
+    if not found:
+        return messages, []
+    values = {"name": list(model_name), "author": list(model_author)}
+    reasons = [
+        f"uses {{{{{key.upper()}}}}} but no --model_{key} was given: pass --model_{key} "
+        "(one value, or two: Chinese then English)"
+        for key in ("name", "author")
+        if key in found and not values[key]
+    ]
+    if reasons:
+        return messages, reasons
+    chinese = _CJK.search(text) is not None
+    chosen = {key: (v[0] if len(v) == 1 or chinese else v[1]) for key, v in values.items() if v}
+    filled = [
+        {**m, "content": _PLACEHOLDER.sub(lambda match: chosen[match.group(1).lower()], m["content"])}
+        for m in messages
+    ]
+    return filled, []
+
+
+def load_dataset(
+    specs: Sequence[str],
+    *,
+    system: str = "",
+    model_name: Sequence[str] = (),
+    model_author: Sequence[str] = (),
+    seed: int = 42,
+) -> tuple[list[Sample], list[RecordProblem]]:
+    """Read, check and mix datasets ("path" or "path#N"); DataError when no valid sample remains."""
+    if not specs:
+        raise DataError("no dataset given", hint="pass --dataset FILE.jsonl (or FILE.jsonl#N)")
+    samples: list[Sample] = []
+    problems: list[RecordProblem] = []
+    for index, spec in enumerate(specs):
+        path, count = parse_dataset_spec(spec)
+        records, bad = read_records(path)
+        _refuse_broken_file(path, bad)
+        problems += bad
+        ready = []
+        for record in records:
+            messages = record.messages
+            if system and messages[0]["role"] != "system":
+                messages = [{"role": "system", "content": system}, *messages]
+            messages, reasons = fill_placeholders(messages, model_name, model_author)
+            if reasons:
+                problems.append(RecordProblem(record.source, "; ".join(reasons)))
+            else:
+                ready.append(Sample(messages, record.source))
+        if count is not None and ready:
+            # One generator per file, so adding a dataset does not change what another one samples.
+            ready = _take(ready, count, random.Random(f"{seed}:{index}"))
+        samples += ready
+    if not samples:
+        placeholders_only = problems and all("--model_" in p.reason for p in problems)
+        raise DataError(
+            f"no valid training sample in {', '.join(specs)}",
+            problems,
+            hint="pass --model_name and --model_author to fill the placeholders"
+            if placeholders_only
+            else "fix the records listed above (each line says where and why)",
+        )
+    return samples, problems
+
+
+def _refuse_broken_file(path: Path, problems: list[RecordProblem]) -> None:
+    """A file with lines that are not JSON (or not UTF-8), or with no records, is not trained on
+    in part: like `datasets` under ms-swift, the load fails and says where."""
+    unreadable = [p for p in problems if p.kind == "unreadable"]
+    if unreadable:
+        lines = "a line that is" if len(unreadable) == 1 else f"{len(unreadable)} lines that are"
+        raise DataError(
+            f"{path} has {lines} not readable as JSON, so it was not used",
+            unreadable,
+            hint="fix or delete the line(s) listed (JSON lines: one complete {...} object per line); "
+            "records that are valid JSON but not usable samples are only skipped",
+        )
+    if any(p.kind == "empty" for p in problems):
+        raise DataError(
+            f"no valid training sample in {path}: the file is empty",
+            problems,
+            hint="add samples (one JSON object per line), or leave the file out of --dataset",
+        )
+
+
+def _take(items: list[Sample], count: int, rng: random.Random) -> list[Sample]:
+    """N samples as ms-swift takes them: whole copies of the file, then a random remainder."""
+    copies, remainder = divmod(count, len(items))
+    picked = items * copies
+    if remainder:
+        picked += [items[i] for i in rng.sample(range(len(items)), remainder)]
+    return picked
+
+
+def split_eval(samples: Sequence[Sample], val_ratio: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Hold out round(len * val_ratio) samples (at least one, and never all) for evaluation."""
+    if val_ratio <= 0 or len(samples) < 2:
+        return list(samples), []
+    n_eval = min(len(samples) - 1, max(1, round(len(samples) * val_ratio)))
+    order = list(range(len(samples)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_eval])
+    train = [s for i, s in enumerate(samples) if i not in held]
+    return train, [samples[i] for i in sorted(held)]
+
+
+# ================================================================== saving
+
+
+def jsonl_bytes(records: Sequence[Any]) -> bytes:
+    """Records as the bytes of a JSON lines file (one compact object per line, UTF-8)."""
+    return b"".join(orjson.dumps(record) + b"\n" for record in records)
+
+
+def save_jsonl(path: str | Path, records: list[dict], keep_backup: bool = True) -> None:
+    """Write records as JSON lines atomically: the file is either the old or the new one, never half.
+
+    The previous version stays as `<name>.jsonl.bak` when keep_backup is set.
+    """
+    # Serialise first: a record that cannot be written must not cost the file on disk.
+    atomic_write_bytes(path, jsonl_bytes(records), keep_backup=keep_backup, sync_dir=True)

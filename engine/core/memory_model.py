@@ -1,0 +1,224 @@
+"""The GPU path's memory model: peak allocated bytes of a training step, and the profile choice.
+
+Torch-free on purpose: the TUI's estimate (engine/core/estimate.py) and the CUDA path (engine/cuda/path.py)
+use the same numbers, and the estimate is answered before torch is ever imported. Calibrated
+against the peaks measured on an H100 and an H200 (bench/RESULTS.md, "Memory model").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+GIB = 1024**3
+# `auto` takes the lean profile when less than this is free once the model is on the card.
+LEAN_BELOW_FREE = 12 * GIB
+# Kept free for the allocator's transients (the loss chunk, a dequantised 4-bit weight, cuBLAS
+# workspaces) on top of what the memory model counts; the fast profile also keeps a tenth of the
+# card free (mixed lengths fragment the cache).
+HEADROOM = int(2.5 * GIB)
+# The lean profile's allowance for everything that scales with tokens (activations, loss): a
+# forward takes as many samples as fit in it. At 2048 tokens a 7B needs about 1.0 GiB (the replay
+# in the graph holds more than an eager one: REPLAY_LAYERS_IN_GRAPH).
+LEAN_TOKEN_BYTES = int(1.0 * GIB)
+# The fast profile packs at most this many tokens into one forward: beyond it the matrix products
+# are as efficient as they get and only memory grows.
+FAST_MAX_TOKENS = 16384
+# A layer whose recompute is compiled into its graph replays it inside one backward graph, which
+# holds about this many layers' worth of activations at its peak (the eager replay holds one):
+# measured 454 KB per token on Qwen2.5-7B against 164 KB kept by a layer (H200).
+REPLAY_LAYERS_IN_GRAPH = 2.75
+
+
+def model_sizes(model_config: Any) -> dict[str, Any]:
+    """The sizes the model needs from a config (a dict, a PretrainedConfig, or a namespace)."""
+    if isinstance(model_config, dict):
+        c = model_config
+    elif hasattr(model_config, "to_dict"):
+        c = model_config.to_dict()
+    else:
+        c = vars(model_config)
+    if "hidden" in c and "hidden_size" not in c:
+        return c  # already these sizes
+    c = c.get("text_config") or c  # multimodal wrappers keep the language model's sizes there
+    h = int(c["hidden_size"])
+    heads = int(c.get("num_attention_heads") or max(1, h // 64))
+    return {
+        "hidden": h,
+        "intermediate": int(c.get("intermediate_size") or 4 * h),
+        "layers": int(c["num_hidden_layers"]),
+        "heads": heads,
+        "kv_heads": int(c.get("num_key_value_heads") or heads),
+        "head_dim": int(c.get("head_dim") or h // heads),
+        "vocab": int(c["vocab_size"]),
+        "tied": bool(c.get("tie_word_embeddings", False)),
+    }
+
+
+def choose_profile(requested: str, free_bytes: int) -> tuple[str, str]:
+    """The profile to train with, and why: `auto` goes lean when little memory is left."""
+    if requested in ("fast", "lean"):
+        return requested, "asked for"
+    if free_bytes < LEAN_BELOW_FREE:
+        return "lean", f"auto: {free_bytes / GIB:.1f} GiB free after loading the model"
+    return "fast", f"auto: {free_bytes / GIB:.1f} GiB free after loading the model"
+
+
+def layer_activation_bytes(
+    model_config: Any, dtype_bytes: int = 2, fused: bool = False, compiled: bool = True
+) -> int:
+    """Bytes one decoder layer keeps for backward, per token, on this path (no recompute).
+
+    What autograd saves: the two norm inputs and outputs, q/k/v after RoPE and the attention
+    output (flash attention keeps these and a float32 log-sum-exp per head), the gate and up
+    products and the down projection's input. A layer compiled whole (the default) keeps about one
+    hidden-wide tensor more than that: measured on Qwen2.5-7B, H200, 164 KB per token and layer
+    against 159 KB counted (bench/RESULTS.md). Eager, HF's RMSNorm and SwiGLU keep
+    about one more hidden-wide and one more intermediate-wide tensor (212 KB measured), liger's
+    fused kernels (`fused=True`) do not.
+    """
+    s = model_sizes(model_config)
+    h, i, heads, kv, d = s["hidden"], s["intermediate"], s["heads"], s["kv_heads"], s["head_dim"]
+    words = 4 * h + (heads + 2 * kv) * d + heads * d + 3 * i
+    extra = h if compiled else 0 if fused else h + i
+    return (words + extra) * dtype_bytes + heads * 4
+
+
+def lora_parameters(model_config: Any, rank: int) -> int:
+    """A (rank x in) and B (out x rank) on the seven projections of every layer."""
+    s = model_sizes(model_config)
+    h, i, q, kv = s["hidden"], s["intermediate"], s["heads"] * s["head_dim"], s["kv_heads"] * s["head_dim"]
+    return s["layers"] * rank * ((h + q) + 2 * (h + kv) + (q + h) + 2 * (h + i) + (i + h))
+
+
+def loss_bytes_per_token(model_config: Any) -> int:
+    """The fused loss: hidden states at the loss positions, their gradient, and one chunk of logits
+    (chunks are sized to about tokens x hidden elements)."""
+    h = model_sizes(model_config)["hidden"]
+    return h * 2 * 4 + h * 6
+
+
+def estimate_peak_bytes(
+    model_config: Any,
+    *,
+    tokens: int,
+    lora_rank: int = 8,
+    quantized: bool = False,
+    recomputed_layers: int | None = None,
+    embedding_on_host: bool = False,
+    lora_params: int | None = None,
+    compiled: bool = True,
+    inputs_on_host: bool = False,
+    in_graph: bool = True,
+) -> dict[str, int]:
+    """THE memory model: peak allocated bytes of a training step on the GPU path, by part.
+
+    `tokens` is the largest forward (packed, no padding); `recomputed_layers` None means all of
+    them (lean), 0 means none. `lora_params` overrides the count for the seven projections;
+    `compiled` False models decoder layers that run eagerly (the `-compile` technique);
+    `inputs_on_host` models the recomputed layers' inputs kept in host memory (two of them on the
+    card at a time: one in use, one arriving); `in_graph` a compiled layer whose recompute is in
+    its graph (the `ingraph` technique, on by default). The CUDA context and the allocator's cache
+    are not counted (they are not "allocated").
+    """
+    s = model_sizes(model_config)
+    h, i, layers = s["hidden"], s["intermediate"], s["layers"]
+    heads, kv, d, vocab = s["heads"], s["kv_heads"], s["head_dim"], s["vocab"]
+    per_layer_linear = h * (heads * d) + 2 * h * (kv * d) + (heads * d) * h + 3 * h * i
+    embed = vocab * h
+    # NF4: half a byte a weight, an 8-bit absmax per 64 and a float32 scale per 256 blocks of those.
+    linear_bytes = layers * per_layer_linear * ((0.5 + 1 / 64 + 4 / (64 * 256)) if quantized else 2)
+    embed_bytes = (0 if embedding_on_host and not s["tied"] else embed * 2) + (0 if s["tied"] else embed * 2)
+    other = layers * (2 * h + (heads + 2 * kv) * d) * 2 + h * 2
+    trainable = lora_params if lora_params is not None else lora_parameters(s, lora_rank)
+    lora_bytes = trainable * 16  # float32 weight, gradient and two AdamW moments
+    per_layer = layer_activation_bytes(s, compiled=compiled)
+    recomputed = layers if recomputed_layers is None else min(recomputed_layers, layers)
+    kept = layers - recomputed
+    stubs = min(recomputed, 2) if inputs_on_host else recomputed
+    acts = tokens * (kept * per_layer + stubs * h * 2)
+    replayed_in_graph = in_graph and compiled
+    replay = per_layer * (REPLAY_LAYERS_IN_GRAPH if replayed_in_graph else 1)
+    transient = int(tokens * replay) if recomputed else 0  # one layer replayed in backward
+    # Each 4-bit weight is dequantised to the compute dtype for its product: bitsandbytes' own
+    # product holds the largest projection, twice at worst; a replay in the graph dequantises the
+    # layer's weights once for its recompute and backward, so it holds all of them.
+    if not quantized:
+        dequant = 0
+    elif replayed_in_graph and recomputed:
+        dequant = per_layer_linear * 2
+    else:
+        dequant = 2 * 2 * h * i
+    loss = tokens * loss_bytes_per_token(s)
+    weights = int(linear_bytes + embed_bytes + other)
+    parts = {
+        "weights": weights,
+        "lora_and_optimizer": lora_bytes,
+        "activations": acts + transient,
+        "loss": loss,
+        "dequantised": dequant,
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def tokens_per_forward(
+    model_config: Any,
+    *,
+    profile: str,
+    card_bytes: int,
+    lora_rank: int = 8,
+    quantized: bool = False,
+    embedding_on_host: bool = False,
+    lora_params: int | None = None,
+    compiled: bool = True,
+    inputs_on_host: bool = False,
+    in_graph: bool = True,
+) -> int:
+    """How many tokens one forward may take: the path packs a step's samples into forwards of at
+    most this many tokens (never splitting a sample), whatever the configured micro-batch.
+
+    fast: as many as keep every layer's activations within the card, less a tenth (at most
+    FAST_MAX_TOKENS); lean: as many as fit LEAN_TOKEN_BYTES with every layer recomputed.
+    Accumulation over the forwards gives the same gradient as the configured micro-batches.
+    """
+    kw = dict(
+        lora_rank=lora_rank,
+        quantized=quantized,
+        embedding_on_host=embedding_on_host,
+        lora_params=lora_params,
+        compiled=compiled,
+        inputs_on_host=inputs_on_host,
+        in_graph=in_graph,
+    )
+    if profile == "lean":
+        one = estimate_peak_bytes(model_config, tokens=1, recomputed_layers=None, **kw)
+        per_token = one["activations"] + one["loss"]
+        return max(1, int(LEAN_TOKEN_BYTES // per_token))
+    zero = estimate_peak_bytes(model_config, tokens=0, recomputed_layers=0, **kw)["total"]
+    one = estimate_peak_bytes(model_config, tokens=1, recomputed_layers=0, **kw)["total"] - zero
+    budget = card_bytes - max(HEADROOM, card_bytes // 10) - zero
+    return int(max(1, min(FAST_MAX_TOKENS, budget // max(one, 1))))
+
+
+def layers_to_keep(
+    *,
+    budget: float,
+    tokens: int,
+    layers: int,
+    per_layer: float,
+    stub: float,
+    fixed: float,
+    replay: float | None = None,
+) -> int:
+    """How many decoder layers can keep their activations (the rest are recomputed).
+
+    Per token: `fixed` outside the layers, `per_layer` for a layer that keeps everything, `stub`
+    (its input) for one that is recomputed, plus one replayed layer during backward (`replay`,
+    `per_layer` when not given):
+    tokens * (fixed + keep * per_layer + (layers - keep) * stub + replay) <= budget.
+    """
+    if budget >= tokens * (fixed + layers * per_layer):
+        return layers  # everything kept: no replayed layer either
+    replay = per_layer if replay is None else replay
+    room = budget / max(tokens, 1) - fixed - layers * stub - replay
+    return int(max(0, min(layers, room // max(per_layer - stub, 1))))

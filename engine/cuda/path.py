@@ -1,0 +1,665 @@
+"""The CUDA fast path: padding-free packing, a loss over the loss tokens only, fused kernels, profiles.
+
+`train.select_path()` calls `cuda_path(cfg, device)` on CUDA. The recipe stays the same; what
+changes is how a micro-batch is laid out and how its summed loss is computed:
+
+- **Packing** (engine/cuda/packing.py). A micro-batch's samples are concatenated into one row with
+  no padding. Position ids restart at 0 for each sample and attention is per document: a
+  registered attention function ("tunebench_varlen") calls PyTorch's variable-length
+  flash-attention kernel with the samples' cumulative lengths, so no token attends across a
+  sample boundary and no time goes to pads.
+- **Loss** (engine/cuda/fused_loss.py). The decoder's last hidden states are taken only at positions
+  that predict a trained token and fed to a fused linear + cross-entropy (liger-kernel) that
+  never builds the [tokens x vocabulary] logits; without liger, a chunked loss that recomputes
+  each chunk's logits in backward. The result is the SUM over loss tokens, as the recipe expects.
+- **LoRA** (engine/cuda/lora_train.py). PEFT's LoRA forward casts every input to float32 for the
+  adapter (a float32 copy of each projection's input is kept for backward). Here the adapter runs
+  in the compute dtype against its float32 master weights, and the base and adapter products
+  share one saved input.
+- **Recompute in the graph.** Each decoder layer is compiled with its checkpoint inside
+  (`ingraph`): the forward graph keeps only the layer's input and the backward graph replays the
+  forward itself, fused with the backward's own work. Inside such a layer nothing is an
+  autograd.Function (the LoRA and 4-bit products are plain ops, attention is the aten flash op):
+  torch 2.11 keeps what a Function saves instead of recomputing it. Lean LoRA on a 7B makes
+  10,531 to 11,240 tokens/s with the checkpoint inside the compiled layer, 7,155 with it around
+  (H200, bench/RESULTS.md).
+- **Kernels.** liger's fused RMSNorm and SwiGLU on Llama / Qwen / Mistral families (they keep
+  fewer and smaller tensors for backward); fused AdamW is the recipe's own.
+- **Merged forwards.** A step's samples are regrouped (in order, never split) into forwards of
+  at most the profile's token count from the memory model (engine/core/memory_model.py): fast packs as
+  many as keep every layer's activations on the card (the whole step, for 4 x 2048 tokens on a
+  7B and an 80 GB card), lean as many as fit a small fixed allowance. The loss is summed and
+  normalised by the step's loss tokens, so the gradient is the configured micro-batches'.
+- **Profiles.** `fast` recomputes no layer whose activations fit: before each micro-batch it
+  works out, from free memory and a per-token memory model calibrated on the first micro-batch,
+  how many decoder layers can keep their activations, and recomputes only the rest. `lean`
+  recomputes every layer, keeps the input embedding matrix in host memory (its rows are
+  gathered on the CPU: it is frozen and only indexed) and the recomputed layers' inputs too
+  (engine/cuda/offload.py). `auto` picks lean when little memory is left after the model is loaded.
+
+Techniques: pack, merge, flce, lora, selective (fast), offload and hostinputs (lean), compile
+(each decoder layer as one torch.compile region, bitsandbytes' 4-bit layers included), ingraph
+and nf4 (in such layers the NF4 dequantisation in plain ops, one fused kernel per weight: lean
+QLoRA on a 7B makes 9,151 tokens/s with it, 7,244 without, H200) are on; liger is off because it
+measured slower here (bench/RESULTS.md). For measuring, `TUNEBENCH_ACCEL` adjusts the set, e.g.
+`TUNEBENCH_ACCEL=+liger,-merge` or `-ingraph` (the checkpoint around the compiled layer);
+`tokens=4096` sets the tokens per forward instead of the memory model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from types import MethodType
+from typing import Any
+
+import torch
+
+from ..core.config import TrainConfig
+from ..core.memory_model import (
+    GIB,
+    HEADROOM,
+    REPLAY_LAYERS_IN_GRAPH,
+    choose_profile,
+    estimate_peak_bytes,
+    layer_activation_bytes,
+    layers_to_keep,
+    tokens_per_forward,
+)
+from ..train.types import Batch, TrainPath
+from .fused_loss import chunked_ce_sum, liger_ce_sum
+from .lora_train import patch_lora_layers, probe_mm_out_dtype
+from .offload import HostEmbedding, HostInputs
+from .packing import ATTENTION_NAME, PackedBatch, pack, register_attention, repartition, use_attention
+
+log = logging.getLogger(__name__)
+
+LIGER_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "smollm3", "granite", "olmo2")
+
+
+DEFAULT_TECHNIQUES = frozenset(
+    {"pack", "merge", "flce", "lora", "selective", "offload", "compile", "ingraph", "hostinputs", "nf4"}
+)
+
+
+# The techniques that need torch.compile to take a decoder layer whole, in the order they are
+# given up when it cannot, and what giving each up costs (lean on a 7B, H200, bench/RESULTS.md).
+COMPILED_TECHNIQUES = (
+    (
+        "ingraph",
+        "the recompute now runs around the compiled layer (lean LoRA measured 7,155 instead of "
+        "10,531 tokens/s)",
+    ),
+    ("compile", "the decoder layers now run eagerly (lean QLoRA measured 3,881 instead of 7,651 tokens/s)"),
+)
+
+
+def techniques(spec: str | None = None) -> set[str]:
+    """The techniques in use: the defaults, adjusted by `+name` / `-name` items (from TUNEBENCH_ACCEL)."""
+    spec = os.environ.get("TUNEBENCH_ACCEL", "") if spec is None else spec
+    use = set(DEFAULT_TECHNIQUES)
+    for item in (t.strip() for t in spec.split(",")):
+        if item.startswith("-"):
+            use.discard(item[1:])
+        elif item:
+            use.add(item.lstrip("+"))
+    return use
+
+
+# ===================================================================== entry
+
+
+def cuda_path(cfg: TrainConfig, device) -> TrainPath:
+    free, _total = torch.cuda.mem_get_info(device)
+    profile, why = choose_profile(cfg.profile, free)
+    fast = FastPath(cfg, device, profile)
+    notes = [f"GPU path: profile {profile} ({why})"] + fast.describe()
+    fast.notes = notes  # the path adds the memory model's numbers once it has seen a forward
+    return TrainPath(
+        name=f"cuda-{profile}",
+        # Layers are wrapped for recompute in both profiles; the fast profile switches it off per
+        # micro-batch for as many layers as memory allows. gradient_checkpointing=false means never.
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        collate=fast.collate,
+        loss_sum=fast.loss_sum,
+        prepare_base=fast.prepare_base,
+        group=fast.group,
+        notes=notes,
+    )
+
+
+# =================================================================== kernels
+
+
+def patch_liger(model) -> list[str]:
+    """liger's fused RMSNorm and SwiGLU on this model's modules (instances only); what was patched."""
+    if getattr(model.config, "model_type", "") not in LIGER_FAMILIES:
+        return []
+    try:
+        from liger_kernel.transformers.monkey_patch import _patch_rms_norm_module, _patch_swiglu_module
+        from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
+    except ImportError:
+        return []
+    norms = mlps = 0
+    act = getattr(model.config, "hidden_act", "silu")
+    for module in model.modules():
+        name = type(module).__name__
+        if name.endswith("RMSNorm") and hasattr(module, "weight") and module.weight is not None:
+            eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", 1e-6)
+            _patch_rms_norm_module(module, offset=0.0, eps=eps, casting_mode="llama", in_place=True)
+            norms += 1
+        elif act in ("silu", "swish") and all(
+            hasattr(module, p) for p in ("gate_proj", "up_proj", "down_proj")
+        ):
+            _patch_swiglu_module(module, LigerSwiGLUMLP)
+            mlps += 1
+    return [f"liger RMSNorm x{norms}", f"liger SwiGLU x{mlps}"] if norms or mlps else []
+
+
+def _recomputed_forward(self, *args, **kwargs):
+    """A decoder layer's forward, replayed in backward when `_tb_recompute` is set (training only)."""
+    if self._tb_recompute and self.training and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(self._tb_forward, *args, use_reentrant=False, **kwargs)
+    return self._tb_forward(*args, **kwargs)
+
+
+def own_recompute(layers: list, recompute: bool) -> None:
+    """This path decides, per layer and per forward, which decoder layers are recomputed.
+
+    transformers puts its checkpoint around the layer's call in some versions and around its
+    forward in others, so whether a compiled layer had the recompute inside its graph or outside
+    depended on the version. Here HF's switch stays off and each layer's forward is wrapped in a
+    non-reentrant checkpoint of our own (PEFT's QLoRA preparation leaves the reentrant kind; the
+    non-reentrant one needs no input that requires grad, so layer 0 skips its input-gradient
+    products), switched by `layer._tb_recompute`.
+    """
+    for layer in layers:
+        if hasattr(layer, "_tb_forward"):
+            continue
+        layer.gradient_checkpointing = False
+        layer._tb_forward = layer.forward  # HF's forward (its own checkpoint wrapper, now idle)
+        layer._tb_recompute = recompute
+        layer.forward = MethodType(_recomputed_forward, layer)
+
+
+def compile_layers(
+    layers: list, device, recompute_in_graph: bool = False, dynamic_tokens: bool = False, **options
+) -> list[str]:
+    """torch.compile each decoder layer as one region (all share one compiled graph).
+
+    Fuses the layer's elementwise work (norms, RoPE, residuals, SwiGLU) and takes most of the
+    per-op Python and launch cost out of the forward, which otherwise leaves the GPU waiting.
+    `recompute_in_graph` compiles the checkpoint with the layer: the forward graph keeps only the
+    layer's inputs and the backward graph replays the forward itself, so the replay costs no
+    second call into the compiled code and its elementwise work fuses with the backward's.
+    Otherwise the checkpoint stays outside and replays the compiled forward. `dynamic_tokens`:
+    the packed forwards vary in size (`_token_dims_dynamic`).
+    """
+    if not layers:
+        return []
+    if device.type == "cuda":
+        probe_mm_out_dtype(device)  # before tracing: compiled code must only read the answer
+    # Each layer may get its own compiled variant (its index is a constant in its code), and
+    # recompute replays it under other grad modes: past the recompile limit dynamo silently runs
+    # a layer eagerly in small pieces, so the limits grow with the number of layers.
+    limit = max(64, 8 * len(layers))
+    dynamo = torch._dynamo.config
+    for name in ("cache_size_limit", "recompile_limit"):
+        if hasattr(dynamo, name):
+            setattr(dynamo, name, max(getattr(dynamo, name), limit))
+    for name in ("accumulated_cache_size_limit", "accumulated_recompile_limit"):
+        if hasattr(dynamo, name):
+            setattr(dynamo, name, max(getattr(dynamo, name), 4 * limit))
+    # fullgraph: a layer dynamo cannot take whole raises instead of running as eager pieces, so
+    # the path can switch the technique off and say so (`FastPath._switch_off`).
+    options = {"fullgraph": True} | options
+    for layer in layers:
+        if recompute_in_graph or not hasattr(layer, "_tb_forward"):
+            layer.compile(**options)
+            if dynamic_tokens:  # nn.Module.__call__ calls this when set
+                layer._compiled_call_impl = _token_dims_dynamic(layer._compiled_call_impl)
+        else:
+            layer._tb_eager_forward = layer._tb_forward
+            layer._tb_forward = torch.compile(layer._tb_forward, **options)
+            if dynamic_tokens:
+                layer._tb_forward = _token_dims_dynamic(layer._tb_forward)
+    where = ", recompute inside the graph" if recompute_in_graph else ""
+    sizes = ", one graph for every forward size" if dynamic_tokens else ""
+    return [f"torch.compile x{len(layers)} layers{where}{sizes}"]
+
+
+def uncompile_layers(layers: list) -> None:
+    """Undo `compile_layers`: every layer runs its eager forward again."""
+    for layer in layers:
+        layer._compiled_call_impl = None
+        if hasattr(layer, "_tb_eager_forward"):
+            layer._tb_forward = layer.__dict__.pop("_tb_eager_forward")
+
+
+def call_module_forwards_directly(layers: list) -> int:
+    """Bypass the `kernels` package's routing wrapper on the layers' modules; how many.
+
+    transformers wraps some modules (Qwen2's attention, for its RoPE) with `use_kernelized_func`
+    so that a hub kernel chosen by `kernels.kernelize` can stand in. The wrapper sets a
+    module-level variable around every forward, a side effect dynamo refuses inside a checkpoint:
+    each decoder layer would break its graph. Nothing here kernelizes (no hub downloads), so the
+    wrapper only routes back to the module's own forward, which is called directly instead."""
+    count = 0
+    for layer in layers:
+        for module in layer.modules():
+            routed = type(module).forward
+            own = "forward" in module.__dict__  # already replaced on this instance: leave it
+            if "_kernel_funcs" in module.__dict__ and hasattr(routed, "__wrapped__") and not own:
+                module.forward = MethodType(routed.__wrapped__, module)
+                count += 1
+    return count
+
+
+def _token_dims_dynamic(compiled):
+    """Call `compiled` (a packed decoder layer) with its token and sample-count dimensions marked
+    dynamic: compiled once for every forward size, all other sizes static.
+
+    dynamo otherwise compiles for the first size and again as sizes change (two recompiles, 8 and
+    11 s, in the mixed bench's first steps on an H200). `dynamic=True` makes every size symbolic:
+    no result within 100 s on the same bench, where this compiles in 15 s."""
+
+    def call(*args, **kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        tokens = hidden.shape[1]  # packed: [1, tokens, hidden]
+        for value in (*args, *kwargs.values()):
+            for t in value if isinstance(value, tuple) else (value,):
+                if not isinstance(t, torch.Tensor):
+                    continue
+                if t.dim() == 1 and not t.is_floating_point():  # sample bounds: [samples + 1]
+                    torch._dynamo.maybe_mark_dynamic(t, 0)
+                for dim, size in enumerate(t.shape):
+                    if size == tokens and dim > 0:
+                        torch._dynamo.maybe_mark_dynamic(t, dim)
+        return compiled(*args, **kwargs)
+
+    return call
+
+
+# ================================================================= the path
+
+
+@dataclass
+class _Model:
+    """What the loss needs from the PEFT-wrapped model, found once."""
+
+    decoder: Any
+    head_weight: Any
+    layers: list
+    per_token_layer: int
+    per_token_fixed: int
+    scale: float = 1.0  # measured / modelled activation memory, from the first micro-batch
+    calibrated: bool = False
+
+
+@dataclass
+class FastPath:
+    cfg: TrainConfig
+    device: Any
+    profile: str
+    use: set[str] = field(default_factory=techniques)
+    host_embedding: HostEmbedding | None = None
+    host_inputs: HostInputs | None = None  # the recomputed layers' inputs in host memory (lean)
+    compute_dtype: Any = None
+    applied: list[str] = field(default_factory=list)
+    compile_options: dict = field(default_factory=dict)  # torch.compile's, e.g. a test's backend
+    notes: list[str] = field(default_factory=list)  # the TrainPath's notes: the recipe logs new ones
+    _model: _Model | None = None
+    _ce: Any = None
+    _kept: int = 0  # layers that keep their activations in the current micro-batch
+    _config: Any = None  # the base model's config, for the memory model
+    _max_tokens: int = 0  # tokens per forward, from the memory model (0: not worked out yet)
+    _lengths_vary: bool = False  # the samples differ in length: forwards will too
+    _longest: int = 0  # the longest sample's tokens
+    _modelled_peak: int = 0  # the largest peak the memory model gave for a forward so far
+
+    @property
+    def compiles(self) -> bool:
+        return "compile" in self.use
+
+    @property
+    def recompiles_in_graph(self) -> bool:
+        return self.compiles and "ingraph" in self.use
+
+    @property
+    def keeps_inputs_on_host(self) -> bool:
+        """Lean's recomputed layers' inputs go to host memory: only a checkpoint compiled into the
+        graph saves its inputs where hooks can move them, and the streams are CUDA's."""
+        return (
+            self.profile == "lean"
+            and "hostinputs" in self.use
+            and self.recompiles_in_graph
+            and self.cfg.gradient_checkpointing
+            and self.device.type == "cuda"
+        )
+
+    def describe(self) -> list[str]:
+        on = [
+            ("pack", "padding-free packing with per-document flash attention"),
+            ("flce", "fused linear + cross-entropy on loss tokens only"),
+            ("liger", "liger RMSNorm / SwiGLU"),
+            ("lora", "LoRA in the compute dtype, one saved input"),
+            ("compile", "each decoder layer compiled as one region"),
+            ("ingraph", "recompute compiled into each layer's graph"),
+            ("merge", "a step's samples packed into as few forwards as the profile's memory allows"),
+        ]
+        use = self.use - (set() if self.compiles else {"compile", "ingraph"})
+        notes = [f"GPU path: {text}" for key, text in on if key in use]
+        if self.profile == "fast" and self.cfg.gradient_checkpointing and "selective" in self.use:
+            notes.append("GPU path: recompute only the layers whose activations do not fit")
+        if self.profile == "lean" and "offload" in self.use:
+            notes.append("GPU path: input embeddings kept in host memory")
+        if self.keeps_inputs_on_host:
+            notes.append("GPU path: recomputed layers' inputs kept in host memory")
+        if self.cfg.is_qlora and self.recompiles_in_graph and "nf4" in self.use:
+            notes.append("GPU path: 4-bit weights dequantised in one fused kernel each")
+        return notes
+
+    # ---------------------------------------------------------- before LoRA
+
+    def prepare_base(self, model):
+        register_attention()
+        if "pack" in self.use:
+            use_attention(model, ATTENTION_NAME)
+        if "liger" in self.use:
+            self.applied += patch_liger(model)
+        self.compute_dtype = _compute_dtype(model)
+        self._config = model.config
+        if self.profile == "lean" and "offload" in self.use:
+            emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+            if head is None or emb.weight is not head.weight:
+                self.host_embedding = HostEmbedding(emb.weight, self.compute_dtype)
+                emb.weight.data = torch.empty(0, dtype=emb.weight.dtype, device=emb.weight.device)
+                self.applied.append("embedding in host memory")
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+        if self.keeps_inputs_on_host:
+            self.host_inputs = HostInputs(self.device, model.config.hidden_size, self.compute_dtype)
+            self.applied.append("recomputed layers' inputs in host memory")
+        return model
+
+    # -------------------------------------------------------------- batches
+
+    def group(self, step: list[list[int]], samples: list) -> list[list[int]]:
+        """The step's forwards: its samples regrouped to the profile's tokens per forward (CUDA only)."""
+        if self._model is None:  # before the layers are compiled: will the forwards' shapes vary?
+            lengths = {len(s.input_ids) for s in samples}
+            self._lengths_vary = len(lengths) > 1
+            self._longest = max(lengths, default=0)
+        if "pack" not in self.use or "merge" not in self.use or self.device.type != "cuda":
+            return step
+        forced = [int(t.split("=", 1)[1]) for t in self.use if t.startswith("tokens=")]
+        if forced and not self._max_tokens:  # measuring: a forward size other than the memory model's
+            self._max_tokens = forced[0]
+            self.notes.append(f"GPU path: forwards of up to {self._max_tokens} tokens (set by tokens=)")
+        if not self._max_tokens:
+            free, _total = torch.cuda.mem_get_info(self.device)
+            self._max_tokens = tokens_per_forward(
+                self._config,
+                profile=self.profile,
+                card_bytes=free + torch.cuda.memory_reserved(self.device),
+                lora_rank=self.cfg.lora_rank,
+                quantized=self.cfg.is_qlora,
+                embedding_on_host=self.host_embedding is not None,
+                compiled=self.compiles,
+                inputs_on_host=self.host_inputs is not None,
+                in_graph=self.recompiles_in_graph,
+            )
+            self.notes.append(
+                f"GPU path: forwards of up to {self._max_tokens} tokens ({self.profile} profile)"
+            )
+        return repartition(step, lambda i: len(samples[i].input_ids), self._max_tokens)
+
+    def collate(self, samples: list, pad_id: int, device) -> Batch:
+        if "pack" not in self.use:
+            from ..train.plain import collate
+
+            return collate(samples, pad_id, device)
+        # Attention's longest-sample bound is an int the compiled layers would be specialised on:
+        # with lengths that vary it is the dataset's longest sample, the same for every forward.
+        return pack(samples, device, max_len=self._longest if self._lengths_vary else 0)
+
+    def loss_sum(self, model, batch: Batch):
+        m = self._model or self._setup(model)
+        if not isinstance(batch, PackedBatch):
+            from ..train.plain import forward_loss_sum
+
+            return forward_loss_sum(model, batch)
+        if batch.target_tokens == 0:
+            return torch.zeros((), device=self.device, requires_grad=torch.is_grad_enabled())
+        training = torch.is_grad_enabled() and model.training
+        if training:
+            self._plan_recompute(m, batch.tokens)
+        before = torch.cuda.memory_allocated(self.device) if training and self.device.type == "cuda" else 0
+        kwargs = dict(
+            position_ids=batch.position_ids,
+            cu_seq_lens_q=batch.cu_seqlens,
+            cu_seq_lens_k=batch.cu_seqlens,
+            max_length_q=batch.max_len,
+            max_length_k=batch.max_len,
+            use_cache=False,
+        )
+        if self.host_embedding is not None:
+            kwargs["inputs_embeds"] = self.host_embedding(batch.host_ids, self.device)
+        else:
+            kwargs["input_ids"] = batch.input_ids
+        out = self._decoder_forward(m, kwargs, batch.tokens if training else 0)
+        hidden = out[0][0]
+        if batch.target_tokens != hidden.shape[0]:
+            hidden = hidden.index_select(0, batch.loss_index)
+        loss = self._ce(hidden, m.head_weight, batch.loss_targets)
+        if training and self.device.type == "cuda":
+            if not m.calibrated:
+                self._calibrate(m, batch.tokens, torch.cuda.memory_allocated(self.device) - before)
+            self._note_memory_model(m, batch.tokens)
+        return loss
+
+    # ---------------------------------------------------------------- setup
+
+    def _setup(self, model) -> _Model:
+        causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+        decoder = getattr(causal, causal.base_model_prefix)
+        if self.device.type == "cuda":
+            probe_mm_out_dtype(self.device)
+        head = causal.get_output_embeddings()
+        if "lora" in self.use:
+            n = patch_lora_layers(model, plain=self.recompiles_in_graph, fused_nf4="nf4" in self.use)
+            if n:
+                self.applied.append(f"LoRA layers x{n}")
+        self._restore_dtype(causal)
+        try:
+            from transformers.modeling_layers import GradientCheckpointingLayer
+
+            layers = [mod for mod in decoder.modules() if isinstance(mod, GradientCheckpointingLayer)]
+        except ImportError:
+            layers = []
+        if layers:
+            own_recompute(layers, self.cfg.gradient_checkpointing)
+            if hasattr(causal, "_require_grads_hook") or getattr(causal, "_require_grads_hooks", None):
+                causal.disable_input_require_grads()
+        if self.compiles:
+            if call_module_forwards_directly(layers):
+                self.applied.append("kernels-hub routing bypassed")
+            self.applied += self._compile(layers)
+        # Larger loss chunks read the [vocab x hidden] head fewer times; lean keeps them small.
+        chunk_budget = 4 if self.profile == "lean" else 16
+        ce = None if "flce" not in self.use or self.device.type != "cuda" else liger_ce_sum(chunk_budget)
+        if ce is None and "flce" in self.use and self.device.type == "cuda":
+            self.use.discard("flce")
+            self.notes.append(
+                "GPU path: flce switched off: liger-kernel is not installed (pip install liger-kernel); "
+                "the chunked loss instead builds each chunk's logits twice and reads the head more often"
+            )
+        self._ce = ce or chunked_ce_sum
+        c = causal.config
+        hidden = c.hidden_size
+        self._model = _Model(
+            decoder=decoder,
+            head_weight=head.weight,
+            layers=layers,
+            per_token_layer=layer_activation_bytes(
+                c, fused=any("liger" in a for a in self.applied), compiled=self.compiles
+            )
+            + (0 if "lora" in self.use else (6 * hidden + c.intermediate_size) * 4),
+            per_token_fixed=hidden * 2 * 6,
+        )
+        log.info("GPU path applied: %s", ", ".join(self.applied) or "nothing")
+        return self._model
+
+    def _compile(self, layers: list) -> list[str]:
+        # Samples of many lengths give every forward a new token count: packed forwards are
+        # compiled for any size from the start (`_token_dims_dynamic`).
+        packed = "pack" in self.use
+        options = {"dynamic": True} if self._lengths_vary and not packed else {}
+        return compile_layers(
+            layers,
+            self.device,
+            recompute_in_graph=self.recompiles_in_graph,
+            dynamic_tokens=self._lengths_vary and packed,
+            **(options | self.compile_options),
+        )
+
+    def _decoder_forward(self, m: _Model, kwargs: dict, training_tokens: int):
+        """The decoder's forward. Where torch.compile cannot take a layer whole (a new library
+        version can bring a side effect or an op dynamo refuses), the technique that needs it is
+        switched off, with a note saying why and what it costs, and the forward runs again."""
+        while True:
+            host_inputs = self.host_inputs if training_tokens else None
+            hooks_before = _saved_tensor_hooks_top()
+            try:
+                with host_inputs.around(training_tokens) if host_inputs else nullcontext():
+                    return m.decoder(**kwargs)
+            except torch._dynamo.exc.TorchDynamoException as error:
+                _pop_saved_tensor_hooks_to(hooks_before)
+                if not self._switch_off(m, error):
+                    raise
+
+    def _switch_off(self, m: _Model, error: Exception) -> bool:
+        """Drop the first compiled technique still on (see `COMPILED_TECHNIQUES`); False if none is."""
+        technique = next((t for t, _ in COMPILED_TECHNIQUES if t in self.use and self.compiles), None)
+        if technique is None:
+            return False
+        cost = dict(COMPILED_TECHNIQUES)[technique]
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        note = (
+            f"GPU path: {technique} switched off: torch.compile cannot take a decoder layer whole "
+            f"({reason}); {cost}"
+        )
+        log.warning("%s\n%s", note, error)
+        self.notes.append(note)
+        self.use.discard(technique)
+        uncompile_layers(m.layers)
+        for layer in m.layers:  # LoRA products as autograd functions again: they save less
+            for module in layer.modules():
+                if hasattr(module, "_tb_plain"):
+                    module._tb_plain = self.recompiles_in_graph
+        self.host_inputs = None  # only a checkpoint compiled into the graph can move its inputs
+        self._max_tokens = 0  # the memory model plans the next step's forwards again
+        if self.compiles:
+            self.applied += self._compile(m.layers)
+        return True
+
+    def _restore_dtype(self, causal) -> None:
+        """Undo PEFT's float32 upcast of the frozen non-4-bit weights (embeddings, head, norms) under QLoRA.
+
+        The upcast only matters for float16 training; in bfloat16 it doubles those weights and
+        turns the whole residual stream float32."""
+        if not self.cfg.is_qlora or self.compute_dtype not in (torch.bfloat16,):
+            return
+        for p in causal.parameters():
+            if not p.requires_grad and p.dtype == torch.float32 and p.__class__.__name__ != "Params4bit":
+                p.data = p.data.to(self.compute_dtype)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # -------------------------------------------------------------- memory
+
+    def _plan_recompute(self, m: _Model, tokens: int) -> None:
+        """Switch recompute off for as many layers as this micro-batch's activations fit (fast profile)."""
+        if not m.layers or not self.cfg.gradient_checkpointing:
+            return
+        if self.profile == "lean" or "selective" not in self.use or self.device.type != "cuda":
+            keep = 0
+        else:
+            free, total = torch.cuda.mem_get_info(self.device)
+            cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+            # Mixed lengths fragment the allocator's cache: count half of it, and keep a tenth of
+            # the card (at least HEADROOM) free for transients.
+            per_layer = m.per_token_layer * m.scale * 1.1
+            keep = layers_to_keep(
+                budget=free + cached // 2 - max(HEADROOM, total // 10),
+                tokens=tokens,
+                layers=len(m.layers),
+                per_layer=per_layer,
+                stub=self._hidden_bytes(),
+                fixed=m.per_token_fixed,
+                replay=per_layer * (REPLAY_LAYERS_IN_GRAPH if self.recompiles_in_graph else 1),
+            )
+        for index, layer in enumerate(m.layers):
+            layer._tb_recompute = index >= keep
+        self._kept = keep
+
+    def _note_memory_model(self, m: _Model, tokens: int) -> None:
+        """Say what the memory model expects for the largest forward so far (the bench checks it)."""
+        recomputed = len(m.layers) - self._kept if self.cfg.gradient_checkpointing and m.layers else 0
+        parts = estimate_peak_bytes(
+            self._config,
+            tokens=tokens,
+            lora_rank=self.cfg.lora_rank,
+            quantized=self.cfg.is_qlora,
+            recomputed_layers=recomputed,
+            embedding_on_host=self.host_embedding is not None,
+            compiled=self.compiles,
+            inputs_on_host=self.host_inputs is not None,
+            in_graph=self.recompiles_in_graph,
+        )
+        if parts["total"] > self._modelled_peak * 1.02:
+            self._modelled_peak = parts["total"]
+            self.notes.append(
+                f"memory model: peak {parts['total'] / GIB:.2f} GiB for a forward of {tokens} tokens, "
+                f"{recomputed} of {len(m.layers)} layers recomputed"
+            )
+
+    def _hidden_bytes(self) -> int:
+        return self._model.decoder.config.hidden_size * 2 if self._model else 0
+
+    def _calibrate(self, m: _Model, tokens: int, used: int) -> None:
+        kept = self._kept
+        stub = self._hidden_bytes()
+        modelled = tokens * (kept * m.per_token_layer + (len(m.layers) - kept) * stub + m.per_token_fixed)
+        if kept and modelled > 0:
+            m.scale = min(2.0, max(0.7, used / modelled))
+            m.calibrated = True
+            log.info("activation memory: %.2f GiB measured, %.2f modelled", used / GIB, modelled / GIB)
+
+
+def _saved_tensor_hooks_top():
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top(False) if top else None
+
+
+def _pop_saved_tensor_hooks_to(expected) -> None:
+    """Uninstall the saved-tensor hooks a failed forward left behind.
+
+    torch 2.11's non-reentrant checkpoint leaves its hooks installed when the function it runs
+    raises: every tensor saved afterwards would be "recomputed" in backward by that failed
+    function. Pops back to the hooks that were installed before the forward."""
+    pop = getattr(torch._C._autograd, "_pop_saved_tensors_default_hooks", None)
+    for _ in range(64):  # a bound: each failed checkpoint leaves one pair
+        if pop is None or _saved_tensor_hooks_top() == expected:
+            return
+        pop()
+
+
+def _compute_dtype(model):
+    for module in model.modules():
+        dtype = getattr(module, "compute_dtype", None)
+        if isinstance(dtype, torch.dtype):
+            return dtype
+    return getattr(model, "dtype", torch.float32)

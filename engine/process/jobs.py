@@ -1,0 +1,428 @@
+"""The engine's jobs: what runs in a worker thread for train, generate, export and load, and how
+a failure reads to a person.
+
+Each job body emits its events as it goes and returns its final event; the server (server.py)
+schedules them one at a time and owns everything asyncio. Heavy modules (torch, transformers,
+engine/train/recipe.py, engine/infer/generate.py) are imported inside the bodies, never at import time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import gc
+import os
+import re
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..core import protocol as P
+from ..core.config import ConfigError
+from ..core.errors import UserError
+from ..core.workspace import Workspace, list_checkpoints
+
+Emit = Callable[[P.Event], None]
+
+
+@dataclass(eq=False)
+class Job:
+    kind: str  # "train", "generate", "export", "load"
+    request_id: str
+    owner: str  # the label of the client that started it
+    started: float = field(default_factory=time.time)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    config: Any = None  # the TrainConfig or GenerationConfig it runs with
+    last_step: int = 0
+    _stop_mode: str = ""
+    _stop_signal: Any = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def request_stop(self, mode: str) -> None:
+        """Stop a training job; safe before the worker has created its StopSignal."""
+        with self._lock:
+            if self._stop_mode != "abort":
+                self._stop_mode = mode
+            if self._stop_signal is not None:
+                self._stop_signal.request(mode)
+        self.cancel.set()
+
+    def attach_stop(self, stop_signal: Any) -> None:
+        with self._lock:
+            self._stop_signal = stop_signal
+            if self._stop_mode:
+                stop_signal.request(self._stop_mode)
+
+
+# A job body runs in a worker thread, emits its events as it goes, and returns its final event
+# (TrainFinished, GenerateDone, ...). The server sends that one only once the job is marked
+# done, so a client that reacts to GenerateDone with the next Generate never finds it "busy".
+JobFunction = Callable[[Job, P.Request, Emit], "P.Event | None"]
+
+
+class Jobs:
+    """The job bodies, with what they share between jobs: the workspace paths resolve against,
+    and the generation session (one loaded base model, reused across chats). Only the worker
+    thread of the one running job touches the session."""
+
+    def __init__(self, workspace: Workspace):
+        self.ws = workspace
+        self._session: Any = None
+
+    def train(self, job: Job, request: P.Request, emit: Emit) -> P.Event:
+        from ..train.preflight import preflight
+        from ..train.recipe import StopSignal, run_training
+
+        preflight(job.config)  # a bad dataset or flag fails in seconds, before any weights load
+        self.drop_session()  # training needs the GPU memory a chat model holds
+
+        stop = StopSignal()
+        job.attach_stop(stop)
+
+        def emit_until_finished(event: P.Event) -> None:
+            if not isinstance(event, P.TrainFinished):  # returned below, and sent as the final event
+                emit(event)
+
+        return run_training(job.config, emit_until_finished, stop)
+
+    def generate(self, job: Job, request: P.Generate, emit: Emit) -> P.Event:
+        from ..core.targets import base_model_for
+
+        resolved = {t: t if t == "base" else self.ws.resolve(t) for t in request.targets}
+        targets = list(resolved.values())
+        chat: Any = request.messages
+        if request.conversations:
+            chat = {resolved[t]: request.conversations[t] for t in request.targets}
+        model = self.resolve_model(request.model)
+        if not model:
+            bases = [base_model_for(t) for t in targets if t != "base"]
+            model = next((b for b in bases if b), "") or (
+                self._session.model_spec if self._session else "demo"
+            )
+        session, loaded = self.session_for(model, "auto", emit)
+        if loaded is not None:
+            emit(loaded)
+        # Chunks and stats go out under the names the client used, not the resolved paths.
+        names = {path: name for name, path in resolved.items()}
+        stats = session.generate(
+            chat,
+            targets,
+            job.config,
+            system=request.system,
+            on_chunk=lambda target, text: emit(P.TokenChunk(target=names.get(target, target), text=text)),
+            cancel=job.cancel,
+        )
+        stats = {names.get(target, target): value for target, value in stats.items()}
+        return P.GenerateDone(stats=stats, cancelled=job.cancel.is_set())
+
+    def export(self, job: Job, request: P.Export, emit: Emit) -> P.Event:
+        from ..infer.export import export_model
+
+        adapter = self.ws.resolve(request.adapter)
+        if request.output_dir:
+            output = self.ws.resolve(request.output_dir)
+        else:
+            output = str(self.ws.exports_dir / export_name(Path(adapter)))
+        self.drop_session()  # the export loads its own copy of the base model
+        started = time.perf_counter()
+        path = export_model(
+            adapter,
+            output,
+            merge=request.merge,
+            on_progress=lambda text: emit(P.Progress(stage="export", message=text)),
+        )
+        return P.ExportDone(output_dir=str(path), seconds=round(time.perf_counter() - started, 2))
+
+    def load(self, job: Job, request: P.LoadModel, emit: Emit) -> P.Event | None:
+        model = self.resolve_model(request.model) or "demo"
+        _, loaded = self.session_for(model, request.torch_dtype, emit, force=True)
+        return loaded
+
+    def session_for(
+        self, model: str, torch_dtype: str, emit: Emit, force: bool = False
+    ) -> tuple[Any, P.ModelLoaded | None]:
+        """The generation session for `model`, loading it (and dropping another) if needed; the
+        ModelLoaded event when it had to load."""
+        if not force and self._session is not None and self._session.model_spec == model:
+            return self._session, None
+        self.drop_session()
+        from ..infer.generate import GenerationSession
+
+        emit(P.Progress(stage="load", message=f"loading model {model}"))
+        started = time.perf_counter()
+        session = GenerationSession(model, torch_dtype=torch_dtype)
+        self._session = session
+        return session, model_loaded_event(session, model, time.perf_counter() - started)
+
+    def drop_session(self) -> None:
+        if self._session is not None:
+            self._session = None
+            free_memory()
+
+    def resolve_train_paths(self, config: dict[str, Any]) -> dict[str, Any]:
+        """Paths in a form are relative to the workspace, whatever the engine's cwd."""
+        resolved = dict(config)
+        resolved["output_dir"] = self.ws.resolve(str(config.get("output_dir") or "runs"))
+        for key in ("dataset", "val_dataset"):
+            value = config.get(key)
+            if isinstance(value, list):
+                resolved[key] = [self._resolve_data_spec(v) if isinstance(v, str) else v for v in value]
+        for key in ("model", "resume_from_checkpoint"):
+            value = config.get(key)
+            if isinstance(value, str) and value:
+                resolved[key] = self.resolve_model(value) if key == "model" else self.ws.resolve(value)
+        return resolved
+
+    def resolve_model(self, model: str) -> str:
+        """A model typed relative to the workspace, if such a path exists; ids and 'demo' stay."""
+        if model and not os.path.isabs(model) and (self.ws.root / model).exists():
+            return str(self.ws.root / model)
+        return model
+
+    def _resolve_data_spec(self, spec: str) -> str:
+        if not spec or (self.ws.root / spec).exists():
+            return self.ws.resolve(spec)
+        head, sep, tail = spec.rpartition("#")  # "file.jsonl#50": N samples of the file
+        if sep and head:
+            return f"{self.ws.resolve(head)}#{tail}"
+        return self.ws.resolve(spec)
+
+
+# ==================================================================== failures
+
+
+def describe_failure(
+    exc: BaseException,
+    job: str,
+    config: Any = None,
+    log_file: str | Path = "",
+    *,
+    progress: RunProgress | None = None,
+) -> tuple[P.EngineError, str]:
+    """An exception as an EngineError a person can act on, plus the text for the engine log:
+    the traceback of an unexpected error, the allocator's report of an out-of-memory, and ""
+    for errors a person caused (bad data, bad settings), which need neither. `progress` says
+    how far a training run got, so an out-of-memory can say which kind it was."""
+    if isinstance(exc, UserError):
+        return P.EngineError(code=exc.code, message=_with_problems(exc), hint=exc.hint), ""
+    if isinstance(exc, ConfigError):
+        return P.EngineError(code="config", message=str(exc), hint="fix the settings named above"), ""
+    if _is_out_of_memory(exc):
+        return _oom_error(exc, job, config, progress or RunProgress()), _safe_str(exc)
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    detail = _safe_str(exc).strip()
+    first = detail.splitlines()[0] if detail else ""
+    where = f" (the full traceback is in {log_file})" if log_file else ""
+    error = P.EngineError(
+        code="internal",
+        message=f"{job} failed: {type(exc).__name__}{': ' + first if first else ''}",
+        hint=f"the engine is still running and nothing you made was lost{where}; "
+        "if it happens again, please report it with that traceback",
+    )
+    return error, text
+
+
+SHOWN_PROBLEMS = 10
+
+
+def _with_problems(exc: UserError) -> str:
+    """The message, plus the records it is about (a DataError's "file.jsonl:12: reason" lines),
+    as the CLI prints them: without them a person would not know where to look."""
+    problems = list(getattr(exc, "problems", None) or [])
+    lines = [exc.message, *(f"  {p}" for p in problems[:SHOWN_PROBLEMS])]
+    if len(problems) > SHOWN_PROBLEMS:
+        lines.append(f"  ... and {len(problems) - SHOWN_PROBLEMS} more")
+    return "\n".join(lines)
+
+
+@dataclass
+class RunProgress:
+    """How far a training run got, read off its events as the worker emits them (so it is
+    exact when the run fails): its folder, the step it resumed from and the last step reached."""
+
+    run_dir: str = ""
+    start_step: int = 0
+    last_step: int = 0
+
+    def note(self, event: P.Event) -> None:
+        if isinstance(event, P.TrainStarted):
+            self.run_dir, self.start_step, self.last_step = event.run_dir, event.start_step, event.start_step
+        elif isinstance(event, (P.TrainStep, P.CheckpointSaved)):
+            self.last_step = max(self.last_step, event.step)
+
+    @property
+    def checkpoint(self) -> str:
+        """The run's newest complete checkpoint, or "" when it has none."""
+        found = list_checkpoints(self.run_dir) if self.run_dir else []
+        return str(found[-1]) if found else ""
+
+
+def _safe_str(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:  # noqa: BLE001 - a broken __str__ must not hide the failure itself
+        return ""
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    torch = sys.modules.get("torch")
+    oom_type = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None) if torch else None
+    if oom_type is not None and isinstance(exc, oom_type):
+        return True
+    if isinstance(exc, MemoryError):
+        return True
+    text = _safe_str(exc).lower()
+    return "out of memory" in text or "cublas_status_alloc_failed" in text
+
+
+def _oom_error(exc: BaseException, job: str, cfg: Any, progress: RunProgress) -> P.EngineError:
+    host = isinstance(exc, MemoryError)
+    where = "the machine's RAM" if host else "GPU memory"
+    # torch's report is a paragraph (capacity, free, reserved...): the message keeps the size that
+    # failed, and the whole report goes to the engine log.
+    asked = re.search(r"Tried to allocate ([\d.]+ ?[KMGT]?i?B)", _safe_str(exc))
+    size = f" (it asked for {asked.group(1)} more)" if asked else ""
+    if job != "train":
+        if job == "generate":
+            hint = "lower max_new_tokens, compare fewer adapters at once, or wait until no training runs"
+        else:
+            hint = "close other programs using the GPU, or use a smaller model"
+        return P.EngineError(code="oom", message=f"{job} ran out of {where}{size}", hint=hint)
+
+    if not progress.run_dir:  # before TrainStarted: the model itself did not fit
+        steps = ["close other programs using the GPU (nvidia-smi lists them)"]
+        if not host and getattr(cfg, "train_type", "") != "qlora":
+            steps.append("use QLoRA (train_type qlora) to hold the base model in 4 bits")
+        steps.append("or choose a smaller model")
+        return P.EngineError(
+            code="oom",
+            message=f"training ran out of {where}{size} while loading the model, before its first step",
+            hint="; ".join(steps) + ". Nothing was trained or written yet.",
+        )
+    batch = getattr(cfg, "per_device_train_batch_size", 1)
+    accumulation = getattr(cfg, "gradient_accumulation_steps", 1)
+    length = getattr(cfg, "max_length", "?")
+    fitted = max(progress.last_step - progress.start_step, 0)
+    # Memory peaks in the backward of the largest micro-batch: if no step fitted, the settings do
+    # not fit at all; if some did, a batch of longer samples than before crossed the line.
+    if fitted == 0:
+        cause = (
+            f"activations for {batch} sample(s) of up to {length} tokens per micro-batch, plus the "
+            "model, need more than is free"
+        )
+    else:
+        cause = (
+            f"{fitted} step(s) fitted, then a micro-batch of longer samples did not "
+            f"(up to {batch} x {length} tokens)"
+        )
+    when = f"after step {progress.last_step}" if fitted else "in its first step"
+    message = f"training ran out of {where}{size} {when}: {cause}"
+    steps = []
+    if batch > 1:
+        steps.append(
+            f"lower per_device_train_batch_size (now {batch}) to {max(batch // 2, 1)} and raise "
+            f"gradient_accumulation_steps (now {accumulation}) to {accumulation * 2}: the same samples "
+            "per step in smaller micro-batches"
+        )
+    steps.append(f"lower max_length (now {length}): the longest samples set the peak")
+    if not host and getattr(cfg, "train_type", "") != "qlora":
+        steps.append("use QLoRA (train_type qlora) to hold the base model in 4 bits")
+    if not getattr(cfg, "gradient_checkpointing", True):
+        steps.append(
+            "turn on gradient_checkpointing (recompute activations in backward instead of keeping them)"
+        )
+    elif not host and getattr(cfg, "profile", "") != "lean":
+        steps.append(
+            "choose profile lean (it recomputes every layer and keeps the embedding matrix in host memory)"
+        )
+    checkpoint = progress.checkpoint
+    if checkpoint:
+        kept = (
+            f"The run's checkpoints are kept: resume from {Path(checkpoint).name} with the new settings "
+            "(Train pane r, or --resume_from_checkpoint)."
+        )
+    else:
+        kept = "No checkpoint had been saved yet, so the run starts again from the beginning."
+    return P.EngineError(code="oom", message=message, hint="; ".join(steps) + ". " + kept)
+
+
+def free_memory() -> None:
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        with contextlib.suppress(Exception):
+            if torch.cuda.is_initialized():
+                torch.cuda.empty_cache()
+
+
+def reset_peak_memory() -> None:
+    """The gauge's peak is per job."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        with contextlib.suppress(Exception):
+            if torch.cuda.is_initialized():
+                torch.cuda.reset_peak_memory_stats()
+
+
+# ==================================================================== helpers
+
+
+def build_config(cls: type, data: dict[str, Any]) -> Any:
+    """A TrainConfig / GenerationConfig from a request's dict; the ConfigError names every
+    problem at once (unknown keys and bad values), so a form can mark all of them."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    problems = {key: "unknown setting" for key in sorted(set(data) - names)}
+    try:
+        cfg = cls(**{k: v for k, v in data.items() if k in names})
+    except ConfigError as exc:
+        problems.update(exc.problems)
+    except TypeError as exc:  # a required field missing; config dataclasses have none today
+        problems["config"] = str(exc)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def check_messages(messages: Any, name: str = "messages") -> str:
+    if not isinstance(messages, list) or not messages:
+        return f"{name} is empty: the chat needs a user turn"
+    for i, m in enumerate(messages):
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("role"), str)
+            or not isinstance(m.get("content"), str)
+        ):
+            return f"{name}[{i}] must be an object with text fields role and content"
+    if messages[-1]["role"] != "user":
+        return f"the last message of {name} must be the user's turn"
+    return ""
+
+
+def export_name(adapter: Path) -> str:
+    """exports/<run-id> for runs/<run-id>[/adapter], <run-id>-step-<n> for a checkpoint."""
+    if adapter.name == "adapter":
+        return adapter.parent.name
+    if adapter.parent.name == "checkpoints":
+        return f"{adapter.parent.parent.name}-{adapter.name}"
+    return adapter.name or "model"
+
+
+def model_loaded_event(session: Any, model: str, seconds: float) -> P.ModelLoaded:
+    loaded = getattr(session, "loaded", None)  # engine/models.LoadedModel, when the session has one
+    if loaded is not None:
+        return P.ModelLoaded(
+            model=loaded.resolved.label,
+            path=str(loaded.resolved.path),
+            parameters=int(loaded.parameters),
+            seconds=round(seconds, 3),
+            device=str(loaded.device),
+            dtype=str(loaded.dtype).replace("torch.", ""),
+        )
+    return P.ModelLoaded(model=model, seconds=round(seconds, 3))

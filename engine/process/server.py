@@ -1,0 +1,834 @@
+"""The engine process: a Unix-socket server that runs one GPU job at a time and streams its events.
+
+One asyncio loop owns the socket, the clients and the engine state; each job (train, generate,
+export, load: their bodies are in jobs.py) runs in a worker thread and hands its events back with
+call_soon_threadsafe, so status, memory and estimate requests are answered while a job runs. A
+job's exception becomes an EngineError with a hint and the engine stays up. Every event goes to
+every client; the first client to say Hello controls the workspace and later ones watch
+read-only until it leaves.
+
+Start-up stays cheap (the TUI waits on it): torch, transformers and the job modules are imported
+inside the job bodies, never here. The engine never imports textual or rich.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import fcntl
+import os
+import signal
+import socket
+import stat
+import struct
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from ..core import protocol as P
+from ..core.config import ConfigError, GenerationConfig, TrainConfig
+from ..core.errors import UserError
+from ..core.estimate import estimate_training_memory, read_model_info
+from ..core.files import atomic_write_bytes
+from ..core.memory_sampler import sample_memory
+from ..core.workspace import ENGINE_IDLE_EXIT_S, Workspace, read_metrics
+from .jobs import (
+    Job,
+    JobFunction,
+    Jobs,
+    RunProgress,
+    build_config,
+    check_messages,
+    describe_failure,
+    free_memory,
+    reset_peak_memory,
+)
+
+__all__ = ["EngineServer", "EngineAlreadyRunning", "serve"]
+
+MEMORY_INTERVAL_S = 0.4  # the gauge promises at least two samples a second
+MAX_LINE = 16 * 1024 * 1024  # a Generate with a long chat is large; a line past this is refused
+MAX_CLIENT_BACKLOG = 50_000  # lines queued for one client; one this far behind is dropped
+MAX_HISTORY_LOGS = 1000  # Log events kept in a run's history (steps are always kept)
+SHUTDOWN_JOB_WAIT_S = 60.0  # how long close() waits for an aborted job before leaving it
+LOCK_WAIT_S = 2.0  # how long a new engine waits for a dying one to let go of the workspace
+# Events that make up a run's history: what a reattaching client needs to redraw the run.
+RUN_EVENTS = frozenset(
+    ["ModelLoaded", "DataReport", "TrainStarted", "TrainStep", "EvalResult", "CheckpointSaved"]
+    + ["TrainFinished", "Log", "EngineError"]
+)
+# Requests that change what the engine does; read-only clients may not send them.
+CONTROL_REQUESTS = frozenset(
+    ["StartTraining", "StopTraining", "Generate", "CancelGenerate", "Export", "LoadModel", "Shutdown"]
+)
+JOB_WORDS = {
+    "train": "a training run",
+    "generate": "a generation",
+    "export": "an export",
+    "load": "a model load",
+}
+
+
+class EngineAlreadyRunning(RuntimeError):
+    """Another engine holds this workspace's lock."""
+
+
+@dataclass(eq=False)
+class Client:
+    number: int
+    writer: asyncio.StreamWriter
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    name: str = ""
+    pid: int = 0
+    observe: bool = False
+    task: asyncio.Task | None = None
+    closed: bool = False
+
+    @property
+    def label(self) -> str:
+        name = self.name or "a client"
+        return f"{name} (pid {self.pid})" if self.pid else f"{name} #{self.number}"
+
+
+class EngineServer:
+    """The engine's state and its socket. `await serve()` runs it until Shutdown."""
+
+    def __init__(
+        self,
+        workspace: Workspace | str | Path,
+        *,
+        memory_interval: float = MEMORY_INTERVAL_S,
+        idle_exit: float = ENGINE_IDLE_EXIT_S,
+    ):
+        self.ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
+        self.memory_interval = memory_interval
+        self.idle_exit = idle_exit  # <= 0: never
+        self.started = time.time()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._lock_fd: int | None = None
+        self._socket_inode: int | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._clients: list[Client] = []
+        self._client_numbers = 0
+        self._controller: Client | None = None
+        self._job: Job | None = None
+        self._closing = False
+        self._stop_requested = asyncio.Event()  # serve() returns when set
+        self._closed = asyncio.Event()  # close() has finished
+        self._shutdown_requests = 0
+        # the current (or last) run, for Snapshot
+        self._run_id = ""
+        self._run_dir = ""
+        self._run_status = ""
+        self._history: list[dict[str, Any]] = []
+        self._history_logs = 0
+        self._last_error: dict[str, Any] = {}
+        self._model = ""
+        self.jobs = Jobs(self.ws)
+
+    # ================================================================ lifecycle
+
+    async def start(self) -> None:
+        """Take the workspace lock, bind the socket (0600), start the memory sampler."""
+        self._loop = asyncio.get_running_loop()
+        self.ws.ensure_state_dir()
+        self._lock_fd = _take_lock(self.ws.lock_file)
+        # The pid file before the socket: whoever can connect can also read who is serving.
+        atomic_write_bytes(self.ws.pid_file, str(os.getpid()).encode())
+        path = self.ws.socket_path
+        with contextlib.suppress(FileNotFoundError):
+            # We hold the lock, so no live engine owns this file: it is left from a dead one.
+            path.unlink()
+        # The umask makes the socket 0600 from its first instant (chmod after bind would leave a
+        # window); umask is process-wide, so restore it at once.
+        old_umask = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(self._on_connect, path=str(path), limit=MAX_LINE)
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, 0o600)
+        info = path.stat()
+        if stat.S_IMODE(info.st_mode) != 0o600:
+            raise RuntimeError(f"{path} has mode {oct(stat.S_IMODE(info.st_mode))}, not 0600")
+        self._socket_inode = info.st_ino
+        self._load_last_run()
+        self._tasks.append(asyncio.create_task(self._sample_memory_forever()))
+        if self.idle_exit > 0:
+            self._tasks.append(asyncio.create_task(self._exit_when_idle()))
+        self.log(f"engine {os.getpid()} listening on {path}")
+
+    async def serve(self) -> None:
+        """Start, then run until Shutdown (or close()); always cleans up its files."""
+        try:
+            await self.start()
+            await self._stop_requested.wait()
+        finally:
+            await self.close()
+
+    def request_shutdown(self, mode: str = "graceful") -> None:
+        """Thread-safe: stop the job (graceful saves a checkpoint) and exit when it has stopped.
+        A second request aborts the job."""
+        if self._loop is None:
+            return
+        self._loop.call_soon_threadsafe(self._begin_shutdown, mode)
+
+    def _begin_shutdown(self, mode: str = "graceful") -> None:
+        self._shutdown_requests += 1
+        if self._shutdown_requests > 1:
+            mode = "abort"
+        if self._shutdown_requests == 1:
+            self._tasks.append(asyncio.create_task(self._shutdown(mode)))
+        elif self._job is not None:
+            self._job.request_stop(mode)
+
+    async def _shutdown(self, mode: str) -> None:
+        job = self._job
+        if job is not None:
+            self.log(f"shutting down: stopping {JOB_WORDS[job.kind]} ({mode})")
+            self._broadcast(P.Log(message=f"the engine is shutting down; stopping {JOB_WORDS[job.kind]}"))
+            job.request_stop(mode)
+            await job.done.wait()
+        self._stop_requested.set()
+
+    async def close(self) -> None:
+        if self._closing:
+            await self._closed.wait()
+            return
+        self._closing = True
+        if self._server is not None:
+            self._server.close()
+        job = self._job
+        if job is not None:  # closed without a Shutdown: do not leave a GPU job running headless
+            job.request_stop("abort")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(job.done.wait(), SHUTDOWN_JOB_WAIT_S)
+        current = asyncio.current_task()
+        for task in self._tasks:
+            if task is not current:
+                task.cancel()
+        for client in list(self._clients):
+            client.queue.put_nowait(None)  # the writer flushes what is queued, then closes
+        writers = [c.task for c in self._clients if c.task is not None]
+        if writers:
+            await asyncio.wait(writers, timeout=2.0)
+        for client in list(self._clients):
+            client.writer.close()
+        self._remove_own_files()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+            self.log(f"engine {os.getpid()} stopped")
+        self._stop_requested.set()
+        self._closed.set()
+
+    def _remove_own_files(self) -> None:
+        if self._lock_fd is None:
+            return  # never owned the workspace (another engine holds it): its files are not ours
+        path = self.ws.socket_path
+        with contextlib.suppress(OSError):
+            if self._socket_inode is not None and path.stat().st_ino == self._socket_inode:
+                path.unlink()
+        if self.ws.read_pid() == os.getpid():
+            self.ws.pid_file.unlink(missing_ok=True)
+
+    def log(self, message: str) -> None:
+        """One line in the engine log (stdout and stderr of a started engine go there too)."""
+        stamp = datetime.now().isoformat(sep=" ", timespec="seconds")
+        with contextlib.suppress(OSError), open(self.ws.log_file, "a") as fh:
+            fh.write(f"{stamp} {message}\n")
+
+    # ================================================================ clients
+
+    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer_pid, peer_uid = _peer_credentials(writer)
+        if peer_uid is not None and peer_uid not in (os.getuid(), 0):
+            writer.close()  # the 0700 folder should already keep other users out
+            return
+        self._client_numbers += 1
+        client = Client(self._client_numbers, writer, pid=peer_pid or 0)
+        self._clients.append(client)
+        client.task = asyncio.create_task(self._write_forever(client))
+        self._send(client, self._snapshot(client))
+        try:
+            while not self._closing:
+                try:
+                    line = await reader.readline()
+                except ValueError:  # longer than MAX_LINE; the stream skipped past it
+                    self._send(client, _bad_request("", f"a line longer than {MAX_LINE} bytes"))
+                    continue
+                except ConnectionError:
+                    break
+                if not line:
+                    break
+                await self._handle_line(client, line)
+        finally:
+            self._drop_client(client)
+
+    async def _write_forever(self, client: Client) -> None:
+        try:
+            while True:
+                line = await client.queue.get()
+                if line is None:
+                    break
+                client.writer.write(line)
+                await client.writer.drain()
+        except (ConnectionError, RuntimeError):
+            pass
+        finally:
+            client.closed = True
+            client.writer.close()
+
+    def _drop_client(self, client: Client) -> None:
+        if client not in self._clients:
+            return
+        self._clients.remove(client)
+        client.closed = True
+        client.queue.put_nowait(None)
+        if self._controller is client:
+            self._controller = None
+            # The longest-attached session that asked for control gets it, and is told so: a
+            # read-only TUI left behind becomes the one that controls, without asking.
+            heir = next((other for other in self._clients if not other.observe), None)
+            if heir is None:
+                self.log(f"{client.label} disconnected; no session controls the workspace")
+            else:
+                self._set_controller(heir, f"{client.label} disconnected")
+
+    def _send(self, client: Client, event: P.Event) -> None:
+        if client.closed:
+            return
+        if client.queue.qsize() > MAX_CLIENT_BACKLOG:
+            # A client that stopped reading would grow the engine's memory without bound; drop it
+            # (it reattaches and gets a fresh Snapshot).
+            self.log(f"dropping {client.label}: it stopped reading")
+            client.closed = True
+            client.writer.transport.abort()
+            return
+        client.queue.put_nowait(P.encode(event))
+
+    def _broadcast(self, event: P.Event) -> None:
+        line = P.encode(event)
+        for client in list(self._clients):
+            if not client.closed:
+                if client.queue.qsize() > MAX_CLIENT_BACKLOG:
+                    self._send(client, event)  # drops it
+                else:
+                    client.queue.put_nowait(line)
+
+    # ================================================================ requests
+
+    async def _handle_line(self, client: Client, line: bytes) -> None:
+        if not line.strip():
+            return
+        try:
+            message = P.decode(line)
+        except P.ProtocolError as exc:
+            self._send(client, _bad_request(_raw_id(line), str(exc)))
+            return
+        if not isinstance(message, P.Request):
+            self._send(client, _bad_request(message.id, f"{message.type} is an event; send requests only"))
+            return
+        if message.type in CONTROL_REQUESTS and not self._may_control(client):
+            self._send(client, self._read_only_error(message.id))
+            return
+        handler = getattr(self, f"_on_{message.type}", None)
+        if handler is None:
+            self._send(client, _bad_request(message.id, f"{message.type} is not handled by this engine"))
+            return
+        try:
+            result = handler(client, message)
+            if asyncio.iscoroutine(result):
+                await result
+        except Exception as exc:  # noqa: BLE001 - a bad request must never take the engine down
+            self._send(client, dataclasses.replace(self._describe(exc, message.type), id=message.id))
+
+    # ---------------------------------------------------------------- control
+
+    def _may_control(self, client: Client) -> bool:
+        if self._controller is client:
+            return True
+        if self._controller is None and not client.observe:
+            self._set_controller(client, "no other session was controlling this workspace")
+            return True
+        return False
+
+    def _set_controller(self, client: Client | None, why: str) -> None:
+        old = self._controller
+        self._controller = client
+        if client is not None:
+            self.log(f"{client.label} controls the workspace ({why})")
+            self._send(client, P.ControlChanged(controller=True, controller_client=client.label, message=why))
+        if old is not None and old is not client and not old.closed:
+            self._send(
+                old,
+                P.ControlChanged(
+                    controller=False,
+                    controller_client=client.label if client else "",
+                    message=f"{client.label if client else 'another session'} took control of this "
+                    "workspace; this session is read-only now",
+                ),
+            )
+
+    def _read_only_error(self, request_id: str) -> P.EngineError:
+        if self._controller is None:  # an observer, with nobody in control
+            message = "this session attached as an observer, which is read-only"
+            hint = "connect without observe (or say Hello again without it) to control the workspace"
+        else:
+            message = f"{self._controller.label} controls this workspace; this session is read-only"
+            hint = (
+                "it still shows the same live state. To control from here, close the other session, "
+                "or take control (in the TUI: ctrl+p, Engine: take control; the other one turns read-only)"
+            )
+        return P.EngineError(id=request_id, code="read_only", message=message, hint=hint)
+
+    def _on_Hello(self, client: Client, msg: P.Hello) -> None:
+        client.name = msg.client or client.name
+        client.pid = msg.pid or client.pid
+        client.observe = msg.observe
+        if msg.observe:
+            if self._controller is client:
+                self._controller = None  # it steps down; the next job request takes the slot
+        elif self._controller is None or self._controller is client:
+            self._controller = client
+            self.log(f"{client.label} controls the workspace")
+        elif msg.take_control:
+            self._set_controller(client, f"{client.label} took control")
+        self._send(client, self._snapshot(client, msg.id))
+
+    def _on_GetStatus(self, client: Client, msg: P.GetStatus) -> None:
+        self._send(client, self._snapshot(client, msg.id, history=msg.history))
+
+    async def _on_EstimateMemory(self, client: Client, msg: P.EstimateMemory) -> None:
+        try:
+            cfg = build_config(TrainConfig, self.jobs.resolve_train_paths(msg.config))
+        except ConfigError as exc:
+            self._send(client, _config_error(msg.id, exc))
+            return
+        info = await asyncio.to_thread(read_model_info, cfg.model, self.ws.root)
+        if info is None:
+            self._send(
+                client,
+                P.EngineError(
+                    id=msg.id,
+                    code="model",
+                    message=f"cannot estimate memory: no config.json found for model {cfg.model!r}",
+                    hint="give a local model folder, 'demo', or a hub id that is in the local cache",
+                ),
+            )
+            return
+        self._send(client, dataclasses.replace(estimate_training_memory(cfg, info), id=msg.id))
+
+    def _on_StopTraining(self, client: Client, msg: P.StopTraining) -> None:
+        if msg.mode not in ("graceful", "abort"):
+            self._send(
+                client, _bad_request(msg.id, f"StopTraining.mode must be graceful or abort, not {msg.mode!r}")
+            )
+            return
+        job = self._job
+        if job is None or job.kind != "train":
+            self._send(
+                client, P.EngineError(id=msg.id, code="idle", message="no training run is in progress")
+            )
+            return
+        job.request_stop(msg.mode)
+        text = (
+            "stopping after this step and saving a checkpoint"
+            if msg.mode == "graceful"
+            else "aborting now (no checkpoint is saved)"
+        )
+        self._broadcast(P.Log(id=msg.id, message=text))
+
+    def _on_CancelGenerate(self, client: Client, msg: P.CancelGenerate) -> None:
+        job = self._job
+        if job is None or job.kind != "generate":
+            self._send(client, P.EngineError(id=msg.id, code="idle", message="no generation is in progress"))
+            return
+        job.cancel.set()
+        self._send(client, P.Log(id=msg.id, message="cancelling the generation"))
+
+    def _on_Shutdown(self, client: Client, msg: P.Shutdown) -> None:
+        self._broadcast(P.Log(id=msg.id, message=f"engine shutting down (asked by {client.label})"))
+        self._begin_shutdown("graceful")
+
+    # ---------------------------------------------------------------- jobs
+
+    def _on_StartTraining(self, client: Client, msg: P.StartTraining) -> None:
+        try:
+            cfg = build_config(TrainConfig, self.jobs.resolve_train_paths(msg.config))
+        except ConfigError as exc:
+            self._send(client, _config_error(msg.id, exc))
+            return
+        if not cfg.dataset:
+            self._send(
+                client,
+                P.EngineError(
+                    id=msg.id,
+                    code="config",
+                    message="no training data: the dataset list is empty",
+                    hint="add a dataset file, e.g. datasets/self_cognition.jsonl#50",
+                ),
+            )
+            return
+        self._start_job(client, msg, "train", self.jobs.train, config=cfg)
+
+    def _on_Generate(self, client: Client, msg: P.Generate) -> None:
+        try:
+            gen_cfg = build_config(GenerationConfig, msg.config)
+        except ConfigError as exc:
+            self._send(client, _config_error(msg.id, exc))
+            return
+        if msg.conversations:
+            missing = [t for t in msg.targets if t not in msg.conversations]
+            problem = f"conversations has no chat for {', '.join(missing)}" if missing else ""
+            for target, chat in msg.conversations.items():
+                problem = problem or check_messages(chat, f"conversations[{target!r}]")
+        else:
+            problem = check_messages(msg.messages)
+        if not msg.targets:
+            problem = "targets is empty: name base or an adapter"
+        if problem:
+            self._send(client, _bad_request(msg.id, problem))
+            return
+        self._start_job(client, msg, "generate", self.jobs.generate, config=gen_cfg)
+
+    def _on_Export(self, client: Client, msg: P.Export) -> None:
+        if not msg.adapter:
+            self._send(client, _bad_request(msg.id, "Export.adapter is empty: name an adapter or run folder"))
+            return
+        self._start_job(client, msg, "export", self.jobs.export)
+
+    def _on_LoadModel(self, client: Client, msg: P.LoadModel) -> None:
+        self._start_job(client, msg, "load", self.jobs.load)
+
+    def _start_job(
+        self, client: Client, request: P.Request, kind: str, fn: JobFunction, config: Any = None
+    ) -> None:
+        running = self._job
+        if running is not None:
+            self._send(client, self._busy_error(request.id, running))
+            return
+        if self._closing or self._shutdown_requests:
+            self._send(
+                client, P.EngineError(id=request.id, code="busy", message="the engine is shutting down")
+            )
+            return
+        job = Job(kind, request.id, owner=client.label, config=config)
+        self._job = job
+        if kind == "train":
+            self._run_id, self._run_dir, self._run_status = "", "", "starting"
+            self._history, self._history_logs, self._last_error = [], 0, {}
+        self.log(f"{kind} job started by {client.label}")
+        self._broadcast(P.JobStatus(id=request.id, job=kind, state="started"))
+        threading.Thread(
+            target=self._job_thread, args=(job, fn, request), name=f"tunebench-{kind}", daemon=True
+        ).start()
+
+    def _busy_error(self, request_id: str, running: Job) -> P.EngineError:
+        what = JOB_WORDS[running.kind]
+        if running.kind == "train":
+            detail = f" (run {self._run_id or 'starting'}, step {running.last_step})"
+            hint = "wait for it to finish, or stop it first (a graceful stop saves a checkpoint)"
+        elif running.kind == "generate":
+            detail, hint = "", "wait for the answer to finish, or cancel it"
+        else:
+            detail, hint = "", "wait for it to finish"
+        return P.EngineError(
+            id=request_id,
+            code="busy",
+            message=f"the engine is busy with {what}{detail}; it runs one GPU job at a time",
+            hint=hint,
+        )
+
+    def _job_thread(self, job: Job, fn: JobFunction, request: P.Request) -> None:
+        progress = RunProgress()
+
+        def emit(event: P.Event) -> None:
+            progress.note(event)  # here, in the worker: exact when the job fails right after
+            self._from_thread(self._on_job_event, job, event)
+
+        error, final = None, None
+        try:
+            reset_peak_memory()
+            final = fn(job, request, emit)
+        except BaseException as exc:  # noqa: BLE001 - even a SystemExit deep in a library must
+            # end as a reported failure, or the engine would stay "busy" forever
+            error = self._describe(exc, job.kind, job.config, progress)
+        finally:
+            try:
+                if error is not None or job.kind != "generate":
+                    # A failed job's traceback (gone with `exc` now) held its frames and their
+                    # tensors, and a finished run's model sits in reference cycles: collect them
+                    # so the next job finds the GPU free. A chat keeps its model, so a generation
+                    # skips this (it costs ~0.1 s).
+                    free_memory()
+            finally:
+                self._from_thread(self._on_job_done, job, error, final)
+
+    def _describe(
+        self, exc: BaseException, job: str, config: Any = None, progress: RunProgress | None = None
+    ) -> P.EngineError:
+        try:
+            error, trace = describe_failure(exc, job, config, self.ws.log_file, progress=progress)
+        except Exception as failure:  # noqa: BLE001 - describing a failure must not fail the engine
+            error = P.EngineError(
+                code="internal",
+                message=f"{job} failed: {type(exc).__name__}",
+                hint=f"the engine is still running; details are in {self.ws.log_file}",
+            )
+            trace = f"(describing {type(exc).__name__} failed too: {failure!r})"
+        if trace:
+            self.log(f"{job} failed: [{error.code}] {error.message}\n{trace}")
+        return error
+
+    def _from_thread(self, fn: Callable[..., None], *args: Any) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the engine is exiting
+            loop.call_soon_threadsafe(fn, *args)
+
+    def _on_job_event(self, job: Job, event: P.Event) -> None:
+        if not event.id:
+            event = dataclasses.replace(event, id=job.request_id)
+        resync = False
+        if job.kind == "train" and event.type in RUN_EVENTS:
+            resync = self._record_run_event(job, event)
+        if isinstance(event, P.ModelLoaded):
+            self._model = event.model
+        self._broadcast(event)
+        if resync:
+            # A resumed run: clients get the steps before the checkpoint from disk, in a Snapshot.
+            for client in list(self._clients):
+                self._send(client, self._snapshot(client))
+
+    def _record_run_event(self, job: Job, event: P.Event) -> bool:
+        resync = False
+        if isinstance(event, P.TrainStarted):
+            self._run_id, self._run_dir, self._run_status = event.run_id, event.run_dir, "running"
+            with contextlib.suppress(OSError):
+                self.ws.record_last_run(event.run_dir)
+            if event.start_step > 0:
+                earlier = [r for r in read_metrics(event.run_dir) if r.get("type") != "TrainFinished"]
+                self._history.append(event.to_dict())
+                self._history.extend(earlier)
+                return True
+        elif isinstance(event, P.TrainStep):
+            job.last_step = event.step
+        elif isinstance(event, P.TrainFinished):
+            self._run_status = event.status
+        elif isinstance(event, P.Log):
+            self._history_logs += 1
+            if self._history_logs > MAX_HISTORY_LOGS:
+                return False
+        self._history.append(event.to_dict())
+        return resync
+
+    def _on_job_done(self, job: Job, error: P.EngineError | None, final: P.Event | None = None) -> None:
+        self._job = None  # first: whoever reacts to the final event finds the engine idle
+        if final is not None:
+            self._on_job_event(job, final)
+        if error is not None:
+            error = dataclasses.replace(error, id=job.request_id)
+            self._last_error = error.to_dict()
+            self.log(f"{job.kind} job failed: [{error.code}] {error.message}")
+            if job.kind == "train":
+                self._history.append(error.to_dict())
+            self._broadcast(error)
+            if job.kind == "train" and self._run_status in ("starting", "running"):
+                self._finish_failed_run(job)
+        else:
+            self.log(f"{job.kind} job done")
+        self._broadcast(
+            P.JobStatus(
+                id=job.request_id,
+                job=job.kind,
+                state="failed" if error else "done",
+                message=error.message if error else "",
+            )
+        )
+        job.done.set()
+
+    def _finish_failed_run(self, job: Job) -> None:
+        self._run_status = "failed"
+        if not self._run_dir:
+            return  # it failed before the run folder existed: nothing to close
+        finished = P.TrainFinished(
+            id=job.request_id,
+            run_id=self._run_id,
+            status="failed",
+            steps=job.last_step,
+            final_loss=float("nan"),
+            seconds=round(time.time() - job.started, 1),
+        )
+        self._history.append(finished.to_dict())
+        # The run's own record says it failed (a resume drops this line again), so `tunebench
+        # status` tells a failed run from one that is still going.
+        with contextlib.suppress(OSError), open(Path(self._run_dir) / "metrics.jsonl", "ab") as fh:
+            fh.write(orjson.dumps(finished.to_dict()) + b"\n")
+        self._broadcast(finished)
+
+    # ================================================================ state
+
+    def _snapshot(self, client: Client, request_id: str = "", history: bool = True) -> P.Snapshot:
+        job = self._job
+        controller = self._controller
+        return P.Snapshot(
+            id=request_id,
+            engine_pid=os.getpid(),
+            job=job.kind if job else "",
+            model=self._model,
+            run_id=self._run_id,
+            run_dir=self._run_dir,
+            history=list(self._history) if history else [],
+            workspace=str(self.ws.root),
+            job_id=job.request_id if job else "",
+            job_started=job.started if job else 0.0,
+            run_status=self._run_status,
+            controller=controller is client,
+            controller_client=controller.label if controller else "",
+            clients=len(self._clients),
+            last_error=dict(self._last_error),
+        )
+
+    def _load_last_run(self) -> None:
+        """After a restart, the last run's history comes from its metrics.jsonl, so a client
+        still sees the whole loss curve (and that the run was interrupted)."""
+        try:
+            run = self.ws.last_run()
+        except OSError:
+            return
+        if run is None:
+            return
+        self._run_id, self._run_dir, self._run_status = run.run_id, str(run.path), run.status
+        started = P.TrainStarted(
+            run_id=run.run_id, run_dir=str(run.path), total_steps=run.total_steps, command=run.command
+        )
+        self._history = [started.to_dict(), *run.records]
+
+    async def _exit_when_idle(self) -> None:
+        idle_since = time.monotonic()
+        while True:
+            await asyncio.sleep(min(5.0, self.idle_exit / 4))
+            if self._clients or self._job is not None:
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since >= self.idle_exit:
+                self.log(f"no client and no job for {self.idle_exit:.0f}s: exiting to free memory")
+                self._begin_shutdown("graceful")
+                return
+
+    async def _sample_memory_forever(self) -> None:
+        failed = False
+        while True:
+            if self._clients:
+                try:
+                    sample = await asyncio.to_thread(sample_memory)
+                except Exception as exc:  # noqa: BLE001 - the gauge is not worth the engine
+                    if not failed:
+                        self.log(f"memory sampling failed: {exc!r}")
+                    failed = True
+                else:
+                    self._broadcast(sample)
+            await asyncio.sleep(self.memory_interval)
+
+
+# ==================================================================== helpers
+
+
+def _bad_request(request_id: str, reason: str) -> P.EngineError:
+    return P.EngineError(
+        id=request_id,
+        code="bad_request",
+        message=f"the engine could not use a message: {reason}",
+        hint="this is a client bug or a version mismatch; the engine ignored the message and goes on",
+    )
+
+
+def _config_error(request_id: str, exc: ConfigError) -> P.EngineError:
+    return P.EngineError(id=request_id, code="config", message=str(exc), hint="fix the settings named above")
+
+
+def _raw_id(line: bytes) -> str:
+    """The id of a message that failed to decode, if it has a readable one, so the error can echo it."""
+    try:
+        data = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return ""
+    value = data.get("id") if isinstance(data, dict) else None
+    return value if isinstance(value, str) else ""
+
+
+def _peer_credentials(writer: asyncio.StreamWriter) -> tuple[int | None, int | None]:
+    sock = writer.get_extra_info("socket")
+    if sock is None or not hasattr(socket, "SO_PEERCRED"):
+        return None, None
+    try:
+        pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    except OSError:
+        return None, None
+    return pid, uid
+
+
+def _take_lock(path: Path, wait_s: float = LOCK_WAIT_S) -> int:
+    """An exclusive flock held for the engine's life: the kernel drops it when the process dies,
+    however it dies, so it is the one test of "is an engine serving this workspace" that a kill -9
+    cannot fool. It waits a moment first: a killed engine's last threads can still be exiting
+    (holding the lock) just after its death was noticed and a new engine was started."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise EngineAlreadyRunning(
+                    f"another engine is already serving {path.parent.parent}"
+                ) from None
+            time.sleep(0.05)
+
+
+# ==================================================================== entry point
+
+
+def serve(workspace: str | Path, *, chdir: bool = True) -> int:
+    """Run the engine in this process until Shutdown or SIGTERM (what `tunebench engine` does).
+    Returns the exit status."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    ws = Workspace(workspace)
+    if ws.root.exists() and not ws.root.is_dir():
+        print(f"error: {ws.root} is a file, not a workspace folder", file=sys.stderr)
+        return 2
+    ws.root.mkdir(parents=True, exist_ok=True)
+    if chdir:
+        os.chdir(ws.root)  # anything relative a library writes lands in the workspace
+    server = EngineServer(ws)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, server.request_shutdown)
+        # Started detached there is no terminal to hang up, but `tunebench engine` in a terminal
+        # that closes must not take a training run with it either.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        await server.serve()
+
+    try:
+        asyncio.run(main())
+    except EngineAlreadyRunning as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,9 @@
+"""The fine-tuning recipe (recipe.py), its checkpoints and the checks before a run (preflight.py).
+
+types.py holds what the recipe and the CUDA path share (the run's files, a batch, the train
+path) and plain.py the path that runs everywhere, so cuda/ builds on both without importing the
+recipe.
+
+Imports: core, models, and cuda (the recipe picks the CUDA path on a GPU); torch, transformers
+and peft inside the functions that train.
+"""

@@ -1,0 +1,101 @@
+"""Checks of a training config that need no model weights: run before any load, so a mistake in
+the flags or the data is reported in seconds and before anything is written. The CLI and the
+engine's training job both call it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..core.config import TrainConfig
+from ..core.errors import UserError
+
+
+def preflight(cfg: TrainConfig) -> None:
+    """Every check that needs no model weights, cheapest first.
+
+    A mistake in the flags or the data is then reported in seconds rather than after the model
+    has loaded, and before anything is written. run_training checks all of this again (the engine
+    calls it directly). With the model's tokenizer at hand, a dataset of which --max_length would
+    leave nothing is found here too, for datasets up to TOKENIZE_LIMIT samples.
+    """
+    from ..core.data import DataError, load_dataset
+    from ..core.model_files import DEMO_NAME, cached_model_dir, demo_gguf_path
+    from ..core.templates import get_template
+    from ..models.loading import check_qlora_possible, linear_module_names_of, resolve_model
+    from .checkpoints import find_checkpoint
+
+    if cfg.is_qlora:
+        check_qlora_possible()
+    if cfg.template:
+        try:
+            get_template(cfg.template)
+        except ValueError as exc:
+            raise UserError(f"--template: {exc}", "pass one of the names listed, or leave it out") from None
+    output = Path(cfg.output_dir).expanduser()
+    if output.exists() and not output.is_dir():
+        raise UserError(
+            f"--output_dir: {output} is a file, not a folder",
+            "give a folder for the runs (it is created if new)",
+        )
+    if cfg.resume_from_checkpoint:
+        find_checkpoint(cfg.resume_from_checkpoint)
+    # A model folder or hub id resolves in milliseconds; a GGUF file (the demo's included) is
+    # converted on first use, which waits until the data has passed.
+    spec = cfg.model.strip()
+    converts = (spec == DEMO_NAME or spec.lower().endswith(".gguf")) and cached_model_dir(spec) is None
+    resolved = None if converts else resolve_model(spec)
+    if converts and spec == DEMO_NAME:
+        demo_gguf_path()  # installed?
+    elif converts and not Path(spec).expanduser().is_file():
+        resolve_model(spec)  # says the file is missing
+    train_samples: list = []
+    for flag, specs in (("--dataset", cfg.dataset), ("--val_dataset", cfg.val_dataset)):
+        if not specs:
+            continue
+        try:
+            samples, _problems = load_dataset(
+                specs,
+                system=cfg.system,
+                model_name=cfg.model_name,
+                model_author=cfg.model_author,
+                seed=cfg.seed,
+            )
+        except DataError as exc:
+            if flag == "--val_dataset":
+                exc.message = f"{flag}: {exc.message}"
+            raise
+        if flag == "--dataset":
+            train_samples = samples
+    resolved = resolved or resolve_model(spec)
+    _check_something_fits(cfg, resolved, train_samples)
+    if cfg.target_modules != ["all-linear"]:
+        available = linear_module_names_of(resolved.path, cfg.trust_remote_code)
+        unknown = [m for m in cfg.target_modules if available is not None and m not in available]
+        if unknown:
+            raise UserError(
+                f"--target_modules: this model has no linear layer named {', '.join(unknown)}",
+                f"choose from all-linear, {', '.join(available or [])}",
+                code="config",
+            )
+
+
+# Tokenising costs about a second per few thousand samples, and the recipe tokenises again after
+# the model has loaded (where every size is checked): past this many the preflight leaves it there.
+TOKENIZE_LIMIT = 5000
+
+
+def _check_something_fits(cfg: TrainConfig, resolved, samples: list) -> None:
+    """Refuse a dataset of which --max_length would leave no sample, before the weights load."""
+    from ..core.encoding import tokenize_samples
+    from ..models.loading import ModelError, load_tokenizer
+    from .recipe import no_sample_left
+
+    if not samples or len(samples) > TOKENIZE_LIMIT:
+        return
+    try:
+        tokenizer = load_tokenizer(resolved, cfg.trust_remote_code)
+    except ModelError:
+        return  # the model load says what is wrong with it, with its own advice
+    kept, report = tokenize_samples(samples, tokenizer, cfg.max_length, cfg.template)
+    if not kept:
+        raise no_sample_left([str(p) for p in report.problems], cfg.max_length)

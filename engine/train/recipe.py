@@ -1,0 +1,470 @@
+"""The LoRA / QLoRA fine-tuning recipe: setup, train loop, cleanup, read top to bottom.
+
+The same code runs on CPU (tests, the demo) and CUDA. Everything it does is reported through
+`emit(event)` with protocol events, and written under `<output_dir>/<run_id>/`:
+
+    config.json            the resolved TrainConfig and the equivalent command line
+    metrics.jsonl          one line per logged step and per eval
+    checkpoints/step-<n>/  adapter + trainer_state.pt (optimizer, scheduler, RNG, step)
+    adapter/               the final adapter in PEFT format
+
+Checkpoints and the final adapter are written and read by engine/train/checkpoints.py.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from ..core import protocol as P
+from ..core.config import TrainConfig, to_command, to_dict
+from ..core.errors import UserError
+from ..core.files import atomic_write_bytes
+from .checkpoints import (
+    find_checkpoint,
+    load_checkpoint,
+    save_adapter_atomically,
+    save_checkpoint,
+    truncate_metrics,
+)
+from .plain import plain_path
+from .types import RunPaths, TrainPath
+
+# Mixed sample lengths fragment the CUDA caching allocator; growable segments keep the reserved
+# memory close to the allocated. Read when CUDA first allocates, so set before any GPU work
+# (engine/core/memory_sampler.py sets it as well, for the engine process).
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+Emit = Callable[[P.Event], None]
+
+
+class StopSignal:
+    """Set from another thread (or a signal handler) to stop training: graceful saves, abort does not."""
+
+    def __init__(self) -> None:
+        self._mode = ""
+        self._lock = threading.Lock()
+
+    def request(self, mode: str = "graceful") -> None:
+        with self._lock:
+            # An abort may upgrade a pending graceful stop, never the other way round.
+            if self._mode != "abort":
+                self._mode = mode
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+
+def select_path(cfg: TrainConfig, device) -> TrainPath:
+    if device.type == "cuda":
+        try:
+            from ..cuda.path import cuda_path
+        except ImportError:
+            return plain_path(cfg)
+        return cuda_path(cfg, device)
+    return plain_path(cfg)
+
+
+@dataclass
+class _Clock:
+    started: float = field(default_factory=time.perf_counter)
+    tokens: int = 0
+    steps: int = 0
+
+    def rate(self) -> float:
+        return self.tokens / max(time.perf_counter() - self.started, 1e-9)
+
+
+# ====================================================================== recipe
+
+
+def run_training(cfg: TrainConfig, emit: Emit, stop: StopSignal | None = None) -> P.TrainFinished:
+    """Fine-tune per `cfg`; blocks until done, stopped or aborted. Raises UserError for bad input."""
+    import torch
+
+    stop = stop or StopSignal()
+    started = time.perf_counter()
+
+    # ---------------------------------------------------------------- setup
+    resume_dir = find_checkpoint(cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else None
+    run = RunPaths(resume_dir.parent.parent if resume_dir else new_run_dir(cfg))
+    _seed_everything(cfg.seed)
+
+    from ..core.data import load_dataset, split_eval
+    from ..core.encoding import tokenize_samples
+    from ..models.loading import load_model
+
+    emit(P.Progress(stage="load", message=f"loading model {cfg.model}"))
+    loaded = load_model(
+        cfg.model,
+        torch_dtype=cfg.torch_dtype,
+        quantize_4bit=cfg.is_qlora,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    emit(
+        P.ModelLoaded(
+            model=loaded.resolved.label,
+            path=str(loaded.resolved.path),
+            parameters=loaded.parameters,
+            seconds=round(loaded.seconds, 3),
+            device=str(loaded.device),
+            dtype=str(loaded.dtype).replace("torch.", ""),
+        )
+    )
+    tokenizer, device = loaded.tokenizer, loaded.device
+
+    emit(P.Progress(stage="tokenize", message="reading and tokenising the data"))
+    samples, problems = load_dataset(
+        cfg.dataset,
+        system=cfg.system,
+        model_name=cfg.model_name,
+        model_author=cfg.model_author,
+        seed=cfg.seed,
+    )
+    if cfg.val_dataset:
+        eval_samples, eval_problems = load_dataset(
+            cfg.val_dataset,
+            system=cfg.system,
+            model_name=cfg.model_name,
+            model_author=cfg.model_author,
+            seed=cfg.seed,
+        )
+        problems = problems + eval_problems
+    else:
+        samples, eval_samples = split_eval(samples, cfg.val_ratio, cfg.seed)
+    train_set, report = tokenize_samples(samples, tokenizer, cfg.max_length, cfg.template)
+    eval_set, eval_report = tokenize_samples(eval_samples, tokenizer, cfg.max_length, cfg.template)
+    all_problems = [str(p) for p in problems + report.problems + eval_report.problems]
+    emit(
+        P.DataReport(
+            samples=len(train_set),
+            eval_samples=len(eval_set),
+            tokens=report.tokens,
+            truncated=report.truncated + eval_report.truncated,
+            dropped=report.dropped + eval_report.dropped,
+            problems=all_problems[:200],
+        )
+    )
+    if not train_set:
+        raise no_sample_left(all_problems, cfg.max_length)
+    emit(P.Log(message=f"chat template: {report.template}"))
+
+    path = select_path(cfg, device)
+    for note in path.notes:
+        emit(P.Log(message=note))
+    model = _attach_lora(path.prepare_base(loaded.model), cfg, path.gradient_checkpointing)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=device.type == "cuda"
+    )
+    plan = build_plan(len(train_set), cfg)
+    total_steps = len(plan)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+
+    start_step = 0
+    if resume_dir:
+        start_step = load_checkpoint(resume_dir, model, optimizer, scheduler, device)
+        truncate_metrics(run.metrics, start_step)
+        emit(P.Log(message=f"resumed from {resume_dir} at step {start_step}"))
+    else:
+        run.root.mkdir(parents=True, exist_ok=True)
+        _write_run_config(run, cfg, loaded.resolved.path)
+        run.metrics.write_bytes(b"")
+    command = to_command(cfg)
+    emit(
+        P.TrainStarted(
+            run_id=run.root.name,
+            run_dir=str(run.root),
+            total_steps=total_steps,
+            start_step=start_step,
+            trainable_parameters=trainable,
+            command=command,
+        )
+    )
+
+    # ----------------------------------------------------------- train loop
+    metrics = open(run.metrics, "ab")  # noqa: SIM115 - closed in the finally below
+    clock = _Clock()
+    # Logged losses are token-weighted means over the steps since the last log; the final loss
+    # is the last such window, the same number a person saw on the last progress line.
+    window_loss, window_tokens, logged_loss, grad_norm = 0.0, 0, float("nan"), 0.0
+    step, status = start_step, "completed"
+    steps_per_epoch = max(
+        1,
+        math.ceil(
+            math.ceil(len(train_set) / cfg.per_device_train_batch_size) / cfg.gradient_accumulation_steps
+        ),
+    )
+
+    def log(event: P.Event) -> None:
+        emit(event)
+        metrics.write(orjson.dumps(event.to_dict()) + b"\n")
+        metrics.flush()
+
+    try:
+        model.train()
+        noted = len(path.notes)
+        while step < total_steps:
+            micro_batches = [
+                path.collate([train_set[i] for i in idx], tokenizer.pad_token_id, device)
+                for idx in path.group(plan[step], train_set)
+            ]
+            # Normalise by the loss tokens of the whole step, not per micro-batch, so accumulation
+            # gives the same gradient as one big batch.
+            step_targets = sum(b.target_tokens for b in micro_batches)
+            # The step's loss stays on the device: reading it per micro-batch would make the host
+            # wait for the GPU before it may launch the next forward.
+            loss_total = torch.zeros((), dtype=torch.float32, device=device)
+            for batch in micro_batches:
+                if stop.mode == "abort":
+                    break
+                loss_sum = path.loss_sum(model, batch)
+                (loss_sum / step_targets).backward()
+                loss_total += loss_sum.detach().float()
+                clock.tokens += batch.tokens
+            if stop.mode == "abort":
+                status = "aborted"
+                break
+            norm = (
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+            )
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            # The one CPU-GPU sync point of a step: its loss and gradient norm, read together.
+            if norm is None:
+                step_loss = loss_total.item()
+            else:
+                step_loss, grad_norm = torch.stack([loss_total, norm.float()]).tolist()
+            step += 1
+            clock.steps += 1
+            window_loss += step_loss
+            window_tokens += step_targets
+            for note in path.notes[noted:]:  # what the path learnt on the first forwards
+                emit(P.Log(message=note))
+            noted = len(path.notes)
+
+            if step % cfg.logging_steps == 0 or step == total_steps or step == start_step + 1:
+                elapsed = time.perf_counter() - clock.started
+                per_step = elapsed / clock.steps
+                logged_loss = window_loss / window_tokens
+                log(
+                    P.TrainStep(
+                        step=step,
+                        total_steps=total_steps,
+                        epoch=round(step / steps_per_epoch, 4),
+                        loss=logged_loss,
+                        lr=scheduler.get_last_lr()[0],
+                        grad_norm=round(grad_norm, 6),
+                        tokens_per_s=round(clock.rate(), 1),
+                        eta_s=round(per_step * (total_steps - step), 1),
+                        elapsed_s=round(time.perf_counter() - started, 1),
+                    )
+                )
+                window_loss, window_tokens = 0.0, 0
+            if eval_set and (step % cfg.eval_steps == 0 or step == total_steps):
+                log(
+                    P.EvalResult(step=step, eval_loss=evaluate(model, eval_set, cfg, tokenizer, device, path))
+                )
+                model.train()
+            if step % cfg.save_steps == 0 and step < total_steps:
+                saved = save_checkpoint(run, step, model, optimizer, scheduler, cfg.save_total_limit)
+                log(P.CheckpointSaved(step=step, path=str(saved)))
+            if stop.mode == "graceful":
+                status = "stopped"
+                if step < total_steps and step % cfg.save_steps != 0:
+                    saved = save_checkpoint(run, step, model, optimizer, scheduler, cfg.save_total_limit)
+                    log(P.CheckpointSaved(step=step, path=str(saved)))
+                break
+            if stop.mode == "abort":
+                status = "aborted"
+                break
+
+        # ------------------------------------------------------------ cleanup
+        adapter_dir = ""
+        if status != "aborted":
+            save_adapter_atomically(model, run.adapter)
+            adapter_dir = str(run.adapter)
+        finished = P.TrainFinished(
+            run_id=run.root.name,
+            status=status,
+            adapter_dir=adapter_dir,
+            final_loss=window_loss / window_tokens if window_tokens else logged_loss,
+            steps=step,
+            seconds=round(time.perf_counter() - started, 1),
+        )
+        log(finished)
+        return finished
+    finally:
+        metrics.close()
+
+
+# ===================================================================== pieces
+
+
+def new_run_dir(cfg: TrainConfig) -> Path:
+    base = Path(cfg.output_dir).expanduser()
+    name = cfg.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = base / name
+    suffix = 1
+    while path.exists():  # two runs started in the same second keep separate folders
+        suffix += 1
+        path = base / f"{name}-{suffix}"
+    return path
+
+
+def _seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _write_run_config(run: RunPaths, cfg: TrainConfig, base_path: Path) -> None:
+    payload = {
+        "run_id": run.root.name,
+        "config": to_dict(cfg),
+        "command": to_command(cfg),
+        "base_model_path": str(base_path),
+        "created": datetime.now().isoformat(timespec="seconds"),
+    }
+    atomic_write_bytes(run.config, orjson.dumps(payload, option=orjson.OPT_INDENT_2), sync_dir=True)
+
+
+def _attach_lora(model, cfg: TrainConfig, recompute: bool):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from ..models.loading import linear_module_names
+
+    available = linear_module_names(model)
+    if cfg.target_modules != ["all-linear"]:
+        unknown = [m for m in cfg.target_modules if m not in available]
+        if unknown:
+            raise UserError(
+                f"--target_modules: this model has no linear layer named {', '.join(unknown)}",
+                f"choose from all-linear, {', '.join(available)}",
+                code="config",
+            )
+        targets: Any = cfg.target_modules
+    else:
+        targets = available  # explicit list: PEFT's "all-linear" shortcut misses some archs' heads
+    if cfg.is_qlora and _keeps_float32_copies(model):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recompute)
+    else:
+        # bf16 QLoRA skips PEFT's preparation: it would upcast every frozen weight that is not
+        # 4-bit (embeddings, head, norms) to float32, which only float16 training needs; for a
+        # 150k vocabulary that is 2 GiB more and a float32 residual stream. Its other steps
+        # (freeze the base, recompute) are the same as for LoRA.
+        for p in model.parameters():
+            p.requires_grad_(False)
+        _enable_recompute(model, recompute)
+    lora = LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
+    return get_peft_model(model, lora)
+
+
+def _keeps_float32_copies(model) -> bool:
+    """Whether QLoRA needs PEFT's float32 upcast of the unquantised weights: float16 training does
+    (its norms and head overflow), bfloat16 does not."""
+    import torch
+
+    for module in model.modules():  # bitsandbytes' 4-bit layers carry the compute dtype
+        compute = getattr(module, "compute_dtype", None)
+        if isinstance(compute, torch.dtype):
+            return compute != torch.bfloat16
+    return getattr(model, "dtype", None) != torch.bfloat16
+
+
+def _enable_recompute(model, recompute: bool) -> None:
+    """Non-reentrant activation checkpointing on the decoder layers, when asked for."""
+    if not recompute:
+        return
+    # Newer transformers renamed the switch (and its kwargs); the old name still works but warns.
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+
+
+def no_sample_left(problems: list[str], max_length: int) -> UserError:
+    """The error for a dataset of which tokenising (and --max_length) leaves nothing to train on."""
+    shown = "\n  ".join(problems[:10])
+    return UserError(
+        f"no training sample is left after tokenising:\n  {shown}",
+        f"each line above says what to change (--max_length is {max_length})",
+        code="data",
+    )
+
+
+def build_plan(num_samples: int, cfg: TrainConfig) -> list[list[list[int]]]:
+    """Every optimizer step's micro-batches of sample indices, fixed by the seed.
+
+    Each epoch is its own seeded permutation and steps never straddle epochs, so resuming at step
+    k replays exactly the batches an uninterrupted run would have seen.
+    """
+    bs, ga = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(math.ceil(num_samples / bs) / ga)
+    if cfg.max_steps > 0:
+        total = cfg.max_steps
+    else:
+        total = max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
+    plan: list[list[list[int]]] = []
+    epoch = 0
+    while len(plan) < total:
+        order = list(range(num_samples))
+        random.Random(cfg.seed * 1_000_003 + epoch).shuffle(order)
+        micro = [order[i : i + bs] for i in range(0, num_samples, bs)]
+        plan.extend(micro[i : i + ga] for i in range(0, len(micro), ga))
+        epoch += 1
+    return plan[:total]
+
+
+def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    warmup = math.ceil(cfg.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if cfg.lr_scheduler_type == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if cfg.lr_scheduler_type == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def evaluate(model, eval_set: list, cfg: TrainConfig, tokenizer, device, path: TrainPath) -> float:
+    import torch
+
+    model.eval()
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        bs = cfg.per_device_eval_batch_size
+        for i in range(0, len(eval_set), bs):
+            batch = path.collate(eval_set[i : i + bs], tokenizer.pad_token_id, device)
+            total += path.loss_sum(model, batch).item()
+            count += batch.target_tokens
+    return total / max(count, 1)
