@@ -22,7 +22,7 @@ from typing import Any, get_origin, get_type_hints
 from .config import ConfigError, TrainConfig, parse_value
 from .errors import UserError
 
-SUBCOMMANDS = ("train", "chat", "probe", "export", "status", "stop", "serve", "demo")
+SUBCOMMANDS = ("train", "chat", "probe", "export", "deploy", "status", "stop", "serve", "demo")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
             from . import chat_cli
 
             return getattr(chat_cli, f"{command}_main")(rest)
+        if command == "deploy":
+            from .deploy.command import main as deploy_main
+
+            return deploy_main(rest)
         if command == "status":
             from .server import status_text
 
@@ -113,6 +117,7 @@ def _usage() -> str:
        tunebench chat --adapters DIR    chat with a base model and adapter (--compare: side by side)
        tunebench probe --adapters DIR   run a probe set against base and adapters, save a transcript
        tunebench export --adapters DIR  merge an adapter into its base and save a model
+       tunebench deploy --adapters DIR  serve base and adapters over an OpenAI-compatible HTTP API
        tunebench status [WORKSPACE]     show the engine's live state headless
        tunebench stop [WORKSPACE]       stop the engine (a running training saves a checkpoint)
        tunebench serve [--workspace D]  run the engine process in the foreground"""
