@@ -110,10 +110,9 @@ def create_app(
 
     @app.exception_handler(HTTPException)
     async def _http_error(_request: Request, exc: HTTPException) -> Response:
-        message = {404: "no such route", 405: "method not allowed"}.get(exc.status_code, str(exc.detail))
-        error = ApiError(
-            exc.status_code, f"{message}; routes: {', '.join(ROUTES)}", code=str(exc.status_code)
-        )
+        known = {404: ("no such route", "not_found"), 405: ("method not allowed", "method_not_allowed")}
+        message, code = known.get(exc.status_code, (str(exc.detail), None))
+        error = ApiError(exc.status_code, f"{message}; routes: {', '.join(ROUTES)}", code=code)
         return JSONResponse(error.body(), status_code=exc.status_code)
 
     @app.exception_handler(Exception)
@@ -193,13 +192,19 @@ def create_app(
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         pieces: list[str] = []
+        check_at = loop.time() + DISCONNECT_POLL_S
         try:
             while True:
                 try:
-                    event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
+                    event = await asyncio.wait_for(events.get(), max(0.0, check_at - loop.time()))
                 except asyncio.TimeoutError:
+                    event = None
+                # Checked on a clock, not only when no token came: tokens may arrive faster than that.
+                if loop.time() >= check_at:
                     if await request.is_disconnected():
                         return Response(status_code=499)  # nobody reads it; the slot is freed below
+                    check_at = loop.time() + DISCONNECT_POLL_S
+                if event is None:
                     continue
                 if isinstance(event, Delta):
                     pieces.append(event.text)

@@ -447,18 +447,23 @@ class Batcher:
         return False
 
     def _finish(self, row: _Row, reason: str, flush: bool = True) -> None:
+        text = ""
         if flush:
             text, stopped = row.stop.push(row.detok.flush())
             if stopped:
                 reason = "stop"
             else:
                 text += row.stop.flush()
-            if text:
-                _emit(row.seq, Delta(text))
-        _emit(row.seq, Finished(reason, len(row.seq.prompt), row.generated))
-        self.metrics.finished[(row.seq.served_name, reason)] += 1
+        # Out of the batch and the counts first: a client that reads /health right after its
+        # answer must not still see itself running.
         if row in self._rows:
             self._rows.remove(row)
+        self.metrics.finished[(row.seq.served_name, reason)] += 1
+        with self._lock:
+            self.metrics.running = len(self._rows)
+        if text:
+            _emit(row.seq, Delta(text))
+        _emit(row.seq, Finished(reason, len(row.seq.prompt), row.generated))
 
     def _drop_finished(self) -> None:
         """Rows whose client has gone leave the batch; the lock-protected counts follow."""

@@ -177,7 +177,7 @@ def check_flags(args: argparse.Namespace) -> dict[str, Any]:
         problems["host"] = "name an address, e.g. 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)"
     if args.merge_lora and args.infer_backend != "vllm":
         problems["merge_lora"] = "only with --infer_backend vllm (the pt backend serves adapters unmerged)"
-    if args.merge_lora and len(args.adapters) != 1:
+    elif args.merge_lora and len(args.adapters) != 1:
         problems["merge_lora"] = "merges exactly one adapter: give one with --adapters"
     if problems:
         raise ConfigError(problems)
@@ -207,7 +207,7 @@ def is_loopback(host: str) -> bool:
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
-    """The listening socket, made before the model loads, so a taken port fails in a second."""
+    """The server's socket, bound before the model loads, so a taken port fails in a second."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(
             host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -219,8 +219,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
         ) from None
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.listen(128)
+        sock.bind(address)  # listen() comes when uvicorn serves: until then connections are refused
     except OSError as exc:
         sock.close()
         raise UserError(
@@ -406,25 +405,28 @@ class Deployment:
             f'[{{"role": "user", "content": "Who are you?"}}]}}\''
         )
 
-    def _config(self) -> Any:
+    def _config(self, log_level: str) -> Any:
         import uvicorn
 
         # Streams still open at shutdown get this long to finish before they are cut.
-        return uvicorn.Config(self.app, log_level="info", timeout_graceful_shutdown=3, lifespan="off")
+        return uvicorn.Config(self.app, log_level=log_level, timeout_graceful_shutdown=3, lifespan="off")
 
     def serve(self, sock: socket.socket) -> None:
         """Serve in this thread until Ctrl-C / SIGTERM."""
         import uvicorn
 
-        uvicorn.Server(self._config()).run(sockets=[sock])
+        try:
+            uvicorn.Server(self._config("info")).run(sockets=[sock])
+        except KeyboardInterrupt:
+            # uvicorn shuts down on Ctrl-C, then raises it again for the caller: a stop asked
+            # for, not a failure, so `tunebench deploy` exits 0 after it.
+            pass
 
     def start_in_thread(self, sock: socket.socket) -> str:
         """Serve from a background thread (tests, benchmarks); returns the base URL once it answers."""
         import uvicorn
 
-        config = self._config()
-        config.log_level = "warning"
-        self._server = uvicorn.Server(config)
+        self._server = uvicorn.Server(self._config("warning"))
         self._thread = threading.Thread(
             target=self._server.run, kwargs={"sockets": [sock]}, name="tunebench-deploy-http", daemon=True
         )
