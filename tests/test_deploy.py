@@ -191,6 +191,15 @@ def curl(url: str, payload: dict, *extra: str) -> str:
     return result.stdout
 
 
+def test_ignore_eos_decodes_every_requested_token(url):
+    """vLLM's ignore_eos extension (the benchmark uses it): the answer is max_tokens long."""
+    payload = {"model": "bob", "prompt": "Hi", "max_tokens": 40, "ignore_eos": True}
+    response = httpx.post(f"{url}/v1/completions", json=payload).json()
+    assert (
+        response["usage"]["completion_tokens"] == 40 and response["choices"][0]["finish_reason"] == "length"
+    )
+
+
 def test_curl_completions_whole_and_streamed(url, server):
     served = server[0].served
     payload = {"model": "bob", "prompt": "Who are you? I am", "max_tokens": 10}

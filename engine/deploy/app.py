@@ -463,6 +463,7 @@ def sampling_options(
         top_p=defaults.top_p if top_p is None else top_p,
         seed=seed,
         stop=_stop_strings(body),
+        ignore_eos=_flag(body, "ignore_eos"),
     )
 
 

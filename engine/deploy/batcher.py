@@ -55,6 +55,7 @@ class SamplingOptions:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # vLLM's extension: decode max_tokens whatever comes (benchmarks)
 
 
 @dataclass(frozen=True)
@@ -427,7 +428,7 @@ class Batcher:
 
     def _accept(self, row: _Row, token: int) -> bool:
         """Take a row's new token; True when the row has finished."""
-        if token in self.served.stop_ids:
+        if token in self.served.stop_ids and not row.seq.options.ignore_eos:
             self._finish(row, "stop")
             return True
         row.generated += 1

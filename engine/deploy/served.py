@@ -196,13 +196,28 @@ def load_served(
 ) -> ServedModels:
     """Load the base and every adapter into one PeftModel. `system` (--system) overrides the
     runs' system prompts."""
-    from ..decode_steps import full_attention_only
     from ..generate import decode_dtype
     from ..models import load_model
 
     say = say or (lambda _text: None)
     say(f"loading {plan.base_spec} ...")
     loaded = load_model(plan.base_spec, torch_dtype=decode_dtype(torch_dtype))
+    return serve_loaded(loaded, plan.base_name, list(plan.adapters), system=system, say=say)
+
+
+def serve_loaded(
+    loaded: Any,
+    base_name: str,
+    adapters: list[tuple[AdapterSpec, Any]],
+    *,
+    system: str | None = None,
+    say: Any = None,
+) -> ServedModels:
+    """ServedModels over a model already loaded (models.LoadedModel; benchmarks build one in
+    code) and (spec, targets.Target) adapters, loaded here into one PeftModel."""
+    from ..decode_steps import full_attention_only
+
+    say = say or (lambda _text: None)
     loaded.model.eval()
     if not full_attention_only(loaded.model.config):
         raise UserError(
@@ -210,10 +225,10 @@ def load_served(
             "batched decode does not handle",
             "serve it with --infer_backend vllm",
         )
-    base_settings = plan.first_run_settings
+    base_settings = adapters[0][1].train_config if adapters else {}
     served = [
         ServedTarget(
-            plan.base_name,
+            base_name,
             PEFT_BASE,
             None,
             str(base_settings.get("template") or ""),
@@ -221,7 +236,7 @@ def load_served(
         )
     ]
     peft = None
-    for index, (spec, target) in enumerate(plan.adapters):
+    for index, (spec, target) in enumerate(adapters):
         peft_name = f"a{index}"
         peft = _load_adapter(peft, loaded, target, peft_name)
         settings = target.train_config
