@@ -375,8 +375,9 @@ class Batcher:
             self._rebuild()
         layout = self._layout
         device = self.served.device
-        # A lone row decodes beside an idle one: CPU matmul kernels round a single row (M=1)
-        # differently from two or more, and a request's answer must not depend on being alone.
+        # A lone row decodes beside an idle one, as the chat's lone column does (generate.py's
+        # ghost row): CPU matmul kernels take another path for a single row (M=1) and round its
+        # last bits differently, which could tip a near-tie and make an answer alone differ.
         idle = 1 if len(layout) == 1 else 0
         tokens = [r.next_token for r in layout] + [self._pad_id] * idle
         lengths = [r.length for r in layout] + [0] * idle
