@@ -7,7 +7,8 @@
     command.py  the command line: flags, the loopback/API-key rule, uvicorn
 
 Imports: the engine's inference and core modules (generate, decode_steps, fused_lora, prompts,
-targets, models, export, config, errors) and the HTTP stack (fastapi, starlette, uvicorn). Nothing
+targets, models, export, templates, config, errors), chat_cli (its flag parser, the export folder
+rule) and the HTTP stack (fastapi, starlette, uvicorn). Nothing
 here imports the TUI, and nothing outside this package imports it except cli.py's dispatch.
 torch, transformers and the HTTP stack are imported inside functions, so `tunebench deploy
 --help` and the vLLM hand-off answer without loading them.

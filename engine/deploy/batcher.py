@@ -28,7 +28,6 @@ import collections
 import math
 import os
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -90,7 +89,6 @@ class Sequence:
     options: SamplingOptions
     emit: Callable[[Event], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
-    submitted_at: float = field(default_factory=time.perf_counter)
 
     def cancel(self) -> None:
         """Called from the HTTP side when the client is gone: the row leaves at the next step."""

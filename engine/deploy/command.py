@@ -33,30 +33,10 @@ API_KEY_ENV = "TUNEBENCH_API_KEY"
 FALLBACK_CONTEXT = 2048  # --max_model_len when the model's config names no context length
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        from ..cli import suggest_flag
-
-        if "unrecognized arguments" in message:
-            flags = message.split(":", 1)[1].split()
-            unknown = [f for f in flags if f.startswith("-")] or flags
-            message = "unknown flag " + ", ".join(
-                f"{flag}{suggest_flag(flag, self._option_string_actions)}" for flag in unknown
-            )
-        print(f"error: {message}\n  see `{self.prog} --help`", file=sys.stderr)
-        raise SystemExit(2)
-
-
-def _bool(text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("true", "1", "yes", "on"):
-        return True
-    if value in ("false", "0", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
-
-
 def build_parser(prog: str = "tunebench deploy") -> argparse.ArgumentParser:
+    # chat/probe/export's parser: unknown flags named with a suggestion, no traceback.
+    from ..chat_cli import _bool, _Parser
+
     parser = _Parser(
         prog=prog,
         allow_abbrev=False,

@@ -98,9 +98,6 @@ class ServedModels:
         self.fuse_base = loaded.device.type == "cuda"
         self.stop_ids = stop_token_ids(self.tokenizer, loaded.model)
         self.targets = {t.name: t for t in targets}
-        config = loaded.model.config
-        text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-        self.context_length = int(getattr(text_config, "max_position_embeddings", 0) or 0)
 
     @property
     def model(self) -> Any:
