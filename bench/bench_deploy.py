@@ -234,6 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = args.torch_dtype or ("bfloat16" if device == "cuda" else "float32")
     loaded = bench_generate.build_model(args.model, device, dtype, args.layers)
+    if args.model != "demo":
+        # The random 7B's vocabulary is 152k but the bench tokenizer (built in code) knows 512
+        # tokens: ids past those decode to nothing, so no text would stream and no first token
+        # could be timed. Zeroed output rows keep greedy picks among ids that decode to text;
+        # every step still multiplies by the whole head.
+        with torch.no_grad():
+            loaded.model.get_output_embeddings().weight[len(loaded.tokenizer) :] = 0
     run = bench_generate.make_adapter(loaded, Path(tempfile.mkdtemp(prefix="bench-deploy-")))
     served = serve_loaded(loaded, "base", [(AdapterSpec("adapter", str(run)), resolve_target(str(run)))])
     most = max(args.streams)
@@ -246,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     deployment = Deployment(served, batcher, app, max_model_len, most)
     url = deployment.start_in_thread(bind_socket("127.0.0.1", 0))
     print(
-        f"{args.model} on {device} ({dtype}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{args.model} on {device} ({str(loaded.dtype).removeprefix('torch.')}), "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{platform.processor() or platform.machine()}; {args.requests} requests per stream, "
         f"{args.max_tokens} tokens each",
         file=sys.stderr,

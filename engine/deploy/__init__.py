@@ -2,7 +2,8 @@
 
     served.py   the base and adapters loaded once, each under the name clients ask for
     batcher.py  the thread that owns the model: continuous batching across requests
-    app.py      the ASGI app (FastAPI): routes, validation, OpenAI's error bodies, SSE
+    app.py      the ASGI app (FastAPI): routes, OpenAI's error bodies, SSE, /metrics
+    validation.py  OpenAI request bodies checked field by field
     vllm.py     the hand-off to vLLM's own OpenAI server (--infer_backend vllm)
     command.py  the command line: flags, the loopback/API-key rule, uvicorn
 
