@@ -131,7 +131,9 @@ def test_compare_is_side_by_side_on_a_wide_terminal_and_sequential_on_a_narrow_o
     from tunebench.engine.core.targets import resolve_target
 
     plain = str(runs["plain"])
-    monkeypatch.setattr(chat_command.shutil, "get_terminal_size", lambda *a, **kw: os.terminal_size((columns, 24)))
+    monkeypatch.setattr(
+        chat_command.shutil, "get_terminal_size", lambda *a, **kw: os.terminal_size((columns, 24))
+    )
     setup = Setup(str(tiny_model_dir), [resolve_target("base"), resolve_target(plain)])
     loop = chat_command.ChatLoop(session, setup, greedy(40), None, stream=True)
     screen = _Terminal()

@@ -23,7 +23,7 @@ TORCH_STACK = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "s
 UI_LIBRARIES = ("textual", "rich")
 
 # The engine's wings, each with the wings it may import (its own always). Imports point down,
-# cli -> process -> train / infer -> cuda / models -> core, except that cuda builds on the two
+# cli -> process / deploy -> train / infer -> cuda / models -> core, except that cuda builds on the two
 # train modules below the recipe.
 MAY_IMPORT = {
     "core": set(),
@@ -32,7 +32,8 @@ MAY_IMPORT = {
     "train": {"core", "models", "cuda"},
     "infer": {"core", "models"},
     "process": {"core", "models", "train", "infer"},
-    "cli": {"core", "models", "train", "cuda", "infer", "process", "tui"},
+    "deploy": {"core", "models", "infer"},  # its own process: the HTTP app over the decode
+    "cli": {"core", "models", "train", "cuda", "infer", "process", "deploy", "tui"},
 }
 # Imported by the TUI, so held to the TUI's own rule.
 TUI_MAY_IMPORT = {"core", "process.client"}

@@ -24,6 +24,7 @@ from tunebench.engine.core.config import changed_fields, to_dict
 from tunebench.engine.core.workspace import ENGINE_IDLE_EXIT_S, Workspace
 
 from .debounce import Debouncer
+from .deployment import DeployProcess, DeployState, free_port, plan_deploy
 from .engine_client import EngineClient, Starter, error_text
 from .screens.confirm import Choice
 from .screens.engine_lost import EngineLost
@@ -150,6 +151,9 @@ class TuneBenchApp(App[int]):
         self.snapshot: P.Snapshot | None = None  # None until the first connect
         self.farewell = ""  # printed to the terminal once the app has closed
         self._estimate = Debouncer(self, ESTIMATE_DELAY_S, self.request_memory_estimate)
+        self.deployment: DeployProcess | None = None  # `tunebench deploy` started from the palette
+        self.deploy_popen: Callable[..., Any] | None = None  # tests start a stand-in server
+        self._deploy_timer: Any = None
 
     # ------------------------------------------------------------ layout
 
@@ -524,6 +528,21 @@ class TuneBenchApp(App[int]):
             self.action_take_control,
         )
         yield SystemCommand("Engine: restart", "Start the engine again if it stopped", self.connect_engine)
+        if self.deployment is None:
+            yield SystemCommand(
+                "Deploy: start",
+                "Serve the Chat pane's base and adapters over an OpenAI-compatible API on 127.0.0.1",
+                self.action_deploy_start,
+            )
+        else:
+            yield SystemCommand(
+                "Deploy: stop", f"Stop serving at {self.deployment.plan.url}", self.action_deploy_stop
+            )
+        yield SystemCommand(
+            "Deploy: copy command",
+            "Copy the `tunebench deploy ...` command that serves the Chat pane's columns",
+            self.action_deploy_copy,
+        )
         for pane, title, cls in PANES:
             yield SystemCommand(
                 f"Go to {title}", f"Show the {title} pane", lambda p=pane: self.action_show_pane(p)
@@ -539,6 +558,69 @@ class TuneBenchApp(App[int]):
                     lambda p=pane, a=binding.action: self._run_pane_action(p, a),
                 )
 
+    # ------------------------------------------------------------ deployment
+
+    def _deploy_plan(self, port: int):
+        return plan_deploy(self.chat_pane.targets, self.settings.config.model, port)
+
+    def action_deploy_start(self) -> None:
+        if self.deployment is not None:
+            return
+        plan = self._deploy_plan(free_port())
+        options = {"popen": self.deploy_popen} if self.deploy_popen else {}
+        deployment = DeployProcess(plan, self.workspace_info.state_dir / "deploy.log", **options)
+        try:
+            deployment.start(self.workspace)
+        except OSError as exc:
+            self.notify(f"could not start `{plan.command}`: {exc}", severity="error")
+            return
+        self.deployment = deployment
+        self.status_bar.set_deploy(f"deploy starting on {plan.url} (loading the model)")
+        self.notify(f"deploying: {plan.command}", timeout=6)
+        self._deploy_timer = self.set_interval(1.0, self._poll_deployment)
+
+    def action_deploy_stop(self) -> None:
+        deployment, self.deployment = self.deployment, None
+        if self._deploy_timer is not None:
+            self._deploy_timer.stop()
+            self._deploy_timer = None
+        self.status_bar.set_deploy("")
+        if deployment is not None:
+            self._stop_deployment(deployment)
+            self.notify(f"stopped serving at {deployment.plan.url}")
+
+    @work(thread=True, group="deploy-stop", exit_on_error=False)
+    def _stop_deployment(self, deployment: DeployProcess) -> None:
+        deployment.stop()  # waits for open answers: off the UI thread
+
+    def action_deploy_copy(self) -> None:
+        plan = self.deployment.plan if self.deployment else self._deploy_plan(free_port())
+        self.copy_to_clipboard(plan.command)
+        self.notify(f"copied: {plan.command}", timeout=8)
+
+    @work(thread=True, exclusive=True, group="deploy-poll", exit_on_error=False)
+    def _poll_deployment(self) -> None:
+        deployment = self.deployment
+        if deployment is not None:
+            state = deployment.poll()  # HTTP to the child: off the UI thread
+            self.call_from_thread(self._show_deployment, deployment, state)
+
+    def _show_deployment(self, deployment: DeployProcess, state: DeployState) -> None:
+        if deployment is not self.deployment:
+            return  # stopped meanwhile
+        url = deployment.plan.url
+        if state.phase == "serving":
+            busy = f"{state.running} running" + (f", {state.waiting} waiting" if state.waiting else "")
+            self.status_bar.set_deploy(f"deploy {url}/v1 {', '.join(state.names)} · {busy}")
+        elif state.phase == "starting":
+            self.status_bar.set_deploy(f"deploy starting on {url} ({state.detail})")
+        else:
+            self.action_deploy_stop()
+            log = self.workspace_info.state_dir / "deploy.log"
+            self.notify(
+                f"the deployment ended: {state.detail or 'no message'} (log: {log})", severity="error"
+            )
+
     def _run_pane_action(self, pane: str, action: str) -> None:
         self.action_show_pane(pane)
         widget = self._main.query_one(f"#{pane}-pane")
@@ -549,6 +631,10 @@ class TuneBenchApp(App[int]):
 
     async def action_quit(self) -> None:
         # Closing the TUI leaves the engine (and a training run in it) going; edits are saved first.
+        # A deployment started here belongs to this session and stops with it.
+        if self.deployment is not None:
+            self.deployment.stop()
+            self.deployment = None
         self.dataset_pane.flush()
         self._main.query_one(ParamsPane).saver.flush()
         self.farewell = self._farewell()

@@ -58,7 +58,9 @@ def config_from_args(ns: argparse.Namespace, cls: type = TrainConfig) -> Any:
     return cls(**values)
 
 
-class _AdapterParser(argparse.ArgumentParser):
+class FlagParser(argparse.ArgumentParser):
+    """Unknown flags named with a suggestion, bad values with the flag: a message and exit 2, no traceback."""
+
     def error(self, message: str) -> None:  # type: ignore[override]
         if "unrecognized arguments" in message:
             flags = message.split(":", 1)[1].split()
@@ -82,7 +84,7 @@ def parse_bool(text: str) -> bool:
 def adapter_parser(prog: str, description: str, *, generation: bool = True) -> argparse.ArgumentParser:
     """The flags chat, probe and export share: the adapters, the base model, the dtype, and (for
     chat and probe) the system prompt and the generation settings."""
-    parser = _AdapterParser(prog=prog, description=description, allow_abbrev=False)
+    parser = FlagParser(prog=prog, description=description, allow_abbrev=False)
     parser.add_argument(
         "--adapters",
         "--adapter",

@@ -1,4 +1,4 @@
-"""The `tunebench` command: the TUI by default, and headless train / chat / probe / export / status.
+"""The `tunebench` command: the TUI by default, and headless train / chat / probe / export / deploy / status.
 
 Each subcommand lives in its own module, imported only when it runs: heavy libraries load only
 inside the subcommand that needs them, and `tunebench` with no subcommand opens the TUI without
@@ -18,7 +18,7 @@ from pathlib import Path
 from ..core.config import ConfigError
 from ..core.errors import UserError
 
-SUBCOMMANDS = ("train", "chat", "probe", "export", "status", "stop", "engine", "demo")
+SUBCOMMANDS = ("train", "chat", "probe", "export", "deploy", "serve", "status", "stop", "engine", "demo")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
             from .export import export_main
 
             return export_main(rest)
+        if command in ("deploy", "serve"):  # serve: vLLM's name for the same thing
+            from .deploy import main as deploy_main
+
+            return deploy_main(rest, prog=f"tunebench {command}")
         if command == "status":
             from .status import status_main
 
@@ -116,6 +120,8 @@ def _usage() -> str:
        tunebench chat --adapters DIR    chat with a base model and adapter (--compare: side by side)
        tunebench probe --adapters DIR   run a probe set against base and adapters, save a transcript
        tunebench export --adapters DIR  merge an adapter into its base and save a model
+       tunebench deploy --adapters DIR  serve base and adapters over an OpenAI-compatible HTTP API
+                                        (alias: tunebench serve)
        tunebench status [WORKSPACE]     show the engine's live state headless
        tunebench stop [WORKSPACE]       stop the engine (a running training saves a checkpoint)
        tunebench engine [WORKSPACE]     run the engine process in the foreground (the TUI starts it)"""

@@ -1,4 +1,5 @@
-"""One line at the top: the engine's state, who controls the workspace, the job, memory in brief."""
+"""One line at the top: the engine's state, who controls the workspace, the job, memory in brief,
+and the deployment the workbench started (its address, served names and live requests)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ class StatusBar(Static):
         self.read_only = ""  # who controls the workspace, when it is not this TUI
         self.job = ""
         self.memory = ""
+        self.deploy = ""  # the workbench's deployment: address, served names, live requests
 
     def set_engine(self, state: str, detail: str = "") -> None:
         self.engine, self.detail = state, detail
@@ -45,6 +47,10 @@ class StatusBar(Static):
             self.memory = f"engine RAM {gib(sample.rss)}"
         self._draw()
 
+    def set_deploy(self, text: str) -> None:
+        self.deploy = text
+        self._draw()
+
     def _draw(self) -> None:
         text = Text()
         style = {"connected": "bold green", "starting": "bold yellow", "lost": "bold red"}[self.engine]
@@ -58,4 +64,6 @@ class StatusBar(Static):
             text.append(f"  ·  read-only: {self.read_only} controls this workspace", style="bold yellow")
         if self.memory:
             text.append(f"  ·  {self.memory}", style="dim")
+        if self.deploy:
+            text.append(f"  ·  {self.deploy}", style="bold cyan")
         self.update(text)

@@ -1,0 +1,418 @@
+"""The HTTP side of `tunebench deploy`: OpenAI's chat and completions API over the batcher.
+
+Handlers validate a request, turn it into prompt tokens and hand it to the batcher thread; they
+never touch the model. Each request's events come back through its own asyncio queue (the
+batcher puts into it thread-safely and never waits), so a slow reader only slows itself. A client
+that goes away, mid-stream or while waiting for a whole answer, cancels its sequence and frees
+its decode slot at the next step.
+
+Errors carry OpenAI's body, `{"error": {"message", "type", "param", "code"}}`, with the status
+the official clients map to their exceptions: 400 bad request, 401 key, 404 model, 429 busy.
+This module imports FastAPI at the top (its handlers' annotations must resolve); command.py
+imports it only when a server starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from ..core.errors import UserError
+from .batcher import Batcher, BatcherStopped, Delta, Failed, Finished, QueueFull, Sequence
+from .validation import (
+    ApiError,
+    Defaults,
+    chat_messages,
+    check_unsupported,
+    completion_prompt,
+    flag,
+    read_json,
+    sampling_options,
+)
+
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
+ROUTES = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/health", "/metrics")
+
+
+def create_app(
+    served: Any,
+    batcher: Batcher,
+    *,
+    defaults: Defaults,
+    max_model_len: int,
+    api_key: str = "",
+) -> Any:
+    """The ASGI app serving `served` (ServedModels) through `batcher`."""
+    app = FastAPI(title="TuneBench deploy", docs_url=None, redoc_url=None, openapi_url=None)
+    created = int(time.time())
+    http_counts: collections.Counter = collections.Counter()
+    app.add_middleware(_CountRequests, counts=http_counts)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, exc: ApiError) -> Response:
+        headers = {"Retry-After": "1"} if exc.status == 429 else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_request: Request, exc: HTTPException) -> Response:
+        known = {404: ("no such route", "not_found"), 405: ("method not allowed", "method_not_allowed")}
+        message, code = known.get(exc.status_code, (str(exc.detail), None))
+        error = ApiError(exc.status_code, f"{message}; routes: {', '.join(ROUTES)}", code=code)
+        return JSONResponse(error.body(), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> Response:
+        error = ApiError(500, f"internal error: {type(exc).__name__}: {exc}", kind="server_error")
+        return JSONResponse(error.body(), status_code=500)
+
+    def check_key(request: Request) -> None:
+        if not api_key:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if not header:
+            raise ApiError(
+                401,
+                "no API key: send the header 'Authorization: Bearer <key>' with the key this server "
+                "was started with (--api_key)",
+                code="invalid_api_key",
+            )
+        if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), api_key.encode()):
+            raise ApiError(401, "wrong API key", code="invalid_api_key")
+
+    def target_of(body: dict[str, Any]) -> Any:
+        name = body.get("model")
+        if not isinstance(name, str) or not name:
+            raise ApiError(
+                400,
+                f"'model' is required: one of {', '.join(served.targets)}",
+                param="model",
+                code="missing_model",
+            )
+        target = served.targets.get(name)
+        if target is None:
+            raise ApiError(
+                404,
+                f"the model {name!r} does not exist here; this server serves {', '.join(served.targets)}",
+                param="model",
+                code="model_not_found",
+            )
+        return target
+
+    async def run(
+        request: Request,
+        body: dict[str, Any],
+        target: Any,
+        prompt: list[int],
+        shape: Callable[..., Any],
+    ) -> Response:
+        """Submit a sequence; answer as a stream of chunks or as one object."""
+        options = sampling_options(body, len(prompt), defaults, max_model_len)
+        stream = flag(body, "stream")
+        include_usage = stream and flag(body.get("stream_options") or {}, "include_usage", "stream_options")
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        seq = Sequence(
+            target.name,
+            target.peft_name,
+            prompt,
+            options,
+            emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+        )
+        try:
+            batcher.submit(seq)
+        except QueueFull as exc:
+            raise ApiError(
+                429,
+                f"the server is busy: {exc}; retry shortly",
+                kind="rate_limit_error",
+                code="queue_full",
+            ) from None
+        except BatcherStopped as exc:
+            raise ApiError(503, str(exc), kind="server_error") from None
+        if stream:
+            return StreamingResponse(
+                _sse(seq, events, shape, include_usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        pieces: list[str] = []
+        check_at = loop.time() + DISCONNECT_POLL_S
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(events.get(), max(0.0, check_at - loop.time()))
+                except asyncio.TimeoutError:
+                    event = None
+                # Checked on a clock, not only when no token came: tokens may arrive faster than that.
+                if loop.time() >= check_at:
+                    if await request.is_disconnected():
+                        return Response(status_code=499)  # nobody reads it; the slot is freed below
+                    check_at = loop.time() + DISCONNECT_POLL_S
+                if event is None:
+                    continue
+                if isinstance(event, Delta):
+                    pieces.append(event.text)
+                elif isinstance(event, Finished):
+                    return JSONResponse(shape("".join(pieces), event))
+                else:
+                    raise ApiError(500, event.message, kind="server_error")
+        finally:
+            seq.cancel()  # a no-op once finished; otherwise the row leaves the batch
+
+    @app.get("/health")
+    async def health() -> Response:
+        ok = batcher.alive
+        return JSONResponse(
+            {
+                "status": "ok" if ok else "stopped",
+                "models": list(served.targets),
+                "running": batcher.metrics.running,
+                "waiting": batcher.metrics.waiting,
+            },
+            status_code=200 if ok else 503,
+        )
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        check_key(request)
+        return PlainTextResponse(
+            prometheus_text(batcher, http_counts), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        check_key(request)
+        data = []
+        for target in served.targets.values():
+            data.append(
+                {
+                    "id": target.name,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "tunebench",
+                    "root": str(target.adapter_dir or served.loaded.resolved.path),
+                    "parent": None if target.is_base else served.base_name,
+                    "max_model_len": max_model_len,
+                }
+            )
+        return JSONResponse({"object": "list", "data": data})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        check_key(request)
+        body = await read_json(request)
+        target = target_of(body)
+        messages = chat_messages(body)
+        check_unsupported(body)
+        try:
+            prompt = await run_in_threadpool(served.encode_chat, target.name, messages)
+        except UserError as exc:
+            raise ApiError(400, exc.message, param="messages", code="template_error") from None
+        ident, stamp = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def shape(text: str | None, event: Finished | None, first: bool = False) -> dict[str, Any]:
+            if text is not None and event is not None:  # the whole answer at once
+                return {
+                    "id": ident,
+                    "object": "chat.completion",
+                    "created": stamp,
+                    "model": target.name,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": text},
+                            "logprobs": None,
+                            "finish_reason": event.finish_reason,
+                        }
+                    ],
+                    "usage": _usage(event),
+                }
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+            if event is not None:
+                choice["finish_reason"] = event.finish_reason
+            return {
+                "id": ident,
+                "object": "chat.completion.chunk",
+                "created": stamp,
+                "model": target.name,
+                "choices": [choice],
+            }
+
+        return await run(request, body, target, prompt, shape)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        check_key(request)
+        body = await read_json(request)
+        target = target_of(body)
+        check_unsupported(body)
+        prompt = completion_prompt(body)
+        if isinstance(prompt, str):
+            prompt = await run_in_threadpool(served.encode_text, prompt)
+        ident, stamp = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def shape(text: str | None, event: Finished | None, first: bool = False) -> dict[str, Any] | None:
+            if first:
+                return None  # completions streams have no role chunk: the first chunk carries text
+            choice = {
+                "index": 0,
+                "text": text or "",
+                "logprobs": None,
+                "finish_reason": event.finish_reason if event is not None else None,
+            }
+            out = {
+                "id": ident,
+                "object": "text_completion",
+                "created": stamp,
+                "model": target.name,
+                "choices": [choice],
+            }
+            if text is not None and event is not None:
+                out["usage"] = _usage(event)
+            return out
+
+        return await run(request, body, target, prompt, shape)
+
+    return app
+
+
+# ---------------------------------------------------------------- output
+
+
+def _usage(event: Finished) -> dict[str, int]:
+    return {
+        "prompt_tokens": event.prompt_tokens,
+        "completion_tokens": event.completion_tokens,
+        "total_tokens": event.prompt_tokens + event.completion_tokens,
+    }
+
+
+# ---------------------------------------------------------------- streaming
+
+
+def _chunk(payload: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+async def _sse(
+    seq: Sequence, events: asyncio.Queue, shape: Callable[..., Any], include_usage: bool
+) -> AsyncIterator[bytes]:
+    """OpenAI's chunk stream: a first chunk (the role, for chat), one per piece of text, one with
+    the finish reason, the usage when asked for, then `data: [DONE]`. If the client goes away,
+    Starlette cancels this generator at its await, and `finally` frees the slot."""
+    try:
+        opening = shape(None, None, first=True)
+        if opening is not None:
+            yield _chunk(opening)
+        while True:
+            event = await events.get()
+            if isinstance(event, Delta):
+                yield _chunk(shape(event.text, None))
+            elif isinstance(event, Finished):
+                yield _chunk(shape(None, event))
+                if include_usage:
+                    usage = shape(None, None)
+                    usage["choices"] = []
+                    usage["usage"] = _usage(event)
+                    yield _chunk(usage)
+                break
+            elif isinstance(event, Failed):
+                yield _chunk(ApiError(500, event.message, kind="server_error").body())
+                break
+        yield b"data: [DONE]\n\n"
+    finally:
+        seq.cancel()
+
+
+# ---------------------------------------------------------------- metrics
+
+
+class _CountRequests:
+    """Counts HTTP answers by route and status for /metrics. A plain ASGI wrapper, not
+    BaseHTTPMiddleware, so streamed answers and disconnect detection pass through untouched."""
+
+    def __init__(self, app: Any, counts: collections.Counter) -> None:
+        self.app = app
+        self.counts = counts
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_status(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("path", "")
+            self.counts[(route if route in ROUTES else "other", status)] += 1
+
+
+def prometheus_text(batcher: Batcher, http_counts: collections.Counter) -> str:
+    """The counters in Prometheus' text format."""
+    m = batcher.metrics
+    lines = [
+        "# HELP tunebench_http_requests_total HTTP requests answered, by route and status.",
+        "# TYPE tunebench_http_requests_total counter",
+    ]
+    for (route, status), count in sorted(http_counts.items()):
+        lines.append(f'tunebench_http_requests_total{{route="{route}",status="{status}"}} {count}')
+    lines += [
+        "# HELP tunebench_requests_finished_total Generation requests finished, by model and reason.",
+        "# TYPE tunebench_requests_finished_total counter",
+    ]
+    for (model, reason), count in sorted(m.finished.items()):
+        lines.append(f'tunebench_requests_finished_total{{model="{model}",finish_reason="{reason}"}} {count}')
+    gauges = [
+        (
+            "requests_rejected_total",
+            "counter",
+            "Requests refused with 429: every slot and queue place taken.",
+            m.rejected,
+        ),
+        ("prompt_tokens_total", "counter", "Prompt tokens prefilled.", m.prompt_tokens),
+        ("generation_tokens_total", "counter", "Tokens generated.", m.generation_tokens),
+        ("decode_steps_total", "counter", "Batched decode steps run.", m.decode_steps),
+        (
+            "decode_rows_total",
+            "counter",
+            "Sequences summed over decode steps (rows / steps = mean batch).",
+            m.decode_rows,
+        ),
+        ("requests_running", "gauge", "Sequences in the decode batch.", m.running),
+        ("requests_waiting", "gauge", "Requests in the queue, waiting for a decode slot.", m.waiting),
+        (
+            "kv_cache_slots",
+            "gauge",
+            "Token slots of the KV cache allocated now (rows x slots).",
+            m.cache_slots,
+        ),
+    ]
+    for name, kind, text, value in gauges:
+        lines += [
+            f"# HELP tunebench_{name} {text}",
+            f"# TYPE tunebench_{name} {kind}",
+            f"tunebench_{name} {value}",
+        ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,573 @@
+"""Continuous batching for `tunebench deploy`: one thread owns the model and decodes every request.
+
+Requests arrive from the HTTP handlers through `Batcher.submit` and wait in a bounded queue. The
+batcher thread loops: it takes waiting requests while fewer than `max_num_seqs` decode, prefills
+each one on its own (its first token streams out at once), adds it to the running batch, and runs
+one decode step for every sequence in the batch. A sequence leaves the batch the step it ends (a
+stop token, a stop string, its token limit, or its client gone), so a short answer never waits
+for a long one and a new request never waits for the batch to drain.
+
+Rows of one batch may run different adapters: each step goes through the same mixed-adapter
+forward as the side-by-side chat (fused_lora.FusedLora, else PEFT's own mixed batch), over one
+copy of the base weights. Rows are kept sorted by adapter, so the fused forward's per-layout
+buffers are reused whenever the same mix of adapters is decoding.
+
+The KV cache is one [rows, kv heads, slots, head dim] tensor per layer. Row i holds its sequence's
+tokens in slots 0..length-1 and writes the next one at slot `length` (RowCache below), so a
+sequence's keys sit in the same slots whatever else is in the batch, and attention masks only
+what lies past each row's own length. The cache is rebuilt (rows gathered, slots grown in
+CACHE_ROUNDING steps) when rows join or leave, never per step.
+
+Events flow back through each sequence's `emit` callback (the HTTP side turns it into a put on
+an asyncio queue), which never blocks: a slow client only lets its own queue grow.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..infer.decode_steps import CACHE_ROUNDING
+from ..infer.lora_decode import PEFT_BASE
+
+FUSED_LAYOUTS_KEPT = 8  # fused forwards kept for reuse, one per recent mix of adapters
+
+
+class QueueFull(Exception):
+    """Every decode slot and every queue place is taken: the HTTP side answers 429."""
+
+
+class BatcherStopped(Exception):
+    """The server is shutting down and takes no more requests."""
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # vLLM's extension: decode max_tokens whatever comes (benchmarks)
+
+
+@dataclass(frozen=True)
+class Delta:
+    """A piece of answer text."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    finish_reason: str  # "stop" or "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    message: str
+
+
+Event = Delta | Finished | Failed
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request: a prompt for one served name, how to sample, and where its events go."""
+
+    served_name: str
+    peft_name: str  # the adapter its rows run with, PEFT_BASE for the base model
+    prompt: list[int]
+    options: SamplingOptions
+    emit: Callable[[Event], None]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        """Called from the HTTP side when the client is gone: the row leaves at the next step."""
+        self.cancelled.set()
+
+
+class StopText:
+    """Cuts the answer at the first stop string. Text that could still grow into one is held back
+    until it cannot, so a streamed answer never shows part of a stop string."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = tuple(s for s in stops if s)
+        self.pending = ""
+
+    def push(self, piece: str) -> tuple[str, bool]:
+        """(text that may be shown now, whether a stop string was met)."""
+        text = self.pending + piece
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.pending = ""
+            return text[: min(hits)], True
+        keep = 0
+        for stop in self.stops:
+            for size in range(min(len(stop) - 1, len(text)), keep, -1):
+                if text.endswith(stop[:size]):
+                    keep = size
+                    break
+        self.pending = text[len(text) - keep :] if keep else ""
+        return text[: len(text) - keep], False
+
+    def flush(self) -> str:
+        text, self.pending = self.pending, ""
+        return text
+
+
+@dataclass
+class Metrics:
+    """Counters for /metrics; written by the batcher thread, read by the HTTP side."""
+
+    finished: collections.Counter = field(default_factory=collections.Counter)  # (name, reason)
+    rejected: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    decode_steps: int = 0
+    decode_rows: int = 0  # rows summed over steps: decode_rows / decode_steps is the mean batch
+    running: int = 0
+    waiting: int = 0
+    cache_slots: int = 0  # rows x slots of the KV cache as allocated now
+
+
+class RowCache:
+    """A KV cache where each row writes its new token at its own slot (its length so far).
+
+    transformers' caches write every row at the same position; continuous batching needs each
+    row at its own. The model calls `update` once per layer per forward pass; the batcher sets
+    `write_at` (one slot per row) and `window` (slots attention reads) before each step.
+    """
+
+    def __init__(self, layers: int) -> None:
+        self.keys: list[Any] = [None] * layers
+        self.values: list[Any] = [None] * layers
+        self.write_at: Any = None
+        self.rows_index: Any = None
+        self.window = 0
+
+    def layer_cache(self) -> Any:
+        """A transformers Cache object over these tensors (built once; it holds no tensors itself)."""
+        from transformers.cache_utils import Cache, CacheLayerMixin
+
+        owner = self
+
+        class _RowLayer(CacheLayerMixin):
+            is_sliding = False
+            is_compileable = False
+
+            def __init__(self, index: int) -> None:
+                super().__init__()
+                self.index = index
+                self.is_initialized = True
+
+            def lazy_initialization(self, key_states: Any, value_states: Any) -> None:
+                pass
+
+            def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> Any:
+                return owner.update(self.index, key_states, value_states)
+
+            def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+                return owner.window, 0
+
+            def get_seq_length(self) -> int:
+                return owner.window
+
+            def get_max_length(self) -> int:
+                return -1
+
+        return Cache(layers=[_RowLayer(i) for i in range(len(self.keys))])
+
+    def update(self, layer: int, key_states: Any, value_states: Any) -> tuple[Any, Any]:
+        keys, values = self.keys[layer], self.values[layer]
+        # key_states: [rows, kv heads, 1, head dim] -> row r's slot write_at[r]
+        keys[self.rows_index, :, self.write_at] = key_states[:, :, 0]
+        values[self.rows_index, :, self.write_at] = value_states[:, :, 0]
+        return keys[:, :, : self.window], values[:, :, : self.window]
+
+
+@dataclass(eq=False)
+class _Row:
+    seq: Sequence
+    order: int  # admission order: ties in the adapter sort keep it
+    length: int  # tokens in the KV cache
+    limit: int  # most tokens it may produce
+    detok: Any
+    stop: StopText
+    generator: Any  # torch.Generator for sampled rows, None for greedy ones
+    next_token: int = 0
+    generated: int = 0
+    kv: list[tuple[Any, Any]] | None = None  # the prefill's keys/values until placed in the batch
+    slot: int = -1  # its row in the current cache, -1 until placed
+
+
+class Batcher:
+    """The thread that owns the model and decodes every request in one continuous batch."""
+
+    def __init__(self, served: Any, *, max_num_seqs: int, max_queue: int, max_model_len: int) -> None:
+        self.served = served
+        self.max_num_seqs = max_num_seqs
+        self.max_queue = max_queue
+        self.max_model_len = max_model_len
+        self.metrics = Metrics()
+        self._lock = threading.Condition()
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._rows: list[_Row] = []
+        self._admitted = 0
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._cache: RowCache | None = None
+        self._cache_object: Any = None
+        self._layout: list[_Row] = []  # rows in cache order, as placed by the last rebuild
+        self._capacity = 0  # slots per row in the cache
+        self._fused: collections.OrderedDict[tuple[str, ...], Any] = collections.OrderedDict()
+        self._cuda = served.device.type == "cuda"
+        pad = served.tokenizer.pad_token_id
+        self._pad_id = pad if pad is not None else 0
+
+    # ------------------------------------------------------------ HTTP side
+
+    def submit(self, seq: Sequence) -> None:
+        """Queue a request; QueueFull when every slot and queue place is taken."""
+        with self._lock:
+            if self._stopping:
+                raise BatcherStopped("the server is shutting down")
+            if self.metrics.running + len(self._waiting) >= self.max_num_seqs + self.max_queue:
+                self.metrics.rejected += 1
+                raise QueueFull(
+                    f"{self.metrics.running} sequences are decoding and {len(self._waiting)} are waiting, "
+                    f"the most this server takes (--max_num_seqs {self.max_num_seqs}, "
+                    f"--max_queue {self.max_queue})"
+                )
+            self._waiting.append(seq)
+            self.metrics.waiting = len(self._waiting)
+            self._lock.notify()
+
+    def start(self) -> None:
+        if self._cuda and self.served.fuse_base:
+            from ..infer.lora_decode import fuse_sibling_weights
+
+            fuse_sibling_weights(self.served.loaded.model)  # before inference_mode: see fused_lora
+        self._thread = threading.Thread(target=self._run, name="tunebench-deploy-batcher", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Refuse new requests, fail the ones waiting or decoding, and end the thread."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # ------------------------------------------------------------ the loop
+
+    def _run(self) -> None:
+        import torch
+
+        attention = nullcontext()
+        if self._cuda:
+            from ..infer.decode_steps import packed_gqa_attention
+
+            attention = packed_gqa_attention()
+        with torch.inference_mode(), attention:
+            while True:
+                joining = self._next_work()
+                if joining is None:
+                    break
+                for seq in joining:
+                    try:
+                        self._admit(seq)
+                    except Exception as exc:  # noqa: BLE001 - one bad prompt must not fail the others
+                        self._fail_rows([r for r in self._rows if r.seq is seq], _describe(exc))
+                self._drop_finished()
+                if not self._rows:
+                    continue
+                try:
+                    self._step()
+                except Exception as exc:  # noqa: BLE001 - one bad batch must not take the server down
+                    self._fail_rows(list(self._rows), _describe(exc), drop_cache=True)
+                self._drop_finished()
+                if not self._rows:  # idle: give the cache's memory back
+                    self._drop_cache()
+        self._fail_rows(list(self._rows), "the server is shutting down", drop_cache=True)
+        with self._lock:
+            for seq in self._waiting:
+                _emit(seq, Failed("the server is shutting down"))
+            self._waiting.clear()
+
+    def _next_work(self) -> list[Sequence] | None:
+        """Block until there is something to do; the requests that join the batch now (None: stop)."""
+        with self._lock:
+            while not self._stopping and not self._waiting and not self._rows:
+                self._lock.wait()
+            if self._stopping:
+                return None
+            joining = []
+            while self._waiting and len(self._rows) + len(joining) < self.max_num_seqs:
+                seq = self._waiting.popleft()
+                if not seq.cancelled.is_set():
+                    joining.append(seq)
+            self.metrics.waiting = len(self._waiting)
+            self.metrics.running = len(self._rows) + len(joining)
+            return joining
+
+    def _admit(self, seq: Sequence) -> None:
+        """Prefill one request on its own, stream its first token, and add it to the batch."""
+        import torch
+        from transformers import DynamicCache
+
+        from ..infer.decode_steps import decode_forward
+        from ..infer.prompts import IncrementalDetokenizer
+
+        options = seq.options
+        generator = None
+        if options.temperature > 0:
+            generator = torch.Generator(device=self.served.device)
+            seed = options.seed if options.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+            generator.manual_seed(seed)
+        row = _Row(
+            seq=seq,
+            order=self._admitted,
+            length=len(seq.prompt),
+            limit=max(0, min(options.max_tokens, self.max_model_len - len(seq.prompt))),
+            detok=IncrementalDetokenizer(self.served.tokenizer),
+            stop=StopText(options.stop),
+            generator=generator,
+        )
+        self._admitted += 1
+        self.metrics.prompt_tokens += len(seq.prompt)
+        self._rows.append(row)  # from here on a failure reaches it through _fail_rows
+        if row.limit == 0:
+            self._finish(row, "length")
+            return
+        ids = torch.tensor([seq.prompt], dtype=torch.long, device=self.served.device)
+        positions = torch.arange(len(seq.prompt), device=self.served.device)[None]
+        cache = DynamicCache(config=self.served.loaded.model.config)
+        # Alone, with no padding and no mask: the same computation however many requests are in
+        # flight, so a request's first token never depends on what else is being served.
+        with self._adapters((seq.peft_name,)):
+            logits = decode_forward(self.served.loaded.model, cache, ids, None, positions)
+        row.kv = [(layer.keys, layer.values) for layer in cache.layers]
+        self._accept(row, self._pick(logits, [row])[0])  # its place in the cache comes in _rebuild
+
+    def _step(self) -> None:
+        """One decode step for every row of the batch."""
+        import torch
+
+        from ..infer.decode_steps import decode_forward
+
+        placed = {id(r) for r in self._layout}
+        if placed != {id(r) for r in self._rows} or max(r.length for r in self._rows) + 1 > self._capacity:
+            self._rebuild()
+        layout = self._layout
+        device = self.served.device
+        # A lone row decodes beside an idle one, as the chat's lone column does (generate.py's
+        # ghost row): CPU matmul kernels take another path for a single row (M=1) and round its
+        # last bits differently, which could tip a near-tie and make an answer alone differ.
+        idle = 1 if len(layout) == 1 else 0
+        tokens = [r.next_token for r in layout] + [self._pad_id] * idle
+        lengths = [r.length for r in layout] + [0] * idle
+        window = max(lengths) + 1
+        write_at = torch.tensor(lengths, dtype=torch.long, device=device)
+        cache = self._cache
+        assert cache is not None
+        cache.write_at = write_at
+        cache.window = window
+        # Row r may attend to slots 0..length_r (its tokens so far and the one being written).
+        visible = torch.arange(window, device=device)[None, :] <= write_at[:, None]
+        dtype = self.served.loaded.model.get_input_embeddings().weight.dtype
+        mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))
+        ids = torch.tensor(tokens, dtype=torch.long, device=device)[:, None]
+        names = tuple(r.seq.peft_name for r in layout) + (PEFT_BASE,) * idle
+        with self._adapters(names):
+            logits = decode_forward(
+                self.served.loaded.model, self._cache_object, ids, mask[:, None, None, :], write_at[:, None]
+            )
+        self.metrics.decode_steps += 1
+        self.metrics.decode_rows += len(layout)
+        picks = self._pick(logits[: len(layout)], layout)
+        for row, token in zip(layout, picks, strict=True):
+            row.length += 1
+            self._accept(row, token)
+
+    # ------------------------------------------------------------ rows
+
+    def _pick(self, logits: Any, rows: list[_Row]) -> list[int]:
+        """The next token of each row: argmax for greedy rows, else its own seeded draw."""
+        import torch
+
+        greedy = logits.argmax(dim=-1).tolist()  # a host sync; streaming needs the ids anyway
+        picks = []
+        for i, row in enumerate(rows):
+            if row.generator is None:
+                picks.append(greedy[i])
+                continue
+            scores = logits[i].float() / row.seq.options.temperature
+            top_p = row.seq.options.top_p
+            if top_p < 1.0:
+                ordered, order = torch.sort(scores, descending=True)
+                probs = ordered.softmax(dim=-1)
+                # Drop a token once the more likely ones already hold top_p of the mass (keep the first).
+                ordered = ordered.masked_fill(probs.cumsum(dim=-1) - probs > top_p, float("-inf"))
+                scores = torch.full_like(scores, float("-inf")).scatter(0, order, ordered)
+            picks.append(int(torch.multinomial(scores.softmax(dim=-1), 1, generator=row.generator)))
+        return picks
+
+    def _accept(self, row: _Row, token: int) -> bool:
+        """Take a row's new token; True when the row has finished."""
+        if token in self.served.stop_ids and not row.seq.options.ignore_eos:
+            self._finish(row, "stop")
+            return True
+        row.generated += 1
+        row.next_token = token
+        self.metrics.generation_tokens += 1
+        piece = row.detok.push(token)
+        if piece:
+            text, stopped = row.stop.push(piece)
+            if text:
+                _emit(row.seq, Delta(text))
+            if stopped:
+                self._finish(row, "stop", flush=False)
+                return True
+        if row.generated >= row.limit:
+            self._finish(row, "length")
+            return True
+        return False
+
+    def _finish(self, row: _Row, reason: str, flush: bool = True) -> None:
+        text = ""
+        if flush:
+            text, stopped = row.stop.push(row.detok.flush())
+            if stopped:
+                reason = "stop"
+            else:
+                text += row.stop.flush()
+        # Out of the batch and the counts first: a client that reads /health right after its
+        # answer must not still see itself running.
+        if row in self._rows:
+            self._rows.remove(row)
+        self.metrics.finished[(row.seq.served_name, reason)] += 1
+        with self._lock:
+            self.metrics.running = len(self._rows)
+        if text:
+            _emit(row.seq, Delta(text))
+        _emit(row.seq, Finished(reason, len(row.seq.prompt), row.generated))
+
+    def _drop_finished(self) -> None:
+        """Rows whose client has gone leave the batch; the lock-protected counts follow."""
+        for row in [r for r in self._rows if r.seq.cancelled.is_set()]:
+            self._rows.remove(row)
+            self.metrics.finished[(row.seq.served_name, "cancelled")] += 1
+        with self._lock:
+            self.metrics.running = len(self._rows)
+
+    def _fail_rows(self, rows: list[_Row], message: str, drop_cache: bool = False) -> None:
+        """Tell these rows' clients their request failed and drop the rows; drop_cache after a
+        failed decode step (the cache may be half-written; every row fails then)."""
+        for row in rows:
+            _emit(row.seq, Failed(message))
+            self.metrics.finished[(row.seq.served_name, "error")] += 1
+            if row in self._rows:
+                self._rows.remove(row)
+        if drop_cache:
+            self._drop_cache()
+        with self._lock:
+            self.metrics.running = len(self._rows)
+
+    # ------------------------------------------------------------ the KV cache
+
+    def _drop_cache(self) -> None:
+        self._layout, self._cache, self._cache_object, self._capacity = [], None, None, 0
+        self.metrics.cache_slots = 0
+
+    def _rebuild(self) -> None:
+        """Lay the cache out for the current rows: sorted by adapter, kept rows' slots copied,
+        new rows' prefill keys/values placed, capacity grown or shrunk to what the longest needs."""
+        import torch
+
+        rows = sorted(self._rows, key=lambda r: (r.seq.peft_name, r.order))
+        count = len(rows) + (1 if len(rows) == 1 else 0)
+        needed = max(r.length for r in rows) + 1
+        capacity = math.ceil(needed / CACHE_ROUNDING) * CACHE_ROUNDING
+        old, old_capacity = self._cache, self._capacity
+        layers = len(rows[0].kv) if rows[0].kv is not None else len(old.keys)  # type: ignore[union-attr]
+        cache = RowCache(layers)
+        kept = [(i, r.slot) for i, r in enumerate(rows) if r.slot >= 0 and r.kv is None]
+        device = self.served.device
+        for layer in range(layers):
+            sample = (
+                old.keys[layer] if old is not None and old.keys[layer] is not None else rows[0].kv[layer][0]
+            )
+            _, kv_heads, _, head_dim = sample.shape
+            shape = (count, kv_heads, capacity, head_dim)
+            for store, part in ((cache.keys, 0), (cache.values, 1)):
+                tensor = torch.zeros(shape, dtype=sample.dtype, device=device)
+                if kept:
+                    source = (old.keys if part == 0 else old.values)[layer]  # type: ignore[union-attr]
+                    new_index = torch.tensor([i for i, _ in kept], device=device)
+                    old_index = torch.tensor([s for _, s in kept], device=device)
+                    span = min(capacity, old_capacity)
+                    tensor[new_index, :, :span] = source.index_select(0, old_index)[:, :, :span]
+                for i, row in enumerate(rows):
+                    if row.kv is not None:
+                        prefill = row.kv[layer][part][0]
+                        tensor[i, :, : prefill.shape[1]] = prefill
+                store[layer] = tensor
+        for i, row in enumerate(rows):
+            row.slot, row.kv = i, None
+        cache.rows_index = torch.arange(count, device=device)
+        self._cache, self._capacity, self._layout = cache, capacity, rows
+        self._cache_object = cache.layer_cache()
+        self.metrics.cache_slots = count * capacity
+
+    # ------------------------------------------------------------ adapters
+
+    @contextmanager
+    def _adapters(self, names: tuple[str, ...]) -> Iterator[None]:
+        """Within this block a forward pass runs row i with adapter names[i] (PEFT_BASE: none)."""
+        from ..infer.lora_decode import FusedLora
+
+        served = self.served
+        if served.peft is None and not served.fuse_base:
+            yield
+            return
+        fused = self._fused.get(names)
+        if fused is None:
+            fused = FusedLora.build(served.model, list(names), fuse_base=served.fuse_base)
+            if fused is not None:
+                self._fused[names] = fused
+                while len(self._fused) > FUSED_LAYOUTS_KEPT:
+                    self._fused.popitem(last=False)
+        else:
+            self._fused.move_to_end(names)
+        if fused is not None:
+            with fused.installed():
+                yield
+            return
+        # Any LoRA variant the fused path does not cover: PEFT's own mixed-batch forward.
+        with served.peft._enable_peft_forward_hooks(adapter_names=list(names)):
+            yield
+
+
+def _describe(exc: BaseException) -> str:
+    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+    return f"generation failed: {type(exc).__name__}{': ' + first if first else ''}"
+
+
+def _emit(seq: Sequence, event: Event) -> None:
+    try:
+        seq.emit(event)
+    except Exception:  # noqa: BLE001 - the HTTP side has gone (its event loop closed): drop the row
+        seq.cancel()

@@ -1,0 +1,165 @@
+"""A loaded deployment: the served models, the batcher thread and the ASGI app, on a socket.
+
+`tunebench deploy` (engine/cli/deploy.py) builds one from its flags; tests and bench/ build one
+in code. It listens on loopback unless an API key is set: a model on an open port answers anyone
+who finds it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import threading
+import time
+from typing import Any
+
+from ..core.errors import UserError
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+DEFAULT_MAX_NEW_TOKENS = 512
+DEFAULT_MAX_NUM_SEQS = 8
+DEFAULT_MAX_QUEUE = 64
+API_KEY_ENV = "TUNEBENCH_API_KEY"
+FALLBACK_CONTEXT = 2048  # --max_model_len when the model's config names no context length
+
+
+def is_loopback(host: str) -> bool:
+    """Only this machine can connect: localhost, 127.0.0.0/8 or ::1."""
+    host = host.strip().strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads, so a taken port fails in a second."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+    except (OSError, IndexError) as exc:
+        raise UserError(
+            f"--host {host}: not an address of this machine ({exc})", "use 127.0.0.1, 0.0.0.0 or an IP it has"
+        ) from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)  # listen() comes when uvicorn serves: until then connections are refused
+    except OSError as exc:
+        sock.close()
+        raise UserError(
+            f"--host {host} --port {port}: cannot listen there: {exc.strerror or exc}",
+            "pick another port with --port (0 takes any free one), or stop whatever holds this one",
+        ) from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def base_url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}"
+
+
+class Deployment:
+    """A loaded deployment: the served models, the batcher thread and the ASGI app over them."""
+
+    def __init__(self, served: Any, batcher: Any, app: Any, max_model_len: int, max_num_seqs: int) -> None:
+        self.served, self.batcher, self.app = served, batcher, app
+        self.max_model_len, self.max_num_seqs = max_model_len, max_num_seqs
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def load(
+        cls,
+        plan: Any,
+        *,
+        max_model_len: int,
+        max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        api_key: str = "",
+        system: str | None = None,
+        torch_dtype: str = "auto",
+        say: Any = None,
+    ) -> Deployment:
+        from .app import Defaults, create_app
+        from .batcher import Batcher
+        from .served import load_served
+
+        served = load_served(plan, system=system, torch_dtype=torch_dtype, say=say)
+        batcher = Batcher(served, max_num_seqs=max_num_seqs, max_queue=max_queue, max_model_len=max_model_len)
+        app = create_app(
+            served,
+            batcher,
+            defaults=Defaults(max_new_tokens, temperature, top_p),
+            max_model_len=max_model_len,
+            api_key=api_key,
+        )
+        batcher.start()
+        return cls(served, batcher, app, max_model_len, max_num_seqs)
+
+    def describe(self, url: str) -> str:
+        loaded = self.served.loaded
+        names = ", ".join(
+            f"{t.name} ({'base' if t.is_base else 'adapter ' + str(t.adapter_dir)})"
+            for t in self.served.targets.values()
+        )
+        kv = self.served.kv_bytes_per_token() * self.max_num_seqs * self.max_model_len
+        return (
+            f"model   {loaded.resolved.label}: {str(loaded.dtype).replace('torch.', '')} on {loaded.device}\n"
+            f"serving {names}\n"
+            f"batch   up to {self.max_num_seqs} sequences of up to {self.max_model_len} tokens together; "
+            f"KV cache at most {kv / 2**30:.2f} GiB\n"
+            f"listening on {url}/v1 (OpenAI API), {url}/health, {url}/metrics; Ctrl-C stops\n"
+            f"try it  curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
+            f'-d \'{{"model": "{next(iter(self.served.targets))}", "messages": '
+            f'[{{"role": "user", "content": "Who are you?"}}]}}\''
+        )
+
+    def _config(self, log_level: str) -> Any:
+        import uvicorn
+
+        # Streams still open at shutdown get this long to finish before they are cut.
+        return uvicorn.Config(self.app, log_level=log_level, timeout_graceful_shutdown=3, lifespan="off")
+
+    def serve(self, sock: socket.socket) -> None:
+        """Serve in this thread until Ctrl-C / SIGTERM."""
+        import uvicorn
+
+        try:
+            uvicorn.Server(self._config("info")).run(sockets=[sock])
+        except KeyboardInterrupt:
+            # uvicorn shuts down on Ctrl-C, then raises it again for the caller: a stop asked
+            # for, not a failure, so `tunebench deploy` exits 0 after it.
+            pass
+
+    def start_in_thread(self, sock: socket.socket) -> str:
+        """Serve from a background thread (tests, benchmarks); returns the base URL once it answers."""
+        import uvicorn
+
+        self._server = uvicorn.Server(self._config("warning"))
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [sock]}, name="tunebench-deploy-http", daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the HTTP server did not start")
+            time.sleep(0.02)
+        return base_url(sock)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(10)
+        self.batcher.stop()

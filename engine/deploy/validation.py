@@ -1,0 +1,244 @@
+"""OpenAI request bodies checked field by field, for `tunebench deploy`'s routes.
+
+Each problem a client can cause becomes an ApiError naming the field (`param`) and what is
+allowed, answered with OpenAI's error body and a 400 (404 for an unknown model). Parameters that
+would change the answer and that this server does not implement are refused, not ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from .batcher import SamplingOptions
+
+TEMPERATURE_RANGE = (0.0, 2.0)  # OpenAI's documented range
+MAX_STOP_STRINGS = 4  # as OpenAI allows
+# OpenAI parameters that change what is generated and that this server does not implement: a
+# request that sets one to anything but its neutral value is refused rather than half-answered.
+UNSUPPORTED = {
+    "presence_penalty": 0,
+    "frequency_penalty": 0,
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "logit_bias": (None, {}),
+    "tools": (None, []),
+    "functions": (None, []),
+    "best_of": (None, 1),
+    "echo": (None, False),
+    "suffix": (None, ""),
+}
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What a request that leaves a setting out gets: the server's --max_new_tokens and so on."""
+
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+
+
+class ApiError(Exception):
+    """An error answered with OpenAI's error body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+async def read_json(request: Any) -> dict[str, Any]:
+    raw = await request.body()
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    return body
+
+
+def chat_messages(body: dict[str, Any]) -> list[dict[str, str]]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(
+            400,
+            '\'messages\' is required: a non-empty list of {"role": ..., "content": ...}',
+            param="messages",
+            code="missing_messages",
+        )
+    out = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise ApiError(400, f"{where} must be an object with role and content", param=where)
+        role = message.get("role")
+        role = "system" if role == "developer" else role  # OpenAI's newer name for the system role
+        if role not in ("system", "user", "assistant"):
+            raise ApiError(
+                400, f"{where}.role {role!r} is not supported: use system, user or assistant", param=where
+            )
+        out.append({"role": role, "content": _text_content(message.get("content"), where)})
+    return out
+
+
+def _text_content(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+        parts = []
+        for part in content:
+            if (
+                not isinstance(part, dict)
+                or part.get("type") != "text"
+                or not isinstance(part.get("text"), str)
+            ):
+                raise ApiError(400, f"{where}.content: only text parts are supported", param=where)
+            parts.append(part["text"])
+        return "".join(parts)
+    raise ApiError(400, f"{where}.content must be a string or a list of text parts", param=where)
+
+
+def completion_prompt(body: dict[str, Any]) -> str | list[int]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ApiError(400, "'prompt' is empty", param="prompt")
+        return prompt
+    if (
+        isinstance(prompt, list)
+        and prompt
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+    ):
+        return list(prompt)
+    if isinstance(prompt, list) and len(prompt) > 1:
+        raise ApiError(
+            400, "one prompt per request: send several requests instead (they batch)", param="prompt"
+        )
+    raise ApiError(
+        400, "'prompt' is required: a string (or a list of token ids)", param="prompt", code="missing_prompt"
+    )
+
+
+def check_unsupported(body: dict[str, Any]) -> None:
+    n = body.get("n", 1)
+    if n is not None and n != 1:
+        raise ApiError(400, f"n={n!r}: this server returns one choice per request (n=1)", param="n")
+    for name, neutral in UNSUPPORTED.items():
+        if name not in body:
+            continue
+        value = body[name]
+        allowed = neutral if isinstance(neutral, tuple) else (neutral, None)
+        if value not in allowed:
+            raise ApiError(400, f"{name!r} is not supported by this server; leave it out", param=name)
+    response_format = body.get("response_format")
+    if response_format not in (None, {"type": "text"}):
+        raise ApiError(400, 'only response_format {"type": "text"} is supported', param="response_format")
+
+
+def sampling_options(
+    body: dict[str, Any], prompt_tokens: int, defaults: Defaults, max_model_len: int
+) -> SamplingOptions:
+    """The request's sampling settings, each checked, with the server's defaults for the rest."""
+    if prompt_tokens >= max_model_len:
+        raise ApiError(
+            400,
+            f"this model's maximum context length is {max_model_len} tokens, but the prompt has "
+            f"{prompt_tokens} tokens: shorten it (or start the server with a larger --max_model_len)",
+            param="messages" if "messages" in body else "prompt",
+            code="context_length_exceeded",
+        )
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _number(body, key, int, 1, None)
+    if max_tokens is None:
+        max_tokens = min(defaults.max_new_tokens, max_model_len - prompt_tokens)
+    elif prompt_tokens + max_tokens > max_model_len:
+        raise ApiError(
+            400,
+            f"this model's maximum context length is {max_model_len} tokens, but "
+            f"{prompt_tokens + max_tokens} were requested ({prompt_tokens} in the prompt, "
+            f"{max_tokens} for the completion): lower {key} to at most {max_model_len - prompt_tokens}",
+            param=key,
+            code="context_length_exceeded",
+        )
+    temperature = _number(body, "temperature", float, *TEMPERATURE_RANGE)
+    top_p = _number(body, "top_p", float, 0.0, 1.0, exclusive_low=True)
+    seed = _number(body, "seed", int, None, None)
+    return SamplingOptions(
+        max_tokens=max_tokens,
+        temperature=defaults.temperature if temperature is None else temperature,
+        top_p=defaults.top_p if top_p is None else top_p,
+        seed=seed,
+        stop=_stop_strings(body),
+        ignore_eos=flag(body, "ignore_eos"),
+    )
+
+
+def _number(
+    body: dict[str, Any],
+    name: str,
+    kind: type,
+    low: float | None,
+    high: float | None,
+    exclusive_low: bool = False,
+) -> Any:
+    value = body.get(name)
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (kind is int and not isinstance(value, int))
+    ):
+        word = "a whole number" if kind is int else "a number"
+        raise ApiError(400, f"'{name}' must be {word} (got {value!r})", param=name)
+    if (
+        value != value
+        or (low is not None and (value <= low if exclusive_low else value < low))
+        or (high is not None and value > high)
+    ):
+        low_text = "" if low is None else f"{'more than' if exclusive_low else 'at least'} {low}"
+        high_text = "" if high is None else f"at most {high}"
+        allowed = " and ".join(t for t in (low_text, high_text) if t)
+        raise ApiError(400, f"'{name}' must be {allowed} (got {value!r})", param=name)
+    return kind(value)
+
+
+def _stop_strings(body: dict[str, Any]) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise ApiError(400, "'stop' must be a string or a list of strings", param="stop")
+    if len(stops) > MAX_STOP_STRINGS:
+        raise ApiError(
+            400, f"'stop' takes at most {MAX_STOP_STRINGS} strings (got {len(stops)})", param="stop"
+        )
+    return tuple(s for s in stops if s)
+
+
+def flag(body: dict[str, Any], name: str, where: str = "") -> bool:
+    if not isinstance(body, dict):
+        raise ApiError(400, f"'{where}' must be an object", param=where)
+    value = body.get(name, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ApiError(400, f"'{name}' must be true or false (got {value!r})", param=where or name)
+    return value

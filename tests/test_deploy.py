@@ -1,0 +1,678 @@
+"""`tunebench deploy` against real clients: the official openai package, curl and raw HTTP, talking
+to a real uvicorn server on 127.0.0.1 (a free port) that serves a tiny model and two adapters."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx2 as httpx
+import pytest
+from test_generate import QUESTION, greedy, make_run
+from tunebench.engine.cli.main import main as tunebench
+from tunebench.engine.deploy.batcher import StopText
+from tunebench.engine.deploy.deployment import Deployment, bind_socket, is_loopback
+from tunebench.engine.deploy.served import AdapterSpec, plan_deployment
+
+MAX_MODEL_LEN = 256
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("deploy-runs")
+    return {
+        "bob": make_run(
+            root, tiny_model_dir, "bob", seed=2, system="You are Bob, made by the TuneBench team."
+        ),
+        "plain": make_run(root, tiny_model_dir, "plain", seed=1),
+    }
+
+
+def start(plan, **options) -> tuple[Deployment, str]:
+    deployment = Deployment.load(plan, max_model_len=MAX_MODEL_LEN, torch_dtype="float32", **options)
+    return deployment, deployment.start_in_thread(bind_socket("127.0.0.1", 0))
+
+
+@pytest.fixture(scope="module")
+def plan(tiny_model_dir, runs):
+    adapters = [AdapterSpec("bob", str(runs["bob"])), AdapterSpec("plain", str(runs["plain"]))]
+    return plan_deployment(str(tiny_model_dir), adapters, served_model_name="tiny")
+
+
+@pytest.fixture(scope="module")
+def server(plan):
+    deployment, url = start(plan, max_new_tokens=16, max_num_seqs=4, max_queue=8)
+    yield deployment, url
+    deployment.stop()
+
+
+@pytest.fixture(scope="module")
+def url(server) -> str:
+    return server[1]
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{url}/v1", api_key="not-needed", max_retries=0)
+
+
+def metrics(url: str) -> dict[str, float]:
+    text = httpx.get(f"{url}/metrics").text
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def sse_events(raw: str) -> list[str]:
+    return [line[len("data: ") :] for line in raw.splitlines() if line.startswith("data: ")]
+
+
+# ---------------------------------------------------------------- the official openai client
+
+
+def test_models_lists_the_base_and_each_adapter(client):
+    models = {m.id: m for m in client.models.list().data}
+    assert list(models) == ["tiny", "bob", "plain"]
+    assert models["bob"].model_extra["parent"] == "tiny" and models["tiny"].model_extra["parent"] is None
+
+
+def test_chat_answers_as_tunebench_chat_does_for_the_base_and_each_adapter(client, runs, tiny_model_dir):
+    """The served answer is the engine's side-by-side answer: same run system prompt and template
+    (the base with the first adapter's, as `tunebench chat --compare` asks it), same greedy tokens."""
+    from tunebench.engine.infer.generate import GenerationSession
+
+    session = GenerationSession(str(tiny_model_dir), torch_dtype="float32")
+    bob, plain = str(runs["bob"]), str(runs["plain"])
+    expected = session.generate(QUESTION, ["base", bob], greedy(12))
+    expected_plain = session.generate(QUESTION, [plain], greedy(12))[plain]
+    for name, want in (("tiny", expected["base"]), ("bob", expected[bob]), ("plain", expected_plain)):
+        reply = client.chat.completions.create(model=name, messages=QUESTION, max_tokens=12, temperature=0)
+        assert reply.model == name
+        assert reply.choices[0].message.content == want["text"], name
+        assert reply.choices[0].finish_reason == ("length" if want["finish_reason"] == "length" else "stop")
+        assert reply.usage.completion_tokens == want["tokens"]
+        assert reply.usage.total_tokens == reply.usage.prompt_tokens + want["tokens"]
+    assert expected["base"]["text"] != expected[bob]["text"]  # the adapter really changes the answer
+
+
+def test_chat_prompt_uses_the_runs_system_prompt_unless_the_request_brings_one(server):
+    deployment, _ = server
+    served = deployment.served
+    with_run_system = served.encode_chat("bob", QUESTION)
+    text = served.tokenizer.decode(with_run_system)
+    assert "You are Bob, made by the TuneBench team." in text
+    own = served.encode_chat("bob", [{"role": "system", "content": "Be brief."}, *QUESTION])
+    assert "Be brief." in served.tokenizer.decode(own) and "Bob" not in served.tokenizer.decode(own)
+
+
+def test_streaming_gives_the_same_answer_in_openai_chunks(client):
+    whole = client.chat.completions.create(model="bob", messages=QUESTION, max_tokens=14)
+    chunks = list(
+        client.chat.completions.create(
+            model="bob", messages=QUESTION, max_tokens=14, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == whole.usage.total_tokens
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 3  # streamed, not one lump
+
+
+def test_stop_strings_cut_the_answer(client):
+    whole = client.chat.completions.create(model="bob", messages=QUESTION, max_tokens=16).choices[0].message
+    text = whole.content
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    assert stop.strip(), f"pick another cut of {text!r}"
+    expected = text[: text.find(stop)]
+    cut = client.chat.completions.create(model="bob", messages=QUESTION, max_tokens=16, stop=[stop, "zzz"])
+    assert cut.choices[0].message.content == expected and cut.choices[0].finish_reason == "stop"
+    streamed = client.chat.completions.create(
+        model="bob", messages=QUESTION, max_tokens=16, stop=stop, stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == expected
+
+
+def test_seed_makes_sampling_repeatable(client):
+    def sample(seed: int) -> str:
+        reply = client.chat.completions.create(
+            model="plain", messages=QUESTION, max_tokens=12, temperature=1.5, top_p=0.95, seed=seed
+        )
+        return reply.choices[0].message.content
+
+    assert sample(7) == sample(7)
+    assert len({sample(7), sample(8), sample(9)}) > 1
+
+
+def test_unknown_model_is_404_for_the_openai_client(client):
+    import openai
+
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(model="nobody", messages=QUESTION)
+    error = caught.value.body
+    assert error["code"] == "model_not_found" and "tiny, bob, plain" in error["message"]
+
+
+# ---------------------------------------------------------------- curl
+
+
+def curl(url: str, payload: dict, *extra: str) -> str:
+    result = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "-N",
+            f"{url}/v1/completions",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            json.dumps(payload),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return result.stdout
+
+
+def test_ignore_eos_decodes_every_requested_token(url):
+    """vLLM's ignore_eos extension (the benchmark uses it): the answer is max_tokens long."""
+    payload = {"model": "bob", "prompt": "Hi", "max_tokens": 40, "ignore_eos": True}
+    response = httpx.post(f"{url}/v1/completions", json=payload).json()
+    assert (
+        response["usage"]["completion_tokens"] == 40 and response["choices"][0]["finish_reason"] == "length"
+    )
+
+
+def test_curl_completions_whole_and_streamed(url, server):
+    served = server[0].served
+    payload = {"model": "bob", "prompt": "Who are you? I am", "max_tokens": 10}
+    whole = json.loads(curl(url, payload))
+    assert whole["object"] == "text_completion" and whole["model"] == "bob"
+    usage = whole["usage"]
+    assert usage["prompt_tokens"] == len(served.encode_text("Who are you? I am"))
+    assert 0 < usage["completion_tokens"] <= 10
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    events = sse_events(curl(url, {**payload, "stream": True}))
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "text_completion" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+
+
+# ---------------------------------------------------------------- batching
+
+
+def test_concurrent_requests_answer_as_they_do_one_at_a_time(client, url):
+    """Eight requests for the base and both adapters, with prompts and lengths that make them join
+    and leave the batch at different steps: each answer equals the same request sent alone."""
+    asks = [
+        (name, [{"role": "user", "content": question}], tokens)
+        for name, question, tokens in [
+            ("tiny", "Who are you?", 16),
+            ("bob", "Who are you?", 9),
+            ("plain", "What is your name?", 14),
+            ("bob", "Write a poem about the sea.", 16),
+            ("tiny", "你是谁？", 5),
+            ("plain", "Who made you?", 12),
+            ("bob", "Translate the sentence.", 16),
+            ("tiny", "Hello!", 11),
+        ]
+    ]
+
+    def ask(item):
+        name, messages, tokens = item
+        reply = client.chat.completions.create(model=name, messages=messages, max_tokens=tokens)
+        return reply.choices[0].message.content, reply.usage.completion_tokens
+
+    alone = [ask(item) for item in asks]
+    before = metrics(url)
+    with ThreadPoolExecutor(len(asks)) as pool:
+        together = list(pool.map(ask, asks))
+    after = metrics(url)
+    assert together == alone
+    steps = after["tunebench_decode_steps_total"] - before["tunebench_decode_steps_total"]
+    rows = after["tunebench_decode_rows_total"] - before["tunebench_decode_rows_total"]
+    assert rows / steps > 2.0, "the requests were not decoded together"
+
+
+# ---------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "param", "code"),
+    [
+        (b"{not json", 400, None, "invalid_json"),
+        (b"[1, 2]", 400, None, "invalid_json"),
+        ({"model": "tiny"}, 400, "messages", "missing_messages"),
+        ({"model": "tiny", "messages": []}, 400, "messages", "missing_messages"),
+        ({"messages": QUESTION}, 400, "model", "missing_model"),
+        ({"model": "nobody", "messages": QUESTION}, 404, "model", "model_not_found"),
+        ({"model": "tiny", "messages": QUESTION, "temperature": 2.5}, 400, "temperature", None),
+        ({"model": "tiny", "messages": QUESTION, "temperature": "hot"}, 400, "temperature", None),
+        ({"model": "tiny", "messages": QUESTION, "top_p": 0}, 400, "top_p", None),
+        ({"model": "tiny", "messages": QUESTION, "n": 2}, 400, "n", None),
+        ({"model": "tiny", "messages": QUESTION, "max_tokens": 0}, 400, "max_tokens", None),
+        (
+            {"model": "tiny", "messages": QUESTION, "max_tokens": MAX_MODEL_LEN},
+            400,
+            "max_tokens",
+            "context_length_exceeded",
+        ),
+        (
+            {"model": "tiny", "messages": [{"role": "user", "content": "Who? " * 300}]},
+            400,
+            "messages",
+            "context_length_exceeded",
+        ),
+        ({"model": "tiny", "messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0]", None),
+        ({"model": "tiny", "messages": QUESTION, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None),
+        ({"model": "tiny", "messages": QUESTION, "logprobs": True}, 400, "logprobs", None),
+    ],
+)
+def test_bad_requests_get_openai_error_bodies(url, payload, status, param, code):
+    content = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    response = httpx.post(
+        f"{url}/v1/chat/completions", content=content, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param and error["code"] == code and error["message"]
+    assert error["type"] == "invalid_request_error"
+
+
+def test_completion_prompt_longer_than_the_context_is_400(url):
+    response = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "Hello! " * 400})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+    assert f"maximum context length is {MAX_MODEL_LEN} tokens" in response.json()["error"]["message"]
+
+
+def test_unknown_route_and_method_get_openai_error_bodies(url):
+    assert httpx.get(f"{url}/v1/nothing").json()["error"]["code"] == "not_found"
+    response = httpx.get(f"{url}/v1/chat/completions")
+    assert response.status_code == 405 and response.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_api_key_is_required_when_set(plan):
+    deployment, url = start(plan, api_key="sesame")
+    try:
+        from openai import AuthenticationError, OpenAI
+
+        missing = httpx.get(f"{url}/v1/models")
+        assert missing.status_code == 401 and "Authorization: Bearer" in missing.json()["error"]["message"]
+        wrong = OpenAI(base_url=f"{url}/v1", api_key="guess", max_retries=0)
+        with pytest.raises(AuthenticationError):
+            wrong.chat.completions.create(model="tiny", messages=QUESTION)
+        assert httpx.get(f"{url}/metrics").status_code == 401
+        assert httpx.get(f"{url}/health").status_code == 200  # probes need no key
+        right = OpenAI(base_url=f"{url}/v1", api_key="sesame", max_retries=0)
+        assert right.chat.completions.create(
+            model="tiny", messages=QUESTION, max_tokens=3
+        ).usage.completion_tokens
+    finally:
+        deployment.stop()
+
+
+def gate_steps(deployment: Deployment, delay: float = 0.0) -> threading.Event:
+    """Hold (or slow) the batcher's decode steps so a test controls how long requests run."""
+    gate = threading.Event()
+    step = deployment.batcher._step
+
+    def gated_step() -> None:
+        gate.wait(10)
+        time.sleep(delay)
+        step()
+
+    deployment.batcher._step = gated_step
+    return gate
+
+
+def test_queue_full_is_429(plan):
+    deployment, url = start(plan, max_num_seqs=1, max_queue=1, max_new_tokens=4)
+    gate = gate_steps(deployment)
+    try:
+        payload = {"model": "tiny", "messages": QUESTION}
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(httpx.post, f"{url}/v1/chat/completions", json=payload, timeout=30)
+            while metrics(url)["tunebench_requests_running"] < 1:
+                time.sleep(0.01)
+            second = pool.submit(httpx.post, f"{url}/v1/chat/completions", json=payload, timeout=30)
+            while metrics(url)["tunebench_requests_waiting"] < 1:
+                time.sleep(0.01)
+            third = httpx.post(f"{url}/v1/chat/completions", json=payload)
+            assert third.status_code == 429 and third.headers["retry-after"] == "1"
+            error = third.json()["error"]
+            assert error["code"] == "queue_full" and "--max_num_seqs 1" in error["message"]
+            gate.set()
+            assert first.result().status_code == 200 and second.result().status_code == 200
+        assert metrics(url)["tunebench_requests_rejected_total"] == 1
+    finally:
+        gate.set()
+        deployment.stop()
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_gone_cancels_the_work_and_frees_the_slot(plan, stream):
+    deployment, url = start(plan, max_num_seqs=1, max_new_tokens=200)
+    gate = gate_steps(deployment, delay=0.02)  # 200 tokens would take 4 s
+    gate.set()
+    try:
+        payload = {"model": "bob", "messages": QUESTION, "stream": stream}
+        if stream:
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json=payload) as response:
+                lines = response.iter_lines()
+                assert next(lines).startswith("data: ")
+        else:
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(f"{url}/v1/chat/completions", json=payload, timeout=0.3)
+        deadline = time.monotonic() + 5
+        while (
+            metrics(url).get('tunebench_requests_finished_total{model="bob",finish_reason="cancelled"}') != 1
+        ):
+            assert time.monotonic() < deadline, "the request was not cancelled"
+            time.sleep(0.05)
+        numbers = metrics(url)
+        assert (
+            numbers["tunebench_requests_running"] == 0 and numbers["tunebench_generation_tokens_total"] < 100
+        )
+        # The freed slot serves the next request at once.
+        reply = httpx.post(f"{url}/v1/chat/completions", json={**payload, "stream": False, "max_tokens": 3})
+        assert reply.json()["usage"]["completion_tokens"] == 3
+    finally:
+        deployment.stop()
+
+
+def test_health_and_metrics(url, client):
+    assert httpx.get(f"{url}/health").json() == {
+        "status": "ok",
+        "models": ["tiny", "bob", "plain"],
+        "running": 0,
+        "waiting": 0,
+    }
+    before = metrics(url)
+    client.chat.completions.create(model="plain", messages=QUESTION, max_tokens=5)
+    after = metrics(url)
+    key = 'tunebench_requests_finished_total{model="plain",finish_reason="length"}'
+    assert after.get(key, 0) == before.get(key, 0) + 1
+    assert after["tunebench_generation_tokens_total"] - before["tunebench_generation_tokens_total"] == 5
+    assert after['tunebench_http_requests_total{route="/v1/chat/completions",status="200"}'] >= 1
+    assert "tunebench_requests_waiting 0" in httpx.get(f"{url}/metrics").text
+
+
+# ---------------------------------------------------------------- pieces
+
+
+def test_stop_text_holds_back_what_could_become_a_stop_string():
+    stop = StopText(("END", "\n\n"))
+    assert stop.push("Hello E") == ("Hello ", False)
+    assert stop.push("N") == ("", False)
+    assert stop.push("x") == ("ENx", False)
+    assert stop.push(" more\n") == (" more", False)
+    assert stop.push("\nlast") == ("", True)
+    assert StopText(()).push("any") == ("any", False)
+
+
+def test_loopback_rule():
+    assert (
+        is_loopback("127.0.0.1")
+        and is_loopback("localhost")
+        and is_loopback("::1")
+        and is_loopback("127.8.0.1")
+    )
+    assert not is_loopback("0.0.0.0") and not is_loopback("::") and not is_loopback("example.com")
+
+
+# ---------------------------------------------------------------- the command line
+
+
+@pytest.mark.parametrize(
+    ("args", "named", "allowed"),
+    [
+        (["--port", "abc"], "--port", "not a whole number"),
+        (["--port", "70000"], "--port", "at most 65535"),
+        (["--temperature", "3"], "--temperature", "at most 2.0"),
+        (["--top_p", "0"], "--top_p", "more than 0.0"),
+        (["--max_num_seqs", "0"], "--max_num_seqs", "at least 1"),
+        (["--max_new_tokens", "-5"], "--max_new_tokens", "at least 1"),
+        (["--infer_backend", "tgi"], "--infer_backend", "choose from"),
+        (["--merge_lora", "true"], "--merge_lora", "only with --infer_backend vllm"),
+        (["--host", "0.0.0.0"], "--host 0.0.0.0", "--api_key"),
+        (["--adapters", "=runs/x"], "--adapters", "served model name"),
+        (["--lora_rnak", "8"], "--lora_rnak", "unknown flag"),
+    ],
+)
+def test_bad_flags_name_the_flag_and_what_is_allowed(capsys, args, named, allowed):
+    try:
+        code = tunebench(["deploy", *args])
+    except SystemExit as exit_:
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert named in err and allowed in err and "Traceback" not in err
+
+
+def test_open_host_without_key_says_why_and_what_to_do(capsys):
+    assert tunebench(["deploy", "--host", "0.0.0.0", "--port", "9000"]) == 2
+    err = capsys.readouterr().err
+    assert "anyone who can reach 0.0.0.0:9000" in err
+    assert "--api_key KEY" in err and "ssh -L 9000:127.0.0.1:9000" in err
+
+
+def test_taken_port_fails_before_the_model_loads(capsys, tiny_model_dir):
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    port = holder.getsockname()[1]
+    started = time.perf_counter()
+    try:
+        assert tunebench(["deploy", "--model", str(tiny_model_dir), "--port", str(port)]) == 2
+    finally:
+        holder.close()
+    err = capsys.readouterr().err
+    assert f"--port {port}: cannot listen there" in err and "--port (0 takes any free one)" in err
+    assert time.perf_counter() - started < 5
+
+
+def test_duplicate_served_names_are_refused(capsys, tiny_model_dir, runs):
+    code = tunebench(
+        ["deploy", "--model", str(tiny_model_dir), "--adapters", f"x={runs['bob']}", f"x={runs['plain']}"]
+    )
+    assert code == 2 and "'x' is given twice" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- vLLM hand-off
+
+
+def test_vllm_command_line_serves_the_base_and_adapters_as_lora_modules(
+    capsys, monkeypatch, tmp_path, tiny_model_dir, runs
+):
+    import shlex
+
+    from tunebench.engine.deploy.vllm import vllm_available
+
+    monkeypatch.setenv("TUNEBENCH_CACHE", str(tmp_path))  # where the chat template file goes
+    if vllm_available():
+        pytest.skip("vLLM is installed here: the hand-off would start it")
+    code = tunebench(
+        [
+            "deploy",
+            "--adapters",
+            f"bob={runs['bob']}",
+            f"plain={runs['plain']}",
+            "--infer_backend",
+            "vllm",
+            "--served_model_name",
+            "tiny",
+            "--port",
+            "8001",
+            "--max_model_len",
+            "256",
+            "--temperature",
+            "0.5",
+            "--api_key",
+            "sesame",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "vLLM is not installed" in err and "pip install vllm" in err and "sesame" not in err
+    command = shlex.split(err.split("the command would be:\n  ", 1)[1].splitlines()[0])
+    template = command[command.index("--chat-template") + 1]
+    assert command[:3] == ["VLLM_API_KEY=...", sys.executable, "-m"]
+    assert command[3:] == [
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(tiny_model_dir),
+        "--served-model-name",
+        "tiny",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "8001",
+        "--max-model-len",
+        "256",
+        "--max-num-seqs",
+        "8",
+        "--chat-template",
+        template,
+        "--override-generation-config",
+        '{"temperature": 0.5, "top_p": 1.0, "max_new_tokens": 512}',
+        "--enable-lora",
+        "--max-loras",
+        "2",
+        "--max-lora-rank",
+        "8",
+        "--lora-modules",
+        f"bob={runs['bob'] / 'adapter'}",
+        f"plain={runs['plain'] / 'adapter'}",
+    ]
+    # The run's system prompt reaches vLLM as the chat template's default.
+    assert "You are Bob, made by the TuneBench team." in Path(template).read_text()
+
+
+def test_vllm_hand_off_execs_vllm_with_the_key_in_its_environment(tmp_path, tiny_model_dir, runs):
+    """A stand-in `vllm` package on PYTHONPATH records how it was started: the process really is
+    replaced by `python -m vllm.entrypoints.openai.api_server ...`, the key in VLLM_API_KEY."""
+    server = tmp_path / "fake" / "vllm" / "entrypoints" / "openai"
+    server.mkdir(parents=True)
+    for folder in (server, server.parent, server.parent.parent):
+        (folder / "__init__.py").write_text("")
+    (server / "api_server.py").write_text(
+        "import json, os, sys\n"
+        "print(json.dumps({'argv': sys.argv[1:], 'key': os.environ.get('VLLM_API_KEY')}))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "fake"), "TUNEBENCH_CACHE": str(tmp_path / "cache")}
+    args = ["deploy", "--model", str(tiny_model_dir), "--adapters", f"bob={runs['bob']}"]
+    args += ["--infer_backend", "vllm", "--host", "0.0.0.0", "--api_key", "sesame"]
+    result = subprocess.run(
+        [sys.executable, "-m", "tunebench.engine.cli.main", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    started = json.loads(result.stdout.strip().splitlines()[-1])
+    argv = started["argv"]
+    assert started["key"] == "sesame" and "sesame" not in " ".join(argv)
+    assert argv[argv.index("--model") + 1] == str(tiny_model_dir)
+    assert argv[argv.index("--host") + 1] == "0.0.0.0"
+    assert argv[argv.index("--lora-modules") + 1] == f"bob={runs['bob'] / 'adapter'}"
+    assert "handing over to vLLM" in result.stderr
+
+
+def test_vllm_merged_command_serves_the_export(capsys, runs):
+    from tunebench.engine.deploy.vllm import vllm_available
+
+    if vllm_available():
+        pytest.skip("vLLM is installed here: the hand-off would merge and start it")
+    code = tunebench(
+        ["deploy", "--adapters", f"mine={runs['bob']}", "--infer_backend", "vllm", "--merge_lora", "true"]
+    )
+    err = capsys.readouterr().err
+    command = err.split("the command would be:\n  ", 1)[1].splitlines()[0].split()
+    assert code == 2
+    assert command[command.index("--model") + 1] == str(runs["bob"].parent.parent / "exports" / "bob")
+    assert command[command.index("--served-model-name") + 1] == "mine"
+    assert "--enable-lora" not in command and "--chat-template" not in command
+
+
+# ---------------------------------------------------------------- the demo model, end to end
+
+
+@pytest.mark.slow
+def test_demo_model_end_to_end_with_an_adapter(tmp_path):
+    """`tunebench deploy --model demo --adapters mine=...` as its own process; the openai client
+    asks the base and the adapter, curl asks for a completion, Ctrl-C stops it cleanly."""
+    import signal
+
+    from openai import OpenAI
+    from tunebench.engine.models.loading import resolve_model
+
+    run = make_run(tmp_path, resolve_model("demo").path, "demo-run", seed=3, system="You are TuneBee.")
+    config = json.loads((run / "config.json").read_text())
+    config["config"]["model"] = "demo"
+    (run / "config.json").write_text(json.dumps(config))
+    port_holder = socket.socket()
+    port_holder.bind(("127.0.0.1", 0))
+    port = port_holder.getsockname()[1]
+    port_holder.close()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tunebench.engine.cli.main",
+            "deploy",
+            "--adapters",
+            f"mine={run}",
+            "--port",
+            str(port),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:  # refused until the model has loaded
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.5)
+        client = OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["demo", "mine"]
+        base = client.chat.completions.create(model="demo", messages=QUESTION, max_tokens=20)
+        mine = client.chat.completions.create(model="mine", messages=QUESTION, max_tokens=20)
+        assert base.usage.completion_tokens and mine.usage.completion_tokens
+        assert base.choices[0].message.content != mine.choices[0].message.content
+        streamed = client.chat.completions.create(model="mine", messages=QUESTION, max_tokens=20, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in streamed) == mine.choices[0].message.content
+        completion = json.loads(
+            curl(url, {"model": "demo", "prompt": "The capital of France is", "max_tokens": 5})
+        )
+        assert "Paris" in completion["choices"][0]["text"]
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=30)
+    assert process.returncode == 0, err
+    assert "serving demo (base), mine (adapter" in err and "Traceback" not in err
