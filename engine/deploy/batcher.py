@@ -8,7 +8,7 @@ stop token, a stop string, its token limit, or its client gone), so a short answ
 for a long one and a new request never waits for the batch to drain.
 
 Rows of one batch may run different adapters: each step goes through the same mixed-adapter
-forward as the side-by-side chat (fused_lora.FusedLora, else PEFT's own mixed batch), over one
+forward as the side-by-side chat (infer/lora_decode.FusedLora, else PEFT's own mixed batch), over one
 copy of the base weights. Rows are kept sorted by adapter, so the fused forward's per-layout
 buffers are reused whenever the same mix of adapters is decoding.
 
@@ -255,7 +255,7 @@ class Batcher:
         if self._cuda and self.served.fuse_base:
             from ..infer.lora_decode import fuse_sibling_weights
 
-            fuse_sibling_weights(self.served.loaded.model)  # before inference_mode: see fused_lora
+            fuse_sibling_weights(self.served.loaded.model)  # before inference_mode: see infer/lora_decode
         self._thread = threading.Thread(target=self._run, name="tunebench-deploy-batcher", daemon=True)
         self._thread.start()
 
