@@ -37,7 +37,8 @@ _PLACEHOLDER = re.compile(r"\{\{\s*(name|author)\s*\}\}", re.IGNORECASE)
 # CJK Unified Ideographs, Extension A and the compatibility block: enough to tell Chinese text.
 _CJK = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 
-_SHAREGPT_ROLES = {
+# Speaker names as sharegpt exports write them (compared in any case), and the chat role each is.
+SHAREGPT_ROLES = {
     "human": "user",
     "user": "user",
     "gpt": "assistant",
@@ -47,7 +48,17 @@ _SHAREGPT_ROLES = {
     "model": "assistant",
     "system": "system",
 }
-_MESSAGE_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+MESSAGE_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+def sharegpt_role(speaker: Any) -> str | None:
+    """The chat role ("system", "user" or "assistant") a sharegpt speaker stands for; None if unknown."""
+    return SHAREGPT_ROLES.get(speaker.lower()) if isinstance(speaker, str) else None
+
+
+def message_role(role: Any) -> str | None:
+    """The chat role an OpenAI message's role stands for ("developer" is the system); None if unknown."""
+    return MESSAGE_ROLES.get(role) if isinstance(role, str) else None
 
 
 # ===================================================================== types
@@ -290,9 +301,10 @@ def _from_messages(items: Any) -> list[_Turn]:
     for i, item in enumerate(_list_of_objects(items, "messages")):
         where = f"messages[{i}]"
         role = _required_text(item, "role", where)
-        if role not in _MESSAGE_ROLES:
+        canonical = message_role(role)
+        if canonical is None:
             raise InvalidRecord(f"{where}: unknown role {role!r}: use system, user or assistant")
-        turns.append((_MESSAGE_ROLES[role], _required_text(item, "content", where), where))
+        turns.append((canonical, _required_text(item, "content", where), where))
     return turns
 
 
@@ -305,7 +317,7 @@ def _from_sharegpt(items: Any) -> list[_Turn]:
             ("role", "content") if "from" not in item and "role" in item else ("from", "value")
         )
         speaker = _required_text(item, speaker_key, where)
-        role = _SHAREGPT_ROLES.get(speaker.lower())
+        role = sharegpt_role(speaker)
         if role is None:
             raise InvalidRecord(
                 f"{where}: unknown speaker {speaker!r} in '{speaker_key}': use human, gpt or system"
