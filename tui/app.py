@@ -21,6 +21,7 @@ from textual.widgets import Footer, TabbedContent, TabPane
 from textual.worker import Worker, WorkerState
 from tunebench.engine.core import protocol as P
 from tunebench.engine.core.config import changed_fields, to_dict
+from tunebench.engine.core.data import DataError, parse_dataset_spec
 from tunebench.engine.core.workspace import ENGINE_IDLE_EXIT_S, Workspace
 
 from .debounce import Debouncer
@@ -103,9 +104,10 @@ def prepare_workspace(root: Path, model: str | None) -> tuple[Workspace, TrainSe
 def first_dataset(ws: Workspace, settings: TrainSettings) -> Path:
     """The file the Dataset pane opens: the first one the form trains on, else one in datasets/."""
     for spec in settings.config.dataset:
-        head, sep, tail = spec.rpartition("#")
-        path = Path(head if sep and tail.isdigit() else spec)
-        path = path if path.is_absolute() else ws.root / path
+        try:
+            path = parse_dataset_spec(spec, ws.root).path
+        except DataError:
+            continue
         if path.is_file():
             return path
     existing = sorted(ws.datasets_dir.glob("*.jsonl"))

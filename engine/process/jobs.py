@@ -25,6 +25,7 @@ from typing import Any
 
 from ..core import protocol as P
 from ..core.config import ConfigError
+from ..core.data import resolve_dataset_spec
 from ..core.errors import UserError
 from ..core.workspace import Workspace, list_checkpoints
 
@@ -173,7 +174,8 @@ class Jobs:
         for key in ("dataset", "val_dataset"):
             value = config.get(key)
             if isinstance(value, list):
-                resolved[key] = [self._resolve_data_spec(v) if isinstance(v, str) else v for v in value]
+                root = self.ws.root
+                resolved[key] = [resolve_dataset_spec(v, root) if isinstance(v, str) else v for v in value]
         for key in ("model", "resume_from_checkpoint"):
             value = config.get(key)
             if isinstance(value, str) and value:
@@ -185,14 +187,6 @@ class Jobs:
         if model and not os.path.isabs(model) and (self.ws.root / model).exists():
             return str(self.ws.root / model)
         return model
-
-    def _resolve_data_spec(self, spec: str) -> str:
-        if not spec or (self.ws.root / spec).exists():
-            return self.ws.resolve(spec)
-        head, sep, tail = spec.rpartition("#")  # "file.jsonl#50": N samples of the file
-        if sep and head:
-            return f"{self.ws.resolve(head)}#{tail}"
-        return self.ws.resolve(spec)
 
 
 # ==================================================================== failures

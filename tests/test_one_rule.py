@@ -1,0 +1,63 @@
+"""Knowledge the TUI, the engine process and the commands share: each reads a dataset spec, a model
+path, a run's checkpoints, an adapter's base and a profile by the one function in engine/core, so
+they cannot give two answers. Each case here is one where two copies used to differ."""
+
+from __future__ import annotations
+
+import pytest
+from tunebench.engine.core.data import DataError, parse_dataset_spec
+from tunebench.engine.core.workspace import Workspace
+from tunebench.engine.process.jobs import Jobs
+from tunebench.tui.app import first_dataset
+from tunebench.tui.widgets.params.settings_store import TrainSettings
+
+
+@pytest.fixture
+def ws(tmp_path) -> Workspace:
+    ws = Workspace(tmp_path / "ws").ensure()
+    for name in ("a.jsonl", "b.jsonl", "v#2.jsonl"):
+        (ws.datasets_dir / name).write_text('{"query": "q", "response": "r"}\n')
+    return ws
+
+
+# ================================================================ path#N
+
+
+@pytest.mark.parametrize(
+    ("spec", "path", "count"),
+    [
+        ("datasets/a.jsonl#5", "datasets/a.jsonl", 5),
+        (" datasets/a.jsonl#5 ", "datasets/a.jsonl", 5),  # the engine kept the spaces in the path
+        ("datasets/a.jsonl# 5", "datasets/a.jsonl", 5),  # the TUI took "# 5" as part of the name
+        ("datasets/v#2.jsonl", "datasets/v#2.jsonl", None),  # a '#' in the workspace's file name
+    ],
+)
+def test_the_engine_and_the_tui_read_a_spec_as_training_does(ws, spec, path, count):
+    want = parse_dataset_spec(spec, ws.root)
+    assert want == (ws.root / path, count)
+    resolved = Jobs(ws).resolve_train_paths({"dataset": [spec]})["dataset"][0]
+    assert parse_dataset_spec(resolved) == want
+    settings = TrainSettings(ws)
+    settings.update({"dataset": [spec]})
+    assert first_dataset(ws, settings) == ws.root / path
+
+
+@pytest.mark.parametrize(
+    ("spec", "said"),
+    [
+        ("#5", "no file name before '#'"),
+        ("datasets/a.jsonl#0", "'0' after '#'"),
+        ("datasets/a.jsonl#x", "'x' after '#'"),
+    ],
+)
+def test_a_bad_spec_reaches_training_to_be_named(ws, spec, said):
+    resolved = Jobs(ws).resolve_train_paths({"dataset": [spec]})["dataset"][0]
+    assert resolved == (spec if spec.startswith("#") else str(ws.root / spec))
+    with pytest.raises(DataError, match=said):
+        parse_dataset_spec(resolved)
+
+
+def test_a_home_relative_spec_is_the_home_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert parse_dataset_spec("~/d.jsonl#3", "/elsewhere") == (tmp_path / "d.jsonl", 3)
+    assert str(parse_dataset_spec("~/d.jsonl#3")) == f"{tmp_path / 'd.jsonl'}#3"
