@@ -4,11 +4,15 @@ they cannot give two answers. Each case here is one where two copies used to dif
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from tunebench.engine.core.data import DataError, parse_dataset_spec
-from tunebench.engine.core.workspace import Workspace
+from tunebench.engine.core.targets import ADAPTER_CONFIG, ADAPTER_FILES
+from tunebench.engine.core.workspace import CHECKPOINT_STATE_FILE, Workspace, list_checkpoints, read_run
 from tunebench.engine.process.jobs import Jobs
 from tunebench.tui.app import first_dataset
+from tunebench.tui.widgets.chat.column_choices import discover_columns
 from tunebench.tui.widgets.params.settings_store import TrainSettings
 
 
@@ -61,3 +65,30 @@ def test_a_home_relative_spec_is_the_home_folder(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     assert parse_dataset_spec("~/d.jsonl#3", "/elsewhere") == (tmp_path / "d.jsonl", 3)
     assert str(parse_dataset_spec("~/d.jsonl#3")) == f"{tmp_path / 'd.jsonl'}#3"
+
+
+# ============================================================ checkpoints
+
+
+def _checkpoint(run: Path, name: str, *files: str) -> Path:
+    folder = run / "checkpoints" / name
+    folder.mkdir(parents=True)
+    for file in files:
+        (folder / file).write_bytes(b"")
+    return folder
+
+
+def test_the_chat_columns_offer_the_checkpoints_the_engine_can_load(ws):
+    run = ws.runs_dir / "0612-1530"
+    resumable = _checkpoint(run, "step-10", *ADAPTER_FILES, CHECKPOINT_STATE_FILE)
+    adapter_only = _checkpoint(run, "step-2", *ADAPTER_FILES)
+    _checkpoint(run, "step-20", ADAPTER_CONFIG)  # its weights still being copied
+    _checkpoint(run, "step-x", *ADAPTER_FILES)
+    state_only = _checkpoint(run, "step-30", CHECKPOINT_STATE_FILE)
+
+    assert list_checkpoints(run) == [resumable, state_only]
+    assert list_checkpoints(run, ADAPTER_FILES) == [adapter_only, resumable]
+    columns = discover_columns(ws.runs_dir)
+    assert [c.path for c in columns] == ["base", str(resumable), str(adapter_only)]
+    assert [c.label for c in columns] == ["base", "0612-1530 step 10", "0612-1530 step 2"]
+    assert read_run(run).steps == 30

@@ -16,10 +16,12 @@ from typing import Any
 import orjson
 
 from .errors import UserError
+from .workspace import list_checkpoints
 
 BASE = "base"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)  # what a checkpoint holds once its adapter is saved
 TARGET_HINT = (
     "give a run folder (runs/<run-id>), its adapter/ folder, or a checkpoint folder "
     "(runs/<run-id>/checkpoints/step-<n>)"
@@ -80,25 +82,13 @@ def find_adapter_dir(spec: str) -> Path:
     if (path / "adapter" / ADAPTER_CONFIG).is_file():
         return _checked_adapter(path / "adapter")
     # A run still training has no adapter/ yet: its newest checkpoint is the latest adapter.
-    checkpoints = list_adapter_checkpoints(path if path.name == "checkpoints" else path / "checkpoints")
+    checkpoints = list_checkpoints(path.parent if path.name == "checkpoints" else path, ADAPTER_FILES)
     if checkpoints:
         return checkpoints[-1]
     raise UserError(
         f"{path} holds no adapter: no {ADAPTER_CONFIG}, no adapter/ folder and no saved checkpoint",
         TARGET_HINT,
     )
-
-
-def list_adapter_checkpoints(folder: Path) -> list[Path]:
-    """checkpoints/step-<n> folders that hold a complete adapter, oldest first."""
-    if not folder.is_dir():
-        return []
-    found = [
-        p
-        for p in folder.glob("step-*")
-        if p.name[5:].isdigit() and (p / ADAPTER_CONFIG).is_file() and (p / ADAPTER_WEIGHTS).is_file()
-    ]
-    return sorted(found, key=lambda p: int(p.name[5:]))
 
 
 def _checked_adapter(path: Path) -> Path:
