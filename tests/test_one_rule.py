@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 from tunebench.engine.core.data import DataError, parse_dataset_spec
+from tunebench.engine.core.estimate import read_model_info
 from tunebench.engine.core.targets import ADAPTER_CONFIG, ADAPTER_FILES
 from tunebench.engine.core.workspace import CHECKPOINT_STATE_FILE, Workspace, list_checkpoints, read_run
 from tunebench.engine.process.jobs import Jobs
 from tunebench.tui.app import first_dataset
 from tunebench.tui.widgets.chat.column_choices import discover_columns
+from tunebench.tui.widgets.dataset.light_tokenizer import tokenizer_folder
 from tunebench.tui.widgets.params.settings_store import TrainSettings
 
 
@@ -92,3 +94,23 @@ def test_the_chat_columns_offer_the_checkpoints_the_engine_can_load(ws):
     assert [c.path for c in columns] == ["base", str(resumable), str(adapter_only)]
     assert [c.label for c in columns] == ["base", "0612-1530 step 10", "0612-1530 step 2"]
     assert read_run(run).steps == 30
+
+
+# ============================================================ model paths
+
+
+@pytest.mark.parametrize("typed", ["models/tiny", " models/tiny ", "demo"])
+def test_a_model_typed_in_the_form_is_the_one_the_estimate_and_the_tui_read(ws, typed):
+    for folder in (ws.root / "models" / "tiny", ws.root / "demo"):  # a folder named demo too
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text('{"hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 99}')
+        (folder / "tokenizer.json").write_text("{}")
+    engine = Jobs(ws).resolve_model(typed)
+    info = read_model_info(typed, ws.root)
+    if typed == "demo":  # the built-in model, whatever the workspace holds
+        assert engine == "demo" and info == read_model_info("demo")
+        assert tokenizer_folder(typed, ws.root) != ws.root / "demo"
+    else:
+        assert engine == str(ws.root / "models" / "tiny")
+        assert info is not None and info["vocab_size"] == 99
+        assert tokenizer_folder(typed, ws.root) == Path(engine)

@@ -17,6 +17,7 @@ from typing import Any
 from . import memory_model as gm
 from . import protocol as P
 from .memory_sampler import gpu_stats
+from .model_files import DEMO_NAME, workspace_model
 
 GIB = gm.GIB
 
@@ -238,12 +239,10 @@ def read_model_info(spec: str, base: str | Path | None = None) -> dict[str, Any]
     Knows the demo model, local folders (relative ones against `base`), converted GGUF files in
     TuneBench's cache, and hub ids in the local Hugging Face cache.
     """
-    spec = spec.strip()
-    if spec == "demo":
+    spec = workspace_model(spec, base)
+    if spec == DEMO_NAME:
         return _cached_conversion("smollm2-135m-instruct") or dict(DEMO_MODEL_INFO)
     path = Path(spec).expanduser()
-    if not path.is_absolute() and base is not None and (Path(base) / path).exists():
-        path = Path(base) / path
     if path.suffix.lower() == ".gguf":
         return _cached_conversion(path.stem) if path.is_file() else None
     if (path / "config.json").is_file():

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
-import os
 import re
 import sys
 import threading
@@ -27,6 +26,7 @@ from ..core import protocol as P
 from ..core.config import ConfigError
 from ..core.data import resolve_dataset_spec
 from ..core.errors import UserError
+from ..core.model_files import workspace_model
 from ..core.workspace import Workspace, list_checkpoints
 
 Emit = Callable[[P.Event], None]
@@ -184,9 +184,7 @@ class Jobs:
 
     def resolve_model(self, model: str) -> str:
         """A model typed relative to the workspace, if such a path exists; ids and 'demo' stay."""
-        if model and not os.path.isabs(model) and (self.ws.root / model).exists():
-            return str(self.ws.root / model)
-        return model
+        return workspace_model(model, self.ws.root)
 
 
 # ==================================================================== failures
