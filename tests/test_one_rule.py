@@ -7,8 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from tunebench.engine.core.config import TrainConfig
 from tunebench.engine.core.data import DataError, parse_dataset_spec
-from tunebench.engine.core.estimate import read_model_info
+from tunebench.engine.core.estimate import ModelShape, read_model_info, training_layout
+from tunebench.engine.core.memory_model import FAST_MAX_TOKENS, GIB, lora_parameters
 from tunebench.engine.core.targets import ADAPTER_CONFIG, ADAPTER_FILES
 from tunebench.engine.core.workspace import CHECKPOINT_STATE_FILE, Workspace, list_checkpoints, read_run
 from tunebench.engine.process.jobs import Jobs
@@ -114,3 +116,35 @@ def test_a_model_typed_in_the_form_is_the_one_the_estimate_and_the_tui_read(ws, 
         assert engine == str(ws.root / "models" / "tiny")
         assert info is not None and info["vocab_size"] == 99
         assert tokenizer_folder(typed, ws.root) == Path(engine)
+
+
+# ============================================================ GPU memory
+
+QWEN_7B = {
+    "hidden_size": 3584,
+    "num_hidden_layers": 28,
+    "intermediate_size": 18944,
+    "vocab_size": 152064,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "tie_word_embeddings": False,
+}
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["all-linear"]])
+def test_the_gpu_paths_forward_budget_is_the_estimates(targets):
+    torch = pytest.importorskip("torch")
+    from tunebench.engine.cuda.path import FastPath
+
+    card = 40 * GIB  # small enough that the budget, not FAST_MAX_TOKENS, sets the forward
+    cfg = TrainConfig(
+        profile="fast",
+        target_modules=targets,
+        max_length=2048,
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=8,
+    )
+    layout = training_layout(ModelShape.from_config(QWEN_7B), cfg, card)
+    path = FastPath(cfg, torch.device("cpu"), layout.profile)
+    assert layout.lora_params == lora_parameters(QWEN_7B, cfg.lora_rank, targets)
+    assert 2048 < path.forward_tokens(QWEN_7B, card) == layout.tokens < FAST_MAX_TOKENS

@@ -37,7 +37,6 @@ DEMO_MODEL_INFO = {
     "num_key_value_heads": 3,
     "tie_word_embeddings": True,
 }
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -90,17 +89,7 @@ class ModelShape:
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(in, out) features of each linear layer in one decoder layer."""
-        h, i = self.hidden, self.intermediate
-        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        return {
-            "q_proj": (h, q),
-            "k_proj": (h, kv),
-            "v_proj": (h, kv),
-            "o_proj": (q, h),
-            "gate_proj": (h, i),
-            "up_proj": (h, i),
-            "down_proj": (i, h),
-        }
+        return gm.projection_shapes(self.as_config())
 
     @property
     def linear_params(self) -> int:
@@ -114,14 +103,6 @@ class ModelShape:
     @property
     def parameters(self) -> int:
         return self.linear_params + self.embedding_params
-
-
-def lora_params(shape: ModelShape, rank: int, targets: tuple[str, ...]) -> int:
-    """A (rank x in) and B (out x rank) for every targeted linear layer."""
-    names = LINEAR_NAMES if "all-linear" in targets else targets
-    shapes = shape.linear_shapes()
-    per_layer = sum(rank * (shapes[n][0] + shapes[n][1]) for n in names if n in shapes)
-    return shape.layers * per_layer
 
 
 @dataclass(frozen=True)
@@ -143,19 +124,18 @@ def training_layout(shape: ModelShape, cfg: Any, card_bytes: int | None) -> Trai
     will pick for `cfg` on a card of `card_bytes` (None: unknown, no GPU here)."""
     model = shape.as_config()
     quantized = cfg.train_type == "qlora" or cfg.quant_bits == 4
-    trainable = lora_params(shape, cfg.lora_rank, tuple(cfg.target_modules))
-    weights_only = gm.estimate_peak_bytes(
-        model, tokens=0, quantized=quantized, recomputed_layers=0, lora_params=trainable
-    )["weights"]
+    lora = dict(lora_rank=cfg.lora_rank, target_modules=tuple(cfg.target_modules))
+    trainable = gm.lora_parameters(model, cfg.lora_rank, cfg.target_modules)
+    weights_only = gm.estimate_peak_bytes(model, tokens=0, quantized=quantized, recomputed_layers=0, **lora)[
+        "weights"
+    ]
     if card_bytes:
         profile, why = gm.choose_profile(cfg.profile, card_bytes - weights_only - CUDA_CONTEXT_BYTES)
     else:
         profile, why = (cfg.profile, "asked for") if cfg.profile != "auto" else ("fast", "auto: no GPU seen")
     on_host = profile == "lean" and not shape.tied
     inputs_on_host = profile == "lean" and bool(cfg.gradient_checkpointing)
-    kw = dict(
-        quantized=quantized, embedding_on_host=on_host, lora_params=trainable, inputs_on_host=inputs_on_host
-    )
+    kw = dict(quantized=quantized, embedding_on_host=on_host, inputs_on_host=inputs_on_host, **lora)
     step_tokens = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * cfg.max_length
     if profile == "lean" or card_bytes:
         limit = gm.tokens_per_forward(model, profile=profile, card_bytes=card_bytes or 0, **kw)
@@ -204,7 +184,8 @@ def estimate_training_memory(
         quantized=layout.quantized,
         recomputed_layers=layout.recomputed_layers,
         embedding_on_host=layout.embedding_on_host,
-        lora_params=layout.lora_params,
+        lora_rank=cfg.lora_rank,
+        target_modules=tuple(cfg.target_modules),
         inputs_on_host=layout.inputs_on_host,
     )
     total = parts.pop("total")

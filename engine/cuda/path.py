@@ -400,21 +400,28 @@ class FastPath:
             self.notes.append(f"GPU path: forwards of up to {self._max_tokens} tokens (set by tokens=)")
         if not self._max_tokens:
             free, _total = torch.cuda.mem_get_info(self.device)
-            self._max_tokens = tokens_per_forward(
-                self._config,
-                profile=self.profile,
-                card_bytes=free + torch.cuda.memory_reserved(self.device),
-                lora_rank=self.cfg.lora_rank,
-                quantized=self.cfg.is_qlora,
-                embedding_on_host=self.host_embedding is not None,
-                compiled=self.compiles,
-                inputs_on_host=self.host_inputs is not None,
-                in_graph=self.recompiles_in_graph,
-            )
+            card_bytes = free + torch.cuda.memory_reserved(self.device)
+            self._max_tokens = self.forward_tokens(self._config, card_bytes)
             self.notes.append(
                 f"GPU path: forwards of up to {self._max_tokens} tokens ({self.profile} profile)"
             )
         return repartition(step, lambda i: len(samples[i].input_ids), self._max_tokens)
+
+    def forward_tokens(self, model_config: Any, card_bytes: int) -> int:
+        """The memory model's tokens per forward for this path on a card of `card_bytes`: the
+        budget the TUI's estimate (engine/core/estimate.py) works out for the same config."""
+        return tokens_per_forward(
+            model_config,
+            profile=self.profile,
+            card_bytes=card_bytes,
+            lora_rank=self.cfg.lora_rank,
+            target_modules=tuple(self.cfg.target_modules),
+            quantized=self.cfg.is_qlora,
+            embedding_on_host=self.host_embedding is not None,
+            compiled=self.compiles,
+            inputs_on_host=self.host_inputs is not None,
+            in_graph=self.recompiles_in_graph,
+        )
 
     def collate(self, samples: list, pad_id: int, device) -> Batch:
         if "pack" not in self.use:
@@ -612,6 +619,7 @@ class FastPath:
             self._config,
             tokens=tokens,
             lora_rank=self.cfg.lora_rank,
+            target_modules=tuple(self.cfg.target_modules),
             quantized=self.cfg.is_qlora,
             recomputed_layers=recomputed,
             embedding_on_host=self.host_embedding is not None,
