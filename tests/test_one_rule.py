@@ -9,8 +9,15 @@ from pathlib import Path
 import pytest
 from tunebench.engine.core.config import TrainConfig
 from tunebench.engine.core.data import DataError, parse_dataset_spec
-from tunebench.engine.core.estimate import ModelShape, read_model_info, training_layout
-from tunebench.engine.core.memory_model import FAST_MAX_TOKENS, GIB, lora_parameters
+from tunebench.engine.core.estimate import CUDA_CONTEXT_BYTES, ModelShape, read_model_info, training_layout
+from tunebench.engine.core.memory_model import (
+    FAST_MAX_TOKENS,
+    GIB,
+    Profile,
+    choose_profile,
+    estimate_peak_bytes,
+    lora_parameters,
+)
 from tunebench.engine.core.targets import ADAPTER_CONFIG, ADAPTER_FILES
 from tunebench.engine.core.workspace import CHECKPOINT_STATE_FILE, Workspace, list_checkpoints, read_run
 from tunebench.engine.process.jobs import Jobs
@@ -148,3 +155,16 @@ def test_the_gpu_paths_forward_budget_is_the_estimates(targets):
     path = FastPath(cfg, torch.device("cpu"), layout.profile)
     assert layout.lora_params == lora_parameters(QWEN_7B, cfg.lora_rank, targets)
     assert 2048 < path.forward_tokens(QWEN_7B, card) == layout.tokens < FAST_MAX_TOKENS
+
+
+@pytest.mark.parametrize(
+    ("card", "want"), [(None, Profile.FAST), (24 * GIB, Profile.LEAN), (80 * GIB, Profile.FAST)]
+)
+def test_the_estimate_decides_auto_where_the_gpu_path_does(card, want):
+    shape = ModelShape.from_config(QWEN_7B)
+    layout = training_layout(shape, TrainConfig(profile="auto"), card)
+    weights = estimate_peak_bytes(shape.as_config(), tokens=0, recomputed_layers=0)["weights"]
+    free = None if card is None else card - weights - CUDA_CONTEXT_BYTES
+    assert layout.profile is want
+    assert (layout.profile, layout.why) == choose_profile("auto", free)
+    assert training_layout(shape, TrainConfig(profile="lean"), card).profile is Profile.LEAN

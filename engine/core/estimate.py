@@ -109,7 +109,7 @@ class ModelShape:
 class TrainingLayout:
     """What the GPU path will do with a config on a card: the memory model's inputs."""
 
-    profile: str
+    profile: gm.Profile
     why: str
     tokens: int  # the largest forward, packed
     recomputed_layers: int
@@ -129,22 +129,21 @@ def training_layout(shape: ModelShape, cfg: Any, card_bytes: int | None) -> Trai
     weights_only = gm.estimate_peak_bytes(model, tokens=0, quantized=quantized, recomputed_layers=0, **lora)[
         "weights"
     ]
-    if card_bytes:
-        profile, why = gm.choose_profile(cfg.profile, card_bytes - weights_only - CUDA_CONTEXT_BYTES)
-    else:
-        profile, why = (cfg.profile, "asked for") if cfg.profile != "auto" else ("fast", "auto: no GPU seen")
-    on_host = profile == "lean" and not shape.tied
-    inputs_on_host = profile == "lean" and bool(cfg.gradient_checkpointing)
+    free = card_bytes - weights_only - CUDA_CONTEXT_BYTES if card_bytes else None
+    profile, why = gm.choose_profile(cfg.profile, free)
+    lean = profile == gm.Profile.LEAN
+    on_host = lean and not shape.tied
+    inputs_on_host = lean and bool(cfg.gradient_checkpointing)
     kw = dict(quantized=quantized, embedding_on_host=on_host, inputs_on_host=inputs_on_host, **lora)
     step_tokens = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * cfg.max_length
-    if profile == "lean" or card_bytes:
+    if lean or card_bytes:
         limit = gm.tokens_per_forward(model, profile=profile, card_bytes=card_bytes or 0, **kw)
         tokens = min(step_tokens, max(cfg.max_length, limit))  # a sample is never split
     else:
         tokens = cfg.per_device_train_batch_size * cfg.max_length
     recomputed = 0
     if cfg.gradient_checkpointing:
-        if profile == "lean":
+        if lean:
             recomputed = shape.layers
         elif card_bytes:
             fixed = gm.estimate_peak_bytes(model, tokens=0, recomputed_layers=0, **kw)["total"]

@@ -8,6 +8,7 @@ against the peaks measured on an H100 and an H200 (bench/RESULTS.md, "Memory mod
 from __future__ import annotations
 
 from collections.abc import Sequence
+from enum import Enum
 from typing import Any
 
 GIB = 1024**3
@@ -56,13 +57,27 @@ def model_sizes(model_config: Any) -> dict[str, Any]:
     }
 
 
-def choose_profile(requested: str, free_bytes: int) -> tuple[str, str]:
-    """The profile to train with, and why: `auto` goes lean when little memory is left."""
-    if requested in ("fast", "lean"):
-        return requested, "asked for"
-    if free_bytes < LEAN_BELOW_FREE:
-        return "lean", f"auto: {free_bytes / GIB:.1f} GiB free after loading the model"
-    return "fast", f"auto: {free_bytes / GIB:.1f} GiB free after loading the model"
+class Profile(str, Enum):
+    """The GPU path's memory profile once decided (the config's `auto` is not one): fast spends
+    memory on speed, lean keeps the least on the card."""
+
+    FAST = "fast"
+    LEAN = "lean"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def choose_profile(requested: str, free_bytes: int | None) -> tuple[Profile, str]:
+    """The profile to train with, and why. `requested` is the config's fast, lean or auto; auto goes
+    lean when less than LEAN_BELOW_FREE is free once the model is on the card, and is fast where
+    no GPU is seen (`free_bytes` None). The GPU path and the estimate both decide here."""
+    if requested != "auto":
+        return Profile(requested), "asked for"
+    if free_bytes is None:
+        return Profile.FAST, "auto: no GPU seen"
+    why = f"auto: {free_bytes / GIB:.1f} GiB free after loading the model"
+    return (Profile.LEAN if free_bytes < LEAN_BELOW_FREE else Profile.FAST), why
 
 
 def layer_activation_bytes(
@@ -182,7 +197,7 @@ def estimate_peak_bytes(
 def tokens_per_forward(
     model_config: Any,
     *,
-    profile: str,
+    profile: Profile,
     card_bytes: int,
     lora_rank: int = 8,
     quantized: bool = False,
@@ -208,7 +223,7 @@ def tokens_per_forward(
         inputs_on_host=inputs_on_host,
         in_graph=in_graph,
     )
-    if profile == "lean":
+    if profile == Profile.LEAN:
         one = estimate_peak_bytes(model_config, tokens=1, recomputed_layers=None, **kw)
         per_token = one["activations"] + one["loss"]
         return max(1, int(LEAN_TOKEN_BYTES // per_token))

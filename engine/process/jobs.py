@@ -26,6 +26,7 @@ from ..core import protocol as P
 from ..core.config import ConfigError
 from ..core.data import resolve_dataset_spec
 from ..core.errors import UserError
+from ..core.memory_model import Profile
 from ..core.model_files import workspace_model
 from ..core.workspace import Workspace, list_checkpoints
 
@@ -330,7 +331,7 @@ def _oom_error(exc: BaseException, job: str, cfg: Any, progress: RunProgress) ->
         steps.append(
             "turn on gradient_checkpointing (recompute activations in backward instead of keeping them)"
         )
-    elif not host and getattr(cfg, "profile", "") != "lean":
+    elif not host and getattr(cfg, "profile", "") != Profile.LEAN:
         steps.append(
             "choose profile lean (it recomputes every layer and keeps the embedding matrix in host memory)"
         )
