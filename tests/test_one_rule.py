@@ -4,11 +4,14 @@ they cannot give two answers. Each case here is one where two copies used to dif
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+from tunebench.engine.core import protocol as P
 from tunebench.engine.core.config import TrainConfig
 from tunebench.engine.core.data import DataError, parse_dataset_spec
+from tunebench.engine.core.errors import UserError
 from tunebench.engine.core.estimate import CUDA_CONTEXT_BYTES, ModelShape, read_model_info, training_layout
 from tunebench.engine.core.memory_model import (
     FAST_MAX_TOKENS,
@@ -18,11 +21,11 @@ from tunebench.engine.core.memory_model import (
     estimate_peak_bytes,
     lora_parameters,
 )
-from tunebench.engine.core.targets import ADAPTER_CONFIG, ADAPTER_FILES
+from tunebench.engine.core.targets import ADAPTER_CONFIG, ADAPTER_FILES, BASE, adapters_base, resolve_target
 from tunebench.engine.core.workspace import CHECKPOINT_STATE_FILE, Workspace, list_checkpoints, read_run
 from tunebench.engine.process.jobs import Jobs
 from tunebench.tui.app import first_dataset
-from tunebench.tui.widgets.chat.column_choices import discover_columns
+from tunebench.tui.widgets.chat.column_choices import ColumnChoice, columns_problem, discover_columns
 from tunebench.tui.widgets.dataset.light_tokenizer import tokenizer_folder
 from tunebench.tui.widgets.params.settings_store import TrainSettings
 
@@ -168,3 +171,50 @@ def test_the_estimate_decides_auto_where_the_gpu_path_does(card, want):
     assert layout.profile is want
     assert (layout.profile, layout.why) == choose_profile("auto", free)
     assert training_layout(shape, TrainConfig(profile="lean"), card).profile is Profile.LEAN
+
+
+# ============================================================ adapters' base
+
+
+def _run_on(root: Path, run_id: str, base: Path) -> Path:
+    """A run folder whose adapter was trained on `base` (a model folder on this machine)."""
+    base.mkdir(parents=True, exist_ok=True)
+    (base / "config.json").write_text("{}")
+    adapter = root / run_id / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / ADAPTER_CONFIG).write_text("{}")
+    (adapter / "adapter_model.safetensors").write_bytes((2).to_bytes(8, "little") + b"{}")
+    run = {"config": {"model": str(base)}, "base_model_path": str(base)}
+    (root / run_id / "config.json").write_text(json.dumps(run))
+    return root / run_id
+
+
+def test_adapters_of_two_bases_are_refused_by_every_caller_before_anything_loads(ws, tmp_path):
+    from tunebench.engine.deploy.served import AdapterSpec, plan_deployment
+    from tunebench.engine.infer.export import base_model_of
+    from tunebench.engine.process.jobs import Job
+
+    first = _run_on(ws.runs_dir, "r1", tmp_path / "base-a")
+    second = _run_on(ws.runs_dir, "r2", tmp_path / "base-b")
+    same = _run_on(ws.runs_dir, "r3", tmp_path / "base-a")
+    assert adapters_base([resolve_target(str(first)), resolve_target(str(same))]) == str(tmp_path / "base-a")
+
+    def refused(call) -> str:
+        with pytest.raises(UserError) as err:
+            call()
+        assert "different base models" in err.value.message
+        assert "r1" in err.value.message and "r2" in err.value.message
+        assert str(tmp_path / "base-a") in err.value.message and str(tmp_path / "base-b") in err.value.message
+        return err.value.message
+
+    targets = [resolve_target(BASE), resolve_target(str(first)), resolve_target(str(second))]
+    message = refused(lambda: adapters_base(targets))
+    assert refused(lambda: base_model_of(targets)) == message  # export and tunebench chat
+    assert refused(lambda: plan_deployment("", [AdapterSpec("a", str(first)), AdapterSpec("b", str(second))]))
+    events = []
+    request = P.Generate(targets=["base", "runs/r1", "runs/r2"], messages=[{"role": "user", "content": "hi"}])
+    assert refused(lambda: Jobs(ws).generate(Job("generate", "1", "test"), request, events.append)) == message
+    assert events == []  # nothing loaded: the TUI's chat used to load r1's base and fail on r2
+    columns = [ColumnChoice(BASE, BASE), ColumnChoice(str(first / "adapter"), "r1 final")]
+    assert columns_problem(columns) == ""
+    assert columns_problem([*columns, ColumnChoice(str(second / "adapter"), "r2 final")]) == message

@@ -9,6 +9,7 @@ the system prompt.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,16 +147,34 @@ def find_run_config(adapter_dir: Path) -> tuple[dict[str, Any], Path | None]:
     return {}, None
 
 
-def base_model_for(target: str) -> str | None:
-    """The base model a run recorded for this adapter target, as a spec load_model accepts."""
-    if target == BASE:
-        return None
-    try:
-        adapter_dir = find_adapter_dir(target)
-    except UserError:
-        return None
-    run, _ = find_run_config(adapter_dir)
-    return recorded_base_model(run, adapter_dir)
+def adapters_base(targets: Sequence[Target]) -> str | None:
+    """The base model the adapters among `targets` were trained on, as their runs recorded it (a
+    spec load_model accepts); None when no adapter records one. Adapters of different bases are
+    refused here, naming each, before any weights load: one loaded base cannot answer for both."""
+    bases: dict[str, list[str]] = {}
+    for target in targets:
+        base = None if target.is_base else recorded_base_model(target.run, target.adapter_dir)
+        if base:
+            bases.setdefault(base, []).append(target.label)
+    if len(bases) > 1:
+        raise UserError(
+            "these adapters were trained on different base models: "
+            + "; ".join(f"{', '.join(labels)} on {base}" for base, labels in sorted(bases.items())),
+            "compare adapters of one base at a time, or name the base with --model",
+        )
+    return next(iter(bases), None)
+
+
+def check_trained_on(target: Target, base_path: str | Path, named: str) -> None:
+    """Refuse an adapter whose run recorded another base than the model at `base_path` (`named`
+    says which, in the message). A recorded base that is not on this machine (the run was copied
+    from another) cannot be compared and passes."""
+    recorded = str(target.run.get("base_model_path") or "")
+    if recorded and Path(recorded).exists() and Path(recorded).resolve() != Path(base_path).resolve():
+        raise UserError(
+            f"{target.spec} was trained on {recorded}, not on {named}",
+            "leave --model out so the run's own base model is used, or pass that base",
+        )
 
 
 def recorded_base_model(run: dict[str, Any], adapter_dir: Path | None = None) -> str | None:

@@ -95,7 +95,7 @@ class Jobs:
         return run_training(job.config, emit_until_finished, stop)
 
     def generate(self, job: Job, request: P.Generate, emit: Emit) -> P.Event:
-        from ..core.targets import base_model_for
+        from ..core.targets import adapters_base, resolve_target
 
         resolved = {t: t if t == "base" else self.ws.resolve(t) for t in request.targets}
         targets = list(resolved.values())
@@ -104,8 +104,8 @@ class Jobs:
             chat = {resolved[t]: request.conversations[t] for t in request.targets}
         model = self.resolve_model(request.model)
         if not model:
-            bases = [base_model_for(t) for t in targets if t != "base"]
-            model = next((b for b in bases if b), "") or (
+            # Adapters name their base (refused here if they name two); base alone keeps the loaded one.
+            model = adapters_base([resolve_target(t) for t in targets if t != "base"]) or (
                 self._session.model_spec if self._session else "demo"
             )
         session, loaded = self.session_for(model, "auto", emit)

@@ -7,7 +7,7 @@ from textual.binding import Binding
 from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Footer, Label, SelectionList
-from tunebench.tui.widgets.chat.column_choices import ColumnChoice
+from tunebench.tui.widgets.chat.column_choices import ColumnChoice, columns_problem
 
 
 class TargetsPicker(ModalScreen[list[ColumnChoice] | None]):
@@ -38,5 +38,9 @@ class TargetsPicker(ModalScreen[list[ColumnChoice] | None]):
         targets = [t for t in self.available if t.path in picked]
         if not targets:
             self.notify("choose at least one column", severity="warning")
+            return
+        problem = columns_problem(targets)
+        if problem:
+            self.notify(problem, severity="error")
             return
         self.dismiss(targets)

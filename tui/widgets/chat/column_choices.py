@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunebench.engine.core.targets import ADAPTER_CONFIG, ADAPTER_FILES
+from tunebench.engine.core.errors import UserError
+from tunebench.engine.core.targets import ADAPTER_CONFIG, ADAPTER_FILES, adapters_base, resolve_target
 from tunebench.engine.core.workspace import checkpoint_step, list_checkpoints
 
 BASE = "base"
@@ -53,3 +54,13 @@ def default_columns(runs_dir: Path) -> list[ColumnChoice]:
     found = discover_columns(runs_dir)
     adapters = [t for t in found if t.path.endswith("adapter")]
     return [found[0], *adapters[:1]]
+
+
+def columns_problem(choices: list[ColumnChoice]) -> str:
+    """Why these columns cannot be asked together ("" if they can): an adapter the engine could not
+    load, or adapters of different base models, which one loaded base cannot answer for."""
+    try:
+        adapters_base([resolve_target(c.path) for c in choices if c.path != BASE])
+    except UserError as exc:
+        return exc.message
+    return ""
