@@ -17,7 +17,7 @@ from typing import Any
 from . import memory_model as gm
 from . import protocol as P
 from .memory_sampler import gpu_stats
-from .model_files import DEMO_NAME, workspace_model
+from .model_files import DEMO_NAME, cache_root, workspace_model
 
 GIB = gm.GIB
 
@@ -242,10 +242,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _cached_conversion(prefix: str) -> dict[str, Any] | None:
-    base = os.environ.get("TUNEBENCH_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tunebench"
-    )
-    for folder in sorted(Path(base, "models").glob(f"{prefix}-*")):
+    for folder in sorted((cache_root() / "models").glob(f"{prefix}-*")):
         found = _read_json(folder / "config.json")
         if found:
             return found
