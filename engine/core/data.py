@@ -122,10 +122,10 @@ class DatasetSpec(NamedTuple):
     """A dataset as --dataset names it: the file, and how many samples to take (None: all)."""
 
     path: Path
-    count: int | None
+    samples: int | None  # not `count`: a tuple's count() would be shadowed
 
     def __str__(self) -> str:
-        return str(self.path) if self.count is None else f"{self.path}#{self.count}"
+        return str(self.path) if self.samples is None else f"{self.path}#{self.samples}"
 
 
 def parse_dataset_spec(spec: str, root: str | Path | None = None) -> DatasetSpec:

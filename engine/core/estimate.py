@@ -124,17 +124,21 @@ def training_layout(shape: ModelShape, cfg: Any, card_bytes: int | None) -> Trai
     will pick for `cfg` on a card of `card_bytes` (None: unknown, no GPU here)."""
     model = shape.as_config()
     quantized = cfg.train_type == "qlora" or cfg.quant_bits == 4
-    lora = dict(lora_rank=cfg.lora_rank, target_modules=tuple(cfg.target_modules))
-    trainable = gm.lora_parameters(model, cfg.lora_rank, cfg.target_modules)
-    weights_only = gm.estimate_peak_bytes(model, tokens=0, quantized=quantized, recomputed_layers=0, **lora)[
-        "weights"
-    ]
-    free = card_bytes - weights_only - CUDA_CONTEXT_BYTES if card_bytes else None
+    targets = tuple(cfg.target_modules)
+    trainable = gm.lora_parameters(model, cfg.lora_rank, targets)
+    weights = gm.estimate_peak_bytes(model, tokens=0, quantized=quantized, recomputed_layers=0)["weights"]
+    free = card_bytes - weights - CUDA_CONTEXT_BYTES if card_bytes else None
     profile, why = gm.choose_profile(cfg.profile, free)
     lean = profile == gm.Profile.LEAN
     on_host = lean and not shape.tied
     inputs_on_host = lean and bool(cfg.gradient_checkpointing)
-    kw = dict(quantized=quantized, embedding_on_host=on_host, inputs_on_host=inputs_on_host, **lora)
+    kw: dict[str, Any] = dict(
+        quantized=quantized,
+        embedding_on_host=on_host,
+        inputs_on_host=inputs_on_host,
+        lora_rank=cfg.lora_rank,
+        target_modules=targets,
+    )
     step_tokens = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * cfg.max_length
     if lean or card_bytes:
         limit = gm.tokens_per_forward(model, profile=profile, card_bytes=card_bytes or 0, **kw)

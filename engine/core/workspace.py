@@ -304,7 +304,7 @@ def list_checkpoints(run_dir: str | Path, holding: Sequence[str] = (CHECKPOINT_S
         for p in folder.glob("step-*")
         if checkpoint_step(p) is not None and all((p / name).is_file() for name in holding)
     ]
-    return sorted(found, key=checkpoint_step)
+    return sorted(found, key=lambda p: checkpoint_step(p) or 0)
 
 
 def checkpoint_step(path: str | Path) -> int | None:

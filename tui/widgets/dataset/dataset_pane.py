@@ -474,7 +474,7 @@ class DatasetPane(Vertical):
         for spec in specs:
             parsed = self._spec(spec)
             if parsed is not None and parsed.path.resolve() == old.resolve():
-                spec = str(DatasetSpec(Path(short_path(new, self.workspace)), parsed.count))  # count kept
+                spec = str(DatasetSpec(Path(short_path(new, self.workspace)), parsed.samples))  # count kept
             renamed.append(spec)
         if renamed != specs:
             self.settings.update({"dataset": renamed})
