@@ -93,7 +93,7 @@ def answers(result: dict[str, dict]) -> dict[str, tuple]:
 
 
 def test_targets_resolve_to_adapters_and_run_settings(runs, tiny_model_dir):
-    from tunebench.engine.core.targets import base_model_for, resolve_target
+    from tunebench.engine.core.targets import BASE, adapters_base, resolve_target
 
     run = resolve_target(str(runs["bob"]))
     assert run.adapter_dir == runs["bob"] / "adapter"
@@ -104,8 +104,9 @@ def test_targets_resolve_to_adapters_and_run_settings(runs, tiny_model_dir):
     training = resolve_target(str(runs["training"]))
     assert training.adapter_dir == runs["training"] / "checkpoints" / "step-10"
     assert training.run_dir == runs["training"] and training.label == "training/step-10"
-    assert base_model_for(str(runs["training"] / "checkpoints" / "step-2")) == str(tiny_model_dir)
-    assert base_model_for("base") is None
+    step_2 = resolve_target(str(runs["training"] / "checkpoints" / "step-2"))
+    assert adapters_base([resolve_target(BASE), step_2]) == str(tiny_model_dir)
+    assert adapters_base([resolve_target(BASE)]) is None
 
 
 def test_bad_targets_are_clear_user_errors(tmp_path, tiny_model_dir):

@@ -9,6 +9,7 @@ import sys
 import pytest
 from tunebench.engine.core import estimate as M
 from tunebench.engine.core.config import TrainConfig
+from tunebench.engine.core.memory_model import lora_parameters
 from tunebench.engine.core.memory_sampler import sample_memory
 
 # Qwen2.5-7B-Instruct's config.json, the model the README targets.
@@ -72,7 +73,7 @@ def test_estimate_is_positive_and_adds_up():
     assert all(value >= 0 for value in e.parts.values()) and e.parts["dequantised"] == 0
     assert abs(sum(e.parts.values()) - e.total_gib) < 0.01
     assert 14 < e.parts["weights"] < 15  # 7.6B bf16 weights
-    assert e.trainable == M.lora_params(M.ModelShape.from_config(QWEN_7B), 8, ("all-linear",))
+    assert e.trainable == lora_parameters(QWEN_7B, 8, ("all-linear",))
     assert any("profile fast" in n for n in e.notes)
 
 

@@ -21,6 +21,7 @@ from textual.widgets import Footer, TabbedContent, TabPane
 from textual.worker import Worker, WorkerState
 from tunebench.engine.core import protocol as P
 from tunebench.engine.core.config import changed_fields, to_dict
+from tunebench.engine.core.data import DataError, parse_dataset_spec
 from tunebench.engine.core.workspace import ENGINE_IDLE_EXIT_S, Workspace
 
 from .debounce import Debouncer
@@ -32,7 +33,7 @@ from .screens.error import ErrorScreen
 from .screens.help import HelpScreen, HelpSection
 from .screens.targets_picker import TargetsPicker
 from .widgets.chat.chat_pane import ChatPane
-from .widgets.chat.targets import BASE, Target, default_targets, discover_targets, target_label
+from .widgets.chat.column_choices import BASE, ColumnChoice, column_label, default_columns, discover_columns
 from .widgets.dataset.dataset_pane import DatasetPane
 from .widgets.gpu.gpu_pane import GpuPane
 from .widgets.params.params_pane import ParamsPane
@@ -103,9 +104,10 @@ def prepare_workspace(root: Path, model: str | None) -> tuple[Workspace, TrainSe
 def first_dataset(ws: Workspace, settings: TrainSettings) -> Path:
     """The file the Dataset pane opens: the first one the form trains on, else one in datasets/."""
     for spec in settings.config.dataset:
-        head, sep, tail = spec.rpartition("#")
-        path = Path(head if sep and tail.isdigit() else spec)
-        path = path if path.is_absolute() else ws.root / path
+        try:
+            path = parse_dataset_spec(spec, ws.root).path
+        except DataError:
+            continue
         if path.is_file():
             return path
     existing = sorted(ws.datasets_dir.glob("*.jsonl"))
@@ -175,7 +177,7 @@ class TuneBenchApp(App[int]):
     def on_mount(self) -> None:
         if self.settings.load_problem:
             self.notify(self.settings.load_problem, severity="warning", timeout=10)
-        self._main.query_one(ChatPane).set_targets(default_targets(self.workspace_info.runs_dir))
+        self._main.query_one(ChatPane).set_targets(default_columns(self.workspace_info.runs_dir))
         self._main.query_one("#sample-table").focus()
         self.connect_engine()
 
@@ -365,7 +367,7 @@ class TuneBenchApp(App[int]):
 
     def _train_finished(self, event: P.TrainFinished) -> None:
         if event.adapter_dir and not self.chat_pane.chosen_by_person:
-            self.chat_pane.set_targets(default_targets(self.workspace_info.runs_dir))
+            self.chat_pane.set_targets(default_columns(self.workspace_info.runs_dir))
         severity = "information" if event.status == "completed" else "warning"
         self.notify(f"training {event.status} after {event.steps} steps", severity=severity)
 
@@ -428,7 +430,7 @@ class TuneBenchApp(App[int]):
         self.send_request(P.EstimateMemory(config=to_dict(self.settings.config)), "estimate")
 
     def choose_chat_targets(self) -> None:
-        available = discover_targets(self.workspace_info.runs_dir)
+        available = discover_columns(self.workspace_info.runs_dir)
 
         def chosen(targets: list | None) -> None:
             if targets:
@@ -464,7 +466,7 @@ class TuneBenchApp(App[int]):
 
     @on(CheckpointList.Chosen)
     def _chat_with(self, event: CheckpointList.Chosen) -> None:
-        targets = [Target(BASE, BASE), Target(event.path, target_label(event.path))]
+        targets = [ColumnChoice(BASE, BASE), ColumnChoice(event.path, column_label(event.path))]
         self.chat_pane.set_targets(targets, by_person=True)
         self.action_show_pane("chat")
 

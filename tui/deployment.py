@@ -21,7 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .widgets.chat.targets import BASE, Target
+from tunebench.engine.core.workspace import checkpoint_step
+
+from .widgets.chat.column_choices import BASE, ColumnChoice
 
 DEFAULT_PORT = 8000
 POLL_TIMEOUT_S = 0.5
@@ -29,13 +31,13 @@ _RUNNING = re.compile(r"^tunebench_requests_running (\d+)", re.MULTILINE)
 _WAITING = re.compile(r"^tunebench_requests_waiting (\d+)", re.MULTILINE)
 
 
-def served_name(target: Target) -> str:
+def served_name(target: ColumnChoice) -> str:
     """The name a client asks for: the run id for a final adapter, <run id>-step-<n> for a
     checkpoint (a column label has spaces, which a served name may not)."""
     path = Path(target.path)
     if path.name == "adapter":
         return path.parent.name
-    if path.name.startswith("step-") and path.parent.name == "checkpoints":
+    if checkpoint_step(path) is not None and path.parent.name == "checkpoints":
         return f"{path.parent.parent.name}-{path.name}"
     return path.name
 
@@ -74,7 +76,7 @@ class DeployPlan:
         return [sys.executable, "-m", "tunebench.engine.cli.main", "deploy", *self.args]
 
 
-def plan_deploy(targets: list[Target], model: str, port: int) -> DeployPlan:
+def plan_deploy(targets: list[ColumnChoice], model: str, port: int) -> DeployPlan:
     """Serve the Chat pane's columns: the base and each adapter. With adapters, their runs name the
     base model (deploy refuses a --model they were not trained on); without, the form's model."""
     adapters = [t for t in targets if t.path != BASE]

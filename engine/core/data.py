@@ -19,7 +19,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -37,7 +37,8 @@ _PLACEHOLDER = re.compile(r"\{\{\s*(name|author)\s*\}\}", re.IGNORECASE)
 # CJK Unified Ideographs, Extension A and the compatibility block: enough to tell Chinese text.
 _CJK = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 
-_SHAREGPT_ROLES = {
+# Speaker names as sharegpt exports write them (compared in any case), and the chat role each is.
+SHAREGPT_ROLES = {
     "human": "user",
     "user": "user",
     "gpt": "assistant",
@@ -47,7 +48,17 @@ _SHAREGPT_ROLES = {
     "model": "assistant",
     "system": "system",
 }
-_MESSAGE_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+MESSAGE_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+def sharegpt_role(speaker: Any) -> str | None:
+    """The chat role ("system", "user" or "assistant") a sharegpt speaker stands for; None if unknown."""
+    return SHAREGPT_ROLES.get(speaker.lower()) if isinstance(speaker, str) else None
+
+
+def message_role(role: Any) -> str | None:
+    """The chat role an OpenAI message's role stands for ("developer" is the system); None if unknown."""
+    return MESSAGE_ROLES.get(role) if isinstance(role, str) else None
 
 
 # ===================================================================== types
@@ -107,16 +118,31 @@ class UnreadableRecord(InvalidRecord):
 # ============================================================= dataset specs
 
 
-def parse_dataset_spec(spec: str) -> tuple[Path, int | None]:
-    """Split "path#N" into the path and the number of samples to take (None = all of them)."""
+class DatasetSpec(NamedTuple):
+    """A dataset as --dataset names it: the file, and how many samples to take (None: all)."""
+
+    path: Path
+    samples: int | None  # not `count`: a tuple's count() would be shadowed
+
+    def __str__(self) -> str:
+        return str(self.path) if self.samples is None else f"{self.path}#{self.samples}"
+
+
+def parse_dataset_spec(spec: str, root: str | Path | None = None) -> DatasetSpec:
+    """Split "path#N" into the file and the number of samples to take (None: all of them).
+
+    A relative path is taken from `root` (the workspace) when given, else from the current folder;
+    `~` is the home folder. A '#' that is part of an existing file's name is not a sample count.
+    DataError says what is wrong with a spec that is neither.
+    """
     text = spec.strip()
     if not text:
         raise DataError("empty dataset name", hint="give a .jsonl or .json file, optionally as path#N")
+    whole = _dataset_path(text, root)
     head, sep, tail = text.rpartition("#")
-    # A '#' that is part of an existing file's name is not a sample count.
-    if not sep or Path(text).is_file():
-        return Path(text), None
-    if not head:
+    if not sep or whole.is_file():
+        return DatasetSpec(whole, None)
+    if not head.strip():
         raise DataError(f"dataset {spec!r} has no file name before '#'", hint="write it as path#N")
     digits = tail.strip()
     if not (digits.isascii() and digits.isdigit()) or int(digits) == 0:
@@ -124,7 +150,23 @@ def parse_dataset_spec(spec: str) -> tuple[Path, int | None]:
             f"dataset {spec!r}: {tail!r} after '#' is not a positive whole number",
             hint=f"write {head}#N with N the number of samples to take (1 or more), or drop the #",
         )
-    return Path(head.strip()), int(digits)
+    return DatasetSpec(_dataset_path(head.strip(), root), int(digits))
+
+
+def resolve_dataset_spec(spec: str, root: str | Path) -> str:
+    """The spec with its file made absolute against `root` (the workspace), for a process whose
+    current folder is elsewhere. A spec that does not parse keeps what follows its '#' as typed,
+    so loading it says what is wrong with it, naming the file as the command line would."""
+    try:
+        return str(parse_dataset_spec(spec, root))
+    except DataError:
+        head, sep, tail = spec.strip().rpartition("#")
+        return f"{_dataset_path(head.strip(), root)}#{tail}" if sep and head.strip() else spec
+
+
+def _dataset_path(text: str, root: str | Path | None) -> Path:
+    path = Path(text).expanduser()
+    return Path(root) / path if root is not None and not path.is_absolute() else path
 
 
 # ================================================================== reading
@@ -290,9 +332,10 @@ def _from_messages(items: Any) -> list[_Turn]:
     for i, item in enumerate(_list_of_objects(items, "messages")):
         where = f"messages[{i}]"
         role = _required_text(item, "role", where)
-        if role not in _MESSAGE_ROLES:
+        canonical = message_role(role)
+        if canonical is None:
             raise InvalidRecord(f"{where}: unknown role {role!r}: use system, user or assistant")
-        turns.append((_MESSAGE_ROLES[role], _required_text(item, "content", where), where))
+        turns.append((canonical, _required_text(item, "content", where), where))
     return turns
 
 
@@ -305,7 +348,7 @@ def _from_sharegpt(items: Any) -> list[_Turn]:
             ("role", "content") if "from" not in item and "role" in item else ("from", "value")
         )
         speaker = _required_text(item, speaker_key, where)
-        role = _SHAREGPT_ROLES.get(speaker.lower())
+        role = sharegpt_role(speaker)
         if role is None:
             raise InvalidRecord(
                 f"{where}: unknown speaker {speaker!r} in '{speaker_key}': use human, gpt or system"

@@ -17,6 +17,7 @@ from typing import Any
 from . import memory_model as gm
 from . import protocol as P
 from .memory_sampler import gpu_stats
+from .model_files import DEMO_NAME, cache_root, workspace_model
 
 GIB = gm.GIB
 
@@ -36,7 +37,6 @@ DEMO_MODEL_INFO = {
     "num_key_value_heads": 3,
     "tie_word_embeddings": True,
 }
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -89,17 +89,7 @@ class ModelShape:
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(in, out) features of each linear layer in one decoder layer."""
-        h, i = self.hidden, self.intermediate
-        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        return {
-            "q_proj": (h, q),
-            "k_proj": (h, kv),
-            "v_proj": (h, kv),
-            "o_proj": (q, h),
-            "gate_proj": (h, i),
-            "up_proj": (h, i),
-            "down_proj": (i, h),
-        }
+        return gm.projection_shapes(self.as_config())
 
     @property
     def linear_params(self) -> int:
@@ -115,19 +105,11 @@ class ModelShape:
         return self.linear_params + self.embedding_params
 
 
-def lora_params(shape: ModelShape, rank: int, targets: tuple[str, ...]) -> int:
-    """A (rank x in) and B (out x rank) for every targeted linear layer."""
-    names = LINEAR_NAMES if "all-linear" in targets else targets
-    shapes = shape.linear_shapes()
-    per_layer = sum(rank * (shapes[n][0] + shapes[n][1]) for n in names if n in shapes)
-    return shape.layers * per_layer
-
-
 @dataclass(frozen=True)
 class TrainingLayout:
     """What the GPU path will do with a config on a card: the memory model's inputs."""
 
-    profile: str
+    profile: gm.Profile
     why: str
     tokens: int  # the largest forward, packed
     recomputed_layers: int
@@ -142,28 +124,30 @@ def training_layout(shape: ModelShape, cfg: Any, card_bytes: int | None) -> Trai
     will pick for `cfg` on a card of `card_bytes` (None: unknown, no GPU here)."""
     model = shape.as_config()
     quantized = cfg.train_type == "qlora" or cfg.quant_bits == 4
-    trainable = lora_params(shape, cfg.lora_rank, tuple(cfg.target_modules))
-    weights_only = gm.estimate_peak_bytes(
-        model, tokens=0, quantized=quantized, recomputed_layers=0, lora_params=trainable
-    )["weights"]
-    if card_bytes:
-        profile, why = gm.choose_profile(cfg.profile, card_bytes - weights_only - CUDA_CONTEXT_BYTES)
-    else:
-        profile, why = (cfg.profile, "asked for") if cfg.profile != "auto" else ("fast", "auto: no GPU seen")
-    on_host = profile == "lean" and not shape.tied
-    inputs_on_host = profile == "lean" and bool(cfg.gradient_checkpointing)
-    kw = dict(
-        quantized=quantized, embedding_on_host=on_host, lora_params=trainable, inputs_on_host=inputs_on_host
+    targets = tuple(cfg.target_modules)
+    trainable = gm.lora_parameters(model, cfg.lora_rank, targets)
+    weights = gm.estimate_peak_bytes(model, tokens=0, quantized=quantized, recomputed_layers=0)["weights"]
+    free = card_bytes - weights - CUDA_CONTEXT_BYTES if card_bytes else None
+    profile, why = gm.choose_profile(cfg.profile, free)
+    lean = profile == gm.Profile.LEAN
+    on_host = lean and not shape.tied
+    inputs_on_host = lean and bool(cfg.gradient_checkpointing)
+    kw: dict[str, Any] = dict(
+        quantized=quantized,
+        embedding_on_host=on_host,
+        inputs_on_host=inputs_on_host,
+        lora_rank=cfg.lora_rank,
+        target_modules=targets,
     )
     step_tokens = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * cfg.max_length
-    if profile == "lean" or card_bytes:
+    if lean or card_bytes:
         limit = gm.tokens_per_forward(model, profile=profile, card_bytes=card_bytes or 0, **kw)
         tokens = min(step_tokens, max(cfg.max_length, limit))  # a sample is never split
     else:
         tokens = cfg.per_device_train_batch_size * cfg.max_length
     recomputed = 0
     if cfg.gradient_checkpointing:
-        if profile == "lean":
+        if lean:
             recomputed = shape.layers
         elif card_bytes:
             fixed = gm.estimate_peak_bytes(model, tokens=0, recomputed_layers=0, **kw)["total"]
@@ -203,7 +187,8 @@ def estimate_training_memory(
         quantized=layout.quantized,
         recomputed_layers=layout.recomputed_layers,
         embedding_on_host=layout.embedding_on_host,
-        lora_params=layout.lora_params,
+        lora_rank=cfg.lora_rank,
+        target_modules=tuple(cfg.target_modules),
         inputs_on_host=layout.inputs_on_host,
     )
     total = parts.pop("total")
@@ -238,12 +223,10 @@ def read_model_info(spec: str, base: str | Path | None = None) -> dict[str, Any]
     Knows the demo model, local folders (relative ones against `base`), converted GGUF files in
     TuneBench's cache, and hub ids in the local Hugging Face cache.
     """
-    spec = spec.strip()
-    if spec == "demo":
+    spec = workspace_model(spec, base)
+    if spec == DEMO_NAME:
         return _cached_conversion("smollm2-135m-instruct") or dict(DEMO_MODEL_INFO)
     path = Path(spec).expanduser()
-    if not path.is_absolute() and base is not None and (Path(base) / path).exists():
-        path = Path(base) / path
     if path.suffix.lower() == ".gguf":
         return _cached_conversion(path.stem) if path.is_file() else None
     if (path / "config.json").is_file():
@@ -263,10 +246,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _cached_conversion(prefix: str) -> dict[str, Any] | None:
-    base = os.environ.get("TUNEBENCH_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tunebench"
-    )
-    for folder in sorted(Path(base, "models").glob(f"{prefix}-*")):
+    for folder in sorted((cache_root() / "models").glob(f"{prefix}-*")):
         found = _read_json(folder / "config.json")
         if found:
             return found

@@ -7,9 +7,12 @@ against the peaks measured on an H100 and an H200 (bench/RESULTS.md, "Memory mod
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from enum import Enum
 from typing import Any
 
 GIB = 1024**3
+ALL_LINEAR = ("all-linear",)  # LoRA's target_modules when every projection is trained
 # `auto` takes the lean profile when less than this is free once the model is on the card.
 LEAN_BELOW_FREE = 12 * GIB
 # Kept free for the allocator's transients (the loss chunk, a dequantised 4-bit weight, cuBLAS
@@ -54,13 +57,27 @@ def model_sizes(model_config: Any) -> dict[str, Any]:
     }
 
 
-def choose_profile(requested: str, free_bytes: int) -> tuple[str, str]:
-    """The profile to train with, and why: `auto` goes lean when little memory is left."""
-    if requested in ("fast", "lean"):
-        return requested, "asked for"
-    if free_bytes < LEAN_BELOW_FREE:
-        return "lean", f"auto: {free_bytes / GIB:.1f} GiB free after loading the model"
-    return "fast", f"auto: {free_bytes / GIB:.1f} GiB free after loading the model"
+class Profile(str, Enum):
+    """The GPU path's memory profile once decided (the config's `auto` is not one): fast spends
+    memory on speed, lean keeps the least on the card."""
+
+    FAST = "fast"
+    LEAN = "lean"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def choose_profile(requested: str, free_bytes: int | None) -> tuple[Profile, str]:
+    """The profile to train with, and why. `requested` is the config's fast, lean or auto; auto goes
+    lean when less than LEAN_BELOW_FREE is free once the model is on the card, and is fast where
+    no GPU is seen (`free_bytes` None). The GPU path and the estimate both decide here."""
+    if requested != "auto":
+        return Profile(requested), "asked for"
+    if free_bytes is None:
+        return Profile.FAST, "auto: no GPU seen"
+    why = f"auto: {free_bytes / GIB:.1f} GiB free after loading the model"
+    return (Profile.LEAN if free_bytes < LEAN_BELOW_FREE else Profile.FAST), why
 
 
 def layer_activation_bytes(
@@ -83,11 +100,27 @@ def layer_activation_bytes(
     return (words + extra) * dtype_bytes + heads * 4
 
 
-def lora_parameters(model_config: Any, rank: int) -> int:
-    """A (rank x in) and B (out x rank) on the seven projections of every layer."""
+def projection_shapes(model_config: Any) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each linear projection in one decoder layer."""
     s = model_sizes(model_config)
     h, i, q, kv = s["hidden"], s["intermediate"], s["heads"] * s["head_dim"], s["kv_heads"] * s["head_dim"]
-    return s["layers"] * rank * ((h + q) + 2 * (h + kv) + (q + h) + 2 * (h + i) + (i + h))
+    return {
+        "q_proj": (h, q),
+        "k_proj": (h, kv),
+        "v_proj": (h, kv),
+        "o_proj": (q, h),
+        "gate_proj": (h, i),
+        "up_proj": (h, i),
+        "down_proj": (i, h),
+    }
+
+
+def lora_parameters(model_config: Any, rank: int, target_modules: Sequence[str] = ALL_LINEAR) -> int:
+    """Trainable LoRA parameters: A (rank x in) and B (out x rank) on every targeted projection of
+    every layer (all-linear: all seven)."""
+    shapes = projection_shapes(model_config)
+    names = shapes if "all-linear" in target_modules else [n for n in target_modules if n in shapes]
+    return model_sizes(model_config)["layers"] * sum(rank * sum(shapes[n]) for n in names)
 
 
 def loss_bytes_per_token(model_config: Any) -> int:
@@ -105,7 +138,7 @@ def estimate_peak_bytes(
     quantized: bool = False,
     recomputed_layers: int | None = None,
     embedding_on_host: bool = False,
-    lora_params: int | None = None,
+    target_modules: Sequence[str] = ALL_LINEAR,
     compiled: bool = True,
     inputs_on_host: bool = False,
     in_graph: bool = True,
@@ -113,7 +146,7 @@ def estimate_peak_bytes(
     """THE memory model: peak allocated bytes of a training step on the GPU path, by part.
 
     `tokens` is the largest forward (packed, no padding); `recomputed_layers` None means all of
-    them (lean), 0 means none. `lora_params` overrides the count for the seven projections;
+    them (lean), 0 means none. `target_modules` are the projections LoRA trains (config's);
     `compiled` False models decoder layers that run eagerly (the `-compile` technique);
     `inputs_on_host` models the recomputed layers' inputs kept in host memory (two of them on the
     card at a time: one in use, one arriving); `in_graph` a compiled layer whose recompute is in
@@ -129,7 +162,7 @@ def estimate_peak_bytes(
     linear_bytes = layers * per_layer_linear * ((0.5 + 1 / 64 + 4 / (64 * 256)) if quantized else 2)
     embed_bytes = (0 if embedding_on_host and not s["tied"] else embed * 2) + (0 if s["tied"] else embed * 2)
     other = layers * (2 * h + (heads + 2 * kv) * d) * 2 + h * 2
-    trainable = lora_params if lora_params is not None else lora_parameters(s, lora_rank)
+    trainable = lora_parameters(s, lora_rank, target_modules)
     lora_bytes = trainable * 16  # float32 weight, gradient and two AdamW moments
     per_layer = layer_activation_bytes(s, compiled=compiled)
     recomputed = layers if recomputed_layers is None else min(recomputed_layers, layers)
@@ -164,12 +197,12 @@ def estimate_peak_bytes(
 def tokens_per_forward(
     model_config: Any,
     *,
-    profile: str,
+    profile: Profile,
     card_bytes: int,
     lora_rank: int = 8,
     quantized: bool = False,
     embedding_on_host: bool = False,
-    lora_params: int | None = None,
+    target_modules: Sequence[str] = ALL_LINEAR,
     compiled: bool = True,
     inputs_on_host: bool = False,
     in_graph: bool = True,
@@ -185,12 +218,12 @@ def tokens_per_forward(
         lora_rank=lora_rank,
         quantized=quantized,
         embedding_on_host=embedding_on_host,
-        lora_params=lora_params,
+        target_modules=target_modules,
         compiled=compiled,
         inputs_on_host=inputs_on_host,
         in_graph=in_graph,
     )
-    if profile == "lean":
+    if profile == Profile.LEAN:
         one = estimate_peak_bytes(model_config, tokens=1, recomputed_layers=None, **kw)
         per_token = one["activations"] + one["loss"]
         return max(1, int(LEAN_TOKEN_BYTES // per_token))

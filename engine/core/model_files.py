@@ -122,6 +122,19 @@ def conversion_target(gguf: Path, name: str | None = None) -> Path:
     return cache_root() / "models" / f"{name or gguf.stem}-{key}"
 
 
+def workspace_model(spec: str, root: str | Path | None) -> str:
+    """A model as the engine loads it for a workspace: a path typed relative to the workspace `root`
+    is made absolute when it exists there (whatever the engine's current folder). `demo`, hub ids,
+    absolute paths and names not found there are kept as typed, without surrounding spaces."""
+    spec = spec.strip()
+    if not spec or spec == DEMO_NAME or root is None:
+        return spec
+    path = Path(spec).expanduser()
+    if not path.is_absolute() and (Path(root) / path).exists():
+        return str(Path(root) / path)
+    return spec
+
+
 def cached_model_dir(spec: str) -> Path | None:
     """The folder `spec` would load from, if it is on disk already; never converts, never imports
     torch (the TUI uses it to find a tokenizer before the engine has loaded anything)."""

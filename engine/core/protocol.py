@@ -106,7 +106,7 @@ class StopTraining(Request):
 class Generate(Request):
     messages: list[dict[str, str]] = field(default_factory=list)  # chat so far, user turn last
     targets: list[str] = field(default_factory=lambda: ["base"])  # "base" or adapter/checkpoint dirs
-    model: str = ""  # base model; "" = the loaded one, or the first adapter's run config
+    model: str = ""  # base model; "" = the adapters' runs name it (two bases: refused), else the loaded one
     system: str = ""
     config: dict[str, Any] = field(default_factory=dict)  # a GenerationConfig as a dict
     # Side-by-side multi-turn chat: each target's own history (its own earlier answers), user

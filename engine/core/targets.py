@@ -9,6 +9,7 @@ the system prompt.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,12 @@ from typing import Any
 import orjson
 
 from .errors import UserError
+from .workspace import list_checkpoints
 
 BASE = "base"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)  # what a checkpoint holds once its adapter is saved
 TARGET_HINT = (
     "give a run folder (runs/<run-id>), its adapter/ folder, or a checkpoint folder "
     "(runs/<run-id>/checkpoints/step-<n>)"
@@ -80,25 +83,13 @@ def find_adapter_dir(spec: str) -> Path:
     if (path / "adapter" / ADAPTER_CONFIG).is_file():
         return _checked_adapter(path / "adapter")
     # A run still training has no adapter/ yet: its newest checkpoint is the latest adapter.
-    checkpoints = list_adapter_checkpoints(path if path.name == "checkpoints" else path / "checkpoints")
+    checkpoints = list_checkpoints(path.parent if path.name == "checkpoints" else path, ADAPTER_FILES)
     if checkpoints:
         return checkpoints[-1]
     raise UserError(
         f"{path} holds no adapter: no {ADAPTER_CONFIG}, no adapter/ folder and no saved checkpoint",
         TARGET_HINT,
     )
-
-
-def list_adapter_checkpoints(folder: Path) -> list[Path]:
-    """checkpoints/step-<n> folders that hold a complete adapter, oldest first."""
-    if not folder.is_dir():
-        return []
-    found = [
-        p
-        for p in folder.glob("step-*")
-        if p.name[5:].isdigit() and (p / ADAPTER_CONFIG).is_file() and (p / ADAPTER_WEIGHTS).is_file()
-    ]
-    return sorted(found, key=lambda p: int(p.name[5:]))
 
 
 def _checked_adapter(path: Path) -> Path:
@@ -156,16 +147,34 @@ def find_run_config(adapter_dir: Path) -> tuple[dict[str, Any], Path | None]:
     return {}, None
 
 
-def base_model_for(target: str) -> str | None:
-    """The base model a run recorded for this adapter target, as a spec load_model accepts."""
-    if target == BASE:
-        return None
-    try:
-        adapter_dir = find_adapter_dir(target)
-    except UserError:
-        return None
-    run, _ = find_run_config(adapter_dir)
-    return recorded_base_model(run, adapter_dir)
+def adapters_base(targets: Sequence[Target]) -> str | None:
+    """The base model the adapters among `targets` were trained on, as their runs recorded it (a
+    spec load_model accepts); None when no adapter records one. Adapters of different bases are
+    refused here, naming each, before any weights load: one loaded base cannot answer for both."""
+    bases: dict[str, list[str]] = {}
+    for target in targets:
+        base = None if target.is_base else recorded_base_model(target.run, target.adapter_dir)
+        if base:
+            bases.setdefault(base, []).append(target.label)
+    if len(bases) > 1:
+        raise UserError(
+            "these adapters were trained on different base models: "
+            + "; ".join(f"{', '.join(labels)} on {base}" for base, labels in sorted(bases.items())),
+            "compare adapters of one base at a time, or name the base with --model",
+        )
+    return next(iter(bases), None)
+
+
+def check_trained_on(target: Target, base_path: str | Path, named: str) -> None:
+    """Refuse an adapter whose run recorded another base than the model at `base_path` (`named`
+    says which, in the message). A recorded base that is not on this machine (the run was copied
+    from another) cannot be compared and passes."""
+    recorded = str(target.run.get("base_model_path") or "")
+    if recorded and Path(recorded).exists() and Path(recorded).resolve() != Path(base_path).resolve():
+        raise UserError(
+            f"{target.spec} was trained on {recorded}, not on {named}",
+            "leave --model out so the run's own base model is used, or pass that base",
+        )
 
 
 def recorded_base_model(run: dict[str, Any], adapter_dir: Path | None = None) -> str | None:

@@ -20,6 +20,7 @@ import os
 import stat
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -261,7 +262,7 @@ def read_run(run_dir: str | Path) -> RunInfo:
     info.apply_records(read_metrics(run_dir))
     info.checkpoints = list_checkpoints(run_dir)
     if info.checkpoints and not info.steps:
-        info.steps = int(info.checkpoints[-1].name[5:])
+        info.steps = checkpoint_step(info.checkpoints[-1]) or 0
     adapter = run_dir / "adapter"
     info.adapter_dir = adapter if (adapter / "adapter_config.json").is_file() else None
     return info
@@ -288,17 +289,28 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first: `step-<n>` folders whose state file was written
-    (a checkpoint is written under a temporary name and renamed, so half-written ones never
-    have this name)."""
+def list_checkpoints(run_dir: str | Path, holding: Sequence[str] = (CHECKPOINT_STATE_FILE,)) -> list[Path]:
+    """The run's `checkpoints/step-<n>` folders that hold every file in `holding`, oldest first.
+
+    By default those training can resume from: a checkpoint is written under a temporary name and
+    renamed, and its state file last, so half-written ones never count. With the adapter's files
+    (targets.ADAPTER_FILES), those chat and export can load.
+    """
     folder = Path(run_dir) / "checkpoints"
     if not folder.is_dir():
         return []
     found = [
-        p for p in folder.glob("step-*") if p.name[5:].isdigit() and (p / CHECKPOINT_STATE_FILE).is_file()
+        p
+        for p in folder.glob("step-*")
+        if checkpoint_step(p) is not None and all((p / name).is_file() for name in holding)
     ]
-    return sorted(found, key=lambda p: int(p.name[5:]))
+    return sorted(found, key=lambda p: checkpoint_step(p) or 0)
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    """The step a `step-<n>` checkpoint folder was saved at; None for any other name."""
+    digits = Path(path).name.removeprefix("step-")
+    return int(digits) if digits != Path(path).name and digits.isascii() and digits.isdigit() else None
 
 
 def _last_activity(run_dir: Path) -> float:

@@ -62,6 +62,7 @@ from ..core.memory_model import (
     GIB,
     HEADROOM,
     REPLAY_LAYERS_IN_GRAPH,
+    Profile,
     choose_profile,
     estimate_peak_bytes,
     layer_activation_bytes,
@@ -302,7 +303,7 @@ class _Model:
 class FastPath:
     cfg: TrainConfig
     device: Any
-    profile: str
+    profile: Profile
     use: set[str] = field(default_factory=techniques)
     host_embedding: HostEmbedding | None = None
     host_inputs: HostInputs | None = None  # the recomputed layers' inputs in host memory (lean)
@@ -319,6 +320,9 @@ class FastPath:
     _longest: int = 0  # the longest sample's tokens
     _modelled_peak: int = 0  # the largest peak the memory model gave for a forward so far
 
+    def __post_init__(self) -> None:
+        self.profile = Profile(self.profile)  # a caller's "fast" / "lean" text is the same profile
+
     @property
     def compiles(self) -> bool:
         return "compile" in self.use
@@ -332,7 +336,7 @@ class FastPath:
         """Lean's recomputed layers' inputs go to host memory: only a checkpoint compiled into the
         graph saves its inputs where hooks can move them, and the streams are CUDA's."""
         return (
-            self.profile == "lean"
+            self.profile == Profile.LEAN
             and "hostinputs" in self.use
             and self.recompiles_in_graph
             and self.cfg.gradient_checkpointing
@@ -351,9 +355,9 @@ class FastPath:
         ]
         use = self.use - (set() if self.compiles else {"compile", "ingraph"})
         notes = [f"GPU path: {text}" for key, text in on if key in use]
-        if self.profile == "fast" and self.cfg.gradient_checkpointing and "selective" in self.use:
+        if self.profile == Profile.FAST and self.cfg.gradient_checkpointing and "selective" in self.use:
             notes.append("GPU path: recompute only the layers whose activations do not fit")
-        if self.profile == "lean" and "offload" in self.use:
+        if self.profile == Profile.LEAN and "offload" in self.use:
             notes.append("GPU path: input embeddings kept in host memory")
         if self.keeps_inputs_on_host:
             notes.append("GPU path: recomputed layers' inputs kept in host memory")
@@ -371,7 +375,7 @@ class FastPath:
             self.applied += patch_liger(model)
         self.compute_dtype = _compute_dtype(model)
         self._config = model.config
-        if self.profile == "lean" and "offload" in self.use:
+        if self.profile == Profile.LEAN and "offload" in self.use:
             emb, head = model.get_input_embeddings(), model.get_output_embeddings()
             if head is None or emb.weight is not head.weight:
                 self.host_embedding = HostEmbedding(emb.weight, self.compute_dtype)
@@ -400,21 +404,28 @@ class FastPath:
             self.notes.append(f"GPU path: forwards of up to {self._max_tokens} tokens (set by tokens=)")
         if not self._max_tokens:
             free, _total = torch.cuda.mem_get_info(self.device)
-            self._max_tokens = tokens_per_forward(
-                self._config,
-                profile=self.profile,
-                card_bytes=free + torch.cuda.memory_reserved(self.device),
-                lora_rank=self.cfg.lora_rank,
-                quantized=self.cfg.is_qlora,
-                embedding_on_host=self.host_embedding is not None,
-                compiled=self.compiles,
-                inputs_on_host=self.host_inputs is not None,
-                in_graph=self.recompiles_in_graph,
-            )
+            card_bytes = free + torch.cuda.memory_reserved(self.device)
+            self._max_tokens = self.forward_tokens(self._config, card_bytes)
             self.notes.append(
                 f"GPU path: forwards of up to {self._max_tokens} tokens ({self.profile} profile)"
             )
         return repartition(step, lambda i: len(samples[i].input_ids), self._max_tokens)
+
+    def forward_tokens(self, model_config: Any, card_bytes: int) -> int:
+        """The memory model's tokens per forward for this path on a card of `card_bytes`: the
+        budget the TUI's estimate (engine/core/estimate.py) works out for the same config."""
+        return tokens_per_forward(
+            model_config,
+            profile=self.profile,
+            card_bytes=card_bytes,
+            lora_rank=self.cfg.lora_rank,
+            target_modules=tuple(self.cfg.target_modules),
+            quantized=self.cfg.is_qlora,
+            embedding_on_host=self.host_embedding is not None,
+            compiled=self.compiles,
+            inputs_on_host=self.host_inputs is not None,
+            in_graph=self.recompiles_in_graph,
+        )
 
     def collate(self, samples: list, pad_id: int, device) -> Batch:
         if "pack" not in self.use:
@@ -488,7 +499,7 @@ class FastPath:
                 self.applied.append("kernels-hub routing bypassed")
             self.applied += self._compile(layers)
         # Larger loss chunks read the [vocab x hidden] head fewer times; lean keeps them small.
-        chunk_budget = 4 if self.profile == "lean" else 16
+        chunk_budget = 4 if self.profile == Profile.LEAN else 16
         ce = None if "flce" not in self.use or self.device.type != "cuda" else liger_ce_sum(chunk_budget)
         if ce is None and "flce" in self.use and self.device.type == "cuda":
             self.use.discard("flce")
@@ -584,7 +595,7 @@ class FastPath:
         """Switch recompute off for as many layers as this micro-batch's activations fit (fast profile)."""
         if not m.layers or not self.cfg.gradient_checkpointing:
             return
-        if self.profile == "lean" or "selective" not in self.use or self.device.type != "cuda":
+        if self.profile == Profile.LEAN or "selective" not in self.use or self.device.type != "cuda":
             keep = 0
         else:
             free, total = torch.cuda.mem_get_info(self.device)
@@ -612,6 +623,7 @@ class FastPath:
             self._config,
             tokens=tokens,
             lora_rank=self.cfg.lora_rank,
+            target_modules=tuple(self.cfg.target_modules),
             quantized=self.cfg.is_qlora,
             recomputed_layers=recomputed,
             embedding_on_host=self.host_embedding is not None,

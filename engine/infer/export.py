@@ -22,7 +22,15 @@ from typing import Any
 import orjson
 
 from ..core.errors import UserError
-from ..core.targets import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Target, recorded_base_model, resolve_target
+from ..core.targets import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    Target,
+    adapters_base,
+    check_trained_on,
+    recorded_base_model,
+    resolve_target,
+)
 from ..core.templates import with_default_system
 from .prompts import stop_token_ids
 
@@ -79,36 +87,27 @@ def export_model(
 
 
 def base_model_of(targets: list[Target], model: str = "") -> str:
-    """The base model the adapters among `targets` were trained on, checked to be on this machine
-    before any weights load. `model` (--model) overrides what their runs recorded, but may not
-    name another base than one a run recorded and that is still here."""
+    """The base model to load for `targets`, checked to be on this machine before any weights load:
+    the one their runs recorded (core/targets.adapters_base, which refuses adapters of different
+    bases). `model` (--model) overrides that, but may not name another base than one a run
+    recorded and that is still here."""
     from ..models.loading import resolve_model
 
     adapters = [t for t in targets if not t.is_base]
     if model:
         resolved = resolve_model(model)
+        named = model if Path(model).expanduser().exists() else f"{model} ({resolved.path})"
         for target in adapters:
-            recorded = str(target.run.get("base_model_path") or "")
-            if recorded and Path(recorded).exists() and Path(recorded).resolve() != resolved.path.resolve():
-                named = model if Path(model).expanduser().exists() else f"{model} ({resolved.path})"
-                raise UserError(
-                    f"{target.spec} was trained on {recorded}, not on {named}",
-                    "leave --model out so the run's own base model is used, or pass that base",
-                )
+            check_trained_on(target, resolved.path, named)
         return model
-    recorded = {recorded_base_model(t.run, t.adapter_dir) for t in adapters} - {None}
-    if len(recorded) > 1:
-        raise UserError(
-            "these adapters were trained on different base models: " + ", ".join(sorted(recorded)),
-            "compare adapters of one base at a time, or pass --model",
-        )
-    if adapters and not recorded:
+    recorded = adapters_base(adapters)
+    if adapters and recorded is None:
         raise UserError(
             f"cannot tell which base model {adapters[0].adapter_dir} was trained on: "
             "no run config.json next to it",
             "pass the base model with --model",
         )
-    base = recorded.pop() if recorded else "demo"
+    base = recorded or "demo"
     try:
         resolve_model(base)
     except UserError as exc:

@@ -27,7 +27,7 @@ from typing import Any
 
 from ..core.config import GenerationConfig
 from ..core.errors import UserError
-from ..core.targets import ADAPTER_WEIGHTS, Target, resolve_target
+from ..core.targets import ADAPTER_WEIGHTS, Target, check_trained_on, resolve_target
 from .decode_steps import ATTENTION_WINDOW
 from .lora_decode import PEFT_BASE
 from .lora_decode import FusedLora as _FusedLora
@@ -230,7 +230,8 @@ class GenerationSession:
     def _adapter_name(self, target: Target) -> str:
         """Load the target's adapter into the shared PeftModel once (again if its file changed)."""
         assert target.adapter_dir is not None
-        self._check_base(target)
+        loaded = self.loaded.resolved
+        check_trained_on(target, loaded.path, f"the loaded model {loaded.label} ({loaded.path})")
         mtime = (target.adapter_dir / ADAPTER_WEIGHTS).stat().st_mtime_ns
         known = self._adapters.get(target.adapter_dir)
         if known and known[1] == mtime:
@@ -276,17 +277,6 @@ class GenerationSession:
                     self.peft.delete_adapter(name)
         self._fused_cache.clear()
         self._decoder = None  # its graphs read the fused weights just dropped
-
-    def _check_base(self, target: Target) -> None:
-        recorded = str(target.run.get("base_model_path") or "")
-        if not recorded or not Path(recorded).exists():
-            return  # moved from another machine, or no run config: nothing to compare with
-        if Path(recorded).resolve() != Path(self.loaded.resolved.path).resolve():
-            raise UserError(
-                f"{target.spec} was trained on {recorded}, but the loaded model is "
-                f"{self.loaded.resolved.label} ({self.loaded.resolved.path})",
-                "leave --model out so the run's own base model is used, or pass that base",
-            )
 
     @contextmanager
     def _adapters_for_rows(self, names: list[str]) -> Iterator[Any]:

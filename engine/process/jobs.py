@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
-import os
 import re
 import sys
 import threading
@@ -25,7 +24,10 @@ from typing import Any
 
 from ..core import protocol as P
 from ..core.config import ConfigError
+from ..core.data import resolve_dataset_spec
 from ..core.errors import UserError
+from ..core.memory_model import Profile
+from ..core.model_files import workspace_model
 from ..core.workspace import Workspace, list_checkpoints
 
 Emit = Callable[[P.Event], None]
@@ -93,7 +95,7 @@ class Jobs:
         return run_training(job.config, emit_until_finished, stop)
 
     def generate(self, job: Job, request: P.Generate, emit: Emit) -> P.Event:
-        from ..core.targets import base_model_for
+        from ..core.targets import adapters_base, resolve_target
 
         resolved = {t: t if t == "base" else self.ws.resolve(t) for t in request.targets}
         targets = list(resolved.values())
@@ -102,8 +104,8 @@ class Jobs:
             chat = {resolved[t]: request.conversations[t] for t in request.targets}
         model = self.resolve_model(request.model)
         if not model:
-            bases = [base_model_for(t) for t in targets if t != "base"]
-            model = next((b for b in bases if b), "") or (
+            # Adapters name their base (refused here if they name two); base alone keeps the loaded one.
+            model = adapters_base([resolve_target(t) for t in targets if t != "base"]) or (
                 self._session.model_spec if self._session else "demo"
             )
         session, loaded = self.session_for(model, "auto", emit)
@@ -173,7 +175,8 @@ class Jobs:
         for key in ("dataset", "val_dataset"):
             value = config.get(key)
             if isinstance(value, list):
-                resolved[key] = [self._resolve_data_spec(v) if isinstance(v, str) else v for v in value]
+                root = self.ws.root
+                resolved[key] = [resolve_dataset_spec(v, root) if isinstance(v, str) else v for v in value]
         for key in ("model", "resume_from_checkpoint"):
             value = config.get(key)
             if isinstance(value, str) and value:
@@ -182,17 +185,7 @@ class Jobs:
 
     def resolve_model(self, model: str) -> str:
         """A model typed relative to the workspace, if such a path exists; ids and 'demo' stay."""
-        if model and not os.path.isabs(model) and (self.ws.root / model).exists():
-            return str(self.ws.root / model)
-        return model
-
-    def _resolve_data_spec(self, spec: str) -> str:
-        if not spec or (self.ws.root / spec).exists():
-            return self.ws.resolve(spec)
-        head, sep, tail = spec.rpartition("#")  # "file.jsonl#50": N samples of the file
-        if sep and head:
-            return f"{self.ws.resolve(head)}#{tail}"
-        return self.ws.resolve(spec)
+        return workspace_model(model, self.ws.root)
 
 
 # ==================================================================== failures
@@ -338,7 +331,7 @@ def _oom_error(exc: BaseException, job: str, cfg: Any, progress: RunProgress) ->
         steps.append(
             "turn on gradient_checkpointing (recompute activations in backward instead of keeping them)"
         )
-    elif not host and getattr(cfg, "profile", "") != "lean":
+    elif not host and getattr(cfg, "profile", "") != Profile.LEAN:
         steps.append(
             "choose profile lean (it recomputes every layer and keeps the embedding matrix in host memory)"
         )

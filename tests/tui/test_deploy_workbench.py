@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tui_helpers import no_start, wait_until
 from tunebench.tui.app import TuneBenchApp
-from tunebench.tui.widgets.chat.targets import BASE, Target
+from tunebench.tui.widgets.chat.column_choices import BASE, ColumnChoice
 
 FAKE_DEPLOY = str(Path(__file__).parent / "fake_deploy.py")
 
@@ -35,7 +35,7 @@ async def test_palette_starts_shows_copies_and_stops_a_deployment(workspace, fak
     app.deploy_popen = stand_in
     async with app.run_test(size=(160, 32)) as pilot:
         await wait_until(pilot, lambda: app.client.connected and app.snapshot, what="the engine")
-        app.chat_pane.set_targets([Target(BASE, BASE), Target(str(adapter), "0612-1530 final")])
+        app.chat_pane.set_targets([ColumnChoice(BASE, BASE), ColumnChoice(str(adapter), "0612-1530 final")])
         await palette(pilot, "deploy start")
         await wait_until(pilot, lambda: app.deployment is not None, what="the deployment to start")
         plan = app.deployment.plan

@@ -13,7 +13,7 @@ from tunebench.tui.screens.engine_lost import EngineLost
 from tunebench.tui.screens.help import HelpScreen
 from tunebench.tui.widgets.chat.chat_column import ChatColumn
 from tunebench.tui.widgets.chat.chat_pane import ChatPane
-from tunebench.tui.widgets.chat.targets import BASE, Target
+from tunebench.tui.widgets.chat.column_choices import BASE, ColumnChoice
 from tunebench.tui.widgets.gpu.gpu_pane import GpuPane
 from tunebench.tui.widgets.train.train_pane import TrainPane
 
@@ -64,7 +64,7 @@ async def test_chat_streams_into_both_columns(workspace, fake_engine):
     async with app.run_test(size=(100, 32)) as pilot:
         await wait_until(pilot, lambda: app.client.connected and app.snapshot)
         chat = app.query_one(ChatPane)
-        chat.set_targets([Target(BASE, BASE), Target(adapter, "r1 final")], by_person=True)
+        chat.set_targets([ColumnChoice(BASE, BASE), ColumnChoice(adapter, "r1 final")], by_person=True)
         await pilot.press("5", *"Who are you?", "enter")
         await wait_until(pilot, lambda: not chat.generating and chat.exchanges[0].answers, what="answers")
         base_col, adapter_col = app.query(ChatColumn)

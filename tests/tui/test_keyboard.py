@@ -10,7 +10,7 @@ from tunebench.tui.app import PANES, TuneBenchApp
 from tunebench.tui.screens.help import HelpScreen
 from tunebench.tui.widgets.chat.chat_column import ChatColumn
 from tunebench.tui.widgets.chat.chat_pane import ChatPane
-from tunebench.tui.widgets.chat.targets import BASE, Target
+from tunebench.tui.widgets.chat.column_choices import BASE, ColumnChoice
 
 SIZE = (80, 24)
 
@@ -129,7 +129,7 @@ async def test_a_question_the_engine_refused_is_not_part_of_the_conversation(wor
         async with app.run_test(size=SIZE) as pilot:
             await wait_until(pilot, lambda: app.client.connected and app.snapshot)
             chat = app.query_one(ChatPane)
-            chat.set_targets([Target(BASE, BASE)])
+            chat.set_targets([ColumnChoice(BASE, BASE)])
             await pilot.press("5", *"first", "enter")
             (column,) = app.query(ChatColumn)
             await wait_until(pilot, lambda: not chat.generating and column.turns, what="the refusal")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from tunebench.engine.core.data import normalise_record
 from tunebench.tui.widgets.dataset.sample_fields import SampleFields, join_fields, split_fields
 
 ALPACA = {"instruction": "Who are you?", "input": "", "output": "I am {{NAME}}.", "tag": "id"}
@@ -77,3 +78,20 @@ def test_sharegpt_gets_a_system_turn_in_its_own_spelling():
 )
 def test_what_is_not_one_plain_exchange_stays_json(record):
     assert split_fields(record) is None
+
+
+@pytest.mark.parametrize("speaker", ["bot", "model", "chatgpt", "GPT", "Assistant"])
+def test_sharegpt_speakers_training_accepts_are_fields_too(speaker):
+    record = {"conversations": [{"from": "Human", "value": "Hi"}, {"from": speaker, "value": "Hello!"}]}
+    assert normalise_record(record)[-1] == {"role": "assistant", "content": "Hello!"}
+    fields = split_fields(record)
+    assert fields is not None and fields.values["assistant"] == "Hello!"
+    out = edited(record, assistant="Hi!")
+    assert out["conversations"][1] == {"from": speaker, "value": "Hi!"}  # the speaker's spelling kept
+
+
+def test_a_developer_message_is_the_system_field_as_in_training():
+    record = {"messages": [{"role": "developer", "content": "Be brief."}, *MESSAGES["messages"][1:]]}
+    assert normalise_record(record)[0]["role"] == "system"
+    assert split_fields(record).values["system"] == "Be brief."
+    assert edited(record, system="Be kind.")["messages"][0] == {"role": "developer", "content": "Be kind."}

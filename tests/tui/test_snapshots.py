@@ -10,7 +10,7 @@ from textual.widgets import Input, TextArea
 from tui_helpers import no_start
 from tunebench.tui.app import TuneBenchApp
 from tunebench.tui.widgets.chat.chat_pane import ChatPane
-from tunebench.tui.widgets.chat.targets import BASE, Target
+from tunebench.tui.widgets.chat.column_choices import BASE, ColumnChoice
 from tunebench.tui.widgets.train.train_pane import TrainPane
 
 GPU = [{"index": 0, "name": "NVIDIA H100 80GB HBM3", "used": 31 * 2**30, "total": 80 * 2**30, "util": 87}]
@@ -100,7 +100,7 @@ def test_chat_pane_side_by_side(workspace, snap_compare):
 
         async def chat(pilot) -> None:
             pane = pilot.app.query_one(ChatPane)
-            pane.set_targets([Target(BASE, BASE), Target(adapter, "r1 final")], by_person=True)
+            pane.set_targets([ColumnChoice(BASE, BASE), ColumnChoice(adapter, "r1 final")], by_person=True)
             await pilot.press("5", *"Who are you?", "enter")
             await settle(lambda app: pane.exchanges and not pane.generating)(pilot)
 

@@ -7,16 +7,16 @@ from textual.binding import Binding
 from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Footer, Label, SelectionList
-from tunebench.tui.widgets.chat.targets import Target
+from tunebench.tui.widgets.chat.column_choices import ColumnChoice, columns_problem
 
 
-class TargetsPicker(ModalScreen[list[Target] | None]):
+class TargetsPicker(ModalScreen[list[ColumnChoice] | None]):
     BINDINGS = [
         Binding("enter", "done", "Use these", priority=True),
         Binding("escape", "dismiss(None)", "Cancel"),
     ]
 
-    def __init__(self, available: list[Target], chosen: list[Target]) -> None:
+    def __init__(self, available: list[ColumnChoice], chosen: list[ColumnChoice]) -> None:
         super().__init__()
         self.available = available
         self.chosen = {t.path for t in chosen}
@@ -38,5 +38,9 @@ class TargetsPicker(ModalScreen[list[Target] | None]):
         targets = [t for t in self.available if t.path in picked]
         if not targets:
             self.notify("choose at least one column", severity="warning")
+            return
+        problem = columns_problem(targets)
+        if problem:
+            self.notify(problem, severity="error")
             return
         self.dismiss(targets)

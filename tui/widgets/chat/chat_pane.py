@@ -23,7 +23,7 @@ from tunebench.tui.engine_client import error_text
 from tunebench.tui.paths import short_path
 
 from .chat_column import ChatColumn
-from .targets import BASE, Target
+from .column_choices import BASE, ColumnChoice
 from .transcript import Exchange, history_for, render_markdown, save_transcript
 
 MAX_NEW_TOKENS = 256
@@ -60,7 +60,7 @@ class ChatPane(Vertical):
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.targets: list[Target] = [Target(BASE, BASE)]
+        self.targets: list[ColumnChoice] = [ColumnChoice(BASE, BASE)]
         self.exchanges: list[Exchange] = []
         self.jobs: deque[Job] = deque()
         self.job: Job | None = None
@@ -79,11 +79,11 @@ class ChatPane(Vertical):
 
     # ------------------------------------------------------------ targets
 
-    def set_targets(self, targets: list[Target], *, by_person: bool = False) -> None:
+    def set_targets(self, targets: list[ColumnChoice], *, by_person: bool = False) -> None:
         if self.generating:
             self.notify("wait for the answer to finish (escape cancels it)", severity="warning")
             return
-        self.targets = targets or [Target(BASE, BASE)]
+        self.targets = targets or [ColumnChoice(BASE, BASE)]
         self.chosen_by_person |= by_person
         self.exchanges.clear()  # a new line-up starts a new comparison
         self._build_columns()

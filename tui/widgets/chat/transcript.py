@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tunebench.engine.core.files import atomic_write_bytes
 
-from .targets import Target
+from .column_choices import ColumnChoice
 
 
 @dataclass
@@ -34,7 +34,7 @@ def history_for(exchanges: list[Exchange], target: str) -> list[dict[str, str]]:
     return messages
 
 
-def render_markdown(targets: list[Target], exchanges: list[Exchange], model: str) -> str:
+def render_markdown(targets: list[ColumnChoice], exchanges: list[Exchange], model: str) -> str:
     lines = [
         f"# TuneBench transcript, {datetime.now():%Y-%m-%d %H:%M}",
         "",

@@ -14,6 +14,7 @@ from textual.binding import Binding
 from textual.containers import Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import DataTable, Input, Label
+from tunebench.engine.core.data import DataError, DatasetSpec, parse_dataset_spec
 from tunebench.tui.debounce import Debouncer
 from tunebench.tui.paths import short_path
 from tunebench.tui.screens.confirm import Choice
@@ -443,15 +444,19 @@ class DatasetPane(Vertical):
     def _dataset_specs(self) -> list[str]:
         return list(self.settings.config.dataset)
 
-    def _spec_path(self, spec: str) -> tuple[Path, str]:
-        """("datasets/a.jsonl#20") -> (absolute path, "#20"); the count is kept on a rename."""
-        head, sep, tail = spec.rpartition("#")
-        path, count = (Path(head), sep + tail) if sep and tail.strip().isdigit() else (Path(spec), "")
-        return (path if path.is_absolute() else self.workspace / path), count
+    def _spec(self, spec: str) -> DatasetSpec | None:
+        """A training-set entry as training reads it, its path absolute; None if it does not parse."""
+        try:
+            return parse_dataset_spec(spec, self.workspace)
+        except DataError:
+            return None
 
     def _in_training_set(self) -> bool:
         target = self.store.save_path.resolve()
-        return any(self._spec_path(s)[0].resolve() == target for s in self._dataset_specs())
+        return any(
+            parsed is not None and parsed.path.resolve() == target
+            for parsed in map(self._spec, self._dataset_specs())
+        )
 
     def action_train_on_file(self) -> None:
         if self._in_training_set():
@@ -467,10 +472,10 @@ class DatasetPane(Vertical):
         specs = self._dataset_specs()
         renamed = []
         for spec in specs:
-            path, count = self._spec_path(spec)
-            renamed.append(
-                short_path(new, self.workspace) + count if path.resolve() == old.resolve() else spec
-            )
+            parsed = self._spec(spec)
+            if parsed is not None and parsed.path.resolve() == old.resolve():
+                spec = str(DatasetSpec(Path(short_path(new, self.workspace)), parsed.samples))  # count kept
+            renamed.append(spec)
         if renamed != specs:
             self.settings.update({"dataset": renamed})
             self.post_message(self.SettingsEdited(self, ["dataset"]))

@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from tunebench.engine.core.model_files import cached_model_dir
+from tunebench.engine.core.model_files import cached_model_dir, workspace_model
 from tunebench.engine.core.templates import DEFAULT_TEMPLATE, get_template
 
 
@@ -100,10 +100,7 @@ def tokenizer_folder(model: str, workspace: Path) -> Path | None:
     The demo and GGUF models are converted by the engine on first load; until then there is no
     tokenizer.json and the pane renders with the default template and skips token counts.
     """
-    path = Path(model.strip()).expanduser()
-    if not path.is_absolute() and (workspace / path).exists():
-        model = str(workspace / path)  # the engine reads a relative model path from the workspace too
-    folder = cached_model_dir(model)
+    folder = cached_model_dir(workspace_model(model, workspace))
     return folder if folder is not None and (folder / "tokenizer.json").is_file() else None
 
 

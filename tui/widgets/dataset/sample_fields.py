@@ -12,6 +12,8 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
+from tunebench.engine.core.data import message_role, sharegpt_role
+
 # (record key or role, label) per format, in the order they are shown.
 ALPACA_FIELDS = (
     ("system", "System"),
@@ -20,13 +22,6 @@ ALPACA_FIELDS = (
     ("output", "Output"),
 )
 CHAT_FIELDS = (("system", "System"), ("user", "User"), ("assistant", "Assistant"))
-SHAREGPT_ROLES = {
-    "system": "system",
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
-}
 
 
 @dataclass(frozen=True)
@@ -64,7 +59,7 @@ def _split_turns(
     for turn in turns:
         if not isinstance(turn, dict) or not isinstance(turn.get(text_key), str):
             return None
-        role = SHAREGPT_ROLES.get(turn.get(role_key)) if style == "conversations" else turn.get(role_key)
+        role = _role(style, turn.get(role_key))
         roles.append(role)
         texts.append(turn[text_key])
     if top_system is not None and (not isinstance(top_system, str) or "system" in roles):
@@ -74,6 +69,11 @@ def _split_turns(
     values = dict(zip(roles, texts, strict=True))
     values.setdefault("system", top_system or "")
     return SampleFields(style, {key: values[key] for key, _ in CHAT_FIELDS})
+
+
+def _role(style: str, speaker: Any) -> str | None:
+    """The chat role of a turn, by the rules training reads the record with (engine/core/data.py)."""
+    return sharegpt_role(speaker) if style == "conversations" else message_role(speaker)
 
 
 def join_fields(record: dict[str, Any], fields: SampleFields) -> dict[str, Any]:
@@ -89,7 +89,7 @@ def join_fields(record: dict[str, Any], fields: SampleFields) -> dict[str, Any]:
     turns = out[fields.style]
     by_role = {}
     for turn in turns:
-        role = turn[role_key] if fields.style == "messages" else SHAREGPT_ROLES[turn[role_key]]
+        role = _role(fields.style, turn[role_key])
         by_role[role] = turn
     for role in ("user", "assistant"):
         by_role[role][text_key] = values[role]

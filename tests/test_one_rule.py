@@ -1,0 +1,220 @@
+"""Knowledge the TUI, the engine process and the commands share: each reads a dataset spec, a model
+path, a run's checkpoints, an adapter's base and a profile by the one function in engine/core, so
+they cannot give two answers. Each case here is one where two copies used to differ."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from tunebench.engine.core import protocol as P
+from tunebench.engine.core.config import TrainConfig
+from tunebench.engine.core.data import DataError, parse_dataset_spec
+from tunebench.engine.core.errors import UserError
+from tunebench.engine.core.estimate import CUDA_CONTEXT_BYTES, ModelShape, read_model_info, training_layout
+from tunebench.engine.core.memory_model import (
+    FAST_MAX_TOKENS,
+    GIB,
+    Profile,
+    choose_profile,
+    estimate_peak_bytes,
+    lora_parameters,
+)
+from tunebench.engine.core.targets import ADAPTER_CONFIG, ADAPTER_FILES, BASE, adapters_base, resolve_target
+from tunebench.engine.core.workspace import CHECKPOINT_STATE_FILE, Workspace, list_checkpoints, read_run
+from tunebench.engine.process.jobs import Jobs
+from tunebench.tui.app import first_dataset
+from tunebench.tui.widgets.chat.column_choices import ColumnChoice, columns_problem, discover_columns
+from tunebench.tui.widgets.dataset.light_tokenizer import tokenizer_folder
+from tunebench.tui.widgets.params.settings_store import TrainSettings
+
+
+@pytest.fixture
+def ws(tmp_path) -> Workspace:
+    ws = Workspace(tmp_path / "ws").ensure()
+    for name in ("a.jsonl", "b.jsonl", "v#2.jsonl"):
+        (ws.datasets_dir / name).write_text('{"query": "q", "response": "r"}\n')
+    return ws
+
+
+# ================================================================ path#N
+
+
+@pytest.mark.parametrize(
+    ("spec", "path", "count"),
+    [
+        ("datasets/a.jsonl#5", "datasets/a.jsonl", 5),
+        (" datasets/a.jsonl#5 ", "datasets/a.jsonl", 5),  # the engine kept the spaces in the path
+        ("datasets/a.jsonl# 5", "datasets/a.jsonl", 5),  # the TUI took "# 5" as part of the name
+        ("datasets/v#2.jsonl", "datasets/v#2.jsonl", None),  # a '#' in the workspace's file name
+    ],
+)
+def test_the_engine_and_the_tui_read_a_spec_as_training_does(ws, spec, path, count):
+    want = parse_dataset_spec(spec, ws.root)
+    assert want == (ws.root / path, count)
+    resolved = Jobs(ws).resolve_train_paths({"dataset": [spec]})["dataset"][0]
+    assert parse_dataset_spec(resolved) == want
+    settings = TrainSettings(ws)
+    settings.update({"dataset": [spec]})
+    assert first_dataset(ws, settings) == ws.root / path
+
+
+@pytest.mark.parametrize(
+    ("spec", "said"),
+    [
+        ("#5", "no file name before '#'"),
+        ("datasets/a.jsonl#0", "'0' after '#'"),
+        ("datasets/a.jsonl#x", "'x' after '#'"),
+    ],
+)
+def test_a_bad_spec_reaches_training_to_be_named(ws, spec, said):
+    resolved = Jobs(ws).resolve_train_paths({"dataset": [spec]})["dataset"][0]
+    assert resolved == (spec if spec.startswith("#") else str(ws.root / spec))
+    with pytest.raises(DataError, match=said):
+        parse_dataset_spec(resolved)
+
+
+def test_a_home_relative_spec_is_the_home_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert parse_dataset_spec("~/d.jsonl#3", "/elsewhere") == (tmp_path / "d.jsonl", 3)
+    assert str(parse_dataset_spec("~/d.jsonl#3")) == f"{tmp_path / 'd.jsonl'}#3"
+
+
+# ============================================================ checkpoints
+
+
+def _checkpoint(run: Path, name: str, *files: str) -> Path:
+    folder = run / "checkpoints" / name
+    folder.mkdir(parents=True)
+    for file in files:
+        (folder / file).write_bytes(b"")
+    return folder
+
+
+def test_the_chat_columns_offer_the_checkpoints_the_engine_can_load(ws):
+    run = ws.runs_dir / "0612-1530"
+    resumable = _checkpoint(run, "step-10", *ADAPTER_FILES, CHECKPOINT_STATE_FILE)
+    adapter_only = _checkpoint(run, "step-2", *ADAPTER_FILES)
+    _checkpoint(run, "step-20", ADAPTER_CONFIG)  # its weights still being copied
+    _checkpoint(run, "step-x", *ADAPTER_FILES)
+    state_only = _checkpoint(run, "step-30", CHECKPOINT_STATE_FILE)
+
+    assert list_checkpoints(run) == [resumable, state_only]
+    assert list_checkpoints(run, ADAPTER_FILES) == [adapter_only, resumable]
+    columns = discover_columns(ws.runs_dir)
+    assert [c.path for c in columns] == ["base", str(resumable), str(adapter_only)]
+    assert [c.label for c in columns] == ["base", "0612-1530 step 10", "0612-1530 step 2"]
+    assert read_run(run).steps == 30
+
+
+# ============================================================ model paths
+
+
+@pytest.mark.parametrize("typed", ["models/tiny", " models/tiny ", "demo"])
+def test_a_model_typed_in_the_form_is_the_one_the_estimate_and_the_tui_read(ws, typed):
+    for folder in (ws.root / "models" / "tiny", ws.root / "demo"):  # a folder named demo too
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text('{"hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 99}')
+        (folder / "tokenizer.json").write_text("{}")
+    engine = Jobs(ws).resolve_model(typed)
+    info = read_model_info(typed, ws.root)
+    if typed == "demo":  # the built-in model, whatever the workspace holds
+        assert engine == "demo" and info == read_model_info("demo")
+        assert tokenizer_folder(typed, ws.root) != ws.root / "demo"
+    else:
+        assert engine == str(ws.root / "models" / "tiny")
+        assert info is not None and info["vocab_size"] == 99
+        assert tokenizer_folder(typed, ws.root) == Path(engine)
+
+
+# ============================================================ GPU memory
+
+QWEN_7B = {
+    "hidden_size": 3584,
+    "num_hidden_layers": 28,
+    "intermediate_size": 18944,
+    "vocab_size": 152064,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "tie_word_embeddings": False,
+}
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["all-linear"]])
+def test_the_gpu_paths_forward_budget_is_the_estimates(targets):
+    torch = pytest.importorskip("torch")
+    from tunebench.engine.cuda.path import FastPath
+
+    card = 40 * GIB  # small enough that the budget, not FAST_MAX_TOKENS, sets the forward
+    cfg = TrainConfig(
+        profile="fast",
+        target_modules=targets,
+        max_length=2048,
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=8,
+    )
+    layout = training_layout(ModelShape.from_config(QWEN_7B), cfg, card)
+    path = FastPath(cfg, torch.device("cpu"), layout.profile)
+    assert layout.lora_params == lora_parameters(QWEN_7B, cfg.lora_rank, targets)
+    assert 2048 < path.forward_tokens(QWEN_7B, card) == layout.tokens < FAST_MAX_TOKENS
+
+
+@pytest.mark.parametrize(
+    ("card", "want"), [(None, Profile.FAST), (24 * GIB, Profile.LEAN), (80 * GIB, Profile.FAST)]
+)
+def test_the_estimate_decides_auto_where_the_gpu_path_does(card, want):
+    shape = ModelShape.from_config(QWEN_7B)
+    layout = training_layout(shape, TrainConfig(profile="auto"), card)
+    weights = estimate_peak_bytes(shape.as_config(), tokens=0, recomputed_layers=0)["weights"]
+    free = None if card is None else card - weights - CUDA_CONTEXT_BYTES
+    assert layout.profile is want
+    assert (layout.profile, layout.why) == choose_profile("auto", free)
+    assert training_layout(shape, TrainConfig(profile="lean"), card).profile is Profile.LEAN
+
+
+# ============================================================ adapters' base
+
+
+def _run_on(root: Path, run_id: str, base: Path) -> Path:
+    """A run folder whose adapter was trained on `base` (a model folder on this machine)."""
+    base.mkdir(parents=True, exist_ok=True)
+    (base / "config.json").write_text("{}")
+    adapter = root / run_id / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / ADAPTER_CONFIG).write_text("{}")
+    (adapter / "adapter_model.safetensors").write_bytes((2).to_bytes(8, "little") + b"{}")
+    run = {"config": {"model": str(base)}, "base_model_path": str(base)}
+    (root / run_id / "config.json").write_text(json.dumps(run))
+    return root / run_id
+
+
+def test_adapters_of_two_bases_are_refused_by_every_caller_before_anything_loads(ws, tmp_path):
+    from tunebench.engine.deploy.served import AdapterSpec, plan_deployment
+    from tunebench.engine.infer.export import base_model_of
+    from tunebench.engine.process.jobs import Job
+
+    first = _run_on(ws.runs_dir, "r1", tmp_path / "base-a")
+    second = _run_on(ws.runs_dir, "r2", tmp_path / "base-b")
+    same = _run_on(ws.runs_dir, "r3", tmp_path / "base-a")
+    assert adapters_base([resolve_target(str(first)), resolve_target(str(same))]) == str(tmp_path / "base-a")
+
+    def refused(call) -> str:
+        with pytest.raises(UserError) as err:
+            call()
+        assert "different base models" in err.value.message
+        assert "r1" in err.value.message and "r2" in err.value.message
+        assert str(tmp_path / "base-a") in err.value.message and str(tmp_path / "base-b") in err.value.message
+        return err.value.message
+
+    targets = [resolve_target(BASE), resolve_target(str(first)), resolve_target(str(second))]
+    message = refused(lambda: adapters_base(targets))
+    assert refused(lambda: base_model_of(targets)) == message  # export and tunebench chat
+    assert refused(lambda: plan_deployment("", [AdapterSpec("a", str(first)), AdapterSpec("b", str(second))]))
+    events = []
+    request = P.Generate(targets=["base", "runs/r1", "runs/r2"], messages=[{"role": "user", "content": "hi"}])
+    assert refused(lambda: Jobs(ws).generate(Job("generate", "1", "test"), request, events.append)) == message
+    assert events == []  # nothing loaded: the TUI's chat used to load r1's base and fail on r2
+    columns = [ColumnChoice(BASE, BASE), ColumnChoice(str(first / "adapter"), "r1 final")]
+    assert columns_problem(columns) == ""
+    assert columns_problem([*columns, ColumnChoice(str(second / "adapter"), "r2 final")]) == message
