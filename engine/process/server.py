@@ -39,6 +39,7 @@ from ..core.errors import UserError
 from ..core.estimate import estimate_training_memory, read_model_info
 from ..core.files import atomic_write_bytes
 from ..core.memory_sampler import sample_memory
+from ..core.metrics_log import append_metrics
 from ..core.workspace import ENGINE_IDLE_EXIT_S, Workspace, read_metrics
 from .jobs import (
     Job,
@@ -672,8 +673,8 @@ class EngineServer:
         self._history.append(finished.to_dict())
         # The run's own record says it failed (a resume drops this line again), so `tunebench
         # status` tells a failed run from one that is still going.
-        with contextlib.suppress(OSError), open(Path(self._run_dir) / "metrics.jsonl", "ab") as fh:
-            fh.write(orjson.dumps(finished.to_dict()) + b"\n")
+        with contextlib.suppress(OSError):
+            append_metrics(self._run_dir, finished.to_dict())
         self._broadcast(finished)
 
     # ================================================================ state

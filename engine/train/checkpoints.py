@@ -15,10 +15,8 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import orjson
-
 from ..core.errors import UserError
-from ..core.files import atomic_write_bytes, fsync_dir
+from ..core.files import fsync_dir
 from ..core.workspace import CHECKPOINT_STATE_FILE, list_checkpoints
 
 if TYPE_CHECKING:
@@ -105,21 +103,6 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, device) -> int:
     np_state[1] = state["rng_numpy"].numpy().astype(np.uint32)
     np.random.set_state(tuple(np_state))
     return int(state["step"])
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop metrics logged after the checkpoint we resume from: the resumed run logs them again."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_bytes().splitlines():
-        try:
-            record = orjson.loads(line)
-        except orjson.JSONDecodeError:  # a line cut short by the crash
-            continue
-        if record.get("type") != "TrainFinished" and record.get("step", 0) <= step:
-            kept.append(line + b"\n")
-    atomic_write_bytes(path, b"".join(kept), sync_dir=True)
 
 
 def save_adapter_atomically(model, target: Path) -> None:

@@ -30,13 +30,8 @@ from ..core import protocol as P
 from ..core.config import TrainConfig, to_command, to_dict
 from ..core.errors import UserError
 from ..core.files import atomic_write_bytes
-from .checkpoints import (
-    find_checkpoint,
-    load_checkpoint,
-    save_adapter_atomically,
-    save_checkpoint,
-    truncate_metrics,
-)
+from ..core.metrics_log import MetricsLog, start_metrics, truncate_metrics
+from .checkpoints import find_checkpoint, load_checkpoint, save_adapter_atomically, save_checkpoint
 from .plain import plain_path
 from .types import RunPaths, TrainPath
 
@@ -176,12 +171,12 @@ def run_training(cfg: TrainConfig, emit: Emit, stop: StopSignal | None = None) -
     start_step = 0
     if resume_dir:
         start_step = load_checkpoint(resume_dir, model, optimizer, scheduler, device)
-        truncate_metrics(run.metrics, start_step)
+        truncate_metrics(run.root, start_step)
         emit(P.Log(message=f"resumed from {resume_dir} at step {start_step}"))
     else:
         run.root.mkdir(parents=True, exist_ok=True)
         _write_run_config(run, cfg, loaded.resolved.path)
-        run.metrics.write_bytes(b"")
+        start_metrics(run.root)
     command = to_command(cfg)
     emit(
         P.TrainStarted(
@@ -195,7 +190,7 @@ def run_training(cfg: TrainConfig, emit: Emit, stop: StopSignal | None = None) -
     )
 
     # ----------------------------------------------------------- train loop
-    metrics = open(run.metrics, "ab")  # noqa: SIM115 - closed in the finally below
+    metrics = MetricsLog(run.root)
     clock = _Clock()
     # Logged losses are token-weighted means over the steps since the last log; the final loss
     # is the last such window, the same number a person saw on the last progress line.
@@ -210,8 +205,7 @@ def run_training(cfg: TrainConfig, emit: Emit, stop: StopSignal | None = None) -
 
     def log(event: P.Event) -> None:
         emit(event)
-        metrics.write(orjson.dumps(event.to_dict()) + b"\n")
-        metrics.flush()
+        metrics.append(event.to_dict())
 
     try:
         model.train()
