@@ -169,7 +169,7 @@ def base_model_for(target: str) -> str | None:
 
 
 def recorded_base_model(run: dict[str, Any], adapter_dir: Path | None = None) -> str | None:
-    config = run.get("config") if isinstance(run.get("config"), dict) else {}
+    config: dict[str, Any] = run["config"] if isinstance(run.get("config"), dict) else {}
     spec = str(config.get("model") or "")
     path = str(run.get("base_model_path") or "")
     if spec == "demo":  # the cache folder it resolved to is an implementation detail
