@@ -84,7 +84,6 @@ class EngineServer:
         self.ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
         self.memory_interval = memory_interval
         self.idle_exit = idle_exit  # <= 0: never
-        self.started = time.time()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.AbstractServer | None = None
         self._lock_fd: int | None = None
