@@ -35,7 +35,7 @@ def _f(default: Any, help: str, group: str = "other", **meta: Any) -> Any:
     """A dataclass field with metadata; mutable defaults go through default_factory."""
     meta = {"help": help, "group": group, **meta}
     if isinstance(default, list):
-        return field(default_factory=lambda d=default: list(d), metadata=meta)
+        return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 

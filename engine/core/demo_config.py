@@ -5,6 +5,7 @@ from it, so it is torch-free."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from .config import TrainConfig
 from .errors import UserError
@@ -20,9 +21,9 @@ def sample_data_dir() -> Path:
     )
 
 
-def demo_config(output_dir: str = "runs", **overrides) -> TrainConfig:
+def demo_config(output_dir: str = "runs", **overrides: Any) -> TrainConfig:
     """The settings the README's demo uses: tuned so a 135M model learns its name in ~1 minute on CPU."""
-    settings = dict(
+    settings: dict[str, Any] = dict(
         model="demo",
         dataset=[str(sample_data_dir() / "self_cognition.jsonl")],
         model_name=["小蜂", "TuneBee"],

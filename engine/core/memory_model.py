@@ -214,7 +214,7 @@ def tokens_per_forward(
     FAST_MAX_TOKENS); lean: as many as fit LEAN_TOKEN_BYTES with every layer recomputed.
     Accumulation over the forwards gives the same gradient as the configured micro-batches.
     """
-    kw = dict(
+    kw: dict[str, Any] = dict(
         lora_rank=lora_rank,
         quantized=quantized,
         embedding_on_host=embedding_on_host,
@@ -228,9 +228,9 @@ def tokens_per_forward(
         per_token = one["activations"] + one["loss"]
         return max(1, int(LEAN_TOKEN_BYTES // per_token))
     zero = estimate_peak_bytes(model_config, tokens=0, recomputed_layers=0, **kw)["total"]
-    one = estimate_peak_bytes(model_config, tokens=1, recomputed_layers=0, **kw)["total"] - zero
+    per_token_bytes = estimate_peak_bytes(model_config, tokens=1, recomputed_layers=0, **kw)["total"] - zero
     budget = card_bytes - max(HEADROOM, card_bytes // 10) - zero
-    return int(max(1, min(FAST_MAX_TOKENS, budget // max(one, 1))))
+    return int(max(1, min(FAST_MAX_TOKENS, budget // max(per_token_bytes, 1))))
 
 
 def layers_to_keep(

@@ -22,7 +22,7 @@ _nvml_lock = threading.Lock()
 _nvml_state: dict[str, Any] = {"ready": False, "note": ""}
 
 
-def _nvml():
+def _nvml() -> Any:
     """pynvml, initialised once; None (with the reason in _nvml_state) where there is no GPU."""
     with _nvml_lock:
         if _nvml_state["ready"]:

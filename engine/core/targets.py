@@ -178,7 +178,7 @@ def check_trained_on(target: Target, base_path: str | Path, named: str) -> None:
 
 
 def recorded_base_model(run: dict[str, Any], adapter_dir: Path | None = None) -> str | None:
-    config = run.get("config") if isinstance(run.get("config"), dict) else {}
+    config: dict[str, Any] = run["config"] if isinstance(run.get("config"), dict) else {}
     spec = str(config.get("model") or "")
     path = str(run.get("base_model_path") or "")
     if spec == "demo":  # the cache folder it resolved to is an implementation detail

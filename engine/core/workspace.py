@@ -171,10 +171,6 @@ class Workspace:
         }
         return sorted(found, key=_last_activity)
 
-    def list_runs(self) -> list[RunInfo]:
-        """Summaries of every run, newest activity first."""
-        return [read_run(p) for p in reversed(self.run_dirs())]
-
     def last_run(self) -> RunInfo | None:
         """The run the engine trained last, else the run with the newest activity."""
         last = self._recorded_last_run()
@@ -193,11 +189,6 @@ class Workspace:
         except OSError:
             return None
         return Path(text) if text else None
-
-
-def default_workspace() -> Workspace:
-    """The workspace a bare `tunebench` uses: the current directory."""
-    return Workspace(Path.cwd())
 
 
 # ---------------------------------------------------------------- run folders

@@ -308,43 +308,23 @@ class GenerationSession:
         on_chunk: Callable[[int, str], None] | None,
         cancel: threading.Event | None,
     ) -> list[dict[str, Any]]:
+        """Prefill the rows together, then sample, stream and step until every row stops, the
+        token limit or a cancel; one result per row."""
         import torch
 
-        from .decode_steps import Sampler, full_attention_only
+        from .decode_steps import Sampler
 
-        device = self.loaded.device
         started = time.perf_counter()
         answered = len(rows)
-        if answered == 1:
-            # CPU matmul kernels take another path for a single row (M=1) than for two or more,
-            # which rounds the last bit differently; a ghost row (finished from the start, output
-            # ignored) keeps a lone column bit-identical to the same column inside a bigger batch.
-            ghost = _Row(
-                rows[0].target, rows[0].adapter, rows[0].prompt, IncrementalDetokenizer(self.tokenizer)
-            )
-            rows = [*rows, ghost]
+        rows = self._with_ghost(rows)
         batch = len(rows)
-        longest = max(len(r.prompt) for r in rows)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        # Left-pad so every row's next token sits in the last column.
-        ids = torch.full((batch, longest), pad_id, dtype=torch.long)
-        mask = torch.zeros((batch, longest), dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, longest - len(row.prompt) :] = torch.tensor(row.prompt)
-            mask[i, longest - len(row.prompt) :] = 1
-        ids, mask = ids.to(device), mask.to(device)
+        device = self.loaded.device
+        ids, mask = self._left_padded(rows, pad_id)
         sampler = Sampler(cfg, rows, device)
-        stop_ids = self.stop_ids
         finished = [False] * answered + [True] * (batch - answered)
         finished_on_device = torch.tensor(finished, device=device)
-        mode = self.decode_mode
-        if mode != "dynamic" and not full_attention_only(self.loaded.model.config):
-            mode = "dynamic"  # sliding-window caches reuse slots, which the static mask cannot follow
-        if self.fuse_base and not self._weights_fused:
-            from .lora_decode import fuse_sibling_weights
-
-            fuse_sibling_weights(self.loaded.model)  # once per model, before inference_mode
-            self._weights_fused = True
+        mode = self._prepare_mode()
         cancelled_early = cancel is not None and cancel.is_set()
         with (
             torch.inference_mode(),
@@ -386,22 +366,7 @@ class GenerationSession:
                     chosen = host_ids.tolist()
                 else:
                     chosen = next_ids.tolist()  # a host sync; streaming needs the ids anyway
-                now = time.perf_counter()
-                for i, (row, token) in enumerate(zip(rows, chosen, strict=True)):
-                    if finished[i]:
-                        continue
-                    if token in stop_ids:
-                        finished[i], row.finish_reason = True, "stop"
-                        finished_on_device[i] = True  # a device-side write: no sync
-                        continue
-                    if not row.detok.ids:
-                        row.first_at = now
-                    row.last_at = now
-                    piece = row.detok.push(token)
-                    if piece:
-                        row.pieces.append(piece)
-                        if on_chunk is not None:
-                            on_chunk(i, piece)
+                self._take_tokens(rows, chosen, finished, finished_on_device, on_chunk)
                 if all(finished) or last:
                     break
                 if cancel is not None and cancel.is_set():
@@ -413,8 +378,84 @@ class GenerationSession:
                     logits = steps.step(next_ids.masked_fill(finished_on_device, pad_id))
             del steps  # a dynamic cache goes now; a static decoder stays for the next request
         cancelled = cancel is not None and cancel.is_set()
+        return self._finish_rows(rows[:answered], finished, cancelled, on_chunk, started)
+
+    def _with_ghost(self, rows: list[_Row]) -> list[_Row]:
+        """The rows to decode: a lone row gets a ghost beside it.
+
+        CPU matmul kernels take another path for a single row (M=1) than for two or more, which
+        rounds the last bit differently; a ghost row (finished from the start, output ignored)
+        keeps a lone column bit-identical to the same column inside a bigger batch."""
+        if len(rows) != 1:
+            return rows
+        ghost = _Row(rows[0].target, rows[0].adapter, rows[0].prompt, IncrementalDetokenizer(self.tokenizer))
+        return [*rows, ghost]
+
+    def _left_padded(self, rows: list[_Row], pad_id: int) -> tuple[Any, Any]:
+        """The prompts as one batch (ids and attention mask) on the model's device, left-padded
+        so every row's next token sits in the last column."""
+        import torch
+
+        longest = max(len(r.prompt) for r in rows)
+        ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), longest), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, longest - len(row.prompt) :] = torch.tensor(row.prompt)
+            mask[i, longest - len(row.prompt) :] = 1
+        return ids.to(self.loaded.device), mask.to(self.loaded.device)
+
+    def _prepare_mode(self) -> str:
+        """The decode mode this model allows, with its sibling weights fused first if asked."""
+        from .decode_steps import full_attention_only
+
+        mode = self.decode_mode
+        if mode != "dynamic" and not full_attention_only(self.loaded.model.config):
+            mode = "dynamic"  # sliding-window caches reuse slots, which the static mask cannot follow
+        if self.fuse_base and not self._weights_fused:
+            from .lora_decode import fuse_sibling_weights
+
+            fuse_sibling_weights(self.loaded.model)  # once per model, before inference_mode
+            self._weights_fused = True
+        return mode
+
+    def _take_tokens(
+        self,
+        rows: list[_Row],
+        chosen: list[int],
+        finished: list[bool],
+        finished_on_device: Any,
+        on_chunk: Callable[[int, str], None] | None,
+    ) -> None:
+        """One step's tokens into their rows: a stop token ends its row, others are detokenised
+        and streamed."""
+        now = time.perf_counter()
+        for i, (row, token) in enumerate(zip(rows, chosen, strict=True)):
+            if finished[i]:
+                continue
+            if token in self.stop_ids:
+                finished[i], row.finish_reason = True, "stop"
+                finished_on_device[i] = True  # a device-side write: no sync
+                continue
+            if not row.detok.ids:
+                row.first_at = now
+            row.last_at = now
+            piece = row.detok.push(token)
+            if piece:
+                row.pieces.append(piece)
+                if on_chunk is not None:
+                    on_chunk(i, piece)
+
+    def _finish_rows(
+        self,
+        rows: list[_Row],
+        finished: list[bool],
+        cancelled: bool,
+        on_chunk: Callable[[int, str], None] | None,
+        started: float,
+    ) -> list[dict[str, Any]]:
+        """Flush each answered row's last text and say why it ended; its result dict."""
         results = []
-        for i, row in enumerate(rows[:answered]):
+        for i, row in enumerate(rows):
             tail = row.detok.flush()
             if tail:
                 row.pieces.append(tail)

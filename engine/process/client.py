@@ -42,7 +42,7 @@ class EngineGone(ConnectionError):
 
 
 def _workspace(workspace: Workspace | str | Path) -> Workspace:
-    return workspace if isinstance(workspace, Workspace) else Workspace(workspace)
+    return workspace if isinstance(workspace, Workspace) else Workspace(Path(workspace))
 
 
 # ================================================================ the engine process

@@ -4,8 +4,8 @@ One asyncio loop owns the socket, the clients and the engine state; each job (tr
 export, load: their bodies are in jobs.py) runs in a worker thread and hands its events back with
 call_soon_threadsafe, so status, memory and estimate requests are answered while a job runs. A
 job's exception becomes an EngineError with a hint and the engine stays up. Every event goes to
-every client; the first client to say Hello controls the workspace and later ones watch
-read-only until it leaves.
+every client, and the first client to say Hello controls the workspace (clients.py); the current
+run's events are kept for clients that attach later (run_history.py).
 
 Start-up stays cheap (the TUI waits on it): torch, transformers and the job modules are imported
 inside the job bodies, never here. The engine never imports textual or rich.
@@ -26,7 +26,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,8 @@ from ..core.errors import UserError
 from ..core.estimate import estimate_training_memory, read_model_info
 from ..core.files import atomic_write_bytes
 from ..core.memory_sampler import sample_memory
-from ..core.workspace import ENGINE_IDLE_EXIT_S, Workspace, read_metrics
+from ..core.workspace import ENGINE_IDLE_EXIT_S, Workspace
+from .clients import CONTROL_REQUESTS, Client, ClientRegistry
 from .jobs import (
     Job,
     JobFunction,
@@ -51,24 +51,14 @@ from .jobs import (
     free_memory,
     reset_peak_memory,
 )
+from .run_history import RunHistory
 
 __all__ = ["EngineServer", "EngineAlreadyRunning", "serve"]
 
 MEMORY_INTERVAL_S = 0.4  # the gauge promises at least two samples a second
 MAX_LINE = 16 * 1024 * 1024  # a Generate with a long chat is large; a line past this is refused
-MAX_CLIENT_BACKLOG = 50_000  # lines queued for one client; one this far behind is dropped
-MAX_HISTORY_LOGS = 1000  # Log events kept in a run's history (steps are always kept)
 SHUTDOWN_JOB_WAIT_S = 60.0  # how long close() waits for an aborted job before leaving it
 LOCK_WAIT_S = 2.0  # how long a new engine waits for a dying one to let go of the workspace
-# Events that make up a run's history: what a reattaching client needs to redraw the run.
-RUN_EVENTS = frozenset(
-    ["ModelLoaded", "DataReport", "TrainStarted", "TrainStep", "EvalResult", "CheckpointSaved"]
-    + ["TrainFinished", "Log", "EngineError"]
-)
-# Requests that change what the engine does; read-only clients may not send them.
-CONTROL_REQUESTS = frozenset(
-    ["StartTraining", "StopTraining", "Generate", "CancelGenerate", "Export", "LoadModel", "Shutdown"]
-)
 JOB_WORDS = {
     "train": "a training run",
     "generate": "a generation",
@@ -79,23 +69,6 @@ JOB_WORDS = {
 
 class EngineAlreadyRunning(RuntimeError):
     """Another engine holds this workspace's lock."""
-
-
-@dataclass(eq=False)
-class Client:
-    number: int
-    writer: asyncio.StreamWriter
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    name: str = ""
-    pid: int = 0
-    observe: bool = False
-    task: asyncio.Task | None = None
-    closed: bool = False
-
-    @property
-    def label(self) -> str:
-        name = self.name or "a client"
-        return f"{name} (pid {self.pid})" if self.pid else f"{name} #{self.number}"
 
 
 class EngineServer:
@@ -111,26 +84,18 @@ class EngineServer:
         self.ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
         self.memory_interval = memory_interval
         self.idle_exit = idle_exit  # <= 0: never
-        self.started = time.time()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.AbstractServer | None = None
         self._lock_fd: int | None = None
         self._socket_inode: int | None = None
         self._tasks: list[asyncio.Task] = []
-        self._clients: list[Client] = []
-        self._client_numbers = 0
-        self._controller: Client | None = None
+        self.clients = ClientRegistry(self.log)
         self._job: Job | None = None
         self._closing = False
         self._stop_requested = asyncio.Event()  # serve() returns when set
         self._closed = asyncio.Event()  # close() has finished
         self._shutdown_requests = 0
-        # the current (or last) run, for Snapshot
-        self._run_id = ""
-        self._run_dir = ""
-        self._run_status = ""
-        self._history: list[dict[str, Any]] = []
-        self._history_logs = 0
+        self.run = RunHistory()  # the current (or last) run, for Snapshot
         self._last_error: dict[str, Any] = {}
         self._model = ""
         self.jobs = Jobs(self.ws)
@@ -160,7 +125,7 @@ class EngineServer:
         if stat.S_IMODE(info.st_mode) != 0o600:
             raise RuntimeError(f"{path} has mode {oct(stat.S_IMODE(info.st_mode))}, not 0600")
         self._socket_inode = info.st_ino
-        self._load_last_run()
+        self.run.load_last_run(self.ws)
         self._tasks.append(asyncio.create_task(self._sample_memory_forever()))
         if self.idle_exit > 0:
             self._tasks.append(asyncio.create_task(self._exit_when_idle()))
@@ -194,7 +159,9 @@ class EngineServer:
         job = self._job
         if job is not None:
             self.log(f"shutting down: stopping {JOB_WORDS[job.kind]} ({mode})")
-            self._broadcast(P.Log(message=f"the engine is shutting down; stopping {JOB_WORDS[job.kind]}"))
+            self.clients.broadcast(
+                P.Log(message=f"the engine is shutting down; stopping {JOB_WORDS[job.kind]}")
+            )
             job.request_stop(mode)
             await job.done.wait()
         self._stop_requested.set()
@@ -215,13 +182,7 @@ class EngineServer:
         for task in self._tasks:
             if task is not current:
                 task.cancel()
-        for client in list(self._clients):
-            client.queue.put_nowait(None)  # the writer flushes what is queued, then closes
-        writers = [c.task for c in self._clients if c.task is not None]
-        if writers:
-            await asyncio.wait(writers, timeout=2.0)
-        for client in list(self._clients):
-            client.writer.close()
+        await self.clients.close_all(timeout=2.0)
         self._remove_own_files()
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the flock
@@ -253,17 +214,14 @@ class EngineServer:
         if peer_uid is not None and peer_uid not in (os.getuid(), 0):
             writer.close()  # the 0700 folder should already keep other users out
             return
-        self._client_numbers += 1
-        client = Client(self._client_numbers, writer, pid=peer_pid or 0)
-        self._clients.append(client)
-        client.task = asyncio.create_task(self._write_forever(client))
-        self._send(client, self._snapshot(client))
+        client = self.clients.add(writer, pid=peer_pid or 0)
+        self.clients.send(client, self._snapshot(client))
         try:
             while not self._closing:
                 try:
                     line = await reader.readline()
                 except ValueError:  # longer than MAX_LINE; the stream skipped past it
-                    self._send(client, _bad_request("", f"a line longer than {MAX_LINE} bytes"))
+                    self.clients.send(client, _bad_request("", f"a line longer than {MAX_LINE} bytes"))
                     continue
                 except ConnectionError:
                     break
@@ -271,58 +229,7 @@ class EngineServer:
                     break
                 await self._handle_line(client, line)
         finally:
-            self._drop_client(client)
-
-    async def _write_forever(self, client: Client) -> None:
-        try:
-            while True:
-                line = await client.queue.get()
-                if line is None:
-                    break
-                client.writer.write(line)
-                await client.writer.drain()
-        except (ConnectionError, RuntimeError):
-            pass
-        finally:
-            client.closed = True
-            client.writer.close()
-
-    def _drop_client(self, client: Client) -> None:
-        if client not in self._clients:
-            return
-        self._clients.remove(client)
-        client.closed = True
-        client.queue.put_nowait(None)
-        if self._controller is client:
-            self._controller = None
-            # The longest-attached session that asked for control gets it, and is told so: a
-            # read-only TUI left behind becomes the one that controls, without asking.
-            heir = next((other for other in self._clients if not other.observe), None)
-            if heir is None:
-                self.log(f"{client.label} disconnected; no session controls the workspace")
-            else:
-                self._set_controller(heir, f"{client.label} disconnected")
-
-    def _send(self, client: Client, event: P.Event) -> None:
-        if client.closed:
-            return
-        if client.queue.qsize() > MAX_CLIENT_BACKLOG:
-            # A client that stopped reading would grow the engine's memory without bound; drop it
-            # (it reattaches and gets a fresh Snapshot).
-            self.log(f"dropping {client.label}: it stopped reading")
-            client.closed = True
-            client.writer.transport.abort()
-            return
-        client.queue.put_nowait(P.encode(event))
-
-    def _broadcast(self, event: P.Event) -> None:
-        line = P.encode(event)
-        for client in list(self._clients):
-            if not client.closed:
-                if client.queue.qsize() > MAX_CLIENT_BACKLOG:
-                    self._send(client, event)  # drops it
-                else:
-                    client.queue.put_nowait(line)
+            self.clients.remove(client)
 
     # ================================================================ requests
 
@@ -332,90 +239,47 @@ class EngineServer:
         try:
             message = P.decode(line)
         except P.ProtocolError as exc:
-            self._send(client, _bad_request(_raw_id(line), str(exc)))
+            self.clients.send(client, _bad_request(_raw_id(line), str(exc)))
             return
         if not isinstance(message, P.Request):
-            self._send(client, _bad_request(message.id, f"{message.type} is an event; send requests only"))
+            self.clients.send(
+                client, _bad_request(message.id, f"{message.type} is an event; send requests only")
+            )
             return
-        if message.type in CONTROL_REQUESTS and not self._may_control(client):
-            self._send(client, self._read_only_error(message.id))
+        if message.type in CONTROL_REQUESTS and not self.clients.may_control(client):
+            self.clients.send(client, self.clients.read_only_error(message.id))
             return
         handler = getattr(self, f"_on_{message.type}", None)
         if handler is None:
-            self._send(client, _bad_request(message.id, f"{message.type} is not handled by this engine"))
+            self.clients.send(
+                client, _bad_request(message.id, f"{message.type} is not handled by this engine")
+            )
             return
         try:
             result = handler(client, message)
             if asyncio.iscoroutine(result):
                 await result
         except Exception as exc:  # noqa: BLE001 - a bad request must never take the engine down
-            self._send(client, dataclasses.replace(self._describe(exc, message.type), id=message.id))
+            self.clients.send(client, dataclasses.replace(self._describe(exc, message.type), id=message.id))
 
-    # ---------------------------------------------------------------- control
-
-    def _may_control(self, client: Client) -> bool:
-        if self._controller is client:
-            return True
-        if self._controller is None and not client.observe:
-            self._set_controller(client, "no other session was controlling this workspace")
-            return True
-        return False
-
-    def _set_controller(self, client: Client | None, why: str) -> None:
-        old = self._controller
-        self._controller = client
-        if client is not None:
-            self.log(f"{client.label} controls the workspace ({why})")
-            self._send(client, P.ControlChanged(controller=True, controller_client=client.label, message=why))
-        if old is not None and old is not client and not old.closed:
-            self._send(
-                old,
-                P.ControlChanged(
-                    controller=False,
-                    controller_client=client.label if client else "",
-                    message=f"{client.label if client else 'another session'} took control of this "
-                    "workspace; this session is read-only now",
-                ),
-            )
-
-    def _read_only_error(self, request_id: str) -> P.EngineError:
-        if self._controller is None:  # an observer, with nobody in control
-            message = "this session attached as an observer, which is read-only"
-            hint = "connect without observe (or say Hello again without it) to control the workspace"
-        else:
-            message = f"{self._controller.label} controls this workspace; this session is read-only"
-            hint = (
-                "it still shows the same live state. To control from here, close the other session, "
-                "or take control (in the TUI: ctrl+p, Engine: take control; the other one turns read-only)"
-            )
-        return P.EngineError(id=request_id, code="read_only", message=message, hint=hint)
+    # ---------------------------------------------------------------- requests that answer at once
 
     def _on_Hello(self, client: Client, msg: P.Hello) -> None:
-        client.name = msg.client or client.name
-        client.pid = msg.pid or client.pid
-        client.observe = msg.observe
-        if msg.observe:
-            if self._controller is client:
-                self._controller = None  # it steps down; the next job request takes the slot
-        elif self._controller is None or self._controller is client:
-            self._controller = client
-            self.log(f"{client.label} controls the workspace")
-        elif msg.take_control:
-            self._set_controller(client, f"{client.label} took control")
-        self._send(client, self._snapshot(client, msg.id))
+        self.clients.hello(client, msg)
+        self.clients.send(client, self._snapshot(client, msg.id))
 
     def _on_GetStatus(self, client: Client, msg: P.GetStatus) -> None:
-        self._send(client, self._snapshot(client, msg.id, history=msg.history))
+        self.clients.send(client, self._snapshot(client, msg.id, history=msg.history))
 
     async def _on_EstimateMemory(self, client: Client, msg: P.EstimateMemory) -> None:
         try:
             cfg = build_config(TrainConfig, self.jobs.resolve_train_paths(msg.config))
         except ConfigError as exc:
-            self._send(client, _config_error(msg.id, exc))
+            self.clients.send(client, _config_error(msg.id, exc))
             return
         info = await asyncio.to_thread(read_model_info, cfg.model, self.ws.root)
         if info is None:
-            self._send(
+            self.clients.send(
                 client,
                 P.EngineError(
                     id=msg.id,
@@ -425,17 +289,17 @@ class EngineServer:
                 ),
             )
             return
-        self._send(client, dataclasses.replace(estimate_training_memory(cfg, info), id=msg.id))
+        self.clients.send(client, dataclasses.replace(estimate_training_memory(cfg, info), id=msg.id))
 
     def _on_StopTraining(self, client: Client, msg: P.StopTraining) -> None:
         if msg.mode not in ("graceful", "abort"):
-            self._send(
+            self.clients.send(
                 client, _bad_request(msg.id, f"StopTraining.mode must be graceful or abort, not {msg.mode!r}")
             )
             return
         job = self._job
         if job is None or job.kind != "train":
-            self._send(
+            self.clients.send(
                 client, P.EngineError(id=msg.id, code="idle", message="no training run is in progress")
             )
             return
@@ -445,18 +309,20 @@ class EngineServer:
             if msg.mode == "graceful"
             else "aborting now (no checkpoint is saved)"
         )
-        self._broadcast(P.Log(id=msg.id, message=text))
+        self.clients.broadcast(P.Log(id=msg.id, message=text))
 
     def _on_CancelGenerate(self, client: Client, msg: P.CancelGenerate) -> None:
         job = self._job
         if job is None or job.kind != "generate":
-            self._send(client, P.EngineError(id=msg.id, code="idle", message="no generation is in progress"))
+            self.clients.send(
+                client, P.EngineError(id=msg.id, code="idle", message="no generation is in progress")
+            )
             return
         job.cancel.set()
-        self._send(client, P.Log(id=msg.id, message="cancelling the generation"))
+        self.clients.send(client, P.Log(id=msg.id, message="cancelling the generation"))
 
     def _on_Shutdown(self, client: Client, msg: P.Shutdown) -> None:
-        self._broadcast(P.Log(id=msg.id, message=f"engine shutting down (asked by {client.label})"))
+        self.clients.broadcast(P.Log(id=msg.id, message=f"engine shutting down (asked by {client.label})"))
         self._begin_shutdown("graceful")
 
     # ---------------------------------------------------------------- jobs
@@ -465,10 +331,10 @@ class EngineServer:
         try:
             cfg = build_config(TrainConfig, self.jobs.resolve_train_paths(msg.config))
         except ConfigError as exc:
-            self._send(client, _config_error(msg.id, exc))
+            self.clients.send(client, _config_error(msg.id, exc))
             return
         if not cfg.dataset:
-            self._send(
+            self.clients.send(
                 client,
                 P.EngineError(
                     id=msg.id,
@@ -484,7 +350,7 @@ class EngineServer:
         try:
             gen_cfg = build_config(GenerationConfig, msg.config)
         except ConfigError as exc:
-            self._send(client, _config_error(msg.id, exc))
+            self.clients.send(client, _config_error(msg.id, exc))
             return
         if msg.conversations:
             missing = [t for t in msg.targets if t not in msg.conversations]
@@ -496,13 +362,15 @@ class EngineServer:
         if not msg.targets:
             problem = "targets is empty: name base or an adapter"
         if problem:
-            self._send(client, _bad_request(msg.id, problem))
+            self.clients.send(client, _bad_request(msg.id, problem))
             return
         self._start_job(client, msg, "generate", self.jobs.generate, config=gen_cfg)
 
     def _on_Export(self, client: Client, msg: P.Export) -> None:
         if not msg.adapter:
-            self._send(client, _bad_request(msg.id, "Export.adapter is empty: name an adapter or run folder"))
+            self.clients.send(
+                client, _bad_request(msg.id, "Export.adapter is empty: name an adapter or run folder")
+            )
             return
         self._start_job(client, msg, "export", self.jobs.export)
 
@@ -514,20 +382,20 @@ class EngineServer:
     ) -> None:
         running = self._job
         if running is not None:
-            self._send(client, self._busy_error(request.id, running))
+            self.clients.send(client, self._busy_error(request.id, running))
             return
         if self._closing or self._shutdown_requests:
-            self._send(
+            self.clients.send(
                 client, P.EngineError(id=request.id, code="busy", message="the engine is shutting down")
             )
             return
         job = Job(kind, request.id, owner=client.label, config=config)
         self._job = job
         if kind == "train":
-            self._run_id, self._run_dir, self._run_status = "", "", "starting"
-            self._history, self._history_logs, self._last_error = [], 0, {}
+            self.run.begin()
+            self._last_error = {}
         self.log(f"{kind} job started by {client.label}")
-        self._broadcast(P.JobStatus(id=request.id, job=kind, state="started"))
+        self.clients.broadcast(P.JobStatus(id=request.id, job=kind, state="started"))
         threading.Thread(
             target=self._job_thread, args=(job, fn, request), name=f"tunebench-{kind}", daemon=True
         ).start()
@@ -535,7 +403,7 @@ class EngineServer:
     def _busy_error(self, request_id: str, running: Job) -> P.EngineError:
         what = JOB_WORDS[running.kind]
         if running.kind == "train":
-            detail = f" (run {self._run_id or 'starting'}, step {running.last_step})"
+            detail = f" (run {self.run.run_id or 'starting'}, step {running.last_step})"
             hint = "wait for it to finish, or stop it first (a graceful stop saves a checkpoint)"
         elif running.kind == "generate":
             detail, hint = "", "wait for the answer to finish, or cancel it"
@@ -600,37 +468,20 @@ class EngineServer:
         if not event.id:
             event = dataclasses.replace(event, id=job.request_id)
         resync = False
-        if job.kind == "train" and event.type in RUN_EVENTS:
-            resync = self._record_run_event(job, event)
+        if job.kind == "train":
+            if isinstance(event, P.TrainStarted):
+                with contextlib.suppress(OSError):
+                    self.ws.record_last_run(event.run_dir)
+            elif isinstance(event, P.TrainStep):
+                job.last_step = event.step
+            resync = self.run.record(event)
         if isinstance(event, P.ModelLoaded):
             self._model = event.model
-        self._broadcast(event)
+        self.clients.broadcast(event)
         if resync:
             # A resumed run: clients get the steps before the checkpoint from disk, in a Snapshot.
-            for client in list(self._clients):
-                self._send(client, self._snapshot(client))
-
-    def _record_run_event(self, job: Job, event: P.Event) -> bool:
-        resync = False
-        if isinstance(event, P.TrainStarted):
-            self._run_id, self._run_dir, self._run_status = event.run_id, event.run_dir, "running"
-            with contextlib.suppress(OSError):
-                self.ws.record_last_run(event.run_dir)
-            if event.start_step > 0:
-                earlier = [r for r in read_metrics(event.run_dir) if r.get("type") != "TrainFinished"]
-                self._history.append(event.to_dict())
-                self._history.extend(earlier)
-                return True
-        elif isinstance(event, P.TrainStep):
-            job.last_step = event.step
-        elif isinstance(event, P.TrainFinished):
-            self._run_status = event.status
-        elif isinstance(event, P.Log):
-            self._history_logs += 1
-            if self._history_logs > MAX_HISTORY_LOGS:
-                return False
-        self._history.append(event.to_dict())
-        return resync
+            for client in self.clients:
+                self.clients.send(client, self._snapshot(client))
 
     def _on_job_done(self, job: Job, error: P.EngineError | None, final: P.Event | None = None) -> None:
         self._job = None  # first: whoever reacts to the final event finds the engine idle
@@ -641,13 +492,17 @@ class EngineServer:
             self._last_error = error.to_dict()
             self.log(f"{job.kind} job failed: [{error.code}] {error.message}")
             if job.kind == "train":
-                self._history.append(error.to_dict())
-            self._broadcast(error)
-            if job.kind == "train" and self._run_status in ("starting", "running"):
-                self._finish_failed_run(job)
+                self.run.record(error)
+            self.clients.broadcast(error)
+            if job.kind == "train" and self.run.unfinished:
+                finished = self.run.close_failed(
+                    job.request_id, job.last_step, round(time.time() - job.started, 1)
+                )
+                if finished is not None:
+                    self.clients.broadcast(finished)
         else:
             self.log(f"{job.kind} job done")
-        self._broadcast(
+        self.clients.broadcast(
             P.JobStatus(
                 id=job.request_id,
                 job=job.kind,
@@ -657,68 +512,34 @@ class EngineServer:
         )
         job.done.set()
 
-    def _finish_failed_run(self, job: Job) -> None:
-        self._run_status = "failed"
-        if not self._run_dir:
-            return  # it failed before the run folder existed: nothing to close
-        finished = P.TrainFinished(
-            id=job.request_id,
-            run_id=self._run_id,
-            status="failed",
-            steps=job.last_step,
-            final_loss=float("nan"),
-            seconds=round(time.time() - job.started, 1),
-        )
-        self._history.append(finished.to_dict())
-        # The run's own record says it failed (a resume drops this line again), so `tunebench
-        # status` tells a failed run from one that is still going.
-        with contextlib.suppress(OSError), open(Path(self._run_dir) / "metrics.jsonl", "ab") as fh:
-            fh.write(orjson.dumps(finished.to_dict()) + b"\n")
-        self._broadcast(finished)
-
     # ================================================================ state
 
     def _snapshot(self, client: Client, request_id: str = "", history: bool = True) -> P.Snapshot:
         job = self._job
-        controller = self._controller
+        controller = self.clients.controller
         return P.Snapshot(
             id=request_id,
             engine_pid=os.getpid(),
             job=job.kind if job else "",
             model=self._model,
-            run_id=self._run_id,
-            run_dir=self._run_dir,
-            history=list(self._history) if history else [],
+            run_id=self.run.run_id,
+            run_dir=self.run.run_dir,
+            history=list(self.run.records) if history else [],
             workspace=str(self.ws.root),
             job_id=job.request_id if job else "",
             job_started=job.started if job else 0.0,
-            run_status=self._run_status,
+            run_status=self.run.status,
             controller=controller is client,
             controller_client=controller.label if controller else "",
-            clients=len(self._clients),
+            clients=len(self.clients),
             last_error=dict(self._last_error),
         )
-
-    def _load_last_run(self) -> None:
-        """After a restart, the last run's history comes from its metrics.jsonl, so a client
-        still sees the whole loss curve (and that the run was interrupted)."""
-        try:
-            run = self.ws.last_run()
-        except OSError:
-            return
-        if run is None:
-            return
-        self._run_id, self._run_dir, self._run_status = run.run_id, str(run.path), run.status
-        started = P.TrainStarted(
-            run_id=run.run_id, run_dir=str(run.path), total_steps=run.total_steps, command=run.command
-        )
-        self._history = [started.to_dict(), *run.records]
 
     async def _exit_when_idle(self) -> None:
         idle_since = time.monotonic()
         while True:
             await asyncio.sleep(min(5.0, self.idle_exit / 4))
-            if self._clients or self._job is not None:
+            if self.clients or self._job is not None:
                 idle_since = time.monotonic()
             elif time.monotonic() - idle_since >= self.idle_exit:
                 self.log(f"no client and no job for {self.idle_exit:.0f}s: exiting to free memory")
@@ -728,7 +549,7 @@ class EngineServer:
     async def _sample_memory_forever(self) -> None:
         failed = False
         while True:
-            if self._clients:
+            if self.clients:
                 try:
                     sample = await asyncio.to_thread(sample_memory)
                 except Exception as exc:  # noqa: BLE001 - the gauge is not worth the engine
@@ -736,7 +557,7 @@ class EngineServer:
                         self.log(f"memory sampling failed: {exc!r}")
                     failed = True
                 else:
-                    self._broadcast(sample)
+                    self.clients.broadcast(sample)
             await asyncio.sleep(self.memory_interval)
 
 

@@ -15,16 +15,12 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import orjson
-
 from ..core.errors import UserError
-from ..core.files import atomic_write_bytes, fsync_dir
+from ..core.files import fsync_dir
 from ..core.workspace import CHECKPOINT_STATE_FILE, list_checkpoints
 
 if TYPE_CHECKING:
     from .types import RunPaths
-
-STATE_FILE = CHECKPOINT_STATE_FILE
 
 
 def save_checkpoint(run: RunPaths, step: int, model, optimizer, scheduler, keep: int) -> Path:
@@ -46,7 +42,7 @@ def save_checkpoint(run: RunPaths, step: int, model, optimizer, scheduler, keep:
         "rng_python": list(random.getstate()[1]),
         "rng_numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
     }
-    torch.save(state, tmp / STATE_FILE)
+    torch.save(state, tmp / CHECKPOINT_STATE_FILE)
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
@@ -67,7 +63,7 @@ def _prune_checkpoints(run: RunPaths, keep: int) -> None:
 def find_checkpoint(path: str) -> Path:
     """A checkpoint folder, or a run folder (its newest complete checkpoint)."""
     p = Path(path).expanduser()
-    if (p / STATE_FILE).is_file():
+    if (p / CHECKPOINT_STATE_FILE).is_file():
         return p.resolve()
     if p.is_dir():
         found = list_checkpoints(p.parent if p.name == "checkpoints" else p)
@@ -94,7 +90,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, device) -> int:
 
     weights = load_file(str(path / "adapter_model.safetensors"), device=str(device))
     set_peft_model_state_dict(model, weights)
-    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    state = torch.load(path / CHECKPOINT_STATE_FILE, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng_torch"])
@@ -105,21 +101,6 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, device) -> int:
     np_state[1] = state["rng_numpy"].numpy().astype(np.uint32)
     np.random.set_state(tuple(np_state))
     return int(state["step"])
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop metrics logged after the checkpoint we resume from: the resumed run logs them again."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_bytes().splitlines():
-        try:
-            record = orjson.loads(line)
-        except orjson.JSONDecodeError:  # a line cut short by the crash
-            continue
-        if record.get("type") != "TrainFinished" and record.get("step", 0) <= step:
-            kept.append(line + b"\n")
-    atomic_write_bytes(path, b"".join(kept), sync_dir=True)
 
 
 def save_adapter_atomically(model, target: Path) -> None:

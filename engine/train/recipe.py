@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -30,15 +30,13 @@ from ..core import protocol as P
 from ..core.config import TrainConfig, to_command, to_dict
 from ..core.errors import UserError
 from ..core.files import atomic_write_bytes
-from .checkpoints import (
-    find_checkpoint,
-    load_checkpoint,
-    save_adapter_atomically,
-    save_checkpoint,
-    truncate_metrics,
-)
+from ..core.metrics_log import MetricsLog, start_metrics, truncate_metrics
+from .checkpoints import find_checkpoint, load_checkpoint, save_adapter_atomically, save_checkpoint
 from .plain import plain_path
 from .types import RunPaths, TrainPath
+
+if TYPE_CHECKING:
+    from ..models.loading import LoadedModel
 
 # Mixed sample lengths fragment the CUDA caching allocator; growable segments keep the reserved
 # memory close to the allocated. Read when CUDA first allocates, so set before any GPU work
@@ -77,32 +75,151 @@ def select_path(cfg: TrainConfig, device) -> TrainPath:
 
 
 @dataclass
-class _Clock:
-    started: float = field(default_factory=time.perf_counter)
-    tokens: int = 0
-    steps: int = 0
+class _Setup:
+    """What the train loop needs, made by `_setup`: the run's folder, the model with its LoRA
+    adapter, the optimizer and schedule, the tokenised data and the step plan."""
 
-    def rate(self) -> float:
-        return self.tokens / max(time.perf_counter() - self.started, 1e-9)
+    run: RunPaths
+    model: Any
+    tokenizer: Any
+    device: Any
+    path: TrainPath
+    params: list[Any]
+    optimizer: Any
+    scheduler: Any
+    plan: list[list[list[int]]]
+    train_set: list[Any]
+    eval_set: list[Any]
+    start_step: int
+
+    @property
+    def total_steps(self) -> int:
+        return len(self.plan)
+
+
+@dataclass
+class _Progress:
+    """The loop's running state, and how it ended.
+
+    Logged losses are token-weighted means over the steps since the last log; the final loss is the
+    last such window, the same number a person saw on the last progress line."""
+
+    step: int
+    status: str = "completed"
+    window_loss: float = 0.0
+    window_tokens: int = 0
+    logged_loss: float = float("nan")
+    grad_norm: float = 0.0
+    # throughput since the loop began (a resumed run's earlier steps not counted)
+    clock_started: float = field(default_factory=time.perf_counter)
+    clock_tokens: int = 0
+    clock_steps: int = 0
+
+    def take_window(self) -> float:
+        """The loss of the steps since the last log; starts the next window."""
+        self.logged_loss = self.window_loss / self.window_tokens
+        self.window_loss, self.window_tokens = 0.0, 0
+        return self.logged_loss
+
+    @property
+    def final_loss(self) -> float:
+        return self.window_loss / self.window_tokens if self.window_tokens else self.logged_loss
+
+    def tokens_per_s(self) -> float:
+        return self.clock_tokens / max(time.perf_counter() - self.clock_started, 1e-9)
 
 
 # ====================================================================== recipe
 
 
 def run_training(cfg: TrainConfig, emit: Emit, stop: StopSignal | None = None) -> P.TrainFinished:
-    """Fine-tune per `cfg`; blocks until done, stopped or aborted. Raises UserError for bad input."""
-    import torch
+    """Fine-tune per `cfg`; blocks until done, stopped or aborted. Raises UserError for bad input.
 
+    Events go to `emit`; those worth keeping (steps, evals, checkpoints, the end) also go to the
+    run's metrics.jsonl."""
     stop = stop or StopSignal()
     started = time.perf_counter()
+    setup = _setup(cfg, emit)
+    with MetricsLog(setup.run.root) as metrics:
 
-    # ---------------------------------------------------------------- setup
+        def log(event: P.Event) -> None:
+            emit(event)
+            metrics.append(event.to_dict())
+
+        progress = _train_loop(cfg, setup, stop, emit, log, started)
+        return _finish(setup, progress, log, started)
+
+
+# ----------------------------------------------------------------------- setup
+
+
+def _setup(cfg: TrainConfig, emit: Emit) -> _Setup:
+    """Load the model and data, attach LoRA, build the optimizer, then open the run (a new folder,
+    or the checkpoint it resumes from) and announce it with TrainStarted."""
+    import torch
+
     resume_dir = find_checkpoint(cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else None
     run = RunPaths(resume_dir.parent.parent if resume_dir else new_run_dir(cfg))
     _seed_everything(cfg.seed)
+    loaded = _load_model(cfg, emit)
+    train_set, eval_set = _load_data(cfg, loaded.tokenizer, emit)
 
-    from ..core.data import load_dataset, split_eval
-    from ..core.encoding import tokenize_samples
+    path = select_path(cfg, loaded.device)
+    for note in path.notes:
+        emit(P.Log(message=note))
+    model = _attach_lora(path.prepare_base(loaded.model), cfg, path.gradient_checkpointing)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=loaded.device.type == "cuda"
+    )
+    plan = build_plan(len(train_set), cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, len(plan)))
+    setup = _Setup(
+        run=run,
+        model=model,
+        tokenizer=loaded.tokenizer,
+        device=loaded.device,
+        path=path,
+        params=params,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        plan=plan,
+        train_set=train_set,
+        eval_set=eval_set,
+        start_step=0,
+    )
+
+    _open_run(cfg, setup, resume_dir, loaded.resolved.path, emit)
+    return setup
+
+
+def _open_run(cfg: TrainConfig, setup: _Setup, resume_dir: Path | None, base_path: Path, emit: Emit) -> None:
+    """Resume from the checkpoint (its metrics cut back to it) or start the run's folder, then
+    announce the run with TrainStarted."""
+    run = setup.run
+    if resume_dir:
+        setup.start_step = load_checkpoint(
+            resume_dir, setup.model, setup.optimizer, setup.scheduler, setup.device
+        )
+        truncate_metrics(run.root, setup.start_step)
+        emit(P.Log(message=f"resumed from {resume_dir} at step {setup.start_step}"))
+    else:
+        run.root.mkdir(parents=True, exist_ok=True)
+        _write_run_config(run, cfg, base_path)
+        start_metrics(run.root)
+    emit(
+        P.TrainStarted(
+            run_id=run.root.name,
+            run_dir=str(run.root),
+            total_steps=setup.total_steps,
+            start_step=setup.start_step,
+            trainable_parameters=sum(p.numel() for p in setup.params),
+            command=to_command(cfg),
+        )
+    )
+
+
+def _load_model(cfg: TrainConfig, emit: Emit) -> LoadedModel:
     from ..models.loading import load_model
 
     emit(P.Progress(stage="load", message=f"loading model {cfg.model}"))
@@ -122,24 +239,19 @@ def run_training(cfg: TrainConfig, emit: Emit, stop: StopSignal | None = None) -
             dtype=str(loaded.dtype).replace("torch.", ""),
         )
     )
-    tokenizer, device = loaded.tokenizer, loaded.device
+    return loaded
+
+
+def _load_data(cfg: TrainConfig, tokenizer: Any, emit: Emit) -> tuple[list[Any], list[Any]]:
+    """The tokenised train and eval sets, reported in a DataReport; UserError if no sample is left."""
+    from ..core.data import load_dataset, split_eval
+    from ..core.encoding import tokenize_samples
 
     emit(P.Progress(stage="tokenize", message="reading and tokenising the data"))
-    samples, problems = load_dataset(
-        cfg.dataset,
-        system=cfg.system,
-        model_name=cfg.model_name,
-        model_author=cfg.model_author,
-        seed=cfg.seed,
-    )
+    identity = {"system": cfg.system, "model_name": cfg.model_name, "model_author": cfg.model_author}
+    samples, problems = load_dataset(cfg.dataset, **identity, seed=cfg.seed)
     if cfg.val_dataset:
-        eval_samples, eval_problems = load_dataset(
-            cfg.val_dataset,
-            system=cfg.system,
-            model_name=cfg.model_name,
-            model_author=cfg.model_author,
-            seed=cfg.seed,
-        )
+        eval_samples, eval_problems = load_dataset(cfg.val_dataset, **identity, seed=cfg.seed)
         problems = problems + eval_problems
     else:
         samples, eval_samples = split_eval(samples, cfg.val_ratio, cfg.seed)
@@ -159,156 +271,131 @@ def run_training(cfg: TrainConfig, emit: Emit, stop: StopSignal | None = None) -
     if not train_set:
         raise no_sample_left(all_problems, cfg.max_length)
     emit(P.Log(message=f"chat template: {report.template}"))
+    return train_set, eval_set
 
-    path = select_path(cfg, device)
-    for note in path.notes:
-        emit(P.Log(message=note))
-    model = _attach_lora(path.prepare_base(loaded.model), cfg, path.gradient_checkpointing)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=device.type == "cuda"
-    )
-    plan = build_plan(len(train_set), cfg)
-    total_steps = len(plan)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
 
-    start_step = 0
-    if resume_dir:
-        start_step = load_checkpoint(resume_dir, model, optimizer, scheduler, device)
-        truncate_metrics(run.metrics, start_step)
-        emit(P.Log(message=f"resumed from {resume_dir} at step {start_step}"))
-    else:
-        run.root.mkdir(parents=True, exist_ok=True)
-        _write_run_config(run, cfg, loaded.resolved.path)
-        run.metrics.write_bytes(b"")
-    command = to_command(cfg)
-    emit(
-        P.TrainStarted(
-            run_id=run.root.name,
-            run_dir=str(run.root),
-            total_steps=total_steps,
-            start_step=start_step,
-            trainable_parameters=trainable,
-            command=command,
-        )
-    )
+# ------------------------------------------------------------------ train loop
 
-    # ----------------------------------------------------------- train loop
-    metrics = open(run.metrics, "ab")  # noqa: SIM115 - closed in the finally below
-    clock = _Clock()
-    # Logged losses are token-weighted means over the steps since the last log; the final loss
-    # is the last such window, the same number a person saw on the last progress line.
-    window_loss, window_tokens, logged_loss, grad_norm = 0.0, 0, float("nan"), 0.0
-    step, status = start_step, "completed"
-    steps_per_epoch = max(
-        1,
-        math.ceil(
-            math.ceil(len(train_set) / cfg.per_device_train_batch_size) / cfg.gradient_accumulation_steps
-        ),
-    )
 
-    def log(event: P.Event) -> None:
-        emit(event)
-        metrics.write(orjson.dumps(event.to_dict()) + b"\n")
-        metrics.flush()
+def _train_loop(
+    cfg: TrainConfig, s: _Setup, stop: StopSignal, emit: Emit, log: Emit, started: float
+) -> _Progress:
+    """Steps until the plan ends or a stop: each step logged, evaluated and saved as `cfg` says."""
+    progress = _Progress(step=s.start_step)
+    steps_per_epoch = max(1, _steps_per_epoch(len(s.train_set), cfg))
+    s.model.train()
+    noted = len(s.path.notes)
+    while progress.step < s.total_steps:
+        if not _train_step(cfg, s, progress, stop):
+            progress.status = "aborted"
+            break
+        step = progress.step
+        for note in s.path.notes[noted:]:  # what the path learnt on the first forwards
+            emit(P.Log(message=note))
+        noted = len(s.path.notes)
 
-    try:
-        model.train()
-        noted = len(path.notes)
-        while step < total_steps:
-            micro_batches = [
-                path.collate([train_set[i] for i in idx], tokenizer.pad_token_id, device)
-                for idx in path.group(plan[step], train_set)
-            ]
-            # Normalise by the loss tokens of the whole step, not per micro-batch, so accumulation
-            # gives the same gradient as one big batch.
-            step_targets = sum(b.target_tokens for b in micro_batches)
-            # The step's loss stays on the device: reading it per micro-batch would make the host
-            # wait for the GPU before it may launch the next forward.
-            loss_total = torch.zeros((), dtype=torch.float32, device=device)
-            for batch in micro_batches:
-                if stop.mode == "abort":
-                    break
-                loss_sum = path.loss_sum(model, batch)
-                (loss_sum / step_targets).backward()
-                loss_total += loss_sum.detach().float()
-                clock.tokens += batch.tokens
-            if stop.mode == "abort":
-                status = "aborted"
-                break
-            norm = (
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+        if step % cfg.logging_steps == 0 or step == s.total_steps or step == s.start_step + 1:
+            log(_step_event(s, progress, steps_per_epoch, started))
+        if s.eval_set and (step % cfg.eval_steps == 0 or step == s.total_steps):
+            log(
+                P.EvalResult(
+                    step=step, eval_loss=evaluate(s.model, s.eval_set, cfg, s.tokenizer, s.device, s.path)
+                )
             )
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            # The one CPU-GPU sync point of a step: its loss and gradient norm, read together.
-            if norm is None:
-                step_loss = loss_total.item()
-            else:
-                step_loss, grad_norm = torch.stack([loss_total, norm.float()]).tolist()
-            step += 1
-            clock.steps += 1
-            window_loss += step_loss
-            window_tokens += step_targets
-            for note in path.notes[noted:]:  # what the path learnt on the first forwards
-                emit(P.Log(message=note))
-            noted = len(path.notes)
+            s.model.train()
+        if step % cfg.save_steps == 0 and step < s.total_steps:
+            _save_checkpoint(cfg, s, step, log)
+        if stop.mode == "graceful":
+            progress.status = "stopped"
+            if step < s.total_steps and step % cfg.save_steps != 0:
+                _save_checkpoint(cfg, s, step, log)
+            break
+        if stop.mode == "abort":
+            progress.status = "aborted"
+            break
+    return progress
 
-            if step % cfg.logging_steps == 0 or step == total_steps or step == start_step + 1:
-                elapsed = time.perf_counter() - clock.started
-                per_step = elapsed / clock.steps
-                logged_loss = window_loss / window_tokens
-                log(
-                    P.TrainStep(
-                        step=step,
-                        total_steps=total_steps,
-                        epoch=round(step / steps_per_epoch, 4),
-                        loss=logged_loss,
-                        lr=scheduler.get_last_lr()[0],
-                        grad_norm=round(grad_norm, 6),
-                        tokens_per_s=round(clock.rate(), 1),
-                        eta_s=round(per_step * (total_steps - step), 1),
-                        elapsed_s=round(time.perf_counter() - started, 1),
-                    )
-                )
-                window_loss, window_tokens = 0.0, 0
-            if eval_set and (step % cfg.eval_steps == 0 or step == total_steps):
-                log(
-                    P.EvalResult(step=step, eval_loss=evaluate(model, eval_set, cfg, tokenizer, device, path))
-                )
-                model.train()
-            if step % cfg.save_steps == 0 and step < total_steps:
-                saved = save_checkpoint(run, step, model, optimizer, scheduler, cfg.save_total_limit)
-                log(P.CheckpointSaved(step=step, path=str(saved)))
-            if stop.mode == "graceful":
-                status = "stopped"
-                if step < total_steps and step % cfg.save_steps != 0:
-                    saved = save_checkpoint(run, step, model, optimizer, scheduler, cfg.save_total_limit)
-                    log(P.CheckpointSaved(step=step, path=str(saved)))
-                break
-            if stop.mode == "abort":
-                status = "aborted"
-                break
 
-        # ------------------------------------------------------------ cleanup
-        adapter_dir = ""
-        if status != "aborted":
-            save_adapter_atomically(model, run.adapter)
-            adapter_dir = str(run.adapter)
-        finished = P.TrainFinished(
-            run_id=run.root.name,
-            status=status,
-            adapter_dir=adapter_dir,
-            final_loss=window_loss / window_tokens if window_tokens else logged_loss,
-            steps=step,
-            seconds=round(time.perf_counter() - started, 1),
-        )
-        log(finished)
-        return finished
-    finally:
-        metrics.close()
+def _train_step(cfg: TrainConfig, s: _Setup, progress: _Progress, stop: StopSignal) -> bool:
+    """One optimizer step over the plan's next micro-batches; False if an abort cut it short."""
+    import torch
+
+    micro_batches = [
+        s.path.collate([s.train_set[i] for i in idx], s.tokenizer.pad_token_id, s.device)
+        for idx in s.path.group(s.plan[progress.step], s.train_set)
+    ]
+    # Normalise by the loss tokens of the whole step, not per micro-batch, so accumulation gives
+    # the same gradient as one big batch.
+    step_targets = sum(b.target_tokens for b in micro_batches)
+    # The step's loss stays on the device: reading it per micro-batch would make the host wait for
+    # the GPU before it may launch the next forward.
+    loss_total = torch.zeros((), dtype=torch.float32, device=s.device)
+    for batch in micro_batches:
+        if stop.mode == "abort":
+            break
+        loss_sum = s.path.loss_sum(s.model, batch)
+        (loss_sum / step_targets).backward()
+        loss_total += loss_sum.detach().float()
+        progress.clock_tokens += batch.tokens
+    if stop.mode == "abort":
+        return False
+    norm = torch.nn.utils.clip_grad_norm_(s.params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+    s.optimizer.step()
+    s.scheduler.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    # The one CPU-GPU sync point of a step: its loss and gradient norm, read together.
+    if norm is None:
+        step_loss = loss_total.item()
+    else:
+        step_loss, progress.grad_norm = torch.stack([loss_total, norm.float()]).tolist()
+    progress.step += 1
+    progress.clock_steps += 1
+    progress.window_loss += step_loss
+    progress.window_tokens += step_targets
+    return True
+
+
+def _step_event(s: _Setup, progress: _Progress, steps_per_epoch: int, started: float) -> P.TrainStep:
+    """The TrainStep for the step just taken, with the loss of the window it closes."""
+    step = progress.step
+    per_step = (time.perf_counter() - progress.clock_started) / progress.clock_steps
+    return P.TrainStep(
+        step=step,
+        total_steps=s.total_steps,
+        epoch=round(step / steps_per_epoch, 4),
+        loss=progress.take_window(),
+        lr=s.scheduler.get_last_lr()[0],
+        grad_norm=round(progress.grad_norm, 6),
+        tokens_per_s=round(progress.tokens_per_s(), 1),
+        eta_s=round(per_step * (s.total_steps - step), 1),
+        elapsed_s=round(time.perf_counter() - started, 1),
+    )
+
+
+def _save_checkpoint(cfg: TrainConfig, s: _Setup, step: int, log: Emit) -> None:
+    saved = save_checkpoint(s.run, step, s.model, s.optimizer, s.scheduler, cfg.save_total_limit)
+    log(P.CheckpointSaved(step=step, path=str(saved)))
+
+
+# --------------------------------------------------------------------- cleanup
+
+
+def _finish(s: _Setup, progress: _Progress, log: Emit, started: float) -> P.TrainFinished:
+    """Save the adapter (not after an abort) and log the run's TrainFinished."""
+    adapter_dir = ""
+    if progress.status != "aborted":
+        save_adapter_atomically(s.model, s.run.adapter)
+        adapter_dir = str(s.run.adapter)
+    finished = P.TrainFinished(
+        run_id=s.run.root.name,
+        status=progress.status,
+        adapter_dir=adapter_dir,
+        final_loss=progress.final_loss,
+        steps=progress.step,
+        seconds=round(time.perf_counter() - started, 1),
+    )
+    log(finished)
+    return finished
 
 
 # ===================================================================== pieces
@@ -424,11 +511,10 @@ def build_plan(num_samples: int, cfg: TrainConfig) -> list[list[list[int]]]:
     k replays exactly the batches an uninterrupted run would have seen.
     """
     bs, ga = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
-    steps_per_epoch = math.ceil(math.ceil(num_samples / bs) / ga)
     if cfg.max_steps > 0:
         total = cfg.max_steps
     else:
-        total = max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
+        total = max(1, math.ceil(cfg.num_train_epochs * _steps_per_epoch(num_samples, cfg)))
     plan: list[list[list[int]]] = []
     epoch = 0
     while len(plan) < total:
@@ -438,6 +524,12 @@ def build_plan(num_samples: int, cfg: TrainConfig) -> list[list[list[int]]]:
         plan.extend(micro[i : i + ga] for i in range(0, len(micro), ga))
         epoch += 1
     return plan[:total]
+
+
+def _steps_per_epoch(num_samples: int, cfg: TrainConfig) -> int:
+    """Optimizer steps in one pass over the data; the last step of an epoch may be short."""
+    batches = math.ceil(num_samples / cfg.per_device_train_batch_size)
+    return math.ceil(batches / cfg.gradient_accumulation_steps)
 
 
 def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:

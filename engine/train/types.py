@@ -22,10 +22,6 @@ class RunPaths:
         return self.root / "config.json"
 
     @property
-    def metrics(self) -> Path:
-        return self.root / "metrics.jsonl"
-
-    @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
 
