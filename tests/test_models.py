@@ -65,7 +65,8 @@ def test_local_folder_loads(tiny_model_dir):
 def test_demo_model_loads_from_its_cached_copy_once_converted(monkeypatch):
     """Once converted, the demo loads from the safetensors copy: the GGUF is never read again.
     (How fast that is, bench/bench_demo.py reports: a time bound here would fail on a busy box.)"""
-    from tunebench.engine import models
+    from tunebench.engine.core.model_files import cached_model_dir
+    from tunebench.engine.models import loading as models
 
     first = resolve_model("demo")  # converts once (cached for later runs)
 
@@ -74,7 +75,7 @@ def test_demo_model_loads_from_its_cached_copy_once_converted(monkeypatch):
 
     monkeypatch.setattr(models, "_convert_gguf", no_second_conversion)
     loaded = load_model("demo", torch_dtype="bfloat16")
-    assert loaded.resolved.path == first.path == models.cached_model_dir("demo")
+    assert loaded.resolved.path == first.path == cached_model_dir("demo")
     assert (first.path / "config.json").is_file() and list(first.path.glob("*.safetensors"))
     assert loaded.parameters > 100e6 and loaded.tokenizer.chat_template
 
