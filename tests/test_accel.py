@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from tiny import QWEN25_7B
 from tunebench.engine.core.config import TrainConfig
 from tunebench.engine.core.memory_model import (
     FAST_MAX_TOKENS,
@@ -24,16 +25,6 @@ from tunebench.engine.train.recipe import _attach_lora
 from tunebench.engine.train.types import IGNORE
 
 GIB = 1024**3
-
-QWEN25_7B = dict(
-    hidden_size=3584,
-    intermediate_size=18944,
-    num_hidden_layers=28,
-    num_attention_heads=28,
-    num_key_value_heads=4,
-    vocab_size=152064,
-    tie_word_embeddings=False,
-)
 
 
 @dataclass

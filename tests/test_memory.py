@@ -7,21 +7,11 @@ import subprocess
 import sys
 
 import pytest
+from tiny import QWEN25_7B
 from tunebench.engine.core import estimate as M
 from tunebench.engine.core.config import TrainConfig
 from tunebench.engine.core.memory_model import lora_parameters
 from tunebench.engine.core.memory_sampler import sample_memory
-
-# Qwen2.5-7B-Instruct's config.json, the model the README targets.
-QWEN_7B = {
-    "hidden_size": 3584,
-    "num_hidden_layers": 28,
-    "intermediate_size": 18944,
-    "vocab_size": 152064,
-    "num_attention_heads": 28,
-    "num_key_value_heads": 4,
-    "tie_word_embeddings": False,
-}
 
 
 def test_sample_says_what_it_found():
@@ -46,7 +36,7 @@ def test_sampling_never_imports_torch():
 
 
 def test_qwen_7b_shape_matches_its_published_size():
-    shape = M.ModelShape.from_config(QWEN_7B)
+    shape = M.ModelShape.from_config(QWEN25_7B)
     assert abs(shape.parameters - 7.62e9) / 7.62e9 < 0.01
 
 
@@ -55,7 +45,7 @@ GIB = 1024**3
 
 
 def estimate(card=H100, **settings):
-    return M.estimate_training_memory(TrainConfig(**settings), QWEN_7B, card_bytes=card)
+    return M.estimate_training_memory(TrainConfig(**settings), QWEN25_7B, card_bytes=card)
 
 
 def total(card=H100, **settings) -> float:
@@ -73,12 +63,12 @@ def test_estimate_is_positive_and_adds_up():
     assert all(value >= 0 for value in e.parts.values()) and e.parts["dequantised"] == 0
     assert abs(sum(e.parts.values()) - e.total_gib) < 0.01
     assert 14 < e.parts["weights"] < 15  # 7.6B bf16 weights
-    assert e.trainable == lora_parameters(QWEN_7B, 8, ("all-linear",))
+    assert e.trainable == lora_parameters(QWEN25_7B, 8, ("all-linear",))
     assert any("profile fast" in n for n in e.notes)
 
 
 def test_layout_follows_the_cuda_path():
-    shape = M.ModelShape.from_config(QWEN_7B)
+    shape = M.ModelShape.from_config(QWEN25_7B)
     fast = M.training_layout(shape, TrainConfig(profile="fast", **BENCH), H100)
     assert fast.tokens == 4 * 2048 and fast.recomputed_layers == 0  # the whole step in one forward
     lean = M.training_layout(shape, TrainConfig(profile="lean", **BENCH), H100)
@@ -126,11 +116,11 @@ def test_model_info_for_demo_and_hub_cache(tmp_path, monkeypatch):
     assert M.read_model_info("demo") == M.DEMO_MODEL_INFO  # before its first conversion
     snapshot = tmp_path / "hub" / "models--Qwen--Qwen2.5-7B-Instruct" / "snapshots" / "abc123"
     snapshot.mkdir(parents=True)
-    (snapshot / "config.json").write_text(json.dumps(QWEN_7B))
+    (snapshot / "config.json").write_text(json.dumps(QWEN25_7B))
     (snapshot.parent.parent / "refs").mkdir()
     (snapshot.parent.parent / "refs" / "main").write_text("abc123")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    assert M.read_model_info("Qwen/Qwen2.5-7B-Instruct") == QWEN_7B
+    assert M.read_model_info("Qwen/Qwen2.5-7B-Instruct") == QWEN25_7B
     assert M.read_model_info("Nobody/Missing") is None
 
 

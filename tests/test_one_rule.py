@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+from tiny import QWEN25_7B
 from tunebench.engine.core import protocol as P
 from tunebench.engine.core.config import TrainConfig
 from tunebench.engine.core.data import DataError, parse_dataset_spec
@@ -130,16 +131,6 @@ def test_a_model_typed_in_the_form_is_the_one_the_estimate_and_the_tui_read(ws, 
 
 # ============================================================ GPU memory
 
-QWEN_7B = {
-    "hidden_size": 3584,
-    "num_hidden_layers": 28,
-    "intermediate_size": 18944,
-    "vocab_size": 152064,
-    "num_attention_heads": 28,
-    "num_key_value_heads": 4,
-    "tie_word_embeddings": False,
-}
-
 
 @pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["all-linear"]])
 def test_the_gpu_paths_forward_budget_is_the_estimates(targets):
@@ -154,17 +145,17 @@ def test_the_gpu_paths_forward_budget_is_the_estimates(targets):
         per_device_train_batch_size=8,
         gradient_accumulation_steps=8,
     )
-    layout = training_layout(ModelShape.from_config(QWEN_7B), cfg, card)
+    layout = training_layout(ModelShape.from_config(QWEN25_7B), cfg, card)
     path = FastPath(cfg, torch.device("cpu"), layout.profile)
-    assert layout.lora_params == lora_parameters(QWEN_7B, cfg.lora_rank, targets)
-    assert 2048 < path.forward_tokens(QWEN_7B, card) == layout.tokens < FAST_MAX_TOKENS
+    assert layout.lora_params == lora_parameters(QWEN25_7B, cfg.lora_rank, targets)
+    assert 2048 < path.forward_tokens(QWEN25_7B, card) == layout.tokens < FAST_MAX_TOKENS
 
 
 @pytest.mark.parametrize(
     ("card", "want"), [(None, Profile.FAST), (24 * GIB, Profile.LEAN), (80 * GIB, Profile.FAST)]
 )
 def test_the_estimate_decides_auto_where_the_gpu_path_does(card, want):
-    shape = ModelShape.from_config(QWEN_7B)
+    shape = ModelShape.from_config(QWEN25_7B)
     layout = training_layout(shape, TrainConfig(profile="auto"), card)
     weights = estimate_peak_bytes(shape.as_config(), tokens=0, recomputed_layers=0)["weights"]
     free = None if card is None else card - weights - CUDA_CONTEXT_BYTES

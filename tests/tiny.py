@@ -9,6 +9,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# Qwen2.5-7B-Instruct's config.json (the sizes that matter), the model the README targets: for the
+# memory model, which needs a real model's shape but no weights.
+QWEN25_7B = {
+    "hidden_size": 3584,
+    "num_hidden_layers": 28,
+    "intermediate_size": 18944,
+    "vocab_size": 152064,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "tie_word_embeddings": False,
+}
+
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{% if loop.first and messages[0]['role'] != 'system' %}"
