@@ -1,7 +1,7 @@
 """`tunebench demo`: the identity fine-tune of the built-in demo model, with answers before and after.
 
-Runs on a laptop-class CPU in about a minute: it is the quickest way to see the whole loop
-(data with placeholders -> LoRA training -> the model now names its new identity).
+Runs on a laptop-class CPU in a few minutes (bench/RESULTS_demo.md): the quickest way to see the
+whole loop (data with placeholders -> LoRA training -> the model now names its new identity).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The demo's settings: the identity fine-tune of the built-in demo model, tuned to learn its new
-name in about a minute on a CPU. `tunebench demo` runs it; a fresh TUI workspace starts its form
+name in a few minutes on a CPU. `tunebench demo` runs it; a fresh TUI workspace starts its form
 from it, so it is torch-free."""
 
 from __future__ import annotations
