@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import bench_generate
@@ -166,29 +167,18 @@ def hf_baseline(served, plan: list[list[tuple[str, str]]], max_tokens: int) -> d
         ids = torch.tensor([prompt], device=served.device)
         streamer = FirstToken()
         begun = time.perf_counter()
-        with torch.inference_mode():
-            if name == "base":
-                with peft.disable_adapter():
-                    out = peft.generate(
-                        input_ids=ids,
-                        attention_mask=torch.ones_like(ids),
-                        max_new_tokens=max_tokens,
-                        min_new_tokens=max_tokens,
-                        do_sample=False,
-                        streamer=streamer,
-                        pad_token_id=served.tokenizer.pad_token_id,
-                    )
-            else:
-                peft.set_adapter("a0")
-                out = peft.generate(
-                    input_ids=ids,
-                    attention_mask=torch.ones_like(ids),
-                    max_new_tokens=max_tokens,
-                    min_new_tokens=max_tokens,
-                    do_sample=False,
-                    streamer=streamer,
-                    pad_token_id=served.tokenizer.pad_token_id,
-                )
+        if name != "base":
+            peft.set_adapter("a0")
+        with torch.inference_mode(), peft.disable_adapter() if name == "base" else nullcontext():
+            out = peft.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_tokens,
+                min_new_tokens=max_tokens,
+                do_sample=False,
+                streamer=streamer,
+                pad_token_id=served.tokenizer.pad_token_id,
+            )
         ended = time.perf_counter()
         service[(i, r)] = (ended - begun, streamer.at - begun, out.shape[1] - ids.shape[1])
     wall = time.perf_counter() - started
