@@ -578,7 +578,9 @@ def test_vllm_hand_off_execs_vllm_with_the_key_in_its_environment(tmp_path, tiny
         "import json, os, sys\n"
         "print(json.dumps({'argv': sys.argv[1:], 'key': os.environ.get('VLLM_API_KEY')}))\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(tmp_path / "fake"), "TUNEBENCH_CACHE": str(tmp_path / "cache")}
+    # The stand-in goes first on the path; what was there stays (the GPU box imports tunebench that way).
+    path = os.pathsep.join(p for p in (str(tmp_path / "fake"), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "TUNEBENCH_CACHE": str(tmp_path / "cache")}
     args = ["deploy", "--model", str(tiny_model_dir), "--adapters", f"bob={runs['bob']}"]
     args += ["--infer_backend", "vllm", "--host", "0.0.0.0", "--api_key", "sesame"]
     result = subprocess.run(

@@ -71,9 +71,12 @@ def probe_main(argv: list[str]) -> int:
     )
     args = parse_args(parser, argv)
     cfg = generation_config(args)
+    # A file the user named is checked before anything loads: its mistakes are the cheapest to report.
+    questions = read_probes(Path(args.probes).expanduser()) if args.probes else []
     setup = resolve_setup(args, with_base=True)
-    workspaces = tuple(t.run_dir.parent.parent for t in setup.targets if t.run_dir is not None)
-    questions = read_probes(Path(args.probes).expanduser() if args.probes else default_probes(workspaces))
+    if not questions:
+        workspaces = tuple(t.run_dir.parent.parent for t in setup.targets if t.run_dir is not None)
+        questions = read_probes(default_probes(workspaces))
     session = load_session(setup, args.torch_dtype)
     started = time.perf_counter()
     print(
