@@ -439,3 +439,42 @@ def test_the_store_never_replaces_a_read_only_file_and_keeps_the_edit(tmp_path):
     path.chmod(0o644)
     again = opened(path)
     assert again.recover().replayed == 1 and [row.record for row in again.rows] == [B]
+
+
+def test_the_writer_lock_goes_with_its_process_even_when_killed(tmp_path):
+    """No stale lock: kill -9 of the TUI that edits a file frees the file for the next one."""
+    import signal
+    import subprocess
+    import sys
+
+    from tunebench.tui.widgets.dataset.write_access import WriterLock
+
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(jsonl(A))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_THE_LOCK, str(path)], stdout=subprocess.PIPE, env=os.environ.copy()
+    )
+    try:
+        assert holder.stdout.readline().strip() == b"held"
+        lock = WriterLock(path)
+        assert not lock.acquire() and lock.holder() == f"pid {holder.pid}"
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(10)
+    assert lock.acquire() and lock.held and lock.holder() == f"pid {os.getpid()}"
+    assert not WriterLock(path).acquire()  # one writer: this process now, its other panes included
+    lock.release()
+    assert not lock.path.exists()  # a clean exit leaves nothing beside the file
+    following = WriterLock(path)
+    assert following.acquire()
+    following.release()
+
+
+HOLD_THE_LOCK = """
+import sys, time
+from pathlib import Path
+from tunebench.tui.widgets.dataset.write_access import WriterLock
+assert WriterLock(Path(sys.argv[1])).acquire()
+print("held", flush=True)
+time.sleep(60)
+"""
