@@ -54,6 +54,8 @@ class WriterLock:
 
         Raises OSError when no lock file can be made there (a folder this user cannot write).
         """
+        # A new file's folder may not exist yet: the first save would make it anyway.
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         while self._fd is None:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -127,7 +129,7 @@ class WriteAccess:
         if not mine:
             who = self.lock.holder()
             return (
-                f"{shown} is read-only here: another TuneBench ({who or 'another process'}) is editing "
+                f"{shown} is read-only here: another TuneBench{f' ({who})' if who else ''} is editing "
                 "it. This one shows its saves, and can edit once that one closes the file"
             )
         return read_only_reason(self.data_path, self.workspace)
