@@ -264,6 +264,12 @@ class TuneBenchApp(App[int]):
     @_while_running
     def _event(self, message: EngineClient.EventReceived) -> None:
         event = message.event
+        if isinstance(event, P.Log) and self.requests.get(event.id) == "stop":
+            # The engine took our stop: only now is the run stopping (a refusal, say from a
+            # session that just lost control, comes as an EngineError and changes nothing).
+            del self.requests[event.id]
+            if self.train_pane.run.live:
+                self.train_pane.set_status("stopping")
         if isinstance(event, TRAIN_EVENTS) or (isinstance(event, P.Log) and self._is_train_event(event)):
             self.train_pane.apply_events([event])
             if isinstance(event, P.TrainFinished):
@@ -394,6 +400,16 @@ class TuneBenchApp(App[int]):
             self.action_show_pane("train")  # JobStatus "started" sets the pane going
 
     def stop_training(self, mode: str) -> None:
+        holder = self.status_bar.read_only
+        if holder:
+            # The engine would refuse it: say so here rather than show a stop that never comes.
+            self.notify(
+                f"read-only: {holder} controls this workspace, so its run cannot be stopped from here. "
+                "To stop it: ctrl+p, Engine: take control, then try again",
+                severity="warning",
+                timeout=8,
+            )
+            return
         if mode == "abort":
 
             def confirmed(key: str) -> None:
@@ -415,8 +431,7 @@ class TuneBenchApp(App[int]):
         if not self.train_pane.run.live:
             self.notify("no training run is going", severity="warning")
             return
-        if self.send_request(P.StopTraining(mode=mode), "stop"):
-            self.train_pane.set_status("stopping")
+        self.send_request(P.StopTraining(mode=mode), "stop")  # "stopping" once the engine says so
 
     def schedule_estimate(self) -> None:
         self._estimate.poke()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tunebench.engine.core import protocol as P
 from tunebench.engine.core.workspace import Workspace
+from tunebench.engine.process.clients import CONTROL_REQUESTS
 
 
 class FakeEngine:
@@ -29,6 +30,7 @@ class FakeEngine:
         memory_interval: float = 0.2,
         gpus: list[dict] | None = None,
         pid: int = 0,
+        controlled_by: str = "",
     ) -> None:
         self.ws = Workspace(workspace)
         self.steps = steps
@@ -46,6 +48,9 @@ class FakeEngine:
         self.job = ""
         # Snapshot tests pin the pid shown in the status bar; 1 is always alive for the TUI's check.
         self.pid = pid or os.getpid()
+        # Another session in control (its label): this one is read-only, as engine/process/clients.py
+        # makes every session after the first; its control requests are refused.
+        self.controlled_by = controlled_by
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -78,8 +83,8 @@ class FakeEngine:
             engine_pid=self.pid,
             job=self.job,
             history=list(self.history),
-            controller=True,
-            controller_client="tui (test)",
+            controller=not self.controlled_by,
+            controller_client=self.controlled_by or "tui (test)",
             clients=len(self._writers),
         )
 
@@ -98,7 +103,10 @@ class FakeEngine:
                 request = P.decode(line)
                 self.requests.append(request)
                 handler = getattr(self, f"_on_{request.type}", None)
-                if handler is not None:
+                if self.controlled_by and request.type in CONTROL_REQUESTS:
+                    message = f"{self.controlled_by} controls this workspace; this session is read-only"
+                    self._send(P.EngineError(id=request.id, code="read_only", message=message))
+                elif handler is not None:
                     self._tasks.append(asyncio.create_task(handler(request)))
         except (ConnectionError, asyncio.CancelledError):
             pass

@@ -291,7 +291,7 @@ async def test_the_pane_recovers_edits_after_the_tui_is_killed(workspace, fake_e
         await wait_until(pilot, lambda: not pane.store.dirty, what="the recovered edits to autosave")
     assert records(path) == expected
     assert (path.parent / "mini.jsonl.bak").read_bytes() == before
-    assert sorted(p.name for p in path.parent.iterdir()) == ["mini.jsonl", "mini.jsonl.bak"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["mini.jsonl", "mini.jsonl.bak"]  # lock gone too
 
 
 async def test_choosing_reload_on_a_conflict_drops_the_journal(workspace, fake_engine, monkeypatch):
@@ -327,3 +327,154 @@ def test_a_journal_without_edits_is_dropped_quietly(tmp_path):
     again = opened(path)
     assert again.recover() is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]
+
+
+# ============================================= one writer per file, and files set read-only
+
+
+def notice(app) -> str:
+    """The Dataset pane's read-only notice, as shown ("" while hidden)."""
+    labels = app.query("#dataset-read-only")
+    return str(labels.first().render()) if labels and labels.first().display else ""
+
+
+async def test_a_second_tui_on_one_file_is_read_only_and_loses_nothing(workspace, fake_engine, monkeypatch):
+    """Issue 14.1: `d` in one TUI and `c` in another within a second, then the second is killed."""
+    monkeypatch.setattr(dataset_pane, "AUTOSAVE_DELAY_S", 0.05)
+    path = workspace / "datasets" / "mini.jsonl"
+    first, second = TuneBenchApp(workspace, starter=no_start), TuneBenchApp(workspace, starter=no_start)
+    async with first.run_test(size=(100, 32)) as p1:
+        pane1 = first.query_one(DatasetPane)
+        await wait_until(p1, lambda: pane1.reports, what="the first TUI's checks")
+        async with second.run_test(size=(100, 32)) as p2:
+            pane2 = second.query_one(DatasetPane)
+            await wait_until(p2, lambda: pane2.reports, what="the second TUI's checks")
+            notices = notice(first), notice(second)
+            await p1.press("d")
+            await p2.press("c")
+            shown_by_second = [row.record for row in pane2.store.rows]
+            refusals = [n.message for n in second._notifications if "is editing it" in n.message]
+            await wait_until(p1, lambda: not pane1.store.dirty, what="the first TUI's autosave")
+            await p2.pause(0.1)
+        # the second TUI was killed: whatever it showed as made must be kept somewhere
+        await p1.pause(0.1)
+        assert not pane1.store.dirty and not pane1.store.journal_path.exists()
+    kept = opened(path)
+    assert kept.recover() is None
+    assert [row.record for row in kept.rows] == MINI_RECORDS[1:]
+    assert shown_by_second in (MINI_RECORDS, MINI_RECORDS[1:])  # it never showed an edit it would lose
+    assert not notices[0] and "read-only" in notices[1] and "another TuneBench (pid" in notices[1]
+    assert refusals  # `c` there was refused, saying why
+
+
+async def test_the_read_only_tui_takes_over_when_the_writer_dies(workspace, fake_engine, monkeypatch):
+    """The writer is killed with edits only in its journal: the other TUI replays them, then edits."""
+    monkeypatch.setattr(dataset_pane, "AUTOSAVE_DELAY_S", 60)  # the writer dies before any save
+    monkeypatch.setattr(dataset_pane, "DISK_CHECK_S", 0.05)
+    path = workspace / "datasets" / "mini.jsonl"
+    writer, reader = TuneBenchApp(workspace, starter=no_start), TuneBenchApp(workspace, starter=no_start)
+    writing = writer.run_test(size=(100, 32))
+    p1 = await writing.__aenter__()
+    try:
+        pane1 = writer.query_one(DatasetPane)
+        await wait_until(p1, lambda: pane1.reports, what="the writer's checks")
+        async with reader.run_test(size=(100, 32)) as p2:
+            pane2 = reader.query_one(DatasetPane)
+            await wait_until(p2, lambda: pane2.reports, what="the reader's checks")
+            assert "read-only" in notice(reader)
+            await p1.press("d", "down", "c")
+            made = [row.record for row in pane1.store.rows]
+            await p2.pause(0.2)
+            assert [row.record for row in pane2.store.rows] == MINI_RECORDS  # the journal is not the reader's
+            await writing.__aexit__(None, None, None)  # killed: no flush, its lock goes with it
+            writing = None
+            await wait_until(p2, lambda: not notice(reader), what="the reader to take over")
+            assert [row.record for row in pane2.store.rows] == made
+            assert any("recovered 2 unsaved edit" in n.message for n in reader._notifications)
+            await p2.press("c")
+            assert len(pane2.store.rows) == len(made) + 1
+            await p2.press("ctrl+s")
+            assert not pane2.store.dirty
+        assert len(records(path)) == len(made) + 1
+    finally:
+        if writing is not None:
+            await writing.__aexit__(None, None, None)
+
+
+async def test_a_read_only_file_is_not_replaced_and_says_what_to_do(workspace, fake_engine, monkeypatch):
+    """Issue 14.6: a dataset set to 0444 was replaced by autosave, which kept the mode."""
+    monkeypatch.setattr(dataset_pane, "AUTOSAVE_DELAY_S", 0.05)
+    monkeypatch.setattr(dataset_pane, "DISK_CHECK_S", 0.05)
+    path = workspace / "datasets" / "mini.jsonl"
+    path.chmod(0o444)
+    before = (path.read_bytes(), path.stat().st_ino)
+    app = TuneBenchApp(workspace, starter=no_start)
+    async with app.run_test(size=(100, 32)) as pilot:
+        pane = app.query_one(DatasetPane)
+        await wait_until(pilot, lambda: pane.reports, what="row checks")
+        shown = notice(app)
+        assert "mini.jsonl is read-only (mode 0444)" in shown and f"chmod u+w {path}" in shown
+        await pilot.press("d", "c", "ctrl+s")
+        await pilot.pause(0.2)
+        assert not pane.store.dirty and [row.record for row in pane.store.rows] == MINI_RECORDS
+        assert any("read-only (mode 0444)" in n.message for n in app._notifications)
+        assert (path.read_bytes(), path.stat().st_ino) == before
+        path.chmod(0o644)  # the person's answer: chmod u+w
+        await wait_until(pilot, lambda: not notice(app), what="the pane to notice the chmod")
+        await pilot.press("d")
+        await wait_until(pilot, lambda: not pane.store.dirty, what="the autosave")
+    assert records(path) == MINI_RECORDS[1:]
+
+
+def test_the_store_never_replaces_a_read_only_file_and_keeps_the_edit(tmp_path):
+    """Set read-only while edits were being made: the save is refused, the journal keeps them."""
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(jsonl(A, B))
+    store = opened(path)
+    store.delete(0)
+    path.chmod(0o444)
+    with pytest.raises(dataset_store.ReadOnlyFileError, match=r"d.jsonl is read-only \(mode 0444\)"):
+        store.save()
+    assert path.read_bytes() == jsonl(A, B) and store.dirty
+    path.chmod(0o644)
+    again = opened(path)
+    assert again.recover().replayed == 1 and [row.record for row in again.rows] == [B]
+
+
+def test_the_writer_lock_goes_with_its_process_even_when_killed(tmp_path):
+    """No stale lock: kill -9 of the TUI that edits a file frees the file for the next one."""
+    import signal
+    import subprocess
+    import sys
+
+    from tunebench.tui.widgets.dataset.write_access import WriterLock
+
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(jsonl(A))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_THE_LOCK, str(path)], stdout=subprocess.PIPE, env=os.environ.copy()
+    )
+    try:
+        assert holder.stdout.readline().strip() == b"held"
+        lock = WriterLock(path)
+        assert not lock.acquire() and lock.holder() == f"pid {holder.pid}"
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(10)
+    assert lock.acquire() and lock.held and lock.holder() == f"pid {os.getpid()}"
+    assert not WriterLock(path).acquire()  # one writer: this process now, its other panes included
+    lock.release()
+    assert not lock.path.exists()  # a clean exit leaves nothing beside the file
+    following = WriterLock(path)
+    assert following.acquire()
+    following.release()
+
+
+HOLD_THE_LOCK = """
+import sys, time
+from pathlib import Path
+from tunebench.tui.widgets.dataset.write_access import WriterLock
+assert WriterLock(Path(sys.argv[1])).acquire()
+print("held", flush=True)
+time.sleep(60)
+"""

@@ -201,6 +201,40 @@ async def test_read_only_session_says_so(workspace, fake_engine):
         assert "read-only" in str(app.query_one("#status").render())
 
 
+async def test_a_read_only_tui_never_shows_a_stop_that_does_not_come(workspace):
+    """Issue 14.3: `x` in a read-only TUI showed "stopping" for good while the run went on."""
+    run_dir = str(workspace / "runs" / "r7")
+    history = [
+        P.TrainStarted(run_id="r7", run_dir=run_dir, total_steps=100),
+        *[P.TrainStep(step=s, total_steps=100, loss=3.0 - s / 50, epoch=s / 50) for s in range(1, 11)],
+    ]
+    with FakeEngineThread(workspace, history=history, controlled_by="tui (pid 99)") as engine:
+        engine.job = "train"
+        app = TuneBenchApp(workspace, starter=no_start)
+        async with app.run_test(size=(100, 32)) as pilot:
+            train = app.query_one(TrainPane)
+            await wait_until(pilot, lambda: train.run.step == 10, what="the replay")
+            await pilot.press("4", "x")
+            await pilot.pause(0.1)
+            assert train.run.status == "training" and not engine.of_type("StopTraining")
+            await pilot.press("X")  # abort: refused before asking to confirm
+            assert not isinstance(app.screen, Choice)
+            refusals = [n.message for n in app._notifications if "cannot be stopped from here" in n.message]
+            assert len(refusals) == 2 and "tui (pid 99) controls this workspace" in refusals[0]
+            assert "Engine: take control" in refusals[0]  # what to do
+            # Control moved away just as x was pressed: the engine's refusal changes nothing either.
+            app.status_bar.set_read_only("")
+            await pilot.press("x")
+            await wait_until(pilot, lambda: engine.of_type("StopTraining"), what="the stop request")
+            await wait_until(
+                pilot,
+                lambda: any("read-only" in n.message for n in list(app._notifications)[2:]),
+                what="the refusal",
+            )
+            assert train.run.status == "training"
+            assert "stopping" not in str(app.query_one("#run-stats").render())
+
+
 async def test_help_lists_every_key_and_the_palette_has_every_action(workspace, fake_engine):
     app = TuneBenchApp(workspace, starter=no_start)
     async with app.run_test(size=(100, 32)) as pilot:

@@ -22,12 +22,13 @@ from tunebench.tui.screens.dataset_picker import DatasetPicker
 from tunebench.tui.screens.sample_editor import SampleEditor
 
 from ..params.settings_store import TrainSettings
-from .dataset_store import NEW_RECORDS, ConflictError, DatasetStore, Row, UnsavableError
+from .dataset_store import NEW_RECORDS, ConflictError, DatasetStore, ReadOnlyFileError, Row, UnsavableError
 from .identity_bar import IdentityBar
 from .light_tokenizer import LightTokenizer, load_for_model
 from .row_checks import CheckSettings, RowChecker, RowReport
 from .sample_preview import SamplePreview
 from .sample_table import SampleTable
+from .write_access import WriteAccess
 
 AUTOSAVE_DELAY_S = 1.0  # after the last edit; a crash loses at most the sample being typed
 DISK_CHECK_S = 2.0
@@ -95,9 +96,12 @@ class DatasetPane(Vertical):
         self._was_dirty = False
         self._journal_warned = ""
         self._previewed: str | None = None  # the row the preview shows
+        self.access: WriteAccess | None = None  # the lock that makes this TUI the file's writer
+        self.read_only = ""  # why this TUI may not write the file now ("" when it may)
 
     def compose(self) -> ComposeResult:
         yield Label("", id="dataset-title")
+        yield Label("", id="dataset-read-only")
         yield IdentityBar(id="identity")
         yield Input(placeholder="search samples (esc clears)", id="dataset-search", compact=True)
         yield SampleTable(id="sample-table")
@@ -106,6 +110,7 @@ class DatasetPane(Vertical):
 
     def on_mount(self) -> None:
         self.query_one("#dataset-search").display = False
+        self.query_one("#dataset-read-only").display = False
         self.query_one(IdentityBar).show(self.settings.text, self.settings.errors)
         self.load(self.store.path)
         self.settings_changed()
@@ -115,13 +120,24 @@ class DatasetPane(Vertical):
 
     def load(self, path: Path) -> None:
         store = DatasetStore(path)
+        access = self.access
+        if access is None or access.data_path != store.save_path:
+            access = WriteAccess(store.save_path, self.workspace)
+        read_only = access.check()  # before reading: the writer's saves land whole, under its lock
         try:
             store.load()
-            recovery = store.recover()  # edits a crashed (or conflicted) session never saved
+            # A journal here belongs to the writer: replayed only by the writer, never by a reader
+            # (which would replay, or set aside, edits that are still being made).
+            recovery = None if read_only else store.recover()
         except (OSError, ValueError) as exc:
+            if access is not self.access:
+                access.release()
             self.notify(f"cannot open {path}: {exc}", severity="error", timeout=8)
             return
-        self.store = store
+        if access is not self.access and self.access is not None:
+            self.access.release()  # another file now: the one left is free for others to edit
+        self.access, self.store = access, store
+        self._show_read_only(read_only)
         if store.load_note:
             self.notify(store.load_note)
         if recovery and recovery.replayed:
@@ -260,10 +276,18 @@ class DatasetPane(Vertical):
         self._run_checks()
         self.autosaver.poke()
 
+    def _refused(self) -> bool:
+        """True (and says why) when this TUI may not change the file now."""
+        if self.read_only:
+            self.notify(self.read_only, severity="warning", timeout=8)
+        return bool(self.read_only)
+
     def _check_one(self, row: Row) -> list[str]:
         return self.checker.check(row).problems
 
     def action_add(self) -> None:
+        if self._refused():
+            return
         template = NEW_RECORDS[self.store.majority_format()]
         row = Row.from_record(template)
         current = self._current_index()
@@ -281,6 +305,8 @@ class DatasetPane(Vertical):
         if index is None:
             self.notify("no sample selected", severity="warning")
             return
+        if self._refused():
+            return
         row = self.store.rows[index]
 
         def done(result: Row | None) -> None:
@@ -297,12 +323,16 @@ class DatasetPane(Vertical):
         self.app.push_screen(SampleEditor(f"Sample {index + 1}", row, self._check_one), done)
 
     def action_duplicate(self) -> None:
+        if self._refused():
+            return
         index = self._current_index()
         if index is not None:
             at = self.store.duplicate(index)
             self._edited(self.store.rows[at].key)
 
     def action_delete(self) -> None:
+        if self._refused():
+            return
         index = self._current_index()
         if index is None:
             return
@@ -312,6 +342,8 @@ class DatasetPane(Vertical):
         self.notify(f"sample {index + 1} deleted: u undoes", timeout=3)
 
     def action_undo(self) -> None:
+        if self._refused():
+            return
         undone = self.store.undo()
         if undone is None:
             self.notify("nothing to undo", severity="warning")
@@ -357,12 +389,17 @@ class DatasetPane(Vertical):
             self.save(quiet=True)
 
     def action_save(self) -> None:
-        self.save()
+        if not self._refused():
+            self.save()
 
     def save(self, *, quiet: bool = False, force: bool = False) -> bool:
         """Save now; False when it could not (a conflict or an unsavable row, said on screen)."""
         try:
             path = self.store.save(force=force)
+        except ReadOnlyFileError as exc:
+            self._show_read_only(str(exc))  # the edits wait in the journal until it may be written
+            self.notify(str(exc), severity="warning", timeout=8)
+            return False
         except UnsavableError as exc:
             if not quiet:
                 self.notify(str(exc), severity="warning", timeout=6)
@@ -410,13 +447,40 @@ class DatasetPane(Vertical):
         )
 
     def _watch_disk(self) -> None:
+        self._watch_access()
         if self._conflict_open or not self.store.changed_on_disk():
             return
         if not self.store.dirty:
             self.load(self.store.path)  # nothing to lose here: follow the file
-            self.notify(f"{self.store.path.name} changed on disk: reloaded", timeout=3)
+            if not self.read_only:  # a reader follows the writer's saves without a word each time
+                self.notify(f"{self.store.path.name} changed on disk: reloaded", timeout=3)
         else:
             self._ask_about_conflict(f"{self.store.save_path} changed on disk while you were editing")
+
+    def _watch_access(self) -> None:
+        """Take the file over when its writer leaves, and follow chmod either way."""
+        if self.access is None:
+            return
+        read_only = self.access.check()
+        if read_only == self.read_only:
+            return
+        if self.read_only and not read_only and not self.store.dirty:
+            self.load(self.store.path)  # with the journal, should the writer have died mid-edit
+            self.notify(f"{self.store.path.name} can be edited here now", timeout=4)
+            return
+        self._show_read_only(read_only)
+        if not read_only:
+            self.autosaver.poke()  # edits the file's mode held back
+
+    def _show_read_only(self, reason: str) -> None:
+        self.read_only = reason
+        notice = self.query_one("#dataset-read-only", Label)
+        notice.update(f"[b yellow]read-only[/b yellow]  {escape(reason)}")
+        notice.display = bool(reason)
+
+    def on_unmount(self) -> None:
+        if self.access is not None:
+            self.access.release()
 
     def flush(self) -> None:
         """Save pending edits now (the app is closing); never overwrites someone else's change."""

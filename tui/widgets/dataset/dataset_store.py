@@ -35,6 +35,8 @@ import orjson
 from tunebench.engine.core.data import jsonl_bytes
 from tunebench.engine.core.files import atomic_write_bytes, fsync_dir
 
+from .write_access import read_only_reason
+
 _BOM = b"\xef\xbb\xbf"
 _row_ids = itertools.count(1)
 UNDO_LIMIT = 200
@@ -77,6 +79,10 @@ class ConflictError(Exception):
 
 class UnsavableError(Exception):
     """Rows that cannot be written yet (text that is not JSON); the message names them."""
+
+
+class ReadOnlyFileError(UnsavableError):
+    """The file is read-only (its mode allows no writing): the edits wait in the journal."""
 
 
 def digest(path: Path) -> str | None:
@@ -188,13 +194,15 @@ class DatasetStore:
         """Write every row atomically; the first save of a session keeps the file it replaces
         as .bak, and so does a forced one (it replaces someone else's version).
 
-        Raises ConflictError when the file changed on disk (unless force), and UnsavableError
-        while a row is not JSON.
+        Raises ConflictError when the file changed on disk (unless force), UnsavableError
+        while a row is not JSON, and ReadOnlyFileError while the file is read-only.
         """
         broken = [i + 1 for i, row in enumerate(self.rows) if not row.valid_json]
         if broken:
             listed = ", ".join(map(str, broken[:5])) + (" …" if len(broken) > 5 else "")
             raise UnsavableError(f"row(s) {listed} are not valid JSON: fix (enter) or delete (d) them first")
+        if read_only := read_only_reason(self.save_path):
+            raise ReadOnlyFileError(read_only)  # the atomic rename would replace it regardless
         if not force and self.changed_on_disk():
             raise ConflictError(f"{self.save_path} changed on disk since it was loaded")
         target = self.save_path
