@@ -56,22 +56,21 @@ class ProgressRenderer:
                 unit="step",
                 dynamic_ncols=True,
                 disable=None,
-                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]",
+                # The ETA is the engine's (recent steps, the first one's compile left out), not tqdm's.
+                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
             )
         elif kind == "TrainStep" and self.bar is not None:
             self.bar.update(event.step - self.bar.n)
-            self.bar.set_postfix_str(
-                f"loss {event.loss:.4f}, lr {event.lr:.2e}, {event.tokens_per_s:,.0f} tok/s", refresh=True
-            )
+            speed = f"{event.tokens_per_s:,.0f} tok/s eta {_fmt_s(event.eta_s)}" if event.eta_s else "measuring speed"
+            self.bar.set_postfix_str(f"loss {event.loss:.4f}, lr {event.lr:.2e}, {speed}", refresh=True)
             if self.bar.disable:  # not a terminal: one plain line per logged step
-                self._print(
-                    f"step {event.step}/{event.total_steps} loss {event.loss:.4f} "
-                    f"lr {event.lr:.2e} {event.tokens_per_s:,.0f} tok/s eta {_fmt_s(event.eta_s)}"
-                )
+                self._print(f"step {event.step}/{event.total_steps} loss {event.loss:.4f} lr {event.lr:.2e} {speed}")
         elif kind == "EvalResult":
             self._print(f"eval    step {event.step}: eval_loss {event.eval_loss:.4f}")
         elif kind == "CheckpointSaved":
             self._print(f"saved   {event.path}")
+        elif kind == "Progress" and event.stage == "compile":
+            self._print(f"stage   {event.message} ...")
         elif kind == "Log":
             self._print(f"note    {event.message}")
         elif kind == "TrainFinished":

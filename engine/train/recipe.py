@@ -31,6 +31,7 @@ from ..core.config import TrainConfig, to_command, to_dict
 from ..core.errors import UserError
 from ..core.files import atomic_write_bytes
 from ..core.metrics_log import MetricsLog, start_metrics, truncate_metrics
+from ..core.step_clock import StepClock
 from .checkpoints import find_checkpoint, load_checkpoint, save_adapter_atomically, save_checkpoint
 from .plain import plain_path
 from .types import RunPaths, TrainPath
@@ -110,10 +111,9 @@ class _Progress:
     window_tokens: int = 0
     logged_loss: float = float("nan")
     grad_norm: float = 0.0
-    # throughput since the loop began (a resumed run's earlier steps not counted)
-    clock_started: float = field(default_factory=time.perf_counter)
-    clock_tokens: int = 0
-    clock_steps: int = 0
+    # speed and time left over this loop's recent steps (a resumed run's earlier steps not counted)
+    clock: StepClock = field(default_factory=StepClock)
+    step_tokens: int = 0
 
     def take_window(self) -> float:
         """The loss of the steps since the last log; starts the next window."""
@@ -124,9 +124,6 @@ class _Progress:
     @property
     def final_loss(self) -> float:
         return self.window_loss / self.window_tokens if self.window_tokens else self.logged_loss
-
-    def tokens_per_s(self) -> float:
-        return self.clock_tokens / max(time.perf_counter() - self.clock_started, 1e-9)
 
 
 # ====================================================================== recipe
@@ -285,6 +282,8 @@ def _train_loop(
     steps_per_epoch = max(1, _steps_per_epoch(len(s.train_set), cfg))
     s.model.train()
     noted = len(s.path.notes)
+    if s.path.compiles:
+        emit(P.Progress(stage="compile", message="compiling the decoder layers (the first step)"))
     while progress.step < s.total_steps:
         if not _train_step(cfg, s, progress, stop):
             progress.status = "aborted"
@@ -293,6 +292,8 @@ def _train_loop(
         for note in s.path.notes[noted:]:  # what the path learnt on the first forwards
             emit(P.Log(message=note))
         noted = len(s.path.notes)
+        if step == s.start_step + 2 and (note := progress.clock.warm_up_note()):
+            emit(P.Log(message=note))
 
         if step % cfg.logging_steps == 0 or step == s.total_steps or step == s.start_step + 1:
             log(_step_event(s, progress, steps_per_epoch, started))
@@ -336,7 +337,7 @@ def _train_step(cfg: TrainConfig, s: _Setup, progress: _Progress, stop: StopSign
         loss_sum = s.path.loss_sum(s.model, batch)
         (loss_sum / step_targets).backward()
         loss_total += loss_sum.detach().float()
-        progress.clock_tokens += batch.tokens
+        progress.step_tokens += batch.tokens
     if stop.mode == "abort":
         return False
     norm = torch.nn.utils.clip_grad_norm_(s.params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
@@ -349,7 +350,8 @@ def _train_step(cfg: TrainConfig, s: _Setup, progress: _Progress, stop: StopSign
     else:
         step_loss, progress.grad_norm = torch.stack([loss_total, norm.float()]).tolist()
     progress.step += 1
-    progress.clock_steps += 1
+    progress.clock.step_done(progress.step_tokens)
+    progress.step_tokens = 0
     progress.window_loss += step_loss
     progress.window_tokens += step_targets
     return True
@@ -358,7 +360,6 @@ def _train_step(cfg: TrainConfig, s: _Setup, progress: _Progress, stop: StopSign
 def _step_event(s: _Setup, progress: _Progress, steps_per_epoch: int, started: float) -> P.TrainStep:
     """The TrainStep for the step just taken, with the loss of the window it closes."""
     step = progress.step
-    per_step = (time.perf_counter() - progress.clock_started) / progress.clock_steps
     return P.TrainStep(
         step=step,
         total_steps=s.total_steps,
@@ -366,8 +367,8 @@ def _step_event(s: _Setup, progress: _Progress, steps_per_epoch: int, started: f
         loss=progress.take_window(),
         lr=s.scheduler.get_last_lr()[0],
         grad_norm=round(progress.grad_norm, 6),
-        tokens_per_s=round(progress.tokens_per_s(), 1),
-        eta_s=round(per_step * (s.total_steps - step), 1),
+        tokens_per_s=round(progress.clock.tokens_per_s(), 1),
+        eta_s=round(progress.clock.eta_s(s.total_steps - step), 1),
         elapsed_s=round(time.perf_counter() - started, 1),
     )
 

@@ -53,3 +53,5 @@ class TrainPath:
     # gradient); the CUDA path packs them to what memory allows.
     group: Callable[[list[list[int]], list], list[list[int]]] = lambda step, samples: step
     notes: list[str] = field(default_factory=list)
+    # Its first step compiles the decoder layers: a stage of its own, shown as such.
+    compiles: bool = False

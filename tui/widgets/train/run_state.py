@@ -31,7 +31,7 @@ class RunState:
     elapsed_s: float = 0.0
     trainable_parameters: int = 0
     adapter_dir: str = ""
-    stage: str = ""  # the last Progress message while loading
+    stage: str = ""  # the last Progress message while loading, or compiling before the first step
     train_points: list[tuple[float, float]] = field(default_factory=list)
     eval_points: list[tuple[float, float]] = field(default_factory=list)
     checkpoints: list[tuple[int, str]] = field(default_factory=list)
@@ -43,7 +43,9 @@ class RunState:
     def apply(self, event: P.Event) -> bool:
         """Fold one event in; True when it changed what the pane shows."""
         if isinstance(event, P.Progress):
-            if self.status in ("loading", "idle") and event.stage in ("load", "tokenize"):
+            if (self.status in ("loading", "idle") and event.stage in ("load", "tokenize")) or (
+                self.status == "training" and event.stage == "compile"
+            ):
                 self.stage = event.message or event.stage
                 return True
             return False
@@ -57,6 +59,7 @@ class RunState:
         elif isinstance(event, P.TrainStep):
             if self.status not in ("stopping",):
                 self.status = "training"
+            self.stage = ""
             self.step, self.total_steps, self.epoch = event.step, event.total_steps, event.epoch
             self.loss, self.lr = event.loss, event.lr
             self.tokens_per_s, self.eta_s, self.elapsed_s = event.tokens_per_s, event.eta_s, event.elapsed_s

@@ -31,30 +31,38 @@ def duration(seconds: float) -> str:
 
 class RunStats(Static):
     def show(self, run: RunState) -> None:
-        text = Text()
-        text.append(f"● {run.status}", style=STATUS_STYLE.get(run.status, ""))
-        if run.run_id:
-            text.append(f"  run {run.run_id}", style="dim")
-        if run.status == "loading" and run.stage:
-            text.append(f"  {run.stage}…")
-        if run.status == "idle":
-            text.append("  press s to start training with the current parameters and dataset")
-        elif run.status in ("interrupted", "stopped", "failed") and run.checkpoints:
-            text.append("  r resumes from the last checkpoint")
-        text.append("\n")
-        if run.total_steps:
-            loss = f"{run.loss:.4f}" if math.isfinite(run.loss) else "–"
-            fields = [
-                ("step", f"{run.step}/{run.total_steps}"),
-                ("epoch", f"{run.epoch:.2f}"),
-                ("loss", loss),
-                ("lr", f"{run.lr:.2e}"),
-                ("tok/s", f"{run.tokens_per_s:,.0f}"),
-                ("ETA" if run.live else "took", duration(run.eta_s if run.live else run.elapsed_s)),
-            ]
-            for i, (name, value) in enumerate(fields):
-                if i:
-                    text.append("  ")
-                text.append(f"{name} ", style="dim")
-                text.append(value, style="bold")
-        self.update(text)
+        self.update(stats_text(run))
+
+
+def stats_text(run: RunState) -> Text:
+    """The run's status line and its numbers."""
+    text = Text()
+    text.append(f"● {run.status}", style=STATUS_STYLE.get(run.status, ""))
+    if run.run_id:
+        text.append(f"  run {run.run_id}", style="dim")
+    if run.status in ("loading", "training") and run.stage:
+        text.append(f"  {run.stage}…")
+    if run.status == "idle":
+        text.append("  press s to start training with the current parameters and dataset")
+    elif run.status in ("interrupted", "stopped", "failed") and run.checkpoints:
+        text.append("  r resumes from the last checkpoint")
+    text.append("\n")
+    if run.total_steps:
+        loss = f"{run.loss:.4f}" if math.isfinite(run.loss) else "–"
+        fields = [
+            ("step", f"{run.step}/{run.total_steps}"),
+            ("epoch", f"{run.epoch:.2f}"),
+            ("loss", loss),
+            ("lr", f"{run.lr:.2e}"),
+            # Zero while live: the first step (compiling, warming up) is not a step's speed.
+            ("tok/s", f"{run.tokens_per_s:,.0f}" if run.tokens_per_s or not run.live else "measuring"),
+            ("ETA", duration(run.eta_s) if run.eta_s else "measuring")
+            if run.live
+            else ("took", duration(run.elapsed_s)),
+        ]
+        for i, (name, value) in enumerate(fields):
+            if i:
+                text.append("  ")
+            text.append(f"{name} ", style="dim")
+            text.append(value, style="bold")
+    return text
