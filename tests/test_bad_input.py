@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from tunebench.engine.cli.main import main
 from tunebench.engine.core import data, encoding
+from tunebench.engine.core.config import TrainConfig, parse_value
 
 GOOD = {"instruction": "Who are you?", "output": "I am a tiny test model."}
 GOOD2 = {"instruction": "Say hi.", "output": "Hi!"}
@@ -40,6 +41,9 @@ class Case:
     what: list[str] = field(default_factory=list)  # every one must be in the message
     where: list[str] = field(default_factory=list)
     fix: list[str] = field(default_factory=list)
+    # also send its other flags to the engine (typed, as the form sends them); the message must
+    # then carry its fix in the words both give
+    flags_to_engine: bool = False
 
 
 def train(*flags: str, data_spec: str = "data.jsonl") -> list[str]:
@@ -457,6 +461,33 @@ CASES = [
         ["--resume_from_checkpoint", "runs/old"],
         ["point it at runs/<run-id>"],
     ),
+    Case(
+        "seed-out-of-range",
+        train("--seed", "99999999999"),
+        {"data.jsonl": lines(GOOD)},
+        ["(got 99999999999)"],
+        ["--seed"],
+        ["must be at most 4294967295"],
+        flags_to_engine=True,
+    ),
+    Case(
+        "run-name-climbs-out",
+        train("--run_name", "../../x"),
+        {"data.jsonl": lines(GOOD)},
+        ["'../../x' is not a plain folder name"],
+        ["--run_name"],
+        ["one folder name such as my-run"],
+        flags_to_engine=True,
+    ),
+    Case(
+        "run-name-absolute",
+        train("--run_name", "/tmp/x"),
+        {"data.jsonl": lines(GOOD)},
+        ["'/tmp/x' is not a plain folder name"],
+        ["--run_name"],
+        ["one folder name such as my-run"],
+        flags_to_engine=True,
+    ),
     # ------------------------------------------------------------ flags and commands
     Case(
         "unknown-flag",
@@ -705,6 +736,11 @@ def engine_config(case: Case, folder: str, model: Path) -> dict | None:
         return None
     config: dict = {}
     for flag, value in zip(flags[::2], flags[1::2], strict=True):
+        if case.flags_to_engine and flag not in names:
+            name = flag.removeprefix("--")
+            is_path = name == "resume_from_checkpoint" and not value.startswith("/")
+            config[name] = f"{folder}/{value}" if is_path else parse_value(TrainConfig, name, value)
+            continue
         if flag not in names or value.startswith("--"):
             return None
         if value == "MODEL":
@@ -753,11 +789,13 @@ def test_bad_input_through_the_engine_reads_like_the_cli(case, engine_workspace,
         conn.hello("test")
         request_id = conn.send(P.StartTraining(config=config))
         error = conn.wait_for("EngineError", id=request_id, timeout=60)
-        status = conn.wait_for("JobStatus", id=request_id, timeout=60)
-        while status.state == "started":
+        # settings that fail validation are refused with the request, before any job starts
+        refused = error.message.startswith("invalid settings:")
+        status = None if refused else conn.wait_for("JobStatus", id=request_id, timeout=60)
+        while status is not None and status.state == "started":
             status = conn.wait_for("JobStatus", id=request_id, timeout=60)
     text = f"{error.message}\n  hint: {error.hint}".replace(f"{folder}/", "")
-    assert status.state == "failed" and error.hint and "Traceback" not in text
+    assert (refused or status.state == "failed") and error.hint and "Traceback" not in text
     for words in (*case.what, *case.where, *case.fix):
         assert words in text, f"{words!r} not in:\n{text}"
     assert tree(folder, tiny_model_dir) == before
@@ -887,3 +925,18 @@ def test_the_long_prompt_shortcut_never_drops_a_prompt_that_fits(tiny_tokenizer)
     assert len(text) > 2 * encoding._CHUNK_CHARS  # several chunks, so the cuts are exercised
     assert not encoding._prompt_over(text, tiny_tokenizer, exact)
     assert encoding._prompt_over(text, tiny_tokenizer, int(exact / 1.2))
+
+
+def test_every_numeric_setting_is_bounded_on_both_sides():
+    """A number out of range is refused where it is parsed (flag, form, engine request), not by
+    numpy or torch halfway through a run: so every numeric field carries both bounds."""
+    import dataclasses
+    from typing import get_type_hints
+
+    from tunebench.engine.core.config import GenerationConfig, TrainConfig
+
+    for cls in (TrainConfig, GenerationConfig):
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if hints[f.name] in (int, float) and "choices" not in f.metadata:
+                assert "max" in f.metadata and ("min" in f.metadata or "gt" in f.metadata), f.name
