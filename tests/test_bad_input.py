@@ -118,6 +118,22 @@ CASES = [
         ["data.json"],
         ["write the file as ["],
     ),
+    Case(
+        "json-object-wraps-the-samples",
+        train(data_spec="data.json"),
+        {"data.json": json.dumps({"data": [GOOD, GOOD2], "version": 2}).encode()},
+        ["expected a JSON list of records", "found an object with keys: data, version"],
+        ["data.json"],
+        ["write the file as [", "keep only the list"],
+    ),
+    Case(
+        "json-object-record-beside-samples",
+        train(data_spec="data.json"),
+        {"data.json": json.dumps({**GOOD, "samples": [GOOD2, GOOD2]}).encode()},
+        ["expected a JSON list of records", "found an object with keys: instruction, output, samples"],
+        ["data.json"],
+        ["write the file as ["],
+    ),
     # ------------------------------------------------------------ fields and types
     Case(
         "missing-field",
@@ -940,3 +956,50 @@ def test_every_numeric_setting_is_bounded_on_both_sides():
         for f in dataclasses.fields(cls):
             if hints[f.name] in (int, float) and "choices" not in f.metadata:
                 assert "max" in f.metadata and ("min" in f.metadata or "gt" in f.metadata), f.name
+
+
+def engine_events(workspace: Path, config: dict, timeout: float = 300) -> list:
+    """Every event of one training job the engine runs for `config`, up to its end."""
+    from tunebench.engine.core import protocol as P
+    from tunebench.engine.process.client import EngineConnection
+
+    events = []
+    with EngineConnection.open(workspace) as conn:
+        conn.hello("test")
+        request_id = conn.send(P.StartTraining(config=config))
+        while True:
+            event = conn.recv(timeout=timeout)
+            events.append(event)
+            if isinstance(event, P.JobStatus) and event.id == request_id and event.state != "started":
+                return events
+            if (
+                isinstance(event, P.EngineError)
+                and event.id == request_id
+                and event.message.startswith("invalid settings:")
+            ):
+                return events
+
+
+def test_a_val_ratio_that_holds_out_nothing_says_so(
+    tmp_path, monkeypatch, capfd, tiny_model_dir, engine_workspace
+):
+    """--val_ratio 0.5 of one sample: the one sample trains, so there is no eval; a note says so."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "one.jsonl").write_bytes(lines(GOOD))
+    argv = ["train", "--model", str(tiny_model_dir), "--dataset", "one.jsonl", "--output_dir", "runs"]
+    code, out, err = run_cli([*argv, "--val_ratio", "0.5", "--max_steps", "1", "--json"], capfd)
+    assert code == 0, err
+    notes = [e["message"] for e in map(json.loads, out.splitlines()) if e["type"] == "Log"]
+    assert any("--val_ratio 0.5 holds out nothing from 1 sample" in n and "no eval" in n for n in notes), (
+        notes
+    )
+
+    folder = engine_workspace / "val-ratio-one-sample"
+    folder.mkdir()
+    (folder / "one.jsonl").write_bytes(lines(GOOD))
+    config = {"model": str(tiny_model_dir), "dataset": [f"{folder.name}/one.jsonl"], "val_ratio": 0.5}
+    events = engine_events(engine_workspace, {**config, "max_steps": 1, "output_dir": f"{folder.name}/runs"})
+    notes = [e.message for e in events if e.type == "Log"]
+    assert any(
+        "holds out nothing from 1 sample" in n and "add samples, or give --val_dataset" in n for n in notes
+    )

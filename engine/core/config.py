@@ -127,12 +127,15 @@ class TrainConfig:
     warmup_ratio: float = _f(0.0, "fraction of steps spent warming the lr up", "schedule", min=0.0, max=1.0)
     lr_scheduler_type: str = _f("cosine", "lr decay after warm-up", "schedule", choices=SCHEDULERS)
     logging_steps: int = _f(5, "log train loss every N optimizer steps", "schedule", min=1, max=MAX_COUNT)
-    eval_steps: int = _f(50, "evaluate every N optimizer steps (needs an eval split)", "schedule", min=1, max=MAX_COUNT
+    eval_steps: int = _f(
+        50, "evaluate every N optimizer steps (needs an eval split)", "schedule", min=1, max=MAX_COUNT
     )
     save_steps: int = _f(50, "checkpoint every N optimizer steps", "schedule", min=1, max=MAX_COUNT)
-    save_total_limit: int = _f(2, "keep only the newest N checkpoints (0 = keep all)", "schedule", min=0, max=MAX_COUNT
+    save_total_limit: int = _f(
+        2, "keep only the newest N checkpoints (0 = keep all)", "schedule", min=0, max=MAX_COUNT
     )
-    seed: int = _f(42, "random seed for shuffling, splits, dropout and LoRA init", "schedule", min=0, max=MAX_SEED
+    seed: int = _f(
+        42, "random seed for shuffling, splits, dropout and LoRA init", "schedule", min=0, max=MAX_SEED
     )
     # output
     output_dir: str = _f("runs", "folder that receives runs/<run-id>/", "output")

@@ -255,6 +255,8 @@ def _load_data(cfg: TrainConfig, tokenizer: Any, emit: Emit) -> tuple[list[Any],
         problems = problems + eval_problems
     else:
         samples, eval_samples = split_eval(samples, cfg.val_ratio, cfg.seed)
+        if cfg.val_ratio > 0 and not eval_samples:
+            emit(P.Log(message=no_eval_note(cfg.val_ratio, len(samples))))
     train_set, report = tokenize_samples(samples, tokenizer, cfg.max_length, cfg.template)
     eval_set, eval_report = tokenize_samples(eval_samples, tokenizer, cfg.max_length, cfg.template)
     all_problems = [str(p) for p in problems + report.problems + eval_report.problems]
@@ -492,6 +494,14 @@ def _enable_recompute(model, recompute: bool) -> None:
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
+
+
+def no_eval_note(val_ratio: float, samples: int) -> str:
+    """Why a run asked for an eval split has none: split_eval never holds out the only sample."""
+    return (
+        f"--val_ratio {val_ratio} holds out nothing from {samples} sample(s) (one must stay "
+        "to train on), so this run has no eval; add samples, or give --val_dataset"
+    )
 
 
 def no_sample_left(problems: list[str], max_length: int) -> UserError:
