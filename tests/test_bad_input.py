@@ -1003,3 +1003,70 @@ def test_a_val_ratio_that_holds_out_nothing_says_so(
     assert any(
         "holds out nothing from 1 sample" in n and "add samples, or give --val_dataset" in n for n in notes
     )
+
+
+# ================================================================= failed writes
+
+
+def test_a_file_size_limit_hit_by_a_checkpoint_names_the_file_and_the_space_left(tmp_path, tiny_model_dir):
+    """A checkpoint that passes the file size limit (RLIMIT_FSIZE, as `ulimit -f` sets it) fails in
+    torch.save with a bare "[enforce fail at inline_container.cc]": the message must say which
+    file, why and what is left, and the half-written checkpoint must not stay behind."""
+    import resource
+    import subprocess
+    import sys
+
+    (tmp_path / "data.jsonl").write_bytes(lines(GOOD, GOOD2))
+    before = tree(tmp_path / "data.jsonl")
+    limit = 16 * 1024  # the run's config and metrics fit; the adapter and optimizer state do not
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    argv = ["train", "--model", str(tiny_model_dir), "--dataset", "data.jsonl", "--output_dir", "runs"]
+    argv += ["--run_name", "r", "--max_steps", "2", "--save_steps", "1"]
+    done = subprocess.run(
+        [sys.executable, "-m", "tunebench.engine.cli.main", *argv],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        preexec_fn=limited,
+        env={**__import__("os").environ, "PYTHONDONTWRITEBYTECODE": "1"},
+        timeout=600,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and "inline_container" not in done.stderr
+    message = done.stderr[done.stderr.index("error: ") :]
+    for words in ("could not write", "runs/r/checkpoints/step-1/", "file size limit", "free on"):
+        assert words in message, f"{words!r} not in:\n{message}"
+    assert "ulimit -f`; now 16.0 KiB" in message
+    assert not list((tmp_path / "runs" / "r" / "checkpoints").glob(".tmp-*"))
+    assert tree(tmp_path / "data.jsonl") == before
+
+
+def test_a_full_disk_through_the_engine_names_the_file_and_the_space_left(
+    engine_workspace, tiny_model_dir, monkeypatch
+):
+    import errno
+
+    import torch
+
+    def disk_full(obj, f, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    folder = engine_workspace / "disk-full"
+    folder.mkdir()
+    (folder / "data.jsonl").write_bytes(lines(GOOD, GOOD2))
+    before = tree(folder / "data.jsonl")
+    config = {"model": str(tiny_model_dir), "dataset": [f"{folder.name}/data.jsonl"], "run_name": "r"}
+    config.update(output_dir=f"{folder.name}/runs", max_steps=2, save_steps=1)
+    events = engine_events(engine_workspace, config)
+    error = next(e for e in events if e.type == "EngineError")
+    text = f"{error.message}\n  hint: {error.hint}"
+    assert error.code == "disk" and "please report" not in text, text
+    for words in ("could not write", "checkpoints/step-1/trainer_state.pt", "the disk is full", "free on"):
+        assert words in text, f"{words!r} not in:\n{text}"
+    assert "free space on that disk" in error.hint
+    assert not list((folder / "runs" / "r" / "checkpoints").glob(".tmp-*"))
+    assert tree(folder / "data.jsonl") == before

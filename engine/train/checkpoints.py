@@ -9,14 +9,17 @@ the complete folder or none (workspace.list_checkpoints counts only folders with
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..core.errors import UserError
-from ..core.files import fsync_dir
+from ..core.files import fsync_dir, writing
+from ..core.targets import ADAPTER_WEIGHTS
 from ..core.workspace import CHECKPOINT_STATE_FILE, list_checkpoints
 
 if TYPE_CHECKING:
@@ -28,11 +31,8 @@ def save_checkpoint(run: RunPaths, step: int, model, optimizer, scheduler, keep:
     import numpy as np
     import torch
 
-    run.checkpoints.mkdir(parents=True, exist_ok=True)
     final = run.checkpoints / f"step-{step}"
     tmp = run.checkpoints / f".tmp-step-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
     state = {
         "step": step,
         "optimizer": optimizer.state_dict(),
@@ -42,15 +42,34 @@ def save_checkpoint(run: RunPaths, step: int, model, optimizer, scheduler, keep:
         "rng_python": list(random.getstate()[1]),
         "rng_numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
     }
-    torch.save(state, tmp / CHECKPOINT_STATE_FILE)
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    with _written_whole_or_not_at_all(tmp):
+        with writing(run.checkpoints):
+            run.checkpoints.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        # named as the checkpoint it would have become: the temporary folder goes with the failure
+        with writing(final / ADAPTER_WEIGHTS):
+            model.save_pretrained(tmp)
+        with writing(final / CHECKPOINT_STATE_FILE):
+            torch.save(state, tmp / CHECKPOINT_STATE_FILE)
+            for f in tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
     shutil.rmtree(final, ignore_errors=True)  # the same step saved again (after a resume)
     os.replace(tmp, final)
     fsync_dir(run.checkpoints, ignore_errors=False)  # the rename itself survives a power loss
     _prune_checkpoints(run, keep)
     return final
+
+
+@contextlib.contextmanager
+def _written_whole_or_not_at_all(tmp: Path) -> Iterator[None]:
+    """A write that fails takes its half-written folder with it: the space it took is given back
+    at once (a full disk stays usable), and no partial folder is left for a later run to find."""
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _prune_checkpoints(run: RunPaths, keep: int) -> None:
@@ -88,7 +107,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, device) -> int:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    weights = load_file(str(path / "adapter_model.safetensors"), device=str(device))
+    weights = load_file(str(path / ADAPTER_WEIGHTS), device=str(device))
     set_peft_model_state_dict(model, weights)
     state = torch.load(path / CHECKPOINT_STATE_FILE, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
@@ -106,7 +125,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, device) -> int:
 def save_adapter_atomically(model, target: Path) -> None:
     """The final adapter, written beside `target` and renamed into place."""
     tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    with _written_whole_or_not_at_all(tmp), writing(target / ADAPTER_WEIGHTS):
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
