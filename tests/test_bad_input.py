@@ -46,6 +46,41 @@ class Case:
     flags_to_engine: bool = False
 
 
+def sound_checkpoint(step: int) -> dict[str, bytes]:
+    """The files of a checkpoint whose files are whole (made without torch: a safetensors file of
+    one tensor, and a zip as torch.save writes), as `runs/old/checkpoints/step-<n>/...`."""
+    import io
+    import zipfile
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    weights = len(header).to_bytes(8, "little") + header + b"\0\0\0\0"
+    state = io.BytesIO()
+    with zipfile.ZipFile(state, "w") as archive:
+        archive.writestr("trainer_state/data.pkl", b"x" * 200)
+    folder = f"runs/old/checkpoints/step-{step}"
+    return {
+        f"{folder}/adapter_config.json": b'{"peft_type": "LORA", "r": 8}',
+        f"{folder}/adapter_model.safetensors": weights,
+        f"{folder}/trainer_state.pt": state.getvalue(),
+    }
+
+
+def old_run(**config: object) -> dict[str, bytes]:
+    """A run folder trained with `config` ("@MODEL@" stands for the tiny model), checkpoints at
+    steps 2 and 4."""
+    recorded = {"model": "@MODEL@", "dataset": ["data.jsonl"], "lora_rank": 8, **config}
+    return {
+        "runs/old/config.json": json.dumps({"run_id": "old", "config": recorded}).encode(),
+        **sound_checkpoint(2),
+        **sound_checkpoint(4),
+    }
+
+
+def cut(files: dict[str, bytes], name: str) -> dict[str, bytes]:
+    """`files` with `name` cut to half its length, as a full disk or a stopped copy leaves it."""
+    return {**files, name: files[name][: len(files[name]) // 2]}
+
+
 def train(*flags: str, data_spec: str = "data.jsonl") -> list[str]:
     return ["train", "--model", "MODEL", "--dataset", data_spec, "--output_dir", "runs", *flags]
 
@@ -504,6 +539,36 @@ CASES = [
         ["one folder name such as my-run"],
         flags_to_engine=True,
     ),
+    Case(
+        "resume-with-another-lora-shape",
+        train("--resume_from_checkpoint", "runs/old", "--lora_rank", "16", "--target_modules", "q_proj"),
+        {"data.jsonl": lines(GOOD), **old_run()},
+        ["cannot resume", "--lora_rank 8 -> 16", "--target_modules all-linear -> q_proj"],
+        ["runs/old/checkpoints/step-4"],
+        ["set them back (leave those flags out to take the run's own), or start a new run"],
+        flags_to_engine=True,
+    ),
+    Case(
+        "resume-from-a-cut-trainer-state",
+        train("--resume_from_checkpoint", "runs/old"),
+        {"data.jsonl": lines(GOOD), **cut(old_run(), "runs/old/checkpoints/step-4/trainer_state.pt")},
+        ["is damaged", "trainer_state.pt is cut short"],
+        ["runs/old/checkpoints/step-4"],
+        ["resume from the previous one, step 2: --resume_from_checkpoint", "runs/old/checkpoints/step-2"],
+        flags_to_engine=True,
+    ),
+    Case(
+        "resume-from-a-cut-adapter",
+        train("--resume_from_checkpoint", "runs/old/checkpoints/step-4"),
+        {
+            "data.jsonl": lines(GOOD),
+            **cut(old_run(), "runs/old/checkpoints/step-4/adapter_model.safetensors"),
+        },
+        ["is damaged", "adapter_model.safetensors is cut short"],
+        ["runs/old/checkpoints/step-4"],
+        ["resume from the previous one, step 2: --resume_from_checkpoint", "runs/old/checkpoints/step-2"],
+        flags_to_engine=True,
+    ),
     # ------------------------------------------------------------ flags and commands
     Case(
         "unknown-flag",
@@ -649,13 +714,15 @@ def tree(*roots: Path) -> dict[str, str]:
     return found
 
 
-def write_files(root: Path, files: dict[str, object]) -> None:
+def write_files(root: Path, files: dict[str, object], model: Path | None = None) -> None:
     for name, content in files.items():
         path = root / name
         if content is DIR:
             path.mkdir(parents=True, exist_ok=True)
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
+            if model is not None and isinstance(content, bytes):
+                content = content.replace(b"@MODEL@", str(model).encode())
             path.write_bytes(content)
 
 
@@ -682,7 +749,7 @@ def test_bad_input_is_refused_clearly_and_touches_nothing(case, tmp_path, monkey
             pytest.skip("this machine has CUDA")
     work = tmp_path / "work"
     work.mkdir()
-    write_files(work, case.files)
+    write_files(work, case.files, tiny_model_dir)
     monkeypatch.chdir(work)
     before = tree(work, tiny_model_dir)
 
@@ -798,7 +865,7 @@ def test_bad_input_through_the_engine_reads_like_the_cli(case, engine_workspace,
 
     folder = engine_workspace / case.id
     folder.mkdir()
-    write_files(folder, case.files)
+    write_files(folder, case.files, tiny_model_dir)
     before = tree(folder, tiny_model_dir)
     config = engine_config(case, case.id, tiny_model_dir)
     with EngineConnection.open(engine_workspace) as conn:
@@ -1070,3 +1137,52 @@ def test_a_full_disk_through_the_engine_names_the_file_and_the_space_left(
     assert "free space on that disk" in error.hint
     assert not list((folder / "runs" / "r" / "checkpoints").glob(".tmp-*"))
     assert tree(folder / "data.jsonl") == before
+
+
+# ================================================================= resuming with other settings
+
+
+def test_a_resume_keeps_the_runs_settings_applies_what_it_can_and_warns_of_other_data(
+    tmp_path, monkeypatch, capfd, tiny_model_dir, engine_workspace
+):
+    """A rank-8 run resumed with --lora_rank 16 (the TUI's r sends the form's values) was a size
+    mismatch traceback: now a refusal that lists it. Epochs and learning rate are applied and
+    reported; data edited since the run started is warned of; left-out flags take the run's own."""
+    monkeypatch.chdir(tmp_path)
+    data_file = tmp_path / "data.jsonl"
+    data_file.write_bytes(lines(GOOD, GOOD2))
+    first = ["train", "--model", str(tiny_model_dir), "--dataset", "data.jsonl", "--output_dir", "runs"]
+    first += ["--run_name", "r", "--max_steps", "2", "--save_steps", "1", "--lora_rank", "4", "--json"]
+    code, _, err = run_cli(first, capfd)
+    assert code == 0, err
+    checkpoints = sorted((tmp_path / "runs" / "r" / "checkpoints").iterdir())
+    before = tree(tmp_path / "runs" / "r")
+
+    code, out, err = run_cli(["train", "--resume_from_checkpoint", "runs/r", "--lora_rank", "16"], capfd)
+    assert code == 2 and "Traceback" not in out + err, err
+    assert "cannot resume" in err and "--lora_rank 4 -> 16" in err and "set them back" in err
+    assert tree(tmp_path / "runs" / "r") == before  # nothing of the run touched
+
+    data_file.write_bytes(lines(GOOD2, GOOD))  # the same samples, edited: other bytes
+    resume = ["train", "--resume_from_checkpoint", "runs/r", "--max_steps", "3", "--lr", "2e-4", "--json"]
+    code, out, err = run_cli(resume, capfd)
+    assert code == 0 and "Traceback" not in out + err, err
+    events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    notes = [e["message"] for e in events if e["type"] == "Log"]
+    assert any("--max_steps 2 -> 3" in n and "--learning_rate 0.0001 -> 0.0002" in n for n in notes), notes
+    assert any("resuming on different data" in n and "data.jsonl changed" in n for n in notes), notes
+    started = next(e for e in events if e["type"] == "TrainStarted")
+    assert (started["start_step"], started["total_steps"]) == (1, 3) and len(checkpoints) == 1
+    assert "--lora_rank 4" in started["command"]  # the run's own rank, though no flag gave it
+
+    # the engine, as the TUI's r sends it: the form's values, one of them a rank the run lacks
+    config = {"model": str(tiny_model_dir), "dataset": [str(data_file)], "lora_rank": 16, "max_steps": 5}
+    config["resume_from_checkpoint"] = str(tmp_path / "runs" / "r")
+    events = engine_events(engine_workspace, config)
+    error = next(e for e in events if e.type == "EngineError")
+    assert error.code == "config" and "--lora_rank 4 -> 16" in error.message, error
+    assert "please report" not in error.hint
+    events = engine_events(engine_workspace, {**config, "lora_rank": 4})
+    notes = [e.message for e in events if e.type == "Log"]
+    assert any("resumed with changed settings: --max_steps 3 -> 5" in n for n in notes), notes
+    assert next(e for e in events if e.type == "TrainFinished").steps == 5

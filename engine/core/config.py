@@ -11,6 +11,8 @@ Metadata keys a field may carry:
   choices  allowed values
   aliases  other flag names accepted on the command line (ms-swift / HF spellings)
   nargs    "+" for list fields
+  resume   "fixed": a resume cannot change it (the checkpoint's weights were trained with it);
+           every other setting a resume may change (engine/train/resume.py)
 """
 
 from __future__ import annotations
@@ -60,15 +62,21 @@ class TrainConfig:
         "base model: 'demo', a local HF folder, a cached hub id or a .gguf file",
         "model",
         aliases=("model_id_or_path",),
+        resume="fixed",
     )
     train_type: str = _f(
         "lora",
         "lora, or qlora (4-bit NF4 base with double quantisation; CUDA only)",
         "model",
         choices=TRAIN_TYPES,
+        resume="fixed",
     )
     quant_bits: int = _f(
-        0, "4 turns lora into qlora (ms-swift spelling); 0 = no quantisation", "model", choices=(0, 4)
+        0,
+        "4 turns lora into qlora (ms-swift spelling); 0 = no quantisation",
+        "model",
+        choices=(0, 4),
+        resume="fixed",
     )
     torch_dtype: str = _f(
         "auto",
@@ -77,7 +85,9 @@ class TrainConfig:
         choices=DTYPES,
         aliases=("dtype",),
     )
-    template: str = _f("", "chat template: empty = the tokenizer's own; or chatml, qwen, llama3", "model")
+    template: str = _f(
+        "", "chat template: empty = the tokenizer's own; or chatml, qwen, llama3", "model", resume="fixed"
+    )
     trust_remote_code: bool = _f(False, "allow model code from the model folder to run", "model")
     profile: str = _f(
         "auto",
@@ -87,11 +97,15 @@ class TrainConfig:
     )
     gradient_checkpointing: bool = _f(True, "recompute activations in backward to save memory", "model")
     # lora
-    lora_rank: int = _f(8, "LoRA rank r", "lora", min=1, max=1024, aliases=("lora_r",))
-    lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / rank)", "lora", min=1, max=8192)
+    lora_rank: int = _f(8, "LoRA rank r", "lora", min=1, max=1024, aliases=("lora_r",), resume="fixed")
+    lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / rank)", "lora", min=1, max=8192, resume="fixed")
     lora_dropout: float = _f(0.05, "dropout on the LoRA input", "lora", min=0.0, max=0.9)
     target_modules: list[str] = _f(
-        ["all-linear"], "modules to adapt: all-linear or names like q_proj", "lora", nargs="+"
+        ["all-linear"],
+        "modules to adapt: all-linear or names like q_proj",
+        "lora",
+        nargs="+",
+        resume="fixed",
     )
     # data
     dataset: list[str] = _f([], "training data files (json/jsonl); path#N takes N samples", "data", nargs="+")

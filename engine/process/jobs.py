@@ -82,7 +82,10 @@ class Jobs:
     def train(self, job: Job, request: P.Request, emit: Emit) -> P.Event:
         from ..train.preflight import preflight
         from ..train.recipe import StopSignal, run_training
+        from ..train.resume import resume_config
 
+        if job.config.resume_from_checkpoint:  # the run's recorded settings, with the request's applied
+            job.config = resume_config(self.resolve_train_paths(request.config))
         preflight(job.config)  # a bad dataset or flag fails in seconds, before any weights load
         self.drop_session()  # training needs the GPU memory a chat model holds
 
