@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from tunebench.engine.cli.main import main
 from tunebench.engine.core import data, encoding
+from tunebench.engine.core.config import TrainConfig, parse_value
 
 GOOD = {"instruction": "Who are you?", "output": "I am a tiny test model."}
 GOOD2 = {"instruction": "Say hi.", "output": "Hi!"}
@@ -40,6 +41,44 @@ class Case:
     what: list[str] = field(default_factory=list)  # every one must be in the message
     where: list[str] = field(default_factory=list)
     fix: list[str] = field(default_factory=list)
+    # also send its other flags to the engine (typed, as the form sends them); the message must
+    # then carry its fix in the words both give
+    flags_to_engine: bool = False
+
+
+def sound_checkpoint(step: int) -> dict[str, bytes]:
+    """The files of a checkpoint whose files are whole (made without torch: a safetensors file of
+    one tensor, and a zip as torch.save writes), as `runs/old/checkpoints/step-<n>/...`."""
+    import io
+    import zipfile
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    weights = len(header).to_bytes(8, "little") + header + b"\0\0\0\0"
+    state = io.BytesIO()
+    with zipfile.ZipFile(state, "w") as archive:
+        archive.writestr("trainer_state/data.pkl", b"x" * 200)
+    folder = f"runs/old/checkpoints/step-{step}"
+    return {
+        f"{folder}/adapter_config.json": b'{"peft_type": "LORA", "r": 8}',
+        f"{folder}/adapter_model.safetensors": weights,
+        f"{folder}/trainer_state.pt": state.getvalue(),
+    }
+
+
+def old_run(**config: object) -> dict[str, bytes]:
+    """A run folder trained with `config` ("@MODEL@" stands for the tiny model), checkpoints at
+    steps 2 and 4."""
+    recorded = {"model": "@MODEL@", "dataset": ["data.jsonl"], "lora_rank": 8, **config}
+    return {
+        "runs/old/config.json": json.dumps({"run_id": "old", "config": recorded}).encode(),
+        **sound_checkpoint(2),
+        **sound_checkpoint(4),
+    }
+
+
+def cut(files: dict[str, bytes], name: str) -> dict[str, bytes]:
+    """`files` with `name` cut to half its length, as a full disk or a stopped copy leaves it."""
+    return {**files, name: files[name][: len(files[name]) // 2]}
 
 
 def train(*flags: str, data_spec: str = "data.jsonl") -> list[str]:
@@ -111,6 +150,22 @@ CASES = [
         train(data_spec="data.json"),
         {"data.json": b'"just some text"'},
         ["expected a JSON list of records", "found text"],
+        ["data.json"],
+        ["write the file as ["],
+    ),
+    Case(
+        "json-object-wraps-the-samples",
+        train(data_spec="data.json"),
+        {"data.json": json.dumps({"data": [GOOD, GOOD2], "version": 2}).encode()},
+        ["expected a JSON list of records", "found an object with keys: data, version"],
+        ["data.json"],
+        ["write the file as [", "keep only the list"],
+    ),
+    Case(
+        "json-object-record-beside-samples",
+        train(data_spec="data.json"),
+        {"data.json": json.dumps({**GOOD, "samples": [GOOD2, GOOD2]}).encode()},
+        ["expected a JSON list of records", "found an object with keys: instruction, output, samples"],
         ["data.json"],
         ["write the file as ["],
     ),
@@ -457,6 +512,63 @@ CASES = [
         ["--resume_from_checkpoint", "runs/old"],
         ["point it at runs/<run-id>"],
     ),
+    Case(
+        "seed-out-of-range",
+        train("--seed", "99999999999"),
+        {"data.jsonl": lines(GOOD)},
+        ["(got 99999999999)"],
+        ["--seed"],
+        ["must be at most 4294967295"],
+        flags_to_engine=True,
+    ),
+    Case(
+        "run-name-climbs-out",
+        train("--run_name", "../../x"),
+        {"data.jsonl": lines(GOOD)},
+        ["'../../x' is not a plain folder name"],
+        ["--run_name"],
+        ["one folder name such as my-run"],
+        flags_to_engine=True,
+    ),
+    Case(
+        "run-name-absolute",
+        train("--run_name", "/tmp/x"),
+        {"data.jsonl": lines(GOOD)},
+        ["'/tmp/x' is not a plain folder name"],
+        ["--run_name"],
+        ["one folder name such as my-run"],
+        flags_to_engine=True,
+    ),
+    Case(
+        "resume-with-another-lora-shape",
+        train("--resume_from_checkpoint", "runs/old", "--lora_rank", "16", "--target_modules", "q_proj"),
+        {"data.jsonl": lines(GOOD), **old_run()},
+        ["cannot resume", "--lora_rank 8 -> 16", "--target_modules all-linear -> q_proj"],
+        ["runs/old/checkpoints/step-4"],
+        ["set them back (leave those flags out to take the run's own), or start a new run"],
+        flags_to_engine=True,
+    ),
+    Case(
+        "resume-from-a-cut-trainer-state",
+        train("--resume_from_checkpoint", "runs/old"),
+        {"data.jsonl": lines(GOOD), **cut(old_run(), "runs/old/checkpoints/step-4/trainer_state.pt")},
+        ["is damaged", "trainer_state.pt is cut short"],
+        ["runs/old/checkpoints/step-4"],
+        ["resume from the previous one, step 2: --resume_from_checkpoint", "runs/old/checkpoints/step-2"],
+        flags_to_engine=True,
+    ),
+    Case(
+        "resume-from-a-cut-adapter",
+        train("--resume_from_checkpoint", "runs/old/checkpoints/step-4"),
+        {
+            "data.jsonl": lines(GOOD),
+            **cut(old_run(), "runs/old/checkpoints/step-4/adapter_model.safetensors"),
+        },
+        ["is damaged", "adapter_model.safetensors is cut short"],
+        ["runs/old/checkpoints/step-4"],
+        ["resume from the previous one, step 2: --resume_from_checkpoint", "runs/old/checkpoints/step-2"],
+        flags_to_engine=True,
+    ),
     # ------------------------------------------------------------ flags and commands
     Case(
         "unknown-flag",
@@ -602,13 +714,15 @@ def tree(*roots: Path) -> dict[str, str]:
     return found
 
 
-def write_files(root: Path, files: dict[str, object]) -> None:
+def write_files(root: Path, files: dict[str, object], model: Path | None = None) -> None:
     for name, content in files.items():
         path = root / name
         if content is DIR:
             path.mkdir(parents=True, exist_ok=True)
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
+            if model is not None and isinstance(content, bytes):
+                content = content.replace(b"@MODEL@", str(model).encode())
             path.write_bytes(content)
 
 
@@ -635,7 +749,7 @@ def test_bad_input_is_refused_clearly_and_touches_nothing(case, tmp_path, monkey
             pytest.skip("this machine has CUDA")
     work = tmp_path / "work"
     work.mkdir()
-    write_files(work, case.files)
+    write_files(work, case.files, tiny_model_dir)
     monkeypatch.chdir(work)
     before = tree(work, tiny_model_dir)
 
@@ -705,6 +819,11 @@ def engine_config(case: Case, folder: str, model: Path) -> dict | None:
         return None
     config: dict = {}
     for flag, value in zip(flags[::2], flags[1::2], strict=True):
+        if case.flags_to_engine and flag not in names:
+            name = flag.removeprefix("--")
+            is_path = name == "resume_from_checkpoint" and not value.startswith("/")
+            config[name] = f"{folder}/{value}" if is_path else parse_value(TrainConfig, name, value)
+            continue
         if flag not in names or value.startswith("--"):
             return None
         if value == "MODEL":
@@ -746,18 +865,20 @@ def test_bad_input_through_the_engine_reads_like_the_cli(case, engine_workspace,
 
     folder = engine_workspace / case.id
     folder.mkdir()
-    write_files(folder, case.files)
+    write_files(folder, case.files, tiny_model_dir)
     before = tree(folder, tiny_model_dir)
     config = engine_config(case, case.id, tiny_model_dir)
     with EngineConnection.open(engine_workspace) as conn:
         conn.hello("test")
         request_id = conn.send(P.StartTraining(config=config))
         error = conn.wait_for("EngineError", id=request_id, timeout=60)
-        status = conn.wait_for("JobStatus", id=request_id, timeout=60)
-        while status.state == "started":
+        # settings that fail validation are refused with the request, before any job starts
+        refused = error.message.startswith("invalid settings:")
+        status = None if refused else conn.wait_for("JobStatus", id=request_id, timeout=60)
+        while status is not None and status.state == "started":
             status = conn.wait_for("JobStatus", id=request_id, timeout=60)
     text = f"{error.message}\n  hint: {error.hint}".replace(f"{folder}/", "")
-    assert status.state == "failed" and error.hint and "Traceback" not in text
+    assert (refused or status.state == "failed") and error.hint and "Traceback" not in text
     for words in (*case.what, *case.where, *case.fix):
         assert words in text, f"{words!r} not in:\n{text}"
     assert tree(folder, tiny_model_dir) == before
@@ -887,3 +1008,181 @@ def test_the_long_prompt_shortcut_never_drops_a_prompt_that_fits(tiny_tokenizer)
     assert len(text) > 2 * encoding._CHUNK_CHARS  # several chunks, so the cuts are exercised
     assert not encoding._prompt_over(text, tiny_tokenizer, exact)
     assert encoding._prompt_over(text, tiny_tokenizer, int(exact / 1.2))
+
+
+def test_every_numeric_setting_is_bounded_on_both_sides():
+    """A number out of range is refused where it is parsed (flag, form, engine request), not by
+    numpy or torch halfway through a run: so every numeric field carries both bounds."""
+    import dataclasses
+    from typing import get_type_hints
+
+    from tunebench.engine.core.config import GenerationConfig, TrainConfig
+
+    for cls in (TrainConfig, GenerationConfig):
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if hints[f.name] in (int, float) and "choices" not in f.metadata:
+                assert "max" in f.metadata and ("min" in f.metadata or "gt" in f.metadata), f.name
+
+
+def engine_events(workspace: Path, config: dict, timeout: float = 300) -> list:
+    """Every event of one training job the engine runs for `config`, up to its end."""
+    from tunebench.engine.core import protocol as P
+    from tunebench.engine.process.client import EngineConnection
+
+    events = []
+    with EngineConnection.open(workspace) as conn:
+        conn.hello("test")
+        request_id = conn.send(P.StartTraining(config=config))
+        while True:
+            event = conn.recv(timeout=timeout)
+            events.append(event)
+            if isinstance(event, P.JobStatus) and event.id == request_id and event.state != "started":
+                return events
+            if (
+                isinstance(event, P.EngineError)
+                and event.id == request_id
+                and event.message.startswith("invalid settings:")
+            ):
+                return events
+
+
+def test_a_val_ratio_that_holds_out_nothing_says_so(
+    tmp_path, monkeypatch, capfd, tiny_model_dir, engine_workspace
+):
+    """--val_ratio 0.5 of one sample: the one sample trains, so there is no eval; a note says so."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "one.jsonl").write_bytes(lines(GOOD))
+    argv = ["train", "--model", str(tiny_model_dir), "--dataset", "one.jsonl", "--output_dir", "runs"]
+    code, out, err = run_cli([*argv, "--val_ratio", "0.5", "--max_steps", "1", "--json"], capfd)
+    assert code == 0, err
+    notes = [e["message"] for e in map(json.loads, out.splitlines()) if e["type"] == "Log"]
+    assert any("--val_ratio 0.5 holds out nothing from 1 sample" in n and "no eval" in n for n in notes), (
+        notes
+    )
+
+    folder = engine_workspace / "val-ratio-one-sample"
+    folder.mkdir()
+    (folder / "one.jsonl").write_bytes(lines(GOOD))
+    config = {"model": str(tiny_model_dir), "dataset": [f"{folder.name}/one.jsonl"], "val_ratio": 0.5}
+    events = engine_events(engine_workspace, {**config, "max_steps": 1, "output_dir": f"{folder.name}/runs"})
+    notes = [e.message for e in events if e.type == "Log"]
+    assert any(
+        "holds out nothing from 1 sample" in n and "add samples, or give --val_dataset" in n for n in notes
+    )
+
+
+# ================================================================= failed writes
+
+
+def test_a_file_size_limit_hit_by_a_checkpoint_names_the_file_and_the_space_left(tmp_path, tiny_model_dir):
+    """A checkpoint that passes the file size limit (RLIMIT_FSIZE, as `ulimit -f` sets it) fails in
+    torch.save with a bare "[enforce fail at inline_container.cc]": the message must say which
+    file, why and what is left, and the half-written checkpoint must not stay behind."""
+    import resource
+    import subprocess
+    import sys
+
+    (tmp_path / "data.jsonl").write_bytes(lines(GOOD, GOOD2))
+    before = tree(tmp_path / "data.jsonl")
+    limit = 16 * 1024  # the run's config and metrics fit; the adapter and optimizer state do not
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    argv = ["train", "--model", str(tiny_model_dir), "--dataset", "data.jsonl", "--output_dir", "runs"]
+    argv += ["--run_name", "r", "--max_steps", "2", "--save_steps", "1"]
+    done = subprocess.run(
+        [sys.executable, "-m", "tunebench.engine.cli.main", *argv],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        preexec_fn=limited,
+        env={**__import__("os").environ, "PYTHONDONTWRITEBYTECODE": "1"},
+        timeout=600,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and "inline_container" not in done.stderr
+    message = done.stderr[done.stderr.index("error: ") :]
+    for words in ("could not write", "runs/r/checkpoints/step-1/", "file size limit", "free on"):
+        assert words in message, f"{words!r} not in:\n{message}"
+    assert "ulimit -f`; now 16.0 KiB" in message
+    assert not list((tmp_path / "runs" / "r" / "checkpoints").glob(".tmp-*"))
+    assert tree(tmp_path / "data.jsonl") == before
+
+
+def test_a_full_disk_through_the_engine_names_the_file_and_the_space_left(
+    engine_workspace, tiny_model_dir, monkeypatch
+):
+    import errno
+
+    import torch
+
+    def disk_full(obj, f, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    folder = engine_workspace / "disk-full"
+    folder.mkdir()
+    (folder / "data.jsonl").write_bytes(lines(GOOD, GOOD2))
+    before = tree(folder / "data.jsonl")
+    config = {"model": str(tiny_model_dir), "dataset": [f"{folder.name}/data.jsonl"], "run_name": "r"}
+    config.update(output_dir=f"{folder.name}/runs", max_steps=2, save_steps=1)
+    events = engine_events(engine_workspace, config)
+    error = next(e for e in events if e.type == "EngineError")
+    text = f"{error.message}\n  hint: {error.hint}"
+    assert error.code == "disk" and "please report" not in text, text
+    for words in ("could not write", "checkpoints/step-1/trainer_state.pt", "the disk is full", "free on"):
+        assert words in text, f"{words!r} not in:\n{text}"
+    assert "free space on that disk" in error.hint
+    assert not list((folder / "runs" / "r" / "checkpoints").glob(".tmp-*"))
+    assert tree(folder / "data.jsonl") == before
+
+
+# ================================================================= resuming with other settings
+
+
+def test_a_resume_keeps_the_runs_settings_applies_what_it_can_and_warns_of_other_data(
+    tmp_path, monkeypatch, capfd, tiny_model_dir, engine_workspace
+):
+    """A rank-8 run resumed with --lora_rank 16 (the TUI's r sends the form's values) was a size
+    mismatch traceback: now a refusal that lists it. Epochs and learning rate are applied and
+    reported; data edited since the run started is warned of; left-out flags take the run's own."""
+    monkeypatch.chdir(tmp_path)
+    data_file = tmp_path / "data.jsonl"
+    data_file.write_bytes(lines(GOOD, GOOD2))
+    first = ["train", "--model", str(tiny_model_dir), "--dataset", "data.jsonl", "--output_dir", "runs"]
+    first += ["--run_name", "r", "--max_steps", "2", "--save_steps", "1", "--lora_rank", "4", "--json"]
+    code, _, err = run_cli(first, capfd)
+    assert code == 0, err
+    checkpoints = sorted((tmp_path / "runs" / "r" / "checkpoints").iterdir())
+    before = tree(tmp_path / "runs" / "r")
+
+    code, out, err = run_cli(["train", "--resume_from_checkpoint", "runs/r", "--lora_rank", "16"], capfd)
+    assert code == 2 and "Traceback" not in out + err, err
+    assert "cannot resume" in err and "--lora_rank 4 -> 16" in err and "set them back" in err
+    assert tree(tmp_path / "runs" / "r") == before  # nothing of the run touched
+
+    data_file.write_bytes(lines(GOOD2, GOOD))  # the same samples, edited: other bytes
+    resume = ["train", "--resume_from_checkpoint", "runs/r", "--max_steps", "3", "--lr", "2e-4", "--json"]
+    code, out, err = run_cli(resume, capfd)
+    assert code == 0 and "Traceback" not in out + err, err
+    events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    notes = [e["message"] for e in events if e["type"] == "Log"]
+    assert any("--max_steps 2 -> 3" in n and "--learning_rate 0.0001 -> 0.0002" in n for n in notes), notes
+    assert any("resuming on different data" in n and "data.jsonl changed" in n for n in notes), notes
+    started = next(e for e in events if e["type"] == "TrainStarted")
+    assert (started["start_step"], started["total_steps"]) == (1, 3) and len(checkpoints) == 1
+    assert "--lora_rank 4" in started["command"]  # the run's own rank, though no flag gave it
+
+    # the engine, as the TUI's r sends it: the form's values, one of them a rank the run lacks
+    config = {"model": str(tiny_model_dir), "dataset": [str(data_file)], "lora_rank": 16, "max_steps": 5}
+    config["resume_from_checkpoint"] = str(tmp_path / "runs" / "r")
+    events = engine_events(engine_workspace, config)
+    error = next(e for e in events if e.type == "EngineError")
+    assert error.code == "config" and "--lora_rank 4 -> 16" in error.message, error
+    assert "please report" not in error.hint
+    events = engine_events(engine_workspace, {**config, "lora_rank": 4})
+    notes = [e.message for e in events if e.type == "Log"]
+    assert any("resumed with changed settings: --max_steps 3 -> 5" in n for n in notes), notes
+    assert next(e for e in events if e.type == "TrainFinished").steps == 5

@@ -43,6 +43,11 @@ def join_negative_numbers(argv: list[str]) -> list[str]:
 def config_from_args(ns: argparse.Namespace, cls: type = TrainConfig) -> Any:
     """Build a config dataclass (TrainConfig, GenerationConfig) from parsed flags; every bad value
     is reported at once."""
+    return cls(**flag_values(ns, cls))
+
+
+def flag_values(ns: argparse.Namespace, cls: type = TrainConfig) -> dict[str, Any]:
+    """The typed values of the flags given (those left out are absent); ConfigError for bad ones."""
     values: dict[str, Any] = {}
     problems: dict[str, str] = {}
     for f in dataclasses.fields(cls):
@@ -55,7 +60,7 @@ def config_from_args(ns: argparse.Namespace, cls: type = TrainConfig) -> Any:
             problems[f.name] = str(exc)
     if problems:
         raise ConfigError(problems)
-    return cls(**values)
+    return values
 
 
 class FlagParser(argparse.ArgumentParser):

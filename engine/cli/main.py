@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..core.config import ConfigError
 from ..core.errors import UserError
+from ..core.files import write_failure
 
 SUBCOMMANDS = ("train", "chat", "probe", "export", "deploy", "serve", "status", "stop", "engine", "demo")
 
@@ -90,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except OSError as exc:
         # A full disk, a folder without write permission: the person's to fix, not a bug to trace.
+        failure = write_failure(exc, None)
+        if failure is not None:
+            print(f"error: {failure}", file=sys.stderr)
+            return 2
         where = f": {exc.filename}" if exc.filename else ""
         print(
             f"error: {exc.strerror or exc}{where}\n  hint: check that the path exists, is writable "

@@ -15,7 +15,7 @@ from typing import Any, get_origin, get_type_hints
 
 from ..core.config import TrainConfig
 from ..core.errors import UserError
-from .flags import config_from_args, join_negative_numbers, suggest_flag
+from .flags import flag_values, join_negative_numbers, suggest_flag
 from .progress import JsonRenderer, ProgressRenderer
 
 
@@ -65,7 +65,13 @@ def build_train_parser() -> argparse.ArgumentParser:
 
 def train_main(argv: list[str]) -> int:
     args = build_train_parser().parse_args(join_negative_numbers(argv))
-    cfg = config_from_args(args)
+    values = flag_values(args)
+    if values.get("resume_from_checkpoint"):
+        from ..train.resume import resume_config
+
+        cfg = resume_config(values)  # the run's recorded settings, with the flags given applied
+    else:
+        cfg = TrainConfig(**values)
     if not cfg.dataset:
         raise UserError(
             "no training data: --dataset is required",

@@ -11,6 +11,8 @@ Metadata keys a field may carry:
   choices  allowed values
   aliases  other flag names accepted on the command line (ms-swift / HF spellings)
   nargs    "+" for list fields
+  resume   "fixed": a resume cannot change it (the checkpoint's weights were trained with it);
+           every other setting a resume may change (engine/train/resume.py)
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ PROFILES = ("auto", "fast", "lean")
 # Module names LoRA can target in the Llama / Qwen / Mistral families; "all-linear" means every
 # linear layer except the output head. Anything else is checked against the model at load time.
 KNOWN_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Every numeric field has both bounds, so a value out of range is a message where it is parsed
+# (CLI flag, form, engine request), never an overflow deep inside numpy or torch.
+MAX_SEED = 2**32 - 1  # numpy's seed range (torch's is wider)
+MAX_COUNT = 2**31 - 1  # steps and counts: torch indexes with int32 in places; past this is a typo
 
 
 @dataclass
@@ -56,15 +62,21 @@ class TrainConfig:
         "base model: 'demo', a local HF folder, a cached hub id or a .gguf file",
         "model",
         aliases=("model_id_or_path",),
+        resume="fixed",
     )
     train_type: str = _f(
         "lora",
         "lora, or qlora (4-bit NF4 base with double quantisation; CUDA only)",
         "model",
         choices=TRAIN_TYPES,
+        resume="fixed",
     )
     quant_bits: int = _f(
-        0, "4 turns lora into qlora (ms-swift spelling); 0 = no quantisation", "model", choices=(0, 4)
+        0,
+        "4 turns lora into qlora (ms-swift spelling); 0 = no quantisation",
+        "model",
+        choices=(0, 4),
+        resume="fixed",
     )
     torch_dtype: str = _f(
         "auto",
@@ -73,7 +85,9 @@ class TrainConfig:
         choices=DTYPES,
         aliases=("dtype",),
     )
-    template: str = _f("", "chat template: empty = the tokenizer's own; or chatml, qwen, llama3", "model")
+    template: str = _f(
+        "", "chat template: empty = the tokenizer's own; or chatml, qwen, llama3", "model", resume="fixed"
+    )
     trust_remote_code: bool = _f(False, "allow model code from the model folder to run", "model")
     profile: str = _f(
         "auto",
@@ -83,11 +97,15 @@ class TrainConfig:
     )
     gradient_checkpointing: bool = _f(True, "recompute activations in backward to save memory", "model")
     # lora
-    lora_rank: int = _f(8, "LoRA rank r", "lora", min=1, max=1024, aliases=("lora_r",))
-    lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / rank)", "lora", min=1, max=8192)
+    lora_rank: int = _f(8, "LoRA rank r", "lora", min=1, max=1024, aliases=("lora_r",), resume="fixed")
+    lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / rank)", "lora", min=1, max=8192, resume="fixed")
     lora_dropout: float = _f(0.05, "dropout on the LoRA input", "lora", min=0.0, max=0.9)
     target_modules: list[str] = _f(
-        ["all-linear"], "modules to adapt: all-linear or names like q_proj", "lora", nargs="+"
+        ["all-linear"],
+        "modules to adapt: all-linear or names like q_proj",
+        "lora",
+        nargs="+",
+        resume="fixed",
     )
     # data
     dataset: list[str] = _f([], "training data files (json/jsonl); path#N takes N samples", "data", nargs="+")
@@ -109,11 +127,11 @@ class TrainConfig:
     # optimisation
     learning_rate: float = _f(1e-4, "peak learning rate", "optim", gt=0.0, max=1.0, aliases=("lr",))
     weight_decay: float = _f(0.1, "AdamW weight decay", "optim", min=0.0, max=1.0)
-    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)", "optim", min=0.0)
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)", "optim", min=0.0, max=1e6)
     num_train_epochs: float = _f(
         3.0, "passes over the training data", "optim", gt=0.0, max=10000, aliases=("epochs",)
     )
-    max_steps: int = _f(-1, "optimizer steps; overrides epochs when > 0", "optim", min=-1)
+    max_steps: int = _f(-1, "optimizer steps; overrides epochs when > 0", "optim", min=-1, max=MAX_COUNT)
     per_device_train_batch_size: int = _f(
         1, "micro-batch size", "optim", min=1, max=4096, aliases=("batch_size",)
     )
@@ -122,11 +140,17 @@ class TrainConfig:
     # schedule
     warmup_ratio: float = _f(0.0, "fraction of steps spent warming the lr up", "schedule", min=0.0, max=1.0)
     lr_scheduler_type: str = _f("cosine", "lr decay after warm-up", "schedule", choices=SCHEDULERS)
-    logging_steps: int = _f(5, "log train loss every N optimizer steps", "schedule", min=1)
-    eval_steps: int = _f(50, "evaluate every N optimizer steps (needs an eval split)", "schedule", min=1)
-    save_steps: int = _f(50, "checkpoint every N optimizer steps", "schedule", min=1)
-    save_total_limit: int = _f(2, "keep only the newest N checkpoints (0 = keep all)", "schedule", min=0)
-    seed: int = _f(42, "random seed for shuffling, splits, dropout and LoRA init", "schedule", min=0)
+    logging_steps: int = _f(5, "log train loss every N optimizer steps", "schedule", min=1, max=MAX_COUNT)
+    eval_steps: int = _f(
+        50, "evaluate every N optimizer steps (needs an eval split)", "schedule", min=1, max=MAX_COUNT
+    )
+    save_steps: int = _f(50, "checkpoint every N optimizer steps", "schedule", min=1, max=MAX_COUNT)
+    save_total_limit: int = _f(
+        2, "keep only the newest N checkpoints (0 = keep all)", "schedule", min=0, max=MAX_COUNT
+    )
+    seed: int = _f(
+        42, "random seed for shuffling, splits, dropout and LoRA init", "schedule", min=0, max=MAX_SEED
+    )
     # output
     output_dir: str = _f("runs", "folder that receives runs/<run-id>/", "output")
     run_name: str = _f("", "run id; default: a timestamp", "output")
@@ -136,6 +160,7 @@ class TrainConfig:
         "accepted for ms-swift compatibility; data is tokenised once up front, so workers are not needed",
         "output",
         min=0,
+        max=1024,
     )
 
     def __post_init__(self) -> None:
@@ -157,9 +182,9 @@ class GenerationConfig:
         0.0, "0 = greedy (repeatable A/B); higher = more random", "generate", min=0.0, max=5.0
     )
     top_p: float = _f(1.0, "nucleus sampling mass", "generate", gt=0.0, max=1.0)
-    top_k: int = _f(0, "sample from the k most likely tokens (0 = off)", "generate", min=0)
+    top_k: int = _f(0, "sample from the k most likely tokens (0 = off)", "generate", min=0, max=MAX_COUNT)
     repetition_penalty: float = _f(1.0, "penalise repeated tokens (1 = off)", "generate", gt=0.0, max=10.0)
-    seed: int = _f(0, "seed for sampling", "generate", min=0)
+    seed: int = _f(0, "seed for sampling", "generate", min=0, max=MAX_SEED)
 
     def __post_init__(self) -> None:
         problems = validate(self)
@@ -227,9 +252,19 @@ def _cross_checks(cfg: TrainConfig) -> dict[str, str]:
             problems[key] = "give one value, or two (Chinese then English)"
         elif any(not v.strip() for v in values):
             problems[key] = "must not be empty"
+    if cfg.run_name and not is_plain_name(cfg.run_name):
+        problems["run_name"] = (
+            f"{cfg.run_name!r} is not a plain folder name: give one folder name such as my-run "
+            "(no '/', '..' or absolute path); the run is made inside --output_dir"
+        )
     if not cfg.model.strip():
         problems["model"] = "name a model: demo, a folder, a hub id or a .gguf file"
     return problems
+
+
+def is_plain_name(name: str) -> bool:
+    """One path segment that stays where it is put: no separator, not '.' or '..', not blank."""
+    return bool(name.strip()) and name not in (".", "..") and not any(c in name for c in "/\\\0")
 
 
 def _base_type(tp: Any) -> Any:

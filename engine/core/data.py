@@ -249,7 +249,7 @@ def _records(path: Path, raw: bytes) -> Iterator[tuple[str, Any]]:
             hint="fix the JSON there; a missing comma, quote or bracket is the usual cause",
         ) from None
     if isinstance(document, dict):
-        document = [document]
+        document = [_lone_record(path, document)]
     if not isinstance(document, list):
         raise DataError(
             f"{path}: expected a JSON list of records, found {_kind(document)}",
@@ -257,6 +257,27 @@ def _records(path: Path, raw: bytes) -> Iterator[tuple[str, Any]]:
         )
     for index, record in enumerate(document):
         yield f"{path}[{index}]", record
+
+
+def _lone_record(path: Path, document: dict) -> dict:
+    """A .json holding one object is a one-record file; an object wrapping the samples
+    ({"data": [...]}) or holding anything but a record must not train as a single sample."""
+    wraps = [
+        key
+        for key, value in document.items()
+        if key not in ("messages", "conversations")  # a record's own lists of turns
+        and isinstance(value, list)
+        and any(isinstance(item, dict) for item in value)
+    ]
+    formats = ("messages", "conversations", "instruction", "output", "query", "response")
+    if wraps or not any(key in document for key in formats):
+        keys = ", ".join(sorted(map(str, document))[:8]) or "none"
+        raise DataError(
+            f"{path}: expected a JSON list of records, found an object with keys: {keys}",
+            hint='write the file as [{...}, {...}] (from a wrapper such as {"data": [...]}, keep '
+            "only the list), or as .jsonl with one object per line",
+        )
+    return document
 
 
 def _jsonl_records(path: Path, raw: bytes) -> Iterator[tuple[str, Any]]:

@@ -10,10 +10,16 @@ Standard library only: the TUI, the CLI and the engine all import this.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+
+from .errors import UserError
 
 
 def atomic_write_bytes(
@@ -39,8 +45,10 @@ def atomic_write_bytes(
         if keep_backup and path.exists():
             _backup(path, path.with_name(path.name + ".bak"))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:
+            exc.filename = str(path)  # a write through the file object names no file otherwise
         raise
     if sync_dir:
         fsync_dir(path.parent)
@@ -94,3 +102,108 @@ def _current_umask() -> int:
     except (OSError, ValueError):
         pass
     return 0o022
+
+
+# ======================================================== failed writes
+
+
+class DiskWriteError(UserError):
+    """A write refused by the disk, the file size limit or the permissions: the person's to fix."""
+
+    code = "disk"
+
+
+_REASONS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EFBIG: "the file would pass this process's file size limit",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EROFS: "the file system is read-only",
+}
+# safetensors (Rust) reports "I/O error: File too large (os error 27)"
+_OS_ERROR_CODE = re.compile(r"\(os error (\d+)\)")
+# torch.save's stream writer drops the OS error and says only "[enforce fail at inline_container.cc...]"
+_TORCH_WRITE_FAILED = "inline_container.cc"
+
+
+def write_failure(exc: BaseException, path: str | Path | None) -> DiskWriteError | None:
+    """`exc` as a message that names the file, why and the space left there, if it is a write
+    the disk, the file size limit or the permissions refused; None for any other error."""
+    code = exc.errno if isinstance(exc, OSError) else None
+    text = str(exc)
+    found = _OS_ERROR_CODE.search(text)
+    if code is None and found:
+        code = int(found.group(1))
+    lost_reason = code is None and _TORCH_WRITE_FAILED in text
+    if lost_reason:  # a set file size limit is the likely cause; else say what the disk has left
+        code = errno.EFBIG if file_size_limit() is not None else errno.ENOSPC
+    if code not in _REASONS:
+        return None
+    named = path if path is not None else getattr(exc, "filename", None)
+    path = Path(named) if named else Path.cwd() / "?"
+    left = space_left(path)
+    what = f"could not write {path}" if named else "a write failed"
+    reason = (
+        "the disk refused the write (full, or a quota)"
+        if lost_reason and code == errno.ENOSPC
+        else _REASONS[code]
+    )
+    message = f"{what}: {reason}" + (f" ({left})" if left else "")
+    if code == errno.EFBIG:
+        limit = file_size_limit()
+        hint = (
+            f"raise the file size limit (`ulimit -f`; now {_size(limit)})"
+            if limit
+            else "raise the file size limit"
+        ) + ", or make the file smaller"
+    elif code in (errno.ENOSPC, errno.EDQUOT):
+        hint = "free space on that disk, or write to another one (--output_dir for runs)"
+    else:
+        hint = f"make {path.parent} writable for you, or write somewhere else (--output_dir for runs)"
+    return DiskWriteError(message, hint + "; what was already saved is kept")
+
+
+@contextlib.contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Turn a failed write of `path` (by any library: torch, safetensors, open) into a
+    DiskWriteError that names it; every other error passes as it is."""
+    try:
+        yield
+    except Exception as exc:
+        failure = write_failure(exc, path)
+        if failure is None:
+            raise
+        raise failure from exc
+
+
+def space_left(path: str | Path) -> str:
+    """ "1.2 GiB free on /data" for the disk holding `path` (or its nearest existing folder)."""
+    folder = Path(path).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        usage = shutil.disk_usage(folder)
+    except OSError:
+        return ""
+    return f"{_size(usage.free)} free on {folder}"
+
+
+def file_size_limit() -> int | None:
+    """This process's file size limit in bytes (RLIMIT_FSIZE), None when there is none."""
+    try:
+        import resource
+    except ImportError:  # not a Unix
+        return None
+    soft, _hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def _size(n_bytes: float) -> str:
+    if n_bytes < 1024:
+        return f"{n_bytes:.0f} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        n_bytes /= 1024
+        if n_bytes < 1024 or unit == "TiB":
+            break
+    return f"{n_bytes:.1f} {unit}"

@@ -26,6 +26,7 @@ from ..core import protocol as P
 from ..core.config import ConfigError
 from ..core.data import resolve_dataset_spec
 from ..core.errors import UserError
+from ..core.files import write_failure
 from ..core.memory_model import Profile
 from ..core.model_files import workspace_model
 from ..core.workspace import Workspace, list_checkpoints
@@ -81,7 +82,10 @@ class Jobs:
     def train(self, job: Job, request: P.Request, emit: Emit) -> P.Event:
         from ..train.preflight import preflight
         from ..train.recipe import StopSignal, run_training
+        from ..train.resume import resume_config
 
+        if job.config.resume_from_checkpoint:  # the run's recorded settings, with the request's applied
+            job.config = resume_config(self.resolve_train_paths(request.config))
         preflight(job.config)  # a bad dataset or flag fails in seconds, before any weights load
         self.drop_session()  # training needs the GPU memory a chat model holds
 
@@ -207,6 +211,9 @@ def describe_failure(
         return P.EngineError(code=exc.code, message=_with_problems(exc), hint=exc.hint), ""
     if isinstance(exc, ConfigError):
         return P.EngineError(code="config", message=str(exc), hint="fix the settings named above"), ""
+    failure = write_failure(exc, None) if isinstance(exc, OSError) else None
+    if failure is not None:  # a full disk, a file size limit, a folder without write permission
+        return P.EngineError(code=failure.code, message=failure.message, hint=failure.hint), ""
     if _is_out_of_memory(exc):
         return _oom_error(exc, job, config, progress or RunProgress()), _safe_str(exc)
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))

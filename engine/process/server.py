@@ -333,7 +333,7 @@ class EngineServer:
         except ConfigError as exc:
             self.clients.send(client, _config_error(msg.id, exc))
             return
-        if not cfg.dataset:
+        if not cfg.dataset and not cfg.resume_from_checkpoint:  # a resume takes the run's own
             self.clients.send(
                 client,
                 P.EngineError(

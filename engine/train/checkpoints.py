@@ -9,15 +9,20 @@ the complete folder or none (workspace.list_checkpoints counts only folders with
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import random
 import shutil
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..core.errors import UserError
-from ..core.files import fsync_dir
-from ..core.workspace import CHECKPOINT_STATE_FILE, list_checkpoints
+from ..core.files import fsync_dir, writing
+from ..core.targets import ADAPTER_WEIGHTS
+from ..core.workspace import CHECKPOINT_STATE_FILE, checkpoint_step, list_checkpoints
 
 if TYPE_CHECKING:
     from .types import RunPaths
@@ -28,11 +33,8 @@ def save_checkpoint(run: RunPaths, step: int, model, optimizer, scheduler, keep:
     import numpy as np
     import torch
 
-    run.checkpoints.mkdir(parents=True, exist_ok=True)
     final = run.checkpoints / f"step-{step}"
     tmp = run.checkpoints / f".tmp-step-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
     state = {
         "step": step,
         "optimizer": optimizer.state_dict(),
@@ -42,15 +44,34 @@ def save_checkpoint(run: RunPaths, step: int, model, optimizer, scheduler, keep:
         "rng_python": list(random.getstate()[1]),
         "rng_numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
     }
-    torch.save(state, tmp / CHECKPOINT_STATE_FILE)
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    with _written_whole_or_not_at_all(tmp):
+        with writing(run.checkpoints):
+            run.checkpoints.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        # named as the checkpoint it would have become: the temporary folder goes with the failure
+        with writing(final / ADAPTER_WEIGHTS):
+            model.save_pretrained(tmp)
+        with writing(final / CHECKPOINT_STATE_FILE):
+            torch.save(state, tmp / CHECKPOINT_STATE_FILE)
+            for f in tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
     shutil.rmtree(final, ignore_errors=True)  # the same step saved again (after a resume)
     os.replace(tmp, final)
     fsync_dir(run.checkpoints, ignore_errors=False)  # the rename itself survives a power loss
     _prune_checkpoints(run, keep)
     return final
+
+
+@contextlib.contextmanager
+def _written_whole_or_not_at_all(tmp: Path) -> Iterator[None]:
+    """A write that fails takes its half-written folder with it: the space it took is given back
+    at once (a full disk stays usable), and no partial folder is left for a later run to find."""
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _prune_checkpoints(run: RunPaths, keep: int) -> None:
@@ -61,14 +82,15 @@ def _prune_checkpoints(run: RunPaths, keep: int) -> None:
 
 
 def find_checkpoint(path: str) -> Path:
-    """A checkpoint folder, or a run folder (its newest complete checkpoint)."""
+    """A checkpoint folder, or a run folder (its newest complete checkpoint); UserError for one
+    whose files are damaged, naming the previous sound one to resume from instead."""
     p = Path(path).expanduser()
     if (p / CHECKPOINT_STATE_FILE).is_file():
-        return p.resolve()
+        return _sound(p.resolve())
     if p.is_dir():
         found = list_checkpoints(p.parent if p.name == "checkpoints" else p)
         if found:
-            return found[-1].resolve()
+            return _sound(found[-1].resolve())
         raise UserError(
             f"--resume_from_checkpoint: {p} holds no complete checkpoint",
             "point it at runs/<run-id> or runs/<run-id>/checkpoints/step-<n>",
@@ -81,6 +103,55 @@ def find_checkpoint(path: str) -> Path:
     )
 
 
+def checkpoint_damage(path: Path) -> str:
+    """What is wrong with a checkpoint's files ("" when nothing is): a file cut short by a full
+    disk, a copy that stopped halfway, bytes changed on disk. Reads the files but needs no torch."""
+    weights = path / ADAPTER_WEIGHTS
+    try:
+        size = weights.stat().st_size
+        with open(weights, "rb") as fh:
+            header_size = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(header_size)) if 8 + header_size <= size else None
+        if not isinstance(header, dict):
+            return f"{ADAPTER_WEIGHTS} is cut short ({size} bytes)"
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        if 8 + header_size + end != size:
+            return f"{ADAPTER_WEIGHTS} is cut short ({size} of {8 + header_size + end} bytes)"
+    except FileNotFoundError:
+        return f"{ADAPTER_WEIGHTS} is missing"
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return f"{ADAPTER_WEIGHTS} is not a safetensors file"
+    try:
+        with zipfile.ZipFile(path / CHECKPOINT_STATE_FILE) as state:  # torch.save's format
+            bad = state.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError):
+        return f"{CHECKPOINT_STATE_FILE} is cut short or not a torch checkpoint"
+    return f"{CHECKPOINT_STATE_FILE} is damaged ({bad} fails its checksum)" if bad else ""
+
+
+def _sound(checkpoint: Path, damage: str = "") -> Path:
+    """`checkpoint` if its files are whole; else a UserError that offers the previous sound one."""
+    damage = damage or checkpoint_damage(checkpoint)
+    if not damage:
+        return checkpoint
+    run = checkpoint.parent.parent
+    earlier = [
+        c for c in list_checkpoints(run) if (checkpoint_step(c) or 0) < (checkpoint_step(checkpoint) or 0)
+    ]
+    previous = next((c for c in reversed(earlier) if not checkpoint_damage(c)), None)
+    if previous is None:
+        hint = (
+            "no earlier checkpoint of this run is whole: start a new run (leave out --resume_from_checkpoint)"
+        )
+    else:
+        hint = (
+            f"resume from the previous one, step {checkpoint_step(previous)}: "
+            f"--resume_from_checkpoint {previous} (in the TUI, move the damaged folder out of "
+            f"{checkpoint.parent} and press r)"
+        )
+    raise UserError(f"checkpoint {checkpoint} is damaged: {damage}", hint, code="checkpoint")
+
+
 def load_checkpoint(path: Path, model, optimizer, scheduler, device) -> int:
     """Restore the adapter weights, optimizer, scheduler and RNG states; returns the step saved."""
     import numpy as np
@@ -88,9 +159,13 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, device) -> int:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    weights = load_file(str(path / "adapter_model.safetensors"), device=str(device))
+    try:
+        weights = load_file(str(path / ADAPTER_WEIGHTS), device=str(device))
+        state = torch.load(path / CHECKPOINT_STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as exc:  # damage the preflight's look at the files did not show
+        _sound(path, f"it cannot be read ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]})")
+        raise
     set_peft_model_state_dict(model, weights)
-    state = torch.load(path / CHECKPOINT_STATE_FILE, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng_torch"])
@@ -106,7 +181,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, device) -> int:
 def save_adapter_atomically(model, target: Path) -> None:
     """The final adapter, written beside `target` and renamed into place."""
     tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    with _written_whole_or_not_at_all(tmp), writing(target / ADAPTER_WEIGHTS):
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)

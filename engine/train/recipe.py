@@ -34,6 +34,7 @@ from ..core.metrics_log import MetricsLog, start_metrics, truncate_metrics
 from ..core.step_clock import StepClock
 from .checkpoints import find_checkpoint, load_checkpoint, save_adapter_atomically, save_checkpoint
 from .plain import plain_path
+from .resume import data_changed_warning, dataset_hashes, recorded_config, resume_changes
 from .types import RunPaths, TrainPath
 
 if TYPE_CHECKING:
@@ -156,6 +157,8 @@ def _setup(cfg: TrainConfig, emit: Emit) -> _Setup:
     import torch
 
     resume_dir = find_checkpoint(cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else None
+    # a setting the checkpoint cannot take (its LoRA shape, model, template) fails here, before the load
+    changes = resume_changes(recorded_config(resume_dir), cfg, str(resume_dir)) if resume_dir else []
     run = RunPaths(resume_dir.parent.parent if resume_dir else new_run_dir(cfg))
     _seed_everything(cfg.seed)
     loaded = _load_model(cfg, emit)
@@ -186,13 +189,15 @@ def _setup(cfg: TrainConfig, emit: Emit) -> _Setup:
         start_step=0,
     )
 
-    _open_run(cfg, setup, resume_dir, loaded.resolved.path, emit)
+    _open_run(cfg, setup, resume_dir, changes, loaded.resolved.path, emit)
     return setup
 
 
-def _open_run(cfg: TrainConfig, setup: _Setup, resume_dir: Path | None, base_path: Path, emit: Emit) -> None:
-    """Resume from the checkpoint (its metrics cut back to it) or start the run's folder, then
-    announce the run with TrainStarted."""
+def _open_run(
+    cfg: TrainConfig, setup: _Setup, resume_dir: Path | None, changes: list[str], base_path: Path, emit: Emit
+) -> None:
+    """Resume from the checkpoint (its metrics cut back to it, the settings it resumes with
+    recorded) or start the run's folder, then announce the run with TrainStarted."""
     run = setup.run
     if resume_dir:
         setup.start_step = load_checkpoint(
@@ -200,6 +205,14 @@ def _open_run(cfg: TrainConfig, setup: _Setup, resume_dir: Path | None, base_pat
         )
         truncate_metrics(run.root, setup.start_step)
         emit(P.Log(message=f"resumed from {resume_dir} at step {setup.start_step}"))
+        if changes:
+            emit(P.Log(message="resumed with changed settings: " + ", ".join(changes)))
+        recorded = _read_run_config(run)
+        warning = data_changed_warning(recorded.get("dataset_sha256") or {}, dataset_hashes(cfg))
+        if warning:
+            emit(P.Log(message=warning))
+        # the next resume starts from these settings and this data
+        _write_run_config(run, cfg, base_path, created=recorded.get("created"))
     else:
         run.root.mkdir(parents=True, exist_ok=True)
         _write_run_config(run, cfg, base_path)
@@ -252,6 +265,8 @@ def _load_data(cfg: TrainConfig, tokenizer: Any, emit: Emit) -> tuple[list[Any],
         problems = problems + eval_problems
     else:
         samples, eval_samples = split_eval(samples, cfg.val_ratio, cfg.seed)
+        if cfg.val_ratio > 0 and not eval_samples:
+            emit(P.Log(message=no_eval_note(cfg.val_ratio, len(samples))))
     train_set, report = tokenize_samples(samples, tokenizer, cfg.max_length, cfg.template)
     eval_set, eval_report = tokenize_samples(eval_samples, tokenizer, cfg.max_length, cfg.template)
     all_problems = [str(p) for p in problems + report.problems + eval_report.problems]
@@ -422,15 +437,24 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _write_run_config(run: RunPaths, cfg: TrainConfig, base_path: Path) -> None:
+def _write_run_config(run: RunPaths, cfg: TrainConfig, base_path: Path, created: str | None = None) -> None:
     payload = {
         "run_id": run.root.name,
         "config": to_dict(cfg),
         "command": to_command(cfg),
         "base_model_path": str(base_path),
-        "created": datetime.now().isoformat(timespec="seconds"),
+        "dataset_sha256": dataset_hashes(cfg),  # a resume on other data warns (train/resume.py)
+        "created": created or datetime.now().isoformat(timespec="seconds"),
     }
     atomic_write_bytes(run.config, orjson.dumps(payload, option=orjson.OPT_INDENT_2), sync_dir=True)
+
+
+def _read_run_config(run: RunPaths) -> dict[str, Any]:
+    try:
+        payload = orjson.loads(run.config.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return {}
+    return payload if isinstance(payload, dict) else {}
 
 
 def _attach_lora(model, cfg: TrainConfig, recompute: bool):
@@ -493,6 +517,14 @@ def _enable_recompute(model, recompute: bool) -> None:
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
+
+
+def no_eval_note(val_ratio: float, samples: int) -> str:
+    """Why a run asked for an eval split has none: split_eval never holds out the only sample."""
+    return (
+        f"--val_ratio {val_ratio} holds out nothing from {samples} sample(s) (one must stay "
+        "to train on), so this run has no eval; add samples, or give --val_dataset"
+    )
 
 
 def no_sample_left(problems: list[str], max_length: int) -> UserError:

@@ -1,0 +1,151 @@
+"""Resuming a run: the settings it resumes with, the changes a resume may make to them, and the
+data it trained on.
+
+A resume trains with the run's recorded settings (its config.json). Settings given with the
+resume (the flags on the command line, the form's values from the TUI) replace them where a
+resume can honour them (epochs, learning rate, save_steps, ...): those are applied and reported.
+Those marked `resume="fixed"` in core/config.py (the model, the LoRA shape, the template) would
+not fit the checkpoint's weights or would train on different tokens: a change there is refused
+with the list of differences. Standard library only at import time, like the preflight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from ..core.config import TrainConfig, format_value
+from ..core.errors import UserError
+from .checkpoints import find_checkpoint
+
+# What the resume itself decides: the run folder comes from the checkpoint.
+_NOT_SETTINGS = ("resume_from_checkpoint", "output_dir", "run_name")
+
+
+def resume_config(given: dict[str, Any]) -> TrainConfig:
+    """The config a resume trains with: the run's recorded settings, with the `given` ones (which
+    include resume_from_checkpoint) applied; UserError listing any a resume cannot change."""
+    checkpoint = find_checkpoint(given["resume_from_checkpoint"])
+    recorded = recorded_config(checkpoint)
+    changes = {k: v for k, v in given.items() if k not in _NOT_SETTINGS}
+    cfg = TrainConfig(**{**recorded, **changes, "resume_from_checkpoint": given["resume_from_checkpoint"]})
+    resume_changes(recorded, cfg, str(checkpoint))
+    return cfg
+
+
+def run_config_file(checkpoint: Path) -> Path:
+    """The config.json of the run a checkpoint (runs/<id>/checkpoints/step-<n>) belongs to."""
+    return checkpoint.parent.parent / "config.json"
+
+
+def recorded_config(checkpoint: Path) -> dict[str, Any]:
+    """The TrainConfig fields the checkpoint's run recorded when it started (or last resumed)."""
+    path = run_config_file(checkpoint)
+    try:
+        payload = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        payload = None
+    if not isinstance(payload, dict) or not isinstance(payload.get("config"), dict):
+        raise UserError(
+            f"--resume_from_checkpoint: {path} is missing or unreadable, so the settings the run "
+            "trained with are unknown",
+            "resume a run TuneBench made (its folder holds config.json), or start a new run",
+            code="config",
+        )
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return {k: v for k, v in payload["config"].items() if k in names and k not in _NOT_SETTINGS}
+
+
+def resume_changes(recorded: dict[str, Any], cfg: TrainConfig, checkpoint: str) -> list[str]:
+    """ "--name old -> new" for each setting `cfg` changes from the recorded ones; UserError naming
+    every change a resume cannot make, all at once."""
+    fixed, applied = [], []
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in _NOT_SETTINGS:
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        old, new = recorded.get(f.name, default), getattr(cfg, f.name)  # default: not recorded by older runs
+        if _same(f.name, old, new):
+            continue
+        line = f"--{f.name} {_shown(old)} -> {_shown(new)}"
+        (fixed if f.metadata.get("resume") == "fixed" else applied).append(line)
+    if fixed:
+        raise UserError(
+            f"cannot resume {checkpoint} with these settings changed:\n  " + "\n  ".join(fixed),
+            "a resume keeps the run's model, LoRA shape and chat template, which its weights were "
+            "trained with: set them back (leave those flags out to take the run's own), or start a "
+            "new run without --resume_from_checkpoint",
+            code="config",
+        )
+    return applied
+
+
+def _shown(value: Any) -> str:
+    return format_value(value) or "''"
+
+
+def _same(name: str, old: Any, new: Any) -> bool:
+    if old == new:
+        return True
+    if name == "model" and isinstance(old, str) and isinstance(new, str):
+        a, b = Path(old).expanduser(), Path(new).expanduser()
+        return a.exists() and b.exists() and a.resolve() == b.resolve()
+    if name in ("dataset", "val_dataset") and isinstance(old, list) and isinstance(new, list):
+        return [_absolute_spec(s) for s in old] == [_absolute_spec(s) for s in new]
+    return False
+
+
+def _absolute_spec(spec: Any) -> Any:
+    from ..core.data import DataError, parse_dataset_spec
+
+    try:
+        parsed = parse_dataset_spec(spec)
+    except (DataError, TypeError, AttributeError):
+        return spec
+    return str(parsed._replace(path=parsed.path.absolute()))
+
+
+# ------------------------------------------------------------------ the data
+
+
+def dataset_hashes(cfg: TrainConfig) -> dict[str, str]:
+    """sha256 of each dataset file the config trains on, by the file's absolute path: what a
+    resume compares to tell that the data changed under the run."""
+    from ..core.data import DataError, parse_dataset_spec
+
+    hashes = {}
+    for spec in (*cfg.dataset, *cfg.val_dataset):
+        try:
+            path = parse_dataset_spec(spec).path.absolute()
+            hashes[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+        except (DataError, OSError):
+            continue  # reading the data says what is wrong with it
+    return hashes
+
+
+def data_changed_warning(recorded: dict[str, str], now: dict[str, str]) -> str:
+    """The warning for a resume on data other than the run's (empty when the same, or when the
+    run recorded no hashes: runs made before they were recorded)."""
+    if not recorded or sorted(recorded.values()) == sorted(now.values()):
+        return ""
+    changed = [name for name, digest in now.items() if recorded.get(name) not in (None, digest)]
+    new = [name for name in now if name not in recorded]
+    gone = [name for name in recorded if name not in now]
+    parts = [
+        f"{', '.join(names)} {what}"
+        for names, what in (
+            (changed, "changed since the run trained on it"),
+            (new, "is new to the run"),
+            (gone, "is no longer in it"),
+        )
+        if names
+    ]
+    return (
+        "warning: resuming on different data: " + "; ".join(parts) + ". The steps before the "
+        "checkpoint trained on the old data, and the order of what follows differs from an "
+        "uninterrupted run"
+    )
