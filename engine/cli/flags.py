@@ -70,10 +70,11 @@ class FlagParser(argparse.ArgumentParser):
         if "unrecognized arguments" in message:
             flags = message.split(":", 1)[1].split()
             unknown = [f for f in flags if f.startswith("-")] or flags
-            message = "unknown flag " + ", ".join(
-                f"{flag}{suggest_flag(flag, self._option_string_actions)}" for flag in unknown
-            )
-        print(f"error: {message}\n  see `{self.prog} --help`", file=sys.stderr)
+            named = ", ".join(f"{flag}{suggest_flag(flag, self._option_string_actions)}" for flag in unknown)
+            message = f"unknown flag {named}; `{self.prog} --help` lists the flags TuneBench knows"
+        else:
+            message = f"{message}; see `{self.prog} --help`"
+        print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2)
 
 

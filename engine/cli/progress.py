@@ -61,10 +61,15 @@ class ProgressRenderer:
             )
         elif kind == "TrainStep" and self.bar is not None:
             self.bar.update(event.step - self.bar.n)
-            speed = f"{event.tokens_per_s:,.0f} tok/s eta {_fmt_s(event.eta_s)}" if event.eta_s else "measuring speed"
+            # No speed yet at the first step: it also paid for compiling and warming up.
+            speed = "measuring speed"
+            if event.eta_s:
+                speed = f"{event.tokens_per_s:,.0f} tok/s eta {_fmt_s(event.eta_s)}"
             self.bar.set_postfix_str(f"loss {event.loss:.4f}, lr {event.lr:.2e}, {speed}", refresh=True)
             if self.bar.disable:  # not a terminal: one plain line per logged step
-                self._print(f"step {event.step}/{event.total_steps} loss {event.loss:.4f} lr {event.lr:.2e} {speed}")
+                self._print(
+                    f"step {event.step}/{event.total_steps} loss {event.loss:.4f} lr {event.lr:.2e} {speed}"
+                )
         elif kind == "EvalResult":
             self._print(f"eval    step {event.step}: eval_loss {event.eval_loss:.4f}")
         elif kind == "CheckpointSaved":

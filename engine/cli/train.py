@@ -15,25 +15,12 @@ from typing import Any, get_origin, get_type_hints
 
 from ..core.config import TrainConfig
 from ..core.errors import UserError
-from .flags import flag_values, join_negative_numbers, suggest_flag
+from .flags import FlagParser, flag_values, join_negative_numbers
 from .progress import JsonRenderer, ProgressRenderer
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        if "unrecognized arguments" in message:
-            flags = message.split(":", 1)[1].split()
-            unknown = [f for f in flags if f.startswith("-")] or flags
-            named = ", ".join(f"{flag}{suggest_flag(flag, self._option_string_actions)}" for flag in unknown)
-            message = f"unknown flag {named}; `{self.prog} --help` lists the flags TuneBench knows"
-        else:
-            message = f"{message}; see `{self.prog} --help`"
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def build_train_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = FlagParser(
         prog="tunebench train",
         allow_abbrev=False,
         description="Fine-tune a chat model with LoRA or QLoRA, headless.",
