@@ -3,7 +3,7 @@
     # this CPU box: the demo model (SmolLM2-135M)
     python bench/bench_deploy.py --model demo --streams 1 4
     # GPU box: the Qwen2.5-7B architecture in bf16 with random weights (no download)
-    python bench/bench_deploy.py --model qwen2.5-7b --streams 1 8 32
+    python bench/bench_deploy.py --model qwen2.5-7b --streams 1 8 32 --requests 4 --max_tokens 128
 
 The server is the real one (engine/deploy: the batcher thread, the FastAPI app, uvicorn on
 127.0.0.1), serving the base and a random rank-8 all-linear LoRA adapter (bench_generate's). N
@@ -13,12 +13,23 @@ i + r is odd), with `ignore_eos` so every answer is --max_tokens long. Time to f
 from sending the request to its first content chunk, measured by the client; aggregate tokens/s
 is every completion token over the wall time from the first request sent to the last answer.
 
-The baseline serves the same requests with HF `generate` + PEFT, one after another, on the same
-weights (the adapter set with set_adapter, the base under disable_adapter): its tokens/s is the
-real rate of serving them in turn. Its time to first token is what N streams would see from a
-server that answers one request at a time (each stream sends its next request when its answer
-ends; the server takes them first come, first served): the wait computed from the measured
-generate times, plus that request's own measured first-token latency.
+The random 7B can only answer with the bench tokenizer's tokens that show as text on their own
+(see main): a token that decodes to nothing (a special token, a piece of a multi-byte character)
+would stream no content, and the client would time its first token late, or at the flush at the
+end of the answer (the first GPU run's "first token p99 8.5 s" at one stream was that).
+
+Both stacks are warmed up before timing: the server warms itself before it listens (the batcher's
+_warm_up) and the bench sends it one short request too; the baseline runs one short generate.
+
+The baseline serves requests with HF `generate` + PEFT, one after another, on the same weights
+(the adapter set with set_adapter, the base under disable_adapter). Being sequential it is slow
+(about 17 tokens/s on the H200), so it generates --baseline_requests of them (default 4, half
+base, half adapter, each --max_tokens long as the server's are), once: its tokens/s does not
+depend on the stream count, since it serves one request at a time. Its time to first token is
+what N streams would see from a server that answers one request at a time (each stream sends its
+next request when its answer ends; the server takes them first come, first served): the queue
+replayed over the plan's requests with the measured mean generate time of their served name,
+plus that name's mean measured first-token latency.
 
 One JSON line per stream count goes to stdout with --json. Where tunebench is not installed (the
 GPU box), the checkout's engine/ is imported as tunebench.engine.
@@ -136,9 +147,9 @@ def run_streams(url: str, plan: list[list[tuple[str, str]]], max_tokens: int) ->
 # ---------------------------------------------------------------- the baseline
 
 
-def hf_baseline(served, plan: list[list[tuple[str, str]]], max_tokens: int) -> dict:
-    """The same requests through PeftModel.generate one at a time; a FIFO one-at-a-time server
-    replayed over the measured times gives each request's time to first token."""
+def hf_baseline(served, count: int, max_tokens: int) -> dict:
+    """`count` requests (half base, half adapter) through PeftModel.generate one at a time, after
+    one short warm-up call: tokens/s, and per served name the mean (time, first-token latency)."""
     import torch
     from transformers.generation.streamers import BaseStreamer
 
@@ -158,11 +169,8 @@ def hf_baseline(served, plan: list[list[tuple[str, str]]], max_tokens: int) -> d
             pass
 
     peft = served.peft
-    service: dict[tuple[int, int], tuple[float, float, int]] = {}  # (stream, r) -> (time, first, tokens)
-    order = [(i, r) for r in range(max(len(p) for p in plan)) for i in range(len(plan)) if r < len(plan[i])]
-    started = time.perf_counter()
-    for i, r in order:
-        name, question = plan[i][r]
+
+    def generate(name: str, question: str, tokens: int) -> tuple[float, float, int]:
         prompt = served.encode_chat(name, [{"role": "user", "content": question}])
         ids = torch.tensor([prompt], device=served.device)
         streamer = FirstToken()
@@ -173,29 +181,47 @@ def hf_baseline(served, plan: list[list[tuple[str, str]]], max_tokens: int) -> d
             out = peft.generate(
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_tokens,
-                min_new_tokens=max_tokens,
+                max_new_tokens=tokens,
+                min_new_tokens=tokens,
                 do_sample=False,
                 streamer=streamer,
                 pad_token_id=served.tokenizer.pad_token_id,
             )
-        ended = time.perf_counter()
-        service[(i, r)] = (ended - begun, streamer.at - begun, out.shape[1] - ids.shape[1])
+        return time.perf_counter() - begun, streamer.at - begun, out.shape[1] - ids.shape[1]
+
+    generate("adapter", QUESTIONS[0], 8)  # warm-up: first-call costs out of the timings
+    asks = [("adapter" if r % 2 else "base", QUESTIONS[r % len(QUESTIONS)]) for r in range(max(2, count))]
+    measured: dict[str, list[tuple[float, float, int]]] = {"base": [], "adapter": []}
+    started = time.perf_counter()
+    for name, question in asks:
+        measured[name].append(generate(name, question, max_tokens))
     wall = time.perf_counter() - started
-    # Replay: every stream sends its first request at 0 and its next one when an answer ends.
+    tokens = sum(t for runs in measured.values() for _, _, t in runs)
+    mean = {
+        name: (sum(d for d, _, _ in runs) / len(runs), sum(f for _, f, _ in runs) / len(runs))
+        for name, runs in measured.items()
+    }
+    return {"tokens_per_s": tokens / wall, "requests": len(asks), "service": mean}
+
+
+def replay_one_at_a_time(
+    plan: list[list[tuple[str, str]]], service: dict[str, tuple[float, float]]
+) -> list[float]:
+    """Each request's time to first token from a FIFO server answering one request at a time:
+    every stream sends its first request at 0 and its next one when an answer ends."""
     clock = 0.0
     ready = [(0.0, i, 0) for i in range(len(plan))]  # (arrival, stream, request index)
     heapq.heapify(ready)
     ttfts = []
     while ready:
         arrival, i, r = heapq.heappop(ready)
-        duration, first, _ = service[(i, r)]
+        duration, first = service[plan[i][r][0]]
         start = max(clock, arrival)
         ttfts.append(start - arrival + first)
         clock = start + duration
         if r + 1 < len(plan[i]):
             heapq.heappush(ready, (clock, i, r + 1))
-    return {"tokens": sum(t for _, _, t in service.values()), "wall_s": wall, "ttft": ttfts}
+    return ttfts
 
 
 # ---------------------------------------------------------------- main
@@ -207,6 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--requests", type=int, default=4, help="requests each stream sends in turn")
     parser.add_argument("--max_tokens", type=int, default=64)
+    parser.add_argument(
+        "--baseline_requests",
+        type=int,
+        default=4,
+        help="requests the sequential HF baseline generates (once)",
+    )
     parser.add_argument("--torch_dtype", default="", help="default: bfloat16 on CUDA, float32 on the CPU")
     parser.add_argument("--layers", type=int, default=0, help="qwen2.5-7b only: fewer layers, a smoke test")
     parser.add_argument("--no_baseline", action="store_true")
@@ -226,11 +258,21 @@ def main(argv: list[str] | None = None) -> int:
     loaded = bench_generate.build_model(args.model, device, dtype, args.layers)
     if args.model != "demo":
         # The random 7B's vocabulary is 152k but the bench tokenizer (built in code) knows 512
-        # tokens: ids past those decode to nothing, so no text would stream and no first token
-        # could be timed. Zeroed output rows keep greedy picks among ids that decode to text;
+        # tokens, and some of those decode to no text on their own (special tokens, pieces of a
+        # multi-byte character): a content chunk, and so a first token, would wait for the next
+        # token that completes some text. Zeroed output rows (logit 0, below the best of the
+        # other ~350 random logits) keep greedy picks among ids that decode to text at once;
         # every step still multiplies by the whole head.
+        tokenizer = loaded.tokenizer
+        silent = [
+            i
+            for i in range(len(tokenizer))
+            if not (text := tokenizer.decode([i], skip_special_tokens=True)) or "\ufffd" in text
+        ]
         with torch.no_grad():
-            loaded.model.get_output_embeddings().weight[len(loaded.tokenizer) :] = 0
+            head = loaded.model.get_output_embeddings().weight
+            head[len(tokenizer) :] = 0
+            head[silent] = 0
     run = bench_generate.make_adapter(loaded, Path(tempfile.mkdtemp(prefix="bench-deploy-")))
     served = serve_loaded(loaded, "base", [(AdapterSpec("adapter", str(run)), resolve_target(str(run)))])
     most = max(args.streams)
@@ -249,13 +291,29 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.max_tokens} tokens each",
         file=sys.stderr,
     )
-    run_streams(url, plan_requests(1, 2), 8)  # warm-up: first-call costs out of the timings
+    run_streams(url, plan_requests(1, 2), 8)  # warm-up: the HTTP path's first-call costs out of the timings
     rows = []
     for streams in args.streams:
         plan = plan_requests(streams, args.requests)
+        before = (batcher.metrics.decode_steps, batcher.metrics.decode_rows)
         result = run_streams(url, plan, args.max_tokens)
+        steps = batcher.metrics.decode_steps - before[0]
+        graphs = batcher._graphs
+        print(
+            f"  {streams} streams: {steps} decode steps, {steps / result['wall_s']:.1f}/s, mean batch "
+            f"{(batcher.metrics.decode_rows - before[1]) / max(steps, 1):.1f}"
+            + (
+                f"; CUDA graphs {'on' if graphs.enabled else 'OFF'}, {len(graphs.graphs)} captured "
+                f"({graphs.capture_seconds:.1f} s)"
+                if graphs is not None
+                else ""
+            ),
+            file=sys.stderr,
+            flush=True,
+        )
         rows.append((streams, plan, result))
     deployment.stop()
+    baseline = None if args.no_baseline else hf_baseline(served, args.baseline_requests, args.max_tokens)
     for streams, plan, result in rows:
         line = {
             "model": args.model,
@@ -267,12 +325,13 @@ def main(argv: list[str] | None = None) -> int:
             "deploy_ttft_p50_s": round(percentile(result["ttft"], 50), 3),
             "deploy_ttft_p99_s": round(percentile(result["ttft"], 99), 3),
         }
-        if not args.no_baseline:
-            base = hf_baseline(served, plan, args.max_tokens)
+        if baseline is not None:
+            ttfts = replay_one_at_a_time(plan, baseline["service"])
             line.update(
-                hf_tokens_per_s=round(base["tokens"] / base["wall_s"], 2),
-                hf_ttft_p50_s=round(percentile(base["ttft"], 50), 3),
-                hf_ttft_p99_s=round(percentile(base["ttft"], 99), 3),
+                hf_requests=baseline["requests"],
+                hf_tokens_per_s=round(baseline["tokens_per_s"], 2),
+                hf_ttft_p50_s=round(percentile(ttfts, 50), 3),
+                hf_ttft_p99_s=round(percentile(ttfts, 99), 3),
             )
             line["speedup"] = round(line["deploy_tokens_per_s"] / line["hf_tokens_per_s"], 2)
         if args.json:

@@ -417,6 +417,70 @@ def test_health_and_metrics(url, client):
     assert "tunebench_requests_waiting 0" in httpx.get(f"{url}/metrics").text
 
 
+# ---------------------------------------------------------------- speed: what the GPU path needs
+
+
+def spy_on_forward_passes(monkeypatch, deployment_of=lambda: None) -> list[tuple[int, int, int]]:
+    """Every forward pass the batcher runs from now on: (rows, tokens per row, address of the
+    first layer's key cache, 0 when there is none yet)."""
+    from tunebench.engine.infer import decode_steps
+
+    seen: list[tuple[int, int, int]] = []
+    real = decode_steps.decode_forward
+
+    def spy(model, cache, ids, mask, positions):
+        deployment = deployment_of()
+        row_cache = deployment.batcher._cache if deployment is not None else None
+        seen.append((ids.shape[0], ids.shape[1], row_cache.keys[0].data_ptr() if row_cache else 0))
+        return real(model, cache, ids, mask, positions)
+
+    monkeypatch.setattr(decode_steps, "decode_forward", spy)
+    return seen
+
+
+def test_the_model_runs_every_path_before_the_server_listens(plan, monkeypatch):
+    """The first forward passes pay start-up costs (CUDA, cuBLAS, the allocator; on CUDA each
+    batch size's graph capture): they run when the server starts, not in a client's request. A
+    prefill for each served name and a decode step at each batch size, none of it in the metrics."""
+    seen = spy_on_forward_passes(monkeypatch)
+    deployment, url = start(plan, max_num_seqs=4)
+    try:
+        prefills = [rows for rows, tokens, _ in seen if rows == 1]
+        decode_batches = sorted(rows for rows, tokens, _ in seen if rows > 1)
+        assert len(prefills) == 3 and decode_batches == [2, 4]
+        numbers = metrics(url)
+        assert numbers["tunebench_decode_steps_total"] == 0
+        assert numbers["tunebench_generation_tokens_total"] == 0
+        assert numbers["tunebench_prompt_tokens_total"] == 0
+    finally:
+        deployment.stop()
+
+
+def test_rows_join_and_leave_without_moving_the_cache_or_changing_step_shapes(plan, monkeypatch):
+    """What replaying a CUDA graph per batch size needs: while requests join and leave the batch,
+    every decode step runs a batch size of the few the batcher has (padded with idle rows) and the
+    KV cache stays where it is. Checked on the CPU, where the same steps run eagerly."""
+    deployment, url = start(plan, max_num_seqs=4, max_new_tokens=16)
+    sizes = deployment.batcher.batch_sizes
+    seen = spy_on_forward_passes(monkeypatch, lambda: deployment)
+    try:
+        asks = [("tiny", 3), ("bob", 16), ("plain", 5), ("bob", 12), ("tiny", 8), ("plain", 2)]
+
+        def ask(item):
+            name, tokens = item
+            payload = {"model": name, "messages": QUESTION, "max_tokens": tokens, "ignore_eos": True}
+            return httpx.post(f"{url}/v1/chat/completions", json=payload, timeout=60).status_code
+
+        with ThreadPoolExecutor(len(asks)) as pool:
+            assert list(pool.map(ask, asks)) == [200] * len(asks)
+        steps = [(rows, address) for rows, tokens, address in seen if rows > 1]
+        assert len(steps) >= 8
+        assert {rows for rows, _ in steps} <= set(sizes) and len({rows for rows, _ in steps}) > 1
+        assert len({address for _, address in steps}) == 1, "the KV cache moved"
+    finally:
+        deployment.stop()
+
+
 # ---------------------------------------------------------------- pieces
 
 

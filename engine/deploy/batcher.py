@@ -2,21 +2,27 @@
 
 Requests arrive from the HTTP handlers through `Batcher.submit` and wait in a bounded queue. The
 batcher thread loops: it takes waiting requests while fewer than `max_num_seqs` decode, prefills
-each one on its own (its first token streams out at once), adds it to the running batch, and runs
-one decode step for every sequence in the batch. A sequence leaves the batch the step it ends (a
-stop token, a stop string, its token limit, or its client gone), so a short answer never waits
-for a long one and a new request never waits for the batch to drain.
+each one on its own (its first token streams out at once), puts it in a free row of the running
+batch, and runs one decode step for every sequence in the batch. A sequence leaves the batch the
+step it ends (a stop token, a stop string, its token limit, or its client gone), so a short answer
+never waits for a long one and a new request never waits for the batch to drain.
 
 Rows of one batch may run different adapters: each step goes through the same mixed-adapter
-forward as the side-by-side chat (infer/lora_decode.FusedLora, else PEFT's own mixed batch), over one
-copy of the base weights. Rows are kept sorted by adapter, so the fused forward's per-layout
-buffers are reused whenever the same mix of adapters is decoding.
+forward as the side-by-side chat (infer/lora_decode.FusedLora, else PEFT's own mixed batch), over
+one copy of the base weights. One fused forward stacks every served adapter; a step only rewrites
+which adapter each row takes (FusedLora.set_rows), in place.
 
-The KV cache is one [rows, kv heads, slots, head dim] tensor per layer. Row i holds its sequence's
+The KV cache is one [max rows, kv heads, slots, head dim] tensor per layer, allocated once and
+grown (in CACHE_ROUNDING steps) only when a sequence needs more slots. Row i holds its sequence's
 tokens in slots 0..length-1 and writes the next one at slot `length` (RowCache below), so a
 sequence's keys sit in the same slots whatever else is in the batch, and attention masks only
-what lies past each row's own length. The cache is rebuilt (rows gathered, slots grown in
-CACHE_ROUNDING steps) when rows join or leave, never per step.
+what lies past each row's own length. A decode step runs the first `bucket` rows (the smallest
+of BATCH_SIZES that holds every sequence; the rest are idle padding) over an attention window
+rounded up to ATTENTION_WINDOW slots: nothing in a step's shapes or addresses changes while
+sequences join and leave, so on CUDA each (bucket, window) is captured once as a CUDA graph
+(infer/decode_steps.StepGraphs, as the chat's decode) and replayed; on the CPU the same step runs
+eagerly. Before the server says it is ready, the batcher runs a prefill for every served name and
+a decode step at every bucket (`_warm_up`), so no client pays the start-up costs.
 
 Events flow back through each sequence's `emit` callback (the HTTP side turns it into a put on
 an asyncio queue), which never blocks: a slow client only lets its own queue grow.
@@ -33,10 +39,23 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..infer.decode_steps import CACHE_ROUNDING
+from ..infer.decode_steps import ATTENTION_WINDOW, CACHE_ROUNDING
 from ..infer.lora_decode import PEFT_BASE
 
-FUSED_LAYOUTS_KEPT = 8  # fused forwards kept for reuse, one per recent mix of adapters
+# A lone sequence decodes beside an idle row, as the chat's lone column does (generate.py's ghost
+# row): CPU matmul kernels take another path for a single row (M=1) and round its last bits
+# differently, which could tip a near-tie and make an answer alone differ from the same in a batch.
+SMALLEST_BATCH = 2
+WARM_UP_PROMPT = "Hello"
+
+
+def batch_sizes(max_num_seqs: int) -> tuple[int, ...]:
+    """The row counts a decode step runs with: powers of two from SMALLEST_BATCH, and the most."""
+    most = max(SMALLEST_BATCH, max_num_seqs)
+    sizes = [SMALLEST_BATCH]
+    while sizes[-1] * 2 < most:
+        sizes.append(sizes[-1] * 2)
+    return tuple(sorted(set(sizes) | {most}))
 
 
 class QueueFull(Exception):
@@ -144,14 +163,15 @@ class RowCache:
 
     transformers' caches write every row at the same position; continuous batching needs each
     row at its own. The model calls `update` once per layer per forward pass; the batcher sets
-    `write_at` (one slot per row) and `window` (slots attention reads) before each step.
+    `write_at` (one slot for each of the first rows) and `window` (slots attention reads) before
+    each step.
     """
 
     def __init__(self, layers: int) -> None:
         self.keys: list[Any] = [None] * layers
         self.values: list[Any] = [None] * layers
         self.write_at: Any = None
-        self.rows_index: Any = None
+        self.rows_index: Any = None  # arange over every row of the cache
         self.window = 0
 
     def layer_cache(self) -> Any:
@@ -188,16 +208,16 @@ class RowCache:
 
     def update(self, layer: int, key_states: Any, value_states: Any) -> tuple[Any, Any]:
         keys, values = self.keys[layer], self.values[layer]
+        rows = key_states.shape[0]
         # key_states: [rows, kv heads, 1, head dim] -> row r's slot write_at[r]
-        keys[self.rows_index, :, self.write_at] = key_states[:, :, 0]
-        values[self.rows_index, :, self.write_at] = value_states[:, :, 0]
-        return keys[:, :, : self.window], values[:, :, : self.window]
+        keys[self.rows_index[:rows], :, self.write_at] = key_states[:, :, 0]
+        values[self.rows_index[:rows], :, self.write_at] = value_states[:, :, 0]
+        return keys[:rows, :, : self.window], values[:rows, :, : self.window]
 
 
 @dataclass(eq=False)
 class _Row:
     seq: Sequence
-    order: int  # admission order: ties in the adapter sort keep it
     length: int  # tokens in the KV cache
     limit: int  # most tokens it may produce
     detok: Any
@@ -205,8 +225,7 @@ class _Row:
     generator: Any  # torch.Generator for sampled rows, None for greedy ones
     next_token: int = 0
     generated: int = 0
-    kv: list[tuple[Any, Any]] | None = None  # the prefill's keys/values until placed in the batch
-    slot: int = -1  # its row in the current cache, -1 until placed
+    slot: int = -1  # its row in the KV cache, -1 until placed
 
 
 class Batcher:
@@ -221,17 +240,25 @@ class Batcher:
         self._lock = threading.Condition()
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._rows: list[_Row] = []
-        self._admitted = 0
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self.batch_sizes = batch_sizes(max_num_seqs)
         self._cache: RowCache | None = None
         self._cache_object: Any = None
-        self._layout: list[_Row] = []  # rows in cache order, as placed by the last rebuild
         self._capacity = 0  # slots per row in the cache
-        self._fused: collections.OrderedDict[tuple[str, ...], Any] = collections.OrderedDict()
+        self._step_inputs: Any = None  # [2, rows] on the device: each row's token, then its write slot
+        self._fused: Any = None  # the FusedLora over every served adapter, once built
+        self._fused_built = False
         self._cuda = served.device.type == "cuda"
+        self._graphs: Any = None  # StepGraphs on CUDA, keyed (bucket, window)
+        if self._cuda:
+            from ..infer.decode_steps import StepGraphs
+
+            self._graphs = StepGraphs()
         pad = served.tokenizer.pad_token_id
         self._pad_id = pad if pad is not None else 0
+        self._ready = threading.Event()
+        self._warm_up_error = ""
 
     # ------------------------------------------------------------ HTTP side
 
@@ -258,6 +285,10 @@ class Batcher:
             fuse_sibling_weights(self.served.loaded.model)  # before inference_mode: see infer/lora_decode
         self._thread = threading.Thread(target=self._run, name="tunebench-deploy-batcher", daemon=True)
         self._thread.start()
+        self._ready.wait()  # the warm-up: the server listens only once the model has run
+        if self._warm_up_error:
+            self._thread.join()
+            raise RuntimeError(f"the model failed its warm-up run: {self._warm_up_error}")
 
     def stop(self, timeout: float = 10.0) -> None:
         """Refuse new requests, fail the ones waiting or decoding, and end the thread."""
@@ -282,6 +313,13 @@ class Batcher:
 
             attention = packed_gqa_attention()
         with torch.inference_mode(), attention:
+            try:
+                self._warm_up()
+            except Exception as exc:  # noqa: BLE001 - start() raises it in the caller's thread
+                self._warm_up_error = _describe(exc)
+                return
+            finally:
+                self._ready.set()
             while True:
                 joining = self._next_work()
                 if joining is None:
@@ -299,8 +337,6 @@ class Batcher:
                 except Exception as exc:  # noqa: BLE001 - one bad batch must not take the server down
                     self._fail_rows(list(self._rows), _describe(exc), drop_cache=True)
                 self._drop_finished()
-                if not self._rows:  # idle: give the cache's memory back
-                    self._drop_cache()
         self._fail_rows(list(self._rows), "the server is shutting down", drop_cache=True)
         with self._lock:
             for seq in self._waiting:
@@ -324,11 +360,9 @@ class Batcher:
             return joining
 
     def _admit(self, seq: Sequence) -> None:
-        """Prefill one request on its own, stream its first token, and add it to the batch."""
+        """Prefill one request on its own, stream its first token, and put it in a free row."""
         import torch
-        from transformers import DynamicCache
 
-        from ..infer.decode_steps import decode_forward
         from ..infer.prompts import IncrementalDetokenizer
 
         options = seq.options
@@ -339,79 +373,112 @@ class Batcher:
             generator.manual_seed(seed)
         row = _Row(
             seq=seq,
-            order=self._admitted,
             length=len(seq.prompt),
             limit=max(0, min(options.max_tokens, self.max_model_len - len(seq.prompt))),
             detok=IncrementalDetokenizer(self.served.tokenizer),
             stop=StopText(options.stop),
             generator=generator,
         )
-        self._admitted += 1
         self.metrics.prompt_tokens += len(seq.prompt)
         self._rows.append(row)  # from here on a failure reaches it through _fail_rows
         if row.limit == 0:
             self._finish(row, "length")
             return
-        ids = torch.tensor([seq.prompt], dtype=torch.long, device=self.served.device)
-        positions = torch.arange(len(seq.prompt), device=self.served.device)[None]
+        logits, kv = self._prefill(seq.peft_name, seq.prompt)
+        self._place(row, kv)
+        self._accept(row, self._pick(logits, [row])[0])
+
+    def _prefill(self, peft_name: str, prompt: list[int]) -> tuple[Any, list[tuple[Any, Any]]]:
+        """The prompt's last logits and its keys/values per layer ([1, kv heads, tokens, head dim])."""
+        import torch
+        from transformers import DynamicCache
+
+        from ..infer.decode_steps import decode_forward
+
+        ids = torch.tensor([prompt], dtype=torch.long, device=self.served.device)
+        positions = torch.arange(len(prompt), device=self.served.device)[None]
         cache = DynamicCache(config=self.served.loaded.model.config)
         # Alone, with no padding and no mask: the same computation however many requests are in
         # flight, so a request's first token never depends on what else is being served.
-        with self._adapters((seq.peft_name,)):
+        with self._adapters((peft_name,)):
             logits = decode_forward(self.served.loaded.model, cache, ids, None, positions)
-        row.kv = [(layer.keys, layer.values) for layer in cache.layers]
-        self._accept(row, self._pick(logits, [row])[0])  # its place in the cache comes in _rebuild
+        return logits, [(layer.keys, layer.values) for layer in cache.layers]
 
     def _step(self) -> None:
         """One decode step for every row of the batch."""
+        self._compact()
+        bucket = next(size for size in self.batch_sizes if size >= len(self._rows))
+        by_row: list[_Row | None] = [None] * bucket
+        for row in self._rows:
+            by_row[row.slot] = row
+        logits = self._decode(
+            bucket,
+            [r.next_token if r else self._pad_id for r in by_row],
+            [r.length if r else 0 for r in by_row],
+            tuple(r.seq.peft_name if r else PEFT_BASE for r in by_row),
+        )
+        self.metrics.decode_steps += 1
+        self.metrics.decode_rows += len(self._rows)
+        for row, token in zip(by_row, self._pick(logits, by_row), strict=True):
+            if row is not None:
+                row.length += 1
+                self._accept(row, token)
+
+    def _decode(self, bucket: int, tokens: list[int], lengths: list[int], names: tuple[str, ...]) -> Any:
+        """Logits of one decode step over the first `bucket` rows: row i takes tokens[i] at slot
+        lengths[i] with adapter names[i]. A CUDA graph replay where it can be."""
         import torch
 
         from ..infer.decode_steps import decode_forward
 
-        placed = {id(r) for r in self._layout}
-        if placed != {id(r) for r in self._rows} or max(r.length for r in self._rows) + 1 > self._capacity:
-            self._rebuild()
-        layout = self._layout
-        device = self.served.device
-        # A lone row decodes beside an idle one, as the chat's lone column does (generate.py's
-        # ghost row): CPU matmul kernels take another path for a single row (M=1) and round its
-        # last bits differently, which could tip a near-tie and make an answer alone differ.
-        idle = 1 if len(layout) == 1 else 0
-        tokens = [r.next_token for r in layout] + [self._pad_id] * idle
-        lengths = [r.length for r in layout] + [0] * idle
-        window = max(lengths) + 1
-        write_at = torch.tensor(lengths, dtype=torch.long, device=device)
+        self._grow_cache(max(lengths) + 1)
+        window = min(self._capacity, math.ceil((max(lengths) + 1) / ATTENTION_WINDOW) * ATTENTION_WINDOW)
+        inputs = self._step_inputs
+        inputs[:, :bucket].copy_(torch.tensor([tokens, lengths], dtype=torch.long))  # one host-to-device copy
         cache = self._cache
         assert cache is not None
-        cache.write_at = write_at
-        cache.window = window
-        # Row r may attend to slots 0..length_r (its tokens so far and the one being written).
-        visible = torch.arange(window, device=device)[None, :] <= write_at[:, None]
-        dtype = self.served.loaded.model.get_input_embeddings().weight.dtype
-        mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))
-        ids = torch.tensor(tokens, dtype=torch.long, device=device)[:, None]
-        names = tuple(r.seq.peft_name for r in layout) + (PEFT_BASE,) * idle
-        with self._adapters(names):
-            logits = decode_forward(
-                self.served.loaded.model, self._cache_object, ids, mask[:, None, None, :], write_at[:, None]
-            )
-        self.metrics.decode_steps += 1
-        self.metrics.decode_rows += len(layout)
-        picks = self._pick(logits[: len(layout)], layout)
-        for row, token in zip(layout, picks, strict=True):
-            row.length += 1
-            self._accept(row, token)
+        model = self.served.loaded.model
+
+        def forward() -> Any:
+            ids, write_at = inputs[0, :bucket, None], inputs[1, :bucket]
+            cache.write_at, cache.window = write_at, window
+            # Row r may attend to slots 0..length_r (its tokens so far and the one being written).
+            visible = torch.arange(window, device=write_at.device)[None, :] <= write_at[:, None]
+            mask = torch.zeros(visible.shape, dtype=cache.keys[0].dtype, device=write_at.device)
+            mask.masked_fill_(~visible, float("-inf"))
+            return decode_forward(model, self._cache_object, ids, mask[:, None, None, :], write_at[:, None])
+
+        key = (bucket, window)
+        replay = self._graphs is not None and self._graphs.ready(key)
+        with self._adapters(names, install=not replay) as capturable:
+            if self._graphs is not None and capturable:
+                return self._graphs.run(key, forward)
+            return forward()
+
+    def _warm_up(self) -> None:
+        """Run what a request runs before any client comes: a prefill with every served name and
+        a decode step at every batch size (on CUDA, that captures their graphs). The first forward
+        passes pay CUDA, cuBLAS and allocator start-up, which would otherwise land on the first
+        requests' time to first token. Nothing of it shows in the metrics."""
+        prompt = self.served.encode_text(WARM_UP_PROMPT) or [self._pad_id]
+        names = list(dict.fromkeys(t.peft_name for t in self.served.targets.values()))
+        for name in names:
+            _, kv = self._prefill(name, prompt)
+        self._grow_cache(len(prompt) + 1, sample=kv)
+        for bucket in self.batch_sizes:
+            rows = [names[i % len(names)] for i in range(bucket)]
+            self._decode(bucket, [self._pad_id] * bucket, [len(prompt)] * bucket, tuple(rows))
 
     # ------------------------------------------------------------ rows
 
-    def _pick(self, logits: Any, rows: list[_Row]) -> list[int]:
-        """The next token of each row: argmax for greedy rows, else its own seeded draw."""
+    def _pick(self, logits: Any, rows: list[_Row | None]) -> list[int]:
+        """The next token of each row: argmax for greedy rows (and idle ones), else its own seeded draw."""
         import torch
 
         greedy = logits.argmax(dim=-1).tolist()  # a host sync; streaming needs the ids anyway
         picks = []
         for i, row in enumerate(rows):
-            if row.generator is None:
+            if row is None or row.generator is None:
                 picks.append(greedy[i])
                 continue
             scores = logits[i].float() / row.seq.options.temperature
@@ -489,76 +556,107 @@ class Batcher:
     # ------------------------------------------------------------ the KV cache
 
     def _drop_cache(self) -> None:
-        self._layout, self._cache, self._cache_object, self._capacity = [], None, None, 0
+        self._cache, self._cache_object, self._capacity, self._step_inputs = None, None, 0, None
+        for row in self._rows:
+            row.slot = -1
+        if self._graphs is not None:
+            self._graphs.clear()
         self.metrics.cache_slots = 0
 
-    def _rebuild(self) -> None:
-        """Lay the cache out for the current rows: sorted by adapter, kept rows' slots copied,
-        new rows' prefill keys/values placed, capacity grown or shrunk to what the longest needs."""
+    def _grow_cache(self, needed: int, sample: list[tuple[Any, Any]] | None = None) -> None:
+        """A cache of every row with at least `needed` slots each: made on first use (shaped like
+        `sample`, a prefill's keys/values), else grown with the rows' slots copied. Growing moves
+        the cache, so the CUDA graphs that read it go."""
         import torch
 
-        rows = sorted(self._rows, key=lambda r: (r.seq.peft_name, r.order))
-        count = len(rows) + (1 if len(rows) == 1 else 0)
-        needed = max(r.length for r in rows) + 1
+        if self._cache is not None and needed <= self._capacity:
+            return
         capacity = math.ceil(needed / CACHE_ROUNDING) * CACHE_ROUNDING
-        old, old_capacity = self._cache, self._capacity
-        layers = len(rows[0].kv) if rows[0].kv is not None else len(old.keys)  # type: ignore[union-attr]
+        old = self._cache
+        layers = len(old.keys) if old is not None else len(sample or ())
+        assert layers, "the first cache is shaped like a prefill's keys/values"
+        rows, device = self.batch_sizes[-1], self.served.device
         cache = RowCache(layers)
-        kept = [(i, r.slot) for i, r in enumerate(rows) if r.slot >= 0 and r.kv is None]
-        device = self.served.device
         for layer in range(layers):
-            sample = (
-                old.keys[layer] if old is not None and old.keys[layer] is not None else rows[0].kv[layer][0]
-            )
-            _, kv_heads, _, head_dim = sample.shape
-            shape = (count, kv_heads, capacity, head_dim)
             for store, part in ((cache.keys, 0), (cache.values, 1)):
-                tensor = torch.zeros(shape, dtype=sample.dtype, device=device)
-                if kept:
-                    source = (old.keys if part == 0 else old.values)[layer]  # type: ignore[union-attr]
-                    new_index = torch.tensor([i for i, _ in kept], device=device)
-                    old_index = torch.tensor([s for _, s in kept], device=device)
-                    span = min(capacity, old_capacity)
-                    tensor[new_index, :, :span] = source.index_select(0, old_index)[:, :, :span]
-                for i, row in enumerate(rows):
-                    if row.kv is not None:
-                        prefill = row.kv[layer][part][0]
-                        tensor[i, :, : prefill.shape[1]] = prefill
+                if old is not None:
+                    source = (old.keys if part == 0 else old.values)[layer]
+                else:
+                    source = sample[layer][part]  # type: ignore[index]
+                _, kv_heads, _, head_dim = source.shape
+                tensor = torch.zeros((rows, kv_heads, capacity, head_dim), dtype=source.dtype, device=device)
+                if old is not None:
+                    tensor[:, :, : self._capacity] = source
                 store[layer] = tensor
-        for i, row in enumerate(rows):
-            row.slot, row.kv = i, None
-        cache.rows_index = torch.arange(count, device=device)
-        self._cache, self._capacity, self._layout = cache, capacity, rows
+        cache.rows_index = torch.arange(rows, device=device)
+        if self._step_inputs is None:
+            self._step_inputs = torch.zeros((2, rows), dtype=torch.long, device=device)
+        self._cache, self._capacity = cache, capacity
         self._cache_object = cache.layer_cache()
-        self.metrics.cache_slots = count * capacity
+        if self._graphs is not None:
+            self._graphs.clear()
+        self.metrics.cache_slots = rows * capacity
+
+    def _place(self, row: _Row, kv: list[tuple[Any, Any]]) -> None:
+        """Copy a prefill's keys/values into the lowest free row of the cache."""
+        self._grow_cache(row.length + 1, sample=kv)
+        cache = self._cache
+        assert cache is not None
+        taken = {r.slot for r in self._rows}
+        row.slot = next(i for i in range(len(cache.rows_index)) if i not in taken)
+        for layer, (keys, values) in enumerate(kv):
+            cache.keys[layer][row.slot, :, : keys.shape[2]] = keys[0]
+            cache.values[layer][row.slot, :, : values.shape[2]] = values[0]
+
+    def _compact(self) -> None:
+        """Move the rows past the first len(rows) into the free rows before them, so a step over
+        the first `bucket` rows covers every sequence."""
+        count = len(self._rows)
+        cache = self._cache
+        assert cache is not None
+        free = sorted(set(range(count)) - {r.slot for r in self._rows})
+        for row in [r for r in self._rows if r.slot >= count]:
+            to = free.pop(0)
+            for store in (cache.keys, cache.values):
+                for tensor in store:
+                    tensor[to] = tensor[row.slot]
+            row.slot = to
 
     # ------------------------------------------------------------ adapters
 
     @contextmanager
-    def _adapters(self, names: tuple[str, ...]) -> Iterator[None]:
-        """Within this block a forward pass runs row i with adapter names[i] (PEFT_BASE: none)."""
+    def _adapters(self, names: tuple[str, ...], install: bool = True) -> Iterator[bool]:
+        """Within this block a forward pass runs row i with adapter names[i] (PEFT_BASE: none).
+        Yields whether the forward can be captured as a CUDA graph (PEFT's own mixed batch copies
+        row indices from the host, so it cannot). install=False: only the row masks are set (a
+        graph replay reads them; the modules' forwards are not called)."""
         from ..infer.lora_decode import FusedLora
 
         served = self.served
         if served.peft is None and not served.fuse_base:
-            yield
+            yield True
             return
-        fused = self._fused.get(names)
-        if fused is None:
-            fused = FusedLora.build(served.model, list(names), fuse_base=served.fuse_base)
-            if fused is not None:
-                self._fused[names] = fused
-                while len(self._fused) > FUSED_LAYOUTS_KEPT:
-                    self._fused.popitem(last=False)
-        else:
-            self._fused.move_to_end(names)
+        if not self._fused_built:
+            peft_names = [t.peft_name for t in served.targets.values() if not t.is_base]
+            self._fused = FusedLora.build(
+                served.model,
+                [PEFT_BASE] * self.batch_sizes[-1],
+                fuse_base=served.fuse_base,
+                adapters=peft_names,
+            )
+            self._fused_built = True
+        fused = self._fused
         if fused is not None:
+            fused.set_rows(names)
+            if not install:
+                yield True
+                return
             with fused.installed():
-                yield
+                yield True
             return
         # Any LoRA variant the fused path does not cover: PEFT's own mixed-batch forward.
         with served.peft._enable_peft_forward_hooks(adapter_names=list(names)):
-            yield
+            yield False
 
 
 def _describe(exc: BaseException) -> str:

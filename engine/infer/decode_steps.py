@@ -109,12 +109,9 @@ class StaticDecoder:
         self.step_ids = torch.zeros((batch, 1), dtype=torch.long, device=device)
         self.step_positions = torch.zeros((batch, 1), dtype=torch.long, device=device)
         self.window = window
-        self.use_graphs = graphs and device.type == "cuda"
         self.forward_fn = forward
-        self.graphs: dict[int, tuple[Any, Any]] = {}  # window -> (CUDA graph, its logits output)
-        self.pool: Any = None
-        self.stream: Any = None
-        self.capture_seconds = 0.0
+        # One CUDA graph per attention window, or None (eager).
+        self.graphs = StepGraphs() if graphs and device.type == "cuda" else None
         self.prompt: Any = None
         self.prompt_positions: Any = None
         self.slot = 0  # cache slot the next token goes to
@@ -162,9 +159,13 @@ class StaticDecoder:
         mask.masked_fill_(~allowed, float("-inf"))
         return self._forward(self.prompt, mask, self.prompt_positions, window)
 
+    @property
+    def capture_seconds(self) -> float:
+        return self.graphs.capture_seconds if self.graphs is not None else 0.0
+
     def replay_ready(self) -> bool:
         """Whether the next step is a graph replay (asynchronous, nothing to capture first)."""
-        return self.use_graphs and self._window(self.slot + 1) in self.graphs
+        return self.graphs is not None and self.graphs.ready(self._window(self.slot + 1))
 
     def step(self, next_ids: Any) -> Any:
         self.step_ids.copy_(next_ids[:, None])
@@ -172,19 +173,18 @@ class StaticDecoder:
         self.key_bias[:, self.slot] = 0.0
         self.slot += 1
         window = self._window(self.slot)
-        if self.use_graphs:
-            entry = self.graphs.get(window) or self._capture(window)
-            if entry is not None:
-                entry[0].replay()
-                return entry[1]
-        return self._forward(self.step_ids, self._decode_mask(window), self.step_positions, window)
+        mask = self._decode_mask(window)
 
-    def _capture(self, window: int) -> tuple[Any, Any] | None:
-        import torch
+        def forward() -> Any:
+            return self._forward(self.step_ids, mask, self.step_positions, window)
 
-        started = time.perf_counter()
-        # Each static layer counts the tokens it holds in a tensor that every forward advances;
-        # the warm-up and the capture must not count, so it is put back after each.
+        if self.graphs is not None:
+            return self.graphs.run(window, forward, self._counters_keeper)
+        return forward()
+
+    def _counters_keeper(self) -> Callable[[], None]:
+        """Each static layer counts the tokens it holds in a tensor that every forward advances;
+        the warm-up and the capture of a graph must not count, so it is put back after each."""
         counters = [layer.cumulative_length for layer in self.cache.layers]
         saved = [c.clone() for c in counters]
 
@@ -192,31 +192,76 @@ class StaticDecoder:
             for counter, value in zip(counters, saved, strict=True):
                 counter.copy_(value)
 
-        mask = self._decode_mask(window)
+        return restore
+
+
+class StepGraphs:
+    """CUDA graphs of one decode step, one per static shape (`key`), captured the first time a
+    key is run and replayed after. A 7B model's eager step is bound by Python launching thousands
+    of kernels; a replay launches them all at once. The graphs share one memory pool (they never
+    run at the same time). What a graph reads (input buffers, KV cache, weights) must stay at the
+    same address: a caller that moves any of it calls clear(). A step that cannot be captured
+    turns graphs off, with a warning, and runs eagerly from then on."""
+
+    def __init__(self) -> None:
+        self.graphs: dict[Any, tuple[Any, Any]] = {}  # key -> (CUDA graph, its output)
+        self.enabled = True
+        self.pool: Any = None
+        self.stream: Any = None
+        self.capture_seconds = 0.0
+
+    def ready(self, key: Any) -> bool:
+        """Whether running `key` is a replay (asynchronous, nothing to capture first)."""
+        return self.enabled and key in self.graphs
+
+    def clear(self) -> None:
+        self.graphs.clear()
+        self.pool = None  # the old graphs' memory goes with them
+
+    def run(
+        self, key: Any, forward: Callable[[], Any], keep_state: Callable[[], Callable[[], None]] | None = None
+    ) -> Any:
+        """forward()'s output: key's graph replayed (captured first if new), else forward() run
+        eagerly. keep_state, called before a capture, saves what the warm-up and capture runs of
+        forward() change and returns the function that puts it back."""
+        if self.enabled:
+            entry = self.graphs.get(key) or self._capture(key, forward, keep_state)
+            if entry is not None:
+                entry[0].replay()
+                return entry[1]
+        return forward()
+
+    def _capture(
+        self, key: Any, forward: Callable[[], Any], keep_state: Callable[[], Callable[[], None]] | None
+    ) -> tuple[Any, Any] | None:
+        import torch
+
+        started = time.perf_counter()
+        restore = keep_state() if keep_state is not None else lambda: None
         try:
             if self.stream is None:
                 self.stream = torch.cuda.Stream()
             self.stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.stream):  # lets cuBLAS and the allocator settle first
-                self._forward(self.step_ids, mask, self.step_positions, window)
+                forward()
                 restore()
             torch.cuda.current_stream().wait_stream(self.stream)
             graph = torch.cuda.CUDAGraph()
             # thread_local: the engine's memory sampler may touch CUDA from its own thread meanwhile.
             with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                logits = self._forward(self.step_ids, mask, self.step_positions, window)
+                output = forward()
             restore()
         except Exception as exc:  # noqa: BLE001 - a model whose step cannot be captured still decodes
             restore()
-            self.use_graphs = False
-            warnings.warn(f"CUDA graph capture failed, decoding eagerly: {exc}", RuntimeWarning, stacklevel=3)
+            self.enabled = False
+            warnings.warn(f"CUDA graph capture failed, decoding eagerly: {exc}", RuntimeWarning, stacklevel=4)
             return None
         finally:
             self.capture_seconds += time.perf_counter() - started
         if self.pool is None:
             self.pool = graph.pool()
-        self.graphs[window] = (graph, logits)
-        return self.graphs[window]
+        self.graphs[key] = (graph, output)
+        return self.graphs[key]
 
 
 def decode_forward(model: Any, cache: Any, ids: Any, mask: Any, positions: Any) -> Any:

@@ -135,6 +135,9 @@ class _Group:
         self.lora_a: Any = None  # (sum rank, in): every member's adapters, scaling included, stacked
         self.row_keep: Any = None  # (rows, 1, sum rank): 1 on the block of the row's own adapter, else 0
         self.row_a: Any = None  # (rows, sum rank, in): lora_a * row_keep, when affordable
+        self.block_adapter: Any = None  # (sum rank,): which used adapter each column of lora_a is
+        self._keep_store: Any = None  # row_keep and row_a are views of these: set_rows writes in place
+        self._row_a_store: Any = None
         self.blocks: list[
             tuple[int, int, Any]
         ] = []  # per member: (offset, rank, B (out, rank)); rank 0: none
@@ -160,6 +163,26 @@ class _Group:
 
     def release(self) -> None:
         self._input, self._outputs, self._taken = None, None, set()
+
+    def set_rows(self, row_adapter: Any, row_copies: bool) -> None:
+        """Keep each row to its own adapter's block (row_adapter[i]: index into the used adapters,
+        -1 for none). Written into the same storage while the rows fit, so a CUDA graph captured
+        over row_keep / row_a follows a new layout without being captured again."""
+        import torch
+
+        rows = row_adapter.shape[0]
+        if self._keep_store is None or self._keep_store.shape[0] < rows:
+            self._keep_store = self.lora_a.new_zeros((rows, 1, self.lora_a.shape[0]))
+        self._keep_store[:rows, 0].copy_(row_adapter[:, None] == self.block_adapter[None, :])
+        self.row_keep = self._keep_store[:rows]
+        if not row_copies:
+            self._row_a_store, self.row_a = None, None
+            return
+        if self._row_a_store is None or self._row_a_store.shape[0] < rows:
+            self._row_a_store = self.lora_a.new_empty((rows, *self.lora_a.shape))
+        self.row_a = torch.mul(
+            self.row_keep[:, 0, :, None], self.lora_a[None], out=self._row_a_store[:rows]
+        )  # (rows, rank, in)
 
     def _compute(self, x: Any) -> list[Any]:
         import torch.nn.functional as F
@@ -238,19 +261,25 @@ def _single_forward(group: _Group) -> Callable[..., Any]:
 class FusedLora:
     """The fused forward for one batch layout (which adapter each row uses); see the module doc."""
 
-    def __init__(self, groups: list[_Group]) -> None:
+    def __init__(self, groups: list[_Group], used: list[str]) -> None:
         self.groups = groups
+        self.used = used  # the adapters whose weights are stacked, in stacking order
+        self.names: tuple[str, ...] = ()  # the rows' adapters as set last
 
     @classmethod
-    def build(cls, model: Any, names: list[str], *, fuse_base: bool = False) -> FusedLora | None:
+    def build(
+        cls, model: Any, names: list[str], *, fuse_base: bool = False, adapters: list[str] | None = None
+    ) -> FusedLora | None:
         """The fused forward of `model` (a PeftModel, or a plain model for base-only batches) for
         rows running adapters `names` (PEFT_BASE: none); None where PEFT's forward must be used.
-        fuse_base: use one base matmul for siblings whose weights fuse_sibling_weights laid out."""
+        fuse_base: use one base matmul for siblings whose weights fuse_sibling_weights laid out.
+        adapters: the adapters to stack (default: those in names), so that set_rows can later give
+        the rows any of them."""
         import torch
         from peft.tuners.lora import LoraLayer
         from peft.tuners.lora.layer import Linear as LoraLinear
 
-        used = [n for n in dict.fromkeys(names) if n != PEFT_BASE]
+        used = list(adapters) if adapters is not None else [n for n in dict.fromkeys(names) if n != PEFT_BASE]
         peft_config = getattr(model, "peft_config", {}) or {}
         for name in used:
             config = peft_config.get(name)
@@ -289,9 +318,7 @@ class FusedLora:
                 grouped.append([module])
                 seen.add(id(module))
 
-        rows = len(names)
         groups: list[_Group] = []
-        with_lora: list[_Group] = []
         for members in grouped:
             bases = [m.base_layer if isinstance(m, LoraLinear) else m for m in members]
             group = _Group(members, bases)
@@ -343,15 +370,13 @@ class FusedLora:
                     offset += rank
                 group.lora_a = torch.cat([a for a, _ in a_blocks], dim=0).to(group.compute_dtype)
                 total_rank = group.lora_a.shape[0]
-                # Scaling is already in the A blocks; the row mask only keeps a row's own adapter.
-                keep = torch.zeros((rows, 1, total_rank), dtype=group.compute_dtype, device=weight.device)
-                position = 0
-                for a, name in a_blocks:
-                    for row, row_name in enumerate(names):
-                        if row_name == name:
-                            keep[row, 0, position : position + a.shape[0]] = 1
-                    position += a.shape[0]
-                group.row_keep = keep
+                # Scaling is already in the A blocks; the row mask (set_rows) only keeps a row's own adapter.
+                group.block_adapter = torch.cat(
+                    [
+                        torch.full((a.shape[0],), used.index(name), device=weight.device)
+                        for a, name in a_blocks
+                    ]
+                )
                 if group.base_weight is not None:
                     block_b = group.lora_a.new_zeros((sum(group.outs), total_rank))
                     out_offset = 0
@@ -360,20 +385,36 @@ class FusedLora:
                             block_b[out_offset : out_offset + size, offset : offset + rank] = b
                         out_offset += size
                     group.block_b = block_b
-                with_lora.append(group)
             groups.append(group)
-        # Per-row copies of A_all with the row mask folded in, for the passes that use them (groups
-        # of one always take the mask way: see _single_forward).
-        with_lora = [g for g in with_lora if len(g.members) > 1]
-        row_copy_bytes = sum(rows * g.lora_a.numel() * g.lora_a.element_size() for g in with_lora)
-        if (
-            with_lora
-            and _low_rank_pass(with_lora[0].lora_a.device) != "mask"
-            and row_copy_bytes <= ROW_COPY_BUDGET_BYTES
-        ):
+        fused = cls(groups, used)
+        fused.set_rows(names)
+        return fused
+
+    def set_rows(self, names: list[str] | tuple[str, ...]) -> None:
+        """Give row i the adapter names[i] (PEFT_BASE: none), one of those stacked at build time.
+        The row masks are rewritten in place (no capture needed again) while the rows fit."""
+        import torch
+
+        names = tuple(names)
+        if names == self.names:
+            return
+        with_lora = [g for g in self.groups if g.has_lora]
+        if with_lora:
+            unknown = set(names) - set(self.used) - {PEFT_BASE}
+            if unknown:
+                raise ValueError(f"adapters {sorted(unknown)} were not stacked when this forward was built")
+            device = with_lora[0].lora_a.device
+            row_adapter = torch.tensor(
+                [self.used.index(n) if n != PEFT_BASE else -1 for n in names], device=device
+            )  # one host-to-device copy for every layer
+            # Per-row copies of A_all with the row mask folded in, for the passes that use them (groups
+            # of one always take the mask way: see _single_forward).
+            shared = [g for g in with_lora if len(g.members) > 1]
+            row_copy_bytes = sum(len(names) * g.lora_a.numel() * g.lora_a.element_size() for g in shared)
+            row_copies = _low_rank_pass(device) != "mask" and row_copy_bytes <= ROW_COPY_BUDGET_BYTES
             for group in with_lora:
-                group.row_a = group.row_keep[:, 0, :, None] * group.lora_a[None]  # (rows, rank, in)
-        return cls(groups)
+                group.set_rows(row_adapter, row_copies and len(group.members) > 1)
+        self.names = names
 
     @contextmanager
     def installed(self) -> Iterator[None]:
