@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx2 as httpx
 import pytest
+import torch
 from test_generate import QUESTION, greedy, make_run
 from tunebench.engine.cli.main import main as tunebench
 from tunebench.engine.deploy.batcher import StopText
@@ -447,7 +448,9 @@ def test_the_model_runs_every_path_before_the_server_listens(plan, monkeypatch):
     try:
         prefills = [rows for rows, tokens, _ in seen if rows == 1]
         decode_batches = sorted(rows for rows, tokens, _ in seen if rows > 1)
-        assert len(prefills) == 3 and decode_batches == [2, 4]
+        # On CUDA each batch size runs twice: once to warm up, once inside its graph's capture.
+        runs_per_size = 2 if torch.cuda.is_available() else 1
+        assert len(prefills) == 3 and decode_batches == [2] * runs_per_size + [4] * runs_per_size
         numbers = metrics(url)
         assert numbers["tunebench_decode_steps_total"] == 0
         assert numbers["tunebench_generation_tokens_total"] == 0
@@ -456,6 +459,9 @@ def test_the_model_runs_every_path_before_the_server_listens(plan, monkeypatch):
         deployment.stop()
 
 
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="on CUDA the steps replay captured graphs, which no forward hook sees"
+)
 def test_rows_join_and_leave_without_moving_the_cache_or_changing_step_shapes(plan, monkeypatch):
     """What replaying a CUDA graph per batch size needs: while requests join and leave the batch,
     every decode step runs a batch size of the few the batcher has (padded with idle rows) and the
