@@ -18,11 +18,12 @@ def preflight(cfg: TrainConfig) -> None:
     calls it directly). With the model's tokenizer at hand, a dataset of which --max_length would
     leave nothing is found here too, for datasets up to TOKENIZE_LIMIT samples.
     """
-    from ..core.data import DataError, load_dataset
+    from ..core.data import DataError, load_dataset, split_eval
     from ..core.model_files import DEMO_NAME, cached_model_dir, demo_gguf_path
     from ..core.templates import get_template
     from ..models.loading import check_qlora_possible, linear_module_names_of, resolve_model
     from .checkpoints import find_checkpoint
+    from .recipe import check_plan_size
 
     if cfg.is_qlora:
         check_qlora_possible()
@@ -66,6 +67,10 @@ def preflight(cfg: TrainConfig) -> None:
             raise
         if flag == "--dataset":
             train_samples = samples
+    if train_samples:
+        held_out = not cfg.val_dataset and cfg.val_ratio > 0
+        kept = split_eval(train_samples, cfg.val_ratio, cfg.seed)[0] if held_out else train_samples
+        check_plan_size(len(kept), cfg)
     resolved = resolved or resolve_model(spec)
     _check_something_fits(cfg, resolved, train_samples)
     if cfg.target_modules != ["all-linear"]:

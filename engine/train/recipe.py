@@ -30,6 +30,7 @@ from ..core import protocol as P
 from ..core.config import TrainConfig, to_command, to_dict
 from ..core.errors import UserError
 from ..core.files import atomic_write_bytes
+from ..core.limits import MAX_SAMPLE_PASSES, MAX_STEPS
 from ..core.metrics_log import MetricsLog, start_metrics, truncate_metrics
 from .checkpoints import find_checkpoint, load_checkpoint, save_adapter_atomically, save_checkpoint
 from .plain import plain_path
@@ -511,10 +512,8 @@ def build_plan(num_samples: int, cfg: TrainConfig) -> list[list[list[int]]]:
     k replays exactly the batches an uninterrupted run would have seen.
     """
     bs, ga = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
-    if cfg.max_steps > 0:
-        total = cfg.max_steps
-    else:
-        total = max(1, math.ceil(cfg.num_train_epochs * _steps_per_epoch(num_samples, cfg)))
+    check_plan_size(num_samples, cfg)
+    total = planned_steps(num_samples, cfg)
     plan: list[list[list[int]]] = []
     epoch = 0
     while len(plan) < total:
@@ -524,6 +523,35 @@ def build_plan(num_samples: int, cfg: TrainConfig) -> list[list[list[int]]]:
         plan.extend(micro[i : i + ga] for i in range(0, len(micro), ga))
         epoch += 1
     return plan[:total]
+
+
+def planned_steps(num_samples: int, cfg: TrainConfig) -> int:
+    """Optimizer steps the run takes: --max_steps, or --num_train_epochs passes over the data."""
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.num_train_epochs * _steps_per_epoch(num_samples, cfg)))
+
+
+def check_plan_size(num_samples: int, cfg: TrainConfig) -> None:
+    """Refuse a run whose step plan would not fit in memory (engine/core/limits.py), before it is
+    built: the plan is made whole up front, so resuming replays it exactly."""
+    steps = planned_steps(num_samples, cfg)
+    per_step = min(cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps, num_samples)
+    fewer = "lower --num_train_epochs" if cfg.max_steps <= 0 else "lower --max_steps"
+    if steps > MAX_STEPS:
+        raise UserError(
+            f"this run would take {steps:,} optimizer steps ({num_samples:,} samples, "
+            f"{cfg.num_train_epochs:g} epochs); one run takes at most {MAX_STEPS:,}",
+            f"{fewer}, or raise gradient_accumulation_steps (more samples per step)",
+            code="config",
+        )
+    if steps * per_step > MAX_SAMPLE_PASSES:
+        raise UserError(
+            f"this run would feed {steps * per_step:,} samples ({steps:,} steps of {per_step:,}); "
+            f"one run takes at most {MAX_SAMPLE_PASSES:,}",
+            f"{fewer}, or take fewer samples (path#N)",
+            code="config",
+        )
 
 
 def _steps_per_epoch(num_samples: int, cfg: TrainConfig) -> int:
