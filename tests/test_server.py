@@ -464,6 +464,67 @@ def test_a_bad_dataset_is_reported_plainly(engine, workspace, tiny_model_dir, mo
         assert conn.request(P.GetStatus(), "Snapshot").last_error["code"] == "data"
 
 
+def test_abort_while_the_data_is_tokenised_ends_the_job_and_the_engine_takes_the_next(
+    engine, workspace, tiny_model_dir, monkeypatch
+):
+    """Reading and tokenising a large dataset takes minutes; an abort must not wait for it, and the
+    engine must not answer "busy" afterwards."""
+    import threading
+
+    from tunebench.engine.core import encoding
+
+    write_identity_dataset(workspace / "datasets" / "big.jsonl", 400, QUESTIONS, "I am {{NAME}}.")
+    real, entered = encoding.encode_messages, threading.Event()
+
+    def slow_encode(*args, **kwargs):
+        entered.set()
+        time.sleep(0.5)  # 400 samples: 200 s, unless the abort stops the loop
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(encoding, "encode_messages", slow_encode)
+    with connect(workspace) as conn:
+        request_id = conn.send(
+            P.StartTraining(config=train_config(tiny_model_dir, dataset=["datasets/big.jsonl"]))
+        )
+        assert entered.wait(60)
+        conn.send(P.StopTraining(mode="abort"))
+        events = events_until(conn, job_ended, timeout=30)  # a hang guard: 200 s without the fix
+        finished = [e for e in events if e.type == "TrainFinished"]
+        assert [f.status for f in finished] == ["aborted"] and events[-1].id == request_id
+        assert not [e for e in events if e.type == "EngineError"]
+
+        monkeypatch.setattr(encoding, "encode_messages", real)
+        conn.send(P.StartTraining(config=train_config(tiny_model_dir, max_steps=1)))
+        events = events_until(conn, job_ended)
+        assert [e.status for e in events if e.type == "TrainFinished"] == ["completed"]
+
+
+def test_abort_lands_inside_a_long_step(engine, workspace, tiny_model_dir, monkeypatch):
+    """One step of a large batch on a CPU takes minutes: the abort is taken between layers, not
+    after the step. The tiny model has two layers; a slow MLP makes the step's forward long."""
+    import threading
+
+    from transformers.models.llama import modeling_llama
+
+    real, entered, calls = modeling_llama.LlamaMLP.forward, threading.Event(), []
+
+    def slow_mlp(self, x):
+        calls.append(1)
+        entered.set()
+        time.sleep(3)  # time for the abort to arrive while this layer runs
+        return real(self, x)
+
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", slow_mlp)
+    with connect(workspace) as conn:
+        conn.send(P.StartTraining(config=train_config(tiny_model_dir, per_device_train_batch_size=1)))
+        assert entered.wait(120)
+        conn.send(P.StopTraining(mode="abort"))
+        events = events_until(conn, job_ended, timeout=120)
+    assert [e.status for e in events if e.type == "TrainFinished"] == ["aborted"]
+    assert not [e for e in events if e.type in ("EngineError", "TrainStep")]
+    assert len(calls) == 1  # the second layer never ran: the step was cut short
+
+
 def test_internal_error_is_logged_and_the_engine_still_trains(engine, workspace, tiny_model_dir, monkeypatch):
     import tunebench.engine.train.recipe as train
 

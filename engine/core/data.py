@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from .errors import DataUserError
+from .errors import DataUserError, raise_if_cancelled
 from .files import atomic_write_bytes
 from .limits import MAX_DATASET_BYTES, MAX_SAMPLES, gib
 
@@ -180,16 +180,18 @@ def _dataset_path(text: str, root: str | Path | None) -> Path:
 # ================================================================== reading
 
 
-def read_records(path: Path) -> tuple[list[Sample], list[RecordProblem]]:
+def read_records(path: Path, cancel: Any = None) -> tuple[list[Sample], list[RecordProblem]]:
     """Read one .json / .jsonl file; bad records come back as problems, a bad file raises DataError.
 
-    Placeholders are left as they are here; load_dataset fills them.
+    Placeholders are left as they are here; load_dataset fills them. Once `cancel` (a
+    threading.Event) is set, errors.Cancelled stops the reading between records.
     """
     path = Path(path)
     raw = _read_bytes(path)
     samples: list[Sample] = []
     problems: list[RecordProblem] = []
     for source, record in _records(path, raw):
+        raise_if_cancelled(cancel)
         if len(samples) + len(problems) >= MAX_SAMPLES:
             raise _too_many_samples(str(path))
         try:
@@ -542,19 +544,22 @@ def load_dataset(
     model_name: Sequence[str] = (),
     model_author: Sequence[str] = (),
     seed: int = 42,
+    cancel: Any = None,
 ) -> tuple[list[Sample], list[RecordProblem]]:
-    """Read, check and mix datasets ("path" or "path#N"); DataError when no valid sample remains."""
+    """Read, check and mix datasets ("path" or "path#N"); DataError when no valid sample remains.
+    Once `cancel` (a threading.Event) is set, errors.Cancelled stops it between records."""
     if not specs:
         raise DataError("no dataset given", hint="pass --dataset FILE.jsonl (or FILE.jsonl#N)")
     samples: list[Sample] = []
     problems: list[RecordProblem] = []
     for index, spec in enumerate(specs):
         path, count = parse_dataset_spec(spec)
-        records, bad = read_records(path)
+        records, bad = read_records(path, cancel)
         _refuse_broken_file(path, bad)
         problems += bad
         ready = []
         for record in records:
+            raise_if_cancelled(cancel)
             messages = record.messages
             if system and messages[0]["role"] != "system":
                 messages = [{"role": "system", "content": system}, *messages]

@@ -28,7 +28,7 @@ import orjson
 
 from ..core import protocol as P
 from ..core.config import TrainConfig, to_command, to_dict
-from ..core.errors import UserError
+from ..core.errors import Cancelled, UserError
 from ..core.files import atomic_write_bytes
 from ..core.limits import MAX_SAMPLE_PASSES, MAX_STEPS
 from ..core.metrics_log import MetricsLog, start_metrics, truncate_metrics
@@ -53,12 +53,16 @@ class StopSignal:
     def __init__(self) -> None:
         self._mode = ""
         self._lock = threading.Lock()
+        # Set by any stop: before the first step there is nothing to save, so reading and
+        # tokenising the data end at once either way.
+        self.requested = threading.Event()
 
     def request(self, mode: str = "graceful") -> None:
         with self._lock:
             # An abort may upgrade a pending graceful stop, never the other way round.
             if self._mode != "abort":
                 self._mode = mode
+        self.requested.set()
 
     @property
     def mode(self) -> str:
@@ -140,7 +144,12 @@ def run_training(cfg: TrainConfig, emit: Emit, stop: StopSignal | None = None) -
     run's metrics.jsonl."""
     stop = stop or StopSignal()
     started = time.perf_counter()
-    setup = _setup(cfg, emit)
+    try:
+        setup = _setup(cfg, emit, stop)
+    except Cancelled:
+        finished = stopped_before_training(started)
+        emit(finished)
+        return finished
     with MetricsLog(setup.run.root) as metrics:
 
         def log(event: P.Event) -> None:
@@ -154,7 +163,7 @@ def run_training(cfg: TrainConfig, emit: Emit, stop: StopSignal | None = None) -
 # ----------------------------------------------------------------------- setup
 
 
-def _setup(cfg: TrainConfig, emit: Emit) -> _Setup:
+def _setup(cfg: TrainConfig, emit: Emit, stop: StopSignal) -> _Setup:
     """Load the model and data, attach LoRA, build the optimizer, then open the run (a new folder,
     or the checkpoint it resumes from) and announce it with TrainStarted."""
     import torch
@@ -163,12 +172,14 @@ def _setup(cfg: TrainConfig, emit: Emit) -> _Setup:
     run = RunPaths(resume_dir.parent.parent if resume_dir else new_run_dir(cfg))
     _seed_everything(cfg.seed)
     loaded = _load_model(cfg, emit)
-    train_set, eval_set = _load_data(cfg, loaded.tokenizer, emit)
+    train_set, eval_set = _load_data(cfg, loaded.tokenizer, emit, stop.requested)
 
     path = select_path(cfg, loaded.device)
     for note in path.notes:
         emit(P.Log(message=note))
     model = _attach_lora(path.prepare_base(loaded.model), cfg, path.gradient_checkpointing)
+    if loaded.device.type != "cuda":
+        _abort_between_modules(model, stop)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=loaded.device.type == "cuda"
@@ -243,21 +254,22 @@ def _load_model(cfg: TrainConfig, emit: Emit) -> LoadedModel:
     return loaded
 
 
-def _load_data(cfg: TrainConfig, tokenizer: Any, emit: Emit) -> tuple[list[Any], list[Any]]:
-    """The tokenised train and eval sets, reported in a DataReport; UserError if no sample is left."""
+def _load_data(cfg: TrainConfig, tokenizer: Any, emit: Emit, cancel: Any) -> tuple[list[Any], list[Any]]:
+    """The tokenised train and eval sets, reported in a DataReport; UserError if no sample is left,
+    Cancelled once `cancel` is set."""
     from ..core.data import load_dataset, split_eval
     from ..core.encoding import tokenize_samples
 
     emit(P.Progress(stage="tokenize", message="reading and tokenising the data"))
     identity = {"system": cfg.system, "model_name": cfg.model_name, "model_author": cfg.model_author}
-    samples, problems = load_dataset(cfg.dataset, **identity, seed=cfg.seed)
+    samples, problems = load_dataset(cfg.dataset, **identity, seed=cfg.seed, cancel=cancel)
     if cfg.val_dataset:
-        eval_samples, eval_problems = load_dataset(cfg.val_dataset, **identity, seed=cfg.seed)
+        eval_samples, eval_problems = load_dataset(cfg.val_dataset, **identity, seed=cfg.seed, cancel=cancel)
         problems = problems + eval_problems
     else:
         samples, eval_samples = split_eval(samples, cfg.val_ratio, cfg.seed)
-    train_set, report = tokenize_samples(samples, tokenizer, cfg.max_length, cfg.template)
-    eval_set, eval_report = tokenize_samples(eval_samples, tokenizer, cfg.max_length, cfg.template)
+    train_set, report = tokenize_samples(samples, tokenizer, cfg.max_length, cfg.template, cancel)
+    eval_set, eval_report = tokenize_samples(eval_samples, tokenizer, cfg.max_length, cfg.template, cancel)
     all_problems = [str(p) for p in problems + report.problems + eval_report.problems]
     emit(
         P.DataReport(
@@ -287,7 +299,12 @@ def _train_loop(
     s.model.train()
     noted = len(s.path.notes)
     while progress.step < s.total_steps:
-        if not _train_step(cfg, s, progress, stop):
+        try:
+            if not _train_step(cfg, s, progress, stop):
+                progress.status = "aborted"
+                break
+        except Cancelled:  # an abort inside the step (_abort_between_modules)
+            s.optimizer.zero_grad(set_to_none=True)
             progress.status = "aborted"
             break
         step = progress.step
@@ -298,11 +315,12 @@ def _train_loop(
         if step % cfg.logging_steps == 0 or step == s.total_steps or step == s.start_step + 1:
             log(_step_event(s, progress, steps_per_epoch, started))
         if s.eval_set and (step % cfg.eval_steps == 0 or step == s.total_steps):
-            log(
-                P.EvalResult(
-                    step=step, eval_loss=evaluate(s.model, s.eval_set, cfg, s.tokenizer, s.device, s.path)
-                )
-            )
+            try:
+                eval_loss = evaluate(s.model, s.eval_set, cfg, s.tokenizer, s.device, s.path)
+            except Cancelled:
+                progress.status = "aborted"
+                break
+            log(P.EvalResult(step=step, eval_loss=eval_loss))
             s.model.train()
         if step % cfg.save_steps == 0 and step < s.total_steps:
             _save_checkpoint(cfg, s, step, log)
@@ -356,6 +374,20 @@ def _train_step(cfg: TrainConfig, s: _Setup, progress: _Progress, stop: StopSign
     return True
 
 
+def _abort_between_modules(model, stop: StopSignal) -> None:
+    """Let an abort land inside a step: on a CPU one step of a large batch takes minutes. Every
+    module checks for an abort before its forward, in backward as well (recomputed layers run
+    forward again), so the abort waits for one layer at most. Not on CUDA, whose compiled layers
+    a hook would break, and where a step takes seconds."""
+
+    def check(_module, _args) -> None:
+        if stop.mode == "abort":
+            raise Cancelled()
+
+    for module in model.modules():
+        module.register_forward_pre_hook(check)
+
+
 def _step_event(s: _Setup, progress: _Progress, steps_per_epoch: int, started: float) -> P.TrainStep:
     """The TrainStep for the step just taken, with the loss of the window it closes."""
     step = progress.step
@@ -400,6 +432,12 @@ def _finish(s: _Setup, progress: _Progress, log: Emit, started: float) -> P.Trai
 
 
 # ===================================================================== pieces
+
+
+def stopped_before_training(started: float) -> P.TrainFinished:
+    """How a run ends when it is stopped while its data is read or tokenised: nothing was trained
+    or written, so there is nothing to resume."""
+    return P.TrainFinished(status="aborted", seconds=round(time.perf_counter() - started, 1))
 
 
 def new_run_dir(cfg: TrainConfig) -> Path:
