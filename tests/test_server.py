@@ -1122,3 +1122,36 @@ def test_tunebench_stop_shuts_down_an_engine_that_another_client_controls(worksp
     assert "stopped" in capsys.readouterr().out
     assert cli_main(["stop", str(workspace)]) == 0
     assert "no engine is running" in capsys.readouterr().out
+
+
+STUCK_ENGINE = """
+import sys
+from tunebench.engine.process import server
+
+# An engine whose job never ends, whatever it is asked: Shutdown and SIGTERM both do nothing.
+server.EngineServer._begin_shutdown = lambda self, mode="graceful": None
+sys.exit(server.serve(sys.argv[1]))
+"""
+
+
+def test_tunebench_stop_ends_an_engine_that_does_not_stop_and_says_so(workspace, tmp_path):
+    from tunebench.engine.process.client import stop_engine
+
+    script = tmp_path / "tunebench_stuck_engine.py"  # "tunebench" in its command line, as an engine's
+    script.write_text(STUCK_ENGINE)
+    proc = subprocess.Popen([sys.executable, str(script), str(workspace)], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while probe_socket(workspace) != "live":
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        said: list[str] = []
+        text = stop_engine(workspace, timeout=1, term_wait=1, say=said.append)
+        assert proc.wait(10) == -signal.SIGKILL
+        assert "did not stop within 1s" in text and "killed (SIGKILL)" in text, text
+        assert any("SIGTERM" in line for line in said), said
+        assert probe_socket(workspace) == "missing" and engine_process(workspace) is None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
