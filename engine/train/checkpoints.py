@@ -5,33 +5,51 @@
 
 Every folder is written under a temporary name and renamed into place, so a crash leaves either
 the complete folder or none (workspace.list_checkpoints counts only folders with the state file).
+A temporary folder left by a killed run or a failed write is removed at the next run's start
+(remove_unfinished_writes), unless the run it belongs to is being written (writing_run's lock).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import random
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ..core.errors import UserError
 from ..core.files import fsync_dir
 from ..core.workspace import CHECKPOINT_STATE_FILE, list_checkpoints
-
-if TYPE_CHECKING:
-    from .types import RunPaths
+from .types import RunPaths
 
 
 def save_checkpoint(run: RunPaths, step: int, model, optimizer, scheduler, keep: int) -> Path:
     """Write checkpoints/step-<n>/ under a temporary name, fsync, then rename: never half-written."""
+    run.checkpoints.mkdir(parents=True, exist_ok=True)
+    final = run.checkpoints / f"step-{step}"
+    tmp = run.checkpoints / f"{TMP_CHECKPOINT_PREFIX}{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_checkpoint(tmp, step, model, optimizer, scheduler)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed write (a full disk) leaves nothing behind
+        raise
+    shutil.rmtree(final, ignore_errors=True)  # the same step saved again (after a resume)
+    os.replace(tmp, final)
+    fsync_dir(run.checkpoints, ignore_errors=False)  # the rename itself survives a power loss
+    _prune_checkpoints(run, keep)
+    return final
+
+
+TMP_CHECKPOINT_PREFIX = ".tmp-step-"
+
+
+def _write_checkpoint(tmp: Path, step: int, model, optimizer, scheduler) -> None:
     import numpy as np
     import torch
 
-    run.checkpoints.mkdir(parents=True, exist_ok=True)
-    final = run.checkpoints / f"step-{step}"
-    tmp = run.checkpoints / f".tmp-step-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     state = {
         "step": step,
@@ -46,11 +64,52 @@ def save_checkpoint(run: RunPaths, step: int, model, optimizer, scheduler, keep:
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-    shutil.rmtree(final, ignore_errors=True)  # the same step saved again (after a resume)
-    os.replace(tmp, final)
-    fsync_dir(run.checkpoints, ignore_errors=False)  # the rename itself survives a power loss
-    _prune_checkpoints(run, keep)
-    return final
+
+
+@contextlib.contextmanager
+def writing_run(root: Path) -> Iterator[None]:
+    """Hold the run folder's lock while training writes into it: remove_unfinished_writes in
+    another process then leaves its temporary folders alone. The kernel drops the lock however
+    the process ends, so a killed run's left-overs are found at the next start."""
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def remove_unfinished_writes(output_dir: Path) -> list[Path]:
+    """Remove the temporary checkpoint and adapter folders in the runs under `output_dir` that no
+    process is writing: left by a run killed before its write finished, or by a write that failed.
+    Returns what it removed."""
+    removed: list[Path] = []
+    if not output_dir.is_dir():
+        return removed
+    for run in sorted(p for p in output_dir.iterdir() if p.is_dir() and not p.is_symlink()):
+        staged_adapter = _staging(RunPaths(run).adapter)
+        leftovers = [*run.glob(f"checkpoints/{TMP_CHECKPOINT_PREFIX}*")]
+        leftovers += [staged_adapter] if staged_adapter.exists() else []
+        if not leftovers or _is_being_written(run):
+            continue
+        for tmp in leftovers:
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
+def _is_being_written(run: Path) -> bool:
+    try:
+        fd = os.open(run, os.O_RDONLY)
+    except OSError:
+        return True  # cannot tell: leave it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also lets go of the lock, if this took it
+    return False
 
 
 def _prune_checkpoints(run: RunPaths, keep: int) -> None:
@@ -105,8 +164,17 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, device) -> int:
 
 def save_adapter_atomically(model, target: Path) -> None:
     """The final adapter, written beside `target` and renamed into place."""
-    tmp = target.with_name(f".{target.name}.tmp")
+    tmp = _staging(target)
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    try:
+        model.save_pretrained(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
+
+
+def _staging(target: Path) -> Path:
+    """Where save_adapter_atomically writes `target` before renaming it into place."""
+    return target.with_name(f".{target.name}.tmp")

@@ -32,7 +32,14 @@ from ..core.errors import Cancelled, UserError
 from ..core.files import atomic_write_bytes
 from ..core.limits import MAX_SAMPLE_PASSES, MAX_STEPS
 from ..core.metrics_log import MetricsLog, start_metrics, truncate_metrics
-from .checkpoints import find_checkpoint, load_checkpoint, save_adapter_atomically, save_checkpoint
+from .checkpoints import (
+    find_checkpoint,
+    load_checkpoint,
+    remove_unfinished_writes,
+    save_adapter_atomically,
+    save_checkpoint,
+    writing_run,
+)
 from .plain import plain_path
 from .types import RunPaths, TrainPath
 
@@ -150,7 +157,7 @@ def run_training(cfg: TrainConfig, emit: Emit, stop: StopSignal | None = None) -
         finished = stopped_before_training(started)
         emit(finished)
         return finished
-    with MetricsLog(setup.run.root) as metrics:
+    with writing_run(setup.run.root), MetricsLog(setup.run.root) as metrics:
 
         def log(event: P.Event) -> None:
             emit(event)
@@ -170,6 +177,9 @@ def _setup(cfg: TrainConfig, emit: Emit, stop: StopSignal) -> _Setup:
 
     resume_dir = find_checkpoint(cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else None
     run = RunPaths(resume_dir.parent.parent if resume_dir else new_run_dir(cfg))
+    for folder in {Path(cfg.output_dir).expanduser(), run.root.parent}:
+        for leftover in remove_unfinished_writes(folder):
+            emit(P.Log(message=f"removed {leftover}, left by a run stopped while it wrote a checkpoint"))
     _seed_everything(cfg.seed)
     loaded = _load_model(cfg, emit)
     train_set, eval_set = _load_data(cfg, loaded.tokenizer, emit, stop.requested)
