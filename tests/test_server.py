@@ -7,6 +7,7 @@ faults into jobs); the detach tests start it as its own process, exactly as the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -246,6 +247,51 @@ def test_bad_lines_get_errors_and_the_engine_goes_on(engine, workspace):
         conn.send_raw(b"x" * (17 * 1024 * 1024) + b"\n")  # past the line limit
         assert "longer than" in conn.wait_for("EngineError", timeout=20).message
         assert conn.request(P.GetStatus(), "Snapshot").type == "Snapshot"
+
+
+def test_the_tail_of_an_oversize_line_is_discarded_not_read_as_a_message(workspace, monkeypatch):
+    from tunebench.engine.process import server
+
+    monkeypatch.setattr(server, "MAX_LINE", 64 * 1024)  # read when the engine starts
+    running = ThreadedEngine(workspace)
+    try:
+        with connect(workspace) as conn:
+            # Past the limit, the old reader dropped what it held and read the rest as a new line.
+            conn.send_raw(b'{"type": "GetStatus", "id": "big", "pad": "' + b"x" * 100_000)
+            time.sleep(0.5)  # the engine has read past its limit before the line's end arrives
+            conn.send_raw(b"x" * 100_000 + b'"}\n')
+            conn.send_raw(P.encode(P.GetStatus(id="after")))
+            seen = events_until(conn, lambda e: e.type == "Snapshot" and e.id == "after", timeout=20)
+        errors = [e for e in seen if e.type == "EngineError"]
+        assert len(errors) == 1 and "longer than 65536 bytes" in errors[0].message, errors
+        assert not [e for e in seen if e.type == "Snapshot" and e.id == "big"]
+    finally:
+        running.stop()
+
+
+def test_a_client_that_never_reads_is_dropped_before_it_grows_the_engine(workspace, monkeypatch):
+    from tunebench.engine.process import clients
+
+    monkeypatch.setattr(clients, "MAX_CLIENT_BACKLOG_BYTES", 256 * 1024)
+    running = ThreadedEngine(workspace)
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(str(Workspace(workspace).socket_path))
+        # Thousands of status requests, each answered with a Snapshot, and not one answer read.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # dropped while it writes
+            sock.sendall(P.encode(P.Hello(client="sink")) + P.encode(P.GetStatus(history=False)) * 20_000)
+        log = Workspace(workspace).log_file
+        deadline = time.monotonic() + 60
+        while "dropping sink" not in (log.read_text() if log.exists() else ""):
+            assert time.monotonic() < deadline, "the client that never reads was not dropped"
+            time.sleep(0.1)
+        assert "stopped reading" in log.read_text()
+        sock.close()
+        with connect(workspace) as conn:  # and the engine serves the next client as before
+            assert conn.request(P.GetStatus(), "Snapshot").type == "Snapshot"
+    finally:
+        running.stop()
 
 
 def test_memory_is_sampled_and_sent_unasked(engine, workspace):
