@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,10 +19,20 @@ import pytest
 from tunebench.engine.cli.main import main
 from tunebench.engine.core import data, encoding
 from tunebench.engine.core.config import TrainConfig, parse_value
+from tunebench.engine.core.limits import MAX_DATASET_BYTES
 
 GOOD = {"instruction": "Who are you?", "output": "I am a tiny test model."}
 GOOD2 = {"instruction": "Say hi.", "output": "Hi!"}
 DIR = object()  # a file spec that means "make a folder here"
+FIFO = object()  # ... "make a named pipe here" (nothing ever writes to it)
+
+
+class Link(str):
+    """A file spec that means "make a symlink here, to this target"."""
+
+
+class Sparse(int):
+    """A file spec that means "make a file of this many bytes here" (sparse: it takes no disk)."""
 
 
 def lines(*records: object) -> bytes:
@@ -569,6 +581,71 @@ CASES = [
         ["resume from the previous one, step 2: --resume_from_checkpoint", "runs/old/checkpoints/step-2"],
         flags_to_engine=True,
     ),
+    # ------------------------------------------------------------ inputs that would never end
+    Case(
+        "dataset-is-a-fifo",
+        train(),
+        {"data.jsonl": FIFO},
+        ["is a named pipe (FIFO), not a regular file"],
+        ["data.jsonl"],
+        ["name a .jsonl or .json file saved on disk"],
+    ),
+    Case(
+        "dataset-links-to-dev-zero",
+        train(),
+        {"data.jsonl": Link("/dev/zero")},
+        ["is a character device, not a regular file"],
+        ["data.jsonl"],
+        ["name a .jsonl or .json file saved on disk"],
+    ),
+    Case(
+        "dataset-too-large",
+        train(),
+        {"data.jsonl": Sparse(MAX_DATASET_BYTES + 1)},
+        ["is 4.0 GiB; dataset files over 4.0 GiB are not read"],
+        ["data.jsonl"],
+        ["split it into several files"],
+    ),
+    Case(
+        "sample-count-too-large",
+        train(data_spec="data.jsonl#100000000"),
+        {"data.jsonl": lines(GOOD)},
+        ["asks for 100,000,000 samples; one run takes at most 1,000,000"],
+        ["data.jsonl#100000000"],
+        ["with N up to 1,000,000"],
+    ),
+    Case(
+        "max-steps-too-large",
+        train("--max_steps", "10000000000"),
+        {"data.jsonl": lines(GOOD)},
+        ["must be at most 1000000 (got 10000000000)"],
+        ["--max_steps"],
+        ["change the flag"],
+    ),
+    Case(
+        "epochs-times-samples-too-many-steps",
+        train("--num_train_epochs", "3", data_spec="data.jsonl#1000000"),
+        {"data.jsonl": lines(GOOD, GOOD2)},
+        ["would take 3,000,000 optimizer steps", "one run takes at most 1,000,000"],
+        ["--num_train_epochs"],
+        ["raise gradient_accumulation_steps"],
+    ),
+    Case(
+        "batch-times-steps-too-many-samples",
+        train(
+            "--max_steps",
+            "1000",
+            "--per_device_train_batch_size",
+            "4096",
+            "--gradient_accumulation_steps",
+            "4096",
+            data_spec="data.jsonl#1000000",
+        ),
+        {"data.jsonl": lines(GOOD)},
+        ["would feed 1,000,000,000 samples (1,000 steps of 1,000,000)", "at most 10,000,000"],
+        ["--max_steps"],
+        ["take fewer samples"],
+    ),
     # ------------------------------------------------------------ flags and commands
     Case(
         "unknown-flag",
@@ -710,7 +787,15 @@ def tree(*roots: Path) -> dict[str, str]:
     found = {}
     for root in roots:
         for path in [root, *sorted(root.rglob("*"))]:
-            found[str(path)] = "folder" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+            info = path.lstat()
+            if stat.S_ISDIR(info.st_mode):
+                found[str(path)] = "folder"
+            elif stat.S_ISLNK(info.st_mode):
+                found[str(path)] = f"link to {os.readlink(path)}"
+            elif not stat.S_ISREG(info.st_mode) or info.st_size > 2**30:  # a FIFO; a sparse giant
+                found[str(path)] = f"mode {info.st_mode:o}, {info.st_size} bytes, mtime {info.st_mtime_ns}"
+            else:
+                found[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
     return found
 
 
@@ -719,6 +804,13 @@ def write_files(root: Path, files: dict[str, object], model: Path | None = None)
         path = root / name
         if content is DIR:
             path.mkdir(parents=True, exist_ok=True)
+        elif content is FIFO:
+            os.mkfifo(path)
+        elif isinstance(content, Link):
+            path.symlink_to(content)
+        elif isinstance(content, Sparse):
+            with open(path, "wb") as fh:
+                fh.truncate(content)
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             if model is not None and isinstance(content, bytes):

@@ -7,6 +7,7 @@ faults into jobs); the detach tests start it as its own process, exactly as the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -248,6 +249,51 @@ def test_bad_lines_get_errors_and_the_engine_goes_on(engine, workspace):
         assert conn.request(P.GetStatus(), "Snapshot").type == "Snapshot"
 
 
+def test_the_tail_of_an_oversize_line_is_discarded_not_read_as_a_message(workspace, monkeypatch):
+    from tunebench.engine.process import server
+
+    monkeypatch.setattr(server, "MAX_LINE", 64 * 1024)  # read when the engine starts
+    running = ThreadedEngine(workspace)
+    try:
+        with connect(workspace) as conn:
+            # Past the limit, the old reader dropped what it held and read the rest as a new line.
+            conn.send_raw(b'{"type": "GetStatus", "id": "big", "pad": "' + b"x" * 100_000)
+            time.sleep(0.5)  # the engine has read past its limit before the line's end arrives
+            conn.send_raw(b"x" * 100_000 + b'"}\n')
+            conn.send_raw(P.encode(P.GetStatus(id="after")))
+            seen = events_until(conn, lambda e: e.type == "Snapshot" and e.id == "after", timeout=20)
+        errors = [e for e in seen if e.type == "EngineError"]
+        assert len(errors) == 1 and "longer than 65536 bytes" in errors[0].message, errors
+        assert not [e for e in seen if e.type == "Snapshot" and e.id == "big"]
+    finally:
+        running.stop()
+
+
+def test_a_client_that_never_reads_is_dropped_before_it_grows_the_engine(workspace, monkeypatch):
+    from tunebench.engine.process import clients
+
+    monkeypatch.setattr(clients, "MAX_CLIENT_BACKLOG_BYTES", 256 * 1024)
+    running = ThreadedEngine(workspace)
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(str(Workspace(workspace).socket_path))
+        # Thousands of status requests, each answered with a Snapshot, and not one answer read.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # dropped while it writes
+            sock.sendall(P.encode(P.Hello(client="sink")) + P.encode(P.GetStatus(history=False)) * 20_000)
+        log = Workspace(workspace).log_file
+        deadline = time.monotonic() + 60
+        while "dropping sink" not in (log.read_text() if log.exists() else ""):
+            assert time.monotonic() < deadline, "the client that never reads was not dropped"
+            time.sleep(0.1)
+        assert "stopped reading" in log.read_text()
+        sock.close()
+        with connect(workspace) as conn:  # and the engine serves the next client as before
+            assert conn.request(P.GetStatus(), "Snapshot").type == "Snapshot"
+    finally:
+        running.stop()
+
+
 def test_memory_is_sampled_and_sent_unasked(engine, workspace):
     with connect(workspace) as conn:
         samples = [conn.wait_for("MemorySample", timeout=5) for _ in range(4)]
@@ -462,6 +508,67 @@ def test_a_bad_dataset_is_reported_plainly(engine, workspace, tiny_model_dir, mo
         assert "Traceback" not in error.message + error.hint
         assert events[-1].state == "failed"
         assert conn.request(P.GetStatus(), "Snapshot").last_error["code"] == "data"
+
+
+def test_abort_while_the_data_is_tokenised_ends_the_job_and_the_engine_takes_the_next(
+    engine, workspace, tiny_model_dir, monkeypatch
+):
+    """Reading and tokenising a large dataset takes minutes; an abort must not wait for it, and the
+    engine must not answer "busy" afterwards."""
+    import threading
+
+    from tunebench.engine.core import encoding
+
+    write_identity_dataset(workspace / "datasets" / "big.jsonl", 400, QUESTIONS, "I am {{NAME}}.")
+    real, entered = encoding.encode_messages, threading.Event()
+
+    def slow_encode(*args, **kwargs):
+        entered.set()
+        time.sleep(0.5)  # 400 samples: 200 s, unless the abort stops the loop
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(encoding, "encode_messages", slow_encode)
+    with connect(workspace) as conn:
+        request_id = conn.send(
+            P.StartTraining(config=train_config(tiny_model_dir, dataset=["datasets/big.jsonl"]))
+        )
+        assert entered.wait(60)
+        conn.send(P.StopTraining(mode="abort"))
+        events = events_until(conn, job_ended, timeout=30)  # a hang guard: 200 s without the fix
+        finished = [e for e in events if e.type == "TrainFinished"]
+        assert [f.status for f in finished] == ["aborted"] and events[-1].id == request_id
+        assert not [e for e in events if e.type == "EngineError"]
+
+        monkeypatch.setattr(encoding, "encode_messages", real)
+        conn.send(P.StartTraining(config=train_config(tiny_model_dir, max_steps=1)))
+        events = events_until(conn, job_ended)
+        assert [e.status for e in events if e.type == "TrainFinished"] == ["completed"]
+
+
+def test_abort_lands_inside_a_long_step(engine, workspace, tiny_model_dir, monkeypatch):
+    """One step of a large batch on a CPU takes minutes: the abort is taken between layers, not
+    after the step. The tiny model has two layers; a slow MLP makes the step's forward long."""
+    import threading
+
+    from transformers.models.llama import modeling_llama
+
+    real, entered, calls = modeling_llama.LlamaMLP.forward, threading.Event(), []
+
+    def slow_mlp(self, x):
+        calls.append(1)
+        entered.set()
+        time.sleep(3)  # time for the abort to arrive while this layer runs
+        return real(self, x)
+
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", slow_mlp)
+    with connect(workspace) as conn:
+        conn.send(P.StartTraining(config=train_config(tiny_model_dir, per_device_train_batch_size=1)))
+        assert entered.wait(120)
+        conn.send(P.StopTraining(mode="abort"))
+        events = events_until(conn, job_ended, timeout=120)
+    assert [e.status for e in events if e.type == "TrainFinished"] == ["aborted"]
+    assert not [e for e in events if e.type in ("EngineError", "TrainStep")]
+    assert len(calls) == 1  # the second layer never ran: the step was cut short
 
 
 def test_internal_error_is_logged_and_the_engine_still_trains(engine, workspace, tiny_model_dir, monkeypatch):
@@ -1061,3 +1168,36 @@ def test_tunebench_stop_shuts_down_an_engine_that_another_client_controls(worksp
     assert "stopped" in capsys.readouterr().out
     assert cli_main(["stop", str(workspace)]) == 0
     assert "no engine is running" in capsys.readouterr().out
+
+
+STUCK_ENGINE = """
+import sys
+from tunebench.engine.process import server
+
+# An engine whose job never ends, whatever it is asked: Shutdown and SIGTERM both do nothing.
+server.EngineServer._begin_shutdown = lambda self, mode="graceful": None
+sys.exit(server.serve(sys.argv[1]))
+"""
+
+
+def test_tunebench_stop_ends_an_engine_that_does_not_stop_and_says_so(workspace, tmp_path):
+    from tunebench.engine.process.client import stop_engine
+
+    script = tmp_path / "tunebench_stuck_engine.py"  # "tunebench" in its command line, as an engine's
+    script.write_text(STUCK_ENGINE)
+    proc = subprocess.Popen([sys.executable, str(script), str(workspace)], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while probe_socket(workspace) != "live":
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        said: list[str] = []
+        text = stop_engine(workspace, timeout=1, term_wait=1, say=said.append)
+        assert proc.wait(10) == -signal.SIGKILL
+        assert "did not stop within 1s" in text and "killed (SIGKILL)" in text, text
+        assert any("SIGTERM" in line for line in said), said
+        assert probe_socket(workspace) == "missing" and engine_process(workspace) is None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

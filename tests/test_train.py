@@ -161,6 +161,43 @@ def test_abort_stops_without_saving_an_adapter(tiny_model_dir, identity_file, tm
     assert not (tmp_path / "ab" / "adapter").exists()
 
 
+def test_temporary_folders_of_a_killed_run_are_removed_at_the_next_start(
+    tiny_model_dir, identity_file, tmp_path
+):
+    """A run killed while it wrote a checkpoint (or its adapter) leaves a temporary folder; the next
+    run in the same output folder removes it, but not one that a live run is writing."""
+    from tunebench.engine.train.checkpoints import writing_run
+
+    killed = [tmp_path / "killed" / "checkpoints" / ".tmp-step-2", tmp_path / "killed" / ".adapter.tmp"]
+    busy = tmp_path / "busy" / "checkpoints" / ".tmp-step-4"
+    for folder in [*killed, busy]:
+        folder.mkdir(parents=True)
+        (folder / "adapter_model.safetensors").write_bytes(b"half")
+    with writing_run(tmp_path / "busy"):  # another process training that run
+        _, events = run(make_cfg(tiny_model_dir, identity_file, tmp_path, run_name="next", max_steps=1))
+    assert not any(folder.exists() for folder in killed)
+    assert (busy / "adapter_model.safetensors").read_bytes() == b"half"
+    said = [e.message for e in events if e.type == "Log" and "removed" in e.message]
+    assert len(said) == 2 and all(".tmp" in line for line in said), said
+
+
+def test_a_checkpoint_write_that_fails_leaves_no_temporary_folder(
+    tiny_model_dir, identity_file, tmp_path, monkeypatch
+):
+    import errno
+
+    import torch
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError):
+        run(make_cfg(tiny_model_dir, identity_file, tmp_path, run_name="full", save_steps=1, max_steps=2))
+    assert (tmp_path / "full" / "checkpoints").is_dir()
+    assert list((tmp_path / "full" / "checkpoints").iterdir()) == []
+
+
 def test_accumulation_matches_one_big_batch(tiny_model_dir, identity_file, tmp_path):
     common = dict(lora_dropout=0.0, max_steps=2, logging_steps=1)
     _, big = run(

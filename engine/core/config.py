@@ -23,6 +23,8 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Any, get_args, get_origin, get_type_hints
 
+from .limits import MAX_STEPS
+
 
 class ConfigError(ValueError):
     """One or more invalid settings; `problems` maps field name to message."""
@@ -131,7 +133,7 @@ class TrainConfig:
     num_train_epochs: float = _f(
         3.0, "passes over the training data", "optim", gt=0.0, max=10000, aliases=("epochs",)
     )
-    max_steps: int = _f(-1, "optimizer steps; overrides epochs when > 0", "optim", min=-1, max=MAX_COUNT)
+    max_steps: int = _f(-1, "optimizer steps; overrides epochs when > 0", "optim", min=-1, max=MAX_STEPS)
     per_device_train_batch_size: int = _f(
         1, "micro-batch size", "optim", min=1, max=4096, aliases=("batch_size",)
     )

@@ -14,8 +14,10 @@ imports neither torch nor transformers: the TUI imports it to check rows as they
 from __future__ import annotations
 
 import difflib
+import os
 import random
 import re
+import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +25,9 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from .errors import DataUserError
+from .errors import DataUserError, raise_if_cancelled
 from .files import atomic_write_bytes
+from .limits import MAX_DATASET_BYTES, MAX_SAMPLES, gib
 
 EXTENSIONS = (".jsonl", ".json")
 # A single record larger than this is almost always a mistake (a whole file on one line, a
@@ -150,6 +153,11 @@ def parse_dataset_spec(spec: str, root: str | Path | None = None) -> DatasetSpec
             f"dataset {spec!r}: {tail!r} after '#' is not a positive whole number",
             hint=f"write {head}#N with N the number of samples to take (1 or more), or drop the #",
         )
+    if int(digits) > MAX_SAMPLES:
+        raise DataError(
+            f"dataset {spec!r} asks for {int(digits):,} samples; one run takes at most {MAX_SAMPLES:,}",
+            hint=f"write {head.strip()}#N with N up to {MAX_SAMPLES:,}, or raise --num_train_epochs instead",
+        )
     return DatasetSpec(_dataset_path(head.strip(), root), int(digits))
 
 
@@ -172,16 +180,20 @@ def _dataset_path(text: str, root: str | Path | None) -> Path:
 # ================================================================== reading
 
 
-def read_records(path: Path) -> tuple[list[Sample], list[RecordProblem]]:
+def read_records(path: Path, cancel: Any = None) -> tuple[list[Sample], list[RecordProblem]]:
     """Read one .json / .jsonl file; bad records come back as problems, a bad file raises DataError.
 
-    Placeholders are left as they are here; load_dataset fills them.
+    Placeholders are left as they are here; load_dataset fills them. Once `cancel` (a
+    threading.Event) is set, errors.Cancelled stops the reading between records.
     """
     path = Path(path)
     raw = _read_bytes(path)
     samples: list[Sample] = []
     problems: list[RecordProblem] = []
     for source, record in _records(path, raw):
+        raise_if_cancelled(cancel)
+        if len(samples) + len(problems) >= MAX_SAMPLES:
+            raise _too_many_samples(str(path))
         try:
             if isinstance(record, InvalidRecord):
                 raise record
@@ -210,12 +222,55 @@ def _read_bytes(path: Path) -> bytes:
             hint="use .jsonl (one JSON object per line) or .json (a list of objects)",
         )
     try:
-        raw = path.read_bytes()
+        raw = _read_regular_file(path)
     except OSError as exc:
         raise DataError(f"cannot read {path}: {exc.strerror}", hint="check the file's permissions") from None
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise DataError(f"{path} is UTF-16 text", hint="save it as UTF-8 (most editors: Save with Encoding)")
     return raw[len(_BOM) :] if raw.startswith(_BOM) else raw
+
+
+def _read_regular_file(path: Path) -> bytes:
+    """The file's bytes, if it is a regular file of at most MAX_DATASET_BYTES: a FIFO would block
+    the reader forever and a device such as /dev/zero never ends (through a symlink as well)."""
+    # O_NONBLOCK: opening a FIFO would otherwise wait for a writer; a regular file ignores it.
+    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as fh:
+        info = os.fstat(fh.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise DataError(
+                f"{path} is {_file_kind(info.st_mode)}, not a regular file",
+                hint="name a .jsonl or .json file saved on disk (copy the data into one first)",
+            )
+        if info.st_size > MAX_DATASET_BYTES:
+            raise _too_large(path, info.st_size)
+        raw = fh.read(MAX_DATASET_BYTES + 1)  # the file may have grown since fstat
+    if len(raw) > MAX_DATASET_BYTES:
+        raise _too_large(path, len(raw))
+    return raw
+
+
+def _too_large(path: Path, size: int) -> DataError:
+    return DataError(
+        f"{path} is {gib(size)}; dataset files over {gib(MAX_DATASET_BYTES)} are not read",
+        hint="split it into several files and pass each to --dataset, or keep the part you need",
+    )
+
+
+def _too_many_samples(where: str) -> DataError:
+    return DataError(
+        f"{where} holds more than {MAX_SAMPLES:,} samples, the most one run takes",
+        hint="train on a part of it (split the file, or take fewer with path#N)",
+    )
+
+
+def _file_kind(mode: int) -> str:
+    kinds = [
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ]
+    return next((word for test, word in kinds if test(mode)), "not a plain file")
 
 
 def _records(path: Path, raw: bytes) -> Iterator[tuple[str, Any]]:
@@ -510,19 +565,22 @@ def load_dataset(
     model_name: Sequence[str] = (),
     model_author: Sequence[str] = (),
     seed: int = 42,
+    cancel: Any = None,
 ) -> tuple[list[Sample], list[RecordProblem]]:
-    """Read, check and mix datasets ("path" or "path#N"); DataError when no valid sample remains."""
+    """Read, check and mix datasets ("path" or "path#N"); DataError when no valid sample remains.
+    Once `cancel` (a threading.Event) is set, errors.Cancelled stops it between records."""
     if not specs:
         raise DataError("no dataset given", hint="pass --dataset FILE.jsonl (or FILE.jsonl#N)")
     samples: list[Sample] = []
     problems: list[RecordProblem] = []
     for index, spec in enumerate(specs):
         path, count = parse_dataset_spec(spec)
-        records, bad = read_records(path)
+        records, bad = read_records(path, cancel)
         _refuse_broken_file(path, bad)
         problems += bad
         ready = []
         for record in records:
+            raise_if_cancelled(cancel)
             messages = record.messages
             if system and messages[0]["role"] != "system":
                 messages = [{"role": "system", "content": system}, *messages]
@@ -535,6 +593,8 @@ def load_dataset(
             # One generator per file, so adding a dataset does not change what another one samples.
             ready = _take(ready, count, random.Random(f"{seed}:{index}"))
         samples += ready
+        if len(samples) > MAX_SAMPLES:
+            raise _too_many_samples(", ".join(specs))
     if not samples:
         placeholders_only = problems and all("--model_" in p.reason for p in problems)
         raise DataError(

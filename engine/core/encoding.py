@@ -22,6 +22,7 @@ from typing import Any
 
 from .config import TrainConfig
 from .data import DataError, InvalidRecord, RecordProblem, Sample, fill_placeholders, normalise_record
+from .errors import raise_if_cancelled
 from .templates import DEFAULT_TEMPLATE, TEMPLATES, get_template
 
 IGNORE_INDEX = -100  # label of a token the loss skips (the Hugging Face / PyTorch convention)
@@ -70,9 +71,10 @@ def resolve_template(tokenizer: Any, template: str = "") -> tuple[str | None, st
 
 
 def tokenize_samples(
-    samples: Sequence[Sample], tokenizer: Any, max_length: int, template: str = ""
+    samples: Sequence[Sample], tokenizer: Any, max_length: int, template: str = "", cancel: Any = None
 ) -> tuple[list[TokenizedSample], TokenizeReport]:
-    """Render each conversation with the chat template and label only the assistant's tokens."""
+    """Render each conversation with the chat template and label only the assistant's tokens.
+    Once `cancel` (a threading.Event) is set, errors.Cancelled stops it between samples."""
     chat_template, note = resolve_template(tokenizer, template)
     out: list[TokenizedSample] = []
     problems: list[RecordProblem] = []
@@ -80,6 +82,7 @@ def tokenize_samples(
     # path#N repeats Sample objects; encode each distinct one once.
     cache: dict[int, tuple[list[int], list[int]]] = {}
     for sample in samples:
+        raise_if_cancelled(cancel)
         try:
             if id(sample) not in cache:
                 cache[id(sample)] = encode_messages(sample.messages, tokenizer, chat_template, max_length)

@@ -5,6 +5,8 @@ The CLI prints them without a traceback; the engine server turns them into Engin
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class UserError(Exception):
     """Something the user can fix: a bad path, bad data, a setting the machine cannot honour."""
@@ -28,3 +30,15 @@ class ModelError(UserError):
 
 class DataUserError(UserError):
     code = "data"
+
+
+class Cancelled(Exception):
+    """The person stopped the work (an abort, Ctrl-C, `tunebench stop`) before it finished: not a
+    failure. Raised between samples while data is read and tokenised, and between layers in a step."""
+
+
+def raise_if_cancelled(cancel: Any) -> None:
+    """Raise Cancelled once `cancel` (a threading.Event, or None for work that cannot be stopped)
+    is set: called between samples by loops that can run for minutes."""
+    if cancel is not None and cancel.is_set():
+        raise Cancelled()

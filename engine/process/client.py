@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -29,6 +30,11 @@ from ..core.workspace import RunInfo, Workspace, list_checkpoints
 START_TIMEOUT_S = 20.0  # a cold interpreter on a busy box; the engine itself answers in ~0.2 s
 LOG_ROTATE_BYTES = 10 * 1024 * 1024
 READ_LIMIT = 256 * 1024 * 1024  # a Snapshot carries a run's whole history on one line
+# `tunebench stop`: a graceful stop waits for the step in progress (a minute on a busy CPU), then
+# SIGTERM (the engine takes a second shutdown request as an abort), then SIGKILL. Every file the
+# engine writes is written atomically, so even the kill loses nothing but the unsaved steps.
+STOP_GRACEFUL_S = 90.0
+STOP_TERM_S = 10.0
 
 _children: dict[int, subprocess.Popen] = {}
 
@@ -387,11 +393,13 @@ class AsyncEngineConnection(_EventLog):
 
 def stop_engine(
     workspace: Workspace | str | Path,
-    timeout: float = 120.0,
+    timeout: float = STOP_GRACEFUL_S,
     say: Callable[[str], None] | None = None,
+    term_wait: float = STOP_TERM_S,
 ) -> str:
     """Shut the workspace's engine down (a training run in it stops gracefully and saves a
-    checkpoint first) and wait for the process to exit; returns what happened, in words.
+    checkpoint first) and wait for the process to exit; returns what happened, in words. An
+    engine still there after `timeout` is sent SIGTERM, and after `term_wait` more, SIGKILL.
     `say` hears, at once, what it is waiting for when a job has to finish first."""
     ws = _workspace(workspace)
     try:
@@ -407,12 +415,40 @@ def stop_engine(
         # A training step on a CPU or a big model can take a minute: say why nothing happens yet.
         finishing = "finishes its current step and saves a checkpoint" if snapshot.job == "train" else "ends"
         say(f"stopping the engine (pid {pid}): its {snapshot.job} job {finishing} first ...")
+    if _engine_gone(ws, timeout):
+        return f"engine (pid {pid}) stopped{job}"
+    if pid == os.getpid():  # an engine serving inside this very process (tests): not ours to kill
+        return f"asked the engine (pid {pid}) to stop{job}; it is still finishing after {timeout:.0f}s"
+    late = f"the engine (pid {pid}) did not stop within {timeout:.0f}s"
+    if say is not None:
+        say(f"{late}; ending it (SIGTERM: its job is aborted, no checkpoint is saved) ...")
+    _signal_engine(ws, pid, signal.SIGTERM)
+    if _engine_gone(ws, term_wait):
+        return f"{late}, so it was ended with SIGTERM: its job was aborted"
+    _signal_engine(ws, pid, signal.SIGKILL)
+    _engine_gone(ws, 5.0)
+    remove_stale_socket(ws)
+    return (
+        f"{late}, nor {term_wait:.0f}s after SIGTERM, so it was killed (SIGKILL); the steps since "
+        f"the last checkpoint are lost, everything saved before is kept (the engine log: {ws.log_file})"
+    )
+
+
+def _engine_gone(ws: Workspace, timeout: float) -> bool:
+    """Wait up to `timeout` for the workspace's engine to exit; True once it has."""
     deadline = time.monotonic() + timeout
     while engine_process(ws) is not None or probe_socket(ws) == "live":
         if time.monotonic() > deadline:
-            return f"asked the engine (pid {pid}) to stop{job}; it is still finishing after {timeout:.0f}s"
+            return False
         time.sleep(0.2)
-    return f"engine (pid {pid}) stopped{job}"
+    return True
+
+
+def _signal_engine(ws: Workspace, pid: int, signum: int) -> None:
+    """Signal the engine, if `pid` is still the workspace's engine (not a recycled pid)."""
+    if engine_process(ws) == pid:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
 
 
 # ================================================================ tunebench status

@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 
 from ..core import protocol as P
 
-MAX_CLIENT_BACKLOG = 50_000  # lines queued for one client; one this far behind is dropped
+# Bytes queued for one client; one this far behind has stopped reading and is dropped (it
+# reattaches and gets a fresh Snapshot). One line alone is always queued: a Snapshot of a long
+# run is tens of MiB.
+MAX_CLIENT_BACKLOG_BYTES = 64 * 2**20
 # Requests that change what the engine does; read-only clients may not send them.
 CONTROL_REQUESTS = frozenset(
     ["StartTraining", "StopTraining", "Generate", "CancelGenerate", "Export", "LoadModel", "Shutdown"]
@@ -31,6 +34,7 @@ class Client:
     observe: bool = False
     task: asyncio.Task[None] | None = None
     closed: bool = False
+    queued_bytes: int = 0  # in `queue`, not yet handed to the socket
 
     @property
     def label(self) -> str:
@@ -44,6 +48,7 @@ class Client:
                 line = await self.queue.get()
                 if line is None:
                     break
+                self.queued_bytes -= len(line)
                 self.writer.write(line)
                 await self.writer.drain()
         except (ConnectionError, RuntimeError):
@@ -106,25 +111,34 @@ class ClientRegistry:
     # ---------------------------------------------------------------- sending
 
     def send(self, client: Client, event: P.Event) -> None:
-        if client.closed:
-            return
-        if client.queue.qsize() > MAX_CLIENT_BACKLOG:
-            # A client that stopped reading would grow the engine's memory without bound; drop it
-            # (it reattaches and gets a fresh Snapshot).
-            self._log(f"dropping {client.label}: it stopped reading")
-            client.closed = True
-            client.writer.transport.abort()
-            return
-        client.queue.put_nowait(P.encode(event))
+        self._enqueue(client, P.encode(event))
 
     def broadcast(self, event: P.Event) -> None:
         line = P.encode(event)
         for client in self:
-            if not client.closed:
-                if client.queue.qsize() > MAX_CLIENT_BACKLOG:
-                    self.send(client, event)  # drops it
-                else:
-                    client.queue.put_nowait(line)
+            self._enqueue(client, line)
+
+    def _enqueue(self, client: Client, line: bytes) -> None:
+        if client.closed:
+            return
+        if client.queued_bytes + len(line) > MAX_CLIENT_BACKLOG_BYTES and client.queued_bytes:
+            self._drop(client)
+            return
+        client.queue.put_nowait(line)
+        client.queued_bytes += len(line)
+
+    def _drop(self, client: Client) -> None:
+        """A client that stopped reading would grow the engine's memory without bound: close it,
+        and free what was queued for it at once."""
+        self._log(
+            f"dropping {client.label}: it stopped reading ({client.queued_bytes / 2**20:.1f} MiB unsent)"
+        )
+        client.closed = True
+        while not client.queue.empty():
+            client.queue.get_nowait()
+        client.queued_bytes = 0
+        client.queue.put_nowait(None)
+        client.writer.transport.abort()
 
     # ---------------------------------------------------------------- control
 

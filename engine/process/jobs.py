@@ -25,7 +25,7 @@ from typing import Any
 from ..core import protocol as P
 from ..core.config import ConfigError
 from ..core.data import resolve_dataset_spec
-from ..core.errors import UserError
+from ..core.errors import Cancelled, UserError
 from ..core.files import write_failure
 from ..core.memory_model import Profile
 from ..core.model_files import workspace_model
@@ -81,12 +81,18 @@ class Jobs:
 
     def train(self, job: Job, request: P.Request, emit: Emit) -> P.Event:
         from ..train.preflight import preflight
-        from ..train.recipe import StopSignal, run_training
+        from ..train.recipe import StopSignal, run_training, stopped_before_training
         from ..train.resume import resume_config
 
         if job.config.resume_from_checkpoint:  # the run's recorded settings, with the request's applied
             job.config = resume_config(self.resolve_train_paths(request.config))
-        preflight(job.config)  # a bad dataset or flag fails in seconds, before any weights load
+        started = time.perf_counter()
+        try:
+            # A bad dataset or flag fails in seconds, before any weights load.
+            preflight(job.config, cancel=job.cancel)
+        except Cancelled:
+            emit(P.Log(message="stopped while reading the data: nothing was trained or written"))
+            return stopped_before_training(started)
         self.drop_session()  # training needs the GPU memory a chat model holds
 
         stop = StopSignal()

@@ -219,9 +219,13 @@ class EngineServer:
         try:
             while not self._closing:
                 try:
-                    line = await reader.readline()
-                except ValueError:  # longer than MAX_LINE; the stream skipped past it
+                    line = await reader.readuntil(b"\n")
+                except asyncio.IncompleteReadError as exc:  # the peer closed; a last unended line
+                    line = exc.partial
+                except asyncio.LimitOverrunError:
                     self.clients.send(client, _bad_request("", f"a line longer than {MAX_LINE} bytes"))
+                    if not await _skip_rest_of_line(reader):
+                        break
                     continue
                 except ConnectionError:
                     break
@@ -575,6 +579,19 @@ def _bad_request(request_id: str, reason: str) -> P.EngineError:
 
 def _config_error(request_id: str, exc: ConfigError) -> P.EngineError:
     return P.EngineError(id=request_id, code="config", message=str(exc), hint="fix the settings named above")
+
+
+async def _skip_rest_of_line(reader: asyncio.StreamReader) -> bool:
+    """Discard an oversize line up to and including its newline, so its tail is not read as a
+    message of its own; False if the peer closed first."""
+    while True:
+        try:
+            await reader.readuntil(b"\n")
+            return True
+        except asyncio.LimitOverrunError as exc:  # no newline within the limit yet: drop what came
+            await reader.readexactly(exc.consumed)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return False
 
 
 def _raw_id(line: bytes) -> str:

@@ -5,11 +5,14 @@
 
 Every folder is written under a temporary name and renamed into place, so a crash leaves either
 the complete folder or none (workspace.list_checkpoints counts only folders with the state file).
+A temporary folder left by a killed run or a failed write is removed at the next run's start
+(remove_unfinished_writes), unless the run it belongs to is being written (writing_run's lock).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import random
@@ -17,15 +20,14 @@ import shutil
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ..core.errors import UserError
 from ..core.files import fsync_dir, writing
 from ..core.targets import ADAPTER_WEIGHTS
 from ..core.workspace import CHECKPOINT_STATE_FILE, checkpoint_step, list_checkpoints
+from .types import RunPaths
 
-if TYPE_CHECKING:
-    from .types import RunPaths
+TMP_CHECKPOINT_PREFIX = ".tmp-step-"
 
 
 def save_checkpoint(run: RunPaths, step: int, model, optimizer, scheduler, keep: int) -> Path:
@@ -34,7 +36,7 @@ def save_checkpoint(run: RunPaths, step: int, model, optimizer, scheduler, keep:
     import torch
 
     final = run.checkpoints / f"step-{step}"
-    tmp = run.checkpoints / f".tmp-step-{step}"
+    tmp = run.checkpoints / f"{TMP_CHECKPOINT_PREFIX}{step}"
     state = {
         "step": step,
         "optimizer": optimizer.state_dict(),
@@ -61,6 +63,52 @@ def save_checkpoint(run: RunPaths, step: int, model, optimizer, scheduler, keep:
     fsync_dir(run.checkpoints, ignore_errors=False)  # the rename itself survives a power loss
     _prune_checkpoints(run, keep)
     return final
+
+
+@contextlib.contextmanager
+def writing_run(root: Path) -> Iterator[None]:
+    """Hold the run folder's lock while training writes into it: remove_unfinished_writes in
+    another process then leaves its temporary folders alone. The kernel drops the lock however
+    the process ends, so a killed run's left-overs are found at the next start."""
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def remove_unfinished_writes(output_dir: Path) -> list[Path]:
+    """Remove the temporary checkpoint and adapter folders in the runs under `output_dir` that no
+    process is writing: left by a run killed before its write finished, or by a write that failed.
+    Returns what it removed."""
+    removed: list[Path] = []
+    if not output_dir.is_dir():
+        return removed
+    for run in sorted(p for p in output_dir.iterdir() if p.is_dir() and not p.is_symlink()):
+        staged_adapter = _staging(RunPaths(run).adapter)
+        leftovers = [*run.glob(f"checkpoints/{TMP_CHECKPOINT_PREFIX}*")]
+        leftovers += [staged_adapter] if staged_adapter.exists() else []
+        if not leftovers or _is_being_written(run):
+            continue
+        for tmp in leftovers:
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
+def _is_being_written(run: Path) -> bool:
+    try:
+        fd = os.open(run, os.O_RDONLY)
+    except OSError:
+        return True  # cannot tell: leave it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also lets go of the lock, if this took it
+    return False
 
 
 @contextlib.contextmanager
@@ -180,9 +228,14 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, device) -> int:
 
 def save_adapter_atomically(model, target: Path) -> None:
     """The final adapter, written beside `target` and renamed into place."""
-    tmp = target.with_name(f".{target.name}.tmp")
+    tmp = _staging(target)
     with _written_whole_or_not_at_all(tmp), writing(target / ADAPTER_WEIGHTS):
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
+
+
+def _staging(target: Path) -> Path:
+    """Where save_adapter_atomically writes `target` before renaming it into place."""
+    return target.with_name(f".{target.name}.tmp")

@@ -5,24 +5,27 @@ engine's training job both call it."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from ..core.config import TrainConfig
 from ..core.errors import UserError
 
 
-def preflight(cfg: TrainConfig) -> None:
+def preflight(cfg: TrainConfig, cancel: Any = None) -> None:
     """Every check that needs no model weights, cheapest first.
 
     A mistake in the flags or the data is then reported in seconds rather than after the model
     has loaded, and before anything is written. run_training checks all of this again (the engine
     calls it directly). With the model's tokenizer at hand, a dataset of which --max_length would
-    leave nothing is found here too, for datasets up to TOKENIZE_LIMIT samples.
+    leave nothing is found here too, for datasets up to TOKENIZE_LIMIT samples. Once `cancel` (a
+    threading.Event) is set, core.errors.Cancelled stops the reading and tokenising.
     """
-    from ..core.data import DataError, load_dataset
+    from ..core.data import DataError, load_dataset, split_eval
     from ..core.model_files import DEMO_NAME, cached_model_dir, demo_gguf_path
     from ..core.templates import get_template
     from ..models.loading import check_qlora_possible, linear_module_names_of, resolve_model
     from .checkpoints import find_checkpoint
+    from .recipe import check_plan_size
 
     if cfg.is_qlora:
         check_qlora_possible()
@@ -59,6 +62,7 @@ def preflight(cfg: TrainConfig) -> None:
                 model_name=cfg.model_name,
                 model_author=cfg.model_author,
                 seed=cfg.seed,
+                cancel=cancel,
             )
         except DataError as exc:
             if flag == "--val_dataset":
@@ -66,8 +70,12 @@ def preflight(cfg: TrainConfig) -> None:
             raise
         if flag == "--dataset":
             train_samples = samples
+    if train_samples:
+        held_out = not cfg.val_dataset and cfg.val_ratio > 0
+        kept = split_eval(train_samples, cfg.val_ratio, cfg.seed)[0] if held_out else train_samples
+        check_plan_size(len(kept), cfg)
     resolved = resolved or resolve_model(spec)
-    _check_something_fits(cfg, resolved, train_samples)
+    _check_something_fits(cfg, resolved, train_samples, cancel)
     if cfg.target_modules != ["all-linear"]:
         available = linear_module_names_of(resolved.path, cfg.trust_remote_code)
         unknown = [m for m in cfg.target_modules if available is not None and m not in available]
@@ -84,7 +92,7 @@ def preflight(cfg: TrainConfig) -> None:
 TOKENIZE_LIMIT = 5000
 
 
-def _check_something_fits(cfg: TrainConfig, resolved, samples: list) -> None:
+def _check_something_fits(cfg: TrainConfig, resolved, samples: list, cancel: Any) -> None:
     """Refuse a dataset of which --max_length would leave no sample, before the weights load."""
     from ..core.encoding import tokenize_samples
     from ..models.loading import ModelError, load_tokenizer
@@ -96,6 +104,6 @@ def _check_something_fits(cfg: TrainConfig, resolved, samples: list) -> None:
         tokenizer = load_tokenizer(resolved, cfg.trust_remote_code)
     except ModelError:
         return  # the model load says what is wrong with it, with its own advice
-    kept, report = tokenize_samples(samples, tokenizer, cfg.max_length, cfg.template)
+    kept, report = tokenize_samples(samples, tokenizer, cfg.max_length, cfg.template, cancel)
     if not kept:
         raise no_sample_left([str(p) for p in report.problems], cfg.max_length)

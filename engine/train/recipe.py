@@ -28,11 +28,19 @@ import orjson
 
 from ..core import protocol as P
 from ..core.config import TrainConfig, to_command, to_dict
-from ..core.errors import UserError
+from ..core.errors import Cancelled, UserError
 from ..core.files import atomic_write_bytes
+from ..core.limits import MAX_SAMPLE_PASSES, MAX_STEPS
 from ..core.metrics_log import MetricsLog, start_metrics, truncate_metrics
 from ..core.step_clock import StepClock
-from .checkpoints import find_checkpoint, load_checkpoint, save_adapter_atomically, save_checkpoint
+from .checkpoints import (
+    find_checkpoint,
+    load_checkpoint,
+    remove_unfinished_writes,
+    save_adapter_atomically,
+    save_checkpoint,
+    writing_run,
+)
 from .plain import plain_path
 from .resume import data_changed_warning, dataset_hashes, recorded_config, resume_changes
 from .types import RunPaths, TrainPath
@@ -54,12 +62,16 @@ class StopSignal:
     def __init__(self) -> None:
         self._mode = ""
         self._lock = threading.Lock()
+        # Set by any stop: before the first step there is nothing to save, so reading and
+        # tokenising the data end at once either way.
+        self.requested = threading.Event()
 
     def request(self, mode: str = "graceful") -> None:
         with self._lock:
             # An abort may upgrade a pending graceful stop, never the other way round.
             if self._mode != "abort":
                 self._mode = mode
+        self.requested.set()
 
     @property
     def mode(self) -> str:
@@ -137,8 +149,13 @@ def run_training(cfg: TrainConfig, emit: Emit, stop: StopSignal | None = None) -
     run's metrics.jsonl."""
     stop = stop or StopSignal()
     started = time.perf_counter()
-    setup = _setup(cfg, emit)
-    with MetricsLog(setup.run.root) as metrics:
+    try:
+        setup = _setup(cfg, emit, stop)
+    except Cancelled:
+        finished = stopped_before_training(started)
+        emit(finished)
+        return finished
+    with writing_run(setup.run.root), MetricsLog(setup.run.root) as metrics:
 
         def log(event: P.Event) -> None:
             emit(event)
@@ -151,7 +168,7 @@ def run_training(cfg: TrainConfig, emit: Emit, stop: StopSignal | None = None) -
 # ----------------------------------------------------------------------- setup
 
 
-def _setup(cfg: TrainConfig, emit: Emit) -> _Setup:
+def _setup(cfg: TrainConfig, emit: Emit, stop: StopSignal) -> _Setup:
     """Load the model and data, attach LoRA, build the optimizer, then open the run (a new folder,
     or the checkpoint it resumes from) and announce it with TrainStarted."""
     import torch
@@ -160,14 +177,19 @@ def _setup(cfg: TrainConfig, emit: Emit) -> _Setup:
     # a setting the checkpoint cannot take (its LoRA shape, model, template) fails here, before the load
     changes = resume_changes(recorded_config(resume_dir), cfg, str(resume_dir)) if resume_dir else []
     run = RunPaths(resume_dir.parent.parent if resume_dir else new_run_dir(cfg))
+    for folder in {Path(cfg.output_dir).expanduser(), run.root.parent}:
+        for leftover in remove_unfinished_writes(folder):
+            emit(P.Log(message=f"removed {leftover}, left by a run stopped while it wrote a checkpoint"))
     _seed_everything(cfg.seed)
     loaded = _load_model(cfg, emit)
-    train_set, eval_set = _load_data(cfg, loaded.tokenizer, emit)
+    train_set, eval_set = _load_data(cfg, loaded.tokenizer, emit, stop.requested)
 
     path = select_path(cfg, loaded.device)
     for note in path.notes:
         emit(P.Log(message=note))
     model = _attach_lora(path.prepare_base(loaded.model), cfg, path.gradient_checkpointing)
+    if loaded.device.type != "cuda":
+        _abort_between_modules(model, stop)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=loaded.device.type == "cuda"
@@ -252,23 +274,24 @@ def _load_model(cfg: TrainConfig, emit: Emit) -> LoadedModel:
     return loaded
 
 
-def _load_data(cfg: TrainConfig, tokenizer: Any, emit: Emit) -> tuple[list[Any], list[Any]]:
-    """The tokenised train and eval sets, reported in a DataReport; UserError if no sample is left."""
+def _load_data(cfg: TrainConfig, tokenizer: Any, emit: Emit, cancel: Any) -> tuple[list[Any], list[Any]]:
+    """The tokenised train and eval sets, reported in a DataReport; UserError if no sample is left,
+    Cancelled once `cancel` is set."""
     from ..core.data import load_dataset, split_eval
     from ..core.encoding import tokenize_samples
 
     emit(P.Progress(stage="tokenize", message="reading and tokenising the data"))
     identity = {"system": cfg.system, "model_name": cfg.model_name, "model_author": cfg.model_author}
-    samples, problems = load_dataset(cfg.dataset, **identity, seed=cfg.seed)
+    samples, problems = load_dataset(cfg.dataset, **identity, seed=cfg.seed, cancel=cancel)
     if cfg.val_dataset:
-        eval_samples, eval_problems = load_dataset(cfg.val_dataset, **identity, seed=cfg.seed)
+        eval_samples, eval_problems = load_dataset(cfg.val_dataset, **identity, seed=cfg.seed, cancel=cancel)
         problems = problems + eval_problems
     else:
         samples, eval_samples = split_eval(samples, cfg.val_ratio, cfg.seed)
         if cfg.val_ratio > 0 and not eval_samples:
             emit(P.Log(message=no_eval_note(cfg.val_ratio, len(samples))))
-    train_set, report = tokenize_samples(samples, tokenizer, cfg.max_length, cfg.template)
-    eval_set, eval_report = tokenize_samples(eval_samples, tokenizer, cfg.max_length, cfg.template)
+    train_set, report = tokenize_samples(samples, tokenizer, cfg.max_length, cfg.template, cancel)
+    eval_set, eval_report = tokenize_samples(eval_samples, tokenizer, cfg.max_length, cfg.template, cancel)
     all_problems = [str(p) for p in problems + report.problems + eval_report.problems]
     emit(
         P.DataReport(
@@ -300,7 +323,12 @@ def _train_loop(
     if s.path.compiles:
         emit(P.Progress(stage="compile", message="compiling the decoder layers (the first step)"))
     while progress.step < s.total_steps:
-        if not _train_step(cfg, s, progress, stop):
+        try:
+            if not _train_step(cfg, s, progress, stop):
+                progress.status = "aborted"
+                break
+        except Cancelled:  # an abort inside the step (_abort_between_modules)
+            s.optimizer.zero_grad(set_to_none=True)
             progress.status = "aborted"
             break
         step = progress.step
@@ -313,11 +341,12 @@ def _train_loop(
         if step % cfg.logging_steps == 0 or step == s.total_steps or step == s.start_step + 1:
             log(_step_event(s, progress, steps_per_epoch, started))
         if s.eval_set and (step % cfg.eval_steps == 0 or step == s.total_steps):
-            log(
-                P.EvalResult(
-                    step=step, eval_loss=evaluate(s.model, s.eval_set, cfg, s.tokenizer, s.device, s.path)
-                )
-            )
+            try:
+                eval_loss = evaluate(s.model, s.eval_set, cfg, s.tokenizer, s.device, s.path)
+            except Cancelled:
+                progress.status = "aborted"
+                break
+            log(P.EvalResult(step=step, eval_loss=eval_loss))
             s.model.train()
         if step % cfg.save_steps == 0 and step < s.total_steps:
             _save_checkpoint(cfg, s, step, log)
@@ -372,6 +401,20 @@ def _train_step(cfg: TrainConfig, s: _Setup, progress: _Progress, stop: StopSign
     return True
 
 
+def _abort_between_modules(model, stop: StopSignal) -> None:
+    """Let an abort land inside a step: on a CPU one step of a large batch takes minutes. Every
+    module checks for an abort before its forward, in backward as well (recomputed layers run
+    forward again), so the abort waits for one layer at most. Not on CUDA, whose compiled layers
+    a hook would break, and where a step takes seconds."""
+
+    def check(_module, _args) -> None:
+        if stop.mode == "abort":
+            raise Cancelled()
+
+    for module in model.modules():
+        module.register_forward_pre_hook(check)
+
+
 def _step_event(s: _Setup, progress: _Progress, steps_per_epoch: int, started: float) -> P.TrainStep:
     """The TrainStep for the step just taken, with the loss of the window it closes."""
     step = progress.step
@@ -415,6 +458,12 @@ def _finish(s: _Setup, progress: _Progress, log: Emit, started: float) -> P.Trai
 
 
 # ===================================================================== pieces
+
+
+def stopped_before_training(started: float) -> P.TrainFinished:
+    """How a run ends when it is stopped while its data is read or tokenised: nothing was trained
+    or written, so there is nothing to resume."""
+    return P.TrainFinished(status="aborted", seconds=round(time.perf_counter() - started, 1))
 
 
 def new_run_dir(cfg: TrainConfig) -> Path:
@@ -544,10 +593,8 @@ def build_plan(num_samples: int, cfg: TrainConfig) -> list[list[list[int]]]:
     k replays exactly the batches an uninterrupted run would have seen.
     """
     bs, ga = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
-    if cfg.max_steps > 0:
-        total = cfg.max_steps
-    else:
-        total = max(1, math.ceil(cfg.num_train_epochs * _steps_per_epoch(num_samples, cfg)))
+    check_plan_size(num_samples, cfg)
+    total = planned_steps(num_samples, cfg)
     plan: list[list[list[int]]] = []
     epoch = 0
     while len(plan) < total:
@@ -557,6 +604,35 @@ def build_plan(num_samples: int, cfg: TrainConfig) -> list[list[list[int]]]:
         plan.extend(micro[i : i + ga] for i in range(0, len(micro), ga))
         epoch += 1
     return plan[:total]
+
+
+def planned_steps(num_samples: int, cfg: TrainConfig) -> int:
+    """Optimizer steps the run takes: --max_steps, or --num_train_epochs passes over the data."""
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.num_train_epochs * _steps_per_epoch(num_samples, cfg)))
+
+
+def check_plan_size(num_samples: int, cfg: TrainConfig) -> None:
+    """Refuse a run whose step plan would not fit in memory (engine/core/limits.py), before it is
+    built: the plan is made whole up front, so resuming replays it exactly."""
+    steps = planned_steps(num_samples, cfg)
+    per_step = min(cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps, num_samples)
+    fewer = "lower --num_train_epochs" if cfg.max_steps <= 0 else "lower --max_steps"
+    if steps > MAX_STEPS:
+        raise UserError(
+            f"this run would take {steps:,} optimizer steps ({num_samples:,} samples, "
+            f"{cfg.num_train_epochs:g} epochs); one run takes at most {MAX_STEPS:,}",
+            f"{fewer}, or raise gradient_accumulation_steps (more samples per step)",
+            code="config",
+        )
+    if steps * per_step > MAX_SAMPLE_PASSES:
+        raise UserError(
+            f"this run would feed {steps * per_step:,} samples ({steps:,} steps of {per_step:,}); "
+            f"one run takes at most {MAX_SAMPLE_PASSES:,}",
+            f"{fewer}, or take fewer samples (path#N)",
+            code="config",
+        )
 
 
 def _steps_per_epoch(num_samples: int, cfg: TrainConfig) -> int:
