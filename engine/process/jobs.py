@@ -347,12 +347,27 @@ def _oom_error(exc: BaseException, job: str, cfg: Any, progress: RunProgress) ->
 
 
 def free_memory() -> None:
+    """Give a finished job's memory back: to the GPU's allocator, and to the operating system."""
     gc.collect()
     torch = sys.modules.get("torch")
     if torch is not None:
         with contextlib.suppress(Exception):
             if torch.cuda.is_initialized():
                 torch.cuda.empty_cache()
+    _return_freed_heap()
+
+
+def _return_freed_heap() -> None:
+    """A CPU training step frees gigabytes of activations, but glibc keeps freed blocks below its
+    mmap threshold (which grows to 32 MiB) in its arenas: measured, an aborted run left 90% of its
+    peak in the engine's RSS after every tensor was gone. malloc_trim hands those pages back."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import ctypes.util
+
+    with contextlib.suppress(OSError, AttributeError):  # musl and others have no malloc_trim
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
 
 
 def reset_peak_memory() -> None:
