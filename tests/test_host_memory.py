@@ -100,3 +100,62 @@ def test_an_aborted_run_gives_its_memory_back(tmp_path):
     # Generous: a quarter of the growth may stay (allocator caches, a busy machine's sampling).
     kept = after - before
     assert kept < grown / 4, f"kept {kept / MIB:.0f} MiB of the {grown / MIB:.0f} MiB the run took"
+
+
+# ================================================================= out of memory: which memory
+
+
+CPU_ALLOCATOR_FAILURE = (
+    "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: "
+    "you tried to allocate 4294967296 bytes."
+)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [RuntimeError(CPU_ALLOCATOR_FAILURE), MemoryError(), OSError(12, "Cannot allocate memory")],
+    ids=["cpu-allocator", "memory-error", "enomem"],
+)
+def test_host_memory_exhausted_reads_as_ram_with_ram_advice(exc, tmp_path):
+    """Issue 14: RAM exhausted on a CPU box was shown as "Out of GPU memory ... close other
+    programs using the GPU" (or as an internal error, for torch's CPU allocator)."""
+    from tunebench.engine.core.config import TrainConfig
+    from tunebench.engine.process.jobs import RunProgress, describe_failure
+
+    cfg = TrainConfig(dataset=["d.jsonl"], per_device_train_batch_size=8)
+    run = tmp_path / "run"
+    run.mkdir()
+    for progress, words in (
+        (RunProgress(), "while loading the model"),
+        (RunProgress(run_dir=str(run)), "in its first step"),
+        (RunProgress(run_dir=str(run), last_step=3), "after step 3"),
+    ):
+        error, _ = describe_failure(exc, "train", cfg, progress=progress)
+        text = f"{error.message} {error.hint}"
+        assert error.code == "oom" and "ran out of the machine's RAM" in error.message, text
+        assert words in error.message
+        assert "GPU" not in text and "QLoRA" not in text and "nvidia-smi" not in text, text
+        assert "torch_dtype bfloat16" in error.hint  # float32 on a CPU: twice the RAM
+    if isinstance(exc, RuntimeError):
+        assert "(it asked for 4.00 GiB more)" in error.message
+    first, _ = describe_failure(exc, "train", cfg, progress=RunProgress())
+    assert "close other programs using RAM" in first.hint
+    for job in ("generate", "export", "load"):
+        error, _ = describe_failure(exc, job, cfg)
+        assert error.code == "oom" and f"{job} ran out of the machine's RAM" in error.message
+        assert "GPU" not in error.hint, error.hint
+
+
+def test_gpu_memory_exhausted_still_reads_as_gpu():
+    import torch
+    from tunebench.engine.core.config import TrainConfig
+    from tunebench.engine.process.jobs import RunProgress, describe_failure
+
+    cfg = TrainConfig(dataset=["d.jsonl"])
+    for exc in (
+        torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate(handle)"),
+    ):
+        error, _ = describe_failure(exc, "train", cfg, progress=RunProgress())
+        assert error.code == "oom" and "ran out of GPU memory" in error.message
+        assert "nvidia-smi" in error.hint and "RAM" not in error.hint
