@@ -159,3 +159,121 @@ def test_gpu_memory_exhausted_still_reads_as_gpu():
         error, _ = describe_failure(exc, "train", cfg, progress=RunProgress())
         assert error.code == "oom" and "ran out of GPU memory" in error.message
         assert "nvidia-smi" in error.hint and "RAM" not in error.hint
+
+
+# ================================================================= the estimate and the refusal
+
+GIB = 2**30
+
+
+def host_estimate(available: float = 64, longest: int | None = None, **settings):
+    from tunebench.engine.core.config import TrainConfig
+    from tunebench.engine.core.estimate import DEMO_MODEL_INFO, estimate_host_memory
+
+    return estimate_host_memory(
+        TrainConfig(**settings), DEMO_MODEL_INFO, longest=longest, available=int(available * GIB)
+    )
+
+
+# Peak RSS growth of one plain-path step on the CPU (bench/host_memory.py, bench/RESULTS_host_memory.md):
+# (hidden, intermediate, layers, heads, kv heads, vocab), dtype, gradient_checkpointing,
+# lora_dropout -> MiB, for micro-batches of 8 x 1024 tokens.
+MEASURED_HOST_PEAKS = {
+    ((256, 512, 4, 4, 2, 512), "float32", False, 0.0): 1165,
+    ((256, 512, 8, 4, 2, 512), "float32", False, 0.0): 2240,
+    ((256, 1024, 4, 4, 2, 512), "float32", False, 0.0): 1356,
+    ((512, 512, 4, 8, 4, 512), "float32", False, 0.0): 1889,
+    ((256, 512, 4, 4, 2, 8192), "float32", False, 0.0): 1819,
+    ((256, 512, 4, 4, 2, 512), "float32", True, 0.0): 796,
+    ((256, 512, 8, 4, 2, 512), "float32", True, 0.0): 1144,
+    ((256, 512, 4, 4, 2, 512), "bfloat16", False, 0.0): 935,
+    ((256, 512, 8, 4, 2, 512), "bfloat16", False, 0.0): 1619,
+    ((256, 512, 4, 4, 2, 512), "float32", False, 0.05): 1617,
+}
+
+
+@pytest.mark.parametrize("case", list(MEASURED_HOST_PEAKS), ids=str)
+def test_the_host_memory_model_matches_the_measured_peaks(case):
+    from tunebench.engine.core.memory_model import HOST_RUNTIME_BYTES, estimate_host_peak_bytes
+
+    (h, i, layers, heads, kv, vocab), dtype, recompute, dropout = case
+    model = {
+        "hidden_size": h,
+        "intermediate_size": i,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "vocab_size": vocab,
+        "tie_word_embeddings": True,
+    }
+    parts = estimate_host_peak_bytes(
+        model,
+        tokens=8 * 1024,
+        dtype_bytes=4 if dtype == "float32" else 2,
+        recompute=recompute,
+        lora_dropout=dropout,
+    )
+    modelled = (parts["total"] - HOST_RUNTIME_BYTES) / MIB  # the runtime was resident before the step
+    assert abs(modelled - MEASURED_HOST_PEAKS[case]) / MEASURED_HOST_PEAKS[case] < 0.2, modelled
+
+
+def test_the_host_estimate_follows_the_settings():
+    plan = dict(per_device_train_batch_size=8, max_length=2048, gradient_checkpointing=False)
+    base = host_estimate(**plan)
+    assert base.memory == "host" and base.available_gib == 64
+    assert set(base.parts) == {"weights", "lora_and_optimizer", "activations", "loss", "runtime"}
+    assert abs(sum(base.parts.values()) - base.total_gib) < 0.01
+    smaller = (
+        dict(per_device_train_batch_size=4),
+        dict(max_length=1024),
+        dict(gradient_checkpointing=True),
+        dict(torch_dtype="bfloat16"),
+        dict(lora_dropout=0.0),
+    )
+    for change in smaller:
+        assert host_estimate(**{**plan, **change}).total_gib < base.total_gib, change
+    # micro-batches are padded to their longest sample: short data needs less than max_length says
+    short = host_estimate(longest=100, **plan)
+    assert short.total_gib < base.total_gib / 5
+    assert any("8 samples x 100 tokens (the data's longest sample)" in n for n in short.notes)
+
+
+def test_a_plan_that_does_not_fit_names_settings_that_do():
+    from tunebench.engine.core.config import TrainConfig
+    from tunebench.engine.core.errors import UserError
+    from tunebench.engine.core.estimate import DEMO_MODEL_INFO, check_host_memory
+
+    settings = dict(per_device_train_batch_size=8, gradient_accumulation_steps=2, max_length=2048)
+    need = host_estimate(**settings).total_gib
+    roomy = host_estimate(available=need + 0.1, **settings)
+    assert roomy.advice == []
+    tight = need / 3
+    estimate = host_estimate(available=tight, **settings)
+    assert estimate.advice, estimate
+    batch, length = estimate.advice[0], estimate.advice[1]
+    assert batch.startswith("per_device_train_batch_size ") and "gradient_accumulation_steps" in batch
+    assert length.startswith("max_length ")
+    # every suggestion fits, and is the most that fits
+    new_batch = int(batch.split()[1])
+    new_accumulation = int(batch.split("gradient_accumulation_steps ")[1].split()[0])
+    assert new_batch * new_accumulation >= 16  # the same samples per step
+    assert host_estimate(**{**settings, "per_device_train_batch_size": new_batch}).total_gib <= tight
+    assert host_estimate(**{**settings, "per_device_train_batch_size": new_batch + 1}).total_gib > tight
+    new_length = int(length.split()[1])
+    assert host_estimate(**{**settings, "max_length": new_length}).total_gib <= tight
+    assert host_estimate(**{**settings, "max_length": new_length + 1}).total_gib > tight
+    with pytest.raises(UserError) as refused:
+        check_host_memory(TrainConfig(**settings), DEMO_MODEL_INFO, available=int(tight * GIB))
+    text = str(refused.value)
+    assert f"training needs about {need:.1f} GiB of RAM at its peak" in text
+    assert f"{tight:.1f} GiB is free" in text and batch in text and length in text
+    check_host_memory(TrainConfig(**settings), DEMO_MODEL_INFO, available=int((need + 0.1) * GIB))
+
+
+def test_without_a_gpu_the_estimate_is_in_ram():
+    from tunebench.engine.core.config import TrainConfig
+    from tunebench.engine.core.estimate import DEMO_MODEL_INFO, estimate_training_memory
+
+    estimate = estimate_training_memory(TrainConfig(), DEMO_MODEL_INFO, card_bytes=None)
+    assert estimate.memory == "host" and estimate.available_gib > 0
+    assert estimate_training_memory(TrainConfig(), DEMO_MODEL_INFO, card_bytes=80 * GIB).memory == "gpu"
