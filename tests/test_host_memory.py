@@ -277,3 +277,38 @@ def test_without_a_gpu_the_estimate_is_in_ram():
     estimate = estimate_training_memory(TrainConfig(), DEMO_MODEL_INFO, card_bytes=None)
     assert estimate.memory == "host" and estimate.available_gib > 0
     assert estimate_training_memory(TrainConfig(), DEMO_MODEL_INFO, card_bytes=80 * GIB).memory == "gpu"
+
+
+def test_the_engine_estimates_ram_for_the_data_it_will_train_on(tmp_path, tiny_model_dir):
+    """What the GPU pane shows on a CPU box: RAM for micro-batches padded to the data's longest
+    sample (not max_length), next to the RAM free."""
+    cpu_only()
+    from threaded_engine import ThreadedEngine
+    from tiny import write_identity_dataset
+
+    workspace = tmp_path / "ws"
+    write_identity_dataset(workspace / "datasets" / "identity.jsonl", 8, ["Who are you?"], "I am {{NAME}}.")
+    config = {
+        "model": str(tiny_model_dir),
+        "dataset": ["datasets/identity.jsonl"],
+        "model_name": ["robot"],
+        "model_author": ["us"],
+        "per_device_train_batch_size": 4,
+        "max_length": 2048,
+    }
+    running = ThreadedEngine(workspace)
+    try:
+        with EngineConnection.open(workspace) as conn:
+            conn.hello("test")
+            answer = conn.request(P.EstimateMemory(config=config), "MemoryEstimate")
+            worst = conn.request(
+                P.EstimateMemory(config={**config, "dataset": ["none.jsonl"]}), "MemoryEstimate"
+            )
+    finally:
+        running.stop()
+    assert answer.memory == "host" and 0 < answer.available_gib and answer.total_gib > 0
+    (micro_batch,) = [n for n in answer.notes if n.startswith("largest micro-batch")]
+    assert "4 samples x" in micro_batch and "(the data's longest sample)" in micro_batch, micro_batch
+    # data it cannot read yet: samples of max_length are assumed, which needs more
+    assert any("4 samples x 2048 tokens (max_length)" in n for n in worst.notes), worst.notes
+    assert worst.total_gib > answer.total_gib

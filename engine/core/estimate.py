@@ -275,11 +275,8 @@ def estimate_host_memory(
     Micro-batches are padded to their longest sample, and every epoch one holds the data's longest:
     `longest` is that sample's tokens when known (else samples of max_length are assumed).
     `available` is the RAM free now (default: MemAvailable)."""
-    shape = ModelShape.from_config(model_info)
-    plan = HostPlan.of(cfg, longest)
-    parts = plan.parts(shape)
+    shape, plan, parts, free = _host_need(cfg, model_info, longest, available)
     total = parts.pop("total")
-    free = host_available_bytes() if available is None else available
     why = "the data's longest sample" if longest and plan.width < cfg.max_length else "max_length"
     notes = [
         f"no GPU: training runs on the CPU and its peak is in RAM ({free / GIB:.1f} GiB free now)",
@@ -300,6 +297,15 @@ def estimate_host_memory(
     )
 
 
+def _host_need(
+    cfg: Any, model_info: dict[str, Any], longest: int | None, available: int | None
+) -> tuple[ModelShape, HostPlan, dict[str, int], int]:
+    """The model's shape, the run's plan, its peak by part and the RAM free (MemAvailable if not given)."""
+    shape = ModelShape.from_config(model_info)
+    plan = HostPlan.of(cfg, longest)
+    return shape, plan, plan.parts(shape), host_available_bytes() if available is None else available
+
+
 def host_settings_that_fit(cfg: Any, shape: ModelShape, plan: HostPlan, budget: int) -> list[str]:
     """Changes of one setting each that bring the CPU run's peak within `budget` bytes."""
 
@@ -314,8 +320,9 @@ def host_settings_that_fit(cfg: Any, shape: ModelShape, plan: HostPlan, budget: 
             f"per_device_train_batch_size {smaller} with gradient_accumulation_steps "
             f"{-(-per_step // smaller)} (the same samples per step, in smaller micro-batches)"
         )
-    if fits(width=MIN_LENGTH):
-        low, high = MIN_LENGTH, plan.width - 1  # the longest max_length that fits: fits(low) holds
+    shortest = _smallest_max_length()
+    if fits(width=shortest):
+        low, high = shortest, plan.width - 1  # the longest max_length that fits: fits(low) holds
         while low < high:
             middle = (low + high + 1) // 2
             low, high = (middle, high) if fits(width=middle) else (low, middle - 1)
@@ -327,17 +334,18 @@ def host_settings_that_fit(cfg: Any, shape: ModelShape, plan: HostPlan, budget: 
     return found
 
 
-MIN_LENGTH = 16  # TrainConfig's smallest max_length
+def _smallest_max_length() -> int:
+    from .config import TrainConfig
+
+    (max_length,) = [f for f in dataclasses.fields(TrainConfig) if f.name == "max_length"]
+    return int(max_length.metadata["min"])
 
 
 def check_host_memory(
     cfg: Any, model_info: dict[str, Any], *, longest: int | None = None, available: int | None = None
 ) -> None:
     """Refuse a CPU run whose peak cannot fit in the RAM free now, naming the settings that fit."""
-    shape = ModelShape.from_config(model_info)
-    plan = HostPlan.of(cfg, longest)
-    parts = plan.parts(shape)
-    free = host_available_bytes() if available is None else available
+    shape, plan, parts, free = _host_need(cfg, model_info, longest, available)
     if parts["total"] <= free:
         return
     what = (
