@@ -304,8 +304,12 @@ def test_the_engine_estimates_ram_for_the_data_it_will_train_on(tmp_path, tiny_m
             worst = conn.request(
                 P.EstimateMemory(config={**config, "dataset": ["none.jsonl"]}), "MemoryEstimate"
             )
+            # the data is read again once its file changes (the estimate follows every form change)
+            write_long_dataset(workspace / "datasets" / "identity.jsonl", 2, 300)
+            longer = conn.request(P.EstimateMemory(config=config), "MemoryEstimate")
     finally:
         running.stop()
+    assert longer.total_gib > answer.total_gib
     assert answer.memory == "host" and 0 < answer.available_gib and answer.total_gib > 0
     (micro_batch,) = [n for n in answer.notes if n.startswith("largest micro-batch")]
     assert "4 samples x" in micro_batch and "(the data's longest sample)" in micro_batch, micro_batch

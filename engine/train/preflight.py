@@ -143,13 +143,34 @@ def longest_sample_tokens(cfg: TrainConfig) -> int | None:
     if (spec == DEMO_NAME or spec.lower().endswith(".gguf")) and cached_model_dir(spec) is None:
         return None  # converted when it first trains, not for an estimate
     try:
-        samples, _problems = load_dataset(
-            cfg.dataset,
-            system=cfg.system,
-            model_name=cfg.model_name,
-            model_author=cfg.model_author,
-            seed=cfg.seed,
-        )
-        return _longest_sample(cfg, resolve_model(spec), samples)
+        key = _longest_key(cfg)
+        if key not in _LONGEST:
+            samples, _problems = load_dataset(
+                cfg.dataset,
+                system=cfg.system,
+                model_name=cfg.model_name,
+                model_author=cfg.model_author,
+                seed=cfg.seed,
+            )
+            if len(_LONGEST) >= 16:
+                _LONGEST.clear()
+            _LONGEST[key] = _longest_sample(cfg, resolve_model(spec), samples)
+        return _LONGEST[key]
     except Exception:  # noqa: BLE001 - an estimate falls back on max_length, whatever went wrong
         return None
+
+
+# The estimate is asked for at every change of the form: the data is read and tokenised again only
+# when a setting it depends on, or a dataset file, has changed.
+_LONGEST: dict[tuple, int | None] = {}
+
+
+def _longest_key(cfg: TrainConfig) -> tuple:
+    from ..core.data import parse_dataset_spec
+
+    files = []
+    for spec in cfg.dataset:
+        stat = parse_dataset_spec(spec).path.stat()
+        files.append((spec, stat.st_mtime_ns, stat.st_size))
+    settings = (cfg.system, tuple(cfg.model_name), tuple(cfg.model_author), cfg.seed, cfg.template)
+    return (tuple(files), cfg.model, cfg.max_length, cfg.trust_remote_code, settings)
