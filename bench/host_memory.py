@@ -47,7 +47,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=1024, help="tokens per sample (max_length)")
     parser.add_argument("--case", type=int, help="run this case only, in this process")
+    parser.add_argument(
+        "--demo",
+        nargs=2,
+        metavar=("BATCH", "DTYPE"),
+        help="instead: one step of the demo model on sample_data/self_cognition.jsonl",
+    )
     args = parser.parse_args()
+    if args.demo:
+        demo_step(int(args.demo[0]), args.demo[1])
+        return
     if args.case is None:
         # Each case in a fresh interpreter: freed heap an earlier case left mapped would hide growth.
         print(f"micro-batches of {BATCH} x {args.tokens} tokens; MiB of RSS growth at the step's peak")
@@ -142,6 +151,43 @@ def main() -> None:
             f"measured {measured:6.0f}  model {model_mib:6.0f}  ({(model_mib / measured - 1) * 100:+.0f}%)",
             flush=True,
         )
+
+
+def demo_step(batch: int, dtype: str) -> None:
+    """A real model's shape: one step of the demo's identity fine-tune, against the estimate for
+    the data's longest sample (the first step's micro-batch may be shorter)."""
+    import torch  # noqa: F401 - resident before the baseline, as in the engine
+    from tunebench.engine.core.demo_config import demo_config
+    from tunebench.engine.core.estimate import estimate_training_memory
+    from tunebench.engine.train.preflight import longest_sample_tokens
+    from tunebench.engine.train.recipe import run_training
+
+    output = tempfile.mkdtemp(prefix="tunebench-host-memory-")
+    cfg = demo_config(
+        output, max_steps=1, per_device_train_batch_size=batch, val_ratio=0.0, torch_dtype=dtype
+    )
+    longest = longest_sample_tokens(cfg)
+    process = psutil.Process()
+    base = process.memory_info().rss
+    peak = [base]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], process.memory_info().rss)
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    run_training(cfg, lambda event: None)
+    done.set()
+    sampler.join()
+    estimate = estimate_training_memory(cfg, None, None, longest=longest)
+    modelled = estimate.total_gib - estimate.parts["runtime"]
+    print(
+        f"demo, micro-batch {batch} (longest sample {longest} tokens), {dtype}: "
+        f"measured {(peak[0] - base) / 2**30:.2f} GiB, model {modelled:.2f} GiB"
+    )
 
 
 if __name__ == "__main__":
