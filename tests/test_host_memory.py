@@ -316,3 +316,23 @@ def test_the_engine_estimates_ram_for_the_data_it_will_train_on(tmp_path, tiny_m
     # data it cannot read yet: samples of max_length are assumed, which needs more
     assert any("4 samples x 2048 tokens (max_length)" in n for n in worst.notes), worst.notes
     assert worst.total_gib > answer.total_gib
+
+
+def test_the_cli_says_which_memory_ran_out(tmp_path, monkeypatch, capfd, tiny_model_dir):
+    """`tunebench train` out of RAM: the engine's diagnosis, not a traceback."""
+    import tunebench.engine.train.recipe as recipe
+    from tunebench.engine.cli.main import main
+
+    def runs_out_of_ram(cfg, emit, stop):
+        emit(P.TrainStarted(run_id="r", run_dir=str(tmp_path / "runs" / "r"), total_steps=10))
+        emit(P.TrainStep(step=2, total_steps=10, loss=2.0))
+        raise RuntimeError(CPU_ALLOCATOR_FAILURE)
+
+    monkeypatch.setattr(recipe, "run_training", runs_out_of_ram)
+    write_long_dataset(tmp_path / "data.jsonl", 4, 5)
+    argv = ["train", "--model", str(tiny_model_dir), "--dataset", str(tmp_path / "data.jsonl")]
+    code = main([*argv, "--output_dir", str(tmp_path / "runs"), "--per_device_train_batch_size", "4"])
+    _out, err = capfd.readouterr()
+    assert code == 2 and "Traceback" not in err, err
+    assert "error: training ran out of the machine's RAM (it asked for 4.00 GiB more) after step 2" in err
+    assert "per_device_train_batch_size (now 4) to 2" in err and "GPU" not in err
