@@ -83,18 +83,20 @@ def test_an_aborted_run_gives_its_memory_back(tmp_path):
     pid = start_engine(workspace, env={**os.environ, "OMP_NUM_THREADS": "1"})
     ensure_engine(workspace, timeout=30)
     engine = psutil.Process(pid)
-    with EngineConnection.open(workspace) as conn:
-        conn.hello("test")
-        # A short run first, so the baseline has torch, the model code and the tokenizer loaded.
-        state, _ = run_job(
-            conn, {**settings, "per_device_train_batch_size": 1, "max_length": 64, "max_steps": 1}
-        )
-        assert state == "done"
-        before = engine.memory_info().rss
-        state, peak = run_job(conn, {**settings, "max_steps": 1000}, abort_after_step=True)
-        assert state == "done"
-        after = engine.memory_info().rss
-        conn.send(P.Shutdown())
+    try:
+        with EngineConnection.open(workspace) as conn:
+            conn.hello("test")
+            # A short run first, so the baseline has torch, the model code and the tokenizer loaded.
+            state, _ = run_job(
+                conn, {**settings, "per_device_train_batch_size": 1, "max_length": 64, "max_steps": 1}
+            )
+            assert state == "done"
+            before = engine.memory_info().rss
+            state, peak = run_job(conn, {**settings, "max_steps": 1000}, abort_after_step=True)
+            assert state == "done"
+            after = engine.memory_info().rss
+    finally:
+        engine.kill()  # the engine this test started, whatever happened
     grown = peak - before
     assert grown > 200 * MIB, f"the run grew the engine by only {grown / MIB:.0f} MiB: nothing to give back"
     # Generous: a quarter of the growth may stay (allocator caches, a busy machine's sampling).
