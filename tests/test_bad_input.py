@@ -945,7 +945,12 @@ def test_a_plan_too_big_for_the_ram_is_refused_with_settings_that_fit(
         while status.state == "started":
             status = conn.wait_for("JobStatus", id=request_id, timeout=60)
     text = f"{error.message}\n  hint: {error.hint}"
-    assert status.state == "failed" and error.code == "config" and "Traceback" not in text and "[internal]" not in text
+    assert (
+        status.state == "failed"
+        and error.code == "config"
+        and "Traceback" not in text
+        and "[internal]" not in text
+    )
     for words in (*what, *fix):
         assert words in text, f"{words!r} not in:\n{text}"
     assert tree(folder, tiny_model_dir) == before
