@@ -338,3 +338,22 @@ def test_the_cli_says_which_memory_ran_out(tmp_path, monkeypatch, capfd, tiny_mo
     assert code == 2 and "Traceback" not in err, err
     assert "error: training ran out of the machine's RAM (it asked for 4.00 GiB more) after step 2" in err
     assert "per_device_train_batch_size (now 4) to 2" in err and "GPU" not in err
+
+
+def test_past_the_tokenize_limit_the_longest_sample_is_still_found(tiny_model_dir):
+    """A large dataset is not tokenised whole before training; its longest samples by characters are."""
+    from tunebench.engine.core.config import TrainConfig
+    from tunebench.engine.core.data import Sample
+    from tunebench.engine.models.loading import resolve_model
+    from tunebench.engine.train import preflight
+
+    def sample(words: int) -> Sample:
+        turns = [{"role": "user", "content": "Say it."}, {"role": "assistant", "content": "sea " * words}]
+        return Sample(turns, "data.jsonl")
+
+    samples = [sample(3) for _ in range(preflight.TOKENIZE_LIMIT)] + [sample(150)]
+    cfg = TrainConfig(model=str(tiny_model_dir), dataset=["data.jsonl"], max_length=2048)
+    resolved = resolve_model(str(tiny_model_dir))
+    longest = preflight._longest_sample(cfg, resolved, samples)
+    assert longest == preflight._longest_sample(cfg, resolved, samples[-1:])  # the long one, alone
+    assert longest > preflight._longest_sample(cfg, resolved, samples[:1]) + 100
