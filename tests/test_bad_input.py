@@ -1278,3 +1278,70 @@ def test_a_resume_keeps_the_runs_settings_applies_what_it_can_and_warns_of_other
     notes = [e.message for e in events if e.type == "Log"]
     assert any("resumed with changed settings: --max_steps 3 -> 5" in n for n in notes), notes
     assert next(e for e in events if e.type == "TrainFinished").steps == 5
+
+
+# ================================================================= a plan that cannot fit in RAM
+
+
+def test_a_plan_too_big_for_the_ram_is_refused_with_settings_that_fit(
+    tmp_path, monkeypatch, capfd, tiny_model_dir, engine_workspace
+):
+    """Without a GPU the run's peak is in RAM (issue 14: 17.6 GiB of a 23.5 GiB box): a plan that
+    cannot fit in the free RAM is refused before the model loads, through the CLI and the engine
+    alike, with settings that would fit. The free RAM is set so one sample per micro-batch fits."""
+    import torch
+    from tunebench.engine.core import estimate
+    from tunebench.engine.core import protocol as P
+    from tunebench.engine.core.config import TrainConfig
+    from tunebench.engine.process.client import EngineConnection
+
+    if torch.cuda.is_available():
+        pytest.skip("with CUDA the run's peak is on the GPU")
+    info = estimate.read_model_info(str(tiny_model_dir))
+    one_sample = estimate.HostPlan.of(TrainConfig(per_device_train_batch_size=1, max_length=64))
+    free = one_sample.parts(estimate.ModelShape.from_config(info))["total"]
+    monkeypatch.setattr(estimate, "host_available_bytes", lambda: free)
+    flags = ["--per_device_train_batch_size", "4", "--max_length", "64"]
+    what = ["GiB of RAM at its peak", "GiB is free", "no GPU here", "micro-batches of 4 x"]
+    fix = ["any one of these fits: per_device_train_batch_size 1 with gradient_accumulation_steps 4"]
+
+    work = tmp_path / "work"
+    write_files(work, {"data.jsonl": lines(GOOD, GOOD2)})
+    monkeypatch.chdir(work)
+    before = tree(work, tiny_model_dir)
+    code, out, err = run_cli(
+        ["train", "--model", str(tiny_model_dir), "--dataset", "data.jsonl", *flags], capfd
+    )
+    assert code not in (0, None) and "Traceback" not in out + err, err
+    message = err[err.index("error: ") :]
+    for words in (*what, *fix):
+        assert words in message, f"{words!r} not in:\n{message}"
+    assert tree(work, tiny_model_dir) == before  # nothing written, no run folder
+
+    folder = engine_workspace / "ram"
+    write_files(folder, {"data.jsonl": lines(GOOD, GOOD2)})
+    before = tree(folder, tiny_model_dir)
+    config = {
+        "model": str(tiny_model_dir),
+        "dataset": ["ram/data.jsonl"],
+        "output_dir": "ram/runs",
+        "per_device_train_batch_size": 4,
+        "max_length": 64,
+    }
+    with EngineConnection.open(engine_workspace) as conn:
+        conn.hello("test")
+        request_id = conn.send(P.StartTraining(config=config))
+        error = conn.wait_for("EngineError", id=request_id, timeout=60)
+        status = conn.wait_for("JobStatus", id=request_id, timeout=60)
+        while status.state == "started":
+            status = conn.wait_for("JobStatus", id=request_id, timeout=60)
+    text = f"{error.message}\n  hint: {error.hint}"
+    assert (
+        status.state == "failed"
+        and error.code == "config"
+        and "Traceback" not in text
+        and "[internal]" not in text
+    )
+    for words in (*what, *fix):
+        assert words in text, f"{words!r} not in:\n{text}"
+    assert tree(folder, tiny_model_dir) == before

@@ -366,7 +366,7 @@ class TuneBenchApp(App[int]):
             self.train_pane.log_line(f"  what to do: {error.hint}", "red")
         if purpose == "train" or (self.train_pane.run.live and error.code in RUN_FAILURES):
             self.train_pane.set_status("failed")
-            title = "Out of GPU memory" if error.code == "oom" else "Training stopped"
+            title = "Out of memory" if error.code == "oom" else "Training stopped"  # the message says which
             self.push_screen(ErrorScreen(title, error.message, error.hint))
         else:
             self.notify(error_text(error), severity="error", timeout=8)

@@ -67,13 +67,26 @@ def train_main(argv: list[str]) -> int:
     from ..train.preflight import preflight
 
     preflight(cfg)
+    from ..process.jobs import RunProgress, describe_failure
     from ..train.recipe import StopSignal, run_training
 
     stop = StopSignal()
     previous = _install_stop_handlers(stop)
     renderer = JsonRenderer() if args.json else ProgressRenderer()
+    progress = RunProgress()
+
+    def emit(event) -> None:
+        progress.note(event)  # how far the run got, for the out-of-memory advice
+        renderer(event)
+
     try:
-        result = run_training(cfg, renderer, stop)
+        result = run_training(cfg, emit, stop)
+    except Exception as exc:
+        # Out of memory is the person's to fix (RAM or GPU, with what to change), as in the engine.
+        error, _report = describe_failure(exc, "train", cfg, progress=progress)
+        if error.code != "oom":
+            raise
+        raise UserError(error.message, error.hint, code="oom") from None
     finally:
         renderer.close()
         for signum, handler in previous.items():  # main() may be called in-process (tests)

@@ -1,13 +1,16 @@
-"""An estimate of what a training run needs on the GPU, answered before anything is loaded.
+"""An estimate of what a training run needs, on the GPU or (without one) in RAM, answered before
+anything is loaded.
 
 `estimate_training_memory(cfg)` answers "will this form fit?" from the model's config.json alone,
 with the CUDA path's own memory model (engine/core/memory_model.py, calibrated against the
 bench's measured peaks): the same profile, packed forwards and recompute that
-engine/cuda/path.py will choose.
+engine/cuda/path.py will choose. Without a GPU, `estimate_host_memory` gives the RAM the CPU
+run needs next to what is free, and `check_host_memory` refuses a plan that cannot fit.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -16,6 +19,7 @@ from typing import Any
 
 from . import memory_model as gm
 from . import protocol as P
+from .errors import UserError
 from .memory_sampler import gpu_stats
 from .model_files import DEMO_NAME, cache_root, workspace_model
 
@@ -92,17 +96,8 @@ class ModelShape:
         return gm.projection_shapes(self.as_config())
 
     @property
-    def linear_params(self) -> int:
-        return self.layers * sum(a * b for a, b in self.linear_shapes().values())
-
-    @property
-    def embedding_params(self) -> int:
-        """Input embeddings, the output head (unless tied) and the norms."""
-        return self.vocab * self.hidden * (1 if self.tied else 2) + (2 * self.layers + 1) * self.hidden
-
-    @property
     def parameters(self) -> int:
-        return self.linear_params + self.embedding_params
+        return gm.parameter_count(self.as_config())
 
 
 @dataclass(frozen=True)
@@ -165,21 +160,32 @@ def training_layout(shape: ModelShape, cfg: Any, card_bytes: int | None) -> Trai
     return TrainingLayout(profile, why, tokens, recomputed, quantized, on_host, trainable, inputs_on_host)
 
 
+def card_bytes_here() -> int | None:
+    """The memory of the GPU training would use (NVML's first), or None where none is seen."""
+    gpus, _note = gpu_stats()
+    return gpus[0]["total"] if gpus else None
+
+
 def estimate_training_memory(
-    cfg: Any, model_info: dict[str, Any] | None = None, card_bytes: int | None = -1
+    cfg: Any,
+    model_info: dict[str, Any] | None = None,
+    card_bytes: int | None = -1,
+    longest: int | None = None,
 ) -> P.MemoryEstimate:
     """GPU memory a TrainConfig will need at its peak (the allocator's), from the model's
     config.json (read without torch); `model_info` is that config.json as a dict, when the caller
-    has it; `card_bytes` the GPU's memory (-1: ask NVML; None: no GPU). The numbers are the CUDA
-    path's own memory model (engine/core/memory_model.py). Raises ValueError when the model's sizes
-    cannot be found."""
+    has it; `card_bytes` the GPU's memory (-1: card_bytes_here(); None: no GPU). The numbers are the CUDA
+    path's own memory model (engine/core/memory_model.py). Where no GPU is seen, the RAM a run on
+    the CPU needs instead (estimate_host_memory; `longest` is the data's longest sample in tokens,
+    when known). Raises ValueError when the model's sizes cannot be found."""
     info = model_info if model_info is not None else read_model_info(cfg.model)
     if info is None:
         raise ValueError(f"cannot find config.json for model {cfg.model!r} to estimate its memory")
     shape = ModelShape.from_config(info)
     if card_bytes == -1:
-        gpus, _note = gpu_stats()
-        card_bytes = gpus[0]["total"] if gpus else None
+        card_bytes = card_bytes_here()
+    if card_bytes is None:
+        return estimate_host_memory(cfg, info, longest=longest)
     layout = training_layout(shape, cfg, card_bytes)
     parts = gm.estimate_peak_bytes(
         shape.as_config(),
@@ -212,6 +218,147 @@ def estimate_training_memory(
         trainable=layout.lora_params,
         notes=notes,
     )
+
+
+# ================================================================== host memory (no GPU)
+
+
+def host_available_bytes() -> int:
+    """RAM that can be taken without swapping now (the kernel's MemAvailable)."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+@dataclass(frozen=True)
+class HostPlan:
+    """What sets a CPU run's peak: its largest padded micro-batch and how each layer keeps it."""
+
+    batch: int
+    width: int  # tokens of the longest sample a micro-batch is padded to
+    dtype_bytes: int
+    recompute: bool
+    lora_rank: int
+    targets: tuple[str, ...]
+    lora_dropout: float
+
+    @classmethod
+    def of(cls, cfg: Any, longest: int | None = None) -> HostPlan:
+        return cls(
+            batch=cfg.per_device_train_batch_size,
+            width=min(cfg.max_length, longest) if longest else cfg.max_length,
+            dtype_bytes=2 if cfg.torch_dtype in ("bfloat16", "float16") else 4,  # auto: float32 on a CPU
+            recompute=bool(cfg.gradient_checkpointing),
+            lora_rank=cfg.lora_rank,
+            targets=tuple(cfg.target_modules),
+            lora_dropout=cfg.lora_dropout,
+        )
+
+    def parts(self, shape: ModelShape) -> dict[str, int]:
+        return gm.estimate_host_peak_bytes(
+            shape.as_config(),
+            tokens=self.batch * self.width,
+            dtype_bytes=self.dtype_bytes,
+            recompute=self.recompute,
+            lora_rank=self.lora_rank,
+            target_modules=self.targets,
+            lora_dropout=self.lora_dropout,
+        )
+
+
+def estimate_host_memory(
+    cfg: Any, model_info: dict[str, Any], *, longest: int | None = None, available: int | None = None
+) -> P.MemoryEstimate:
+    """RAM a TrainConfig will need at its peak on a machine without a GPU, next to what is free,
+    and when it does not fit, the settings that would.
+
+    Micro-batches are padded to their longest sample, and every epoch one holds the data's longest:
+    `longest` is that sample's tokens when known (else samples of max_length are assumed).
+    `available` is the RAM free now (default: MemAvailable)."""
+    shape, plan, parts, free = _host_need(cfg, model_info, longest, available)
+    total = parts.pop("total")
+    why = "the data's longest sample" if longest and plan.width < cfg.max_length else "max_length"
+    notes = [
+        f"no GPU: training runs on the CPU and its peak is in RAM ({free / GIB:.1f} GiB free now)",
+        f"largest micro-batch {plan.batch} samples x {plan.width} tokens ({why})",
+        f"{'float32' if plan.dtype_bytes == 4 else cfg.torch_dtype} weights and activations"
+        + (", layers recomputed in backward" if plan.recompute else ""),
+    ]
+    return P.MemoryEstimate(
+        total_gib=round(total / GIB, 3),
+        parts={name: round(value / GIB, 3) for name, value in parts.items()},
+        model=cfg.model,
+        parameters=shape.parameters,
+        trainable=gm.lora_parameters(shape.as_config(), cfg.lora_rank, tuple(cfg.target_modules)),
+        notes=notes,
+        memory="host",
+        available_gib=round(free / GIB, 3),
+        advice=[] if total <= free else host_settings_that_fit(cfg, shape, plan, free),
+    )
+
+
+def _host_need(
+    cfg: Any, model_info: dict[str, Any], longest: int | None, available: int | None
+) -> tuple[ModelShape, HostPlan, dict[str, int], int]:
+    """The model's shape, the run's plan, its peak by part and the RAM free (MemAvailable if not given)."""
+    shape = ModelShape.from_config(model_info)
+    plan = HostPlan.of(cfg, longest)
+    return shape, plan, plan.parts(shape), host_available_bytes() if available is None else available
+
+
+def host_settings_that_fit(cfg: Any, shape: ModelShape, plan: HostPlan, budget: int) -> list[str]:
+    """Changes of one setting each that bring the CPU run's peak within `budget` bytes."""
+
+    def fits(**change: Any) -> bool:
+        return dataclasses.replace(plan, **change).parts(shape)["total"] <= budget
+
+    found = []
+    smaller = next((b for b in range(plan.batch - 1, 0, -1) if fits(batch=b)), 0)
+    if smaller:
+        per_step = plan.batch * cfg.gradient_accumulation_steps
+        found.append(
+            f"per_device_train_batch_size {smaller} with gradient_accumulation_steps "
+            f"{-(-per_step // smaller)} (the same samples per step, in smaller micro-batches)"
+        )
+    shortest = _smallest_max_length()
+    if fits(width=shortest):
+        low, high = shortest, plan.width - 1  # the longest max_length that fits: fits(low) holds
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if fits(width=middle) else (low, middle - 1)
+        found.append(f"max_length {low} (longer samples are cut there)")
+    if not plan.recompute and fits(recompute=True):
+        found.append("gradient_checkpointing on (recompute activations in backward)")
+    if plan.dtype_bytes == 4 and fits(dtype_bytes=2):
+        found.append("torch_dtype bfloat16 (half the RAM of float32)")
+    return found
+
+
+def _smallest_max_length() -> int:
+    from .config import TrainConfig
+
+    (max_length,) = [f for f in dataclasses.fields(TrainConfig) if f.name == "max_length"]
+    return int(max_length.metadata["min"])
+
+
+def check_host_memory(
+    cfg: Any, model_info: dict[str, Any], *, longest: int | None = None, available: int | None = None
+) -> None:
+    """Refuse a CPU run whose peak cannot fit in the RAM free now, naming the settings that fit."""
+    shape, plan, parts, free = _host_need(cfg, model_info, longest, available)
+    if parts["total"] <= free:
+        return
+    what = (
+        f"training needs about {parts['total'] / GIB:.1f} GiB of RAM at its peak, and "
+        f"{free / GIB:.1f} GiB is free (no GPU here: it trains on the CPU; micro-batches "
+        f"of {plan.batch} x {plan.width} tokens, {parts['weights'] / GIB:.1f} GiB of it the model)"
+    )
+    advice = host_settings_that_fit(cfg, shape, plan, free)
+    if advice:
+        hint = "any one of these fits: " + "; or ".join(advice)
+    else:
+        hint = "even the smallest settings do not fit: choose a smaller model"
+    raise UserError(what, hint + "; or close other programs using RAM (top lists them)", code="config")
 
 
 # --------------------------------------------------------------- model config

@@ -255,3 +255,77 @@ def layers_to_keep(
     replay = per_layer if replay is None else replay
     room = budget / max(tokens, 1) - fixed - layers * stub - replay
     return int(max(0, min(layers, room // max(per_layer - stub, 1))))
+
+
+# ================================================================ host memory: training on a CPU
+#
+# Without CUDA the recipe takes the plain path (engine/train/plain.py): eager layers, micro-batches
+# padded to their longest sample, the loss from the model's own logits. Its peak is the process's
+# RSS, so these numbers are per token of the padded micro-batch, fitted to the peak RSS growth of
+# one step measured on the CPU (bench/host_memory.py, bench/RESULTS_host_memory.md: within 8% on
+# every shape measured, 17% for recompute).
+
+# Elements one eager decoder layer keeps per token for backward, as multiples of the hidden and
+# intermediate sizes: norms upcast to float32, RoPE's rotated copies, LoRA's inputs cast to its
+# float32 weights, and the attention and MLP intermediates.
+HOST_LAYER_HIDDEN_WORDS = 26
+HOST_LAYER_INTERMEDIATE_WORDS = 3
+# A recomputed layer (gradient_checkpointing) still keeps about this many hidden-wide elements,
+# and about one and a half layers are alive in full while one is replayed in backward.
+HOST_RECOMPUTED_HIDDEN_WORDS = 10
+HOST_REPLAYED_LAYERS = 1.5
+# Outside the layers: embeddings' output, the final norm (hidden-wide), and the logits, their
+# float32 copy, log-softmax and gradient (bytes per vocabulary entry per token).
+HOST_OUTSIDE_HIDDEN_WORDS = 5
+HOST_LOGIT_BYTES = {4: 12, 2: 16}
+# Bytes an activation element takes: a 16-bit model still computes its norms and LoRA in float32.
+HOST_ELEMENT_BYTES = {4: 4.0, 2: 3.0}
+# LoRA dropout keeps its output and mask at every adapted projection (all-linear: 8h + i elements).
+HOST_DROPOUT_HIDDEN_WORDS, HOST_DROPOUT_INTERMEDIATE_WORDS = 8, 1
+# torch, transformers and the engine itself, resident before any tensor.
+HOST_RUNTIME_BYTES = int(0.5 * GIB)
+
+
+def parameter_count(model_config: Any) -> int:
+    """The base model's parameters: the linear layers, the embeddings and head (one matrix when
+    tied), and the norms."""
+    s = model_sizes(model_config)
+    linear = s["layers"] * sum(a * b for a, b in projection_shapes(s).values())
+    return linear + s["vocab"] * s["hidden"] * (1 if s["tied"] else 2) + (2 * s["layers"] + 1) * s["hidden"]
+
+
+def estimate_host_peak_bytes(
+    model_config: Any,
+    *,
+    tokens: int,
+    dtype_bytes: int = 4,
+    recompute: bool = False,
+    lora_rank: int = 8,
+    target_modules: Sequence[str] = ALL_LINEAR,
+    lora_dropout: float = 0.0,
+) -> dict[str, int]:
+    """Peak resident bytes of a training step on the CPU (the plain path), by part.
+
+    `tokens` is the padded micro-batch (samples x their longest length); `dtype_bytes` the
+    model's (4: float32, what a CPU loads by default; 2: bfloat16 or float16); `recompute` is
+    gradient_checkpointing.
+    """
+    s = model_sizes(model_config)
+    h, i, layers = s["hidden"], s["intermediate"], s["layers"]
+    element = HOST_ELEMENT_BYTES[4 if dtype_bytes >= 4 else 2]
+    full_layer = (HOST_LAYER_HIDDEN_WORDS * h + HOST_LAYER_INTERMEDIATE_WORDS * i) * element
+    if lora_dropout > 0:
+        full_layer += (HOST_DROPOUT_HIDDEN_WORDS * h + HOST_DROPOUT_INTERMEDIATE_WORDS * i) * (element + 1)
+    if recompute:
+        per_token = layers * HOST_RECOMPUTED_HIDDEN_WORDS * h * element + HOST_REPLAYED_LAYERS * full_layer
+    else:
+        per_token = layers * full_layer
+    parts = {
+        "weights": parameter_count(s) * dtype_bytes,
+        "lora_and_optimizer": lora_parameters(s, lora_rank, target_modules) * 16,
+        "activations": int(tokens * (per_token + HOST_OUTSIDE_HIDDEN_WORDS * h * element)),
+        "loss": tokens * s["vocab"] * HOST_LOGIT_BYTES[4 if dtype_bytes >= 4 else 2],
+        "runtime": HOST_RUNTIME_BYTES,
+    }
+    parts["total"] = sum(parts.values())
+    return parts

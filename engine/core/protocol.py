@@ -261,6 +261,9 @@ class MemoryEstimate(Event):
     parameters: int = 0  # base model parameters
     trainable: int = 0  # LoRA parameters
     notes: list[str] = field(default_factory=list)  # assumptions worth showing next to the number
+    memory: str = "gpu"  # which memory the numbers are for: "gpu", or "host" (RAM: no GPU here)
+    available_gib: float = 0.0  # host: the RAM free when estimated
+    advice: list[str] = field(default_factory=list)  # host, when it does not fit: settings that would
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ import orjson
 from ..core import protocol as P
 from ..core.config import ConfigError, GenerationConfig, TrainConfig
 from ..core.errors import UserError
-from ..core.estimate import estimate_training_memory, read_model_info
+from ..core.estimate import card_bytes_here, estimate_training_memory, read_model_info
 from ..core.files import atomic_write_bytes
 from ..core.memory_sampler import sample_memory
 from ..core.workspace import ENGINE_IDLE_EXIT_S, Workspace
@@ -293,7 +293,13 @@ class EngineServer:
                 ),
             )
             return
-        self.clients.send(client, dataclasses.replace(estimate_training_memory(cfg, info), id=msg.id))
+        card, longest = card_bytes_here(), None
+        if card is None:  # on the CPU the data's longest sample sets the peak
+            from ..train.preflight import longest_sample_tokens
+
+            longest = await asyncio.to_thread(longest_sample_tokens, cfg)
+        estimate = estimate_training_memory(cfg, info, card, longest=longest)
+        self.clients.send(client, dataclasses.replace(estimate, id=msg.id))
 
     def _on_StopTraining(self, client: Client, msg: P.StopTraining) -> None:
         if msg.mode not in ("graceful", "abort"):

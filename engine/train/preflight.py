@@ -17,8 +17,9 @@ def preflight(cfg: TrainConfig, cancel: Any = None) -> None:
     A mistake in the flags or the data is then reported in seconds rather than after the model
     has loaded, and before anything is written. run_training checks all of this again (the engine
     calls it directly). With the model's tokenizer at hand, a dataset of which --max_length would
-    leave nothing is found here too, for datasets up to TOKENIZE_LIMIT samples. Once `cancel` (a
-    threading.Event) is set, core.errors.Cancelled stops the reading and tokenising.
+    leave nothing is found here too, for datasets up to TOKENIZE_LIMIT samples; and without CUDA,
+    a plan whose peak cannot fit in the free RAM. Once `cancel` (a threading.Event) is set,
+    core.errors.Cancelled stops the reading and tokenising.
     """
     from ..core.data import DataError, load_dataset, split_eval
     from ..core.model_files import DEMO_NAME, cached_model_dir, demo_gguf_path
@@ -75,7 +76,8 @@ def preflight(cfg: TrainConfig, cancel: Any = None) -> None:
         kept = split_eval(train_samples, cfg.val_ratio, cfg.seed)[0] if held_out else train_samples
         check_plan_size(len(kept), cfg)
     resolved = resolved or resolve_model(spec)
-    _check_something_fits(cfg, resolved, train_samples, cancel)
+    longest = _longest_sample(cfg, resolved, train_samples, cancel)
+    _check_host_memory(cfg, resolved, longest)
     if cfg.target_modules != ["all-linear"]:
         available = linear_module_names_of(resolved.path, cfg.trust_remote_code)
         unknown = [m for m in cfg.target_modules if available is not None and m not in available]
@@ -88,22 +90,95 @@ def preflight(cfg: TrainConfig, cancel: Any = None) -> None:
 
 
 # Tokenising costs about a second per few thousand samples, and the recipe tokenises again after
-# the model has loaded (where every size is checked): past this many the preflight leaves it there.
+# the model has loaded (where every size is checked): past this many the preflight tokenises only
+# the LONGEST_CANDIDATES samples with the most characters, to find the longest.
 TOKENIZE_LIMIT = 5000
+LONGEST_CANDIDATES = 200
 
 
-def _check_something_fits(cfg: TrainConfig, resolved, samples: list, cancel: Any) -> None:
-    """Refuse a dataset of which --max_length would leave no sample, before the weights load."""
+def _longest_sample(cfg: TrainConfig, resolved, samples: list, cancel: Any = None) -> int | None:
+    """Tokens in the longest training sample after --max_length, or None when it cannot be told
+    here. Refuses a dataset of which --max_length would leave no sample, before the weights load."""
     from ..core.encoding import tokenize_samples
     from ..models.loading import ModelError, load_tokenizer
     from .recipe import no_sample_left
 
-    if not samples or len(samples) > TOKENIZE_LIMIT:
-        return
+    if not samples:
+        return None
     try:
         tokenizer = load_tokenizer(resolved, cfg.trust_remote_code)
     except ModelError:
-        return  # the model load says what is wrong with it, with its own advice
+        return None  # the model load says what is wrong with it, with its own advice
+    if len(samples) > TOKENIZE_LIMIT:
+        samples = sorted(samples, key=_characters, reverse=True)[:LONGEST_CANDIDATES]
+        kept, _report = tokenize_samples(samples, tokenizer, cfg.max_length, cfg.template, cancel)
+        return max((len(s.input_ids) for s in kept), default=None)
     kept, report = tokenize_samples(samples, tokenizer, cfg.max_length, cfg.template, cancel)
     if not kept:
         raise no_sample_left([str(p) for p in report.problems], cfg.max_length)
+    return max(len(s.input_ids) for s in kept)
+
+
+def _characters(sample) -> int:
+    return sum(len(str(m.get("content") or "")) for m in sample.messages)
+
+
+def _check_host_memory(cfg: TrainConfig, resolved, longest: int | None) -> None:
+    """Without CUDA the run's peak is in RAM: refuse a plan that cannot fit in what is free, with
+    the settings that would (a CPU box swaps, or the kernel kills the engine, otherwise)."""
+    from ..core.estimate import check_host_memory, read_model_info
+    from ..models.loading import pick_device
+
+    if cfg.is_qlora or pick_device().type != "cpu":
+        return  # QLoRA runs on CUDA only (refused above without it); a GPU's memory is its own
+    info = read_model_info(str(resolved.path))
+    if info is None:
+        return
+    try:
+        check_host_memory(cfg, info, longest=longest)
+    except ValueError:
+        return  # a config.json without the sizes: the model load says what is wrong
+
+
+def longest_sample_tokens(cfg: TrainConfig) -> int | None:
+    """The training data's longest sample in tokens after --max_length, for the memory estimate;
+    None when the data or the tokenizer cannot be read (the preflight says why, at training)."""
+    from ..core.data import load_dataset
+    from ..core.model_files import DEMO_NAME, cached_model_dir
+    from ..models.loading import resolve_model
+
+    spec = cfg.model.strip()
+    if (spec == DEMO_NAME or spec.lower().endswith(".gguf")) and cached_model_dir(spec) is None:
+        return None  # converted when it first trains, not for an estimate
+    try:
+        key = _longest_key(cfg)
+        if key not in _LONGEST:
+            samples, _problems = load_dataset(
+                cfg.dataset,
+                system=cfg.system,
+                model_name=cfg.model_name,
+                model_author=cfg.model_author,
+                seed=cfg.seed,
+            )
+            if len(_LONGEST) >= 16:
+                _LONGEST.clear()
+            _LONGEST[key] = _longest_sample(cfg, resolve_model(spec), samples)
+        return _LONGEST[key]
+    except Exception:  # noqa: BLE001 - an estimate falls back on max_length, whatever went wrong
+        return None
+
+
+# The estimate is asked for at every change of the form: the data is read and tokenised again only
+# when a setting it depends on, or a dataset file, has changed.
+_LONGEST: dict[tuple, int | None] = {}
+
+
+def _longest_key(cfg: TrainConfig) -> tuple:
+    from ..core.data import parse_dataset_spec
+
+    files = []
+    for spec in cfg.dataset:
+        stat = parse_dataset_spec(spec).path.stat()
+        files.append((spec, stat.st_mtime_ns, stat.st_size))
+    settings = (cfg.system, tuple(cfg.model_name), tuple(cfg.model_author), cfg.seed, cfg.template)
+    return (tuple(files), cfg.model, cfg.max_length, cfg.trust_remote_code, settings)

@@ -137,6 +137,8 @@ class FakeEngine:
         self._send(self._snapshot(request.id))
 
     async def _on_EstimateMemory(self, request: P.EstimateMemory) -> None:
+        # Without a GPU the real engine answers in RAM, next to what is free (1.0 GiB here: too little).
+        host = {} if self.gpus else {"memory": "host", "available_gib": 1.0, "advice": ["max_length 512"]}
         self._send(
             P.MemoryEstimate(
                 id=request.id,
@@ -144,6 +146,7 @@ class FakeEngine:
                 parts={"weights": 0.3, "lora": 0.01, "activations": 1.0},
                 model=request.config.get("model", ""),
                 notes=["fake estimate"],
+                **host,
             )
         )
 

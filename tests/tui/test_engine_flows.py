@@ -130,6 +130,10 @@ async def test_no_gpu_shows_engine_ram(workspace, fake_engine):
         gpu = app.query_one(GpuPane)
         await wait_until(pilot, lambda: gpu.sample is not None)
         assert "no NVIDIA GPU: showing engine RAM" in str(app.query_one("#engine-memory").render())
+        await wait_until(pilot, lambda: gpu.estimate is not None, what="the estimate")
+        shown = " ".join(str(app.query_one("#memory-estimate").render()).split())
+        assert "1.5 GiB" in shown and "of RAM (no GPU): does NOT fit in the 1.0 GiB free" in shown, shown
+        assert "training will be refused; any one of these fits: max_length 512" in shown
 
 
 async def test_engine_death_is_noticed_and_restart_offered(workspace):

@@ -77,7 +77,20 @@ class GpuPane(Vertical):
         parts = ", ".join(f"{name} {value:.2f}" for name, value in estimate.parts.items())
         if parts:
             text.append(f"  ({parts} GiB)")
-        if self.sample is not None and self.sample.gpus:
+        if estimate.memory == "host":
+            fits = estimate.total_gib <= estimate.available_gib
+            text.append(
+                f"\nof RAM (no GPU): {'fits in' if fits else 'does NOT fit in'} the "
+                f"{estimate.available_gib:.1f} GiB free",
+                style="green" if fits else "bold red",
+            )
+            if not fits:
+                text.append(
+                    "\ntraining will be refused; any one of these fits: "
+                    + ("; or ".join(estimate.advice) or "a smaller model"),
+                    style="red",
+                )
+        elif self.sample is not None and self.sample.gpus:
             total = max(float(g.get("total") or 0) for g in self.sample.gpus)
             if total:
                 fits = estimate.total_gib * GIB <= total
@@ -86,8 +99,6 @@ class GpuPane(Vertical):
                     + ("" if fits else ": lower the micro-batch or max_length, or use qlora"),
                     style="green" if fits else "bold red",
                 )
-        elif self.sample is not None:
-            text.append("\nthat is for a CUDA GPU; here training uses RAM (engine RSS above)", style="dim")
         for note in estimate.notes:
             text.append(f"\n{note}", style="dim")
         if self.sample is not None and self.sample.gpus:
