@@ -231,6 +231,82 @@ CASES = [
         ["data.jsonl:1", "messages[2]"],
         ["end with the assistant's answer"],
     ),
+    # ------------------------------------------------------------ data for other kinds of training
+    Case(
+        "kto-labels",  # LLaMA-Factory's kto_en_demo: OpenAI messages, each marked good or bad
+        train(),
+        {
+            "data.jsonl": lines(
+                {**msgs(("user", "Is the sky green?"), ("assistant", "Yes, always.")), "label": False},
+                {**msgs(("user", "Is the sky blue?"), ("assistant", "On a clear day, yes.")), "label": True},
+            )
+        },
+        ["KTO data", "'label': true/false", "supervised answers only", "not used"],
+        ["data.jsonl:1", "data.jsonl:2"],
+        ["swift rlhf --rlhf_type kto"],
+    ),
+    Case(
+        "dpo-sharegpt-chosen-rejected",  # LLaMA-Factory's dpo_en_demo
+        train(data_spec="data.json"),
+        {
+            "data.json": json.dumps(
+                [
+                    {
+                        "conversations": [{"from": "human", "value": "Name a prime number."}],
+                        "chosen": {"from": "gpt", "value": "7 is prime."},
+                        "rejected": {"from": "gpt", "value": "9 is prime."},
+                    }
+                ]
+            ).encode()
+        },
+        ["preference data for DPO/ORPO", "'rejected'", "supervised answers only"],
+        ["data.json[0]"],
+        ["write each as the assistant's answer", "--rlhf_type dpo"],
+    ),
+    Case(
+        "dpo-alpaca-chosen-rejected",
+        train(),
+        {"data.jsonl": lines({"instruction": "Say hi.", "input": "", "chosen": "Hi!", "rejected": "No."})},
+        ["preference data for DPO/ORPO", "supervised answers only"],
+        ["data.jsonl:1"],
+        ["--rlhf_type dpo"],
+    ),
+    Case(
+        "swift-rejected-response",  # ms-swift's RLHF format: the chosen answer is the last turn
+        train(),
+        {
+            "data.jsonl": lines(
+                GOOD,
+                {**msgs(("user", "2+2?"), ("assistant", "4")), "rejected_response": "5"},
+            )
+        },
+        ["preference data for DPO/ORPO", "'rejected_response'", "not used"],
+        ["data.jsonl:2"],
+        ["--rlhf_type dpo"],
+    ),
+    Case(
+        "images-field",  # LLaMA-Factory's mllm_demo
+        train(),
+        {
+            "data.jsonl": lines(
+                {
+                    **msgs(("user", "<image>Who are they?"), ("assistant", "Two players on a pitch.")),
+                    "images": ["mllm_demo_data/1.jpg"],
+                }
+            )
+        },
+        ["multimodal data", "an 'images' field", "literal tag text"],
+        ["data.jsonl:1"],
+        ["leave the file out"],
+    ),
+    Case(
+        "image-tag-without-images",
+        train(),
+        {"data.jsonl": lines({"instruction": "<image>Describe the picture.", "output": "A cat."})},
+        ["multimodal data", "'<image>' in its text"],
+        ["data.jsonl:1"],
+        ["leave the file out"],
+    ),
     Case(
         "unfilled-name-placeholder",
         train(),

@@ -649,6 +649,20 @@ def test_check_sample_for_the_tui(tiny_tokenizer):
     assert "would be dropped" in drop and "raise --max_length" in drop
 
 
+
+def test_the_row_check_names_data_meant_for_other_training():
+    """The TUI's row check says what a KTO, DPO or image record is, as training refuses it."""
+    kto = {**qa("Is the sky green?", "Yes."), "label": False}
+    dpo = {"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt", "value": "a"}}
+    dpo["rejected"] = {"from": "gpt", "value": "b"}
+    image = {**qa("<image>Who is this?", "A cat."), "images": ["1.jpg"]}
+    for record, words in ((kto, "KTO data"), (dpo, "preference data for DPO/ORPO"), (image, "multimodal")):
+        (message,) = check_sample(record)
+        assert words in message and "supervised answers only" in message
+    # a field named like theirs that is not theirs is fine: an empty images list, a text label
+    assert check_sample({**qa("q", "a"), "images": [], "label": "greeting"}) == []
+
+
 # ============================================================ sample data
 
 

@@ -70,8 +70,9 @@ class RecordProblem:
 
     `kind` is "record" for a readable record that is not a usable sample (skipped, as ms-swift
     skips rows its preprocessor rejects), "unreadable" for a line that is not JSON or not UTF-8,
-    and "empty" for a file with no records at all; load_dataset refuses a file with either of
-    the last two, since a broken file is not something to train on part of.
+    "untrained" for data of a kind this build does not train (UntrainedKind), and "empty" for a
+    file with no records at all; load_dataset refuses a file with any of the last three, since a
+    broken file, or one meant for another kind of training, is not something to train on part of.
     """
 
     source: str
@@ -110,9 +111,20 @@ class Sample:
 class InvalidRecord(ValueError):
     """One record is unusable; the message is the reason shown to the person (no location)."""
 
+    kind = "record"  # RecordProblem.kind
+
 
 class UnreadableRecord(InvalidRecord):
     """A line that is not JSON, or not UTF-8: the file itself is broken there."""
+
+    kind = "unreadable"
+
+
+class UntrainedKind(InvalidRecord):
+    """A record of a kind of training this build does not do (preference pairs, KTO labels,
+    images): the file is refused whole, since training its text as answers would be wrong."""
+
+    kind = "untrained"
 
 
 # ============================================================= dataset specs
@@ -187,8 +199,7 @@ def read_records(path: Path) -> tuple[list[Sample], list[RecordProblem]]:
                 raise record
             samples.append(Sample(normalise_record(record), source))
         except InvalidRecord as exc:
-            kind = "unreadable" if isinstance(exc, UnreadableRecord) else "record"
-            problems.append(RecordProblem(source, str(exc), kind))
+            problems.append(RecordProblem(source, str(exc), exc.kind))
     if not samples and not problems:
         problems.append(RecordProblem(str(path), "the file holds no records", "empty"))
     return samples, problems
@@ -301,6 +312,7 @@ def normalise_record(record: Any) -> list[dict[str, str]]:
         raise InvalidRecord(
             f"expected a JSON object {{...}} holding the record's fields, found {_kind(record)}"
         )
+    _refuse_untrained_kind(record)
     system = _optional_text(record, "system")
     if "messages" in record:
         turns = _from_messages(record["messages"])
@@ -325,6 +337,50 @@ def normalise_record(record: Any) -> list[dict[str, str]]:
 
 
 _Turn = tuple[str, str, str]  # role, content, where it came from in the record (for messages)
+
+_SFT_ONLY = "this build trains supervised answers only (SFT)"
+# Placeholders multimodal datasets (LLaMA-Factory, ms-swift) put where an image, video or sound goes.
+_MEDIA_TAGS = ("<image>", "<video>", "<audio>")
+_MEDIA_KEYS = ("images", "videos", "audios")
+
+
+def _refuse_untrained_kind(record: dict) -> None:
+    """Raise UntrainedKind for data meant for another kind of training, recognised by its keys,
+    before the chat formats read it: read as SFT it would train wrong targets silently."""
+    if isinstance(record.get("label"), bool) or isinstance(record.get("kto_tag"), bool):
+        key = "label" if "label" in record else "kto_tag"
+        raise UntrainedKind(
+            f"KTO data ('{key}': true/false marks each answer good or bad): {_SFT_ONLY}, which would "
+            f"teach the bad answers too; keep the records marked true without '{key}', or train it "
+            "with a KTO trainer (ms-swift: swift rlhf --rlhf_type kto)"
+        )
+    rejected = [k for k in ("rejected", "rejected_response", "rejected_messages") if k in record]
+    if rejected:
+        raise UntrainedKind(
+            f"preference data for DPO/ORPO (a chosen and a '{rejected[0]}' answer): {_SFT_ONLY}; to "
+            f"learn the chosen answers, write each as the assistant's answer and drop '{rejected[0]}', "
+            "or train it with a preference trainer (ms-swift: swift rlhf --rlhf_type dpo)"
+        )
+    media = next((k for k in _MEDIA_KEYS if record.get(k)), None)
+    tag = None if media else next((t for t in _MEDIA_TAGS if any(t in s for s in _texts(record))), None)
+    if media or tag:
+        what = f"an '{media}' field" if media else f"'{tag}' in its text"
+        raise UntrainedKind(
+            f"multimodal data ({what}): {_SFT_ONLY} of text models, and would train on the literal "
+            "tag text without the media; leave the file out, or use a vision-language trainer"
+        )
+
+
+def _texts(value: Any) -> Iterator[str]:
+    """Every string inside a record, at any depth."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _texts(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _texts(item)
 
 
 def _from_messages(items: Any) -> list[_Turn]:
@@ -527,8 +583,9 @@ def load_dataset(
 
 
 def _refuse_broken_file(path: Path, problems: list[RecordProblem]) -> None:
-    """A file with lines that are not JSON (or not UTF-8), or with no records, is not trained on
-    in part: like `datasets` under ms-swift, the load fails and says where."""
+    """A file with lines that are not JSON (or not UTF-8), with data of a kind this build does not
+    train, or with no records, is not trained on in part: like `datasets` under ms-swift, the
+    load fails and says where."""
     unreadable = [p for p in problems if p.kind == "unreadable"]
     if unreadable:
         lines = "a line that is" if len(unreadable) == 1 else f"{len(unreadable)} lines that are"
@@ -537,6 +594,15 @@ def _refuse_broken_file(path: Path, problems: list[RecordProblem]) -> None:
             unreadable,
             hint="fix or delete the line(s) listed (JSON lines: one complete {...} object per line); "
             "records that are valid JSON but not usable samples are only skipped",
+        )
+    untrained = [p for p in problems if p.kind == "untrained"]
+    if untrained:
+        raise DataError(
+            f"{path} holds data of a kind this build does not train, so it was not used",
+            untrained,
+            hint="train it with the trainer named above, or convert it to supervised samples "
+            "(a question and the answer to learn); records of other kinds are refused, never "
+            "trained as answers",
         )
     if any(p.kind == "empty" for p in problems):
         raise DataError(
