@@ -649,7 +649,6 @@ def test_check_sample_for_the_tui(tiny_tokenizer):
     assert "would be dropped" in drop and "raise --max_length" in drop
 
 
-
 def test_the_row_check_names_data_meant_for_other_training():
     """The TUI's row check says what a KTO, DPO or image record is, as training refuses it."""
     kto = {**qa("Is the sky green?", "Yes."), "label": False}
