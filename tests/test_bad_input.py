@@ -46,6 +46,7 @@ def train(*flags: str, data_spec: str = "data.jsonl") -> list[str]:
     return ["train", "--model", "MODEL", "--dataset", data_spec, "--output_dir", "runs", *flags]
 
 
+UNCACHED_HUB_ID = "tunebench-tests/never-fetched"  # kept as typed on the engine path too
 HUGE = ("lorem ipsum dolor sit amet " * 200_000)[: 5 * 2**20]  # a 5 MiB prompt
 
 CASES = [
@@ -295,7 +296,7 @@ CASES = [
                 }
             )
         },
-        ["multimodal data", "an 'images' field", "literal tag text"],
+        ["multimodal data", "an 'images' field", "without the media"],
         ["data.jsonl:1"],
         ["leave the file out"],
     ),
@@ -306,6 +307,57 @@ CASES = [
         ["multimodal data", "'<image>' in its text"],
         ["data.jsonl:1"],
         ["leave the file out"],
+    ),
+    Case(
+        "plain-text-file",  # a .txt of articles: continued-pretraining data
+        train(data_spec="notes.txt"),
+        {"notes.txt": b"The river rises in the hills.\nIt reaches the sea at Rye.\n"},
+        ["plain text for continued pretraining", "supervised answers only", "not used"],
+        ["notes.txt[0]"],
+        ["swift pt", "write it as questions and answers"],
+    ),
+    Case(
+        "text-records",  # {"text": ...} lines, as pretraining corpora are shipped
+        train(),
+        {"data.jsonl": lines({"text": "The river rises in the hills."}, {"text": "It reaches the sea."})},
+        ["plain text for continued pretraining", "a 'text' field"],
+        ["data.jsonl:1"],
+        ["swift pt"],
+    ),
+    Case(
+        "image-content-part",  # OpenAI vision messages
+        train(),
+        {
+            "data.jsonl": lines(
+                {
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [
+                                {"type": "text", "text": "What is in the picture?"},
+                                {"type": "image_url", "image_url": {"url": "file:///cat.png"}},
+                            ],
+                        },
+                        {"role": "assistant", "content": "A cat."},
+                    ]
+                }
+            )
+        },
+        ["multimodal data", "an 'image_url' content part"],
+        ["data.jsonl:1"],
+        ["leave the file out"],
+    ),
+    Case(
+        "hub-id-not-cached",
+        train(data_spec=UNCACHED_HUB_ID),
+        {},
+        [
+            "is not a file or folder here",
+            "not in the local Hugging Face or ModelScope cache",
+            "downloads nothing",
+        ],
+        [UNCACHED_HUB_ID],
+        [f"huggingface-cli download --repo-type dataset {UNCACHED_HUB_ID}", "modelscope download --dataset"],
     ),
     Case(
         "unfilled-name-placeholder",
@@ -362,7 +414,7 @@ CASES = [
         {"sets": DIR, "sets/inside.jsonl": lines(GOOD)},
         ["is a folder, not a dataset file"],
         ["sets"],
-        ["name a .jsonl or .json file such as sets/inside.jsonl"],
+        ["name a data file such as sets/inside.jsonl"],
     ),
     Case(
         "empty-file",
@@ -382,11 +434,11 @@ CASES = [
     ),
     Case(
         "wrong-extension",
-        train(data_spec="data.csv"),
-        {"data.csv": b"instruction,output\nq,a\n"},
-        ["unknown dataset extension '.csv'"],
-        ["data.csv"],
-        ["use .jsonl"],
+        train(data_spec="data.xlsx"),
+        {"data.xlsx": b"PK\x03\x04 a spreadsheet"},
+        ["unknown dataset extension '.xlsx'"],
+        ["data.xlsx"],
+        ["use .jsonl", ".csv, .parquet"],
     ),
     Case(
         "broken-val-dataset",
@@ -785,7 +837,7 @@ def engine_config(case: Case, folder: str, model: Path) -> dict | None:
             return None
         if value == "MODEL":
             config["model"] = str(model)
-        elif value.startswith("./"):  # a path that is not there stays as typed
+        elif value.startswith("./") or value == UNCACHED_HUB_ID:  # a path that is not there stays as typed
             config[names[flag]] = value
         else:
             config[names[flag]] = f"{folder}/{value}"

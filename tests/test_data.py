@@ -225,7 +225,7 @@ BAD_RECORDS = [
     (
         '{"messages": [{"role": "user", "content": [{"type": "text"}]}, '
         '{"role": "assistant", "content": "a"}]}',
-        ["'content' must be text", "list"],
+        ["messages[0].content[0]: missing field 'text'"],
     ),
     (
         '{"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "q"}, '
@@ -247,7 +247,7 @@ BAD_RECORDS = [
         '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}',
         ["messages[1] is empty"],
     ),
-    ('{"text": "q", "label": "a"}', ["unknown format", "label, text"]),
+    ('{"prompt": "q", "label": "a"}', ["unknown format", "label, prompt"]),
     ('{"messages": "q"}', ["'messages' must be a list"]),
 ]
 
@@ -311,7 +311,7 @@ def test_huge_record_is_refused_without_reading_it(tmp_path, monkeypatch):
     [
         ("missing.jsonl", lambda p: None, "dataset file not found"),
         ("folder", lambda p: p.mkdir(), "is a folder, not a dataset file"),
-        ("data.csv", lambda p: p.write_text("a,b\n"), "unknown dataset extension '.csv'"),
+        ("data.xlsx", lambda p: p.write_text("a,b\n"), "unknown dataset extension '.xlsx'"),
         ("noext", lambda p: p.write_text("{}"), "unknown dataset extension '\\(none\\)'"),
         ("list.json", lambda p: p.write_text('"text"'), "expected a JSON list of records"),
     ],

@@ -7,8 +7,11 @@ user and assistant turns alternating, ending with the assistant), or a RecordPro
 which file, line or index, and why. Turning samples into token ids and loss masks is
 engine/core/encoding.py's part.
 
-Parsing uses orjson rather than `datasets` so a problem can name its exact line. This module
-imports neither torch nor transformers: the TUI imports it to check rows as they are typed.
+JSON files are parsed with orjson rather than `datasets` so a problem can name its exact line;
+other file types, save_to_disk folders and cached hub ids come through engine/core/data_sources.py.
+Records of kinds this build does not train (KTO, DPO/ORPO, multimodal, plain pretraining text) are
+refused by name. This module imports neither torch nor transformers: the TUI imports it to check
+rows as they are typed.
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from . import data_sources
 from .errors import DataUserError
 from .files import atomic_write_bytes
+from .model_files import looks_like_hub_id
 
-EXTENSIONS = (".jsonl", ".json")
+EXTENSIONS = data_sources.JSON_EXTENSIONS  # read here; every other source through data_sources
 # A single record larger than this is almost always a mistake (a whole file on one line, a
 # pasted binary); refusing it keeps the tokeniser and the TUI responsive.
 MAX_RECORD_BYTES = 16 * 1024 * 1024
@@ -149,7 +154,11 @@ def parse_dataset_spec(spec: str, root: str | Path | None = None) -> DatasetSpec
     """
     text = spec.strip()
     if not text:
-        raise DataError("empty dataset name", hint="give a .jsonl or .json file, optionally as path#N")
+        raise DataError(
+            "empty dataset name",
+            hint="give a data file (.jsonl, .json, .csv, .parquet, ...), a folder written by "
+            "save_to_disk, or a cached hub id, optionally as name#N",
+        )
     whole = _dataset_path(text, root)
     head, sep, tail = text.rpartition("#")
     if not sep or whole.is_file():
@@ -177,23 +186,33 @@ def resolve_dataset_spec(spec: str, root: str | Path) -> str:
 
 
 def _dataset_path(text: str, root: str | Path | None) -> Path:
+    """`text` as a path from `root`; a hub id (owner/name) not found there is kept as typed, to
+    be looked up in the local caches when read."""
     path = Path(text).expanduser()
-    return Path(root) / path if root is not None and not path.is_absolute() else path
+    if root is None or path.is_absolute():
+        return path
+    rooted = Path(root) / path
+    return path if looks_like_hub_id(text) and not rooted.exists() else rooted
 
 
 # ================================================================== reading
 
 
 def read_records(path: Path) -> tuple[list[Sample], list[RecordProblem]]:
-    """Read one .json / .jsonl file; bad records come back as problems, a bad file raises DataError.
+    """Read one dataset; bad records come back as problems, a bad source raises DataError.
 
+    A .json / .jsonl file is read here, so a problem names its line; anything else (other file
+    types, save_to_disk folders, cached hub ids) through engine/core/data_sources.py.
     Placeholders are left as they are here; load_dataset fills them.
     """
     path = Path(path)
-    raw = _read_bytes(path)
+    if path.suffix.lower() in EXTENSIONS and data_sources.saved_dataset_folder(path) is None:
+        rows = _records(path, _read_bytes(path))
+    else:
+        rows = _source_records(path)
     samples: list[Sample] = []
     problems: list[RecordProblem] = []
-    for source, record in _records(path, raw):
+    for source, record in rows:
         try:
             if isinstance(record, InvalidRecord):
                 raise record
@@ -203,6 +222,13 @@ def read_records(path: Path) -> tuple[list[Sample], list[RecordProblem]]:
     if not samples and not problems:
         problems.append(RecordProblem(str(path), "the file holds no records", "empty"))
     return samples, problems
+
+
+def _source_records(path: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        yield from data_sources.records(path)
+    except data_sources.SourceError as exc:
+        raise DataError(exc.message, hint=exc.hint) from None
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -215,11 +241,6 @@ def _read_bytes(path: Path) -> bytes:
         inside = sorted(p.name for p in path.iterdir() if p.suffix.lower() in EXTENSIONS)[:5]
         hint = "name a .jsonl or .json file" + (f" such as {path / inside[0]}" if inside else "")
         raise DataError(f"{path} is a folder, not a dataset file", hint=hint)
-    if path.suffix.lower() not in EXTENSIONS:
-        raise DataError(
-            f"{path}: unknown dataset extension {path.suffix or '(none)'!r}",
-            hint="use .jsonl (one JSON object per line) or .json (a list of objects)",
-        )
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -339,6 +360,9 @@ def normalise_record(record: Any) -> list[dict[str, str]]:
 _Turn = tuple[str, str, str]  # role, content, where it came from in the record (for messages)
 
 _SFT_ONLY = "this build trains supervised answers only (SFT)"
+# The keys of the chat formats normalise_record reads: a record with none of them but 'text' is
+# plain text.
+_CHAT_KEYS = {"messages", "conversations", "instruction", "output", "query", "response"}
 # Placeholders multimodal datasets (LLaMA-Factory, ms-swift) put where an image, video or sound goes.
 _MEDIA_TAGS = ("<image>", "<video>", "<audio>")
 _MEDIA_KEYS = ("images", "videos", "audios")
@@ -361,14 +385,33 @@ def _refuse_untrained_kind(record: dict) -> None:
             f"learn the chosen answers, write each as the assistant's answer and drop '{rejected[0]}', "
             "or train it with a preference trainer (ms-swift: swift rlhf --rlhf_type dpo)"
         )
-    media = next((k for k in _MEDIA_KEYS if record.get(k)), None)
-    tag = None if media else next((t for t in _MEDIA_TAGS if any(t in s for s in _texts(record))), None)
-    if media or tag:
-        what = f"an '{media}' field" if media else f"'{tag}' in its text"
+    if "text" in record and not _CHAT_KEYS & record.keys():
         raise UntrainedKind(
-            f"multimodal data ({what}): {_SFT_ONLY} of text models, and would train on the literal "
-            "tag text without the media; leave the file out, or use a vision-language trainer"
+            "plain text for continued pretraining (a 'text' field; a .txt file reads as one per "
+            f"line): {_SFT_ONLY}, not the loss on every token that pretraining takes (ms-swift: "
+            "swift pt); to fine-tune on it here, write it as questions and answers"
         )
+    media = (
+        next((f"an '{key}' field" for key in _MEDIA_KEYS if record.get(key)), None)
+        or next((f"an '{kind}' content part" for kind in _media_parts(record)), None)
+        or next(
+            (f"'{tag}' in its text" for tag in _MEDIA_TAGS if any(tag in s for s in _texts(record))), None
+        )
+    )
+    if media:
+        raise UntrainedKind(
+            f"multimodal data ({media}): {_SFT_ONLY} of text models, and would train on the "
+            "text without the media; leave the file out, or use a vision-language trainer"
+        )
+
+
+def _media_parts(record: dict) -> Iterator[str]:
+    """The types of OpenAI content parts that are not text ("image_url", "input_audio", ...)."""
+    for message in record.get("messages") or []:
+        content = message.get("content") if isinstance(message, dict) else None
+        for part in content if isinstance(content, list) else []:
+            if isinstance(part, dict) and part.get("type") not in (None, "text"):
+                yield str(part.get("type"))
 
 
 def _texts(value: Any) -> Iterator[str]:
@@ -391,8 +434,25 @@ def _from_messages(items: Any) -> list[_Turn]:
         canonical = message_role(role)
         if canonical is None:
             raise InvalidRecord(f"{where}: unknown role {role!r}: use system, user or assistant")
-        turns.append((canonical, _required_text(item, "content", where), where))
+        turns.append((canonical, _message_content(item, where), where))
     return turns
+
+
+def _message_content(message: dict, where: str) -> str:
+    """A message's content: text, or OpenAI's list of text parts, joined as one text."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return _required_text(message, "content", where)
+    texts = []
+    for i, part in enumerate(content):
+        if not (isinstance(part, dict) and part.get("type") == "text"):
+            raise InvalidRecord(
+                f'{where}: content[{i}] must be a text part {{"type": "text", "text": ...}}, '
+                f"found {_kind(part)}"
+            )
+        _required_text(part, "text", f"{where}.content[{i}]")
+        texts.append(part["text"])
+    return "\n".join(texts)
 
 
 def _from_sharegpt(items: Any) -> list[_Turn]:
