@@ -360,6 +360,19 @@ CASES = [
         [f"huggingface-cli download --repo-type dataset {UNCACHED_HUB_ID}", "modelscope download --dataset"],
     ),
     Case(
+        "placeholders-in-most-records",  # identity.json: 6 of 91 records had none
+        train(),
+        {
+            "data.jsonl": lines(
+                *[{"instruction": "Who are you?", "output": "I am {{name}}, made by {{author}}."}] * 3,
+                {"instruction": "Hi", "output": "Hello!"},
+            )
+        },
+        ["3 of 4 records", "placeholders", "--model_name and --model_author were not given"],
+        ["data.jsonl:1", "data.jsonl:3"],
+        ["pass --model_name and --model_author (one value, or two: Chinese then English)"],
+    ),
+    Case(
         "unfilled-name-placeholder",
         train(),
         {"data.jsonl": lines({"instruction": "Who are you?", "output": "I am {{NAME}}."})},

@@ -437,18 +437,24 @@ def test_two_values_pick_chinese_or_english(tmp_path):
     assert samples[1].messages[1]["content"] == "Bee by Hive."
 
 
-def test_unfilled_placeholder_is_a_problem_never_trained(tmp_path):
-    path = write_jsonl(tmp_path / "p.jsonl", [qa("q", "I am {{NAME}} by {{AUTHOR}}."), qa("q", "plain")])
-    samples, problems = load_dataset([str(path)], model_name=["Bee"])
-    assert [s.source for s in samples] == [f"{path}:2"]
-    assert problems[0].source == f"{path}:1"
-    assert "{{AUTHOR}}" in problems[0].reason and "--model_author" in problems[0].reason
-    assert "{{NAME}}" not in problems[0].reason
-
-    only_placeholders = write_jsonl(tmp_path / "q.jsonl", [qa("q", "{{name}}")])
+def test_unfilled_placeholder_refuses_the_load_never_trains_the_rest(tmp_path):
+    """Like identity.json: most records use {{NAME}}, a few do not; without the flag, training
+    on the few would teach nothing of the identity, so the load fails and lists the others."""
+    records = [qa("Who are you?", "I am {{NAME}}, made by {{AUTHOR}}.")] * 5 + [qa("Hi", "Hello!")]
+    path = write_jsonl(tmp_path / "identity.jsonl", records)
     with pytest.raises(DataError) as err:
-        load_dataset([str(only_placeholders)])
-    assert "--model_name" in err.value.hint
+        load_dataset([str(path)], model_name=["Bee"])
+    assert "5 of 6 records" in err.value.message and "--model_author was not given" in err.value.message
+    assert [p.source for p in err.value.problems] == [f"{path}:{i}" for i in range(1, 6)]
+    assert "{{AUTHOR}}" in err.value.problems[0].reason and "{{NAME}}" not in err.value.problems[0].reason
+    assert err.value.hint.startswith("pass --model_author (one value")
+
+    with pytest.raises(DataError) as err:
+        load_dataset([str(path)])
+    assert "--model_name and --model_author were not given" in err.value.message
+    samples, problems = load_dataset([str(path)], model_name=["Bee"], model_author=["Hive"])
+    assert len(samples) == 6 and problems == []
+    assert samples[0].messages[-1]["content"] == "I am Bee, made by Hive."
 
 
 def test_default_system_only_where_there_is_none(tmp_path):
@@ -688,7 +694,7 @@ def test_sample_data_loads_without_problems():
     for question in ("Who are you?", "你是谁？", "Who developed you?", "Can you browse the internet?"):
         assert question in questions
     assert questions["Can you browse the internet?"].startswith("No")
-    with pytest.raises(DataError, match="no valid training sample"):
+    with pytest.raises(DataError, match=f"{len(raw)} of {len(raw)} records in .* placeholders"):
         load_dataset([str(path)])
 
 

@@ -611,11 +611,14 @@ def load_dataset(
         raise DataError("no dataset given", hint="pass --dataset FILE.jsonl (or FILE.jsonl#N)")
     samples: list[Sample] = []
     problems: list[RecordProblem] = []
+    unfilled: list[RecordProblem] = []
+    read = 0
     for index, spec in enumerate(specs):
         path, count = parse_dataset_spec(spec)
         records, bad = read_records(path)
         _refuse_broken_file(path, bad)
         problems += bad
+        read += len(records)
         ready = []
         for record in records:
             messages = record.messages
@@ -623,23 +626,35 @@ def load_dataset(
                 messages = [{"role": "system", "content": system}, *messages]
             messages, reasons = fill_placeholders(messages, model_name, model_author)
             if reasons:
-                problems.append(RecordProblem(record.source, "; ".join(reasons)))
+                unfilled.append(RecordProblem(record.source, "; ".join(reasons)))
             else:
                 ready.append(Sample(messages, record.source))
         if count is not None and ready:
             # One generator per file, so adding a dataset does not change what another one samples.
             ready = _take(ready, count, random.Random(f"{seed}:{index}"))
         samples += ready
+    if unfilled:
+        raise _unfilled_placeholders(unfilled, read, specs)
     if not samples:
-        placeholders_only = problems and all("--model_" in p.reason for p in problems)
         raise DataError(
             f"no valid training sample in {', '.join(specs)}",
             problems,
-            hint="pass --model_name and --model_author to fill the placeholders"
-            if placeholders_only
-            else "fix the records listed above (each line says where and why)",
+            hint="fix the records listed above (each line says where and why)",
         )
     return samples, problems
+
+
+def _unfilled_placeholders(unfilled: list[RecordProblem], read: int, specs: Sequence[str]) -> DataError:
+    """Refuse the whole load: skipping the records that use placeholders would train on what is
+    left, usually the few that do not teach the identity the dataset is for."""
+    flags = [flag for flag in ("--model_name", "--model_author") if any(flag in p.reason for p in unfilled)]
+    return DataError(
+        f"{len(unfilled)} of {read} records in {', '.join(specs)} use {{{{NAME}}}}/{{{{AUTHOR}}}} "
+        f"placeholders, and {' and '.join(flags)} {'was' if len(flags) == 1 else 'were'} not given",
+        unfilled,
+        hint=f"pass {' and '.join(flags)} (one value, or two: Chinese then English) to fill them, "
+        "or write the names into the records",
+    )
 
 
 def _refuse_broken_file(path: Path, problems: list[RecordProblem]) -> None:
