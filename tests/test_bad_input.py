@@ -46,6 +46,17 @@ def train(*flags: str, data_spec: str = "data.jsonl") -> list[str]:
     return ["train", "--model", "MODEL", "--dataset", data_spec, "--output_dir", "runs", *flags]
 
 
+# Shaped like LLaMA-Factory's glaive_toolcall demo: the tools as JSON text, a call, its result.
+GLAIVE_CALL = {
+    "conversations": [
+        {"from": "human", "value": "What is the weather in Paris?"},
+        {"from": "function_call", "value": '{"name": "get_weather", "arguments": {"city": "Paris"}}'},
+        {"from": "observation", "value": '{"temperature_c": 18, "sky": "clear"}'},
+        {"from": "gpt", "value": "It is 18 degrees and clear in Paris."},
+    ],
+    "tools": '[{"name": "get_weather", "description": "Current weather in a city", '
+    '"parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]',
+}
 UNCACHED_HUB_ID = "tunebench-tests/never-fetched"  # kept as typed on the engine path too
 HUGE = ("lorem ipsum dolor sit amet " * 200_000)[: 5 * 2**20]  # a 5 MiB prompt
 
@@ -214,7 +225,7 @@ CASES = [
         {"data.jsonl": lines(msgs(("user", "hi"), ("bot", "hello")))},
         ["unknown role 'bot'"],
         ["data.jsonl:1", "messages[1]"],
-        ["use system, user or assistant"],
+        ["use system, user, assistant or tool"],
     ),
     Case(
         "messages-do-not-alternate",
@@ -358,6 +369,34 @@ CASES = [
         ],
         [UNCACHED_HUB_ID],
         [f"huggingface-cli download --repo-type dataset {UNCACHED_HUB_ID}", "modelscope download --dataset"],
+    ),
+    # ------------------------------------------------------------ tool calling
+    Case(
+        "tools-with-a-template-without-tool-support",  # glaive records, the tiny model's template
+        train(),
+        {"data.jsonl": lines(GLAIVE_CALL)},
+        ["no training sample is left", "does not show the tools or tool calls", "'get_weather'"],
+        ["data.jsonl:1"],
+        ["--template qwen or chatml"],
+    ),
+    Case(
+        "function-call-not-json",
+        train(),
+        {
+            "data.jsonl": lines(
+                {
+                    **GLAIVE_CALL,
+                    "conversations": [
+                        GLAIVE_CALL["conversations"][0],
+                        {"from": "function_call", "value": "get_weather(city='Paris')"},
+                        *GLAIVE_CALL["conversations"][2:],
+                    ],
+                }
+            )
+        },
+        ["the function_call is not valid JSON"],
+        ["data.jsonl:1", "conversations[1]"],
+        ["fix the records listed"],
     ),
     Case(
         "placeholders-in-most-records",  # identity.json: 6 of 91 records had none
@@ -938,6 +977,22 @@ def test_bom_extra_fields_and_skippable_records_are_accepted(tmp_path, monkeypat
     assert events[-1]["type"] == "TrainFinished" and events[-1]["status"] == "completed"
     assert {p: p.read_bytes() for p in inputs} == inputs
     assert (tmp_path / "runs" / "ok" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_tool_calls_train_through_a_template_with_tools(tmp_path, monkeypatch, capfd, tiny_model_dir):
+    """Glaive records train with --template qwen: no record dropped, the tools in the prompt."""
+    monkeypatch.chdir(tmp_path)
+    no_call = {
+        **GLAIVE_CALL,
+        "conversations": [GLAIVE_CALL["conversations"][0], {"from": "gpt", "value": "Sunny."}],
+    }
+    (tmp_path / "glaive.jsonl").write_bytes(lines(GLAIVE_CALL, no_call))
+    argv = ["train", "--model", str(tiny_model_dir), "--dataset", "glaive.jsonl", "--output_dir", "runs"]
+    code, out, err = run_cli([*argv, "--template", "qwen", "--max_steps", "1", "--json"], capfd)
+    assert code == 0, err
+    events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    report = next(e for e in events if e["type"] == "DataReport")
+    assert report["samples"] == 2 and report["dropped"] == 0 and report["problems"] == []
 
 
 def test_bom_records_read_like_plain_ones(tmp_path):

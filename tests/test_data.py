@@ -217,7 +217,10 @@ BAD_RECORDS = [
     ('{"conversations": "hi"}', ["'conversations' must be a list"]),
     ('{"conversations": []}', ["no conversation"]),
     ('{"conversations": ["hi"]}', ["conversations[0] must be an object"]),
-    ('{"messages": [{"role": "tool", "content": "x"}]}', ["messages[0]", "unknown role 'tool'"]),
+    (
+        '{"messages": [{"role": "tool", "content": "x"}]}',
+        ["messages[0] is from the tool", "user should speak"],
+    ),
     (
         '{"messages": [{"role": "user", "content": null}, {"role": "assistant", "content": "a"}]}',
         ["'content'"],

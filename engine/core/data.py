@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from . import data_sources
+from . import data_sources, tool_calls
 from .errors import DataUserError
 from .files import atomic_write_bytes
 from .model_files import looks_like_hub_id
@@ -37,6 +37,9 @@ EXTENSIONS = data_sources.JSON_EXTENSIONS  # read here; every other source throu
 MAX_RECORD_BYTES = 16 * 1024 * 1024
 _SHOWN_PROBLEMS = 10
 _BOM = b"\xef\xbb\xbf"
+
+# A chat message: role and content, plus "tool_calls" on an assistant message that calls tools.
+Message = dict[str, Any]
 
 _PLACEHOLDER = re.compile(r"\{\{\s*(name|author)\s*\}\}", re.IGNORECASE)
 # CJK Unified Ideographs, Extension A and the compatibility block: enough to tell Chinese text.
@@ -52,12 +55,22 @@ SHAREGPT_ROLES = {
     "bot": "assistant",
     "model": "assistant",
     "system": "system",
+    # LLaMA-Factory's tool-calling turns (glaive): the assistant's call, and the tool's answer.
+    "function_call": "assistant",
+    "observation": "tool",
+    "tool": "tool",
 }
-MESSAGE_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+MESSAGE_ROLES = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "tool",
+}
 
 
 def sharegpt_role(speaker: Any) -> str | None:
-    """The chat role ("system", "user" or "assistant") a sharegpt speaker stands for; None if unknown."""
+    """The chat role (system, user, assistant or tool) a sharegpt speaker stands for; None if unknown."""
     return SHAREGPT_ROLES.get(speaker.lower()) if isinstance(speaker, str) else None
 
 
@@ -107,10 +120,12 @@ class DataError(DataUserError, ValueError):
 
 @dataclass
 class Sample:
-    """One conversation ready to train on; `source` is where it came from, for messages."""
+    """One conversation ready to train on; `source` is where it came from, for messages, and
+    `tools` the functions its prompt offers (engine/core/tool_calls.py's form), if any."""
 
-    messages: list[dict[str, str]]
+    messages: list[Message]
     source: str
+    tools: list[dict] | None = None
 
 
 class InvalidRecord(ValueError):
@@ -216,7 +231,7 @@ def read_records(path: Path) -> tuple[list[Sample], list[RecordProblem]]:
         try:
             if isinstance(record, InvalidRecord):
                 raise record
-            samples.append(Sample(normalise_record(record), source))
+            samples.append(Sample(normalise_record(record), source, record_tools(record) or None))
         except InvalidRecord as exc:
             problems.append(RecordProblem(source, str(exc), exc.kind))
     if not samples and not problems:
@@ -327,13 +342,18 @@ def _jsonl_records(path: Path, raw: bytes) -> Iterator[tuple[str, Any]]:
 # ============================================================ normalising
 
 
-def normalise_record(record: Any) -> list[dict[str, str]]:
-    """Any supported format -> checked messages; raises InvalidRecord with the reason."""
+def normalise_record(record: Any) -> list[Message]:
+    """Any supported format -> checked messages; raises InvalidRecord with the reason.
+
+    Tool calls come out as assistant messages with "tool_calls" (and empty content unless the
+    record has text beside the call), tool results as "tool" messages; record_tools gives the
+    tools the record offers."""
     if not isinstance(record, dict):
         raise InvalidRecord(
             f"expected a JSON object {{...}} holding the record's fields, found {_kind(record)}"
         )
     _refuse_untrained_kind(record)
+    record_tools(record)  # a broken tools field is the record's problem, whichever format it is in
     system = _optional_text(record, "system")
     if "messages" in record:
         turns = _from_messages(record["messages"])
@@ -350,14 +370,27 @@ def normalise_record(record: Any) -> list[dict[str, str]]:
             "(sharegpt), 'instruction' + 'output' (alpaca) or 'query' + 'response'"
         )
     # An empty system prompt is how many exported datasets say "none".
-    turns = [t for t in turns if not (t[0] == "system" and not t[1].strip())]
-    if system and not (turns and turns[0][0] == "system"):
-        turns.insert(0, ("system", system, "system"))
+    turns = [t for t in turns if not (t.role == "system" and not t.content.strip())]
+    if system and not (turns and turns[0].role == "system"):
+        turns.insert(0, _Turn("system", system, "system"))
     _check_turns(turns)
-    return [{"role": role, "content": content} for role, content, _ in turns]
+    return [{"role": t.role, "content": t.content, **t.extra} for t in turns]
 
 
-_Turn = tuple[str, str, str]  # role, content, where it came from in the record (for messages)
+def record_tools(record: dict) -> list[dict]:
+    """The tools a record offers its assistant ([] for none); InvalidRecord if unreadable."""
+    try:
+        return tool_calls.parse_tools(record.get("tools"))
+    except tool_calls.ToolFormatError as exc:
+        raise InvalidRecord(str(exc)) from None
+
+
+class _Turn(NamedTuple):
+    role: str
+    content: str
+    where: str  # where it came from in the record, for messages
+    extra: dict[str, Any] = {}  # noqa: RUF012 - never mutated; "tool_calls" of an assistant call
+
 
 _SFT_ONLY = "this build trains supervised answers only (SFT)"
 # The keys of the chat formats normalise_record reads: a record with none of them but 'text' is
@@ -433,9 +466,21 @@ def _from_messages(items: Any) -> list[_Turn]:
         role = _required_text(item, "role", where)
         canonical = message_role(role)
         if canonical is None:
-            raise InvalidRecord(f"{where}: unknown role {role!r}: use system, user or assistant")
-        turns.append((canonical, _message_content(item, where), where))
+            raise InvalidRecord(f"{where}: unknown role {role!r}: use system, user, assistant or tool")
+        if canonical == "assistant" and item.get("tool_calls"):
+            calls = _parsed(tool_calls.parse_tool_calls, item["tool_calls"], where)
+            content = _message_content(item, where) if item.get("content") else ""
+            turns.append(_Turn("assistant", content, where, {"tool_calls": calls}))
+        else:
+            turns.append(_Turn(canonical, _message_content(item, where), where))
     return turns
+
+
+def _parsed(parse: Any, value: Any, where: str) -> Any:
+    try:
+        return parse(value)
+    except tool_calls.ToolFormatError as exc:
+        raise InvalidRecord(f"{where}: {exc}") from None
 
 
 def _message_content(message: dict, where: str) -> str:
@@ -467,9 +512,15 @@ def _from_sharegpt(items: Any) -> list[_Turn]:
         role = sharegpt_role(speaker)
         if role is None:
             raise InvalidRecord(
-                f"{where}: unknown speaker {speaker!r} in '{speaker_key}': use human, gpt or system"
+                f"{where}: unknown speaker {speaker!r} in '{speaker_key}': use human, gpt or system "
+                "(and function_call, observation for tool calls)"
             )
-        turns.append((role, _required_text(item, text_key, where), where))
+        text = _required_text(item, text_key, where)
+        if speaker.lower() == "function_call":
+            calls = _parsed(tool_calls.parse_call_text, text, where)
+            turns.append(_Turn("assistant", "", where, {"tool_calls": calls}))
+        else:
+            turns.append(_Turn(role, text, where))
     return turns
 
 
@@ -479,14 +530,14 @@ def _from_alpaca(record: dict) -> list[_Turn]:
     query = f"{instruction}\n{extra}" if extra.strip() else instruction
     return [
         *_history(record),
-        ("user", query, "instruction"),
-        ("assistant", _required_text(record, "output"), "output"),
+        _Turn("user", query, "instruction"),
+        _Turn("assistant", _required_text(record, "output"), "output"),
     ]
 
 
 def _from_query_response(record: dict) -> list[_Turn]:
     query, response = _required_text(record, "query"), _required_text(record, "response")
-    return [*_history(record), ("user", query, "query"), ("assistant", response, "response")]
+    return [*_history(record), _Turn("user", query, "query"), _Turn("assistant", response, "response")]
 
 
 def _history(record: dict) -> list[_Turn]:
@@ -501,30 +552,45 @@ def _history(record: dict) -> list[_Turn]:
             raise InvalidRecord(
                 f"history[{i}] must be a [question, answer] pair of texts, found {_kind(pair)}"
             )
-        turns += [("user", pair[0], f"history[{i}][0]"), ("assistant", pair[1], f"history[{i}][1]")]
+        turns += [_Turn("user", pair[0], f"history[{i}][0]"), _Turn("assistant", pair[1], f"history[{i}][1]")]
     return turns
 
 
 def _check_turns(turns: list[_Turn]) -> None:
-    """System first if at all, then user / assistant alternating, ending with a non-empty answer."""
-    body = turns[1:] if turns and turns[0][0] == "system" else turns
+    """System first if at all, then user / assistant alternating, ending with a non-empty answer.
+
+    An assistant's tool call is answered by one or more tool results, then the assistant again."""
+    body = turns[1:] if turns and turns[0].role == "system" else turns
     if not body:
         raise InvalidRecord("no conversation: give at least a user turn and the assistant's answer")
-    expected = "user"
-    for role, content, where in body:
+    expected: tuple[str, ...] = ("user",)
+    for turn in body:
+        role, where = turn.role, turn.where
         if role == "system":
             raise InvalidRecord(f"{where}: a system message may only come first")
-        if role != expected:
+        if role not in expected:
+            if "tool" in expected or role == "tool":
+                raise InvalidRecord(
+                    f"{where} is from the {role} but the {' or the '.join(expected)} should speak here: "
+                    "a tool call is followed by its results (observation / tool turns), and a tool "
+                    "result by the assistant"
+                )
             raise InvalidRecord(
-                f"{where} is from the {role} but the {expected} should speak here: turns must "
+                f"{where} is from the {role} but the {expected[0]} should speak here: turns must "
                 "alternate user, assistant (merge the two turns, or add the missing one)"
             )
-        if not content.strip():
-            what = "answer" if role == "assistant" else "question"
+        calls = turn.extra.get("tool_calls")
+        if not calls and not turn.content.strip():
+            what = {"assistant": "answer", "tool": "tool's result"}.get(role, "question")
             raise InvalidRecord(f"{where} is empty: write the {what}, or delete the record")
-        expected = "assistant" if role == "user" else "user"
-    if body[-1][0] != "assistant":
-        raise InvalidRecord(f"the last turn ({body[-1][2]}) is the user's: end with the assistant's answer")
+        if role == "assistant":
+            expected = ("tool",) if calls else ("user",)
+        else:
+            expected = ("tool", "assistant") if role == "tool" else ("assistant",)
+    if body[-1].role != "assistant":
+        raise InvalidRecord(
+            f"the last turn ({body[-1].where}) is the {body[-1].role}'s: end with the assistant's answer"
+        )
 
 
 def _list_of_objects(items: Any, key: str) -> list[dict]:
@@ -570,8 +636,8 @@ def _kind(value: Any) -> str:
 
 
 def fill_placeholders(
-    messages: list[dict[str, str]], model_name: Sequence[str] = (), model_author: Sequence[str] = ()
-) -> tuple[list[dict[str, str]], list[str]]:
+    messages: list[Message], model_name: Sequence[str] = (), model_author: Sequence[str] = ()
+) -> tuple[list[Message], list[str]]:
     """Replace {{NAME}} / {{AUTHOR}} (any case); the reasons list is non-empty when one stays unfilled.
 
     With two values the first is for samples with Chinese text, the second for the rest.
@@ -628,7 +694,7 @@ def load_dataset(
             if reasons:
                 unfilled.append(RecordProblem(record.source, "; ".join(reasons)))
             else:
-                ready.append(Sample(messages, record.source))
+                ready.append(Sample(messages, record.source, record.tools))
         if count is not None and ready:
             # One generator per file, so adding a dataset does not change what another one samples.
             ready = _take(ready, count, random.Random(f"{seed}:{index}"))
