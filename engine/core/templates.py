@@ -26,12 +26,13 @@ def _chatml(default_system: str) -> str:
         "{% for tool in tools %}{{ '\n' + (tool | tojson) }}{% endfor %}"
         "{{ '\n</tools>\n\nFor each call, return a JSON object with the function name and its "
         "arguments inside <tool_call></tool_call> XML tags:\n<tool_call>\n"
-        '{\"name\": <function-name>, \"arguments\": <args-json-object>}'
+        '{"name": <function-name>, "arguments": <args-json-object>}'
         "\n</tool_call><|im_end|>\n' }}{% endif %}"
         "{% for message in messages %}"
         "{% if tools and loop.first and message['role'] == 'system' %}"
         "{% elif message['role'] == 'tool' %}"
-        "{% if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}{{ '<|im_start|>user' }}{% endif %}"
+        "{% if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}"
+        "{{ '<|im_start|>user' }}{% endif %}"
         "{{ '\n<tool_response>\n' + message['content'] + '\n</tool_response>' }}"
         "{% if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{ '<|im_end|>\n' }}{% endif %}"
         "{% elif message['role'] == 'assistant' and message['tool_calls'] %}"
