@@ -221,7 +221,8 @@ def read_records(path: Path) -> tuple[list[Sample], list[RecordProblem]]:
     Placeholders are left as they are here; load_dataset fills them.
     """
     path = Path(path)
-    if path.suffix.lower() in EXTENSIONS and data_sources.saved_dataset_folder(path) is None:
+    is_json_file = path.suffix.lower() in EXTENSIONS and path.exists() and not path.is_dir()
+    if is_json_file and data_sources.saved_dataset_folder(path) is None:
         rows = _records(path, _read_bytes(path))
     else:
         rows = _source_records(path)
@@ -247,15 +248,8 @@ def _source_records(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _read_bytes(path: Path) -> bytes:
-    if not path.exists():
-        raise DataError(
-            f"dataset file not found: {path}",
-            hint=f"check the path; relative paths start from {Path.cwd()}",
-        )
-    if path.is_dir():
-        inside = sorted(p.name for p in path.iterdir() if p.suffix.lower() in EXTENSIONS)[:5]
-        hint = "name a .jsonl or .json file" + (f" such as {path / inside[0]}" if inside else "")
-        raise DataError(f"{path} is a folder, not a dataset file", hint=hint)
+    """The bytes of a JSON file that exists (data_sources says what is wrong with a missing path
+    or a folder)."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
