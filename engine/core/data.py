@@ -30,6 +30,7 @@ from . import data_sources, tool_calls
 from .errors import DataUserError
 from .files import atomic_write_bytes
 from .model_files import looks_like_hub_id
+from .record_kinds import untrained_kind
 
 EXTENSIONS = data_sources.JSON_EXTENSIONS  # read here; every other source through data_sources
 # A single record larger than this is almost always a mistake (a whole file on one line, a
@@ -346,7 +347,9 @@ def normalise_record(record: Any) -> list[Message]:
         raise InvalidRecord(
             f"expected a JSON object {{...}} holding the record's fields, found {_kind(record)}"
         )
-    _refuse_untrained_kind(record)
+    kind = untrained_kind(record)
+    if kind:
+        raise UntrainedKind(kind)
     record_tools(record)  # a broken tools field is the record's problem, whichever format it is in
     system = _optional_text(record, "system")
     if "messages" in record:
@@ -384,73 +387,6 @@ class _Turn(NamedTuple):
     content: str
     where: str  # where it came from in the record, for messages
     extra: dict[str, Any] = {}  # noqa: RUF012 - never mutated; "tool_calls" of an assistant call
-
-
-_SFT_ONLY = "this build trains supervised answers only (SFT)"
-# The keys of the chat formats normalise_record reads: a record with none of them but 'text' is
-# plain text.
-_CHAT_KEYS = {"messages", "conversations", "instruction", "output", "query", "response"}
-# Placeholders multimodal datasets (LLaMA-Factory, ms-swift) put where an image, video or sound goes.
-_MEDIA_TAGS = ("<image>", "<video>", "<audio>")
-_MEDIA_KEYS = ("images", "videos", "audios")
-
-
-def _refuse_untrained_kind(record: dict) -> None:
-    """Raise UntrainedKind for data meant for another kind of training, recognised by its keys,
-    before the chat formats read it: read as SFT it would train wrong targets silently."""
-    if isinstance(record.get("label"), bool) or isinstance(record.get("kto_tag"), bool):
-        key = "label" if "label" in record else "kto_tag"
-        raise UntrainedKind(
-            f"KTO data ('{key}': true/false marks each answer good or bad): {_SFT_ONLY}, which would "
-            f"teach the bad answers too; keep the records marked true without '{key}', or train it "
-            "with a KTO trainer (ms-swift: swift rlhf --rlhf_type kto)"
-        )
-    rejected = [k for k in ("rejected", "rejected_response", "rejected_messages") if k in record]
-    if rejected:
-        raise UntrainedKind(
-            f"preference data for DPO/ORPO (a chosen and a '{rejected[0]}' answer): {_SFT_ONLY}; to "
-            f"learn the chosen answers, write each as the assistant's answer and drop '{rejected[0]}', "
-            "or train it with a preference trainer (ms-swift: swift rlhf --rlhf_type dpo)"
-        )
-    if "text" in record and not _CHAT_KEYS & record.keys():
-        raise UntrainedKind(
-            "plain text for continued pretraining (a 'text' field; a .txt file reads as one per "
-            f"line): {_SFT_ONLY}, not the loss on every token that pretraining takes (ms-swift: "
-            "swift pt); to fine-tune on it here, write it as questions and answers"
-        )
-    media = (
-        next((f"an '{key}' field" for key in _MEDIA_KEYS if record.get(key)), None)
-        or next((f"an '{kind}' content part" for kind in _media_parts(record)), None)
-        or next(
-            (f"'{tag}' in its text" for tag in _MEDIA_TAGS if any(tag in s for s in _texts(record))), None
-        )
-    )
-    if media:
-        raise UntrainedKind(
-            f"multimodal data ({media}): {_SFT_ONLY} of text models, and would train on the "
-            "text without the media; leave the file out, or use a vision-language trainer"
-        )
-
-
-def _media_parts(record: dict) -> Iterator[str]:
-    """The types of OpenAI content parts that are not text ("image_url", "input_audio", ...)."""
-    for message in record.get("messages") or []:
-        content = message.get("content") if isinstance(message, dict) else None
-        for part in content if isinstance(content, list) else []:
-            if isinstance(part, dict) and part.get("type") not in (None, "text"):
-                yield str(part.get("type"))
-
-
-def _texts(value: Any) -> Iterator[str]:
-    """Every string inside a record, at any depth."""
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _texts(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from _texts(item)
 
 
 def _from_messages(items: Any) -> list[_Turn]:
