@@ -97,6 +97,18 @@ def train(*flags: str, data_spec: str = "data.jsonl") -> list[str]:
     return ["train", "--model", "MODEL", "--dataset", data_spec, "--output_dir", "runs", *flags]
 
 
+# Shaped like LLaMA-Factory's glaive_toolcall demo: the tools as JSON text, a call, its result.
+GLAIVE_CALL = {
+    "conversations": [
+        {"from": "human", "value": "What is the weather in Paris?"},
+        {"from": "function_call", "value": '{"name": "get_weather", "arguments": {"city": "Paris"}}'},
+        {"from": "observation", "value": '{"temperature_c": 18, "sky": "clear"}'},
+        {"from": "gpt", "value": "It is 18 degrees and clear in Paris."},
+    ],
+    "tools": '[{"name": "get_weather", "description": "Current weather in a city", '
+    '"parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]',
+}
+UNCACHED_HUB_ID = "tunebench-tests/never-fetched"  # kept as typed on the engine path too
 HUGE = ("lorem ipsum dolor sit amet " * 200_000)[: 5 * 2**20]  # a 5 MiB prompt
 
 CASES = [
@@ -280,7 +292,7 @@ CASES = [
         {"data.jsonl": lines(msgs(("user", "hi"), ("bot", "hello")))},
         ["unknown role 'bot'"],
         ["data.jsonl:1", "messages[1]"],
-        ["use system, user or assistant"],
+        ["use system, user, assistant or tool"],
     ),
     Case(
         "messages-do-not-alternate",
@@ -297,6 +309,174 @@ CASES = [
         ["is the user's"],
         ["data.jsonl:1", "messages[2]"],
         ["end with the assistant's answer"],
+    ),
+    # ------------------------------------------------------------ data for other kinds of training
+    Case(
+        "kto-labels",  # LLaMA-Factory's kto_en_demo: OpenAI messages, each marked good or bad
+        train(),
+        {
+            "data.jsonl": lines(
+                {**msgs(("user", "Is the sky green?"), ("assistant", "Yes, always.")), "label": False},
+                {**msgs(("user", "Is the sky blue?"), ("assistant", "On a clear day, yes.")), "label": True},
+            )
+        },
+        ["KTO data", "'label': true/false", "supervised answers only", "not used"],
+        ["data.jsonl:1", "data.jsonl:2"],
+        ["swift rlhf --rlhf_type kto"],
+    ),
+    Case(
+        "dpo-sharegpt-chosen-rejected",  # LLaMA-Factory's dpo_en_demo
+        train(data_spec="data.json"),
+        {
+            "data.json": json.dumps(
+                [
+                    {
+                        "conversations": [{"from": "human", "value": "Name a prime number."}],
+                        "chosen": {"from": "gpt", "value": "7 is prime."},
+                        "rejected": {"from": "gpt", "value": "9 is prime."},
+                    }
+                ]
+            ).encode()
+        },
+        ["preference data for DPO/ORPO", "'rejected'", "supervised answers only"],
+        ["data.json[0]"],
+        ["write each as the assistant's answer", "--rlhf_type dpo"],
+    ),
+    Case(
+        "dpo-alpaca-chosen-rejected",
+        train(),
+        {"data.jsonl": lines({"instruction": "Say hi.", "input": "", "chosen": "Hi!", "rejected": "No."})},
+        ["preference data for DPO/ORPO", "supervised answers only"],
+        ["data.jsonl:1"],
+        ["--rlhf_type dpo"],
+    ),
+    Case(
+        "swift-rejected-response",  # ms-swift's RLHF format: the chosen answer is the last turn
+        train(),
+        {
+            "data.jsonl": lines(
+                GOOD,
+                {**msgs(("user", "2+2?"), ("assistant", "4")), "rejected_response": "5"},
+            )
+        },
+        ["preference data for DPO/ORPO", "'rejected_response'", "not used"],
+        ["data.jsonl:2"],
+        ["--rlhf_type dpo"],
+    ),
+    Case(
+        "images-field",  # LLaMA-Factory's mllm_demo
+        train(),
+        {
+            "data.jsonl": lines(
+                {
+                    **msgs(("user", "<image>Who are they?"), ("assistant", "Two players on a pitch.")),
+                    "images": ["mllm_demo_data/1.jpg"],
+                }
+            )
+        },
+        ["multimodal data", "an 'images' field", "without the media"],
+        ["data.jsonl:1"],
+        ["leave the file out"],
+    ),
+    Case(
+        "image-tag-without-images",
+        train(),
+        {"data.jsonl": lines({"instruction": "<image>Describe the picture.", "output": "A cat."})},
+        ["multimodal data", "'<image>' in its text"],
+        ["data.jsonl:1"],
+        ["leave the file out"],
+    ),
+    Case(
+        "plain-text-file",  # a .txt of articles: continued-pretraining data
+        train(data_spec="notes.txt"),
+        {"notes.txt": b"The river rises in the hills.\nIt reaches the sea at Rye.\n"},
+        ["plain text for continued pretraining", "supervised answers only", "not used"],
+        ["notes.txt[0]"],
+        ["swift pt", "write it as questions and answers"],
+    ),
+    Case(
+        "text-records",  # {"text": ...} lines, as pretraining corpora are shipped
+        train(),
+        {"data.jsonl": lines({"text": "The river rises in the hills."}, {"text": "It reaches the sea."})},
+        ["plain text for continued pretraining", "a 'text' field"],
+        ["data.jsonl:1"],
+        ["swift pt"],
+    ),
+    Case(
+        "image-content-part",  # OpenAI vision messages
+        train(),
+        {
+            "data.jsonl": lines(
+                {
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [
+                                {"type": "text", "text": "What is in the picture?"},
+                                {"type": "image_url", "image_url": {"url": "file:///cat.png"}},
+                            ],
+                        },
+                        {"role": "assistant", "content": "A cat."},
+                    ]
+                }
+            )
+        },
+        ["multimodal data", "an 'image_url' content part"],
+        ["data.jsonl:1"],
+        ["leave the file out"],
+    ),
+    Case(
+        "hub-id-not-cached",
+        train(data_spec=UNCACHED_HUB_ID),
+        {},
+        [
+            "is not a file or folder here",
+            "not in the local Hugging Face or ModelScope cache",
+            "downloads nothing",
+        ],
+        [UNCACHED_HUB_ID],
+        [f"huggingface-cli download --repo-type dataset {UNCACHED_HUB_ID}", "modelscope download --dataset"],
+    ),
+    # ------------------------------------------------------------ tool calling
+    Case(
+        "tools-with-a-template-without-tool-support",  # glaive records, the tiny model's template
+        train(),
+        {"data.jsonl": lines(GLAIVE_CALL)},
+        ["no training sample is left", "does not show the tools or tool calls", "'get_weather'"],
+        ["data.jsonl:1"],
+        ["--template qwen or chatml"],
+    ),
+    Case(
+        "function-call-not-json",
+        train(),
+        {
+            "data.jsonl": lines(
+                {
+                    **GLAIVE_CALL,
+                    "conversations": [
+                        GLAIVE_CALL["conversations"][0],
+                        {"from": "function_call", "value": "get_weather(city='Paris')"},
+                        *GLAIVE_CALL["conversations"][2:],
+                    ],
+                }
+            )
+        },
+        ["the function_call is not valid JSON"],
+        ["data.jsonl:1", "conversations[1]"],
+        ["fix the records listed"],
+    ),
+    Case(
+        "placeholders-in-most-records",  # identity.json: 6 of 91 records had none
+        train(),
+        {
+            "data.jsonl": lines(
+                *[{"instruction": "Who are you?", "output": "I am {{name}}, made by {{author}}."}] * 3,
+                {"instruction": "Hi", "output": "Hello!"},
+            )
+        },
+        ["3 of 4 records", "placeholders", "--model_name and --model_author were not given"],
+        ["data.jsonl:1", "data.jsonl:3"],
+        ["pass --model_name and --model_author (one value, or two: Chinese then English)"],
     ),
     Case(
         "unfilled-name-placeholder",
@@ -353,7 +533,7 @@ CASES = [
         {"sets": DIR, "sets/inside.jsonl": lines(GOOD)},
         ["is a folder, not a dataset file"],
         ["sets"],
-        ["name a .jsonl or .json file such as sets/inside.jsonl"],
+        ["name a data file such as sets/inside.jsonl"],
     ),
     Case(
         "empty-file",
@@ -373,11 +553,11 @@ CASES = [
     ),
     Case(
         "wrong-extension",
-        train(data_spec="data.csv"),
-        {"data.csv": b"instruction,output\nq,a\n"},
-        ["unknown dataset extension '.csv'"],
-        ["data.csv"],
-        ["use .jsonl"],
+        train(data_spec="data.xlsx"),
+        {"data.xlsx": b"PK\x03\x04 a spreadsheet"},
+        ["unknown dataset extension '.xlsx'"],
+        ["data.xlsx"],
+        ["use .jsonl", ".csv, .parquet"],
     ),
     Case(
         "broken-val-dataset",
@@ -920,7 +1100,7 @@ def engine_config(case: Case, folder: str, model: Path) -> dict | None:
             return None
         if value == "MODEL":
             config["model"] = str(model)
-        elif value.startswith("./"):  # a path that is not there stays as typed
+        elif value.startswith("./") or value == UNCACHED_HUB_ID:  # a path that is not there stays as typed
             config[names[flag]] = value
         else:
             config[names[flag]] = f"{folder}/{value}"
@@ -1010,6 +1190,22 @@ def test_bom_extra_fields_and_skippable_records_are_accepted(tmp_path, monkeypat
     assert events[-1]["type"] == "TrainFinished" and events[-1]["status"] == "completed"
     assert {p: p.read_bytes() for p in inputs} == inputs
     assert (tmp_path / "runs" / "ok" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_tool_calls_train_through_a_template_with_tools(tmp_path, monkeypatch, capfd, tiny_model_dir):
+    """Glaive records train with --template qwen: no record dropped, the tools in the prompt."""
+    monkeypatch.chdir(tmp_path)
+    no_call = {
+        **GLAIVE_CALL,
+        "conversations": [GLAIVE_CALL["conversations"][0], {"from": "gpt", "value": "Sunny."}],
+    }
+    (tmp_path / "glaive.jsonl").write_bytes(lines(GLAIVE_CALL, no_call))
+    argv = ["train", "--model", str(tiny_model_dir), "--dataset", "glaive.jsonl", "--output_dir", "runs"]
+    code, out, err = run_cli([*argv, "--template", "qwen", "--max_steps", "1", "--json"], capfd)
+    assert code == 0, err
+    events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    report = next(e for e in events if e["type"] == "DataReport")
+    assert report["samples"] == 2 and report["dropped"] == 0 and report["problems"] == []
 
 
 def test_bom_records_read_like_plain_ones(tmp_path):

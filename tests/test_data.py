@@ -217,7 +217,10 @@ BAD_RECORDS = [
     ('{"conversations": "hi"}', ["'conversations' must be a list"]),
     ('{"conversations": []}', ["no conversation"]),
     ('{"conversations": ["hi"]}', ["conversations[0] must be an object"]),
-    ('{"messages": [{"role": "tool", "content": "x"}]}', ["messages[0]", "unknown role 'tool'"]),
+    (
+        '{"messages": [{"role": "tool", "content": "x"}]}',
+        ["messages[0] is from the tool", "user should speak"],
+    ),
     (
         '{"messages": [{"role": "user", "content": null}, {"role": "assistant", "content": "a"}]}',
         ["'content'"],
@@ -225,7 +228,7 @@ BAD_RECORDS = [
     (
         '{"messages": [{"role": "user", "content": [{"type": "text"}]}, '
         '{"role": "assistant", "content": "a"}]}',
-        ["'content' must be text", "list"],
+        ["messages[0].content[0]: missing field 'text'"],
     ),
     (
         '{"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "q"}, '
@@ -247,7 +250,7 @@ BAD_RECORDS = [
         '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}',
         ["messages[1] is empty"],
     ),
-    ('{"text": "q", "label": "a"}', ["unknown format", "label, text"]),
+    ('{"prompt": "q", "label": "a"}', ["unknown format", "label, prompt"]),
     ('{"messages": "q"}', ["'messages' must be a list"]),
 ]
 
@@ -311,7 +314,7 @@ def test_huge_record_is_refused_without_reading_it(tmp_path, monkeypatch):
     [
         ("missing.jsonl", lambda p: None, "dataset file not found"),
         ("folder", lambda p: p.mkdir(), "is a folder, not a dataset file"),
-        ("data.csv", lambda p: p.write_text("a,b\n"), "unknown dataset extension '.csv'"),
+        ("data.xlsx", lambda p: p.write_text("a,b\n"), "unknown dataset extension '.xlsx'"),
         ("noext", lambda p: p.write_text("{}"), "unknown dataset extension '\\(none\\)'"),
         ("list.json", lambda p: p.write_text('"text"'), "expected a JSON list of records"),
     ],
@@ -437,18 +440,24 @@ def test_two_values_pick_chinese_or_english(tmp_path):
     assert samples[1].messages[1]["content"] == "Bee by Hive."
 
 
-def test_unfilled_placeholder_is_a_problem_never_trained(tmp_path):
-    path = write_jsonl(tmp_path / "p.jsonl", [qa("q", "I am {{NAME}} by {{AUTHOR}}."), qa("q", "plain")])
-    samples, problems = load_dataset([str(path)], model_name=["Bee"])
-    assert [s.source for s in samples] == [f"{path}:2"]
-    assert problems[0].source == f"{path}:1"
-    assert "{{AUTHOR}}" in problems[0].reason and "--model_author" in problems[0].reason
-    assert "{{NAME}}" not in problems[0].reason
-
-    only_placeholders = write_jsonl(tmp_path / "q.jsonl", [qa("q", "{{name}}")])
+def test_unfilled_placeholder_refuses_the_load_never_trains_the_rest(tmp_path):
+    """Like identity.json: most records use {{NAME}}, a few do not; without the flag, training
+    on the few would teach nothing of the identity, so the load fails and lists the others."""
+    records = [qa("Who are you?", "I am {{NAME}}, made by {{AUTHOR}}.")] * 5 + [qa("Hi", "Hello!")]
+    path = write_jsonl(tmp_path / "identity.jsonl", records)
     with pytest.raises(DataError) as err:
-        load_dataset([str(only_placeholders)])
-    assert "--model_name" in err.value.hint
+        load_dataset([str(path)], model_name=["Bee"])
+    assert "5 of 6 records" in err.value.message and "--model_author was not given" in err.value.message
+    assert [p.source for p in err.value.problems] == [f"{path}:{i}" for i in range(1, 6)]
+    assert "{{AUTHOR}}" in err.value.problems[0].reason and "{{NAME}}" not in err.value.problems[0].reason
+    assert err.value.hint.startswith("pass --model_author (one value")
+
+    with pytest.raises(DataError) as err:
+        load_dataset([str(path)])
+    assert "--model_name and --model_author were not given" in err.value.message
+    samples, problems = load_dataset([str(path)], model_name=["Bee"], model_author=["Hive"])
+    assert len(samples) == 6 and problems == []
+    assert samples[0].messages[-1]["content"] == "I am Bee, made by Hive."
 
 
 def test_default_system_only_where_there_is_none(tmp_path):
@@ -649,6 +658,19 @@ def test_check_sample_for_the_tui(tiny_tokenizer):
     assert "would be dropped" in drop and "raise --max_length" in drop
 
 
+def test_the_row_check_names_data_meant_for_other_training():
+    """The TUI's row check says what a KTO, DPO or image record is, as training refuses it."""
+    kto = {**qa("Is the sky green?", "Yes."), "label": False}
+    dpo = {"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt", "value": "a"}}
+    dpo["rejected"] = {"from": "gpt", "value": "b"}
+    image = {**qa("<image>Who is this?", "A cat."), "images": ["1.jpg"]}
+    for record, words in ((kto, "KTO data"), (dpo, "preference data for DPO/ORPO"), (image, "multimodal")):
+        (message,) = check_sample(record)
+        assert words in message and "supervised answers only" in message
+    # a field named like theirs that is not theirs is fine: an empty images list, a text label
+    assert check_sample({**qa("q", "a"), "images": [], "label": "greeting"}) == []
+
+
 # ============================================================ sample data
 
 
@@ -675,7 +697,7 @@ def test_sample_data_loads_without_problems():
     for question in ("Who are you?", "你是谁？", "Who developed you?", "Can you browse the internet?"):
         assert question in questions
     assert questions["Can you browse the internet?"].startswith("No")
-    with pytest.raises(DataError, match="no valid training sample"):
+    with pytest.raises(DataError, match=f"{len(raw)} of {len(raw)} records in .* placeholders"):
         load_dataset([str(path)])
 
 

@@ -61,6 +61,23 @@ def test_the_engine_and_the_tui_read_a_spec_as_training_does(ws, spec, path, cou
     assert first_dataset(ws, settings) == ws.root / path
 
 
+def test_other_sources_train_as_typed_and_the_pane_opens_only_json(ws):
+    """A hub id stays a hub id on the way to the engine (not a path in the workspace); a .parquet
+    trains, but the Dataset pane, which edits JSON lines, opens a JSON file instead of it."""
+    (ws.datasets_dir / "table.parquet").write_bytes(b"PAR1")
+    specs = ["tatsu-lab/alpaca#50", "datasets/table.parquet#3"]
+    resolved = Jobs(ws).resolve_train_paths({"dataset": specs})["dataset"]
+    assert resolved == ["tatsu-lab/alpaca#50", f"{ws.datasets_dir / 'table.parquet'}#3"]
+    assert (
+        parse_dataset_spec(resolved[0])
+        == parse_dataset_spec(specs[0], ws.root)
+        == (Path("tatsu-lab/alpaca"), 50)
+    )
+    settings = TrainSettings(ws)
+    settings.update({"dataset": specs})
+    assert first_dataset(ws, settings) == ws.datasets_dir / "a.jsonl"
+
+
 @pytest.mark.parametrize(
     ("spec", "said"),
     [

@@ -22,6 +22,7 @@ from textual.worker import Worker, WorkerState
 from tunebench.engine.core import protocol as P
 from tunebench.engine.core.config import changed_fields, to_dict
 from tunebench.engine.core.data import DataError, parse_dataset_spec
+from tunebench.engine.core.data_sources import JSON_EXTENSIONS
 from tunebench.engine.core.workspace import ENGINE_IDLE_EXIT_S, Workspace
 
 from .debounce import Debouncer
@@ -102,13 +103,14 @@ def prepare_workspace(root: Path, model: str | None) -> tuple[Workspace, TrainSe
 
 
 def first_dataset(ws: Workspace, settings: TrainSettings) -> Path:
-    """The file the Dataset pane opens: the first one the form trains on, else one in datasets/."""
+    """The file the Dataset pane opens: the first JSON file the form trains on (the pane edits JSON
+    lines; a .csv, .parquet, folder or hub id trains but is not opened), else one in datasets/."""
     for spec in settings.config.dataset:
         try:
             path = parse_dataset_spec(spec, ws.root).path
         except DataError:
             continue
-        if path.is_file():
+        if path.is_file() and path.suffix.lower() in JSON_EXTENSIONS:
             return path
     existing = sorted(ws.datasets_dir.glob("*.jsonl"))
     return existing[0] if existing else ws.datasets_dir / "train.jsonl"

@@ -110,7 +110,13 @@ class TrainConfig:
         resume="fixed",
     )
     # data
-    dataset: list[str] = _f([], "training data files (json/jsonl); path#N takes N samples", "data", nargs="+")
+    dataset: list[str] = _f(
+        [],
+        "training data: json/jsonl/csv/parquet/arrow files, save_to_disk folders or cached hub "
+        "ids; name#N takes N samples",
+        "data",
+        nargs="+",
+    )
     val_dataset: list[str] = _f([], "evaluation data files; path#N takes N samples", "data", nargs="+")
     val_ratio: float = _f(
         0.0,

@@ -7,8 +7,11 @@ user and assistant turns alternating, ending with the assistant), or a RecordPro
 which file, line or index, and why. Turning samples into token ids and loss masks is
 engine/core/encoding.py's part.
 
-Parsing uses orjson rather than `datasets` so a problem can name its exact line. This module
-imports neither torch nor transformers: the TUI imports it to check rows as they are typed.
+JSON files are parsed with orjson rather than `datasets` so a problem can name its exact line;
+other file types, save_to_disk folders and cached hub ids come through engine/core/data_sources.py.
+Records of kinds this build does not train (KTO, DPO/ORPO, multimodal, plain pretraining text) are
+refused by name. This module imports neither torch nor transformers: the TUI imports it to check
+rows as they are typed.
 """
 
 from __future__ import annotations
@@ -25,16 +28,22 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from . import data_sources, tool_calls
 from .errors import DataUserError, raise_if_cancelled
 from .files import atomic_write_bytes
 from .limits import MAX_DATASET_BYTES, MAX_SAMPLES, gib
+from .model_files import looks_like_hub_id
+from .record_kinds import untrained_kind
 
-EXTENSIONS = (".jsonl", ".json")
+EXTENSIONS = data_sources.JSON_EXTENSIONS  # read here; every other source through data_sources
 # A single record larger than this is almost always a mistake (a whole file on one line, a
 # pasted binary); refusing it keeps the tokeniser and the TUI responsive.
 MAX_RECORD_BYTES = 16 * 1024 * 1024
 _SHOWN_PROBLEMS = 10
 _BOM = b"\xef\xbb\xbf"
+
+# A chat message: role and content, plus "tool_calls" on an assistant message that calls tools.
+Message = dict[str, Any]
 
 _PLACEHOLDER = re.compile(r"\{\{\s*(name|author)\s*\}\}", re.IGNORECASE)
 # CJK Unified Ideographs, Extension A and the compatibility block: enough to tell Chinese text.
@@ -50,12 +59,22 @@ SHAREGPT_ROLES = {
     "bot": "assistant",
     "model": "assistant",
     "system": "system",
+    # LLaMA-Factory's tool-calling turns (glaive): the assistant's call, and the tool's answer.
+    "function_call": "assistant",
+    "observation": "tool",
+    "tool": "tool",
 }
-MESSAGE_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+MESSAGE_ROLES = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "tool",
+}
 
 
 def sharegpt_role(speaker: Any) -> str | None:
-    """The chat role ("system", "user" or "assistant") a sharegpt speaker stands for; None if unknown."""
+    """The chat role (system, user, assistant or tool) a sharegpt speaker stands for; None if unknown."""
     return SHAREGPT_ROLES.get(speaker.lower()) if isinstance(speaker, str) else None
 
 
@@ -73,8 +92,9 @@ class RecordProblem:
 
     `kind` is "record" for a readable record that is not a usable sample (skipped, as ms-swift
     skips rows its preprocessor rejects), "unreadable" for a line that is not JSON or not UTF-8,
-    and "empty" for a file with no records at all; load_dataset refuses a file with either of
-    the last two, since a broken file is not something to train on part of.
+    "untrained" for data of a kind this build does not train (UntrainedKind), and "empty" for a
+    file with no records at all; load_dataset refuses a file with any of the last three, since a
+    broken file, or one meant for another kind of training, is not something to train on part of.
     """
 
     source: str
@@ -104,18 +124,31 @@ class DataError(DataUserError, ValueError):
 
 @dataclass
 class Sample:
-    """One conversation ready to train on; `source` is where it came from, for messages."""
+    """One conversation ready to train on; `source` is where it came from, for messages, and
+    `tools` the functions its prompt offers (engine/core/tool_calls.py's form), if any."""
 
-    messages: list[dict[str, str]]
+    messages: list[Message]
     source: str
+    tools: list[dict] | None = None
 
 
 class InvalidRecord(ValueError):
     """One record is unusable; the message is the reason shown to the person (no location)."""
 
+    kind = "record"  # RecordProblem.kind
+
 
 class UnreadableRecord(InvalidRecord):
     """A line that is not JSON, or not UTF-8: the file itself is broken there."""
+
+    kind = "unreadable"
+
+
+class UntrainedKind(InvalidRecord):
+    """A record of a kind of training this build does not do (preference pairs, KTO labels,
+    images): the file is refused whole, since training its text as answers would be wrong."""
+
+    kind = "untrained"
 
 
 # ============================================================= dataset specs
@@ -140,7 +173,11 @@ def parse_dataset_spec(spec: str, root: str | Path | None = None) -> DatasetSpec
     """
     text = spec.strip()
     if not text:
-        raise DataError("empty dataset name", hint="give a .jsonl or .json file, optionally as path#N")
+        raise DataError(
+            "empty dataset name",
+            hint="give a data file (.jsonl, .json, .csv, .parquet, ...), a folder written by "
+            "save_to_disk, or a cached hub id, optionally as name#N",
+        )
     whole = _dataset_path(text, root)
     head, sep, tail = text.rpartition("#")
     if not sep or whole.is_file():
@@ -173,54 +210,59 @@ def resolve_dataset_spec(spec: str, root: str | Path) -> str:
 
 
 def _dataset_path(text: str, root: str | Path | None) -> Path:
+    """`text` as a path from `root`; a hub id (owner/name) not found there is kept as typed, to
+    be looked up in the local caches when read."""
     path = Path(text).expanduser()
-    return Path(root) / path if root is not None and not path.is_absolute() else path
+    if root is None or path.is_absolute():
+        return path
+    rooted = Path(root) / path
+    return path if looks_like_hub_id(text) and not rooted.exists() else rooted
 
 
 # ================================================================== reading
 
 
 def read_records(path: Path, cancel: Any = None) -> tuple[list[Sample], list[RecordProblem]]:
-    """Read one .json / .jsonl file; bad records come back as problems, a bad file raises DataError.
+    """Read one dataset; bad records come back as problems, a bad source raises DataError.
 
+    A .json / .jsonl file is read here, so a problem names its line; anything else (other file
+    types, save_to_disk folders, cached hub ids) through engine/core/data_sources.py.
     Placeholders are left as they are here; load_dataset fills them. Once `cancel` (a
     threading.Event) is set, errors.Cancelled stops the reading between records.
     """
     path = Path(path)
-    raw = _read_bytes(path)
+    is_json_file = path.suffix.lower() in EXTENSIONS and path.exists() and not path.is_dir()
+    if is_json_file and data_sources.saved_dataset_folder(path) is None:
+        rows = _records(path, _read_bytes(path))
+    else:
+        rows = _source_records(path)
     samples: list[Sample] = []
     problems: list[RecordProblem] = []
-    for source, record in _records(path, raw):
+    for source, record in rows:
         raise_if_cancelled(cancel)
         if len(samples) + len(problems) >= MAX_SAMPLES:
             raise _too_many_samples(str(path))
         try:
             if isinstance(record, InvalidRecord):
                 raise record
-            samples.append(Sample(normalise_record(record), source))
+            samples.append(Sample(normalise_record(record), source, record_tools(record) or None))
         except InvalidRecord as exc:
-            kind = "unreadable" if isinstance(exc, UnreadableRecord) else "record"
-            problems.append(RecordProblem(source, str(exc), kind))
+            problems.append(RecordProblem(source, str(exc), exc.kind))
     if not samples and not problems:
         problems.append(RecordProblem(str(path), "the file holds no records", "empty"))
     return samples, problems
 
 
+def _source_records(path: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        yield from data_sources.records(path)
+    except data_sources.SourceError as exc:
+        raise DataError(exc.message, hint=exc.hint) from None
+
+
 def _read_bytes(path: Path) -> bytes:
-    if not path.exists():
-        raise DataError(
-            f"dataset file not found: {path}",
-            hint=f"check the path; relative paths start from {Path.cwd()}",
-        )
-    if path.is_dir():
-        inside = sorted(p.name for p in path.iterdir() if p.suffix.lower() in EXTENSIONS)[:5]
-        hint = "name a .jsonl or .json file" + (f" such as {path / inside[0]}" if inside else "")
-        raise DataError(f"{path} is a folder, not a dataset file", hint=hint)
-    if path.suffix.lower() not in EXTENSIONS:
-        raise DataError(
-            f"{path}: unknown dataset extension {path.suffix or '(none)'!r}",
-            hint="use .jsonl (one JSON object per line) or .json (a list of objects)",
-        )
+    """The bytes of a JSON file that exists (data_sources says what is wrong with a missing path
+    or a folder)."""
     try:
         raw = _read_regular_file(path)
     except OSError as exc:
@@ -371,12 +413,20 @@ def _jsonl_records(path: Path, raw: bytes) -> Iterator[tuple[str, Any]]:
 # ============================================================ normalising
 
 
-def normalise_record(record: Any) -> list[dict[str, str]]:
-    """Any supported format -> checked messages; raises InvalidRecord with the reason."""
+def normalise_record(record: Any) -> list[Message]:
+    """Any supported format -> checked messages; raises InvalidRecord with the reason.
+
+    Tool calls come out as assistant messages with "tool_calls" (and empty content unless the
+    record has text beside the call), tool results as "tool" messages; record_tools gives the
+    tools the record offers."""
     if not isinstance(record, dict):
         raise InvalidRecord(
             f"expected a JSON object {{...}} holding the record's fields, found {_kind(record)}"
         )
+    kind = untrained_kind(record)
+    if kind:
+        raise UntrainedKind(kind)
+    record_tools(record)  # a broken tools field is the record's problem, whichever format it is in
     system = _optional_text(record, "system")
     if "messages" in record:
         turns = _from_messages(record["messages"])
@@ -393,14 +443,26 @@ def normalise_record(record: Any) -> list[dict[str, str]]:
             "(sharegpt), 'instruction' + 'output' (alpaca) or 'query' + 'response'"
         )
     # An empty system prompt is how many exported datasets say "none".
-    turns = [t for t in turns if not (t[0] == "system" and not t[1].strip())]
-    if system and not (turns and turns[0][0] == "system"):
-        turns.insert(0, ("system", system, "system"))
+    turns = [t for t in turns if not (t.role == "system" and not t.content.strip())]
+    if system and not (turns and turns[0].role == "system"):
+        turns.insert(0, _Turn("system", system, "system"))
     _check_turns(turns)
-    return [{"role": role, "content": content} for role, content, _ in turns]
+    return [{"role": t.role, "content": t.content, **t.extra} for t in turns]
 
 
-_Turn = tuple[str, str, str]  # role, content, where it came from in the record (for messages)
+def record_tools(record: dict) -> list[dict]:
+    """The tools a record offers its assistant ([] for none); InvalidRecord if unreadable."""
+    try:
+        return tool_calls.parse_tools(record.get("tools"))
+    except tool_calls.ToolFormatError as exc:
+        raise InvalidRecord(str(exc)) from None
+
+
+class _Turn(NamedTuple):
+    role: str
+    content: str
+    where: str  # where it came from in the record, for messages
+    extra: dict[str, Any] = {}  # noqa: RUF012 - never mutated; "tool_calls" of an assistant call
 
 
 def _from_messages(items: Any) -> list[_Turn]:
@@ -410,9 +472,38 @@ def _from_messages(items: Any) -> list[_Turn]:
         role = _required_text(item, "role", where)
         canonical = message_role(role)
         if canonical is None:
-            raise InvalidRecord(f"{where}: unknown role {role!r}: use system, user or assistant")
-        turns.append((canonical, _required_text(item, "content", where), where))
+            raise InvalidRecord(f"{where}: unknown role {role!r}: use system, user, assistant or tool")
+        if canonical == "assistant" and item.get("tool_calls"):
+            calls = _parsed(tool_calls.parse_tool_calls, item["tool_calls"], where)
+            content = _message_content(item, where) if item.get("content") else ""
+            turns.append(_Turn("assistant", content, where, {"tool_calls": calls}))
+        else:
+            turns.append(_Turn(canonical, _message_content(item, where), where))
     return turns
+
+
+def _parsed(parse: Any, value: Any, where: str) -> Any:
+    try:
+        return parse(value)
+    except tool_calls.ToolFormatError as exc:
+        raise InvalidRecord(f"{where}: {exc}") from None
+
+
+def _message_content(message: dict, where: str) -> str:
+    """A message's content: text, or OpenAI's list of text parts, joined as one text."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return _required_text(message, "content", where)
+    texts = []
+    for i, part in enumerate(content):
+        if not (isinstance(part, dict) and part.get("type") == "text"):
+            raise InvalidRecord(
+                f'{where}: content[{i}] must be a text part {{"type": "text", "text": ...}}, '
+                f"found {_kind(part)}"
+            )
+        _required_text(part, "text", f"{where}.content[{i}]")
+        texts.append(part["text"])
+    return "\n".join(texts)
 
 
 def _from_sharegpt(items: Any) -> list[_Turn]:
@@ -427,9 +518,15 @@ def _from_sharegpt(items: Any) -> list[_Turn]:
         role = sharegpt_role(speaker)
         if role is None:
             raise InvalidRecord(
-                f"{where}: unknown speaker {speaker!r} in '{speaker_key}': use human, gpt or system"
+                f"{where}: unknown speaker {speaker!r} in '{speaker_key}': use human, gpt or system "
+                "(and function_call, observation for tool calls)"
             )
-        turns.append((role, _required_text(item, text_key, where), where))
+        text = _required_text(item, text_key, where)
+        if speaker.lower() == "function_call":
+            calls = _parsed(tool_calls.parse_call_text, text, where)
+            turns.append(_Turn("assistant", "", where, {"tool_calls": calls}))
+        else:
+            turns.append(_Turn(role, text, where))
     return turns
 
 
@@ -439,14 +536,14 @@ def _from_alpaca(record: dict) -> list[_Turn]:
     query = f"{instruction}\n{extra}" if extra.strip() else instruction
     return [
         *_history(record),
-        ("user", query, "instruction"),
-        ("assistant", _required_text(record, "output"), "output"),
+        _Turn("user", query, "instruction"),
+        _Turn("assistant", _required_text(record, "output"), "output"),
     ]
 
 
 def _from_query_response(record: dict) -> list[_Turn]:
     query, response = _required_text(record, "query"), _required_text(record, "response")
-    return [*_history(record), ("user", query, "query"), ("assistant", response, "response")]
+    return [*_history(record), _Turn("user", query, "query"), _Turn("assistant", response, "response")]
 
 
 def _history(record: dict) -> list[_Turn]:
@@ -461,30 +558,45 @@ def _history(record: dict) -> list[_Turn]:
             raise InvalidRecord(
                 f"history[{i}] must be a [question, answer] pair of texts, found {_kind(pair)}"
             )
-        turns += [("user", pair[0], f"history[{i}][0]"), ("assistant", pair[1], f"history[{i}][1]")]
+        turns += [_Turn("user", pair[0], f"history[{i}][0]"), _Turn("assistant", pair[1], f"history[{i}][1]")]
     return turns
 
 
 def _check_turns(turns: list[_Turn]) -> None:
-    """System first if at all, then user / assistant alternating, ending with a non-empty answer."""
-    body = turns[1:] if turns and turns[0][0] == "system" else turns
+    """System first if at all, then user / assistant alternating, ending with a non-empty answer.
+
+    An assistant's tool call is answered by one or more tool results, then the assistant again."""
+    body = turns[1:] if turns and turns[0].role == "system" else turns
     if not body:
         raise InvalidRecord("no conversation: give at least a user turn and the assistant's answer")
-    expected = "user"
-    for role, content, where in body:
+    expected: tuple[str, ...] = ("user",)
+    for turn in body:
+        role, where = turn.role, turn.where
         if role == "system":
             raise InvalidRecord(f"{where}: a system message may only come first")
-        if role != expected:
+        if role not in expected:
+            if "tool" in expected or role == "tool":
+                raise InvalidRecord(
+                    f"{where} is from the {role} but the {' or the '.join(expected)} should speak here: "
+                    "a tool call is followed by its results (observation / tool turns), and a tool "
+                    "result by the assistant"
+                )
             raise InvalidRecord(
-                f"{where} is from the {role} but the {expected} should speak here: turns must "
+                f"{where} is from the {role} but the {expected[0]} should speak here: turns must "
                 "alternate user, assistant (merge the two turns, or add the missing one)"
             )
-        if not content.strip():
-            what = "answer" if role == "assistant" else "question"
+        calls = turn.extra.get("tool_calls")
+        if not calls and not turn.content.strip():
+            what = {"assistant": "answer", "tool": "tool's result"}.get(role, "question")
             raise InvalidRecord(f"{where} is empty: write the {what}, or delete the record")
-        expected = "assistant" if role == "user" else "user"
-    if body[-1][0] != "assistant":
-        raise InvalidRecord(f"the last turn ({body[-1][2]}) is the user's: end with the assistant's answer")
+        if role == "assistant":
+            expected = ("tool",) if calls else ("user",)
+        else:
+            expected = ("tool", "assistant") if role == "tool" else ("assistant",)
+    if body[-1].role != "assistant":
+        raise InvalidRecord(
+            f"the last turn ({body[-1].where}) is the {body[-1].role}'s: end with the assistant's answer"
+        )
 
 
 def _list_of_objects(items: Any, key: str) -> list[dict]:
@@ -530,8 +642,8 @@ def _kind(value: Any) -> str:
 
 
 def fill_placeholders(
-    messages: list[dict[str, str]], model_name: Sequence[str] = (), model_author: Sequence[str] = ()
-) -> tuple[list[dict[str, str]], list[str]]:
+    messages: list[Message], model_name: Sequence[str] = (), model_author: Sequence[str] = ()
+) -> tuple[list[Message], list[str]]:
     """Replace {{NAME}} / {{AUTHOR}} (any case); the reasons list is non-empty when one stays unfilled.
 
     With two values the first is for samples with Chinese text, the second for the rest.
@@ -573,11 +685,14 @@ def load_dataset(
         raise DataError("no dataset given", hint="pass --dataset FILE.jsonl (or FILE.jsonl#N)")
     samples: list[Sample] = []
     problems: list[RecordProblem] = []
+    unfilled: list[RecordProblem] = []
+    read = 0
     for index, spec in enumerate(specs):
         path, count = parse_dataset_spec(spec)
         records, bad = read_records(path, cancel)
         _refuse_broken_file(path, bad)
         problems += bad
+        read += len(records)
         ready = []
         for record in records:
             raise_if_cancelled(cancel)
@@ -586,30 +701,43 @@ def load_dataset(
                 messages = [{"role": "system", "content": system}, *messages]
             messages, reasons = fill_placeholders(messages, model_name, model_author)
             if reasons:
-                problems.append(RecordProblem(record.source, "; ".join(reasons)))
+                unfilled.append(RecordProblem(record.source, "; ".join(reasons)))
             else:
-                ready.append(Sample(messages, record.source))
+                ready.append(Sample(messages, record.source, record.tools))
         if count is not None and ready:
             # One generator per file, so adding a dataset does not change what another one samples.
             ready = _take(ready, count, random.Random(f"{seed}:{index}"))
         samples += ready
         if len(samples) > MAX_SAMPLES:
             raise _too_many_samples(", ".join(specs))
+    if unfilled:
+        raise _unfilled_placeholders(unfilled, read, specs)
     if not samples:
-        placeholders_only = problems and all("--model_" in p.reason for p in problems)
         raise DataError(
             f"no valid training sample in {', '.join(specs)}",
             problems,
-            hint="pass --model_name and --model_author to fill the placeholders"
-            if placeholders_only
-            else "fix the records listed above (each line says where and why)",
+            hint="fix the records listed above (each line says where and why)",
         )
     return samples, problems
 
 
+def _unfilled_placeholders(unfilled: list[RecordProblem], read: int, specs: Sequence[str]) -> DataError:
+    """Refuse the whole load: skipping the records that use placeholders would train on what is
+    left, usually the few that do not teach the identity the dataset is for."""
+    flags = [flag for flag in ("--model_name", "--model_author") if any(flag in p.reason for p in unfilled)]
+    return DataError(
+        f"{len(unfilled)} of {read} records in {', '.join(specs)} use {{{{NAME}}}}/{{{{AUTHOR}}}} "
+        f"placeholders, and {' and '.join(flags)} {'was' if len(flags) == 1 else 'were'} not given",
+        unfilled,
+        hint=f"pass {' and '.join(flags)} (one value, or two: Chinese then English) to fill them, "
+        "or write the names into the records",
+    )
+
+
 def _refuse_broken_file(path: Path, problems: list[RecordProblem]) -> None:
-    """A file with lines that are not JSON (or not UTF-8), or with no records, is not trained on
-    in part: like `datasets` under ms-swift, the load fails and says where."""
+    """A file with lines that are not JSON (or not UTF-8), with data of a kind this build does not
+    train, or with no records, is not trained on in part: like `datasets` under ms-swift, the
+    load fails and says where."""
     unreadable = [p for p in problems if p.kind == "unreadable"]
     if unreadable:
         lines = "a line that is" if len(unreadable) == 1 else f"{len(unreadable)} lines that are"
@@ -618,6 +746,15 @@ def _refuse_broken_file(path: Path, problems: list[RecordProblem]) -> None:
             unreadable,
             hint="fix or delete the line(s) listed (JSON lines: one complete {...} object per line); "
             "records that are valid JSON but not usable samples are only skipped",
+        )
+    untrained = [p for p in problems if p.kind == "untrained"]
+    if untrained:
+        raise DataError(
+            f"{path} holds data of a kind this build does not train, so it was not used",
+            untrained,
+            hint="train it with the trainer named above, or convert it to supervised samples "
+            "(a question and the answer to learn); records of other kinds are refused, never "
+            "trained as answers",
         )
     if any(p.kind == "empty" for p in problems):
         raise DataError(

@@ -21,9 +21,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import TrainConfig
-from .data import DataError, InvalidRecord, RecordProblem, Sample, fill_placeholders, normalise_record
+from .data import (
+    DataError,
+    InvalidRecord,
+    Message,
+    RecordProblem,
+    Sample,
+    fill_placeholders,
+    normalise_record,
+    record_tools,
+)
 from .errors import raise_if_cancelled
 from .templates import DEFAULT_TEMPLATE, TEMPLATES, get_template
+from .tool_calls import call_names, tool_names
 
 IGNORE_INDEX = -100  # label of a token the loss skips (the Hugging Face / PyTorch convention)
 # The largest --max_length TrainConfig accepts: past it, "raise --max_length" is no fix.
@@ -85,7 +95,9 @@ def tokenize_samples(
         raise_if_cancelled(cancel)
         try:
             if id(sample) not in cache:
-                cache[id(sample)] = encode_messages(sample.messages, tokenizer, chat_template, max_length)
+                cache[id(sample)] = encode_messages(
+                    sample.messages, tokenizer, chat_template, max_length, sample.tools
+                )
             ids, labels = cache[id(sample)]
         except InvalidRecord as exc:
             dropped += 1
@@ -138,10 +150,11 @@ def _prompt_over(text: str, tokenizer: Any, max_length: int) -> bool:
 
 
 def encode_messages(
-    messages: list[dict[str, str]],
+    messages: list[Message],
     tokenizer: Any,
     chat_template: str | None = None,
     max_length: int | None = None,
+    tools: list[dict] | None = None,
 ) -> tuple[list[int], list[int]]:
     """Token ids and labels for one conversation (labels = ids on assistant spans, else IGNORE_INDEX).
 
@@ -149,8 +162,13 @@ def encode_messages(
     the prompt is tokenised at inference time (it ends at the assistant header). With max_length,
     a prompt that surely leaves no answer token within it raises PromptTooLong without being
     tokenised in full; the ids of every other conversation do not depend on max_length.
+    `tools` go to the template, which shows them in the prompt; the assistant's calls are
+    trained like its answers.
     """
-    text, spans = assistant_spans(messages, lambda msgs, gen: _render(tokenizer, msgs, chat_template, gen))
+    text, spans = assistant_spans(
+        messages, lambda msgs, gen: _render(tokenizer, msgs, chat_template, gen, tools)
+    )
+    _check_tools_rendered(text, messages, spans, tools or [])
     if max_length and spans:
         prompt = text[: spans[0][0]]
         long = max(_CHUNK_CHARS, max_length * _LONG_PROMPT_CHARS_PER_TOKEN)
@@ -176,8 +194,31 @@ def encode_messages(
     return ids, labels
 
 
+def _check_tools_rendered(
+    text: str, messages: list[Message], spans: list[tuple[int, int]], tools: list[dict]
+) -> None:
+    """A template without tool support drops the tools and calls silently: the model would learn
+    answers about tools its prompt never shows. Each tool's name must be in the text, and each
+    call's name in its trained span."""
+    calls = [m.get("tool_calls") or [] for m in messages if m["role"] == "assistant"]
+    missing = [name for name in tool_names(tools) if name not in text]
+    missing += [
+        name
+        for (start, end), made in zip(spans, calls, strict=True)
+        for name in call_names(made)
+        if name not in text[start:end]
+    ]
+    if missing:
+        raise InvalidRecord(
+            f"the chat template does not show the tools or tool calls ({missing[0]!r} is not in the "
+            "rendered text), so training would teach calls to tools the prompt never shows: use a "
+            "model whose chat template takes tools (Qwen2.5's does), or pass --template qwen or "
+            "chatml (both carry Qwen2.5's tool format)"
+        )
+
+
 def assistant_spans(
-    messages: list[dict[str, str]], render: Callable[[list[dict[str, str]], bool], str]
+    messages: list[Message], render: Callable[[list[Message], bool], str]
 ) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the (start, end) characters of each trained assistant span.
 
@@ -200,6 +241,11 @@ def assistant_spans(
         extends = full.startswith(upto) and upto.startswith(before) and cursor <= len(before) < end
         if extends and message["content"].strip() in full[len(before) : end]:
             spans.append((len(before), end))
+        elif message.get("tool_calls"):
+            raise InvalidRecord(
+                "the chat template rewrites earlier turns, so the tokens of a tool call cannot be "
+                "found: pass --template qwen or chatml (both carry Qwen2.5's tool format)"
+            )
         else:
             spans.append(_find_answer(full, message["content"], upto, cursor))
         cursor = spans[-1][1]
@@ -223,10 +269,13 @@ def _find_answer(full: str, content: str, upto: str, cursor: int) -> tuple[int, 
     )
 
 
-def _render(tokenizer: Any, messages: list[dict[str, str]], chat_template: str | None, gen: bool) -> str:
+def _render(
+    tokenizer: Any, messages: list[Message], chat_template: str | None, gen: bool, tools: list[dict] | None
+) -> str:
+    extra = {"tools": tools} if tools else {}  # not tools=None: not every tokenizer takes it
     try:
         return tokenizer.apply_chat_template(
-            messages, chat_template=chat_template, tokenize=False, add_generation_prompt=gen
+            messages, chat_template=chat_template, tokenize=False, add_generation_prompt=gen, **extra
         )
     except Exception as exc:  # jinja2 errors, raise_exception() in the template, ...
         raise InvalidRecord(
@@ -251,6 +300,7 @@ def check_sample(
     """Everything wrong with one record, as messages for a person (empty when it is fine)."""
     try:
         messages = normalise_record(sample_dict)
+        tools = record_tools(sample_dict)
     except InvalidRecord as exc:
         return [str(exc)]
     if system and messages[0]["role"] != "system":
@@ -260,7 +310,7 @@ def check_sample(
         return problems
     try:
         chat_template, _ = resolve_template(tokenizer, template)
-        ids, labels = encode_messages(filled, tokenizer, chat_template, max_length)
+        ids, labels = encode_messages(filled, tokenizer, chat_template, max_length, tools)
     except (InvalidRecord, DataError) as exc:
         return [*problems, str(exc)]
     if len(ids) > max_length:

@@ -10,25 +10,57 @@ from __future__ import annotations
 
 import json
 
+
+def _chatml(default_system: str) -> str:
+    """ChatML, with tools in Qwen2.5's format: the tools listed in the system turn inside
+    <tools>, each assistant call as <tool_call>{"name": ..., "arguments": ...}</tool_call>, tool
+    results as a user turn of <tool_response> blocks. Without tools it is plain ChatML."""
+    system = f"'<|im_start|>system\\n{default_system}<|im_end|>\\n'" if default_system else "''"
+    return (
+        "{% if tools %}{{ '<|im_start|>system\n' }}"
+        "{% if messages and messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}"
+        + (f"{{% else %}}{{{{ '{default_system}\n\n' }}}}" if default_system else "")
+        + "{% endif %}"
+        "{{ '# Tools\n\nYou may call one or more of these functions to help with the request. "
+        "Their signatures are inside <tools></tools> XML tags:\n<tools>' }}"
+        "{% for tool in tools %}{{ '\n' + (tool | tojson) }}{% endfor %}"
+        "{{ '\n</tools>\n\nFor each call, return a JSON object with the function name and its "
+        "arguments inside <tool_call></tool_call> XML tags:\n<tool_call>\n"
+        '{"name": <function-name>, "arguments": <args-json-object>}'
+        "\n</tool_call><|im_end|>\n' }}{% endif %}"
+        "{% for message in messages %}"
+        "{% if tools and loop.first and message['role'] == 'system' %}"
+        "{% elif message['role'] == 'tool' %}"
+        "{% if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}"
+        "{{ '<|im_start|>user' }}{% endif %}"
+        "{{ '\n<tool_response>\n' + message['content'] + '\n</tool_response>' }}"
+        "{% if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{ '<|im_end|>\n' }}{% endif %}"
+        "{% elif message['role'] == 'assistant' and message['tool_calls'] %}"
+        "{{ '<|im_start|>assistant' }}{% if message['content'] %}{{ '\n' + message['content'] }}{% endif %}"
+        "{% for call in message['tool_calls'] %}"
+        "{{ '\n<tool_call>\n{\"name\": ' + (call['function']['name'] | tojson) + ', \"arguments\": ' "
+        "+ (call['function']['arguments'] | tojson) + '}\n</tool_call>' }}"
+        "{% endfor %}{{ '<|im_end|>\n' }}"
+        "{% else %}"
+        + (
+            "{% if loop.first and messages[0]['role'] != 'system' and not tools %}"
+            f"{{{{ {system} }}}}{{% endif %}}"
+            if default_system
+            else ""
+        )
+        + "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+        "{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+
+
 # ChatML as Qwen, SmolLM and many others use it. No default system prompt: a self-cognition
 # fine-tune should not be fighting an identity written into the template.
-CHATML = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+CHATML = _chatml("")
 
 # ChatML plus the default system prompt of Qwen1.5 / Qwen2 (Qwen2.5's names "Qwen" itself, which
 # would contradict the identity the sample_data teaches).
-QWEN = (
-    "{% for message in messages %}"
-    "{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+QWEN = _chatml("You are a helpful assistant.")
 
 # Meta's Llama 3 / 3.1 format without tools: BOS once, header per turn, content trimmed, <|eot_id|>.
 LLAMA3 = (

@@ -150,3 +150,26 @@ def test_the_preview_marks_only_the_answers_and_fills_the_identity():
     text = render_sample(Row.from_record(record), LightTokenizer(None), unnamed)
     assert "{{NAME}}" in text.plain
     assert any(text.plain[s.start : s.end] == "{{NAME}}" and "yellow" in str(s.style) for s in text.spans)
+
+
+def test_the_preview_shows_the_tools_and_marks_the_calls():
+    """A glaive record: the tools in the prompt, the call and the answer trained, the result not."""
+    from tunebench.tui.widgets.dataset.sample_preview import TRAINED, render_sample
+
+    record = {
+        "conversations": [
+            {"from": "human", "value": "Weather in Paris?"},
+            {"from": "function_call", "value": '{"name": "get_weather", "arguments": {"city": "Paris"}}'},
+            {"from": "observation", "value": '{"sky": "clear"}'},
+            {"from": "gpt", "value": "Clear skies."},
+        ],
+        "tools": '[{"name": "get_weather", "parameters": {"type": "object"}}]',
+    }
+    settings = CheckSettings(64, (), (), "", "qwen")
+    text = render_sample(Row.from_record(record), LightTokenizer(None), settings)
+    trained = [text.plain[s.start : s.end] for s in text.spans if s.style == TRAINED]
+    assert "<tools>" in text.plain and '"name": "get_weather", "parameters"' in text.plain
+    assert trained == [
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>',
+        "Clear skies.<|im_end|>",
+    ]

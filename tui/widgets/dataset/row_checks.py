@@ -98,16 +98,17 @@ class RowChecker:
             return RowReport(_preview(row.record), "", None, problems)
         user = next((m["content"] for m in messages if m["role"] == "user"), "")
         answer = next((m["content"] for m in reversed(messages) if m["role"] == "assistant"), "")
-        return RowReport(user, answer, self._count(messages) if counts else None, problems)
+        tools = data.record_tools(row.record) or None
+        return RowReport(user, answer, self._count(messages, tools) if counts else None, problems)
 
-    def _count(self, messages: list[dict[str, str]]) -> int | None:
+    def _count(self, messages: list[data.Message], tools: list[dict] | None) -> int | None:
         s = self.settings
         if s.system and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": s.system}, *messages]
         filled, _ = data.fill_placeholders(messages, s.model_name, s.model_author)
         try:
             chat_template, _ = encoding.resolve_template(self.tokenizer, s.template)
-            return len(encoding.encode_messages(filled, self.tokenizer, chat_template)[0])
+            return len(encoding.encode_messages(filled, self.tokenizer, chat_template, tools=tools)[0])
         except Exception:  # noqa: BLE001 - a template failure is already among the problems
             return None
 

@@ -25,6 +25,7 @@ def render_sample(row: Row, tokenizer: LightTokenizer, settings: CheckSettings) 
         return Text(row.text)
     try:
         messages = data.normalise_record(row.record)
+        tools = data.record_tools(row.record) or None  # shown in the prompt, as training shows them
     except Exception as exc:  # noqa: BLE001 - the reason is shown as the preview
         return Text(str(exc), style="red")
     if settings.system and messages[0]["role"] != "system":
@@ -33,7 +34,10 @@ def render_sample(row: Row, tokenizer: LightTokenizer, settings: CheckSettings) 
     try:
         template, _ = encoding.resolve_template(tokenizer, settings.template)
         text, spans = encoding.assistant_spans(
-            filled, lambda msgs, gen: tokenizer.apply_chat_template(msgs, template, add_generation_prompt=gen)
+            filled,
+            lambda msgs, gen: tokenizer.apply_chat_template(
+                msgs, template, add_generation_prompt=gen, tools=tools
+            ),
         )
     except Exception as exc:  # noqa: BLE001 - a broken template or record: say which
         return Text(f"cannot render this sample: {exc}", style="red")

@@ -1,0 +1,246 @@
+"""Dataset sources other than one JSON file, read through `datasets`: .csv / .parquet / .arrow /
+.txt files, folders written by `save_to_disk`, and hub ids already in the local Hugging Face or
+ModelScope cache. Nothing is ever downloaded: a hub id that is not cached is refused with the
+command that fetches it.
+
+Each source yields (where, record) pairs for engine/core/data.py to check like JSON records;
+JSON files themselves stay with data.py, whose reader names a bad record's line. `datasets` is
+imported only when such a source is read, so the TUI's imports of data.py stay light.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import DataUserError
+from .model_files import looks_like_hub_id
+
+JSON_EXTENSIONS = (".jsonl", ".json")
+# The `datasets` builder that reads each other file type.
+BUILDERS = {".csv": "csv", ".parquet": "parquet", ".arrow": "arrow", ".txt": "text"}
+DATA_EXTENSIONS = (*JSON_EXTENSIONS, *BUILDERS)
+# What `save_to_disk` writes: a Dataset's folder, and a DatasetDict's (one folder per split).
+SAVED_DATASET_FILES = ("state.json", "dataset_info.json")
+SAVED_DATASET_DICT_FILE = "dataset_dict.json"
+TRAIN_SPLIT = "train"
+
+
+class SourceError(DataUserError):
+    """A source that cannot be read; data.py raises it on as its DataError (this module cannot
+    import data.py, which imports it)."""
+
+
+def fetch_commands(repo_id: str) -> str:
+    hub = f"huggingface-cli download --repo-type dataset {repo_id}"
+    return f"{hub}  (or: modelscope download --dataset {repo_id})"
+
+
+def saved_dataset_folder(path: Path) -> Path | None:
+    """The `save_to_disk` folder that `path` is, or is a metadata file of; None if neither."""
+    folder = path if path.is_dir() else path.parent
+    if not (path.is_dir() or path.name in (*SAVED_DATASET_FILES, SAVED_DATASET_DICT_FILE)):
+        return None
+    if (folder / SAVED_DATASET_DICT_FILE).is_file():
+        return folder
+    if all((folder / name).is_file() for name in SAVED_DATASET_FILES):
+        # A split folder inside a DatasetDict is a dataset too; the whole dict is what was saved.
+        parent = folder.parent
+        return parent if path.is_file() and (parent / SAVED_DATASET_DICT_FILE).is_file() else folder
+    return None
+
+
+def records(path: Path) -> Iterator[tuple[str, Any]]:
+    """(where, record) for each row of a source that is not a JSON file; SourceError says why a
+    source cannot be read (not found, not cached, an unknown file type, a plain folder)."""
+    saved = saved_dataset_folder(path)
+    if saved is not None:
+        yield from _rows(_load_saved(saved), str(saved))
+    elif path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.suffix.lower() in DATA_EXTENSIONS)[:5]
+        hint = "name a data file" + (f" such as {path / inside[0]}" if inside else "")
+        raise SourceError(
+            f"{path} is a folder, not a dataset file (nor one written by save_to_disk)",
+            hint=hint + f" ({', '.join(DATA_EXTENSIONS)})",
+        )
+    elif path.is_file():
+        builder = BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise SourceError(
+                f"{path}: unknown dataset extension {path.suffix or '(none)'!r}",
+                hint="use .jsonl (one JSON object per line), .json (a list of objects), "
+                ".csv, .parquet, .arrow, .txt, or a folder written by save_to_disk",
+            )
+        yield from _rows(_read_with(builder, [path], str(path)), str(path))
+    elif _is_hub_id(path):
+        repo_id = path.as_posix()
+        dataset, where = _load_cached_hub_id(repo_id)
+        yield from _rows(dataset, where)
+    else:
+        raise SourceError(
+            f"dataset file not found: {path}",
+            hint=f"check the path; relative paths start from {Path.cwd()}",
+        )
+
+
+def _is_hub_id(path: Path) -> bool:
+    """owner/name, not there as a path, and not named like a file (a mistyped data/file.jsonl)."""
+    text = path.as_posix()
+    return not path.is_absolute() and looks_like_hub_id(text) and path.suffix.lower() not in DATA_EXTENSIONS
+
+
+def _rows(dataset: Any, where: str) -> Iterator[tuple[str, Any]]:
+    for index, row in enumerate(dataset):
+        yield f"{where}[{index}]", row
+
+
+# ------------------------------------------------------------------ loading
+
+
+def _datasets() -> Any:
+    """`datasets`, offline and quiet: TuneBench never downloads, and its progress bars and
+    cache notes would interleave with the engine's own output."""
+    import datasets
+
+    datasets.config.HF_HUB_OFFLINE = True
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    return datasets
+
+
+def _read_with(builder: str, paths: list[Path], where: str) -> Any:
+    """Data files read by one `datasets` builder into memory."""
+    import tempfile
+
+    datasets = _datasets()
+    # A private cache, dropped after reading: reading a file leaves nothing behind.
+    with tempfile.TemporaryDirectory(prefix="tunebench-data-") as cache:
+        try:
+            return datasets.load_dataset(
+                builder,
+                data_files=[str(p) for p in paths],
+                split=TRAIN_SPLIT,
+                cache_dir=cache,
+                keep_in_memory=True,
+            )
+        except Exception as exc:  # noqa: BLE001 - pyarrow's parse errors have many types
+            raise SourceError(
+                f"{where} cannot be read as {builder}: {_first_line(exc)}",
+                hint="check that the file is complete and of the type its extension says",
+            ) from None
+
+
+def _load_saved(folder: Path) -> Any:
+    datasets = _datasets()
+    try:
+        saved = datasets.load_from_disk(str(folder))
+    except Exception as exc:  # noqa: BLE001
+        raise SourceError(
+            f"{folder} cannot be read as a saved dataset: {_first_line(exc)}",
+            hint="save it again with save_to_disk, or export it to .jsonl",
+        ) from None
+    return _train_split(saved, str(folder))
+
+
+def _train_split(dataset: Any, where: str) -> Any:
+    """The train split of a DatasetDict (or its only split); a Dataset as it is."""
+    if not hasattr(dataset, "keys"):
+        return dataset
+    splits = list(dataset.keys())
+    if TRAIN_SPLIT in splits or len(splits) == 1:
+        return dataset[TRAIN_SPLIT if TRAIN_SPLIT in splits else splits[0]]
+    raise SourceError(
+        f"{where} has no '{TRAIN_SPLIT}' split (it has {', '.join(splits)})",
+        hint=f"save the split to train on as '{TRAIN_SPLIT}', or save that split alone",
+    )
+
+
+def _load_cached_hub_id(repo_id: str) -> tuple[Any, str]:
+    """A hub id's train split from whichever local cache holds it, and where that is."""
+    folder = _hub_snapshot(repo_id) or _modelscope_folder(repo_id)
+    if folder is not None:
+        return _load_folder(folder, repo_id), f"{repo_id} ({folder})"
+    datasets = _datasets()
+    cache = Path(os.environ.get("HF_DATASETS_CACHE") or _hf_home() / "datasets").expanduser()
+    try:
+        return datasets.load_dataset(repo_id, split=TRAIN_SPLIT, cache_dir=str(cache)), repo_id
+    except Exception:  # noqa: BLE001 - any failure here means "not in the local cache"
+        pass
+    raise SourceError(
+        f"dataset {repo_id!r} is not a file or folder here, and as a hub id it is not in the local "
+        "Hugging Face or ModelScope cache; TuneBench downloads nothing",
+        hint=f"fetch it where there is network: {fetch_commands(repo_id)}; "
+        f"or check the path (relative paths start from {Path.cwd()})",
+    )
+
+
+def _hf_home() -> Path:
+    """HF_HOME as huggingface_hub reads it, read now rather than when the hub was imported."""
+    cache = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    return Path(os.environ.get("HF_HOME") or Path(cache) / "huggingface").expanduser()
+
+
+def _hub_snapshot(repo_id: str) -> Path | None:
+    """The snapshot folder `huggingface-cli download --repo-type dataset` left in the hub cache."""
+    from huggingface_hub import snapshot_download
+
+    cache = Path(os.environ.get("HF_HUB_CACHE") or _hf_home() / "hub").expanduser()
+    try:
+        return Path(snapshot_download(repo_id, repo_type="dataset", cache_dir=cache, local_files_only=True))
+    except Exception:  # noqa: BLE001 - any failure here means "not in this cache"
+        return None
+
+
+def _modelscope_folder(repo_id: str) -> Path | None:
+    """Where `modelscope download --dataset` put the files (the layout moved between releases,
+    and dots in names are stored as '___')."""
+    root = Path(os.environ.get("MODELSCOPE_CACHE") or "~/.cache/modelscope").expanduser()
+    owner, name = repo_id.split("/")
+    for base in (root / "hub" / "datasets", root / "datasets"):
+        for folder in (base / owner / name, base / owner / name.replace(".", "___")):
+            if folder.is_dir():
+                return folder
+    return None
+
+
+def _load_folder(folder: Path, repo_id: str) -> Any:
+    """A downloaded dataset repository: save_to_disk output, or data files split as the hub
+    splits them (datasets' own rules: train-* files, a train/ folder, ...)."""
+    saved = saved_dataset_folder(folder)
+    if saved is not None:
+        return _load_saved(saved)
+    _datasets()
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    try:
+        files = DataFilesDict.from_patterns(get_data_patterns(str(folder)), base_path=str(folder))
+    except Exception:  # noqa: BLE001 - datasets raises EmptyDatasetError for a folder without data
+        files = {}
+    split = files.get(TRAIN_SPLIT) or (next(iter(files.values())) if len(files) == 1 else None)
+    if not split:
+        raise SourceError(
+            f"{repo_id}: the cached copy in {folder} holds no data files for a '{TRAIN_SPLIT}' split",
+            hint=f"name one of its files as --dataset, or fetch it again: {fetch_commands(repo_id)}",
+        )
+    paths = [Path(f) for f in split]
+    builders = {_builder(p) for p in paths}
+    if len(builders) != 1 or None in builders:
+        types = ", ".join(sorted({p.suffix or p.name for p in paths}))
+        raise SourceError(
+            f"{repo_id}: the cached copy in {folder} holds files of several or unknown types ({types})",
+            hint="name one of its files as --dataset",
+        )
+    return _read_with(builders.pop() or "", paths, f"{repo_id} ({folder})")
+
+
+def _builder(path: Path) -> str | None:
+    """The `datasets` builder for a file of a downloaded repository (JSON ones too: unlike the
+    user's own files, these need no line-exact messages)."""
+    return "json" if path.suffix.lower() in JSON_EXTENSIONS else BUILDERS.get(path.suffix.lower())
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]

@@ -1,0 +1,195 @@
+"""Dataset sources read through `datasets`: other file types, save_to_disk folders and hub ids in
+the local Hugging Face and ModelScope caches, each with name#N; offline, and leaving nothing behind."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+from tunebench.engine.core.data import (
+    DataError,
+    load_dataset,
+    parse_dataset_spec,
+    read_records,
+    resolve_dataset_spec,
+)
+
+datasets = pytest.importorskip("datasets")
+
+# Records shaped like LLaMA-Factory's alpaca_en_demo: every row has every column.
+ROWS = [
+    {"instruction": "Give three tips for staying healthy.", "input": "", "output": "Eat well, sleep, move."},
+    {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour"},
+    {"instruction": "What is 2 + 2?", "input": "", "output": "4"},
+]
+EXPECTED = [
+    [
+        {"role": "user", "content": "Give three tips for staying healthy."},
+        {"role": "assistant", "content": "Eat well, sleep, move."},
+    ],
+    [
+        {"role": "user", "content": "Translate to French.\nGood morning"},
+        {"role": "assistant", "content": "Bonjour"},
+    ],
+    [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}],
+]
+
+
+@pytest.fixture(autouse=True)
+def caches(tmp_path, monkeypatch):
+    """Empty Hugging Face and ModelScope caches of this test's own."""
+    home = tmp_path / "cache"
+    monkeypatch.setenv("HF_HOME", str(home / "huggingface"))
+    monkeypatch.setenv("MODELSCOPE_CACHE", str(home / "modelscope"))
+    for name in ("HF_HUB_CACHE", "HF_DATASETS_CACHE", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    datasets.disable_progress_bars()
+    return home
+
+
+def hashes(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def messages(spec: str) -> list[list[dict]]:
+    samples, problems = load_dataset([spec])
+    assert problems == []
+    return [s.messages for s in samples]
+
+
+def test_csv_parquet_arrow_and_save_to_disk_read_like_json(tmp_path, caches):
+    work = tmp_path / "work"
+    work.mkdir()
+    table = datasets.Dataset.from_list(ROWS)
+    table.to_csv(work / "data.csv", index=False)
+    table.to_parquet(work / "data.parquet")
+    table.save_to_disk(work / "saved")
+    datasets.DatasetDict({"train": table, "test": table.select([0])}).save_to_disk(work / "saved_dict")
+    (work / "data.arrow").write_bytes(next((work / "saved").glob("*.arrow")).read_bytes())
+    before = hashes(work)
+
+    for name in ("data.csv", "data.parquet", "data.arrow", "saved", "saved_dict"):
+        assert messages(str(work / name)) == EXPECTED, name
+        assert len(messages(f"{work / name}#5")) == 5  # name#N: the whole set once, then two of it
+        assert len(messages(f"{work / name}#2")) == 2
+    samples, _ = load_dataset([str(work / "data.csv")])
+    assert samples[1].source == f"{work / 'data.csv'}[1]"
+
+    assert hashes(work) == before  # the user's files are as they were
+    assert not caches.exists()  # and no cache was written anywhere
+
+
+def test_save_to_disk_metadata_file_reads_its_folder(tmp_path):
+    """The folder error used to point at dataset_dict.json, which then failed as a JSON dataset."""
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS)}).save_to_disk(tmp_path / "saved")
+    assert messages(str(tmp_path / "saved" / "dataset_dict.json")) == EXPECTED
+    assert messages(str(tmp_path / "saved" / "train" / "state.json")) == EXPECTED
+
+
+def test_save_to_disk_without_a_train_split_says_which_it_has(tmp_path):
+    table = datasets.Dataset.from_list(ROWS)
+    datasets.DatasetDict({"dev": table, "test": table}).save_to_disk(tmp_path / "saved")
+    with pytest.raises(DataError, match="no 'train' split \\(it has dev, test\\)") as err:
+        read_records(tmp_path / "saved")
+    assert "save the split to train on as 'train'" in err.value.hint
+
+
+def test_hub_id_in_the_hugging_face_hub_cache(caches, tmp_path, monkeypatch):
+    """What `huggingface-cli download --repo-type dataset tatsu-lab/alpaca-mini` leaves: a
+    snapshot with parquet shards named as the hub names them, and a README."""
+    repo = caches / "huggingface" / "hub" / "datasets--tatsu-lab--alpaca-mini"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = repo / "snapshots" / commit
+    (snapshot / "data").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    (snapshot / "README.md").write_text("---\nlicense: cc-by-nc-4.0\n---\n# alpaca mini\n")
+    datasets.Dataset.from_list(ROWS).to_parquet(snapshot / "data" / "train-00000-of-00001.parquet")
+    datasets.Dataset.from_list(ROWS[:1]).to_parquet(snapshot / "data" / "test-00000-of-00001.parquet")
+    monkeypatch.chdir(tmp_path)
+
+    assert messages("tatsu-lab/alpaca-mini") == EXPECTED  # the train split only
+    assert len(messages("tatsu-lab/alpaca-mini#7")) == 7
+    # typed in the TUI, relative to a workspace: kept as the hub id, not made a path there
+    assert resolve_dataset_spec("tatsu-lab/alpaca-mini#2", tmp_path / "ws") == "tatsu-lab/alpaca-mini#2"
+    assert parse_dataset_spec("tatsu-lab/alpaca-mini#2", tmp_path / "ws") == (
+        Path("tatsu-lab/alpaca-mini"),
+        2,
+    )
+
+
+def test_hub_id_in_the_datasets_cache(caches, tmp_path, monkeypatch):
+    """What `datasets.load_dataset("someone/alpaca-mini")` leaves in HF_DATASETS_CACHE when it
+    ran once with network: found offline by `datasets` itself."""
+    from datasets.packaged_modules.json.json import Json
+
+    source = tmp_path / "rows.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    cache = caches / "huggingface" / "datasets"
+    builder = Json(
+        cache_dir=str(cache), dataset_name="alpaca-mini", data_files={"train": str(source)}, hash="0a1b2c3d"
+    )
+    builder.download_and_prepare()
+    # the hub's layout: <owner>___<name>/<config>/<version>/<commit>
+    (cache / "alpaca-mini").rename(cache / "someone___alpaca-mini")
+    (config,) = (cache / "someone___alpaca-mini").iterdir()
+    config.rename(config.with_name("default"))
+    monkeypatch.chdir(tmp_path)
+
+    assert messages("someone/alpaca-mini") == EXPECTED
+    assert len(messages("someone/alpaca-mini#2")) == 2
+
+
+def test_hub_id_in_the_modelscope_cache(caches, tmp_path, monkeypatch):
+    """What `modelscope download --dataset AI-ModelScope/alpaca-gpt4-data-en` leaves."""
+    folder = caches / "modelscope" / "hub" / "datasets" / "AI-ModelScope" / "alpaca-gpt4-data-en"
+    folder.mkdir(parents=True)
+    (folder / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    (folder / "README.md").write_text("# alpaca gpt4 en\n")
+    monkeypatch.chdir(tmp_path)
+    assert messages("AI-ModelScope/alpaca-gpt4-data-en") == EXPECTED
+    assert len(messages("AI-ModelScope/alpaca-gpt4-data-en#4")) == 4
+
+
+def test_a_hub_id_not_cached_says_so_and_how_to_fetch_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError) as err:
+        load_dataset(["tatsu-lab/alpaca#100"])
+    message = str(err.value)
+    assert "'tatsu-lab/alpaca' is not a file or folder here" in message
+    assert "not in the local Hugging Face or ModelScope cache" in message and "downloads nothing" in message
+    assert "huggingface-cli download --repo-type dataset tatsu-lab/alpaca" in err.value.hint
+    assert "modelscope download --dataset tatsu-lab/alpaca" in err.value.hint
+    # a mistyped file name is a missing file, not a hub id
+    with pytest.raises(DataError, match="dataset file not found: data/trian.jsonl"):
+        load_dataset(["data/trian.jsonl"])
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_openai_content_parts_of_text_are_accepted(tmp_path):
+    record = {
+        "messages": [
+            {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "Hi."}, {"type": "text", "text": "Who are you?"}],
+            },
+            {"role": "assistant", "content": [{"type": "text", "text": "A small model."}]},
+        ]
+    }
+    path = tmp_path / "parts.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    assert messages(str(path)) == [
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi.\nWho are you?"},
+            {"role": "assistant", "content": "A small model."},
+        ]
+    ]
