@@ -191,8 +191,10 @@ def test_a_checkpoint_write_that_fails_leaves_no_temporary_folder(
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    from tunebench.engine.core.files import DiskWriteError
+
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(OSError):
+    with pytest.raises(DiskWriteError, match="trainer_state.pt: the disk is full"):
         run(make_cfg(tiny_model_dir, identity_file, tmp_path, run_name="full", save_steps=1, max_steps=2))
     assert (tmp_path / "full" / "checkpoints").is_dir()
     assert list((tmp_path / "full" / "checkpoints").iterdir()) == []
