@@ -1,9 +1,15 @@
 """The Dataset pane: a table of samples to add, edit, duplicate, delete (with undo) and search,
 checks on every row, the selected sample rendered through the chat template, and safe saving.
+
+Made for files of 100,000 samples: the first rows show while the rest are read in a worker; the
+table draws only what is on screen; search, checks and saving run in workers, each cancelled or
+folded together by the next change, so a key is answered at once however large the file.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +19,9 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical, VerticalScroll
 from textual.message import Message
-from textual.widgets import DataTable, Input, Label
+from textual.widget import Widget
+from textual.widgets import Input, Label, TextArea
+from textual.worker import get_current_worker
 from tunebench.engine.core.data import DataError, DatasetSpec, parse_dataset_spec
 from tunebench.tui.debounce import Debouncer
 from tunebench.tui.paths import short_path
@@ -22,10 +30,12 @@ from tunebench.tui.screens.dataset_picker import DatasetPicker
 from tunebench.tui.screens.sample_editor import SampleEditor
 
 from ..params.settings_store import TrainSettings
-from .dataset_store import NEW_RECORDS, ConflictError, DatasetStore, Row, UnsavableError
+from .dataset_file import RowReader
+from .dataset_store import NEW_RECORDS, ConflictError, DatasetStore, PendingSave, Row, UnsavableError
 from .identity_bar import IdentityBar
 from .light_tokenizer import LightTokenizer, load_for_model
 from .row_checks import CheckSettings, RowChecker, RowReport
+from .row_filter import Numbered, search_slices
 from .sample_preview import SamplePreview
 from .sample_table import SampleTable
 
@@ -33,24 +43,33 @@ AUTOSAVE_DELAY_S = 1.0  # after the last edit; a crash loses at most the sample 
 DISK_CHECK_S = 2.0
 
 
+# The pane's keys are priority bindings: the app runs them the moment it reads the key, before
+# it hands the next key to the focused widget. Otherwise keys typed ahead of a slow screen went to
+# the widget focused before `/` moved the focus to search, and ran as table commands (e, u).
+# In a text field, the letter keys are text (check_action).
+_LETTER_ACTIONS = {"add", "edit", "duplicate", "delete", "undo", "search", "open", "train_on_file"}
+
+
 class DatasetPane(Vertical):
     BINDINGS = [
-        Binding("a", "add", "Add"),
-        Binding("e", "edit", "Edit"),
-        Binding("c", "duplicate", "Duplicate", show=False),
-        Binding("d", "delete", "Delete"),
-        Binding("u", "undo", "Undo"),
-        Binding("slash", "search", "Search"),
-        Binding("ctrl+s", "save", "Save"),
-        Binding("o", "open", "Open file", show=False),
-        Binding("t", "train_on_file", "Train on file", show=False),
+        Binding("a", "add", "Add", priority=True),
+        Binding("e", "edit", "Edit", priority=True),
+        Binding("c", "duplicate", "Duplicate", show=False, priority=True),
+        Binding("d", "delete", "Delete", priority=True),
+        Binding("u", "undo", "Undo", priority=True),
+        Binding("slash", "search", "Search", priority=True),
+        Binding("ctrl+s", "save", "Save", priority=True),
+        Binding("o", "open", "Open file", show=False, priority=True),
+        Binding("t", "train_on_file", "Train on file", show=False, priority=True),
         Binding(
             "escape",
             "clear_search",
             "Clear search",
             show=False,
+            priority=True,
             tooltip="Clear the search, or leave the name / author field: back to the table",
         ),
+        Binding("enter", "search_done", "Back to the table", show=False, priority=True),
     ]
     HELP_KEYS = (
         ("↑ ↓ pgup pgdn", "move through the samples; the preview follows"),
@@ -90,6 +109,11 @@ class DatasetPane(Vertical):
         self.checker = RowChecker(self.tokenizer, CheckSettings.from_config(settings.config))
         self.reports: dict[str, RowReport] = {}
         self.search = ""
+        self.shown: Sequence[tuple[int, Row]] = Numbered(self.store.rows)  # what the table lists
+        self._searching = False
+        self._reading: tuple[int, int] | None = None  # (bytes read, of) while the file loads
+        self._checking: tuple[int, int] | None = None  # (rows checked, of) while checks run
+        self._save_in_flight = False
         self.autosaver = Debouncer(self, AUTOSAVE_DELAY_S, self._autosave)
         self._conflict_open = False
         self._was_dirty = False
@@ -107,21 +131,64 @@ class DatasetPane(Vertical):
     def on_mount(self) -> None:
         self.query_one("#dataset-search").display = False
         self.query_one(IdentityBar).show(self.settings.text, self.settings.errors)
-        self.load(self.store.path)
+        self._read(self.store, self.store.start_loading(), None)
         self.settings_changed()
         self.set_interval(DISK_CHECK_S, self._watch_disk)
 
     # ------------------------------------------------------------- loading
 
     def load(self, path: Path) -> None:
+        """Show `path`: its first rows at once, the rest as a worker reads them. The file shown
+        now stays until the first rows arrive, and comes back if `path` cannot be read."""
         store = DatasetStore(path)
+        self._read(store, store.start_loading(), self.store)
+
+    @work(thread=True, exclusive=True, group="load", exit_on_error=False)
+    def _read(self, store: DatasetStore, reader: RowReader, previous: DatasetStore | None) -> None:
+        worker = get_current_worker()
         try:
-            store.load()
-            recovery = store.recover()  # edits a crashed (or conflicted) session never saved
+            for batch in reader.batches():
+                if worker.is_cancelled:
+                    return
+                self.app.call_from_thread(self._rows_read, store, batch, reader)
         except (OSError, ValueError) as exc:
-            self.notify(f"cannot open {path}: {exc}", severity="error", timeout=8)
+            self.app.call_from_thread(self._read_failed, store, previous, exc)
             return
-        self.store = store
+        if not worker.is_cancelled:
+            self.app.call_from_thread(self._read_done, store, reader)
+
+    def _take(self, store: DatasetStore) -> None:
+        """From now on the pane shows this store (the first rows of a file have arrived)."""
+        if self.store is not store:
+            self.store, self.reports = store, {}
+            self.query_one(SampleTable).show((), {})
+
+    def _rows_read(self, store: DatasetStore, batch: list[Row], reader: RowReader) -> None:
+        self._take(store)
+        store.rows.extend(batch)
+        self._reading = (reader.done, reader.total)
+        if not self.search:
+            self._show_rows(Numbered(store.rows))
+        self._show_title()
+
+    def _read_failed(self, store: DatasetStore, previous: DatasetStore | None, exc: Exception) -> None:
+        self._reading = None
+        self.notify(f"cannot open {store.path}: {exc}", severity="error", timeout=8)
+        if previous is not None and self.store is store:  # back to the file that was shown
+            self.store = previous
+            self._redraw_table()
+            self._run_checks()
+        self._show_title()
+
+    def _read_done(self, store: DatasetStore, reader: RowReader) -> None:
+        self._take(store)
+        self._reading = None
+        store.finish_loading(reader)
+        try:
+            recovery = store.recover()  # edits a crashed (or conflicted) session never saved
+        except OSError as exc:
+            recovery = None
+            self.notify(f"cannot read the edit journal of {store.path.name}: {exc}", severity="error")
         if store.load_note:
             self.notify(store.load_note)
         if recovery and recovery.replayed:
@@ -164,29 +231,63 @@ class DatasetPane(Vertical):
         if self.checker.reconfigure(tokenizer, CheckSettings.from_config(self.settings.config)):
             self._run_checks()
 
-    @work(thread=True, exclusive=True, group="checks", exit_on_error=False)
     def _run_checks(self) -> None:
-        rows = list(self.store.rows)
-        reports = self.checker.check_all(rows)
-        self.app.call_from_thread(self._checks_ready, reports)
+        if not self.store.loading:
+            self._check(list(self.store.rows))  # the rows as they are now; edits start another
 
-    def _checks_ready(self, reports: dict[str, RowReport]) -> None:
-        self.reports = reports
-        self._redraw_table()
+    @work(thread=True, exclusive=True, group="checks", exit_on_error=False)
+    def _check(self, rows: list[Row]) -> None:
+        worker = get_current_worker()
+        reports: dict[str, RowReport] = {}
+        for batch in self.checker.check_in_batches(rows):
+            if worker.is_cancelled:
+                return
+            reports.update(batch)
+            self.app.call_from_thread(self._checks_ready, batch, len(reports), len(rows))
+        if not worker.is_cancelled:
+            self.app.call_from_thread(self._checks_done, reports)
+
+    def _checks_ready(self, batch: dict[str, RowReport], checked: int, of: int) -> None:
+        self.reports = {**self.reports, **batch} if self._checking else dict(batch)
+        self._checking = (checked, of) if checked < of else None
+        self.query_one(SampleTable).update_reports(self.reports)
+        self._show_title()
+        self._show_preview()
+
+    def _checks_done(self, reports: dict[str, RowReport]) -> None:
+        self._checking = None
+        self.reports = reports  # only the rows that are still there
+        self.query_one(SampleTable).update_reports(reports)
+        self._show_title()
+        self._show_preview()
 
     # ------------------------------------------------------------- drawing
 
-    def _visible_rows(self) -> list[tuple[int, Row]]:
-        needle = self.search.lower()
-        rows = list(enumerate(self.store.rows))
-        if not needle:
-            return rows
-        return [(i, row) for i, row in rows if needle in row.text.lower()]
-
     def _redraw_table(self) -> None:
-        self.query_one(SampleTable).show(self._visible_rows(), self.reports)
+        """The rows changed (an edit, a load): show them, filtered again if a search is on."""
+        if self.search:
+            self._search(self.search)
+        else:
+            self._show_rows(Numbered(self.store.rows))
+
+    def _show_rows(self, rows: Sequence[tuple[int, Row]]) -> None:
+        self.shown = rows
+        self.query_one(SampleTable).show(rows, self.reports)
         self._show_title()
         self._show_preview()
+
+    @work(exclusive=True, group="search", exit_on_error=False)
+    async def _search(self, needle: str) -> None:
+        """Filter in slices, letting keys in between; the next keystroke cancels this one."""
+        self._searching = True
+        self._show_title()
+        rows = list(self.store.rows)  # edits during the search start a new one
+        found: list[tuple[int, Row]] = []
+        for part in search_slices(rows, needle):
+            found += part
+            await asyncio.sleep(0)
+        self._searching = False
+        self._show_rows(found)
 
     def _show_title(self) -> None:
         store = self.store
@@ -195,11 +296,19 @@ class DatasetPane(Vertical):
         parts = [f"[b]{escape(name)}[/b]"]
         if store.dirty:
             parts.append("[b yellow]● unsaved[/b yellow]")
-        parts.append(f"{len(store.rows)} samples")
+        parts.append(f"{len(store.rows):,} samples")
+        if self._reading:
+            done, total = self._reading
+            parts.append(f"[b]reading {100 * done // total}%[/b]")
+        elif self._checking:
+            done, total = self._checking
+            parts.append(f"[dim]checking {100 * done // total}%[/dim]")
         if flagged:
-            parts.append(f"[yellow]{flagged} with problems[/yellow]")
-        if self.search:
-            parts.append(f"filter [i]{escape(self.search)}[/i]: {len(self._visible_rows())} shown")
+            parts.append(f"[yellow]{flagged:,} with problems[/yellow]")
+        if self._searching:
+            parts.append(f"filter [i]{escape(self.search)}[/i]: searching…")
+        elif self.search:
+            parts.append(f"filter [i]{escape(self.search)}[/i]: {len(self.shown):,} shown")
         if not self._in_training_set():
             parts.append("[dim]not trained on (t adds it)[/dim]")
         self.query_one("#dataset-title", Label).update("  ·  ".join(parts))
@@ -220,28 +329,47 @@ class DatasetPane(Vertical):
             self.query_one("#preview-scroll").scroll_home(animate=False)
 
     def _current_row(self) -> Row | None:
-        key = self.query_one(SampleTable).current_key
-        if key is None:
-            return None
-        try:
-            return self.store.rows[self.store.index_of(key)]
-        except StopIteration:
-            return None
+        index = self._current_index()
+        return None if index is None else self.store.rows[index]
 
     def _current_index(self) -> int | None:
-        key = self.query_one(SampleTable).current_key
+        """The highlighted sample's index in the file, or None (no rows, or it is gone)."""
+        current = self.query_one(SampleTable).current
+        if current is None:
+            return None
+        index, row = current
+        rows = self.store.rows
+        if 0 <= index < len(rows) and rows[index] is row:  # the common case: no search needed
+            return index
         try:
-            return self.store.index_of(key) if key else None
+            return self.store.index_of(row.key)
         except StopIteration:
             return None
 
-    @on(DataTable.RowHighlighted)
+    @on(SampleTable.RowHighlighted)
     def _row_highlighted(self) -> None:
         self._show_preview()
 
-    @on(DataTable.RowSelected)
+    @on(SampleTable.RowSelected)
     def _row_selected(self) -> None:
         self.action_edit()
+
+    def _editable(self) -> bool:
+        """Edits wait until the whole file is read (they would race the rows still arriving)."""
+        if not self.store.loading:
+            return True
+        done, total = self._reading or (0, 1)
+        self.notify(
+            f"still reading {self.store.path.name} ({100 * done // total}%): edits wait until it is read",
+            severity="warning",
+            timeout=3,
+        )
+        return False
+
+    def _focus_now(self, widget: Widget) -> None:
+        # Widget.focus() waits its turn behind the keys already queued, which then go to the
+        # widget that had the focus: text typed quickly into search ran the table's keys.
+        self.screen.set_focus(widget)
 
     # ------------------------------------------------------------ editing
 
@@ -264,6 +392,8 @@ class DatasetPane(Vertical):
         return self.checker.check(row).problems
 
     def action_add(self) -> None:
+        if not self._editable():
+            return
         template = NEW_RECORDS[self.store.majority_format()]
         row = Row.from_record(template)
         current = self._current_index()
@@ -277,6 +407,8 @@ class DatasetPane(Vertical):
         self.app.push_screen(SampleEditor("New sample", row, self._check_one), done)
 
     def action_edit(self) -> None:
+        if not self._editable():
+            return
         index = self._current_index()
         if index is None:
             self.notify("no sample selected", severity="warning")
@@ -297,12 +429,16 @@ class DatasetPane(Vertical):
         self.app.push_screen(SampleEditor(f"Sample {index + 1}", row, self._check_one), done)
 
     def action_duplicate(self) -> None:
+        if not self._editable():
+            return
         index = self._current_index()
         if index is not None:
             at = self.store.duplicate(index)
             self._edited(self.store.rows[at].key)
 
     def action_delete(self) -> None:
+        if not self._editable():
+            return
         index = self._current_index()
         if index is None:
             return
@@ -312,6 +448,8 @@ class DatasetPane(Vertical):
         self.notify(f"sample {index + 1} deleted: u undoes", timeout=3)
 
     def action_undo(self) -> None:
+        if not self._editable():
+            return
         undone = self.store.undo()
         if undone is None:
             self.notify("nothing to undo", severity="warning")
@@ -323,24 +461,33 @@ class DatasetPane(Vertical):
     def action_search(self) -> None:
         field = self.query_one("#dataset-search", Input)
         field.display = True
-        field.focus()
+        self._focus_now(field)
 
     @on(Input.Changed, "#dataset-search")
     def _search_changed(self, event: Input.Changed) -> None:
         self.search = event.value.strip()
         self._redraw_table()
 
-    @on(Input.Submitted, "#dataset-search")
-    def _search_done(self) -> None:
-        self.query_one(SampleTable).focus()
+    def action_search_done(self) -> None:
+        self._focus_now(self.query_one(SampleTable))
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        focused = self.app.focused
+        if action in _LETTER_ACTIONS:
+            return not isinstance(focused, (Input, TextArea))  # there the key is text
+        if action == "search_done":  # enter in search; elsewhere enter is the focused widget's
+            return focused is self.query_one("#dataset-search")
+        return True
 
     def action_clear_search(self) -> None:
         field = self.query_one("#dataset-search", Input)
         field.value = ""
         field.display = False
         self.search = ""
+        self.workers.cancel_group(self, "search")
+        self._searching = False
         self._redraw_table()
-        self.query_one(SampleTable).focus()
+        self._focus_now(self.query_one(SampleTable))
 
     @on(IdentityBar.Changed)
     def _identity_changed(self, event: IdentityBar.Changed) -> None:
@@ -353,16 +500,59 @@ class DatasetPane(Vertical):
     # ------------------------------------------------------------- saving
 
     def _autosave(self) -> None:
-        if self.store.dirty:
-            self.save(quiet=True)
+        """Write the file in a worker: the edits are in the journal already, so this can take
+        its time (a second for 100 MB) while keys are answered."""
+        if not self.store.dirty or self.store.loading:
+            return
+        if self._save_in_flight:  # one write at a time; this one follows it
+            self.autosaver.poke()
+            return
+        try:
+            pending = self.store.begin_save()
+        except UnsavableError:
+            self._show_title()  # said on screen by the rows' marks; ctrl+s says which
+            return
+        self._save_in_flight = True
+        self._write(self.store, pending)
+
+    @work(thread=True, group="save", exit_on_error=False)
+    def _write(self, store: DatasetStore, pending: PendingSave) -> None:
+        try:
+            store.write_save(pending)
+        except ConflictError as exc:
+            self.app.call_from_thread(self._save_refused, str(exc), True)
+        except OSError as exc:
+            self.app.call_from_thread(self._save_refused, f"could not save: {exc}", False)
+        else:
+            self.app.call_from_thread(self._saved_in_background, store, pending)
+
+    def _saved_in_background(self, store: DatasetStore, pending: PendingSave) -> None:
+        self._save_in_flight = False
+        path = store.finish_save(pending)
+        if store is self.store:
+            self._after_save(path)
+            if store.dirty:  # edited while it was written
+                self.autosaver.poke()
+
+    def _save_refused(self, message: str, conflict: bool) -> None:
+        self._save_in_flight = False
+        if conflict:
+            self._ask_about_conflict(message)
+        else:
+            self.notify(message, severity="error", timeout=8)
+        self._show_title()
 
     def action_save(self) -> None:
         self.save()
 
     def save(self, *, quiet: bool = False, force: bool = False) -> bool:
         """Save now; False when it could not (a conflict or an unsavable row, said on screen)."""
+        if self.store.loading:
+            if not quiet:
+                self._editable()  # says why
+            return not self.store.dirty
         try:
-            path = self.store.save(force=force)
+            path = self.store.save(force=force)  # after any write in flight: the newest lands last
         except UnsavableError as exc:
             if not quiet:
                 self.notify(str(exc), severity="warning", timeout=6)
@@ -378,11 +568,14 @@ class DatasetPane(Vertical):
             self.notify(
                 f"saved {path.name} (the version before this session is kept as {path.name}.bak)", timeout=3
             )
+        self._after_save(path)
+        return True
+
+    def _after_save(self, path: Path) -> None:
         if path != self.store.path:  # a .json saved as .jsonl: edit and train on that from now on
             self._switch_dataset(self.store.path, path)
             self.store.path = path
         self._show_title()
-        return True
 
     def _ask_about_conflict(self, what: str) -> None:
         if self._conflict_open:
@@ -410,7 +603,9 @@ class DatasetPane(Vertical):
         )
 
     def _watch_disk(self) -> None:
-        if self._conflict_open or not self.store.changed_on_disk():
+        if self._conflict_open or self._save_in_flight or self.store.loading:
+            return
+        if not self.store.changed_on_disk():
             return
         if not self.store.dirty:
             self.load(self.store.path)  # nothing to lose here: follow the file
