@@ -30,7 +30,7 @@ from tunebench.tui.screens.dataset_picker import DatasetPicker
 from tunebench.tui.screens.sample_editor import SampleEditor
 
 from ..params.settings_store import TrainSettings
-from .dataset_file import RowReader
+from .dataset_file import RowReader, gc_scans_everything, spare_rows_from_gc_scans
 from .dataset_store import NEW_RECORDS, ConflictError, DatasetStore, PendingSave, Row, UnsavableError
 from .identity_bar import IdentityBar
 from .light_tokenizer import LightTokenizer, load_for_model
@@ -39,7 +39,7 @@ from .row_filter import Numbered, search_slices
 from .sample_preview import SamplePreview
 from .sample_table import SampleTable
 
-AUTOSAVE_DELAY_S = 1.0  # after the last edit; a crash loses at most the sample being typed
+AUTOSAVE_DELAY_S = 0.3  # after the last edit, which is in the journal already: this only batches writes
 DISK_CHECK_S = 2.0
 
 
@@ -108,6 +108,7 @@ class DatasetPane(Vertical):
         self.tokenizer_model = ""
         self.checker = RowChecker(self.tokenizer, CheckSettings.from_config(settings.config))
         self.reports: dict[str, RowReport] = {}
+        self.flagged = 0  # rows whose report lists a problem
         self.search = ""
         self.shown: Sequence[tuple[int, Row]] = Numbered(self.store.rows)  # what the table lists
         self._searching = False
@@ -119,6 +120,7 @@ class DatasetPane(Vertical):
         self._was_dirty = False
         self._journal_warned = ""
         self._previewed: str | None = None  # the row the preview shows
+        self._preview_of: tuple | None = None  # what it was rendered from
 
     def compose(self) -> ComposeResult:
         yield Label("", id="dataset-title")
@@ -141,9 +143,10 @@ class DatasetPane(Vertical):
         """Show `path`: its first rows at once, the rest as a worker reads them. The file shown
         now stays until the first rows arrive, and comes back if `path` cannot be read."""
         store = DatasetStore(path)
+        gc_scans_everything()  # what was spared for the file shown now may be garbage soon
         self._read(store, store.start_loading(), self.store)
 
-    @work(thread=True, exclusive=True, group="load", exit_on_error=False)
+    @work(thread=True, exclusive=True, group="load", exit_on_error=False, description="read the dataset")
     def _read(self, store: DatasetStore, reader: RowReader, previous: DatasetStore | None) -> None:
         worker = get_current_worker()
         try:
@@ -160,12 +163,13 @@ class DatasetPane(Vertical):
     def _take(self, store: DatasetStore) -> None:
         """From now on the pane shows this store (the first rows of a file have arrived)."""
         if self.store is not store:
-            self.store, self.reports = store, {}
+            self.store, self.reports, self.flagged = store, {}, 0
             self.query_one(SampleTable).show((), {})
 
     def _rows_read(self, store: DatasetStore, batch: list[Row], reader: RowReader) -> None:
         self._take(store)
         store.rows.extend(batch)
+        spare_rows_from_gc_scans()
         self._reading = (reader.done, reader.total)
         if not self.search:
             self._show_rows(Numbered(store.rows))
@@ -235,28 +239,34 @@ class DatasetPane(Vertical):
         if not self.store.loading:
             self._check(list(self.store.rows))  # the rows as they are now; edits start another
 
-    @work(thread=True, exclusive=True, group="checks", exit_on_error=False)
+    # Each worker that is handed the rows names itself: by default Textual's @work describes a
+    # worker by the repr of its arguments, which for 100,000 rows took seconds on the UI's thread.
+    @work(thread=True, exclusive=True, group="checks", exit_on_error=False, description="check rows")
     def _check(self, rows: list[Row]) -> None:
         worker = get_current_worker()
         reports: dict[str, RowReport] = {}
+        flagged = 0
         for batch in self.checker.check_in_batches(rows):
             if worker.is_cancelled:
                 return
             reports.update(batch)
-            self.app.call_from_thread(self._checks_ready, batch, len(reports), len(rows))
+            flagged += sum(1 for report in batch.values() if report.problems)
+            self.app.call_from_thread(self._checks_ready, batch, (len(reports), len(rows)), flagged)
         if not worker.is_cancelled:
-            self.app.call_from_thread(self._checks_done, reports)
+            self.app.call_from_thread(self._checks_done, reports, flagged)
 
-    def _checks_ready(self, batch: dict[str, RowReport], checked: int, of: int) -> None:
-        self.reports = {**self.reports, **batch} if self._checking else dict(batch)
-        self._checking = (checked, of) if checked < of else None
+    def _checks_ready(self, batch: dict[str, RowReport], progress: tuple[int, int], flagged: int) -> None:
+        # Merged in place: the rows not re-checked yet keep their last report until their batch.
+        self.reports.update(batch)
+        spare_rows_from_gc_scans()  # the reports live as long as the rows
+        self._checking, self.flagged = progress, max(self.flagged, flagged)
         self.query_one(SampleTable).update_reports(self.reports)
         self._show_title()
         self._show_preview()
 
-    def _checks_done(self, reports: dict[str, RowReport]) -> None:
+    def _checks_done(self, reports: dict[str, RowReport], flagged: int) -> None:
         self._checking = None
-        self.reports = reports  # only the rows that are still there
+        self.reports, self.flagged = reports, flagged  # only the rows that are still there
         self.query_one(SampleTable).update_reports(reports)
         self._show_title()
         self._show_preview()
@@ -292,7 +302,7 @@ class DatasetPane(Vertical):
     def _show_title(self) -> None:
         store = self.store
         name = short_path(store.path, self.workspace)
-        flagged = sum(1 for r in self.reports.values() if r.problems)
+        flagged = self.flagged
         parts = [f"[b]{escape(name)}[/b]"]
         if store.dirty:
             parts.append("[b yellow]● unsaved[/b yellow]")
@@ -319,9 +329,11 @@ class DatasetPane(Vertical):
     def _show_preview(self) -> None:
         row = self._current_row()
         report = self.reports.get(row.key) if row else None
-        self.query_one(SamplePreview).show(
-            row, report, self.tokenizer, CheckSettings.from_config(self.settings.config)
-        )
+        settings = CheckSettings.from_config(self.settings.config)
+        shown = (row, report, self.tokenizer, settings)
+        if shown != self._preview_of:  # rendering through the template costs: not for nothing
+            self._preview_of = shown
+            self.query_one(SamplePreview).show(*shown)
         key = row.key if row else None
         if key != self._previewed:
             # Another sample: start at its top, where its problems are listed.
@@ -515,7 +527,7 @@ class DatasetPane(Vertical):
         self._save_in_flight = True
         self._write(self.store, pending)
 
-    @work(thread=True, group="save", exit_on_error=False)
+    @work(thread=True, group="save", exit_on_error=False, description="save the dataset")
     def _write(self, store: DatasetStore, pending: PendingSave) -> None:
         try:
             store.write_save(pending)

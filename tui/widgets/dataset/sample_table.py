@@ -131,7 +131,7 @@ class SampleTable(ScrollView, can_focus=True):
         current = self.current_key
         self._rows, self._reports = rows, reports
         self._cells.clear()
-        position = self._position(current) if current is not None else None
+        position = self._position(current, near=self.cursor) if current is not None else None
         self.cursor = position if position is not None else min(self.cursor, max(len(rows) - 1, 0))
         self._resized()
         self._cursor_moved()
@@ -158,7 +158,7 @@ class SampleTable(ScrollView, can_focus=True):
 
     def move_to(self, key: str) -> None:
         """Put the cursor on this sample, if it is shown."""
-        position = self._position(key)
+        position = self._position(key, near=self.cursor)
         if position is not None:
             self._move(position)
 
@@ -170,7 +170,13 @@ class SampleTable(ScrollView, can_focus=True):
         names = [name for name, _, _ in COLUMNS]
         return self._cells_of(*self._rows[position])[names.index(column)]
 
-    def _position(self, key: str) -> int | None:
+    def _position(self, key: str, near: int | None = None) -> int | None:
+        """Where the sample is in the table; looked for first `near` a position (after an edit
+        the cursor's sample is there or one off), then in all 100,000 rows if need be."""
+        if near is not None:
+            for position in (near, near - 1, near + 1):
+                if 0 <= position < len(self._rows) and self._rows[position][1].key == key:
+                    return position
         return next((i for i, (_, row) in enumerate(self._rows) if row.key == key), None)
 
     # ------------------------------------------------------------- moving

@@ -1,0 +1,237 @@
+"""Time the Dataset pane on a large file, driven like a person through Textual's pilot.
+
+    python bench/bench_dataset_pane.py [--samples 100000] [--model no-such-model] [--output r.json]
+
+Writes a JSON lines file of N samples (about 1.1 KB each, the size of the issue's 22 MB / 20,000)
+under /tmp, opens the TUI on it against the tests' stand-in engine, and times issue 14's targets:
+
+- first rows on screen (from the app's start), the whole file read, every row checked;
+- each search keystroke: until the field shows it, and until the table shows its matches;
+- a delete: until the table shows the result; autosave: until the journal holds the edit, and
+  until the file on disk holds it (and that it is a one-line diff);
+- keys typed ahead during the load reach the search field, not the table;
+- the longest the event loop was held up while the file was read and checked (a key waits that
+  long at worst).
+
+Timings live here and in bench/RESULTS_dataset_pane.md, never as bounds in the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import difflib
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "tui"))
+
+from fake_engine import FakeEngineThread  # noqa: E402
+from textual import events  # noqa: E402
+from tunebench.tui.app import TuneBenchApp  # noqa: E402
+from tunebench.tui.screens.sample_editor import SampleEditor  # noqa: E402
+from tunebench.tui.widgets.dataset.dataset_pane import DatasetPane  # noqa: E402
+from tunebench.tui.widgets.dataset.sample_table import SampleTable  # noqa: E402
+
+WORDS = "the a model answer question data train learn token batch loss colour blue green red tune".split()
+
+
+def write_dataset(path: Path, samples: int) -> None:
+    rng = random.Random(0)
+
+    def words(n: int) -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(n))
+
+    with open(path, "wb") as fh:
+        for i in range(samples):
+            prompt, answer = f"q{i} " + words(40), words(140)
+            record = [
+                {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]},
+                {"instruction": prompt, "input": "", "output": answer},
+                {"conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]},
+            ][i % 3]
+            fh.write(orjson.dumps(record) + b"\n")
+
+
+def press_now(app, key: str, char: str | None) -> None:
+    """A key as the terminal delivers it, without waiting for the app to be idle first."""
+    event = events.Key(key, char)
+    event.set_sender(app)
+    app._driver.send_message(event)
+
+
+async def until(predicate, timeout: float = 600.0, step: float = 0.002) -> float:
+    """Seconds until predicate() holds (polling the app's own loop)."""
+    started = time.perf_counter()
+    while not predicate():
+        if time.perf_counter() - started > timeout:
+            raise TimeoutError(f"waited {timeout} s")
+        await asyncio.sleep(step)
+    return time.perf_counter() - started
+
+
+class LoopLag:
+    """The longest time the event loop took to come back to a 10 ms timer: how long a key waits."""
+
+    def __init__(self) -> None:
+        self.worst = 0.0
+        self._task: asyncio.Task | None = None
+
+    async def _tick(self) -> None:
+        while True:
+            before = time.perf_counter()
+            await asyncio.sleep(0.01)
+            self.worst = max(self.worst, time.perf_counter() - before - 0.01)
+
+    def __enter__(self) -> LoopLag:
+        self._task = asyncio.get_running_loop().create_task(self._tick())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        assert self._task is not None
+        self._task.cancel()
+
+
+def note_first_paint(moments: dict) -> None:
+    """Record when the pane mounts, and when the table first draws a sample's line."""
+    mount, render_line = DatasetPane.on_mount, SampleTable.render_line
+
+    def on_mount(self) -> None:
+        moments.setdefault("pane_mounted", time.perf_counter())
+        mount(self)
+
+    def drawn(self, y: int):
+        if y >= 1 and self.row_count and "first_rows" not in moments:
+            moments["first_rows"], moments["first_rows_count"] = time.perf_counter(), self.row_count
+        return render_line(self, y)
+
+    DatasetPane.on_mount, SampleTable.render_line = on_mount, drawn
+
+
+async def measure(workspace: Path, data: Path, needle: str) -> dict:
+    results: dict = {}
+    moments: dict = {}
+    note_first_paint(moments)
+    app = TuneBenchApp(workspace, starter=lambda ws, timeout: None)
+    started = time.perf_counter()
+    async with app.run_test(size=(120, 40)) as pilot:
+        pane = app.query_one(DatasetPane)
+        table = app.query_one(SampleTable)
+        with LoopLag() as lag:
+            await until(lambda: "first_rows" in moments)
+            results["app_start_to_pane_mounted_s"] = moments["pane_mounted"] - started  # Textual's
+            results["first_rows_drawn_s"] = moments["first_rows"] - started
+            results["first_rows_drawn_after_mount_s"] = moments["first_rows"] - moments["pane_mounted"]
+            results["first_rows_count"] = moments["first_rows_count"]
+            # Typed ahead while the rest loads: "/" then text must land in search, not the table.
+            loading_when_typed = pane.store.loading
+            press_now(app, "slash", "/")
+            for char in "educate":
+                press_now(app, char, char)
+            await until(lambda: not pane.store.loading)
+            results["whole_file_read_s"] = time.perf_counter() - started
+            results["loop_lag_while_reading_s"] = lag.worst
+            search = app.query_one("#dataset-search")
+            results["keys_during_load_to_search"] = {
+                "typed_while_loading": loading_when_typed,
+                "search_field_holds": search.value,
+                "editor_opened": isinstance(app.screen, SampleEditor),
+                "rows_changed": pane.store.dirty,
+            }
+            await until(lambda: pane.reports and not pane._checking)
+            results["all_rows_checked_s"] = time.perf_counter() - started
+            results["loop_lag_while_reading_and_checking_s"] = lag.worst
+        await pilot.press("escape")  # clear the search, back to the table
+        results["rows"] = len(pane.store.rows)
+
+        # Search: each keystroke until the field shows it, and until the table shows its matches.
+        await pilot.press("slash")
+        keystrokes = []
+        for i in range(1, len(needle) + 1):
+            text = needle[:i]
+            press_now(app, needle[i - 1], needle[i - 1])
+            echoed = await until(lambda text=text: search.value == text)
+            shown = await until(lambda text=text: pane.search == text and not pane._searching)
+            keystrokes.append(
+                {"text": text, "echo_s": echoed, "matches_s": echoed + shown, "matches": table.row_count}
+            )
+        results["search_keystrokes"] = keystrokes
+        expected = sum(1 for row in pane.store.rows if needle.lower() in row.text.lower())
+        results["search_matches_correct"] = table.row_count == expected
+        await pilot.press("escape")
+
+        # Delete the sample at the cursor (row 51): on screen, in the journal, in the file.
+        await pilot.press(*["down"] * 50)
+        before_bytes = data.read_bytes()
+        rows_before, key_before = table.row_count, table.current_key
+        journal = pane.store.journal_path
+        stat_before = data.stat()
+        sent = time.perf_counter()
+        press_now(app, "d", "d")
+        results["delete_on_screen_s"] = await until(
+            lambda: table.row_count == rows_before - 1 and table.current_key != key_before
+        )
+        results["delete_journalled_when_shown"] = journal.exists()  # appended and fsynced before
+        await until(lambda: data.stat().st_mtime_ns != stat_before.st_mtime_ns and not pane.store.dirty)
+        results["delete_in_file_s"] = time.perf_counter() - sent
+        diff = [
+            line
+            for line in difflib.diff_bytes(
+                difflib.unified_diff, before_bytes.split(b"\n"), data.read_bytes().split(b"\n"), n=0
+            )
+            if line[:1] in (b"-", b"+") and line[:3] not in (b"---", b"+++")
+        ]
+        results["delete_diff_lines"] = len(diff)
+        results["autosave_delay_s"] = pane.autosaver.delay
+        await pilot.press("ctrl+q")
+    return results
+
+
+def _rounded(value):
+    if isinstance(value, float):
+        return round(value, 3)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=100_000)
+    parser.add_argument("--model", default="no-such-model", help="`demo` counts tokens with its tokenizer")
+    parser.add_argument("--search", default="q12345", help="the text typed into search")
+    parser.add_argument("--output", help="write the results as JSON here too")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="tb-bench-") as tmp:
+        workspace = Path(tmp) / "ws"
+        (workspace / "datasets").mkdir(parents=True)
+        data = workspace / "datasets" / "big.jsonl"
+        write_dataset(data, args.samples)
+        (workspace / "tunebench.toml").write_text(
+            f'[train]\nmodel = "{args.model}"\ndataset = ["datasets/big.jsonl"]\n', encoding="utf-8"
+        )
+        load_before = os.getloadavg()[0]
+        with FakeEngineThread(workspace, memory_interval=3600):
+            results = asyncio.run(measure(workspace, data, args.search))
+        results["file_mb"] = round(data.stat().st_size / 1e6, 1)
+    results["load_average_before"] = round(load_before, 2)
+    results["load_average_after"] = round(os.getloadavg()[0], 2)
+    results["model"] = args.model
+    text = json.dumps(_rounded(results), indent=1)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
