@@ -38,6 +38,7 @@ from textual import events  # noqa: E402
 from tunebench.tui.app import TuneBenchApp  # noqa: E402
 from tunebench.tui.screens.sample_editor import SampleEditor  # noqa: E402
 from tunebench.tui.widgets.dataset.dataset_pane import DatasetPane  # noqa: E402
+from tunebench.tui.widgets.dataset.dataset_store import DatasetStore  # noqa: E402
 from tunebench.tui.widgets.dataset.sample_table import SampleTable  # noqa: E402
 
 WORDS = "the a model answer question data train learn token batch loss colour blue green red tune".split()
@@ -99,6 +100,20 @@ class LoopLag:
         self._task.cancel()
 
 
+def note_file_writes(moments: dict) -> None:
+    """Record how long each background write of the file took (serialise, hash, write, fsync)."""
+    write_save = DatasetStore.write_save
+
+    def timed(self, pending):
+        began = time.perf_counter()
+        try:
+            return write_save(self, pending)
+        finally:
+            moments.setdefault("file_writes_s", []).append(time.perf_counter() - began)
+
+    DatasetStore.write_save = timed
+
+
 def note_first_paint(moments: dict) -> None:
     """Record when the pane mounts, and when the table first draws a sample's line."""
     mount, render_line = DatasetPane.on_mount, SampleTable.render_line
@@ -119,6 +134,7 @@ async def measure(workspace: Path, data: Path, needle: str) -> dict:
     results: dict = {}
     moments: dict = {}
     note_first_paint(moments)
+    note_file_writes(moments)
     app = TuneBenchApp(workspace, starter=lambda ws, timeout: None)
     started = time.perf_counter()
     async with app.run_test(size=(120, 40)) as pilot:
@@ -190,6 +206,7 @@ async def measure(workspace: Path, data: Path, needle: str) -> dict:
         ]
         results["delete_diff_lines"] = len(diff)
         results["autosave_delay_s"] = pane.autosaver.delay
+        results["file_write_in_worker_s"] = moments.get("file_writes_s")
         await pilot.press("ctrl+q")
     return results
 

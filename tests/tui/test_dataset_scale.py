@@ -126,7 +126,8 @@ def test_rows_read_in_chunks_are_the_rows_of_the_file(tmp_path, monkeypatch):
 
 def test_search_finds_every_matching_row_in_every_slice():
     rows = [Row.from_record(r) for r in many_records(3 * row_filter.SEARCH_SLICE + 5)]
-    found = [pair for part in row_filter.search_slices(rows, "QUESTION 1") for pair in part]
+    parts = row_filter.search_slices(row_filter.Numbered(rows), "QUESTION 1")
+    found = [pair for part in parts for pair in part]
     expected = [(i, row) for i, row in enumerate(rows) if "question 1" in row.text]
     assert found == expected and len(found) > row_filter.SEARCH_SLICE // 4
 
@@ -147,6 +148,26 @@ async def test_typing_a_search_shows_the_rows_of_the_last_text(workspace, fake_e
         assert "11 shown" in str(app.query_one("#dataset-title").render())
         await pilot.press("escape")
         assert table.row_count == len(records)
+
+
+async def test_an_edit_between_keystrokes_is_searched_again(workspace, fake_engine):
+    path = workspace / "datasets" / "mini.jsonl"
+    write_many(path, 300)
+    app = TuneBenchApp(workspace, starter=no_start)
+    async with app.run_test(size=(100, 32)) as pilot:
+        pane = app.query_one(DatasetPane)
+        table = app.query_one(SampleTable)
+        await wait_until(pilot, lambda: pane.reports and not pane.store.loading, what="the file")
+        await pilot.press("slash", *"question 1")
+        await wait_until(pilot, lambda: not pane._searching, what="search")
+        assert table.row_count == 111  # 1, 10-19, 100-199
+        await pilot.press("enter", "down", "d")  # back to the table; delete "question 10"
+        await wait_until(pilot, lambda: table.row_count == 110 and not pane._searching, what="re-search")
+        await pilot.press("slash", "end", "0")  # typing on from "question 1": the deleted row is gone
+        await wait_until(pilot, lambda: pane.search == "question 10" and not pane._searching, what="search")
+        assert [row.record["instruction"] for _, row in table._rows] == [
+            f"question {n}" for n in range(100, 110)
+        ]
 
 
 # ====================================================================== keys

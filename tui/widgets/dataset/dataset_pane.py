@@ -112,6 +112,7 @@ class DatasetPane(Vertical):
         self.search = ""
         self.shown: Sequence[tuple[int, Row]] = Numbered(self.store.rows)  # what the table lists
         self._searching = False
+        self._last_search: tuple[str, tuple, list[tuple[int, Row]]] | None = None  # text, rows, found
         self._reading: tuple[int, int] | None = None  # (bytes read, of) while the file loads
         self._checking: tuple[int, int] | None = None  # (rows checked, of) while checks run
         self._save_in_flight = False
@@ -276,6 +277,8 @@ class DatasetPane(Vertical):
     def _redraw_table(self) -> None:
         """The rows changed (an edit, a load): show them, filtered again if a search is on."""
         if self.search:
+            self._searching = True  # until the worker shows what it found
+            self._show_title()
             self._search(self.search)
         else:
             self._show_rows(Numbered(self.store.rows))
@@ -289,13 +292,17 @@ class DatasetPane(Vertical):
     @work(exclusive=True, group="search", exit_on_error=False)
     async def _search(self, needle: str) -> None:
         """Filter in slices, letting keys in between; the next keystroke cancels this one."""
-        self._searching = True
-        self._show_title()
-        rows = list(self.store.rows)  # edits during the search start a new one
+        rows_now = (self.store, self.store.edits, len(self.store.rows))
+        last = self._last_search
+        if last and last[1] == rows_now and last[0].lower() in needle.lower():
+            candidates: Sequence[tuple[int, Row]] = last[2]  # typing on: only those can still match
+        else:
+            candidates = Numbered(list(self.store.rows))  # edits during the search start a new one
         found: list[tuple[int, Row]] = []
-        for part in search_slices(rows, needle):
+        for part in search_slices(candidates, needle):
             found += part
             await asyncio.sleep(0)
+        self._last_search = (needle, rows_now, found)
         self._searching = False
         self._show_rows(found)
 

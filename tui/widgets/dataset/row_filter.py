@@ -33,9 +33,8 @@ class Numbered(Sequence[tuple[int, Row]]):
         return index, self.rows[index]
 
 
-def search_slices(rows: Sequence[Row], needle: str) -> Iterator[list[tuple[int, Row]]]:
-    """The rows whose text contains `needle` (any case), one slice of the file at a time."""
+def search_slices(rows: Sequence[tuple[int, Row]], needle: str) -> Iterator[list[tuple[int, Row]]]:
+    """The (index, row) pairs whose text contains `needle` (any case), a slice at a time."""
     needle = needle.lower()
     for start in range(0, len(rows), SEARCH_SLICE):
-        part = rows[start : start + SEARCH_SLICE]
-        yield [(start + i, row) for i, row in enumerate(part) if needle in row.text.lower()]
+        yield [(i, row) for i, row in rows[start : start + SEARCH_SLICE] if needle in row.text.lower()]
