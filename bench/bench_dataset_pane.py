@@ -24,6 +24,7 @@ import difflib
 import json
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -130,11 +131,12 @@ def note_first_paint(moments: dict) -> None:
     DatasetPane.on_mount, SampleTable.render_line = on_mount, drawn
 
 
+MOMENTS: dict = {}  # filled by the hooks note_first_paint() and note_file_writes() put in
+
+
 async def measure(workspace: Path, data: Path, needle: str) -> dict:
     results: dict = {}
-    moments: dict = {}
-    note_first_paint(moments)
-    note_file_writes(moments)
+    moments = MOMENTS
     app = TuneBenchApp(workspace, starter=lambda ws, timeout: None)
     started = time.perf_counter()
     async with app.run_test(size=(120, 40)) as pilot:
@@ -221,32 +223,46 @@ def _rounded(value):
     return value
 
 
+def run_once(master: Path, model: str, needle: str) -> dict:
+    with tempfile.TemporaryDirectory(prefix="tb-bench-") as tmp:
+        workspace = Path(tmp) / "ws"
+        (workspace / "datasets").mkdir(parents=True)
+        data = workspace / "datasets" / "big.jsonl"
+        shutil.copyfile(master, data)
+        os.sync()  # a file the person made earlier: its writeback is not part of opening it
+        (workspace / "tunebench.toml").write_text(
+            f'[train]\nmodel = "{model}"\ndataset = ["datasets/big.jsonl"]\n', encoding="utf-8"
+        )
+        load_before = os.getloadavg()[0]
+        with FakeEngineThread(workspace, memory_interval=3600):
+            results = asyncio.run(measure(workspace, data, needle))
+    results["load_average_before"] = round(load_before, 2)
+    results["load_average_after"] = round(os.getloadavg()[0], 2)
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=100_000)
     parser.add_argument("--model", default="no-such-model", help="`demo` counts tokens with its tokenizer")
     parser.add_argument("--search", default="q12345", help="the text typed into search")
-    parser.add_argument("--output", help="write the results as JSON here too")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--output", help="write the runs as JSON here too")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="tb-bench-") as tmp:
-        workspace = Path(tmp) / "ws"
-        (workspace / "datasets").mkdir(parents=True)
-        data = workspace / "datasets" / "big.jsonl"
-        write_dataset(data, args.samples)
-        (workspace / "tunebench.toml").write_text(
-            f'[train]\nmodel = "{args.model}"\ndataset = ["datasets/big.jsonl"]\n', encoding="utf-8"
-        )
-        load_before = os.getloadavg()[0]
-        with FakeEngineThread(workspace, memory_interval=3600):
-            results = asyncio.run(measure(workspace, data, args.search))
-        results["file_mb"] = round(data.stat().st_size / 1e6, 1)
-    results["load_average_before"] = round(load_before, 2)
-    results["load_average_after"] = round(os.getloadavg()[0], 2)
-    results["model"] = args.model
-    text = json.dumps(_rounded(results), indent=1)
-    print(text)
+    note_first_paint(MOMENTS)
+    note_file_writes(MOMENTS)
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="tb-bench-data-") as tmp:
+        master = Path(tmp) / "big.jsonl"
+        write_dataset(master, args.samples)
+        file_mb = round(master.stat().st_size / 1e6, 1)
+        for index in range(args.repeats):
+            MOMENTS.clear()
+            runs.append({"run": index + 1, "samples": args.samples, "file_mb": file_mb, "model": args.model})
+            runs[-1].update(run_once(master, args.model, args.search))
+            print(json.dumps(_rounded(runs[-1]), indent=1), flush=True)
     if args.output:
-        Path(args.output).write_text(text + "\n", encoding="utf-8")
+        Path(args.output).write_text(json.dumps(_rounded(runs), indent=1) + "\n", encoding="utf-8")
     return 0
 
 

@@ -9,6 +9,7 @@ folded together by the next change, so a key is answered at once however large t
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ from .sample_table import SampleTable
 
 AUTOSAVE_DELAY_S = 0.3  # after the last edit, which is in the journal already: this only batches writes
 DISK_CHECK_S = 2.0
+FIRST_DRAW_WAIT_S = 2.0  # at most, before the rest of a file is read anyway
 
 
 # The pane's keys are priority bindings: the app runs them the moment it reads the key, before
@@ -150,11 +152,18 @@ class DatasetPane(Vertical):
     @work(thread=True, exclusive=True, group="load", exit_on_error=False, description="read the dataset")
     def _read(self, store: DatasetStore, reader: RowReader, previous: DatasetStore | None) -> None:
         worker = get_current_worker()
+        first_drawn = threading.Event()
         try:
             for batch in reader.batches():
                 if worker.is_cancelled:
                     return
                 self.app.call_from_thread(self._rows_read, store, batch, reader)
+                if not first_drawn.is_set():
+                    # Parsing competes with the UI for the interpreter: let the first screenful
+                    # be drawn before the rest of the file is parsed.
+                    self.app.call_from_thread(self.call_after_refresh, first_drawn.set)
+                    first_drawn.wait(timeout=FIRST_DRAW_WAIT_S)
+                    first_drawn.set()
         except (OSError, ValueError) as exc:
             self.app.call_from_thread(self._read_failed, store, previous, exc)
             return
