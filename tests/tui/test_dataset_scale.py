@@ -43,11 +43,12 @@ def write_many(path, count: int) -> list[dict]:
     return records
 
 
-def type_ahead(app, keys: str) -> None:
-    """Keys arriving faster than the app handles them (a busy box): all queued before any runs."""
+def type_ahead(app, keys) -> None:
+    """Keys arriving faster than the app handles them (a busy box): all queued before any runs.
+    A string is typed; a list holds key names ("enter", "down")."""
     for key in keys:
-        name = {"/": "slash"}.get(key, key)
-        event = events.Key(name, key)
+        name = {"/": "slash", " ": "space"}.get(key, key)
+        event = events.Key(name, key if len(key) == 1 else None)
         event.set_sender(app)
         app._driver.send_message(event)
 
@@ -184,6 +185,34 @@ async def test_keys_typed_ahead_go_to_the_search_field(workspace, fake_engine):
         assert app.query_one("#dataset-search", Input).value == "educate"
         assert not isinstance(app.screen, SampleEditor)
         assert pane.store.rows == rows and not pane.store.dirty
+
+
+async def test_keys_typed_after_enter_are_not_table_commands(workspace, fake_engine):
+    app = TuneBenchApp(workspace, starter=no_start)
+    async with app.run_test(size=(100, 32)) as pilot:
+        pane = app.query_one(DatasetPane)
+        await wait_until(pilot, lambda: pane.reports, what="row checks")
+        rows = list(pane.store.rows)
+        type_ahead(app, ["enter", *"dud"])  # enter opens the editor: d, u, d are not delete, undo
+        await wait_until(pilot, lambda: isinstance(app.screen, SampleEditor), what="the editor")
+        await pilot.pause()
+        assert pane.store.rows == rows and not pane.store.dirty
+
+
+async def test_keys_after_a_search_act_on_the_rows_it_found(workspace, fake_engine, monkeypatch):
+    monkeypatch.setattr(dataset_pane, "AUTOSAVE_DELAY_S", 60)
+    path = workspace / "datasets" / "mini.jsonl"
+    write_many(path, 3 * row_filter.SEARCH_SLICE)  # a search of several slices: it takes a while
+    app = TuneBenchApp(workspace, starter=no_start)
+    async with app.run_test(size=(100, 32)) as pilot:
+        pane = app.query_one(DatasetPane)
+        await wait_until(pilot, lambda: pane.reports and not pane.store.loading, what="the file")
+        type_ahead(app, [*"/question 7", "enter", "down", "d"])  # the second match: "question 70"
+        await wait_until(pilot, lambda: pane.store.dirty, what="the delete")
+        gone = {r["instruction"] for r in many_records(len(pane.store.rows) + 1)} - {
+            row.record["instruction"] for row in pane.store.rows
+        }
+        assert gone == {"question 70"}
 
 
 async def test_keys_during_a_background_load_go_to_the_focused_widget(workspace, fake_engine, monkeypatch):

@@ -43,6 +43,7 @@ from .sample_table import SampleTable
 AUTOSAVE_DELAY_S = 0.3  # after the last edit, which is in the journal already: this only batches writes
 DISK_CHECK_S = 2.0
 FIRST_DRAW_WAIT_S = 2.0  # at most, before the rest of a file is read anyway
+SEARCH_WAIT_S = 3.0  # at most, that a key acting on the rows waits for the search before it
 
 
 # The pane's keys are priority bindings: the app runs them the moment it reads the key, before
@@ -71,7 +72,7 @@ class DatasetPane(Vertical):
             priority=True,
             tooltip="Clear the search, or leave the name / author field: back to the table",
         ),
-        Binding("enter", "search_done", "Back to the table", show=False, priority=True),
+        Binding("enter", "enter", "Edit, or back to the table from search", show=False, priority=True),
     ]
     HELP_KEYS = (
         ("↑ ↓ pgup pgdn", "move through the samples; the preview follows"),
@@ -114,6 +115,8 @@ class DatasetPane(Vertical):
         self.search = ""
         self.shown: Sequence[tuple[int, Row]] = Numbered(self.store.rows)  # what the table lists
         self._searching = False
+        self._search_idle = asyncio.Event()  # set while no search is pending
+        self._search_idle.set()
         self._last_search: tuple[str, tuple, list[tuple[int, Row]]] | None = None  # text, rows, found
         self._reading: tuple[int, int] | None = None  # (bytes read, of) while the file loads
         self._checking: tuple[int, int] | None = None  # (rows checked, of) while checks run
@@ -247,6 +250,7 @@ class DatasetPane(Vertical):
 
     def _run_checks(self) -> None:
         if not self.store.loading:
+            self._checking = (0, len(self.store.rows))
             self._check(list(self.store.rows))  # the rows as they are now; edits start another
 
     # Each worker that is handed the rows names itself: by default Textual's @work describes a
@@ -286,7 +290,13 @@ class DatasetPane(Vertical):
     def _redraw_table(self) -> None:
         """The rows changed (an edit, a load): show them, filtered again if a search is on."""
         if self.search:
+            if not self.store.loading:
+                # At once: the matches shown, as they are now (edited, renumbered, deleted ones
+                # gone); the search that follows adds any row the edit made match.
+                now = {row.key: (i, row) for i, row in enumerate(self.store.rows)}
+                self._show_rows([now[row.key] for _, row in self.shown if row.key in now])
             self._searching = True  # until the worker shows what it found
+            self._search_idle.clear()
             self._show_title()
             self._search(self.search)
         else:
@@ -308,12 +318,22 @@ class DatasetPane(Vertical):
         else:
             candidates = Numbered(list(self.store.rows))  # edits during the search start a new one
         found: list[tuple[int, Row]] = []
-        for part in search_slices(candidates, needle):
-            found += part
-            await asyncio.sleep(0)
+        try:
+            for part in search_slices(candidates, needle):
+                found += part
+                await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            raise  # by the next keystroke, which searches again, or by clearing the search
+        except BaseException:
+            self._search_done()
+            raise
         self._last_search = (needle, rows_now, found)
-        self._searching = False
+        self._search_done()
         self._show_rows(found)
+
+    def _search_done(self) -> None:
+        self._searching = False
+        self._search_idle.set()
 
     def _show_title(self) -> None:
         store = self.store
@@ -379,8 +399,16 @@ class DatasetPane(Vertical):
         self._show_preview()
 
     @on(SampleTable.RowSelected)
-    def _row_selected(self) -> None:
-        self.action_edit()
+    async def _row_selected(self) -> None:
+        await self.action_edit()
+
+    async def _search_settled(self) -> None:
+        """Wait until the search typed so far has shown its rows. The pane's keys are priority
+        bindings, so the keys after this one wait too: `d` deletes a row the person saw found."""
+        try:
+            await asyncio.wait_for(self._search_idle.wait(), SEARCH_WAIT_S)
+        except asyncio.TimeoutError:
+            pass  # never hold the keyboard for long: act on the rows shown
 
     def _editable(self) -> bool:
         """Edits wait until the whole file is read (they would race the rows still arriving)."""
@@ -419,7 +447,8 @@ class DatasetPane(Vertical):
     def _check_one(self, row: Row) -> list[str]:
         return self.checker.check(row).problems
 
-    def action_add(self) -> None:
+    async def action_add(self) -> None:
+        await self._search_settled()
         if not self._editable():
             return
         template = NEW_RECORDS[self.store.majority_format()]
@@ -434,7 +463,8 @@ class DatasetPane(Vertical):
 
         self.app.push_screen(SampleEditor("New sample", row, self._check_one), done)
 
-    def action_edit(self) -> None:
+    async def action_edit(self) -> None:
+        await self._search_settled()
         if not self._editable():
             return
         index = self._current_index()
@@ -456,7 +486,8 @@ class DatasetPane(Vertical):
 
         self.app.push_screen(SampleEditor(f"Sample {index + 1}", row, self._check_one), done)
 
-    def action_duplicate(self) -> None:
+    async def action_duplicate(self) -> None:
+        await self._search_settled()
         if not self._editable():
             return
         index = self._current_index()
@@ -464,7 +495,8 @@ class DatasetPane(Vertical):
             at = self.store.duplicate(index)
             self._edited(self.store.rows[at].key)
 
-    def action_delete(self) -> None:
+    async def action_delete(self) -> None:
+        await self._search_settled()
         if not self._editable():
             return
         index = self._current_index()
@@ -475,7 +507,8 @@ class DatasetPane(Vertical):
         self._edited(rows[min(index, len(rows) - 1)].key if rows else None)
         self.notify(f"sample {index + 1} deleted: u undoes", timeout=3)
 
-    def action_undo(self) -> None:
+    async def action_undo(self) -> None:
+        await self._search_settled()
         if not self._editable():
             return
         undone = self.store.undo()
@@ -496,15 +529,19 @@ class DatasetPane(Vertical):
         self.search = event.value.strip()
         self._redraw_table()
 
-    def action_search_done(self) -> None:
+    async def action_enter(self) -> None:
+        if self.app.focused is self.query_one(SampleTable):
+            await self.action_edit()  # here, not through a message: keys typed next are the editor's
+            return
+        await self._search_settled()  # the next keys are for the rows found, not those before
         self._focus_now(self.query_one(SampleTable))
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         focused = self.app.focused
         if action in _LETTER_ACTIONS:
             return not isinstance(focused, (Input, TextArea))  # there the key is text
-        if action == "search_done":  # enter in search; elsewhere enter is the focused widget's
-            return focused is self.query_one("#dataset-search")
+        if action == "enter":  # in search, and in the table; elsewhere it is the focused widget's
+            return focused is self.query_one("#dataset-search") or focused is self.query_one(SampleTable)
         return True
 
     def action_clear_search(self) -> None:
@@ -513,7 +550,7 @@ class DatasetPane(Vertical):
         field.display = False
         self.search = ""
         self.workers.cancel_group(self, "search")
-        self._searching = False
+        self._search_done()
         self._redraw_table()
         self._focus_now(self.query_one(SampleTable))
 

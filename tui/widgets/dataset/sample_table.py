@@ -83,14 +83,15 @@ class SampleTable(ScrollView, can_focus=True):
         }
     }
     """
+    # Priority, like the Dataset pane's keys: run in the order typed, before the app hands later
+    # keys on (a `d` typed after `down` deletes the row `down` moved to).
     BINDINGS = [
-        Binding("up", "cursor(-1)", "Up", show=False),
-        Binding("down", "cursor(1)", "Down", show=False),
-        Binding("pageup", "page(-1)", "Page up", show=False),
-        Binding("pagedown", "page(1)", "Page down", show=False),
-        Binding("home", "first", "First", show=False),
-        Binding("end", "last", "Last", show=False),
-        Binding("enter", "select", "Edit", show=False),
+        Binding("up", "cursor(-1)", "Up", show=False, priority=True),
+        Binding("down", "cursor(1)", "Down", show=False, priority=True),
+        Binding("pageup", "page(-1)", "Page up", show=False, priority=True),
+        Binding("pagedown", "page(1)", "Page down", show=False, priority=True),
+        Binding("home", "first", "First", show=False, priority=True),
+        Binding("end", "last", "Last", show=False, priority=True),
     ]
 
     @dataclass
@@ -106,7 +107,7 @@ class SampleTable(ScrollView, can_focus=True):
 
     @dataclass
     class RowSelected(Message):
-        """enter (or a click) on the highlighted sample."""
+        """A click on the highlighted sample (enter is the Dataset pane's key)."""
 
         table: SampleTable
         key: str
@@ -235,7 +236,8 @@ class SampleTable(ScrollView, can_focus=True):
 
     def _resized(self) -> None:
         width = self.scrollable_content_region.width
-        fixed = sum(w for _, _, w in COLUMNS if w) + 2 * CELL_PADDING * len(COLUMNS)
+        fixed = sum(self._widths()[i] for i, (_, _, w) in enumerate(COLUMNS) if w)
+        fixed += 2 * CELL_PADDING * len(COLUMNS)
         text_width = max((width - fixed) // 2, 10)
         if text_width != self._text_width:
             self._text_width = text_width
@@ -244,7 +246,9 @@ class SampleTable(ScrollView, can_focus=True):
         self.refresh()
 
     def _widths(self) -> list[int]:
-        return [w if w else self._text_width for _, _, w in COLUMNS]
+        last = self._rows[-1][0] + 1 if self._rows else 0  # the rows are in file order
+        number = max(4, len(str(last)))  # sample 100,000 needs six digits
+        return [number if key == "n" else w if w else self._text_width for key, _, w in COLUMNS]
 
     def _cells_of(self, index: int, row: Row) -> tuple[str, str, str, str, str]:
         cells = self._cells.get(row.key)
