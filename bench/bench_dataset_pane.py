@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import difflib
+import gc
 import json
 import os
 import random
@@ -80,6 +81,27 @@ async def until(predicate, timeout: float = 60.0, step: float = 0.002) -> float:
             raise TimeoutError(f"waited {timeout} s")
         await asyncio.sleep(step)
     return time.perf_counter() - started
+
+
+class GcPauses:
+    """The longest pause of Python's cyclic garbage collector (it holds every thread)."""
+
+    def __init__(self) -> None:
+        self.worst = 0.0
+        self._began = 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._began = time.perf_counter()
+        else:
+            self.worst = max(self.worst, time.perf_counter() - self._began)
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self)
 
 
 class LoopLag:
@@ -146,7 +168,7 @@ async def measure(workspace: Path, data: Path, needle: str, wait_checks: bool) -
         pane = app.query_one(DatasetPane)
         table = app.query_one(SampleTable)
         search = app.query_one("#dataset-search")
-        with LoopLag() as lag:
+        with LoopLag() as lag, GcPauses() as gc_pauses:
             await until(lambda: "first_rows" in moments)
             results["app_start_to_pane_mounted_s"] = moments["pane_mounted"] - started  # Textual's
             results["first_rows_drawn_s"] = moments["first_rows"] - started
@@ -213,6 +235,7 @@ async def measure(workspace: Path, data: Path, needle: str, wait_checks: bool) -
                 await until(lambda: pane.reports and not pane._checking)
                 results["all_rows_checked_s"] = time.perf_counter() - started
                 results["loop_lag_until_all_checked_s"] = lag.worst
+            results["longest_gc_pause_s"] = gc_pauses.worst
         diff = [
             line
             for line in difflib.diff_bytes(

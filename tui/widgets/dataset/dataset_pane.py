@@ -287,10 +287,10 @@ class DatasetPane(Vertical):
 
     # ------------------------------------------------------------- drawing
 
-    def _redraw_table(self) -> None:
-        """The rows changed (an edit, a load): show them, filtered again if a search is on."""
+    def _redraw_table(self, *, edited: bool = False) -> None:
+        """The rows or the search changed: show them, filtered again if a search is on."""
         if self.search:
-            if not self.store.loading:
+            if edited:
                 # At once: the matches shown, as they are now (edited, renumbered, deleted ones
                 # gone); the search that follows adds any row the edit made match.
                 now = {row.key: (i, row) for i, row in enumerate(self.store.rows)}
@@ -440,7 +440,7 @@ class DatasetPane(Vertical):
                 severity="warning",
                 timeout=8,
             )
-        self._redraw_table()
+        self._redraw_table(edited=True)
         if focus_key:
             self.query_one(SampleTable).move_to(focus_key)
             self._show_preview()
