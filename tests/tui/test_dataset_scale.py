@@ -237,3 +237,15 @@ async def test_keys_during_a_background_load_go_to_the_focused_widget(workspace,
         assert not isinstance(app.screen, SampleEditor) and not pane.store.dirty
         await pilot.pause(0.2)
     assert path.read_bytes() == before
+
+
+async def test_a_click_picks_a_row_and_a_second_click_edits_it(workspace, fake_engine):
+    app = TuneBenchApp(workspace, starter=no_start)
+    async with app.run_test(size=(100, 32)) as pilot:
+        pane = app.query_one(DatasetPane)
+        table = app.query_one(SampleTable)
+        await wait_until(pilot, lambda: pane.reports, what="row checks")
+        await pilot.click(SampleTable, offset=(10, 3))  # below the header: the third sample
+        assert table.current_key == pane.store.rows[2].key and table.has_focus
+        await pilot.click(SampleTable, offset=(10, 3))
+        await wait_until(pilot, lambda: isinstance(app.screen, SampleEditor), what="the editor")

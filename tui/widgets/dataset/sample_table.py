@@ -198,7 +198,7 @@ class SampleTable(ScrollView, can_focus=True):
         if self.current_key is not None:
             self.post_message(self.RowSelected(self, self.current_key))
 
-    def _on_click(self, event: events.Click) -> None:
+    def on_click(self, event: events.Click) -> None:
         if event.y < 1:  # the header
             return
         position = int(self.scroll_offset.y) + event.y - 1
