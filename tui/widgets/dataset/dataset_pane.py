@@ -252,6 +252,7 @@ class DatasetPane(Vertical):
         if not self.store.loading:
             self._checking = (0, len(self.store.rows))
             self._check(list(self.store.rows))  # the rows as they are now; edits start another
+            self._show_title()
 
     # Each worker that is handed the rows names itself: by default Textual's @work describes a
     # worker by the repr of its arguments, which for 100,000 rows took seconds on the UI's thread.
