@@ -389,6 +389,8 @@ async def test_the_read_only_tui_takes_over_when_the_writer_dies(workspace, fake
             await writing.__aexit__(None, None, None)  # killed: no flush, its lock goes with it
             writing = None
             await wait_until(p2, lambda: not notice(reader), what="the reader to take over")
+            # the file is read again in the background, then the dead writer's journal replayed
+            await wait_until(p2, lambda: not pane2.store.loading, what="the reader to read the file")
             assert [row.record for row in pane2.store.rows] == made
             assert any("recovered 2 unsaved edit" in n.message for n in reader._notifications)
             await p2.press("c")
@@ -421,6 +423,7 @@ async def test_a_read_only_file_is_not_replaced_and_says_what_to_do(workspace, f
         assert (path.read_bytes(), path.stat().st_ino) == before
         path.chmod(0o644)  # the person's answer: chmod u+w
         await wait_until(pilot, lambda: not notice(app), what="the pane to notice the chmod")
+        await wait_until(pilot, lambda: not pane.store.loading, what="the file read again")
         await pilot.press("d")
         await wait_until(pilot, lambda: not pane.store.dirty, what="the autosave")
     assert records(path) == MINI_RECORDS[1:]

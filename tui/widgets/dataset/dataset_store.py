@@ -23,54 +23,32 @@ Nothing made is lost:
 from __future__ import annotations
 
 import hashlib
-import itertools
 import os
+import secrets
+import threading
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
-from tunebench.engine.core.data import jsonl_bytes
 from tunebench.engine.core.files import atomic_write_bytes, fsync_dir
 
+from .dataset_file import Row, RowReader, file_bytes
 from .write_access import read_only_reason
 
-_BOM = b"\xef\xbb\xbf"
-_row_ids = itertools.count(1)
+__all__ = [
+    "ConflictError",
+    "DatasetStore",
+    "ReadOnlyFileError",
+    "Recovery",
+    "Row",
+    "UnsavableError",
+    "digest",
+]
 UNDO_LIMIT = 200
-
-
-@dataclass(frozen=True)
-class Row:
-    """One record; `record` is None when its text is not a JSON value (then `error` says why)."""
-
-    text: str
-    record: Any = None
-    error: str = ""
-    line: int = 0  # line number in the file as loaded (0 for rows added since)
-    key: str = field(default_factory=lambda: f"row-{next(_row_ids)}")
-
-    @classmethod
-    def from_record(cls, record: Any, line: int = 0) -> Row:
-        return cls(orjson.dumps(record).decode(), record, "", line)
-
-    @classmethod
-    def from_text(cls, text: str, line: int = 0) -> Row:
-        try:
-            return cls(text, orjson.loads(text), "", line)
-        except orjson.JSONDecodeError as exc:
-            return cls(text, None, f"not valid JSON (column {exc.colno}): {exc.msg}", line)
-
-    @property
-    def valid_json(self) -> bool:
-        return not self.error
-
-    def dedupe_key(self) -> bytes:
-        if self.record is None:
-            return self.text.encode()
-        return orjson.dumps(self.record, option=orjson.OPT_SORT_KEYS)
+_MARKS = ("saving", "saved")  # journal entries about saves, not edits
 
 
 class ConflictError(Exception):
@@ -104,6 +82,17 @@ def _stat_key(path: Path) -> tuple[int, ...] | None:
 
 
 @dataclass(frozen=True)
+class PendingSave:
+    """A save begun: the rows as they were then, to be written by write_save() in any thread."""
+
+    mark: str  # names its "saving" entry in the journal
+    rows: list[Row]
+    bom: bool
+    force: bool  # overwrite a version changed on disk (theirs is kept as .bak)
+    edits: int  # DatasetStore.edits when it began
+
+
+@dataclass(frozen=True)
 class Recovery:
     """What recover() found: edits replayed from the journal, or a journal set aside."""
 
@@ -126,6 +115,11 @@ class DatasetStore:
         self._journal_open = False  # whether the journal on disk belongs to the rows in memory
         self._replaying = False
         self.journal_error = ""  # why the journal cannot be written (edits then live in memory only)
+        self._journal_lock = threading.Lock()  # a background save marks the journal too
+        self._write_lock = threading.Lock()  # saves write one at a time
+        self.edits = 0  # edits made so far: a save that began before the last one leaves it unsaved
+        self.loading = False  # between start_loading() and finish_loading(): rows still arriving
+        self.bom = False  # the file began with a byte order mark; saves keep it
 
     # ---------------------------------------------------------------- files
 
@@ -140,42 +134,32 @@ class DatasetStore:
         return self.save_path.with_name(f".{self.save_path.name}.journal")
 
     def load(self) -> None:
-        """Read the file (a missing file is an empty dataset); raises OSError / ValueError.
+        """Read the whole file (a missing file is an empty dataset); raises OSError / ValueError.
 
         A journal left by an earlier session is not replayed here: call recover() next.
         """
+        reader = self.start_loading()
+        for batch in reader.batches():
+            self.rows.extend(batch)
+        self.finish_loading(reader)
+
+    def start_loading(self) -> RowReader:
+        """Forget the rows; the reader's batches (read in any thread) go to `rows` in order,
+        then finish_loading(reader). Meanwhile `loading` is set and nothing may be edited."""
         self.rows, self.undo_stack, self.dirty, self.load_note = [], [], False, ""
         self._backed_up = self._journal_open = False
+        self.loading = True
         # For a .json file the .jsonl beside it is expected absent; one that exists is a conflict.
         self.disk_digest, self._disk_key = None, _stat_key(self.save_path)
-        if not self.path.exists():
-            return
-        raw = self.path.read_bytes()
+        return RowReader(self.path)
+
+    def finish_loading(self, reader: RowReader) -> None:
+        self.loading = False
+        self.bom = reader.bom
         if self.save_path == self.path:
-            self.disk_digest = hashlib.sha256(raw).hexdigest()
-        if raw.startswith(_BOM):
-            raw = raw[len(_BOM) :]
-        if self.path.suffix.lower() == ".json" and raw.lstrip()[:1] == b"[":
-            document = orjson.loads(raw)  # a broken .json file raises: nothing to edit safely
-            if not isinstance(document, list):
-                raise ValueError(f"{self.path}: expected a JSON list of records")
-            self.rows = [Row.from_record(r, i + 1) for i, r in enumerate(document)]
+            self.disk_digest = reader.digest
+        if reader.json_list:
             self.load_note = f"saves go to {self.save_path.name} (one record per line)"
-            return
-        for number, line in enumerate(raw.split(b"\n"), 1):
-            if not line.strip():
-                continue
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                text = line.decode("utf-8", errors="replace")
-                self.rows.append(
-                    Row(
-                        text, None, f"bytes that are not UTF-8 at byte {exc.start + 1}: fix or delete", number
-                    )
-                )
-                continue
-            self.rows.append(Row.from_text(text.strip(), number))
 
     def changed_on_disk(self) -> bool:
         """True when the file on disk is no longer what was loaded or last saved.
@@ -191,40 +175,70 @@ class DatasetStore:
         return False
 
     def save(self, *, force: bool = False) -> Path:
-        """Write every row atomically; the first save of a session keeps the file it replaces
-        as .bak, and so does a forced one (it replaces someone else's version).
+        """Write every row atomically, now; see begin_save() and write_save() for what it raises."""
+        pending = self.begin_save(force=force)
+        self.write_save(pending)
+        return self.finish_save(pending)
 
-        Raises ConflictError when the file changed on disk (unless force), UnsavableError
-        while a row is not JSON, and ReadOnlyFileError while the file is read-only.
+    def begin_save(self, *, force: bool = False) -> PendingSave:
+        """Take the rows to save, as they are: write_save() may then run in another thread while
+        edits go on, and finish_save() back here says which edits the save holds.
+
+        Raises UnsavableError while a row is not JSON, ReadOnlyFileError while the file is
+        read-only (the atomic rename would replace it regardless).
         """
         broken = [i + 1 for i, row in enumerate(self.rows) if not row.valid_json]
         if broken:
             listed = ", ".join(map(str, broken[:5])) + (" …" if len(broken) > 5 else "")
             raise UnsavableError(f"row(s) {listed} are not valid JSON: fix (enter) or delete (d) them first")
         if read_only := read_only_reason(self.save_path):
-            raise ReadOnlyFileError(read_only)  # the atomic rename would replace it regardless
-        if not force and self.changed_on_disk():
-            raise ConflictError(f"{self.save_path} changed on disk since it was loaded")
-        target = self.save_path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        data = jsonl_bytes([row.record for row in self.rows])
-        new_digest = hashlib.sha256(data).hexdigest()
-        # Should we crash between the write and the journal's removal, recover() sees the file
-        # holds this digest and knows the journal's edits are in it.
-        self._log({"op": "saving", "digest": new_digest})
-        atomic_write_bytes(target, data, keep_backup=force or not self._backed_up, sync_dir=True)
-        self._backed_up = True
-        self.disk_digest, self._disk_key = new_digest, _stat_key(target)
-        self.dirty = False
-        self.discard_journal()
+            raise ReadOnlyFileError(read_only)
+        mark = secrets.token_hex(4)
+        # Edits journalled after this mark are not in the save: recover() replays them onto it.
+        self._log({"op": "saving", "save": mark})
+        return PendingSave(mark, list(self.rows), self.bom, force, self.edits)
+
+    def write_save(self, pending: PendingSave) -> Path:
+        """Write the rows begin_save() took, atomically (any thread; one write at a time, in the
+        order they began). The first save of a session keeps the file it replaces as .bak, and
+        so does a forced one (it replaces someone else's version).
+
+        Raises ConflictError when the file changed on disk (unless forced), OSError when it
+        cannot be written: either way the file is left as it was.
+        """
+        with self._write_lock:
+            if not pending.force and self.changed_on_disk():
+                raise ConflictError(f"{self.save_path} changed on disk since it was loaded")
+            target = self.save_path
+            data = file_bytes(pending.rows, pending.bom)
+            new_digest = hashlib.sha256(data).hexdigest()
+            # Should we crash between the write and the journal's removal, recover() sees the
+            # file holds this digest and knows which of the journal's edits are in it.
+            self._log({"op": "saved", "save": pending.mark, "digest": new_digest})
+            target.parent.mkdir(parents=True, exist_ok=True)
+            keep_backup = pending.force or not self._backed_up
+            atomic_write_bytes(target, data, keep_backup=keep_backup, sync_dir=True)
+            self._backed_up = True
+            self.disk_digest, self._disk_key = new_digest, _stat_key(target)
         return target
+
+    def finish_save(self, pending: PendingSave) -> Path:
+        """The save landed (call from the thread that edits)."""
+        if self.edits == pending.edits:  # nothing edited while it was written: all of it is saved
+            self.dirty = False
+            self.discard_journal()
+        return self.save_path
 
     # ---------------------------------------------------------------- journal
 
     def _log(self, op: dict[str, Any]) -> None:
         """Append one edit to the journal and fsync it; an edit reaches the screen only after."""
-        if self._replaying or (op["op"] == "saving" and not self._journal_open):
+        if self._replaying:
             return
+        with self._journal_lock:
+            self._append(op)
+
+    def _append(self, op: dict[str, Any]) -> None:
         lines = b""
         if not self._journal_open:
             if self.journal_path.exists():  # an earlier session's, never recovered: keep it apart
@@ -248,8 +262,9 @@ class DatasetStore:
 
     def discard_journal(self) -> None:
         """Forget the journal (after a save landed, or when the person drops their edits)."""
-        self.journal_path.unlink(missing_ok=True)
-        self._journal_open = False
+        with self._journal_lock:
+            self.journal_path.unlink(missing_ok=True)
+            self._journal_open = False
 
     def recover(self) -> Recovery | None:
         """Replay the edits an earlier session journaled but never saved; call right after load().
@@ -269,18 +284,21 @@ class DatasetStore:
             except orjson.JSONDecodeError:
                 break  # the crash cut the last append short: everything before it stands
         header, ops = (entries[0], entries[1:]) if entries and "journal" in entries[0] else ({}, [])
-        saved = [op.get("digest") for op in ops if op.get("op") == "saving"]
-        edits = [op for op in ops if op.get("op") != "saving"]
         if not header:
             return self._set_aside("it is not a journal TuneBench can read")
-        if not edits:  # nothing was edited after all: nothing to keep
+        if not any(op.get("op") not in _MARKS for op in ops):  # nothing was ever edited
             self.discard_journal()
             return None
         if header.get("base") != self.disk_digest:
-            if saved and saved[-1] == self.disk_digest:  # the save landed; only the cleanup did not
-                self.discard_journal()
-                return None
-            return self._set_aside(f"{self.save_path.name} changed on disk after those edits were made")
+            # A save landed after those edits began: replay only the edits made after it began.
+            landed = _landed_save(ops, self.disk_digest)
+            if landed is None:
+                return self._set_aside(f"{self.save_path.name} changed on disk after those edits were made")
+            ops = ops[landed + 1 :]
+        edits = [op for op in ops if op.get("op") not in _MARKS]
+        if not edits:  # all of it is saved: nothing to keep
+            self.discard_journal()
+            return None
         self._replaying = True
         try:
             for op in edits:
@@ -322,6 +340,7 @@ class DatasetStore:
         self.undo_stack.append((what, index, list(self.rows)))
         del self.undo_stack[:-UNDO_LIMIT]
         self.dirty = True
+        self.edits += 1
 
     def insert(self, index: int, row: Row) -> int:
         index = max(0, min(index, len(self.rows)))
@@ -341,7 +360,7 @@ class DatasetStore:
         self._log({"op": "duplicate", "at": index})
         self._remember("duplicate", index)
         source = self.rows[index]
-        self.rows.insert(index + 1, Row(source.text, source.record, source.error))
+        self.rows.insert(index + 1, Row(source.text, source.record, source.error, raw=source.raw))
         return index + 1
 
     def delete(self, index: int) -> Row:
@@ -358,6 +377,7 @@ class DatasetStore:
         what, index, rows = self.undo_stack.pop()
         self.rows = rows
         self.dirty = True
+        self.edits += 1
         return what, min(index, len(rows) - 1)
 
     def index_of(self, key: str) -> int:
@@ -378,6 +398,20 @@ class DatasetStore:
             if isinstance(row.record, dict)
         )
         return kinds.most_common(1)[0][0] if kinds else "messages"
+
+
+def _landed_save(ops: list[dict[str, Any]], disk_digest: str | None) -> int | None:
+    """Where, among a journal's entries, the save that wrote the file now on disk began."""
+    began = {op.get("save"): i for i, op in enumerate(ops) if op.get("op") == "saving"}
+    for i in reversed(range(len(ops))):
+        op = ops[i]
+        if op.get("digest") != disk_digest or disk_digest is None:
+            continue
+        if op.get("op") == "saving":  # a journal from before saves ran in the background
+            return i
+        if op.get("op") == "saved" and op.get("save") in began:
+            return began[op["save"]]
+    return None
 
 
 def _index(index: int, rows: list[Row]) -> int:

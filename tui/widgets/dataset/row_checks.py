@@ -2,10 +2,13 @@
 
 A row's result depends only on its record and a few settings (max_length, name / author,
 system, template, tokenizer), so results are cached by record: editing one row re-checks one row.
+Checking a large file takes a while (a chat template rendered and tokenised per row), so
+check_in_batches() gives results a batch at a time, the rows on screen first.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,26 +64,39 @@ class RowChecker:
 
     def check_all(self, rows: list[Row]) -> dict[str, RowReport]:
         """Every row's report, with duplicates flagged (the same record more than once)."""
+        reports: dict[str, RowReport] = {}
+        for batch in self.check_in_batches(rows):
+            reports.update(batch)
+        return reports
+
+    def check_in_batches(
+        self, rows: Sequence[Row], first: Sequence[Row] = (), size: int = 1000
+    ) -> Iterator[dict[str, RowReport]]:
+        """Reports a batch at a time: `first` (the rows on screen) before the duplicates are
+        counted, then every row, duplicates flagged (the same record more than once)."""
+        if first:
+            yield {row.key: self.check(row) for row in first}
         counts: dict[bytes, int] = {}
         for row in rows:
             counts[row.dedupe_key()] = counts.get(row.dedupe_key(), 0) + 1
-        reports = {}
-        for row in rows:
-            report = self.check(row)
-            copies = counts[row.dedupe_key()]
-            if copies > 1:
-                report = RowReport(
-                    report.user,
-                    report.assistant,
-                    report.tokens,
-                    [*report.problems, f"duplicate: the same record appears {copies} times"],
-                )
-            reports[row.key] = report
-        return reports
+        for start in range(0, len(rows), size):
+            reports = {}
+            for row in rows[start : start + size]:
+                report = self.check(row)
+                copies = counts[row.dedupe_key()]
+                if copies > 1:
+                    report = RowReport(
+                        report.user,
+                        report.assistant,
+                        report.tokens,
+                        [*report.problems, f"duplicate: the same record appears {copies} times"],
+                    )
+                reports[row.key] = report
+            yield reports
 
     def _check(self, row: Row) -> RowReport:
         if not row.valid_json:
-            return RowReport(row.text[:80], "", None, [row.error])
+            return RowReport(*row_summary(row), None, [row.error])
         s = self.settings
         counts = self.tokenizer.counts_tokens
         problems = encoding.check_sample(
@@ -96,10 +112,8 @@ class RowChecker:
             messages = data.normalise_record(row.record)
         except Exception:  # noqa: BLE001 - check_sample has already said why
             return RowReport(_preview(row.record), "", None, problems)
-        user = next((m["content"] for m in messages if m["role"] == "user"), "")
-        answer = next((m["content"] for m in reversed(messages) if m["role"] == "assistant"), "")
         tools = data.record_tools(row.record) or None
-        return RowReport(user, answer, self._count(messages, tools) if counts else None, problems)
+        return RowReport(*_ends(messages), self._count(messages, tools) if counts else None, problems)
 
     def _count(self, messages: list[data.Message], tools: list[dict] | None) -> int | None:
         s = self.settings
@@ -111,6 +125,22 @@ class RowChecker:
             return len(encoding.encode_messages(filled, self.tokenizer, chat_template, tools=tools)[0])
         except Exception:  # noqa: BLE001 - a template failure is already among the problems
             return None
+
+
+def row_summary(row: Row) -> tuple[str, str]:
+    """(first user turn, last answer) for the table, without the checks: what shows at once."""
+    if not row.valid_json:
+        return row.text[:80], ""
+    try:
+        messages = data.normalise_record(row.record)
+    except Exception:  # noqa: BLE001 - the checks will say why
+        return _preview(row.record), ""
+    return _ends(messages)
+
+
+def _ends(messages: list[dict[str, str]]) -> tuple[str, str]:
+    user = next((m["content"] for m in messages if m["role"] == "user"), "")
+    return user, next((m["content"] for m in reversed(messages) if m["role"] == "assistant"), "")
 
 
 def _preview(record: Any) -> str:
