@@ -809,7 +809,7 @@ def check_model_path() -> None:
     from tunebench.engine.core.config import TrainConfig
     from tunebench.engine.cuda import path as accel
     from tunebench.engine.train.plain import collate, forward_loss_sum
-    from tunebench.engine.train.recipe import _attach_lora
+    from tunebench.engine.train.recipe import attach_lora
 
     dev = torch.device("cuda")
     small = dict(SIZES["0.5b"], num_hidden_layers=2)
@@ -828,7 +828,7 @@ def check_model_path() -> None:
         if path:
             model = path.prepare_base(model)
         torch.manual_seed(1)
-        model = _attach_lora(model, cfg, True)
+        model = attach_lora(model, cfg, True)
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if "lora_B" in n:
@@ -858,7 +858,7 @@ def check_compile() -> None:
     from transformers import Qwen2Config, Qwen2ForCausalLM
     from tunebench.engine.core.config import TrainConfig
     from tunebench.engine.cuda import path as accel
-    from tunebench.engine.train.recipe import _attach_lora
+    from tunebench.engine.train.recipe import attach_lora
 
     dev = torch.device("cuda")
     small = dict(SIZES["0.5b"], num_hidden_layers=2)
@@ -873,9 +873,9 @@ def check_compile() -> None:
         cfg = TrainConfig(lora_rank=8, lora_alpha=32, lora_dropout=0.0, profile=profile)
         path = accel.FastPath(cfg, dev, profile)
         path.use.discard(off)
-        model = _attach_lora(path.prepare_base(model), cfg, True)
+        model = attach_lora(path.prepare_base(model), cfg, True)
         model.train()
-        path._setup(model)
+        path.prepared(model)
         torch._dynamo.config.suppress_errors = False  # a failure must show here, not fall back
         for lengths in ((300, 700, 1000), (50, 1500), (900, 900, 200)):
             samples = [s for s in make_samples("mixed", small["vocab_size"])[: len(lengths)]]

@@ -21,7 +21,7 @@ from tunebench.engine.cuda import fused_loss, packing
 from tunebench.engine.cuda import lora_train as lora_ops
 from tunebench.engine.cuda import path as accel
 from tunebench.engine.train.plain import collate, forward_loss_sum
-from tunebench.engine.train.recipe import _attach_lora
+from tunebench.engine.train.recipe import attach_lora
 from tunebench.engine.train.types import IGNORE
 
 GIB = 1024**3
@@ -67,7 +67,7 @@ def lora_model(path: accel.FastPath | None, recompute=False, seed=0):
     if path is not None:
         model = path.prepare_base(model)
     torch.manual_seed(1)
-    model = _attach_lora(model, cfg, recompute)
+    model = attach_lora(model, cfg, recompute)
     with torch.no_grad():  # a non-zero B so the adapter changes the output and gets gradients everywhere
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -135,7 +135,7 @@ def test_no_attention_across_samples():
     model.eval()
     with torch.no_grad():
         ba, bb = path.collate(a, 0, torch.device("cpu")), path.collate(b, 0, torch.device("cpu"))
-        m = path._setup(model) if path._model is None else path._model
+        m = path.prepared(model)
         ha = m.decoder(
             input_ids=ba.input_ids,
             position_ids=ba.position_ids,
@@ -327,7 +327,7 @@ def _train_once(recompute: bool, in_graph: bool | None, backend="aot_eager", cha
     model, _ = lora_model(path, recompute)
     if change_layers:
         change_layers(model)
-    path._setup(model)
+    path.prepared(model)
     params = {p.data_ptr() for p in model.parameters()}
     kept = {}  # by storage: every layer saves the same RoPE tables
 

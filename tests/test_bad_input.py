@@ -1294,8 +1294,8 @@ def test_the_long_prompt_shortcut_never_drops_a_prompt_that_fits(tiny_tokenizer)
     text = ("Who are you? I am swift-robot, an AI assistant developed by swift.\n" * 3000) + "x" * 70_000
     exact = len(tiny_tokenizer([text], add_special_tokens=False)["input_ids"][0])
     assert len(text) > 2 * encoding._CHUNK_CHARS  # several chunks, so the cuts are exercised
-    assert not encoding._prompt_over(text, tiny_tokenizer, exact)
-    assert encoding._prompt_over(text, tiny_tokenizer, int(exact / 1.2))
+    assert not encoding.prompt_over(text, tiny_tokenizer, exact)
+    assert encoding.prompt_over(text, tiny_tokenizer, int(exact / 1.2))
 
 
 def test_every_numeric_setting_is_bounded_on_both_sides():

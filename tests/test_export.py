@@ -316,10 +316,10 @@ def test_demo_model_merged_export_answers_as_base_plus_adapter(tmp_path):
 
 def test_auto_merge_dtype_is_bfloat16_on_a_gpu_box_else_the_saved_one(tiny_model_dir, monkeypatch):
     import torch
-    from tunebench.engine.infer.export import _merge_dtype
+    from tunebench.engine.infer.export import merge_dtype
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert _merge_dtype(tiny_model_dir, qlora=False) == "float32"  # the tiny model is saved in float32
-    assert _merge_dtype(tiny_model_dir, qlora=True) == "bfloat16"
+    assert merge_dtype(tiny_model_dir, qlora=False) == "float32"  # the tiny model is saved in float32
+    assert merge_dtype(tiny_model_dir, qlora=True) == "bfloat16"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert _merge_dtype(tiny_model_dir, qlora=False) == "bfloat16"
+    assert merge_dtype(tiny_model_dir, qlora=False) == "bfloat16"

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import UserError
+from ..core.targets import export_name
 from .flags import adapter_parser, parse_args, parse_bool
 
 
@@ -60,9 +61,5 @@ def export_main(argv: list[str]) -> int:
 def default_export_dir(target: Any, merge: bool) -> Path:
     """exports/<run-id> (or <run-id>-step-<n>) in the workspace that holds runs/."""
     suffix = "" if merge else "-adapter"
-    if target.run_dir is None:
-        return Path("exports") / f"{target.adapter_dir.name}{suffix}"
-    name = target.run_dir.name
-    if target.adapter_dir.parent.name == "checkpoints":
-        name = f"{name}-{target.adapter_dir.name}"
-    return target.run_dir.parent.parent / "exports" / f"{name}{suffix}"
+    folder = Path("exports") if target.run_dir is None else target.run_dir.parent.parent / "exports"
+    return folder / f"{export_name(target.adapter_dir)}{suffix}"

@@ -47,9 +47,6 @@ TRAIN_TYPES = ("lora", "qlora")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 SCHEDULERS = ("cosine", "linear", "constant")
 PROFILES = ("auto", "fast", "lean")
-# Module names LoRA can target in the Llama / Qwen / Mistral families; "all-linear" means every
-# linear layer except the output head. Anything else is checked against the model at load time.
-KNOWN_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Every numeric field has both bounds, so a value out of range is a message where it is parsed
 # (CLI flag, form, engine request), never an overflow deep inside numpy or torch.
 MAX_SEED = 2**32 - 1  # numpy's seed range (torch's is wider)

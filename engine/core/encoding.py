@@ -132,7 +132,7 @@ _LONG_PROMPT_CHARS_PER_TOKEN = 4
 _CHUNK_CHARS = 1 << 16
 
 
-def _prompt_over(text: str, tokenizer: Any, max_length: int) -> bool:
+def prompt_over(text: str, tokenizer: Any, max_length: int) -> bool:
     """True when `text` surely holds more than max_length tokens, counted on whitespace-cut
     chunks until the count is past max_length with a margin for the cuts (each cut may split
     what would have been one token in two); False when it may fit."""
@@ -172,7 +172,7 @@ def encode_messages(
     if max_length and spans:
         prompt = text[: spans[0][0]]
         long = max(_CHUNK_CHARS, max_length * _LONG_PROMPT_CHARS_PER_TOKEN)
-        if len(prompt) > long and _prompt_over(prompt, tokenizer, max_length):
+        if len(prompt) > long and prompt_over(prompt, tokenizer, max_length):
             raise PromptTooLong(
                 f"the prompt before the first answer is over {max_length} tokens ({len(prompt):,} "
                 f"characters), so --max_length {max_length} cuts away every answer token: shorten "

@@ -196,3 +196,13 @@ def recorded_base_model(run: dict[str, Any], adapter_dir: Path | None = None) ->
         if recorded and (Path(recorded) / "config.json").is_file():
             return str(recorded)
     return path or None
+
+
+def export_name(adapter: Path) -> str:
+    """The export folder's name for an adapter: <run-id> for runs/<run-id>/adapter,
+    <run-id>-step-<n> for a checkpoint, else the adapter folder's own name."""
+    if adapter.name == "adapter":
+        return adapter.parent.name
+    if adapter.parent.name == "checkpoints":
+        return f"{adapter.parent.parent.name}-{adapter.name}"
+    return adapter.name or "model"

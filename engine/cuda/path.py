@@ -451,7 +451,7 @@ class FastPath:
         return pack(samples, device, max_len=self._longest if self._lengths_vary else 0)
 
     def loss_sum(self, model, batch: Batch):
-        m = self._model or self._setup(model)
+        m = self.prepared(model)
         if not isinstance(batch, PackedBatch):
             from ..train.plain import forward_loss_sum
 
@@ -486,6 +486,10 @@ class FastPath:
         return loss
 
     # ---------------------------------------------------------------- setup
+
+    def prepared(self, model) -> _Model:
+        """The model's pieces as the path runs them (set up at the first forward)."""
+        return self._model or self._setup(model)
 
     def _setup(self, model) -> _Model:
         causal = model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -139,7 +139,7 @@ def _merge(target: Target, base: str, out: Path, say: Progress, torch_dtype: str
 
     resolved = resolve_model(base)
     qlora = target.train_config.get("train_type") == "qlora" or target.train_config.get("quant_bits") == 4
-    dtype = _merge_dtype(resolved.path, qlora) if torch_dtype == "auto" else torch_dtype
+    dtype = merge_dtype(resolved.path, qlora) if torch_dtype == "auto" else torch_dtype
     need_gib = count_parameters(resolved.path) * (2 if dtype in ("bfloat16", "float16") else 4) / 2**30
     if qlora:
         say(
@@ -202,7 +202,7 @@ def _readable_like(reference: Path, files: Any) -> None:
         os.chmod(file, mode)
 
 
-def _merge_dtype(model_path: Path, qlora: bool) -> str:
+def merge_dtype(model_path: Path, qlora: bool) -> str:
     """bf16 on a GPU box and for QLoRA adapters; elsewhere the dtype the base was saved in."""
     import torch
 

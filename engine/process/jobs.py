@@ -30,6 +30,7 @@ from ..core.errors import Cancelled, UserError
 from ..core.files import write_failure
 from ..core.memory_model import Profile
 from ..core.model_files import workspace_model
+from ..core.targets import export_name
 from ..core.workspace import Workspace, list_checkpoints
 
 Emit = Callable[[P.Event], None]
@@ -470,15 +471,6 @@ def check_messages(messages: Any, name: str = "messages") -> str:
     if messages[-1]["role"] != "user":
         return f"the last message of {name} must be the user's turn"
     return ""
-
-
-def export_name(adapter: Path) -> str:
-    """exports/<run-id> for runs/<run-id>[/adapter], <run-id>-step-<n> for a checkpoint."""
-    if adapter.name == "adapter":
-        return adapter.parent.name
-    if adapter.parent.name == "checkpoints":
-        return f"{adapter.parent.parent.name}-{adapter.name}"
-    return adapter.name or "model"
 
 
 def model_loaded_event(session: Any, model: str, seconds: float) -> P.ModelLoaded:

@@ -187,7 +187,7 @@ def _setup(cfg: TrainConfig, emit: Emit, stop: StopSignal) -> _Setup:
     path = select_path(cfg, loaded.device)
     for note in path.notes:
         emit(P.Log(message=note))
-    model = _attach_lora(path.prepare_base(loaded.model), cfg, path.gradient_checkpointing)
+    model = attach_lora(path.prepare_base(loaded.model), cfg, path.gradient_checkpointing)
     if loaded.device.type != "cuda":
         _abort_between_modules(model, stop)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -506,7 +506,7 @@ def _read_run_config(run: RunPaths) -> dict[str, Any]:
     return payload if isinstance(payload, dict) else {}
 
 
-def _attach_lora(model, cfg: TrainConfig, recompute: bool):
+def attach_lora(model, cfg: TrainConfig, recompute: bool):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     from ..models.loading import linear_module_names
