@@ -95,6 +95,11 @@ class TrainConfig:
         choices=PROFILES,
     )
     gradient_checkpointing: bool = _f(True, "recompute activations in backward to save memory", "model")
+    deepspeed: str = _f(
+        "",
+        "ms-swift's DeepSpeed setting (zero2, zero3, a json file): multi-GPU, not built yet; leave empty",
+        "model",
+    )
     # lora
     lora_rank: int = _f(8, "LoRA rank r", "lora", min=1, max=1024, aliases=("lora_r",), resume="fixed")
     lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / rank)", "lora", min=1, max=8192, resume="fixed")
@@ -261,6 +266,12 @@ def _cross_checks(cfg: TrainConfig) -> dict[str, str]:
         problems["run_name"] = (
             f"{cfg.run_name!r} is not a plain folder name: give one folder name such as my-run "
             "(no '/', '..' or absolute path); the run is made inside --output_dir"
+        )
+    if cfg.deepspeed:
+        problems["deepspeed"] = (
+            f"DeepSpeed ZeRO ({cfg.deepspeed}) spreads training over several GPUs, and this build "
+            "trains on one GPU: leave --deepspeed out to train on one (multi-GPU training is tracked "
+            "in issue 13)"
         )
     if not cfg.model.strip():
         problems["model"] = "name a model: demo, a folder, a hub id or a .gguf file"
