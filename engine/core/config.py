@@ -47,6 +47,9 @@ TRAIN_TYPES = ("lora", "qlora")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 SCHEDULERS = ("cosine", "linear", "constant")
 PROFILES = ("auto", "fast", "lean")
+# ms-swift's --init_weights values, PEFT's init_lora_weights (true/false as text: one field, one type)
+INIT_WEIGHTS = ("true", "false", "gaussian", "pissa", "olora")
+ATTN_IMPLS = ("auto", "sdpa", "eager", "flash_attn", "flash_attention_2")
 # Every numeric field has both bounds, so a value out of range is a message where it is parsed
 # (CLI flag, form, engine request), never an overflow deep inside numpy or torch.
 MAX_SEED = 2**32 - 1  # numpy's seed range (torch's is wider)
@@ -95,6 +98,16 @@ class TrainConfig:
         choices=PROFILES,
     )
     gradient_checkpointing: bool = _f(True, "recompute activations in backward to save memory", "model")
+    attn_impl: str = _f(
+        "auto",
+        "attention kernel: auto (the path's choice), sdpa, eager, flash_attn",
+        "model",
+        choices=ATTN_IMPLS,
+        aliases=("attn_implementation",),
+    )
+    model_type: str = _f(
+        "", "ms-swift's model type, e.g. qwen2_5; informational: the model folder's config decides", "model"
+    )
     deepspeed: str = _f(
         "",
         "ms-swift's DeepSpeed setting (zero2, zero3, a json file): multi-GPU, not built yet; leave empty",
@@ -110,6 +123,31 @@ class TrainConfig:
         "lora",
         nargs="+",
         resume="fixed",
+    )
+    use_rslora: bool = _f(
+        False, "rank-stabilised LoRA: scale = alpha / sqrt(rank)", "lora", resume="fixed"
+    )
+    use_dora: bool = _f(
+        False,
+        "DoRA: LoRA plus a trained magnitude per output feature (PEFT's layers, slower)",
+        "lora",
+        resume="fixed",
+    )
+    init_weights: str = _f(
+        "true",
+        "LoRA init: true (B = 0), false (random, for tests), gaussian, pissa or olora",
+        "lora",
+        choices=INIT_WEIGHTS,
+        resume="fixed",
+    )
+    modules_to_save: list[str] = _f(
+        [], "modules trained in full beside the adapter, e.g. embed_tokens lm_head", "lora", nargs="+", resume="fixed"
+    )
+    lorap_lr_ratio: float = _f(
+        0.0, "LoRA+: the B matrices learn this many times faster (0 = off; 16 is typical)", "lora",
+        min=0.0,
+        max=1e4,
+        resume="fixed",  # the optimizer's state has one group per learning rate
     )
     # data
     dataset: list[str] = _f(
@@ -176,6 +214,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.quant_bits == 4:
             self.train_type = "qlora"
+        if isinstance(self.init_weights, str):
+            self.init_weights = self.init_weights.lower()  # "True" as people write it
         problems = validate(self)
         if problems:
             raise ConfigError(problems)
@@ -267,6 +307,9 @@ def _cross_checks(cfg: TrainConfig) -> dict[str, str]:
             f"{cfg.run_name!r} is not a plain folder name: give one folder name such as my-run "
             "(no '/', '..' or absolute path); the run is made inside --output_dir"
         )
+    for name in cfg.modules_to_save:
+        if not _MODULE_NAME.match(name):
+            problems["modules_to_save"] = f"{name!r} is not a module name (try embed_tokens or lm_head)"
     if cfg.deepspeed:
         problems["deepspeed"] = (
             f"DeepSpeed ZeRO ({cfg.deepspeed}) spreads training over several GPUs, and this build "
@@ -318,7 +361,7 @@ def parse_value(cls: type, name: str, raw: str | list[str]) -> Any:
     if get_origin(tp) is list:
         items = raw if isinstance(raw, list) else shlex.split(raw)
         # ms-swift accepts "a,b" as well as "a b" for module lists.
-        if name == "target_modules":
+        if name in ("target_modules", "modules_to_save"):
             items = [part for item in items for part in item.split(",") if part]
         return list(items)
     if isinstance(raw, list):

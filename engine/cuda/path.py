@@ -336,6 +336,10 @@ class FastPath:
 
     def __post_init__(self) -> None:
         self.profile = Profile(self.profile)  # a caller's "fast" / "lean" text is the same profile
+        # DoRA's magnitude-normalised update is not in the fast LoRA kernels: its layers run PEFT's
+        # own forward, and the memory model must count PEFT's float32 copies of their inputs.
+        if self.cfg.use_dora:
+            self.use.discard("lora")
 
     @property
     def compiles(self) -> bool:
@@ -369,6 +373,12 @@ class FastPath:
         ]
         use = self.use - (set() if self.compiles else {"compile", "ingraph"})
         notes = [f"GPU path: {text}" for key, text in on if key in use]
+        if self.cfg.use_dora:
+            notes.append(
+                "GPU path: DoRA runs PEFT's LoRA layers, not the fast ones: each adapted layer keeps "
+                "a float32 copy of its input and computes its weight's norm every step (more memory, "
+                "slower steps)"
+            )
         if self.profile == Profile.FAST and self.cfg.gradient_checkpointing and "selective" in self.use:
             notes.append("GPU path: recompute only the layers whose activations do not fit")
         if self.profile == Profile.LEAN and "offload" in self.use:

@@ -192,7 +192,10 @@ def _setup(cfg: TrainConfig, emit: Emit, stop: StopSignal) -> _Setup:
         _abort_between_modules(model, stop)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=loaded.device.type == "cuda"
+        optimizer_groups(model, cfg),
+        lr=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        fused=loaded.device.type == "cuda",
     )
     plan = build_plan(len(train_set), cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, len(plan)))
@@ -538,10 +541,33 @@ def attach_lora(model, cfg: TrainConfig, recompute: bool):
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
         target_modules=targets,
+        use_rslora=cfg.use_rslora,
+        use_dora=cfg.use_dora,
+        init_lora_weights=peft_init_weights(cfg.init_weights),
+        modules_to_save=cfg.modules_to_save or None,
+        ensure_weight_tying=bool(cfg.modules_to_save),  # a tied head trained in full stays tied
         task_type="CAUSAL_LM",
         bias="none",
     )
     return get_peft_model(model, lora)
+
+
+def peft_init_weights(init_weights: str) -> bool | str:
+    """ms-swift's --init_weights text as PEFT's init_lora_weights (true/false are booleans there)."""
+    return {"true": True, "false": False}.get(init_weights, init_weights)
+
+
+def optimizer_groups(model, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """The trainable parameters as AdamW groups: one at --learning_rate, and with LoRA+
+    (--lorap_lr_ratio R) the B matrices in a second group at R times it."""
+    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not cfg.lorap_lr_ratio:
+        return [{"params": [p for _, p in params], "lr": cfg.learning_rate}]
+    is_b = [".lora_B." in name for name, _ in params]
+    return [
+        {"params": [p for (_, p), b in zip(params, is_b) if not b], "lr": cfg.learning_rate},
+        {"params": [p for (_, p), b in zip(params, is_b) if b], "lr": cfg.learning_rate * cfg.lorap_lr_ratio},
+    ]
 
 
 def _keeps_float32_copies(model) -> bool:

@@ -1,0 +1,92 @@
+"""ms-swift's LoRA variant flags (--use_dora, --use_rslora, --init_weights, --modules_to_save,
+--lorap_lr_ratio) reach PEFT's LoraConfig and the optimizer, and train on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_train import identity_file, make_cfg, run  # noqa: F401 - identity_file is a fixture
+from tunebench.engine.cli.train import build_train_parser
+from tunebench.engine.cli.flags import flag_values
+from tunebench.engine.core.config import ConfigError, TrainConfig
+from tunebench.engine.train.recipe import attach_lora, optimizer_groups
+
+
+def parsed(*argv: str) -> TrainConfig:
+    return TrainConfig(**flag_values(build_train_parser().parse_args(list(argv))))
+
+
+def test_the_variant_flags_parse_as_ms_swift_writes_them():
+    cfg = parsed(
+        "--use_dora", "true", "--use_rslora", "True", "--init_weights", "PiSSA",
+        "--modules_to_save", "embed_tokens,lm_head", "--lorap_lr_ratio", "16",
+    )  # fmt: skip
+    assert (cfg.use_dora, cfg.use_rslora, cfg.init_weights) == (True, True, "pissa")
+    assert cfg.modules_to_save == ["embed_tokens", "lm_head"] and cfg.lorap_lr_ratio == 16.0
+    with pytest.raises(ConfigError, match="init_weights: 'kaiming' is not one of true, false, gaussian"):
+        TrainConfig(init_weights="kaiming")
+
+
+def test_dora_rslora_gaussian_and_modules_to_save_reach_peft_and_train(tiny_model_dir, identity_file, tmp_path):
+    cfg = make_cfg(
+        tiny_model_dir,
+        identity_file,
+        tmp_path,
+        max_steps=2,
+        use_dora=True,
+        use_rslora=True,
+        init_weights="gaussian",
+        modules_to_save=["lm_head"],
+        run_name="dora",
+    )
+    result, events = run(cfg)
+    assert result.status == "completed" and result.steps == 2
+    saved = json.loads((tmp_path / "dora" / "adapter" / "adapter_config.json").read_text())
+    assert saved["use_dora"] is True and saved["use_rslora"] is True
+    assert saved["init_lora_weights"] == "gaussian"
+    # the tiny model's head is tied to its embeddings: PEFT trains the pair as one, kept tied
+    assert saved["modules_to_save"] == ["model.embed_tokens"] and saved["ensure_weight_tying"] is True
+
+
+def test_pissa_init_changes_the_base_weights_peft_way(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    cfg = TrainConfig(model=str(tiny_model_dir), init_weights="pissa", target_modules=["q_proj"])
+    peft_model = attach_lora(model, cfg, recompute=False)
+    assert peft_model.peft_config["default"].init_lora_weights == "pissa"
+    b = next(p for n, p in peft_model.named_parameters() if "lora_B" in n)
+    assert b.abs().sum() > 0  # PiSSA starts B from the principal singular vectors, not zeros
+
+
+def test_lora_plus_puts_the_b_matrices_in_a_faster_group(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = attach_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), TrainConfig(), recompute=False)
+    (plain,) = optimizer_groups(model, TrainConfig(learning_rate=1e-4))
+    assert plain["lr"] == 1e-4
+    slow, fast = optimizer_groups(model, TrainConfig(learning_rate=1e-4, lorap_lr_ratio=16))
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert fast["lr"] == pytest.approx(1.6e-3) and slow["lr"] == 1e-4
+    assert fast["params"] and all("lora_B" in names[id(p)] for p in fast["params"])
+    assert slow["params"] and all("lora_A" in names[id(p)] for p in slow["params"])
+    assert len(slow["params"]) + len(fast["params"]) == len(plain["params"])
+
+
+def test_lora_plus_trains_with_two_learning_rates(tiny_model_dir, identity_file, tmp_path):
+    result, events = run(make_cfg(tiny_model_dir, identity_file, tmp_path, max_steps=2, lorap_lr_ratio=16))
+    assert result.status == "completed"
+    assert all(e.loss == e.loss for e in events if e.type == "TrainStep")
+
+
+def test_the_fast_path_hands_dora_to_peft_and_says_what_it_costs():
+    from tunebench.engine.cuda.path import FastPath
+
+    plain = FastPath(TrainConfig(), torch.device("cpu"), "fast")
+    assert "lora" in plain.use and not any("DoRA" in n for n in plain.describe())
+    dora = FastPath(TrainConfig(use_dora=True), torch.device("cpu"), "fast")
+    assert "lora" not in dora.use
+    (note,) = [n for n in dora.describe() if "DoRA" in n]
+    assert "PEFT's LoRA layers" in note and "more memory" in note and "slower" in note
