@@ -7,11 +7,17 @@ import json
 
 import pytest
 import torch
-from test_train import identity_file, make_cfg, run  # noqa: F401 - identity_file is a fixture
-from tunebench.engine.cli.train import build_train_parser
+from test_train import make_cfg, run
+from tiny import write_identity_dataset
 from tunebench.engine.cli.flags import flag_values
+from tunebench.engine.cli.train import build_train_parser
 from tunebench.engine.core.config import ConfigError, TrainConfig
 from tunebench.engine.train.recipe import attach_lora, optimizer_groups
+
+
+@pytest.fixture
+def identity_file(tmp_path):
+    return write_identity_dataset(tmp_path / "identity.jsonl", 12)
 
 
 def parsed(*argv: str) -> TrainConfig:
@@ -29,7 +35,9 @@ def test_the_variant_flags_parse_as_ms_swift_writes_them():
         TrainConfig(init_weights="kaiming")
 
 
-def test_dora_rslora_gaussian_and_modules_to_save_reach_peft_and_train(tiny_model_dir, identity_file, tmp_path):
+def test_dora_rslora_gaussian_and_modules_to_save_reach_peft_and_train(
+    tiny_model_dir, identity_file, tmp_path
+):
     cfg = make_cfg(
         tiny_model_dir,
         identity_file,
@@ -90,3 +98,16 @@ def test_the_fast_path_hands_dora_to_peft_and_says_what_it_costs():
     assert "lora" not in dora.use
     (note,) = [n for n in dora.describe() if "DoRA" in n]
     assert "PEFT's LoRA layers" in note and "more memory" in note and "slower" in note
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_the_memory_model_counts_what_peft_trains(tiny_model_dir, dora):
+    """DoRA's magnitude vectors (one per output feature of each adapted layer) are counted."""
+    from transformers import AutoModelForCausalLM
+    from tunebench.engine.core.memory_model import lora_parameters
+
+    model = attach_lora(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), TrainConfig(use_dora=dora), False
+    )
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert lora_parameters(model.config, 8, ("all-linear",), dora=dora) == trained

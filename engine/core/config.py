@@ -124,9 +124,7 @@ class TrainConfig:
         nargs="+",
         resume="fixed",
     )
-    use_rslora: bool = _f(
-        False, "rank-stabilised LoRA: scale = alpha / sqrt(rank)", "lora", resume="fixed"
-    )
+    use_rslora: bool = _f(False, "rank-stabilised LoRA: scale = alpha / sqrt(rank)", "lora", resume="fixed")
     use_dora: bool = _f(
         False,
         "DoRA: LoRA plus a trained magnitude per output feature (PEFT's layers, slower)",
@@ -141,10 +139,16 @@ class TrainConfig:
         resume="fixed",
     )
     modules_to_save: list[str] = _f(
-        [], "modules trained in full beside the adapter, e.g. embed_tokens lm_head", "lora", nargs="+", resume="fixed"
+        [],
+        "modules trained in full beside the adapter, e.g. embed_tokens lm_head",
+        "lora",
+        nargs="+",
+        resume="fixed",
     )
     lorap_lr_ratio: float = _f(
-        0.0, "LoRA+: the B matrices learn this many times faster (0 = off; 16 is typical)", "lora",
+        0.0,
+        "LoRA+: the B matrices learn this many times faster (0 = off; 16 is typical)",
+        "lora",
         min=0.0,
         max=1e4,
         resume="fixed",  # the optimizer's state has one group per learning rate

@@ -448,6 +448,7 @@ class FastPath:
             embedding_on_host=self.host_embedding is not None,
             compiled=self.compiles,
             inputs_on_host=self.host_inputs is not None,
+            dora=self.cfg.use_dora,
             in_graph=self.recompiles_in_graph,
         )
 
@@ -658,6 +659,7 @@ class FastPath:
             compiled=self.compiles,
             inputs_on_host=self.host_inputs is not None,
             in_graph=self.recompiles_in_graph,
+            dora=self.cfg.use_dora,
         )
         if parts["total"] > self._modelled_peak * 1.02:
             self._modelled_peak = parts["total"]

@@ -565,8 +565,11 @@ def optimizer_groups(model, cfg: TrainConfig) -> list[dict[str, Any]]:
         return [{"params": [p for _, p in params], "lr": cfg.learning_rate}]
     is_b = [".lora_B." in name for name, _ in params]
     return [
-        {"params": [p for (_, p), b in zip(params, is_b) if not b], "lr": cfg.learning_rate},
-        {"params": [p for (_, p), b in zip(params, is_b) if b], "lr": cfg.learning_rate * cfg.lorap_lr_ratio},
+        {"params": [p for (_, p), b in zip(params, is_b, strict=True) if not b], "lr": cfg.learning_rate},
+        {
+            "params": [p for (_, p), b in zip(params, is_b, strict=True) if b],
+            "lr": cfg.learning_rate * cfg.lorap_lr_ratio,
+        },
     ]
 
 
