@@ -111,3 +111,38 @@ def test_the_memory_model_counts_what_peft_trains(tiny_model_dir, dora):
     )
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert lora_parameters(model.config, 8, ("all-linear",), dora=dora) == trained
+
+
+def test_attn_impl_sets_the_kernel_and_a_missing_one_says_how_to_get_it(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+    from tunebench.engine.core.errors import UserError
+    from tunebench.engine.train.recipe import use_attention_kernel
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    use_attention_kernel(model, "eager")
+    assert model.config._attn_implementation == "eager"
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        with pytest.raises(UserError, match="--attn_impl flash_attn") as caught:
+            use_attention_kernel(model, "flash_attn")
+        assert "pip install flash-attn" in caught.value.hint
+    assert parsed("--attn_implementation", "sdpa").attn_impl == "sdpa"  # the HF spelling too
+
+
+def test_model_type_is_informational_and_noted_when_it_disagrees(tiny_model_dir, identity_file, tmp_path):
+    cfg = make_cfg(
+        tiny_model_dir, identity_file, tmp_path, max_steps=1, model_type="llama3", attn_impl="eager"
+    )
+    result, events = run(cfg)
+    assert result.status == "completed"
+    (note,) = [e.message for e in events if e.type == "Log" and "--model_type" in e.message]
+    assert "--model_type llama3" in note and "changes nothing" in note
+
+
+def test_a_named_attention_kernel_turns_packing_off_and_says_so():
+    from tunebench.engine.cuda.path import FastPath
+
+    path = FastPath(TrainConfig(attn_impl="sdpa"), torch.device("cpu"), "fast")
+    assert "pack" not in path.use
+    assert any("--attn_impl sdpa: samples are padded" in n for n in path.describe())

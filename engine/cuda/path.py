@@ -340,6 +340,9 @@ class FastPath:
         # own forward, and the memory model must count PEFT's float32 copies of their inputs.
         if self.cfg.use_dora:
             self.use.discard("lora")
+        # packing brings its own per-document attention; a kernel the user names replaces it
+        if self.cfg.attn_impl != "auto":
+            self.use.discard("pack")
 
     @property
     def compiles(self) -> bool:
@@ -373,6 +376,11 @@ class FastPath:
         ]
         use = self.use - (set() if self.compiles else {"compile", "ingraph"})
         notes = [f"GPU path: {text}" for key, text in on if key in use]
+        if self.cfg.attn_impl != "auto":
+            notes.append(
+                f"GPU path: --attn_impl {self.cfg.attn_impl}: samples are padded, not packed "
+                "(packing needs its own per-document attention); leave it out for the fastest path"
+            )
         if self.cfg.use_dora:
             notes.append(
                 "GPU path: DoRA runs PEFT's LoRA layers, not the fast ones: each adapted layer keeps "

@@ -264,6 +264,15 @@ def _load_model(cfg: TrainConfig, emit: Emit) -> LoadedModel:
         quantize_4bit=cfg.is_qlora,
         trust_remote_code=cfg.trust_remote_code,
     )
+    use_attention_kernel(loaded.model, cfg.attn_impl)
+    found_type = getattr(loaded.model.config, "model_type", "")
+    if cfg.model_type and cfg.model_type != found_type:
+        emit(
+            P.Log(
+                message=f"--model_type {cfg.model_type}: the model's config.json says {found_type!r}; "
+                "TuneBench reads the architecture from config.json, so --model_type changes nothing"
+            )
+        )
     emit(
         P.ModelLoaded(
             model=loaded.resolved.label,
@@ -550,6 +559,22 @@ def attach_lora(model, cfg: TrainConfig, recompute: bool):
         bias="none",
     )
     return get_peft_model(model, lora)
+
+
+def use_attention_kernel(model, attn_impl: str) -> None:
+    """--attn_impl (ms-swift's names) on the loaded model; auto leaves the loader's choice."""
+    if attn_impl == "auto":
+        return
+    name = "flash_attention_2" if attn_impl == "flash_attn" else attn_impl
+    try:
+        model.set_attn_implementation(name)
+    except (ImportError, ValueError) as exc:
+        raise UserError(
+            f"--attn_impl {attn_impl}: this model cannot use it here ({str(exc).splitlines()[0]})",
+            "flash attention needs a CUDA GPU and `pip install flash-attn`; or use --attn_impl sdpa "
+            "(or leave it out)",
+            code="config",
+        ) from None
 
 
 def peft_init_weights(init_weights: str) -> bool | str:
