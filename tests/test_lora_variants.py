@@ -146,3 +146,45 @@ def test_a_named_attention_kernel_turns_packing_off_and_says_so():
     path = FastPath(TrainConfig(attn_impl="sdpa"), torch.device("cpu"), "fast")
     assert "pack" not in path.use
     assert any("--attn_impl sdpa: samples are padded" in n for n in path.describe())
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_a_pissa_or_olora_adapter_applies_to_the_unchanged_base(
+    tiny_model_dir, identity_file, tmp_path, init
+):
+    """Those inits move part of the base into the adapter; the adapter the run saves must be plain
+    LoRA (PEFT would otherwise redo the decomposition at every load, and servers that read LoRA
+    files, such as vLLM, would apply it to the wrong base), giving the trained model's output on
+    the base as it is on disk."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from tunebench.engine.train import recipe
+
+    trained = {}
+    attach = recipe.attach_lora
+
+    def keep(model, cfg, recompute):
+        trained["model"] = attach(model, cfg, recompute)
+        return trained["model"]
+
+    cfg = make_cfg(tiny_model_dir, identity_file, tmp_path, max_steps=2, init_weights=init, run_name="r")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(recipe, "attach_lora", keep)
+        result, _ = run(cfg)
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    with torch.no_grad():
+        model = trained["model"].eval()
+        expected = model(ids).logits
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        base_logits = base(ids).logits
+        loaded = PeftModel.from_pretrained(base, result.adapter_dir).eval()
+        got = loaded(ids).logits
+    assert not torch.allclose(expected, base_logits, atol=1e-4)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    saved = json.loads((tmp_path / "r" / "adapter" / "adapter_config.json").read_text())
+    assert saved["init_lora_weights"] is True and saved["r"] == 2 * cfg.lora_rank
+
+
+def test_pissa_with_dora_is_refused_with_the_way_out():
+    with pytest.raises(ConfigError, match="drop --use_dora, or use --init_weights true"):
+        TrainConfig(use_dora=True, init_weights="pissa")

@@ -314,6 +314,12 @@ def _cross_checks(cfg: TrainConfig) -> dict[str, str]:
     for name in cfg.modules_to_save:
         if not _MODULE_NAME.match(name):
             problems["modules_to_save"] = f"{name!r} is not a module name (try embed_tokens or lm_head)"
+    if cfg.use_dora and cfg.init_weights in ("pissa", "olora"):
+        problems["init_weights"] = (
+            f"{cfg.init_weights} moves part of the base into the adapter, and the adapter is turned "
+            "back into plain LoRA for the unchanged base at the end, which DoRA's magnitudes cannot "
+            "follow: drop --use_dora, or use --init_weights true"
+        )
     if cfg.deepspeed:
         problems["deepspeed"] = (
             f"DeepSpeed ZeRO ({cfg.deepspeed}) spreads training over several GPUs, and this build "

@@ -242,6 +242,8 @@ def _open_run(
         run.root.mkdir(parents=True, exist_ok=True)
         _write_run_config(run, cfg, base_path)
         start_metrics(run.root)
+        if moves_base_into_adapter(setup.model):
+            save_initial_adapter(setup.model, run.initial_adapter)
     emit(
         P.TrainStarted(
             run_id=run.root.name,
@@ -455,7 +457,8 @@ def _finish(s: _Setup, progress: _Progress, log: Emit, started: float) -> P.Trai
     """Save the adapter (not after an abort) and log the run's TrainFinished."""
     adapter_dir = ""
     if progress.status != "aborted":
-        save_adapter_atomically(s.model, s.run.adapter)
+        initial = s.run.initial_adapter if moves_base_into_adapter(s.model) else None
+        save_adapter_atomically(s.model, s.run.adapter, initial)
         adapter_dir = str(s.run.adapter)
     finished = P.TrainFinished(
         run_id=s.run.root.name,
@@ -575,6 +578,22 @@ def use_attention_kernel(model, attn_impl: str) -> None:
             "(or leave it out)",
             code="config",
         ) from None
+
+
+def moves_base_into_adapter(model) -> bool:
+    """PiSSA and OLoRA start the adapter from the base's own weights and subtract it there."""
+    return str(model.peft_config["default"].init_lora_weights) in ("pissa", "olora")
+
+
+def save_initial_adapter(model, target: Path) -> None:
+    """The adapter as initialised, saved as PEFT's conversion at the end reads it: marked as a
+    plain LoRA init, else loading it would subtract the decomposition from the base again."""
+    config = model.peft_config["default"]
+    init, config.init_lora_weights = config.init_lora_weights, True
+    try:
+        save_adapter_atomically(model, target)
+    finally:
+        config.init_lora_weights = init
 
 
 def peft_init_weights(init_weights: str) -> bool | str:
