@@ -188,3 +188,35 @@ def test_a_pissa_or_olora_adapter_applies_to_the_unchanged_base(
 def test_pissa_with_dora_is_refused_with_the_way_out():
     with pytest.raises(ConfigError, match="drop --use_dora, or use --init_weights true"):
         TrainConfig(use_dora=True, init_weights="pissa")
+
+
+def test_report_to_tensorboard_writes_the_curves_under_the_run_folder(
+    tiny_model_dir, identity_file, tmp_path
+):
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install tensorboard)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = make_cfg(
+        tiny_model_dir,
+        identity_file,
+        tmp_path,
+        max_steps=4,
+        val_ratio=0.2,
+        run_name="tb",
+        report_to="tensorboard",
+    )
+    result, events = run(cfg)
+    assert result.status == "completed"
+    board = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    board.Reload()
+    steps = [(e.step, e.loss) for e in events if e.type == "TrainStep"]
+    written = [(s.step, s.value) for s in board.Scalars("train/loss")]
+    assert [s for s, _ in written] == [s for s, _ in steps]
+    assert [v for _, v in written] == pytest.approx([v for _, v in steps])
+    assert [s.step for s in board.Scalars("eval/loss")] == [e.step for e in events if e.type == "EvalResult"]
+
+
+def test_no_tracker_writes_nothing_but_metrics(tiny_model_dir, identity_file, tmp_path):
+    result, _ = run(make_cfg(tiny_model_dir, identity_file, tmp_path, max_steps=1, run_name="plain"))
+    assert result.status == "completed"
+    assert not (tmp_path / "plain" / "tensorboard").exists()

@@ -18,6 +18,7 @@ Metadata keys a field may carry:
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -49,6 +50,8 @@ SCHEDULERS = ("cosine", "linear", "constant")
 PROFILES = ("auto", "fast", "lean")
 # ms-swift's --init_weights values, PEFT's init_lora_weights (true/false as text: one field, one type)
 INIT_WEIGHTS = ("true", "false", "gaussian", "pissa", "olora")
+# --report_to value -> the package it needs (not dependencies of TuneBench: installed by who wants them)
+TRACKER_PACKAGES = {"none": "", "tensorboard": "tensorboard", "swanlab": "swanlab", "wandb": "wandb"}
 ATTN_IMPLS = ("auto", "sdpa", "eager", "flash_attn", "flash_attention_2")
 # Every numeric field has both bounds, so a value out of range is a message where it is parsed
 # (CLI flag, form, engine request), never an overflow deep inside numpy or torch.
@@ -207,6 +210,12 @@ class TrainConfig:
     output_dir: str = _f("runs", "folder that receives runs/<run-id>/", "output")
     run_name: str = _f("", "run id; default: a timestamp", "output")
     resume_from_checkpoint: str = _f("", "checkpoint folder (or run folder) to resume from exactly", "output")
+    report_to: str = _f(
+        "none",
+        "also write the curves for tensorboard (under the run folder), swanlab or wandb (offline)",
+        "output",
+        choices=tuple(TRACKER_PACKAGES),
+    )
     dataloader_num_workers: int = _f(
         0,
         "accepted for ms-swift compatibility; data is tokenised once up front, so workers are not needed",
@@ -319,6 +328,12 @@ def _cross_checks(cfg: TrainConfig) -> dict[str, str]:
             f"{cfg.init_weights} moves part of the base into the adapter, and the adapter is turned "
             "back into plain LoRA for the unchanged base at the end, which DoRA's magnitudes cannot "
             "follow: drop --use_dora, or use --init_weights true"
+        )
+    package = TRACKER_PACKAGES.get(cfg.report_to)
+    if package and importlib.util.find_spec(package) is None:
+        problems["report_to"] = (
+            f"{cfg.report_to} is not installed here: `pip install {package}`, or leave --report_to "
+            "out (the run's metrics.jsonl has the curves either way)"
         )
     if cfg.deepspeed:
         problems["deepspeed"] = (

@@ -43,6 +43,7 @@ from .checkpoints import (
 )
 from .plain import plain_path
 from .resume import data_changed_warning, dataset_hashes, recorded_config, resume_changes
+from .trackers import open_tracker
 from .types import RunPaths, TrainPath
 
 if TYPE_CHECKING:
@@ -155,11 +156,17 @@ def run_training(cfg: TrainConfig, emit: Emit, stop: StopSignal | None = None) -
         finished = stopped_before_training(started)
         emit(finished)
         return finished
-    with writing_run(setup.run.root), MetricsLog(setup.run.root) as metrics:
+    with (
+        writing_run(setup.run.root),
+        MetricsLog(setup.run.root) as metrics,
+        open_tracker(cfg, setup.run.root) as tracker,
+    ):
 
         def log(event: P.Event) -> None:
             emit(event)
-            metrics.append(event.to_dict())
+            record = event.to_dict()
+            metrics.append(record)
+            tracker.log(record)
 
         progress = _train_loop(cfg, setup, stop, emit, log, started)
         return _finish(setup, progress, log, started)
