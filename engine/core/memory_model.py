@@ -123,7 +123,7 @@ def lora_parameters(
     shapes = projection_shapes(model_config)
     names = shapes if "all-linear" in target_modules else [n for n in target_modules if n in shapes]
     per_layer = sum(
-        rank * (fan_in + fan_out) + (fan_out if dora else 0) for fan_in, fan_out in map(shapes.get, names)
+        rank * (fan_in + fan_out) + (fan_out if dora else 0) for fan_in, fan_out in (shapes[n] for n in names)
     )
     return model_sizes(model_config)["layers"] * per_layer
 
