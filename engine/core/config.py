@@ -18,6 +18,7 @@ Metadata keys a field may carry:
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -47,6 +48,11 @@ TRAIN_TYPES = ("lora", "qlora")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 SCHEDULERS = ("cosine", "linear", "constant")
 PROFILES = ("auto", "fast", "lean")
+# ms-swift's --init_weights values, PEFT's init_lora_weights (true/false as text: one field, one type)
+INIT_WEIGHTS = ("true", "false", "gaussian", "pissa", "olora")
+# --report_to value -> the package it needs (not dependencies of TuneBench: installed by who wants them)
+TRACKER_PACKAGES = {"none": "", "tensorboard": "tensorboard", "swanlab": "swanlab", "wandb": "wandb"}
+ATTN_IMPLS = ("auto", "sdpa", "eager", "flash_attn", "flash_attention_2")
 # Every numeric field has both bounds, so a value out of range is a message where it is parsed
 # (CLI flag, form, engine request), never an overflow deep inside numpy or torch.
 MAX_SEED = 2**32 - 1  # numpy's seed range (torch's is wider)
@@ -95,6 +101,21 @@ class TrainConfig:
         choices=PROFILES,
     )
     gradient_checkpointing: bool = _f(True, "recompute activations in backward to save memory", "model")
+    attn_impl: str = _f(
+        "auto",
+        "attention kernel: auto (the path's choice), sdpa, eager, flash_attn",
+        "model",
+        choices=ATTN_IMPLS,
+        aliases=("attn_implementation",),
+    )
+    model_type: str = _f(
+        "", "ms-swift's model type, e.g. qwen2_5; informational: the model folder's config decides", "model"
+    )
+    deepspeed: str = _f(
+        "",
+        "ms-swift's DeepSpeed setting (zero2, zero3, a json file): multi-GPU, not built yet; leave empty",
+        "model",
+    )
     # lora
     lora_rank: int = _f(8, "LoRA rank r", "lora", min=1, max=1024, aliases=("lora_r",), resume="fixed")
     lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / rank)", "lora", min=1, max=8192, resume="fixed")
@@ -105,6 +126,35 @@ class TrainConfig:
         "lora",
         nargs="+",
         resume="fixed",
+    )
+    use_rslora: bool = _f(False, "rank-stabilised LoRA: scale = alpha / sqrt(rank)", "lora", resume="fixed")
+    use_dora: bool = _f(
+        False,
+        "DoRA: LoRA plus a trained magnitude per output feature (PEFT's layers, slower)",
+        "lora",
+        resume="fixed",
+    )
+    init_weights: str = _f(
+        "true",
+        "LoRA init: true (B = 0), false (random, for tests), gaussian, pissa or olora",
+        "lora",
+        choices=INIT_WEIGHTS,
+        resume="fixed",
+    )
+    modules_to_save: list[str] = _f(
+        [],
+        "modules trained in full beside the adapter, e.g. embed_tokens lm_head",
+        "lora",
+        nargs="+",
+        resume="fixed",
+    )
+    lorap_lr_ratio: float = _f(
+        0.0,
+        "LoRA+: the B matrices learn this many times faster (0 = off; 16 is typical)",
+        "lora",
+        min=0.0,
+        max=1e4,
+        resume="fixed",  # the optimizer's state has one group per learning rate
     )
     # data
     dataset: list[str] = _f(
@@ -160,6 +210,12 @@ class TrainConfig:
     output_dir: str = _f("runs", "folder that receives runs/<run-id>/", "output")
     run_name: str = _f("", "run id; default: a timestamp", "output")
     resume_from_checkpoint: str = _f("", "checkpoint folder (or run folder) to resume from exactly", "output")
+    report_to: str = _f(
+        "none",
+        "also write the curves for tensorboard (under the run folder), swanlab or wandb (offline)",
+        "output",
+        choices=tuple(TRACKER_PACKAGES),
+    )
     dataloader_num_workers: int = _f(
         0,
         "accepted for ms-swift compatibility; data is tokenised once up front, so workers are not needed",
@@ -171,6 +227,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.quant_bits == 4:
             self.train_type = "qlora"
+        if isinstance(self.init_weights, str):
+            self.init_weights = self.init_weights.lower()  # "True" as people write it
         problems = validate(self)
         if problems:
             raise ConfigError(problems)
@@ -262,6 +320,27 @@ def _cross_checks(cfg: TrainConfig) -> dict[str, str]:
             f"{cfg.run_name!r} is not a plain folder name: give one folder name such as my-run "
             "(no '/', '..' or absolute path); the run is made inside --output_dir"
         )
+    for name in cfg.modules_to_save:
+        if not _MODULE_NAME.match(name):
+            problems["modules_to_save"] = f"{name!r} is not a module name (try embed_tokens or lm_head)"
+    if cfg.use_dora and cfg.init_weights in ("pissa", "olora"):
+        problems["init_weights"] = (
+            f"{cfg.init_weights} moves part of the base into the adapter, and the adapter is turned "
+            "back into plain LoRA for the unchanged base at the end, which DoRA's magnitudes cannot "
+            "follow: drop --use_dora, or use --init_weights true"
+        )
+    package = TRACKER_PACKAGES.get(cfg.report_to)
+    if package and importlib.util.find_spec(package) is None:
+        problems["report_to"] = (
+            f"{cfg.report_to} is not installed here: `pip install {package}`, or leave --report_to "
+            "out (the run's metrics.jsonl has the curves either way)"
+        )
+    if cfg.deepspeed:
+        problems["deepspeed"] = (
+            f"DeepSpeed ZeRO ({cfg.deepspeed}) spreads training over several GPUs, and this build "
+            "trains on one GPU: leave --deepspeed out to train on one (multi-GPU training is tracked "
+            "in issue 13)"
+        )
     if not cfg.model.strip():
         problems["model"] = "name a model: demo, a folder, a hub id or a .gguf file"
     return problems
@@ -307,7 +386,7 @@ def parse_value(cls: type, name: str, raw: str | list[str]) -> Any:
     if get_origin(tp) is list:
         items = raw if isinstance(raw, list) else shlex.split(raw)
         # ms-swift accepts "a,b" as well as "a b" for module lists.
-        if name == "target_modules":
+        if name in ("target_modules", "modules_to_save"):
             items = [part for item in items for part in item.split(",") if part]
         return list(items)
     if isinstance(raw, list):

@@ -120,7 +120,7 @@ def training_layout(shape: ModelShape, cfg: Any, card_bytes: int | None) -> Trai
     model = shape.as_config()
     quantized = cfg.train_type == "qlora" or cfg.quant_bits == 4
     targets = tuple(cfg.target_modules)
-    trainable = gm.lora_parameters(model, cfg.lora_rank, targets)
+    trainable = gm.lora_parameters(model, cfg.lora_rank, targets, cfg.use_dora)
     weights = gm.estimate_peak_bytes(model, tokens=0, quantized=quantized, recomputed_layers=0)["weights"]
     free = card_bytes - weights - CUDA_CONTEXT_BYTES if card_bytes else None
     profile, why = gm.choose_profile(cfg.profile, free)
@@ -133,6 +133,7 @@ def training_layout(shape: ModelShape, cfg: Any, card_bytes: int | None) -> Trai
         inputs_on_host=inputs_on_host,
         lora_rank=cfg.lora_rank,
         target_modules=targets,
+        dora=cfg.use_dora,
     )
     step_tokens = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * cfg.max_length
     if lean or card_bytes:
@@ -196,6 +197,7 @@ def estimate_training_memory(
         lora_rank=cfg.lora_rank,
         target_modules=tuple(cfg.target_modules),
         inputs_on_host=layout.inputs_on_host,
+        dora=cfg.use_dora,
     )
     total = parts.pop("total")
     notes = [
@@ -241,6 +243,7 @@ class HostPlan:
     lora_rank: int
     targets: tuple[str, ...]
     lora_dropout: float
+    dora: bool
 
     @classmethod
     def of(cls, cfg: Any, longest: int | None = None) -> HostPlan:
@@ -252,6 +255,7 @@ class HostPlan:
             lora_rank=cfg.lora_rank,
             targets=tuple(cfg.target_modules),
             lora_dropout=cfg.lora_dropout,
+            dora=cfg.use_dora,
         )
 
     def parts(self, shape: ModelShape) -> dict[str, int]:
@@ -263,6 +267,7 @@ class HostPlan:
             lora_rank=self.lora_rank,
             target_modules=self.targets,
             lora_dropout=self.lora_dropout,
+            dora=self.dora,
         )
 
 
@@ -289,7 +294,9 @@ def estimate_host_memory(
         parts={name: round(value / GIB, 3) for name, value in parts.items()},
         model=cfg.model,
         parameters=shape.parameters,
-        trainable=gm.lora_parameters(shape.as_config(), cfg.lora_rank, tuple(cfg.target_modules)),
+        trainable=gm.lora_parameters(
+            shape.as_config(), cfg.lora_rank, tuple(cfg.target_modules), cfg.use_dora
+        ),
         notes=notes,
         memory="host",
         available_gib=round(free / GIB, 3),

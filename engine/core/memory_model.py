@@ -115,12 +115,17 @@ def projection_shapes(model_config: Any) -> dict[str, tuple[int, int]]:
     }
 
 
-def lora_parameters(model_config: Any, rank: int, target_modules: Sequence[str] = ALL_LINEAR) -> int:
+def lora_parameters(
+    model_config: Any, rank: int, target_modules: Sequence[str] = ALL_LINEAR, dora: bool = False
+) -> int:
     """Trainable LoRA parameters: A (rank x in) and B (out x rank) on every targeted projection of
-    every layer (all-linear: all seven)."""
+    every layer (all-linear: all seven); DoRA adds a magnitude per output feature."""
     shapes = projection_shapes(model_config)
     names = shapes if "all-linear" in target_modules else [n for n in target_modules if n in shapes]
-    return model_sizes(model_config)["layers"] * sum(rank * sum(shapes[n]) for n in names)
+    per_layer = sum(
+        rank * (fan_in + fan_out) + (fan_out if dora else 0) for fan_in, fan_out in (shapes[n] for n in names)
+    )
+    return model_sizes(model_config)["layers"] * per_layer
 
 
 def loss_bytes_per_token(model_config: Any) -> int:
@@ -142,6 +147,7 @@ def estimate_peak_bytes(
     compiled: bool = True,
     inputs_on_host: bool = False,
     in_graph: bool = True,
+    dora: bool = False,
 ) -> dict[str, int]:
     """THE memory model: peak allocated bytes of a training step on the GPU path, by part.
 
@@ -162,7 +168,7 @@ def estimate_peak_bytes(
     linear_bytes = layers * per_layer_linear * ((0.5 + 1 / 64 + 4 / (64 * 256)) if quantized else 2)
     embed_bytes = (0 if embedding_on_host and not s["tied"] else embed * 2) + (0 if s["tied"] else embed * 2)
     other = layers * (2 * h + (heads + 2 * kv) * d) * 2 + h * 2
-    trainable = lora_parameters(s, lora_rank, target_modules)
+    trainable = lora_parameters(s, lora_rank, target_modules, dora)
     lora_bytes = trainable * 16  # float32 weight, gradient and two AdamW moments
     per_layer = layer_activation_bytes(s, compiled=compiled)
     recomputed = layers if recomputed_layers is None else min(recomputed_layers, layers)
@@ -206,6 +212,7 @@ def tokens_per_forward(
     compiled: bool = True,
     inputs_on_host: bool = False,
     in_graph: bool = True,
+    dora: bool = False,
 ) -> int:
     """How many tokens one forward may take: the path packs a step's samples into forwards of at
     most this many tokens (never splitting a sample), whatever the configured micro-batch.
@@ -222,6 +229,7 @@ def tokens_per_forward(
         compiled=compiled,
         inputs_on_host=inputs_on_host,
         in_graph=in_graph,
+        dora=dora,
     )
     if profile == Profile.LEAN:
         one = estimate_peak_bytes(model_config, tokens=1, recomputed_layers=None, **kw)
@@ -303,6 +311,7 @@ def estimate_host_peak_bytes(
     lora_rank: int = 8,
     target_modules: Sequence[str] = ALL_LINEAR,
     lora_dropout: float = 0.0,
+    dora: bool = False,
 ) -> dict[str, int]:
     """Peak resident bytes of a training step on the CPU (the plain path), by part.
 
@@ -322,7 +331,7 @@ def estimate_host_peak_bytes(
         per_token = layers * full_layer
     parts = {
         "weights": parameter_count(s) * dtype_bytes,
-        "lora_and_optimizer": lora_parameters(s, lora_rank, target_modules) * 16,
+        "lora_and_optimizer": lora_parameters(s, lora_rank, target_modules, dora) * 16,
         "activations": int(tokens * (per_token + HOST_OUTSIDE_HIDDEN_WORDS * h * element)),
         "loss": tokens * s["vocab"] * HOST_LOGIT_BYTES[4 if dtype_bytes >= 4 else 2],
         "runtime": HOST_RUNTIME_BYTES,

@@ -336,6 +336,13 @@ class FastPath:
 
     def __post_init__(self) -> None:
         self.profile = Profile(self.profile)  # a caller's "fast" / "lean" text is the same profile
+        # DoRA's magnitude-normalised update is not in the fast LoRA kernels: its layers run PEFT's
+        # own forward, and the memory model must count PEFT's float32 copies of their inputs.
+        if self.cfg.use_dora:
+            self.use.discard("lora")
+        # packing brings its own per-document attention; a kernel the user names replaces it
+        if self.cfg.attn_impl != "auto":
+            self.use.discard("pack")
 
     @property
     def compiles(self) -> bool:
@@ -369,6 +376,17 @@ class FastPath:
         ]
         use = self.use - (set() if self.compiles else {"compile", "ingraph"})
         notes = [f"GPU path: {text}" for key, text in on if key in use]
+        if self.cfg.attn_impl != "auto":
+            notes.append(
+                f"GPU path: --attn_impl {self.cfg.attn_impl}: samples are padded, not packed "
+                "(packing needs its own per-document attention); leave it out for the fastest path"
+            )
+        if self.cfg.use_dora:
+            notes.append(
+                "GPU path: DoRA runs PEFT's LoRA layers, not the fast ones: each adapted layer keeps "
+                "a float32 copy of its input and computes its weight's norm every step (more memory, "
+                "slower steps)"
+            )
         if self.profile == Profile.FAST and self.cfg.gradient_checkpointing and "selective" in self.use:
             notes.append("GPU path: recompute only the layers whose activations do not fit")
         if self.profile == Profile.LEAN and "offload" in self.use:
@@ -438,6 +456,7 @@ class FastPath:
             embedding_on_host=self.host_embedding is not None,
             compiled=self.compiles,
             inputs_on_host=self.host_inputs is not None,
+            dora=self.cfg.use_dora,
             in_graph=self.recompiles_in_graph,
         )
 
@@ -648,6 +667,7 @@ class FastPath:
             compiled=self.compiles,
             inputs_on_host=self.host_inputs is not None,
             in_graph=self.recompiles_in_graph,
+            dora=self.cfg.use_dora,
         )
         if parts["total"] > self._modelled_peak * 1.02:
             self._modelled_peak = parts["total"]

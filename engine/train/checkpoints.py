@@ -226,12 +226,17 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, device) -> int:
     return int(state["step"])
 
 
-def save_adapter_atomically(model, target: Path) -> None:
-    """The final adapter, written beside `target` and renamed into place."""
+def save_adapter_atomically(model, target: Path, initial: Path | None = None) -> None:
+    """The final adapter, written beside `target` and renamed into place; with `initial` (PiSSA /
+    OLoRA's adapter before training) converted by PEFT to a plain LoRA of twice the rank, which
+    applies to the unchanged base as chat, merge and export load it."""
     tmp = _staging(target)
     with _written_whole_or_not_at_all(tmp), writing(target / ADAPTER_WEIGHTS):
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
+        if initial is None:
+            model.save_pretrained(tmp)
+        else:
+            model.save_pretrained(tmp, path_initial_model_for_weight_conversion=str(initial))
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
 

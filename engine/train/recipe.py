@@ -43,6 +43,7 @@ from .checkpoints import (
 )
 from .plain import plain_path
 from .resume import data_changed_warning, dataset_hashes, recorded_config, resume_changes
+from .trackers import open_tracker
 from .types import RunPaths, TrainPath
 
 if TYPE_CHECKING:
@@ -155,11 +156,17 @@ def run_training(cfg: TrainConfig, emit: Emit, stop: StopSignal | None = None) -
         finished = stopped_before_training(started)
         emit(finished)
         return finished
-    with writing_run(setup.run.root), MetricsLog(setup.run.root) as metrics:
+    with (
+        writing_run(setup.run.root),
+        MetricsLog(setup.run.root) as metrics,
+        open_tracker(cfg, setup.run.root) as tracker,
+    ):
 
         def log(event: P.Event) -> None:
             emit(event)
-            metrics.append(event.to_dict())
+            record = event.to_dict()
+            metrics.append(record)
+            tracker.log(record)
 
         progress = _train_loop(cfg, setup, stop, emit, log, started)
         return _finish(setup, progress, log, started)
@@ -192,7 +199,10 @@ def _setup(cfg: TrainConfig, emit: Emit, stop: StopSignal) -> _Setup:
         _abort_between_modules(model, stop)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=loaded.device.type == "cuda"
+        optimizer_groups(model, cfg),
+        lr=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        fused=loaded.device.type == "cuda",
     )
     plan = build_plan(len(train_set), cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, len(plan)))
@@ -239,6 +249,8 @@ def _open_run(
         run.root.mkdir(parents=True, exist_ok=True)
         _write_run_config(run, cfg, base_path)
         start_metrics(run.root)
+        if moves_base_into_adapter(setup.model):
+            save_initial_adapter(setup.model, run.initial_adapter)
     emit(
         P.TrainStarted(
             run_id=run.root.name,
@@ -261,6 +273,15 @@ def _load_model(cfg: TrainConfig, emit: Emit) -> LoadedModel:
         quantize_4bit=cfg.is_qlora,
         trust_remote_code=cfg.trust_remote_code,
     )
+    use_attention_kernel(loaded.model, cfg.attn_impl)
+    found_type = getattr(loaded.model.config, "model_type", "")
+    if cfg.model_type and cfg.model_type != found_type:
+        emit(
+            P.Log(
+                message=f"--model_type {cfg.model_type}: the model's config.json says {found_type!r}; "
+                "TuneBench reads the architecture from config.json, so --model_type changes nothing"
+            )
+        )
     emit(
         P.ModelLoaded(
             model=loaded.resolved.label,
@@ -443,7 +464,8 @@ def _finish(s: _Setup, progress: _Progress, log: Emit, started: float) -> P.Trai
     """Save the adapter (not after an abort) and log the run's TrainFinished."""
     adapter_dir = ""
     if progress.status != "aborted":
-        save_adapter_atomically(s.model, s.run.adapter)
+        initial = s.run.initial_adapter if moves_base_into_adapter(s.model) else None
+        save_adapter_atomically(s.model, s.run.adapter, initial)
         adapter_dir = str(s.run.adapter)
     finished = P.TrainFinished(
         run_id=s.run.root.name,
@@ -538,10 +560,68 @@ def attach_lora(model, cfg: TrainConfig, recompute: bool):
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
         target_modules=targets,
+        use_rslora=cfg.use_rslora,
+        use_dora=cfg.use_dora,
+        init_lora_weights=peft_init_weights(cfg.init_weights),
+        modules_to_save=cfg.modules_to_save or None,
+        ensure_weight_tying=bool(cfg.modules_to_save),  # a tied head trained in full stays tied
         task_type="CAUSAL_LM",
         bias="none",
     )
     return get_peft_model(model, lora)
+
+
+def use_attention_kernel(model, attn_impl: str) -> None:
+    """--attn_impl (ms-swift's names) on the loaded model; auto leaves the loader's choice."""
+    if attn_impl == "auto":
+        return
+    name = "flash_attention_2" if attn_impl == "flash_attn" else attn_impl
+    try:
+        model.set_attn_implementation(name)
+    except (ImportError, ValueError) as exc:
+        raise UserError(
+            f"--attn_impl {attn_impl}: this model cannot use it here ({str(exc).splitlines()[0]})",
+            "flash attention needs a CUDA GPU and `pip install flash-attn`; or use --attn_impl sdpa "
+            "(or leave it out)",
+            code="config",
+        ) from None
+
+
+def moves_base_into_adapter(model) -> bool:
+    """PiSSA and OLoRA start the adapter from the base's own weights and subtract it there."""
+    return str(model.peft_config["default"].init_lora_weights) in ("pissa", "olora")
+
+
+def save_initial_adapter(model, target: Path) -> None:
+    """The adapter as initialised, saved as PEFT's conversion at the end reads it: marked as a
+    plain LoRA init, else loading it would subtract the decomposition from the base again."""
+    config = model.peft_config["default"]
+    init, config.init_lora_weights = config.init_lora_weights, True
+    try:
+        save_adapter_atomically(model, target)
+    finally:
+        config.init_lora_weights = init
+
+
+def peft_init_weights(init_weights: str) -> bool | str:
+    """ms-swift's --init_weights text as PEFT's init_lora_weights (true/false are booleans there)."""
+    return {"true": True, "false": False}.get(init_weights, init_weights)
+
+
+def optimizer_groups(model, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """The trainable parameters as AdamW groups: one at --learning_rate, and with LoRA+
+    (--lorap_lr_ratio R) the B matrices in a second group at R times it."""
+    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not cfg.lorap_lr_ratio:
+        return [{"params": [p for _, p in params], "lr": cfg.learning_rate}]
+    is_b = [".lora_B." in name for name, _ in params]
+    return [
+        {"params": [p for (_, p), b in zip(params, is_b, strict=True) if not b], "lr": cfg.learning_rate},
+        {
+            "params": [p for (_, p), b in zip(params, is_b, strict=True) if b],
+            "lr": cfg.learning_rate * cfg.lorap_lr_ratio,
+        },
+    ]
 
 
 def _keeps_float32_copies(model) -> bool:

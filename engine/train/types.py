@@ -29,6 +29,12 @@ class RunPaths:
     def adapter(self) -> Path:
         return self.root / "adapter"
 
+    @property
+    def initial_adapter(self) -> Path:
+        """PiSSA / OLoRA's adapter before training: the final adapter is converted with it to a
+        plain LoRA adapter for the unchanged base (those inits move part of the base into it)."""
+        return self.root / "initial_adapter"
+
 
 @dataclass
 class Batch:
