@@ -605,7 +605,8 @@ def test_a_completed_run_says_whether_the_adapter_answers_differently(engine, wo
         (verdict,) = [e for e in events if e.type == "ProbeVerdict"]
         (finished,) = [e for e in events if e.type == "TrainFinished"]
         assert verdict.run_id == finished.run_id and verdict.total == 3
-        assert [a["question"] for a in verdict.answers] == ["Who are you?", "Who made you?", "What can you do?"]
+        questions = ["Who are you?", "Who made you?", "What can you do?"]
+        assert [a["question"] for a in verdict.answers] == questions
         assert verdict.message.startswith("the adapter ") and "after 2 steps" in verdict.message
         # A client that attaches later sees it too.
         history = conn.request(P.GetStatus(), "Snapshot").history

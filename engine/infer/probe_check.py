@@ -25,9 +25,12 @@ def check_adapter(
     questions = read_probes(default_probes(workspaces))[:PROBES_AFTER_TRAINING]
     session = GenerationSession(model, torch_dtype=torch_dtype)
     cfg = GenerationConfig(max_new_tokens=PROBE_MAX_NEW_TOKENS, temperature=0.0)
-    results = session.generate_many([[{"role": "user", "content": q}] for q in questions], [BASE, adapter_dir], cfg)
+    results = session.generate_many(
+        [[{"role": "user", "content": q}] for q in questions], [BASE, adapter_dir], cfg
+    )
     answers = [
-        ProbeAnswers(q, r[BASE]["text"], r[adapter_dir]["text"]) for q, r in zip(questions, results, strict=True)
+        ProbeAnswers(q, r[BASE]["text"], r[adapter_dir]["text"])
+        for q, r in zip(questions, results, strict=True)
     ]
     return probe_verdict(answers, final_loss, steps), answers
 
