@@ -594,6 +594,25 @@ def test_internal_error_is_logged_and_the_engine_still_trains(engine, workspace,
         assert [e.status for e in events if e.type == "TrainFinished"] == ["completed"]
 
 
+def test_a_completed_run_says_whether_the_adapter_answers_differently(engine, workspace, tiny_model_dir):
+    (workspace / "probes.txt").write_text("Who are you?\nWho made you?\nWhat can you do?\nA fourth?\n")
+    with connect(workspace) as conn:
+        conn.send(P.StartTraining(config=train_config(tiny_model_dir, max_steps=2)))
+        events = events_until(conn, job_ended)
+        kinds = [e.type for e in events]
+        # Sent while the job still holds the GPU, just before the run's final event.
+        assert kinds.index("ProbeVerdict") < kinds.index("TrainFinished"), kinds
+        (verdict,) = [e for e in events if e.type == "ProbeVerdict"]
+        (finished,) = [e for e in events if e.type == "TrainFinished"]
+        assert verdict.run_id == finished.run_id and verdict.total == 3
+        questions = ["Who are you?", "Who made you?", "What can you do?"]
+        assert [a["question"] for a in verdict.answers] == questions
+        assert verdict.message.startswith("the adapter ") and "after 2 steps" in verdict.message
+        # A client that attaches later sees it too.
+        history = conn.request(P.GetStatus(), "Snapshot").history
+        assert any(r["type"] == "ProbeVerdict" for r in history)
+
+
 class UnprintableError(Exception):
     def __str__(self) -> str:
         raise ValueError("even its message is broken")

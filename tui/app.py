@@ -59,6 +59,7 @@ TRAIN_EVENTS = (
     P.EvalResult,
     P.CheckpointSaved,
     P.TrainFinished,
+    P.ProbeVerdict,
 )
 # Keys that Textual's own widgets and the focus chain handle, for the help screen.
 GLOBAL_HELP_KEYS = (

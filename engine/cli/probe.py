@@ -19,39 +19,10 @@ from typing import Any
 import orjson
 
 from ..core.config import GenerationConfig
-from ..core.errors import UserError
 from ..core.files import atomic_write_bytes
+from ..core.probes import default_probes, read_probes
 from .flags import adapter_parser, generation_config, parse_args
 from .session import Setup, load_session, resolve_setup
-
-
-def default_probes(workspaces: tuple[Path, ...] = ()) -> Path:
-    """The probes.txt of a workspace (the run's, then the current folder), as the TUI uses it, else
-    sample_data/probes.txt of the source checkout (installs are editable) or of ./sample_data."""
-    here = Path.cwd()
-    candidates = [w / "probes.txt" for w in (*workspaces, here)] + [
-        root / "sample_data" / "probes.txt" for root in (Path(__file__).resolve().parents[2], here)
-    ]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    raise UserError("sample_data/probes.txt not found", "pass a file of questions with --probes FILE")
-
-
-def read_probes(path: Path) -> list[str]:
-    """One question per line; blank lines and lines starting with # are skipped."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise UserError(
-            f"probe file not found: {path}", "pass a text file with one question per line"
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read probe file {path}: {exc}", "save it as UTF-8 text") from None
-    questions = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    if not questions:
-        raise UserError(f"{path} holds no questions", "write one question per line")
-    return questions
 
 
 def probe_main(argv: list[str]) -> int:

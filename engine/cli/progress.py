@@ -87,6 +87,8 @@ class ProgressRenderer:
                     f"adapter {event.adapter_dir}\n"
                     f"try it  tunebench chat --adapters {event.adapter_dir} --compare"
                 )
+        elif kind == "ProbeVerdict":
+            print(f"verdict {event.message}", flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -47,6 +47,14 @@ def build_train_parser() -> argparse.ArgumentParser:
             **extra,
         )
     parser.add_argument("--json", action="store_true", help="print one JSON object per event")
+    parser.add_argument(
+        "--probe_after",
+        choices=("true", "false"),
+        default=None,
+        help="after a completed run, ask the base and the adapter the first 3 probes (the "
+        "workspace's probes.txt, else sample_data's) and say whether the answers changed "
+        "(default: true when the output is a terminal)",
+    )
     return parser
 
 
@@ -91,7 +99,23 @@ def train_main(argv: list[str]) -> int:
         renderer.close()
         for signum, handler in previous.items():  # main() may be called in-process (tests)
             signal.signal(signum, handler)
+    probe_after = args.probe_after == "true" if args.probe_after else sys.stdout.isatty()
+    if probe_after and result.status == "completed" and result.adapter_dir:
+        _say_verdict(result, cfg, renderer)
     return 0 if result.status == "completed" else (130 if result.status == "aborted" else 0)
+
+
+def _say_verdict(result, cfg: TrainConfig, renderer) -> None:
+    """Tell the person whether the run changed the answers; the adapter is saved whatever happens here."""
+    from ..infer.probe_check import verdict_event
+    from ..process.jobs import free_memory
+
+    free_memory()  # the trained model is gone; the probe loads the base afresh
+    print("probing the base and the adapter with 3 questions ...", file=sys.stderr, flush=True)
+    try:
+        renderer(verdict_event(result, cfg.model, cfg.torch_dtype))
+    except UserError as exc:
+        print(f"no verdict: {exc.message} ({exc.hint})", file=sys.stderr)
 
 
 def _install_stop_handlers(stop) -> dict[int, Any]:

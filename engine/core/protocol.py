@@ -234,6 +234,19 @@ class TrainFinished(Event):
 
 
 @dataclass(frozen=True)
+class ProbeVerdict(Event):
+    """After a completed run: did the adapter's answers to the first probes move from the base's
+    (core.verdict words the message, with advice from the final loss)."""
+
+    run_id: str = ""
+    changed: int = 0  # probes answered differently from the base
+    total: int = 0
+    message: str = ""
+    # [{question, base, adapter}], for clients that show the answers side by side
+    answers: list[dict[str, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class TokenChunk(Event):
     target: str = ""
     text: str = ""

@@ -104,7 +104,25 @@ class Jobs:
             if not isinstance(event, P.TrainFinished):  # returned below, and sent as the final event
                 emit(event)
 
-        return run_training(job.config, emit_until_finished, stop)
+        finished = run_training(job.config, emit_until_finished, stop)
+        if finished.status == "completed" and finished.adapter_dir and not job.cancel.is_set():
+            self._probe_verdict(finished, job, emit)
+        return finished
+
+    def _probe_verdict(self, finished: P.TrainFinished, job: Job, emit: Emit) -> None:
+        """Whether the run changed the answers, for the Train pane; sent before TrainFinished, so
+        the job (and the GPU) is still ours while the probes run. The adapter is saved already, so
+        a failure here is a note, never a failed run."""
+        from ..infer.probe_check import verdict_event
+
+        free_memory()  # the trained model is gone; the probe loads the base afresh
+        emit(P.Progress(stage="probe", message="asking the base and the adapter 3 probes"))
+        try:
+            emit(verdict_event(finished, job.config.model, job.config.torch_dtype))
+        except UserError as exc:
+            emit(P.Log(level="warning", message=f"no verdict: {exc.message} ({exc.hint})"))
+        except Exception as exc:  # noqa: BLE001 - the run itself succeeded
+            emit(P.Log(level="warning", message=f"no verdict: the probe check failed: {_safe_str(exc)}"))
 
     def generate(self, job: Job, request: P.Generate, emit: Emit) -> P.Event:
         from ..core.targets import adapters_base, resolve_target

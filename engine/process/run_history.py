@@ -19,7 +19,7 @@ MAX_HISTORY_LOGS = 1000  # Log events kept in a run's history (steps are always 
 # Events that make up a run's history: what a reattaching client needs to redraw the run.
 RUN_EVENTS = frozenset(
     ["ModelLoaded", "DataReport", "TrainStarted", "TrainStep", "EvalResult", "CheckpointSaved"]
-    + ["TrainFinished", "Log", "EngineError"]
+    + ["ProbeVerdict", "TrainFinished", "Log", "EngineError"]
 )
 
 

@@ -36,6 +36,7 @@ class FakeEngine:
         self.steps = steps
         self.step_delay = step_delay
         self.answers = answers or {}
+        self.verdict = ""  # a ProbeVerdict message sent before a completed run's TrainFinished
         self.history = [e.to_dict() for e in (history or [])]
         self.memory_interval = memory_interval
         self.gpus = gpus if gpus is not None else []
@@ -184,6 +185,8 @@ class FakeEngine:
             if step == self.steps // 2:
                 self._send(P.EvalResult(id=rid, step=step, eval_loss=1.5 / step))
                 self._send(P.CheckpointSaved(id=rid, step=step, path=f"{run_dir}/checkpoints/step-{step}"))
+        if self.verdict and status == "completed":
+            self._send(P.ProbeVerdict(id=rid, run_id="fake-run", changed=0, total=3, message=self.verdict))
         self._send(
             P.TrainFinished(
                 id=rid, run_id="fake-run", status=status, adapter_dir=f"{run_dir}/adapter", steps=step

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fake_engine import FakeEngineThread
-from textual.widgets import Input
+from textual.widgets import Input, RichLog
 from tui_helpers import no_start, wait_until
 from tunebench.engine.core import protocol as P
 from tunebench.tui.app import TuneBenchApp
@@ -19,6 +19,7 @@ from tunebench.tui.widgets.train.train_pane import TrainPane
 
 
 async def test_start_training_and_see_steps_arrive(workspace, fake_engine):
+    fake_engine.verdict = "the adapter still answers like the base on all 3 probes: loss 0.33 after 6 steps"
     seen: list = []
     app = TuneBenchApp(workspace, starter=no_start)
     async with app.run_test(size=(100, 32), message_hook=seen.append) as pilot:
@@ -30,6 +31,8 @@ async def test_start_training_and_see_steps_arrive(workspace, fake_engine):
         assert train.run.eval_points == [(3.0, 0.5)]
         assert train.run.checkpoints and train.run.adapter_dir.endswith("fake-run/adapter")
         assert "step 6/6" in str(app.query_one("#run-stats").render())
+        log = "\n".join(line.text for line in app.query_one("#train-log", RichLog).lines)
+        assert "verdict: the adapter still answers like the base on all 3 probes" in log
     (start,) = fake_engine.of_type("StartTraining")
     assert start.config["dataset"] == ["datasets/mini.jsonl"]
     assert start.config["model_name"] == ["TuneBee"]

@@ -44,7 +44,7 @@ class RunState:
         """Fold one event in; True when it changed what the pane shows."""
         if isinstance(event, P.Progress):
             if (self.status in ("loading", "idle") and event.stage in ("load", "tokenize")) or (
-                self.status == "training" and event.stage == "compile"
+                self.status == "training" and event.stage in ("compile", "probe")
             ):
                 self.stage = event.message or event.stage
                 return True

@@ -121,6 +121,8 @@ class TrainPane(Vertical):
             self.log_line(f"{event.status} after {event.steps} steps", "bold")
             if event.adapter_dir:
                 self.log_line(f"adapter {self._short(event.adapter_dir)}: enter on it (right) opens a chat")
+        elif isinstance(event, P.ProbeVerdict):
+            self.log_line(f"verdict: {event.message}", "bold green" if event.changed else "bold yellow")
         elif isinstance(event, P.Log):
             self.log_line(event.message, "yellow" if event.level in ("warning", "error") else "")
 
