@@ -182,3 +182,21 @@ async def test_open_dialog_opens_a_typed_absolute_path(workspace, fake_engine, t
         assert isinstance(app.screen, DatasetPicker)
         await pilot.press(*str(elsewhere), "enter")
         await wait_until(pilot, lambda: pane.store.path == elsewhere, what="the typed path to open")
+
+
+async def test_a_modal_swallows_the_pane_switch_keys(workspace, fake_engine):
+    """Issue 16 item 11: F6 (or a digit on a list) inside the sample editor switched the pane
+    behind it; a dialog keeps the pane it was opened over."""
+    app = TuneBenchApp(workspace, starter=no_start)
+    async with app.run_test(size=(100, 32)) as pilot:
+        pane = app.query_one(DatasetPane)
+        await wait_until(pilot, lambda: pane.reports, what="row checks")
+        await pilot.press("e")
+        assert isinstance(app.screen, SampleEditor)
+        await pilot.press("f6", "f4")
+        assert app.query_one(TabbedContent).active == "dataset"
+        assert isinstance(app.screen, SampleEditor)
+        await pilot.press("escape")
+        assert not isinstance(app.screen, SampleEditor)
+        await pilot.press("f4")  # and they work again once it is closed
+        assert app.query_one(TabbedContent).active == "gpu"
