@@ -475,7 +475,6 @@ def test_a_default_dtype_load_on_the_cpu_is_float32(tiny_model_dir):
     a 1-question probe and plain transformers disagreed), so `auto` means float32 on a CPU even
     where it multiplies bfloat16 natively (this test's CPU may well do so)."""
     import torch
-
     from tunebench.engine.infer.generate import GenerationSession
 
     if torch.cuda.is_available():
