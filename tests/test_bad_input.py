@@ -913,6 +913,14 @@ CASES = [
         ["trian"],
         ["did you mean `tunebench train`?"],
     ),
+    Case(
+        "workbench-in-a-folder-of-other-files",  # no terminal to ask on (issue 16 item 11)
+        ["."],
+        {"data.jsonl": lines(GOOD)},
+        ["holds other files and is not a TuneBench workspace"],
+        ["datasets/ runs/ exports/ .tunebench/ tunebench.toml"],
+        ["give a new or empty folder", "--yes"],
+    ),
     # ------------------------------------------------------------ models and adapters
     Case(
         "model-folder-without-config",

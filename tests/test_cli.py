@@ -132,3 +132,53 @@ def test_headless_train_with_json_events(tiny_model_dir, tmp_path):
     report = next(e for e in events if e["type"] == "DataReport")
     assert report["samples"] == 8  # #8 over a 6-record file repeats it, as ms-swift does
     assert (tmp_path / "runs" / "cli" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.fixture
+def tui_opened(monkeypatch):
+    """Stands in for the workbench: the folders `tunebench [WORKSPACE]` opened, with no UI."""
+    import tunebench.tui.app as tui_app
+
+    opened: list = []
+    monkeypatch.setattr(tui_app, "run", lambda workspace, model=None: opened.append(workspace) or 0)
+    return opened
+
+
+def answer_on_a_terminal(monkeypatch, reply: str | None) -> list[str]:
+    """A terminal that answers `reply` (None: no terminal); returns the questions asked."""
+    asked: list[str] = []
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: reply is not None, raising=False)
+    monkeypatch.setattr("builtins.input", lambda prompt="": asked.append(prompt) or reply or "")
+    return asked
+
+
+def test_a_non_empty_folder_becomes_a_workspace_only_when_the_person_says_yes(
+    tmp_path, monkeypatch, capfd, tui_opened
+):
+    """Issue 16 item 11: `tunebench` in a folder of other files created datasets/ runs/ exports/
+    .tunebench/ tunebench.toml there without asking."""
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    asked = answer_on_a_terminal(monkeypatch, "n")
+    assert main([str(folder)]) != 0
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"] and tui_opened == []
+    out, err = capfd.readouterr()
+    assert "datasets/ runs/ exports/ .tunebench/ tunebench.toml" in out + err and asked
+
+    answer_on_a_terminal(monkeypatch, "y")
+    assert main([str(folder)]) == 0 and tui_opened == [folder.resolve()]
+
+
+def test_new_empty_and_existing_workspaces_open_without_a_question(tmp_path, monkeypatch, tui_opened):
+    asked = answer_on_a_terminal(monkeypatch, "n")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    existing = tmp_path / "existing"
+    (existing / ".tunebench").mkdir(parents=True)
+    (existing / "tunebench.toml").write_text("")
+    (existing / "datasets").mkdir()
+    for folder in (tmp_path / "new", empty, existing):
+        assert main([str(folder)]) == 0
+    assert tui_opened == [(tmp_path / "new").resolve(), empty.resolve(), existing.resolve()]
+    assert asked == []

@@ -468,3 +468,16 @@ def test_static_decoder_is_reused_only_for_the_same_rows(tiny_model_dir, runs, s
         assert answers(static.generate(QUESTION, targets, greedy(12))) == expected[tuple(targets)]
         decoders.append(static._decoder)
     assert decoders[0] is not decoders[1] and decoders[1] is decoders[2]
+
+
+def test_a_default_dtype_load_on_the_cpu_is_float32(tiny_model_dir):
+    """Issue 16 item 9: bfloat16 on a CPU gave batch-dependent greedy answers (a 4-question probe,
+    a 1-question probe and plain transformers disagreed), so `auto` means float32 on a CPU even
+    where it multiplies bfloat16 natively (this test's CPU may well do so)."""
+    import torch
+    from tunebench.engine.infer.generate import GenerationSession
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA box decodes in bfloat16 by default")
+    session = GenerationSession(str(tiny_model_dir))
+    assert next(session.loaded.model.parameters()).dtype == torch.float32

@@ -138,6 +138,14 @@ def test_resume_gives_exactly_the_losses_of_an_uninterrupted_run(tiny_model_dir,
     first = run_training(make_cfg(tiny_model_dir, identity_file, tmp_path, run_name="part"), emit, stop)
     assert first.status == "stopped" and first.steps == 3
     assert (tmp_path / "part" / "checkpoints" / "step-3").is_dir()  # graceful stop saved
+    # As if the first attempt had taken 1000 s up to its checkpoint: the run's time counts it
+    # (issue 16 item 11: "took 0:41" after a resume counted only the resumed part).
+    metrics = tmp_path / "part" / "metrics.jsonl"
+    records = [orjson.loads(line) for line in metrics.read_bytes().splitlines()]
+    for record in records:
+        if record["type"] == "TrainStep":
+            record["elapsed_s"] = 1000.0 * record["step"] / 3
+    metrics.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in records))
 
     second, resumed = run(
         make_cfg(tiny_model_dir, identity_file, tmp_path, resume_from_checkpoint=str(tmp_path / "part"))
@@ -151,6 +159,8 @@ def test_resume_gives_exactly_the_losses_of_an_uninterrupted_run(tiny_model_dir,
         if orjson.loads(line)["type"] == "TrainStep"
     ]
     assert steps == sorted(set(steps)) and steps[-1] == 9
+    assert all(e.elapsed_s >= 1000.0 for e in resumed if e.type == "TrainStep")
+    assert second.seconds >= 1000.0
 
 
 def test_abort_stops_without_saving_an_adapter(tiny_model_dir, identity_file, tmp_path):

@@ -16,7 +16,7 @@ from typing import Any
 from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
-from textual.screen import Screen
+from textual.screen import ModalScreen, Screen
 from textual.widgets import Footer, TabbedContent, TabPane
 from textual.worker import Worker, WorkerState
 from tunebench.engine.core import protocol as P
@@ -498,6 +498,13 @@ class TuneBenchApp(App[int]):
             self.call_after_refresh(self._show_once_tabs_settle, pane)
             return
         self.action_show_pane(pane)
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        # A dialog belongs to the pane it was opened over: switching that pane behind it (F2-F6,
+        # or a digit its focused widget does not type) would hide where its answer goes.
+        if action == "show_pane" and isinstance(self.screen, ModalScreen):
+            return False
+        return True
 
     def action_show_pane(self, pane: str) -> None:
         self._main.query_one(TabbedContent).active = pane

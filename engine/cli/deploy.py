@@ -72,7 +72,7 @@ def build_parser(prog: str = "tunebench deploy") -> argparse.ArgumentParser:
         "--torch_dtype",
         default="auto",
         choices=("auto", "bfloat16", "float16", "float32"),
-        help="auto: bfloat16 where the GPU or CPU computes it natively, else float32",
+        help="auto: bfloat16 on a GPU that has it, else float32 (always on a CPU)",
     )
     where = parser.add_argument_group("where to listen")
     where.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default: {DEFAULT_HOST})")

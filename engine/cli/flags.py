@@ -110,7 +110,7 @@ def adapter_parser(prog: str, description: str, *, generation: bool = True) -> a
         "--torch_dtype",
         default="auto",
         choices=("auto", "bfloat16", "float16", "float32"),
-        help="auto: chat/probe use bfloat16 where the GPU or CPU computes it natively, else float32; "
+        help="auto: chat/probe use bfloat16 on a GPU that has it, else float32 (always on a CPU); "
         "export merges in bfloat16 on a GPU box or for QLoRA, else in the base's saved dtype",
     )
     if generation:

@@ -136,12 +136,17 @@ def _tui_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="tunebench", usage=_usage())
     parser.add_argument("workspace", nargs="?", default=".")
     parser.add_argument("--model", default=None, help="base model for this workspace (default: demo)")
+    parser.add_argument(
+        "--yes", "-y", action="store_true", help="make a folder of other files a workspace without asking"
+    )
     args = parser.parse_args(argv)
     workspace = Path(args.workspace).expanduser()
     if workspace.exists() and not workspace.is_dir():
         raise UserError(
             f"{workspace} is a file, not a workspace folder", "give a folder (it is created if new)"
         )
+    if not args.yes and not _may_become_workspace(workspace):
+        return 1
     workspace.mkdir(parents=True, exist_ok=True)
     from tunebench.tui.app import run  # the UI side; never imports torch
 
@@ -150,3 +155,30 @@ def _tui_main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def _may_become_workspace(folder: Path) -> bool:
+    """A new or empty folder, or a workspace, opens at once; a folder of other files (a project,
+    a home folder) gets TuneBench's folders only when the person says yes on the terminal."""
+    from ..core.workspace import Workspace
+
+    ws = Workspace(folder)
+    if not folder.is_dir() or ws.is_workspace() or not any(folder.iterdir()):
+        return True
+    parts = " ".join(ws.parts_to_create())
+    place = str(ws.root)
+    if not sys.stdin.isatty():
+        raise UserError(
+            f"{place} holds other files and is not a TuneBench workspace: opening it would create "
+            f"{parts} in it",
+            f"give a new or empty folder (`tunebench workspace`), or pass --yes to create them in {place}",
+        )
+    print(f"{place} holds other files and is not a TuneBench workspace.\nOpening it creates {parts} in it.")
+    try:
+        answer = input("Create them? [y/N] ")
+    except EOFError:  # Ctrl-D: no
+        answer = ""
+    if answer.strip().lower() in ("y", "yes"):
+        return True
+    print("nothing created; `tunebench NEW-FOLDER` starts a workspace in a folder of its own")
+    return False

@@ -208,7 +208,7 @@ class TrainStep(Event):
     grad_norm: float = 0.0
     tokens_per_s: float = 0.0
     eta_s: float = 0.0
-    elapsed_s: float = 0.0
+    elapsed_s: float = 0.0  # of the whole run: a resumed run adds its earlier attempts' up to the checkpoint
 
 
 @dataclass(frozen=True)
@@ -230,7 +230,7 @@ class TrainFinished(Event):
     adapter_dir: str = ""
     final_loss: float = 0.0
     steps: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # as TrainStep.elapsed_s: a resumed run's earlier attempts included
 
 
 @dataclass(frozen=True)

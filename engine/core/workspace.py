@@ -99,6 +99,16 @@ class Workspace:
         digest = hashlib.sha1(os.fsencode(self.root)).hexdigest()[:16]
         return Path(tempfile.gettempdir()) / f"tunebench-{os.getuid()}" / f"{digest}.sock"
 
+    def is_workspace(self) -> bool:
+        """True once TuneBench has opened this folder (its settings or state folder is there)."""
+        return self.settings_file.exists() or self.state_dir.is_dir()
+
+    def parts_to_create(self) -> list[str]:
+        """What opening this folder as a workspace adds to it (ensure() and the settings file)."""
+        parts = [self.datasets_dir, self.runs_dir, self.exports_dir, self.state_dir]
+        named = [f"{p.name}/" for p in parts if not p.exists()]
+        return named + ([self.settings_file.name] if not self.settings_file.exists() else [])
+
     def ensure(self) -> Workspace:
         """Create the workspace folders; the engine's state folder is private (0700)."""
         for folder in (self.root, self.datasets_dir, self.runs_dir, self.exports_dir):

@@ -193,12 +193,11 @@ def load_served(
 ) -> ServedModels:
     """Load the base and every adapter into one PeftModel. `system` (--system) overrides the
     runs' system prompts."""
-    from ..infer.generate import decode_dtype
     from ..models.loading import load_model
 
     say = say or (lambda _text: None)
     say(f"loading {plan.base_spec} ...")
-    loaded = load_model(plan.base_spec, torch_dtype=decode_dtype(torch_dtype))
+    loaded = load_model(plan.base_spec, torch_dtype=torch_dtype)
     return serve_loaded(loaded, plan.base_name, list(plan.adapters), system=system, say=say)
 
 

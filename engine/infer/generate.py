@@ -70,34 +70,13 @@ class _Row:
         }
 
 
-def cpu_has_fast_bf16() -> bool:
-    """True where the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), which makes decode
-    about twice as fast as float32 here: decode is bound by reading the weights."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags for flag in (" avx512_bf16", " amx_bf16"))
-
-
-def decode_dtype(torch_dtype: str) -> str:
-    """`auto` for inference: bf16 on a GPU that has it (load_model's rule), and on a CPU that has it."""
-    if torch_dtype != "auto":
-        return torch_dtype
-    import torch
-
-    if torch.cuda.is_available():
-        return "auto"
-    return "bfloat16" if cpu_has_fast_bf16() else "float32"
-
-
 class GenerationSession:
     """One base model plus any number of adapters, reused across requests for the same base."""
 
     def __init__(self, model: str = "demo", *, torch_dtype: str = "auto", decode: str = "auto") -> None:
         from ..models.loading import load_model
 
-        self._setup(model, load_model(model, torch_dtype=decode_dtype(torch_dtype)), decode)
+        self._setup(model, load_model(model, torch_dtype=torch_dtype), decode)
 
     @classmethod
     def from_loaded(cls, loaded: Any, model_spec: str = "", decode: str = "auto") -> GenerationSession:

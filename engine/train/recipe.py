@@ -33,6 +33,7 @@ from ..core.files import atomic_write_bytes
 from ..core.limits import MAX_SAMPLE_PASSES, MAX_STEPS
 from ..core.metrics_log import MetricsLog, start_metrics, truncate_metrics
 from ..core.step_clock import StepClock
+from ..core.workspace import read_metrics
 from .checkpoints import (
     find_checkpoint,
     load_checkpoint,
@@ -106,6 +107,9 @@ class _Setup:
     train_set: list[Any]
     eval_set: list[Any]
     start_step: int
+    # time the run's earlier attempts logged up to the checkpoint it resumes from, so that its
+    # elapsed time and "took" count the whole run, not the resumed part alone
+    earlier_s: float = 0.0
 
     @property
     def total_steps(self) -> int:
@@ -168,6 +172,7 @@ def run_training(cfg: TrainConfig, emit: Emit, stop: StopSignal | None = None) -
             metrics.append(record)
             tracker.log(record)
 
+        started -= setup.earlier_s
         progress = _train_loop(cfg, setup, stop, emit, log, started)
         return _finish(setup, progress, log, started)
 
@@ -236,6 +241,7 @@ def _open_run(
             resume_dir, setup.model, setup.optimizer, setup.scheduler, setup.device
         )
         truncate_metrics(run.root, setup.start_step)
+        setup.earlier_s = _logged_seconds(run.root)
         emit(P.Log(message=f"resumed from {resume_dir} at step {setup.start_step}"))
         if changes:
             emit(P.Log(message="resumed with changed settings: " + ", ".join(changes)))
@@ -480,6 +486,12 @@ def _finish(s: _Setup, progress: _Progress, log: Emit, started: float) -> P.Trai
 
 
 # ===================================================================== pieces
+
+
+def _logged_seconds(run_dir: Path) -> float:
+    """The elapsed time of the last step a run's metrics.jsonl holds (0 when none)."""
+    steps = [r for r in read_metrics(run_dir) if r.get("type") == "TrainStep"]
+    return float(steps[-1].get("elapsed_s") or 0.0) if steps else 0.0
 
 
 def stopped_before_training(started: float) -> P.TrainFinished:

@@ -164,3 +164,39 @@ async def test_the_table_uses_the_width_it_is_given(workspace, fake_engine):
         await pilot.resize_terminal(120, 40)
         await wait_until(pilot, lambda: len(table.get_cell(key, "answer")) > 40, what="the wider cut")
         assert table.get_cell(key, "answer").startswith(narrow[:-1])
+
+
+async def test_open_dialog_opens_a_typed_absolute_path(workspace, fake_engine, tmp_path):
+    """Issue 16 item 11: the Open dialog starts on the list of datasets/; a path typed there (with
+    no Tab first) must open that path on Enter, not the highlighted list entry."""
+    from tunebench.tui.screens.dataset_picker import DatasetPicker
+
+    elsewhere = tmp_path / "elsewhere" / "real.jsonl"
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(b'{"instruction": "hi", "output": "hello"}\n')
+    app = TuneBenchApp(workspace, starter=no_start)
+    async with app.run_test(size=(100, 32)) as pilot:
+        pane = app.query_one(DatasetPane)
+        await wait_until(pilot, lambda: pane.reports, what="row checks")
+        await pilot.press("o")
+        assert isinstance(app.screen, DatasetPicker)
+        await pilot.press(*str(elsewhere), "enter")
+        await wait_until(pilot, lambda: pane.store.path == elsewhere, what="the typed path to open")
+
+
+async def test_a_modal_swallows_the_pane_switch_keys(workspace, fake_engine):
+    """Issue 16 item 11: F6 (or a digit on a list) inside the sample editor switched the pane
+    behind it; a dialog keeps the pane it was opened over."""
+    app = TuneBenchApp(workspace, starter=no_start)
+    async with app.run_test(size=(100, 32)) as pilot:
+        pane = app.query_one(DatasetPane)
+        await wait_until(pilot, lambda: pane.reports, what="row checks")
+        await pilot.press("e")
+        assert isinstance(app.screen, SampleEditor)
+        await pilot.press("f6", "f4")
+        assert app.query_one(TabbedContent).active == "dataset"
+        assert isinstance(app.screen, SampleEditor)
+        await pilot.press("escape")
+        assert not isinstance(app.screen, SampleEditor)
+        await pilot.press("f4")  # and they work again once it is closed
+        assert app.query_one(TabbedContent).active == "gpu"

@@ -173,3 +173,13 @@ def test_the_preview_shows_the_tools_and_marks_the_calls():
         '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>',
         "Clear skies.<|im_end|>",
     ]
+
+
+def test_a_row_that_cannot_be_parsed_shows_its_json_not_a_python_repr():
+    """Issue 16 item 11: rows of an unknown shape showed `{'prompt': 'hi', 'ok': True}`."""
+    from tunebench.tui.widgets.dataset.dataset_file import Row
+    from tunebench.tui.widgets.dataset.row_checks import row_summary
+
+    row = Row.from_text('{"prompt": "你好", "ok": true, "n": null}')
+    first, last = row_summary(row)
+    assert first == '{"prompt": "你好", "ok": true, "n": null}' and last == ""

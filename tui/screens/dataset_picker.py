@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from textual import on
+from textual import events, on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
@@ -29,7 +29,12 @@ class DatasetPicker(ModalScreen[Path | None]):
             yield Label("[b]Open a dataset[/b]  [dim]enter opens · esc cancels[/dim]", classes="dialog-title")
             options = [Option(short_path(p, self.workspace), id=str(p)) for p in files]
             yield OptionList(*options, id="picker-files")
-            yield Input(placeholder="or type a new file name, e.g. mine.jsonl", id="picker-new", compact=True)
+            yield Input(
+                placeholder="or type a path, or a new file name, e.g. mine.jsonl",
+                id="picker-new",
+                compact=True,
+                select_on_focus=False,  # the key that moved the focus here is already typed
+            )
         # This screen's own keys at the bottom, not the stale ones of the screen beneath.
         yield Footer(compact=True)
 
@@ -38,6 +43,22 @@ class DatasetPicker(ModalScreen[Path | None]):
         for index in range(files.option_count):
             if files.get_option_at_index(index).id == str(self.current):
                 files.highlighted = index
+
+    def on_key(self, event: events.Key) -> None:
+        # The list has the focus first; typing there starts a name or path in the input, so that
+        # Enter opens what was typed rather than the highlighted file.
+        path_input = self.query_one("#picker-new", Input)
+        if event.is_printable and event.character and not path_input.has_focus:
+            event.stop()
+            path_input.focus()
+            path_input.insert_text_at_cursor(event.character)
+
+    def on_paste(self, event: events.Paste) -> None:
+        path_input = self.query_one("#picker-new", Input)
+        if not path_input.has_focus:
+            event.stop()
+            path_input.focus()
+            path_input.insert_text_at_cursor(event.text.strip())
 
     @on(OptionList.OptionSelected)
     def _picked(self, event: OptionList.OptionSelected) -> None:

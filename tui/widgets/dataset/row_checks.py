@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from tunebench.engine.core import data, encoding
 from tunebench.engine.core.config import TrainConfig
@@ -111,7 +110,7 @@ class RowChecker:
         try:
             messages = data.normalise_record(row.record)
         except Exception:  # noqa: BLE001 - check_sample has already said why
-            return RowReport(_preview(row.record), "", None, problems)
+            return RowReport(_preview(row), "", None, problems)
         tools = data.record_tools(row.record) or None
         return RowReport(*_ends(messages), self._count(messages, tools) if counts else None, problems)
 
@@ -130,11 +129,11 @@ class RowChecker:
 def row_summary(row: Row) -> tuple[str, str]:
     """(first user turn, last answer) for the table, without the checks: what shows at once."""
     if not row.valid_json:
-        return row.text[:80], ""
+        return _preview(row), ""
     try:
         messages = data.normalise_record(row.record)
     except Exception:  # noqa: BLE001 - the checks will say why
-        return _preview(row.record), ""
+        return _preview(row), ""
     return _ends(messages)
 
 
@@ -143,5 +142,6 @@ def _ends(messages: list[dict[str, str]]) -> tuple[str, str]:
     return user, next((m["content"] for m in reversed(messages) if m["role"] == "assistant"), "")
 
 
-def _preview(record: Any) -> str:
-    return str(record)[:80]
+def _preview(row: Row) -> str:
+    # The row's own JSON text, as in the file: str(record) would show Python's True/None/quotes.
+    return " ".join(row.text.splitlines())[:80]
