@@ -338,8 +338,8 @@ def _cross_checks(cfg: TrainConfig) -> dict[str, str]:
     if cfg.deepspeed:
         problems["deepspeed"] = (
             f"DeepSpeed ZeRO ({cfg.deepspeed}) spreads training over several GPUs, and this build "
-            "trains on one GPU: leave --deepspeed out to train on one (multi-GPU training is tracked "
-            "in issue 13)"
+            "trains on one GPU: leave --deepspeed out to train on one (multi-GPU training is not "
+            "built yet)"
         )
     if not cfg.model.strip():
         problems["model"] = "name a model: demo, a folder, a hub id or a .gguf file"
