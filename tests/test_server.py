@@ -42,23 +42,6 @@ from tunebench.engine.process.server import EngineAlreadyRunning, EngineServer
 
 QUESTIONS = ["Who are you?", "What is your name?", "Who made you?", "你是谁？"]
 
-# On the CPU a resumed run repeats the uninterrupted one's losses exactly. On CUDA it does not:
-# there two uninterrupted runs in one process are bit-identical (bench/check_determinism.py,
-# H200), yet the resumed engine's losses differ from the 4th digit on, so it is the resume on the
-# CUDA path that is not exact (cause not found yet: bench/RESULTS.md). Until it is, this relative
-# tolerance is what holds there.
-CUDA_LOSS_RTOL = 2e-3
-
-
-def same_losses(got: dict[int, float], want: dict[int, float]) -> bool:
-    import torch
-
-    if torch.cuda.is_available():
-        return got.keys() == want.keys() and all(
-            abs(got[s] - want[s]) <= CUDA_LOSS_RTOL * abs(want[s]) for s in want
-        )
-    return got == want
-
 
 # ====================================================================== fixtures
 
@@ -1034,7 +1017,7 @@ def test_engine_killed_mid_checkpoint_resumes_with_exactly_the_losses(workspace,
     assert (torn / "trainer_state.pt").is_file() and not (run_dir / "checkpoints" / "step-20").exists()
     assert [p.name for p in list_checkpoints(run_dir)] == ["step-10"]  # the last complete one
     assert sorted(before_kill) == list(range(1, 21))
-    assert same_losses(before_kill, {step: baseline[step] for step in before_kill})  # the engine trains alike
+    assert before_kill == {step: baseline[step] for step in before_kill}  # the engine trains alike
     assert "interrupted" in status_text(workspace)
     # The next engine (in this process: torch is loaded here already) finds the dead one's
     # socket, takes over, and resumes from the last complete checkpoint.
@@ -1054,8 +1037,9 @@ def test_engine_killed_mid_checkpoint_resumes_with_exactly_the_losses(workspace,
         assert events[-1].state == "done", [e for e in events if e.type == "EngineError"]
         after = {e.step: e.loss for e in events if e.type == "TrainStep"}
         assert sorted(after) == list(range(11, 41))
-        # The same data order, RNG state and optimizer state: exactly, where the device is deterministic.
-        assert same_losses(after, {step: baseline[step] for step in after})
+        # The same data order, RNG state and optimizer state, and on CUDA the same kernels in every
+        # process (engine/cuda/path.py, keep_compiled_code): exactly the same losses.
+        assert after == {step: baseline[step] for step in after}
         records = read_metrics(run_dir)
         assert [r["step"] for r in records if r["type"] == "TrainStep"] == list(range(1, 41))
         assert [p.name for p in list_checkpoints(run_dir)] == ["step-20", "step-30"]

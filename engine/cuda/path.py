@@ -189,13 +189,22 @@ def own_recompute(layers: list, recompute: bool) -> None:
 def keep_compiled_code() -> None:
     """Keep what torch.compile produces (inductor's and AOTAutograd's caches) in TuneBench's cache
     folder, where it outlives /tmp: the next run of the same model shape skips most of the compile
-    (about 21 s for a 7B). TORCHINDUCTOR_CACHE_DIR set by the user wins."""
+    (about 21 s for a 7B). Also picks kernels the same way in every process, so that a resumed run
+    is exact. TORCHINDUCTOR_CACHE_DIR set by the user wins."""
     from ..core.model_files import cache_root
 
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "compiled"))
     import torch._inductor.config
 
     torch._inductor.config.fx_graph_cache = True
+    # The same kernels in every process: inductor otherwise picks some kernel configurations by
+    # timing them on the device, so a fresh process (a resumed run) may sum in another order and
+    # its losses drift from the 4th digit on (bench/check_determinism.py, bench/RESULTS.md).
+    # TORCHINDUCTOR_DETERMINISTIC=0 set by the user wins.
+    if os.environ.get("TORCHINDUCTOR_DETERMINISTIC") != "0" and hasattr(
+        torch._inductor.config, "deterministic"
+    ):
+        torch._inductor.config.deterministic = True
 
 
 def compile_layers(
