@@ -26,11 +26,12 @@ def parsed(*argv: str) -> TrainConfig:
 
 def test_the_variant_flags_parse_as_ms_swift_writes_them():
     cfg = parsed(
-        "--use_dora", "true", "--use_rslora", "True", "--init_weights", "PiSSA",
+        "--use_dora", "true", "--use_rslora", "True", "--init_weights", "Gaussian",
         "--modules_to_save", "embed_tokens,lm_head", "--lorap_lr_ratio", "16",
     )  # fmt: skip
-    assert (cfg.use_dora, cfg.use_rslora, cfg.init_weights) == (True, True, "pissa")
+    assert (cfg.use_dora, cfg.use_rslora, cfg.init_weights) == (True, True, "gaussian")
     assert cfg.modules_to_save == ["embed_tokens", "lm_head"] and cfg.lorap_lr_ratio == 16.0
+    assert parsed("--init_weights", "PiSSA").init_weights == "pissa"
     with pytest.raises(ConfigError, match="init_weights: 'kaiming' is not one of true, false, gaussian"):
         TrainConfig(init_weights="kaiming")
 
