@@ -23,7 +23,10 @@ Each stack loads its model once, in its own process capped at the budget
 a step runs out of memory, and bisects between the last length that trained and the first that did
 not, to within --resolution. A stack stops early when its next try would not finish within
 --search-seconds (predicted from the last length that trained, by the square of the length); its
-result then says the longest length that trained and that it stopped on time. One step at --start
+result then says the longest length that trained and that it stopped on time. The table also
+gives the peak as a line in the length, fitted to the lengths that trained, and where that line
+reaches 80 GiB: an extrapolation (marked so) where the search itself would need steps longer than
+a call allows (attention's cost grows with the square of the length). One step at --start
 runs first, untimed by the search: it holds TuneBench's compile. A new MLP slice count (a fourfold
 length) compiles again inside a try, so such a try's seconds include a compile.
 
@@ -834,6 +837,7 @@ def search_child(args) -> None:
         )
         record |= found
         record["at_longest"] = peaks.get(found["longest"])
+        record["per_token"] = linear_peak(peaks)
     except Exception as exc:  # noqa: BLE001 - one stack failing must not lose the others' results
         import traceback
 
@@ -841,6 +845,27 @@ def search_child(args) -> None:
         record["error"] = f"{type(exc).__name__}: {exc}"[:2000]
     record["wall_seconds"] = time.perf_counter() - started
     Path(args.result).write_text(json.dumps(record, indent=1))
+
+
+def linear_peak(peaks: dict[int, dict]) -> dict | None:
+    """Peak memory as a line in the length, fitted to the lengths that trained (least squares):
+    bytes per token and at zero, and the length it reaches 80 GiB at. An extrapolation, for
+    budgets whose search would take steps longer than a call allows; None below two lengths."""
+    points = sorted((n, p["peak_gib"]) for n, p in peaks.items() if p.get("peak_gib"))
+    if len(points) < 2:
+        return None
+    mean_n = sum(n for n, _ in points) / len(points)
+    mean_p = sum(p for _, p in points) / len(points)
+    spread = sum((n - mean_n) ** 2 for n, _ in points)
+    if spread == 0:
+        return None
+    slope = sum((n - mean_n) * (p - mean_p) for n, p in points) / spread
+    base = mean_p - slope * mean_n
+    return {
+        "kib_per_token": slope * 1024**2,
+        "gib_at_zero": base,
+        "length_at_80_gib": int((80 - base) / slope) if slope > 0 else None,
+    }
 
 
 def search_parent(args, model_dir: Path) -> None:
@@ -883,8 +908,9 @@ def search_parent(args, model_dir: Path) -> None:
 def search_table(results: list[dict]) -> str:
     lines = [
         "| budget GiB | stack | method | longest sample | first that failed | peak at longest GiB | "
-        "model GiB | tokens/s at longest | vs Unsloth | stopped | tries (length: ok/OOM, s) |",
-        "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+        "model GiB | tokens/s at longest | vs Unsloth | stopped | KiB per token | 80 GiB at (line) | "
+        "tries (length: ok/OOM, s) |",
+        "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- |",
     ]
     for r in results:
         if "error" in r:
@@ -892,6 +918,7 @@ def search_table(results: list[dict]) -> str:
             lines.append(f"| {budget:g} | {r['stack']} | {r['method']} | error: {r['error'][:80]} |")
             continue
         at = r.get("at_longest") or {}
+        line = r.get("per_token")
         unsloth = next(
             (
                 o
@@ -909,7 +936,10 @@ def search_table(results: list[dict]) -> str:
             f"{at['model_gib']:.2f}" if at.get("model_gib") else "-",
             f"{r['longest'] / at['seconds']:,.0f}" if at else "-",
             f"{r['longest'] / unsloth['longest']:.2f}x" if unsloth else "-",
-            r.get("stopped") or "-", tries,
+            r.get("stopped") or "-",
+            f"{line['kib_per_token']:.0f}" if line else "-",
+            f"{line['length_at_80_gib']:,}" if line and line.get("length_at_80_gib") else "-",
+            tries,
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -13,12 +13,17 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
 @pytest.fixture(scope="module")
-def search_longest():
+def bench():
     sys.path.insert(0, str(BENCH))
     try:
-        return importlib.import_module("bench_train").search_longest
+        return importlib.import_module("bench_train")
     finally:
         sys.path.remove(str(BENCH))
+
+
+@pytest.fixture(scope="module")
+def search_longest(bench):
+    return bench.search_longest
 
 
 def limit(longest: int, tried: list[int]):
@@ -62,3 +67,13 @@ def test_a_try_that_would_end_past_the_time_allowed_is_not_started(search_longes
     assert [n for n, _, _ in found["tries"]] == [16384, 32768, 65536]
     assert found["longest"] == 65536 and found["failed"] is None and found["stopped"] == "time"
     assert now[0] <= 300
+
+
+def test_the_peak_as_a_line_in_the_length(bench):
+    gib = 1024**3
+    peaks = {n: {"peak_gib": (5 * gib + n * 150_000) / gib} for n in (16384, 32768, 65536)}
+    line = bench.linear_peak(peaks)
+    assert line["kib_per_token"] == pytest.approx(150_000 / 1024)
+    assert line["gib_at_zero"] == pytest.approx(5)
+    assert line["length_at_80_gib"] == pytest.approx(75 * gib / 150_000, abs=1)
+    assert bench.linear_peak({16384: {"peak_gib": 9.0}}) is None
