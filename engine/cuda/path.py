@@ -430,7 +430,7 @@ class FastPath:
             ("compile", "each decoder layer compiled as one region"),
             ("ingraph", "recompute compiled into each layer's graph"),
             ("merge", "a step's samples packed into as few forwards as the profile's memory allows"),
-            ("mlpchunk", f"MLPs over slices of {self.mlp_chunk_tokens} tokens in longer forwards"),
+            ("mlpchunk", f"MLPs over slices of at most {self.mlp_chunk_tokens} tokens in longer forwards"),
         ]
         use = self.use - (set() if self.compiles else {"compile", "ingraph"})
         notes = [f"GPU path: {text}" for key, text in on if key in use]
@@ -592,7 +592,7 @@ class FastPath:
             if hasattr(causal, "_require_grads_hook") or getattr(causal, "_require_grads_hooks", None):
                 causal.disable_input_require_grads()
         if "mlpchunk" in self.use and chunk_mlps(layers):
-            self.applied.append(f"MLPs in slices of {self.mlp_chunk_tokens} tokens past that length")
+            self.applied.append(f"MLPs in slices of at most {self.mlp_chunk_tokens} tokens (long forwards)")
         if self.compiles:
             if call_module_forwards_directly(layers):
                 self.applied.append("kernels-hub routing bypassed")
