@@ -30,6 +30,15 @@ FAST_MAX_TOKENS = 16384
 # holds about this many layers' worth of activations at its peak (the eager replay holds one):
 # measured 454 KB per token on Qwen2.5-7B against 164 KB kept by a layer (H200).
 REPLAY_LAYERS_IN_GRAPH = 2.75
+# Forwards longer than this run each decoder layer's MLP over slices of at most this many tokens
+# (engine/cuda/path.py, `chunk_mlps`): the MLP's intermediates (gate, up and their product, each
+# intermediate-wide) are most of what a replayed layer holds, and slices bound them whatever the
+# sample's length (3 x 32,768 x 18,944 x 2 bytes, 3.5 GiB, at 32k tokens on a 7B; 0.43 GiB a
+# slice). 4,096 tokens keep each product large enough to run at full speed.
+MLP_CHUNK_TOKENS = 4096
+# The fused loss takes at most this many tokens per call: its transient logits grow with the
+# tokens of a call, so a long sample's loss goes in slices (their sum is the same loss).
+LOSS_SLICE_TOKENS = 16384
 
 
 def model_sizes(model_config: Any) -> dict[str, Any]:
@@ -100,6 +109,25 @@ def layer_activation_bytes(
     return (words + extra) * dtype_bytes + heads * 4
 
 
+def mlp_chunks(tokens: int, chunk_tokens: int = MLP_CHUNK_TOKENS) -> int:
+    """How many slices a forward of `tokens` runs each decoder layer's MLP in: a power of 4 that
+    leaves slices of a quarter to all of `chunk_tokens` (1: whole; `chunk_tokens` 0: never sliced).
+
+    A compiled layer is specialised on the count, so counts in powers of 4 keep the compiles few
+    when lengths vary (one per fourfold length) with slices still large enough to run at speed."""
+    if chunk_tokens <= 0:
+        return 1
+    chunks = 1
+    while tokens > chunks * chunk_tokens:
+        chunks *= 4
+    return chunks
+
+
+def mlp_intermediate_bytes(model_config: Any, dtype_bytes: int = 2) -> int:
+    """Bytes per token of one layer's MLP intermediates kept for backward: gate, up, their product."""
+    return 3 * model_sizes(model_config)["intermediate"] * dtype_bytes
+
+
 def projection_shapes(model_config: Any) -> dict[str, tuple[int, int]]:
     """(in, out) features of each linear projection in one decoder layer."""
     s = model_sizes(model_config)
@@ -135,6 +163,13 @@ def loss_bytes_per_token(model_config: Any) -> int:
     return h * 2 * 4 + h * 6
 
 
+def loss_bytes(model_config: Any, tokens: int) -> int:
+    """The fused loss over a forward of `tokens`: the hidden states and their gradient for every
+    token, the logits of one slice at a time (`LOSS_SLICE_TOKENS`)."""
+    h = model_sizes(model_config)["hidden"]
+    return tokens * h * 2 * 4 + min(tokens, LOSS_SLICE_TOKENS) * h * 6
+
+
 def estimate_peak_bytes(
     model_config: Any,
     *,
@@ -148,6 +183,7 @@ def estimate_peak_bytes(
     inputs_on_host: bool = False,
     in_graph: bool = True,
     dora: bool = False,
+    mlp_chunk_tokens: int = MLP_CHUNK_TOKENS,
 ) -> dict[str, int]:
     """THE memory model: peak allocated bytes of a training step on the GPU path, by part.
 
@@ -156,7 +192,8 @@ def estimate_peak_bytes(
     `compiled` False models decoder layers that run eagerly (the `-compile` technique);
     `inputs_on_host` models the recomputed layers' inputs kept in host memory (two of them on the
     card at a time: one in use, one arriving); `in_graph` a compiled layer whose recompute is in
-    its graph (the `ingraph` technique, on by default). The CUDA context and the allocator's cache
+    its graph (the `ingraph` technique, on by default); `mlp_chunk_tokens` the MLP's slices in
+    longer forwards (0: never sliced, the `-mlpchunk` technique). The CUDA context and the allocator's cache
     are not counted (they are not "allocated").
     """
     s = model_sizes(model_config)
@@ -176,8 +213,14 @@ def estimate_peak_bytes(
     stubs = min(recomputed, 2) if inputs_on_host else recomputed
     acts = tokens * (kept * per_layer + stubs * h * 2)
     replayed_in_graph = in_graph and compiled
-    replay = per_layer * (REPLAY_LAYERS_IN_GRAPH if replayed_in_graph else 1)
-    transient = int(tokens * replay) if recomputed else 0  # one layer replayed in backward
+    factor = REPLAY_LAYERS_IN_GRAPH if replayed_in_graph else 1
+    # one layer replayed in backward; a replay in the graph recomputes the MLP slice by slice,
+    # just before each slice's backward, so only one slice's intermediates are alive (an eager
+    # replay recomputes the whole layer before its backward starts: every slice's)
+    chunks = mlp_chunks(tokens, mlp_chunk_tokens) if replayed_in_graph else 1
+    mlp = mlp_intermediate_bytes(s)
+    replayed_tokens = tokens * (per_layer - mlp) + -(-tokens // chunks) * mlp
+    transient = int(replayed_tokens * factor) if recomputed else 0
     # Each 4-bit weight is dequantised to the compute dtype for its product: bitsandbytes' own
     # product holds the largest projection, twice at worst; a replay in the graph dequantises the
     # layer's weights once for its recompute and backward, so it holds all of them.
@@ -187,7 +230,7 @@ def estimate_peak_bytes(
         dequant = per_layer_linear * 2
     else:
         dequant = 2 * 2 * h * i
-    loss = tokens * loss_bytes_per_token(s)
+    loss = loss_bytes(s, tokens)
     weights = int(linear_bytes + embed_bytes + other)
     parts = {
         "weights": weights,

@@ -35,6 +35,23 @@ def _ce_chunk(h, w, t):
     return F.cross_entropy(F.linear(h, w).float(), t, reduction="sum")
 
 
+def in_slices(ce, slice_tokens: int):
+    """`ce` (a summed loss) over slices of at most `slice_tokens` tokens, summed: the same loss,
+    with the transient logits of one slice at a time however long the forward."""
+
+    def loss(hidden, weight, targets):
+        n = hidden.shape[0]
+        if n <= slice_tokens:
+            return ce(hidden, weight, targets)
+        parts = [
+            ce(hidden[start : start + slice_tokens], weight, targets[start : start + slice_tokens])
+            for start in range(0, n, slice_tokens)
+        ]
+        return torch.stack(parts).sum()
+
+    return loss
+
+
 def liger_ce_sum(chunk_budget: int = 1):
     """liger's fused linear + cross-entropy (sum), or None where it is not installed.
 

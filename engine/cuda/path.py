@@ -23,6 +23,13 @@ changes is how a micro-batch is laid out and how its summed loss is computed:
   torch 2.11 keeps what a Function saves instead of recomputing it. Lean LoRA on a 7B makes
   10,531 to 11,240 tokens/s with the checkpoint inside the compiled layer, 7,155 with it around
   (H200, bench/RESULTS.md).
+- **Long forwards.** Past `MLP_CHUNK_TOKENS` (engine/core/memory_model.py) each decoder layer's
+  MLP runs over slices of the tokens (`mlpchunk`): with the recompute in the graph the backward
+  replays one slice at a time, so a replayed layer holds one slice's intermediates, not 3 x
+  tokens x intermediate (3.5 GiB at 32k tokens on a 7B). The fused loss takes at most
+  `LOSS_SLICE_TOKENS` per call, so its logits stay one slice's too. What still grows with the
+  length is hidden-wide (the residual stream, attention's q/k/v, the layers' inputs, which lean
+  keeps in host memory).
 - **Kernels.** liger's fused RMSNorm and SwiGLU on Llama / Qwen / Mistral families (they keep
   fewer and smaller tensors for backward); fused AdamW is the recipe's own.
 - **Merged forwards.** A step's samples are regrouped (in order, never split) into forwards of
@@ -37,7 +44,7 @@ changes is how a micro-batch is laid out and how its summed loss is computed:
   gathered on the CPU: it is frozen and only indexed) and the recomputed layers' inputs too
   (engine/cuda/offload.py). `auto` picks lean when little memory is left after the model is loaded.
 
-Techniques: pack, merge, flce, lora, selective (fast), offload and hostinputs (lean), compile
+Techniques: pack, merge, flce, lora, selective (fast), offload and hostinputs (lean), mlpchunk, compile
 (each decoder layer as one torch.compile region, bitsandbytes' 4-bit layers included), ingraph
 and nf4 (in such layers the NF4 dequantisation in plain ops, one fused kernel per weight: lean
 QLoRA on a 7B makes 9,151 tokens/s with it, 7,244 without, H200) are on; liger is off because it
@@ -61,16 +68,19 @@ from ..core.config import TrainConfig
 from ..core.memory_model import (
     GIB,
     HEADROOM,
+    LOSS_SLICE_TOKENS,
+    MLP_CHUNK_TOKENS,
     REPLAY_LAYERS_IN_GRAPH,
     Profile,
     choose_profile,
     estimate_peak_bytes,
     layer_activation_bytes,
     layers_to_keep,
+    mlp_chunks,
     tokens_per_forward,
 )
 from ..train.types import Batch, TrainPath
-from .fused_loss import chunked_ce_sum, liger_ce_sum
+from .fused_loss import chunked_ce_sum, in_slices, liger_ce_sum
 from .lora_train import patch_lora_layers, probe_mm_out_dtype
 from .offload import HostEmbedding, HostInputs
 from .packing import ATTENTION_NAME, PackedBatch, pack, register_attention, repartition, use_attention
@@ -81,7 +91,19 @@ LIGER_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "smollm3", "granite", "o
 
 
 DEFAULT_TECHNIQUES = frozenset(
-    {"pack", "merge", "flce", "lora", "selective", "offload", "compile", "ingraph", "hostinputs", "nf4"}
+    {
+        "pack",
+        "merge",
+        "flce",
+        "lora",
+        "selective",
+        "offload",
+        "compile",
+        "ingraph",
+        "hostinputs",
+        "nf4",
+        "mlpchunk",
+    }
 )
 
 
@@ -184,6 +206,40 @@ def own_recompute(layers: list, recompute: bool) -> None:
         layer._tb_forward = layer.forward  # HF's forward (its own checkpoint wrapper, now idle)
         layer._tb_recompute = recompute
         layer.forward = MethodType(_recomputed_forward, layer)
+
+
+def _sliced_mlp_forward(self, x):
+    """The MLP over `_tb_chunks` slices of the tokens (each token's MLP is its own: same result).
+
+    Compiled with the layer's recompute in its graph, the backward replays each slice just before
+    that slice's backward, so one slice's intermediates are alive instead of the whole forward's."""
+    chunks = self._tb_chunks
+    if chunks <= 1:
+        return self._tb_mlp_forward(x)
+    return torch.cat([self._tb_mlp_forward(part) for part in x.tensor_split(chunks, dim=-2)], dim=-2)
+
+
+def chunk_mlps(layers: list) -> int:
+    """Let each decoder layer's MLP run over slices of the tokens (`set_mlp_chunks` sets how
+    many per forward, 1 at first); how many MLPs."""
+    count = 0
+    for layer in layers:
+        mlp = getattr(layer, "mlp", None)
+        if mlp is None or hasattr(mlp, "_tb_mlp_forward"):
+            continue
+        mlp._tb_mlp_forward = mlp.forward
+        mlp._tb_chunks = 1
+        mlp.forward = MethodType(_sliced_mlp_forward, mlp)
+        count += 1
+    return count
+
+
+def set_mlp_chunks(layers: list, chunks: int) -> None:
+    """The slices the next forward runs each MLP in (a compiled layer recompiles once per new count)."""
+    for layer in layers:
+        mlp = getattr(layer, "mlp", None)
+        if mlp is not None and hasattr(mlp, "_tb_chunks"):
+            mlp._tb_chunks = chunks
 
 
 def keep_compiled_code() -> None:
@@ -333,6 +389,7 @@ class FastPath:
     compute_dtype: Any = None
     applied: list[str] = field(default_factory=list)
     compile_options: dict = field(default_factory=dict)  # torch.compile's, e.g. a test's backend
+    mlp_chunk_tokens: int = MLP_CHUNK_TOKENS  # longer forwards run the MLPs in slices of this many
     notes: list[str] = field(default_factory=list)  # the TrainPath's notes: the recipe logs new ones
     _model: _Model | None = None
     _ce: Any = None
@@ -382,6 +439,7 @@ class FastPath:
             ("compile", "each decoder layer compiled as one region"),
             ("ingraph", "recompute compiled into each layer's graph"),
             ("merge", "a step's samples packed into as few forwards as the profile's memory allows"),
+            ("mlpchunk", f"MLPs over slices of at most {self.mlp_chunk_tokens} tokens in longer forwards"),
         ]
         use = self.use - (set() if self.compiles else {"compile", "ingraph"})
         notes = [f"GPU path: {text}" for key, text in on if key in use]
@@ -502,6 +560,8 @@ class FastPath:
             kwargs["inputs_embeds"] = self.host_embedding(batch.host_ids, self.device)
         else:
             kwargs["input_ids"] = batch.input_ids
+        if "mlpchunk" in self.use:
+            set_mlp_chunks(m.layers, mlp_chunks(batch.tokens, self.mlp_chunk_tokens))
         out = self._decoder_forward(m, kwargs, batch.tokens if training else 0)
         hidden = out[0][0]
         if batch.target_tokens != hidden.shape[0]:
@@ -540,6 +600,8 @@ class FastPath:
             own_recompute(layers, self.cfg.gradient_checkpointing)
             if hasattr(causal, "_require_grads_hook") or getattr(causal, "_require_grads_hooks", None):
                 causal.disable_input_require_grads()
+        if "mlpchunk" in self.use and chunk_mlps(layers):
+            self.applied.append(f"MLPs in slices of at most {self.mlp_chunk_tokens} tokens (long forwards)")
         if self.compiles:
             if call_module_forwards_directly(layers):
                 self.applied.append("kernels-hub routing bypassed")
@@ -553,7 +615,7 @@ class FastPath:
                 "GPU path: flce switched off: liger-kernel is not installed (pip install liger-kernel); "
                 "the chunked loss instead builds each chunk's logits twice and reads the head more often"
             )
-        self._ce = ce or chunked_ce_sum
+        self._ce = in_slices(ce, LOSS_SLICE_TOKENS) if ce else chunked_ce_sum
         c = causal.config
         hidden = c.hidden_size
         self._model = _Model(
@@ -677,6 +739,7 @@ class FastPath:
             inputs_on_host=self.host_inputs is not None,
             in_graph=self.recompiles_in_graph,
             dora=self.cfg.use_dora,
+            mlp_chunk_tokens=self.mlp_chunk_tokens if "mlpchunk" in self.use else 0,
         )
         if parts["total"] > self._modelled_peak * 1.02:
             self._modelled_peak = parts["total"]

@@ -1,0 +1,79 @@
+"""bench/bench_train.py's longest-sample search (run on the GPU): its doubling and bisection, with a
+made-up "does it fit" in place of a training step."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCH))
+    try:
+        return importlib.import_module("bench_train")
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+@pytest.fixture(scope="module")
+def search_longest(bench):
+    return bench.search_longest
+
+
+def limit(longest: int, tried: list[int]):
+    def fits(length: int) -> bool:
+        tried.append(length)
+        return length <= longest
+
+    return fits
+
+
+def test_doubles_until_a_try_fails_then_bisects_to_the_resolution(search_longest):
+    tried: list[int] = []
+    found = search_longest(limit(90_000, tried), start=16384, cap=1 << 20, resolution=1 / 16)
+    assert tried[:4] == [16384, 32768, 65536, 131072]
+    assert found["failed"] > 90_000 >= found["longest"] >= 90_000 * 15 / 16 - 1024
+    assert found["failed"] - found["longest"] <= max(1024, found["longest"] / 16)
+    assert found["longest"] % 1024 == 0 and found["stopped"] == ""
+    assert [(n, ok) for n, ok, _ in found["tries"]] == [(n, n <= 90_000) for n in tried]
+    # every length tried after the doubling lies between what fitted and what did not
+    assert all(65536 < n < 131072 for n in tried[4:])
+
+
+def test_a_first_try_that_fails_bisects_downwards_and_a_cap_that_fits_ends_it(search_longest):
+    tried: list[int] = []
+    found = search_longest(limit(5000, tried), start=16384, cap=1 << 20, resolution=1 / 16)
+    assert tried[0] == 16384 and 4096 <= found["longest"] <= 5000 < found["failed"] <= 6144
+    found = search_longest(limit(10**9, []), start=16384, cap=100_000)
+    assert found["longest"] == 99_328 and found["stopped"] == "cap" and found["failed"] is None
+    assert search_longest(limit(-1, []), start=4096, cap=1 << 20)["longest"] == 0  # nothing fits
+
+
+def test_a_try_that_would_end_past_the_time_allowed_is_not_started(search_longest):
+    now = [0.0]
+
+    def fits(length: int) -> bool:
+        now[0] += (length / 16384) ** 2 * 10  # 10 s at 16k, four times that per doubling
+        return length <= 300_000
+
+    found = search_longest(fits, start=16384, cap=1 << 20, seconds=300, clock=lambda: now[0])
+    # 16k, 32k, 64k and 128k take 10 + 40 + 160 + 640 s: 128k would end past 300 s
+    assert [n for n, _, _ in found["tries"]] == [16384, 32768, 65536]
+    assert found["longest"] == 65536 and found["failed"] is None and found["stopped"] == "time"
+    assert now[0] <= 300
+
+
+def test_the_peak_as_a_line_in_the_length(bench):
+    gib = 1024**3
+    peaks = {n: {"peak_gib": (5 * gib + n * 150_000) / gib} for n in (16384, 32768, 65536)}
+    line = bench.linear_peak(peaks)
+    assert line["kib_per_token"] == pytest.approx(150_000 / 1024)
+    assert line["gib_at_zero"] == pytest.approx(5)
+    assert line["length_at_80_gib"] == pytest.approx(75 * gib / 150_000, abs=1)
+    assert bench.linear_peak({16384: {"peak_gib": 9.0}}) is None
