@@ -49,7 +49,9 @@ from .sample_preview import SamplePreview
 from .sample_table import SampleTable
 from .write_access import WriteAccess
 
-AUTOSAVE_DELAY_S = 0.3  # after the last edit, which is in the journal already: this only batches writes
+# After the last edit, which is in the journal already: this only folds a burst of edits (a held
+# key) into one write. Edits made while a write is in flight go into the one after it lands.
+AUTOSAVE_DELAY_S = 0.05
 DISK_CHECK_S = 2.0
 FIRST_DRAW_WAIT_S = 2.0  # at most, before the rest of a file is read anyway
 SEARCH_WAIT_S = 3.0  # at most, that a key acting on the rows waits for the search before it
@@ -618,8 +620,7 @@ class DatasetPane(Vertical):
         its time (a second for 100 MB) while keys are answered."""
         if not self.store.dirty or self.store.loading:
             return
-        if self._save_in_flight:  # one write at a time; this one follows it
-            self.autosaver.poke()
+        if self._save_in_flight:  # one write at a time: the next begins when this one lands
             return
         try:
             pending = self.store.begin_save()
