@@ -479,6 +479,8 @@ class TuneBenchApp(App[int]):
 
     @on(DatasetPane.DirtyChanged)
     def _dirty(self, event: DatasetPane.DirtyChanged) -> None:
+        if not self.screen_stack:  # the app is closing: the message outlived its screens
+            return
         tab = self._main.query_one(TabbedContent).get_tab("dataset")
         tab.label = "1 Dataset ●" if event.dirty else "1 Dataset"
 

@@ -16,31 +16,41 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from .errors import UserError
 
 
 def atomic_write_bytes(
-    path: str | Path, data: bytes, *, keep_backup: bool = False, sync_dir: bool = False
+    path: str | Path,
+    data: bytes | Iterable[bytes],
+    *,
+    keep_backup: bool = False,
+    sync_dir: bool = False,
+    before_replace: Callable[[], None] | None = None,
 ) -> None:
     """Write `data` to a temporary file beside `path`, fsync it, then rename it over `path`.
 
-    keep_backup: the version being replaced stays as `<name>.bak` (it stays at `path` until the
-    rename, so no moment is without one). sync_dir: fsync the folder after the rename, so the
-    new version survives a power loss rather than only a crash of this process. The file keeps
-    its permission bits; a new one gets those of the umask. On any failure the temporary file is
-    removed and `path` is untouched.
+    data: the bytes, or pieces of them written in turn (a large file need not be joined in
+    memory first). keep_backup: the version being replaced stays as `<name>.bak` (it stays at
+    `path` until the rename, so no moment is without one). sync_dir: fsync the folder after the
+    rename, so the new version survives a power loss rather than only a crash of this process.
+    before_replace: called once the new version is on disk, just before the rename (to record
+    what is about to land). The file keeps its permission bits; a new one gets those of the
+    umask. On any failure the temporary file is removed and `path` is untouched.
     """
     path = Path(path)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            for piece in (data,) if isinstance(data, bytes) else data:
+                fh.write(piece)
             fh.flush()
             os.fsync(fh.fileno())
+        if before_replace is not None:
+            before_replace()
         os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else new_file_mode())
         if keep_backup and path.exists():
             _backup(path, path.with_name(path.name + ".bak"))

@@ -200,3 +200,14 @@ async def test_a_modal_swallows_the_pane_switch_keys(workspace, fake_engine):
         assert not isinstance(app.screen, SampleEditor)
         await pilot.press("f4")  # and they work again once it is closed
         assert app.query_one(TabbedContent).active == "gpu"
+
+
+async def test_an_unsaved_mark_arriving_as_the_app_closes_is_ignored(workspace, fake_engine):
+    # An edit just before quitting: its "unsaved" message can reach the app after its screens
+    # are gone (a traceback at exit, seen under load).
+    app = TuneBenchApp(workspace, starter=no_start)
+    async with app.run_test(size=(100, 32)) as pilot:
+        pane = app.query_one(DatasetPane)
+        await wait_until(pilot, lambda: pane.reports, what="row checks")
+    assert not app.screen_stack
+    app._dirty(DatasetPane.DirtyChanged(pane, True))

@@ -5,10 +5,15 @@ widget the person focused. How fast is measured in bench/bench_dataset_pane.py, 
 
 from __future__ import annotations
 
+import hashlib
+import threading
+
 import orjson
+import pytest
 from textual import events
 from textual.widgets import Input
 from tui_helpers import no_start, wait_until
+from tunebench.engine.core import files
 from tunebench.tui.app import TuneBenchApp
 from tunebench.tui.screens.sample_editor import SampleEditor
 from tunebench.tui.widgets.dataset import dataset_file, dataset_pane, row_filter
@@ -82,6 +87,77 @@ def test_deleting_and_undoing_keeps_the_file_byte_for_byte(tmp_path):
     assert path.read_bytes() == before
 
 
+def test_a_save_writes_the_lines_read_and_only_the_edited_rows_anew(tmp_path, monkeypatch):
+    # Blocks of a few lines: every block boundary, and the byte order mark, is crossed.
+    monkeypatch.setattr(dataset_file, "SAVE_BLOCK", 60)
+    path = tmp_path / "d.jsonl"
+    hand_written_file(path)
+    lines = [HAND_WRITTEN[0][len(dataset_file.BOM) :], *HAND_WRITTEN[1:]]  # what each row was read from
+    store = DatasetStore(path)
+    store.load()
+    edited = {"instruction": "1+1?", "output": "two"}
+    store.replace(1, Row.from_record(edited))
+    store.delete(3)
+    store.duplicate(2)  # the CRLF line, copied as it is
+    store.insert(0, Row.from_text('{"instruction": "typed",\n "output": "over two lines"}'))
+    store.save()
+    # The file written by hand from the edits: untouched lines as read, edited rows compact.
+    expected = [
+        b'{"instruction":"typed","output":"over two lines"}',
+        lines[0],
+        orjson.dumps(edited),
+        lines[2],
+        lines[2],
+        lines[4],
+    ]
+    written = path.read_bytes()
+    assert written == dataset_file.BOM + b"\n".join(expected) + b"\n"
+    assert store.disk_digest == hashlib.sha256(written).hexdigest()  # what a later load compares
+    assert not store.changed_on_disk() and not store.journal_path.exists()
+    again = DatasetStore(path)
+    again.load()
+    assert [row.record for row in again.rows] == [row.record for row in store.rows]
+
+
+def test_a_save_of_no_rows_keeps_only_the_byte_order_mark(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(dataset_file.BOM + HAND_WRITTEN[1] + b"\n")
+    store = DatasetStore(path)
+    store.load()
+    store.delete(0)
+    store.save()
+    assert path.read_bytes() == dataset_file.BOM
+
+
+def test_a_save_that_fails_before_its_rename_replays_every_edit(tmp_path, monkeypatch):
+    # The journal's mark of the save (its digest) is written just before the rename; a rename
+    # that never happens leaves the old file, whose digest the mark does not hold.
+    path = tmp_path / "d.jsonl"
+    write_many(path, 3)
+    store = DatasetStore(path)
+    store.load()
+    store.delete(0)
+    store.duplicate(1)
+
+    def no_rename(src, dst):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(files.os, "replace", no_rename)
+    with pytest.raises(OSError):
+        store.save()
+    monkeypatch.undo()
+    assert [orjson.loads(line)["instruction"] for line in path.read_bytes().splitlines()] == [
+        "question 0",
+        "question 1",
+        "question 2",
+    ]
+    again = DatasetStore(path)
+    again.load()
+    recovery = again.recover()
+    assert recovery is not None and recovery.replayed == 2
+    assert [row.record for row in again.rows] == [row.record for row in store.rows]
+
+
 def test_edits_made_while_a_save_is_written_survive_a_crash(tmp_path):
     path = tmp_path / "d.jsonl"
     write_many(path, 3)
@@ -105,6 +181,36 @@ def test_edits_made_while_a_save_is_written_survive_a_crash(tmp_path):
     recovery = again.recover()
     assert recovery is not None and recovery.replayed == 1  # only the edit the save did not hold
     assert [row.record for row in again.rows] == expected
+
+
+async def test_edits_made_while_an_autosave_is_written_are_saved_when_it_lands(
+    workspace, fake_engine, monkeypatch
+):
+    path = workspace / "datasets" / "mini.jsonl"
+    write_many(path, 5)
+    writing, release = threading.Event(), threading.Event()
+    write_save = DatasetStore.write_save
+
+    def slow_write(self, pending):
+        writing.set()
+        release.wait(10)  # a large file on a busy disk
+        return write_save(self, pending)
+
+    monkeypatch.setattr(DatasetStore, "write_save", slow_write)
+    app = TuneBenchApp(workspace, starter=no_start)
+    async with app.run_test(size=(100, 32)) as pilot:
+        pane = app.query_one(DatasetPane)
+        await wait_until(pilot, lambda: pane.reports and not pane.store.loading, what="the file")
+        await pilot.press("d")  # question 0
+        await wait_until(pilot, writing.is_set, what="the first autosave")
+        await pilot.press("d", "d")  # questions 1 and 2, while it is written
+        await pilot.pause(0.2)
+        release.set()
+        await wait_until(pilot, lambda: not pane.store.dirty, what="the second autosave")
+    assert [orjson.loads(line)["instruction"] for line in path.read_bytes().splitlines()] == [
+        "question 3",
+        "question 4",
+    ]
 
 
 def test_rows_read_in_chunks_are_the_rows_of_the_file(tmp_path, monkeypatch):

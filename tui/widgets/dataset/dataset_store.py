@@ -27,6 +27,7 @@ import os
 import secrets
 import threading
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -35,7 +36,7 @@ from typing import Any
 import orjson
 from tunebench.engine.core.files import atomic_write_bytes, fsync_dir
 
-from .dataset_file import Row, RowReader, file_bytes
+from .dataset_file import Row, RowReader, file_blocks
 from .write_access import read_only_reason
 
 __all__ = [
@@ -210,16 +211,29 @@ class DatasetStore:
             if not pending.force and self.changed_on_disk():
                 raise ConflictError(f"{self.save_path} changed on disk since it was loaded")
             target = self.save_path
-            data = file_bytes(pending.rows, pending.bom)
-            new_digest = hashlib.sha256(data).hexdigest()
-            # Should we crash between the write and the journal's removal, recover() sees the
-            # file holds this digest and knows which of the journal's edits are in it.
-            self._log({"op": "saved", "save": pending.mark, "digest": new_digest})
+            hasher = hashlib.sha256()
+
+            def hashed(blocks: Iterator[bytes]) -> Iterator[bytes]:
+                for block in blocks:
+                    hasher.update(block)  # while the block is in the cache, the GIL released
+                    yield block
+
+            def landing() -> None:
+                # Should we crash between the rename and the journal's removal, recover() sees
+                # the file holds this digest and knows which of the journal's edits are in it.
+                self._log({"op": "saved", "save": pending.mark, "digest": hasher.hexdigest()})
+
             target.parent.mkdir(parents=True, exist_ok=True)
             keep_backup = pending.force or not self._backed_up
-            atomic_write_bytes(target, data, keep_backup=keep_backup, sync_dir=True)
+            atomic_write_bytes(
+                target,
+                hashed(file_blocks(pending.rows, pending.bom)),
+                keep_backup=keep_backup,
+                sync_dir=True,
+                before_replace=landing,
+            )
             self._backed_up = True
-            self.disk_digest, self._disk_key = new_digest, _stat_key(target)
+            self.disk_digest, self._disk_key = hasher.hexdigest(), _stat_key(target)
         return target
 
     def finish_save(self, pending: PendingSave) -> Path:
