@@ -242,3 +242,13 @@ def test_the_runs_own_samples_are_compared_too(gguf_runs, tmp_path, monkeypatch)
     )
     with pytest.raises(UserError, match=r"conversation 4 \(.*identity.jsonl:1\)"):
         export_model(str(gguf_runs["llama"]), str(tmp_path / "drift"), quant_bits=8)
+
+
+def test_the_command_line_takes_ms_swift_style_flags(gguf_runs, tmp_path, capsys):
+    from tunebench.engine.cli.export import export_main
+
+    argv = ["--adapters", str(gguf_runs["llama"]), "--quant_method", "gguf", "--quant_bits", "16"]
+    assert export_main([*argv, "--to_ollama", "true", "--output_dir", str(tmp_path / "cli")]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == str(tmp_path / "cli") and (tmp_path / "cli" / "model.gguf").is_file()
+    assert "writing model.gguf (F16): 20/20 tensors" in err and "ollama create my-model -f Modelfile" in err

@@ -81,3 +81,19 @@ def test_the_modelfile_templates_render_like_their_jinja_templates(tiny_tokenize
             prefill, chat_template=jinja, tokenize=False, continue_final_message=True
         )
         assert ollama_prompt(go, system, prefill) == expected
+
+
+def test_conversations_the_trained_template_refuses_are_left_out_not_a_crash(tiny_tokenizer):
+    """A template that refuses a system turn (Mistral's and Gemma's do) never trained on one."""
+    from tunebench.engine.infer.template_check import FIXED_CONVERSATIONS, Conversation, check_templates
+
+    no_system = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}{% endif %}"
+        "{{ '[' + m['role'] + ']' + m['content'] + '</s>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '[assistant]' }}{% endif %}"
+    )
+    said: list[str] = []
+    conversations = [Conversation(c, "fixed") for c in FIXED_CONVERSATIONS]
+    check_templates(tiny_tokenizer, no_system, "", no_system, None, "", conversations, said.append)
+    assert said[0] == "chat templates: 1 conversations left out, which the trained template cannot render"
+    assert "render 2 conversations alike" in said[1]

@@ -94,7 +94,7 @@ def check_templates(
     from ..core.encoding import assistant_spans
 
     bos = tokenizer.bos_token or ""
-    skipped_go = 0
+    skipped_go = checked = unrenderable = 0
     for number, conversation in enumerate(conversations, 1):
         chat = conversation.messages
         extra = {"tools": conversation.tools} if conversation.tools else {}
@@ -115,8 +115,13 @@ def check_templates(
             )
 
         label = f"conversation {number} ({conversation.where})"
-        full, spans = assistant_spans(trained_chat, train_render)
-        _same(full, serve_render(chat, False), "the exported chat_template", label, "whole")
+        try:
+            full, spans = assistant_spans(trained_chat, train_render)
+        except Exception:  # noqa: BLE001 - e.g. a template that refuses a system turn: not trained on
+            unrenderable += 1
+            continue
+        checked += 1
+        _same(full, _attempt(serve_render, chat, False), "the exported chat_template", label, "whole")
         go_ok = modelfile_template is not None and not _has_tools(conversation)
         skipped_go += modelfile_template is not None and not go_ok
         turns = [i for i, m in enumerate(trained_chat) if m["role"] == "assistant"]
@@ -124,7 +129,7 @@ def check_templates(
             before = full[:start]
             prompt = chat[: index - offset]
             where = f"{label}, the prompt before answer {turns.index(index) + 1}"
-            _same(before, serve_render(prompt, True), "the exported chat_template", where, "prompt")
+            _same(before, _attempt(serve_render, prompt, True), "the exported chat_template", where, "prompt")
             if go_ok:
                 assert modelfile_template is not None
                 try:
@@ -142,10 +147,20 @@ def check_templates(
                     where,
                     "prompt",
                 )
-    checked = f"{len(conversations)} conversations"
+    if unrenderable:
+        say(
+            f"chat templates: {unrenderable} conversations left out, which the trained template cannot render"
+        )
+    if not checked:
+        raise UserError(
+            "the template the run trained with renders none of the sample conversations, so the "
+            "exported templates cannot be checked against it",
+            "this is a fault in TuneBench's export: report it with the run's config.json",
+        )
+    counted = f"{checked} conversations"
     if modelfile_template is None:
         say(
-            f"chat templates: the trained and the exported one render {checked} alike "
+            f"chat templates: the trained and the exported one render {counted} alike "
             "(the Modelfile has no TEMPLATE of its own to check)"
         )
     else:
@@ -154,7 +169,15 @@ def check_templates(
             if skipped_go
             else ""
         )
-        say(f"chat templates: the trained, the exported and the Modelfile's render {checked} alike{note}")
+        say(f"chat templates: the trained, the exported and the Modelfile's render {counted} alike{note}")
+
+
+def _attempt(render: Callable[..., str], messages: list[dict[str, Any]], gen: bool) -> str:
+    """What the template renders, or its failure in words (which then differs from the trained text)."""
+    try:
+        return render(messages, gen)
+    except Exception as exc:  # noqa: BLE001 - jinja errors of every kind
+        return f"(the template failed: {type(exc).__name__}: {exc})"
 
 
 def _has_tools(conversation: Conversation) -> bool:
