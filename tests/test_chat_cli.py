@@ -263,6 +263,16 @@ def test_default_probe_set_ships_with_the_identity_questions():
         (["probe", "--adapters", "{model}"], "holds no adapter"),
         (["export"], "--adapters is required"),
         (["export", "--adapters", "{tmp}/missing"], "adapter not found"),
+        (["export", "--adapters", "{tmp}/a", "--quant_method", "awq"], "TuneBench exports gguf only"),
+        (["export", "--adapters", "{tmp}/a", "--quant_bits", "8"], "--quant_bits 8 without --quant_method"),
+        (
+            ["export", "--adapters", "{tmp}/a", "--quant_method", "gguf", "--quant_bits", "3"],
+            "not a GGUF type",
+        ),
+        (
+            ["export", "--adapters", "{tmp}/a", "--quant_method", "gguf", "--adapter_only"],
+            "the adapter alone",
+        ),
         (["chat", "--temperature", "-1"], "--temperature: must be at least 0"),
         (["probe", "--probes", "{tmp}/empty.txt"], "holds no questions"),
     ],
@@ -279,6 +289,10 @@ def test_export_defaults_to_the_workspace_exports_folder(capsys, runs):
     assert export.export_main(["--adapters", str(runs["plain"]), "--adapter_only"]) == 0
     path = capsys.readouterr().out.strip()
     assert path == str(runs["plain"].parent.parent / "exports" / "plain-adapter")
+    from tunebench.engine.core.targets import resolve_target
+
+    gguf = export.default_export_dir(resolve_target(str(runs["plain"])), True, 8)
+    assert gguf == runs["plain"].parent.parent / "exports" / "plain-q8_0"
 
 
 def test_wrapping_counts_wide_characters_as_two_cells():

@@ -232,6 +232,7 @@ def test_modelfile_template_renders_like_the_jinja_chat_template(export_runs, ti
     import subprocess
 
     from tiny import CHATML_TEMPLATE
+    from tunebench.engine.core.go_template import ollama_prompt
     from tunebench.engine.core.templates import CHATML, LLAMA3, QWEN
     from tunebench.engine.infer.export import default_system, export_model, ollama_modelfile
 
@@ -247,6 +248,8 @@ def test_modelfile_template_renders_like_the_jinja_chat_template(export_runs, ti
         done = subprocess.run(
             [tmp_path / "render"], input=json.dumps(request), capture_output=True, text=True, check=True
         )
+        # Export's own check renders it in Python (core/go_template.py): it must print what Go does.
+        assert ollama_prompt(request["template"], request["system"], messages) == done.stdout
         return done.stdout
 
     chats = [

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 from tunebench.engine.core.errors import ModelError
 from tunebench.engine.models.loading import load_model, resolve_model
@@ -96,3 +98,47 @@ def test_hub_id_found_in_the_local_cache(tiny_model_dir, tmp_path, monkeypatch):
     resolved = resolve_model("tiny-org/tiny-chat")
     assert resolved.kind == "hub" and resolved.path == snapshot
     assert load_model("tiny-org/tiny-chat").parameters > 0
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        "hub/models/Qwen/Qwen2.5-0.5B-Instruct",  # modelscope download --model, current releases
+        "hub/Qwen/Qwen2___5-0___5B-Instruct",  # older releases: no models/, every "." stored as "___"
+    ],
+)
+def test_hub_id_found_in_the_modelscope_cache(tiny_model_dir, tmp_path, monkeypatch, layout):
+    """Searched after the Hugging Face cache, which here has nothing."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "ms"))
+    folder = tmp_path / "ms" / layout
+    shutil.copytree(tiny_model_dir, folder)
+    resolved = resolve_model("Qwen/Qwen2.5-0.5B-Instruct")
+    assert resolved.kind == "hub" and resolved.path == folder
+    from tunebench.engine.core.model_files import cached_model_dir
+
+    assert cached_model_dir("Qwen/Qwen2.5-0.5B-Instruct") == folder  # the TUI finds its tokenizer there
+
+
+def test_hub_id_in_neither_cache_names_both_download_commands(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "ms"))
+    (tmp_path / "ms" / "hub" / "models" / "Qwen" / "Other").mkdir(parents=True)
+    with pytest.raises(ModelError, match="nor in ModelScope's") as info:
+        resolve_model("Qwen/Qwen2.5-7B-Instruct")
+    assert "huggingface-cli download Qwen/Qwen2.5-7B-Instruct" in info.value.hint
+    assert "modelscope download --model Qwen/Qwen2.5-7B-Instruct" in info.value.hint
+
+
+def test_a_modelscope_folder_without_weights_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "ms"))
+    folder = tmp_path / "ms" / "hub" / "models" / "Qwen" / "Qwen2.5-7B-Instruct"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text('{"model_type": "qwen2"}')
+    with pytest.raises(ModelError, match="no safetensors weights") as info:
+        resolve_model("Qwen/Qwen2.5-7B-Instruct")
+    assert str(folder) in str(info.value)

@@ -1,6 +1,8 @@
-"""`tunebench export`: merge an adapter into its base model and save it, or copy the adapter alone.
+"""`tunebench export`: merge an adapter into its base model and save it (safetensors, or one GGUF
+file for llama.cpp and Ollama), or copy the adapter alone.
 
 tunebench export --adapters runs/<id> --merge_lora true --output_dir exports/mine
+tunebench export --adapters runs/<id> --quant_method gguf --quant_bits 8
 """
 
 from __future__ import annotations
@@ -27,6 +29,27 @@ def export_main(argv: list[str]) -> int:
         help="merge into the base (true|false)",
     )
     parser.add_argument("--adapter_only", action="store_true", help="copy the PEFT adapter alone")
+    parser.add_argument(
+        "--quant_method",
+        default="",
+        help="gguf: write the merged model as model.gguf for llama.cpp and Ollama "
+        "(ms-swift's awq, gptq, bnb and fp8 are not built here)",
+    )
+    parser.add_argument(
+        "--quant_bits",
+        type=int,
+        default=None,
+        help="with --quant_method gguf: 16 (F16), 8 (Q8_0, the default) or 4 (Q4_K_M, needs llama.cpp's "
+        "llama-quantize on PATH)",
+    )
+    parser.add_argument(
+        "--to_ollama",
+        type=parse_bool,
+        nargs="?",
+        const=True,
+        default=True,
+        help="as in ms-swift; a merged export always has its Ollama Modelfile",
+    )
     parser.add_argument("--output_dir", default="", help="default: exports/<run-id> beside the run folder")
     args = parse_args(parser, argv)
     if len(args.adapters) != 1:
@@ -37,9 +60,14 @@ def export_main(argv: list[str]) -> int:
     from ..core.targets import resolve_target
     from ..infer.export import export_model
 
-    target = resolve_target(str(Path(args.adapters[0]).expanduser()))
     merge = args.merge_lora and not args.adapter_only
-    output = Path(args.output_dir).expanduser() if args.output_dir else default_export_dir(target, merge)
+    quant_bits = gguf_bits(args.quant_method, args.quant_bits, merge)
+    target = resolve_target(str(Path(args.adapters[0]).expanduser()))
+    output = (
+        Path(args.output_dir).expanduser()
+        if args.output_dir
+        else default_export_dir(target, merge, quant_bits)
+    )
     path = export_model(
         args.adapters[0],
         str(output),
@@ -47,9 +75,16 @@ def export_main(argv: list[str]) -> int:
         on_progress=lambda text: print(text, file=sys.stderr, flush=True),
         model=args.model or None,
         torch_dtype=args.torch_dtype,
+        quant_bits=quant_bits,
     )
     print(path)
-    if merge:
+    if quant_bits:
+        print(
+            f"in Ollama: cd {path} && ollama create my-model -f Modelfile; "
+            f"in llama.cpp: llama-cli -m {path / 'model.gguf'}",
+            file=sys.stderr,
+        )
+    elif merge:
         print(
             f"load it with AutoModelForCausalLM.from_pretrained({str(path)!r}), "
             f"or in Ollama: cd {path} && ollama create my-model -f Modelfile",
@@ -58,8 +93,44 @@ def export_main(argv: list[str]) -> int:
     return 0
 
 
-def default_export_dir(target: Any, merge: bool) -> Path:
-    """exports/<run-id> (or <run-id>-step-<n>) in the workspace that holds runs/."""
-    suffix = "" if merge else "-adapter"
+def gguf_bits(method: str, bits: int | None, merge: bool) -> int:
+    """The GGUF --quant_bits asked for (16, 8 or 4), or 0 for a safetensors export."""
+    from ..infer.gguf_file import GGUF_TYPES
+
+    method = method.strip().lower()
+    if not method:
+        if bits is not None:
+            raise UserError(
+                f"--quant_bits {bits} without --quant_method",
+                "for a GGUF file add --quant_method gguf (--quant_bits 16, 8 or 4)",
+            )
+        return 0
+    if method != "gguf":
+        raise UserError(
+            f"--quant_method {method}: TuneBench exports gguf only",
+            "use --quant_method gguf --quant_bits 8 (or 16, 4); for AWQ, GPTQ, BNB or FP8 run "
+            "ms-swift's `swift export` on a merged export",
+        )
+    if not merge:
+        raise UserError(
+            "--quant_method gguf writes the merged model, and --adapter_only / --merge_lora false "
+            "asks for the adapter alone",
+            "leave out --adapter_only and --merge_lora false",
+        )
+    bits = 8 if bits is None else bits
+    if bits not in GGUF_TYPES:
+        raise UserError(
+            f"--quant_bits {bits} is not a GGUF type TuneBench writes",
+            "use --quant_bits 16 (F16), 8 (Q8_0) or 4 (Q4_K_M, with llama.cpp's llama-quantize)",
+        )
+    return bits
+
+
+def default_export_dir(target: Any, merge: bool, quant_bits: int = 0) -> Path:
+    """exports/<run-id> (or <run-id>-step-<n>; -q8_0 and the like for GGUF, -adapter for the
+    adapter alone) in the workspace that holds runs/."""
+    from ..infer.gguf_file import GGUF_TYPES
+
+    suffix = "-adapter" if not merge else f"-{GGUF_TYPES[quant_bits].lower()}" if quant_bits else ""
     folder = Path("exports") if target.run_dir is None else target.run_dir.parent.parent / "exports"
     return folder / f"{export_name(target.adapter_dir)}{suffix}"

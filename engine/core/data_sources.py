@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DataUserError
-from .model_files import looks_like_hub_id
+from .model_files import looks_like_hub_id, modelscope_folder
 
 JSON_EXTENSIONS = (".jsonl", ".json")
 # The `datasets` builder that reads each other file type.
@@ -159,7 +159,7 @@ def _train_split(dataset: Any, where: str) -> Any:
 
 def _load_cached_hub_id(repo_id: str) -> tuple[Any, str]:
     """A hub id's train split from whichever local cache holds it, and where that is."""
-    folder = _hub_snapshot(repo_id) or _modelscope_folder(repo_id)
+    folder = _hub_snapshot(repo_id) or modelscope_folder(repo_id, "datasets")
     if folder is not None:
         return _load_folder(folder, repo_id), f"{repo_id} ({folder})"
     datasets = _datasets()
@@ -191,18 +191,6 @@ def _hub_snapshot(repo_id: str) -> Path | None:
         return Path(snapshot_download(repo_id, repo_type="dataset", cache_dir=cache, local_files_only=True))
     except Exception:  # noqa: BLE001 - any failure here means "not in this cache"
         return None
-
-
-def _modelscope_folder(repo_id: str) -> Path | None:
-    """Where `modelscope download --dataset` put the files (the layout moved between releases,
-    and dots in names are stored as '___')."""
-    root = Path(os.environ.get("MODELSCOPE_CACHE") or "~/.cache/modelscope").expanduser()
-    owner, name = repo_id.split("/")
-    for base in (root / "hub" / "datasets", root / "datasets"):
-        for folder in (base / owner / name, base / owner / name.replace(".", "___")):
-            if folder.is_dir():
-                return folder
-    return None
 
 
 def _load_folder(folder: Path, repo_id: str) -> Any:

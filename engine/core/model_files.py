@@ -1,6 +1,6 @@
 """Where a base model's files are on disk: the demo's GGUF, local folders, the local Hugging Face
-cache and TuneBench's converted copies. Torch-free, and it never converts or downloads: the TUI
-asks it for a tokenizer folder, models/loading.py resolves and loads through it.
+and ModelScope caches and TuneBench's converted copies. Torch-free, and it never converts or
+downloads: the TUI asks it for a tokenizer folder, models/loading.py resolves and loads through it.
 """
 
 from __future__ import annotations
@@ -101,17 +101,48 @@ def _check_model_config(config_file: Path) -> None:
 
 
 def from_hub_cache(repo_id: str) -> Path:
+    """The local copy of a hub id: the Hugging Face cache first, then ModelScope's."""
     try:
         from huggingface_hub import snapshot_download
 
-        folder = snapshot_download(repo_id, local_files_only=True)
+        return check_model_folder(Path(snapshot_download(repo_id, local_files_only=True)))
+    except ModelError:
+        raise
     except Exception:  # noqa: BLE001 - any failure here means "not in the local cache"
-        raise ModelError(
-            f"{repo_id} is not in the local Hugging Face cache, and TuneBench never downloads",
-            f"download it where there is network (huggingface-cli download {repo_id}) and copy the "
-            "folder here, then pass --model /path/to/folder",
-        ) from None
-    return check_model_folder(Path(folder))
+        pass
+    folder = modelscope_folder(repo_id, "models")
+    if folder is not None:
+        return check_model_folder(folder)
+    raise ModelError(
+        f"{repo_id} is not in the local Hugging Face cache nor in ModelScope's "
+        f"({modelscope_cache_root()}), and TuneBench never downloads",
+        f"download it where there is network (huggingface-cli download {repo_id}, or "
+        f"modelscope download --model {repo_id}) and copy the folder here, then pass "
+        "--model /path/to/folder",
+    )
+
+
+def modelscope_cache_root() -> Path:
+    """Where `modelscope download` keeps what it fetched, read now (MODELSCOPE_CACHE may be set
+    after import)."""
+    return Path(os.environ.get("MODELSCOPE_CACHE") or "~/.cache/modelscope").expanduser()
+
+
+def modelscope_folder(repo_id: str, kind: str) -> Path | None:
+    """The folder `modelscope download --model` (kind "models") or `--dataset` ("datasets") left
+    for `repo_id`, or None. The layout moved between releases (hub/<kind>/<org>/<name> now;
+    hub/<org>/<name> for models, and <kind>/<org>/<name>, before), and a '.' in a name is
+    stored as '___' by some of them."""
+    root = modelscope_cache_root()
+    owner, name = repo_id.split("/")
+    bases = [root / "hub" / kind, root / kind]
+    if kind == "models":
+        bases.append(root / "hub")
+    for base in bases:
+        for folder in (base / owner / name, base / owner / name.replace(".", "___")):
+            if folder.is_dir():
+                return folder
+    return None
 
 
 def conversion_target(gguf: Path, name: str | None = None) -> Path:

@@ -104,3 +104,10 @@ def with_default_system(template: str, system: str) -> str:
         "{%- set messages = [{'role': 'system', 'content': " + literal + "}] + messages %}"
         "{%- endif %}" + template
     )
+
+
+def writes_bos(template: str, bos_token: str | None) -> bool:
+    """Whether a chat template writes the BOS token itself (Llama 3's does). llama.cpp and Ollama,
+    whose templates cannot, then add it when tokenising (tokenizer.ggml.add_bos_token); where
+    the template does not, neither may they, or the model sees a BOS it never trained with."""
+    return bool(bos_token) and "bos_token" in template

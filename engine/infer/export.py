@@ -4,8 +4,11 @@ A merged export is a plain Hugging Face folder (safetensors, tokenizer, the chat
 trained with and its system prompt as the default, a generation config that stops at the end of a
 turn) that loads with
 `AutoModelForCausalLM.from_pretrained` and answers exactly as base + adapter do, plus an Ollama
-`Modelfile` carrying the same chat template and system prompt. The folder is built under a
-temporary name and renamed at the end, so an interrupted export never leaves half a model.
+`Modelfile` carrying the same chat template and system prompt. With `quant_bits` it is one
+`model.gguf` instead (gguf_file.py: F16, Q8_0, or Q4_K_M through llama.cpp), for llama.cpp and
+Ollama. Before it finishes, the trained, the exported and the Modelfile's templates must render the
+same conversations alike (template_check.py). The folder is built under a temporary name and
+renamed at the end, so an interrupted or refused export never leaves half a model.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import re
 import shutil
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -47,13 +51,15 @@ def export_model(
     *,
     model: str | None = None,
     torch_dtype: str = "auto",
+    quant_bits: int = 0,
 ) -> Path:
     """Write the merged model (or, with merge=False, a copy of the adapter) to output_dir.
 
     `adapter` is a run folder, adapter folder or checkpoint folder; its run's config.json names
     the base model, the chat template and the system prompt (`model` overrides the base).
     `torch_dtype` "auto" merges in bfloat16 on a GPU box and for QLoRA adapters, else in the
-    dtype the base was saved in.
+    dtype the base was saved in. `quant_bits` 16, 8 or 4 writes the merged model as model.gguf
+    in F16, Q8_0 or Q4_K_M (gguf_file.GGUF_TYPES); 0 as safetensors.
     """
     say = on_progress or (lambda _message: None)
     target = resolve_target(adapter)
@@ -69,7 +75,10 @@ def export_model(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        info = _merge(target, base, tmp, say, torch_dtype) if merge else _copy_adapter(target, base, tmp, say)
+        if merge:
+            info = _merged_export(target, base, tmp, say, torch_dtype, quant_bits, out.name)
+        else:
+            info = _copy_adapter(target, base, tmp, say)
         info.update(
             adapter=str(target.adapter_dir),
             run_id=target.run.get("run_id", ""),
@@ -131,7 +140,77 @@ def _check_output_dir(out: Path) -> None:
 # ===================================================================== merged
 
 
-def _merge(target: Target, base: str, out: Path, say: Progress, torch_dtype: str) -> dict[str, Any]:
+GGUF_FILE = "model.gguf"
+
+
+def _merged_export(
+    target: Target, base: str, out: Path, say: Progress, torch_dtype: str, quant_bits: int, name: str
+) -> dict[str, Any]:
+    """The merged model in `out` (safetensors, or model.gguf from a merged folder beside it), its
+    Modelfile, and the three templates checked to render alike."""
+    from .template_check import FIXED_CONVERSATIONS, Conversation, check_templates, run_conversations
+
+    folder = out / ".merged" if quant_bits else out
+    info, serving = _merge(target, base, folder, say, torch_dtype)
+    if quant_bits:
+        from .gguf_file import write_gguf
+
+        info["gguf"] = write_gguf(folder, out / GGUF_FILE, quant_bits, name, say)
+        info["file"] = GGUF_FILE
+        exported = gguf_chat_template(out / GGUF_FILE)
+        shutil.rmtree(folder)
+    else:
+        from transformers import AutoTokenizer
+
+        exported = AutoTokenizer.from_pretrained(out).chat_template
+    modelfile = ollama_modelfile(
+        f"./{GGUF_FILE}" if quant_bits else ".", serving.template, serving.system, serving.stops
+    )
+    (out / "Modelfile").write_text(modelfile)
+    conversations = [Conversation(c, "fixed") for c in FIXED_CONVERSATIONS]
+    conversations += run_conversations(target.train_config, say)
+    check_templates(
+        serving.tokenizer,
+        serving.trained,
+        serving.run_system,
+        exported or "",
+        _modelfile_block(modelfile, "TEMPLATE"),
+        _modelfile_block(modelfile, "SYSTEM") or "",
+        conversations,
+        say,
+    )
+    return info
+
+
+def gguf_chat_template(path: Path) -> str:
+    """The chat template a GGUF file carries (tokenizer.chat_template), or ""."""
+    import gguf
+
+    field = gguf.GGUFReader(str(path)).get_field(gguf.Keys.Tokenizer.CHAT_TEMPLATE)
+    return field.contents() if field is not None else ""
+
+
+def _modelfile_block(modelfile: str, keyword: str) -> str | None:
+    """A Modelfile's TEMPLATE or SYSTEM (as ollama_modelfile writes them), or None."""
+    match = re.search(rf'^{keyword} """(.*?)"""$', modelfile, re.S | re.M)
+    return match.group(1) if match else None
+
+
+@dataclass
+class _Serving:
+    """What the Modelfile and the template check need from a merge."""
+
+    tokenizer: Any
+    trained: str  # the Jinja template the run trained with
+    run_system: str
+    template: str  # the exported one: trained, with the run's system prompt as its default
+    system: str
+    stops: list[str]
+
+
+def _merge(
+    target: Target, base: str, out: Path, say: Progress, torch_dtype: str
+) -> tuple[dict[str, Any], _Serving]:
     import torch
     from peft import PeftModel
 
@@ -171,7 +250,8 @@ def _merge(target: Target, base: str, out: Path, say: Progress, torch_dtype: str
     # The run's system prompt becomes the template's default, so a chat without one gets what
     # `tunebench chat` gives the adapter (and what the Modelfile's SYSTEM gives Ollama).
     run_system = str(target.train_config.get("system") or "")
-    chat_template = with_default_system(_training_template(tokenizer, target), run_system)
+    trained = _training_template(tokenizer, target)
+    chat_template = with_default_system(trained, run_system)
     tokenizer.chat_template = chat_template
     stops = sorted(stop_token_ids(tokenizer, merged))
     merged.generation_config.eos_token_id = stops[0] if len(stops) == 1 else stops
@@ -190,8 +270,13 @@ def _merge(target: Target, base: str, out: Path, say: Progress, torch_dtype: str
         (out / "chat_template.jinja").write_text(chat_template)
     system = run_system or default_system(tokenizer, chat_template)
     stop_words = [tokenizer.convert_ids_to_tokens(i) for i in stops]
-    (out / "Modelfile").write_text(ollama_modelfile(".", chat_template, system, stop_words))
-    return {"merged": True, "base_model": base, "base_model_path": str(resolved.path), "dtype": dtype}
+    serving = _Serving(tokenizer, trained, run_system, chat_template, system, stop_words)
+    return {
+        "merged": True,
+        "base_model": base,
+        "base_model_path": str(resolved.path),
+        "dtype": dtype,
+    }, serving
 
 
 def _readable_like(reference: Path, files: Any) -> None:
