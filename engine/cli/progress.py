@@ -82,6 +82,8 @@ class ProgressRenderer:
             self.close()
             loss = "" if math.isnan(event.final_loss) else f", final loss {event.final_loss:.4f}"
             print(f"{event.status} after {event.steps} steps in {_fmt_s(event.seconds)}{loss}")
+            if event.stage_s:
+                print(f"times   {stage_times(event.stage_s)}")
             if event.adapter_dir:
                 print(
                     f"adapter {event.adapter_dir}\n"
@@ -94,6 +96,20 @@ class ProgressRenderer:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def stage_times(stage_s: dict[str, float]) -> str:
+    """Where a run's time went (TrainFinished.stage_s), in the order the stages ran."""
+    words = [
+        ("load", "model load"),
+        ("to_first_step", "to the first step"),
+        ("steps", "later steps"),
+        ("save", "adapter save"),
+    ]
+    text = ", ".join(f"{name} {stage_s[key]:.1f}s" for key, name in words if key in stage_s)
+    if "compile" in stage_s:  # inside the steps' time, not on top of it
+        text += f" (compiling the decoder layers: {stage_s['compile']:.1f}s of these)"
+    return text
 
 
 def _fmt_s(seconds: float) -> str:

@@ -69,3 +69,14 @@ class StepClock:
             f"first step took {self.first_step_s:.1f}s, {extra:.1f}s of it once-only start-up "
             f"(compiling, allocating); a step takes {usual:.2f}s now"
         )
+
+
+def first_step_note(after_load_s: float, compile_s: float = 0.0, cache: str = "") -> str:
+    """The time to the first step, counted from the end of the model's load (reading the data,
+    LoRA, the optimizer and the first step with its compile), and the compile's share of it."""
+    note = f"time to first step: {after_load_s:.1f}s after the model loaded"
+    if compile_s:
+        note += f", {compile_s:.1f}s of it compiling the decoder layers"
+        if cache:
+            note += f" ({cache})"
+    return note
