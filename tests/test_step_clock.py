@@ -75,3 +75,21 @@ def test_time_to_first_step_names_the_compile_and_the_cache_and_the_cli_sums_up_
         "(compiling the decoder layers: 2.9s of these)"
     )
     assert stage_times({"load": 1.0}) == "model load 1.0s"  # stopped before its first step
+
+
+def test_a_measured_last_step_and_a_slow_cpu_read_as_numbers_not_measuring_or_zero(capsys):
+    """The last step's ETA is 0 and measured; 0.3 tokens a second is not 0."""
+    from tunebench.engine.cli.progress import ProgressRenderer
+
+    run = RunState()
+    run.apply(P.TrainStarted(run_id="r", run_dir="/r", total_steps=4))
+    run.apply(P.TrainStep(step=4, total_steps=4, loss=2.0, tokens_per_s=0.34, eta_s=0.0))
+    shown = stats_text(run).plain
+    assert "tok/s 0.3" in shown and "ETA 0:00" in shown and "measuring" not in shown
+    renderer = ProgressRenderer()
+    renderer(P.TrainStarted(run_id="r", run_dir="/r", total_steps=4))
+    renderer(P.TrainStep(step=4, total_steps=4, loss=2.0, tokens_per_s=0.34, eta_s=0.0))
+    renderer(P.TrainStep(step=4, total_steps=4, loss=2.0, tokens_per_s=1234.0, eta_s=0.0))
+    renderer.close()
+    out = capsys.readouterr().out  # not a terminal: one plain line a step
+    assert "0.3 tok/s eta 0:00" in out and "1,234 tok/s eta 0:00" in out and "measuring" not in out

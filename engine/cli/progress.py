@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 import sys
 
+from ..core.step_clock import speed_text
+
 
 class JsonRenderer:
     def __call__(self, event) -> None:
@@ -63,8 +65,8 @@ class ProgressRenderer:
             self.bar.update(event.step - self.bar.n)
             # No speed yet at the first step: it also paid for compiling and warming up.
             speed = "measuring speed"
-            if event.eta_s:
-                speed = f"{event.tokens_per_s:,.0f} tok/s eta {_fmt_s(event.eta_s)}"
+            if event.tokens_per_s:  # measured (the last step's ETA is 0, and it is measured too)
+                speed = f"{speed_text(event.tokens_per_s)} tok/s eta {_fmt_s(event.eta_s)}"
             self.bar.set_postfix_str(f"loss {event.loss:.4f}, lr {event.lr:.2e}, {speed}", refresh=True)
             if self.bar.disable:  # not a terminal: one plain line per logged step
                 self._print(

@@ -71,6 +71,12 @@ class StepClock:
         )
 
 
+def speed_text(tokens_per_s: float) -> str:
+    """Tokens per second as shown: whole numbers, a decimal below 10 (a big model on a busy CPU
+    trains a fraction of a token a second, which must not read as 0)."""
+    return f"{tokens_per_s:,.0f}" if tokens_per_s >= 10 else f"{tokens_per_s:.1f}"
+
+
 def first_step_note(after_load_s: float, compile_s: float = 0.0, cache: str = "") -> str:
     """The time to the first step, counted from the end of the model's load (reading the data,
     LoRA, the optimizer and the first step with its compile), and the compile's share of it."""
