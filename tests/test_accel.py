@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -372,6 +378,7 @@ def test_compiled_layers_recompute_with_the_same_math_and_keep_only_their_inputs
     assert {"compile", "ingraph"} & path.use == ({"compile", "ingraph"} if in_graph else {"compile"})
     assert not [n for n in path.notes if "switched off" in n], path.notes
     assert math.isclose(loss, ref_loss, rel_tol=1e-5)
+    assert path.compile_tally().seconds > 0  # the time the first step's note names
     for name in ref_grads:
         torch.testing.assert_close(got[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
     assert kept_eager_ckpt < kept_all / 2  # the checkpoint does keep less
@@ -613,3 +620,38 @@ def test_memory_model_counts_the_mlp_slices_at_32k_tokens():
         64,
     ]
     assert mlp_chunks(9, 0) == 1
+
+
+def compile_one_step_and_tally() -> None:
+    """In a child process: one training step of the tiny model through the fast path, its decoder
+    layers compiled by inductor as on the GPU (mixed sample lengths, recompute in the graph); prints
+    the path's compile tally as JSON."""
+    path = fast_path(recompute=True)
+    path.use |= {"compile", "ingraph"}
+    samples = make_samples([37, 5, 64, 20])
+    path.group([[0, 1, 2, 3]], samples)
+    model, _ = lora_model(path, recompute=True)
+    path.loss_sum(model, path.collate(samples, 0, torch.device("cpu"))).backward()
+    print(json.dumps(dataclasses.asdict(path.compile_tally())))
+
+
+@pytest.mark.slow
+def test_a_second_run_reuses_the_compiled_decoder_layers_from_tunebenchs_cache(tmp_path):
+    """The compiled layers outlive the process: a second run of the same shape takes every graph
+    from the cache under TuneBench's cache folder (AOTAutograd's cache, inductor's inside it) and
+    compiles none. Two processes, the first compiling with inductor (about a minute on 2 cores)."""
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    env["TUNEBENCH_CACHE"] = str(tmp_path)
+    child = [sys.executable, "-c", "import test_accel; test_accel.compile_one_step_and_tally()"]
+    tallies = []
+    for _ in range(2):
+        done = subprocess.run(
+            child, cwd=Path(__file__).parent, env=env, capture_output=True, text=True, check=False
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        tallies.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    first, second = tallies
+    assert first["compiled"] > 0 and first["reused"] == 0 and first["uncached"] == 0, first
+    assert second["reused"] == first["compiled"] and second["compiled"] == 0, second
+    assert second["uncached"] == 0, second
+    assert any((tmp_path / "compiled").iterdir())

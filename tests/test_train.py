@@ -87,6 +87,17 @@ def test_loss_falls_and_run_files_are_written(tiny_model_dir, identity_file, tmp
     assert saved["base_model_path"] == str(tiny_model_dir)
     records = [orjson.loads(line) for line in (run_dir / "metrics.jsonl").read_bytes().splitlines()]
     assert {r["type"] for r in records} == {"TrainStep", "EvalResult", "CheckpointSaved", "TrainFinished"}
+    # The time to the first step, from the model loaded, is said right after that step and kept
+    # with the other stages' seconds in the run's TrainFinished.
+    first = "time to first step"
+    notes = [i for i, e in enumerate(events) if e.type == "Log" and e.message.startswith(first)]
+    step_events = [i for i, e in enumerate(events) if e.type == "TrainStep"]
+    assert len(notes) == 1 and step_events[0] - 1 <= notes[0] < step_events[1], notes
+    assert "compiling" not in events[notes[0]].message  # the CPU path compiles nothing
+    stages = records[-1]["stage_s"]
+    assert set(stages) == {"load", "to_first_step", "first_step", "steps", "save"}, stages
+    assert 0 < stages["first_step"] <= stages["to_first_step"] and min(stages.values()) > 0
+    assert sum(stages.values()) - stages["first_step"] <= records[-1]["seconds"] + 0.1
     assert {p.name for p in (run_dir / "adapter").iterdir()} >= {
         "adapter_config.json",
         "adapter_model.safetensors",

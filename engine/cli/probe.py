@@ -56,11 +56,15 @@ def probe_main(argv: list[str]) -> int:
     results = session.generate_many(
         [[{"role": "user", "content": q}] for q in questions], setup.specs, cfg, system=args.system or ""
     )
+    answered_s = time.perf_counter() - started
     folder = _transcript_folder(setup, args.output_dir)
-    json_path, md_path = write_transcript(folder, setup, questions, results, cfg, args.system or "", session)
+    seconds = {"load": round(session.loaded.seconds, 3), "answers": round(answered_s, 3)}
+    json_path, md_path = write_transcript(
+        folder, setup, questions, results, cfg, args.system or "", session, seconds
+    )
     print(md_path.read_text(encoding="utf-8"))
     print(
-        f"saved {json_path}\n      {md_path}  ({time.perf_counter() - started:.1f}s)",
+        f"saved {json_path}\n      {md_path}  (answered in {answered_s:.1f}s)",
         file=sys.stderr,
         flush=True,
     )
@@ -84,6 +88,7 @@ def write_transcript(
     cfg: GenerationConfig,
     system: str,
     session: Any,
+    seconds: dict[str, float] | None = None,
 ) -> tuple[Path, Path]:
     """probe-<time>.json (everything, for tools) and probe-<time>.md (a table, for people)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -100,6 +105,7 @@ def write_transcript(
         "model_path": str(session.loaded.resolved.path),
         "system": system,
         "generation": dataclasses.asdict(cfg),
+        "seconds": seconds or {},  # the base model's load and the answers' generation
         "targets": [
             {"label": label, "target": t.spec, "adapter_dir": str(t.adapter_dir or "")}
             for label, t in zip(labels, setup.targets, strict=True)

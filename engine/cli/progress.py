@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 import sys
 
+from ..core.step_clock import speed_text
+
 
 class JsonRenderer:
     def __call__(self, event) -> None:
@@ -63,8 +65,8 @@ class ProgressRenderer:
             self.bar.update(event.step - self.bar.n)
             # No speed yet at the first step: it also paid for compiling and warming up.
             speed = "measuring speed"
-            if event.eta_s:
-                speed = f"{event.tokens_per_s:,.0f} tok/s eta {_fmt_s(event.eta_s)}"
+            if event.tokens_per_s:  # measured (the last step's ETA is 0, and it is measured too)
+                speed = f"{speed_text(event.tokens_per_s)} tok/s eta {_fmt_s(event.eta_s)}"
             self.bar.set_postfix_str(f"loss {event.loss:.4f}, lr {event.lr:.2e}, {speed}", refresh=True)
             if self.bar.disable:  # not a terminal: one plain line per logged step
                 self._print(
@@ -82,6 +84,8 @@ class ProgressRenderer:
             self.close()
             loss = "" if math.isnan(event.final_loss) else f", final loss {event.final_loss:.4f}"
             print(f"{event.status} after {event.steps} steps in {_fmt_s(event.seconds)}{loss}")
+            if event.stage_s:
+                print(f"times   {stage_times(event.stage_s)}")
             if event.adapter_dir:
                 print(
                     f"adapter {event.adapter_dir}\n"
@@ -94,6 +98,20 @@ class ProgressRenderer:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def stage_times(stage_s: dict[str, float]) -> str:
+    """Where a run's time went (TrainFinished.stage_s), in the order the stages ran."""
+    words = [
+        ("load", "model load"),
+        ("to_first_step", "to the first step"),
+        ("steps", "later steps"),
+        ("save", "adapter save"),
+    ]
+    text = ", ".join(f"{name} {stage_s[key]:.1f}s" for key, name in words if key in stage_s)
+    if "compile" in stage_s:  # inside the steps' time, not on top of it
+        text += f" (compiling the decoder layers: {stage_s['compile']:.1f}s of these)"
+    return text
 
 
 def _fmt_s(seconds: float) -> str:

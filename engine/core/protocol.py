@@ -231,6 +231,12 @@ class TrainFinished(Event):
     final_loss: float = 0.0
     steps: int = 0
     seconds: float = 0.0  # as TrainStep.elapsed_s: a resumed run's earlier attempts included
+    # Where this attempt's time went, in seconds: "load" (the model), "to_first_step" (from the
+    # model loaded to the first step's end: data, LoRA, optimizer, the first step), "first_step",
+    # "compile" (torch.compile over the whole run, evals' included; the first step's is in the
+    # Log line after it), "steps" (after the first, evals and checkpoints included), "save" (the
+    # final adapter). Only the stages the attempt reached.
+    stage_s: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -69,3 +69,20 @@ class StepClock:
             f"first step took {self.first_step_s:.1f}s, {extra:.1f}s of it once-only start-up "
             f"(compiling, allocating); a step takes {usual:.2f}s now"
         )
+
+
+def speed_text(tokens_per_s: float) -> str:
+    """Tokens per second as shown: whole numbers, a decimal below 10 (a big model on a busy CPU
+    trains a fraction of a token a second, which must not read as 0)."""
+    return f"{tokens_per_s:,.0f}" if tokens_per_s >= 10 else f"{tokens_per_s:.1f}"
+
+
+def first_step_note(after_load_s: float, compile_s: float = 0.0, cache: str = "") -> str:
+    """The time to the first step, counted from the end of the model's load (reading the data,
+    LoRA, the optimizer and the first step with its compile), and the compile's share of it."""
+    note = f"time to first step: {after_load_s:.1f}s after the model loaded"
+    if compile_s:
+        note += f", {compile_s:.1f}s of it compiling the decoder layers"
+        if cache:
+            note += f" ({cache})"
+    return note

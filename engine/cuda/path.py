@@ -58,7 +58,7 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from types import MethodType
 from typing import Any
 
@@ -151,6 +151,7 @@ def cuda_path(cfg: TrainConfig, device) -> TrainPath:
         group=fast.group,
         notes=notes,
         compiles=fast.compiles,
+        compile_report=fast.compile_report,
     )
 
 
@@ -247,11 +248,19 @@ def keep_compiled_code() -> None:
     folder, where it outlives /tmp: the next run of the same model shape skips most of the compile
     (about 21 s for a 7B). Also picks kernels the same way in every process, so that a resumed run
     is exact. TORCHINDUCTOR_CACHE_DIR set by the user wins."""
+    import torch._inductor.config
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    from torch._inductor.utils import clear_caches
+
     from ..core.model_files import cache_root
 
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "compiled"))
-    import torch._inductor.config
-
+    # torch writes its default (/tmp/torchinductor_<user>) into the variable the first time it
+    # asks for the folder, and importing transformers asks: that value is not the user's choice.
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    ours = str(cache_root() / "compiled")
+    if chosen != ours and (chosen is None or os.path.abspath(chosen) == os.path.abspath(default_cache_dir())):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = ours
+        clear_caches()  # folders torch worked out from the old value (as its temporary_cache_dir does)
     torch._inductor.config.fx_graph_cache = True
     # The same kernels in every process: inductor otherwise picks some kernel configurations by
     # timing them on the device, so a fresh process (a resumed run) may sum in another order and
@@ -261,6 +270,55 @@ def keep_compiled_code() -> None:
         torch._inductor.config, "deterministic"
     ):
         torch._inductor.config.deterministic = True
+
+
+@dataclass(frozen=True)
+class CompileTally:
+    """torch.compile's own account of its work: seconds compiling (dynamo's timers: the forward's
+    trace with AOTAutograd and inductor, and the backward, compiled at its first call) and the
+    graphs AOTAutograd's cache served (`reused`), compiled afresh and stored (`compiled`), or could
+    not cache (`uncached`). `since` gives the work between two tallies."""
+
+    seconds: float = 0.0
+    reused: int = 0
+    compiled: int = 0
+    uncached: int = 0
+
+    @classmethod
+    def now(cls) -> CompileTally:
+        from torch._dynamo.utils import compilation_time_metrics, counters
+
+        aot = counters["aot_autograd"]
+        return cls(
+            seconds=sum(sum(compilation_time_metrics.get(name, ())) for name in _COMPILE_TIMERS),
+            reused=aot["autograd_cache_hit"],
+            compiled=aot["autograd_cache_miss"],
+            uncached=aot["autograd_cache_bypass"],
+        )
+
+    def since(self, start: CompileTally) -> CompileTally:
+        # max: a test's torch._dynamo.reset() or counters.clear() between the two tallies
+        return CompileTally(*(max(0, a - b) for a, b in zip(astuple(self), astuple(start), strict=True)))
+
+    def describe(self) -> str:
+        """What the cache did, in words ("" when nothing was compiled)."""
+        where = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "torch's cache")
+        parts = []
+        if self.reused:
+            parts.append(f"{self.reused} compiled graph{'s' * (self.reused != 1)} reused from {where}")
+        if self.compiled:
+            parts.append(
+                f"{self.compiled} graph{'s' * (self.compiled != 1)} compiled afresh, kept in {where} "
+                "for the next run of this model shape"
+            )
+        if self.uncached:
+            parts.append(f"{self.uncached} graph{'s' * (self.uncached != 1)} torch cannot cache")
+        return "; ".join(parts)
+
+
+# dynamo's timers around a frame's compile (forward, AOTAutograd and inductor included) and around
+# the backward's compile, which inductor runs at the first backward
+_COMPILE_TIMERS = ("_compile.compile_inner", "backward._backward_impl")
 
 
 def compile_layers(
@@ -399,6 +457,7 @@ class FastPath:
     _lengths_vary: bool = False  # the samples differ in length: forwards will too
     _longest: int = 0  # the longest sample's tokens
     _modelled_peak: int = 0  # the largest peak the memory model gave for a forward so far
+    _compile_start: CompileTally | None = None  # torch.compile's tally before the layers compiled
 
     def __post_init__(self) -> None:
         self.profile = Profile(self.profile)  # a caller's "fast" / "lean" text is the same profile
@@ -631,7 +690,20 @@ class FastPath:
         log.info("GPU path applied: %s", ", ".join(self.applied) or "nothing")
         return self._model
 
+    def compile_tally(self) -> CompileTally:
+        """What torch.compile did for this path so far (nothing before its first forward)."""
+        if self._compile_start is None:
+            return CompileTally()
+        return CompileTally.now().since(self._compile_start)
+
+    def compile_report(self) -> tuple[float, str]:
+        """Seconds compiling so far, and what the compile cache did, in words."""
+        tally = self.compile_tally()
+        return tally.seconds, tally.describe()
+
     def _compile(self, layers: list) -> list[str]:
+        if self._compile_start is None:
+            self._compile_start = CompileTally.now()
         # Samples of many lengths give every forward a new token count: packed forwards are
         # compiled for any size from the start (`_token_dims_dynamic`).
         packed = "pack" in self.use

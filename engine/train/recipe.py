@@ -32,7 +32,7 @@ from ..core.errors import Cancelled, UserError
 from ..core.files import atomic_write_bytes
 from ..core.limits import MAX_SAMPLE_PASSES, MAX_STEPS
 from ..core.metrics_log import MetricsLog, start_metrics, truncate_metrics
-from ..core.step_clock import StepClock
+from ..core.step_clock import StepClock, first_step_note
 from ..core.workspace import read_metrics
 from .checkpoints import (
     find_checkpoint,
@@ -110,6 +110,8 @@ class _Setup:
     # time the run's earlier attempts logged up to the checkpoint it resumes from, so that its
     # elapsed time and "took" count the whole run, not the resumed part alone
     earlier_s: float = 0.0
+    load_s: float = 0.0  # the model's load
+    loaded_at: float = 0.0  # time.perf_counter() when it had loaded
 
     @property
     def total_steps(self) -> int:
@@ -132,6 +134,7 @@ class _Progress:
     # speed and time left over this loop's recent steps (a resumed run's earlier steps not counted)
     clock: StepClock = field(default_factory=StepClock)
     step_tokens: int = 0
+    stage_s: dict[str, float] = field(default_factory=dict)  # TrainFinished.stage_s, so far
 
     def take_window(self) -> float:
         """The loss of the steps since the last log; starts the next window."""
@@ -194,6 +197,7 @@ def _setup(cfg: TrainConfig, emit: Emit, stop: StopSignal) -> _Setup:
             emit(P.Log(message=f"removed {leftover}, left by a run stopped while it wrote a checkpoint"))
     _seed_everything(cfg.seed)
     loaded = _load_model(cfg, emit)
+    loaded_at = time.perf_counter()
     train_set, eval_set = _load_data(cfg, loaded.tokenizer, emit, stop.requested)
 
     path = select_path(cfg, loaded.device)
@@ -224,6 +228,8 @@ def _setup(cfg: TrainConfig, emit: Emit, stop: StopSignal) -> _Setup:
         train_set=train_set,
         eval_set=eval_set,
         start_step=0,
+        load_s=loaded.seconds,
+        loaded_at=loaded_at,
     )
 
     _open_run(cfg, setup, resume_dir, changes, loaded.resolved.path, emit)
@@ -343,7 +349,7 @@ def _train_loop(
     cfg: TrainConfig, s: _Setup, stop: StopSignal, emit: Emit, log: Emit, started: float
 ) -> _Progress:
     """Steps until the plan ends or a stop: each step logged, evaluated and saved as `cfg` says."""
-    progress = _Progress(step=s.start_step)
+    progress = _Progress(step=s.start_step, stage_s={"load": round(s.load_s, 3)})
     steps_per_epoch = max(1, _steps_per_epoch(len(s.train_set), cfg))
     s.model.train()
     noted = len(s.path.notes)
@@ -359,6 +365,8 @@ def _train_loop(
             progress.status = "aborted"
             break
         step = progress.step
+        if step == s.start_step + 1:
+            emit(P.Log(message=_first_step_done(s, progress)))
         for note in s.path.notes[noted:]:  # what the path learnt on the first forwards
             emit(P.Log(message=note))
         noted = len(s.path.notes)
@@ -385,7 +393,22 @@ def _train_loop(
         if stop.mode == "abort":
             progress.status = "aborted"
             break
+    if "to_first_step" in progress.stage_s:
+        after_first = time.perf_counter() - s.loaded_at - progress.stage_s["to_first_step"]
+        progress.stage_s["steps"] = round(after_first, 3)
     return progress
+
+
+def _first_step_done(s: _Setup, progress: _Progress) -> str:
+    """Record the time to the first step (from the model loaded) and its compile; the note saying so."""
+    after_load = time.perf_counter() - s.loaded_at
+    compile_s, cache = s.path.compile_report()
+    progress.stage_s.update(
+        to_first_step=round(after_load, 3), first_step=round(progress.clock.first_step_s or 0.0, 3)
+    )
+    if s.path.compiles:
+        progress.stage_s["compile"] = round(compile_s, 3)
+    return first_step_note(after_load, compile_s, cache)
 
 
 def _train_step(cfg: TrainConfig, s: _Setup, progress: _Progress, stop: StopSignal) -> bool:
@@ -470,9 +493,13 @@ def _finish(s: _Setup, progress: _Progress, log: Emit, started: float) -> P.Trai
     """Save the adapter (not after an abort) and log the run's TrainFinished."""
     adapter_dir = ""
     if progress.status != "aborted":
+        saving = time.perf_counter()
         initial = s.run.initial_adapter if moves_base_into_adapter(s.model) else None
         save_adapter_atomically(s.model, s.run.adapter, initial)
         adapter_dir = str(s.run.adapter)
+        progress.stage_s["save"] = round(time.perf_counter() - saving, 3)
+    if "compile" in progress.stage_s:  # the whole run's: evals compile the layers without grad again
+        progress.stage_s["compile"] = round(s.path.compile_report()[0], 3)
     finished = P.TrainFinished(
         run_id=s.run.root.name,
         status=progress.status,
@@ -480,6 +507,7 @@ def _finish(s: _Setup, progress: _Progress, log: Emit, started: float) -> P.Trai
         final_loss=progress.final_loss,
         steps=progress.step,
         seconds=round(time.perf_counter() - started, 1),
+        stage_s=progress.stage_s,
     )
     log(finished)
     return finished

@@ -61,3 +61,5 @@ class TrainPath:
     notes: list[str] = field(default_factory=list)
     # Its first step compiles the decoder layers: a stage of its own, shown as such.
     compiles: bool = False
+    # () -> seconds spent compiling so far, and what the compile cache did in words
+    compile_report: Callable[[], tuple[float, str]] = lambda: (0.0, "")

@@ -6,6 +6,7 @@ import math
 
 from rich.text import Text
 from textual.widgets import Static
+from tunebench.engine.core.step_clock import speed_text
 
 from .run_state import RunState
 
@@ -55,8 +56,9 @@ def stats_text(run: RunState) -> Text:
             ("loss", loss),
             ("lr", f"{run.lr:.2e}"),
             # Zero while live: the first step (compiling, warming up) is not a step's speed.
-            ("tok/s", f"{run.tokens_per_s:,.0f}" if run.tokens_per_s or not run.live else "measuring"),
-            ("ETA", duration(run.eta_s) if run.eta_s else "measuring")
+            ("tok/s", speed_text(run.tokens_per_s) if run.tokens_per_s or not run.live else "measuring"),
+            # measured once tok/s is: the last step's ETA is 0, not unknown
+            ("ETA", duration(run.eta_s) if run.tokens_per_s else "measuring")
             if run.live
             else ("took", duration(run.elapsed_s)),
         ]
