@@ -116,6 +116,14 @@ class TrainConfig:
         "ms-swift's DeepSpeed setting (zero2, zero3, a json file): multi-GPU, not built yet; leave empty",
         "model",
     )
+    nproc_per_node: int = _f(
+        1,
+        "training processes on this machine, one per GPU, started with torchrun (ms-swift's "
+        "NPROC_PER_NODE sets it too); the global batch is per-device x accumulation x processes",
+        "model",
+        min=1,
+        max=1024,
+    )
     # lora
     lora_rank: int = _f(8, "LoRA rank r", "lora", min=1, max=1024, aliases=("lora_r",), resume="fixed")
     lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / rank)", "lora", min=1, max=8192, resume="fixed")
@@ -261,7 +269,8 @@ class GenerationConfig:
 _MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 
 
-def _check_field(f: dataclasses.Field, value: Any) -> str | None:
+def check_value(f: dataclasses.Field, value: Any) -> str | None:
+    """What is wrong with one field's value (its choices and bounds), None when nothing is."""
     meta = f.metadata
     if "choices" in meta and value not in meta["choices"]:
         return f"{value!r} is not one of {', '.join(map(str, meta['choices']))}"
@@ -290,7 +299,7 @@ def validate(cfg: Any) -> dict[str, str]:
         if not _is_instance(value, hints[f.name]):
             problems[f.name] = f"must be {_type_word(hints[f.name])} (got {value!r})"
             continue
-        message = _check_field(f, value)
+        message = check_value(f, value)
         if message:
             problems[f.name] = message
     if isinstance(cfg, TrainConfig):
