@@ -107,9 +107,10 @@ def _train(
     """Train in this process (one rank of several, under torchrun); the run's TrainFinished."""
     from ..train.preflight import preflight
 
-    if cfg is None:
+    if cfg is None:  # a rank: the launcher has run the preflight, and the recipe checks again
         cfg = _config(values)
-    preflight(cfg)
+    else:
+        preflight(cfg)
     from ..process.jobs import RunProgress, describe_failure
     from ..train.distributed import write_note
     from ..train.recipe import StopSignal, run_training

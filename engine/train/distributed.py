@@ -263,8 +263,8 @@ def as_rank(train: Callable[[], Any], ranks: Ranks) -> int:
         _record(exc)
         if isinstance(exc, (UserError, ConfigError)):
             return 2
-        if ranks.is_main and not isinstance(exc, KeyboardInterrupt):
-            traceback.print_exc()
+        if ranks.is_main and not isinstance(exc, KeyboardInterrupt) and not _is_peer_failure(exc):
+            traceback.print_exc()  # a bug's trace, for its report (another rank's end is not one)
         return 1
     if ranks.is_main:
         write_note({"status": result.status})
