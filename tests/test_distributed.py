@@ -253,3 +253,30 @@ def test_more_ranks_than_gpus_is_refused(monkeypatch):
         caught.value
     )
     assert "on 2 of 2 GPU(s)" in check_devices(Launch(2))
+
+
+def test_zero3_shards_with_fsdp2_trains_as_one_and_resumes_on_one(tiny_model_dir, data_file, tmp_path):
+    """--deepspeed zero3 as FSDP2 over 2 ranks: the curve of one process, with a step whose single
+    micro-batch leaves one rank idle (10 samples in micro-batches of 2: steps of 2, 2, 1), and a
+    checkpoint whose gathered adapter and optimizer resume unsharded."""
+    data = f"{data_file}#10"
+    reference = TrainConfig(
+        model=str(tiny_model_dir),
+        dataset=[data],
+        output_dir=str(tmp_path),
+        run_name="one",
+        gradient_accumulation_steps=2,
+        **SETTINGS,
+    )
+    assert run_training(reference, lambda _e: None).status == "completed"
+    args = ["--model", str(tiny_model_dir), "--dataset", data, "--output_dir", str(tmp_path)]
+    code, err = finish(launch([*args, "--run_name", "z3", "--deepspeed", "zero3", *flags(SETTINGS)]))
+    assert code == 0, err
+    z3 = tmp_path / "z3"
+    assert_same_curve(curve(z3), curve(tmp_path / "one"))
+    recorded = orjson.loads((z3 / "config.json").read_bytes())
+    cfg = TrainConfig(**{**recorded["config"], "resume_from_checkpoint": str(z3 / "checkpoints" / "step-2")})
+    events = []
+    assert run_training(cfg, events.append).status == "completed"
+    assert any("nothing is sharded" in e.message for e in events if e.type == "Log")
+    assert_same_curve(curve(z3), curve(tmp_path / "one"))

@@ -120,15 +120,13 @@ def sync_step(params: list[Any], ranks: Ranks, loss_total: Any, tokens: int, sto
 
     device = loss_total.device
     grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
-    flat = torch.cat(grads)
+    flat = torch.cat(grads) if grads else None
     tail = torch.tensor(
         [0.0, float(tokens), float(stop_mode == "graceful"), float(stop_mode == "abort")],
         dtype=torch.float64,
         device=device,
     )
     tail[0] = loss_total.double()
-    dist.all_reduce(flat)
-    dist.all_reduce(tail)
 
     def put(p, part) -> None:
         if p.grad is None:
@@ -136,7 +134,10 @@ def sync_step(params: list[Any], ranks: Ranks, loss_total: Any, tokens: int, sto
         else:
             p.grad.copy_(part)
 
-    _unflatten(flat, params, put)
+    if flat is not None:
+        dist.all_reduce(flat)
+        _unflatten(flat, params, put)
+    dist.all_reduce(tail)
     loss, tokens_all, graceful, abort = tail.tolist()
     agreed = "abort" if abort else ("graceful" if graceful else "")
     return torch.tensor(loss, dtype=torch.float32, device=device), int(tokens_all), agreed
@@ -224,7 +225,8 @@ def failure_error(failures: Mapping[int, Any], world: int, run_dir: str) -> User
         except ValueError:
             what = f"was killed by signal {-failure.exitcode}"
     else:
-        what = f"failed: {failure.message}" if failure.message else f"exited with code {failure.exitcode}"
+        message = failure.message.get("message", "") if isinstance(failure.message, dict) else failure.message
+        what = f"failed: {message}" if message else f"exited with code {failure.exitcode}"
     others = f"; the other {world - 1} rank(s) were ended" if world > 1 else ""
     checkpoints = list_checkpoints(Path(run_dir)) if run_dir else []
     if checkpoints:
@@ -307,3 +309,79 @@ def _is_peer_failure(exc: BaseException) -> bool:
     return isinstance(exc, dist.DistError) or any(
         words in text for words in ("connection closed by peer", "connection reset", "broken pipe")
     )
+
+
+# ------------------------------------------------------------------ sharding
+
+
+def shard_model(model: Any, stage: str) -> str:
+    """ms-swift's --deepspeed zero2 / zero3 as FSDP2's fully_shard over all ranks: each decoder
+    layer a unit, then the rest. zero3 frees a layer's gathered weights after its forward (and
+    gathers them again for backward); zero2 keeps them from forward to backward, ZeRO-2's trade of
+    memory for fewer all-gathers. The frozen base keeps its dtype (bf16 on a GPU) and the adapter
+    trains in full precision: FSDP2 asks a uniform dtype of the trained weights only. Returns the
+    log line that says so."""
+    from torch.distributed.fsdp import fully_shard
+
+    keep = stage == "zero2"
+    units = _decoder_layers(model)
+    for layer in units:
+        fully_shard(layer, reshard_after_forward=not keep)
+    fully_shard(model, reshard_after_forward=not keep)
+    held = "kept gathered from forward to backward" if keep else "gathered per layer and freed after use"
+    return (
+        f"--deepspeed {stage}: PyTorch FSDP2 (fully_shard) over the ranks instead of DeepSpeed: the "
+        f"base and adapter weights, gradients and optimizer state are sharded, {len(units)} "
+        f"decoder layers one unit each; weights are {held}"
+    )
+
+
+def _decoder_layers(model: Any) -> list[Any]:
+    """The model's repeated blocks, by the class names transformers never splits across devices."""
+    names = set(getattr(model.get_base_model(), "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def is_sharded(param: Any) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(param, DTensor)
+
+
+def _full(value: Any) -> Any:
+    """A sharded tensor gathered whole (a collective: every rank calls it, in the same order)."""
+    return value.full_tensor() if is_sharded(value) else value
+
+
+def full_adapter_state(model: Any) -> dict[str, Any]:
+    """The trained weights, gathered from the shards: what save_pretrained writes as the adapter."""
+    return {name: _full(p.detach()).cpu() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def full_optimizer_state(optimizer: Any) -> dict[str, Any]:
+    """optimizer.state_dict() with its sharded tensors gathered: the format of one process, so a
+    checkpoint resumes sharded or not, on any number of ranks."""
+    state = optimizer.state_dict()
+    state["state"] = {
+        index: {key: _full(value).cpu() if hasattr(value, "dim") else value for key, value in slot.items()}
+        for index, slot in state["state"].items()
+    }
+    return state
+
+
+def shard_optimizer_state(state: dict[str, Any], optimizer: Any) -> dict[str, Any]:
+    """A whole optimizer state (every rank read it from the checkpoint) cut to this rank's shards."""
+    from torch.distributed.tensor import distribute_tensor
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    out = dict(state)
+    out["state"] = {}
+    for index, slot in state["state"].items():
+        param = params[int(index)]
+        out["state"][index] = {
+            key: distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
+            if is_sharded(param) and hasattr(value, "dim") and value.dim() > 0
+            else value
+            for key, value in slot.items()
+        }
+    return out

@@ -37,13 +37,24 @@ from ..core.step_clock import StepClock
 from ..core.workspace import read_metrics
 from .checkpoints import (
     find_checkpoint,
+    load_adapter_weights,
     load_checkpoint,
     remove_unfinished_writes,
     save_adapter_atomically,
     save_checkpoint,
     writing_run,
 )
-from .distributed import Ranks, broadcast_trainable, current_ranks, process_group, sync_step
+from .distributed import (
+    Ranks,
+    broadcast_trainable,
+    current_ranks,
+    full_adapter_state,
+    full_optimizer_state,
+    process_group,
+    shard_model,
+    shard_optimizer_state,
+    sync_step,
+)
 from .plain import plain_path
 from .resume import data_changed_warning, dataset_hashes, recorded_config, resume_changes
 from .trackers import open_tracker
@@ -114,6 +125,7 @@ class _Setup:
     # the loss tokens of each training sample: every rank knows a whole step's, to normalise by
     targets: list[int] = field(default_factory=list)
     micro_batches_per_step: int = 1
+    sharded: bool = False  # FSDP2 (--deepspeed zero2 / zero3 under torchrun)
     # time the run's earlier attempts logged up to the checkpoint it resumes from, so that its
     # elapsed time and "took" count the whole run, not the resumed part alone
     earlier_s: float = 0.0
@@ -216,20 +228,35 @@ def _setup(cfg: TrainConfig, emit: Emit, stop: StopSignal, ranks: Ranks, device:
     loaded = _load_model(cfg, emit, device)
     train_set, eval_set = _load_data(cfg, loaded.tokenizer, emit, stop.requested)
 
-    path = select_path(cfg, loaded.device)
+    sharded = bool(cfg.deepspeed) and ranks.launched
+    if cfg.deepspeed and not ranks.launched:
+        emit(
+            P.Log(
+                message=f"--deepspeed {cfg.deepspeed} shards over several processes and this run "
+                "is one: nothing is sharded (start it with NPROC_PER_NODE=N to shard over N GPUs)"
+            )
+        )
+    # FSDP2 takes the plain path: the fast path packs each rank's samples into its own number of
+    # forwards, and the ranks' per-layer all-gathers must pair up
+    path = plain_path(cfg) if sharded else select_path(cfg, loaded.device)
     for note in path.notes:
         emit(P.Log(message=note))
     model = attach_lora(path.prepare_base(loaded.model), cfg, path.gradient_checkpointing)
     if loaded.device.type != "cuda" and ranks.world == 1:
         # not with several ranks: one rank leaving a step halfway would leave the others waiting
         _abort_between_modules(model, stop)
+    if sharded:
+        if resume_dir:  # into the whole weights, before each rank keeps its shard of them
+            load_adapter_weights(resume_dir, model, loaded.device)
+        emit(P.Log(message=shard_model(model, cfg.deepspeed)))
     params = [p for p in model.parameters() if p.requires_grad]
-    broadcast_trainable(params, ranks)
+    if not sharded:
+        broadcast_trainable(params, ranks)
     optimizer = torch.optim.AdamW(
         optimizer_groups(model, cfg),
         lr=cfg.learning_rate,
         weight_decay=cfg.weight_decay,
-        fused=loaded.device.type == "cuda",
+        fused=loaded.device.type == "cuda" and not sharded,
     )
     recorded_run = _read_run_config(run) if resume_dir else {}
     per_step = micro_batches_per_step(cfg, ranks.world, recorded_run)
@@ -251,6 +278,7 @@ def _setup(cfg: TrainConfig, emit: Emit, stop: StopSignal, ranks: Ranks, device:
         ranks=ranks,
         targets=[loss_tokens(sample) for sample in train_set],
         micro_batches_per_step=per_step,
+        sharded=sharded,
     )
 
     _open_run(cfg, setup, resume_dir, changes, loaded.resolved.path, emit)
@@ -269,7 +297,12 @@ def _open_run(
     main = setup.ranks.is_main
     if resume_dir:
         setup.start_step = load_checkpoint(
-            resume_dir, setup.model, setup.optimizer, setup.scheduler, setup.device
+            resume_dir,
+            setup.model,
+            setup.optimizer,
+            setup.scheduler,
+            setup.device,
+            shard_optimizer=shard_optimizer_state if setup.sharded else None,
         )
         recorded = _read_run_config(run)
         if main:
@@ -405,8 +438,9 @@ def _train_loop(
 
         if step % cfg.logging_steps == 0 or step == s.total_steps or step == s.start_step + 1:
             log(_step_event(s, progress, steps_per_epoch, started))
-        # rank 0 evaluates alone; the others wait for it in the next step's all-reduce
-        if main and s.eval_set and (step % cfg.eval_steps == 0 or step == s.total_steps):
+        # rank 0 evaluates alone, the others wait for it in the next step's all-reduce; sharded,
+        # every rank runs the forwards (each holds a shard of every layer)
+        if (main or s.sharded) and s.eval_set and (step % cfg.eval_steps == 0 or step == s.total_steps):
             try:
                 eval_loss = evaluate(s.model, s.eval_set, cfg, s.tokenizer, s.device, s.path)
             except Cancelled:
@@ -414,12 +448,12 @@ def _train_loop(
                 break
             log(P.EvalResult(step=step, eval_loss=eval_loss))
             s.model.train()
-        if main and step % cfg.save_steps == 0 and step < s.total_steps:
+        if step % cfg.save_steps == 0 and step < s.total_steps:
             _save_checkpoint(cfg, s, step, log)
         mode = _stop_mode(s, progress, stop)
         if mode == "graceful":
             progress.status = "stopped"
-            if main and step < s.total_steps and step % cfg.save_steps != 0:
+            if step < s.total_steps and step % cfg.save_steps != 0:
                 _save_checkpoint(cfg, s, step, log)
             break
         if mode == "abort":
@@ -439,9 +473,15 @@ def _train_step(cfg: TrainConfig, s: _Setup, progress: _Progress, stop: StopSign
     import torch
 
     step = s.plan[progress.step]
+    mine, idle = s.ranks.share(step), 0
+    if s.sharded:
+        # Every rank runs as many forwards as the busiest one: FSDP's all-gathers must pair up. A
+        # rank short of micro-batches repeats one with its loss times zero.
+        idle = math.ceil(len(step) / s.ranks.world) - len(mine)
+        mine = mine + [step[0]] * idle
     micro_batches = [
         s.path.collate([s.train_set[i] for i in idx], s.tokenizer.pad_token_id, s.device)
-        for idx in s.path.group(s.ranks.share(step), s.train_set)
+        for idx in s.path.group(mine, s.train_set)
     ]
     # Normalise by the loss tokens of the whole step (all ranks' share), not per micro-batch, so
     # accumulation and ranks give the same gradient as one big batch: the all-reduce sums.
@@ -450,20 +490,27 @@ def _train_step(cfg: TrainConfig, s: _Setup, progress: _Progress, stop: StopSign
     # the GPU before it may launch the next forward.
     loss_total = torch.zeros((), dtype=torch.float32, device=s.device)
     step_tokens = 0
-    for batch in micro_batches:
-        if stop.mode == "abort":
+    for n, batch in enumerate(micro_batches):
+        if stop.mode == "abort" and not s.sharded:  # sharded, the ranks' forwards must pair up
             break
         loss_sum = s.path.loss_sum(s.model, batch)
-        (loss_sum / step_targets).backward()
+        if n >= len(micro_batches) - idle:
+            (loss_sum * 0.0).backward()
+            continue
+        # FSDP2 averages the ranks' gradients where the all-reduce sums them: scaled to match
+        (loss_sum * (s.ranks.world if s.sharded else 1) / step_targets).backward()
         loss_total += loss_sum.detach().float()
         step_tokens += batch.tokens
+    # FSDP2 has reduce-scattered the gradients in backward; the rest is summed here
     loss_total, step_tokens, progress.stop_mode = sync_step(
-        s.params, s.ranks, loss_total, step_tokens, stop.mode
+        [] if s.sharded else s.params, s.ranks, loss_total, step_tokens, stop.mode
     )
     if progress.stop_mode == "abort":
         s.optimizer.zero_grad(set_to_none=True)
         return False
     norm = torch.nn.utils.clip_grad_norm_(s.params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+    if norm is not None and s.sharded:
+        norm = norm.full_tensor()  # the norm over every rank's shard
     s.optimizer.step()
     s.scheduler.step()
     s.optimizer.zero_grad(set_to_none=True)
@@ -510,7 +557,15 @@ def _step_event(s: _Setup, progress: _Progress, steps_per_epoch: int, started: f
 
 
 def _save_checkpoint(cfg: TrainConfig, s: _Setup, step: int, log: Emit) -> None:
-    saved = save_checkpoint(s.run, step, s.model, s.optimizer, s.scheduler, cfg.save_total_limit)
+    """Rank 0 writes the checkpoint; sharded, every rank first gives its shards to the whole."""
+    adapter = optimizer = None
+    if s.sharded:
+        adapter, optimizer = full_adapter_state(s.model), full_optimizer_state(s.optimizer)
+    if not s.ranks.is_main:
+        return
+    saved = save_checkpoint(
+        s.run, step, s.model, s.optimizer, s.scheduler, cfg.save_total_limit, adapter, optimizer
+    )
     log(P.CheckpointSaved(step=step, path=str(saved)))
 
 
@@ -520,9 +575,10 @@ def _save_checkpoint(cfg: TrainConfig, s: _Setup, step: int, log: Emit) -> None:
 def _finish(s: _Setup, progress: _Progress, log: Emit, started: float) -> P.TrainFinished:
     """Save the adapter (not after an abort) and log the run's TrainFinished."""
     adapter_dir = ""
+    state = full_adapter_state(s.model) if s.sharded and progress.status != "aborted" else None
     if progress.status != "aborted" and s.ranks.is_main:
         initial = s.run.initial_adapter if moves_base_into_adapter(s.model) else None
-        save_adapter_atomically(s.model, s.run.adapter, initial)
+        save_adapter_atomically(s.model, s.run.adapter, initial, state)
         adapter_dir = str(s.run.adapter)
     finished = P.TrainFinished(
         run_id=s.run.root.name,
@@ -825,7 +881,11 @@ def data_parallel_note(cfg: TrainConfig, s: _Setup) -> str:
     return (
         f"data parallel on {s.ranks.world} processes: global batch {bs} per device x "
         f"{cfg.gradient_accumulation_steps} accumulation x {s.ranks.world} = {bs * per} samples per "
-        "step; only the adapter's gradients are all-reduced"
+        + (
+            "step; gradients reduce-scattered by FSDP2"
+            if s.sharded
+            else "step; only the adapter's gradients are all-reduced"
+        )
     )
 
 
