@@ -116,7 +116,7 @@ def _train(
     from ..train.recipe import StopSignal, run_training
 
     stop = StopSignal()
-    previous = _install_stop_handlers(stop)
+    previous = _install_stop_handlers(stop, quiet=not main_rank)
     renderer = (JsonRenderer() if args.json else ProgressRenderer()) if main_rank else _Silent()
     progress = RunProgress()
 
@@ -167,17 +167,22 @@ def _say_verdict(result, cfg: TrainConfig, renderer) -> None:
         print(f"no verdict: {exc.message} ({exc.hint})", file=sys.stderr)
 
 
-def _install_stop_handlers(stop) -> dict[int, Any]:
+def _install_stop_handlers(stop, quiet: bool = False) -> dict[int, Any]:
+    """Ctrl-C / SIGTERM: stop after the step, a second aborts; `quiet` for ranks other than 0,
+    which stop with rank 0 and leave the telling to it."""
+
     def on_signal(signum, _frame) -> None:
         if stop.mode:
             stop.request("abort")
-            print("\naborting now (no checkpoint)", file=sys.stderr)
+            if not quiet:
+                print("\naborting now (no checkpoint)", file=sys.stderr)
         else:
             stop.request("graceful")
-            print(
-                "\nstopping after this step and saving a checkpoint; press Ctrl-C again to abort",
-                file=sys.stderr,
-            )
+            if not quiet:
+                print(
+                    "\nstopping after this step and saving a checkpoint; press Ctrl-C again to abort",
+                    file=sys.stderr,
+                )
 
     previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     signal.signal(signal.SIGINT, on_signal)

@@ -360,6 +360,12 @@ def _cross_checks(cfg: TrainConfig) -> dict[str, str]:
             "back to plain LoRA at the end needs the whole base in one process; use --init_weights "
             "true, or leave --deepspeed out"
         )
+    elif cfg.deepspeed and cfg.modules_to_save:
+        problems["deepspeed"] = (
+            f"{cfg.deepspeed} with --modules_to_save: FSDP2 reduces one gradient dtype per layer, and "
+            "modules trained in full keep the base's dtype beside the float32 adapter; leave "
+            "--modules_to_save out, or --deepspeed (data parallel takes both)"
+        )
     elif cfg.deepspeed and cfg.is_qlora:
         problems["deepspeed"] = (
             f"{cfg.deepspeed} with QLoRA: FSDP2 cannot shard bitsandbytes' 4-bit weights here; "

@@ -180,10 +180,12 @@ def launch_ranks(launch: Launch, argv: list[str]) -> int:
             run_dir = _read_note(note).get("run_dir", "")
             raise failure_error(exc.failures, launch.world_size, run_dir) from None
         except SignalException as exc:
-            # Ctrl-C or SIGTERM reached torchrun's agent: it passed the signal on to the ranks (each
-            # then stops after its step) and ended them after 30 seconds.
-            print(f"stopped ({signal.Signals(exc.sigval).name})", file=sys.stderr)
-            return 130
+            # Ctrl-C or SIGTERM reached torchrun's agent: it passed the signal on to the ranks, which
+            # stop after the same step with a checkpoint (ended if not done in 30 seconds).
+            status = _read_note(note).get("status", "")
+            if not status:
+                print(f"stopped by {signal.Signals(exc.sigval).name} before the run ended", file=sys.stderr)
+            return EXIT_CODES.get(status, 130)
         finally:
             os.environ.pop(RUN_NOTE_ENV, None)
         return EXIT_CODES.get(_read_note(note).get("status", ""), 0)
