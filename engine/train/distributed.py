@@ -80,16 +80,21 @@ def process_group(ranks: Ranks) -> Iterator[Any]:
     if not ranks.launched:
         yield None
         return
+    import datetime
+
     import torch
     import torch.distributed as dist
 
+    # The others wait in the next step's all-reduce while rank 0 evaluates or saves, which may take
+    # longer than NCCL's default 10 minutes; a rank that dies is found by torchrun at once anyway.
+    timeout = datetime.timedelta(hours=2)
     if torch.cuda.is_available():
         device = torch.device("cuda", ranks.local_rank)
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", device_id=device, timeout=timeout)
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timeout)
     try:
         yield device
         dist.barrier()  # no rank leaves while rank 0 still writes the adapter
