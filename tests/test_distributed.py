@@ -280,3 +280,25 @@ def test_zero3_shards_with_fsdp2_trains_as_one_and_resumes_on_one(tiny_model_dir
     assert run_training(cfg, events.append).status == "completed"
     assert any("nothing is sharded" in e.message for e in events if e.type == "Log")
     assert_same_curve(curve(z3), curve(tmp_path / "one"))
+
+
+def test_the_failure_named_is_the_rank_that_failed_first_not_its_echo(tmp_path):
+    from types import SimpleNamespace
+
+    from tunebench.engine.train.distributed import failure_error
+
+    def failure(exitcode, timestamp, message="", **extra):
+        data = {"message": {"message": message, "extraInfo": extra}} if message else {}
+        return SimpleNamespace(
+            exitcode=exitcode, timestamp=timestamp, message=data.get("message", ""), error_file_data=data
+        )
+
+    echo = failure(1, 100, "DistBackendError: Connection closed by peer", peer=True)
+    oom = failure(2, 101, "the GPU ran out of memory", code="oom", hint="lower --max_length")
+    error = failure_error({0: echo, 1: oom}, 2, "")
+    assert error.message.startswith(
+        "rank 1 of 2 failed: the GPU ran out of memory; the other 1 rank(s) were ended"
+    )
+    assert error.code == "oom" and error.hint.startswith("lower --max_length; then fix what")
+    killed = failure_error({0: echo, 3: failure(-9, 101)}, 4, "")
+    assert killed.message.startswith("rank 3 of 4 was killed by SIGKILL")

@@ -242,6 +242,8 @@ def failure_error(failures: Mapping[int, Any], world: int, run_dir: str) -> User
     else:
         kept = "no checkpoint had been written yet"
         hint = "fix what the error says and start the run again"
+    if _extra(failure).get("hint"):  # the rank's own advice (out of memory, bad data) comes first
+        hint = f"{_extra(failure)['hint']}; then {hint}"
     code = _extra(failure).get("code") or "internal"
     return UserError(f"rank {rank} of {world} {what}{others}; {kept}", hint, code=code)
 
@@ -293,15 +295,21 @@ def _record(exc: BaseException) -> None:
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return
-    message = str(exc) if isinstance(exc, (UserError, ConfigError)) else f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, UserError):
+        message = exc.message
+    elif isinstance(exc, ConfigError):
+        message = str(exc)
+    else:
+        message = f"{type(exc).__name__}: {exc}"
     data = {
         "message": {
-            "message": message.splitlines()[0] if message else type(exc).__name__,
+            "message": message or type(exc).__name__,
             "extraInfo": {
                 "py_callstack": traceback.format_exc(),
                 "timestamp": str(int(time.time())),
                 "peer": _is_peer_failure(exc),
                 "code": getattr(exc, "code", "") if isinstance(exc, UserError) else "",
+                "hint": exc.hint if isinstance(exc, UserError) else "",
             },
         }
     }
