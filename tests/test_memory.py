@@ -151,3 +151,17 @@ def test_estimate_is_within_15_percent_of_the_measured_peak(case):
     profile, train_type, workload = case
     got = total(H200, profile=profile, train_type=train_type, lora_dropout=0.0, **WORKLOADS[workload])
     assert abs(got / MEASURED_PEAKS[case] - 1) < 0.15, (case, got)
+
+
+def test_per_gpu_estimate_for_several_ranks():
+    one = estimate(**BENCH)
+    ddp = estimate(nproc_per_node=4, **BENCH)
+    zero3 = estimate(nproc_per_node=4, deepspeed="zero3", **BENCH)
+    # data parallel: each GPU holds all of it, and says so
+    assert ddp.total_gib == one.total_gib
+    assert "per GPU, each of 4 holding the whole base (data parallel)" in ddp.notes[0]
+    # zero3: a quarter of the weights and trained state, plus two layers gathered
+    assert zero3.parts["weights"] < one.parts["weights"] / 4 + one.parts["weights"] / 28 * 2 + 0.01
+    assert zero3.parts["weights"] > one.parts["weights"] / 4
+    assert zero3.total_gib < one.total_gib - 8
+    assert "per GPU of 4: --deepspeed zero3 (FSDP2)" in zero3.notes[0]

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import signal
 import sys
 from typing import Any, get_origin, get_type_hints
 
 from ..core.config import TrainConfig
 from ..core.errors import UserError
+from ..core.launch import is_worker, launch_from
 from .flags import FlagParser, flag_values, join_negative_numbers
 from .progress import JsonRenderer, ProgressRenderer
 
@@ -59,8 +61,32 @@ def build_train_parser() -> argparse.ArgumentParser:
 
 
 def train_main(argv: list[str]) -> int:
+    """Train in this process; or, asked for several (--nproc_per_node, ms-swift's NPROC_PER_NODE
+    and NNODES), check the settings here and start that many ranks of this command with torchrun;
+    or be one of those ranks (torchrun's environment says so)."""
     args = build_train_parser().parse_args(join_negative_numbers(argv))
     values = flag_values(args)
+    launch = launch_from(values.get("nproc_per_node"), os.environ)
+    if launch:
+        values["nproc_per_node"] = launch.nproc_per_node
+    elif is_worker(os.environ):
+        values["nproc_per_node"] = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        from ..train.distributed import as_rank, current_ranks
+
+        ranks = current_ranks()
+        return as_rank(lambda: _train(args, values, main_rank=ranks.is_main), ranks)
+    cfg = _config(values)
+    if launch:
+        from ..train.distributed import launch_ranks
+        from ..train.preflight import preflight
+
+        preflight(cfg)  # a mistake is said once, here, before any rank starts
+        return launch_ranks(launch, argv)
+    result = _train(args, values, cfg=cfg)
+    return 0 if result.status == "completed" else (130 if result.status == "aborted" else 0)
+
+
+def _config(values: dict[str, Any]) -> TrainConfig:
     if values.get("resume_from_checkpoint"):
         from ..train.resume import resume_config
 
@@ -72,19 +98,32 @@ def train_main(argv: list[str]) -> int:
             "no training data: --dataset is required",
             "for example --dataset sample_data/self_cognition.jsonl#50",
         )
+    return cfg
+
+
+def _train(
+    args: argparse.Namespace, values: dict[str, Any], cfg: TrainConfig | None = None, main_rank: bool = True
+):
+    """Train in this process (one rank of several, under torchrun); the run's TrainFinished."""
     from ..train.preflight import preflight
 
-    preflight(cfg)
+    if cfg is None:  # a rank: the launcher has run the preflight, and the recipe checks again
+        cfg = _config(values)
+    else:
+        preflight(cfg)
     from ..process.jobs import RunProgress, describe_failure
+    from ..train.distributed import write_note
     from ..train.recipe import StopSignal, run_training
 
     stop = StopSignal()
-    previous = _install_stop_handlers(stop)
-    renderer = JsonRenderer() if args.json else ProgressRenderer()
+    previous = _install_stop_handlers(stop, quiet=not main_rank)
+    renderer = (JsonRenderer() if args.json else ProgressRenderer()) if main_rank else _Silent()
     progress = RunProgress()
 
     def emit(event) -> None:
         progress.note(event)  # how far the run got, for the out-of-memory advice
+        if event.type == "TrainStarted":
+            write_note({"run_dir": event.run_dir})  # for the launcher, when a rank fails
         renderer(event)
 
     try:
@@ -100,9 +139,19 @@ def train_main(argv: list[str]) -> int:
         for signum, handler in previous.items():  # main() may be called in-process (tests)
             signal.signal(signum, handler)
     probe_after = args.probe_after == "true" if args.probe_after else sys.stdout.isatty()
-    if probe_after and result.status == "completed" and result.adapter_dir:
+    if main_rank and probe_after and result.status == "completed" and result.adapter_dir:
         _say_verdict(result, cfg, renderer)
-    return 0 if result.status == "completed" else (130 if result.status == "aborted" else 0)
+    return result
+
+
+class _Silent:
+    """The renderer of ranks other than 0: rank 0 shows the run."""
+
+    def __call__(self, event) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _say_verdict(result, cfg: TrainConfig, renderer) -> None:
@@ -118,17 +167,22 @@ def _say_verdict(result, cfg: TrainConfig, renderer) -> None:
         print(f"no verdict: {exc.message} ({exc.hint})", file=sys.stderr)
 
 
-def _install_stop_handlers(stop) -> dict[int, Any]:
+def _install_stop_handlers(stop, quiet: bool = False) -> dict[int, Any]:
+    """Ctrl-C / SIGTERM: stop after the step, a second aborts; `quiet` for ranks other than 0,
+    which stop with rank 0 and leave the telling to it."""
+
     def on_signal(signum, _frame) -> None:
         if stop.mode:
             stop.request("abort")
-            print("\naborting now (no checkpoint)", file=sys.stderr)
+            if not quiet:
+                print("\naborting now (no checkpoint)", file=sys.stderr)
         else:
             stop.request("graceful")
-            print(
-                "\nstopping after this step and saving a checkpoint; press Ctrl-C again to abort",
-                file=sys.stderr,
-            )
+            if not quiet:
+                print(
+                    "\nstopping after this step and saving a checkpoint; press Ctrl-C again to abort",
+                    file=sys.stderr,
+                )
 
     previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     signal.signal(signal.SIGINT, on_signal)

@@ -52,6 +52,8 @@ PROFILES = ("auto", "fast", "lean")
 INIT_WEIGHTS = ("true", "false", "gaussian", "pissa", "olora")
 # --report_to value -> the package it needs (not dependencies of TuneBench: installed by who wants them)
 TRACKER_PACKAGES = {"none": "", "tensorboard": "tensorboard", "swanlab": "swanlab", "wandb": "wandb"}
+# ms-swift's --deepspeed stages TuneBench runs, with FSDP2 (engine/train/distributed.py)
+DEEPSPEED_STAGES = ("zero2", "zero3")
 ATTN_IMPLS = ("auto", "sdpa", "eager", "flash_attn", "flash_attention_2")
 # Every numeric field has both bounds, so a value out of range is a message where it is parsed
 # (CLI flag, form, engine request), never an overflow deep inside numpy or torch.
@@ -113,8 +115,17 @@ class TrainConfig:
     )
     deepspeed: str = _f(
         "",
-        "ms-swift's DeepSpeed setting (zero2, zero3, a json file): multi-GPU, not built yet; leave empty",
+        "ms-swift's DeepSpeed stage, run as PyTorch FSDP2 over the torchrun processes: zero3 shards "
+        "the base weights, zero2 keeps them gathered from forward to backward; empty = none",
         "model",
+    )
+    nproc_per_node: int = _f(
+        1,
+        "training processes on this machine, one per GPU, started with torchrun (ms-swift's "
+        "NPROC_PER_NODE sets it too); the global batch is per-device x accumulation x processes",
+        "model",
+        min=1,
+        max=1024,
     )
     # lora
     lora_rank: int = _f(8, "LoRA rank r", "lora", min=1, max=1024, aliases=("lora_r",), resume="fixed")
@@ -261,7 +272,8 @@ class GenerationConfig:
 _MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 
 
-def _check_field(f: dataclasses.Field, value: Any) -> str | None:
+def check_value(f: dataclasses.Field, value: Any) -> str | None:
+    """What is wrong with one field's value (its choices and bounds), None when nothing is."""
     meta = f.metadata
     if "choices" in meta and value not in meta["choices"]:
         return f"{value!r} is not one of {', '.join(map(str, meta['choices']))}"
@@ -290,7 +302,7 @@ def validate(cfg: Any) -> dict[str, str]:
         if not _is_instance(value, hints[f.name]):
             problems[f.name] = f"must be {_type_word(hints[f.name])} (got {value!r})"
             continue
-        message = _check_field(f, value)
+        message = check_value(f, value)
         if message:
             problems[f.name] = message
     if isinstance(cfg, TrainConfig):
@@ -335,11 +347,30 @@ def _cross_checks(cfg: TrainConfig) -> dict[str, str]:
             f"{cfg.report_to} is not installed here: `pip install {package}`, or leave --report_to "
             "out (the run's metrics.jsonl has the curves either way)"
         )
-    if cfg.deepspeed:
+    if cfg.deepspeed and cfg.deepspeed not in DEEPSPEED_STAGES:
         problems["deepspeed"] = (
-            f"DeepSpeed ZeRO ({cfg.deepspeed}) spreads training over several GPUs, and this build "
-            "trains on one GPU: leave --deepspeed out to train on one (multi-GPU training is not "
-            "built yet)"
+            f"{cfg.deepspeed!r}: TuneBench runs ms-swift's zero2 and zero3 as PyTorch FSDP2 "
+            "sharding; DeepSpeed itself, its json files and its CPU offload are not used: give "
+            "zero2 or zero3, or leave --deepspeed out (data parallel, the adapter's gradients "
+            "all-reduced)"
+        )
+    elif cfg.deepspeed and cfg.init_weights in ("pissa", "olora"):
+        problems["deepspeed"] = (
+            f"{cfg.deepspeed} with --init_weights {cfg.init_weights}: the adapter's conversion "
+            "back to plain LoRA at the end needs the whole base in one process; use --init_weights "
+            "true, or leave --deepspeed out"
+        )
+    elif cfg.deepspeed and cfg.modules_to_save:
+        problems["deepspeed"] = (
+            f"{cfg.deepspeed} with --modules_to_save: FSDP2 reduces one gradient dtype per layer, and "
+            "modules trained in full keep the base's dtype beside the float32 adapter; leave "
+            "--modules_to_save out, or --deepspeed (data parallel takes both)"
+        )
+    elif cfg.deepspeed and cfg.is_qlora:
+        problems["deepspeed"] = (
+            f"{cfg.deepspeed} with QLoRA: FSDP2 cannot shard bitsandbytes' 4-bit weights here; "
+            "leave --deepspeed out (QLoRA trains data parallel, each GPU holding the 4-bit base), "
+            "or use --train_type lora"
         )
     if not cfg.model.strip():
         problems["model"] = "name a model: demo, a folder, a hub id or a .gguf file"

@@ -199,8 +199,10 @@ def estimate_training_memory(
         inputs_on_host=layout.inputs_on_host,
         dora=cfg.use_dora,
     )
+    ranks_note = _per_gpu_of_ranks(parts, cfg, shape.layers)
     total = parts.pop("total")
     notes = [
+        *([ranks_note] if ranks_note else []),
         f"profile {layout.profile} ({layout.why})",
         f"largest forward {layout.tokens} tokens, packed without padding",
         f"{layout.recomputed_layers} of {shape.layers} layers recomputed in backward",
@@ -219,6 +221,29 @@ def estimate_training_memory(
         parameters=shape.parameters,
         trainable=layout.lora_params,
         notes=notes,
+    )
+
+
+def _per_gpu_of_ranks(parts: dict[str, int], cfg: Any, layers: int) -> str:
+    """The peak per GPU of a run on several (--nproc_per_node): data parallel, each holds all of
+    it; --deepspeed zero3 (FSDP2) shards the weights and the trained state, and holds two layers
+    whole at a time (the one running, the next being gathered). zero2 keeps every layer gathered
+    from forward to backward, so its peak holds the whole base. Changes `parts` in place."""
+    ranks = int(getattr(cfg, "nproc_per_node", 1) or 1)
+    stage = getattr(cfg, "deepspeed", "")
+    if ranks <= 1:
+        return ""
+    if stage != "zero3":
+        what = "zero2 gathers every layer from forward to backward" if stage else "data parallel"
+        return f"per GPU, each of {ranks} holding the whole base ({what})"
+    gathered = 2 * parts["weights"] // max(layers, 1)
+    parts["weights"] = parts["weights"] // ranks + gathered
+    parts["lora_and_optimizer"] //= ranks
+    parts["total"] = sum(v for k, v in parts.items() if k != "total")
+    return (
+        f"per GPU of {ranks}: --deepspeed zero3 (FSDP2) shards the weights, 1/{ranks} each plus "
+        "two layers gathered at a time; FSDP2 runs the plain path, which this model estimates "
+        "by the fast path's"
     )
 
 

@@ -88,6 +88,13 @@ class Jobs:
 
         if job.config.resume_from_checkpoint:  # the run's recorded settings, with the request's applied
             job.config = resume_config(self.resolve_train_paths(request.config))
+        if job.config.nproc_per_node > 1:
+            raise UserError(
+                f"nproc_per_node {job.config.nproc_per_node}: the workbench trains in one process",
+                "set it to 1 here, or run the same settings on several GPUs from a terminal: "
+                f"NPROC_PER_NODE={job.config.nproc_per_node} tunebench train ... with the same flags",
+                code="config",
+            )
         started = time.perf_counter()
         try:
             # A bad dataset or flag fails in seconds, before any weights load.

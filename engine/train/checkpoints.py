@@ -30,8 +30,18 @@ from .types import RunPaths
 TMP_CHECKPOINT_PREFIX = ".tmp-step-"
 
 
-def save_checkpoint(run: RunPaths, step: int, model, optimizer, scheduler, keep: int) -> Path:
-    """Write checkpoints/step-<n>/ under a temporary name, fsync, then rename: never half-written."""
+def save_checkpoint(
+    run: RunPaths,
+    step: int,
+    model,
+    optimizer,
+    scheduler,
+    keep: int,
+    adapter_state: dict | None = None,
+    optimizer_state: dict | None = None,
+) -> Path:
+    """Write checkpoints/step-<n>/ under a temporary name, fsync, then rename: never half-written.
+    A sharded model's adapter and optimizer state come gathered (`adapter_state`, `optimizer_state`)."""
     import numpy as np
     import torch
 
@@ -39,7 +49,7 @@ def save_checkpoint(run: RunPaths, step: int, model, optimizer, scheduler, keep:
     tmp = run.checkpoints / f"{TMP_CHECKPOINT_PREFIX}{step}"
     state = {
         "step": step,
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "rng_torch": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -52,7 +62,7 @@ def save_checkpoint(run: RunPaths, step: int, model, optimizer, scheduler, keep:
             shutil.rmtree(tmp, ignore_errors=True)
         # named as the checkpoint it would have become: the temporary folder goes with the failure
         with writing(final / ADAPTER_WEIGHTS):
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, state_dict=adapter_state)
         with writing(final / CHECKPOINT_STATE_FILE):
             torch.save(state, tmp / CHECKPOINT_STATE_FILE)
             for f in tmp.iterdir():
@@ -200,21 +210,24 @@ def _sound(checkpoint: Path, damage: str = "") -> Path:
     raise UserError(f"checkpoint {checkpoint} is damaged: {damage}", hint, code="checkpoint")
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, device) -> int:
-    """Restore the adapter weights, optimizer, scheduler and RNG states; returns the step saved."""
+def load_checkpoint(path: Path, model, optimizer, scheduler, device, shard_optimizer=None) -> int:
+    """Restore the adapter weights, optimizer, scheduler and RNG states; returns the step saved.
+    A sharded model (`shard_optimizer` cuts the optimizer state to this rank's shards) had its
+    weights loaded before it was sharded (load_adapter_weights)."""
     import numpy as np
     import torch
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
+    if shard_optimizer is None:
+        load_adapter_weights(path, model, device)
     try:
-        weights = load_file(str(path / ADAPTER_WEIGHTS), device=str(device))
         state = torch.load(path / CHECKPOINT_STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as exc:  # damage the preflight's look at the files did not show
         _sound(path, f"it cannot be read ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]})")
         raise
-    set_peft_model_state_dict(model, weights)
-    optimizer.load_state_dict(state["optimizer"])
+    optimizer_state = state["optimizer"]
+    if shard_optimizer is not None:
+        optimizer_state = shard_optimizer(optimizer_state, optimizer)
+    optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng_torch"])
     if state["rng_cuda"] and torch.cuda.is_available():
@@ -226,7 +239,22 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, device) -> int:
     return int(state["step"])
 
 
-def save_adapter_atomically(model, target: Path, initial: Path | None = None) -> None:
+def load_adapter_weights(path: Path, model, device) -> None:
+    """The checkpoint's adapter weights into the model (not yet sharded, when it is to be)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    try:
+        weights = load_file(str(path / ADAPTER_WEIGHTS), device=str(device))
+    except Exception as exc:  # damage the preflight's look at the files did not show
+        _sound(path, f"it cannot be read ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]})")
+        raise
+    set_peft_model_state_dict(model, weights)
+
+
+def save_adapter_atomically(
+    model, target: Path, initial: Path | None = None, state: dict | None = None
+) -> None:
     """The final adapter, written beside `target` and renamed into place; with `initial` (PiSSA /
     OLoRA's adapter before training) converted by PEFT to a plain LoRA of twice the rank, which
     applies to the unchanged base as chat, merge and export load it."""
@@ -234,7 +262,7 @@ def save_adapter_atomically(model, target: Path, initial: Path | None = None) ->
     with _written_whole_or_not_at_all(tmp), writing(target / ADAPTER_WEIGHTS):
         shutil.rmtree(tmp, ignore_errors=True)
         if initial is None:
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, state_dict=state)
         else:
             model.save_pretrained(tmp, path_initial_model_for_weight_conversion=str(initial))
     shutil.rmtree(target, ignore_errors=True)

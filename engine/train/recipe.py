@@ -13,6 +13,7 @@ Checkpoints and the final adapter are written and read by engine/train/checkpoin
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -36,15 +37,28 @@ from ..core.step_clock import StepClock, first_step_note
 from ..core.workspace import read_metrics
 from .checkpoints import (
     find_checkpoint,
+    load_adapter_weights,
     load_checkpoint,
     remove_unfinished_writes,
     save_adapter_atomically,
     save_checkpoint,
     writing_run,
 )
+from .distributed import (
+    Ranks,
+    broadcast_trainable,
+    current_ranks,
+    full_adapter_state,
+    full_optimizer_state,
+    process_group,
+    shard_model,
+    shard_optimizer_state,
+    sync_step,
+)
 from .plain import plain_path
 from .resume import data_changed_warning, dataset_hashes, recorded_config, resume_changes
 from .trackers import open_tracker
+from .types import IGNORE as IGNORE_LABEL
 from .types import RunPaths, TrainPath
 
 if TYPE_CHECKING:
@@ -107,6 +121,11 @@ class _Setup:
     train_set: list[Any]
     eval_set: list[Any]
     start_step: int
+    ranks: Ranks = field(default_factory=Ranks)
+    # the loss tokens of each training sample: every rank knows a whole step's, to normalise by
+    targets: list[int] = field(default_factory=list)
+    micro_batches_per_step: int = 1
+    sharded: bool = False  # FSDP2 (--deepspeed zero2 / zero3 under torchrun)
     # time the run's earlier attempts logged up to the checkpoint it resumes from, so that its
     # elapsed time and "took" count the whole run, not the resumed part alone
     earlier_s: float = 0.0
@@ -135,6 +154,8 @@ class _Progress:
     clock: StepClock = field(default_factory=StepClock)
     step_tokens: int = 0
     stage_s: dict[str, float] = field(default_factory=dict)  # TrainFinished.stage_s, so far
+    # the stop every rank agreed on at the end of the last step (several processes only)
+    stop_mode: str = ""
 
     def take_window(self) -> float:
         """The loss of the steps since the last log; starts the next window."""
@@ -154,26 +175,38 @@ def run_training(cfg: TrainConfig, emit: Emit, stop: StopSignal | None = None) -
     """Fine-tune per `cfg`; blocks until done, stopped or aborted. Raises UserError for bad input.
 
     Events go to `emit`; those worth keeping (steps, evals, checkpoints, the end) also go to the
-    run's metrics.jsonl."""
+    run's metrics.jsonl. Started by torchrun (engine/train/distributed.py), this process is one
+    rank of several: each trains on its share of every step, and rank 0 alone emits and writes."""
     stop = stop or StopSignal()
+    ranks = current_ranks()
+    with process_group(ranks) as device:
+        return _run(cfg, emit if ranks.is_main else _discard, stop, ranks, device)
+
+
+def _discard(_event: P.Event) -> None:
+    """The events of ranks other than 0: rank 0 reports the run."""
+
+
+def _run(cfg: TrainConfig, emit: Emit, stop: StopSignal, ranks: Ranks, device: Any) -> P.TrainFinished:
     started = time.perf_counter()
     try:
-        setup = _setup(cfg, emit, stop)
+        setup = _setup(cfg, emit, stop, ranks, device)
     except Cancelled:
         finished = stopped_before_training(started)
         emit(finished)
         return finished
-    with (
-        writing_run(setup.run.root),
-        MetricsLog(setup.run.root) as metrics,
-        open_tracker(cfg, setup.run.root) as tracker,
-    ):
+    with contextlib.ExitStack() as files:
+        log = emit
+        if ranks.is_main:
+            files.enter_context(writing_run(setup.run.root))
+            metrics = files.enter_context(MetricsLog(setup.run.root))
+            tracker = files.enter_context(open_tracker(cfg, setup.run.root))
 
-        def log(event: P.Event) -> None:
-            emit(event)
-            record = event.to_dict()
-            metrics.append(record)
-            tracker.log(record)
+            def log(event: P.Event) -> None:
+                emit(event)
+                record = event.to_dict()
+                metrics.append(record)
+                tracker.log(record)
 
         started -= setup.earlier_s
         progress = _train_loop(cfg, setup, stop, emit, log, started)
@@ -183,7 +216,7 @@ def run_training(cfg: TrainConfig, emit: Emit, stop: StopSignal | None = None) -
 # ----------------------------------------------------------------------- setup
 
 
-def _setup(cfg: TrainConfig, emit: Emit, stop: StopSignal) -> _Setup:
+def _setup(cfg: TrainConfig, emit: Emit, stop: StopSignal, ranks: Ranks, device: Any) -> _Setup:
     """Load the model and data, attach LoRA, build the optimizer, then open the run (a new folder,
     or the checkpoint it resumes from) and announce it with TrainStarted."""
     import torch
@@ -192,28 +225,47 @@ def _setup(cfg: TrainConfig, emit: Emit, stop: StopSignal) -> _Setup:
     # a setting the checkpoint cannot take (its LoRA shape, model, template) fails here, before the load
     changes = resume_changes(recorded_config(resume_dir), cfg, str(resume_dir)) if resume_dir else []
     run = RunPaths(resume_dir.parent.parent if resume_dir else new_run_dir(cfg))
-    for folder in {Path(cfg.output_dir).expanduser(), run.root.parent}:
+    for folder in {Path(cfg.output_dir).expanduser(), run.root.parent} if ranks.is_main else ():
         for leftover in remove_unfinished_writes(folder):
             emit(P.Log(message=f"removed {leftover}, left by a run stopped while it wrote a checkpoint"))
     _seed_everything(cfg.seed)
-    loaded = _load_model(cfg, emit)
+    loaded = _load_model(cfg, emit, device)
     loaded_at = time.perf_counter()
     train_set, eval_set = _load_data(cfg, loaded.tokenizer, emit, stop.requested)
 
-    path = select_path(cfg, loaded.device)
+    sharded = bool(cfg.deepspeed) and ranks.launched
+    if cfg.deepspeed and not ranks.launched:
+        emit(
+            P.Log(
+                message=f"--deepspeed {cfg.deepspeed} shards over several processes and this run "
+                "is one: nothing is sharded (start it with NPROC_PER_NODE=N to shard over N GPUs)"
+            )
+        )
+    # FSDP2 takes the plain path: the fast path packs each rank's samples into its own number of
+    # forwards, and the ranks' per-layer all-gathers must pair up
+    path = plain_path(cfg) if sharded else select_path(cfg, loaded.device)
     for note in path.notes:
         emit(P.Log(message=note))
     model = attach_lora(path.prepare_base(loaded.model), cfg, path.gradient_checkpointing)
-    if loaded.device.type != "cuda":
+    if loaded.device.type != "cuda" and ranks.world == 1:
+        # not with several ranks: one rank leaving a step halfway would leave the others waiting
         _abort_between_modules(model, stop)
+    if sharded:
+        if resume_dir:  # into the whole weights, before each rank keeps its shard of them
+            load_adapter_weights(resume_dir, model, loaded.device)
+        emit(P.Log(message=shard_model(model, cfg.deepspeed)))
     params = [p for p in model.parameters() if p.requires_grad]
+    if not sharded:
+        broadcast_trainable(params, ranks)
     optimizer = torch.optim.AdamW(
         optimizer_groups(model, cfg),
         lr=cfg.learning_rate,
         weight_decay=cfg.weight_decay,
-        fused=loaded.device.type == "cuda",
+        fused=loaded.device.type == "cuda" and not sharded,
     )
-    plan = build_plan(len(train_set), cfg)
+    recorded_run = _read_run_config(run) if resume_dir else {}
+    per_step = micro_batches_per_step(cfg, ranks.world, recorded_run)
+    plan = build_plan(len(train_set), cfg, per_step)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, len(plan)))
     setup = _Setup(
         run=run,
@@ -230,9 +282,16 @@ def _setup(cfg: TrainConfig, emit: Emit, stop: StopSignal) -> _Setup:
         start_step=0,
         load_s=loaded.seconds,
         loaded_at=loaded_at,
+        ranks=ranks,
+        targets=[loss_tokens(sample) for sample in train_set],
+        micro_batches_per_step=per_step,
+        sharded=sharded,
     )
 
     _open_run(cfg, setup, resume_dir, changes, loaded.resolved.path, emit)
+    if ranks.world > 1:
+        # dropout draws its own masks on each rank (the same seed gave every rank the same adapter)
+        torch.manual_seed(cfg.seed + 1_000_003 * (ranks.rank + 1) + setup.start_step)
     return setup
 
 
@@ -242,27 +301,38 @@ def _open_run(
     """Resume from the checkpoint (its metrics cut back to it, the settings it resumes with
     recorded) or start the run's folder, then announce the run with TrainStarted."""
     run = setup.run
+    main = setup.ranks.is_main
     if resume_dir:
         setup.start_step = load_checkpoint(
-            resume_dir, setup.model, setup.optimizer, setup.scheduler, setup.device
+            resume_dir,
+            setup.model,
+            setup.optimizer,
+            setup.scheduler,
+            setup.device,
+            shard_optimizer=shard_optimizer_state if setup.sharded else None,
         )
-        truncate_metrics(run.root, setup.start_step)
+        recorded = _read_run_config(run)
+        if main:
+            truncate_metrics(run.root, setup.start_step)
         setup.earlier_s = _logged_seconds(run.root)
         emit(P.Log(message=f"resumed from {resume_dir} at step {setup.start_step}"))
         if changes:
             emit(P.Log(message="resumed with changed settings: " + ", ".join(changes)))
-        recorded = _read_run_config(run)
+        if note := ranks_changed_note(recorded, setup, cfg):
+            emit(P.Log(message=note))
         warning = data_changed_warning(recorded.get("dataset_sha256") or {}, dataset_hashes(cfg))
         if warning:
             emit(P.Log(message=warning))
-        # the next resume starts from these settings and this data
-        _write_run_config(run, cfg, base_path, created=recorded.get("created"))
-    else:
+        if main:  # the next resume starts from these settings and this data
+            _write_run_config(run, cfg, base_path, setup, created=recorded.get("created"))
+    elif main:
         run.root.mkdir(parents=True, exist_ok=True)
-        _write_run_config(run, cfg, base_path)
+        _write_run_config(run, cfg, base_path, setup)
         start_metrics(run.root)
         if moves_base_into_adapter(setup.model):
             save_initial_adapter(setup.model, run.initial_adapter)
+    if setup.ranks.world > 1 and not resume_dir:
+        emit(P.Log(message=data_parallel_note(cfg, setup)))
     emit(
         P.TrainStarted(
             run_id=run.root.name,
@@ -275,7 +345,7 @@ def _open_run(
     )
 
 
-def _load_model(cfg: TrainConfig, emit: Emit) -> LoadedModel:
+def _load_model(cfg: TrainConfig, emit: Emit, device: Any = None) -> LoadedModel:
     from ..models.loading import load_model
 
     emit(P.Progress(stage="load", message=f"loading model {cfg.model}"))
@@ -284,6 +354,7 @@ def _load_model(cfg: TrainConfig, emit: Emit) -> LoadedModel:
         torch_dtype=cfg.torch_dtype,
         quantize_4bit=cfg.is_qlora,
         trust_remote_code=cfg.trust_remote_code,
+        device=device,  # this rank's GPU under torchrun; else the loader's choice
     )
     use_attention_kernel(loaded.model, cfg.attn_impl)
     found_type = getattr(loaded.model.config, "model_type", "")
@@ -350,7 +421,8 @@ def _train_loop(
 ) -> _Progress:
     """Steps until the plan ends or a stop: each step logged, evaluated and saved as `cfg` says."""
     progress = _Progress(step=s.start_step, stage_s={"load": round(s.load_s, 3)})
-    steps_per_epoch = max(1, _steps_per_epoch(len(s.train_set), cfg))
+    steps_per_epoch = max(1, _steps_per_epoch(len(s.train_set), cfg, s.micro_batches_per_step))
+    main = s.ranks.is_main
     s.model.train()
     noted = len(s.path.notes)
     if s.path.compiles:
@@ -375,7 +447,9 @@ def _train_loop(
 
         if step % cfg.logging_steps == 0 or step == s.total_steps or step == s.start_step + 1:
             log(_step_event(s, progress, steps_per_epoch, started))
-        if s.eval_set and (step % cfg.eval_steps == 0 or step == s.total_steps):
+        # rank 0 evaluates alone, the others wait for it in the next step's all-reduce; sharded,
+        # every rank runs the forwards (each holds a shard of every layer)
+        if (main or s.sharded) and s.eval_set and (step % cfg.eval_steps == 0 or step == s.total_steps):
             try:
                 eval_loss = evaluate(s.model, s.eval_set, cfg, s.tokenizer, s.device, s.path)
             except Cancelled:
@@ -385,12 +459,13 @@ def _train_loop(
             s.model.train()
         if step % cfg.save_steps == 0 and step < s.total_steps:
             _save_checkpoint(cfg, s, step, log)
-        if stop.mode == "graceful":
+        mode = _stop_mode(s, progress, stop)
+        if mode == "graceful":
             progress.status = "stopped"
             if step < s.total_steps and step % cfg.save_steps != 0:
                 _save_checkpoint(cfg, s, step, log)
             break
-        if stop.mode == "abort":
+        if mode == "abort":
             progress.status = "aborted"
             break
     if "to_first_step" in progress.stage_s:
@@ -411,30 +486,55 @@ def _first_step_done(s: _Setup, progress: _Progress) -> str:
     return first_step_note(after_load, compile_s, cache)
 
 
+def _stop_mode(s: _Setup, progress: _Progress, stop: StopSignal) -> str:
+    """The stop to act on: as asked, in one process; with several, the one all ranks agreed on at
+    the step's all-reduce (a stop asked later waits for the next step, or one rank would leave)."""
+    return progress.stop_mode if s.ranks.world > 1 else stop.mode
+
+
 def _train_step(cfg: TrainConfig, s: _Setup, progress: _Progress, stop: StopSignal) -> bool:
     """One optimizer step over the plan's next micro-batches; False if an abort cut it short."""
     import torch
 
+    step = s.plan[progress.step]
+    mine, idle = s.ranks.share(step), 0
+    if s.sharded:
+        # Every rank runs as many forwards as the busiest one: FSDP's all-gathers must pair up. A
+        # rank short of micro-batches repeats one with its loss times zero.
+        idle = math.ceil(len(step) / s.ranks.world) - len(mine)
+        mine = mine + [step[0]] * idle
     micro_batches = [
         s.path.collate([s.train_set[i] for i in idx], s.tokenizer.pad_token_id, s.device)
-        for idx in s.path.group(s.plan[progress.step], s.train_set)
+        for idx in s.path.group(mine, s.train_set)
     ]
-    # Normalise by the loss tokens of the whole step, not per micro-batch, so accumulation gives
-    # the same gradient as one big batch.
-    step_targets = sum(b.target_tokens for b in micro_batches)
+    # Normalise by the loss tokens of the whole step (all ranks' share), not per micro-batch, so
+    # accumulation and ranks give the same gradient as one big batch: the all-reduce sums.
+    step_targets = sum(s.targets[i] for idx in step for i in idx)
     # The step's loss stays on the device: reading it per micro-batch would make the host wait for
     # the GPU before it may launch the next forward.
     loss_total = torch.zeros((), dtype=torch.float32, device=s.device)
-    for batch in micro_batches:
-        if stop.mode == "abort":
+    step_tokens = 0
+    for n, batch in enumerate(micro_batches):
+        if stop.mode == "abort" and not s.sharded:  # sharded, the ranks' forwards must pair up
             break
         loss_sum = s.path.loss_sum(s.model, batch)
-        (loss_sum / step_targets).backward()
+        if n >= len(micro_batches) - idle:
+            (loss_sum * 0.0).backward()
+            continue
+        # FSDP2 averages the ranks' gradients where the all-reduce sums them: scaled to match
+        (loss_sum * (s.ranks.world if s.sharded else 1) / step_targets).backward()
         loss_total += loss_sum.detach().float()
-        progress.step_tokens += batch.tokens
-    if stop.mode == "abort":
+        step_tokens += batch.tokens
+    # FSDP2 has reduce-scattered the gradients in backward; the rest is summed here
+    loss_total, step_tokens, progress.stop_mode = sync_step(
+        [] if s.sharded else s.params, s.ranks, loss_total, step_tokens, stop.mode
+    )
+    if progress.stop_mode == "abort":
+        s.optimizer.zero_grad(set_to_none=True)
         return False
     norm = torch.nn.utils.clip_grad_norm_(s.params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+    if norm is not None and s.sharded:
+        norm = norm.full_tensor()  # the norm over every rank's shard
     s.optimizer.step()
     s.scheduler.step()
     s.optimizer.zero_grad(set_to_none=True)
@@ -444,8 +544,7 @@ def _train_step(cfg: TrainConfig, s: _Setup, progress: _Progress, stop: StopSign
     else:
         step_loss, progress.grad_norm = torch.stack([loss_total, norm.float()]).tolist()
     progress.step += 1
-    progress.clock.step_done(progress.step_tokens)
-    progress.step_tokens = 0
+    progress.clock.step_done(step_tokens)
     progress.window_loss += step_loss
     progress.window_tokens += step_targets
     return True
@@ -482,7 +581,15 @@ def _step_event(s: _Setup, progress: _Progress, steps_per_epoch: int, started: f
 
 
 def _save_checkpoint(cfg: TrainConfig, s: _Setup, step: int, log: Emit) -> None:
-    saved = save_checkpoint(s.run, step, s.model, s.optimizer, s.scheduler, cfg.save_total_limit)
+    """Rank 0 writes the checkpoint; sharded, every rank first gives its shards to the whole."""
+    adapter = optimizer = None
+    if s.sharded:
+        adapter, optimizer = full_adapter_state(s.model), full_optimizer_state(s.optimizer)
+    if not s.ranks.is_main:
+        return
+    saved = save_checkpoint(
+        s.run, step, s.model, s.optimizer, s.scheduler, cfg.save_total_limit, adapter, optimizer
+    )
     log(P.CheckpointSaved(step=step, path=str(saved)))
 
 
@@ -492,10 +599,11 @@ def _save_checkpoint(cfg: TrainConfig, s: _Setup, step: int, log: Emit) -> None:
 def _finish(s: _Setup, progress: _Progress, log: Emit, started: float) -> P.TrainFinished:
     """Save the adapter (not after an abort) and log the run's TrainFinished."""
     adapter_dir = ""
-    if progress.status != "aborted":
+    state = full_adapter_state(s.model) if s.sharded and progress.status != "aborted" else None
+    if progress.status != "aborted" and s.ranks.is_main:
         saving = time.perf_counter()
         initial = s.run.initial_adapter if moves_base_into_adapter(s.model) else None
-        save_adapter_atomically(s.model, s.run.adapter, initial)
+        save_adapter_atomically(s.model, s.run.adapter, initial, state)
         adapter_dir = str(s.run.adapter)
         progress.stage_s["save"] = round(time.perf_counter() - saving, 3)
     if "compile" in progress.stage_s:  # the whole run's: evals compile the layers without grad again
@@ -548,7 +656,9 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _write_run_config(run: RunPaths, cfg: TrainConfig, base_path: Path, created: str | None = None) -> None:
+def _write_run_config(
+    run: RunPaths, cfg: TrainConfig, base_path: Path, setup: _Setup, created: str | None = None
+) -> None:
     payload = {
         "run_id": run.root.name,
         "config": to_dict(cfg),
@@ -556,6 +666,9 @@ def _write_run_config(run: RunPaths, cfg: TrainConfig, base_path: Path, created:
         "base_model_path": str(base_path),
         "dataset_sha256": dataset_hashes(cfg),  # a resume on other data warns (train/resume.py)
         "created": created or datetime.now().isoformat(timespec="seconds"),
+        # what a resume on another number of processes keeps, and says it changed
+        "micro_batches_per_step": setup.micro_batches_per_step,
+        "processes": setup.ranks.world,
     }
     atomic_write_bytes(run.config, orjson.dumps(payload, option=orjson.OPT_INDENT_2), sync_dir=True)
 
@@ -706,15 +819,16 @@ def no_sample_left(problems: list[str], max_length: int) -> UserError:
     )
 
 
-def build_plan(num_samples: int, cfg: TrainConfig) -> list[list[list[int]]]:
-    """Every optimizer step's micro-batches of sample indices, fixed by the seed.
+def build_plan(num_samples: int, cfg: TrainConfig, per_step: int = 0) -> list[list[list[int]]]:
+    """Every optimizer step's micro-batches of sample indices, fixed by the seed: `per_step` of
+    them (all ranks' together; default: --gradient_accumulation_steps, one process).
 
     Each epoch is its own seeded permutation and steps never straddle epochs, so resuming at step
     k replays exactly the batches an uninterrupted run would have seen.
     """
-    bs, ga = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
-    check_plan_size(num_samples, cfg)
-    total = planned_steps(num_samples, cfg)
+    bs, ga = cfg.per_device_train_batch_size, per_step or cfg.gradient_accumulation_steps
+    check_plan_size(num_samples, cfg, ga)
+    total = planned_steps(num_samples, cfg, ga)
     plan: list[list[list[int]]] = []
     epoch = 0
     while len(plan) < total:
@@ -726,18 +840,19 @@ def build_plan(num_samples: int, cfg: TrainConfig) -> list[list[list[int]]]:
     return plan[:total]
 
 
-def planned_steps(num_samples: int, cfg: TrainConfig) -> int:
+def planned_steps(num_samples: int, cfg: TrainConfig, per_step: int = 0) -> int:
     """Optimizer steps the run takes: --max_steps, or --num_train_epochs passes over the data."""
     if cfg.max_steps > 0:
         return cfg.max_steps
-    return max(1, math.ceil(cfg.num_train_epochs * _steps_per_epoch(num_samples, cfg)))
+    return max(1, math.ceil(cfg.num_train_epochs * _steps_per_epoch(num_samples, cfg, per_step)))
 
 
-def check_plan_size(num_samples: int, cfg: TrainConfig) -> None:
+def check_plan_size(num_samples: int, cfg: TrainConfig, per_step: int = 0) -> None:
     """Refuse a run whose step plan would not fit in memory (engine/core/limits.py), before it is
     built: the plan is made whole up front, so resuming replays it exactly."""
-    steps = planned_steps(num_samples, cfg)
-    per_step = min(cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps, num_samples)
+    steps = planned_steps(num_samples, cfg, per_step)
+    micro = per_step or cfg.gradient_accumulation_steps
+    per_step = min(cfg.per_device_train_batch_size * micro, num_samples)
     fewer = "lower --num_train_epochs" if cfg.max_steps <= 0 else "lower --max_steps"
     if steps > MAX_STEPS:
         raise UserError(
@@ -755,10 +870,58 @@ def check_plan_size(num_samples: int, cfg: TrainConfig) -> None:
         )
 
 
-def _steps_per_epoch(num_samples: int, cfg: TrainConfig) -> int:
+def _steps_per_epoch(num_samples: int, cfg: TrainConfig, per_step: int = 0) -> int:
     """Optimizer steps in one pass over the data; the last step of an epoch may be short."""
     batches = math.ceil(num_samples / cfg.per_device_train_batch_size)
-    return math.ceil(batches / cfg.gradient_accumulation_steps)
+    return math.ceil(batches / (per_step or cfg.gradient_accumulation_steps))
+
+
+def micro_batches_per_step(cfg: TrainConfig, world: int, recorded_run: dict[str, Any]) -> int:
+    """Micro-batches in one optimizer step, over all ranks: accumulation x ranks, as in ms-swift.
+    A resume keeps its run's, on any number of ranks, so its steps take the samples an
+    uninterrupted run would have; unless it changes the batch settings, which start afresh."""
+    before = recorded_run.get("config") or {}
+    kept = recorded_run.get("micro_batches_per_step", before.get("gradient_accumulation_steps"))
+    batch = ("per_device_train_batch_size", "gradient_accumulation_steps")
+    same = all(before.get(k) == getattr(cfg, k) for k in batch)
+    if same and isinstance(kept, int) and kept > 0:
+        return kept
+    return cfg.gradient_accumulation_steps * world
+
+
+def ranks_changed_note(recorded_run: dict[str, Any], s: _Setup, cfg: TrainConfig) -> str:
+    """What a resume on another number of processes changed ("" when the same)."""
+    before = recorded_run.get("processes", 1)
+    if before == s.ranks.world:
+        return ""
+    per, world = s.micro_batches_per_step, s.ranks.world
+    share = f"{per // world}" if per % world == 0 else f"{per // world} or {per // world + 1}"
+    idle = f"; {world - per} process(es) idle, more than the step's micro-batches" if per < world else ""
+    return (
+        f"resumed on {world} process(es); the run trained on {before}: each step still takes "
+        f"{per} micro-batch(es) of {cfg.per_device_train_batch_size} (global batch "
+        f"{per * cfg.per_device_train_batch_size} samples), now {share} per process{idle}, so the "
+        "run continues its step plan"
+    )
+
+
+def data_parallel_note(cfg: TrainConfig, s: _Setup) -> str:
+    bs, per = cfg.per_device_train_batch_size, s.micro_batches_per_step
+    return (
+        f"data parallel on {s.ranks.world} processes: global batch {bs} per device x "
+        f"{cfg.gradient_accumulation_steps} accumulation x {s.ranks.world} = {bs * per} samples per "
+        + (
+            "step; gradients reduce-scattered by FSDP2"
+            if s.sharded
+            else "step; only the adapter's gradients are all-reduced"
+        )
+    )
+
+
+def loss_tokens(sample: Any) -> int:
+    """The tokens a sample's loss counts: its labels after the first that are not ignored (as
+    the plain collate and the CUDA path's packing both count them)."""
+    return sum(1 for label in sample.labels[1:] if label != IGNORE_LABEL)
 
 
 def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:

@@ -1,0 +1,304 @@
+"""Training on several processes: torchrun ranks joined by gloo on the CPU, a tiny model.
+
+Two ranks give the loss curve of one with the same global batch; a checkpoint of either resumes
+on the other; a killed rank ends the run with a message naming it; and the launch settings are
+read as ms-swift reads them (NPROC_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import orjson
+import psutil
+import pytest
+from tunebench.engine.cli.main import main
+from tunebench.engine.core.config import ConfigError, TrainConfig
+from tunebench.engine.core.errors import UserError
+from tunebench.engine.core.launch import Launch, launch_from
+from tunebench.engine.core.workspace import list_checkpoints
+from tunebench.engine.train.recipe import run_training
+
+# The same global batch of 4 samples a step: one process accumulating 2 micro-batches of 2, or
+# two processes with one each.
+SETTINGS = dict(
+    per_device_train_batch_size=2,
+    lora_dropout=0.0,  # dropout draws differ per rank; without it the curves must agree
+    learning_rate=5e-3,
+    max_steps=4,
+    logging_steps=1,
+    save_steps=2,
+    save_total_limit=0,
+    gradient_checkpointing=False,
+)
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "identity.jsonl"
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Who are you? ({i})"},
+                {"role": "assistant", "content": "I am robot, made by us." * (1 + i % 3)},
+            ]
+        }
+        for i in range(12)
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def flags(settings: dict) -> list[str]:
+    out = []
+    for name, value in settings.items():
+        out += [f"--{name}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return out
+
+
+def launch(args: list[str], nproc: int = 2, **popen) -> subprocess.Popen:
+    """`tunebench train` in its own process, as a person starts it, with ms-swift's NPROC_PER_NODE."""
+    env = {**os.environ, "NPROC_PER_NODE": str(nproc), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "tunebench.engine.cli.main", "train", "--probe_after", "false", *args]
+    return subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen
+    )
+
+
+def finish(process: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
+    _out, err = process.communicate(timeout=timeout)
+    return process.returncode, err
+
+
+def curve(run_dir) -> list[tuple[int, float, float]]:
+    records = [orjson.loads(line) for line in (run_dir / "metrics.jsonl").read_bytes().splitlines() if line]
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in records if r.get("type") == "TrainStep"]
+
+
+def assert_same_curve(a, b) -> None:
+    assert [s for s, _, _ in a] == [s for s, _, _ in b]
+    for (_, loss_a, norm_a), (_, loss_b, norm_b) in zip(a, b, strict=True):
+        assert loss_a == pytest.approx(loss_b, rel=1e-4)
+        assert norm_a == pytest.approx(norm_b, rel=1e-3)
+
+
+@pytest.fixture(scope="module")
+def one_rank_run(tiny_model_dir, data_file, tmp_path_factory):
+    """A run in this process: accumulation 2, the global batch the two-rank runs get from 2 ranks."""
+    out = tmp_path_factory.mktemp("runs")
+    cfg = TrainConfig(
+        model=str(tiny_model_dir),
+        dataset=[str(data_file)],
+        output_dir=str(out),
+        run_name="one",
+        gradient_accumulation_steps=2,
+        **SETTINGS,
+    )
+    result = run_training(cfg, lambda _e: None)
+    assert result.status == "completed"
+    return out / "one"
+
+
+def test_two_ranks_train_as_one_and_resume_on_one(tiny_model_dir, data_file, one_rank_run, tmp_path):
+    args = ["--model", str(tiny_model_dir), "--dataset", str(data_file), "--output_dir", str(tmp_path)]
+    code, err = finish(launch([*args, "--run_name", "two", *flags(SETTINGS)]))
+    assert code == 0, err
+    two = tmp_path / "two"
+    # rank 0 alone wrote: each step once, the adapter and the checkpoints
+    assert_same_curve(curve(two), curve(one_rank_run))
+    assert (two / "adapter" / "adapter_model.safetensors").is_file()
+    assert [c.name for c in list_checkpoints(two)] == ["step-2"]
+    recorded = orjson.loads((two / "config.json").read_bytes())
+    assert recorded["processes"] == 2 and recorded["micro_batches_per_step"] == 2
+    assert recorded["config"]["nproc_per_node"] == 2
+
+    # the two-rank checkpoint, resumed in one process: the same steps 3 and 4
+    events = []
+    cfg = TrainConfig(**{**recorded["config"], "resume_from_checkpoint": str(two / "checkpoints" / "step-2")})
+    cfg.nproc_per_node = 1
+    result = run_training(cfg, events.append)
+    assert result.status == "completed"
+    notes = [e.message for e in events if e.type == "Log"]
+    assert any("resumed on 1 process(es); the run trained on 2" in n and "global batch 4" in n for n in notes)
+    assert_same_curve(curve(two), curve(one_rank_run))
+
+
+def test_one_rank_checkpoint_resumes_on_two(one_rank_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "one"
+    shutil.copytree(one_rank_run, run)
+    shutil.rmtree(run / "adapter")
+    code, err = finish(launch(["--resume_from_checkpoint", str(run / "checkpoints" / "step-2")], nproc=2))
+    assert code == 0, err
+    assert_same_curve(curve(run), curve(one_rank_run))
+    assert orjson.loads((run / "config.json").read_bytes())["processes"] == 2
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_killed_rank_ends_the_run_with_its_rank_and_the_last_checkpoint(
+    tiny_model_dir, data_file, tmp_path
+):
+    settings = {**SETTINGS, "max_steps": 2000, "save_steps": 1, "save_total_limit": 2, "logging_steps": 100}
+    args = ["--model", str(tiny_model_dir), "--dataset", str(data_file), "--output_dir", str(tmp_path)]
+    process = launch([*args, "--run_name", "k", *flags(settings)])
+    deadline = time.monotonic() + 180
+    while not list_checkpoints(tmp_path / "k"):
+        assert process.poll() is None, process.communicate()[1]
+        assert time.monotonic() < deadline, "no checkpoint was written"
+        time.sleep(0.2)
+    ranks = [
+        p
+        for p in psutil.Process(process.pid).children(recursive=True)
+        if "tunebench.engine.cli.main" in " ".join(p.cmdline()) and "RANK" in p.environ()
+    ]
+    rank1 = [p for p in ranks if p.environ()["RANK"] == "1"]
+    assert len(rank1) == 1
+    rank1[0].send_signal(signal.SIGKILL)
+    code, err = finish(process, timeout=120)
+    assert code == 2
+    assert "error: rank 1 of 2 was killed by SIGKILL; the other 1 rank(s) were ended" in err
+    kept = list_checkpoints(tmp_path / "k")
+    assert kept and f"the last checkpoint is kept: {kept[-1]}" in err
+    assert "--resume_from_checkpoint" in err
+    assert "Traceback" not in err
+    gone, alive = psutil.wait_procs(ranks, timeout=5)
+    assert len(gone) == 2 and not alive  # no rank is left running
+
+
+# ------------------------------------------------------------ launch settings
+
+
+def test_launch_settings_read_as_ms_swift_reads_them():
+    assert launch_from(None, {}) is None  # nothing asked: train in this process
+    assert launch_from(None, {"NPROC_PER_NODE": "4"}) == Launch(4)
+    assert launch_from(3, {"NPROC_PER_NODE": "4"}) == Launch(3)  # the flag wins
+    assert launch_from(1, {}) == Launch(1)  # torchrun with one rank: the same path as N
+    env = {
+        "NPROC_PER_NODE": "8",
+        "NNODES": "2",
+        "NODE_RANK": "1",
+        "MASTER_ADDR": "10.0.0.1",
+        "MASTER_PORT": "29500",
+    }
+    found = launch_from(None, env)
+    assert found == Launch(8, 2, 1, "10.0.0.1", 29500)
+    assert found.world_size == 16
+    # ms-swift's torchrun flags, in its order
+    assert found.torchrun_args() == [
+        "--nproc_per_node", "8", "--master_port", "29500", "--nnodes", "2", "--node_rank", "1",
+        "--master_addr", "10.0.0.1",
+    ]  # fmt: skip
+    assert launch_from(None, {"NNODES": "1"}) == Launch(1)  # NNODES alone starts torchrun too
+    # a torchrun rank trains; it does not launch again
+    assert launch_from(2, {"NPROC_PER_NODE": "2", "LOCAL_RANK": "0", "WORLD_SIZE": "2"}) is None
+
+
+def test_torchrun_takes_the_launch_flags():
+    from torch.distributed.run import config_from_args, get_args_parser
+
+    launch = Launch(2, 2, 1, "10.0.0.1", 29501)
+    args = get_args_parser().parse_args([*launch.torchrun_args(), "--module", "tunebench.engine.cli.main"])
+    config, _cmd, _args = config_from_args(args)
+    assert (config.nproc_per_node, config.min_nodes, config.max_nodes) == (2, 2, 2)
+    assert config.rdzv_endpoint == "10.0.0.1:29501"
+    assert config.rdzv_configs["rank"] == 1
+
+
+@pytest.mark.parametrize(
+    ("env", "said"),
+    [
+        ({"NPROC_PER_NODE": "two"}, "--nproc_per_node: NPROC_PER_NODE: 'two' is not a whole number"),
+        ({"NPROC_PER_NODE": "0"}, "--nproc_per_node: NPROC_PER_NODE: must be at least 1 (got 0)"),
+        ({"NPROC_PER_NODE": "1.5"}, "'1.5' is not a whole number"),
+        ({"NNODES": "2", "NPROC_PER_NODE": "2"}, "NNODES=2 needs MASTER_ADDR"),
+        ({"NNODES": "2", "NODE_RANK": "2", "MASTER_ADDR": "h"}, "NODE_RANK=2 with NNODES=2"),
+        ({"NPROC_PER_NODE": "2", "MASTER_PORT": "99999"}, "MASTER_PORT='99999': must be a whole number"),
+    ],
+)
+def test_bad_launch_settings_say_what_to_change(env, said):
+    with pytest.raises((ConfigError, UserError)) as caught:
+        launch_from(None, env)
+    assert said in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["--nproc_per_node", "0"], "--nproc_per_node: must be at least 1 (got 0)"),
+        (["--nproc_per_node", "x"], "--nproc_per_node: 'x' is not a whole number"),
+    ],
+)
+def test_bad_nproc_flag_is_a_message(argv, said, capsys):
+    assert main(["train", "--dataset", "d.jsonl", *argv]) == 2
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err
+
+
+def test_more_ranks_than_gpus_is_refused(monkeypatch):
+    import torch
+    from tunebench.engine.train.distributed import check_devices
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    with pytest.raises(ConfigError) as caught:
+        check_devices(Launch(4))
+    assert "4 processes, one per GPU, but this machine shows 2 GPU(s) (CUDA_VISIBLE_DEVICES=0,1)" in str(
+        caught.value
+    )
+    assert "on 2 of 2 GPU(s)" in check_devices(Launch(2))
+
+
+def test_zero3_shards_with_fsdp2_trains_as_one_and_resumes_on_one(tiny_model_dir, data_file, tmp_path):
+    """--deepspeed zero3 as FSDP2 over 2 ranks: the curve of one process, with a step whose single
+    micro-batch leaves one rank idle (10 samples in micro-batches of 2: steps of 2, 2, 1), and a
+    checkpoint whose gathered adapter and optimizer resume unsharded."""
+    data = f"{data_file}#10"
+    reference = TrainConfig(
+        model=str(tiny_model_dir),
+        dataset=[data],
+        output_dir=str(tmp_path),
+        run_name="one",
+        gradient_accumulation_steps=2,
+        **SETTINGS,
+    )
+    assert run_training(reference, lambda _e: None).status == "completed"
+    args = ["--model", str(tiny_model_dir), "--dataset", data, "--output_dir", str(tmp_path)]
+    code, err = finish(launch([*args, "--run_name", "z3", "--deepspeed", "zero3", *flags(SETTINGS)]))
+    assert code == 0, err
+    z3 = tmp_path / "z3"
+    assert_same_curve(curve(z3), curve(tmp_path / "one"))
+    recorded = orjson.loads((z3 / "config.json").read_bytes())
+    cfg = TrainConfig(**{**recorded["config"], "resume_from_checkpoint": str(z3 / "checkpoints" / "step-2")})
+    events = []
+    assert run_training(cfg, events.append).status == "completed"
+    assert any("nothing is sharded" in e.message for e in events if e.type == "Log")
+    assert_same_curve(curve(z3), curve(tmp_path / "one"))
+
+
+def test_the_failure_named_is_the_rank_that_failed_first_not_its_echo(tmp_path):
+    from types import SimpleNamespace
+
+    from tunebench.engine.train.distributed import failure_error
+
+    def failure(exitcode, timestamp, message="", **extra):
+        data = {"message": {"message": message, "extraInfo": extra}} if message else {}
+        return SimpleNamespace(
+            exitcode=exitcode, timestamp=timestamp, message=data.get("message", ""), error_file_data=data
+        )
+
+    echo = failure(1, 100, "DistBackendError: Connection closed by peer", peer=True)
+    oom = failure(2, 101, "the GPU ran out of memory", code="oom", hint="lower --max_length")
+    error = failure_error({0: echo, 1: oom}, 2, "")
+    assert error.message.startswith(
+        "rank 1 of 2 failed: the GPU ran out of memory; the other 1 rank(s) were ended"
+    )
+    assert error.code == "oom" and error.hint.startswith("lower --max_length; then fix what")
+    killed = failure_error({0: echo, 3: failure(-9, 101)}, 4, "")
+    assert killed.message.startswith("rank 3 of 4 was killed by SIGKILL")
