@@ -189,7 +189,7 @@ class TrainConfig:
         [], "name for {{NAME}} in self-cognition data: one, or Chinese English", "data", nargs="+"
     )
     model_author: list[str] = _f([], "author for {{AUTHOR}}: one, or Chinese English", "data", nargs="+")
-    max_length: int = _f(2048, "tokens per sample; longer ones are truncated", "data", min=16, max=131072)
+    max_length: int = _f(2048, "tokens per sample; longer ones are truncated", "data", min=16, max=1 << 20)
     # optimisation
     learning_rate: float = _f(1e-4, "peak learning rate", "optim", gt=0.0, max=1.0, aliases=("lr",))
     weight_decay: float = _f(0.1, "AdamW weight decay", "optim", min=0.0, max=1.0)
