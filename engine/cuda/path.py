@@ -1,7 +1,7 @@
 """The CUDA fast path: padding-free packing, a loss over the loss tokens only, fused kernels, profiles.
 
-`train.select_path()` calls `cuda_path(cfg, device)` on CUDA. The recipe stays the same; what
-changes is how a micro-batch is laid out and how its summed loss is computed:
+`train.select_path()` calls `cuda_path(cfg, device, model_config, longest)` on CUDA. The recipe
+stays the same; what changes is how a micro-batch is laid out and how its summed loss is computed:
 
 - **Packing** (engine/cuda/packing.py). A micro-batch's samples are concatenated into one row with
   no padding. Position ids restart at 0 for each sample and attention is per document: a
@@ -26,24 +26,22 @@ changes is how a micro-batch is laid out and how its summed loss is computed:
 - **Kernels.** liger's fused RMSNorm and SwiGLU on Llama / Qwen / Mistral families (they keep
   fewer and smaller tensors for backward); fused AdamW is the recipe's own.
 - **Merged forwards.** A step's samples are regrouped (in order, never split) into forwards of
-  at most the profile's token count from the memory model (engine/core/memory_model.py): fast packs as
-  many as keep every layer's activations on the card (the whole step, for 4 x 2048 tokens on a
-  7B and an 80 GB card), lean as many as fit a small fixed allowance. The loss is summed and
-  normalised by the step's loss tokens, so the gradient is the configured micro-batches'.
-- **Profiles.** `fast` recomputes no layer whose activations fit: before each micro-batch it
-  works out, from free memory and a per-token memory model calibrated on the first micro-batch,
-  how many decoder layers can keep their activations, and recomputes only the rest. `lean`
-  recomputes every layer, keeps the input embedding matrix in host memory (its rows are
-  gathered on the CPU: it is frozen and only indexed) and the recomputed layers' inputs too
-  (engine/cuda/offload.py). `auto` picks lean when little memory is left after the model is loaded.
+  at most the plan's token count. The loss is summed and normalised by the step's loss tokens,
+  so the gradient is the configured micro-batches'.
+- **Plans.** `cuda_path` chooses the plan with the one planner (engine/core/plans.py, which the
+  TUI's estimate uses too): how many decoder layers recompute (the last ones), whether the input
+  embedding matrix (its rows are gathered on the CPU: it is frozen and only indexed) and the
+  recomputed layers' inputs (engine/cuda/offload.py) live in host memory, and the tokens per
+  forward: the fastest plan whose predicted peak fits --max_memory, else the card. `fast` and
+  `lean` are its two ends. Under --max_memory the allocator is capped a little above the budget.
 
-Techniques: pack, merge, flce, lora, selective (fast), offload and hostinputs (lean), compile
+Techniques: pack, merge, flce, lora, offload and hostinputs (where the plan says), compile
 (each decoder layer as one torch.compile region, bitsandbytes' 4-bit layers included), ingraph
 and nf4 (in such layers the NF4 dequantisation in plain ops, one fused kernel per weight: lean
 QLoRA on a 7B makes 9,151 tokens/s with it, 7,244 without, H200) are on; liger is off because it
 measured slower here (bench/RESULTS.md). For measuring, `TUNEBENCH_ACCEL` adjusts the set, e.g.
 `TUNEBENCH_ACCEL=+liger,-merge` or `-ingraph` (the checkpoint around the compiled layer);
-`tokens=4096` sets the tokens per forward instead of the memory model.
+`tokens=4096` sets the tokens per forward instead of the plan.
 """
 
 from __future__ import annotations

@@ -421,7 +421,7 @@ def _oom_error(exc: BaseException, job: str, cfg: Any, progress: RunProgress, me
         else:
             steps.append(
                 "set max_memory below the card's free memory (a smaller plan is chosen), or choose "
-                "profile lean (every layer recomputed, the embedding matrix in host memory)"
+                "profile lean (it recomputes every layer and keeps the embedding matrix in host memory)"
             )
     if half_dtype:
         steps.append(half_dtype)
