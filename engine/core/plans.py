@@ -85,8 +85,8 @@ class PathFacts:
     compiled: bool = True
     in_graph: bool = True
     recompute: bool = True  # gradient_checkpointing: without it no layer recomputes
-    embedding_can_move: bool = True  # untied, and the `offload` technique on
-    inputs_can_move: bool = True  # recompute compiled into the graph, on CUDA, `hostinputs` on
+    embedding_can_move: bool = True  # untied, packed forwards, and the `offload` technique on
+    inputs_can_move: bool = True  # packed, recompute compiled into the graph, CUDA, `hostinputs` on
     merge: bool = True  # a step's samples are regrouped into forwards (`pack` and `merge` on)
 
 
@@ -96,6 +96,9 @@ def path_facts(cfg: Any, model_config: Any, use: set[str], cuda: bool = True) ->
     compiled = "compile" in use
     in_graph = compiled and "ingraph" in use
     recompute = bool(cfg.gradient_checkpointing)
+    # only packed forwards feed the embedding's rows from the host and save [1, tokens, hidden]
+    # layer inputs where the offload hooks look for them
+    packed = "pack" in use
     return PathFacts(
         quantized=bool(cfg.is_qlora),
         lora_rank=cfg.lora_rank,
@@ -105,8 +108,8 @@ def path_facts(cfg: Any, model_config: Any, use: set[str], cuda: bool = True) ->
         compiled=compiled,
         in_graph=in_graph,
         recompute=recompute,
-        embedding_can_move="offload" in use and not sizes["tied"],
-        inputs_can_move="hostinputs" in use and in_graph and recompute and cuda,
+        embedding_can_move="offload" in use and packed and not sizes["tied"],
+        inputs_can_move="hostinputs" in use and packed and in_graph and recompute and cuda,
         merge="pack" in use and "merge" in use and cuda,
     )
 

@@ -360,7 +360,7 @@ class FastPath:
     def moves_embedding(self) -> bool:
         if self.plan is not None:
             return self.plan.embedding_on_host
-        return self.profile == Profile.LEAN and "offload" in self.use
+        return self.profile == Profile.LEAN and "offload" in self.use and "pack" in self.use
 
     @property
     def keeps_inputs_on_host(self) -> bool:
@@ -371,6 +371,7 @@ class FastPath:
         return (
             wanted
             and "hostinputs" in self.use
+            and "pack" in self.use
             and self.recompiles_in_graph
             and self.cfg.gradient_checkpointing
             and self.device.type == "cuda"
