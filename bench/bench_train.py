@@ -38,6 +38,17 @@ Stacks:
   tb-fast, tb-lean
            TuneBench: engine.train.recipe.run_training itself, with --profile fast / lean; only the data
            stage is replaced by the same pre-tokenised synthetic samples
+  tb-<GiB> TuneBench with --max_memory <GiB> (profile auto: the plan the budget buys), on a played
+           card: the process is held to the smallest common card that holds the budget
+           (torch.cuda.set_per_process_memory_fraction; 22 -> 24 GB, 10.5 -> 12 GB, 6 -> 8 GB).
+           Each row records the plan, its predicted peak, the measured peak and tokens/s.
+
+Plans by memory budget (issue 17), every budget row in one call:
+
+    python bench/bench_train.py --size 7b --workload fixed --runs budgets --out $OUT
+
+`--runs budgets` is tb-22:lora,tb-22:qlora,tb-10.5:qlora,tb-6:qlora,tb-10.5:lora (the last is refused:
+a 16-bit 7B does not fit 10.5 GiB; the row shows the refusal's message).
 
 `python bench/bench_train.py check` tests the fast path's GPU kernels against references first.
 Append `+accel=+liger/-flce` to a run to change the fast path's techniques (TUNEBENCH_ACCEL), and
@@ -113,6 +124,26 @@ COMMON = dict(
     bos_token_id=151643,
     eos_token_id=151645,
 )
+# --runs budgets: the issue's cards (LoRA on 24 GB, QLoRA on 12 and 8 GB) and its targets in tokens/s
+BUDGET_RUNS = "tb-22:lora,tb-22:qlora,tb-10.5:qlora,tb-6:qlora,tb-10.5:lora"
+BUDGET_TARGETS = {("lora", 22.0): 14_000, ("qlora", 10.5): 12_000, ("qlora", 6.0): 10_000}
+CARDS_GB = (8, 12, 16, 24, 32, 48, 80, 96, 141)  # common cards, in GB (10^9 bytes) as sold
+
+
+def budget_of(stack: str) -> float | None:
+    """tb-22 -> 22.0: a TuneBench run with --max_memory; None for tb-fast, tb-lean and other stacks."""
+    suffix = stack.split("-", 1)[1] if stack.startswith("tb-") else ""
+    try:
+        return float(suffix)
+    except ValueError:
+        return None
+
+
+def played_card(budget_gib: float) -> int:
+    """Bytes of the smallest common card that holds `budget_gib` (what a budget row plays)."""
+    return next((gb * 10**9 for gb in CARDS_GB if gb * 10**9 > budget_gib * 1024**3), CARDS_GB[-1] * 10**9)
+
+
 WORKLOADS = {
     "fixed": dict(batch=1, accumulation=4, lengths=(2048, 2048)),
     "mixed": dict(batch=8, accumulation=2, lengths=(30, 1500)),
@@ -388,11 +419,13 @@ def tunebench_config(args, batch: int, accumulation: int, longest: int, steps: i
     """TuneBench's config for this bench: the same LoRA, optimizer and schedule as the other stacks."""
     from tunebench.engine.core.config import TrainConfig
 
+    budget = budget_of(args.stack)
     return TrainConfig(
         model=str(args.model_dir),
         train_type=args.method,
         torch_dtype="bfloat16",
-        profile=args.stack.split("-", 1)[1],
+        profile="auto" if budget is not None else args.stack.split("-", 1)[1],
+        max_memory=budget or 0.0,
         gradient_checkpointing=True,
         lora_rank=8,
         lora_alpha=32,
@@ -422,6 +455,8 @@ def run_tunebench(args, samples, plan) -> dict:
     from tunebench.engine.train.recipe import run_training
 
     w = WORKLOADS[args.workload]
+    budget = budget_of(args.stack)
+    out: dict = play_card(budget) if budget is not None else {}
     cfg = tunebench_config(
         args, w["batch"], w["accumulation"], max_length(args.workload), WARMUP_STEPS + TIMED_STEPS
     )
@@ -450,14 +485,38 @@ def run_tunebench(args, samples, plan) -> dict:
         print(torch._dynamo.utils.compile_times(), flush=True)  # where the compile time went
     except Exception:  # noqa: BLE001 - a torch without this report
         pass
-    out = rec.result(timed_tokens(samples, plan))
+    out |= rec.result(timed_tokens(samples, plan))
     out["notes"] = notes
     modelled = [n for n in notes if n.startswith("memory model: peak ")]
     if modelled:  # the path's own memory model for its largest forward, to check against the peak
         out["model_peak_gib"] = float(modelled[-1].split()[3])
+    out |= plan_record(notes)
     out["status"] = finished.status
     out["engine_version_of"] = str(Path(engine.__path__[0]))
     return out
+
+
+def play_card(budget_gib: float) -> dict:
+    """Hold this process to a smaller card's memory (the engine's own --max_memory cap, set later,
+    keeps the tighter of the two). The CUDA context is not counted, as on a real card it would be."""
+    import torch
+
+    card = played_card(budget_gib)
+    played = {"budget_gib": budget_gib, "card_gb": card / 1e9}
+    if torch.cuda.is_available():
+        total = torch.cuda.mem_get_info()[1]
+        torch.cuda.set_per_process_memory_fraction(min(1.0, card / total))
+        played["card_fraction"] = card / total
+    return played
+
+
+def plan_record(notes: list[str]) -> dict:
+    """The plan a run printed before step 1 ("plan: ... predicted peak 21.3 GiB of 22.0")."""
+    line = next((n for n in notes if n.startswith("plan: ")), None)
+    if line is None:
+        return {}
+    predicted = line.split("predicted peak ")[1].split()[0]
+    return {"plan": line.removeprefix("plan: ").split(": predicted")[0], "plan_peak_gib": float(predicted)}
 
 
 def load_hf_stack(args, unsloth: bool, longest: int):
@@ -997,8 +1056,9 @@ def parent(args) -> None:
     out = Path(args.out)
     model_dir = model_folder(args)
     results = []
+    runs = args.runs.replace("budgets", BUDGET_RUNS)
     for workload in args.workload.split(","):
-        for run in args.runs.split(","):
+        for run in runs.split(","):
             stack, method = run.split(":")
             accel = ""
             if "+accel=" in method:
@@ -1054,6 +1114,9 @@ def parent(args) -> None:
             combined.write_text(json.dumps(results, indent=1))
     print()
     print(table(results))
+    if any(budget_of(r["stack"]) is not None for r in results):
+        print()
+        print(budget_table(results))
 
 
 def summary_line(r: dict) -> str:
@@ -1103,6 +1166,38 @@ def table(results: list[dict]) -> str:
             f"{r['peak_allocated_gib']:.2f}", f"{r['peak_reserved_gib']:.2f}",
             f"{r['model_peak_gib']:.2f}" if r.get("model_peak_gib") else "-",
             f"{r['first_loss']:.4f}", f"{r['final_loss']:.4f}", dloss,
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def budget_table(results: list[dict]) -> str:
+    """The budget rows: plan, predicted and measured peak, tokens/s against the issue's targets."""
+    lines = [
+        "| method | budget GiB | card | plan | predicted GiB | peak alloc GiB | peak reserved GiB | "
+        "prediction | tokens/s | target | met |",
+        "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in results:
+        budget = budget_of(r["stack"])
+        if budget is None:
+            continue
+        card = f"{played_card(budget) / 1e9:g} GB"
+        target = BUDGET_TARGETS.get((r["method"], budget))
+        if "error" in r or "tokens_per_s" not in r:
+            why = r.get("error", "no result").splitlines()[0][:160]
+            lines.append(f"| {r['method']} | {budget:g} | {card} | refused or failed: {why} | | | | | | "
+                         f"{target or '-'} | {'no' if target else '-'} |")  # fmt: skip
+            continue
+        predicted, peak = r.get("plan_peak_gib"), r["peak_allocated_gib"]
+        error = f"{(predicted / peak - 1) * 100:+.1f}%" if predicted and peak else "-"
+        fits = peak <= budget
+        close = bool(predicted and peak) and abs(predicted / peak - 1) <= 0.1  # the issue: within 10%
+        met = fits and close and (not target or r["tokens_per_s"] >= target)
+        cells = [
+            r["method"], f"{budget:g}", card, r.get("plan", "-"), f"{predicted:.2f}" if predicted else "-",
+            f"{peak:.2f}", f"{r['peak_reserved_gib']:.2f}", error, f"{r['tokens_per_s']:,.0f}",
+            f"{target:,}" if target else "-", "yes" if met else "no",
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -16,17 +16,13 @@ import torch
 from tiny import QWEN25_7B
 from tunebench.engine.core.config import TrainConfig
 from tunebench.engine.core.memory_model import (
-    FAST_MAX_TOKENS,
     LOSS_SLICE_TOKENS,
     MLP_CHUNK_TOKENS,
     REPLAY_LAYERS_IN_GRAPH,
-    choose_profile,
     estimate_peak_bytes,
     layer_activation_bytes,
-    layers_to_keep,
     loss_bytes,
     mlp_chunks,
-    tokens_per_forward,
 )
 from tunebench.engine.cuda import fused_loss, packing
 from tunebench.engine.cuda import lora_train as lora_ops
@@ -218,31 +214,12 @@ def test_chunked_loss_equals_full_cross_entropy():
     torch.testing.assert_close(sw, gw)
 
 
-def test_profile_choice():
-    assert choose_profile("fast", 1 * GIB)[0] == "fast"
-    assert choose_profile("lean", 70 * GIB)[0] == "lean"
-    assert choose_profile("auto", 60 * GIB)[0] == "fast"  # a 7B on an 80 GB card
-    assert choose_profile("auto", 8 * GIB)[0] == "lean"  # a 7B on a 24 GB card
-
-
 def test_technique_switches():
     assert accel.techniques("") == set(accel.DEFAULT_TECHNIQUES)
     assert "liger" not in accel.techniques("")  # measured slower on the H100 (bench/RESULTS.md)
     assert "compile" in accel.techniques("")
     use = accel.techniques("+liger,-flce")
     assert "liger" in use and "flce" not in use and "pack" in use
-
-
-def test_layers_to_keep():
-    kw = dict(tokens=2048, layers=28, per_layer=160_000, stub=7_168, fixed=43_000)
-    assert layers_to_keep(budget=100 * GIB, **kw) == 28
-    assert layers_to_keep(budget=0.5 * GIB, **kw) == 0
-    some = layers_to_keep(budget=5 * GIB, **kw)
-    assert 0 < some < 28
-    need = 2048 * (43_000 + some * 160_000 + (28 - some) * 7_168 + 160_000)
-    assert need <= 5 * GIB < need + 2048 * (160_000 - 7_168)
-    # a replay that holds more (recompute in the graph) leaves room for fewer kept layers
-    assert layers_to_keep(budget=5 * GIB, replay=440_000, **kw) < some
 
 
 def test_memory_model_on_the_7b_architecture():
@@ -270,18 +247,6 @@ def test_memory_model_on_the_7b_architecture():
     assert layer_activation_bytes(QWEN25_7B, fused=False, compiled=False) > layer_activation_bytes(
         QWEN25_7B, fused=True, compiled=False
     )
-
-
-def test_tokens_per_forward():
-    card = 79 * GIB
-    fast = tokens_per_forward(QWEN25_7B, profile="fast", card_bytes=card)
-    assert 8192 <= fast <= FAST_MAX_TOKENS  # the fixed workload's whole step (4 x 2048) in one forward
-    peak = estimate_peak_bytes(QWEN25_7B, tokens=fast, recomputed_layers=0)["total"]
-    assert peak <= card * 0.9
-    on_host = dict(embedding_on_host=True, inputs_on_host=True)
-    lean = tokens_per_forward(QWEN25_7B, profile="lean", card_bytes=card, **on_host)
-    assert 2048 <= lean < 4096
-    assert estimate_peak_bytes(QWEN25_7B, tokens=lean, **on_host)["total"] < 15 * GIB
 
 
 def test_repartition_keeps_order_and_never_splits_a_sample():

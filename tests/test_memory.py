@@ -64,22 +64,22 @@ def test_estimate_is_positive_and_adds_up():
     assert abs(sum(e.parts.values()) - e.total_gib) < 0.01
     assert 14 < e.parts["weights"] < 15  # 7.6B bf16 weights
     assert e.trainable == lora_parameters(QWEN25_7B, 8, ("all-linear",))
-    assert any("profile fast" in n for n in e.notes)
+    assert e.plan.startswith("plan: 0 of 28 layers recompute")
 
 
-def test_layout_follows_the_cuda_path():
+def test_plan_follows_the_cuda_path():
     shape = M.ModelShape.from_config(QWEN25_7B)
-    fast = M.training_layout(shape, TrainConfig(profile="fast", **BENCH), H100)
+    fast = M.training_plan(shape, TrainConfig(profile="fast", **BENCH), H100).plan
     assert fast.tokens == 4 * 2048 and fast.recomputed_layers == 0  # the whole step in one forward
-    lean = M.training_layout(shape, TrainConfig(profile="lean", **BENCH), H100)
+    lean = M.training_plan(shape, TrainConfig(profile="lean", **BENCH), H100).plan
     # the worst forward: shorter samples are packed up to the lean allowance (about 2,060 tokens)
     assert 2048 < lean.tokens < 4096 and lean.recomputed_layers == 28
     assert lean.embedding_on_host and lean.inputs_on_host
-    auto_24gb = M.training_layout(shape, TrainConfig(**BENCH), 24 * GIB)
-    assert auto_24gb.profile == "lean"
-    no_gpu = M.training_layout(shape, TrainConfig(**BENCH), None)
-    assert no_gpu.profile == "fast" and no_gpu.tokens == 2048
-    huge = M.training_layout(shape, TrainConfig(profile="fast", max_length=16384), H100)
+    on_24gb = M.training_plan(shape, TrainConfig(**BENCH), 24 * GIB)
+    assert 0 < on_24gb.plan.recomputed_layers < 28 and on_24gb.plan.peak <= on_24gb.budget < 23 * GIB
+    no_gpu = M.training_plan(shape, TrainConfig(**BENCH), None).plan
+    assert no_gpu == fast
+    huge = M.training_plan(shape, TrainConfig(max_length=16384), H100).plan
     assert 0 < huge.recomputed_layers < 28  # too long to keep every layer: some are recomputed
 
 

@@ -1,5 +1,5 @@
 """Knowledge the TUI, the engine process and the commands share: each reads a dataset spec, a model
-path, a run's checkpoints, an adapter's base and a profile by the one function in engine/core, so
+path, a run's checkpoints, an adapter's base and a training plan by the one function in engine/core, so
 they cannot give two answers. Each case here is one where two copies used to differ."""
 
 from __future__ import annotations
@@ -13,15 +13,8 @@ from tunebench.engine.core import protocol as P
 from tunebench.engine.core.config import TrainConfig
 from tunebench.engine.core.data import DataError, parse_dataset_spec
 from tunebench.engine.core.errors import UserError
-from tunebench.engine.core.estimate import CUDA_CONTEXT_BYTES, ModelShape, read_model_info, training_layout
-from tunebench.engine.core.memory_model import (
-    FAST_MAX_TOKENS,
-    GIB,
-    Profile,
-    choose_profile,
-    estimate_peak_bytes,
-    lora_parameters,
-)
+from tunebench.engine.core.estimate import CUDA_CONTEXT_BYTES, ModelShape, read_model_info, training_plan
+from tunebench.engine.core.memory_model import FAST_MAX_TOKENS, GIB, lora_parameters
 from tunebench.engine.core.targets import ADAPTER_CONFIG, ADAPTER_FILES, BASE, adapters_base, resolve_target
 from tunebench.engine.core.workspace import CHECKPOINT_STATE_FILE, Workspace, list_checkpoints, read_run
 from tunebench.engine.process.jobs import Jobs
@@ -150,35 +143,34 @@ def test_a_model_typed_in_the_form_is_the_one_the_estimate_and_the_tui_read(ws, 
 
 
 @pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["all-linear"]])
-def test_the_gpu_paths_forward_budget_is_the_estimates(targets):
+@pytest.mark.parametrize("budget", [0.0, 22.0])
+def test_the_gpu_path_plans_what_the_estimate_plans(targets, budget, monkeypatch):
+    """The CUDA path and the TUI's estimate choose their plan by the one planner, with the same
+    techniques and budget: the same plan, on a card that leaves the budget to the plan."""
     torch = pytest.importorskip("torch")
-    from tunebench.engine.cuda.path import FastPath
+    from tunebench.engine.cuda import path as accel
 
-    card = 40 * GIB  # small enough that the budget, not FAST_MAX_TOKENS, sets the forward
+    card = 40 * GIB
+    context = CUDA_CONTEXT_BYTES
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (card - context, card))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda d=None: 1.0, raising=False)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d=None: None)
+    monkeypatch.setenv("TUNEBENCH_ACCEL", "")
     cfg = TrainConfig(
-        profile="fast",
         target_modules=targets,
         max_length=2048,
         per_device_train_batch_size=8,
         gradient_accumulation_steps=8,
+        max_memory=budget,
     )
-    layout = training_layout(ModelShape.from_config(QWEN25_7B), cfg, card)
-    path = FastPath(cfg, torch.device("cpu"), layout.profile)
-    assert layout.lora_params == lora_parameters(QWEN25_7B, cfg.lora_rank, targets)
-    assert 2048 < path.forward_tokens(QWEN25_7B, card) == layout.tokens < FAST_MAX_TOKENS
-
-
-@pytest.mark.parametrize(
-    ("card", "want"), [(None, Profile.FAST), (24 * GIB, Profile.LEAN), (80 * GIB, Profile.FAST)]
-)
-def test_the_estimate_decides_auto_where_the_gpu_path_does(card, want):
-    shape = ModelShape.from_config(QWEN25_7B)
-    layout = training_layout(shape, TrainConfig(profile="auto"), card)
-    weights = estimate_peak_bytes(shape.as_config(), tokens=0, recomputed_layers=0)["weights"]
-    free = None if card is None else card - weights - CUDA_CONTEXT_BYTES
-    assert layout.profile is want
-    assert (layout.profile, layout.why) == choose_profile("auto", free)
-    assert training_layout(shape, TrainConfig(profile="lean"), card).profile is Profile.LEAN
+    estimate = training_plan(ModelShape.from_config(QWEN25_7B), cfg, card, longest=2048)
+    path = accel.cuda_path(cfg, torch.device("cuda"), QWEN25_7B, longest=2048)
+    assert path.notes[0] == estimate.line()
+    assert estimate.plan.parts["lora_and_optimizer"] == 16 * lora_parameters(
+        QWEN25_7B, cfg.lora_rank, targets
+    )
+    assert 2048 <= estimate.plan.tokens <= FAST_MAX_TOKENS
 
 
 # ============================================================ adapters' base

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -714,10 +715,10 @@ def test_out_of_memory_mid_run_keeps_its_checkpoints_and_the_run_resumes(
     real_select_path = recipe.select_path
     forwards = []
 
-    def path_failing_at_step_5(cfg, device):
+    def path_failing_at_step_5(cfg, device, *plan_inputs):
         # The loss of whichever path this device runs (the CUDA fast path on a GPU), so the
         # failure comes from where a real one would.
-        path = real_select_path(cfg, device)
+        path = real_select_path(cfg, device, *plan_inputs)
         loss_sum = path.loss_sum
 
         def fails_at_step_5(model, batch):
@@ -794,6 +795,11 @@ def test_out_of_memory_advice_follows_how_far_the_run_got(tmp_path):
     ):
         assert advice in first.hint
     assert "QLoRA" not in first.hint  # it is QLoRA already
+    # under --max_memory the process was capped: a smaller budget gives a smaller plan
+    capped = dataclasses.replace(qlora, max_memory=10.5)
+    over, _ = describe_failure(oom, "train", capped, progress=resumed)
+    assert over.hint.startswith("set max_memory lower than 10.5 GiB, so that a smaller plan is chosen")
+    assert "capped at 11.5 GiB" in over.hint  # 10% over the budget
     plain = TrainConfig(dataset=["d.jsonl"], per_device_train_batch_size=1, gradient_checkpointing=False)
     host, _ = describe_failure(
         MemoryError(), "train", plain, progress=RunProgress(run_dir=str(run), last_step=3)

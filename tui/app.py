@@ -23,6 +23,7 @@ from tunebench.engine.core import protocol as P
 from tunebench.engine.core.config import changed_fields, to_dict
 from tunebench.engine.core.data import DataError, parse_dataset_spec
 from tunebench.engine.core.data_sources import JSON_EXTENSIONS
+from tunebench.engine.core.plans import default_budget_gib
 from tunebench.engine.core.workspace import ENGINE_IDLE_EXIT_S, Workspace
 
 from .debounce import Debouncer
@@ -156,6 +157,7 @@ class TuneBenchApp(App[int]):
         self.snapshot: P.Snapshot | None = None  # None until the first connect
         self.farewell = ""  # printed to the terminal once the app has closed
         self._estimate = Debouncer(self, ESTIMATE_DELAY_S, self.request_memory_estimate)
+        self._budget_known = False  # max_memory's default follows the first GPU sample
         self.deployment: DeployProcess | None = None  # `tunebench deploy` started from the palette
         self.deploy_popen: Callable[..., Any] | None = None  # tests start a stand-in server
         self._deploy_timer: Any = None
@@ -316,6 +318,14 @@ class TuneBenchApp(App[int]):
     def _memory(self, message: EngineClient.MemorySampled) -> None:
         self.gpu_pane.show_sample(message.sample)
         self.status_bar.set_memory(message.sample)
+        gpus = message.sample.gpus
+        if gpus and not self._budget_known:
+            # max_memory's default is what the card has free when the workbench first sees it
+            self._budget_known = True
+            free = int(gpus[0].get("total", 0)) - int(gpus[0].get("used", 0))
+            if self.settings.set_default("max_memory", f"{default_budget_gib(free):.1f}"):
+                self._main.query_one(ParamsPane).refresh_fields(["max_memory"])
+                self.schedule_estimate()
 
     @on(EngineClient.ProgressTicked)
     @_while_running

@@ -11,6 +11,7 @@ Metadata keys a field may carry:
   choices  allowed values
   aliases  other flag names accepted on the command line (ms-swift / HF spellings)
   nargs    "+" for list fields
+  blank    the value an empty field stands for (the form shows it as empty)
   resume   "fixed": a resume cannot change it (the checkpoint's weights were trained with it);
            every other setting a resume may change (engine/train/resume.py)
 """
@@ -98,9 +99,19 @@ class TrainConfig:
     trust_remote_code: bool = _f(False, "allow model code from the model folder to run", "model")
     profile: str = _f(
         "auto",
-        "GPU memory profile: fast (spend memory on speed), lean (least memory)",
+        "GPU plan: auto (the fastest that fits max_memory or the card), fast (spend memory on "
+        "speed), lean (least memory)",
         "model",
         choices=PROFILES,
+    )
+    max_memory: float = _f(
+        0.0,
+        "GPU memory for training's peak, in GiB: the fastest plan that fits (layers recomputed, "
+        "inputs in host memory, tokens per forward); empty = the card's",
+        "model",
+        min=0.0,
+        max=65536.0,
+        blank=0.0,
     )
     gradient_checkpointing: bool = _f(True, "recompute activations in backward to save memory", "model")
     attn_impl: str = _f(
@@ -425,6 +436,9 @@ def parse_value(cls: type, name: str, raw: str | list[str]) -> Any:
             raise ValueError("takes one value")
         raw = raw[0]
     text = raw.strip()
+    blank = _metadata(cls, name).get("blank", dataclasses.MISSING)
+    if not text and blank is not dataclasses.MISSING:
+        return blank
     if tp is bool:
         if text.lower() in _TRUE:
             return True
@@ -442,6 +456,17 @@ def parse_value(cls: type, name: str, raw: str | list[str]) -> Any:
         except ValueError:
             raise ValueError(f"{raw!r} is not a number") from None
     return raw
+
+
+def _metadata(cls: type, name: str) -> Any:
+    return next(f.metadata for f in dataclasses.fields(cls) if f.name == name)
+
+
+def field_text(f: dataclasses.Field, value: Any) -> str:
+    """A field's value as the form shows it: empty for the value an empty field stands for."""
+    if "blank" in f.metadata and value == f.metadata["blank"]:
+        return ""
+    return format_value(value)
 
 
 def format_value(value: Any) -> str:

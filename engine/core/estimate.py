@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import memory_model as gm
+from . import plans
 from . import protocol as P
 from .errors import UserError
 from .memory_sampler import gpu_stats
@@ -29,7 +30,7 @@ GIB = gm.GIB
 
 # The CUDA context, cuBLAS workspaces and the allocator's cache come on top of the estimate (it is
 # the allocator's peak, what the bench measures); this much is said in the notes.
-CUDA_CONTEXT_BYTES = int(0.5 * GIB)
+CUDA_CONTEXT_BYTES = plans.CUDA_CONTEXT_BYTES
 
 # The demo model (SmolLM2-135M-Instruct), for when its converted folder is not cached yet.
 DEMO_MODEL_INFO = {
@@ -100,65 +101,16 @@ class ModelShape:
         return gm.parameter_count(self.as_config())
 
 
-@dataclass(frozen=True)
-class TrainingLayout:
-    """What the GPU path will do with a config on a card: the memory model's inputs."""
-
-    profile: gm.Profile
-    why: str
-    tokens: int  # the largest forward, packed
-    recomputed_layers: int
-    quantized: bool
-    embedding_on_host: bool
-    lora_params: int
-    inputs_on_host: bool = False  # the recomputed layers' inputs (lean)
-
-
-def training_layout(shape: ModelShape, cfg: Any, card_bytes: int | None) -> TrainingLayout:
-    """The profile, the largest forward and the recomputed layers the CUDA path (engine/cuda/path.py)
-    will pick for `cfg` on a card of `card_bytes` (None: unknown, no GPU here)."""
+def training_plan(
+    shape: ModelShape, cfg: Any, card_bytes: int | None, longest: int | None = None
+) -> plans.Choice:
+    """The plan the CUDA path (engine/cuda/path.py) will pick for `cfg` on a card of `card_bytes`
+    (None: unknown, no GPU here), with the default techniques; `longest` is the data's longest
+    sample in tokens, when known. NoPlanFits when nothing fits the budget."""
     model = shape.as_config()
-    quantized = cfg.train_type == "qlora" or cfg.quant_bits == 4
-    targets = tuple(cfg.target_modules)
-    trainable = gm.lora_parameters(model, cfg.lora_rank, targets, cfg.use_dora)
-    weights = gm.estimate_peak_bytes(model, tokens=0, quantized=quantized, recomputed_layers=0)["weights"]
-    free = card_bytes - weights - CUDA_CONTEXT_BYTES if card_bytes else None
-    profile, why = gm.choose_profile(cfg.profile, free)
-    lean = profile == gm.Profile.LEAN
-    on_host = lean and not shape.tied
-    inputs_on_host = lean and bool(cfg.gradient_checkpointing)
-    kw: dict[str, Any] = dict(
-        quantized=quantized,
-        embedding_on_host=on_host,
-        inputs_on_host=inputs_on_host,
-        lora_rank=cfg.lora_rank,
-        target_modules=targets,
-        dora=cfg.use_dora,
-    )
-    step_tokens = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * cfg.max_length
-    if lean or card_bytes:
-        limit = gm.tokens_per_forward(model, profile=profile, card_bytes=card_bytes or 0, **kw)
-        tokens = min(step_tokens, max(cfg.max_length, limit))  # a sample is never split
-    else:
-        tokens = cfg.per_device_train_batch_size * cfg.max_length
-    recomputed = 0
-    if cfg.gradient_checkpointing:
-        if lean:
-            recomputed = shape.layers
-        elif card_bytes:
-            fixed = gm.estimate_peak_bytes(model, tokens=0, recomputed_layers=0, **kw)["total"]
-            per_layer = gm.layer_activation_bytes(model)
-            keep = gm.layers_to_keep(
-                budget=card_bytes - max(gm.HEADROOM, card_bytes // 10) - fixed,
-                tokens=tokens,
-                layers=shape.layers,
-                per_layer=per_layer,
-                stub=shape.hidden * 2,
-                fixed=gm.loss_bytes_per_token(model),
-                replay=per_layer * gm.REPLAY_LAYERS_IN_GRAPH,
-            )
-            recomputed = shape.layers - keep
-    return TrainingLayout(profile, why, tokens, recomputed, quantized, on_host, trainable, inputs_on_host)
+    facts = plans.path_facts(cfg, model, plans.techniques_for(cfg))
+    available = card_bytes - CUDA_CONTEXT_BYTES if card_bytes else None
+    return plans.choose_plan(cfg, model, facts, plans.Workload.of(cfg, longest), available)
 
 
 def card_bytes_here() -> int | None:
@@ -187,40 +139,54 @@ def estimate_training_memory(
         card_bytes = card_bytes_here()
     if card_bytes is None:
         return estimate_host_memory(cfg, info, longest=longest)
-    layout = training_layout(shape, cfg, card_bytes)
-    parts = gm.estimate_peak_bytes(
-        shape.as_config(),
-        tokens=layout.tokens,
-        quantized=layout.quantized,
-        recomputed_layers=layout.recomputed_layers,
-        embedding_on_host=layout.embedding_on_host,
-        lora_rank=cfg.lora_rank,
-        target_modules=tuple(cfg.target_modules),
-        inputs_on_host=layout.inputs_on_host,
-        dora=cfg.use_dora,
-    )
+    try:
+        choice = training_plan(shape, cfg, card_bytes, longest)
+    except plans.NoPlanFits as refused:
+        return _refused_estimate(cfg, shape, longest, refused)
+    plan = choice.plan
+    parts = dict(plan.parts)
     ranks_note = _per_gpu_of_ranks(parts, cfg, shape.layers)
     total = parts.pop("total")
     notes = [
         *([ranks_note] if ranks_note else []),
-        f"profile {layout.profile} ({layout.why})",
-        f"largest forward {layout.tokens} tokens, packed without padding",
-        f"{layout.recomputed_layers} of {shape.layers} layers recomputed in backward",
+        f"plan chosen: {choice.why}",
+        "forwards packed without padding",
         f"plus about {CUDA_CONTEXT_BYTES / GIB:.1f} GiB of CUDA context and the allocator's cache",
     ]
-    if layout.quantized:
+    if cfg.is_qlora:
         notes.append("QLoRA: NF4 linear layers with double quantisation")
-    if layout.embedding_on_host:
-        notes.append("input embeddings kept in host memory")
-    if layout.inputs_on_host:
-        notes.append("recomputed layers' inputs kept in host memory")
     return P.MemoryEstimate(
         total_gib=round(total / GIB, 3),
         parts={name: round(value / GIB, 3) for name, value in parts.items()},
         model=cfg.model,
         parameters=shape.parameters,
-        trainable=layout.lora_params,
+        trainable=gm.lora_parameters(
+            shape.as_config(), cfg.lora_rank, tuple(cfg.target_modules), cfg.use_dora
+        ),
         notes=notes,
+        plan=plan.line(choice.budget),
+    )
+
+
+def _refused_estimate(
+    cfg: Any, shape: ModelShape, longest: int | None, refused: plans.NoPlanFits
+) -> P.MemoryEstimate:
+    """The smallest plan's numbers, with why training would be refused and what would fit."""
+    model = shape.as_config()
+    facts = plans.path_facts(cfg, model, plans.techniques_for(cfg))
+    smallest = plans.smallest_plan(model, facts, plans.Workload.of(cfg, longest))
+    parts = dict(smallest.parts)
+    total = parts.pop("total")
+    return P.MemoryEstimate(
+        total_gib=round(total / GIB, 3),
+        parts={name: round(value / GIB, 3) for name, value in parts.items()},
+        model=cfg.model,
+        parameters=shape.parameters,
+        trainable=gm.lora_parameters(model, cfg.lora_rank, tuple(cfg.target_modules), cfg.use_dora),
+        notes=[f"the smallest plan: {smallest.line()}"],
+        plan="",
+        refused=refused.message,
+        advice=[refused.hint],
     )
 
 

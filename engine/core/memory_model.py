@@ -1,4 +1,5 @@
-"""The GPU path's memory model: peak allocated bytes of a training step, and the profile choice.
+"""The GPU path's memory model: peak allocated bytes of a training step (engine/core/plans.py
+gives it each candidate plan).
 
 Torch-free on purpose: the TUI's estimate (engine/core/estimate.py) and the CUDA path (engine/cuda/path.py)
 use the same numbers, and the estimate is answered before torch is ever imported. Calibrated
@@ -13,13 +14,7 @@ from typing import Any
 
 GIB = 1024**3
 ALL_LINEAR = ("all-linear",)  # LoRA's target_modules when every projection is trained
-# `auto` takes the lean profile when less than this is free once the model is on the card.
-LEAN_BELOW_FREE = 12 * GIB
-# Kept free for the allocator's transients (the loss chunk, a dequantised 4-bit weight, cuBLAS
-# workspaces) on top of what the memory model counts; the fast profile also keeps a tenth of the
-# card free (mixed lengths fragment the cache).
-HEADROOM = int(2.5 * GIB)
-# The lean profile's allowance for everything that scales with tokens (activations, loss): a
+# The lean plan's allowance for everything that scales with tokens (activations, loss): a
 # forward takes as many samples as fit in it. At 2048 tokens a 7B needs about 1.0 GiB (the replay
 # in the graph holds more than an eager one: REPLAY_LAYERS_IN_GRAPH).
 LEAN_TOKEN_BYTES = int(1.0 * GIB)
@@ -67,26 +62,14 @@ def model_sizes(model_config: Any) -> dict[str, Any]:
 
 
 class Profile(str, Enum):
-    """The GPU path's memory profile once decided (the config's `auto` is not one): fast spends
-    memory on speed, lean keeps the least on the card."""
+    """The two ends of the plans (engine/core/plans.py): fast spends memory on speed, lean keeps
+    the least on the card. The config's `auto` picks a plan between them by budget."""
 
     FAST = "fast"
     LEAN = "lean"
 
     def __str__(self) -> str:
         return self.value
-
-
-def choose_profile(requested: str, free_bytes: int | None) -> tuple[Profile, str]:
-    """The profile to train with, and why. `requested` is the config's fast, lean or auto; auto goes
-    lean when less than LEAN_BELOW_FREE is free once the model is on the card, and is fast where
-    no GPU is seen (`free_bytes` None). The GPU path and the estimate both decide here."""
-    if requested != "auto":
-        return Profile(requested), "asked for"
-    if free_bytes is None:
-        return Profile.FAST, "auto: no GPU seen"
-    why = f"auto: {free_bytes / GIB:.1f} GiB free after loading the model"
-    return (Profile.LEAN if free_bytes < LEAN_BELOW_FREE else Profile.FAST), why
 
 
 def layer_activation_bytes(
@@ -241,71 +224,6 @@ def estimate_peak_bytes(
     }
     parts["total"] = sum(parts.values())
     return parts
-
-
-def tokens_per_forward(
-    model_config: Any,
-    *,
-    profile: Profile,
-    card_bytes: int,
-    lora_rank: int = 8,
-    quantized: bool = False,
-    embedding_on_host: bool = False,
-    target_modules: Sequence[str] = ALL_LINEAR,
-    compiled: bool = True,
-    inputs_on_host: bool = False,
-    in_graph: bool = True,
-    dora: bool = False,
-) -> int:
-    """How many tokens one forward may take: the path packs a step's samples into forwards of at
-    most this many tokens (never splitting a sample), whatever the configured micro-batch.
-
-    fast: as many as keep every layer's activations within the card, less a tenth (at most
-    FAST_MAX_TOKENS); lean: as many as fit LEAN_TOKEN_BYTES with every layer recomputed.
-    Accumulation over the forwards gives the same gradient as the configured micro-batches.
-    """
-    kw: dict[str, Any] = dict(
-        lora_rank=lora_rank,
-        quantized=quantized,
-        embedding_on_host=embedding_on_host,
-        target_modules=target_modules,
-        compiled=compiled,
-        inputs_on_host=inputs_on_host,
-        in_graph=in_graph,
-        dora=dora,
-    )
-    if profile == Profile.LEAN:
-        one = estimate_peak_bytes(model_config, tokens=1, recomputed_layers=None, **kw)
-        per_token = one["activations"] + one["loss"]
-        return max(1, int(LEAN_TOKEN_BYTES // per_token))
-    zero = estimate_peak_bytes(model_config, tokens=0, recomputed_layers=0, **kw)["total"]
-    per_token_bytes = estimate_peak_bytes(model_config, tokens=1, recomputed_layers=0, **kw)["total"] - zero
-    budget = card_bytes - max(HEADROOM, card_bytes // 10) - zero
-    return int(max(1, min(FAST_MAX_TOKENS, budget // max(per_token_bytes, 1))))
-
-
-def layers_to_keep(
-    *,
-    budget: float,
-    tokens: int,
-    layers: int,
-    per_layer: float,
-    stub: float,
-    fixed: float,
-    replay: float | None = None,
-) -> int:
-    """How many decoder layers can keep their activations (the rest are recomputed).
-
-    Per token: `fixed` outside the layers, `per_layer` for a layer that keeps everything, `stub`
-    (its input) for one that is recomputed, plus one replayed layer during backward (`replay`,
-    `per_layer` when not given):
-    tokens * (fixed + keep * per_layer + (layers - keep) * stub + replay) <= budget.
-    """
-    if budget >= tokens * (fixed + layers * per_layer):
-        return layers  # everything kept: no replayed layer either
-    replay = per_layer if replay is None else replay
-    room = budget / max(tokens, 1) - fixed - layers * stub - replay
-    return int(max(0, min(layers, room // max(per_layer - stub, 1))))
 
 
 # ================================================================ host memory: training on a CPU

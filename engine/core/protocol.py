@@ -282,7 +282,9 @@ class MemoryEstimate(Event):
     notes: list[str] = field(default_factory=list)  # assumptions worth showing next to the number
     memory: str = "gpu"  # which memory the numbers are for: "gpu", or "host" (RAM: no GPU here)
     available_gib: float = 0.0  # host: the RAM free when estimated
-    advice: list[str] = field(default_factory=list)  # host, when it does not fit: settings that would
+    advice: list[str] = field(default_factory=list)  # when it does not fit: settings that would
+    plan: str = ""  # gpu: the plan chosen (engine/core/plans.py), as the run prints it before step 1
+    refused: str = ""  # gpu: why training would be refused (no plan fits the budget), else ""
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The CUDA fast path: padding-free packing, a loss over the loss tokens only, fused kernels, profiles.
 
-`train.select_path()` calls `cuda_path(cfg, device)` on CUDA. The recipe stays the same; what
-changes is how a micro-batch is laid out and how its summed loss is computed:
+`train.select_path()` calls `cuda_path(cfg, device, model_config, longest)` on CUDA. The recipe
+stays the same; what changes is how a micro-batch is laid out and how its summed loss is computed:
 
 - **Packing** (engine/cuda/packing.py). A micro-batch's samples are concatenated into one row with
   no padding. Position ids restart at 0 for each sample and attention is per document: a
@@ -33,24 +33,22 @@ changes is how a micro-batch is laid out and how its summed loss is computed:
 - **Kernels.** liger's fused RMSNorm and SwiGLU on Llama / Qwen / Mistral families (they keep
   fewer and smaller tensors for backward); fused AdamW is the recipe's own.
 - **Merged forwards.** A step's samples are regrouped (in order, never split) into forwards of
-  at most the profile's token count from the memory model (engine/core/memory_model.py): fast packs as
-  many as keep every layer's activations on the card (the whole step, for 4 x 2048 tokens on a
-  7B and an 80 GB card), lean as many as fit a small fixed allowance. The loss is summed and
-  normalised by the step's loss tokens, so the gradient is the configured micro-batches'.
-- **Profiles.** `fast` recomputes no layer whose activations fit: before each micro-batch it
-  works out, from free memory and a per-token memory model calibrated on the first micro-batch,
-  how many decoder layers can keep their activations, and recomputes only the rest. `lean`
-  recomputes every layer, keeps the input embedding matrix in host memory (its rows are
-  gathered on the CPU: it is frozen and only indexed) and the recomputed layers' inputs too
-  (engine/cuda/offload.py). `auto` picks lean when little memory is left after the model is loaded.
+  at most the plan's token count. The loss is summed and normalised by the step's loss tokens,
+  so the gradient is the configured micro-batches'.
+- **Plans.** `cuda_path` chooses the plan with the one planner (engine/core/plans.py, which the
+  TUI's estimate uses too): how many decoder layers recompute (the last ones), whether the input
+  embedding matrix (its rows are gathered on the CPU: it is frozen and only indexed) and the
+  recomputed layers' inputs (engine/cuda/offload.py) live in host memory, and the tokens per
+  forward: the fastest plan whose predicted peak fits --max_memory, else the card. `fast` and
+  `lean` are its two ends. Under --max_memory the allocator is capped a little above the budget.
 
-Techniques: pack, merge, flce, lora, selective (fast), offload and hostinputs (lean), mlpchunk, compile
+Techniques: pack, merge, flce, lora, offload and hostinputs (where the plan says), mlpchunk, compile
 (each decoder layer as one torch.compile region, bitsandbytes' 4-bit layers included), ingraph
 and nf4 (in such layers the NF4 dequantisation in plain ops, one fused kernel per weight: lean
 QLoRA on a 7B makes 9,151 tokens/s with it, 7,244 without, H200) are on; liger is off because it
 measured slower here (bench/RESULTS.md). For measuring, `TUNEBENCH_ACCEL` adjusts the set, e.g.
 `TUNEBENCH_ACCEL=+liger,-merge` or `-ingraph` (the checkpoint around the compiled layer);
-`tokens=4096` sets the tokens per forward instead of the memory model.
+`tokens=4096` sets the tokens per forward instead of the plan.
 """
 
 from __future__ import annotations
@@ -67,18 +65,24 @@ import torch
 from ..core.config import TrainConfig
 from ..core.memory_model import (
     GIB,
-    HEADROOM,
     LOSS_SLICE_TOKENS,
     MLP_CHUNK_TOKENS,
-    REPLAY_LAYERS_IN_GRAPH,
     Profile,
-    choose_profile,
     estimate_peak_bytes,
     layer_activation_bytes,
-    layers_to_keep,
     mlp_chunks,
-    tokens_per_forward,
 )
+from ..core.plans import (
+    DEFAULT_TECHNIQUES,
+    Choice,
+    Plan,
+    Workload,
+    allocator_cap,
+    choose_plan,
+    path_facts,
+    techniques_for,
+)
+from ..core.plans import techniques as techniques
 from ..train.types import Batch, TrainPath
 from .fused_loss import chunked_ce_sum, in_slices, liger_ce_sum
 from .lora_train import patch_lora_layers, probe_mm_out_dtype
@@ -88,23 +92,6 @@ from .packing import ATTENTION_NAME, PackedBatch, pack, register_attention, repa
 log = logging.getLogger(__name__)
 
 LIGER_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "smollm3", "granite", "olmo2")
-
-
-DEFAULT_TECHNIQUES = frozenset(
-    {
-        "pack",
-        "merge",
-        "flce",
-        "lora",
-        "selective",
-        "offload",
-        "compile",
-        "ingraph",
-        "hostinputs",
-        "nf4",
-        "mlpchunk",
-    }
-)
 
 
 # The techniques that need torch.compile to take a decoder layer whole, in the order they are
@@ -119,31 +106,26 @@ COMPILED_TECHNIQUES = (
 )
 
 
-def techniques(spec: str | None = None) -> set[str]:
-    """The techniques in use: the defaults, adjusted by `+name` / `-name` items (from TUNEBENCH_ACCEL)."""
-    spec = os.environ.get("TUNEBENCH_ACCEL", "") if spec is None else spec
-    use = set(DEFAULT_TECHNIQUES)
-    for item in (t.strip() for t in spec.split(",")):
-        if item.startswith("-"):
-            use.discard(item[1:])
-        elif item:
-            use.add(item.lstrip("+"))
-    return use
-
-
 # ===================================================================== entry
 
 
-def cuda_path(cfg: TrainConfig, device) -> TrainPath:
-    free, _total = torch.cuda.mem_get_info(device)
-    profile, why = choose_profile(cfg.profile, free)
-    fast = FastPath(cfg, device, profile)
-    notes = [f"GPU path: profile {profile} ({why})"] + fast.describe()
+def cuda_path(cfg: TrainConfig, device, model_config: Any, longest: int | None = None) -> TrainPath:
+    """The fast path for `cfg` on a CUDA `device`, once the model (`model_config`) is loaded and
+    the data's longest sample (`longest`, tokens) is known: its plan is chosen here (NoPlanFits,
+    a UserError, when nothing fits the budget) and printed before step 1."""
+    fast = FastPath(cfg, device, Profile.LEAN if cfg.profile == "lean" else Profile.FAST)
+    free, total = torch.cuda.mem_get_info(device)
+    # what this process can have: the free memory and what the allocator already holds (the model)
+    available = free + torch.cuda.memory_reserved(device)
+    facts = path_facts(cfg, model_config, fast.use, cuda=device.type == "cuda")
+    fast.choice = choose_plan(cfg, model_config, facts, Workload.of(cfg, longest), available)
+    fast.plan = fast.choice.plan
+    if cfg.max_memory > 0:
+        cap_memory(device, allocator_cap(cfg.max_memory), total)
+    notes = [fast.choice.line(), f"GPU path: {fast.choice.why}"] + fast.describe()
     fast.notes = notes  # the path adds the memory model's numbers once it has seen a forward
     return TrainPath(
-        name=f"cuda-{profile}",
-        # Layers are wrapped for recompute in both profiles; the fast profile switches it off per
-        # micro-batch for as many layers as memory allows. gradient_checkpointing=false means never.
+        name="cuda",
         gradient_checkpointing=cfg.gradient_checkpointing,
         collate=fast.collate,
         loss_sum=fast.loss_sum,
@@ -153,6 +135,21 @@ def cuda_path(cfg: TrainConfig, device) -> TrainPath:
         compiles=fast.compiles,
         compile_report=fast.compile_report,
     )
+
+
+def cap_memory(device, cap: int, total: int) -> None:
+    """Hold this process's allocator to `cap` bytes (--max_memory and the prediction's tolerance),
+    so that a plan that needs more than predicted fails with an out-of-memory error and its advice
+    rather than taking a shared card's memory; a tighter cap set before (a bench playing a smaller
+    card) stays."""
+    fraction = min(1.0, cap / total)
+    get = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    if get is not None:
+        try:
+            fraction = min(fraction, float(get(device)))
+        except (RuntimeError, TypeError):
+            pass  # no fraction set yet on this torch: ours stands
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
 
 
 # =================================================================== kernels
@@ -432,16 +429,16 @@ class _Model:
     layers: list
     per_token_layer: int
     per_token_fixed: int
-    scale: float = 1.0  # measured / modelled activation memory, from the first micro-batch
-    calibrated: bool = False
 
 
 @dataclass
 class FastPath:
     cfg: TrainConfig
     device: Any
-    profile: Profile
+    profile: Profile  # the end to take where no plan is given (tests, the bench's checks)
     use: set[str] = field(default_factory=techniques)
+    plan: Plan | None = None  # what to recompute, what to keep in host memory, tokens per forward
+    choice: Choice | None = None  # the plan, why, and the budget it was chosen for
     host_embedding: HostEmbedding | None = None
     host_inputs: HostInputs | None = None  # the recomputed layers' inputs in host memory (lean)
     compute_dtype: Any = None
@@ -451,9 +448,9 @@ class FastPath:
     notes: list[str] = field(default_factory=list)  # the TrainPath's notes: the recipe logs new ones
     _model: _Model | None = None
     _ce: Any = None
-    _kept: int = 0  # layers that keep their activations in the current micro-batch
+    _kept: int = 0  # layers that keep their activations
     _config: Any = None  # the base model's config, for the memory model
-    _max_tokens: int = 0  # tokens per forward, from the memory model (0: not worked out yet)
+    _max_tokens: int = 0  # tokens per forward, from the plan (0: not set yet)
     _lengths_vary: bool = False  # the samples differ in length: forwards will too
     _longest: int = 0  # the longest sample's tokens
     _modelled_peak: int = 0  # the largest peak the memory model gave for a forward so far
@@ -461,13 +458,8 @@ class FastPath:
 
     def __post_init__(self) -> None:
         self.profile = Profile(self.profile)  # a caller's "fast" / "lean" text is the same profile
-        # DoRA's magnitude-normalised update is not in the fast LoRA kernels: its layers run PEFT's
-        # own forward, and the memory model must count PEFT's float32 copies of their inputs.
-        if self.cfg.use_dora:
-            self.use.discard("lora")
-        # packing brings its own per-document attention; a kernel the user names replaces it
-        if self.cfg.attn_impl != "auto":
-            self.use.discard("pack")
+        # what the config rules out (DoRA: PEFT's LoRA layers; a named attention kernel: no packing)
+        self.use -= DEFAULT_TECHNIQUES - techniques_for(self.cfg, "")
 
     @property
     def compiles(self) -> bool:
@@ -478,12 +470,26 @@ class FastPath:
         return self.compiles and "ingraph" in self.use
 
     @property
+    def all_recomputed(self) -> bool:
+        """Every layer recomputes (the lean end, or a plan near it): the loss keeps small chunks."""
+        return self.plan.recomputed_layers >= self.plan.layers if self.plan else self.profile == Profile.LEAN
+
+    @property
+    def moves_embedding(self) -> bool:
+        if self.plan is not None:
+            return self.plan.embedding_on_host
+        return self.profile == Profile.LEAN and "offload" in self.use and "pack" in self.use
+
+    @property
     def keeps_inputs_on_host(self) -> bool:
-        """Lean's recomputed layers' inputs go to host memory: only a checkpoint compiled into the
-        graph saves its inputs where hooks can move them, and the streams are CUDA's."""
+        """The recomputed layers' inputs go to host memory (the plan's, or lean's): only a
+        checkpoint compiled into the graph saves its inputs where hooks can move them, and the
+        streams are CUDA's."""
+        wanted = self.plan.inputs_on_host if self.plan is not None else self.profile == Profile.LEAN
         return (
-            self.profile == Profile.LEAN
+            wanted
             and "hostinputs" in self.use
+            and "pack" in self.use
             and self.recompiles_in_graph
             and self.cfg.gradient_checkpointing
             and self.device.type == "cuda"
@@ -497,7 +503,7 @@ class FastPath:
             ("lora", "LoRA in the compute dtype, one saved input"),
             ("compile", "each decoder layer compiled as one region"),
             ("ingraph", "recompute compiled into each layer's graph"),
-            ("merge", "a step's samples packed into as few forwards as the profile's memory allows"),
+            ("merge", "a step's samples packed into as few forwards as the plan's memory allows"),
             ("mlpchunk", f"MLPs over slices of at most {self.mlp_chunk_tokens} tokens in longer forwards"),
         ]
         use = self.use - (set() if self.compiles else {"compile", "ingraph"})
@@ -513,9 +519,7 @@ class FastPath:
                 "a float32 copy of its input and computes its weight's norm every step (more memory, "
                 "slower steps)"
             )
-        if self.profile == Profile.FAST and self.cfg.gradient_checkpointing and "selective" in self.use:
-            notes.append("GPU path: recompute only the layers whose activations do not fit")
-        if self.profile == Profile.LEAN and "offload" in self.use:
+        if self.moves_embedding:
             notes.append("GPU path: input embeddings kept in host memory")
         if self.keeps_inputs_on_host:
             notes.append("GPU path: recomputed layers' inputs kept in host memory")
@@ -533,7 +537,7 @@ class FastPath:
             self.applied += patch_liger(model)
         self.compute_dtype = _compute_dtype(model)
         self._config = model.config
-        if self.profile == Profile.LEAN and "offload" in self.use:
+        if self.moves_embedding:
             emb, head = model.get_input_embeddings(), model.get_output_embeddings()
             if head is None or emb.weight is not head.weight:
                 self.host_embedding = HostEmbedding(emb.weight, self.compute_dtype)
@@ -549,7 +553,7 @@ class FastPath:
     # -------------------------------------------------------------- batches
 
     def group(self, step: list[list[int]], samples: list) -> list[list[int]]:
-        """The step's forwards: its samples regrouped to the profile's tokens per forward (CUDA only)."""
+        """The step's forwards: its samples regrouped to the plan's tokens per forward (CUDA only)."""
         if self._model is None:  # before the layers are compiled: will the forwards' shapes vary?
             lengths = {len(s.input_ids) for s in samples}
             self._lengths_vary = len(lengths) > 1
@@ -560,31 +564,11 @@ class FastPath:
         if forced and not self._max_tokens:  # measuring: a forward size other than the memory model's
             self._max_tokens = forced[0]
             self.notes.append(f"GPU path: forwards of up to {self._max_tokens} tokens (set by tokens=)")
+        if not self._max_tokens and self.plan is not None:
+            self._max_tokens = self.plan.tokens  # the plan's line says it
         if not self._max_tokens:
-            free, _total = torch.cuda.mem_get_info(self.device)
-            card_bytes = free + torch.cuda.memory_reserved(self.device)
-            self._max_tokens = self.forward_tokens(self._config, card_bytes)
-            self.notes.append(
-                f"GPU path: forwards of up to {self._max_tokens} tokens ({self.profile} profile)"
-            )
+            return step  # no plan (a check of the path itself): the configured micro-batches
         return repartition(step, lambda i: len(samples[i].input_ids), self._max_tokens)
-
-    def forward_tokens(self, model_config: Any, card_bytes: int) -> int:
-        """The memory model's tokens per forward for this path on a card of `card_bytes`: the
-        budget the TUI's estimate (engine/core/estimate.py) works out for the same config."""
-        return tokens_per_forward(
-            model_config,
-            profile=self.profile,
-            card_bytes=card_bytes,
-            lora_rank=self.cfg.lora_rank,
-            target_modules=tuple(self.cfg.target_modules),
-            quantized=self.cfg.is_qlora,
-            embedding_on_host=self.host_embedding is not None,
-            compiled=self.compiles,
-            inputs_on_host=self.host_inputs is not None,
-            dora=self.cfg.use_dora,
-            in_graph=self.recompiles_in_graph,
-        )
 
     def collate(self, samples: list, pad_id: int, device) -> Batch:
         if "pack" not in self.use:
@@ -606,7 +590,6 @@ class FastPath:
         training = torch.is_grad_enabled() and model.training
         if training:
             self._plan_recompute(m, batch.tokens)
-        before = torch.cuda.memory_allocated(self.device) if training and self.device.type == "cuda" else 0
         kwargs = dict(
             position_ids=batch.position_ids,
             cu_seq_lens_q=batch.cu_seqlens,
@@ -627,8 +610,6 @@ class FastPath:
             hidden = hidden.index_select(0, batch.loss_index)
         loss = self._ce(hidden, m.head_weight, batch.loss_targets)
         if training and self.device.type == "cuda":
-            if not m.calibrated:
-                self._calibrate(m, batch.tokens, torch.cuda.memory_allocated(self.device) - before)
             self._note_memory_model(m, batch.tokens)
         return loss
 
@@ -666,7 +647,7 @@ class FastPath:
                 self.applied.append("kernels-hub routing bypassed")
             self.applied += self._compile(layers)
         # Larger loss chunks read the [vocab x hidden] head fewer times; lean keeps them small.
-        chunk_budget = 4 if self.profile == Profile.LEAN else 16
+        chunk_budget = 4 if self.all_recomputed else 16
         ce = None if "flce" not in self.use or self.device.type != "cuda" else liger_ce_sum(chunk_budget)
         if ce is None and "flce" in self.use and self.device.type == "cuda":
             self.use.discard("flce")
@@ -750,8 +731,9 @@ class FastPath:
             for module in layer.modules():
                 if hasattr(module, "_tb_plain"):
                     module._tb_plain = self.recompiles_in_graph
-        self.host_inputs = None  # only a checkpoint compiled into the graph can move its inputs
-        self._max_tokens = 0  # the memory model plans the next step's forwards again
+        # Only a checkpoint compiled into the graph can move its inputs: the plan's forwards and
+        # recompute stay (the eager replay holds less, the inputs kept on the card a little more).
+        self.host_inputs = None
         if self.compiles:
             self.applied += self._compile(m.layers)
         return True
@@ -772,26 +754,18 @@ class FastPath:
     # -------------------------------------------------------------- memory
 
     def _plan_recompute(self, m: _Model, tokens: int) -> None:
-        """Switch recompute off for as many layers as this micro-batch's activations fit (fast profile)."""
+        """Recompute the plan's number of layers (the last ones); without a plan, lean recomputes
+        every layer, as does a path off CUDA (the tests' checks of the recompute), fast none."""
         if not m.layers or not self.cfg.gradient_checkpointing:
             return
-        if self.profile == Profile.LEAN or "selective" not in self.use or self.device.type != "cuda":
-            keep = 0
+        layers = len(m.layers)
+        if self.plan is not None:
+            recomputed = min(layers, self.plan.recomputed_layers)
+        elif self.profile == Profile.LEAN or self.device.type != "cuda":
+            recomputed = layers
         else:
-            free, total = torch.cuda.mem_get_info(self.device)
-            cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-            # Mixed lengths fragment the allocator's cache: count half of it, and keep a tenth of
-            # the card (at least HEADROOM) free for transients.
-            per_layer = m.per_token_layer * m.scale * 1.1
-            keep = layers_to_keep(
-                budget=free + cached // 2 - max(HEADROOM, total // 10),
-                tokens=tokens,
-                layers=len(m.layers),
-                per_layer=per_layer,
-                stub=self._hidden_bytes(),
-                fixed=m.per_token_fixed,
-                replay=per_layer * (REPLAY_LAYERS_IN_GRAPH if self.recompiles_in_graph else 1),
-            )
+            recomputed = 0
+        keep = layers - recomputed
         for index, layer in enumerate(m.layers):
             layer._tb_recompute = index >= keep
         self._kept = keep
@@ -819,18 +793,6 @@ class FastPath:
                 f"memory model: peak {parts['total'] / GIB:.2f} GiB for a forward of {tokens} tokens, "
                 f"{recomputed} of {len(m.layers)} layers recomputed"
             )
-
-    def _hidden_bytes(self) -> int:
-        return self._model.decoder.config.hidden_size * 2 if self._model else 0
-
-    def _calibrate(self, m: _Model, tokens: int, used: int) -> None:
-        kept = self._kept
-        stub = self._hidden_bytes()
-        modelled = tokens * (kept * m.per_token_layer + (len(m.layers) - kept) * stub + m.per_token_fixed)
-        if kept and modelled > 0:
-            m.scale = min(2.0, max(0.7, used / modelled))
-            m.calibrated = True
-            log.info("activation memory: %.2f GiB measured, %.2f modelled", used / GIB, modelled / GIB)
 
 
 def _saved_tensor_hooks_top():

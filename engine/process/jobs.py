@@ -30,6 +30,7 @@ from ..core.errors import Cancelled, UserError
 from ..core.files import write_failure
 from ..core.memory_model import Profile
 from ..core.model_files import workspace_model
+from ..core.plans import allocator_cap
 from ..core.targets import export_name
 from ..core.workspace import Workspace, list_checkpoints
 
@@ -415,9 +416,20 @@ def _oom_error(exc: BaseException, job: str, cfg: Any, progress: RunProgress, me
             "turn on gradient_checkpointing (recompute activations in backward instead of keeping them)"
         )
     elif not host and getattr(cfg, "profile", "") != Profile.LEAN:
-        steps.append(
-            "choose profile lean (it recomputes every layer and keeps the embedding matrix in host memory)"
-        )
+        budget = getattr(cfg, "max_memory", 0.0)
+        if budget > 0:
+            # the process was capped a little above the budget: the plan took more than predicted
+            steps.insert(
+                0,
+                f"set max_memory lower than {budget:g} GiB, so that a smaller plan is chosen (this "
+                f"run was capped at {allocator_cap(budget) / 2**30:.1f} GiB and its plan needed more "
+                "than predicted: the line 'plan: ...' in the log says what was predicted)",
+            )
+        else:
+            steps.append(
+                "set max_memory below the card's free memory (a smaller plan is chosen), or choose "
+                "profile lean (it recomputes every layer and keeps the embedding matrix in host memory)"
+            )
     if half_dtype:
         steps.append(half_dtype)
     checkpoint = progress.checkpoint

@@ -293,11 +293,11 @@ class EngineServer:
                 ),
             )
             return
-        card, longest = card_bytes_here(), None
-        if card is None:  # on the CPU the data's longest sample sets the peak
-            from ..train.preflight import longest_sample_tokens
+        from ..train.preflight import longest_sample_tokens
 
-            longest = await asyncio.to_thread(longest_sample_tokens, cfg)
+        # the data's longest sample sets the peak on the CPU, and the forward sizes a GPU plan takes
+        card = card_bytes_here()
+        longest = await asyncio.to_thread(longest_sample_tokens, cfg)
         estimate = estimate_training_memory(cfg, info, card, longest=longest)
         self.clients.send(client, dataclasses.replace(estimate, id=msg.id))
 

@@ -8,7 +8,10 @@ from .types import IGNORE, Batch, TrainPath
 
 
 def plain_path(cfg: TrainConfig) -> TrainPath:
-    return TrainPath("plain", cfg.gradient_checkpointing, collate, forward_loss_sum)
+    notes = []
+    if cfg.max_memory > 0:
+        notes.append(f"--max_memory {cfg.max_memory:g} GiB is for GPU memory: no GPU here, so it is not used")
+    return TrainPath("plain", cfg.gradient_checkpointing, collate, forward_loss_sum, notes=notes)
 
 
 def collate(samples: list, pad_id: int, device) -> Batch:

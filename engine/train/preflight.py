@@ -17,9 +17,9 @@ def preflight(cfg: TrainConfig, cancel: Any = None) -> None:
     A mistake in the flags or the data is then reported in seconds rather than after the model
     has loaded, and before anything is written. run_training checks all of this again (the engine
     calls it directly). With the model's tokenizer at hand, a dataset of which --max_length would
-    leave nothing is found here too, for datasets up to TOKENIZE_LIMIT samples; and without CUDA,
-    a plan whose peak cannot fit in the free RAM. Once `cancel` (a threading.Event) is set,
-    core.errors.Cancelled stops the reading and tokenising.
+    leave nothing is found here too, for datasets up to TOKENIZE_LIMIT samples; without CUDA, a
+    plan whose peak cannot fit in the free RAM; on a GPU, a --max_memory that no plan fits. Once
+    `cancel` (a threading.Event) is set, core.errors.Cancelled stops the reading and tokenising.
     """
     from ..core.data import DataError, load_dataset, split_eval
     from ..core.model_files import DEMO_NAME, cached_model_dir, demo_gguf_path
@@ -78,6 +78,7 @@ def preflight(cfg: TrainConfig, cancel: Any = None) -> None:
     resolved = resolved or resolve_model(spec)
     longest = _longest_sample(cfg, resolved, train_samples, cancel)
     _check_host_memory(cfg, resolved, longest)
+    _check_gpu_budget(cfg, resolved, longest)
     if cfg.target_modules != ["all-linear"]:
         available = linear_module_names_of(resolved.path, cfg.trust_remote_code)
         unknown = [m for m in cfg.target_modules if available is not None and m not in available]
@@ -138,6 +139,24 @@ def _check_host_memory(cfg: TrainConfig, resolved, longest: int | None) -> None:
         check_host_memory(cfg, info, longest=longest)
     except ValueError:
         return  # a config.json without the sizes: the model load says what is wrong
+
+
+def _check_gpu_budget(cfg: TrainConfig, resolved, longest: int | None) -> None:
+    """On a GPU, refuse a --max_memory that no plan fits (engine/core/plans.py), naming the
+    smallest plan's peak and what would fit, before the model loads."""
+    from ..core.estimate import ModelShape, read_model_info, training_plan
+    from ..models.loading import pick_device
+
+    if cfg.max_memory <= 0 or pick_device().type != "cuda":
+        return
+    info = read_model_info(str(resolved.path))
+    if info is None:
+        return
+    try:
+        shape = ModelShape.from_config(info)
+    except ValueError:
+        return  # a config.json without the sizes: the model load says what is wrong
+    training_plan(shape, cfg, None, longest)  # NoPlanFits, a UserError, says what would fit
 
 
 def longest_sample_tokens(cfg: TrainConfig) -> int | None:

@@ -94,13 +94,15 @@ class StopSignal:
         return self._mode
 
 
-def select_path(cfg: TrainConfig, device) -> TrainPath:
+def select_path(cfg: TrainConfig, device, model_config: Any = None, longest: int | None = None) -> TrainPath:
+    """The CUDA fast path on a GPU (its plan chosen for `model_config` and the data's `longest`
+    sample, in tokens), else the plain path."""
     if device.type == "cuda":
         try:
             from ..cuda.path import cuda_path
         except ImportError:
             return plain_path(cfg)
-        return cuda_path(cfg, device)
+        return cuda_path(cfg, device, model_config, longest)
     return plain_path(cfg)
 
 
@@ -243,7 +245,8 @@ def _setup(cfg: TrainConfig, emit: Emit, stop: StopSignal, ranks: Ranks, device:
         )
     # FSDP2 takes the plain path: the fast path packs each rank's samples into its own number of
     # forwards, and the ranks' per-layer all-gathers must pair up
-    path = plain_path(cfg) if sharded else select_path(cfg, loaded.device)
+    longest = max((len(s.input_ids) for s in train_set), default=None)
+    path = plain_path(cfg) if sharded else select_path(cfg, loaded.device, loaded.model.config, longest)
     for note in path.notes:
         emit(P.Log(message=note))
     model = attach_lora(path.prepare_base(loaded.model), cfg, path.gradient_checkpointing)

@@ -79,3 +79,35 @@ async def test_settings_survive_a_restart(workspace, fake_engine):
         await pilot.press("ctrl+q")
     again = TuneBenchApp(workspace, starter=no_start)
     assert again.settings.config.learning_rate == 3e-4
+
+
+async def test_max_memory_defaults_to_the_cards_free_memory_and_the_gpu_pane_shows_the_plan(workspace):
+    """The card's free memory (less the CUDA context) is the budget until the person sets one;
+    the GPU pane shows the plan the estimate chose, or why training would be refused."""
+    from fake_engine import FakeEngineThread
+    from textual.widgets import Static
+    from tunebench.engine.core import protocol as P
+    from tunebench.engine.core.plans import default_budget_gib
+
+    gpu = {"index": 0, "name": "NVIDIA RTX 4090", "used": 2 * 2**30, "total": 24 * 2**30, "util": 0}
+    with FakeEngineThread(workspace, gpus=[gpu]):
+        app = TuneBenchApp(workspace, starter=no_start)
+        async with app.run_test(size=(100, 32)) as pilot:
+            want = default_budget_gib(22 * 2**30)
+            await wait_until(pilot, lambda: app.settings.config.max_memory == want)
+            assert app.query_one("#input-max_memory", Input).value == f"{want:.1f}"
+            assert f"--max_memory {want:g}" in app.query_one(CommandLine).command
+            plan = "plan: 14 of 28 layers recompute, inputs on the GPU, 8,192 tokens per forward: " + (
+                "predicted peak 19.3 GiB of 19.9"
+            )
+            app.gpu_pane.show_estimate(P.MemoryEstimate(total_gib=19.3, plan=plan))
+            shown = str(app.gpu_pane.query_one("#memory-estimate", Static).render())
+            assert plan in shown and "fits in" in shown
+            refused = "no training plan fits in --max_memory 8 GiB: the smallest ... needs 14.5 GiB"
+            app.gpu_pane.show_estimate(
+                P.MemoryEstimate(total_gib=14.5, refused=refused, advice=["any one of these fits: qlora"])
+            )
+            shown = str(app.gpu_pane.query_one("#memory-estimate", Static).render())
+            assert "training will be refused: " + refused in shown and "qlora" in shown
+    saved = (workspace / "tunebench.toml").read_text() if (workspace / "tunebench.toml").exists() else ""
+    assert "max_memory" not in saved  # the card's default is not a setting the person made

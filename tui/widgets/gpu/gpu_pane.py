@@ -90,15 +90,21 @@ class GpuPane(Vertical):
                     + ("; or ".join(estimate.advice) or "a smaller model"),
                     style="red",
                 )
+        elif estimate.refused:
+            text.append(f"\ntraining will be refused: {estimate.refused}", style="bold red")
+            for advice in estimate.advice:
+                text.append(f"\n{advice}", style="red")
         elif self.sample is not None and self.sample.gpus:
             total = max(float(g.get("total") or 0) for g in self.sample.gpus)
             if total:
                 fits = estimate.total_gib * GIB <= total
                 text.append(
                     f"\n{'fits in' if fits else 'does NOT fit in'} {gib(total)}"
-                    + ("" if fits else ": lower the micro-batch or max_length, or use qlora"),
+                    + ("" if fits else ": lower max_memory, max_length or the micro-batch, or use qlora"),
                     style="green" if fits else "bold red",
                 )
+        if estimate.plan:
+            text.append(f"\n{estimate.plan}", style="bold")
         for note in estimate.notes:
             text.append(f"\n{note}", style="dim")
         if self.sample is not None and self.sample.gpus:

@@ -22,7 +22,7 @@ from tunebench.engine.core.config import to_command
 from ...debounce import Debouncer
 from .command_line import CommandLine
 from .param_field import ParamField
-from .settings_store import TrainSettings, default_text
+from .settings_store import TrainSettings
 
 GROUP_TITLES = {
     "model": "Model",
@@ -114,7 +114,7 @@ class ParamsPane(Vertical):
         field = next((n for n in event.widget.ancestors if isinstance(n, ParamField)), None)
         if field is not None:
             f = field.field
-            default = default_text(f) or "empty"
+            default = self.settings.defaults[f.name] or "empty"
             self.query_one("#param-help", Static).update(
                 f"[b]{f.name}[/b]: {escape(f.metadata['help'])} [dim](default {escape(default)})[/dim]"
             )
@@ -166,7 +166,7 @@ class ParamsPane(Vertical):
             self.notify("move to a field first (tab)", severity="warning")
             return
         name = field.field.name
-        self.settings.set(name, default_text(field.field))
+        self.settings.set(name, self.settings.defaults[name])
         self.refresh_fields([name])
         self.saver.poke()
         self.post_message(self.Changed(self, [name]))

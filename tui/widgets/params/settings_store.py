@@ -11,7 +11,7 @@ import dataclasses
 import os
 from typing import Any
 
-from tunebench.engine.core.config import ConfigError, TrainConfig, format_value, parse_value
+from tunebench.engine.core.config import ConfigError, TrainConfig, field_text, parse_value
 from tunebench.engine.core.errors import UserError
 from tunebench.engine.core.workspace import Workspace
 
@@ -20,7 +20,7 @@ TABLE = "train"  # tunebench.toml: [train] holds the form's non-default values
 
 def default_text(f: dataclasses.Field) -> str:
     value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-    return format_value(value)
+    return field_text(f, value)
 
 
 class TrainSettings:
@@ -29,7 +29,9 @@ class TrainSettings:
     def __init__(self, workspace: Workspace) -> None:
         self.workspace = workspace
         self.fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-        self.text: dict[str, str] = {name: default_text(f) for name, f in self.fields.items()}
+        # a field's default text: the field's own, or one the machine supplies (set_default)
+        self.defaults: dict[str, str] = {name: default_text(f) for name, f in self.fields.items()}
+        self.text: dict[str, str] = dict(self.defaults)
         self.values: dict[str, Any] = {}  # every field whose text parses, typed
         self.errors: dict[str, str] = {}
         self.config: TrainConfig = TrainConfig()
@@ -46,8 +48,19 @@ class TrainSettings:
     def update(self, values: dict[str, Any]) -> None:
         """Set typed values (from code, e.g. the Dataset pane's name / author fields)."""
         for name, value in values.items():
-            self.text[name] = value if isinstance(value, str) else format_value(value)
+            self.text[name] = value if isinstance(value, str) else field_text(self.fields[name], value)
         self._check()
+
+    def set_default(self, name: str, text: str) -> bool:
+        """A default known only at run time (max_memory: the card's free memory). A field still at
+        its default takes it; one the person set keeps their value. Not saved to tunebench.toml
+        while it stays the default. True when the field's text changed."""
+        at_default = self.text[name] == self.defaults[name]
+        self.defaults[name] = text
+        if not at_default or self.text[name] == text:
+            return False
+        self.set(name, text)
+        return True
 
     def _check(self) -> None:
         values: dict[str, Any] = {}
@@ -87,7 +100,7 @@ class TrainSettings:
             table = {}
         for name, value in table.items() if isinstance(table, dict) else ():
             if name in self.fields:
-                self.text[name] = format_value(value)
+                self.text[name] = field_text(self.fields[name], value)
         self._check()
         return True
 
@@ -104,11 +117,11 @@ class TrainSettings:
             document = {}
         saved = document.get(TABLE, {}) if isinstance(document.get(TABLE), dict) else {}
         table: dict[str, Any] = {}
-        for name, f in self.fields.items():
+        for name in self.fields:
             if name in self.errors:
                 if name in saved:
                     table[name] = saved[name]
-            elif self.text[name] != default_text(f):
+            elif self.text[name] != self.defaults[name]:
                 table[name] = self.values[name]
         document[TABLE] = table  # other tables (another tool's, a person's notes) are kept
         self.workspace.write_settings(document)
