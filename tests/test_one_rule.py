@@ -154,6 +154,7 @@ def test_the_gpu_path_plans_what_the_estimate_plans(targets, budget, monkeypatch
     context = CUDA_CONTEXT_BYTES
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (card - context, card))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda d=None: 1.0, raising=False)
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d=None: None)
     monkeypatch.setenv("TUNEBENCH_ACCEL", "")

@@ -197,8 +197,24 @@ def test_the_cuda_path_prints_its_plan_first_and_caps_the_allocator(monkeypatch)
     capped = []
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (60 * GIB, 80 * GIB))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 15 * GIB)
-    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 1.0, raising=False)
-    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d=None: capped.append(f))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+    def index_of(device):  # torch refuses torch.device("cuda") without an index here
+        if not isinstance(device, int):
+            raise ValueError(
+                f"Expected a torch.device with a specified index or an integer, but got:{device}"
+            )
+
+    def get_fraction(device):
+        index_of(device)
+        return 1.0
+
+    def set_fraction(fraction, device):
+        index_of(device)
+        capped.append(fraction)
+
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", get_fraction, raising=False)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", set_fraction)
     monkeypatch.setenv("TUNEBENCH_ACCEL", "")
     cfg = TrainConfig(**FIXED, max_memory=22.0)
     path = accel.cuda_path(cfg, torch.device("cuda"), QWEN25_7B, longest=2048)

@@ -143,13 +143,15 @@ def cap_memory(device, cap: int, total: int) -> None:
     rather than taking a shared card's memory; a tighter cap set before (a bench playing a smaller
     card) stays."""
     fraction = min(1.0, cap / total)
+    # torch's fraction calls want an index: torch.device("cuda") alone is refused
+    index = device.index if device.index is not None else torch.cuda.current_device()
     get = getattr(torch.cuda, "get_per_process_memory_fraction", None)
     if get is not None:
         try:
-            fraction = min(fraction, float(get(device)))
+            fraction = min(fraction, float(get(index)))
         except (RuntimeError, TypeError):
             pass  # no fraction set yet on this torch: ours stands
-    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    torch.cuda.set_per_process_memory_fraction(fraction, index)
 
 
 # =================================================================== kernels
