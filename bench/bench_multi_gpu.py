@@ -67,6 +67,9 @@ def run_one(args, gpus: int, model: Path, data: Path, out: Path, torchrun: bool)
         raise SystemExit(f"{label} failed:\n{done.stderr[-4000:]}")
     events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     steps = [e for e in events if e.get("type") == "TrainStep"]
+    # each row as it ends, so a call cut off by its time limit keeps the rows it finished
+    print(f"--> {label}: {steps[-1]['tokens_per_s']:,.0f} tokens/s, final loss {steps[-1]['loss']:.4f}, "
+          f"{time.perf_counter() - started:.1f} s", flush=True)  # fmt: skip
     return {
         "label": label,
         "gpus": gpus,

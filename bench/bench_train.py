@@ -477,6 +477,11 @@ def run_tunebench(args, samples, plan) -> dict:
             notes.append(event.message)
             print("  note:", event.message, flush=True)
 
+    if budget is not None:  # the preflight's refusal, before the model loads, as the CLI says it
+        from tunebench.engine.core.estimate import ModelShape, read_model_info, training_plan
+
+        longest = max(len(sample.input_ids) for sample in samples)
+        training_plan(ModelShape.from_config(read_model_info(str(args.model_dir))), cfg, None, longest)
     begun = time.perf_counter()
     finished = run_training(cfg, emit)
     try:

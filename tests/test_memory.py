@@ -87,7 +87,8 @@ def test_estimate_grows_with_tokens_and_shrinks_with_qlora_and_lean():
     base = total(profile="fast", max_length=2048)
     assert total(profile="fast", max_length=4096) > base
     assert total(profile="fast", max_length=2048, per_device_train_batch_size=2) > base
-    assert total(profile="fast", max_length=2048, train_type="qlora") < base
+    # on the fast path QLoRA's compiled layers keep their dequantised weights: only lean saves
+    assert total(profile="lean", train_type="qlora") < total(profile="lean")
     assert total(profile="lean", max_length=2048) < base
     assert total(profile="fast", max_length=2048, gradient_checkpointing=False) == base
     assert total(profile="lean", lora_rank=64) > total(profile="lean", lora_rank=8)
@@ -139,6 +140,8 @@ MEASURED_PEAKS = {
     ("fast", "lora", "mixed"): 81.32,
     ("lean", "lora", "fixed"): 14.49,
     ("lean", "qlora", "fixed"): 5.78,
+    # issue 17's table (2026-12-04): compiled QLoRA layers keep their dequantised weights
+    ("fast", "qlora", "fixed"): 53.1,
 }
 WORKLOADS = {
     "fixed": dict(max_length=2048, per_device_train_batch_size=1, gradient_accumulation_steps=4),
