@@ -610,9 +610,12 @@ def test_a_second_run_reuses_the_compiled_decoder_layers_from_tunebenchs_cache(t
     child = [sys.executable, "-c", "import test_accel; test_accel.compile_one_step_and_tally()"]
     tallies = []
     for _ in range(2):
-        done = subprocess.run(
-            child, cwd=Path(__file__).parent, env=env, capture_output=True, text=True, check=False
-        )
+        try:  # a child that hangs fails with what it printed, not with the suite's time limit
+            done = subprocess.run(
+                child, cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=240
+            )
+        except subprocess.TimeoutExpired as late:
+            pytest.fail(f"the child ran past 240 s; its stderr ends:\n{(late.stderr or '')[-3000:]}")
         assert done.returncode == 0, done.stderr[-3000:]
         tallies.append(json.loads(done.stdout.strip().splitlines()[-1]))
     first, second = tallies

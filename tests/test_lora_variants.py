@@ -168,15 +168,25 @@ def test_a_pissa_or_olora_adapter_applies_to_the_unchanged_base(
         trained["model"] = attach(model, cfg, recompute)
         return trained["model"]
 
-    cfg = make_cfg(tiny_model_dir, identity_file, tmp_path, max_steps=2, init_weights=init, run_name="r")
+    # float32 on any device: the comparison below is to 1e-4, past what a 16-bit residual keeps
+    cfg = make_cfg(
+        tiny_model_dir,
+        identity_file,
+        tmp_path,
+        max_steps=2,
+        init_weights=init,
+        run_name="r",
+        torch_dtype="float32",
+    )
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(recipe, "attach_lora", keep)
         result, _ = run(cfg)
-    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    model = trained["model"].eval()
+    device = next(model.parameters()).device  # the GPU where the run trained on one
+    ids = torch.tensor([[5, 17, 42, 99, 3]], device=device)
     with torch.no_grad():
-        model = trained["model"].eval()
         expected = model(ids).logits
-        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).to(device)
         base_logits = base(ids).logits
         loaded = PeftModel.from_pretrained(base, result.adapter_dir).eval()
         got = loaded(ids).logits
