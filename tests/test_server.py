@@ -529,6 +529,32 @@ def test_abort_while_the_data_is_tokenised_ends_the_job_and_the_engine_takes_the
         assert [e.status for e in events if e.type == "TrainFinished"] == ["completed"]
 
 
+def test_abort_lands_inside_the_model_load(engine, workspace, tiny_model_dir, monkeypatch):
+    """A 7B load from a slow disk takes minutes and from_pretrained has no hook: the abort is taken
+    at the load's next torch call, not after the last weight. Each weight read is made slow here."""
+    import threading
+
+    from transformers import core_model_loading
+
+    real, entered, reads = core_model_loading._materialize_copy, threading.Event(), []
+
+    def slow_read(*args, **kwargs):
+        reads.append(1)
+        entered.set()
+        time.sleep(1)  # the tiny model has about 20 weights: 20 s, unless the abort cuts the load
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(core_model_loading, "_materialize_copy", slow_read)
+    with connect(workspace) as conn:
+        conn.send(P.StartTraining(config=train_config(tiny_model_dir)))
+        assert entered.wait(60)
+        conn.send(P.StopTraining(mode="abort"))
+        events = events_until(conn, job_ended, timeout=60)
+    assert [e.status for e in events if e.type == "TrainFinished"] == ["aborted"]
+    assert not [e for e in events if e.type in ("EngineError", "TrainStep")]
+    assert len(reads) <= 3  # the weights after the abort were never read
+
+
 def test_abort_lands_inside_a_long_step(engine, workspace, tiny_model_dir, monkeypatch):
     """One step of a large batch on a CPU takes minutes: the abort is taken between layers, not
     after the step. The tiny model has two layers; a slow MLP makes the step's forward long."""
@@ -894,6 +920,40 @@ def test_generate_streams_every_column_and_can_be_cancelled(engine, workspace, t
         assert done.cancelled
         assert conn.wait_for("JobStatus", id="long", timeout=30).state == "done"
         assert conn.request(P.CancelGenerate()).code == "idle"
+
+
+def test_cancel_lands_inside_the_chat_models_load(engine, workspace, tiny_model_dir, monkeypatch):
+    """A chat's first question loads the model; Esc during that load ends it at once."""
+    import threading
+
+    from transformers import core_model_loading
+
+    real, entered, reads = core_model_loading._materialize_copy, threading.Event(), []
+
+    def slow_read(*args, **kwargs):
+        reads.append(1)
+        entered.set()
+        time.sleep(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(core_model_loading, "_materialize_copy", slow_read)
+    chat = [{"role": "user", "content": "Who are you?"}]
+    with connect(workspace) as conn:
+        conn.send(P.Generate(id="first", messages=chat, targets=["base"], model=str(tiny_model_dir)))
+        assert entered.wait(60)
+        conn.send(P.CancelGenerate(id="stop"))
+        done = conn.wait_for("GenerateDone", id="first", timeout=60)
+        assert done.cancelled and done.stats == {}
+        assert conn.wait_for("JobStatus", id="first", timeout=30).state == "done"
+        assert len(reads) <= 3  # the weights after the cancel were never read
+        monkeypatch.setattr(core_model_loading, "_materialize_copy", real)
+        again = conn.request(
+            P.Generate(
+                messages=chat, targets=["base"], model=str(tiny_model_dir), config={"max_new_tokens": 2}
+            ),
+            "GenerateDone",
+        )
+        assert again.type == "GenerateDone" and not again.cancelled, again
 
 
 def test_export_merges_an_adapter_into_exports(engine, workspace, tiny_adapter):

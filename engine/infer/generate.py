@@ -73,10 +73,12 @@ class _Row:
 class GenerationSession:
     """One base model plus any number of adapters, reused across requests for the same base."""
 
-    def __init__(self, model: str = "demo", *, torch_dtype: str = "auto", decode: str = "auto") -> None:
+    def __init__(
+        self, model: str = "demo", *, torch_dtype: str = "auto", decode: str = "auto", cancel: Any = None
+    ) -> None:
         from ..models.loading import load_model
 
-        self._setup(model, load_model(model, torch_dtype=torch_dtype), decode)
+        self._setup(model, load_model(model, torch_dtype=torch_dtype, cancel=cancel), decode)
 
     @classmethod
     def from_loaded(cls, loaded: Any, model_spec: str = "", decode: str = "auto") -> GenerationSession:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import ModelError, UserError
+from ..core.errors import ModelError, UserError, raise_if_cancelled
 from ..core.model_files import (
     DEMO_NAME,
     ResolvedModel,
@@ -167,8 +167,10 @@ def load_model(
     quantize_4bit: bool = False,
     trust_remote_code: bool = False,
     device=None,
+    cancel: Any = None,
 ) -> LoadedModel:
-    """Load a base model and its tokenizer, ready for LoRA or inference."""
+    """Load a base model and its tokenizer, ready for LoRA or inference. Once `cancel` (a
+    threading.Event) is set, errors.Cancelled ends the load at its next torch call."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -192,7 +194,10 @@ def load_model(
     tokenizer = load_tokenizer(resolved, trust_remote_code)
     hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolved.path, **kwargs)
+        with _cancellable(cancel):
+            model = AutoModelForCausalLM.from_pretrained(resolved.path, **kwargs)
+            if not quantize_4bit:
+                model.to(device)
     except torch.cuda.OutOfMemoryError:
         raise
     except (OSError, ValueError, KeyError) as exc:
@@ -202,10 +207,27 @@ def load_model(
         ) from None
     finally:
         hf_logging.enable_progress_bar()
-    if not quantize_4bit:
-        model.to(device)
     model.config.use_cache = False
     return LoadedModel(model, tokenizer, resolved, device, dtype, time.perf_counter() - started)
+
+
+def _cancellable(cancel: Any):
+    """A context in which every torch call of this thread checks `cancel` first: from_pretrained
+    has no hook of its own, and a 7B load from a slow disk takes minutes that an abort must not
+    wait for. Nothing for `cancel` None (work that cannot be stopped)."""
+    import contextlib
+
+    from torch.overrides import TorchFunctionMode
+
+    if cancel is None:
+        return contextlib.nullcontext()
+
+    class CheckCancel(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            raise_if_cancelled(cancel)
+            return func(*args, **(kwargs or {}))
+
+    return CheckCancel()
 
 
 def check_qlora_possible(device=None) -> None:

@@ -146,7 +146,10 @@ class Jobs:
             model = adapters_base([resolve_target(t) for t in targets if t != "base"]) or (
                 self._session.model_spec if self._session else "demo"
             )
-        session, loaded = self.session_for(model, "auto", emit)
+        try:
+            session, loaded = self.session_for(model, "auto", emit, cancel=job.cancel)
+        except Cancelled:  # stopped while the model loaded: nothing was generated
+            return P.GenerateDone(stats={}, cancelled=True)
         if loaded is not None:
             emit(loaded)
         # Chunks and stats go out under the names the client used, not the resolved paths.
@@ -186,10 +189,10 @@ class Jobs:
         return loaded
 
     def session_for(
-        self, model: str, torch_dtype: str, emit: Emit, force: bool = False
+        self, model: str, torch_dtype: str, emit: Emit, force: bool = False, cancel: Any = None
     ) -> tuple[Any, P.ModelLoaded | None]:
         """The generation session for `model`, loading it (and dropping another) if needed; the
-        ModelLoaded event when it had to load."""
+        ModelLoaded event when it had to load. Cancelled once `cancel` is set during the load."""
         if not force and self._session is not None and self._session.model_spec == model:
             return self._session, None
         self.drop_session()
@@ -197,7 +200,7 @@ class Jobs:
 
         emit(P.Progress(stage="load", message=f"loading model {model}"))
         started = time.perf_counter()
-        session = GenerationSession(model, torch_dtype=torch_dtype)
+        session = GenerationSession(model, torch_dtype=torch_dtype, cancel=cancel)
         self._session = session
         return session, model_loaded_event(session, model, time.perf_counter() - started)
 

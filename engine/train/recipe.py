@@ -231,7 +231,7 @@ def _setup(cfg: TrainConfig, emit: Emit, stop: StopSignal, ranks: Ranks, device:
         for leftover in remove_unfinished_writes(folder):
             emit(P.Log(message=f"removed {leftover}, left by a run stopped while it wrote a checkpoint"))
     _seed_everything(cfg.seed)
-    loaded = _load_model(cfg, emit, device)
+    loaded = _load_model(cfg, emit, device, stop.requested)
     loaded_at = time.perf_counter()
     train_set, eval_set = _load_data(cfg, loaded.tokenizer, emit, stop.requested)
 
@@ -348,7 +348,7 @@ def _open_run(
     )
 
 
-def _load_model(cfg: TrainConfig, emit: Emit, device: Any = None) -> LoadedModel:
+def _load_model(cfg: TrainConfig, emit: Emit, device: Any = None, cancel: Any = None) -> LoadedModel:
     from ..models.loading import load_model
 
     emit(P.Progress(stage="load", message=f"loading model {cfg.model}"))
@@ -358,6 +358,7 @@ def _load_model(cfg: TrainConfig, emit: Emit, device: Any = None) -> LoadedModel
         quantize_4bit=cfg.is_qlora,
         trust_remote_code=cfg.trust_remote_code,
         device=device,  # this rank's GPU under torchrun; else the loader's choice
+        cancel=cancel,
     )
     use_attention_kernel(loaded.model, cfg.attn_impl)
     found_type = getattr(loaded.model.config, "model_type", "")
