@@ -552,7 +552,7 @@ def test_abort_lands_inside_the_model_load(engine, workspace, tiny_model_dir, mo
         events = events_until(conn, job_ended, timeout=60)
     assert [e.status for e in events if e.type == "TrainFinished"] == ["aborted"]
     assert not [e for e in events if e.type in ("EngineError", "TrainStep")]
-    assert len(reads) <= 3  # the weights after the abort were never read
+    assert len(reads) < 10  # of about 20: the rest never read (transformers reads up to 4 at a time)
 
 
 def test_abort_lands_inside_a_long_step(engine, workspace, tiny_model_dir, monkeypatch):
@@ -945,7 +945,7 @@ def test_cancel_lands_inside_the_chat_models_load(engine, workspace, tiny_model_
         done = conn.wait_for("GenerateDone", id="first", timeout=60)
         assert done.cancelled and done.stats == {}
         assert conn.wait_for("JobStatus", id="first", timeout=30).state == "done"
-        assert len(reads) <= 3  # the weights after the cancel were never read
+        assert len(reads) < 10  # of about 20: the rest never read (transformers reads up to 4 at a time)
         monkeypatch.setattr(core_model_loading, "_materialize_copy", real)
         again = conn.request(
             P.Generate(
