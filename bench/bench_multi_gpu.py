@@ -12,6 +12,15 @@ the recipe's own (real tokens of the last steps, all ranks summed). Run from the
     # a box of 4 GPUs: the scaling rows (targets: >= 1.9x on 2, >= 3.6x on 4)
     python bench/bench_multi_gpu.py --size 7b --gpus 1,2,4 --out bench/results/
 
+The all-reduce overlapped with backward (DDP, issue 18), against the one flat all-reduce after
+backward it replaced: accumulation 1, so every backward communicates, at the commit before DDP
+(018463b) and at DDP's (3e18574), on the same box:
+
+    git checkout 018463b
+    python bench/bench_multi_gpu.py --size 7b --gpus 1,2,4 --accumulation 1 --out bench/results/flat/
+    git checkout 3e18574
+    python bench/bench_multi_gpu.py --size 7b --gpus 1,2,4 --accumulation 1 --out bench/results/ddp/
+
 `--size tiny` checks the bench's plumbing on a CPU (gloo ranks). Results: bench/RESULTS.md.
 """
 

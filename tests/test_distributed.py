@@ -106,8 +106,10 @@ def one_rank_run(tiny_model_dir, data_file, tmp_path_factory):
 
 def test_two_ranks_train_as_one_and_resume_on_one(tiny_model_dir, data_file, one_rank_run, tmp_path):
     args = ["--model", str(tiny_model_dir), "--dataset", str(data_file), "--output_dir", str(tmp_path)]
-    code, err = finish(launch([*args, "--run_name", "two", *flags(SETTINGS)]))
-    assert code == 0, err
+    process = launch([*args, "--run_name", "two", *flags(SETTINGS)])
+    out, err = process.communicate(timeout=240)
+    assert process.returncode == 0, err
+    assert "PyTorch DDP all-reduces only the adapter's gradients, overlapped with each step's last" in out
     two = tmp_path / "two"
     # rank 0 alone wrote: each step once, the adapter and the checkpoints
     assert_same_curve(curve(two), curve(one_rank_run))
@@ -302,3 +304,80 @@ def test_the_failure_named_is_the_rank_that_failed_first_not_its_echo(tmp_path):
     assert error.code == "oom" and error.hint.startswith("lower --max_length; then fix what")
     killed = failure_error({0: echo, 3: failure(-9, 101)}, 4, "")
     assert killed.message.startswith("rank 3 of 4 was killed by SIGKILL")
+
+
+def steps_of(events: list[list]) -> list[list[list[float]]]:
+    """rank_probe's events as optimizer steps, each the gradients after each of its backwards."""
+    steps: list[list[list[float]]] = [[]]
+    for event in events:
+        if event[0] == "step":
+            steps.append([])
+        else:
+            steps[-1].append(event[1])
+    return steps[:-1]
+
+
+def test_gradients_are_all_reduced_in_the_last_backward_of_a_step_only(
+    tiny_model_dir, data_file, tmp_path, monkeypatch
+):
+    """DDP's all-reduce runs inside each step's last backward: its gradients are the same on both
+    ranks when it returns, while the backwards before it (accumulation) stay each rank's own.
+    Steps of 3 micro-batches on 2 ranks give one rank 2 and the other 1; the last step has one,
+    and leaves a rank with nothing of its own (it runs one with its loss times zero)."""
+    import numpy as np
+    from rank_probe import record_gradients
+    from tunebench.engine.train.distributed import Ranks, data_parallel
+
+    assert data_parallel(None, None, Ranks(launched=True)) is None  # a world of one: no DDP at all
+
+    # one process, 3 micro-batches of 1 a step: 7 samples make steps of 3, 3, 1, then 3
+    settings = {**SETTINGS, "per_device_train_batch_size": 1, "save_steps": 1}
+    cfg = TrainConfig(
+        model=str(tiny_model_dir),
+        dataset=[f"{data_file}#7"],
+        output_dir=str(tmp_path),
+        run_name="one",
+        gradient_accumulation_steps=3,
+        **settings,
+    )
+    events: list[list] = []
+    hook = record_gradients(events, monkeypatch.setattr)
+    try:
+        assert run_training(cfg, lambda _e: None).status == "completed"
+    finally:
+        hook.remove()
+        monkeypatch.undo()
+    one = steps_of(events)
+    assert [len(s) for s in one] == [3, 3, 1, 3]
+
+    # its step-1 checkpoint resumed on 2 ranks, which keep its steps of 3 micro-batches
+    import shutil
+
+    shutil.copytree(tmp_path / "one", tmp_path / "two")
+    recorded = orjson.loads((tmp_path / "two" / "config.json").read_bytes())["config"]
+    config = tmp_path / "probe.json"
+    resume = str(tmp_path / "two" / "checkpoints" / "step-1")
+    config.write_text(json.dumps({**recorded, "resume_from_checkpoint": resume}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    probe = os.path.join(os.path.dirname(__file__), "rank_probe.py")
+    done = subprocess.run(
+        [*command, probe, str(config), str(tmp_path)], env=env, capture_output=True, text=True, timeout=240
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    rank0, rank1 = (steps_of(json.loads((tmp_path / f"rank{r}.json").read_text())) for r in (0, 1))
+    for step, mine, theirs in zip(one[1:], rank0, rank1, strict=True):
+        # the last backward returned with the gradients summed over the ranks: one process's, but
+        # for float32 sums taken in another order and on other threads (the tolerance is 1e-4 of
+        # the largest gradient; a micro-batch more or less changes them by far more)
+        assert mine[-1] == theirs[-1]
+        close = {"rtol": 1e-5, "atol": 1e-4 * np.abs(step[-1]).max()}
+        np.testing.assert_allclose(mine[-1], step[-1], **close)
+        if len(mine) == 2:
+            # the backward before it kept rank 0's own: its first micro-batch's alone (the loss
+            # counted twice, as DDP then averages the 2 ranks), nothing from rank 1
+            np.testing.assert_allclose(mine[0], 2 * np.asarray(step[0]), **close)
+            assert not np.allclose(mine[0], mine[-1], **close)
+    # rank 0 took micro-batches 1 and 3 of a step, rank 1 the 2nd; in step 3 rank 1 had none
+    assert [len(s) for s in rank0] == [2, 1, 2] and [len(s) for s in rank1] == [1, 1, 1]
+    assert_same_curve(curve(tmp_path / "two"), curve(tmp_path / "one"))

@@ -8,15 +8,19 @@
     as_rank        each rank's `tunebench train`: its errors go to torchrun's error file, not
                    the terminal, so the launcher says them once.
     Ranks          which process this is, read from torchrun's environment.
-    sync_step      one all-reduce per optimizer step, after the step's last backward.
+    data_parallel  DistributedDataParallel over the train path's loss: the adapter's gradients
+                   all-reduced in buckets while backward runs, in the step's last backward only.
+    agree_step     the step's loss, tokens and any rank's stop request, summed after it.
 
-Why one all-reduce of the trainable gradients, and not DistributedDataParallel: the CUDA fast path
-(engine/cuda/path.py) runs the decoder's layers itself (packed rows, compiled layers, fused loss)
-rather than the model's forward, which DDP must run to prepare its gradient reducer. Only the
-adapter trains, so its gradients are small (about 20M numbers for a 7B model at rank 8), and
-one flat all-reduce per optimizer step (not per micro-batch) costs little beside the step. The
-same collective carries the step's loss, tokens and any rank's stop request, so every rank stops
-at the same step, and a rank the step gives no micro-batch (a short last step) still joins it.
+Why DDP wraps the loss and not the model: the CUDA fast path (engine/cuda/path.py) runs the
+decoder's layers itself (packed rows, compiled layers, a fused loss from the hidden states)
+rather than the model's forward. DDP needs its own forward to run around whatever builds the
+graph it reduces, so its module is a thin one whose forward is the path's `loss_sum`: the same
+forward on every path and device, and DDP's reducer as PyTorch ships it. Only the adapter trains:
+the frozen base and the buffers are left out of DDP, so its buckets (25 MiB) hold the adapter's
+gradients alone (about 20M numbers for a 7B model at rank 8), each all-reduced as soon as
+backward has filled it. A rank the step gives no micro-batch (a short last step) runs one with
+its loss times zero, so its last backward still joins the others'.
 """
 
 from __future__ import annotations
@@ -102,58 +106,58 @@ def process_group(ranks: Ranks) -> Iterator[Any]:
         dist.destroy_process_group()
 
 
-def broadcast_trainable(params: list[Any], ranks: Ranks) -> None:
-    """Every rank starts from rank 0's adapter (the same seed makes them equal; this makes sure)."""
+def data_parallel(model: Any, loss_sum: Callable[[Any, Any], Any], ranks: Ranks) -> Any:
+    """`model` wrapped for data parallel training: a DistributedDataParallel module whose forward
+    takes a micro-batch and returns `loss_sum(model, batch)`; None in a world of one (nothing to
+    reduce: no DDP, no overhead). Building it broadcasts rank 0's adapter to the others.
+
+    DDP averages the ranks' gradients; the recipe scales each loss by the ranks to get their sum.
+    No `static_graph`: with `no_sync` accumulation it stops reducing after the first step in some
+    torch versions (pytorch/pytorch#187732); nor `find_unused_parameters`: every adapter weight
+    takes part in every forward."""
     if ranks.world == 1:
-        return
+        return None
     import torch
-    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
 
-    flat = torch.cat([p.detach().reshape(-1).float() for p in params])
-    dist.broadcast(flat, src=0)
-    _unflatten(flat, params, lambda p, part: p.data.copy_(part))
+    class PathLoss(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, batch: Any) -> Any:
+            return loss_sum(self.model, batch)
+
+    wrapper = PathLoss()
+    frozen = [name for name, p in wrapper.named_parameters() if not p.requires_grad]
+    buffers = [name for name, _ in wrapper.named_buffers()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(wrapper, frozen + buffers)
+    # Each compiled decoder layer is a graph of its own, so the reducer already gets the gradients
+    # layer by layer; dynamo's DDP optimizer would cut those graphs again at the bucket sizes,
+    # compiling other layers than a world of one runs.
+    torch._dynamo.config.optimize_ddp = False
+    return DistributedDataParallel(wrapper, gradient_as_bucket_view=True)
 
 
-def sync_step(params: list[Any], ranks: Ranks, loss_total: Any, tokens: int, stop_mode: str) -> tuple:
-    """Sum the trainable gradients, the step's loss and tokens over the ranks, and agree on a
-    stop: returns (loss_total, tokens, stop mode all ranks take). One rank without gradients
-    (no micro-batch this step) adds zeros."""
+def agree_step(ranks: Ranks, loss_total: Any, tokens: int, stop_mode: str) -> tuple:
+    """Sum the step's loss and tokens over the ranks and agree on a stop: returns (loss_total,
+    tokens, stop mode all ranks take). The gradients were reduced in backward (DDP, FSDP2)."""
     if ranks.world == 1:
         return loss_total, tokens, stop_mode
     import torch
     import torch.distributed as dist
 
     device = loss_total.device
-    grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
-    flat = torch.cat(grads) if grads else None
     tail = torch.tensor(
         [0.0, float(tokens), float(stop_mode == "graceful"), float(stop_mode == "abort")],
         dtype=torch.float64,
         device=device,
     )
     tail[0] = loss_total.double()
-
-    def put(p, part) -> None:
-        if p.grad is None:
-            p.grad = part.to(p.dtype).clone()
-        else:
-            p.grad.copy_(part)
-
-    if flat is not None:
-        dist.all_reduce(flat)
-        _unflatten(flat, params, put)
     dist.all_reduce(tail)
     loss, tokens_all, graceful, abort = tail.tolist()
     agreed = "abort" if abort else ("graceful" if graceful else "")
     return torch.tensor(loss, dtype=torch.float32, device=device), int(tokens_all), agreed
-
-
-def _unflatten(flat: Any, params: list[Any], put: Callable[[Any, Any], None]) -> None:
-    offset = 0
-    for p in params:
-        n = p.numel()
-        put(p, flat[offset : offset + n].view_as(p))
-        offset += n
 
 
 # ------------------------------------------------------------------ launcher

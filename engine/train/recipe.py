@@ -46,14 +46,14 @@ from .checkpoints import (
 )
 from .distributed import (
     Ranks,
-    broadcast_trainable,
+    agree_step,
     current_ranks,
+    data_parallel,
     full_adapter_state,
     full_optimizer_state,
     process_group,
     shard_model,
     shard_optimizer_state,
-    sync_step,
 )
 from .plain import plain_path
 from .resume import data_changed_warning, dataset_hashes, recorded_config, resume_changes
@@ -128,6 +128,8 @@ class _Setup:
     targets: list[int] = field(default_factory=list)
     micro_batches_per_step: int = 1
     sharded: bool = False  # FSDP2 (--deepspeed zero2 / zero3 under torchrun)
+    # data parallel over several ranks: DDP around the path's loss (distributed.data_parallel)
+    ddp: Any = None
     # time the run's earlier attempts logged up to the checkpoint it resumes from, so that its
     # elapsed time and "took" count the whole run, not the resumed part alone
     earlier_s: float = 0.0
@@ -258,8 +260,7 @@ def _setup(cfg: TrainConfig, emit: Emit, stop: StopSignal, ranks: Ranks, device:
             load_adapter_weights(resume_dir, model, loaded.device)
         emit(P.Log(message=shard_model(model, cfg.deepspeed)))
     params = [p for p in model.parameters() if p.requires_grad]
-    if not sharded:
-        broadcast_trainable(params, ranks)
+    ddp = None if sharded else data_parallel(model, path.loss_sum, ranks)
     optimizer = torch.optim.AdamW(
         optimizer_groups(model, cfg),
         lr=cfg.learning_rate,
@@ -289,6 +290,7 @@ def _setup(cfg: TrainConfig, emit: Emit, stop: StopSignal, ranks: Ranks, device:
         targets=[loss_tokens(sample) for sample in train_set],
         micro_batches_per_step=per_step,
         sharded=sharded,
+        ddp=ddp,
     )
 
     _open_run(cfg, setup, resume_dir, changes, loaded.resolved.path, emit)
@@ -501,38 +503,42 @@ def _train_step(cfg: TrainConfig, s: _Setup, progress: _Progress, stop: StopSign
     import torch
 
     step = s.plan[progress.step]
-    mine, idle = s.ranks.share(step), 0
-    if s.sharded:
-        # Every rank runs as many forwards as the busiest one: FSDP's all-gathers must pair up. A
-        # rank short of micro-batches repeats one with its loss times zero.
-        idle = math.ceil(len(step) / s.ranks.world) - len(mine)
-        mine = mine + [step[0]] * idle
+    mine = s.ranks.share(step)
+    # The step's last backward reduces the gradients over the ranks (DDP's all-reduce, FSDP2's
+    # reduce-scatter), so every rank runs one: a rank short of micro-batches repeats one with its
+    # loss times zero. Sharded, every rank runs as many forwards as the busiest: FSDP2 gathers
+    # the weights in each, and the gathers must pair up.
+    fewest = math.ceil(len(step) / s.ranks.world) if s.sharded else 1
+    idle = max(0, fewest - len(mine))
+    forwards = s.path.group(mine, s.train_set) if mine else []
+    padding = s.path.group([step[0]] * idle, s.train_set) if idle else []
     micro_batches = [
         s.path.collate([s.train_set[i] for i in idx], s.tokenizer.pad_token_id, s.device)
-        for idx in s.path.group(mine, s.train_set)
+        for idx in forwards + padding
     ]
     # Normalise by the loss tokens of the whole step (all ranks' share), not per micro-batch, so
-    # accumulation and ranks give the same gradient as one big batch: the all-reduce sums.
+    # accumulation and ranks give the same gradient as one big batch. DDP and FSDP2 average over
+    # the ranks: the loss is scaled by their number to make that average the sum.
     step_targets = sum(s.targets[i] for idx in step for i in idx)
     # The step's loss stays on the device: reading it per micro-batch would make the host wait for
     # the GPU before it may launch the next forward.
     loss_total = torch.zeros((), dtype=torch.float32, device=s.device)
     step_tokens = 0
+    last = len(micro_batches) - 1
     for n, batch in enumerate(micro_batches):
-        if stop.mode == "abort" and not s.sharded:  # sharded, the ranks' forwards must pair up
-            break
-        loss_sum = s.path.loss_sum(s.model, batch)
-        if n >= len(micro_batches) - idle:
-            (loss_sum * 0.0).backward()
+        # an abort skips the rest of the step, but for the collectives the other ranks wait in
+        # (DDP's in the last backward, FSDP2's in every forward and backward)
+        if stop.mode == "abort" and not s.sharded and not (s.ddp is not None and n == last):
             continue
-        # FSDP2 averages the ranks' gradients where the all-reduce sums them: scaled to match
-        (loss_sum * (s.ranks.world if s.sharded else 1) / step_targets).backward()
+        with _gradients_reduced_if(s, n == last):
+            loss_sum = s.path.loss_sum(s.model, batch) if s.ddp is None else s.ddp(batch)
+            if n >= len(forwards):
+                (loss_sum * 0.0).backward()
+                continue
+            (loss_sum * s.ranks.world / step_targets).backward()
         loss_total += loss_sum.detach().float()
         step_tokens += batch.tokens
-    # FSDP2 has reduce-scattered the gradients in backward; the rest is summed here
-    loss_total, step_tokens, progress.stop_mode = sync_step(
-        [] if s.sharded else s.params, s.ranks, loss_total, step_tokens, stop.mode
-    )
+    loss_total, step_tokens, progress.stop_mode = agree_step(s.ranks, loss_total, step_tokens, stop.mode)
     if progress.stop_mode == "abort":
         s.optimizer.zero_grad(set_to_none=True)
         return False
@@ -552,6 +558,14 @@ def _train_step(cfg: TrainConfig, s: _Setup, progress: _Progress, stop: StopSign
     progress.window_loss += step_loss
     progress.window_tokens += step_targets
     return True
+
+
+def _gradients_reduced_if(s: _Setup, last: bool) -> Any:
+    """Gradients cross the ranks in the step's last backward only, overlapped with it: the others
+    accumulate on each rank without communicating (DDP's no_sync, FSDP2's gradient sync off)."""
+    if s.sharded:
+        s.model.set_requires_gradient_sync(last)
+    return s.ddp.no_sync() if s.ddp is not None and not last else contextlib.nullcontext()
 
 
 def _abort_between_modules(model, stop: StopSignal) -> None:
@@ -915,9 +929,10 @@ def data_parallel_note(cfg: TrainConfig, s: _Setup) -> str:
         f"data parallel on {s.ranks.world} processes: global batch {bs} per device x "
         f"{cfg.gradient_accumulation_steps} accumulation x {s.ranks.world} = {bs * per} samples per "
         + (
-            "step; gradients reduce-scattered by FSDP2"
+            "step; gradients reduce-scattered by FSDP2 in each step's last backward"
             if s.sharded
-            else "step; only the adapter's gradients are all-reduced"
+            else "step; PyTorch DDP all-reduces only the adapter's gradients, overlapped with each "
+            "step's last backward"
         )
     )
 
