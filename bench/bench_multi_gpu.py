@@ -9,6 +9,9 @@ the recipe's own (real tokens of the last steps, all ranks summed). Run from the
 
     # one H200: the world of one, in-process and under torchrun (the same code path as N ranks)
     python bench/bench_multi_gpu.py --size 7b --gpus 1 --out bench/results/
+    # one GPU, two ranks sharing it through gloo (TUNEBENCH_RANKS_ON_ONE_GPU=1): DDP and the CUDA
+    # fast path together; the 2-rank loss curve against one process with the same global batch
+    python bench/bench_multi_gpu.py --size 0.5b --ranks-on-one-gpu 2 --out bench/results/
     # a box of 4 GPUs: the scaling rows (targets: >= 1.9x on 2, >= 3.6x on 4)
     python bench/bench_multi_gpu.py --size 7b --gpus 1,2,4 --out bench/results/
 
@@ -51,13 +54,19 @@ def make_data(path: Path, samples: int, tokens: int) -> None:
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
 
 
-def run_one(args, gpus: int, model: Path, data: Path, out: Path, torchrun: bool) -> dict:
+def run_one(
+    args, gpus: int, model: Path, data: Path, out: Path, torchrun: bool, one_gpu: bool = False
+) -> dict:
     env = dict(os.environ)
     if torchrun:
         env["NPROC_PER_NODE"] = str(gpus)
-        if args.size != "tiny":
+        if one_gpu:
+            env["TUNEBENCH_RANKS_ON_ONE_GPU"] = "1"
+        elif args.size != "tiny":
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(gpus))
-    label = f"{gpus} GPU(s)" + (" torchrun" if torchrun else " in-process")
+    label = (f"{gpus} ranks on one GPU" if one_gpu else f"{gpus} GPU(s)") + (
+        " torchrun" if torchrun else " in-process"
+    )
     command = [
         sys.executable, "-m", "tunebench.engine.cli.main", "train",
         "--model", str(model), "--dataset", str(data), "--template", "chatml",
@@ -85,6 +94,7 @@ def run_one(args, gpus: int, model: Path, data: Path, out: Path, torchrun: bool)
         "tokens_per_s": steps[-1]["tokens_per_s"],
         "global_batch": args.batch * args.accumulation * (gpus if torchrun else 1),
         "final_loss": steps[-1]["loss"],
+        "losses": [step["loss"] for step in steps],
         "wall_s": round(time.perf_counter() - started, 1),
     }
 
@@ -101,6 +111,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--accumulation", type=int, default=4)
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument(
+        "--ranks-on-one-gpu", type=int, default=0, help="N ranks sharing GPU 0 against one process"
+    )
     args = parser.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -109,6 +122,9 @@ def main() -> None:
     data = out / f"multi-gpu-{args.tokens}.jsonl"
     make_data(data, args.samples, args.tokens)
 
+    if args.ranks_on_one_gpu:
+        check_ranks_on_one_gpu(args, model, data, out)
+        return
     counts = [int(n) for n in args.gpus.split(",")]
     results = []
     if 1 in counts:  # the one-GPU baseline in-process, and the same world of one under torchrun
@@ -125,6 +141,25 @@ def main() -> None:
             f"{r['tokens_per_s'] / base:.2f}x | {r['final_loss']:.4f} | {r['wall_s']} |"
         )
     (out / f"multi_gpu_{args.size}.json").write_text(json.dumps(results, indent=2))
+
+
+def check_ranks_on_one_gpu(args, model: Path, data: Path, out: Path) -> None:
+    """N ranks sharing one GPU, each with 1/N of the accumulation, against one process: the same
+    global batch, so the same loss curve up to the order of the sums."""
+    n = args.ranks_on_one_gpu
+    one = run_one(args, 1, model, data, out, torchrun=False)
+    per_rank = argparse.Namespace(**{**vars(args), "accumulation": args.accumulation // n})
+    ranks = run_one(per_rank, n, model, data, out, torchrun=True, one_gpu=True)
+    worst = max(abs(a - b) / abs(a) for a, b in zip(one["losses"], ranks["losses"], strict=True))
+    print(
+        f"\n{args.size}: 1 process, accumulation {args.accumulation}, against {n} ranks on one GPU, "
+        f"accumulation {args.accumulation // n} each (global batch {args.batch * args.accumulation})"
+    )
+    print("| step | 1 process | " + f"{n} ranks | relative difference |\n|---:|---:|---:|---:|")
+    for step, (a, b) in enumerate(zip(one["losses"], ranks["losses"], strict=True), 1):
+        print(f"| {step} | {a:.6f} | {b:.6f} | {abs(a - b) / abs(a):.2e} |")
+    print(f"largest relative difference: {worst:.2e}")
+    (out / f"ranks_on_one_gpu_{args.size}.json").write_text(json.dumps([one, ranks], indent=2))
 
 
 if __name__ == "__main__":

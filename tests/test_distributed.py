@@ -255,6 +255,9 @@ def test_more_ranks_than_gpus_is_refused(monkeypatch):
         caught.value
     )
     assert "on 2 of 2 GPU(s)" in check_devices(Launch(2))
+    # the one-GPU check of the data-parallel CUDA code (bench_multi_gpu.py --ranks-on-one-gpu)
+    monkeypatch.setenv("TUNEBENCH_RANKS_ON_ONE_GPU", "1")
+    assert "on one GPU shared by 4 processes (gloo" in check_devices(Launch(4))
 
 
 def test_zero3_shards_with_fsdp2_trains_as_one_and_resumes_on_one(tiny_model_dir, data_file, tmp_path):

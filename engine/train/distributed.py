@@ -92,7 +92,11 @@ def process_group(ranks: Ranks) -> Iterator[Any]:
     # The others wait in the next step's all-reduce while rank 0 evaluates or saves, which may take
     # longer than NCCL's default 10 minutes; a rank that dies is found by torchrun at once anyway.
     timeout = datetime.timedelta(hours=2)
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and ranks_share_one_gpu():
+        device = torch.device("cuda", 0)
+        torch.cuda.set_device(device)
+        dist.init_process_group("gloo", timeout=timeout)  # NCCL refuses two ranks on one GPU
+    elif torch.cuda.is_available():
         device = torch.device("cuda", ranks.local_rank)
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device, timeout=timeout)
@@ -200,12 +204,20 @@ def launch_ranks(launch: Launch, argv: list[str]) -> int:
         return EXIT_CODES.get(_read_note(note).get("status", ""), 0)
 
 
+def ranks_share_one_gpu(environ: Mapping[str, str] = os.environ) -> bool:
+    """TUNEBENCH_RANKS_ON_ONE_GPU=1: every rank on the first GPU, through gloo. It checks the
+    data-parallel CUDA code on a box of one GPU (bench/check_ranks_one_gpu.py); no speed-up."""
+    return environ.get("TUNEBENCH_RANKS_ON_ONE_GPU") == "1"
+
+
 def check_devices(launch: Launch) -> str:
     """Refuse more ranks than GPUs; says where the ranks run."""
     import torch
 
     if not torch.cuda.is_available():
         return "on the CPU (gloo)"
+    if ranks_share_one_gpu():
+        return f"on one GPU shared by {launch.nproc_per_node} processes (gloo: a check, not a speed-up)"
     visible = torch.cuda.device_count()
     if launch.nproc_per_node > visible:
         listed = os.environ.get("CUDA_VISIBLE_DEVICES")
