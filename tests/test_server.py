@@ -560,6 +560,11 @@ def test_abort_lands_inside_a_long_step(engine, workspace, tiny_model_dir, monke
     after the step. The tiny model has two layers; a slow MLP makes the step's forward long."""
     import threading
 
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU path's check between layers: compiled CUDA layers take no hooks")
+
     from transformers.models.llama import modeling_llama
 
     real, entered, calls = modeling_llama.LlamaMLP.forward, threading.Event(), []
