@@ -30,6 +30,22 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# The conversations the chat-template parity tests (test_go_template.py, test_export.py) render
+# through a Jinja template and its Ollama Modelfile TEMPLATE: a bare question, one with its own
+# system turn, and several turns in two scripts with a newline inside a message.
+_PARITY_QUESTION = [{"role": "user", "content": "Who are you?"}]
+PARITY_CHATS = [
+    _PARITY_QUESTION,
+    [{"role": "system", "content": "Be brief."}, *_PARITY_QUESTION],
+    [
+        {"role": "user", "content": "你是谁？"},
+        {"role": "assistant", "content": "我是小蜂。"},
+        {"role": "user", "content": "Who made you?\nSay it twice."},
+    ],
+]
+# An assistant message last, which the template leaves open for the model to go on.
+PARITY_PREFILL = [*_PARITY_QUESTION, {"role": "assistant", "content": "I am"}]
+
 _CORPUS = [
     "Hello! I am a helpful assistant. Who are you? What is your name? Who made you?",
     "I am swift-robot, an AI assistant developed by swift. I can answer questions.",
