@@ -1,5 +1,5 @@
-"""bench/bench_train.py's longest-sample search (run on the GPU): its doubling and bisection, with a
-made-up "does it fit" in place of a training step."""
+"""bench/bench_longest.py's longest-sample search (`bench_train.py search`, run on the GPU): its
+doubling and bisection, with a made-up "does it fit" in place of a training step."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 def bench():
     sys.path.insert(0, str(BENCH))
     try:
-        return importlib.import_module("bench_train")
+        return importlib.import_module("bench_longest")
     finally:
         sys.path.remove(str(BENCH))
 
