@@ -154,7 +154,8 @@ class TuneBenchSteps:
                 print("  note:", event.message, flush=True)
 
         self.cfg = tunebench_config(args, 1, 1, longest, 1)
-        self.setup = recipe._setup(self.cfg, emit, recipe.StopSignal())
+        # one process, as run_training sets it up when torchrun did not start it (device: the loader's)
+        self.setup = recipe._setup(self.cfg, emit, recipe.StopSignal(), recipe.Ranks(), None)
         self.fast = getattr(self.setup.path.collate, "__self__", None)  # the CUDA path, if taken
 
     def step(self, length: int) -> None:
