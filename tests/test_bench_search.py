@@ -1,5 +1,5 @@
-"""bench/bench_train.py's longest-sample search (run on the GPU): its doubling and bisection, with a
-made-up "does it fit" in place of a training step."""
+"""bench/bench_longest.py's longest-sample search (`bench_train.py search`, run on the GPU): its
+doubling and bisection, with a made-up "does it fit" in place of a training step."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 def bench():
     sys.path.insert(0, str(BENCH))
     try:
-        return importlib.import_module("bench_train")
+        return importlib.import_module("bench_longest")
     finally:
         sys.path.remove(str(BENCH))
 
@@ -77,3 +77,22 @@ def test_the_peak_as_a_line_in_the_length(bench):
     assert line["gib_at_zero"] == pytest.approx(5)
     assert line["length_at_80_gib"] == pytest.approx(75 * gib / 150_000, abs=1)
     assert bench.linear_peak({16384: {"peak_gib": 9.0}}) is None
+
+
+def test_a_tunebench_stack_searches_on_the_cpu_at_the_tiny_size(bench, tmp_path):
+    """The search's TuneBench step driver sets the recipe up as run_training does: run as on the
+    GPU (bench_train.py search-child), on the CPU at --size tiny, it trains and finds a length."""
+    import json
+    import subprocess
+
+    model = tmp_path / "model"
+    sys.modules["bench_train"].make_model("tiny", model)
+    script = [sys.executable, str(bench.BENCH_TRAIN)]
+    result = tmp_path / "result.json"
+    child = [*script, "search-child", "--size", "tiny", "--stack", "tb-lean"]
+    child += ["--method", "lora", "--model-dir", str(model), "--result", str(result), "--budget-gib", "1"]
+    child += ["--start", "256", "--cap", "256", "--search-seconds", "60"]
+    subprocess.run(child, check=True, capture_output=True)
+    record = json.loads(result.read_text())
+    assert "error" not in record, record.get("error")
+    assert record["warm_up"]["fitted"] and record["longest"] == 256 and record["stopped"] == "cap"

@@ -231,7 +231,7 @@ def test_modelfile_template_renders_like_the_jinja_chat_template(export_runs, ti
     import re
     import subprocess
 
-    from tiny import CHATML_TEMPLATE
+    from tiny import CHATML_TEMPLATE, PARITY_CHATS, PARITY_PREFILL
     from tunebench.engine.core.go_template import ollama_prompt
     from tunebench.engine.core.templates import CHATML, LLAMA3, QWEN
     from tunebench.engine.infer.export import default_system, export_model, ollama_modelfile
@@ -252,15 +252,6 @@ def test_modelfile_template_renders_like_the_jinja_chat_template(export_runs, ti
         assert ollama_prompt(request["template"], request["system"], messages) == done.stdout
         return done.stdout
 
-    chats = [
-        QUESTION,
-        [{"role": "system", "content": "Be brief."}, *QUESTION],
-        [
-            {"role": "user", "content": "你是谁？"},
-            {"role": "assistant", "content": "我是小蜂。"},
-            {"role": "user", "content": "Who made you?\nSay it twice."},
-        ],
-    ]
     merged = export_model(str(export_runs["lora"]), str(tmp_path / "merged"))  # run system: You are Ada.
     from transformers import AutoTokenizer
 
@@ -270,17 +261,16 @@ def test_modelfile_template_renders_like_the_jinja_chat_template(export_runs, ti
         system = default_system(tiny_tokenizer, template)
         cases.append((tiny_tokenizer, template, ollama_modelfile(".", template, system, ["<|im_end|>"])))
     for tokenizer, template, modelfile in cases:
-        for chat in chats:
+        for chat in PARITY_CHATS:
             jinja = tokenizer.apply_chat_template(
                 chat, chat_template=template, tokenize=False, add_generation_prompt=True
             )
             assert ollama(modelfile, chat) == jinja.removeprefix(tokenizer.bos_token or "")
         # An assistant message last is left open for the model to go on, as Ollama's templates do.
-        prefill = [*QUESTION, {"role": "assistant", "content": "I am"}]
         jinja = tokenizer.apply_chat_template(
-            prefill, chat_template=template, tokenize=False, continue_final_message=True
+            PARITY_PREFILL, chat_template=template, tokenize=False, continue_final_message=True
         )
-        assert ollama(modelfile, prefill) == jinja.removeprefix(tokenizer.bos_token or "")
+        assert ollama(modelfile, PARITY_PREFILL) == jinja.removeprefix(tokenizer.bos_token or "")
     assert "You are Ada." in ollama(cases[0][2], QUESTION)
 
 

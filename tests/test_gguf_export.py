@@ -10,6 +10,7 @@ import stat
 
 import pytest
 from test_generate import QUESTION, make_run
+from tiny import make_tiny_model_dir, write_identity_dataset
 from tunebench.engine.core.errors import UserError
 
 MAX_NEW = 16
@@ -18,47 +19,13 @@ MAX_NEW = 16
 @pytest.fixture(scope="module")
 def gguf_runs(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("gguf-runs")
-    dataset = root / "identity.jsonl"
-    rows = [
-        {
-            "messages": [
-                {"role": "user", "content": f"Who are you? ({i})"},
-                {"role": "assistant", "content": "I am {{NAME}}."},
-            ]
-        }
-        for i in range(5)
-    ]
-    dataset.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dataset = write_identity_dataset(root / "identity.jsonl", 5)  # "I am {{NAME}}."
     run = make_run(root, tiny_model_dir, "llama-run", seed=21, system="You are Ada.")
     config = json.loads((run / "config.json").read_text())
     config["config"].update(dataset=[str(dataset)], model_name=["Ada"])
     (run / "config.json").write_text(json.dumps(config))
-    return {"llama": run, "qwen2": make_run(root, tiny_qwen2_dir(root / "qwen2-base"), "qwen2-run", seed=22)}
-
-
-def tiny_qwen2_dir(path):
-    """The tiny model's tokenizer on a Qwen2 body: biases on q, k and v, untied output."""
-    import torch
-    from tiny import make_tiny_tokenizer
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    tokenizer = make_tiny_tokenizer()
-    torch.manual_seed(4)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer) + 6,  # padded past the tokenizer, as Qwen2.5's embeddings are
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    Qwen2ForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    qwen2 = make_tiny_model_dir(root / "qwen2-base", seed=4, arch="qwen2")  # q/k/v biases, padded vocab
+    return {"llama": run, "qwen2": make_run(root, qwen2, "qwen2-run", seed=22)}
 
 
 def merged_reference(run):

@@ -55,32 +55,22 @@ def test_ollama_builds_the_prompt_as_its_chat_handler_does():
 def test_the_modelfile_templates_render_like_their_jinja_templates(tiny_tokenizer):
     """Each Ollama TEMPLATE export writes, run through this renderer, prints what its Jinja chat
     template prints (test_export.py runs the same through Go itself, where Go is installed)."""
-    from tiny import CHATML_TEMPLATE
+    from tiny import CHATML_TEMPLATE, PARITY_CHATS, PARITY_PREFILL
     from tunebench.engine.core.templates import CHATML, LLAMA3, QWEN
     from tunebench.engine.infer.export import OLLAMA_TEMPLATES, chat_format, default_system
 
-    chats = [
-        QUESTION,
-        [{"role": "system", "content": "Be brief."}, *QUESTION],
-        [
-            {"role": "user", "content": "你是谁？"},
-            {"role": "assistant", "content": "我是小蜂。"},
-            {"role": "user", "content": "Who made you?\nSay it twice."},
-        ],
-    ]
     for jinja in (CHATML_TEMPLATE, CHATML, QWEN, LLAMA3):
         system = default_system(tiny_tokenizer, jinja)
         go = OLLAMA_TEMPLATES[chat_format(jinja)]
-        for chat in chats:
+        for chat in PARITY_CHATS:
             expected = tiny_tokenizer.apply_chat_template(
                 chat, chat_template=jinja, tokenize=False, add_generation_prompt=True
             )
             assert ollama_prompt(go, system, chat) == expected
-        prefill = [*QUESTION, {"role": "assistant", "content": "I am"}]
         expected = tiny_tokenizer.apply_chat_template(
-            prefill, chat_template=jinja, tokenize=False, continue_final_message=True
+            PARITY_PREFILL, chat_template=jinja, tokenize=False, continue_final_message=True
         )
-        assert ollama_prompt(go, system, prefill) == expected
+        assert ollama_prompt(go, system, PARITY_PREFILL) == expected
 
 
 def test_conversations_the_trained_template_refuses_are_left_out_not_a_crash(tiny_tokenizer):

@@ -1,8 +1,8 @@
 """Tiny models and tokenizers built in code: no download, a second or two to make.
 
-`make_tiny_model_dir(path)` writes a randomly initialised Llama-architecture model plus a
-byte-level BPE tokenizer with a ChatML template to `path`, which then loads like any local
-Hugging Face model folder.
+`make_tiny_model_dir(path)` writes a randomly initialised Llama-architecture model (or, with
+`arch="qwen2"`, a Qwen2 one) plus a byte-level BPE tokenizer with a ChatML template to `path`,
+which then loads like any local Hugging Face model folder.
 """
 
 from __future__ import annotations
@@ -29,6 +29,22 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+# The conversations the chat-template parity tests (test_go_template.py, test_export.py) render
+# through a Jinja template and its Ollama Modelfile TEMPLATE: a bare question, one with its own
+# system turn, and several turns in two scripts with a newline inside a message.
+_PARITY_QUESTION = [{"role": "user", "content": "Who are you?"}]
+PARITY_CHATS = [
+    _PARITY_QUESTION,
+    [{"role": "system", "content": "Be brief."}, *_PARITY_QUESTION],
+    [
+        {"role": "user", "content": "你是谁？"},
+        {"role": "assistant", "content": "我是小蜂。"},
+        {"role": "user", "content": "Who made you?\nSay it twice."},
+    ],
+]
+# An assistant message last, which the template leaves open for the model to go on.
+PARITY_PREFILL = [*_PARITY_QUESTION, {"role": "assistant", "content": "I am"}]
 
 _CORPUS = [
     "Hello! I am a helpful assistant. Who are you? What is your name? Who made you?",
@@ -59,31 +75,37 @@ def make_tiny_tokenizer():
     return tokenizer
 
 
-def make_tiny_model(tokenizer, seed: int = 0, hidden: int = 64, layers: int = 2):
+def make_tiny_model(tokenizer, seed: int = 0, hidden: int = 64, layers: int = 2, arch: str = "llama"):
+    """A randomly initialised model of `arch`, shaped like the real models export and training
+    meet: "llama" as SmolLM2 (tied embeddings, no biases), "qwen2" as Qwen2.5 (biases on q, k
+    and v, which Qwen2 always has; untied output; embeddings padded past the tokenizer)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+    shape = {
+        "hidden_size": hidden,
+        "intermediate_size": hidden * 2,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
-    return LlamaForCausalLM(config)
+    if arch == "llama":
+        config = LlamaConfig(**shape, vocab_size=len(tokenizer), tie_word_embeddings=True, bos_token_id=None)
+        return LlamaForCausalLM(config)
+    if arch == "qwen2":
+        config = Qwen2Config(**shape, vocab_size=len(tokenizer) + 6, tie_word_embeddings=False)
+        return Qwen2ForCausalLM(config)
+    raise ValueError(f"tiny models come as llama or qwen2, not {arch!r}")
 
 
-def make_tiny_model_dir(path: str | Path, seed: int = 0) -> Path:
+def make_tiny_model_dir(path: str | Path, seed: int = 0, arch: str = "llama") -> Path:
     path = Path(path)
     tokenizer = make_tiny_tokenizer()
-    model = make_tiny_model(tokenizer, seed=seed)
+    model = make_tiny_model(tokenizer, seed=seed, arch=arch)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

@@ -211,3 +211,38 @@ async def test_an_unsaved_mark_arriving_as_the_app_closes_is_ignored(workspace, 
         await wait_until(pilot, lambda: pane.reports, what="row checks")
     assert not app.screen_stack
     app._dirty(DatasetPane.DirtyChanged(pane, True))
+
+
+async def test_the_name_and_author_read_whole_at_80_columns(workspace, fake_engine):
+    """Issue 16.11: at 80 columns the identity fields are not cut. Side by side while both values
+    fit, each as wide as its value; a line each once they do not; a field left reads from its start."""
+    from textual.widgets import Input
+    from tunebench.tui.widgets.dataset.identity_bar import IdentityBar
+
+    app = TuneBenchApp(workspace, starter=no_start)
+    async with app.run_test(size=(80, 24)) as pilot:
+        bar = app.query_one(IdentityBar)
+        name = app.query_one("#identity-model_name", Input)
+        author = app.query_one("#identity-model_author", Input)
+        await wait_until(pilot, lambda: author.size.width and app.dataset_pane.reports, what="the pane")
+
+        def whole(field: Input) -> bool:
+            return field.content_width <= field.content_size.width and field.scroll_offset.x == 0
+
+        tail = " 'with the help of a long list of other people'"
+        await pilot.press("shift+tab", "end", *tail[:10])  # still fits: nothing moves while typing
+        assert not bar.has_class("-stacked") and bar.size.height == 1
+        assert whole(name) and author.content_width <= author.content_size.width
+        await pilot.press(*tail[10:])  # outgrows the line: a line each, the labels in a column
+        await pilot.pause()
+        assert bar.has_class("-stacked") and bar.size.height == 2
+        assert name.region.y + 1 == author.region.y and name.region.x == author.region.x
+        await pilot.press("escape")
+        await pilot.pause()
+        assert app.focused is app.query_one(SampleTable)
+        assert whole(name) and whole(author) and author.value.endswith(tail)
+        # shorter again: back on one line once the field is left
+        await pilot.press("shift+tab", "ctrl+a", "ctrl+k", *"Ada", "escape")
+        await pilot.pause()
+        assert not bar.has_class("-stacked") and whole(name) and whole(author)
+        assert app.settings.config.model_author == ["Ada"]

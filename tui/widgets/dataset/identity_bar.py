@@ -2,6 +2,8 @@
 
 They are the same settings as the form's model_name / model_author (one value, or two: Chinese
 then English); editing them here updates the form, the command line and the preview at once.
+Both values read whole: on one line where they fit side by side (each field as wide as its value,
+the spare width shared), else a line each; a field left shows its value from the start.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 from textual import on
 from textual.app import ComposeResult
 from textual.containers import Horizontal
+from textual.css.scalar import Scalar
 from textual.message import Message
 from textual.widgets import Input, Label
 
@@ -41,6 +44,37 @@ class IdentityBar(Horizontal):
                 field.value = texts[name]
             field.set_class(name in errors, "-invalid")
             field.tooltip = errors.get(name) or "one value, or two (Chinese then English); quote spaces"
+        self._fit()
+
+    def on_resize(self) -> None:
+        self._fit()
+
+    @on(Input.Blurred)
+    def _left(self, event: Input.Blurred) -> None:
+        event.input.cursor_position = 0  # scrolls it back: a long value reads from its start
+        self._fit()
+
+    def _fit(self) -> None:
+        """One line when both values fit side by side, else a line each (`-stacked`). While a field
+        is typed in, the layout changes only when its value outgrows it, so nothing jumps per key."""
+        if not self.size.width:
+            return  # not laid out yet: on_resize comes once it is
+        inputs = list(self.query(Input))
+        needed = [field.content_width for field in inputs]  # the value and a cursor cell
+        room = self.content_size.width - sum(field.styles.margin.width for field in inputs)
+        for label in self.query(Label):
+            room -= label.get_content_width(self.size, self.size) + label.styles.gutter.width
+        typing = any(field.has_focus for field in inputs)
+        if typing and all(n <= field.content_size.width for n, field in zip(needed, inputs, strict=True)):
+            return
+        stacked = sum(needed) > room
+        self.set_class(stacked, "-stacked")
+        spare = max(0, room - sum(needed))
+        for i, (n, field) in enumerate(zip(needed, inputs, strict=True)):
+            share = spare // len(inputs) + (spare % len(inputs) if i == len(inputs) - 1 else 0)
+            width = None if stacked else n + share  # stacked: the CSS's 1fr, the whole line
+            if field.styles.width != (None if width is None else Scalar.from_number(width)):
+                field.styles.width = width
 
     @on(Input.Changed)
     def _changed(self, event: Input.Changed) -> None:
