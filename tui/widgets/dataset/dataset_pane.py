@@ -578,7 +578,16 @@ class DatasetPane(Vertical):
     @on(Input.Changed, "#dataset-search")
     def _search_changed(self, event: Input.Changed) -> None:
         self.search = event.value.strip()
-        self._redraw_table()
+        # The search starts once the key is on screen: the first key's search runs over every row,
+        # and its slices (the event loop's, between looks at the keyboard) held back the key's
+        # echo. Meanwhile the rows shown are the last search's: a key acting on them waits.
+        if self.search:
+            self._searching = True
+            self._search_idle.clear()
+        else:  # emptied key by key: a search still running must not show its rows afterwards
+            self.workers.cancel_group(self, "search")
+            self._search_done()
+        self.call_after_refresh(self._redraw_table)
 
     async def action_enter(self) -> None:
         if self.app.focused is self.query_one(SampleTable):
