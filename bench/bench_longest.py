@@ -37,8 +37,8 @@ from bench_train import (
     import_engine,
     install_synthetic_data,
     load_hf_stack,
+    run_record,
     tunebench_config,
-    versions,
 )
 
 # each stack's search runs in a process of its own, as bench_train.py's search-child mode
@@ -229,15 +229,7 @@ def search_child(args) -> None:
     import torch
 
     gib = 1024**3
-    record = {
-        "stack": args.stack,
-        "method": args.method,
-        "size": args.size,
-        "budget_gib": args.budget_gib,
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "versions": versions(),
-        "accel": os.environ.get("TUNEBENCH_ACCEL", ""),
-    }
+    record = run_record(args, budget_gib=args.budget_gib)
     started = time.perf_counter()
     try:
         if torch.cuda.is_available():

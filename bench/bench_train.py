@@ -665,21 +665,27 @@ def run_hf_trainer(args, samples, plan, unsloth: bool) -> dict:
 # ================================================================ driver
 
 
-def child(args) -> None:
+def run_record(args, **fields) -> dict:
+    """What every result row starts with: the stack, its method and size, the GPU and versions."""
     import torch
 
-    samples = make_samples(args.workload, SIZES[args.size]["vocab_size"])
-    plan = step_order(samples, args.workload)
-    started = time.perf_counter()
-    record = {
+    return {
         "stack": args.stack,
         "method": args.method,
-        "workload": args.workload,
+        **fields,
         "size": args.size,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "versions": versions(),
         "accel": os.environ.get("TUNEBENCH_ACCEL", ""),
     }
+
+
+def child(args) -> None:
+
+    samples = make_samples(args.workload, SIZES[args.size]["vocab_size"])
+    plan = step_order(samples, args.workload)
+    started = time.perf_counter()
+    record = run_record(args, workload=args.workload)
     try:
         if args.stack.startswith("tb-"):
             record |= run_tunebench(args, samples, plan)
