@@ -25,6 +25,7 @@ import pytest
 from threaded_engine import ThreadedEngine
 from tiny import write_identity_dataset
 from tunebench.engine.core import protocol as P
+from tunebench.engine.core.config import TrainConfig, to_argv, to_command
 from tunebench.engine.core.errors import UserError
 from tunebench.engine.core.workspace import Workspace, read_metrics
 from tunebench.engine.process.client import (
@@ -39,6 +40,7 @@ from tunebench.engine.process.client import (
     start_engine,
     status_text,
 )
+from tunebench.engine.process.ranks_job import train_command
 from tunebench.engine.process.server import EngineAlreadyRunning, EngineServer
 
 QUESTIONS = ["Who are you?", "What is your name?", "Who made you?", "你是谁？"]
@@ -395,6 +397,98 @@ def test_reattach_gets_the_whole_history_then_live_steps(engine, workspace, tiny
     finished = events_until(again, job_ended)
     assert [e.status for e in finished if e.type == "TrainFinished"] == ["aborted"]
     again.close()
+
+
+# ----------------------------------------------------- runs on several processes (torchrun)
+
+
+@pytest.fixture
+def ranks_only(monkeypatch):
+    """A run on several processes is torchrun's, in a child: the engine must not train (or load a
+    model) itself; one torch thread per rank on a 2-core CI box."""
+    import tunebench.engine.train.recipe as recipe
+
+    def refuse(*_args, **_kw):
+        raise AssertionError("the engine trained in its own process")
+
+    monkeypatch.setattr(recipe, "run_training", refuse)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+def rank_processes() -> list[psutil.Process]:
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "LOCAL_RANK" in child.environ():
+                found.append(child)
+    return found
+
+
+def test_the_child_runs_the_clis_command_with_the_runs_flags():
+    cfg = TrainConfig(model="demo", dataset=["d.jsonl"], gpus="0,1", nproc_per_node=2, lora_rank=4)
+    command = train_command(cfg, 2)
+    assert command[1:6] == ["-m", "tunebench.engine.cli.main", "train", "--json", "--probe_after"]
+    flags = command[7:]
+    assert flags == to_argv(TrainConfig(model="demo", dataset=["d.jsonl"], nproc_per_node=2, lora_rank=4))
+    assert "--gpus" not in flags and flags[flags.index("--nproc_per_node") + 1] == "2"
+    assert to_command(cfg).endswith("--nproc_per_node 2 --gpus 0,1 --lora_rank 4 --dataset d.jsonl")
+
+
+def test_a_run_on_two_processes_streams_its_global_steps_like_one(
+    engine, workspace, tiny_model_dir, ranks_only
+):
+    with connect(workspace) as conn:
+        request_id = conn.send(
+            P.StartTraining(config=train_config(tiny_model_dir, nproc_per_node=2, max_steps=4, save_steps=2))
+        )
+        events = events_until(conn, job_ended, timeout=240)
+    assert not [e for e in events if e.type == "EngineError"], events
+    assert all(e.id == request_id for e in events)
+    (started,) = [e for e in events if e.type == "TrainStarted"]
+    steps = [e for e in events if e.type == "TrainStep"]
+    # 8 samples, 2 a rank a step: the global step counts both ranks' samples
+    assert [s.step for s in steps] == [1, 2, 3, 4] and started.total_steps == 4
+    assert all(s.tokens_per_s > 0 for s in steps[1:])
+    assert [e.step for e in events if e.type == "CheckpointSaved"] == [2]
+    kinds = [e.type for e in events]
+    assert kinds.index("ProbeVerdict") < kinds.index("TrainFinished") and kinds[-1] == "JobStatus"
+    (done,) = [e for e in events if e.type == "TrainFinished"]
+    assert done.status == "completed" and done.steps == 4
+    assert Path(done.adapter_dir, "adapter_model.safetensors").is_file()
+    run = Path(started.run_dir)
+    assert run.is_relative_to(workspace / "runs")
+    assert orjson.loads((run / "config.json").read_bytes())["processes"] == 2
+    # rank 0 alone wrote the metrics, each step once, as the events said
+    assert [r["step"] for r in read_metrics(run) if r.get("type") == "TrainStep"] == [1, 2, 3, 4]
+    assert not rank_processes()
+
+
+def test_abort_ends_every_rank_and_a_killed_rank_ends_the_run_with_its_message(
+    engine, workspace, tiny_model_dir, ranks_only
+):
+    with connect(workspace) as conn:
+        conn.send(P.StartTraining(config=train_config(tiny_model_dir, nproc_per_node=2)))
+        wait_steps(conn, 1)
+        ranks = rank_processes()
+        assert len(ranks) == 2
+        conn.send(P.StopTraining(mode="abort"))
+        events = events_until(conn, job_ended, timeout=60)
+        assert [e.status for e in events if e.type == "TrainFinished"] == ["aborted"]
+        assert not [e for e in events if e.type == "EngineError"]
+        _gone, alive = psutil.wait_procs(ranks, timeout=5)
+        assert not alive
+
+        # one rank dies: the job ends with the launcher's message naming it
+        conn.send(P.StartTraining(config=train_config(tiny_model_dir, nproc_per_node=2)))
+        wait_steps(conn, 1)
+        (rank1,) = [p for p in rank_processes() if p.environ()["RANK"] == "1"]
+        rank1.kill()
+        events = events_until(conn, job_ended, timeout=60)
+    (error,) = [e for e in events if e.type == "EngineError"]
+    assert "rank 1 of 2 was killed by SIGKILL; the other 1 rank(s) were ended" in error.message
+    assert error.hint and "Traceback" not in error.message
+    assert [e.status for e in events if e.type == "TrainFinished"] == ["failed"]  # as in one process
+    assert not rank_processes()
 
 
 def test_restarted_engine_serves_the_last_run_from_disk(workspace, tiny_model_dir):
