@@ -463,16 +463,36 @@ def test_a_run_on_two_processes_streams_its_global_steps_like_one(
     assert not rank_processes()
 
 
-def test_abort_ends_every_rank_and_a_killed_rank_ends_the_run_with_its_message(
+def test_ranks_survive_a_detach_and_stop_abort_and_a_crash_reach_them_all(
     engine, workspace, tiny_model_dir, ranks_only
 ):
+    first = connect(workspace, "tui")
+    first.send(P.StartTraining(config=train_config(tiny_model_dir, nproc_per_node=2, save_steps=1000)))
+    wait_steps(first, 1)
+    first.close()  # the terminal closed: the ranks train on
+    again = EngineConnection.open(workspace)
+    snapshot = again.hello("tui")
+    assert snapshot.job == "train" and snapshot.run_status == "running" and len(rank_processes()) == 2
+    history = [P.from_dict(record) for record in snapshot.history]
+    steps = [e.step for e in history if e.type == "TrainStep"]
+    assert steps == list(range(1, len(steps) + 1))
+    assert wait_steps(again, 1)[0].step > steps[-1]
+    again.send(P.StopTraining(mode="graceful"))  # every rank stops after the same step, rank 0 saves
+    events = events_until(again, job_ended, timeout=60)
+    again.close()
+    (done,) = [e for e in events if e.type == "TrainFinished"]
+    (saved,) = [e for e in events if e.type == "CheckpointSaved"]
+    assert done.status == "stopped" and saved.step == done.steps
+    assert Path(done.adapter_dir, "adapter_model.safetensors").is_file()
+    assert not rank_processes()
+
     with connect(workspace) as conn:
         conn.send(P.StartTraining(config=train_config(tiny_model_dir, nproc_per_node=2)))
         wait_steps(conn, 1)
         ranks = rank_processes()
         assert len(ranks) == 2
         conn.send(P.StopTraining(mode="abort"))
-        events = events_until(conn, job_ended, timeout=60)
+        events = events_until(conn, job_ended, timeout=20)  # the ranks end between two layers
         assert [e.status for e in events if e.type == "TrainFinished"] == ["aborted"]
         assert not [e for e in events if e.type == "EngineError"]
         _gone, alive = psutil.wait_procs(ranks, timeout=5)
