@@ -163,3 +163,18 @@ async def test_a_machine_without_a_gpu_looks_as_before(workspace, fake_engine):
         assert "no NVIDIA GPU: showing engine RAM" in str(app.query_one("#engine-memory").render())
         assert app.settings.visible_gpus == []
         assert not app.query_one("#field-gpus", ParamField).display  # nothing to pick: out of the way
+
+
+async def test_gpus_saved_on_a_gpu_box_shows_its_error_on_a_machine_without_one(workspace, fake_engine):
+    (workspace / "tunebench.toml").write_text('[train]\ngpus = "0,1"\n')
+    app = TuneBenchApp(workspace, starter=no_start)
+    async with app.run_test(size=(100, 32)) as pilot:
+        await pilot.press("2")
+        await wait_until(pilot, lambda: app.settings.visible_gpus == [], what="the memory sample")
+        await pilot.pause()
+        field = app.query_one("#field-gpus", ParamField)
+        assert field.display and field.has_class("-invalid")
+        error = " ".join(str(field.query_one(".param-error").render()).split())
+        assert "'0,1', but this machine shows no NVIDIA GPU: leave gpus empty" in error
+        await pilot.press("4", "s")  # Start is refused until it is fixed
+        assert not fake_engine.of_type("StartTraining")
