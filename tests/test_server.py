@@ -511,6 +511,43 @@ def test_ranks_survive_a_detach_and_stop_abort_and_a_crash_reach_them_all(
     assert not rank_processes()
 
 
+STUBBORN_RANK = """
+import signal, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+print("ready", flush=True)
+time.sleep(600)
+"""
+RANK_LAUNCHER = """
+import os, subprocess, sys, time
+rank = subprocess.Popen([sys.executable, "-c", sys.argv[1]], start_new_session=True,
+                        env={**os.environ, "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
+print(rank.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_ranks_that_ignore_an_abort_are_killed_after_the_grace(monkeypatch):
+    import tunebench.engine.process.ranks_job as ranks_job
+
+    monkeypatch.setattr(ranks_job, "ABORT_GRACE_S", 0.2)
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", RANK_LAUNCHER, STUBBORN_RANK], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        rank = psutil.Process(int(launcher.stdout.readline()))
+        assert launcher.stdout.readline() == "ready\n"  # its signal handlers are in place
+        stopper = ranks_job.RankStopper(launcher)
+        assert [r.pid for r in stopper.ranks()] == [rank.pid]
+        stopper.request("abort")
+        assert launcher.wait(timeout=30) == -signal.SIGKILL
+        _gone, alive = psutil.wait_procs([rank], timeout=10)
+        assert not alive
+    finally:
+        launcher.kill()
+        launcher.communicate()
+
+
 def test_restarted_engine_serves_the_last_run_from_disk(workspace, tiny_model_dir):
     running = ThreadedEngine(workspace)
     with connect(workspace) as conn:

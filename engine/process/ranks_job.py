@@ -54,7 +54,6 @@ class RankStopper:
     def __init__(self, launcher: subprocess.Popen) -> None:
         self.launcher = launcher
         self.mode = ""
-        self.aborted_at = 0.0
         self._lock = threading.Lock()
 
     def request(self, mode: str = "graceful") -> None:
@@ -62,8 +61,11 @@ class RankStopper:
             if self.mode == "abort" or self.mode == mode:
                 return
             self.mode = mode
-            if mode == "abort":
-                self.aborted_at = time.monotonic()
+        if mode == "abort":
+            # the last resort runs on its own: the relay blocks on the ranks' output until they end
+            watchdog = threading.Timer(ABORT_GRACE_S, self.kill_all)
+            watchdog.daemon = True
+            watchdog.start()
         ranks = self.ranks()
         if not ranks:  # torchrun has not started them yet: its agent ends what it starts
             with contextlib.suppress(ProcessLookupError):
@@ -93,6 +95,8 @@ class RankStopper:
     def kill_all(self) -> None:
         """The abort's last resort: each rank's process group (torchrun starts each in a session
         of its own, with whatever it spawned) and the launcher."""
+        if self.launcher.poll() is not None:
+            return
         for rank in self.ranks():
             with contextlib.suppress(OSError):
                 os.killpg(rank.pid, signal.SIGKILL)
@@ -140,7 +144,7 @@ def run_ranks(
             failure = event
         elif isinstance(event, P.Event):
             emit(event)
-    _wait(launcher, stopper)
+    launcher.wait()
     errors.join(timeout=5)
     if finished is not None:
         return finished
@@ -156,17 +160,6 @@ def run_ranks(
         "the engine log has the processes' whole output; fix what it says and start again",
         code="internal",
     )
-
-
-def _wait(launcher: subprocess.Popen, stopper: RankStopper) -> None:
-    """Wait for the launcher; after an abort, kill whatever has not ended within the grace."""
-    while True:
-        try:
-            launcher.wait(timeout=0.5)
-            return
-        except subprocess.TimeoutExpired:
-            if stopper.aborted_at and time.monotonic() - stopper.aborted_at > ABORT_GRACE_S:
-                stopper.kill_all()
 
 
 def _keep_stderr(stream: Any, tail: collections.deque[str]) -> None:
