@@ -12,7 +12,7 @@ import pytest
 from tunebench.engine.cli.main import main
 from tunebench.engine.core import memory_sampler
 from tunebench.engine.core.config import ConfigError, TrainConfig
-from tunebench.engine.core.launch import choose_gpus, visible_devices
+from tunebench.engine.core.launch import choose_gpus, gpu_environment, visible_devices
 
 GIB = 2**30
 
@@ -167,7 +167,10 @@ def test_bad_gpus_text_is_a_message_wherever_it_is_typed(over, field, said):
 
 
 def test_the_chosen_gpus_become_the_ranks_cuda_visible_devices():
-    assert visible_devices([0, 1, 3], {}) == "0,1,3"
+    assert gpu_environment([0, 1, 3], {}) == {
+        "CUDA_VISIBLE_DEVICES": "0,1,3",
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+    }
     # the engine's own list narrowed: its GPU 1 is physical 7
     assert visible_devices([1, 2], {"CUDA_VISIBLE_DEVICES": "5,7,GPU-aaaa"}) == "7,GPU-aaaa"
 
@@ -186,17 +189,22 @@ def test_cli_gpus_starts_one_rank_per_gpu_on_those_gpus(monkeypatch, nvml):
     import tunebench.engine.train.preflight as preflight
 
     nvml(FOUR)
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # recorded, so the test leaves it as it was
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    for name in ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER"):
+        monkeypatch.setenv(name, "")  # recorded, so the test leaves them as they were
+        monkeypatch.delenv(name)
     launched = {}
 
     def fake_launch(launch, argv):
         import os
 
-        launched.update(nproc=launch.nproc_per_node, visible=os.environ["CUDA_VISIBLE_DEVICES"])
+        launched.update(
+            nproc=launch.nproc_per_node,
+            visible=os.environ["CUDA_VISIBLE_DEVICES"],
+            order=os.environ["CUDA_DEVICE_ORDER"],
+        )
         return 0
 
     monkeypatch.setattr(distributed, "launch_ranks", fake_launch)
     monkeypatch.setattr(preflight, "preflight", lambda cfg: None)
     assert main(["train", "--dataset", "d.jsonl", "--gpus", "1,3"]) == 0
-    assert launched == {"nproc": 2, "visible": "1,3"}
+    assert launched == {"nproc": 2, "visible": "1,3", "order": "PCI_BUS_ID"}

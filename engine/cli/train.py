@@ -98,13 +98,13 @@ def train_main(argv: list[str]) -> int:
 def _use_gpus(values: dict[str, Any]) -> None:
     """--gpus 0,1,3 / all: one process per GPU named, each seeing only those (CUDA_VISIBLE_DEVICES,
     which torchrun's ranks inherit); one GPU trains in this process."""
-    from ..core.launch import choose_gpus, visible_devices
+    from ..core.launch import choose_gpus, gpu_environment
     from ..core.memory_sampler import gpu_stats
 
     gpus, _note = gpu_stats()
     chosen = choose_gpus(values["gpus"], [int(g["index"]) for g in gpus])
     if chosen:
-        os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices(chosen, os.environ)
+        os.environ.update(gpu_environment(chosen, os.environ))
     if len(chosen) > 1 and values.get("nproc_per_node") in (None, 1):  # another count: the config says
         values["nproc_per_node"] = len(chosen)
 

@@ -146,6 +146,15 @@ def choose_gpus(gpus: str, visible: list[int]) -> list[int]:
     return listed
 
 
+def gpu_environment(chosen: list[int], environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment that puts ranks on the `chosen` GPUs: CUDA_VISIBLE_DEVICES, and CUDA's
+    PCI bus order (NVML's, in which the GPU pane and the gpus setting count), unless set."""
+    return {
+        "CUDA_VISIBLE_DEVICES": visible_devices(chosen, environ),
+        "CUDA_DEVICE_ORDER": environ.get("CUDA_DEVICE_ORDER", "PCI_BUS_ID"),
+    }
+
+
 def visible_devices(chosen: list[int], environ: Mapping[str, str]) -> str:
     """CUDA_VISIBLE_DEVICES for ranks on the `chosen` GPUs: this process's own list, narrowed
     (its entries may be physical numbers or UUIDs), so a rank's GPU 0 is the first one chosen."""

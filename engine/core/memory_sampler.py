@@ -86,7 +86,7 @@ def _visible(nvml: Any, environ: Mapping[str, str]) -> list[int]:
     """NVML's numbers of the GPUs CUDA shows this process, in CUDA's order: all of them, or those
     CUDA_VISIBLE_DEVICES lists (by number or UUID). As CUDA does, the list ends at the first entry
     that names no GPU. (NVML counts in PCI bus order; CUDA does too with CUDA_DEVICE_ORDER=PCI_BUS_ID,
-    which torchrun setups and nvidia-smi's numbering assume.)"""
+    which core/launch.py sets for the ranks it places, and on a box of identical GPUs anyway.)"""
     count = nvml.nvmlDeviceGetCount()
     listed = environ.get("CUDA_VISIBLE_DEVICES")
     if listed is None:

@@ -32,7 +32,7 @@ from typing import Any
 from ..core import protocol as P
 from ..core.config import TrainConfig, to_argv
 from ..core.errors import UserError
-from ..core.launch import LAUNCH_ENV, WORKER_ENV, visible_devices
+from ..core.launch import LAUNCH_ENV, WORKER_ENV, gpu_environment
 
 ABORT_GRACE_S = 10.0  # after an abort, what the ranks get to end by themselves
 STDERR_KEPT = 30  # lines of the child's stderr kept for a failure that says nothing itself
@@ -113,9 +113,10 @@ def run_ranks(
     # The run's own settings decide, not a launch the engine itself was started under.
     env = {k: v for k, v in os.environ.items() if k not in (*WORKER_ENV, *LAUNCH_ENV)}
     if chosen:
-        env["CUDA_VISIBLE_DEVICES"] = visible_devices(chosen, os.environ)
-    where = f"GPUs {env['CUDA_VISIBLE_DEVICES']}" if chosen else "this machine"
-    emit(P.Log(message=f"training on {nproc} process(es) on {where}, started with torchrun"))
+        env.update(gpu_environment(chosen, os.environ))
+    where = f"GPU(s) {env['CUDA_VISIBLE_DEVICES']}" if chosen else "this machine"
+    how = "torchrun's processes" if nproc > 1 else "a process of its own"
+    emit(P.Log(message=f"training on {where} in {how}: {nproc} rank(s), rank 0 reporting"))
     launcher = subprocess.Popen(
         train_command(cfg, nproc),
         cwd=cwd,
@@ -151,7 +152,7 @@ def run_ranks(
     if failure is not None and not stopper.mode:
         raise UserError(failure.message, failure.hint, code=failure.code or "internal")
     if stopper.mode:  # stopped before rank 0 said how the run ended (still loading, or killed)
-        emit(P.Log(message="the training processes were ended before the run's first step"))
+        emit(P.Log(message="the training processes ended before rank 0 said how the run ended"))
         return P.TrainFinished(status="aborted", seconds=round(time.perf_counter() - started, 1))
     said = "\n".join(line for line in tail if line.strip())
     raise UserError(
