@@ -434,6 +434,14 @@ def test_the_child_runs_the_clis_command_with_the_runs_flags():
     assert to_command(cfg).endswith("--nproc_per_node 2 --gpus 0,1 --lora_rank 4 --dataset d.jsonl")
 
 
+def test_gpus_that_are_not_here_are_refused_before_the_job_starts(engine, workspace, tiny_model_dir):
+    with connect(workspace) as conn:
+        error = conn.request(P.StartTraining(config=train_config(tiny_model_dir, gpus="0,1")), "EngineError")
+        assert error.code == "config"
+        assert "--gpus: '0,1', but this machine shows no NVIDIA GPU: leave gpus empty" in error.message
+        assert conn.request(P.GetStatus(), "Snapshot").job == ""
+
+
 def test_a_run_on_two_processes_streams_its_global_steps_like_one(
     engine, workspace, tiny_model_dir, ranks_only
 ):
