@@ -405,7 +405,7 @@ def test_reattach_gets_the_whole_history_then_live_steps(engine, workspace, tiny
 @pytest.fixture
 def ranks_only(monkeypatch):
     """A run on several processes is torchrun's, in a child: the engine must not train (or load a
-    model) itself; one torch thread per rank on a 2-core CI box."""
+    model) itself; gloo ranks on the CPU (a GPU box too), one torch thread each on a 2-core CI box."""
     import tunebench.engine.train.recipe as recipe
 
     def refuse(*_args, **_kw):
@@ -413,6 +413,7 @@ def ranks_only(monkeypatch):
 
     monkeypatch.setattr(recipe, "run_training", refuse)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
 
 
 def rank_processes() -> list[psutil.Process]:
