@@ -435,7 +435,10 @@ def test_the_child_runs_the_clis_command_with_the_runs_flags():
     assert to_command(cfg).endswith("--nproc_per_node 2 --gpus 0,1 --lora_rank 4 --dataset d.jsonl")
 
 
-def test_gpus_that_are_not_here_are_refused_before_the_job_starts(engine, workspace, tiny_model_dir):
+def test_gpus_that_are_not_here_are_refused_before_the_job_starts(
+    engine, workspace, tiny_model_dir, monkeypatch
+):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # a GPU box too: none visible
     with connect(workspace) as conn:
         error = conn.request(P.StartTraining(config=train_config(tiny_model_dir, gpus="0,1")), "EngineError")
         assert error.code == "config"
