@@ -25,7 +25,7 @@ import pytest
 from threaded_engine import ThreadedEngine
 from tiny import write_identity_dataset
 from tunebench.engine.core import protocol as P
-from tunebench.engine.core.config import TrainConfig, to_argv, to_command
+from tunebench.engine.core.config import TrainConfig, to_command
 from tunebench.engine.core.errors import UserError
 from tunebench.engine.core.workspace import Workspace, read_metrics
 from tunebench.engine.process.client import (
@@ -426,13 +426,22 @@ def rank_processes() -> list[psutil.Process]:
 
 
 def test_the_child_runs_the_clis_command_with_the_runs_flags():
-    cfg = TrainConfig(model="demo", dataset=["d.jsonl"], gpus="0,1", nproc_per_node=2, lora_rank=4)
+    from tunebench.engine.cli.flags import flag_values
+    from tunebench.engine.cli.train import build_train_parser
+
+    cfg = TrainConfig(
+        model="demo", dataset=["d.jsonl"], gpus="0,1", nproc_per_node=2, lora_rank=4, system="-be brief"
+    )
     command = train_command(cfg, 2)
     assert command[1:6] == ["-m", "tunebench.engine.cli.main", "train", "--json", "--probe_after"]
-    flags = command[7:]
-    assert flags == to_argv(TrainConfig(model="demo", dataset=["d.jsonl"], nproc_per_node=2, lora_rank=4))
-    assert "--gpus" not in flags and flags[flags.index("--nproc_per_node") + 1] == "2"
-    assert to_command(cfg).endswith("--nproc_per_node 2 --gpus 0,1 --lora_rank 4 --dataset d.jsonl")
+    assert "--gpus" not in " ".join(command) and "--nproc_per_node=2" in command
+    # the CLI reads back the same settings, the system prompt that starts with "-" included
+    values = flag_values(build_train_parser().parse_args(command[4:]))
+    again = TrainConfig(**{k: v for k, v in values.items() if v is not None})
+    assert again == dataclasses.replace(cfg, gpus="")
+    assert to_command(cfg).endswith(
+        "--nproc_per_node 2 --gpus 0,1 --lora_rank 4 --dataset d.jsonl --system '-be brief'"
+    )
 
 
 def test_gpus_that_are_not_here_are_refused_before_the_job_starts(

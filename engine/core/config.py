@@ -536,9 +536,11 @@ def to_command(cfg: TrainConfig, program: str = "tunebench train") -> str:
     return " ".join([program, *map(shlex.quote, to_argv(cfg))])
 
 
-def to_argv(cfg: TrainConfig) -> list[str]:
+def to_argv(cfg: TrainConfig, joined: bool = False) -> list[str]:
     """The flags of `tunebench train` that give `cfg` (only non-default settings), one list item
-    per argument. A list emptied from a non-empty default has no flag form and is left out."""
+    per argument. A list emptied from a non-empty default has no flag form and is left out.
+    `joined` writes one-value flags as --name=value, which a program handing them on needs: a
+    value such as a system prompt starting with "-" would otherwise read as a flag."""
     parts: list[str] = []
     for name, value in changed_fields(cfg).items():
         if name == "train_type" and cfg.quant_bits == 4:
@@ -546,6 +548,8 @@ def to_argv(cfg: TrainConfig) -> list[str]:
         if isinstance(value, list):
             if value:
                 parts += [f"--{name}", *map(str, value)]
+        elif joined:
+            parts.append(f"--{name}={format_value(value)}")
         else:
             parts += [f"--{name}", format_value(value)]
     return parts

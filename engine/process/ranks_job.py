@@ -42,7 +42,7 @@ Emit = Any  # Callable[[P.Event], None]
 def train_command(cfg: TrainConfig, nproc: int) -> list[str]:
     """`tunebench train --json` for `cfg` on `nproc` processes: the flags a person would type.
     The gpus setting is resolved by the caller into CUDA_VISIBLE_DEVICES, so it is left out."""
-    flags = to_argv(dataclasses.replace(cfg, gpus="", nproc_per_node=nproc))
+    flags = to_argv(dataclasses.replace(cfg, gpus="", nproc_per_node=nproc), joined=True)
     probe = ["--probe_after", "true"]  # the verdict, as the in-process job gives it
     return [sys.executable, "-m", "tunebench.engine.cli.main", "train", "--json", *probe, *flags]
 
