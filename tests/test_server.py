@@ -25,6 +25,7 @@ import pytest
 from threaded_engine import ThreadedEngine
 from tiny import write_identity_dataset
 from tunebench.engine.core import protocol as P
+from tunebench.engine.core.config import TrainConfig, to_command
 from tunebench.engine.core.errors import UserError
 from tunebench.engine.core.workspace import Workspace, read_metrics
 from tunebench.engine.process.client import (
@@ -39,6 +40,7 @@ from tunebench.engine.process.client import (
     start_engine,
     status_text,
 )
+from tunebench.engine.process.ranks_job import train_command
 from tunebench.engine.process.server import EngineAlreadyRunning, EngineServer
 
 QUESTIONS = ["Who are you?", "What is your name?", "Who made you?", "你是谁？"]
@@ -395,6 +397,176 @@ def test_reattach_gets_the_whole_history_then_live_steps(engine, workspace, tiny
     finished = events_until(again, job_ended)
     assert [e.status for e in finished if e.type == "TrainFinished"] == ["aborted"]
     again.close()
+
+
+# ----------------------------------------------------- runs on several processes (torchrun)
+
+
+@pytest.fixture
+def ranks_only(monkeypatch):
+    """A run on several processes is torchrun's, in a child: the engine must not train (or load a
+    model) itself; gloo ranks on the CPU (a GPU box too), one torch thread each on a 2-core CI box."""
+    import tunebench.engine.train.recipe as recipe
+
+    def refuse(*_args, **_kw):
+        raise AssertionError("the engine trained in its own process")
+
+    monkeypatch.setattr(recipe, "run_training", refuse)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
+def rank_processes() -> list[psutil.Process]:
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "LOCAL_RANK" in child.environ():
+                found.append(child)
+    return found
+
+
+def test_the_child_runs_the_clis_command_with_the_runs_flags():
+    from tunebench.engine.cli.flags import flag_values
+    from tunebench.engine.cli.train import build_train_parser
+
+    cfg = TrainConfig(
+        model="demo", dataset=["d.jsonl"], gpus="0,1", nproc_per_node=2, lora_rank=4, system="-be brief"
+    )
+    command = train_command(cfg, 2)
+    assert command[1:6] == ["-m", "tunebench.engine.cli.main", "train", "--json", "--probe_after"]
+    assert "--gpus" not in " ".join(command) and "--nproc_per_node=2" in command
+    # the CLI reads back the same settings, the system prompt that starts with "-" included
+    values = flag_values(build_train_parser().parse_args(command[4:]))
+    again = TrainConfig(**{k: v for k, v in values.items() if v is not None})
+    assert again == dataclasses.replace(cfg, gpus="")
+    assert to_command(cfg).endswith(
+        "--nproc_per_node 2 --gpus 0,1 --lora_rank 4 --dataset d.jsonl --system '-be brief'"
+    )
+
+
+def test_gpus_that_are_not_here_are_refused_before_the_job_starts(
+    engine, workspace, tiny_model_dir, monkeypatch
+):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # a GPU box too: none visible
+    with connect(workspace) as conn:
+        error = conn.request(P.StartTraining(config=train_config(tiny_model_dir, gpus="0,1")), "EngineError")
+        assert error.code == "config"
+        assert "--gpus: '0,1', but this machine shows no NVIDIA GPU: leave gpus empty" in error.message
+        assert conn.request(P.GetStatus(), "Snapshot").job == ""
+
+
+def test_a_run_on_two_processes_streams_its_global_steps_like_one(
+    engine, workspace, tiny_model_dir, ranks_only
+):
+    with connect(workspace) as conn:
+        request_id = conn.send(
+            P.StartTraining(config=train_config(tiny_model_dir, nproc_per_node=2, max_steps=4, save_steps=2))
+        )
+        events = events_until(conn, job_ended, timeout=240)
+    assert not [e for e in events if e.type == "EngineError"], events
+    assert all(e.id == request_id for e in events)
+    (started,) = [e for e in events if e.type == "TrainStarted"]
+    steps = [e for e in events if e.type == "TrainStep"]
+    # 8 samples, 2 a rank a step: the global step counts both ranks' samples
+    assert [s.step for s in steps] == [1, 2, 3, 4] and started.total_steps == 4
+    assert all(s.tokens_per_s > 0 for s in steps[1:])
+    assert [e.step for e in events if e.type == "CheckpointSaved"] == [2]
+    kinds = [e.type for e in events]
+    assert kinds.index("ProbeVerdict") < kinds.index("TrainFinished") and kinds[-1] == "JobStatus"
+    (done,) = [e for e in events if e.type == "TrainFinished"]
+    assert done.status == "completed" and done.steps == 4
+    assert Path(done.adapter_dir, "adapter_model.safetensors").is_file()
+    run = Path(started.run_dir)
+    assert run.is_relative_to(workspace / "runs")
+    assert orjson.loads((run / "config.json").read_bytes())["processes"] == 2
+    # rank 0 alone wrote the metrics, each step once, as the events said
+    assert [r["step"] for r in read_metrics(run) if r.get("type") == "TrainStep"] == [1, 2, 3, 4]
+    assert not rank_processes()
+
+
+def test_ranks_survive_a_detach_and_stop_abort_and_a_crash_reach_them_all(
+    engine, workspace, tiny_model_dir, ranks_only
+):
+    first = connect(workspace, "tui")
+    first.send(P.StartTraining(config=train_config(tiny_model_dir, nproc_per_node=2, save_steps=1000)))
+    wait_steps(first, 1)
+    first.close()  # the terminal closed: the ranks train on
+    again = EngineConnection.open(workspace)
+    snapshot = again.hello("tui")
+    assert snapshot.job == "train" and snapshot.run_status == "running" and len(rank_processes()) == 2
+    history = [P.from_dict(record) for record in snapshot.history]
+    steps = [e.step for e in history if e.type == "TrainStep"]
+    assert steps == list(range(1, len(steps) + 1))
+    assert wait_steps(again, 1)[0].step > steps[-1]
+    again.send(P.StopTraining(mode="graceful"))  # every rank stops after the same step, rank 0 saves
+    events = events_until(again, job_ended, timeout=60)
+    again.close()
+    (done,) = [e for e in events if e.type == "TrainFinished"]
+    (saved,) = [e for e in events if e.type == "CheckpointSaved"]
+    assert done.status == "stopped" and saved.step == done.steps
+    assert Path(done.adapter_dir, "adapter_model.safetensors").is_file()
+    assert not rank_processes()
+
+    with connect(workspace) as conn:
+        conn.send(P.StartTraining(config=train_config(tiny_model_dir, nproc_per_node=2)))
+        wait_steps(conn, 1)
+        ranks = rank_processes()
+        assert len(ranks) == 2
+        conn.send(P.StopTraining(mode="abort"))
+        events = events_until(conn, job_ended, timeout=20)  # the ranks end between two layers
+        assert [e.status for e in events if e.type == "TrainFinished"] == ["aborted"]
+        assert not [e for e in events if e.type == "EngineError"]
+        _gone, alive = psutil.wait_procs(ranks, timeout=5)
+        assert not alive
+
+        # one rank dies: the job ends with the launcher's message naming it
+        conn.send(P.StartTraining(config=train_config(tiny_model_dir, nproc_per_node=2)))
+        wait_steps(conn, 1)
+        (rank1,) = [p for p in rank_processes() if p.environ()["RANK"] == "1"]
+        rank1.kill()
+        events = events_until(conn, job_ended, timeout=60)
+    (error,) = [e for e in events if e.type == "EngineError"]
+    assert "rank 1 of 2 was killed by SIGKILL; the other 1 rank(s) were ended" in error.message
+    assert error.hint and "Traceback" not in error.message
+    assert [e.status for e in events if e.type == "TrainFinished"] == ["failed"]  # as in one process
+    assert not rank_processes()
+
+
+STUBBORN_RANK = """
+import signal, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+print("ready", flush=True)
+time.sleep(600)
+"""
+RANK_LAUNCHER = """
+import os, subprocess, sys, time
+rank = subprocess.Popen([sys.executable, "-c", sys.argv[1]], start_new_session=True,
+                        env={**os.environ, "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
+print(rank.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_ranks_that_ignore_an_abort_are_killed_after_the_grace(monkeypatch):
+    import tunebench.engine.process.ranks_job as ranks_job
+
+    monkeypatch.setattr(ranks_job, "ABORT_GRACE_S", 0.2)
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", RANK_LAUNCHER, STUBBORN_RANK], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        rank = psutil.Process(int(launcher.stdout.readline()))
+        assert launcher.stdout.readline() == "ready\n"  # its signal handlers are in place
+        stopper = ranks_job.RankStopper(launcher)
+        assert [r.pid for r in stopper.ranks()] == [rank.pid]
+        stopper.request("abort")
+        assert launcher.wait(timeout=30) == -signal.SIGKILL
+        _gone, alive = psutil.wait_procs([rank], timeout=10)
+        assert not alive
+    finally:
+        launcher.kill()
+        launcher.communicate()
 
 
 def test_restarted_engine_serves_the_last_run_from_disk(workspace, tiny_model_dir):

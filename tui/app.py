@@ -319,6 +319,9 @@ class TuneBenchApp(App[int]):
         self.gpu_pane.show_sample(message.sample)
         self.status_bar.set_memory(message.sample)
         gpus = message.sample.gpus
+        self._main.query_one(ParamsPane).set_visible_gpus(
+            [int(g.get("index", i)) for i, g in enumerate(gpus)]
+        )
         if gpus and not self._budget_known:
             # max_memory's default is what the card has free when the workbench first sees it
             self._budget_known = True

@@ -14,7 +14,7 @@ import signal
 import sys
 from typing import Any, get_origin, get_type_hints
 
-from ..core.config import TrainConfig
+from ..core.config import ConfigError, TrainConfig
 from ..core.errors import UserError
 from ..core.launch import is_worker, launch_from
 from .flags import FlagParser, flag_values, join_negative_numbers
@@ -66,6 +66,8 @@ def train_main(argv: list[str]) -> int:
     or be one of those ranks (torchrun's environment says so)."""
     args = build_train_parser().parse_args(join_negative_numbers(argv))
     values = flag_values(args)
+    if values.get("gpus") and not is_worker(os.environ):
+        _use_gpus(values)
     launch = launch_from(values.get("nproc_per_node"), os.environ)
     if launch:
         values["nproc_per_node"] = launch.nproc_per_node
@@ -80,10 +82,31 @@ def train_main(argv: list[str]) -> int:
         from ..train.distributed import launch_ranks
         from ..train.preflight import preflight
 
-        preflight(cfg)  # a mistake is said once, here, before any rank starts
-        return launch_ranks(launch, argv)
+        try:
+            preflight(cfg)  # a mistake is said once, here, before any rank starts
+            return launch_ranks(launch, argv)
+        except (UserError, ConfigError) as exc:
+            if args.json:  # the workbench reads the failure with its code (engine/process/ranks_job.py)
+                from ..process.jobs import describe_failure
+
+                JsonRenderer()(describe_failure(exc, "train", cfg)[0])
+            raise
     result = _train(args, values, cfg=cfg)
     return 0 if result.status == "completed" else (130 if result.status == "aborted" else 0)
+
+
+def _use_gpus(values: dict[str, Any]) -> None:
+    """--gpus 0,1,3 / all: one process per GPU named, each seeing only those (CUDA_VISIBLE_DEVICES,
+    which torchrun's ranks inherit); one GPU trains in this process."""
+    from ..core.launch import choose_gpus, gpu_environment
+    from ..core.memory_sampler import gpu_stats
+
+    gpus, _note = gpu_stats()
+    chosen = choose_gpus(values["gpus"], [int(g["index"]) for g in gpus])
+    if chosen:
+        os.environ.update(gpu_environment(chosen, os.environ))
+    if len(chosen) > 1 and values.get("nproc_per_node") in (None, 1):  # another count: the config says
+        values["nproc_per_node"] = len(chosen)
 
 
 def _config(values: dict[str, Any]) -> TrainConfig:

@@ -138,6 +138,13 @@ class TrainConfig:
         min=1,
         max=1024,
     )
+    gpus: str = _f(
+        "",
+        "GPUs to train on, numbered as this machine shows them: 0,1,3 or all, one torchrun "
+        "process each (sets nproc_per_node and CUDA_VISIBLE_DEVICES); empty = the first GPU, or "
+        "nproc_per_node of them",
+        "model",
+    )
     # lora
     lora_rank: int = _f(8, "LoRA rank r", "lora", min=1, max=1024, aliases=("lora_r",), resume="fixed")
     lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / rank)", "lora", min=1, max=8192, resume="fixed")
@@ -385,7 +392,35 @@ def _cross_checks(cfg: TrainConfig) -> dict[str, str]:
         )
     if not cfg.model.strip():
         problems["model"] = "name a model: demo, a folder, a hub id or a .gguf file"
+    try:
+        listed = gpu_list(cfg.gpus)
+    except ValueError as exc:
+        problems["gpus"] = str(exc)
+    else:
+        if listed and cfg.nproc_per_node not in (1, len(listed)):
+            problems["nproc_per_node"] = (
+                f"{cfg.nproc_per_node} processes, but gpus lists {len(listed)} GPU(s), one process "
+                "each: leave nproc_per_node at 1 (gpus decides), or leave gpus empty"
+            )
     return problems
+
+
+def gpu_list(text: str) -> list[int] | None:
+    """The gpus setting read: the listed GPU numbers, [] for none given (empty), None for all.
+    ValueError says what is wrong with the text; which numbers exist is for core/launch.py."""
+    text = text.strip().lower()
+    if text in ("", "all"):
+        return None if text else []
+    numbers: list[int] = []
+    for part in text.replace(" ", ",").split(","):
+        if not part:
+            continue
+        if not part.isdigit():
+            raise ValueError(f"{part!r} is not a GPU number: write them like 0,1,3, or all")
+        if int(part) in numbers:
+            raise ValueError(f"GPU {int(part)} is listed twice: name each GPU once")
+        numbers.append(int(part))
+    return numbers
 
 
 def is_plain_name(name: str) -> bool:
@@ -498,13 +533,23 @@ def changed_fields(cfg: Any) -> dict[str, Any]:
 
 def to_command(cfg: TrainConfig, program: str = "tunebench train") -> str:
     """The equivalent `tunebench train ...` command line (only non-default settings)."""
-    parts = [program]
+    return " ".join([program, *map(shlex.quote, to_argv(cfg))])
+
+
+def to_argv(cfg: TrainConfig, joined: bool = False) -> list[str]:
+    """The flags of `tunebench train` that give `cfg` (only non-default settings), one list item
+    per argument. A list emptied from a non-empty default has no flag form and is left out.
+    `joined` writes one-value flags as --name=value, which a program handing them on needs: a
+    value such as a system prompt starting with "-" would otherwise read as a flag."""
+    parts: list[str] = []
     for name, value in changed_fields(cfg).items():
         if name == "train_type" and cfg.quant_bits == 4:
             continue
-        parts.append(f"--{name}")
         if isinstance(value, list):
-            parts.extend(shlex.quote(str(v)) for v in value)
+            if value:
+                parts += [f"--{name}", *map(str, value)]
+        elif joined:
+            parts.append(f"--{name}={format_value(value)}")
         else:
-            parts.append(shlex.quote(format_value(value)))
-    return " ".join(parts)
+            parts += [f"--{name}", format_value(value)]
+    return parts

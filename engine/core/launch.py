@@ -5,6 +5,10 @@ MASTER_PORT, NNODES, NODE_RANK and MASTER_ADDR to it as torchrun's flags of the 
 lower case. TuneBench reads them the same way, with --nproc_per_node (a TrainConfig field, so it
 is checked like every flag) taking the place of NPROC_PER_NODE when both are given. The torch side
 (engine/train/distributed.py) hands the result to torchrun. Standard library only.
+
+The gpus setting (the Parameters form's, and --gpus) names the GPUs instead of counting them:
+`choose_gpus` checks it against the GPUs this process sees, and `visible_devices` turns the choice
+into the CUDA_VISIBLE_DEVICES the ranks get, one process per GPU.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .config import ConfigError, TrainConfig, check_value, parse_value
+from .config import ConfigError, TrainConfig, check_value, gpu_list, parse_value
 from .errors import UserError
 
 # ms-swift's order (swift/cli/main.py), each passed to torchrun as --<name in lower case>
@@ -109,3 +113,52 @@ def _whole(name: str, text: str, low: int, high: int) -> int:
             code="config",
         )
     return value
+
+
+def choose_gpus(gpus: str, visible: list[int]) -> list[int]:
+    """The GPUs the gpus setting picks, numbered as this process sees them (`visible`: 0..n-1,
+    after CUDA_VISIBLE_DEVICES); [] when it picks none (empty: train as before). ConfigError
+    names a GPU that is not there, and which ones are."""
+    try:
+        listed = gpu_list(gpus)
+    except ValueError as exc:
+        raise ConfigError({"gpus": str(exc)}) from None
+    if listed == []:
+        return []
+    if not visible:
+        raise ConfigError(
+            {
+                "gpus": f"{gpus!r}, but this machine shows no NVIDIA GPU: leave gpus empty (training "
+                "runs on the CPU; nproc_per_node starts several CPU processes)"
+            }
+        )
+    if listed is None:
+        return list(visible)
+    missing = [n for n in listed if n not in visible]
+    if missing:
+        shown = ",".join(map(str, visible))
+        raise ConfigError(
+            {
+                "gpus": f"GPU {missing[0]} is not one of this machine's GPUs ({shown}): list some of "
+                f"{shown}, or write all"
+            }
+        )
+    return listed
+
+
+def gpu_environment(chosen: list[int], environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment that puts ranks on the `chosen` GPUs: CUDA_VISIBLE_DEVICES, and CUDA's
+    PCI bus order (NVML's, in which the GPU pane and the gpus setting count), unless set."""
+    return {
+        "CUDA_VISIBLE_DEVICES": visible_devices(chosen, environ),
+        "CUDA_DEVICE_ORDER": environ.get("CUDA_DEVICE_ORDER", "PCI_BUS_ID"),
+    }
+
+
+def visible_devices(chosen: list[int], environ: Mapping[str, str]) -> str:
+    """CUDA_VISIBLE_DEVICES for ranks on the `chosen` GPUs: this process's own list, narrowed
+    (its entries may be physical numbers or UUIDs), so a rank's GPU 0 is the first one chosen."""
+    own = [part.strip() for part in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if part.strip()]
+    if "CUDA_VISIBLE_DEVICES" not in environ:
+        own = [str(n) for n in range(max(chosen, default=-1) + 1)]
+    return ",".join(own[n] for n in chosen if n < len(own))

@@ -1,8 +1,9 @@
 """GPU and process memory right now, for the gauge: NVML, this process's torch allocator, its RSS.
 
-`sample_memory()` reads NVML (every NVIDIA GPU: name, used, total, utilisation), this engine's
-torch allocator (only when torch is already imported and CUDA initialised: sampling must never
-be what pulls torch in or creates a CUDA context) and the process RSS.
+`sample_memory()` reads NVML (each GPU CUDA_VISIBLE_DEVICES lets this process use: name, used,
+total, utilisation), this engine's torch allocator (only when torch is already imported and CUDA
+initialised: sampling must never be what pulls torch in or creates a CUDA context) and the
+process RSS.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from collections.abc import Mapping
 from typing import Any
 
 from . import protocol as P
@@ -42,16 +44,17 @@ def _nvml() -> Any:
         return pynvml
 
 
-def gpu_stats() -> tuple[list[dict[str, Any]], str]:
-    """One dict per NVIDIA GPU (index, name, used, total bytes, util percent), and a note that
-    says why the list is empty, if it is."""
+def gpu_stats(environ: Mapping[str, str] = os.environ) -> tuple[list[dict[str, Any]], str]:
+    """One dict per GPU this process may use (index: its number as CUDA and the gpus setting
+    count, after CUDA_VISIBLE_DEVICES; nvml_index: the physical one; name; used and total bytes;
+    util percent, -1 where unknown), and a note that says why the list is empty, if it is."""
     nvml = _nvml()
     if nvml is None:
         return [], _nvml_state["note"]
     gpus = []
     try:
-        for index in range(nvml.nvmlDeviceGetCount()):
-            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+        for index, physical in enumerate(_visible(nvml, environ)):
+            handle = nvml.nvmlDeviceGetHandleByIndex(physical)
             name = nvml.nvmlDeviceGetName(handle)
             info = nvml.nvmlDeviceGetMemoryInfo(handle)
             try:
@@ -61,6 +64,7 @@ def gpu_stats() -> tuple[list[dict[str, Any]], str]:
             gpus.append(
                 {
                     "index": index,
+                    "nvml_index": physical,
                     "name": name.decode() if isinstance(name, bytes) else str(name),
                     "used": int(info.used),
                     "total": int(info.total),
@@ -69,7 +73,43 @@ def gpu_stats() -> tuple[list[dict[str, Any]], str]:
             )
     except nvml.NVMLError as exc:
         return [], f"NVML failed: {exc}"
-    return gpus, "" if gpus else "no NVIDIA GPU found"
+    if gpus:
+        return gpus, ""
+    count = nvml.nvmlDeviceGetCount()
+    if count and "CUDA_VISIBLE_DEVICES" in environ:
+        listed = environ["CUDA_VISIBLE_DEVICES"]
+        return [], f"NVML sees {count} GPU(s), but CUDA_VISIBLE_DEVICES={listed!r} names none of them"
+    return [], "no NVIDIA GPU found"
+
+
+def _visible(nvml: Any, environ: Mapping[str, str]) -> list[int]:
+    """NVML's numbers of the GPUs CUDA shows this process, in CUDA's order: all of them, or those
+    CUDA_VISIBLE_DEVICES lists (by number or UUID). As CUDA does, the list ends at the first entry
+    that names no GPU. (NVML counts in PCI bus order; CUDA does too with CUDA_DEVICE_ORDER=PCI_BUS_ID,
+    which core/launch.py sets for the ranks it places, and on a box of identical GPUs anyway.)"""
+    count = nvml.nvmlDeviceGetCount()
+    listed = environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is None:
+        return list(range(count))
+    uuids: dict[str, int] = {}
+    chosen: list[int] = []
+    for entry in (part.strip() for part in listed.split(",")):
+        if entry.isdigit() and int(entry) < count:
+            physical = int(entry)
+        else:
+            if not uuids:
+                for n in range(count):
+                    uuid = nvml.nvmlDeviceGetUUID(nvml.nvmlDeviceGetHandleByIndex(n))
+                    uuids[uuid.decode() if isinstance(uuid, bytes) else str(uuid)] = n
+            # CUDA accepts a unique prefix of the UUID ("GPU-8f3a")
+            found = [n for uuid, n in uuids.items() if entry and uuid.startswith(entry)]
+            if len(found) != 1:
+                break
+            physical = found[0]
+        if physical in chosen:
+            break
+        chosen.append(physical)
+    return chosen
 
 
 def torch_allocator() -> tuple[int, int, int]:

@@ -289,7 +289,10 @@ class MemoryEstimate(Event):
 
 @dataclass(frozen=True)
 class MemorySample(Event):
-    gpus: list[dict[str, Any]] = field(default_factory=list)  # index, name, used, total, util
+    # one per GPU the engine may use: index (CUDA's number after CUDA_VISIBLE_DEVICES, the one the
+    # gpus setting takes), name, used and total bytes, util (percent, -1: not reported), and
+    # nvml_index (the physical number; absent from older engines)
+    gpus: list[dict[str, Any]] = field(default_factory=list)
     allocated: int = 0  # bytes, this engine's torch allocator
     reserved: int = 0
     peak: int = 0

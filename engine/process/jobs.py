@@ -87,15 +87,16 @@ class Jobs:
         from ..train.recipe import StopSignal, run_training, stopped_before_training
         from ..train.resume import resume_config
 
+        requested = job.config
         if job.config.resume_from_checkpoint:  # the run's recorded settings, with the request's applied
             job.config = resume_config(self.resolve_train_paths(request.config))
-        if job.config.nproc_per_node > 1:
-            raise UserError(
-                f"nproc_per_node {job.config.nproc_per_node}: the workbench trains in one process",
-                "set it to 1 here, or run the same settings on several GPUs from a terminal: "
-                f"NPROC_PER_NODE={job.config.nproc_per_node} tunebench train ... with the same flags",
-                code="config",
-            )
+        nproc, chosen = self.processes(requested)
+        if nproc > 1 or chosen not in ([], [0]):
+            # Several ranks (or a GPU this process does not train on): torchrun's, in a child.
+            from .ranks_job import run_ranks
+
+            self.drop_session()  # the ranks need the GPU memory a chat model holds
+            return run_ranks(job, requested, nproc, chosen, self.ws.root, emit)
         started = time.perf_counter()
         try:
             # A bad dataset or flag fails in seconds, before any weights load.
@@ -116,6 +117,17 @@ class Jobs:
         if finished.status == "completed" and finished.adapter_dir and not job.cancel.is_set():
             self._probe_verdict(finished, job, emit)
         return finished
+
+    @staticmethod
+    def processes(cfg: Any) -> tuple[int, list[int]]:
+        """How many training processes a run asks for, and on which GPUs (CUDA's numbers in this
+        process; [] = the default: the first GPU, or nproc_per_node of them, or the CPU)."""
+        from ..core.launch import choose_gpus
+        from ..core.memory_sampler import gpu_stats
+
+        gpus, _note = gpu_stats()
+        chosen = choose_gpus(cfg.gpus, [int(g["index"]) for g in gpus])
+        return (len(chosen) if chosen else cfg.nproc_per_node), chosen
 
     def _probe_verdict(self, finished: P.TrainFinished, job: Job, emit: Emit) -> None:
         """Whether the run changed the answers, for the Train pane; sent before TrainFinished, so

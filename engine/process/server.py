@@ -340,6 +340,7 @@ class EngineServer:
     def _on_StartTraining(self, client: Client, msg: P.StartTraining) -> None:
         try:
             cfg = build_config(TrainConfig, self.jobs.resolve_train_paths(msg.config))
+            self.jobs.processes(cfg)  # GPUs named that are not here: said before any job starts
         except ConfigError as exc:
             self.clients.send(client, _config_error(msg.id, exc))
             return

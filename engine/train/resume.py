@@ -23,8 +23,9 @@ from ..core.errors import UserError
 from .checkpoints import find_checkpoint
 
 # What the resume itself decides: the run folder comes from the checkpoint, and the number of
-# processes from this launch (a resume on another number says what that changes: recipe.py).
-_NOT_SETTINGS = ("resume_from_checkpoint", "output_dir", "run_name", "nproc_per_node")
+# processes and their GPUs from this launch (a resume on another number says what that changes:
+# recipe.py).
+_NOT_SETTINGS = ("resume_from_checkpoint", "output_dir", "run_name", "nproc_per_node", "gpus")
 
 
 def resume_config(given: dict[str, Any]) -> TrainConfig:

@@ -14,6 +14,17 @@ from tunebench.tui.widgets.chat.column_choices import BASE, ColumnChoice
 from tunebench.tui.widgets.train.train_pane import TrainPane
 
 GPU = [{"index": 0, "name": "NVIDIA H100 80GB HBM3", "used": 31 * 2**30, "total": 80 * 2**30, "util": 87}]
+FOUR_GPUS = [
+    {
+        "index": i,
+        "nvml_index": i,
+        "name": "NVIDIA H200",
+        "used": used * 2**30,
+        "total": 141 * 2**30,
+        "util": util,
+    }
+    for i, (used, util) in enumerate([(120, 97), (118, 95), (4, 0), (70, -1)])
+]
 
 
 def settle(*conditions):
@@ -105,3 +116,15 @@ def test_chat_pane_side_by_side(workspace, snap_compare):
             await settle(lambda app: pane.exchanges and not pane.generating)(pilot)
 
         assert snap_compare(app, terminal_size=(100, 32), run_before=chat)
+
+
+def test_gpu_pane_four_gpus(workspace, snap_compare):
+    with engine(workspace, gpus=FOUR_GPUS):
+        app = TuneBenchApp(workspace, starter=no_start)
+        ready = settle(lambda app: app.gpu_pane.estimate is not None and app.gpu_pane.sample is not None)
+
+        async def show(pilot) -> None:
+            await pilot.press("3")
+            await ready(pilot)
+
+        assert snap_compare(app, terminal_size=(80, 24), run_before=show)

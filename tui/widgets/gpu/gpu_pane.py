@@ -15,6 +15,7 @@ from .memory_gauge import GIB, EngineMemory, GpuGauge, gib
 from .memory_history import MemoryHistory
 
 HISTORY = 400  # samples kept: one per column of the widest terminal likely, ~2.5 per second
+COMPACT_FROM = 3  # GPUs from which each gets one row (eight fit an 80x24 terminal)
 
 
 class GpuPane(Vertical):
@@ -29,6 +30,7 @@ class GpuPane(Vertical):
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="gpu-body"):
             yield Static("waiting for the engine's first memory sample…", id="gpu-waiting")
+            yield Static("", id="gpu-names")
             yield Vertical(id="gpu-gauges")
             yield EngineMemory(id="engine-memory")
             yield Label("memory over time", classes="section-title", id="memory-history-title")
@@ -56,10 +58,15 @@ class GpuPane(Vertical):
     def _draw_gauges(self, sample: P.MemorySample) -> None:
         gauges = self.query_one("#gpu-gauges")
         existing = list(gauges.query(GpuGauge))
+        compact = len(sample.gpus) >= COMPACT_FROM
         if len(existing) != len(sample.gpus):
             gauges.remove_children()
-            existing = [GpuGauge(i) for i in range(len(sample.gpus))]
+            existing = [GpuGauge(i, compact=compact) for i in range(len(sample.gpus))]
             gauges.mount_all(existing)
+        names = self.query_one("#gpu-names", Static)
+        names.display = compact
+        if compact:
+            names.update(gpu_names(sample.gpus))
         estimate = self._estimate_bytes()
         for gauge, gpu in zip(existing, sample.gpus, strict=True):
             # The engine's reserved memory is on the GPU it trains on, the first one it sees.
@@ -120,3 +127,15 @@ class GpuPane(Vertical):
 
     def action_estimate(self) -> None:
         self.app.request_memory_estimate()
+
+
+def gpu_names(gpus: list[dict]) -> Text:
+    """The title over one-row gauges: "4 GPUs: NVIDIA H200", or each one's name where they differ."""
+    names = {str(g.get("name", "")) for g in gpus}
+    text = Text(f"{len(gpus)} GPUs: ", style="bold")
+    if len(names) == 1:
+        text.append(names.pop())
+    else:
+        text.append(", ".join(f"{g.get('index', i)} {g.get('name', '')}" for i, g in enumerate(gpus)))
+    text.append("   memory used / total, utilisation", style="dim")
+    return text

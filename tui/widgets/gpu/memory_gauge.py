@@ -1,4 +1,5 @@
-"""Memory gauges: one bar per GPU (NVML used / total) and the engine's own allocator numbers."""
+"""Memory gauges: one per GPU (NVML used / total, and its utilisation) and the engine's own
+allocator numbers."""
 
 from __future__ import annotations
 
@@ -18,17 +19,24 @@ def gib(n_bytes: float) -> str:
 
 
 def bar(
-    fraction: float, width: int, *, own: float = 0.0, mark: float | None = None, style: str = "green"
+    fraction: float,
+    width: int,
+    *,
+    own: float = 0.0,
+    mark: float | None = None,
+    style: str = "green",
+    warn: bool = True,
 ) -> Text:
     """A one-line bar of `fraction` used, the first `own` of it in cyan (this engine's share);
-    `mark` draws a ┃ where an estimate would land, so "will it fit" is visible at a glance."""
+    `mark` draws a ┃ where an estimate would land, so "will it fit" is visible at a glance.
+    `warn` turns it yellow then red as it fills (memory; a busy GPU is no warning)."""
     width = max(width, 4)
     fraction = min(max(fraction, 0.0), 1.0)
     filled = round(fraction * width)
     own_cells = min(round(min(max(own, 0.0), 1.0) * width), filled)
-    if fraction >= 0.9:
+    if warn and fraction >= 0.9:
         style = "red"
-    elif fraction >= 0.75:
+    elif warn and fraction >= 0.75:
         style = "yellow"
     mark_at = None if mark is None else min(int(mark * width), width - 1)
     text = Text()
@@ -45,11 +53,13 @@ def bar(
 
 
 class GpuGauge(Static):
-    """One GPU: name, used / total, utilisation, and where the estimate would land."""
+    """One GPU: name, used / total, utilisation, and where the estimate would land. `compact`
+    (a machine of several GPUs) draws it in one row, the name left to the pane's title."""
 
-    def __init__(self, index: int, **kwargs) -> None:
-        super().__init__("", classes="gpu-gauge", **kwargs)
+    def __init__(self, index: int, compact: bool = False, **kwargs) -> None:
+        super().__init__("", classes="gpu-gauge -compact" if compact else "gpu-gauge", **kwargs)
         self.index = index
+        self.compact = compact
         self.gpu: dict[str, Any] = {}
         self.estimate_bytes = 0.0
         self.engine_bytes = 0.0
@@ -69,15 +79,34 @@ class GpuGauge(Static):
         total = float(gpu.get("total") or 0) or 1.0
         used = float(gpu.get("used") or 0)
         util = gpu.get("util")
+        known = (
+            isinstance(util, (int, float)) and util >= 0
+        )  # NVML says -1 where a (virtualised) GPU gives none
+        util_text = Text(f"util {util:.0f}%" if known else "util n/a", style="blue" if known else "dim")
+        mark = self.estimate_bytes / total if self.estimate_bytes else None
+        width = max(self.size.width - 2, 10)
+        util_width = max(width // 5, 4) if not self.compact else max(width // 10, 4)
+        if self.compact:
+            # GPU 3 ████░░░░ 70.0/141 GiB  util 35% ██░░  : a row each, columns aligned
+            row = Text(f"GPU {gpu.get('index', self.index)} ", style="bold")
+            numbers = f" {used / GIB:5.1f}/{total / GIB:.0f} GiB  "
+            room = width - len(row) - len(numbers) - 9 - 1 - util_width  # "util 100%" is 9
+            row.append_text(bar(used / total, room, own=self.engine_bytes / total, mark=mark))
+            row.append(numbers)
+            row.append_text(util_text.copy())
+            row.pad_right(9 - len(util_text) + 1)
+            row.append_text(bar(util / 100 if known else 0.0, util_width, style="blue", warn=False))
+            return row
         head = Text()
         head.append(f"GPU {gpu.get('index', self.index)} ", style="bold")
         head.append(str(gpu.get("name", "")))
-        # NVML reports -1 where a (virtualised) GPU gives no utilisation.
-        util_text = f"  util {util:.0f}%" if isinstance(util, (int, float)) and util >= 0 else ""
-        head.append(f"   {gib(used)} / {gib(total)}{util_text}")
-        mark = self.estimate_bytes / total if self.estimate_bytes else None
-        width = max(self.size.width - 2, 10)
-        return Text("\n").join([head, bar(used / total, width, own=self.engine_bytes / total, mark=mark)])
+        head.append(f"   {gib(used)} / {gib(total)}  ")
+        head.append_text(util_text)
+        # memory on the left, utilisation in the last fifth
+        line = bar(used / total, width - util_width - 1, own=self.engine_bytes / total, mark=mark)
+        line.append(" ")
+        line.append_text(bar(util / 100 if known else 0.0, util_width, style="blue", warn=False))
+        return Text("\n").join([head, line])
 
 
 class EngineMemory(Static):

@@ -83,6 +83,21 @@ class ParamsPane(Vertical):
 
     def on_mount(self) -> None:
         self.refresh_fields()
+        self._show_gpus_field()
+
+    def set_visible_gpus(self, visible: list[int]) -> None:
+        """The engine's GPUs, from its memory samples: the gpus field is checked against them."""
+        if self.settings.set_visible_gpus(visible):
+            self.refresh_fields(["gpus"])
+            self._show_gpus_field()
+
+    def _show_gpus_field(self) -> None:
+        # Without a GPU there is nothing to pick: the field stays out of the way, unless it holds
+        # a value (from tunebench.toml, written on a GPU box) whose error must be seen to be fixed.
+        name = "gpus"
+        self.query_one(f"#field-{name}", ParamField).display = bool(
+            self.settings.visible_gpus or self.settings.text[name] or name in self.settings.errors
+        )
 
     # ------------------------------------------------------------ public API
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from tunebench.engine.core.config import ConfigError, TrainConfig, field_text, parse_value
 from tunebench.engine.core.errors import UserError
+from tunebench.engine.core.launch import choose_gpus
 from tunebench.engine.core.workspace import Workspace
 
 TABLE = "train"  # tunebench.toml: [train] holds the form's non-default values
@@ -37,6 +38,8 @@ class TrainSettings:
         self.config: TrainConfig = TrainConfig()
         self.load_problem = ""
         self._broken_file = False
+        # the engine's GPUs (CUDA's numbers) once a memory sample has said; None: not known yet
+        self.visible_gpus: list[int] | None = None
 
     # ------------------------------------------------------------------ values
 
@@ -62,6 +65,14 @@ class TrainSettings:
         self.set(name, text)
         return True
 
+    def set_visible_gpus(self, visible: list[int]) -> bool:
+        """The GPUs the engine sees, which the gpus field is checked against; True if they changed."""
+        if visible == self.visible_gpus:
+            return False
+        self.visible_gpus = list(visible)
+        self._check()
+        return True
+
     def _check(self) -> None:
         values: dict[str, Any] = {}
         errors: dict[str, str] = {}
@@ -72,6 +83,8 @@ class TrainSettings:
                 errors[name] = str(exc)
         try:
             config = TrainConfig(**values)
+            if self.visible_gpus is not None:
+                choose_gpus(config.gpus, self.visible_gpus)  # the engine checks it again at Start
         except ConfigError as exc:
             errors.update(exc.problems)
         else:
