@@ -7,6 +7,7 @@ read as ms-swift reads them (NPROC_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR, MAS
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ import time
 import orjson
 import psutil
 import pytest
+from tiny import QWEN25_7B
 from tunebench.engine.cli.main import main
 from tunebench.engine.core.config import ConfigError, TrainConfig
 from tunebench.engine.core.errors import UserError
@@ -384,3 +386,84 @@ def test_gradients_are_all_reduced_in_the_last_backward_of_a_step_only(
     # rank 0 took micro-batches 1 and 3 of a step, rank 1 the 2nd; in step 3 rank 1 had none
     assert [len(s) for s in rank0] == [2, 1, 2] and [len(s) for s in rank1] == [1, 1, 1]
     assert_same_curve(curve(tmp_path / "two"), curve(tmp_path / "one"))
+
+
+# A Qwen2.5-72B-sized decoder: about 145 GB of bf16 weights, more than one card holds.
+QWEN25_72B = dict(
+    QWEN25_7B,
+    hidden_size=8192,
+    num_hidden_layers=80,
+    intermediate_size=29568,
+    num_attention_heads=64,
+    num_key_value_heads=8,
+)
+H100 = 85_021_163_520
+
+
+def test_a_base_too_big_for_one_gpu_is_sharded_with_fsdp2_and_the_estimate_says_so():
+    """Data parallel while a plan fits one card; zero3 when only each GPU's share of the sharded
+    run fits; nothing picked for one process, a stage given, or QLoRA (FSDP2 refuses it)."""
+    from tunebench.engine.core.estimate import ModelShape, estimate_training_memory, sharding_stage
+
+    big, small = ModelShape.from_config(QWEN25_72B), ModelShape.from_config(QWEN25_7B)
+
+    def run(**over) -> TrainConfig:
+        return TrainConfig(**({"model": "m", "max_length": 2048, "nproc_per_node": 4} | over))
+
+    stage, why = sharding_stage(big, run(), H100, 2048)
+    assert stage == "zero3" and "does not fit one GPU for data parallel" in why and "per GPU" in why
+    assert sharding_stage(small, run(), H100, 2048) == ("", "")  # the 7B fits: data parallel
+    assert sharding_stage(big, run(nproc_per_node=1), H100, 2048) == ("", "")
+    assert sharding_stage(big, run(deepspeed="zero2"), H100, 2048) == ("", "")
+    assert sharding_stage(big, run(train_type="qlora"), H100, 2048) == ("", "")
+    assert sharding_stage(big, run(), None, 2048) == ("", "")  # no GPU seen
+    # the GPU pane's estimate: each GPU's share and why, where it used to refuse the run
+    shared = estimate_training_memory(run(), QWEN25_72B, H100, 2048)
+    assert not shared.refused and shared.total_gib < 79 and shared.notes[0] == why
+    one = estimate_training_memory(run(nproc_per_node=1), QWEN25_72B, H100, 2048)
+    assert one.refused and one.total_gib > 100
+    too_few = estimate_training_memory(run(nproc_per_node=2, deepspeed="zero3"), QWEN25_72B, 40 * 10**9, 2048)
+    assert "even sharded over 2 GPUs" in too_few.refused and too_few.advice
+
+
+def test_the_launcher_adds_zero3_when_the_base_does_not_fit_one_gpu(
+    tiny_model_dir, data_file, tmp_path, monkeypatch, capsys
+):
+    """The ranks get --deepspeed zero3 as if typed, and the note says why; with no card that
+    forces it, the flags are left as they were."""
+    from tunebench.engine.core import plans
+    from tunebench.engine.core.estimate import CUDA_CONTEXT_BYTES, ModelShape, read_model_info, sharded_peak
+    from tunebench.engine.train import distributed, preflight
+
+    cfg = TrainConfig(model=str(tiny_model_dir), dataset=[str(data_file)], nproc_per_node=2, max_length=64)
+    shape = ModelShape.from_config(read_model_info(str(tiny_model_dir)))
+    # a card just too small for one process's whole plan, and big enough for a half share
+    huge = 2**50
+    assert preflight.sharding_for_launch(cfg, huge) == ("", "")
+    model = shape.as_config()
+    facts = plans.path_facts(cfg, model, plans.techniques_for(cfg))
+    whole = plans.smallest_plan(model, facts, plans.Workload.of(cfg)).peak
+    share = sharded_peak(dataclasses.replace(cfg, deepspeed="zero3"), shape)
+    assert share < whole
+    card = CUDA_CONTEXT_BYTES + (share + whole) // 2
+    assert preflight.sharding_for_launch(cfg, card)[0] == "zero3"
+
+    launched = []
+    monkeypatch.setattr(distributed, "launch_ranks", lambda launch, argv: launched.append(argv) or 0)
+    argv = [
+        "train",
+        "--model",
+        str(tiny_model_dir),
+        "--dataset",
+        str(data_file),
+        "--output_dir",
+        str(tmp_path),
+    ]
+    monkeypatch.setenv("NPROC_PER_NODE", "2")
+    monkeypatch.setattr(preflight, "sharding_for_launch", lambda cfg: ("zero3", "the base does not fit"))
+    assert main(argv) == 0
+    assert launched[-1][-2:] == ["--deepspeed", "zero3"]
+    assert "note: the base does not fit" in capsys.readouterr().err
+    monkeypatch.setattr(preflight, "sharding_for_launch", lambda cfg: ("", ""))
+    assert main(argv) == 0
+    assert "--deepspeed" not in launched[-1]

@@ -80,10 +80,18 @@ def train_main(argv: list[str]) -> int:
     cfg = _config(values)
     if launch:
         from ..train.distributed import launch_ranks
-        from ..train.preflight import preflight
+        from ..train.preflight import preflight, sharding_for_launch
 
         try:
             preflight(cfg)  # a mistake is said once, here, before any rank starts
+            stage, why = sharding_for_launch(cfg)
+            if stage:  # the ranks are told, as if the person had typed it
+                if args.json:  # the workbench's Train pane (engine/process/ranks_job.py)
+                    from ..core import protocol as P
+
+                    JsonRenderer()(P.Log(message=why))
+                print(f"note: {why}", file=sys.stderr, flush=True)
+                argv = [*argv, "--deepspeed", stage]
             return launch_ranks(launch, argv)
         except (UserError, ConfigError) as exc:
             if args.json:  # the workbench reads the failure with its code (engine/process/ranks_job.py)

@@ -142,6 +142,11 @@ def estimate_training_memory(
     try:
         choice = training_plan(shape, cfg, card_bytes, longest)
     except plans.NoPlanFits as refused:
+        stage, why = sharding_stage(shape, cfg, card_bytes, longest)
+        if stage or (cfg.deepspeed == "zero3" and cfg.nproc_per_node > 1):
+            return _sharded_estimate(
+                dataclasses.replace(cfg, deepspeed="zero3"), shape, longest, card_bytes, why
+            )
         return _refused_estimate(cfg, shape, longest, refused)
     plan = choice.plan
     parts = dict(plan.parts)
@@ -165,6 +170,82 @@ def estimate_training_memory(
         ),
         notes=notes,
         plan=plan.line(choice.budget),
+    )
+
+
+def sharding_stage(
+    shape: ModelShape, cfg: Any, card_bytes: int | None, longest: int | None = None
+) -> tuple[str, str]:
+    """The --deepspeed stage a run on several processes takes when none is given, and why: data
+    parallel ("") while a plan fits one card, as each GPU holds the whole base; "zero3" (FSDP2)
+    when none does and a GPU's share of the sharded run fits. ("", "") where that does not apply
+    (one process, a stage given, no GPU seen, settings FSDP2 refuses)."""
+    from .config import ConfigError
+
+    if cfg.nproc_per_node <= 1 or cfg.deepspeed or card_bytes is None:
+        return "", ""
+    try:
+        training_plan(shape, cfg, card_bytes, longest)
+        return "", ""
+    except plans.NoPlanFits:
+        model = shape.as_config()
+        facts = plans.path_facts(cfg, model, plans.techniques_for(cfg))
+        whole = plans.smallest_plan(model, facts, plans.Workload.of(cfg, longest)).peak
+    try:
+        sharded = dataclasses.replace(cfg, deepspeed="zero3")
+    except ConfigError:  # QLoRA, --modules_to_save, pissa: FSDP2 refuses them
+        return "", ""
+    share = sharded_peak(sharded, shape, longest)
+    if share > card_bytes - CUDA_CONTEXT_BYTES:
+        return "", ""
+    return "zero3", (
+        f"the base does not fit one GPU for data parallel (about {whole / GIB:.1f} GiB each): "
+        f"sharded over the {cfg.nproc_per_node} processes with FSDP2, as --deepspeed zero3, about "
+        f"{share / GIB:.1f} GiB per GPU; --deepspeed zero2 or zero3 chooses"
+    )
+
+
+def sharded_peak(cfg: Any, shape: ModelShape, longest: int | None = None) -> int:
+    """Each GPU's peak bytes in a zero3 run of `cfg` (CUDA context not included)."""
+    return _sharded_parts(cfg, shape, longest)["total"]
+
+
+def _sharded_parts(cfg: Any, shape: ModelShape, longest: int | None) -> dict[str, int]:
+    """Per-GPU parts of a zero3 run, from the smallest plan (FSDP2 runs the plain path, whose
+    recompute the lean end models)."""
+    model = shape.as_config()
+    facts = plans.path_facts(cfg, model, plans.techniques_for(cfg))
+    parts = dict(plans.smallest_plan(model, facts, plans.Workload.of(cfg, longest)).parts)
+    _per_gpu_of_ranks(parts, cfg, shape.layers)
+    return parts
+
+
+def _sharded_estimate(
+    cfg: Any, shape: ModelShape, longest: int | None, card_bytes: int, why: str
+) -> P.MemoryEstimate:
+    """A zero3 run whose base is too big for one card: each GPU's share, or why even that fails."""
+    parts = _sharded_parts(cfg, shape, longest)
+    total = parts.pop("total")
+    fits = total <= card_bytes - CUDA_CONTEXT_BYTES
+    notes = [why] if why else []
+    notes.append(_per_gpu_of_ranks(dict(parts, total=total), cfg, shape.layers))
+    return P.MemoryEstimate(
+        total_gib=round(total / GIB, 3),
+        parts={name: round(value / GIB, 3) for name, value in parts.items()},
+        model=cfg.model,
+        parameters=shape.parameters,
+        trainable=gm.lora_parameters(
+            shape.as_config(), cfg.lora_rank, tuple(cfg.target_modules), cfg.use_dora
+        ),
+        notes=notes,
+        plan="",
+        refused=""
+        if fits
+        else (
+            f"even sharded over {cfg.nproc_per_node} GPUs, each needs about {total / GIB:.1f} GiB of "
+            f"{(card_bytes - CUDA_CONTEXT_BYTES) / GIB:.1f}"
+        ),
+        advice=[] if fits else ["more GPUs (--nproc_per_node), a shorter max_length, or a smaller model"],
     )
 
 

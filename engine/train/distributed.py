@@ -206,7 +206,7 @@ def launch_ranks(launch: Launch, argv: list[str]) -> int:
 
 def ranks_share_one_gpu(environ: Mapping[str, str] = os.environ) -> bool:
     """TUNEBENCH_RANKS_ON_ONE_GPU=1: every rank on the first GPU, through gloo. It checks the
-    data-parallel CUDA code on a box of one GPU (bench/check_ranks_one_gpu.py); no speed-up."""
+    data-parallel CUDA code on a box of one GPU (bench_multi_gpu.py --ranks-on-one-gpu); no speed-up."""
     return environ.get("TUNEBENCH_RANKS_ON_ONE_GPU") == "1"
 
 

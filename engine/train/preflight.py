@@ -159,6 +159,31 @@ def _check_gpu_budget(cfg: TrainConfig, resolved, longest: int | None) -> None:
     training_plan(shape, cfg, None, longest)  # NoPlanFits, a UserError, says what would fit
 
 
+def sharding_for_launch(cfg: TrainConfig, card_bytes: int | None = None) -> tuple[str, str]:
+    """For a launch of several processes without --deepspeed: "zero3" and why when the base does
+    not fit one GPU for data parallel but FSDP2's share does (core/estimate.sharding_stage), on
+    this machine's first visible GPU (`card_bytes`, when known); ("", "") otherwise."""
+    from ..core.estimate import ModelShape, read_model_info, sharding_stage
+    from ..models.loading import resolve_model
+
+    if cfg.nproc_per_node <= 1 or cfg.deepspeed:
+        return "", ""
+    if card_bytes is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            return "", ""
+        card_bytes = torch.cuda.get_device_properties(0).total_memory
+    info = read_model_info(str(resolve_model(cfg.model.strip()).path))
+    if info is None:
+        return "", ""
+    try:
+        shape = ModelShape.from_config(info)
+    except ValueError:
+        return "", ""
+    return sharding_stage(shape, cfg, card_bytes, longest_sample_tokens(cfg))
+
+
 def longest_sample_tokens(cfg: TrainConfig) -> int | None:
     """The training data's longest sample in tokens after --max_length, for the memory estimate;
     None when the data or the tokenizer cannot be read (the preflight says why, at training)."""
