@@ -422,6 +422,9 @@ def test_a_base_too_big_for_one_gpu_is_sharded_with_fsdp2_and_the_estimate_says_
     assert not shared.refused and shared.total_gib < 79 and shared.notes[0] == why
     one = estimate_training_memory(run(nproc_per_node=1), QWEN25_72B, H100, 2048)
     assert one.refused and one.total_gib > 100
+    # QLoRA: FSDP2 cannot shard the 4-bit base: data parallel, and the estimate says what is replicated
+    qlora = estimate_training_memory(run(train_type="qlora", deepspeed="zero3"), QWEN25_7B, H100, 2048)
+    assert "every GPU holds all of it (4-bit)" in qlora.notes[0] and not qlora.refused
     too_few = estimate_training_memory(run(nproc_per_node=2, deepspeed="zero3"), QWEN25_72B, 40 * 10**9, 2048)
     assert "even sharded over 2 GPUs" in too_few.refused and too_few.advice
 

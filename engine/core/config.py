@@ -384,12 +384,6 @@ def _cross_checks(cfg: TrainConfig) -> dict[str, str]:
             "modules trained in full keep the base's dtype beside the float32 adapter; leave "
             "--modules_to_save out, or --deepspeed (data parallel takes both)"
         )
-    elif cfg.deepspeed and cfg.is_qlora:
-        problems["deepspeed"] = (
-            f"{cfg.deepspeed} with QLoRA: FSDP2 cannot shard bitsandbytes' 4-bit weights here; "
-            "leave --deepspeed out (QLoRA trains data parallel, each GPU holding the 4-bit base), "
-            "or use --train_type lora"
-        )
     if not cfg.model.strip():
         problems["model"] = "name a model: demo, a folder, a hub id or a .gguf file"
     try:

@@ -143,7 +143,7 @@ def estimate_training_memory(
         choice = training_plan(shape, cfg, card_bytes, longest)
     except plans.NoPlanFits as refused:
         stage, why = sharding_stage(shape, cfg, card_bytes, longest)
-        if stage or (cfg.deepspeed == "zero3" and cfg.nproc_per_node > 1):
+        if stage or (cfg.deepspeed == "zero3" and cfg.nproc_per_node > 1 and not cfg.is_qlora):
             return _sharded_estimate(
                 dataclasses.replace(cfg, deepspeed="zero3"), shape, longest, card_bytes, why
             )
@@ -173,6 +173,14 @@ def estimate_training_memory(
     )
 
 
+def qlora_sharding_note(stage: str) -> str:
+    """What --deepspeed does to a QLoRA run on several processes (the log and the estimate say it)."""
+    return (
+        f"--deepspeed {stage} with QLoRA: FSDP2 cannot shard bitsandbytes' 4-bit base, so every GPU "
+        "holds all of it (4-bit); the LoRA adapter trains data parallel, its gradients all-reduced"
+    )
+
+
 def sharding_stage(
     shape: ModelShape, cfg: Any, card_bytes: int | None, longest: int | None = None
 ) -> tuple[str, str]:
@@ -182,7 +190,7 @@ def sharding_stage(
     (one process, a stage given, no GPU seen, settings FSDP2 refuses)."""
     from .config import ConfigError
 
-    if cfg.nproc_per_node <= 1 or cfg.deepspeed or card_bytes is None:
+    if cfg.nproc_per_node <= 1 or cfg.deepspeed or cfg.is_qlora or card_bytes is None:
         return "", ""
     try:
         training_plan(shape, cfg, card_bytes, longest)
@@ -280,6 +288,8 @@ def _per_gpu_of_ranks(parts: dict[str, int], cfg: Any, layers: int) -> str:
     stage = getattr(cfg, "deepspeed", "")
     if ranks <= 1:
         return ""
+    if stage and cfg.is_qlora:
+        return f"per GPU, each of {ranks} holding the whole base: {qlora_sharding_note(stage)}"
     if stage != "zero3":
         what = "zero2 gathers every layer from forward to backward" if stage else "data parallel"
         return f"per GPU, each of {ranks} holding the whole base ({what})"

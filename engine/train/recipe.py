@@ -30,6 +30,7 @@ import orjson
 from ..core import protocol as P
 from ..core.config import TrainConfig, to_command, to_dict
 from ..core.errors import Cancelled, UserError
+from ..core.estimate import qlora_sharding_note
 from ..core.files import atomic_write_bytes
 from ..core.limits import MAX_SAMPLE_PASSES, MAX_STEPS
 from ..core.metrics_log import MetricsLog, start_metrics, truncate_metrics
@@ -237,7 +238,9 @@ def _setup(cfg: TrainConfig, emit: Emit, stop: StopSignal, ranks: Ranks, device:
     loaded_at = time.perf_counter()
     train_set, eval_set = _load_data(cfg, loaded.tokenizer, emit, stop.requested)
 
-    sharded = bool(cfg.deepspeed) and ranks.launched
+    sharded = bool(cfg.deepspeed) and ranks.launched and not cfg.is_qlora
+    if cfg.deepspeed and ranks.launched and cfg.is_qlora:
+        emit(P.Log(message=qlora_sharding_note(cfg.deepspeed)))
     if cfg.deepspeed and not ranks.launched:
         emit(
             P.Log(
