@@ -420,6 +420,7 @@ def test_a_base_too_big_for_one_gpu_is_sharded_with_fsdp2_and_the_estimate_says_
     # the GPU pane's estimate: each GPU's share and why, where it used to refuse the run
     shared = estimate_training_memory(run(), QWEN25_72B, H100, 2048)
     assert not shared.refused and shared.total_gib < 79 and shared.notes[0] == why
+    assert shared.sharding == f"zero3: {why}"  # the Parameters form says it under deepspeed
     one = estimate_training_memory(run(nproc_per_node=1), QWEN25_72B, H100, 2048)
     assert one.refused and one.total_gib > 100
     # QLoRA: FSDP2 cannot shard the 4-bit base: data parallel, and the estimate says what is replicated

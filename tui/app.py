@@ -283,6 +283,7 @@ class TuneBenchApp(App[int]):
             self.chat_pane.handle_event(event)
         elif isinstance(event, P.MemoryEstimate):
             self.gpu_pane.show_estimate(event)
+            self._main.query_one(ParamsPane).show_sharding(event.sharding)
         elif isinstance(event, P.EngineError):
             self._engine_error(event)
         elif isinstance(event, P.JobStatus):

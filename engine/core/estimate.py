@@ -247,6 +247,7 @@ def _sharded_estimate(
         ),
         notes=notes,
         plan="",
+        sharding=f"zero3: {why}" if why else "",
         refused=""
         if fits
         else (

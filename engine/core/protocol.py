@@ -285,6 +285,7 @@ class MemoryEstimate(Event):
     advice: list[str] = field(default_factory=list)  # when it does not fit: settings that would
     plan: str = ""  # gpu: the plan chosen (engine/core/plans.py), as the run prints it before step 1
     refused: str = ""  # gpu: why training would be refused (no plan fits the budget), else ""
+    sharding: str = ""  # several GPUs without --deepspeed: the stage the run takes by itself, and why
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,10 @@ class FakeEngine:
         gpus: list[dict] | None = None,
         pid: int = 0,
         controlled_by: str = "",
+        sharding: str = "",
     ) -> None:
         self.ws = Workspace(workspace)
+        self.sharding = sharding  # what the estimate says a run on several GPUs takes by itself
         self.steps = steps
         self.step_delay = step_delay
         self.answers = answers or {}
@@ -147,6 +149,7 @@ class FakeEngine:
                 parts={"weights": 0.3, "lora": 0.01, "activations": 1.0},
                 model=request.config.get("model", ""),
                 notes=["fake estimate"],
+                sharding=self.sharding,
                 **host,
             )
         )

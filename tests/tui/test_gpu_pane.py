@@ -178,3 +178,24 @@ async def test_gpus_saved_on_a_gpu_box_shows_its_error_on_a_machine_without_one(
         assert "'0,1', but this machine shows no NVIDIA GPU: leave gpus empty" in error
         await pilot.press("4", "s")  # Start is refused until it is fixed
         assert not fake_engine.of_type("StartTraining")
+
+
+async def test_the_form_says_under_deepspeed_which_stage_a_run_takes_by_itself(workspace, monkeypatch):
+    """The estimate's choice of FSDP2 for a base too big for one GPU shows under the empty
+    deepspeed field; a stage typed there is the person's choice, and the note goes."""
+    gpus = sampled_gpus(monkeypatch, 4)
+    why = "zero3: the base does not fit one GPU for data parallel"
+    with FakeEngineThread(workspace, gpus=gpus, memory_interval=0.1, sharding=why):
+        app = TuneBenchApp(workspace, starter=no_start)
+        async with app.run_test(size=(100, 40)) as pilot:
+            await pilot.press("2")
+            field = app.query_one("#field-deepspeed", ParamField)
+
+            def note() -> str:
+                return " ".join(str(field.query_one(".param-error").render()).split())
+
+            await wait_until(pilot, lambda: "taken by itself" in note(), what="the note")
+            assert note() == f"taken by itself: {why}" and not field.has_class("-invalid")
+            app.query_one("#input-deepspeed", Input).focus()
+            await pilot.press(*"zero2")
+            await wait_until(pilot, lambda: "taken by itself" not in note(), what="the note gone")

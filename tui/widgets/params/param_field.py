@@ -57,6 +57,7 @@ class ParamField(Vertical):
         self.field = f
         self._text = text  # what the form last knew; an echo of it is not an edit
         self._error: str | None = None
+        self._note = ""  # said under the field while there is no error (show_note)
 
     def compose(self) -> ComposeResult:
         f = self.field
@@ -119,7 +120,15 @@ class ParamField(Vertical):
             return  # every keystroke re-checks the whole form; redraw only rows that changed
         self._error = error
         self.set_class(bool(error), "-invalid")
-        self.query_one(".param-error", Static).update(error or "")
+        self.query_one(".param-error", Static).update(error or self._note)
+
+    def show_note(self, note: str) -> None:
+        """A line under the field saying what the run does while the field is empty (an error,
+        when there is one, takes the line)."""
+        self._note = note
+        self.set_class(bool(note), "-noted")
+        if not self._error:
+            self.query_one(".param-error", Static).update(note)
 
     # -------------------------------------------------------------- events
 

@@ -101,6 +101,12 @@ class ParamsPane(Vertical):
 
     # ------------------------------------------------------------ public API
 
+    def show_sharding(self, sharding: str) -> None:
+        """Under the deepspeed field: the stage a run on several GPUs takes by itself while the
+        field is empty (the estimate's choice), so the person sees it and can pick another."""
+        note = f"taken by itself: {sharding}" if sharding and not self.settings.text["deepspeed"] else ""
+        self.query_one("#field-deepspeed", ParamField).show_note(note)
+
     def refresh_fields(self, names: list[str] | None = None) -> None:
         """Bring controls and errors in line with the settings (after a change made elsewhere)."""
         for name in names or list(self.settings.fields):
