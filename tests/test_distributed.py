@@ -435,8 +435,13 @@ def test_the_launcher_adds_zero3_when_the_base_does_not_fit_one_gpu(
 ):
     """The ranks get --deepspeed zero3 as if typed, and the note says why; with no card that
     forces it, the flags are left as they were."""
-    from tunebench.engine.core import plans
-    from tunebench.engine.core.estimate import CUDA_CONTEXT_BYTES, ModelShape, read_model_info, sharded_peak
+    from tunebench.engine.core.estimate import (
+        CUDA_CONTEXT_BYTES,
+        ModelShape,
+        read_model_info,
+        sharded_peak,
+        smallest_plan_of,
+    )
     from tunebench.engine.train import distributed, preflight
 
     cfg = TrainConfig(model=str(tiny_model_dir), dataset=[str(data_file)], nproc_per_node=2, max_length=64)
@@ -444,9 +449,7 @@ def test_the_launcher_adds_zero3_when_the_base_does_not_fit_one_gpu(
     # a card just too small for one process's whole plan, and big enough for a half share
     huge = 2**50
     assert preflight.sharding_for_launch(cfg, huge) == ("", "")
-    model = shape.as_config()
-    facts = plans.path_facts(cfg, model, plans.techniques_for(cfg))
-    whole = plans.smallest_plan(model, facts, plans.Workload.of(cfg)).peak
+    whole = smallest_plan_of(cfg, shape).peak
     share = sharded_peak(dataclasses.replace(cfg, deepspeed="zero3"), shape)
     assert share < whole
     card = CUDA_CONTEXT_BYTES + (share + whole) // 2

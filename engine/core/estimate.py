@@ -160,14 +160,11 @@ def estimate_training_memory(
     ]
     if cfg.is_qlora:
         notes.append("QLoRA: NF4 linear layers with double quantisation")
-    return P.MemoryEstimate(
-        total_gib=round(total / GIB, 3),
-        parts={name: round(value / GIB, 3) for name, value in parts.items()},
-        model=cfg.model,
-        parameters=shape.parameters,
-        trainable=gm.lora_parameters(
-            shape.as_config(), cfg.lora_rank, tuple(cfg.target_modules), cfg.use_dora
-        ),
+    return _estimate_event(
+        cfg,
+        shape,
+        parts,
+        total,
         notes=notes,
         plan=plan.line(choice.budget),
     )
@@ -178,6 +175,22 @@ def qlora_sharding_note(stage: str) -> str:
     return (
         f"--deepspeed {stage} with QLoRA: FSDP2 cannot shard bitsandbytes' 4-bit base, so every GPU "
         "holds all of it (4-bit); the LoRA adapter trains data parallel, its gradients all-reduced"
+    )
+
+
+def _estimate_event(
+    cfg: Any, shape: ModelShape, parts: dict[str, int], total: int, **fields: Any
+) -> P.MemoryEstimate:
+    """The MemoryEstimate of `parts` and `total` (bytes) for `cfg` on `shape`, with `fields`."""
+    return P.MemoryEstimate(
+        total_gib=round(total / GIB, 3),
+        parts={name: round(value / GIB, 3) for name, value in parts.items()},
+        model=cfg.model,
+        parameters=shape.parameters,
+        trainable=gm.lora_parameters(
+            shape.as_config(), cfg.lora_rank, tuple(cfg.target_modules), cfg.use_dora
+        ),
+        **fields,
     )
 
 
@@ -196,9 +209,7 @@ def sharding_stage(
         training_plan(shape, cfg, card_bytes, longest)
         return "", ""
     except plans.NoPlanFits:
-        model = shape.as_config()
-        facts = plans.path_facts(cfg, model, plans.techniques_for(cfg))
-        whole = plans.smallest_plan(model, facts, plans.Workload.of(cfg, longest)).peak
+        whole = smallest_plan_of(cfg, shape, longest).peak
     try:
         sharded = dataclasses.replace(cfg, deepspeed="zero3")
     except ConfigError:  # QLoRA, --modules_to_save, pissa: FSDP2 refuses them
@@ -213,6 +224,13 @@ def sharding_stage(
     )
 
 
+def smallest_plan_of(cfg: Any, shape: ModelShape, longest: int | None = None) -> plans.Plan:
+    """The plan of `cfg` with the smallest peak on `shape` (the planner's lean end)."""
+    model = shape.as_config()
+    facts = plans.path_facts(cfg, model, plans.techniques_for(cfg))
+    return plans.smallest_plan(model, facts, plans.Workload.of(cfg, longest))
+
+
 def sharded_peak(cfg: Any, shape: ModelShape, longest: int | None = None) -> int:
     """Each GPU's peak bytes in a zero3 run of `cfg` (CUDA context not included)."""
     return _sharded_parts(cfg, shape, longest)["total"]
@@ -221,9 +239,7 @@ def sharded_peak(cfg: Any, shape: ModelShape, longest: int | None = None) -> int
 def _sharded_parts(cfg: Any, shape: ModelShape, longest: int | None) -> dict[str, int]:
     """Per-GPU parts of a zero3 run, from the smallest plan (FSDP2 runs the plain path, whose
     recompute the lean end models)."""
-    model = shape.as_config()
-    facts = plans.path_facts(cfg, model, plans.techniques_for(cfg))
-    parts = dict(plans.smallest_plan(model, facts, plans.Workload.of(cfg, longest)).parts)
+    parts = dict(smallest_plan_of(cfg, shape, longest).parts)
     _per_gpu_of_ranks(parts, cfg, shape.layers)
     return parts
 
@@ -237,14 +253,11 @@ def _sharded_estimate(
     fits = total <= card_bytes - CUDA_CONTEXT_BYTES
     notes = [why] if why else []
     notes.append(_per_gpu_of_ranks(dict(parts, total=total), cfg, shape.layers))
-    return P.MemoryEstimate(
-        total_gib=round(total / GIB, 3),
-        parts={name: round(value / GIB, 3) for name, value in parts.items()},
-        model=cfg.model,
-        parameters=shape.parameters,
-        trainable=gm.lora_parameters(
-            shape.as_config(), cfg.lora_rank, tuple(cfg.target_modules), cfg.use_dora
-        ),
+    return _estimate_event(
+        cfg,
+        shape,
+        parts,
+        total,
         notes=notes,
         plan="",
         sharding=f"zero3: {why}" if why else "",
@@ -262,17 +275,14 @@ def _refused_estimate(
     cfg: Any, shape: ModelShape, longest: int | None, refused: plans.NoPlanFits
 ) -> P.MemoryEstimate:
     """The smallest plan's numbers, with why training would be refused and what would fit."""
-    model = shape.as_config()
-    facts = plans.path_facts(cfg, model, plans.techniques_for(cfg))
-    smallest = plans.smallest_plan(model, facts, plans.Workload.of(cfg, longest))
+    smallest = smallest_plan_of(cfg, shape, longest)
     parts = dict(smallest.parts)
     total = parts.pop("total")
-    return P.MemoryEstimate(
-        total_gib=round(total / GIB, 3),
-        parts={name: round(value / GIB, 3) for name, value in parts.items()},
-        model=cfg.model,
-        parameters=shape.parameters,
-        trainable=gm.lora_parameters(model, cfg.lora_rank, tuple(cfg.target_modules), cfg.use_dora),
+    return _estimate_event(
+        cfg,
+        shape,
+        parts,
+        total,
         notes=[f"the smallest plan: {smallest.line()}"],
         plan="",
         refused=refused.message,
@@ -372,14 +382,11 @@ def estimate_host_memory(
         f"{'float32' if plan.dtype_bytes == 4 else cfg.torch_dtype} weights and activations"
         + (", layers recomputed in backward" if plan.recompute else ""),
     ]
-    return P.MemoryEstimate(
-        total_gib=round(total / GIB, 3),
-        parts={name: round(value / GIB, 3) for name, value in parts.items()},
-        model=cfg.model,
-        parameters=shape.parameters,
-        trainable=gm.lora_parameters(
-            shape.as_config(), cfg.lora_rank, tuple(cfg.target_modules), cfg.use_dora
-        ),
+    return _estimate_event(
+        cfg,
+        shape,
+        parts,
+        total,
         notes=notes,
         memory="host",
         available_gib=round(free / GIB, 3),

@@ -61,15 +61,19 @@ def gauge_lines(app) -> list[list[str]]:
     return [str(g.render()).splitlines() for g in app.query(GpuGauge)]
 
 
-async def test_two_gpus_get_a_gauge_each_with_its_utilisation(workspace, monkeypatch):
-    gpus = sampled_gpus(monkeypatch, 2)
+async def pane_drawn(workspace, gpus: list[dict], size: tuple[int, int]) -> tuple[list[list[str]], str]:
+    """The GPU pane's gauge lines and title line, drawn from a fake engine sampling `gpus`."""
     with FakeEngineThread(workspace, gpus=gpus, memory_interval=0.1):
         app = TuneBenchApp(workspace, starter=no_start)
-        async with app.run_test(size=(100, 40)) as pilot:
+        async with app.run_test(size=size) as pilot:
             await pilot.press("3")
-            await wait_until(pilot, lambda: len(app.query(GpuGauge)) == 2, what="the gauges")
+            await wait_until(pilot, lambda: len(app.query(GpuGauge)) == len(gpus), what="the gauges")
             await pilot.pause()
-            lines = gauge_lines(app)
+            return gauge_lines(app), str(app.query_one("#gpu-names").render())
+
+
+async def test_two_gpus_get_a_gauge_each_with_its_utilisation(workspace, monkeypatch):
+    lines, _title = await pane_drawn(workspace, sampled_gpus(monkeypatch, 2), (100, 40))
     expected = [  # head, memory used, utilisation
         ("GPU 0 NVIDIA A100-SXM4-80GB   20.0 GiB / 80.0 GiB  util 90%", 0.25, 0.9),
         ("GPU 1 NVIDIA A100-SXM4-80GB   8.0 GiB / 80.0 GiB  util 0%", 0.1, 0.0),
@@ -82,15 +86,7 @@ async def test_two_gpus_get_a_gauge_each_with_its_utilisation(workspace, monkeyp
 
 
 async def test_four_gpus_get_a_row_each_under_their_name(workspace, monkeypatch):
-    gpus = sampled_gpus(monkeypatch, 4)
-    with FakeEngineThread(workspace, gpus=gpus, memory_interval=0.1):
-        app = TuneBenchApp(workspace, starter=no_start)
-        async with app.run_test(size=(80, 24)) as pilot:
-            await pilot.press("3")
-            await wait_until(pilot, lambda: len(app.query(GpuGauge)) == 4, what="the gauges")
-            await pilot.pause()
-            rows = gauge_lines(app)
-            title = str(app.query_one("#gpu-names").render())
+    rows, title = await pane_drawn(workspace, sampled_gpus(monkeypatch, 4), (80, 24))
     assert title.startswith("4 GPUs: NVIDIA A100-SXM4-80GB")
     expected = [
         (20.0, 0.25, "util 90%", 0.9),
@@ -115,14 +111,8 @@ def assert_filled(cells: str, fraction: float) -> None:
 
 
 async def test_cuda_visible_devices_shows_only_those_gpus_numbered_from_0(workspace, monkeypatch):
-    gpus = sampled_gpus(monkeypatch, 4, visible="3,1")
-    with FakeEngineThread(workspace, gpus=gpus, memory_interval=0.1):
-        app = TuneBenchApp(workspace, starter=no_start)
-        async with app.run_test(size=(100, 40)) as pilot:
-            await pilot.press("3")
-            await wait_until(pilot, lambda: len(app.query(GpuGauge)) == 2, what="the gauges")
-            await pilot.pause()
-            heads = [lines[0] for lines in gauge_lines(app)]
+    lines, _title = await pane_drawn(workspace, sampled_gpus(monkeypatch, 4, visible="3,1"), (100, 40))
+    heads = [gauge[0] for gauge in lines]
     assert heads[0].startswith("GPU 0 ") and heads[0].endswith("1.0 GiB / 80.0 GiB  util 35%")
     assert heads[1].startswith("GPU 1 ") and heads[1].endswith("8.0 GiB / 80.0 GiB  util 0%")
 
