@@ -77,8 +77,9 @@ def test_params_pane_with_an_error(workspace, snap_compare):
         assert snap_compare(app, terminal_size=(100, 32), run_before=type_bad_rank)
 
 
-def test_gpu_pane(workspace, snap_compare):
-    with engine(workspace, gpus=GPU):
+def gpu_pane_matches(workspace, snap_compare, gpus: list[dict], size: tuple[int, int]) -> bool:
+    """The GPU pane, once it has its estimate and a memory sample, against its snapshot."""
+    with engine(workspace, gpus=gpus):
         app = TuneBenchApp(workspace, starter=no_start)
         ready = settle(lambda app: app.gpu_pane.estimate is not None and app.gpu_pane.sample is not None)
 
@@ -86,7 +87,11 @@ def test_gpu_pane(workspace, snap_compare):
             await pilot.press("3")
             await ready(pilot)
 
-        assert snap_compare(app, terminal_size=(100, 32), run_before=show)
+        return snap_compare(app, terminal_size=size, run_before=show)
+
+
+def test_gpu_pane(workspace, snap_compare):
+    assert gpu_pane_matches(workspace, snap_compare, GPU, (100, 32))
 
 
 def test_train_pane_after_a_run(workspace, snap_compare):
@@ -119,12 +124,4 @@ def test_chat_pane_side_by_side(workspace, snap_compare):
 
 
 def test_gpu_pane_four_gpus(workspace, snap_compare):
-    with engine(workspace, gpus=FOUR_GPUS):
-        app = TuneBenchApp(workspace, starter=no_start)
-        ready = settle(lambda app: app.gpu_pane.estimate is not None and app.gpu_pane.sample is not None)
-
-        async def show(pilot) -> None:
-            await pilot.press("3")
-            await ready(pilot)
-
-        assert snap_compare(app, terminal_size=(80, 24), run_before=show)
+    assert gpu_pane_matches(workspace, snap_compare, FOUR_GPUS, (80, 24))
