@@ -160,14 +160,7 @@ def estimate_training_memory(
     ]
     if cfg.is_qlora:
         notes.append("QLoRA: NF4 linear layers with double quantisation")
-    return _estimate_event(
-        cfg,
-        shape,
-        parts,
-        total,
-        notes=notes,
-        plan=plan.line(choice.budget),
-    )
+    return _estimate_event(cfg, shape, parts, total, notes=notes, plan=plan.line(choice.budget))
 
 
 def qlora_sharding_note(stage: str) -> str:
@@ -278,15 +271,9 @@ def _refused_estimate(
     smallest = smallest_plan_of(cfg, shape, longest)
     parts = dict(smallest.parts)
     total = parts.pop("total")
+    notes = [f"the smallest plan: {smallest.line()}"]
     return _estimate_event(
-        cfg,
-        shape,
-        parts,
-        total,
-        notes=[f"the smallest plan: {smallest.line()}"],
-        plan="",
-        refused=refused.message,
-        advice=[refused.hint],
+        cfg, shape, parts, total, notes=notes, refused=refused.message, advice=[refused.hint]
     )
 
 
