@@ -448,12 +448,12 @@ def test_the_launcher_adds_zero3_when_the_base_does_not_fit_one_gpu(
     shape = ModelShape.from_config(read_model_info(str(tiny_model_dir)))
     # a card just too small for one process's whole plan, and big enough for a half share
     huge = 2**50
-    assert preflight.sharding_for_launch(cfg, huge) == ("", "")
+    assert preflight.sharding_for_launch(cfg, None, huge) == ("", "")
     whole = smallest_plan_of(cfg, shape).peak
     share = sharded_peak(dataclasses.replace(cfg, deepspeed="zero3"), shape)
     assert share < whole
     card = CUDA_CONTEXT_BYTES + (share + whole) // 2
-    assert preflight.sharding_for_launch(cfg, card)[0] == "zero3"
+    assert preflight.sharding_for_launch(cfg, None, card)[0] == "zero3"
 
     launched = []
     monkeypatch.setattr(distributed, "launch_ranks", lambda launch, argv: launched.append(argv) or 0)
@@ -467,10 +467,12 @@ def test_the_launcher_adds_zero3_when_the_base_does_not_fit_one_gpu(
         str(tmp_path),
     ]
     monkeypatch.setenv("NPROC_PER_NODE", "2")
-    monkeypatch.setattr(preflight, "sharding_for_launch", lambda cfg: ("zero3", "the base does not fit"))
+    monkeypatch.setattr(
+        preflight, "sharding_for_launch", lambda cfg, longest: ("zero3", "the base does not fit")
+    )
     assert main(argv) == 0
     assert launched[-1][-2:] == ["--deepspeed", "zero3"]
     assert "note: the base does not fit" in capsys.readouterr().err
-    monkeypatch.setattr(preflight, "sharding_for_launch", lambda cfg: ("", ""))
+    monkeypatch.setattr(preflight, "sharding_for_launch", lambda cfg, longest: ("", ""))
     assert main(argv) == 0
     assert "--deepspeed" not in launched[-1]

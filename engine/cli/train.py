@@ -83,8 +83,8 @@ def train_main(argv: list[str]) -> int:
         from ..train.preflight import preflight, sharding_for_launch
 
         try:
-            preflight(cfg)  # a mistake is said once, here, before any rank starts
-            stage, why = sharding_for_launch(cfg)
+            longest = preflight(cfg)  # a mistake is said once, here, before any rank starts
+            stage, why = sharding_for_launch(cfg, longest)
             if stage:  # the ranks are told, as if the person had typed it
                 if args.json:  # the workbench's Train pane (engine/process/ranks_job.py)
                     from ..core import protocol as P
@@ -106,11 +106,9 @@ def train_main(argv: list[str]) -> int:
 def _use_gpus(values: dict[str, Any]) -> None:
     """--gpus 0,1,3 / all: one process per GPU named, each seeing only those (CUDA_VISIBLE_DEVICES,
     which torchrun's ranks inherit); one GPU trains in this process."""
-    from ..core.launch import choose_gpus, gpu_environment
-    from ..core.memory_sampler import gpu_stats
+    from ..core.launch import gpu_environment, gpus_chosen_here
 
-    gpus, _note = gpu_stats()
-    chosen = choose_gpus(values["gpus"], [int(g["index"]) for g in gpus])
+    chosen = gpus_chosen_here(values["gpus"])
     if chosen:
         os.environ.update(gpu_environment(chosen, os.environ))
     if len(chosen) > 1 and values.get("nproc_per_node") in (None, 1):  # another count: the config says

@@ -11,8 +11,9 @@ from ..core.config import TrainConfig
 from ..core.errors import UserError
 
 
-def preflight(cfg: TrainConfig, cancel: Any = None) -> None:
-    """Every check that needs no model weights, cheapest first.
+def preflight(cfg: TrainConfig, cancel: Any = None) -> int | None:
+    """Every check that needs no model weights, cheapest first; returns the longest training
+    sample in tokens (None where it cannot be told), for a caller that plans with it.
 
     A mistake in the flags or the data is then reported in seconds rather than after the model
     has loaded, and before anything is written. run_training checks all of this again (the engine
@@ -88,6 +89,7 @@ def preflight(cfg: TrainConfig, cancel: Any = None) -> None:
                 f"choose from all-linear, {', '.join(available or [])}",
                 code="config",
             )
+    return longest
 
 
 # Tokenising costs about a second per few thousand samples, and the recipe tokenises again after
@@ -144,26 +146,38 @@ def _check_host_memory(cfg: TrainConfig, resolved, longest: int | None) -> None:
 def _check_gpu_budget(cfg: TrainConfig, resolved, longest: int | None) -> None:
     """On a GPU, refuse a --max_memory that no plan fits (engine/core/plans.py), naming the
     smallest plan's peak and what would fit, before the model loads."""
-    from ..core.estimate import ModelShape, read_model_info, training_plan
+    from ..core.estimate import training_plan
     from ..models.loading import pick_device
 
     if cfg.max_memory <= 0 or pick_device().type != "cuda":
         return
+    shape = _model_shape(resolved)
+    if shape is not None:
+        training_plan(shape, cfg, None, longest)  # NoPlanFits, a UserError, says what would fit
+
+
+def _model_shape(resolved) -> Any:
+    """The model's sizes (core/estimate.ModelShape) from its config.json; None where they cannot
+    be read (the model load says what is wrong)."""
+    from ..core.estimate import ModelShape, read_model_info
+
     info = read_model_info(str(resolved.path))
     if info is None:
-        return
+        return None
     try:
-        shape = ModelShape.from_config(info)
+        return ModelShape.from_config(info)
     except ValueError:
-        return  # a config.json without the sizes: the model load says what is wrong
-    training_plan(shape, cfg, None, longest)  # NoPlanFits, a UserError, says what would fit
+        return None  # a config.json without the sizes
 
 
-def sharding_for_launch(cfg: TrainConfig, card_bytes: int | None = None) -> tuple[str, str]:
+def sharding_for_launch(
+    cfg: TrainConfig, longest: int | None, card_bytes: int | None = None
+) -> tuple[str, str]:
     """For a launch of several processes without --deepspeed: "zero3" and why when the base does
     not fit one GPU for data parallel but FSDP2's share does (core/estimate.sharding_stage), on
-    this machine's first visible GPU (`card_bytes`, when known); ("", "") otherwise."""
-    from ..core.estimate import ModelShape, read_model_info, sharding_stage
+    this machine's first visible GPU (`card_bytes`, when known), for the data's `longest` sample
+    (what the preflight returned); ("", "") otherwise."""
+    from ..core.estimate import sharding_stage
     from ..models.loading import resolve_model
 
     if cfg.nproc_per_node <= 1 or cfg.deepspeed:
@@ -174,14 +188,8 @@ def sharding_for_launch(cfg: TrainConfig, card_bytes: int | None = None) -> tupl
         if not torch.cuda.is_available():
             return "", ""
         card_bytes = torch.cuda.get_device_properties(0).total_memory
-    info = read_model_info(str(resolve_model(cfg.model.strip()).path))
-    if info is None:
-        return "", ""
-    try:
-        shape = ModelShape.from_config(info)
-    except ValueError:
-        return "", ""
-    return sharding_stage(shape, cfg, card_bytes, longest_sample_tokens(cfg))
+    shape = _model_shape(resolve_model(cfg.model.strip()))
+    return ("", "") if shape is None else sharding_stage(shape, cfg, card_bytes, longest)
 
 
 def longest_sample_tokens(cfg: TrainConfig) -> int | None:
