@@ -226,26 +226,25 @@ def smallest_plan_of(cfg: Any, shape: ModelShape, longest: int | None = None) ->
 
 def sharded_peak(cfg: Any, shape: ModelShape, longest: int | None = None) -> int:
     """Each GPU's peak bytes in a zero3 run of `cfg` (CUDA context not included)."""
-    return _sharded_parts(cfg, shape, longest)["total"]
+    return _sharded_parts(cfg, shape, longest)[0]["total"]
 
 
-def _sharded_parts(cfg: Any, shape: ModelShape, longest: int | None) -> dict[str, int]:
+def _sharded_parts(cfg: Any, shape: ModelShape, longest: int | None) -> tuple[dict[str, int], str]:
     """Per-GPU parts of a zero3 run, from the smallest plan (FSDP2 runs the plain path, whose
-    recompute the lean end models)."""
+    recompute the lean end models), and the note that says how they are shared."""
     parts = dict(smallest_plan_of(cfg, shape, longest).parts)
-    _per_gpu_of_ranks(parts, cfg, shape.layers)
-    return parts
+    note = _per_gpu_of_ranks(parts, cfg, shape.layers)
+    return parts, note
 
 
 def _sharded_estimate(
     cfg: Any, shape: ModelShape, longest: int | None, card_bytes: int, why: str
 ) -> P.MemoryEstimate:
     """A zero3 run whose base is too big for one card: each GPU's share, or why even that fails."""
-    parts = _sharded_parts(cfg, shape, longest)
+    parts, shared = _sharded_parts(cfg, shape, longest)
     total = parts.pop("total")
     fits = total <= card_bytes - CUDA_CONTEXT_BYTES
-    notes = [why] if why else []
-    notes.append(_per_gpu_of_ranks(dict(parts, total=total), cfg, shape.layers))
+    notes = [*([why] if why else []), shared]
     return _estimate_event(
         cfg,
         shape,

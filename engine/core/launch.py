@@ -115,6 +115,14 @@ def _whole(name: str, text: str, low: int, high: int) -> int:
     return value
 
 
+def gpus_chosen_here(gpus: str) -> list[int]:
+    """choose_gpus against the GPUs this process sees (NVML's, after CUDA_VISIBLE_DEVICES)."""
+    from .memory_sampler import gpu_stats
+
+    found, _note = gpu_stats()
+    return choose_gpus(gpus, [int(g["index"]) for g in found])
+
+
 def choose_gpus(gpus: str, visible: list[int]) -> list[int]:
     """The GPUs the gpus setting picks, numbered as this process sees them (`visible`: 0..n-1,
     after CUDA_VISIBLE_DEVICES); [] when it picks none (empty: train as before). ConfigError

@@ -122,11 +122,9 @@ class Jobs:
     def processes(cfg: Any) -> tuple[int, list[int]]:
         """How many training processes a run asks for, and on which GPUs (CUDA's numbers in this
         process; [] = the default: the first GPU, or nproc_per_node of them, or the CPU)."""
-        from ..core.launch import choose_gpus
-        from ..core.memory_sampler import gpu_stats
+        from ..core.launch import gpus_chosen_here
 
-        gpus, _note = gpu_stats()
-        chosen = choose_gpus(cfg.gpus, [int(g["index"]) for g in gpus])
+        chosen = gpus_chosen_here(cfg.gpus)
         return (len(chosen) if chosen else cfg.nproc_per_node), chosen
 
     def _probe_verdict(self, finished: P.TrainFinished, job: Job, emit: Emit) -> None:

@@ -92,14 +92,14 @@ def process_group(ranks: Ranks) -> Iterator[Any]:
     # The others wait in the next step's all-reduce while rank 0 evaluates or saves, which may take
     # longer than NCCL's default 10 minutes; a rank that dies is found by torchrun at once anyway.
     timeout = datetime.timedelta(hours=2)
-    if torch.cuda.is_available() and ranks_share_one_gpu():
-        device = torch.device("cuda", 0)
+    if torch.cuda.is_available():
+        shared = ranks_share_one_gpu()
+        device = torch.device("cuda", 0 if shared else ranks.local_rank)
         torch.cuda.set_device(device)
-        dist.init_process_group("gloo", timeout=timeout)  # NCCL refuses two ranks on one GPU
-    elif torch.cuda.is_available():
-        device = torch.device("cuda", ranks.local_rank)
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device, timeout=timeout)
+        if shared:  # NCCL refuses two ranks on one GPU
+            dist.init_process_group("gloo", timeout=timeout)
+        else:
+            dist.init_process_group("nccl", device_id=device, timeout=timeout)
     else:
         device = torch.device("cpu")
         dist.init_process_group("gloo", timeout=timeout)
