@@ -15,6 +15,8 @@ from tunebench.tui.widgets.chat.chat_column import ChatColumn
 from tunebench.tui.widgets.chat.chat_pane import ChatPane
 from tunebench.tui.widgets.chat.column_choices import BASE, ColumnChoice
 from tunebench.tui.widgets.gpu.gpu_pane import GpuPane
+from tunebench.tui.widgets.gpu.memory_gauge import GpuGauge
+from tunebench.tui.widgets.params.param_field import ParamField
 from tunebench.tui.widgets.train.train_pane import TrainPane
 
 
@@ -133,6 +135,9 @@ async def test_no_gpu_shows_engine_ram(workspace, fake_engine):
         gpu = app.query_one(GpuPane)
         await wait_until(pilot, lambda: gpu.sample is not None)
         assert "no NVIDIA GPU: showing engine RAM" in str(app.query_one("#engine-memory").render())
+        assert not app.query(GpuGauge)
+        assert app.settings.visible_gpus == []
+        assert not app.query_one("#field-gpus", ParamField).display  # nothing to pick: out of the way
         await wait_until(pilot, lambda: gpu.estimate is not None, what="the estimate")
         shown = " ".join(str(app.query_one("#memory-estimate").render()).split())
         assert "1.5 GiB" in shown and "of RAM (no GPU): does NOT fit in the 1.0 GiB free" in shown, shown

@@ -1,6 +1,6 @@
 """Several GPUs in the workbench: the GPU pane draws one gauge per GPU with its utilisation, from
 what the engine's sampler reads off a fake NVML; the Parameters form's gpus field picks among
-them (checked as typed, sent with Start); a machine without a GPU looks as before."""
+them (checked as typed, sent with Start). A machine without a GPU: test_engine_flows.py."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from textual.widgets import Input
 from tui_helpers import no_start, wait_until
 from tunebench.engine.core import memory_sampler
 from tunebench.tui.app import TuneBenchApp
-from tunebench.tui.widgets.gpu.gpu_pane import GpuPane
 from tunebench.tui.widgets.gpu.memory_gauge import GpuGauge
 from tunebench.tui.widgets.params.command_line import CommandLine
 from tunebench.tui.widgets.params.param_field import ParamField
@@ -141,18 +140,6 @@ async def test_the_form_picks_the_gpus_and_start_sends_them(workspace, monkeypat
             await wait_until(pilot, lambda: engine.of_type("StartTraining"), what="the start")
     (start,) = engine.of_type("StartTraining")
     assert start.config["gpus"] == "1,3"
-
-
-async def test_a_machine_without_a_gpu_looks_as_before(workspace, fake_engine):
-    app = TuneBenchApp(workspace, starter=no_start)
-    async with app.run_test(size=(100, 32)) as pilot:
-        await pilot.press("3")
-        gpu = app.query_one(GpuPane)
-        await wait_until(pilot, lambda: gpu.sample is not None)
-        assert not app.query(GpuGauge)
-        assert "no NVIDIA GPU: showing engine RAM" in str(app.query_one("#engine-memory").render())
-        assert app.settings.visible_gpus == []
-        assert not app.query_one("#field-gpus", ParamField).display  # nothing to pick: out of the way
 
 
 async def test_gpus_saved_on_a_gpu_box_shows_its_error_on_a_machine_without_one(workspace, fake_engine):
