@@ -66,11 +66,18 @@ VARIANTS = {
     "no-fuse-base": {"fuse_base": False},
     "no-window": {"attention_window": 0},
     "no-packed-gqa": {"packed_gqa": False},
+    "no-liger": {"fused_kernels": False},
     "compile": {"compile_step": True},
     "lowrank-bmm_xa": {"low_rank_pass": "bmm_xa"},
     "lowrank-mulsum": {"low_rank_pass": "mulsum"},
     "lowrank-mask": {"low_rank_pass": "mask"},
-    "legacy": {"pipelined": False, "fuse_base": False, "attention_window": 0, "packed_gqa": False},
+    "legacy": {
+        "pipelined": False,
+        "fuse_base": False,
+        "attention_window": 0,
+        "packed_gqa": False,
+        "fused_kernels": False,
+    },
 }
 
 

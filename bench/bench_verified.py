@@ -89,10 +89,14 @@ def child_env(scratch: Path, warm: bool) -> dict[str, str]:
     return env
 
 
-def tool(args: list[str], env: dict[str, str]) -> tuple[subprocess.CompletedProcess, float]:
+def tool(
+    args: list[str], env: dict[str, str], profile: Path | None = None
+) -> tuple[subprocess.CompletedProcess, float]:
+    """One `tunebench` command in its own process (under cProfile, its stats to `profile`, if given)."""
     started = time.perf_counter()
+    profiler = ["-m", "cProfile", "-o", str(profile)] if profile else []
     done = subprocess.run(
-        [sys.executable, "-m", "tunebench.engine.cli.main", *args],
+        [sys.executable, *profiler, "-m", "tunebench.engine.cli.main", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -104,13 +108,15 @@ def tool(args: list[str], env: dict[str, str]) -> tuple[subprocess.CompletedProc
     return done, time.perf_counter() - started
 
 
-def run_once(model: Path, scratch: Path, env: dict[str, str], probe_flags: list[str]) -> dict:
+def run_once(
+    model: Path, scratch: Path, env: dict[str, str], probe_flags: list[str], profile: Path | None = None
+) -> dict:
     engine = checkout_engine.import_engine("core.demo_config", "core.config", "core.workspace")
     runs = scratch / f"runs-{time.time_ns()}"
     cfg = engine.core.demo_config.demo_config(model=str(model), output_dir=str(runs))
     command = shlex.split(engine.core.config.to_command(cfg))[2:]  # the demo's flags, this model
     started = time.perf_counter()
-    train, train_wall = tool(["train", *command, "--probe_after", "false"], env)
+    train, train_wall = tool(["train", *command, "--probe_after", "false"], env, profile)
     (run_dir,) = [p for p in runs.iterdir() if p.is_dir()]
     records = engine.core.workspace.read_metrics(run_dir)
     finished = [r for r in records if r.get("type") == "TrainFinished"][-1]
@@ -152,6 +158,12 @@ def main() -> int:
         help="the probe's answer length (default: the probe's own; random weights never stop early)",
     )
     parser.add_argument("--output", help="write the results as JSON here too")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="run the last flow's `tunebench train` under cProfile and write its stats here "
+        "(where the time to the first step goes; its seconds are then not the plain ones)",
+    )
     args = parser.parse_args()
     if args.save_tokenizer:
         from transformers import AutoTokenizer
@@ -172,7 +184,8 @@ def main() -> int:
         results = []
         for index in range(args.runs):
             probe_flags = ["--max_new_tokens", str(args.max_new_tokens)] if args.max_new_tokens else []
-            results.append(run_once(model, scratch, env, probe_flags))
+            profile = args.profile if index == args.runs - 1 else None
+            results.append(run_once(model, scratch, env, probe_flags, profile))
             print(f"run {index + 1}: {json.dumps(results[-1], ensure_ascii=False)}", flush=True)
     summary = {
         "model": "Qwen2.5 2-layer (tiny)" if args.tiny else "Qwen2.5-0.5B architecture",

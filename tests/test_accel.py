@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -623,3 +624,103 @@ def test_a_second_run_reuses_the_compiled_decoder_layers_from_tunebenchs_cache(t
     assert second["reused"] == first["compiled"] and second["compiled"] == 0, second
     assert second["uncached"] == 0, second
     assert any((tmp_path / "compiled").iterdir())
+
+
+def _attention_inputs(lengths, device, heads=4, kv_heads=2, dim=128, dtype=torch.bfloat16):
+    """HF's layout ([1, heads, tokens, dim]) for a packed row of documents, and its bounds."""
+    total = sum(lengths)
+    g = torch.Generator().manual_seed(0)
+
+    def leaf(h):
+        t = torch.randn(1, total, h, dim, generator=g).to(device, dtype).transpose(1, 2)
+        return t.detach().requires_grad_()
+
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+    return leaf(heads), leaf(kv_heads), leaf(kv_heads), {"cu_seq_lens_q": cu, "max_length_q": max(lengths)}
+
+
+def _attend(fn, q, k, v, kwargs):
+    out, _ = fn(None, q, k, v, None, scaling=q.shape[-1] ** -0.5, **kwargs)
+    out.float().square().sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    return out.detach(), grads
+
+
+def test_the_cudnn_attention_serves_only_a_forward_of_one_sample_on_a_gpu():
+    """Anywhere else (several samples, the CPU, float32) it is the packed attention itself."""
+    for lengths in ([40], [24, 16]):
+        q, k, v, kwargs = _attention_inputs(lengths, "cpu", dtype=torch.float32)
+        plain = _attend(packing.varlen_attention, q, k, v, kwargs)
+        with_cudnn = _attend(packing.varlen_attention_cudnn, q, k, v, kwargs)
+        assert torch.equal(plain[0], with_cudnn[0])
+        assert all(torch.equal(a, b) for a, b in zip(plain[1], with_cudnn[1], strict=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_cudnn_attention_of_one_sample_matches_the_flash_kernel(compiled):
+    if not packing.cudnn_attention_runs(torch.device("cuda")):
+        pytest.skip("no cuDNN fused attention on this card or build")
+    q, k, v, kwargs = _attention_inputs([1000], "cuda")
+    fn = packing.varlen_attention_cudnn
+    if compiled:
+        fn = torch.compile(fn, fullgraph=True)
+    out, grads = _attend(fn, q, k, v, kwargs)
+    ref_out, ref_grads = _attend(packing.varlen_attention, q, k, v, kwargs)
+    assert out.shape == ref_out.shape == (1, 1000, 4, 128)
+    torch.testing.assert_close(out, ref_out, atol=2e-2, rtol=2e-2)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=5e-2, rtol=5e-2)
+    # several samples: the flash kernel's own answer, exactly
+    q, k, v, kwargs = _attention_inputs([600, 400], "cuda")
+    several, _ = _attend(fn, q, k, v, kwargs)
+    assert torch.equal(several, _attend(packing.varlen_attention, q, k, v, kwargs)[0])
+
+
+def test_cudnn_attention_is_chosen_only_where_every_forward_holds_one_sample(monkeypatch):
+    """Its compiled layers would otherwise guard on which kind each forward is and compile twice."""
+    monkeypatch.setattr(packing, "cudnn_attention_runs", lambda device: True)
+    monkeypatch.setattr(accel, "cudnn_attention_runs", lambda device: True)
+    monkeypatch.setenv("TUNEBENCH_ACCEL", "")
+    cuda = torch.device("cuda")  # the path's choices only: nothing runs on it here
+    for lengths, tokens, one in (([3000, 5000], 4096, True), ([3000, 500], 4096, False)):
+        path = accel.FastPath(TrainConfig(per_device_train_batch_size=2), cuda, "lean")
+        path._max_tokens = tokens  # the plan's tokens per forward
+        forwards = path.group([[0, 1]], make_samples(lengths))
+        assert (len(forwards) == 2) is one
+        assert path._uses_cudnn_attention() is one
+    # without merging, forwards are the configured micro-batches
+    for batch, one in ((1, True), (2, False)):
+        path = accel.FastPath(TrainConfig(per_device_train_batch_size=batch), cuda, "lean")
+        path.use.discard("merge")
+        path.group([[0]], make_samples([30, 20]))
+        assert path._uses_cudnn_attention() is one
+    monkeypatch.setenv("TUNEBENCH_ACCEL", "-cudnn")
+    path = accel.FastPath(TrainConfig(per_device_train_batch_size=1), cuda, "lean")
+    path.group([[0]], make_samples([30]))
+    assert not path._uses_cudnn_attention()
+
+
+def test_a_run_of_one_sample_forwards_attends_through_the_cudnn_function(monkeypatch):
+    """The choice lands on the model at the first forward (the PEFT-wrapped model's base config):
+    here on the CPU, where the cuDNN function hands every forward to the packed one."""
+    monkeypatch.setattr(accel, "cudnn_attention_runs", lambda device: True)
+    calls = []
+    original = packing.varlen_attention_cudnn
+    monkeypatch.setattr(
+        packing, "varlen_attention_cudnn", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
+    samples = make_samples([30])
+    losses = {}
+    for chosen in (False, True):
+        path = fast_path()
+        monkeypatch.setattr(path, "_uses_cudnn_attention", lambda chosen=chosen: chosen)
+        model, _ = lora_model(path)
+        losses[chosen] = path.loss_sum(model, path.collate(samples, 0, torch.device("cpu")))
+        name = model.get_base_model().config._attn_implementation
+        assert name == (packing.CUDNN_ATTENTION_NAME if chosen else packing.ATTENTION_NAME)
+        assert ("cuDNN attention (one sample per forward)" in path.applied) is chosen
+    assert len(calls) == 2  # one call per decoder layer, in the chosen run only
+    assert torch.equal(losses[True], losses[False])

@@ -24,7 +24,19 @@ GIB = gm.GIB
 # The fast path's techniques (engine/cuda/path.py says what each does); TUNEBENCH_ACCEL adjusts
 # the set for measuring. Here because the plan depends on them and the estimate must see the same.
 DEFAULT_TECHNIQUES = frozenset(
-    {"pack", "merge", "flce", "lora", "offload", "compile", "ingraph", "hostinputs", "nf4", "mlpchunk"}
+    {
+        "pack",
+        "merge",
+        "flce",
+        "lora",
+        "offload",
+        "compile",
+        "ingraph",
+        "hostinputs",
+        "nf4",
+        "mlpchunk",
+        "cudnn",
+    }
 )
 
 # The speed model, in units of one decoder layer's forward per token (forward + backward: 3).

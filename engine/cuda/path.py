@@ -45,7 +45,8 @@ stays the same; what changes is how a micro-batch is laid out and how its summed
 Techniques: pack, merge, flce, lora, offload and hostinputs (where the plan says), mlpchunk, compile
 (each decoder layer as one torch.compile region, bitsandbytes' 4-bit layers included), ingraph
 and nf4 (in such layers the NF4 dequantisation in plain ops, one fused kernel per weight: lean
-QLoRA on a 7B makes 9,151 tokens/s with it, 7,244 without, H200) are on; liger is off because it
+QLoRA on a 7B makes 9,151 tokens/s with it, 7,244 without, H200) and cudnn (cuDNN's attention
+where every forward holds one sample, engine/cuda/packing.py) are on; liger is off because it
 measured slower here (bench/RESULTS.md). For measuring, `TUNEBENCH_ACCEL` adjusts the set, e.g.
 `TUNEBENCH_ACCEL=+liger,-merge` or `-ingraph` (the checkpoint around the compiled layer);
 `tokens=4096` sets the tokens per forward instead of the plan.
@@ -83,15 +84,23 @@ from ..core.plans import (
     techniques_for,
 )
 from ..core.plans import techniques as techniques
+from ..models.kernels import patch_liger
 from ..train.types import Batch, TrainPath
 from .fused_loss import chunked_ce_sum, in_slices, liger_ce_sum
 from .lora_train import patch_lora_layers, probe_mm_out_dtype
 from .offload import HostEmbedding, HostInputs
-from .packing import ATTENTION_NAME, PackedBatch, pack, register_attention, repartition, use_attention
+from .packing import (
+    ATTENTION_NAME,
+    CUDNN_ATTENTION_NAME,
+    PackedBatch,
+    cudnn_attention_runs,
+    pack,
+    register_attention,
+    repartition,
+    use_attention,
+)
 
 log = logging.getLogger(__name__)
-
-LIGER_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "smollm3", "granite", "olmo2")
 
 
 # The techniques that need torch.compile to take a decoder layer whole, in the order they are
@@ -154,32 +163,7 @@ def cap_memory(device, cap: int, total: int) -> None:
     torch.cuda.set_per_process_memory_fraction(fraction, index)
 
 
-# =================================================================== kernels
-
-
-def patch_liger(model) -> list[str]:
-    """liger's fused RMSNorm and SwiGLU on this model's modules (instances only); what was patched."""
-    if getattr(model.config, "model_type", "") not in LIGER_FAMILIES:
-        return []
-    try:
-        from liger_kernel.transformers.monkey_patch import _patch_rms_norm_module, _patch_swiglu_module
-        from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
-    except ImportError:
-        return []
-    norms = mlps = 0
-    act = getattr(model.config, "hidden_act", "silu")
-    for module in model.modules():
-        name = type(module).__name__
-        if name.endswith("RMSNorm") and hasattr(module, "weight") and module.weight is not None:
-            eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", 1e-6)
-            _patch_rms_norm_module(module, offset=0.0, eps=eps, casting_mode="llama", in_place=True)
-            norms += 1
-        elif act in ("silu", "swish") and all(
-            hasattr(module, p) for p in ("gate_proj", "up_proj", "down_proj")
-        ):
-            _patch_swiglu_module(module, LigerSwiGLUMLP)
-            mlps += 1
-    return [f"liger RMSNorm x{norms}", f"liger SwiGLU x{mlps}"] if norms or mlps else []
+# =================================================================== decoder layers
 
 
 def _recomputed_forward(self, *args, **kwargs):
@@ -455,6 +439,7 @@ class FastPath:
     _max_tokens: int = 0  # tokens per forward, from the plan (0: not set yet)
     _lengths_vary: bool = False  # the samples differ in length: forwards will too
     _longest: int = 0  # the longest sample's tokens
+    _one_sample_forwards: bool = False  # no forward of this run holds two samples
     _modelled_peak: int = 0  # the largest peak the memory model gave for a forward so far
     _compile_start: CompileTally | None = None  # torch.compile's tally before the layers compiled
 
@@ -560,15 +545,23 @@ class FastPath:
             lengths = {len(s.input_ids) for s in samples}
             self._lengths_vary = len(lengths) > 1
             self._longest = max(lengths, default=0)
-        if "pack" not in self.use or "merge" not in self.use or self.device.type != "cuda":
-            return step
-        forced = [int(t.split("=", 1)[1]) for t in self.use if t.startswith("tokens=")]
-        if forced and not self._max_tokens:  # measuring: a forward size other than the memory model's
-            self._max_tokens = forced[0]
-            self.notes.append(f"GPU path: forwards of up to {self._max_tokens} tokens (set by tokens=)")
-        if not self._max_tokens and self.plan is not None:
-            self._max_tokens = self.plan.tokens  # the plan's line says it
-        if not self._max_tokens:
+        merging = "pack" in self.use and "merge" in self.use and self.device.type == "cuda"
+        if merging:
+            forced = [int(t.split("=", 1)[1]) for t in self.use if t.startswith("tokens=")]
+            if forced and not self._max_tokens:  # measuring: a forward size other than the memory model's
+                self._max_tokens = forced[0]
+                self.notes.append(f"GPU path: forwards of up to {self._max_tokens} tokens (set by tokens=)")
+            if not self._max_tokens and self.plan is not None:
+                self._max_tokens = self.plan.tokens  # the plan's line says it
+        if self._model is None:
+            # No two samples share a forward when no two fit in one (or micro-batches are of one).
+            shortest = min((len(s.input_ids) for s in samples), default=0)
+            self._one_sample_forwards = (
+                2 * shortest > self._max_tokens
+                if merging and self._max_tokens
+                else self.cfg.per_device_train_batch_size == 1
+            )
+        if not merging or not self._max_tokens:
             return step  # no plan (a check of the path itself): the configured micro-batches
         return repartition(step, lambda i: len(samples[i].input_ids), self._max_tokens)
 
@@ -642,6 +635,9 @@ class FastPath:
             own_recompute(layers, self.cfg.gradient_checkpointing)
             if hasattr(causal, "_require_grads_hook") or getattr(causal, "_require_grads_hooks", None):
                 causal.disable_input_require_grads()
+        if self._uses_cudnn_attention():
+            use_attention(model, CUDNN_ATTENTION_NAME)
+            self.applied.append("cuDNN attention (one sample per forward)")
         if "mlpchunk" in self.use and chunk_mlps(layers):
             self.applied.append(f"MLPs in slices of at most {self.mlp_chunk_tokens} tokens (long forwards)")
         if self.compiles:
@@ -683,6 +679,18 @@ class FastPath:
         """Seconds compiling so far, and what the compile cache did, in words."""
         tally = self.compile_tally()
         return tally.seconds, tally.describe()
+
+    def _uses_cudnn_attention(self) -> bool:
+        """cuDNN's attention serves forwards of one sample; it is chosen only for a run whose every
+        forward holds one (long samples, as in long-context training). Where some forwards hold
+        several, the compiled layers would guard on which kind each is and compile for both."""
+        return (
+            "pack" in self.use
+            and "cudnn" in self.use
+            and self._one_sample_forwards
+            and self.device.type == "cuda"
+            and cudnn_attention_runs(self.device)
+        )
 
     def _compile(self, layers: list) -> list[str]:
         if self._compile_start is None:

@@ -117,6 +117,9 @@ class GenerationSession:
         self.packed_gqa = cuda
         # Launch step n+1 before reading step n's tokens back, so the GPU never waits for Python.
         self.pipelined = cuda
+        # liger's one-kernel RMSNorm, SwiGLU and rotary embedding while decoding (where installed):
+        # a two-row step is bound by how many kernels it launches, not by their work.
+        self.fused_kernels = cuda
         # Attention reads the static cache up to the next multiple of this many slots (0: all).
         self.attention_window = ATTENTION_WINDOW
         # torch.compile the decode step before capturing it (measured, off: see RESULTS_generate).
@@ -311,6 +314,7 @@ class GenerationSession:
             torch.inference_mode(),
             self._adapters_for_rows([r.adapter for r in rows]) as fused,
             self._attention(),
+            self._kernels(),
         ):
             try:
                 names = tuple(r.adapter for r in rows)
@@ -471,7 +475,15 @@ class GenerationSession:
                 )
         needed = ids.shape[1] + cfg.max_new_tokens
         # The graphs bake in which adapter each row runs (PEFT's own forward slices by name).
-        key = (names, id(fused), graphs, self.attention_window, self.packed_gqa, self.compile_step)
+        key = (
+            names,
+            id(fused),
+            graphs,
+            self.attention_window,
+            self.packed_gqa,
+            self.fused_kernels,
+            self.compile_step,
+        )
         decoder = self._decoder
         if decoder is None or not decoder.fits(key, needed):
             self._decoder = decoder = None  # the old cache and graphs go before the new ones come
@@ -496,6 +508,13 @@ class GenerationSession:
         from .decode_steps import packed_gqa_attention
 
         return packed_gqa_attention() if self.packed_gqa else nullcontext()
+
+    def _kernels(self) -> Any:
+        from contextlib import nullcontext
+
+        from ..models.kernels import liger_kernels
+
+        return liger_kernels(self.loaded.model) if self.fused_kernels else nullcontext()
 
     def _compiled_step_fn(self) -> Any:
         """torch.compile of one decode forward, made once per session (compile_step only)."""
