@@ -693,10 +693,17 @@ def test_cudnn_attention_is_chosen_only_where_every_forward_holds_one_sample(mon
         assert path._uses_cudnn_attention() is one
     # without merging, forwards are the configured micro-batches
     for batch, one in ((1, True), (2, False)):
-        path = accel.FastPath(TrainConfig(per_device_train_batch_size=batch), cuda, "lean")
+        cfg = TrainConfig(per_device_train_batch_size=batch, gradient_accumulation_steps=2)
+        path = accel.FastPath(cfg, cuda, "lean")
         path.use.discard("merge")
         path.group([[0]], make_samples([30, 20]))
         assert path._uses_cudnn_attention() is one
+    # a step of one sample: whatever the forward size
+    cfg = TrainConfig(per_device_train_batch_size=1, gradient_accumulation_steps=1)
+    path = accel.FastPath(cfg, cuda, "lean")
+    path._max_tokens = 4096
+    path.group([[0]], make_samples([30, 20]))
+    assert path._uses_cudnn_attention()
     monkeypatch.setenv("TUNEBENCH_ACCEL", "-cudnn")
     path = accel.FastPath(TrainConfig(per_device_train_batch_size=1), cuda, "lean")
     path.group([[0]], make_samples([30]))

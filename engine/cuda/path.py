@@ -554,12 +554,12 @@ class FastPath:
             if not self._max_tokens and self.plan is not None:
                 self._max_tokens = self.plan.tokens  # the plan's line says it
         if self._model is None:
-            # No two samples share a forward when no two fit in one (or micro-batches are of one).
+            # No two samples share a forward when a step has one, when no two fit in one forward,
+            # or when forwards are the configured micro-batches and those are of one.
             shortest = min((len(s.input_ids) for s in samples), default=0)
-            self._one_sample_forwards = (
-                2 * shortest > self._max_tokens
-                if merging and self._max_tokens
-                else self.cfg.per_device_train_batch_size == 1
+            batch = self.cfg.per_device_train_batch_size
+            self._one_sample_forwards = batch * self.cfg.gradient_accumulation_steps == 1 or (
+                2 * shortest > self._max_tokens if merging and self._max_tokens else batch == 1
             )
         if not merging or not self._max_tokens:
             return step  # no plan (a check of the path itself): the configured micro-batches
