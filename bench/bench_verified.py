@@ -186,6 +186,8 @@ def main() -> int:
             probe_flags = ["--max_new_tokens", str(args.max_new_tokens)] if args.max_new_tokens else []
             profile = args.profile if index == args.runs - 1 else None
             results.append(run_once(model, scratch, env, probe_flags, profile))
+            if profile:
+                results[-1]["profiled"] = True  # under cProfile: its seconds are not the plain ones
             print(f"run {index + 1}: {json.dumps(results[-1], ensure_ascii=False)}", flush=True)
     summary = {
         "model": "Qwen2.5 2-layer (tiny)" if args.tiny else "Qwen2.5-0.5B architecture",

@@ -648,8 +648,8 @@ def _attend(fn, q, k, v, kwargs):
     return out.detach(), grads
 
 
-def test_the_cudnn_attention_serves_only_a_forward_of_one_sample_on_a_gpu():
-    """Anywhere else (several samples, the CPU, float32) it is the packed attention itself."""
+def test_off_the_gpu_the_cudnn_attention_function_is_the_packed_one():
+    """On the CPU, in float32, for one sample or several: the packed attention itself."""
     for lengths in ([40], [24, 16]):
         q, k, v, kwargs = _attention_inputs(lengths, "cpu", dtype=torch.float32)
         plain = _attend(packing.varlen_attention, q, k, v, kwargs)
@@ -661,7 +661,7 @@ def test_the_cudnn_attention_serves_only_a_forward_of_one_sample_on_a_gpu():
 @pytest.mark.gpu
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_cudnn_attention_of_one_sample_matches_the_flash_kernel(compiled):
-    if not packing.cudnn_attention_runs(torch.device("cuda")):
+    if not packing.cudnn_attention_runs(torch.device("cuda"), 4, 2, 128):
         pytest.skip("no cuDNN fused attention on this card or build")
     q, k, v, kwargs = _attention_inputs([1000], "cuda")
     fn = packing.varlen_attention_cudnn
@@ -681,39 +681,34 @@ def test_cudnn_attention_of_one_sample_matches_the_flash_kernel(compiled):
 
 def test_cudnn_attention_is_chosen_only_where_every_forward_holds_one_sample(monkeypatch):
     """Its compiled layers would otherwise guard on which kind each forward is and compile twice."""
-    monkeypatch.setattr(packing, "cudnn_attention_runs", lambda device: True)
-    monkeypatch.setattr(accel, "cudnn_attention_runs", lambda device: True)
+    monkeypatch.setattr(accel, "cudnn_attention_runs", lambda device, heads, kv_heads, head_dim: True)
     monkeypatch.setenv("TUNEBENCH_ACCEL", "")
     cuda = torch.device("cuda")  # the path's choices only: nothing runs on it here
-    for lengths, tokens, one in (([3000, 5000], 4096, True), ([3000, 500], 4096, False)):
-        path = accel.FastPath(TrainConfig(per_device_train_batch_size=2), cuda, "lean")
-        path._max_tokens = tokens  # the plan's tokens per forward
-        forwards = path.group([[0, 1]], make_samples(lengths))
-        assert (len(forwards) == 2) is one
-        assert path._uses_cudnn_attention() is one
-    # without merging, forwards are the configured micro-batches
-    for batch, one in ((1, True), (2, False)):
-        cfg = TrainConfig(per_device_train_batch_size=batch, gradient_accumulation_steps=2)
-        path = accel.FastPath(cfg, cuda, "lean")
-        path.use.discard("merge")
-        path.group([[0]], make_samples([30, 20]))
-        assert path._uses_cudnn_attention() is one
-    # a step of one sample: whatever the forward size
-    cfg = TrainConfig(per_device_train_batch_size=1, gradient_accumulation_steps=1)
-    path = accel.FastPath(cfg, cuda, "lean")
-    path._max_tokens = 4096
-    path.group([[0]], make_samples([30, 20]))
-    assert path._uses_cudnn_attention()
-    monkeypatch.setenv("TUNEBENCH_ACCEL", "-cudnn")
-    path = accel.FastPath(TrainConfig(per_device_train_batch_size=1), cuda, "lean")
-    path.group([[0]], make_samples([30]))
-    assert not path._uses_cudnn_attention()
+    config = {"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2, "vocab_size": 128}
+
+    def chosen(step, lengths, tokens=4096, use="", batch=2):
+        monkeypatch.setenv("TUNEBENCH_ACCEL", use)
+        path = accel.FastPath(TrainConfig(per_device_train_batch_size=batch), cuda, "lean")
+        path._max_tokens, path._config = tokens, config  # the plan's tokens per forward
+        forwards = path.group(step, make_samples(lengths))
+        path.group([step[0][:1]], make_samples(lengths))  # a later call (an idle rank's padding)
+        return path._uses_cudnn_attention(), forwards
+
+    # merged forwards: no two samples fit in one (the two shortest, as repartition groups them)
+    assert chosen([[0, 1]], [3000, 5000]) == (True, [[0], [1]])
+    assert chosen([[0, 1]], [3000, 1000, 5000]) == (False, [[0, 1]])
+    assert chosen([[0, 2]], [3000, 1200, 5000]) == (True, [[0], [2]])
+    # a step of one sample, whatever the forward size
+    assert chosen([[0]], [30, 20]) == (True, [[0]])
+    # forwards are the micro-batches themselves where nothing merges
+    assert chosen([[0], [1]], [30, 20], use="-merge", batch=1)[0]
+    assert not chosen([[0, 1]], [30, 20], use="-merge")[0]
+    assert not chosen([[0]], [30], use="-cudnn")[0]
 
 
 def test_a_run_of_one_sample_forwards_attends_through_the_cudnn_function(monkeypatch):
     """The choice lands on the model at the first forward (the PEFT-wrapped model's base config):
     here on the CPU, where the cuDNN function hands every forward to the packed one."""
-    monkeypatch.setattr(accel, "cudnn_attention_runs", lambda device: True)
     calls = []
     original = packing.varlen_attention_cudnn
     monkeypatch.setattr(

@@ -32,6 +32,7 @@ def fake_liger(monkeypatch):
         module.__dict__[name] = types.MethodType(fn, module)
 
     def patch_norm(module, offset, eps, casting_mode, in_place):
+        module.offset, module.casting_mode, module.in_place = offset, casting_mode, in_place
         module.variance_epsilon = getattr(module, "variance_epsilon", eps)
         bind(module, "forward", norm_forward)
         bind(module, "_get_name", lambda self: "LigerRMSNorm")
@@ -47,8 +48,15 @@ def fake_liger(monkeypatch):
         calls["rope"] += 1
         return real_rope(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
 
+    class RMSNormFunction:  # the probe's kernel
+        @staticmethod
+        def apply(x, weight, eps):
+            return x * weight
+
     found = {
         "liger_kernel": types.ModuleType("liger_kernel"),
+        "liger_kernel.ops": types.ModuleType("liger_kernel.ops"),
+        "liger_kernel.ops.rms_norm": types.SimpleNamespace(LigerRMSNormFunction=RMSNormFunction),
         "liger_kernel.transformers": types.ModuleType("liger_kernel.transformers"),
         "liger_kernel.transformers.monkey_patch": types.SimpleNamespace(
             _patch_rms_norm_module=patch_norm, _patch_swiglu_module=patch_swiglu
@@ -58,6 +66,7 @@ def fake_liger(monkeypatch):
     }
     for name, module in found.items():
         monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(kernels, "_runs", {})  # the probe asks again
     return calls
 
 
@@ -85,8 +94,25 @@ def test_liger_kernels_apply_inside_the_block_and_are_gone_after(fake_liger):
     assert fake_liger == {"norm": 5, "swiglu": 2, "rope": 2}, "transformers' own forwards again"
     assert modeling_qwen2.apply_rotary_pos_emb is rope_before
     assert "forward" not in model.model.norm.__dict__
+    assert not hasattr(model.model.norm, "casting_mode")
     assert model.model.norm._get_name() == "Qwen2RMSNorm"
     assert torch.equal(after, before)
+
+
+def test_a_block_inside_another_keeps_the_outer_ones_rotary_swap(fake_liger):
+    """Two sessions' requests overlapping: the inner block neither swaps again nor puts back
+    liger's function as if it were transformers' own."""
+    from transformers.models.qwen2 import modeling_qwen2
+
+    own = modeling_qwen2.apply_rotary_pos_emb
+    first, second = tiny_qwen2().eval(), tiny_qwen2(seed=1).eval()
+    with kernels.liger_kernels(first) as outer:
+        liger_rope = modeling_qwen2.apply_rotary_pos_emb
+        with kernels.liger_kernels(second) as inner:
+            assert modeling_qwen2.apply_rotary_pos_emb is liger_rope
+        assert "liger rotary embedding" in outer and "liger rotary embedding" not in inner
+        assert modeling_qwen2.apply_rotary_pos_emb is liger_rope
+    assert modeling_qwen2.apply_rotary_pos_emb is own
 
 
 def test_liger_kernels_leave_a_forward_bound_before_them_in_place(fake_liger):
@@ -99,8 +125,23 @@ def test_liger_kernels_leave_a_forward_bound_before_them_in_place(fake_liger):
     assert norm.__dict__["forward"] is hooked
 
 
+def test_a_liger_that_fails_to_run_is_named_once_and_left_out(fake_liger, monkeypatch, caplog):
+    def broken(x, weight, eps):
+        raise RuntimeError("triton: no compiler for this card")
+
+    monkeypatch.setattr(sys.modules["liger_kernel.ops.rms_norm"].LigerRMSNormFunction, "apply", broken)
+    model = tiny_qwen2().eval()
+    for _ in range(2):
+        with kernels.liger_kernels(model) as applied:
+            assert applied == []
+    assert [r.getMessage() for r in caplog.records] == [
+        "liger's kernels do not run on cpu (triton: no compiler for this card); decoding without them"
+    ]
+
+
 def test_without_liger_or_outside_its_families_nothing_changes(monkeypatch):
     monkeypatch.setitem(sys.modules, "liger_kernel", None)  # not installed: the import fails
+    monkeypatch.setattr(kernels, "_runs", {})
     model = tiny_qwen2().eval()
     with kernels.liger_kernels(model) as applied:
         assert applied == []
@@ -121,6 +162,8 @@ def test_the_cuda_decode_answers_the_same_with_ligers_kernels(tiny_model_dir):
     question = [{"role": "user", "content": "Who are you?"}]
     cfg = GenerationConfig(max_new_tokens=24)  # greedy
     assert session.fused_kernels
+    with kernels.liger_kernels(session.loaded.model) as applied:
+        assert len(applied) == 3, applied  # norms, SwiGLU and the rotary embedding
     fused = session.generate(question, ["base"], cfg)
     session.fused_kernels = False
     plain = session.generate(question, ["base"], cfg)

@@ -13,6 +13,7 @@ function with that kernel for such forwards, where the card and the build run it
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,6 +95,19 @@ def repartition(step: list[list[int]], length, max_tokens: int) -> list[list[int
     return forwards
 
 
+def forwards_hold_one_sample(step: list[list[int]], lengths: list[int], max_tokens: int) -> bool:
+    """Whether no forward of a run with such steps holds two samples: its steps hold one sample,
+    or no two of its samples fit in one forward of `max_tokens` (repartition's rule), or, where
+    forwards are the micro-batches themselves (`max_tokens` 0), those are of one. `step` is a full
+    step's micro-batches (an epoch's last can only be smaller); `lengths`, every sample's."""
+    if sum(len(micro) for micro in step) == 1:
+        return True
+    if not max_tokens:
+        return max(len(micro) for micro in step) == 1
+    two = heapq.nsmallest(2, lengths)
+    return len(two) < 2 or two[0] + two[1] > max_tokens
+
+
 def flash_varlen(q, k, v, cu, max_len: int, scale):
     """Causal attention over packed documents through PyTorch's variable-length flash kernel.
 
@@ -115,22 +129,26 @@ def cudnn_causal(query, key, value, scale):
         return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale, enable_gqa=True)
 
 
-_cudnn_checked: dict[int, bool] = {}
+_cudnn_checked: dict[tuple, bool] = {}
 
 
-def cudnn_attention_runs(device) -> bool:
+def cudnn_attention_runs(device, heads: int, kv_heads: int, head_dim: int) -> bool:
     """Whether cuDNN's fused attention runs on this card with this build (a cuDNN 9 on a recent
-    card), forward and backward with grouped heads; asked once per device, before any compile."""
-    index = torch.device(device).index or 0
-    if index not in _cudnn_checked:
+    card) for these heads, forward and backward; asked once per device and shape, before any
+    compile."""
+    key = (torch.device(device).index or 0, heads, kv_heads, head_dim)
+    if key not in _cudnn_checked:
         try:
-            q = torch.randn(1, 4, 64, 128, device=device, dtype=torch.bfloat16, requires_grad=True)
-            k = torch.randn(1, 2, 64, 128, device=device, dtype=torch.bfloat16, requires_grad=True)
-            cudnn_causal(q, k, k, None).sum().backward()
-            _cudnn_checked[index] = True
+            with torch.enable_grad():
+                q = torch.randn(
+                    1, heads, 64, head_dim, device=device, dtype=torch.bfloat16, requires_grad=True
+                )
+                k = torch.randn(1, kv_heads, 64, head_dim, device=device, dtype=torch.bfloat16)
+                cudnn_causal(q, k, k, None).sum().backward()
+            _cudnn_checked[key] = True
         except (RuntimeError, TypeError):  # no cuDNN attention here: the flash kernel serves
-            _cudnn_checked[index] = False
-    return _cudnn_checked[index]
+            _cudnn_checked[key] = False
+    return _cudnn_checked[key]
 
 
 def _segment_attention(q, k, v, cu, scale):
@@ -187,6 +205,7 @@ def varlen_attention_cudnn(module, query, key, value, attention_mask, scaling=No
     cu = kwargs.get("cu_seq_lens_q")
     if (
         cu is not None
+        and kwargs.get("sliding_window") is None
         and cu.shape[0] == 2
         and query.shape[0] == 1
         and query.is_cuda

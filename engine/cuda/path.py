@@ -72,6 +72,7 @@ from ..core.memory_model import (
     estimate_peak_bytes,
     layer_activation_bytes,
     mlp_chunks,
+    model_sizes,
 )
 from ..core.plans import (
     DEFAULT_TECHNIQUES,
@@ -94,6 +95,7 @@ from .packing import (
     CUDNN_ATTENTION_NAME,
     PackedBatch,
     cudnn_attention_runs,
+    forwards_hold_one_sample,
     pack,
     register_attention,
     repartition,
@@ -439,7 +441,7 @@ class FastPath:
     _max_tokens: int = 0  # tokens per forward, from the plan (0: not set yet)
     _lengths_vary: bool = False  # the samples differ in length: forwards will too
     _longest: int = 0  # the longest sample's tokens
-    _one_sample_forwards: bool = False  # no forward of this run holds two samples
+    _one_sample_forwards: bool | None = None  # no forward of this run holds two samples
     _modelled_peak: int = 0  # the largest peak the memory model gave for a forward so far
     _compile_start: CompileTally | None = None  # torch.compile's tally before the layers compiled
 
@@ -553,13 +555,9 @@ class FastPath:
                 self.notes.append(f"GPU path: forwards of up to {self._max_tokens} tokens (set by tokens=)")
             if not self._max_tokens and self.plan is not None:
                 self._max_tokens = self.plan.tokens  # the plan's line says it
-        if self._model is None:
-            # No two samples share a forward when a step has one, when no two fit in one forward,
-            # or when forwards are the configured micro-batches and those are of one.
-            shortest = min((len(s.input_ids) for s in samples), default=0)
-            batch = self.cfg.per_device_train_batch_size
-            self._one_sample_forwards = batch * self.cfg.gradient_accumulation_steps == 1 or (
-                2 * shortest > self._max_tokens if merging and self._max_tokens else batch == 1
+        if self._one_sample_forwards is None and step:  # the run's first step: a full one
+            self._one_sample_forwards = forwards_hold_one_sample(
+                step, [len(s.input_ids) for s in samples], self._max_tokens if merging else 0
             )
         if not merging or not self._max_tokens:
             return step  # no plan (a check of the path itself): the configured micro-batches
@@ -684,13 +682,12 @@ class FastPath:
         """cuDNN's attention serves forwards of one sample; it is chosen only for a run whose every
         forward holds one (long samples, as in long-context training). Where some forwards hold
         several, the compiled layers would guard on which kind each is and compile for both."""
-        return (
-            "pack" in self.use
-            and "cudnn" in self.use
-            and self._one_sample_forwards
-            and self.device.type == "cuda"
-            and cudnn_attention_runs(self.device)
-        )
+        if not ("pack" in self.use and "cudnn" in self.use and self._one_sample_forwards):
+            return False
+        if self.device.type != "cuda":
+            return False
+        sizes = model_sizes(self._config)
+        return cudnn_attention_runs(self.device, sizes["heads"], sizes["kv_heads"], sizes["head_dim"])
 
     def _compile(self, layers: list) -> list[str]:
         if self._compile_start is None:
