@@ -18,17 +18,10 @@ import json
 import statistics
 import sys
 
+import checkout_engine
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 HEADS, KV_HEADS, HEAD_DIM = 28, 4, 128  # Qwen2.5-7B
-
-
-def flash(q, k, v, cu, max_len):
-    """q [T, H, D]; the engine's call (engine/cuda/packing.py flash_varlen)."""
-    out, *_ = torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, max_len, max_len, 0.0, True, False)
-    return out
 
 
 def cudnn_varlen(q, k, v, cu, max_len):
@@ -40,23 +33,24 @@ def cudnn_varlen(q, k, v, cu, max_len):
     return out
 
 
-def cudnn(q, k, v, docs: int, gqa: str):
-    """The same attention as SDPA's cuDNN backend: equal-length documents as the batch."""
+def cudnn(q, k, v, docs: int, expand: bool):
+    """The engine's cuDNN attention (engine/cuda/packing.py cudnn_causal) with equal-length
+    documents as the batch; `expand`: the key/value heads copied out to the query heads first."""
     t = q.shape[0] // docs
 
     def heads_first(x):
         return x.view(docs, t, x.shape[1], HEAD_DIM).transpose(1, 2)
 
     q4, k4, v4 = heads_first(q), heads_first(k), heads_first(v)
-    extra = {}
-    if gqa == "expand":
+    if expand:
         k4 = k4.repeat_interleave(HEADS // KV_HEADS, dim=1)
         v4 = v4.repeat_interleave(HEADS // KV_HEADS, dim=1)
-    else:
-        extra["enable_gqa"] = True
-    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-        out = F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, **extra)
-    return out.transpose(1, 2).reshape(q.shape)
+    return packing().cudnn_causal(q4, k4, v4, None).transpose(1, 2).reshape(q.shape)
+
+
+def packing():
+    """engine/cuda/packing.py: the kernels' calls as the fast path makes them."""
+    return checkout_engine.import_engine("cuda.packing").cuda.packing
 
 
 def timed(fn, repeats: int) -> float:
@@ -86,9 +80,9 @@ def measure(docs: int, length: int, repeats: int) -> list[dict]:
     cu = torch.arange(0, total + 1, length, device=dev, dtype=torch.int32)
     flops_fwd = 4 * docs * length * length * HEADS * HEAD_DIM / 2
     kernels = {
-        "flash varlen": lambda: flash(q, k, v, cu, length),
-        "cudnn sdpa, enable_gqa": lambda: cudnn(q, k, v, docs, "native"),
-        "cudnn sdpa, kv expanded": lambda: cudnn(q, k, v, docs, "expand"),
+        "flash varlen": lambda: packing().flash_varlen(q, k, v, cu, length, None),
+        "cudnn sdpa, enable_gqa": lambda: cudnn(q, k, v, docs, expand=False),
+        "cudnn sdpa, kv expanded": lambda: cudnn(q, k, v, docs, expand=True),
         "cudnn varlen": lambda: cudnn_varlen(q, k, v, cu, length),
     }
     reference = None

@@ -177,6 +177,14 @@ def _masked_attention(q, k, v, cu, scale):
     return F.scaled_dot_product_attention(*seg, attn_mask=mask, scale=scale).transpose(0, 1)
 
 
+def _fused_kernel_takes(query, max_head_dim: int) -> bool:
+    """Whether a fused attention kernel (flash's, cuDNN's) takes these queries: CUDA, half
+    precision, heads at most `max_head_dim` wide."""
+    return (
+        query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and query.shape[-1] <= max_head_dim
+    )
+
+
 def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function: per-document attention when packed, SDPA otherwise."""
     cu = kwargs.get("cu_seq_lens_q")
@@ -189,7 +197,7 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     max_len = int(kwargs.get("max_length_q") or query.shape[2])
     # [1, H, T, D] -> [T, H, D]; the projections were laid out [T, H*D], so this is usually a view.
     q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
+    if _fused_kernel_takes(q, max_head_dim=256):
         out = flash_varlen(q, k, v, cu, max_len, scaling)
     elif torch.compiler.is_compiling():
         out = _masked_attention(q, k, v, cu, scaling)  # the per-sample loop reads cu on the host
@@ -208,9 +216,7 @@ def varlen_attention_cudnn(module, query, key, value, attention_mask, scaling=No
         and kwargs.get("sliding_window") is None
         and cu.shape[0] == 2
         and query.shape[0] == 1
-        and query.is_cuda
-        and query.dtype in (torch.float16, torch.bfloat16)
-        and query.shape[-1] <= 128
+        and _fused_kernel_takes(query, max_head_dim=128)
     ):
         return cudnn_causal(query, key, value, scaling).transpose(1, 2), None
     return varlen_attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)

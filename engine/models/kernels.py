@@ -40,6 +40,11 @@ def _targets(model: Any) -> list[tuple[str, Any]]:
 
 def patch_liger(model: Any) -> list[str]:
     """liger's fused RMSNorm and SwiGLU on this model's modules (instances only); what was patched."""
+    return _patch(model, _targets(model))
+
+
+def _patch(model: Any, targets: list[tuple[str, Any]]) -> list[str]:
+    """patch_liger on `targets`, found already."""
     if not _liger_family(model):
         return []
     try:
@@ -48,7 +53,7 @@ def patch_liger(model: Any) -> list[str]:
     except ImportError:
         return []
     counts = {"norm": 0, "mlp": 0}
-    for kind, module in _targets(model):
+    for kind, module in targets:
         if kind == "norm":
             eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", 1e-6)
             _patch_rms_norm_module(module, offset=0.0, eps=eps, casting_mode="llama", in_place=True)
@@ -110,9 +115,10 @@ def liger_kernels(model: Any) -> Iterator[list[str]]:
     original_rope = getattr(modeling, "apply_rotary_pos_emb", None)
     # Another block already inside (another session's request) keeps its own swap.
     swap_rope = original_rope is not None and original_rope is not liger_rope
-    saved = [(module, dict(module.__dict__)) for _, module in _targets(model)]
+    targets = _targets(model)
+    saved = [(module, dict(module.__dict__)) for _, module in targets]
     try:
-        applied = patch_liger(model)
+        applied = _patch(model, targets)
         if swap_rope:
             modeling.apply_rotary_pos_emb = liger_rope
             applied.append("liger rotary embedding")
