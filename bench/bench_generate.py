@@ -68,9 +68,12 @@ VARIANTS = {
     "no-packed-gqa": {"packed_gqa": False},
     "no-liger": {"fused_kernels": False},
     "compile": {"compile_step": True},
-    "lowrank-bmm_xa": {"low_rank_pass": "bmm_xa"},
-    "lowrank-mulsum": {"low_rank_pass": "mulsum"},
-    "lowrank-mask": {"low_rank_pass": "mask"},
+    "no-row-slices": {"row_slice_devices": frozenset()},
+    "rope-copies": {"rope_in_place": False},
+    # The low-rank pass over the whole batch (the mask way and its alternatives), row slices off.
+    "lowrank-bmm_xa": {"low_rank_pass": "bmm_xa", "row_slice_devices": frozenset()},
+    "lowrank-mulsum": {"low_rank_pass": "mulsum", "row_slice_devices": frozenset()},
+    "lowrank-mask": {"low_rank_pass": "mask", "row_slice_devices": frozenset()},
     "legacy": {
         "pipelined": False,
         "fuse_base": False,
@@ -396,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     from tunebench.engine.infer import generate, prompts
     from tunebench.engine.infer import lora_decode as fused_lora
     from tunebench.engine.infer.generate import GenerationSession
+    from tunebench.engine.models import kernels as model_kernels
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.startswith("cuda")
@@ -429,7 +433,13 @@ def main(argv: list[str] | None = None) -> int:
             lora_micro(torch.device(device), loaded.model.config.num_hidden_layers)
 
     fused_class = generate._FusedLora
-    default_low_rank = fused_lora.GPU_LOW_RANK_PASS
+    # Options that are module settings, not GenerationSession attributes: option -> (module, name).
+    module_settings = {
+        "low_rank_pass": (fused_lora, "GPU_LOW_RANK_PASS"),
+        "row_slice_devices": (fused_lora, "ROW_SLICE_DEVICES"),
+        "rope_in_place": (model_kernels, "ROPE_IN_PLACE"),
+    }
+    shipped = {option: getattr(module, name) for option, (module, name) in module_settings.items()}
     legacy_class = load_legacy_fused(args.legacy_module) if args.legacy_module else None
     with tempfile.TemporaryDirectory() as tmp:
         run = make_adapter(loaded, Path(tmp))
@@ -448,9 +458,10 @@ def main(argv: list[str] | None = None) -> int:
             if mixed == "peft":  # no fused layers: PEFT's own mixed-batch forward (adapter_names)
                 generate._FusedLora = type("NoFused", (), {"build": classmethod(lambda *a, **k: None)})
             session = GenerationSession.from_loaded(loaded, args.model, decode=mode)
-            fused_lora.GPU_LOW_RANK_PASS = options.get("low_rank_pass", default_low_rank)
+            for option, (module, name) in module_settings.items():
+                setattr(module, name, options.get(option, shipped[option]))
             for name, value in options.items():
-                if name != "low_rank_pass":
+                if name not in module_settings:
                     setattr(session, name, value)
             session.stop_ids = set()  # random weights may say "end of turn" at any time; time every step
             return session

@@ -387,7 +387,7 @@ def test_demo_model_two_columns_stream_chinese_and_agree(tmp_path):
     assert any("\u4e00" <= ch <= "\u9fff" for ch in together["base"]["text"])
 
 
-def test_static_cache_path_matches_the_dynamic_one(tiny_model_dir, runs, session):
+def test_static_cache_path_matches_the_dynamic_one(tiny_model_dir, runs, session, recwarn):
     from tunebench.engine.infer.generate import GenerationSession
 
     static = GenerationSession(str(tiny_model_dir), torch_dtype="float32", decode="static")
@@ -396,6 +396,8 @@ def test_static_cache_path_matches_the_dynamic_one(tiny_model_dir, runs, session
     assert answers(static.generate(QUESTION, targets, greedy(24))) == expected
     bob = str(runs["bob"])
     assert answers(static.generate(QUESTION, [bob], greedy(24)))[bob] == expected[bob]
+    # The cache goes by the name this transformers gives it (no deprecation warning per step).
+    assert not [w for w in recwarn if "past_key_values" in str(w.message)]
 
 
 def test_an_adapter_saved_again_in_place_is_reloaded(session, tiny_model_dir, tmp_path):
@@ -435,6 +437,12 @@ def test_gpu_decode_options_give_the_same_answers(tiny_model_dir, runs, session,
     assert fast._decoder is decoder, "a request that fits reuses the static cache"
     bob = str(runs["bob"])
     assert answers(fast.generate(QUESTION, [bob], greedy(24)))[bob] == expected[bob]
+    # CUDA's row-slice pass, where one run of rows holds every adapted row (base | adapter).
+    monkeypatch.setattr(fused_lora, "ROW_SLICE_DEVICES", frozenset({"cpu"}))
+    pair = ["base", str(runs["plain"])]
+    assert answers(fast.generate(QUESTION, pair, greedy(24))) == {t: expected[t] for t in pair}
+    (fused,) = [f for names, f in fast._fused_cache.items() if len(names) == 2 and names[0] == "__base__"]
+    assert any(g.row_run is not None for g in fused.groups)
 
     # The fused layout keeps one copy of the weights: each projection is a view of its group's buffer.
     attention = fast.loaded.model.model.layers[0].self_attn

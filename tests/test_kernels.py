@@ -151,6 +151,108 @@ def test_without_liger_or_outside_its_families_nothing_changes(monkeypatch):
     assert kernels.patch_liger(model) == []
 
 
+class FakeRopeKernel:
+    """liger's `_triton_rope` as launched (`kernel[grid](...)`), in torch: rotates each row's
+    heads in place at the row stride it is given, as the triton kernel addresses memory, and
+    records whether it was handed contiguous tensors (copies). wrong=True: a kernel whose
+    arguments changed meaning (the sine's sign flipped)."""
+
+    def __init__(self, wrong: bool = False) -> None:
+        self.calls: list[bool] = []
+        self.wrong = wrong
+
+    def __getitem__(self, grid):
+        def launch(q, q_stride, k, k_stride, cos, cos_stride, sin, sin_stride, sl, bs, cos_bs, n_qh, n_kh,
+                   hd, pad_qh, pad_kh, pad_hd, pad_rd, rd, BLOCK_SIZE, BACKWARD_PASS):  # fmt: skip
+            assert grid == (bs * sl,) and sl == 1 and not BACKWARD_PASS
+            self.calls.append(q.is_contiguous() and k.is_contiguous())
+            half = rd // 2
+            c = torch.as_strided(cos, (bs, 1, half), (cos_stride if cos_bs > 1 else 0, 0, 1))
+            s = torch.as_strided(sin, (bs, 1, half), (sin_stride if cos_bs > 1 else 0, 0, 1))
+            s = -s if self.wrong else s
+            for t, stride, heads in ((q, q_stride, n_qh), (k, k_stride, n_kh)):
+                rows = torch.as_strided(t, (bs, heads, hd), (stride, hd, 1))
+                x1, x2 = rows[..., :half].clone(), rows[..., half:rd].clone()
+                rows[..., :half] = x1 * c - x2 * s
+                rows[..., half:rd] = x2 * c + x1 * s
+
+        return launch
+
+
+@pytest.fixture
+def fake_rope_kernel(fake_liger, monkeypatch):
+    kernel = FakeRopeKernel()
+    monkeypatch.setitem(sys.modules, "liger_kernel.ops.rope", types.SimpleNamespace(_triton_rope=kernel))
+    monkeypatch.setattr(kernels, "_in_place_runs", {})
+    return kernel
+
+
+def fused_qk(rows=2, tokens=1, q_heads=4, k_heads=2, head_dim=16, **where):
+    """q and k as a decode step sees them after one fused q/k/v matmul: views, rows apart."""
+    width = (q_heads + 2 * k_heads) * head_dim
+    fused = torch.randn(rows, tokens, width, **where)
+    q = fused[..., : q_heads * head_dim].view(rows, tokens, q_heads, head_dim).transpose(1, 2)
+    k = fused[..., q_heads * head_dim : (q_heads + k_heads) * head_dim]
+    return fused, q, k.view(rows, tokens, k_heads, head_dim).transpose(1, 2)
+
+
+def test_the_decode_rotates_q_and_k_where_they_lie(fake_liger, fake_rope_kernel):
+    from transformers.models.qwen2 import modeling_qwen2
+
+    liger_rope = sys.modules["liger_kernel.transformers.rope"].liger_rotary_pos_emb
+    rope = kernels._decode_rope(torch.device("cpu"), liger_rope)
+    assert rope is not liger_rope, "the probe accepted the kernel"
+    probed = len(fake_rope_kernel.calls)
+
+    fused, q, k = fused_qk()
+    angles = torch.rand(2, 1, 8) * 6
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    expected = modeling_qwen2.apply_rotary_pos_emb(q.clone(), k.clone(), cos, sin)
+    with torch.inference_mode():
+        got = rope(q, k, cos, sin)
+    for out, want in zip(got, expected, strict=True):
+        torch.testing.assert_close(out, want)
+    assert got[0].data_ptr() == fused.data_ptr(), "rotated inside the fused output"
+    assert fake_rope_kernel.calls[probed:] == [False], "handed the views, not copies"
+    assert fake_liger["rope"] == 0
+
+    # A prefill (several tokens per row) and anything under autograd take liger's wrapper.
+    _, q, k = fused_qk(tokens=3)
+    with torch.inference_mode():
+        rope(q, k, torch.cat([cos] * 3, 1), torch.cat([sin] * 3, 1))
+    _, q, k = fused_qk()
+    rope(q, k, cos, sin)
+    assert fake_liger["rope"] == 2 and len(fake_rope_kernel.calls) == probed + 1
+
+
+def test_a_rope_kernel_that_answers_wrong_is_left_for_ligers_wrapper(fake_liger, fake_rope_kernel, caplog):
+    fake_rope_kernel.wrong = True
+    liger_rope = sys.modules["liger_kernel.transformers.rope"].liger_rotary_pos_emb
+    assert kernels._decode_rope(torch.device("cpu"), liger_rope) is liger_rope
+    assert "does not rotate in place here" in caplog.text
+    with kernels.liger_kernels(tiny_qwen2().eval()) as applied:
+        assert applied[-1] == "liger rotary embedding"
+
+
+def test_a_fused_decode_with_the_in_place_rotation_answers_as_without(
+    tiny_model_dir, fake_liger, fake_rope_kernel
+):
+    """The CUDA decode's layout on the CPU: fused q/k/v output, static cache, liger's kernels with
+    the in-place rotation: the same greedy answers as transformers' own forwards."""
+    from tunebench.engine.core.config import GenerationConfig
+    from tunebench.engine.infer.generate import GenerationSession
+
+    question = [{"role": "user", "content": "Who are you?"}]
+    cfg = GenerationConfig(max_new_tokens=12)
+    plain = GenerationSession(str(tiny_model_dir), torch_dtype="float32").generate(question, ["base"], cfg)
+    session = GenerationSession(str(tiny_model_dir), torch_dtype="float32", decode="static")
+    session.fuse_base = session.packed_gqa = session.fused_kernels = True
+    fast = session.generate(question, ["base"], cfg)
+    assert fast["base"]["text"] == plain["base"]["text"]
+    layers = session.loaded.model.config.num_hidden_layers
+    assert len(fake_rope_kernel.calls) > layers and not any(fake_rope_kernel.calls), "steps rotated in place"
+
+
 @pytest.mark.gpu
 def test_the_cuda_decode_answers_the_same_with_ligers_kernels(tiny_model_dir):
     """On a GPU with liger installed: greedy answers of both columns, with and without them."""
@@ -168,3 +270,25 @@ def test_the_cuda_decode_answers_the_same_with_ligers_kernels(tiny_model_dir):
     session.fused_kernels = False
     plain = session.generate(question, ["base"], cfg)
     assert fused["base"]["text"] == plain["base"]["text"]
+
+
+@pytest.mark.gpu
+def test_ligers_rotary_kernel_rotates_a_fused_decode_layout_in_place():
+    """On a GPU with liger: the probe takes liger's kernel, and it gives transformers' answer on
+    the 7B's heads laid out as the fused q/k/v matmul leaves them."""
+    pytest.importorskip("liger_kernel")
+    from liger_kernel.transformers.rope import liger_rotary_pos_emb
+    from transformers.models.qwen2 import modeling_qwen2
+
+    device = torch.device("cuda")
+    rope = kernels._decode_rope(device, liger_rotary_pos_emb)
+    assert rope is not liger_rotary_pos_emb
+    fused, q, k = fused_qk(q_heads=28, k_heads=4, head_dim=128, device=device, dtype=torch.bfloat16)
+    angles = torch.rand(2, 1, 64, device=device) * 100
+    cos, sin = (f(torch.cat([angles, angles], -1)).to(torch.bfloat16) for f in (torch.cos, torch.sin))
+    expected = modeling_qwen2.apply_rotary_pos_emb(q.float(), k.float(), cos.float(), sin.float())
+    with torch.inference_mode():
+        got = rope(q, k, cos, sin)
+    assert got[0].data_ptr() == fused.data_ptr()
+    for out, want in zip(got, expected, strict=True):
+        torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2)

@@ -270,11 +270,25 @@ def decode_forward(model: Any, cache: Any, ids: Any, mask: Any, positions: Any) 
         input_ids=ids,
         attention_mask=mask,
         position_ids=positions,
-        past_key_values=cache,
         use_cache=True,
         logits_to_keep=1,
+        **{cache_keyword(type(model)): cache},
     )
     return out.logits[:, -1, :]
+
+
+_CACHE_KEYWORDS: dict[type, str] = {}
+
+
+def cache_keyword(model_class: type) -> str:
+    """The forward's name for the KV cache: `cache` from transformers 5.25 on (where the old
+    `past_key_values` warns on every call until it goes in 5.40), `past_key_values` before."""
+    if model_class not in _CACHE_KEYWORDS:
+        import inspect
+
+        parameters = inspect.signature(model_class.forward).parameters
+        _CACHE_KEYWORDS[model_class] = "cache" if "cache" in parameters else "past_key_values"
+    return _CACHE_KEYWORDS[model_class]
 
 
 _WINDOW_CACHE: Any = None

@@ -523,7 +523,8 @@ class GenerationSession:
         if self._compiled_step is None:
             import torch
 
-            from .decode_steps import decode_forward
+            from .decode_steps import cache_keyword, decode_forward
 
+            cache_keyword(type(self.loaded.model))  # asked here: torch.compile should not trace inspect
             self._compiled_step = torch.compile(decode_forward, dynamic=False)
         return self._compiled_step

@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 
 # Families whose norms, MLP and rotary embedding are the Llama ones liger's kernels implement.
 LIGER_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "smollm3", "granite", "olmo2")
+# The decode's rotary embedding rotates a step's q and k where they lie (_rope_in_place); off, it
+# is liger's wrapper, which copies them first (bench_generate.py's variant `rope-copies`).
+ROPE_IN_PLACE = True
 
 
 def _liger_family(model: Any) -> bool:
@@ -73,6 +76,104 @@ def _liger_rope() -> Any:
     return liger_rotary_pos_emb
 
 
+def _rope_in_place(liger_rope: Any) -> Any:
+    """liger's rotary embedding that, for one token per row and no autograd (a decode step),
+    rotates q and k where they lie: liger's wrapper first copies them contiguous, and with the
+    fused q/k/v matmul they are views whose rows lie a q/k/v row apart, so that is two copies
+    per layer per step (bench/RESULTS_generate.md). Anything else goes to liger's wrapper.
+    This launches liger's own kernel (`_triton_rope`, not public API): `_decode_rope`
+    checks it against the formula before the decode uses it."""
+    import torch
+    from liger_kernel.ops.rope import _triton_rope
+
+    def padded(n: int) -> int:  # triton.next_power_of_2
+        return 1 << (n - 1).bit_length()
+
+    def rope(q: Any, k: Any, cos: Any, sin: Any, position_ids: Any = None, unsqueeze_dim: int = 1) -> Any:
+        # q, k: (rows, heads, 1, head_dim); cos, sin: (rows or 1, 1, rotary_dim).
+        if torch.is_grad_enabled() or q.shape[2] != 1 or cos.dim() != 3 or unsqueeze_dim != 1:
+            return liger_rope(q, k, cos, sin, position_ids, unsqueeze_dim)
+        q_rows, k_rows = q.transpose(1, 2), k.transpose(1, 2)  # (rows, 1, heads, head_dim)
+        head_dim = q.shape[-1]
+        rotary = min(cos.shape[-1], head_dim)
+        in_rows = all(t.stride(3) == 1 and t.stride(2) == head_dim for t in (q_rows, k_rows))
+        if not (in_rows and cos.is_contiguous() and sin.is_contiguous() and cos.shape[1] == 1):
+            return liger_rope(q, k, cos, sin, position_ids, unsqueeze_dim)
+        q_heads, k_heads = q.shape[1], k.shape[1]
+        pad_q, pad_k = padded(q_heads), padded(k_heads)
+        # One program per row (sequence length 1): row r's heads start at r * stride(0).
+        _triton_rope[(q.shape[0],)](
+            q_rows,
+            q_rows.stride(0),
+            k_rows,
+            k_rows.stride(0),
+            cos,
+            cos.stride(-2),
+            sin,
+            sin.stride(-2),
+            1,
+            q.shape[0],
+            cos.shape[0],
+            q_heads,
+            k_heads,
+            head_dim,
+            pad_q,
+            pad_k,
+            padded(head_dim),
+            padded(rotary),
+            rotary,
+            BLOCK_SIZE=max(pad_q, pad_k),
+            BACKWARD_PASS=False,
+        )
+        return q, k
+
+    return rope
+
+
+def _rotated(x: Any, cos: Any, sin: Any) -> Any:
+    """The rotary embedding's formula (transformers' rotate_half), in float32: the probe's answer."""
+    import torch
+
+    half = x.shape[-1] // 2
+    turned = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x.float() * cos.float() + turned.float() * sin.float()
+
+
+_in_place_runs: dict[tuple[str, Any], Any] = {}
+
+
+def _decode_rope(device: Any, liger_rope: Any) -> Any:
+    """The rotary embedding the decode swaps in on `device`: `_rope_in_place` where it gives the
+    formula's answer on a fused q/k/v layout, else liger's wrapper. Asked once per device."""
+    key = (str(device), liger_rope)
+    if key not in _in_place_runs:
+        _in_place_runs[key] = liger_rope
+        try:
+            import torch
+
+            rope = _rope_in_place(liger_rope)
+            rows, q_heads, k_heads, head_dim = 2, 4, 2, 64
+            width = (q_heads + 2 * k_heads) * head_dim  # q | k | v, as the fused matmul lays them out
+            fused = torch.arange(rows * width, device=device).sin().view(rows, 1, width).to(torch.bfloat16)
+            q = fused[..., : q_heads * head_dim].view(rows, 1, q_heads, head_dim).transpose(1, 2)
+            k = fused[..., q_heads * head_dim : (q_heads + k_heads) * head_dim]
+            k = k.view(rows, 1, k_heads, head_dim).transpose(1, 2)
+            angles = torch.arange(rows * head_dim // 2, device=device).view(rows, 1, -1) * 0.37
+            angles = torch.cat((angles, angles), dim=-1)
+            cos, sin = angles.cos().to(torch.bfloat16), angles.sin().to(torch.bfloat16)
+            expected = (_rotated(q, cos[:, None], sin[:, None]), _rotated(k, cos[:, None], sin[:, None]))
+            with torch.inference_mode():
+                got = rope(q, k, cos, sin)
+            for out, want in zip(got, expected, strict=True):
+                torch.testing.assert_close(out.float(), want, atol=3e-2, rtol=3e-2)
+            _in_place_runs[key] = rope
+        except ImportError:
+            pass
+        except Exception as error:  # noqa: BLE001 - another liger's kernel: its own wrapper still works
+            log.warning("liger's rotary kernel does not rotate in place here (%s); it copies first", error)
+    return _in_place_runs[key]
+
+
 _runs: dict[str, bool] = {}
 
 
@@ -106,22 +207,25 @@ def liger_kernels(model: Any) -> Iterator[list[str]]:
     swap is of the module attribute, for every model of the family while inside. A CUDA graph
     captured inside keeps liger's kernels after it."""
     liger_rope = _liger_rope()
-    if liger_rope is None or not _liger_family(model) or not liger_runs(next(model.parameters()).device):
+    device = next(model.parameters()).device
+    if liger_rope is None or not _liger_family(model) or not liger_runs(device):
         yield []
         return
+    decode_rope = _decode_rope(device, liger_rope) if ROPE_IN_PLACE else liger_rope
     layers = getattr(getattr(model, "model", None), "layers", None) or []
     attention = getattr(layers[0], "self_attn", None) if len(layers) else None
     modeling: Any = sys.modules.get(type(attention).__module__) if attention is not None else None
     original_rope = getattr(modeling, "apply_rotary_pos_emb", None)
     # Another block already inside (another session's request) keeps its own swap.
-    swap_rope = original_rope is not None and original_rope is not liger_rope
+    swap_rope = original_rope is not None and original_rope not in (liger_rope, decode_rope)
     targets = _targets(model)
     saved = [(module, dict(module.__dict__)) for _, module in targets]
     try:
         applied = _patch(model, targets)
         if swap_rope:
-            modeling.apply_rotary_pos_emb = liger_rope
-            applied.append("liger rotary embedding")
+            modeling.apply_rotary_pos_emb = decode_rope
+            in_place = " (in place)" if decode_rope is not liger_rope else ""
+            applied.append(f"liger rotary embedding{in_place}")
         yield applied
     finally:
         if swap_rope:
