@@ -1281,7 +1281,7 @@ def test_engine_killed_mid_checkpoint_resumes_with_exactly_the_losses(workspace,
         after = {e.step: e.loss for e in events if e.type == "TrainStep"}
         assert sorted(after) == list(range(11, 41))
         # The same data order, RNG state and optimizer state, and on CUDA the same kernels in every
-        # process (engine/cuda/path.py, keep_compiled_code): exactly the same losses.
+        # process (engine/cuda/compiling.py, keep_compiled_code): exactly the same losses.
         assert after == {step: baseline[step] for step in after}
         records = read_metrics(run_dir)
         assert [r["step"] for r in records if r["type"] == "TrainStep"] == list(range(1, 41))

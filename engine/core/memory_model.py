@@ -26,7 +26,7 @@ FAST_MAX_TOKENS = 16384
 # measured 454 KB per token on Qwen2.5-7B against 164 KB kept by a layer (H200).
 REPLAY_LAYERS_IN_GRAPH = 2.75
 # Forwards longer than this run each decoder layer's MLP over slices of at most this many tokens
-# (engine/cuda/path.py, `chunk_mlps`): the MLP's intermediates (gate, up and their product, each
+# (engine/cuda/layers.py, `chunk_mlps`): the MLP's intermediates (gate, up and their product, each
 # intermediate-wide) are most of what a replayed layer holds, and slices bound them whatever the
 # sample's length (3 x 32,768 x 18,944 x 2 bytes, 3.5 GiB, at 32k tokens on a 7B; 0.43 GiB a
 # slice). 4,096 tokens keep each product large enough to run at full speed.
