@@ -441,8 +441,13 @@ def test_gpu_decode_options_give_the_same_answers(tiny_model_dir, runs, session,
     monkeypatch.setattr(fused_lora, "ROW_SLICE_DEVICES", frozenset({"cpu"}))
     pair = ["base", str(runs["plain"])]
     assert answers(fast.generate(QUESTION, pair, greedy(24))) == {t: expected[t] for t in pair}
-    (fused,) = [f for names, f in fast._fused_cache.items() if len(names) == 2 and names[0] == "__base__"]
+    (fused,) = [
+        f for names, f in fast._fused_cache.items() if len(names) == 2 and names[0] == "__base__" != names[1]
+    ]
     assert any(g.row_run is not None for g in fused.groups)
+    # Alone, the adapter's column runs beside a ghost of the base: a run of one row, as above.
+    plain = str(runs["plain"])
+    assert answers(fast.generate(QUESTION, [plain], greedy(24)))[plain] == expected[plain]
 
     # The fused layout keeps one copy of the weights: each projection is a view of its group's buffer.
     attention = fast.loaded.model.model.layers[0].self_attn
@@ -489,3 +494,31 @@ def test_a_default_dtype_load_on_the_cpu_is_float32(tiny_model_dir):
         pytest.skip("a CUDA box decodes in bfloat16 by default")
     session = GenerationSession(str(tiny_model_dir))
     assert next(session.loaded.model.parameters()).dtype == torch.float32
+
+
+@pytest.mark.gpu
+def test_cuda_decode_speed_options_each_give_the_same_greedy_answers(tiny_model_dir, runs, monkeypatch):
+    """On CUDA (graphs, fused weights, liger where installed): the row-slice LoRA pass and the
+    in-place rotary embedding against each switched off, and a compiled decode step, for the
+    chat's two columns and a lone adapter column."""
+    from tunebench.engine.infer import lora_decode
+    from tunebench.engine.infer.generate import GenerationSession
+    from tunebench.engine.models import kernels
+
+    plain = str(runs["plain"])
+
+    def generate(**options):
+        session = GenerationSession(str(tiny_model_dir), torch_dtype="float32")
+        assert session.loaded.device.type == "cuda" and session.decode_mode == "graphs"
+        for name, value in options.items():
+            setattr(session, name, value)
+        both = answers(session.generate(QUESTION, ["base", plain], greedy(24)))
+        return both, answers(session.generate(QUESTION, [plain], greedy(24)))[plain]
+
+    expected = generate()
+    assert expected[0][plain] == expected[1], "alone as beside the base"
+    assert generate(compile_step=True) == expected
+    monkeypatch.setattr(kernels, "ROPE_IN_PLACE", False)
+    assert generate() == expected
+    monkeypatch.setattr(lora_decode, "ROW_SLICE_DEVICES", frozenset())
+    assert generate() == expected

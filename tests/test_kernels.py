@@ -162,15 +162,16 @@ class FakeRopeKernel:
         self.wrong = wrong
 
     def __getitem__(self, grid):
-        def launch(q, q_stride, k, k_stride, cos, cos_stride, sin, sin_stride, sl, bs, cos_bs, n_qh, n_kh,
-                   hd, pad_qh, pad_kh, pad_hd, pad_rd, rd, BLOCK_SIZE, BACKWARD_PASS):  # fmt: skip
+        def launch(*, q_ptr, q_row_stride, k_ptr, k_row_stride, cos, cos_row_stride, sin, sin_row_stride,
+                   sl, bs, cos_bs, n_qh, n_kh, hd, pad_n_qh, pad_n_kh, pad_hd, pad_rd, rd, BLOCK_SIZE,
+                   BACKWARD_PASS):  # fmt: skip
             assert grid == (bs * sl,) and sl == 1 and not BACKWARD_PASS
-            self.calls.append(q.is_contiguous() and k.is_contiguous())
+            self.calls.append(q_ptr.is_contiguous() and k_ptr.is_contiguous())
             half = rd // 2
-            c = torch.as_strided(cos, (bs, 1, half), (cos_stride if cos_bs > 1 else 0, 0, 1))
-            s = torch.as_strided(sin, (bs, 1, half), (sin_stride if cos_bs > 1 else 0, 0, 1))
+            c = torch.as_strided(cos, (bs, 1, half), (cos_row_stride if cos_bs > 1 else 0, 0, 1))
+            s = torch.as_strided(sin, (bs, 1, half), (sin_row_stride if cos_bs > 1 else 0, 0, 1))
             s = -s if self.wrong else s
-            for t, stride, heads in ((q, q_stride, n_qh), (k, k_stride, n_kh)):
+            for t, stride, heads in ((q_ptr, q_row_stride, n_qh), (k_ptr, k_row_stride, n_kh)):
                 rows = torch.as_strided(t, (bs, heads, hd), (stride, hd, 1))
                 x1, x2 = rows[..., :half].clone(), rows[..., half:rd].clone()
                 rows[..., :half] = x1 * c - x2 * s
@@ -183,7 +184,8 @@ class FakeRopeKernel:
 def fake_rope_kernel(fake_liger, monkeypatch):
     kernel = FakeRopeKernel()
     monkeypatch.setitem(sys.modules, "liger_kernel.ops.rope", types.SimpleNamespace(_triton_rope=kernel))
-    monkeypatch.setattr(kernels, "_in_place_runs", {})
+    monkeypatch.setattr(kernels, "_in_place", {})
+    monkeypatch.setattr(kernels, "_in_place_answers", {})
     return kernel
 
 
@@ -200,7 +202,7 @@ def test_the_decode_rotates_q_and_k_where_they_lie(fake_liger, fake_rope_kernel)
     from transformers.models.qwen2 import modeling_qwen2
 
     liger_rope = sys.modules["liger_kernel.transformers.rope"].liger_rotary_pos_emb
-    rope = kernels._decode_rope(torch.device("cpu"), liger_rope)
+    rope = kernels._decode_rope(torch.device("cpu"), liger_rope, 4, 2, 16)
     assert rope is not liger_rope, "the probe accepted the kernel"
     probed = len(fake_rope_kernel.calls)
 
@@ -228,10 +230,27 @@ def test_the_decode_rotates_q_and_k_where_they_lie(fake_liger, fake_rope_kernel)
 def test_a_rope_kernel_that_answers_wrong_is_left_for_ligers_wrapper(fake_liger, fake_rope_kernel, caplog):
     fake_rope_kernel.wrong = True
     liger_rope = sys.modules["liger_kernel.transformers.rope"].liger_rotary_pos_emb
-    assert kernels._decode_rope(torch.device("cpu"), liger_rope) is liger_rope
+    assert kernels._decode_rope(torch.device("cpu"), liger_rope, 4, 2, 16) is liger_rope
     assert "does not rotate in place here" in caplog.text
     with kernels.liger_kernels(tiny_qwen2().eval()) as applied:
         assert applied[-1] == "liger rotary embedding"
+
+
+def test_blocks_on_two_devices_leaving_out_of_order_put_transformers_rotary_back(
+    fake_liger, fake_rope_kernel
+):
+    """One block's device takes the in-place rotation, the other's (meta: the probe cannot run
+    there) liger's wrapper; the first to enter swaps, and whichever leaves last, transformers'
+    own function is back."""
+    from transformers.models.qwen2 import modeling_qwen2
+
+    own = modeling_qwen2.apply_rotary_pos_emb
+    first, second = kernels.liger_kernels(tiny_qwen2().eval()), kernels.liger_kernels(tiny_qwen2().to("meta"))
+    assert first.__enter__()[-1] == "liger rotary embedding (in place)"
+    second.__enter__()
+    first.__exit__(None, None, None)
+    second.__exit__(None, None, None)
+    assert modeling_qwen2.apply_rotary_pos_emb is own
 
 
 def test_a_fused_decode_with_the_in_place_rotation_answers_as_without(
@@ -281,7 +300,7 @@ def test_ligers_rotary_kernel_rotates_a_fused_decode_layout_in_place():
     from transformers.models.qwen2 import modeling_qwen2
 
     device = torch.device("cuda")
-    rope = kernels._decode_rope(device, liger_rotary_pos_emb)
+    rope = kernels._decode_rope(device, liger_rotary_pos_emb, 28, 4, 128)
     assert rope is not liger_rotary_pos_emb
     fused, q, k = fused_qk(q_heads=28, k_heads=4, head_dim=128, device=device, dtype=torch.bfloat16)
     angles = torch.rand(2, 1, 64, device=device) * 100

@@ -86,3 +86,43 @@ def test_a_layout_set_later_keeps_the_mask_way(two_adapters, monkeypatch):
             got = two_adapters(ids).logits
     assert all(g.row_run is None for g in fused.groups if g.has_lora)
     torch.testing.assert_close(got, peft_logits(two_adapters, ids, names), rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def query_value_adapter():
+    """PEFT's default LoRA for Qwen2 (q_proj and v_proj only): k_proj, gate_proj and up_proj stay
+    plain nn.Linear inside groups whose other members are LoRA layers."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(5)
+    peft = get_peft_model(tiny_qwen2(seed=6), LoraConfig(r=4, lora_alpha=8), adapter_name=A)
+    for name, param in peft.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0.0, 0.5)
+    return peft.eval()
+
+
+@pytest.mark.parametrize("row_slices", [False, True])
+def test_plain_projections_beside_lora_ones_answer_as_peft(query_value_adapter, monkeypatch, row_slices):
+    """Without the fused base matmul a plain k_proj computes its own output inside the group
+    (it used to call itself, whose forward is the group's, and recurse)."""
+    monkeypatch.setattr(lora_decode, "ROW_SLICE_DEVICES", frozenset({"cpu"} if row_slices else ()))
+    names = (PEFT_BASE, A)
+    ids = torch.randint(0, 128, (2, 5))
+    _, got = fused_logits(query_value_adapter, ids, names)
+    torch.testing.assert_close(got, peft_logits(query_value_adapter, ids, names), rtol=1e-5, atol=1e-5)
+
+
+def test_rows_set_again_on_a_fixed_layout_leave_the_row_slice_pass(two_adapters, monkeypatch):
+    """Every projection reads the layout per call: rows moved so that no single run holds them
+    take the mask way, single projections (o_proj, down_proj) included."""
+    monkeypatch.setattr(lora_decode, "ROW_SLICE_DEVICES", frozenset({"cpu"}))
+    ids = torch.randint(0, 128, (3, 5))
+    with torch.no_grad():
+        fused = FusedLora.build(two_adapters, [PEFT_BASE, A, PEFT_BASE])
+        with fused.installed():
+            fused.set_rows([A, PEFT_BASE, A])
+            assert not any(g.runs_rows for g in fused.groups)
+            got = two_adapters(ids).logits
+    expected = peft_logits(two_adapters, ids, (A, PEFT_BASE, A))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -370,10 +370,12 @@ class GenerationSession:
 
         CPU matmul kernels take another path for a single row (M=1) than for two or more, which
         rounds the last bit differently; a ghost row (finished from the start, output ignored)
-        keeps a lone column bit-identical to the same column inside a bigger batch."""
+        keeps a lone column bit-identical to the same column inside a bigger batch. The ghost runs
+        the base: a lone adapter's LoRA pass then covers one row, as it does beside the base
+        column (CUDA's row-slice pass, lora_decode.py), and costs no adapter work for the ghost."""
         if len(rows) != 1:
             return rows
-        ghost = _Row(rows[0].target, rows[0].adapter, rows[0].prompt, IncrementalDetokenizer(self.tokenizer))
+        ghost = _Row(rows[0].target, PEFT_BASE, rows[0].prompt, IncrementalDetokenizer(self.tokenizer))
         return [*rows, ghost]
 
     def _left_padded(self, rows: list[_Row], pad_id: int) -> tuple[Any, Any]:

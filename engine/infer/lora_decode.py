@@ -28,7 +28,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from types import MethodType
+from typing import Any, NamedTuple
 
 PEFT_BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 # Sibling projections that receive the very same input tensor in the decoder blocks of the common
@@ -50,10 +51,10 @@ ROW_COPY_BUDGET_BYTES = 256 * 2**20
 # takes 7 us; on the CPU the folded batched matmul is one op instead of two.
 GPU_LOW_RANK_PASS = "mask"
 CPU_LOW_RANK_PASS = "bmm_xa"
-# Devices where a fixed layout whose adapted rows form one run takes the row-slice pass instead
-# (x[run] @ A_runᵀ added into out[run]: two kernels where the mask way takes three). Not the CPU:
-# a lone column decodes beside a ghost of itself (two rows) but beside the base as one row, and
-# the CPU's matmuls round one row differently from two, which the mask way's full batch avoids.
+# Devices that take the row-slice pass where a layout fixed at build has every adapted row in one
+# run of one adapter (the chat's base | adapter): x[run] @ A_runᵀ added into out[run], two kernels
+# where the mask way takes three. Not the CPU: its way (CPU_LOW_RANK_PASS) is one batched product
+# per row already, which also keeps each row's answer independent of the batch.
 ROW_SLICE_DEVICES = frozenset({"cuda"})
 
 
@@ -122,6 +123,16 @@ def _adjacent_weight(linears: list[Any]) -> Any:
     return first.detach().as_strided((rows, first.shape[1]), (first.shape[1], 1))
 
 
+class _RowRun(NamedTuple):
+    """The row-slice pass of one group: rows start..stop-1 run one adapter, the others none."""
+
+    start: int
+    stop: int
+    lora_a: Any  # (the adapter's rank over the members, in): its blocks of the group's lora_a
+    block_b: Any  # with the fused base matmul: the matching columns of the group's block_b
+    member_b: list[tuple[int, int, Any]]  # else per member: (offset in the run's low, rank, B)
+
+
 class _Group:
     """Projections that read one input: their base outputs and LoRA deltas, computed together.
 
@@ -131,12 +142,12 @@ class _Group:
     activation outlives the forward pass.
     """
 
-    def __init__(self, members: list[Any], bases: list[Any]) -> None:
+    def __init__(self, members: list[Any], bases: list[Any], outs: list[int]) -> None:
         self.members = members
-        self.bases = bases  # each member's base nn.Linear (or its own base_layer)
-        self.outs = (
-            [base.out_features for base in bases] if all(hasattr(b, "out_features") for b in bases) else []
-        )
+        # Each member's base output: a LoRA layer's base_layer, or a plain nn.Linear's own forward
+        # (the member's forward is the group's while installed: calling the module would recurse).
+        self.bases = bases
+        self.outs = outs  # each member's out_features ([] when some base is not a plain linear)
         self.base_weight: Any = None  # fused (sum out, in) view, when the base matmul is fused
         self.base_bias: Any = None
         self.compute_dtype: Any = None
@@ -150,9 +161,8 @@ class _Group:
             tuple[int, int, Any]
         ] = []  # per member: (offset, rank, B (out, rank)); rank 0: none
         self.block_b: Any = None  # (sum out, sum rank) block-diagonal B, with the fused base matmul
-        # The row-slice pass: (start, stop, that run's adapter's A rows, its B columns) or None.
-        # B columns: block_b's with the fused base matmul, else per member (offset in low, rank, B).
-        self.row_run: tuple[int, int, Any, Any] | None = None
+        self.runs_rows = False  # the layout takes the row-slice pass (set_rows)
+        self.row_run: _RowRun | None = None  # its weights here; None where this group adds nothing
         self._input: Any = None
         self._outputs: list[Any] | None = None
         self._taken: set[int] = set()
@@ -184,6 +194,7 @@ class _Group:
         import torch
 
         self.row_run = None if run is None else self._run_pieces(*run)
+        self.runs_rows = run is not None  # the layout's run, even where this group adds nothing to it
         rows = row_adapter.shape[0]
         if self._keep_store is None or self._keep_store.shape[0] < rows:
             self._keep_store = self.lora_a.new_zeros((rows, 1, self.lora_a.shape[0]))
@@ -198,29 +209,33 @@ class _Group:
             self.row_keep[:, 0, :, None], self.lora_a[None], out=self._row_a_store[:rows]
         )  # (rows, rank, in)
 
-    def _run_pieces(self, start: int, stop: int, adapter: int) -> tuple[int, int, Any, Any]:
-        """The row-slice pass's weights for rows start..stop-1, all running adapter `adapter`:
-        its A rows of lora_a, and the matching B columns."""
+    def _run_pieces(self, start: int, stop: int, adapter: int) -> _RowRun | None:
+        """The row-slice pass for rows start..stop-1, all running adapter `adapter`: its A rows
+        of lora_a and the matching B columns (the group's own tensors where the adapter is all
+        that is stacked, the usual chat, so no copy of the weights is kept); None where the
+        adapter has no LoRA on these projections."""
         columns = (self.block_adapter == adapter).nonzero().flatten()
-        if not len(columns):  # the run's adapter has no LoRA on these projections
-            return start, stop, None, None
+        if not len(columns):
+            return None
+        if len(columns) == self.lora_a.shape[0]:
+            return _RowRun(start, stop, self.lora_a, self.block_b, self.blocks)
         run_a = self.lora_a.index_select(0, columns)
         if self.block_b is not None:
-            return start, stop, run_a, self.block_b.index_select(1, columns).contiguous()
-        pieces, offset = [], 0
+            return _RowRun(start, stop, run_a, self.block_b.index_select(1, columns).contiguous(), [])
+        member_b, offset = [], 0
         for member_offset, rank, b in self.blocks:
             mine = columns[(columns >= member_offset) & (columns < member_offset + rank)]
             if rank and len(mine):
-                pieces.append((offset, len(mine), b.index_select(1, mine - member_offset).contiguous()))
+                member_b.append((offset, len(mine), b.index_select(1, mine - member_offset).contiguous()))
                 offset += len(mine)
             else:
-                pieces.append((offset, 0, None))
-        return start, stop, run_a, pieces
+                member_b.append((offset, 0, None))
+        return _RowRun(start, stop, run_a, None, member_b)
 
     def _compute(self, x: Any) -> list[Any]:
         import torch.nn.functional as F
 
-        if self.row_run is not None and x.dim() == 3:
+        if self.runs_rows and x.dim() == 3:
             return self._compute_run(x)
         if self.base_weight is not None:
             full = F.linear(x, self.base_weight, self.base_bias)
@@ -240,28 +255,29 @@ class _Group:
         into those rows of the base outputs in place."""
         import torch.nn.functional as F
 
-        start, stop, run_a, run_b = self.row_run
+        run = self.row_run
         if self.base_weight is not None:
             full = F.linear(x, self.base_weight, self.base_bias)
-            if run_a is not None:
-                _add_low_rank_into(full[start:stop], self._run_low_rank(x), run_b)
+            if run is not None:
+                _add_low_rank(
+                    full[run.start : run.stop], self._run_low_rank(x, run), run.block_b, in_place=True
+                )
             return _split_last(full, self.outs)
         outputs = [base(x) for base in self.bases]
-        if run_a is None:
+        if run is None:
             return outputs
-        low = self._run_low_rank(x)
-        for out, (offset, rank, b) in zip(outputs, run_b, strict=True):
+        low = self._run_low_rank(x, run)
+        for out, (offset, rank, b) in zip(outputs, run.member_b, strict=True):
             if rank:
-                _add_low_rank_into(out[start:stop], low[..., offset : offset + rank], b)
+                _add_low_rank(out[run.start : run.stop], low[..., offset : offset + rank], b, in_place=True)
         return outputs
 
-    def _run_low_rank(self, x: Any) -> Any:
+    def _run_low_rank(self, x: Any, run: _RowRun) -> Any:
         """x[run] @ A_runᵀ: the run's rows through its adapter's A (scaling included)."""
         import torch.nn.functional as F
 
-        start, stop, run_a, _ = self.row_run
-        rows = x[start:stop]
-        return F.linear(rows if rows.dtype == self.compute_dtype else rows.to(self.compute_dtype), run_a)
+        rows = x[run.start : run.stop]
+        return F.linear(rows if rows.dtype == self.compute_dtype else rows.to(self.compute_dtype), run.lora_a)
 
     def _low_rank(self, x: Any) -> Any:
         """x @ A_allᵀ with each row's scaling on its own adapter's block and 0 elsewhere."""
@@ -285,26 +301,18 @@ def _low_rank_pass(device: Any) -> str:
     return GPU_LOW_RANK_PASS if device.type == "cuda" else CPU_LOW_RANK_PASS
 
 
-def _add_low_rank(out: Any, low: Any, b: Any) -> Any:
+def _add_low_rank(out: Any, low: Any, b: Any, in_place: bool = False) -> Any:
     """out + low @ bᵀ: in place with one addmm_ when the dtypes match (a GPU in bf16); else the
     product in the adapter's dtype, rounded to the base dtype and added (float32 LoRA on a bf16
-    CPU model: an in-place add across dtypes takes a slow path there)."""
+    CPU model: an in-place add across dtypes takes a slow path there), into `out` itself where
+    in_place (it is some rows of a layer's output)."""
     import torch.nn.functional as F
 
     if out.dtype == low.dtype and out.is_contiguous():
         out.view(-1, out.shape[-1]).addmm_(low.reshape(-1, low.shape[-1]), b.t())
         return out
-    return out + F.linear(low, b).to(out.dtype)
-
-
-def _add_low_rank_into(out: Any, low: Any, b: Any) -> None:
-    """out += low @ bᵀ in place (out: some rows of a layer's output)."""
-    import torch.nn.functional as F
-
-    if out.dtype == low.dtype and out.is_contiguous():
-        out.view(-1, out.shape[-1]).addmm_(low.reshape(-1, low.shape[-1]), b.t())
-    else:
-        out.add_(F.linear(low, b).to(out.dtype))
+    product = F.linear(low, b).to(out.dtype)
+    return out.add_(product) if in_place else out + product
 
 
 def _split_last(full: Any, sizes: list[int]) -> list[Any]:
@@ -327,10 +335,9 @@ def _single_forward(group: _Group) -> Callable[..., Any]:
         return lambda x, *args, **kwargs: base(x)
     lora_a, keep, dtype = group.lora_a, group.row_keep, group.compute_dtype
     b = group.blocks[0][2]
-    run = group.row_run is not None
 
     def forward(x: Any, *args: Any, **kwargs: Any) -> Any:
-        if run and x.dim() == 3:
+        if group.runs_rows and x.dim() == 3:  # read per call: set_rows may have moved the rows
             return group._compute_run(x)[0]
         out = base(x)
         low = F.linear(x if x.dtype == dtype else x.to(dtype), lora_a)
@@ -404,9 +411,12 @@ class FusedLora:
 
         groups: list[_Group] = []
         for members in grouped:
-            bases = [m.base_layer if isinstance(m, LoraLinear) else m for m in members]
-            group = _Group(members, bases)
+            bases = [
+                m.base_layer if isinstance(m, LoraLinear) else MethodType(type(m).forward, m) for m in members
+            ]
             linears = [_plain_linear(m) for m in members]
+            outs = [lin.out_features for lin in linears] if None not in linears else []
+            group = _Group(members, bases, outs)
             if fuse_base and len(members) > 1 and None not in linears and group.outs:
                 group.base_weight = _adjacent_weight(linears)
             if group.base_weight is not None:

@@ -81,12 +81,15 @@ def _rope_in_place(liger_rope: Any) -> Any:
     rotates q and k where they lie: liger's wrapper first copies them contiguous, and with the
     fused q/k/v matmul they are views whose rows lie a q/k/v row apart, so that is two copies
     per layer per step (bench/RESULTS_generate.md). Anything else goes to liger's wrapper.
-    This launches liger's own kernel (`_triton_rope`, not public API): `_decode_rope`
-    checks it against the formula before the decode uses it."""
+    This launches liger's own kernel (`_triton_rope`, not public API) with its arguments named,
+    so a liger whose kernel takes others fails before launching; `_decode_rope` checks the
+    answer against the formula before the decode uses it. One per liger: it works on any device."""
+    if liger_rope in _in_place:
+        return _in_place[liger_rope]
     import torch
     from liger_kernel.ops.rope import _triton_rope
 
-    def padded(n: int) -> int:  # triton.next_power_of_2
+    def padded(n: int) -> int:  # triton.next_power_of_2, without importing triton here
         return 1 << (n - 1).bit_length()
 
     def rope(q: Any, k: Any, cos: Any, sin: Any, position_ids: Any = None, unsqueeze_dim: int = 1) -> Any:
@@ -99,34 +102,34 @@ def _rope_in_place(liger_rope: Any) -> Any:
         in_rows = all(t.stride(3) == 1 and t.stride(2) == head_dim for t in (q_rows, k_rows))
         if not (in_rows and cos.is_contiguous() and sin.is_contiguous() and cos.shape[1] == 1):
             return liger_rope(q, k, cos, sin, position_ids, unsqueeze_dim)
-        q_heads, k_heads = q.shape[1], k.shape[1]
-        pad_q, pad_k = padded(q_heads), padded(k_heads)
+        pad_q, pad_k = padded(q.shape[1]), padded(k.shape[1])
         # One program per row (sequence length 1): row r's heads start at r * stride(0).
         _triton_rope[(q.shape[0],)](
-            q_rows,
-            q_rows.stride(0),
-            k_rows,
-            k_rows.stride(0),
-            cos,
-            cos.stride(-2),
-            sin,
-            sin.stride(-2),
-            1,
-            q.shape[0],
-            cos.shape[0],
-            q_heads,
-            k_heads,
-            head_dim,
-            pad_q,
-            pad_k,
-            padded(head_dim),
-            padded(rotary),
-            rotary,
+            q_ptr=q_rows,
+            q_row_stride=q_rows.stride(0),
+            k_ptr=k_rows,
+            k_row_stride=k_rows.stride(0),
+            cos=cos,
+            cos_row_stride=cos.stride(-2),
+            sin=sin,
+            sin_row_stride=sin.stride(-2),
+            sl=1,
+            bs=q.shape[0],
+            cos_bs=cos.shape[0],
+            n_qh=q.shape[1],
+            n_kh=k.shape[1],
+            hd=head_dim,
+            pad_n_qh=pad_q,
+            pad_n_kh=pad_k,
+            pad_hd=padded(head_dim),
+            pad_rd=padded(rotary),
+            rd=rotary,
             BLOCK_SIZE=max(pad_q, pad_k),
             BACKWARD_PASS=False,
         )
         return q, k
 
+    _in_place[liger_rope] = rope
     return rope
 
 
@@ -139,20 +142,22 @@ def _rotated(x: Any, cos: Any, sin: Any) -> Any:
     return x.float() * cos.float() + turned.float() * sin.float()
 
 
-_in_place_runs: dict[tuple[str, Any], Any] = {}
+_in_place: dict[Any, Any] = {}  # liger's wrapper -> its in-place twin
+_in_place_answers: dict[tuple, bool] = {}  # (device, wrapper, heads, kv heads, head dim) -> probed
 
 
-def _decode_rope(device: Any, liger_rope: Any) -> Any:
-    """The rotary embedding the decode swaps in on `device`: `_rope_in_place` where it gives the
-    formula's answer on a fused q/k/v layout, else liger's wrapper. Asked once per device."""
-    key = (str(device), liger_rope)
-    if key not in _in_place_runs:
-        _in_place_runs[key] = liger_rope
+def _decode_rope(device: Any, liger_rope: Any, q_heads: int, k_heads: int, head_dim: int) -> Any:
+    """The rotary embedding the decode swaps in on `device` for a model of these heads:
+    `_rope_in_place` where it gives the formula's answer on their fused q/k/v layout, else
+    liger's wrapper. Asked once per device and shape."""
+    key = (str(device), liger_rope, q_heads, k_heads, head_dim)
+    if key not in _in_place_answers:
+        _in_place_answers[key] = False
         try:
             import torch
 
             rope = _rope_in_place(liger_rope)
-            rows, q_heads, k_heads, head_dim = 2, 4, 2, 64
+            rows = 2
             width = (q_heads + 2 * k_heads) * head_dim  # q | k | v, as the fused matmul lays them out
             fused = torch.arange(rows * width, device=device).sin().view(rows, 1, width).to(torch.bfloat16)
             q = fused[..., : q_heads * head_dim].view(rows, 1, q_heads, head_dim).transpose(1, 2)
@@ -166,12 +171,19 @@ def _decode_rope(device: Any, liger_rope: Any) -> Any:
                 got = rope(q, k, cos, sin)
             for out, want in zip(got, expected, strict=True):
                 torch.testing.assert_close(out.float(), want, atol=3e-2, rtol=3e-2)
-            _in_place_runs[key] = rope
+            _in_place_answers[key] = True
         except ImportError:
             pass
         except Exception as error:  # noqa: BLE001 - another liger's kernel: its own wrapper still works
             log.warning("liger's rotary kernel does not rotate in place here (%s); it copies first", error)
-    return _in_place_runs[key]
+    return _in_place[liger_rope] if _in_place_answers[key] else liger_rope
+
+
+def _heads(config: Any) -> tuple[int, int, int]:
+    """(attention heads, key/value heads, head dimension) of a Llama-family config."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return heads, getattr(config, "num_key_value_heads", None) or heads, head_dim
 
 
 _runs: dict[str, bool] = {}
@@ -211,13 +223,14 @@ def liger_kernels(model: Any) -> Iterator[list[str]]:
     if liger_rope is None or not _liger_family(model) or not liger_runs(device):
         yield []
         return
-    decode_rope = _decode_rope(device, liger_rope) if ROPE_IN_PLACE else liger_rope
+    decode_rope = _decode_rope(device, liger_rope, *_heads(model.config)) if ROPE_IN_PLACE else liger_rope
     layers = getattr(getattr(model, "model", None), "layers", None) or []
     attention = getattr(layers[0], "self_attn", None) if len(layers) else None
     modeling: Any = sys.modules.get(type(attention).__module__) if attention is not None else None
     original_rope = getattr(modeling, "apply_rotary_pos_emb", None)
-    # Another block already inside (another session's request) keeps its own swap.
-    swap_rope = original_rope is not None and original_rope not in (liger_rope, decode_rope)
+    # Another block already inside (another session's request, maybe on another device) keeps
+    # its own swap, whichever of liger's two it chose.
+    swap_rope = original_rope is not None and original_rope not in (liger_rope, _in_place.get(liger_rope))
     targets = _targets(model)
     saved = [(module, dict(module.__dict__)) for _, module in targets]
     try:
