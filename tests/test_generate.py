@@ -439,14 +439,14 @@ def test_gpu_decode_options_give_the_same_answers(tiny_model_dir, runs, session,
     assert answers(fast.generate(QUESTION, [bob], greedy(24)))[bob] == expected[bob]
     # CUDA's row-slice pass, where one run of rows holds every adapted row (base | adapter).
     monkeypatch.setattr(fused_lora, "ROW_SLICE_DEVICES", frozenset({"cpu"}))
-    pair = ["base", str(runs["plain"])]
+    plain = str(runs["plain"])
+    pair = ["base", plain]
     assert answers(fast.generate(QUESTION, pair, greedy(24))) == {t: expected[t] for t in pair}
     (fused,) = [
         f for names, f in fast._fused_cache.items() if len(names) == 2 and names[0] == "__base__" != names[1]
     ]
     assert any(g.row_run is not None for g in fused.groups)
     # Alone, the adapter's column runs beside a ghost of the base: a run of one row, as above.
-    plain = str(runs["plain"])
     assert answers(fast.generate(QUESTION, [plain], greedy(24)))[plain] == expected[plain]
 
     # The fused layout keeps one copy of the weights: each projection is a view of its group's buffer.

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import UserError
+from ..core.memory_model import model_sizes
 from ..infer.lora_decode import PEFT_BASE
 
 # A served name goes into JSON bodies and Prometheus labels: no spaces, quotes or backslashes.
@@ -123,13 +124,9 @@ class ServedModels:
 
     def kv_bytes_per_token(self) -> int:
         """Bytes of KV cache one token takes across every layer."""
-        config = self.loaded.model.config
-        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-        heads = text.num_attention_heads
-        kv_heads = getattr(text, "num_key_value_heads", None) or heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        sizes = model_sizes(self.loaded.model.config)
         element = self.loaded.model.get_input_embeddings().weight.element_size()
-        return 2 * text.num_hidden_layers * kv_heads * head_dim * element
+        return 2 * sizes["layers"] * sizes["kv_heads"] * sizes["head_dim"] * element
 
 
 @dataclass(frozen=True)

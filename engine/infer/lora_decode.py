@@ -129,8 +129,7 @@ class _RowRun(NamedTuple):
     start: int
     stop: int
     lora_a: Any  # (the adapter's rank over the members, in): its blocks of the group's lora_a
-    block_b: Any  # with the fused base matmul: the matching columns of the group's block_b
-    member_b: list[tuple[int, int, Any]]  # else per member: (offset in the run's low, rank, B)
+    parts: list[tuple[int, int, Any]]  # per output, as _Group._lora_parts, for the run's blocks
 
 
 class _Group:
@@ -218,66 +217,63 @@ class _Group:
         if not len(columns):
             return None
         if len(columns) == self.lora_a.shape[0]:
-            return _RowRun(start, stop, self.lora_a, self.block_b, self.blocks)
+            return _RowRun(start, stop, self.lora_a, self._lora_parts())
         run_a = self.lora_a.index_select(0, columns)
         if self.block_b is not None:
-            return _RowRun(start, stop, run_a, self.block_b.index_select(1, columns).contiguous(), [])
-        member_b, offset = [], 0
+            return _RowRun(
+                start, stop, run_a, [(0, len(columns), self.block_b.index_select(1, columns).contiguous())]
+            )
+        parts, offset = [], 0
         for member_offset, rank, b in self.blocks:
             mine = columns[(columns >= member_offset) & (columns < member_offset + rank)]
             if rank and len(mine):
-                member_b.append((offset, len(mine), b.index_select(1, mine - member_offset).contiguous()))
+                parts.append((offset, len(mine), b.index_select(1, mine - member_offset).contiguous()))
                 offset += len(mine)
             else:
-                member_b.append((offset, 0, None))
-        return _RowRun(start, stop, run_a, None, member_b)
+                parts.append((offset, 0, None))
+        return _RowRun(start, stop, run_a, parts)
 
     def _compute(self, x: Any) -> list[Any]:
+        """Every member's output: the base output (one matmul where the base is fused), with the
+        LoRA products added in place into the rows they belong to."""
+        import torch.nn.functional as F
+
+        fused = self.base_weight is not None
+        outputs = (
+            [F.linear(x, self.base_weight, self.base_bias)] if fused else [base(x) for base in self.bases]
+        )
+        lora = self._lora(x)
+        if lora is not None:
+            rows, low, parts = lora
+            for out, (offset, rank, b) in zip(outputs, parts, strict=True):
+                if rank:
+                    _add_low_rank(out[rows], low[..., offset : offset + rank], b)
+        return _split_last(outputs[0], self.outs) if fused else outputs
+
+    def _lora_parts(self) -> list[tuple[int, int, Any]]:
+        """Per output of _compute: (offset in the low-rank products, rank, B); rank 0: none."""
+        if self.base_weight is not None:
+            return [(0, self.lora_a.shape[0], self.block_b)]
+        return self.blocks
+
+    def _lora(self, x: Any) -> tuple[slice, Any, list[tuple[int, int, Any]]] | None:
+        """The LoRA terms of this input: the rows they go to, those rows' low-rank products and
+        the parts (_lora_parts) to multiply them by; None where there are none. The row-slice
+        pass takes its run's rows only; the mask way every row, each kept to its own adapter."""
         import torch.nn.functional as F
 
         if self.runs_rows and x.dim() == 3:
-            return self._compute_run(x)
-        if self.base_weight is not None:
-            full = F.linear(x, self.base_weight, self.base_bias)
-            if self.has_lora:
-                full = _add_low_rank(full, self._low_rank(x), self.block_b)
-            return _split_last(full, self.outs)
-        outputs = [base(x) for base in self.bases]
-        if self.has_lora:
-            low = self._low_rank(x)
-            for i, (offset, rank, b) in enumerate(self.blocks):
-                if rank:
-                    outputs[i] = _add_low_rank(outputs[i], low[..., offset : offset + rank], b)
-        return outputs
-
-    def _compute_run(self, x: Any) -> list[Any]:
-        """_compute with the row-slice pass: the LoRA products of the run's rows only, added
-        into those rows of the base outputs in place."""
-        import torch.nn.functional as F
-
-        run = self.row_run
-        if self.base_weight is not None:
-            full = F.linear(x, self.base_weight, self.base_bias)
-            if run is not None:
-                _add_low_rank(
-                    full[run.start : run.stop], self._run_low_rank(x, run), run.block_b, in_place=True
-                )
-            return _split_last(full, self.outs)
-        outputs = [base(x) for base in self.bases]
-        if run is None:
-            return outputs
-        low = self._run_low_rank(x, run)
-        for out, (offset, rank, b) in zip(outputs, run.member_b, strict=True):
-            if rank:
-                _add_low_rank(out[run.start : run.stop], low[..., offset : offset + rank], b, in_place=True)
-        return outputs
-
-    def _run_low_rank(self, x: Any, run: _RowRun) -> Any:
-        """x[run] @ A_runᵀ: the run's rows through its adapter's A (scaling included)."""
-        import torch.nn.functional as F
-
-        rows = x[run.start : run.stop]
-        return F.linear(rows if rows.dtype == self.compute_dtype else rows.to(self.compute_dtype), run.lora_a)
+            run = self.row_run
+            if run is None:
+                return None
+            rows = x[run.start : run.stop]
+            low = F.linear(
+                rows if rows.dtype == self.compute_dtype else rows.to(self.compute_dtype), run.lora_a
+            )
+            return slice(run.start, run.stop), low, run.parts
+        if not self.has_lora:
+            return None
+        return slice(None), self._low_rank(x), self._lora_parts()
 
     def _low_rank(self, x: Any) -> Any:
         """x @ A_allᵀ with each row's scaling on its own adapter's block and 0 elsewhere."""
@@ -301,18 +297,17 @@ def _low_rank_pass(device: Any) -> str:
     return GPU_LOW_RANK_PASS if device.type == "cuda" else CPU_LOW_RANK_PASS
 
 
-def _add_low_rank(out: Any, low: Any, b: Any, in_place: bool = False) -> Any:
-    """out + low @ bᵀ: in place with one addmm_ when the dtypes match (a GPU in bf16); else the
-    product in the adapter's dtype, rounded to the base dtype and added (float32 LoRA on a bf16
-    CPU model: an in-place add across dtypes takes a slow path there), into `out` itself where
-    in_place (it is some rows of a layer's output)."""
+def _add_low_rank(out: Any, low: Any, b: Any) -> Any:
+    """out += low @ bᵀ, in place (out: a fresh layer output, or some rows of one): one addmm_
+    when the dtypes match (a GPU in bf16); else the product in the adapter's dtype, rounded to
+    the base dtype and added (float32 LoRA on a bf16 CPU model: an add across dtypes takes a slow
+    path there). Returns out."""
     import torch.nn.functional as F
 
     if out.dtype == low.dtype and out.is_contiguous():
         out.view(-1, out.shape[-1]).addmm_(low.reshape(-1, low.shape[-1]), b.t())
         return out
-    product = F.linear(low, b).to(out.dtype)
-    return out.add_(product) if in_place else out + product
+    return out.add_(F.linear(low, b).to(out.dtype))
 
 
 def _split_last(full: Any, sizes: list[int]) -> list[Any]:
@@ -338,7 +333,7 @@ def _single_forward(group: _Group) -> Callable[..., Any]:
 
     def forward(x: Any, *args: Any, **kwargs: Any) -> Any:
         if group.runs_rows and x.dim() == 3:  # read per call: set_rows may have moved the rows
-            return group._compute_run(x)[0]
+            return group._compute(x)[0]
         out = base(x)
         low = F.linear(x if x.dtype == dtype else x.to(dtype), lora_a)
         return _add_low_rank(out, low * (keep if low.dim() == 3 else keep[:, 0]), b)

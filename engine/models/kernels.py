@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from ..core.memory_model import model_sizes
+
 log = logging.getLogger(__name__)
 
 # Families whose norms, MLP and rotary embedding are the Llama ones liger's kernels implement.
@@ -179,13 +181,6 @@ def _decode_rope(device: Any, liger_rope: Any, q_heads: int, k_heads: int, head_
     return _in_place[liger_rope] if _in_place_answers[key] else liger_rope
 
 
-def _heads(config: Any) -> tuple[int, int, int]:
-    """(attention heads, key/value heads, head dimension) of a Llama-family config."""
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return heads, getattr(config, "num_key_value_heads", None) or heads, head_dim
-
-
 _runs: dict[str, bool] = {}
 
 
@@ -223,7 +218,10 @@ def liger_kernels(model: Any) -> Iterator[list[str]]:
     if liger_rope is None or not _liger_family(model) or not liger_runs(device):
         yield []
         return
-    decode_rope = _decode_rope(device, liger_rope, *_heads(model.config)) if ROPE_IN_PLACE else liger_rope
+    decode_rope = liger_rope
+    if ROPE_IN_PLACE:
+        sizes = model_sizes(model.config)
+        decode_rope = _decode_rope(device, liger_rope, sizes["heads"], sizes["kv_heads"], sizes["head_dim"])
     layers = getattr(getattr(model, "model", None), "layers", None) or []
     attention = getattr(layers[0], "self_attn", None) if len(layers) else None
     modeling: Any = sys.modules.get(type(attention).__module__) if attention is not None else None
