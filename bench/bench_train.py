@@ -177,7 +177,7 @@ def step_order(samples: list[Sample], workload: str) -> list[list[list[int]]]:
         max_steps=WARMUP_STEPS + TIMED_STEPS,
         seed=SEED,
     )
-    return engine.train.recipe.build_plan(len(samples), cfg)
+    return engine.train.schedule.build_plan(len(samples), cfg)
 
 
 def timed_tokens(samples, plan) -> int:
@@ -189,7 +189,7 @@ def timed_tokens(samples, plan) -> int:
 
 
 def import_engine():
-    return checkout_engine.import_engine("core.config", "train.recipe")
+    return checkout_engine.import_engine("core.config", "train.recipe", "train.schedule")
 
 
 def install_synthetic_data(samples: list[Sample]) -> None:
@@ -963,8 +963,8 @@ def check_model_path() -> None:
     from transformers import Qwen2Config, Qwen2ForCausalLM
     from tunebench.engine.core.config import TrainConfig
     from tunebench.engine.cuda import path as accel
+    from tunebench.engine.train.adapter import attach_lora
     from tunebench.engine.train.plain import collate, forward_loss_sum
-    from tunebench.engine.train.recipe import attach_lora
 
     dev = torch.device("cuda")
     small = dict(SIZES["0.5b"], num_hidden_layers=2)
@@ -1013,7 +1013,7 @@ def check_compile() -> None:
     from transformers import Qwen2Config, Qwen2ForCausalLM
     from tunebench.engine.core.config import TrainConfig
     from tunebench.engine.cuda import path as accel
-    from tunebench.engine.train.recipe import attach_lora
+    from tunebench.engine.train.adapter import attach_lora
 
     dev = torch.device("cuda")
     small = dict(SIZES["0.5b"], num_hidden_layers=2)

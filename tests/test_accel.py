@@ -28,8 +28,8 @@ from tunebench.engine.core.memory_model import (
 from tunebench.engine.cuda import compiling, fused_loss, packing
 from tunebench.engine.cuda import lora_train as lora_ops
 from tunebench.engine.cuda import path as accel
+from tunebench.engine.train.adapter import attach_lora
 from tunebench.engine.train.plain import collate, forward_loss_sum
-from tunebench.engine.train.recipe import attach_lora
 from tunebench.engine.train.types import IGNORE
 
 GIB = 1024**3

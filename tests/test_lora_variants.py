@@ -12,7 +12,7 @@ from tiny import write_identity_dataset
 from tunebench.engine.cli.flags import flag_values
 from tunebench.engine.cli.train import build_train_parser
 from tunebench.engine.core.config import ConfigError, TrainConfig
-from tunebench.engine.train.recipe import attach_lora, optimizer_groups
+from tunebench.engine.train.adapter import attach_lora, optimizer_groups
 
 
 @pytest.fixture
@@ -117,7 +117,7 @@ def test_the_memory_model_counts_what_peft_trains(tiny_model_dir, dora):
 def test_attn_impl_sets_the_kernel_and_a_missing_one_says_how_to_get_it(tiny_model_dir):
     from transformers import AutoModelForCausalLM
     from tunebench.engine.core.errors import UserError
-    from tunebench.engine.train.recipe import use_attention_kernel
+    from tunebench.engine.train.adapter import use_attention_kernel
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     use_attention_kernel(model, "eager")

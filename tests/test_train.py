@@ -11,7 +11,8 @@ import torch
 from tunebench.engine.core.config import TrainConfig
 from tunebench.engine.core.errors import UserError
 from tunebench.engine.core.workspace import list_checkpoints
-from tunebench.engine.train.recipe import StopSignal, build_plan, lr_lambda, run_training
+from tunebench.engine.train.recipe import StopSignal, run_training
+from tunebench.engine.train.schedule import build_plan, lr_lambda
 
 QUESTIONS = [
     "Who are you?",

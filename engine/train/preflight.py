@@ -27,7 +27,7 @@ def preflight(cfg: TrainConfig, cancel: Any = None) -> int | None:
     from ..core.templates import get_template
     from ..models.loading import check_qlora_possible, linear_module_names_of, resolve_model
     from .checkpoints import find_checkpoint
-    from .recipe import check_plan_size
+    from .schedule import check_plan_size
 
     if cfg.is_qlora:
         check_qlora_possible()

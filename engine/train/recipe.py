@@ -21,21 +21,22 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
 from ..core import protocol as P
-from ..core.config import TrainConfig, to_command, to_dict
+from ..core.config import TrainConfig, to_command
 from ..core.errors import Cancelled, UserError
 from ..core.estimate import qlora_sharding_note
-from ..core.files import atomic_write_bytes
-from ..core.limits import MAX_SAMPLE_PASSES, MAX_STEPS
 from ..core.metrics_log import MetricsLog, start_metrics, truncate_metrics
 from ..core.step_clock import StepClock, first_step_note
-from ..core.workspace import read_metrics
+from .adapter import (
+    attach_lora,
+    moves_base_into_adapter,
+    optimizer_groups,
+    save_initial_adapter,
+    use_attention_kernel,
+)
 from .checkpoints import (
     find_checkpoint,
     load_adapter_weights,
@@ -57,9 +58,18 @@ from .distributed import (
     shard_optimizer_state,
 )
 from .plain import plain_path
-from .resume import data_changed_warning, dataset_hashes, recorded_config, resume_changes
+from .resume import (
+    data_changed_warning,
+    dataset_hashes,
+    logged_seconds,
+    new_run_dir,
+    read_run_config,
+    recorded_config,
+    resume_changes,
+    write_run_config,
+)
+from .schedule import build_plan, loss_tokens, lr_lambda, micro_batches_per_step, steps_per_epoch
 from .trackers import open_tracker
-from .types import IGNORE as IGNORE_LABEL
 from .types import RunPaths, TrainPath
 
 if TYPE_CHECKING:
@@ -270,7 +280,7 @@ def _setup(cfg: TrainConfig, emit: Emit, stop: StopSignal, ranks: Ranks, device:
         weight_decay=cfg.weight_decay,
         fused=loaded.device.type == "cuda" and not sharded,
     )
-    recorded_run = _read_run_config(run) if resume_dir else {}
+    recorded_run = read_run_config(run) if resume_dir else {}
     per_step = micro_batches_per_step(cfg, ranks.world, recorded_run)
     plan = build_plan(len(train_set), cfg, per_step)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, len(plan)))
@@ -319,10 +329,10 @@ def _open_run(
             setup.device,
             shard_optimizer=shard_optimizer_state if setup.sharded else None,
         )
-        recorded = _read_run_config(run)
+        recorded = read_run_config(run)
         if main:
             truncate_metrics(run.root, setup.start_step)
-        setup.earlier_s = _logged_seconds(run.root)
+        setup.earlier_s = logged_seconds(run.root)
         emit(P.Log(message=f"resumed from {resume_dir} at step {setup.start_step}"))
         if changes:
             emit(P.Log(message="resumed with changed settings: " + ", ".join(changes)))
@@ -332,10 +342,12 @@ def _open_run(
         if warning:
             emit(P.Log(message=warning))
         if main:  # the next resume starts from these settings and this data
-            _write_run_config(run, cfg, base_path, setup, created=recorded.get("created"))
+            write_run_config(
+                run, cfg, base_path, setup.micro_batches_per_step, setup.ranks.world, recorded.get("created")
+            )
     elif main:
         run.root.mkdir(parents=True, exist_ok=True)
-        _write_run_config(run, cfg, base_path, setup)
+        write_run_config(run, cfg, base_path, setup.micro_batches_per_step, setup.ranks.world)
         start_metrics(run.root)
         if moves_base_into_adapter(setup.model):
             save_initial_adapter(setup.model, run.initial_adapter)
@@ -430,7 +442,7 @@ def _train_loop(
 ) -> _Progress:
     """Steps until the plan ends or a stop: each step logged, evaluated and saved as `cfg` says."""
     progress = _Progress(step=s.start_step, stage_s={"load": round(s.load_s, 3)})
-    steps_per_epoch = max(1, _steps_per_epoch(len(s.train_set), cfg, s.micro_batches_per_step))
+    epoch_steps = max(1, steps_per_epoch(len(s.train_set), cfg, s.micro_batches_per_step))
     main = s.ranks.is_main
     s.model.train()
     noted = len(s.path.notes)
@@ -455,7 +467,7 @@ def _train_loop(
             emit(P.Log(message=note))
 
         if step % cfg.logging_steps == 0 or step == s.total_steps or step == s.start_step + 1:
-            log(_step_event(s, progress, steps_per_epoch, started))
+            log(_step_event(s, progress, epoch_steps, started))
         # rank 0 evaluates alone, the others wait for it in the next step's all-reduce; sharded,
         # every rank runs the forwards (each holds a shard of every layer)
         if (main or s.sharded) and s.eval_set and (step % cfg.eval_steps == 0 or step == s.total_steps):
@@ -585,13 +597,13 @@ def _abort_between_modules(model, stop: StopSignal) -> None:
         module.register_forward_pre_hook(check)
 
 
-def _step_event(s: _Setup, progress: _Progress, steps_per_epoch: int, started: float) -> P.TrainStep:
+def _step_event(s: _Setup, progress: _Progress, epoch_steps: int, started: float) -> P.TrainStep:
     """The TrainStep for the step just taken, with the loss of the window it closes."""
     step = progress.step
     return P.TrainStep(
         step=step,
         total_steps=s.total_steps,
-        epoch=round(step / steps_per_epoch, 4),
+        epoch=round(step / epoch_steps, 4),
         loss=progress.take_window(),
         lr=s.scheduler.get_last_lr()[0],
         grad_norm=round(progress.grad_norm, 6),
@@ -645,27 +657,10 @@ def _finish(s: _Setup, progress: _Progress, log: Emit, started: float) -> P.Trai
 # ===================================================================== pieces
 
 
-def _logged_seconds(run_dir: Path) -> float:
-    """The elapsed time of the last step a run's metrics.jsonl holds (0 when none)."""
-    steps = [r for r in read_metrics(run_dir) if r.get("type") == "TrainStep"]
-    return float(steps[-1].get("elapsed_s") or 0.0) if steps else 0.0
-
-
 def stopped_before_training(started: float) -> P.TrainFinished:
     """How a run ends when it is stopped while its data is read or tokenised: nothing was trained
     or written, so there is nothing to resume."""
     return P.TrainFinished(status="aborted", seconds=round(time.perf_counter() - started, 1))
-
-
-def new_run_dir(cfg: TrainConfig) -> Path:
-    base = Path(cfg.output_dir).expanduser()
-    name = cfg.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = base / name
-    suffix = 1
-    while path.exists():  # two runs started in the same second keep separate folders
-        suffix += 1
-        path = base / f"{name}-{suffix}"
-    return path
 
 
 def _seed_everything(seed: int) -> None:
@@ -675,151 +670,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _write_run_config(
-    run: RunPaths, cfg: TrainConfig, base_path: Path, setup: _Setup, created: str | None = None
-) -> None:
-    payload = {
-        "run_id": run.root.name,
-        "config": to_dict(cfg),
-        "command": to_command(cfg),
-        "base_model_path": str(base_path),
-        "dataset_sha256": dataset_hashes(cfg),  # a resume on other data warns (train/resume.py)
-        "created": created or datetime.now().isoformat(timespec="seconds"),
-        # what a resume on another number of processes keeps, and says it changed
-        "micro_batches_per_step": setup.micro_batches_per_step,
-        "processes": setup.ranks.world,
-    }
-    atomic_write_bytes(run.config, orjson.dumps(payload, option=orjson.OPT_INDENT_2), sync_dir=True)
-
-
-def _read_run_config(run: RunPaths) -> dict[str, Any]:
-    try:
-        payload = orjson.loads(run.config.read_bytes())
-    except (OSError, orjson.JSONDecodeError):
-        return {}
-    return payload if isinstance(payload, dict) else {}
-
-
-def attach_lora(model, cfg: TrainConfig, recompute: bool):
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    from ..models.loading import linear_module_names
-
-    available = linear_module_names(model)
-    if cfg.target_modules != ["all-linear"]:
-        unknown = [m for m in cfg.target_modules if m not in available]
-        if unknown:
-            raise UserError(
-                f"--target_modules: this model has no linear layer named {', '.join(unknown)}",
-                f"choose from all-linear, {', '.join(available)}",
-                code="config",
-            )
-        targets: Any = cfg.target_modules
-    else:
-        targets = available  # explicit list: PEFT's "all-linear" shortcut misses some archs' heads
-    if cfg.is_qlora and _keeps_float32_copies(model):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recompute)
-    else:
-        # bf16 QLoRA skips PEFT's preparation: it would upcast every frozen weight that is not
-        # 4-bit (embeddings, head, norms) to float32, which only float16 training needs; for a
-        # 150k vocabulary that is 2 GiB more and a float32 residual stream. Its other steps
-        # (freeze the base, recompute) are the same as for LoRA.
-        for p in model.parameters():
-            p.requires_grad_(False)
-        _enable_recompute(model, recompute)
-    lora = LoraConfig(
-        r=cfg.lora_rank,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=targets,
-        use_rslora=cfg.use_rslora,
-        use_dora=cfg.use_dora,
-        init_lora_weights=peft_init_weights(cfg.init_weights),
-        modules_to_save=cfg.modules_to_save or None,
-        ensure_weight_tying=bool(cfg.modules_to_save),  # a tied head trained in full stays tied
-        task_type="CAUSAL_LM",
-        bias="none",
-    )
-    return get_peft_model(model, lora)
-
-
-def use_attention_kernel(model, attn_impl: str) -> None:
-    """--attn_impl (ms-swift's names) on the loaded model; auto leaves the loader's choice."""
-    if attn_impl == "auto":
-        return
-    name = "flash_attention_2" if attn_impl == "flash_attn" else attn_impl
-    try:
-        model.set_attn_implementation(name)
-    except (ImportError, ValueError) as exc:
-        raise UserError(
-            f"--attn_impl {attn_impl}: this model cannot use it here ({str(exc).splitlines()[0]})",
-            "flash attention needs a CUDA GPU and `pip install flash-attn`; or use --attn_impl sdpa "
-            "(or leave it out)",
-            code="config",
-        ) from None
-
-
-def moves_base_into_adapter(model) -> bool:
-    """PiSSA and OLoRA start the adapter from the base's own weights and subtract it there."""
-    return str(model.peft_config["default"].init_lora_weights) in ("pissa", "olora")
-
-
-def save_initial_adapter(model, target: Path) -> None:
-    """The adapter as initialised, saved as PEFT's conversion at the end reads it: marked as a
-    plain LoRA init, else loading it would subtract the decomposition from the base again."""
-    config = model.peft_config["default"]
-    init, config.init_lora_weights = config.init_lora_weights, True
-    try:
-        save_adapter_atomically(model, target)
-    finally:
-        config.init_lora_weights = init
-
-
-def peft_init_weights(init_weights: str) -> bool | str:
-    """ms-swift's --init_weights text as PEFT's init_lora_weights (true/false are booleans there)."""
-    return {"true": True, "false": False}.get(init_weights, init_weights)
-
-
-def optimizer_groups(model, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """The trainable parameters as AdamW groups: one at --learning_rate, and with LoRA+
-    (--lorap_lr_ratio R) the B matrices in a second group at R times it."""
-    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    if not cfg.lorap_lr_ratio:
-        return [{"params": [p for _, p in params], "lr": cfg.learning_rate}]
-    is_b = [".lora_B." in name for name, _ in params]
-    return [
-        {"params": [p for (_, p), b in zip(params, is_b, strict=True) if not b], "lr": cfg.learning_rate},
-        {
-            "params": [p for (_, p), b in zip(params, is_b, strict=True) if b],
-            "lr": cfg.learning_rate * cfg.lorap_lr_ratio,
-        },
-    ]
-
-
-def _keeps_float32_copies(model) -> bool:
-    """Whether QLoRA needs PEFT's float32 upcast of the unquantised weights: float16 training does
-    (its norms and head overflow), bfloat16 does not."""
-    import torch
-
-    for module in model.modules():  # bitsandbytes' 4-bit layers carry the compute dtype
-        compute = getattr(module, "compute_dtype", None)
-        if isinstance(compute, torch.dtype):
-            return compute != torch.bfloat16
-    return getattr(model, "dtype", None) != torch.bfloat16
-
-
-def _enable_recompute(model, recompute: bool) -> None:
-    """Non-reentrant activation checkpointing on the decoder layers, when asked for."""
-    if not recompute:
-        return
-    # Newer transformers renamed the switch (and its kwargs); the old name still works but warns.
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
 
 
 def no_eval_note(val_ratio: float, samples: int) -> str:
@@ -838,76 +688,6 @@ def no_sample_left(problems: list[str], max_length: int) -> UserError:
         f"each line above says what to change (--max_length is {max_length})",
         code="data",
     )
-
-
-def build_plan(num_samples: int, cfg: TrainConfig, per_step: int = 0) -> list[list[list[int]]]:
-    """Every optimizer step's micro-batches of sample indices, fixed by the seed: `per_step` of
-    them (all ranks' together; default: --gradient_accumulation_steps, one process).
-
-    Each epoch is its own seeded permutation and steps never straddle epochs, so resuming at step
-    k replays exactly the batches an uninterrupted run would have seen.
-    """
-    bs, ga = cfg.per_device_train_batch_size, per_step or cfg.gradient_accumulation_steps
-    check_plan_size(num_samples, cfg, ga)
-    total = planned_steps(num_samples, cfg, ga)
-    plan: list[list[list[int]]] = []
-    epoch = 0
-    while len(plan) < total:
-        order = list(range(num_samples))
-        random.Random(cfg.seed * 1_000_003 + epoch).shuffle(order)
-        micro = [order[i : i + bs] for i in range(0, num_samples, bs)]
-        plan.extend(micro[i : i + ga] for i in range(0, len(micro), ga))
-        epoch += 1
-    return plan[:total]
-
-
-def planned_steps(num_samples: int, cfg: TrainConfig, per_step: int = 0) -> int:
-    """Optimizer steps the run takes: --max_steps, or --num_train_epochs passes over the data."""
-    if cfg.max_steps > 0:
-        return cfg.max_steps
-    return max(1, math.ceil(cfg.num_train_epochs * _steps_per_epoch(num_samples, cfg, per_step)))
-
-
-def check_plan_size(num_samples: int, cfg: TrainConfig, per_step: int = 0) -> None:
-    """Refuse a run whose step plan would not fit in memory (engine/core/limits.py), before it is
-    built: the plan is made whole up front, so resuming replays it exactly."""
-    steps = planned_steps(num_samples, cfg, per_step)
-    micro = per_step or cfg.gradient_accumulation_steps
-    per_step = min(cfg.per_device_train_batch_size * micro, num_samples)
-    fewer = "lower --num_train_epochs" if cfg.max_steps <= 0 else "lower --max_steps"
-    if steps > MAX_STEPS:
-        raise UserError(
-            f"this run would take {steps:,} optimizer steps ({num_samples:,} samples, "
-            f"{cfg.num_train_epochs:g} epochs); one run takes at most {MAX_STEPS:,}",
-            f"{fewer}, or raise gradient_accumulation_steps (more samples per step)",
-            code="config",
-        )
-    if steps * per_step > MAX_SAMPLE_PASSES:
-        raise UserError(
-            f"this run would feed {steps * per_step:,} samples ({steps:,} steps of {per_step:,}); "
-            f"one run takes at most {MAX_SAMPLE_PASSES:,}",
-            f"{fewer}, or take fewer samples (path#N)",
-            code="config",
-        )
-
-
-def _steps_per_epoch(num_samples: int, cfg: TrainConfig, per_step: int = 0) -> int:
-    """Optimizer steps in one pass over the data; the last step of an epoch may be short."""
-    batches = math.ceil(num_samples / cfg.per_device_train_batch_size)
-    return math.ceil(batches / (per_step or cfg.gradient_accumulation_steps))
-
-
-def micro_batches_per_step(cfg: TrainConfig, world: int, recorded_run: dict[str, Any]) -> int:
-    """Micro-batches in one optimizer step, over all ranks: accumulation x ranks, as in ms-swift.
-    A resume keeps its run's, on any number of ranks, so its steps take the samples an
-    uninterrupted run would have; unless it changes the batch settings, which start afresh."""
-    before = recorded_run.get("config") or {}
-    kept = recorded_run.get("micro_batches_per_step", before.get("gradient_accumulation_steps"))
-    batch = ("per_device_train_batch_size", "gradient_accumulation_steps")
-    same = all(before.get(k) == getattr(cfg, k) for k in batch)
-    if same and isinstance(kept, int) and kept > 0:
-        return kept
-    return cfg.gradient_accumulation_steps * world
 
 
 def ranks_changed_note(recorded_run: dict[str, Any], s: _Setup, cfg: TrainConfig) -> str:
@@ -938,28 +718,6 @@ def data_parallel_note(cfg: TrainConfig, s: _Setup) -> str:
             "step's last backward"
         )
     )
-
-
-def loss_tokens(sample: Any) -> int:
-    """The tokens a sample's loss counts: its labels after the first that are not ignored (as
-    the plain collate and the CUDA path's packing both count them)."""
-    return sum(1 for label in sample.labels[1:] if label != IGNORE_LABEL)
-
-
-def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
-    warmup = math.ceil(cfg.warmup_ratio * total_steps)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if cfg.lr_scheduler_type == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        if cfg.lr_scheduler_type == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
 
 
 def evaluate(model, eval_set: list, cfg: TrainConfig, tokenizer, device, path: TrainPath) -> float:

@@ -1,5 +1,6 @@
-"""Resuming a run: the settings it resumes with, the changes a resume may make to them, and the
-data it trained on.
+"""A run's record and resuming from it: the config.json each run writes when it starts (its
+settings, data and batch layout), the settings a resume trains with, the changes a resume may
+make to them, and the data it trained on.
 
 A resume trains with the run's recorded settings (its config.json). Settings given with the
 resume (the flags on the command line, the form's values from the TUI) replace them where a
@@ -13,14 +14,18 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from ..core.config import TrainConfig, format_value
+from ..core.config import TrainConfig, format_value, to_command, to_dict
 from ..core.errors import UserError
+from ..core.files import atomic_write_bytes
+from ..core.workspace import read_metrics
 from .checkpoints import find_checkpoint
+from .types import RunPaths
 
 # What the resume itself decides: the run folder comes from the checkpoint, and the number of
 # processes and their GPUs from this launch (a resume on another number says what that changes:
@@ -109,6 +114,61 @@ def _absolute_spec(spec: Any) -> Any:
     except (DataError, TypeError, AttributeError):
         return spec
     return str(parsed._replace(path=parsed.path.absolute()))
+
+
+# ------------------------------------------------------------- the run's record
+
+
+def logged_seconds(run_dir: Path) -> float:
+    """The elapsed time of the last step a run's metrics.jsonl holds (0 when none)."""
+    steps = [r for r in read_metrics(run_dir) if r.get("type") == "TrainStep"]
+    return float(steps[-1].get("elapsed_s") or 0.0) if steps else 0.0
+
+
+def new_run_dir(cfg: TrainConfig) -> Path:
+    """A new run's folder: --run_name, or the time it started, under --output_dir."""
+    base = Path(cfg.output_dir).expanduser()
+    name = cfg.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = base / name
+    suffix = 1
+    while path.exists():  # two runs started in the same second keep separate folders
+        suffix += 1
+        path = base / f"{name}-{suffix}"
+    return path
+
+
+def write_run_config(
+    run: RunPaths,
+    cfg: TrainConfig,
+    base_path: Path,
+    micro_batches_per_step: int,
+    processes: int,
+    created: str | None = None,
+) -> None:
+    """The run's config.json, written when it starts and again at each resume: the settings the next
+    resume starts from, and the data they trained on."""
+    payload = {
+        "run_id": run.root.name,
+        "config": to_dict(cfg),
+        "command": to_command(cfg),
+        "base_model_path": str(base_path),
+        "dataset_sha256": dataset_hashes(cfg),  # a resume on other data warns
+        "created": created or datetime.now().isoformat(timespec="seconds"),
+        # what a resume on another number of processes keeps, and says it changed
+        "micro_batches_per_step": micro_batches_per_step,
+        "processes": processes,
+    }
+    atomic_write_bytes(run.config, orjson.dumps(payload, option=orjson.OPT_INDENT_2), sync_dir=True)
+
+
+def read_run_config(run: RunPaths) -> dict[str, Any]:
+    """The run's config.json as written ({} when missing or unreadable: a resume then keeps
+    this launch's batch settings)."""
+    try:
+        payload = orjson.loads(run.config.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return {}
+    return payload if isinstance(payload, dict) else {}
 
 
 # ------------------------------------------------------------------ the data
