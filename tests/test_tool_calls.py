@@ -9,8 +9,9 @@ import json
 import pytest
 from test_data import labelled_runs, write_jsonl
 from tunebench.engine.core import templates
-from tunebench.engine.core.data import load_dataset, normalise_record, record_tools
+from tunebench.engine.core.data import load_dataset
 from tunebench.engine.core.encoding import check_sample, tokenize_samples
+from tunebench.engine.core.record_formats import normalise_record, record_tools
 
 CONVERT = {
     "name": "convert_currency",

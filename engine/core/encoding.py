@@ -21,17 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import TrainConfig
-from .data import (
-    DataError,
-    InvalidRecord,
-    Message,
-    RecordProblem,
-    Sample,
-    fill_placeholders,
-    normalise_record,
-    record_tools,
-)
+from .data import DataError, RecordProblem, Sample, fill_placeholders
 from .errors import raise_if_cancelled
+from .record_formats import InvalidRecord, Message, normalise_record, record_tools
 from .templates import DEFAULT_TEMPLATE, TEMPLATES, get_template
 from .tool_calls import call_names, tool_names
 

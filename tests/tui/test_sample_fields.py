@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from tunebench.engine.core.data import normalise_record
+from tunebench.engine.core.record_formats import normalise_record
 from tunebench.tui.widgets.dataset.sample_fields import SampleFields, join_fields, split_fields
 
 ALPACA = {"instruction": "Who are you?", "input": "", "output": "I am {{NAME}}.", "tag": "id"}

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from tunebench.engine.core import data, encoding
+from tunebench.engine.core import data, encoding, record_formats
 from tunebench.engine.core.config import TrainConfig
 
 from .dataset_store import Row
@@ -108,13 +108,13 @@ class RowChecker:
             template=s.template,
         )
         try:
-            messages = data.normalise_record(row.record)
+            messages = record_formats.normalise_record(row.record)
         except Exception:  # noqa: BLE001 - check_sample has already said why
             return RowReport(_preview(row), "", None, problems)
-        tools = data.record_tools(row.record) or None
+        tools = record_formats.record_tools(row.record) or None
         return RowReport(*_ends(messages), self._count(messages, tools) if counts else None, problems)
 
-    def _count(self, messages: list[data.Message], tools: list[dict] | None) -> int | None:
+    def _count(self, messages: list[record_formats.Message], tools: list[dict] | None) -> int | None:
         s = self.settings
         if s.system and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": s.system}, *messages]
@@ -131,7 +131,7 @@ def row_summary(row: Row) -> tuple[str, str]:
     if not row.valid_json:
         return _preview(row), ""
     try:
-        messages = data.normalise_record(row.record)
+        messages = record_formats.normalise_record(row.record)
     except Exception:  # noqa: BLE001 - the checks will say why
         return _preview(row), ""
     return _ends(messages)

@@ -12,7 +12,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-from tunebench.engine.core.data import message_role, sharegpt_role
+from tunebench.engine.core.record_formats import message_role, sharegpt_role
 
 # (record key or role, label) per format, in the order they are shown.
 ALPACA_FIELDS = (

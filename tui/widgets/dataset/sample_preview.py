@@ -10,7 +10,7 @@ import re
 
 from rich.text import Text
 from textual.widgets import Static
-from tunebench.engine.core import data, encoding
+from tunebench.engine.core import data, encoding, record_formats
 
 from .dataset_store import Row
 from .light_tokenizer import LightTokenizer
@@ -24,8 +24,8 @@ def render_sample(row: Row, tokenizer: LightTokenizer, settings: CheckSettings) 
     if not row.valid_json:
         return Text(row.text)
     try:
-        messages = data.normalise_record(row.record)
-        tools = data.record_tools(row.record) or None  # shown in the prompt, as training shows them
+        messages = record_formats.normalise_record(row.record)
+        tools = record_formats.record_tools(row.record) or None  # shown in the prompt, as training shows them
     except Exception as exc:  # noqa: BLE001 - the reason is shown as the preview
         return Text(str(exc), style="red")
     if settings.system and messages[0]["role"] != "system":

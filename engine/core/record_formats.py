@@ -1,0 +1,298 @@
+"""What a training record may look like, and the chat messages it becomes.
+
+Formats are detected per record: alpaca (instruction / input / output, optional system and
+history), sharegpt (conversations of from / value), OpenAI messages (role / content), and
+ms-swift's query / response / history. A record becomes a list of {role, content} messages
+(system, then user and assistant turns alternating, ending with the assistant), or raises
+InvalidRecord with the reason a person reads. Reading the files they are in is
+engine/core/data.py's part. Standard library only: the TUI checks rows with it as they are typed.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, NamedTuple
+
+from . import tool_calls
+from .record_kinds import untrained_kind
+
+# A chat message: role and content, plus "tool_calls" on an assistant message that calls tools.
+Message = dict[str, Any]
+
+
+# Speaker names as sharegpt exports write them (compared in any case), and the chat role each is.
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bot": "assistant",
+    "model": "assistant",
+    "system": "system",
+    # LLaMA-Factory's tool-calling turns (glaive): the assistant's call, and the tool's answer.
+    "function_call": "assistant",
+    "observation": "tool",
+    "tool": "tool",
+}
+MESSAGE_ROLES = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "tool",
+}
+
+
+def sharegpt_role(speaker: Any) -> str | None:
+    """The chat role (system, user, assistant or tool) a sharegpt speaker stands for; None if unknown."""
+    return SHAREGPT_ROLES.get(speaker.lower()) if isinstance(speaker, str) else None
+
+
+def message_role(role: Any) -> str | None:
+    """The chat role an OpenAI message's role stands for ("developer" is the system); None if unknown."""
+    return MESSAGE_ROLES.get(role) if isinstance(role, str) else None
+
+
+class InvalidRecord(ValueError):
+    """One record is unusable; the message is the reason shown to the person (no location)."""
+
+    kind = "record"  # RecordProblem.kind
+
+
+class UnreadableRecord(InvalidRecord):
+    """A line that is not JSON, or not UTF-8: the file itself is broken there."""
+
+    kind = "unreadable"
+
+
+class UntrainedKind(InvalidRecord):
+    """A record of a kind of training this build does not do (preference pairs, KTO labels,
+    images): the file is refused whole, since training its text as answers would be wrong."""
+
+    kind = "untrained"
+
+
+def normalise_record(record: Any) -> list[Message]:
+    """Any supported format -> checked messages; raises InvalidRecord with the reason.
+
+    Tool calls come out as assistant messages with "tool_calls" (and empty content unless the
+    record has text beside the call), tool results as "tool" messages; record_tools gives the
+    tools the record offers."""
+    if not isinstance(record, dict):
+        raise InvalidRecord(
+            f"expected a JSON object {{...}} holding the record's fields, found {kind_of(record)}"
+        )
+    kind = untrained_kind(record)
+    if kind:
+        raise UntrainedKind(kind)
+    record_tools(record)  # a broken tools field is the record's problem, whichever format it is in
+    system = _optional_text(record, "system")
+    if "messages" in record:
+        turns = _from_messages(record["messages"])
+    elif "conversations" in record:
+        turns = _from_sharegpt(record["conversations"])
+    elif "instruction" in record or "output" in record:
+        turns = _from_alpaca(record)
+    elif "query" in record or "response" in record:
+        turns = _from_query_response(record)
+    else:
+        keys = ", ".join(sorted(map(str, record))[:8]) or "none"
+        raise InvalidRecord(
+            f"unknown format (keys: {keys}): expected 'messages' (OpenAI), 'conversations' "
+            "(sharegpt), 'instruction' + 'output' (alpaca) or 'query' + 'response'"
+        )
+    # An empty system prompt is how many exported datasets say "none".
+    turns = [t for t in turns if not (t.role == "system" and not t.content.strip())]
+    if system and not (turns and turns[0].role == "system"):
+        turns.insert(0, _Turn("system", system, "system"))
+    _check_turns(turns)
+    return [{"role": t.role, "content": t.content, **t.extra} for t in turns]
+
+
+def record_tools(record: dict) -> list[dict]:
+    """The tools a record offers its assistant ([] for none); InvalidRecord if unreadable."""
+    try:
+        return tool_calls.parse_tools(record.get("tools"))
+    except tool_calls.ToolFormatError as exc:
+        raise InvalidRecord(str(exc)) from None
+
+
+class _Turn(NamedTuple):
+    role: str
+    content: str
+    where: str  # where it came from in the record, for messages
+    extra: dict[str, Any] = {}  # noqa: RUF012 - never mutated; "tool_calls" of an assistant call
+
+
+def _from_messages(items: Any) -> list[_Turn]:
+    turns = []
+    for i, item in enumerate(_list_of_objects(items, "messages")):
+        where = f"messages[{i}]"
+        role = _required_text(item, "role", where)
+        canonical = message_role(role)
+        if canonical is None:
+            raise InvalidRecord(f"{where}: unknown role {role!r}: use system, user, assistant or tool")
+        if canonical == "assistant" and item.get("tool_calls"):
+            calls = _parsed(tool_calls.parse_tool_calls, item["tool_calls"], where)
+            content = _message_content(item, where) if item.get("content") else ""
+            turns.append(_Turn("assistant", content, where, {"tool_calls": calls}))
+        else:
+            turns.append(_Turn(canonical, _message_content(item, where), where))
+    return turns
+
+
+def _parsed(parse: Any, value: Any, where: str) -> Any:
+    try:
+        return parse(value)
+    except tool_calls.ToolFormatError as exc:
+        raise InvalidRecord(f"{where}: {exc}") from None
+
+
+def _message_content(message: dict, where: str) -> str:
+    """A message's content: text, or OpenAI's list of text parts, joined as one text."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return _required_text(message, "content", where)
+    texts = []
+    for i, part in enumerate(content):
+        if not (isinstance(part, dict) and part.get("type") == "text"):
+            raise InvalidRecord(
+                f'{where}: content[{i}] must be a text part {{"type": "text", "text": ...}}, '
+                f"found {kind_of(part)}"
+            )
+        _required_text(part, "text", f"{where}.content[{i}]")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def _from_sharegpt(items: Any) -> list[_Turn]:
+    turns = []
+    for i, item in enumerate(_list_of_objects(items, "conversations")):
+        where = f"conversations[{i}]"
+        # Some sharegpt exports use the OpenAI key names inside `conversations`.
+        speaker_key, text_key = (
+            ("role", "content") if "from" not in item and "role" in item else ("from", "value")
+        )
+        speaker = _required_text(item, speaker_key, where)
+        role = sharegpt_role(speaker)
+        if role is None:
+            raise InvalidRecord(
+                f"{where}: unknown speaker {speaker!r} in '{speaker_key}': use human, gpt or system "
+                "(and function_call, observation for tool calls)"
+            )
+        text = _required_text(item, text_key, where)
+        if speaker.lower() == "function_call":
+            calls = _parsed(tool_calls.parse_call_text, text, where)
+            turns.append(_Turn("assistant", "", where, {"tool_calls": calls}))
+        else:
+            turns.append(_Turn(role, text, where))
+    return turns
+
+
+def _from_alpaca(record: dict) -> list[_Turn]:
+    instruction = _required_text(record, "instruction")
+    extra = _optional_text(record, "input")
+    query = f"{instruction}\n{extra}" if extra.strip() else instruction
+    return [
+        *_history(record),
+        _Turn("user", query, "instruction"),
+        _Turn("assistant", _required_text(record, "output"), "output"),
+    ]
+
+
+def _from_query_response(record: dict) -> list[_Turn]:
+    query, response = _required_text(record, "query"), _required_text(record, "response")
+    return [*_history(record), _Turn("user", query, "query"), _Turn("assistant", response, "response")]
+
+
+def _history(record: dict) -> list[_Turn]:
+    history = record.get("history")
+    if history is None:
+        return []
+    if not isinstance(history, list):
+        raise InvalidRecord(f"'history' must be a list of [question, answer] pairs, found {kind_of(history)}")
+    turns = []
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise InvalidRecord(
+                f"history[{i}] must be a [question, answer] pair of texts, found {kind_of(pair)}"
+            )
+        turns += [_Turn("user", pair[0], f"history[{i}][0]"), _Turn("assistant", pair[1], f"history[{i}][1]")]
+    return turns
+
+
+def _check_turns(turns: list[_Turn]) -> None:
+    """System first if at all, then user / assistant alternating, ending with a non-empty answer.
+
+    An assistant's tool call is answered by one or more tool results, then the assistant again."""
+    body = turns[1:] if turns and turns[0].role == "system" else turns
+    if not body:
+        raise InvalidRecord("no conversation: give at least a user turn and the assistant's answer")
+    expected: tuple[str, ...] = ("user",)
+    for turn in body:
+        role, where = turn.role, turn.where
+        if role == "system":
+            raise InvalidRecord(f"{where}: a system message may only come first")
+        if role not in expected:
+            if "tool" in expected or role == "tool":
+                raise InvalidRecord(
+                    f"{where} is from the {role} but the {' or the '.join(expected)} should speak here: "
+                    "a tool call is followed by its results (observation / tool turns), and a tool "
+                    "result by the assistant"
+                )
+            raise InvalidRecord(
+                f"{where} is from the {role} but the {expected[0]} should speak here: turns must "
+                "alternate user, assistant (merge the two turns, or add the missing one)"
+            )
+        calls = turn.extra.get("tool_calls")
+        if not calls and not turn.content.strip():
+            what = {"assistant": "answer", "tool": "tool's result"}.get(role, "question")
+            raise InvalidRecord(f"{where} is empty: write the {what}, or delete the record")
+        if role == "assistant":
+            expected = ("tool",) if calls else ("user",)
+        else:
+            expected = ("tool", "assistant") if role == "tool" else ("assistant",)
+    if body[-1].role != "assistant":
+        raise InvalidRecord(
+            f"the last turn ({body[-1].where}) is the {body[-1].role}'s: end with the assistant's answer"
+        )
+
+
+def _list_of_objects(items: Any, key: str) -> list[dict]:
+    if not isinstance(items, list):
+        raise InvalidRecord(f"'{key}' must be a list of turns, found {kind_of(items)}")
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise InvalidRecord(f"{key}[{i}] must be an object, found {kind_of(item)}")
+    return items
+
+
+def _required_text(obj: dict, key: str, where: str = "") -> str:
+    prefix = f"{where}: " if where else ""
+    if key not in obj or obj[key] is None:
+        # Unknown fields are ignored (as ms-swift does), but one that looks like a misspelling
+        # of the missing field is almost always the reason it is missing.
+        others = [str(k) for k in obj if k != key]
+        close = difflib.get_close_matches(key, others, n=1, cutoff=0.75)
+        typo = f" (the record has '{close[0]}': a misspelling of '{key}'?)" if close else ""
+        raise InvalidRecord(f"{prefix}missing field '{key}'{typo}")
+    if not isinstance(obj[key], str):
+        raise InvalidRecord(f"{prefix}'{key}' must be text, found {kind_of(obj[key])}")
+    return obj[key]
+
+
+def _optional_text(obj: dict, key: str) -> str:
+    value = obj.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InvalidRecord(f"'{key}' must be text, found {kind_of(value)}")
+    return value
+
+
+def kind_of(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "text", bool: "true/false", type(None): "null"}
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"a number ({value})"
+    return names.get(type(value), type(value).__name__)
