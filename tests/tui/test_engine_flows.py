@@ -92,6 +92,28 @@ async def test_chat_streams_into_both_columns(workspace, fake_engine):
         assert not chat.exchanges and not base_col.turns
 
 
+async def test_clearing_the_chat_while_it_answers_drops_the_rest_of_the_answer(workspace, fake_engine):
+    """ctrl+l while tokens stream: the engine's late tokens and its end find no exchange to go to,
+    and the pane is ready for the next question (it raised IndexError and the app died)."""
+    fake_engine.answers = {"base": " ".join(["word"] * 400)}
+    app = TuneBenchApp(workspace, starter=no_start)
+    async with app.run_test(size=(100, 32)) as pilot:
+        await wait_until(pilot, lambda: app.client.connected and app.snapshot)
+        chat = app.query_one(ChatPane)
+        await pilot.press("5", *"Who are you?", "enter")
+        await wait_until(pilot, lambda: chat.exchanges and chat.exchanges[0].answers, what="a first token")
+        late_id = chat.request_id
+        await pilot.press("ctrl+l")
+        assert not chat.exchanges
+        # what the engine had sent before the cancel reached it
+        chat.handle_event(P.TokenChunk(id=late_id, target="base", text="late "))
+        chat.handle_event(P.GenerateDone(id=late_id, stats={"base": {}}, cancelled=True))
+        assert not chat.generating and not chat.exchanges
+        await pilot.press(*"Again?", "enter")
+        await wait_until(pilot, lambda: not chat.generating and chat.exchanges, what="the next answer")
+        assert [e.prompt for e in chat.exchanges] == ["Again?"]
+
+
 async def test_probe_set_runs_on_every_column(workspace, fake_engine):
     (workspace / "probes.txt").write_text("Who are you?\n# a comment\nWho made you?\n")
     app = TuneBenchApp(workspace, starter=no_start)

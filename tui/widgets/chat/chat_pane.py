@@ -176,7 +176,11 @@ class ChatPane(Vertical):
     def handle_event(self, event: P.Event) -> None:
         if self.job is None or (event.id and event.id != self.request_id):
             return  # another client's generation, or one this TUI cancelled
+        # ctrl+l cleared the chat while this answered: the rest of the answer has no place to go
+        cleared = self.job.index >= len(self.exchanges)
         if isinstance(event, P.TokenChunk):
+            if cleared:
+                return
             if not self.exchanges[self.job.index].answers:
                 self._status()  # the first token: "loading model…" is over
             column = self._column(event.target)
@@ -185,6 +189,9 @@ class ChatPane(Vertical):
             answers = self.exchanges[self.job.index].answers
             answers[event.target] = answers.get(event.target, "") + event.text
         elif isinstance(event, P.GenerateDone):
+            if cleared:
+                self._job_done()
+                return
             exchange = self.exchanges[self.job.index]
             for target in self.job.targets:
                 stats = event.stats.get(target, {})
