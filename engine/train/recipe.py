@@ -306,7 +306,7 @@ def _setup(cfg: TrainConfig, emit: Emit, stop: StopSignal, ranks: Ranks, device:
         ddp=ddp,
     )
 
-    _open_run(cfg, setup, resume_dir, changes, loaded.resolved.path, emit)
+    _open_run(cfg, setup, resume_dir, recorded_run, changes, loaded.resolved.path, emit)
     if ranks.world > 1:
         # dropout draws its own masks on each rank (the same seed gave every rank the same adapter)
         torch.manual_seed(cfg.seed + 1_000_003 * (ranks.rank + 1) + setup.start_step)
@@ -314,10 +314,17 @@ def _setup(cfg: TrainConfig, emit: Emit, stop: StopSignal, ranks: Ranks, device:
 
 
 def _open_run(
-    cfg: TrainConfig, setup: _Setup, resume_dir: Path | None, changes: list[str], base_path: Path, emit: Emit
+    cfg: TrainConfig,
+    setup: _Setup,
+    resume_dir: Path | None,
+    recorded_run: dict[str, Any],
+    changes: list[str],
+    base_path: Path,
+    emit: Emit,
 ) -> None:
     """Resume from the checkpoint (its metrics cut back to it, the settings it resumes with
-    recorded) or start the run's folder, then announce the run with TrainStarted."""
+    recorded over `recorded_run`, the run's config.json as read) or start the run's folder, then
+    announce the run with TrainStarted."""
     run = setup.run
     main = setup.ranks.is_main
     if resume_dir:
@@ -329,22 +336,20 @@ def _open_run(
             setup.device,
             shard_optimizer=shard_optimizer_state if setup.sharded else None,
         )
-        recorded = read_run_config(run)
         if main:
             truncate_metrics(run.root, setup.start_step)
         setup.earlier_s = logged_seconds(run.root)
         emit(P.Log(message=f"resumed from {resume_dir} at step {setup.start_step}"))
         if changes:
             emit(P.Log(message="resumed with changed settings: " + ", ".join(changes)))
-        if note := ranks_changed_note(recorded, setup, cfg):
+        if note := ranks_changed_note(recorded_run, setup, cfg):
             emit(P.Log(message=note))
-        warning = data_changed_warning(recorded.get("dataset_sha256") or {}, dataset_hashes(cfg))
+        warning = data_changed_warning(recorded_run.get("dataset_sha256") or {}, dataset_hashes(cfg))
         if warning:
             emit(P.Log(message=warning))
         if main:  # the next resume starts from these settings and this data
-            write_run_config(
-                run, cfg, base_path, setup.micro_batches_per_step, setup.ranks.world, recorded.get("created")
-            )
+            created = recorded_run.get("created")
+            write_run_config(run, cfg, base_path, setup.micro_batches_per_step, setup.ranks.world, created)
     elif main:
         run.root.mkdir(parents=True, exist_ok=True)
         write_run_config(run, cfg, base_path, setup.micro_batches_per_step, setup.ranks.world)

@@ -46,7 +46,7 @@ def resume_config(given: dict[str, Any]) -> TrainConfig:
 
 def run_config_file(checkpoint: Path) -> Path:
     """The config.json of the run a checkpoint (runs/<id>/checkpoints/step-<n>) belongs to."""
-    return checkpoint.parent.parent / "config.json"
+    return RunPaths(checkpoint.parent.parent).config
 
 
 def recorded_config(checkpoint: Path) -> dict[str, Any]:
