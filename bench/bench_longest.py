@@ -239,6 +239,7 @@ def search_child(args) -> None:
         steps = (TuneBenchSteps if args.stack.startswith("tb-") else TrainerSteps)(args, args.cap)
         record["load_seconds"] = time.perf_counter() - started
         peaks: dict[int, dict] = {}
+        loaded = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
 
         def fits(length: int) -> bool:
             gc.collect()
@@ -248,6 +249,9 @@ def search_child(args) -> None:
                 # pinned host blocks the last try cached (offloaded layer inputs): another length
                 # needs other sizes, and long ones fill the host's memory
                 getattr(torch._C, "_host_emptyCache", lambda: None)()
+                left = torch.cuda.memory_allocated() - loaded
+                if left > gib // 2:  # an earlier try's tensors outlived it: this try's peak is not its own
+                    print(f"  note: {left / gib:.2f} GiB held from earlier tries:", held_tensors())
             t = time.perf_counter()
             try:
                 steps.step(length)
@@ -284,6 +288,28 @@ def search_child(args) -> None:
         record["error"] = f"{type(exc).__name__}: {exc}"[:2000]
     record["wall_seconds"] = time.perf_counter() - started
     Path(args.result).write_text(json.dumps(record, indent=1))
+
+
+def held_tensors(top: int = 6) -> str:
+    """The largest CUDA tensors the garbage collector can reach, with what refers to each."""
+    import gc
+
+    import torch
+
+    found = []
+    for obj in gc.get_objects():
+        try:
+            if isinstance(obj, torch.Tensor) and obj.is_cuda:
+                found.append(obj)
+        except Exception:  # noqa: BLE001,S112 - some objects fail isinstance (lazy modules)
+            continue
+    found.sort(key=lambda t: t.untyped_storage().nbytes(), reverse=True)
+    parts = []
+    for t in found[:top]:
+        owners = sorted({type(r).__name__ for r in gc.get_referrers(t) if r is not found})
+        mib = t.untyped_storage().nbytes() / 1024**2
+        parts.append(f"{tuple(t.shape)} {t.dtype} {mib:.0f} MiB <- {owners}")
+    return f"{len(found)} tensors; " + "; ".join(parts)
 
 
 def linear_peak(peaks: dict[int, dict]) -> dict | None:

@@ -438,7 +438,7 @@ def test_gpu_decode_options_give_the_same_answers(tiny_model_dir, runs, session,
     bob = str(runs["bob"])
     assert answers(fast.generate(QUESTION, [bob], greedy(24)))[bob] == expected[bob]
     # CUDA's row-slice pass, where one run of rows holds every adapted row (base | adapter).
-    monkeypatch.setattr(fused_lora, "ROW_SLICE_DEVICES", frozenset({"cpu"}))
+    monkeypatch.setattr(fused_lora, "ROW_SLICE_DEVICES", frozenset({"cpu", "cuda"}))  # on a GPU box too
     plain = str(runs["plain"])
     pair = ["base", plain]
     assert answers(fast.generate(QUESTION, pair, greedy(24))) == {t: expected[t] for t in pair}
@@ -517,8 +517,10 @@ def test_cuda_decode_speed_options_each_give_the_same_greedy_answers(tiny_model_
 
     expected = generate()
     assert expected[0][plain] == expected[1], "alone as beside the base"
-    assert generate(compile_step=True) == expected
+    compiled = generate(compile_step=True)
     monkeypatch.setattr(kernels, "ROPE_IN_PLACE", False)
     assert generate() == expected
+    compiled_with_copies = generate(compile_step=True)
     monkeypatch.setattr(lora_decode, "ROW_SLICE_DEVICES", frozenset())
     assert generate() == expected
+    assert compiled == expected, f"compiled, rotary copies instead: {compiled_with_copies == expected}"
