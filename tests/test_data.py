@@ -440,6 +440,32 @@ def test_two_values_pick_chinese_or_english(tmp_path):
     assert samples[1].messages[1]["content"] == "Bee by Hive."
 
 
+def test_a_chinese_system_prompt_does_not_make_english_samples_chinese(tmp_path):
+    """The language is the record's own: a Chinese --system added to an English record used to
+    give it the Chinese name."""
+    path = write_jsonl(
+        tmp_path / "p.jsonl", [qa("Who?", "{{NAME}} by {{AUTHOR}}."), qa("你是谁？", "我是{{NAME}}。")]
+    )
+    samples, _ = load_dataset(
+        [str(path)],
+        system="你是{{NAME}}，由{{AUTHOR}}开发。",
+        model_name=["小黄", "Xiao Huang"],
+        model_author=["魔搭", "ModelScope"],
+    )
+    assert samples[0].messages == [
+        {"role": "system", "content": "你是Xiao Huang，由ModelScope开发。"},
+        user("Who?"),
+        bot("Xiao Huang by ModelScope."),
+    ]
+    assert samples[1].messages[0]["content"] == "你是小黄，由魔搭开发。"
+    assert samples[1].messages[-1]["content"] == "我是小黄。"
+    # the TUI's row check and preview fill them the same way
+    filled, _ = data.fill_placeholders(
+        [user("Who?"), bot("{{NAME}}")], ["小黄", "Xiao Huang"], ["魔搭", "ModelScope"], system="你是{{NAME}}"
+    )
+    assert filled == [{"role": "system", "content": "你是Xiao Huang"}, user("Who?"), bot("Xiao Huang")]
+
+
 def test_unfilled_placeholder_refuses_the_load_never_trains_the_rest(tmp_path):
     """Like identity.json: most records use {{NAME}}, a few do not; without the flag, training
     on the few would teach nothing of the identity, so the load fails and lists the others."""

@@ -354,14 +354,24 @@ def _jsonl_records(path: Path, raw: bytes) -> Iterator[tuple[str, Any]]:
 
 
 def fill_placeholders(
-    messages: list[Message], model_name: Sequence[str] = (), model_author: Sequence[str] = ()
+    messages: list[Message],
+    model_name: Sequence[str] = (),
+    model_author: Sequence[str] = (),
+    *,
+    system: str = "",
 ) -> tuple[list[Message], list[str]]:
-    """Replace {{NAME}} / {{AUTHOR}} (any case); the reasons list is non-empty when one stays unfilled.
+    """The messages as training sees them: `system` (the --system prompt) first where the record
+    has no system message, and {{NAME}} / {{AUTHOR}} (any case) replaced; the reasons list is
+    non-empty when one stays unfilled.
 
-    With two values the first is for samples with Chinese text, the second for the rest.
+    With two values the first is for samples with Chinese text, the second for the rest. The
+    record's own text decides, not the --system prompt added to it: a Chinese default prompt must
+    not give every English sample the Chinese name.
     """
-    text = "\n".join(m["content"] for m in messages)
-    found = {m.group(1).lower() for m in _PLACEHOLDER.finditer(text)}
+    chinese = any(_CJK.search(m["content"]) for m in messages)
+    if system and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system}, *messages]
+    found = {m.group(1).lower() for msg in messages for m in _PLACEHOLDER.finditer(msg["content"])}
     if not found:
         return messages, []
     values = {"name": list(model_name), "author": list(model_author)}
@@ -373,7 +383,6 @@ def fill_placeholders(
     ]
     if reasons:
         return messages, reasons
-    chinese = _CJK.search(text) is not None
     chosen = {key: (v[0] if len(v) == 1 or chinese else v[1]) for key, v in values.items() if v}
     filled = [
         {**m, "content": _PLACEHOLDER.sub(lambda match: chosen[match.group(1).lower()], m["content"])}
@@ -408,10 +417,7 @@ def load_dataset(
         ready = []
         for record in records:
             raise_if_cancelled(cancel)
-            messages = record.messages
-            if system and messages[0]["role"] != "system":
-                messages = [{"role": "system", "content": system}, *messages]
-            messages, reasons = fill_placeholders(messages, model_name, model_author)
+            messages, reasons = fill_placeholders(record.messages, model_name, model_author, system=system)
             if reasons:
                 unfilled.append(RecordProblem(record.source, "; ".join(reasons)))
             else:

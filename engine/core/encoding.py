@@ -295,9 +295,7 @@ def check_sample(
         tools = record_tools(sample_dict)
     except InvalidRecord as exc:
         return [str(exc)]
-    if system and messages[0]["role"] != "system":
-        messages = [{"role": "system", "content": system}, *messages]
-    filled, problems = fill_placeholders(messages, model_name, model_author)
+    filled, problems = fill_placeholders(messages, model_name, model_author, system=system)
     if tokenizer is None or not max_length:
         return problems
     try:

@@ -116,9 +116,7 @@ class RowChecker:
 
     def _count(self, messages: list[record_formats.Message], tools: list[dict] | None) -> int | None:
         s = self.settings
-        if s.system and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": s.system}, *messages]
-        filled, _ = data.fill_placeholders(messages, s.model_name, s.model_author)
+        filled, _ = data.fill_placeholders(messages, s.model_name, s.model_author, system=s.system)
         try:
             chat_template, _ = encoding.resolve_template(self.tokenizer, s.template)
             return len(encoding.encode_messages(filled, self.tokenizer, chat_template, tools=tools)[0])

@@ -28,9 +28,9 @@ def render_sample(row: Row, tokenizer: LightTokenizer, settings: CheckSettings) 
         tools = record_formats.record_tools(row.record) or None  # shown in the prompt, as training shows them
     except Exception as exc:  # noqa: BLE001 - the reason is shown as the preview
         return Text(str(exc), style="red")
-    if settings.system and messages[0]["role"] != "system":
-        messages = [{"role": "system", "content": settings.system}, *messages]
-    filled, unfilled = data.fill_placeholders(messages, settings.model_name, settings.model_author)
+    filled, unfilled = data.fill_placeholders(
+        messages, settings.model_name, settings.model_author, system=settings.system
+    )
     try:
         template, _ = encoding.resolve_template(tokenizer, settings.template)
         text, spans = encoding.assistant_spans(
