@@ -80,10 +80,30 @@ def test_csv_parquet_arrow_and_save_to_disk_read_like_json(tmp_path, caches):
         assert len(messages(f"{work / name}#5")) == 5  # name#N: the whole set once, then two of it
         assert len(messages(f"{work / name}#2")) == 2
     samples, _ = load_dataset([str(work / "data.csv")])
-    assert samples[1].source == f"{work / 'data.csv'}[1]"
+    assert samples[1].source == f"{work / 'data.csv'} row 3"  # the header is row 1
 
     assert hashes(work) == before  # the user's files are as they were
     assert not caches.exists()  # and no cache was written anywhere
+
+
+def test_csv_cells_are_the_text_in_the_file(tmp_path):
+    """pandas made '4' a number and 'True' a boolean (refused as not text), and 'NA', 'null',
+    'None' and empty cells missing; every cell is now the text the file holds."""
+    path = tmp_path / "answers.csv"
+    answers = ["4", "True", "NA", "null", "None", "N/A", "nan", "0.10"]
+    lines = ["instruction,input,output"] + [f"Say {a}.,,{a}" for a in answers]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert [m[-1]["content"] for m in messages(str(path))] == answers
+    assert messages(str(path))[0][0] == {"role": "user", "content": "Say 4."}  # an empty input is none
+
+
+def test_csv_problems_name_the_row_a_spreadsheet_shows(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_text('instruction,output\nq1,a1\nq2,\n"q3\nspread over two lines",a3\nq4,\n', encoding="utf-8")
+    samples, problems = read_records(path)
+    assert [s.source for s in samples] == [f"{path} row 2", f"{path} row 4"]
+    assert [p.source for p in problems] == [f"{path} row 3", f"{path} row 5"]
+    assert "output is empty" in problems[0].reason
 
 
 def test_save_to_disk_metadata_file_reads_its_folder(tmp_path):

@@ -73,7 +73,7 @@ def records(path: Path) -> Iterator[tuple[str, Any]]:
                 hint="use .jsonl (one JSON object per line), .json (a list of objects), "
                 ".csv, .parquet, .arrow, .txt, or a folder written by save_to_disk",
             )
-        yield from _rows(_read_with(builder, [path], str(path)), str(path))
+        yield from _rows(_read_with(builder, [path], str(path)), str(path), by_row=builder == "csv")
     elif _is_hub_id(path):
         repo_id = path.as_posix()
         dataset, where = _load_cached_hub_id(repo_id)
@@ -91,9 +91,11 @@ def _is_hub_id(path: Path) -> bool:
     return not path.is_absolute() and looks_like_hub_id(text) and path.suffix.lower() not in DATA_EXTENSIONS
 
 
-def _rows(dataset: Any, where: str) -> Iterator[tuple[str, Any]]:
+def _rows(dataset: Any, where: str, by_row: bool = False) -> Iterator[tuple[str, Any]]:
+    """(where, row) for each row: where[index], or with `by_row` "where row N" as a spreadsheet
+    numbers a CSV file's rows (the header is row 1, so the first record is row 2)."""
     for index, row in enumerate(dataset):
-        yield f"{where}[{index}]", row
+        yield (f"{where} row {index + 2}" if by_row else f"{where}[{index}]"), row
 
 
 # ------------------------------------------------------------------ loading
@@ -124,12 +126,24 @@ def _read_with(builder: str, paths: list[Path], where: str) -> Any:
                 split=TRAIN_SPLIT,
                 cache_dir=cache,
                 keep_in_memory=True,
+                **(_csv_as_text(datasets, paths[0]) if builder == "csv" else {}),
             )
         except Exception as exc:  # noqa: BLE001 - pyarrow's parse errors have many types
             raise SourceError(
                 f"{where} cannot be read as {builder}: {_first_line(exc)}",
                 hint="check that the file is complete and of the type its extension says",
             ) from None
+
+
+def _csv_as_text(datasets: Any, path: Path) -> dict[str, Any]:
+    """The csv builder's options that keep every cell the text in the file: pandas would read an
+    answer of 4 as a number and True as a boolean (refused as not text), and NA, null, None or an
+    empty cell as missing."""
+    import pandas as pd
+
+    columns = pd.read_csv(path, nrows=0).columns  # the header, with duplicates named as pandas names them
+    string = datasets.Value("string")
+    return {"features": datasets.Features({str(c): string for c in columns}), "na_filter": False}
 
 
 def _load_saved(folder: Path) -> Any:
