@@ -58,6 +58,13 @@ def hashes(folder: Path) -> dict[str, str]:
     }
 
 
+def columnar(rows: list[dict]):
+    """The rows as one table with every key of every row (Dataset.from_list keeps the first's)."""
+    import pyarrow as pa
+
+    return datasets.Dataset(pa.Table.from_struct_array(pa.array(rows)))
+
+
 def messages(spec: str) -> list[list[dict]]:
     samples, problems = load_dataset([spec])
     assert problems == []
@@ -104,6 +111,34 @@ def test_csv_problems_name_the_row_a_spreadsheet_shows(tmp_path):
     assert [s.source for s in samples] == [f"{path} row 2", f"{path} row 4"]
     assert [p.source for p in problems] == [f"{path} row 3", f"{path} row 5"]
     assert "output is empty" in problems[0].reason
+
+
+def test_columnar_files_of_mixed_formats_keep_every_row(tmp_path):
+    """Parquet, arrow and save_to_disk give every row every column, null where a record had none:
+    a null column used to count as present, so the alpaca rows here were read as messages and
+    skipped."""
+    rows = [
+        {"messages": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}]},
+        {"instruction": "q2", "output": "a2"},
+        {"conversations": [{"from": "human", "value": "q3"}, {"from": "gpt", "value": "a3"}]},
+        {"conversations": [{"role": "user", "content": "q4"}, {"role": "assistant", "content": "a4"}]},
+        {"query": "q5", "response": "a5"},
+    ]
+    table = columnar(rows)
+    assert table[1]["messages"] is None and table[2]["conversations"][0]["role"] is None
+    table.to_parquet(tmp_path / "mixed.parquet")
+    table.save_to_disk(tmp_path / "saved")
+    expected = [
+        [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}] for i in range(1, 6)
+    ]
+    assert messages(str(tmp_path / "mixed.parquet")) == expected
+    assert messages(str(tmp_path / "saved")) == expected
+
+    # plain pretraining text among chat rows is still named as what it is
+    columnar([rows[0], {"text": "Once upon a time"}]).to_parquet(tmp_path / "pt.parquet")
+    with pytest.raises(DataError, match="does not train") as err:
+        load_dataset([str(tmp_path / "pt.parquet")])
+    assert "plain text for continued pretraining" in str(err.value)
 
 
 def test_save_to_disk_metadata_file_reads_its_folder(tmp_path):

@@ -29,7 +29,16 @@ from .errors import DataUserError, raise_if_cancelled
 from .files import atomic_write_bytes
 from .limits import MAX_DATASET_BYTES, MAX_SAMPLES, gib
 from .model_files import looks_like_hub_id
-from .record_formats import InvalidRecord, Message, UnreadableRecord, kind_of, normalise_record, record_tools
+from .record_formats import (
+    FORMAT_KEYS,
+    InvalidRecord,
+    Message,
+    UnreadableRecord,
+    kind_of,
+    normalise_record,
+    record_format,
+    record_tools,
+)
 
 EXTENSIONS = data_sources.JSON_EXTENSIONS  # read here; every other source through data_sources
 # A single record larger than this is almost always a mistake (a whole file on one line, a
@@ -302,12 +311,12 @@ def _lone_record(path: Path, document: dict) -> dict:
     wraps = [
         key
         for key, value in document.items()
-        if key not in ("messages", "conversations")  # a record's own lists of turns
+        if key not in FORMAT_KEYS
+        and key != "tools"  # a record's own lists (of turns, of tools)
         and isinstance(value, list)
         and any(isinstance(item, dict) for item in value)
     ]
-    formats = ("messages", "conversations", "instruction", "output", "query", "response")
-    if wraps or not any(key in document for key in formats):
+    if wraps or record_format(document) is None:
         keys = ", ".join(sorted(map(str, document))[:8]) or "none"
         raise DataError(
             f"{path}: expected a JSON list of records, found an object with keys: {keys}",

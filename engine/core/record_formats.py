@@ -11,6 +11,7 @@ engine/core/data.py's part. Standard library only: the TUI checks rows with it a
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from . import tool_calls
@@ -83,31 +84,37 @@ def normalise_record(record: Any) -> list[Message]:
         raise InvalidRecord(
             f"expected a JSON object {{...}} holding the record's fields, found {kind_of(record)}"
         )
-    kind = untrained_kind(record)
+    found = record_format(record)
+    kind = untrained_kind(record, chat_format=found is not None)
     if kind:
         raise UntrainedKind(kind)
     record_tools(record)  # a broken tools field is the record's problem, whichever format it is in
     system = _optional_text(record, "system")
-    if "messages" in record:
-        turns = _from_messages(record["messages"])
-    elif "conversations" in record:
-        turns = _from_sharegpt(record["conversations"])
-    elif "instruction" in record or "output" in record:
-        turns = _from_alpaca(record)
-    elif "query" in record or "response" in record:
-        turns = _from_query_response(record)
-    else:
-        keys = ", ".join(sorted(map(str, record))[:8]) or "none"
+    if found is None:
+        keys = ", ".join(sorted(str(k) for k, v in record.items() if v is not None)[:8]) or "none"
+        nulls = sorted(k for k in FORMAT_KEYS if k in record and record[k] is None)
+        null = f"; null: {', '.join(nulls)}" if nulls else ""
+        shapes = [f.shape for f in FORMATS]
         raise InvalidRecord(
-            f"unknown format (keys: {keys}): expected 'messages' (OpenAI), 'conversations' "
-            "(sharegpt), 'instruction' + 'output' (alpaca) or 'query' + 'response'"
+            f"unknown format (keys: {keys}{null}): expected {', '.join(shapes[:-1])} or {shapes[-1]}"
         )
+    turns = found.read(record)
     # An empty system prompt is how many exported datasets say "none".
     turns = [t for t in turns if not (t.role == "system" and not t.content.strip())]
     if system and not (turns and turns[0].role == "system"):
         turns.insert(0, _Turn("system", system, "system"))
     _check_turns(turns)
     return [{"role": t.role, "content": t.content, **t.extra} for t in turns]
+
+
+def record_format(record: dict) -> RecordFormat | None:
+    """The format a record is in, by the fields it holds; None if it is in none of them.
+
+    A null field counts as absent: parquet, arrow and save_to_disk files give every row every
+    column, null where the row had none, so a file mixing formats must still read each row as its
+    own."""
+    present = {key for key, value in record.items() if value is not None}
+    return next((f for f in FORMATS if present.intersection(f.keys)), None)
 
 
 def record_tools(record: dict) -> list[dict]:
@@ -171,8 +178,11 @@ def _from_sharegpt(items: Any) -> list[_Turn]:
     for i, item in enumerate(_list_of_objects(items, "conversations")):
         where = f"conversations[{i}]"
         # Some sharegpt exports use the OpenAI key names inside `conversations`.
+        # Null is absent here too: a columnar file's turns carry both pairs of keys.
         speaker_key, text_key = (
-            ("role", "content") if "from" not in item and "role" in item else ("from", "value")
+            ("role", "content")
+            if item.get("from") is None and item.get("role") is not None
+            else ("from", "value")
         )
         speaker = _required_text(item, speaker_key, where)
         role = sharegpt_role(speaker)
@@ -204,6 +214,25 @@ def _from_alpaca(record: dict) -> list[_Turn]:
 def _from_query_response(record: dict) -> list[_Turn]:
     query, response = _required_text(record, "query"), _required_text(record, "response")
     return [*_history(record), _Turn("user", query, "query"), _Turn("assistant", response, "response")]
+
+
+class RecordFormat(NamedTuple):
+    keys: tuple[str, ...]  # a record with any of these fields (not null) is in this format
+    shape: str  # what a record of it holds, for the message about a record in no format
+    read: Callable[[dict], list[_Turn]]
+
+
+# Tried in this order: the first format with one of its fields in the record reads it.
+FORMATS = (
+    RecordFormat(("messages",), "'messages' (OpenAI)", lambda r: _from_messages(r["messages"])),
+    RecordFormat(
+        ("conversations",), "'conversations' (sharegpt)", lambda r: _from_sharegpt(r["conversations"])
+    ),
+    RecordFormat(("instruction", "output"), "'instruction' + 'output' (alpaca)", _from_alpaca),
+    RecordFormat(("query", "response"), "'query' + 'response'", _from_query_response),
+)
+# Every field that marks a record's format.
+FORMAT_KEYS = frozenset(key for f in FORMATS for key in f.keys)
 
 
 def _history(record: dict) -> list[_Turn]:

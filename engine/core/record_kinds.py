@@ -10,17 +10,15 @@ from collections.abc import Iterator
 from typing import Any
 
 _SFT_ONLY = "this build trains supervised answers only (SFT)"
-# The keys of the chat formats normalise_record reads: a record with none of them but 'text' is
-# plain text.
-_CHAT_KEYS = {"messages", "conversations", "instruction", "output", "query", "response"}
 # Placeholders multimodal datasets (LLaMA-Factory, ms-swift) put where an image, video or sound goes.
 _MEDIA_TAGS = ("<image>", "<video>", "<audio>")
 _MEDIA_KEYS = ("images", "videos", "audios")
 
 
-def untrained_kind(record: dict) -> str | None:
+def untrained_kind(record: dict, chat_format: bool) -> str | None:
     """What the record is and why it is not trained, for data meant for another kind of training;
-    None for a record the chat formats may read."""
+    None for a record the chat formats may read. `chat_format`: the record has the fields of one
+    of them (record_formats.record_format). A null field is absent, as there."""
     if isinstance(record.get("label"), bool) or isinstance(record.get("kto_tag"), bool):
         key = "label" if "label" in record else "kto_tag"
         return (
@@ -28,14 +26,16 @@ def untrained_kind(record: dict) -> str | None:
             f"teach the bad answers too; keep the records marked true without '{key}', or train it "
             "with a KTO trainer (ms-swift: swift rlhf --rlhf_type kto)"
         )
-    rejected = [k for k in ("rejected", "rejected_response", "rejected_messages") if k in record]
+    rejected = [
+        k for k in ("rejected", "rejected_response", "rejected_messages") if record.get(k) is not None
+    ]
     if rejected:
         return (
             f"preference data for DPO/ORPO (a chosen and a '{rejected[0]}' answer): {_SFT_ONLY}; to "
             f"learn the chosen answers, write each as the assistant's answer and drop '{rejected[0]}', "
             "or train it with a preference trainer (ms-swift: swift rlhf --rlhf_type dpo)"
         )
-    if "text" in record and not _CHAT_KEYS & record.keys():
+    if record.get("text") is not None and not chat_format:
         return (
             "plain text for continued pretraining (a 'text' field; a .txt file reads as one per "
             f"line): {_SFT_ONLY}, not the loss on every token that pretraining takes (ms-swift: "
