@@ -270,8 +270,8 @@ CASES = [
     Case(
         "unknown-format",
         train(),
-        {"data.jsonl": lines({"prompt": "q", "completion": "a"})},
-        ["unknown format", "keys: completion, prompt"],
+        {"data.jsonl": lines({"question": "q", "answer": "a"})},
+        ["unknown format", "keys: answer, question"],
         ["data.jsonl:1"],
         ["expected 'messages'"],
     ),

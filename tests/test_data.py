@@ -146,6 +146,70 @@ def test_openai_messages_and_swift_query_response(tmp_path):
     ]
 
 
+def test_swift_conversation_prompt_completion_and_dolly(tmp_path):
+    rows = [
+        # ms-swift's documented `conversation` layout
+        {
+            "system": "S",
+            "conversation": [{"human": "q1", "assistant": "a1"}, {"human": "q2", "assistant": "a2"}],
+        },
+        {"conversation": [{"system": "S", "human": "q", "assistant": "a"}]},
+        {"prompt": "q", "completion": "a"},
+        # TRL's conversational prompt / completion
+        {
+            "prompt": [{"role": "system", "content": "S"}, user("q")],
+            "completion": [bot("a")],
+        },
+        # Dolly: the context follows the instruction in the user turn
+        {
+            "instruction": "Summarise.",
+            "context": "Long text.",
+            "response": "Short.",
+            "category": "summarization",
+        },
+        {"instruction": "Name a colour.", "context": "", "response": "Blue.", "category": "brainstorming"},
+    ]
+    samples, problems = read_records(write_jsonl(tmp_path / "more.jsonl", rows))
+    assert problems == []
+    system = {"role": "system", "content": "S"}
+    assert [s.messages for s in samples] == [
+        [system, user("q1"), bot("a1"), user("q2"), bot("a2")],
+        [system, user("q"), bot("a")],
+        [user("q"), bot("a")],
+        [system, user("q"), bot("a")],
+        [user("Summarise.\nLong text."), bot("Short.")],
+        [user("Name a colour."), bot("Blue.")],
+    ]
+
+
+@pytest.mark.parametrize(
+    ("record", "reason"),
+    [
+        ({"conversation": [{"human": "q"}]}, "conversation[0]: missing field 'assistant'"),
+        (
+            {
+                "conversation": [
+                    {"human": "q", "assistant": "a"},
+                    {"system": "S", "human": "q", "assistant": "a"},
+                ]
+            },
+            "conversation[1].system: a system message may only come first",
+        ),
+        ({"prompt": "q"}, "missing field 'completion'"),
+        (
+            {"prompt": [user("q")], "completion": [user("a")]},
+            "completion[0] is from the user but the assistant should speak here",
+        ),
+        ({"instruction": "q", "context": "c"}, "missing field 'output'"),
+    ],
+)
+def test_the_new_layouts_say_what_is_wrong_where(tmp_path, record, reason):
+    path = write_jsonl(tmp_path / "bad.jsonl", [record])
+    _, problems = read_records(path)
+    assert [p.source for p in problems] == [f"{path}:1"]
+    assert problems[0].reason.startswith(reason)
+
+
 def test_format_detected_per_record_and_extra_fields_are_fine(tmp_path):
     rows = [
         {"instruction": "q", "output": "a", "id": 7, "tags": ["x"]},
@@ -250,7 +314,7 @@ BAD_RECORDS = [
         '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}',
         ["messages[1] is empty"],
     ),
-    ('{"prompt": "q", "label": "a"}', ["unknown format", "label, prompt"]),
+    ('{"question": "q", "label": "a"}', ["unknown format", "label, question"]),
     ('{"messages": "q"}', ["'messages' must be a list"]),
 ]
 

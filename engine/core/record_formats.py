@@ -1,8 +1,10 @@
 """What a training record may look like, and the chat messages it becomes.
 
-Formats are detected per record: alpaca (instruction / input / output, optional system and
-history), sharegpt (conversations of from / value), OpenAI messages (role / content), and
-ms-swift's query / response / history. A record becomes a list of {role, content} messages
+Formats are detected per record (FORMATS): OpenAI messages (role / content), sharegpt
+(conversations of from / value), ms-swift's conversation (human / assistant pairs), prompt /
+completion (texts, or TRL's lists of messages), alpaca (instruction / input / output, optional
+system and history; Dolly's instruction / context / response too), and ms-swift's query /
+response / history. A record becomes a list of {role, content} messages
 (system, then user and assistant turns alternating, ending with the assistant), or raises
 InvalidRecord with the reason a person reads. Reading the files they are in is
 engine/core/data.py's part. Standard library only: the TUI checks rows with it as they are typed.
@@ -132,10 +134,10 @@ class _Turn(NamedTuple):
     extra: dict[str, Any] = {}  # noqa: RUF012 - never mutated; "tool_calls" of an assistant call
 
 
-def _from_messages(items: Any) -> list[_Turn]:
+def _from_messages(items: Any, key: str = "messages") -> list[_Turn]:
     turns = []
-    for i, item in enumerate(_list_of_objects(items, "messages")):
-        where = f"messages[{i}]"
+    for i, item in enumerate(_list_of_objects(items, key)):
+        where = f"{key}[{i}]"
         role = _required_text(item, "role", where)
         canonical = message_role(role)
         if canonical is None:
@@ -200,14 +202,49 @@ def _from_sharegpt(items: Any) -> list[_Turn]:
     return turns
 
 
+def _from_conversation(items: Any) -> list[_Turn]:
+    """ms-swift's `conversation`: one {"human": ..., "assistant": ...} object per exchange, the
+    first optionally with the "system" prompt."""
+    turns = []
+    for i, item in enumerate(_list_of_objects(items, "conversation")):
+        where = f"conversation[{i}]"
+        if item.get("system") is not None:  # anywhere but first, _check_turns says it may not be there
+            turns.append(_Turn("system", _required_text(item, "system", where), f"{where}.system"))
+        turns += [
+            _Turn("user", _required_text(item, "human", where), f"{where}.human"),
+            _Turn("assistant", _required_text(item, "assistant", where), f"{where}.assistant"),
+        ]
+    return turns
+
+
+def _from_prompt_completion(record: dict) -> list[_Turn]:
+    """A prompt and its completion, each a text or (TRL's conversational form) a list of messages."""
+    turns = []
+    for key, role in (("prompt", "user"), ("completion", "assistant")):
+        value = record.get(key)
+        turns += (
+            _from_messages(value, key)
+            if isinstance(value, list)
+            else [_Turn(role, _required_text(record, key), key)]
+        )
+    return turns
+
+
+# Dolly's names for alpaca's fields (databricks-dolly-15k: instruction, context, response, category).
+DOLLY_NAMES = {"input": "context", "output": "response"}
+
+
 def _from_alpaca(record: dict) -> list[_Turn]:
+    """alpaca; or Dolly, whose context follows the instruction in the user turn as alpaca's input does."""
     instruction = _required_text(record, "instruction")
-    extra = _optional_text(record, "input")
+    extra = _optional_text(record, "input") or _optional_text(record, DOLLY_NAMES["input"])
     query = f"{instruction}\n{extra}" if extra.strip() else instruction
+    # Dolly's response only where there is no output (null is none: a columnar file has both).
+    answer = "output" if record.get("output") is not None or record.get("response") is None else "response"
     return [
         *_history(record),
         _Turn("user", query, "instruction"),
-        _Turn("assistant", _required_text(record, "output"), "output"),
+        _Turn("assistant", _required_text(record, answer), answer),
     ]
 
 
@@ -228,7 +265,15 @@ FORMATS = (
     RecordFormat(
         ("conversations",), "'conversations' (sharegpt)", lambda r: _from_sharegpt(r["conversations"])
     ),
-    RecordFormat(("instruction", "output"), "'instruction' + 'output' (alpaca)", _from_alpaca),
+    RecordFormat(
+        ("conversation",), "'conversation' (ms-swift)", lambda r: _from_conversation(r["conversation"])
+    ),
+    RecordFormat(("prompt", "completion"), "'prompt' + 'completion'", _from_prompt_completion),
+    RecordFormat(
+        ("instruction", "output"),
+        "'instruction' + 'output' (alpaca; Dolly's 'context', 'response')",
+        _from_alpaca,
+    ),
     RecordFormat(("query", "response"), "'query' + 'response'", _from_query_response),
 )
 # Every field that marks a record's format.

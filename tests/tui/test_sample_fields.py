@@ -74,6 +74,10 @@ def test_sharegpt_gets_a_system_turn_in_its_own_spelling():
         {"instruction": ["not", "text"], "output": "b"},
         ["a", "list"],
         {"text": "pretraining style"},
+        # Dolly: the alpaca fields have no place for context and response, which would be lost
+        {"instruction": "Summarise.", "context": "Long text.", "response": "Short."},
+        {"conversation": [{"human": "q", "assistant": "a"}]},
+        {"prompt": "q", "completion": "a"},
     ],
 )
 def test_what_is_not_one_plain_exchange_stays_json(record):

@@ -12,7 +12,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-from tunebench.engine.core.record_formats import message_role, sharegpt_role
+from tunebench.engine.core.record_formats import DOLLY_NAMES, message_role, sharegpt_role
 
 # (record key or role, label) per format, in the order they are shown.
 ALPACA_FIELDS = (
@@ -42,7 +42,8 @@ def split_fields(record: Any) -> SampleFields | None:
     if isinstance(record.get("conversations"), list):
         return _split_turns("conversations", record["conversations"], "from", "value", record.get("system"))
     if "instruction" in record or "output" in record:
-        if record.get("history"):
+        # Dolly's context / response have no field here: writing back would lose them.
+        if record.get("history") or any(record.get(name) is not None for name in DOLLY_NAMES.values()):
             return None
         values = {key: record.get(key, "") for key, _ in ALPACA_FIELDS}
         if not all(isinstance(v, str) for v in values.values()):
