@@ -239,6 +239,45 @@ def test_mislabelled_files_are_read_as_what_they_hold(tmp_path):
     assert len(samples) == 2 and problems == [] and samples[1].source == f"{as_lines}:2"
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_pretty_printed_json_is_read_as_the_records_it_holds(tmp_path, suffix):
+    """A pretty-printed record, or several one after another as `jq` writes them, used to give
+    one "bad JSON" per line and refuse the file."""
+    one = tmp_path / f"one{suffix}"
+    one.write_text(json.dumps(qa("q", "a"), indent=2) + "\n")
+    samples, problems = read_records(one)
+    assert problems == []
+    assert [s.messages for s in samples] == [[user("q"), bot("a")]]
+
+    several = tmp_path / f"several{suffix}"
+    pretty = [json.dumps(qa(f"q{i}", f"a{i}"), indent=2) for i in range(3)]
+    several.write_text("\n".join(pretty) + "\n")
+    samples, problems = read_records(several)
+    assert problems == [] and [s.messages[-1]["content"] for s in samples] == ["a0", "a1", "a2"]
+    lines = pretty[0].count("\n") + 1
+    assert [s.source for s in samples] == [f"{several}:{1 + i * lines}" for i in range(3)]
+
+    # a key on the first line, as some editors write it
+    styled = tmp_path / f"styled{suffix}"
+    styled.write_text(
+        '{"messages": [\n  {"role": "user", "content": "q"},\n  {"role": "assistant", "content": "a"}\n]}\n'
+    )
+    assert [s.messages for s in read_records(styled)[0]] == [[user("q"), bot("a")]]
+
+
+@pytest.mark.parametrize(("layout", "line"), [("object", 5), ("list", 6), ("second-object", 17)])
+def test_a_mistake_in_pretty_printed_json_is_one_error_at_its_line(tmp_path, layout, line):
+    """Line 5 is the first record's "content": "q" line; 17 the second's."""
+    path = tmp_path / "pretty.jsonl"
+    good, bad = (json.dumps(qa("q", "a"), indent=2).replace('"q"', q) for q in ('"q"', '"q" "x"'))
+    path.write_text({"object": bad, "list": f"[\n{bad}\n]", "second-object": f"{good}\n{bad}"}[layout])
+    with pytest.raises(DataError) as err:
+        load_dataset([str(path)])
+    assert err.value.message.startswith(f"{path}:{line}: bad JSON at column")
+    assert err.value.problems == []  # not one problem per line
+    assert "spread over lines" in err.value.hint and "one complete record per line" in err.value.hint
+
+
 def test_bom_crlf_and_blank_lines_keep_line_numbers(tmp_path):
     path = tmp_path / "bom.jsonl"
     body = "\r\n".join([json.dumps(qa("q", "a")), "", "   ", json.dumps({"instruction": "q"})]) + "\r\n"

@@ -13,6 +13,7 @@ rows as they are typed.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -267,33 +268,102 @@ def _file_kind(mode: int) -> str:
 def _records(path: Path, raw: bytes) -> Iterator[tuple[str, Any]]:
     """(source, record or InvalidRecord) for each record in the file, in order.
 
-    The extension decides, except that a file holding the other layout is read as what it is:
-    a .jsonl with one JSON list in it, a .json with one object per line.
+    The extension decides, except that a file holding another layout is read as what it is: a
+    .json with one object per line, and JSON spread over lines (pretty-printed: a list, one
+    object, or objects one after another as `jq` writes them) in a .jsonl too.
     """
-    jsonl = path.suffix.lower() == ".jsonl"
-    first = raw.lstrip()[:1]
-    if jsonl and first != b"[":
+    if _spread_over_lines(raw):
+        yield from _document_records(path, raw)
+    elif path.suffix.lower() == ".jsonl":
         yield from _jsonl_records(path, raw)
-        return
+    else:
+        try:
+            document = orjson.loads(_utf8(path, raw))
+        except orjson.JSONDecodeError as exc:
+            if raw.lstrip()[:1] == b"{":  # one object per line
+                yield from _jsonl_records(path, raw)
+                return
+            raise _bad_json(path, exc) from None
+        yield from _listed_records(path, document)
+
+
+def _spread_over_lines(raw: bytes) -> bool:
+    """Whether the file is JSON spread over lines (a list, or a first record that goes on past
+    its line): read line by line, each of its lines would be a "bad JSON" of its own."""
+    text = raw.lstrip()
+    if text[:1] != b"{":
+        return text[:1] == b"["
+    end = text.find(b"\n")
+    first_line = text[:end].rstrip() if end >= 0 else text
     try:
-        document = orjson.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        if jsonl:
-            yield from _jsonl_records(path, raw)
+        orjson.loads(first_line)
+    except orjson.JSONDecodeError as exc:
+        return exc.pos >= len(first_line)  # the line ended inside the object, not at a mistake
+    return False
+
+
+def _document_records(path: Path, raw: bytes) -> Iterator[tuple[str, Any]]:
+    text = _utf8(path, raw)
+    try:
+        document = orjson.loads(text)
+    except orjson.JSONDecodeError as whole:
+        try:
+            values = _json_values(text)
+        except json.JSONDecodeError as exc:
+            # orjson names a mistake better ("trailing comma is not allowed"), unless all it saw
+            # was a good first record with more after it: then the mistake is further on.
+            past_first = whole.msg.startswith("unexpected content after document")
+            raise _bad_json(path, exc if past_first else whole, spread="\n" in text.strip()) from None
+        if len(values) > 1:
+            for line, record in values:
+                yield f"{path}:{line}", record
             return
+        document = values[0][1]
+    yield from _listed_records(path, document)
+
+
+# The start of a JSON value: anything but the whitespace JSON allows between values, which
+# json.JSONDecoder.raw_decode does not skip.
+_NOT_JSON_SPACE = re.compile(r"[^ \t\n\r]")
+
+
+def _json_values(text: str) -> list[tuple[int, Any]]:
+    """(line where it starts, value) for each JSON value in `text`, one after another."""
+    decoder = json.JSONDecoder()
+    values: list[tuple[int, Any]] = []
+    line, last, pos = 1, 0, 0
+    while found := _NOT_JSON_SPACE.search(text, pos):
+        line, last = line + text.count("\n", last, found.start()), found.start()
+        value, pos = decoder.raw_decode(text, last)
+        values.append((line, value))
+    return values
+
+
+def _bad_json(path: Path, exc: json.JSONDecodeError, spread: bool = False) -> DataError:
+    """One error for a file read as one JSON document; `spread`: pretty-printed over lines,
+    whose lines are no records of their own to report one by one."""
+    hint = "fix the JSON there; a missing comma, quote or bracket is the usual cause"
+    if spread:
+        hint += (
+            " (the file holds JSON spread over lines, pretty-printed, read as a whole; or write "
+            "one complete record per line, as .jsonl)"
+        )
+    return DataError(f"{path}:{exc.lineno}: bad JSON at column {exc.colno}: {exc.msg}", hint=hint)
+
+
+def _utf8(path: Path, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         raise DataError(
             f"{path}:{line}: bytes that are not UTF-8 (0x{raw[exc.start]:02x})",
             hint="save the file as UTF-8",
         ) from None
-    except orjson.JSONDecodeError as exc:
-        if jsonl or first == b"{":
-            yield from _jsonl_records(path, raw)
-            return
-        raise DataError(
-            f"{path}:{exc.lineno}: bad JSON at column {exc.colno}: {exc.msg}",
-            hint="fix the JSON there; a missing comma, quote or bracket is the usual cause",
-        ) from None
+
+
+def _listed_records(path: Path, document: Any) -> Iterator[tuple[str, Any]]:
+    """The records of a file that is one JSON document: a list of them, or one record."""
     if isinstance(document, dict):
         document = [_lone_record(path, document)]
     if not isinstance(document, list):
@@ -311,8 +381,7 @@ def _lone_record(path: Path, document: dict) -> dict:
     wraps = [
         key
         for key, value in document.items()
-        if key not in FORMAT_KEYS
-        and key != "tools"  # a record's own lists (of turns, of tools)
+        if key not in FORMAT_KEYS | {"tools"}  # a record's own lists (of turns, of tools)
         and isinstance(value, list)
         and any(isinstance(item, dict) for item in value)
     ]
