@@ -42,6 +42,10 @@ def lines(*records: object) -> bytes:
     )
 
 
+# A safetensors file holding no tensors: its 8-byte header length, then the header.
+EMPTY_SAFETENSORS = (2).to_bytes(8, "little") + b"{}"
+
+
 def msgs(*turns: tuple[str, str]) -> dict:
     return {"messages": [{"role": role, "content": text} for role, text in turns]}
 
@@ -996,6 +1000,30 @@ CASES = [
         ["pickle file (adapter_model.bin)"],
         ["adapter"],
         ["re-save it as safetensors"],
+    ),
+    Case(
+        "chat-adapter-config-without-peft-type",  # a leaked KeyError: 'peft_type' before
+        ["chat", "--model", "MODEL", "--adapters", "adapter"],
+        {
+            "adapter": DIR,
+            "adapter/adapter_config.json": b'{"r": 8, "lora_alpha": 16}',
+            "adapter/adapter_model.safetensors": EMPTY_SAFETENSORS,
+        },
+        ["has no 'peft_type'", "not the config of a PEFT adapter"],
+        ["adapter/adapter_config.json"],
+        ["point --adapters at a folder saved by PEFT"],
+    ),
+    Case(
+        "chat-adapter-not-lora",
+        ["chat", "--model", "MODEL", "--adapters", "adapter"],
+        {
+            "adapter": DIR,
+            "adapter/adapter_config.json": b'{"peft_type": "PROMPT_TUNING"}',
+            "adapter/adapter_model.safetensors": EMPTY_SAFETENSORS,
+        },
+        ["is a PROMPT_TUNING adapter", "loads LoRA adapters"],
+        ["adapter/adapter_config.json"],
+        ["point --adapters at a LoRA adapter"],
     ),
     Case(
         "chat-misspelled-flag",

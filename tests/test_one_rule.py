@@ -183,7 +183,7 @@ def _run_on(root: Path, run_id: str, base: Path) -> Path:
     (base / "config.json").write_text("{}")
     adapter = root / run_id / "adapter"
     adapter.mkdir(parents=True)
-    (adapter / ADAPTER_CONFIG).write_text("{}")
+    (adapter / ADAPTER_CONFIG).write_text(json.dumps({"peft_type": "LORA"}))
     (adapter / "adapter_model.safetensors").write_bytes((2).to_bytes(8, "little") + b"{}")
     run = {"config": {"model": str(base)}, "base_model_path": str(base)}
     (root / run_id / "config.json").write_text(json.dumps(run))

@@ -85,7 +85,7 @@ def find_adapter_dir(spec: str) -> Path:
     # A run still training has no adapter/ yet: its newest checkpoint is the latest adapter.
     checkpoints = list_checkpoints(path.parent if path.name == "checkpoints" else path, ADAPTER_FILES)
     if checkpoints:
-        return checkpoints[-1]
+        return _checked_adapter(checkpoints[-1])
     raise UserError(
         f"{path} holds no adapter: no {ADAPTER_CONFIG}, no adapter/ folder and no saved checkpoint",
         TARGET_HINT,
@@ -116,6 +116,20 @@ def _check_adapter_files(path: Path) -> None:
         raise UserError(f"{path / ADAPTER_CONFIG} is not valid JSON: {exc}", hint) from None
     if not isinstance(config, dict):
         raise UserError(f"{path / ADAPTER_CONFIG} is not a JSON object", hint)
+    # PEFT picks the adapter's class by peft_type: without it, a KeyError is all it says.
+    peft_type = config.get("peft_type")
+    if not isinstance(peft_type, str) or not peft_type:
+        raise UserError(
+            f"{path / ADAPTER_CONFIG} has no 'peft_type': it is not the config of a PEFT adapter",
+            "point --adapters at a folder saved by PEFT (its save_pretrained writes adapter_config.json "
+            'with "peft_type": "LORA"), such as a run\'s adapter/ folder',
+        )
+    if peft_type != "LORA":  # what training makes, merging merges and vLLM serves
+        raise UserError(
+            f"{path / ADAPTER_CONFIG} is a {peft_type} adapter: TuneBench loads LoRA adapters "
+            '("peft_type": "LORA") only',
+            "point --adapters at a LoRA adapter, such as a run's adapter/ folder",
+        )
     weights = path / ADAPTER_WEIGHTS
     try:  # safetensors: an 8-byte header length, a JSON header, then the tensors' bytes
         size = weights.stat().st_size
