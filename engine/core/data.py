@@ -280,7 +280,7 @@ def _records(path: Path, raw: bytes) -> Iterator[tuple[str, Any]]:
         try:
             document = orjson.loads(_utf8(path, raw))
         except orjson.JSONDecodeError as exc:
-            if raw.lstrip()[:1] == b"{":  # one object per line
+            if _first_byte(raw) == b"{":  # one object per line
                 yield from _jsonl_records(path, raw)
                 return
             raise _bad_json(path, exc) from None
@@ -290,16 +290,23 @@ def _records(path: Path, raw: bytes) -> Iterator[tuple[str, Any]]:
 def _spread_over_lines(raw: bytes) -> bool:
     """Whether the file is JSON spread over lines (a list, or a first record that goes on past
     its line): read line by line, each of its lines would be a "bad JSON" of its own."""
-    text = raw.lstrip()
-    if text[:1] != b"{":
-        return text[:1] == b"["
-    end = text.find(b"\n")
-    first_line = text[:end].rstrip() if end >= 0 else text
+    first = _first_byte(raw)
+    if first != b"{":
+        return first == b"["
+    start = raw.index(first)
+    end = raw.find(b"\n", start)
+    first_line = raw[start:end].rstrip() if end >= 0 else raw[start:]
     try:
         orjson.loads(first_line)
     except orjson.JSONDecodeError as exc:
         return exc.pos >= len(first_line)  # the line ended inside the object, not at a mistake
     return False
+
+
+def _first_byte(raw: bytes) -> bytes:
+    """The first byte that is not whitespace (b"" for none), without copying a large file."""
+    found = re.search(rb"\S", raw)
+    return found.group() if found else b""
 
 
 def _document_records(path: Path, raw: bytes) -> Iterator[tuple[str, Any]]:
