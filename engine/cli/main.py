@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..core.config import ConfigError
 from ..core.errors import UserError
-from ..core.files import write_failure
+from ..core.files import access_failure
 
 SUBCOMMANDS = ("train", "chat", "probe", "export", "deploy", "serve", "status", "stop", "engine", "demo")
 
@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except OSError as exc:
-        # A full disk, a folder without write permission: the person's to fix, not a bug to trace.
-        failure = write_failure(exc, None)
+        # A full disk, a folder that cannot be written or entered: the person's to fix, not a bug to trace.
+        failure = access_failure(exc)
         if failure is not None:
             print(f"error: {failure}", file=sys.stderr)
             return 2

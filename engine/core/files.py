@@ -152,7 +152,8 @@ def write_failure(exc: BaseException, path: str | Path | None) -> DiskWriteError
         return None
     named = path if path is not None else getattr(exc, "filename", None)
     path = Path(named) if named else Path.cwd() / "?"
-    left = space_left(path)
+    # the space left explains a full disk or a quota, and only confuses a refused permission
+    left = space_left(path) if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else ""
     what = f"could not write {path}" if named else "a write failed"
     reason = (
         "the disk refused the write (full, or a quota)"
@@ -187,10 +188,83 @@ def writing(path: str | Path) -> Iterator[None]:
         raise failure from exc
 
 
+# ======================================================== failed reads
+
+
+class UnreadablePathError(UserError):
+    """A path a folder's permissions keep this process from: the person's to fix."""
+
+    code = "permission"
+
+
+_PERMISSION = (errno.EACCES, errno.EPERM)
+
+
+def read_failure(
+    exc: BaseException, path: str | Path | None = None, flag: str = ""
+) -> UnreadablePathError | None:
+    """`exc` as "cannot read <path>: permission denied on <folder>" when the permissions keep this
+    process from reading `path` (or the file `exc` names): its folder cannot be entered, or the
+    file itself is not readable; None for any other error, a refused write included."""
+    if not isinstance(exc, OSError) or exc.errno not in _PERMISSION:
+        return None
+    named = path if path is not None else exc.filename
+    if not named:
+        return None
+    target = Path(os.fsdecode(named)).expanduser().absolute()
+    folder = _blocking_folder(target)
+    if folder is None:
+        return None  # every folder on the way can be entered: a write was refused, not a read
+    where = f"{flag}: " if flag else ""
+    return UnreadablePathError(
+        f"{where}cannot read {target}: permission denied on {folder}",
+        f"check its permissions (`ls -ld {folder}`), or choose another path",
+    )
+
+
+def _blocking_folder(path: Path) -> Path | None:
+    """The folder (or the file itself) whose permissions keep `path` from being read: the last
+    one that can be looked at on the way down, or `path` when it is there but not readable;
+    None when nothing on the way is refused."""
+    reached = Path(path.anchor)
+    for part in path.parts[1:]:
+        step = reached / part
+        try:
+            step.stat()
+        except PermissionError:
+            return reached
+        except OSError:
+            return None  # missing: the read failure, if any, says so itself
+        reached = step
+    return None if os.access(path, os.R_OK) else path
+
+
+@contextlib.contextmanager
+def reading(path: str | Path | None = None, flag: str = "") -> Iterator[None]:
+    """Turn a PermissionError met while checking or reading `path` (a dataset, a model, a run;
+    Python 3.11's Path.exists raises it for a folder that cannot be entered) into a message that
+    names the path, the folder that refused and what to do; every other error passes as it is."""
+    try:
+        yield
+    except PermissionError as exc:
+        failure = read_failure(exc, path, flag)
+        if failure is None:
+            raise
+        raise failure from None
+
+
+def access_failure(exc: BaseException) -> UserError | None:
+    """A read or write the permissions, the disk or the file size limit refused, worded for the
+    person (read failures are told apart from writes); None for any other error."""
+    return read_failure(exc) or write_failure(exc, None)
+
+
 def space_left(path: str | Path) -> str:
-    """ "1.2 GiB free on /data" for the disk holding `path` (or its nearest existing folder)."""
+    """ "1.2 GiB free on /data" for the disk holding `path` (or its nearest existing folder); ""
+    when it cannot be told. Never raises: it words another error."""
     folder = Path(path).absolute()
-    while not folder.exists() and folder != folder.parent:
+    # os.path.exists, not Path.exists: a folder that cannot be entered reads as missing, no error
+    while not os.path.exists(folder) and folder != folder.parent:
         folder = folder.parent
     try:
         usage = shutil.disk_usage(folder)

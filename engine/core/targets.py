@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from .errors import UserError
+from .files import reading
 from .workspace import list_checkpoints
 
 BASE = "base"
@@ -70,7 +71,11 @@ def resolve_target(spec: str) -> Target:
 
 def find_adapter_dir(spec: str) -> Path:
     """The PEFT adapter folder for a run folder, an adapter folder or a checkpoint folder."""
-    path = Path(spec).expanduser()
+    with reading(spec):
+        return _find_adapter_dir(Path(spec).expanduser())
+
+
+def _find_adapter_dir(path: Path) -> Path:
     if not path.exists():
         raise UserError(f"adapter not found: {path} does not exist", TARGET_HINT)
     if path.is_file():

@@ -27,7 +27,7 @@ from ..core import protocol as P
 from ..core.config import ConfigError
 from ..core.data import resolve_dataset_spec
 from ..core.errors import Cancelled, UserError
-from ..core.files import write_failure
+from ..core.files import access_failure
 from ..core.memory_model import Profile
 from ..core.model_files import workspace_model
 from ..core.plans import allocator_cap
@@ -258,8 +258,8 @@ def describe_failure(
         return P.EngineError(code=exc.code, message=_with_problems(exc), hint=exc.hint), ""
     if isinstance(exc, ConfigError):
         return P.EngineError(code="config", message=str(exc), hint="fix the settings named above"), ""
-    failure = write_failure(exc, None) if isinstance(exc, OSError) else None
-    if failure is not None:  # a full disk, a file size limit, a folder without write permission
+    failure = access_failure(exc) if isinstance(exc, OSError) else None
+    if failure is not None:  # a full disk, a file size limit, a folder that cannot be written or entered
         return P.EngineError(code=failure.code, message=failure.message, hint=failure.hint), ""
     memory = _out_of_memory(exc)
     if memory:

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..core.errors import UserError
-from ..core.files import fsync_dir, writing
+from ..core.files import fsync_dir, reading, writing
 from ..core.targets import ADAPTER_WEIGHTS
 from ..core.workspace import CHECKPOINT_STATE_FILE, checkpoint_step, list_checkpoints
 from .types import RunPaths
@@ -142,7 +142,11 @@ def _prune_checkpoints(run: RunPaths, keep: int) -> None:
 def find_checkpoint(path: str) -> Path:
     """A checkpoint folder, or a run folder (its newest complete checkpoint); UserError for one
     whose files are damaged, naming the previous sound one to resume from instead."""
-    p = Path(path).expanduser()
+    with reading(path, "--resume_from_checkpoint"):
+        return _find_checkpoint(Path(path).expanduser())
+
+
+def _find_checkpoint(p: Path) -> Path:
     if (p / CHECKPOINT_STATE_FILE).is_file():
         return _sound(p.resolve())
     if p.is_dir():

@@ -9,6 +9,7 @@ from typing import Any
 
 from ..core.config import TrainConfig
 from ..core.errors import UserError
+from ..core.files import reading
 
 
 def preflight(cfg: TrainConfig, cancel: Any = None) -> int | None:
@@ -37,7 +38,9 @@ def preflight(cfg: TrainConfig, cancel: Any = None) -> int | None:
         except ValueError as exc:
             raise UserError(f"--template: {exc}", "pass one of the names listed, or leave it out") from None
     output = Path(cfg.output_dir).expanduser()
-    if output.exists() and not output.is_dir():
+    with reading(output, "--output_dir"):
+        is_file = output.exists() and not output.is_dir()
+    if is_file:
         raise UserError(
             f"--output_dir: {output} is a file, not a folder",
             "give a folder for the runs (it is created if new)",
@@ -47,25 +50,27 @@ def preflight(cfg: TrainConfig, cancel: Any = None) -> int | None:
     # A model folder or hub id resolves in milliseconds; a GGUF file (the demo's included) is
     # converted on first use, which waits until the data has passed.
     spec = cfg.model.strip()
-    converts = (spec == DEMO_NAME or spec.lower().endswith(".gguf")) and cached_model_dir(spec) is None
-    resolved = None if converts else resolve_model(spec)
-    if converts and spec == DEMO_NAME:
-        demo_gguf_path()  # installed?
-    elif converts and not Path(spec).expanduser().is_file():
-        resolve_model(spec)  # says the file is missing
+    with reading(flag="--model"):
+        converts = (spec == DEMO_NAME or spec.lower().endswith(".gguf")) and cached_model_dir(spec) is None
+        resolved = None if converts else resolve_model(spec)
+        if converts and spec == DEMO_NAME:
+            demo_gguf_path()  # installed?
+        elif converts and not Path(spec).expanduser().is_file():
+            resolve_model(spec)  # says the file is missing
     train_samples: list = []
     for flag, specs in (("--dataset", cfg.dataset), ("--val_dataset", cfg.val_dataset)):
         if not specs:
             continue
         try:
-            samples, _problems = load_dataset(
-                specs,
-                system=cfg.system,
-                model_name=cfg.model_name,
-                model_author=cfg.model_author,
-                seed=cfg.seed,
-                cancel=cancel,
-            )
+            with reading(flag=flag):
+                samples, _problems = load_dataset(
+                    specs,
+                    system=cfg.system,
+                    model_name=cfg.model_name,
+                    model_author=cfg.model_author,
+                    seed=cfg.seed,
+                    cancel=cancel,
+                )
         except DataError as exc:
             if flag == "--val_dataset":
                 exc.message = f"{flag}: {exc.message}"
