@@ -23,6 +23,7 @@ from tunebench.engine.cli.main import main
 from tunebench.engine.core.config import ConfigError, TrainConfig
 from tunebench.engine.core.errors import UserError
 from tunebench.engine.core.launch import Launch, launch_from
+from tunebench.engine.core.metrics_log import truncate_metrics
 from tunebench.engine.core.workspace import list_checkpoints
 from tunebench.engine.train.recipe import run_training
 
@@ -82,6 +83,12 @@ def curve(run_dir) -> list[tuple[int, float, float]]:
     return [(r["step"], r["loss"], r["grad_norm"]) for r in records if r.get("type") == "TrainStep"]
 
 
+def as_if_stopped(run_dir, step: int) -> None:
+    """The run's record cut back as if it had stopped at `step`: a complete run is not resumed
+    (it would train its last steps again), and these tests replay its last steps on purpose."""
+    truncate_metrics(run_dir, step)
+
+
 def assert_same_curve(a, b) -> None:
     assert [s for s, _, _ in a] == [s for s, _, _ in b]
     for (_, loss_a, norm_a), (_, loss_b, norm_b) in zip(a, b, strict=True):
@@ -122,6 +129,7 @@ def test_two_ranks_train_as_one_and_resume_on_one(tiny_model_dir, data_file, one
     assert recorded["config"]["nproc_per_node"] == 2
 
     # the two-rank checkpoint, resumed in one process: the same steps 3 and 4
+    as_if_stopped(two, 2)
     events = []
     cfg = TrainConfig(**{**recorded["config"], "resume_from_checkpoint": str(two / "checkpoints" / "step-2")})
     cfg.nproc_per_node = 1
@@ -138,6 +146,7 @@ def test_one_rank_checkpoint_resumes_on_two(one_rank_run, tmp_path):
     run = tmp_path / "one"
     shutil.copytree(one_rank_run, run)
     shutil.rmtree(run / "adapter")
+    as_if_stopped(run, 2)
     code, err = finish(launch(["--resume_from_checkpoint", str(run / "checkpoints" / "step-2")], nproc=2))
     assert code == 0, err
     assert_same_curve(curve(run), curve(one_rank_run))
@@ -283,6 +292,7 @@ def test_zero3_shards_with_fsdp2_trains_as_one_and_resumes_on_one(tiny_model_dir
     assert_same_curve(curve(z3), curve(tmp_path / "one"))
     recorded = orjson.loads((z3 / "config.json").read_bytes())
     cfg = TrainConfig(**{**recorded["config"], "resume_from_checkpoint": str(z3 / "checkpoints" / "step-2")})
+    as_if_stopped(z3, 2)
     events = []
     assert run_training(cfg, events.append).status == "completed"
     assert any("nothing is sharded" in e.message for e in events if e.type == "Log")

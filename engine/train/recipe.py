@@ -65,6 +65,7 @@ from .resume import (
     new_run_dir,
     read_run_config,
     recorded_config,
+    refuse_finished_run,
     resume_changes,
     write_run_config,
 )
@@ -283,6 +284,9 @@ def _setup(cfg: TrainConfig, emit: Emit, stop: StopSignal, ranks: Ranks, device:
     recorded_run = read_run_config(run) if resume_dir else {}
     per_step = micro_batches_per_step(cfg, ranks.world, recorded_run)
     plan = build_plan(len(train_set), cfg, per_step)
+    if resume_dir and (completed := refuse_finished_run(run.root, cfg, planned=len(plan))):
+        note = f"the run had completed {completed} steps; it continues to {len(plan)} from {resume_dir.name}"
+        emit(P.Log(message=f"{note} (the steps after it train again, in the longer schedule)"))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, len(plan)))
     setup = _Setup(
         run=run,

@@ -23,7 +23,7 @@ import orjson
 from ..core.config import TrainConfig, format_value, to_command, to_dict
 from ..core.errors import UserError
 from ..core.files import atomic_write_bytes
-from ..core.workspace import read_metrics
+from ..core.workspace import read_metrics, read_run
 from .checkpoints import find_checkpoint
 from .types import RunPaths
 
@@ -40,8 +40,36 @@ def resume_config(given: dict[str, Any]) -> TrainConfig:
     recorded = recorded_config(checkpoint)
     changes = {k: v for k, v in given.items() if k not in _NOT_SETTINGS}
     cfg = TrainConfig(**{**recorded, **changes, "resume_from_checkpoint": given["resume_from_checkpoint"]})
-    resume_changes(recorded, cfg, str(checkpoint))
+    applied = resume_changes(recorded, cfg, str(checkpoint))
+    run = RunPaths(checkpoint.parent.parent)
+    # the same settings on the same data plan the same steps: a complete run is refused at once,
+    # before the model loads (else the recipe refuses it once it knows the steps planned)
+    same_data = not data_changed_warning(
+        read_run_config(run).get("dataset_sha256") or {}, dataset_hashes(cfg)
+    )
+    if not applied and same_data:
+        refuse_finished_run(run.root, cfg, planned=None)
     return cfg
+
+
+def refuse_finished_run(run_root: Path, cfg: TrainConfig, planned: int | None) -> int:
+    """A resume of a completed run would train its last steps again over its finished adapter and
+    metrics: UserError, unless it plans more steps than the run took (`planned`; None when not
+    known yet, for settings that plan the run's own steps). The steps the run completed (0 when
+    it did not)."""
+    info = read_run(run_root)
+    completed = info.steps if info.status == "completed" else 0
+    if not completed or (planned is not None and planned > completed):
+        return completed
+    epochs = f"now {format_value(cfg.num_train_epochs)}" if cfg.max_steps <= 0 else "with --max_steps -1"
+    raise UserError(
+        f"--resume_from_checkpoint: run {run_root} is complete: it trained all {completed} steps and "
+        f"saved its adapter in {RunPaths(run_root).adapter}; resuming it would train its last steps "
+        "again and replace that adapter",
+        f"to train it further, resume with more steps: a higher --num_train_epochs ({epochs}) or "
+        f"--max_steps above {completed}; to use it as it is, `tunebench chat --adapters {run_root}`",
+        code="config",
+    )
 
 
 def run_config_file(checkpoint: Path) -> Path:
