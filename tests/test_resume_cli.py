@@ -4,6 +4,9 @@ trained over, a run continues with more steps, and a resume works from any folde
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import signal
 from pathlib import Path
 
 import orjson
@@ -61,3 +64,51 @@ def test_a_complete_run_is_not_trained_again_unless_more_steps_are_asked(
     assert "the run had completed 4 steps; it continues to 6 from step-2" in out + err
     assert steps_logged(run) == [1, 2, 3, 4, 5, 6]
     assert (run / adapter).read_bytes() != kept[adapter]
+
+
+def signal_on(monkeypatch, kind: str, signum: int, step: int = 0) -> None:
+    """Send this process `signum` once the run emits an event of `kind` (at `step`, for steps),
+    as a person pressing Ctrl-C (or a scheduler's SIGTERM) at that moment would."""
+    from tunebench.engine.cli.progress import JsonRenderer
+
+    shown = JsonRenderer.__call__
+
+    def call(self, event) -> None:
+        shown(self, event)
+        if event.type == kind and getattr(event, "step", 0) == step:
+            os.kill(os.getpid(), signum)
+
+    monkeypatch.setattr(JsonRenderer, "__call__", call)
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stop_by_signal_saves_exits_non_zero_and_says_how_to_resume(
+    signum, code, tiny_model_dir, data, tmp_path, monkeypatch, capfd
+):
+    """Ctrl-C or SIGTERM during `tunebench train` exited 0, as a finished run, and said nothing
+    of how to go on."""
+    signal_on(monkeypatch, "TrainStep", signum, step=1)
+    args = ["--model", str(tiny_model_dir), "--dataset", str(data), "--output_dir", "runs"]
+    monkeypatch.chdir(tmp_path)
+    assert train(*args, "--run_name", "r", "--max_steps", "6", "--logging_steps", "1", "--json") == code
+    err = capfd.readouterr().err
+    run = tmp_path / "runs" / "r"
+    assert "stopping after this step and saving a checkpoint" in err
+    command = f"tunebench train --resume_from_checkpoint {run}"
+    assert f"stopped by {signal.Signals(signum).name}; to continue the run: {command}" in err, err
+    assert (run / "checkpoints" / "step-1").is_dir()
+    monkeypatch.undo()
+    assert main(shlex.split(command)[1:]) == 0  # the command as said, from any folder
+    assert steps_logged(run) == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_stop_before_the_first_step_says_nothing_was_saved(
+    tiny_model_dir, data, tmp_path, monkeypatch, capfd
+):
+    """Ctrl-C while the model or the data loads said "stopping after this step"."""
+    signal_on(monkeypatch, "Progress", signal.SIGTERM)
+    args = ["--model", str(tiny_model_dir), "--dataset", str(data), "--output_dir", str(tmp_path)]
+    assert train(*args, "--max_steps", "6", "--json") == 143
+    err = capfd.readouterr().err
+    assert "stopping: no step trained yet, nothing to save" in err and "after this step" not in err
+    assert "stopped by SIGTERM before any checkpoint was saved: nothing to resume" in err

@@ -76,7 +76,7 @@ def train_main(argv: list[str]) -> int:
         from ..train.distributed import as_rank, current_ranks
 
         ranks = current_ranks()
-        return as_rank(lambda: _train(args, values, main_rank=ranks.is_main), ranks)
+        return as_rank(lambda: _train(args, values, main_rank=ranks.is_main)[0], ranks)
     cfg = _config(values)
     if launch:
         from ..train.distributed import launch_ranks
@@ -99,7 +99,9 @@ def train_main(argv: list[str]) -> int:
 
                 JsonRenderer()(describe_failure(exc, "train", cfg)[0])
             raise
-    result = _train(args, values, cfg=cfg)
+    result, signum = _train(args, values, cfg=cfg)
+    if signum:  # stopped by the person: the shell's convention, so a script can tell
+        return 128 + signum
     return 0 if result.status == "completed" else (130 if result.status == "aborted" else 0)
 
 
@@ -133,7 +135,8 @@ def _config(values: dict[str, Any]) -> TrainConfig:
 def _train(
     args: argparse.Namespace, values: dict[str, Any], cfg: TrainConfig | None = None, main_rank: bool = True
 ):
-    """Train in this process (one rank of several, under torchrun); the run's TrainFinished."""
+    """Train in this process (one rank of several, under torchrun); the run's TrainFinished, and
+    the signal that stopped it (0 when none did)."""
     from ..train.preflight import preflight
 
     if cfg is None:  # a rank: the launcher has run the preflight, and the recipe checks again
@@ -145,9 +148,10 @@ def _train(
     from ..train.recipe import StopSignal, run_training
 
     stop = StopSignal()
-    previous = _install_stop_handlers(stop, quiet=not main_rank)
-    renderer = (JsonRenderer() if args.json else ProgressRenderer()) if main_rank else _Silent()
     progress = RunProgress()
+    signals: list[int] = []
+    previous = _install_stop_handlers(stop, progress, signals, quiet=not main_rank)
+    renderer = (JsonRenderer() if args.json else ProgressRenderer()) if main_rank else _Silent()
 
     def emit(event) -> None:
         progress.note(event)  # how far the run got, for the out-of-memory advice
@@ -167,10 +171,30 @@ def _train(
         renderer.close()
         for signum, handler in previous.items():  # main() may be called in-process (tests)
             signal.signal(signum, handler)
+    if signals:
+        if not is_worker(os.environ):  # under torchrun the launcher says it, once
+            _say_how_to_resume(signals[0], progress, cfg)
+        return result, signals[0]
     probe_after = args.probe_after == "true" if args.probe_after else sys.stdout.isatty()
     if main_rank and probe_after and result.status == "completed" and result.adapter_dir:
         _say_verdict(result, cfg, renderer)
-    return result
+    return result, signals[0] if signals else 0
+
+
+def _say_how_to_resume(signum: int, progress, cfg: TrainConfig) -> None:
+    """After Ctrl-C or SIGTERM: the command that continues the run, or that nothing was saved."""
+    from ..train.resume import resume_command
+
+    name = signal.Signals(signum).name
+    if progress.checkpoint:
+        command = resume_command(progress.run_dir, cfg.nproc_per_node)
+        print(f"stopped by {name}; to continue the run: {command}", file=sys.stderr)
+    else:
+        print(
+            f"stopped by {name} before any checkpoint was saved: nothing to resume; run the same "
+            "command again to start over",
+            file=sys.stderr,
+        )
 
 
 class _Silent:
@@ -196,22 +220,25 @@ def _say_verdict(result, cfg: TrainConfig, renderer) -> None:
         print(f"no verdict: {exc.message} ({exc.hint})", file=sys.stderr)
 
 
-def _install_stop_handlers(stop, quiet: bool = False) -> dict[int, Any]:
-    """Ctrl-C / SIGTERM: stop after the step, a second aborts; `quiet` for ranks other than 0,
-    which stop with rank 0 and leave the telling to it."""
+def _install_stop_handlers(stop, progress, signals: list[int], quiet: bool = False) -> dict[int, Any]:
+    """Ctrl-C / SIGTERM: stop after the step, a second aborts; each signal is added to `signals`.
+    `progress` says whether the run has started its steps (before, loading ends at once and there
+    is nothing to save); `quiet` for ranks other than 0, which stop with rank 0 and leave the
+    telling to it."""
 
     def on_signal(signum, _frame) -> None:
+        signals.append(signum)
         if stop.mode:
             stop.request("abort")
-            if not quiet:
-                print("\naborting now (no checkpoint)", file=sys.stderr)
+            message = "aborting now (no checkpoint)"
+        elif not progress.run_dir:  # TrainStarted not yet sent: the model or the data is loading
+            stop.request("graceful")
+            message = "stopping: no step trained yet, nothing to save"
         else:
             stop.request("graceful")
-            if not quiet:
-                print(
-                    "\nstopping after this step and saving a checkpoint; press Ctrl-C again to abort",
-                    file=sys.stderr,
-                )
+            message = "stopping after this step and saving a checkpoint; press Ctrl-C again to abort"
+        if not quiet:
+            print(f"\n{message}", file=sys.stderr)
 
     previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     signal.signal(signal.SIGINT, on_signal)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import shlex
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,13 @@ def logged_seconds(run_dir: Path) -> float:
     """The elapsed time of the last step a run's metrics.jsonl holds (0 when none)."""
     steps = [r for r in read_metrics(run_dir) if r.get("type") == "TrainStep"]
     return float(steps[-1].get("elapsed_s") or 0.0) if steps else 0.0
+
+
+def resume_command(run_dir: str | Path, processes: int | None = 1) -> str:
+    """The command that continues a run: its folder holds every setting, but not how many
+    processes trained it (a resume on another number says what that changes)."""
+    more = f" --nproc_per_node {processes}" if processes and processes > 1 else ""
+    return f"tunebench train --resume_from_checkpoint {shlex.quote(str(Path(run_dir).absolute()))}{more}"
 
 
 def new_run_dir(cfg: TrainConfig) -> Path:
