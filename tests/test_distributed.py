@@ -369,6 +369,7 @@ def test_gradients_are_all_reduced_in_the_last_backward_of_a_step_only(
     import shutil
 
     shutil.copytree(tmp_path / "one", tmp_path / "two")
+    as_if_stopped(tmp_path / "two", 1)
     recorded = orjson.loads((tmp_path / "two" / "config.json").read_bytes())["config"]
     config = tmp_path / "probe.json"
     resume = str(tmp_path / "two" / "checkpoints" / "step-1")

@@ -112,3 +112,40 @@ def test_a_stop_before_the_first_step_says_nothing_was_saved(
     err = capfd.readouterr().err
     assert "stopping: no step trained yet, nothing to save" in err and "after this step" not in err
     assert "stopped by SIGTERM before any checkpoint was saved: nothing to resume" in err
+
+
+def test_a_run_resumes_from_any_folder_and_keeps_its_output_dir(
+    tiny_model_dir, data, tmp_path, monkeypatch, capfd
+):
+    """A resume worked only from the folder the run started in (its data recorded as typed, relative
+    to it), and after a resume config.json said --output_dir output, the default."""
+    started, elsewhere = tmp_path, tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(started)
+    run = started / first_run(tiny_model_dir, Path("data/d.jsonl"), Path("runs"))
+    record = orjson.loads((run / "config.json").read_bytes())
+    assert record["config"]["dataset"] == [str(data)] and record["config"]["output_dir"] == str(run.parent)
+    assert record["cwd"] == str(started)
+
+    monkeypatch.chdir(elsewhere)
+    assert train("--resume_from_checkpoint", str(run), "--max_steps", "6") == 0
+    record = orjson.loads((run / "config.json").read_bytes())
+    assert record["config"]["output_dir"] == str(run.parent) and record["config"]["run_name"] == "r"
+    assert record["config"]["max_steps"] == 6 and steps_logged(run) == [1, 2, 3, 4, 5, 6]
+
+    # A run recorded before: its data as typed, and no folder. The recorded one is used when there
+    # is one; else the error names the file missing and the folder to run the resume from.
+    record["config"]["dataset"], record["config"]["output_dir"] = ["data/d.jsonl"], "runs"
+    record["config"]["max_steps"], record["cwd"] = 4, str(started)
+    (run / "config.json").write_bytes(orjson.dumps(record))
+    capfd.readouterr()
+    assert train("--resume_from_checkpoint", str(run), "--max_steps", "8") == 0
+    del record["cwd"]
+    (run / "config.json").write_bytes(orjson.dumps(record))
+    assert train("--resume_from_checkpoint", str(run), "--max_steps", "10") == 2
+    err = capfd.readouterr().err
+    assert (
+        f"--dataset data/d.jsonl relative to the folder it was started in, and {elsewhere / 'data/d.jsonl'}"
+        in err
+    )
+    assert f"run the resume from {started}, the folder it was started in" in err and "Traceback" not in err

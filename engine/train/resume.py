@@ -40,14 +40,20 @@ def resume_config(given: dict[str, Any]) -> TrainConfig:
     checkpoint = find_checkpoint(given["resume_from_checkpoint"])
     recorded = recorded_config(checkpoint)
     changes = {k: v for k, v in given.items() if k not in _NOT_SETTINGS}
-    cfg = TrainConfig(**{**recorded, **changes, "resume_from_checkpoint": given["resume_from_checkpoint"]})
-    applied = resume_changes(recorded, cfg, str(checkpoint))
     run = RunPaths(checkpoint.parent.parent)
+    record = read_run_config(run)
+    # the run goes on in its own folder, whatever the defaults or the flags say
+    where = {"output_dir": str(run.root.parent), "run_name": (record.get("config") or {}).get("run_name", "")}
+    cfg = TrainConfig(
+        **{**recorded, **changes, **where, "resume_from_checkpoint": given["resume_from_checkpoint"]}
+    )
+    applied = resume_changes(recorded, cfg, str(checkpoint))
+    for flag in ("dataset", "val_dataset"):
+        if flag not in changes:
+            _check_recorded_data(flag, getattr(cfg, flag), run.root, record)
     # the same settings on the same data plan the same steps: a complete run is refused at once,
     # before the model loads (else the recipe refuses it once it knows the steps planned)
-    same_data = not data_changed_warning(
-        read_run_config(run).get("dataset_sha256") or {}, dataset_hashes(cfg)
-    )
+    same_data = not data_changed_warning(record.get("dataset_sha256") or {}, dataset_hashes(cfg))
     if not applied and same_data:
         refuse_finished_run(run.root, cfg, planned=None)
     return cfg
@@ -93,7 +99,60 @@ def recorded_config(checkpoint: Path) -> dict[str, Any]:
             code="config",
         )
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return {k: v for k, v in payload["config"].items() if k in names and k not in _NOT_SETTINGS}
+    settings = {k: v for k, v in payload["config"].items() if k in names and k not in _NOT_SETTINGS}
+    started_in = payload.get("cwd")  # runs record their data as absolute paths, and this folder
+    for key in ("dataset", "val_dataset"):
+        if started_in and isinstance(settings.get(key), list):
+            settings[key] = [absolute_spec(spec, started_in) for spec in settings[key]]
+    return settings
+
+
+def absolute_spec(spec: Any, root: str | Path) -> Any:
+    """A dataset spec with its file made absolute from `root` (a hub id stays as typed)."""
+    from ..core.data import resolve_dataset_spec
+
+    return resolve_dataset_spec(spec, root) if isinstance(spec, str) else spec
+
+
+def _check_recorded_data(flag: str, specs: list[str], run_root: Path, record: dict[str, Any]) -> None:
+    """Runs made before the data was recorded as absolute paths (and the folder they started in)
+    hold it as typed: from another folder the file is not found. UserError naming the file and
+    the folder to run the resume from."""
+    from ..core.data import DataError, parse_dataset_spec
+    from ..core.model_files import looks_like_hub_id
+
+    for spec in specs:
+        try:
+            path = parse_dataset_spec(spec).path
+        except (DataError, TypeError, AttributeError):
+            continue  # reading the data says what is wrong with it
+        hub_id = looks_like_hub_id(str(path)) and not path.suffix
+        if path.is_absolute() or hub_id or path.exists():
+            continue
+        output_dir = (record.get("config") or {}).get("output_dir") or ""
+        folder = _started_in(run_root, output_dir)
+        there = (
+            f"from {folder}, the folder it was started in" if folder else "from the folder it was started in"
+        )
+        raise UserError(
+            f"--resume_from_checkpoint: the run recorded --{flag} {spec} relative to the folder it "
+            f"was started in, and {path.absolute()} does not exist",
+            f"run the resume {there}, or give the data again: --{flag} <its path>",
+            code="data",
+        )
+
+
+def _started_in(run_root: Path, output_dir: str) -> Path | None:
+    """The folder a run was started in, when its relative --output_dir says it: runs/<id> under
+    <folder>/runs; None when that cannot be told."""
+    out = Path(output_dir).expanduser()
+    parent = run_root.absolute().parent
+    if not output_dir or out.is_absolute():
+        return None
+    depth = len(out.parts)
+    if depth == 0:  # "."
+        return parent
+    return Path(*parent.parts[:-depth]) if parent.parts[-depth:] == out.parts else None
 
 
 def resume_changes(recorded: dict[str, Any], cfg: TrainConfig, checkpoint: str) -> list[str]:
@@ -131,18 +190,9 @@ def _same(name: str, old: Any, new: Any) -> bool:
         a, b = Path(old).expanduser(), Path(new).expanduser()
         return a.exists() and b.exists() and a.resolve() == b.resolve()
     if name in ("dataset", "val_dataset") and isinstance(old, list) and isinstance(new, list):
-        return [_absolute_spec(s) for s in old] == [_absolute_spec(s) for s in new]
+        here = Path.cwd()
+        return [absolute_spec(s, here) for s in old] == [absolute_spec(s, here) for s in new]
     return False
-
-
-def _absolute_spec(spec: Any) -> Any:
-    from ..core.data import DataError, parse_dataset_spec
-
-    try:
-        parsed = parse_dataset_spec(spec)
-    except (DataError, TypeError, AttributeError):
-        return spec
-    return str(parsed._replace(path=parsed.path.absolute()))
 
 
 # ------------------------------------------------------------- the run's record
@@ -183,10 +233,12 @@ def write_run_config(
 ) -> None:
     """The run's config.json, written when it starts and again at each resume: the settings the next
     resume starts from, and the data they trained on."""
+    recorded = _as_recorded(cfg, run)
     payload = {
         "run_id": run.root.name,
-        "config": to_dict(cfg),
-        "command": to_command(cfg),
+        "config": to_dict(recorded),
+        "command": to_command(recorded),
+        "cwd": str(Path.cwd()),  # what relative paths were typed from
         "base_model_path": str(base_path),
         "dataset_sha256": dataset_hashes(cfg),  # a resume on other data warns
         "created": created or datetime.now().isoformat(timespec="seconds"),
@@ -195,6 +247,18 @@ def write_run_config(
         "processes": processes,
     }
     atomic_write_bytes(run.config, orjson.dumps(payload, option=orjson.OPT_INDENT_2), sync_dir=True)
+
+
+def _as_recorded(cfg: TrainConfig, run: RunPaths) -> TrainConfig:
+    """`cfg` with its data files and run folder as absolute paths: a resume finds them from any
+    folder."""
+    here = Path.cwd()
+    return dataclasses.replace(
+        cfg,
+        dataset=[absolute_spec(s, here) for s in cfg.dataset],
+        val_dataset=[absolute_spec(s, here) for s in cfg.val_dataset],
+        output_dir=str(run.root.absolute().parent),
+    )
 
 
 def read_run_config(run: RunPaths) -> dict[str, Any]:
