@@ -48,6 +48,24 @@ def test_swift_spellings_and_lists():
     assert cfg.val_ratio == 0.1 and cfg.gradient_checkpointing is False
 
 
+def test_a_repeated_list_flag_adds_to_the_list():
+    """--dataset a --dataset b kept only b."""
+    cfg = parse(
+        "--dataset a.jsonl b.jsonl --dataset c.jsonl#5 --val_dataset v.jsonl --val_dataset w.jsonl "
+        "--target_modules q_proj,v_proj --target_modules o_proj"
+    )
+    assert cfg.dataset == ["a.jsonl", "b.jsonl", "c.jsonl#5"] and cfg.val_dataset == ["v.jsonl", "w.jsonl"]
+    assert cfg.target_modules == ["q_proj", "v_proj", "o_proj"]
+    assert cfg.lora_rank == 8  # a flag of one value: the last one given, as before
+
+
+def test_hyphenated_flags_are_the_underscore_ones():
+    """--lora-rank was refused as an unknown flag."""
+    cfg = parse("--dataset d.jsonl --lora-rank 16 --num-train-epochs=2 --target-modules q_proj --lora-r 4")
+    assert cfg.lora_rank == 4 and cfg.num_train_epochs == 2.0 and cfg.target_modules == ["q_proj"]
+    assert parse("--dataset d.jsonl --system=--lora-rank").system == "--lora-rank"  # a value stays
+
+
 def test_command_line_round_trips():
     cfg = parse("--dataset 'my data.jsonl#5' --lora_rank 16 --system 'Be brief.' --learning_rate 2e-4")
     again = parse(to_command(cfg).removeprefix("tunebench train"))

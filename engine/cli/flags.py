@@ -23,6 +23,21 @@ def suggest_flag(flag: str, known: Any) -> str:
     return f" (did you mean {names[match[0]]}?)" if match else ""
 
 
+def underscored(argv: list[str], known: Any) -> list[str]:
+    """`--lora-rank 8` / `--lora-rank=8` -> `--lora_rank ...` where only the underscore spelling is
+    a flag; values, and everything after a bare `--`, stay as typed."""
+    out: list[str] = []
+    for n, token in enumerate(argv):
+        if token == "--":
+            return out + argv[n:]
+        name, sep, value = token.partition("=")
+        spelled = "--" + name[2:].replace("-", "_")
+        if name.startswith("--") and name not in known and spelled in known:
+            token = f"{spelled}{sep}{value}"
+        out.append(token)
+    return out
+
+
 def join_negative_numbers(argv: list[str]) -> list[str]:
     """`--lr -1e-4` -> `--lr=-1e-4`: argparse would read "-1e-4" as a flag, and then the range
     check could never say what is wrong with the value."""
@@ -64,7 +79,12 @@ def flag_values(ns: argparse.Namespace, cls: type = TrainConfig) -> dict[str, An
 
 
 class FlagParser(argparse.ArgumentParser):
-    """Unknown flags named with a suggestion, bad values with the flag: a message and exit 2, no traceback."""
+    """Unknown flags named with a suggestion, bad values with the flag: a message and exit 2, no
+    traceback. --lora-rank is read as --lora_rank (HF and other tools spell flags with hyphens)."""
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        argv = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args(underscored(argv, self._option_string_actions), namespace)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         if "unrecognized arguments" in message:
@@ -96,6 +116,7 @@ def adapter_parser(prog: str, description: str, *, generation: bool = True) -> a
         "--adapter",
         "--ckpt_dir",
         nargs="+",
+        action="extend",  # --adapters a b, or the flag repeated
         default=[],
         metavar="PATH",
         help="run folders, adapter folders or checkpoint folders",

@@ -35,8 +35,8 @@ def build_train_parser() -> argparse.ArgumentParser:
         names = [f"--{f.name}", *(f"--{a}" for a in meta.get("aliases", ()))]
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         extra: dict[str, Any] = {}
-        if get_origin(hints[f.name]) is list:
-            extra["nargs"] = "+"
+        if get_origin(hints[f.name]) is list:  # --dataset a b, and a repeated flag adds to the list
+            extra.update(nargs="+", action="extend")
         elif hints[f.name] is bool:
             extra.update(nargs="?", const="true")  # --flag, --flag true, --flag false
         choices = f" {{{','.join(map(str, meta['choices']))}}}" if "choices" in meta else ""
