@@ -894,11 +894,11 @@ CASES = [
         ["did you mean --lora_rank?"],
     ),
     Case(
-        "hyphenated-flag",
-        train("--learning-rate", "1e-4"),
+        "hyphenated-misspelt-flag",  # --learning-rate itself is --learning_rate (tests/test_cli.py)
+        train("--learning-rat", "1e-4"),
         {},
-        ["unknown flag --learning-rate"],
-        ["--learning-rate"],
+        ["unknown flag --learning-rat"],
+        ["--learning-rat"],
         ["did you mean --learning_rate?"],
     ),
     Case(
