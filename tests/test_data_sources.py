@@ -113,6 +113,16 @@ def test_csv_problems_name_the_row_a_spreadsheet_shows(tmp_path):
     assert "output is empty" in problems[0].reason
 
 
+def test_a_csv_with_only_its_header_says_so(tmp_path):
+    """datasets said 'Instruction "train" corresponds to no data!' for it."""
+    path = tmp_path / "empty.csv"
+    path.write_text("instruction,output\n", encoding="utf-8")
+    with pytest.raises(DataError) as caught:
+        read_records(path)
+    assert str(path) in caught.value.message and "no records" in caught.value.message
+    assert "instruction, output" in caught.value.hint
+
+
 def test_columnar_files_of_mixed_formats_keep_every_row(tmp_path):
     """Parquet, arrow and save_to_disk give every row every column, null where a record had none:
     a null column used to count as present, so the alpaca rows here were read as messages and

@@ -128,6 +128,8 @@ def _read_with(builder: str, paths: list[Path], where: str) -> Any:
                 keep_in_memory=True,
                 **(_csv_as_text(datasets, paths[0]) if builder == "csv" else {}),
             )
+        except SourceError:
+            raise
         except Exception as exc:  # noqa: BLE001 - pyarrow's parse errors have many types
             raise SourceError(
                 f"{where} cannot be read as {builder}: {_first_line(exc)}",
@@ -141,7 +143,13 @@ def _csv_as_text(datasets: Any, path: Path) -> dict[str, Any]:
     empty cell as missing."""
     import pandas as pd
 
-    columns = pd.read_csv(path, nrows=0).columns  # the header, with duplicates named as pandas names them
+    first = pd.read_csv(path, nrows=1)  # the header, with duplicates named as pandas names them
+    if first.empty:  # else datasets says: Instruction "train" corresponds to no data!
+        raise SourceError(
+            f"{path} holds a header row and no records",
+            hint=f"add one row per sample below the header ({', '.join(map(str, first.columns))})",
+        )
+    columns = first.columns
     string = datasets.Value("string")
     return {"features": datasets.Features({str(c): string for c in columns}), "na_filter": False}
 
