@@ -524,16 +524,14 @@ class TuneBenchApp(App[int]):
 
     def action_show_pane(self, pane: str) -> None:
         self._main.query_one(TabbedContent).active = pane
-        if pane == "chat":
-            self.chat_pane.focus_default()  # the prompt; the columns while it is locked
-            return
         # The form itself rather than its first field: a digit pressed next must switch panes,
-        # not type into a field.
+        # not type into a field. Chat opens in its prompt, ready for a question.
         focus = {
             "dataset": "#sample-table",
             "params": "#param-form",
             "gpu": "#gpu-body",
             "train": "#checkpoints",
+            "chat": "#chat-prompt",
         }[pane]
         self._main.query_one(focus).focus()
 

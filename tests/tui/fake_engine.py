@@ -32,11 +32,13 @@ class FakeEngine:
         pid: int = 0,
         controlled_by: str = "",
         sharding: str = "",
+        token_delay: float = 0.005,
     ) -> None:
         self.ws = Workspace(workspace)
         self.sharding = sharding  # what the estimate says a run on several GPUs takes by itself
         self.steps = steps
         self.step_delay = step_delay
+        self.token_delay = token_delay  # seconds between streamed words
         self.answers = answers or {}
         self.verdict = ""  # a ProbeVerdict message sent before a completed run's TrainFinished
         self.history = [e.to_dict() for e in (history or [])]
@@ -220,7 +222,7 @@ class FakeEngine:
                     cancelled = True
                     break
                 self._send(P.TokenChunk(id=request.id, target=target, text=word + " "))
-                await asyncio.sleep(0.005)
+                await asyncio.sleep(self.token_delay)
             stats[target] = {"ttft_s": 0.01, "tokens_per_s": 100.0}
         self._cancel.clear()
         self.job = ""

@@ -64,6 +64,32 @@ async def test_escape_cancels_an_answer_while_it_streams(workspace):
             assert len(chat.exchanges[0].answers[BASE].split()) < 400
 
 
+async def test_typing_while_an_answer_streams_goes_into_the_prompt_not_to_shortcuts(workspace):
+    """The prompt stays editable while tokens arrive: "4" and "s" of the next question are text,
+    not Go to Train and Start training (the locked prompt let them fall through to the app)."""
+    # An answer that outlasts the typing, however slow the machine: 400 words, 0.1 s each.
+    with FakeEngineThread(workspace, answers={"base": "word " * 400}, token_delay=0.1) as engine:
+        app = TuneBenchApp(workspace, starter=no_start)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: app.client.connected and app.snapshot)
+            chat = app.query_one(ChatPane)
+            prompt = app.query_one("#chat-prompt", Input)
+            await pilot.press("5", *"hello", "enter")
+            await wait_until(pilot, lambda: chat.exchanges and chat.exchanges[0].answers, what="tokens")
+            await pilot.press(*"tell me 4 jokes")
+            assert chat.generating and prompt.has_focus and not prompt.disabled
+            assert prompt.value == "tell me 4 jokes" and active(app) == "chat"
+            await pilot.press("enter")  # held while answering: the question stays to send later
+            assert prompt.value == "tell me 4 jokes" and len(engine.of_type("Generate")) == 1
+            await pilot.press("escape")  # escape still cancels from the prompt
+            await wait_until(pilot, lambda: not chat.generating, what="the cancel")
+            await pilot.press("enter")
+            await wait_until(pilot, lambda: len(engine.of_type("Generate")) == 2, what="the next question")
+            assert engine.of_type("Generate")[1].messages[-1]["content"] == "tell me 4 jokes"
+            assert prompt.value == ""
+        assert not engine.of_type("StartTraining")
+
+
 async def test_coming_back_to_chat_while_it_streams_keeps_the_keys_working(workspace):
     with FakeEngineThread(workspace, answers={"base": "word " * 4000}):
         app = TuneBenchApp(workspace, starter=no_start)
@@ -72,8 +98,8 @@ async def test_coming_back_to_chat_while_it_streams_keeps_the_keys_working(works
             chat = app.query_one(ChatPane)
             await pilot.press("5", *"hello", "enter")
             await wait_until(pilot, lambda: chat.generating, what="the answer to start")
-            await pilot.press("1", "5")  # away and back while the prompt is locked
-            assert chat in app.focused.ancestors  # not a widget of the hidden Dataset pane
+            await pilot.press("1", "5")  # away and back while it answers
+            assert app.query_one("#chat-prompt", Input).has_focus  # not a widget of the hidden Dataset pane
             await pilot.press("escape")  # so escape still cancels
             await wait_until(pilot, lambda: not chat.generating, what="the cancel")
             assert app.query_one("#chat-prompt", Input).has_focus

@@ -105,7 +105,10 @@ class ChatPane(Vertical):
         if not prompt:
             return
         if self.generating:
-            self.notify("still answering; escape cancels", severity="warning")
+            # The typed question stays in the prompt, to send once the answer is done.
+            self.notify(
+                "still answering: enter again once it is done, or escape cancels it", severity="warning"
+            )
             return
         event.input.value = ""
         self.ask(prompt)
@@ -150,21 +153,11 @@ class ChatPane(Vertical):
         self.generating = True
 
     def watch_generating(self, generating: bool) -> None:
-        # The prompt is locked while tokens arrive: a second question would interleave columns.
-        prompt = self.query_one("#chat-prompt", Input)
-        if generating and prompt.has_focus:
-            # Keep the focus in this pane, so escape (cancel) and the footer keys still work.
-            self._focus_columns()
-        prompt.disabled = generating
+        # The prompt stays focused and editable while tokens arrive (only sending waits, in
+        # _submitted): a disabled prompt let the next question's keys fall through to the app's
+        # shortcuts ("4" switched panes, "s" started training).
         self._status()
         self.refresh_bindings()  # escape changes meaning: cancel while answering, leave otherwise
-
-    def focus_default(self) -> None:
-        """The prompt, ready to type; while an answer streams (the prompt locked) the columns."""
-        if self.generating:
-            self._focus_columns()
-        else:
-            self.query_one("#chat-prompt", Input).focus()
 
     def _focus_columns(self) -> None:
         scrolls = self.query(".chat-scroll")
@@ -302,7 +295,7 @@ class ChatPane(Vertical):
             in_prompt = self.is_mounted and self.query_one("#chat-prompt", Input).has_focus
             if action == "leave_prompt":
                 return in_prompt and not self.generating
-            return not in_prompt and not self.generating
+            return not in_prompt
         return True
 
     def action_cancel(self) -> None:
