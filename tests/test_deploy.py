@@ -23,6 +23,7 @@ from tunebench.engine.deploy.deployment import Deployment, bind_socket, is_loopb
 from tunebench.engine.deploy.served import AdapterSpec, plan_deployment
 
 MAX_MODEL_LEN = 256
+MAX_REQUEST_BYTES = 64 * 1024
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,9 @@ def plan(tiny_model_dir, runs):
 
 @pytest.fixture(scope="module")
 def server(plan):
-    deployment, url = start(plan, max_new_tokens=16, max_num_seqs=4, max_queue=8)
+    deployment, url = start(
+        plan, max_new_tokens=16, max_num_seqs=4, max_queue=8, max_request_bytes=MAX_REQUEST_BYTES
+    )
     yield deployment, url
     deployment.stop()
 
@@ -306,6 +309,63 @@ def test_completion_prompt_longer_than_the_context_is_400(url):
     assert f"maximum context length is {MAX_MODEL_LEN} tokens" in response.json()["error"]["message"]
 
 
+def assert_too_large(status: int, body: dict) -> None:
+    assert status == 413
+    error = body["error"]
+    assert error["code"] == "request_too_large" and error["type"] == "invalid_request_error"
+    assert (
+        f"at most {MAX_REQUEST_BYTES:,} bytes" in error["message"]
+        and "--max_request_bytes" in error["message"]
+    )
+
+
+def test_a_body_past_max_request_bytes_is_413_before_it_is_read(url, tmp_path):
+    """A 60 MB request held 6-7 GB of the server's memory for good: now it is refused at once."""
+    huge = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x" * 2_000_000}]})
+    response = httpx.post(
+        f"{url}/v1/chat/completions", content=huge, headers={"Content-Type": "application/json"}
+    )
+    assert_too_large(response.status_code, response.json())
+    # No Content-Length (chunked): refused once what arrived passes the limit.
+    chunks = (huge[i : i + 16384].encode() for i in range(0, len(huge), 16384))
+    response = httpx.post(f"{url}/v1/chat/completions", content=chunks)
+    assert_too_large(response.status_code, response.json())
+    # curl, as a person would send a file
+    (tmp_path / "big.json").write_text(huge)
+    out = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "-w",
+            "\n%{http_code}",
+            f"{url}/v1/completions",
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            f"@{tmp_path / 'big.json'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    body, status = out.rsplit("\n", 1)
+    assert_too_large(int(status), json.loads(body))
+    # The answer comes before the body: a Content-Length of 60 MB and no body sent at all.
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        raw.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 60000000\r\n\r\n"
+        )
+        assert raw.recv(65536).startswith(b"HTTP/1.1 413 ")
+    # Under the limit it answers as ever.
+    ok = httpx.post(
+        f"{url}/v1/chat/completions", json={"model": "tiny", "messages": QUESTION, "max_tokens": 2}
+    )
+    assert ok.status_code == 200
+
+
 def test_unknown_route_and_method_get_openai_error_bodies(url):
     assert httpx.get(f"{url}/v1/nothing").json()["error"]["code"] == "not_found"
     response = httpx.get(f"{url}/v1/chat/completions")
@@ -518,6 +578,7 @@ def test_loopback_rule():
     [
         (["--port", "abc"], "--port", "not a whole number"),
         (["--port", "70000"], "--port", "at most 65535"),
+        (["--max_request_bytes", "10"], "--max_request_bytes", "at least 1024"),
         (["--temperature", "3"], "--temperature", "at most 2.0"),
         (["--top_p", "0"], "--top_p", "more than 0.0"),
         (["--max_num_seqs", "0"], "--max_num_seqs", "at least 1"),

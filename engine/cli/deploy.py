@@ -25,6 +25,7 @@ from ..deploy.deployment import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_MAX_NUM_SEQS,
     DEFAULT_MAX_QUEUE,
+    DEFAULT_MAX_REQUEST_BYTES,
     DEFAULT_PORT,
     FALLBACK_CONTEXT,
     Deployment,
@@ -113,6 +114,12 @@ def build_parser(prog: str = "tunebench deploy") -> argparse.ArgumentParser:
         help=f"requests waiting for a slot; past it requests get 429 (default: {DEFAULT_MAX_QUEUE})",
     )
     how.add_argument(
+        "--max_request_bytes",
+        default=str(DEFAULT_MAX_REQUEST_BYTES),
+        help="largest request body; a larger one gets 413 before it is read "
+        f"(default: {DEFAULT_MAX_REQUEST_BYTES} = {DEFAULT_MAX_REQUEST_BYTES // 2**20} MiB)",
+    )
+    how.add_argument(
         "--merge_lora",
         type=parse_bool,
         nargs="?",
@@ -154,6 +161,7 @@ def check_flags(args: argparse.Namespace) -> dict[str, Any]:
     number("max_model_len", int, 0, 10_000_000)
     number("max_num_seqs", int, 1, 1024)
     number("max_queue", int, 0, 100_000)
+    number("max_request_bytes", int, 1024, 2**31)
     if not args.host.strip():
         problems["host"] = "name an address, e.g. 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)"
     if args.merge_lora and args.infer_backend != "vllm":
@@ -217,6 +225,7 @@ def _deploy(args: argparse.Namespace) -> int:
         temperature=flags["temperature"],
         top_p=flags["top_p"],
         api_key=flags["api_key"],
+        max_request_bytes=flags["max_request_bytes"],
         system=args.system,
         torch_dtype=args.torch_dtype,
         say=say,

@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException
 
 from ..core.errors import UserError
 from .batcher import Batcher, BatcherStopped, Delta, Failed, Finished, QueueFull, Sequence
+from .deployment import DEFAULT_MAX_REQUEST_BYTES
 from .validation import (
     ApiError,
     Defaults,
@@ -52,6 +53,7 @@ def create_app(
     defaults: Defaults,
     max_model_len: int,
     api_key: str = "",
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
 ) -> Any:
     """The ASGI app serving `served` (ServedModels) through `batcher`."""
     app = FastAPI(title="TuneBench deploy", docs_url=None, redoc_url=None, openapi_url=None)
@@ -212,7 +214,7 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         check_key(request)
-        body = await read_json(request)
+        body = await read_json(request, max_request_bytes)
         target = target_of(body)
         messages = chat_messages(body)
         check_unsupported(body)
@@ -258,7 +260,7 @@ def create_app(
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         check_key(request)
-        body = await read_json(request)
+        body = await read_json(request, max_request_bytes)
         target = target_of(body)
         check_unsupported(body)
         prompt = completion_prompt(body)

@@ -20,6 +20,9 @@ DEFAULT_PORT = 8000
 DEFAULT_MAX_NEW_TOKENS = 512
 DEFAULT_MAX_NUM_SEQS = 8
 DEFAULT_MAX_QUEUE = 64
+# A request body past this is refused with 413 before it is read whole: 8 MiB holds a chat that
+# fills any context this server loads (~2M tokens of text), even JSON-escaped.
+DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20
 API_KEY_ENV = "TUNEBENCH_API_KEY"
 FALLBACK_CONTEXT = 2048  # --max_model_len when the model's config names no context length
 
@@ -86,6 +89,7 @@ class Deployment:
         temperature: float = 0.0,
         top_p: float = 1.0,
         api_key: str = "",
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         system: str | None = None,
         torch_dtype: str = "auto",
         say: Any = None,
@@ -102,6 +106,7 @@ class Deployment:
             defaults=Defaults(max_new_tokens, temperature, top_p),
             max_model_len=max_model_len,
             api_key=api_key,
+            max_request_bytes=max_request_bytes,
         )
         batcher.start()
         return cls(served, batcher, app, max_model_len, max_num_seqs)

@@ -60,8 +60,8 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
-async def read_json(request: Any) -> dict[str, Any]:
-    raw = await request.body()
+async def read_json(request: Any, max_bytes: int) -> dict[str, Any]:
+    raw = await _read_body(request, max_bytes)
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -69,6 +69,30 @@ async def read_json(request: Any) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
     return body
+
+
+async def _read_body(request: Any, max_bytes: int) -> bytes:
+    """The body, refused with a 413 past `max_bytes` before more is read: a body held whole (and
+    its parsed JSON, and its tokens) grows the server's memory for good."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise _too_large(f"{int(declared):,} bytes", max_bytes)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:  # no Content-Length (chunked), or one that understated it
+            raise _too_large(f"more than {max_bytes:,} bytes", max_bytes)
+    return bytes(body)
+
+
+def _too_large(size: str, max_bytes: int) -> ApiError:
+    return ApiError(
+        413,
+        f"the request body is {size}; this server takes at most {max_bytes:,} bytes "
+        "(--max_request_bytes): send a shorter prompt or conversation, or start the server with a "
+        "larger --max_request_bytes",
+        code="request_too_large",
+    )
 
 
 def chat_messages(body: dict[str, Any]) -> list[dict[str, str]]:
