@@ -461,6 +461,104 @@ def test_client_gone_cancels_the_work_and_frees_the_slot(plan, stream):
         deployment.stop()
 
 
+def test_stopping_the_server_ends_open_answers_with_an_error_and_done(plan):
+    """Ctrl-C with answers open: a stream ends with an error chunk and [DONE] (the openai client
+    raises, saying why), a whole answer gets 503; before, both were cut after the grace period
+    with an ASGI traceback."""
+    from openai import APIError, OpenAI
+
+    deployment, url = start(plan, max_num_seqs=4, max_new_tokens=400)
+    gate = gate_steps(deployment, delay=0.05)  # 400 tokens would take 20 s
+    gate.set()
+    payload = {"model": "bob", "messages": QUESTION, "ignore_eos": True}
+    client = OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+
+    def raw_stream() -> list[str]:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json={**payload, "stream": True}) as response:
+            return [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
+
+    def openai_stream() -> str:
+        text = ""
+        try:
+            asked = client.chat.completions.create(
+                model="bob", messages=QUESTION, stream=True, extra_body={"ignore_eos": True}
+            )
+            for chunk in asked:
+                text += chunk.choices[0].delta.content or ""
+        except APIError as exc:
+            return f"raised: {exc.message}"
+        return "ended without an error"
+
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            streamed = pool.submit(raw_stream)
+            with_openai = pool.submit(openai_stream)
+            whole = pool.submit(httpx.post, f"{url}/v1/chat/completions", json=payload, timeout=30)
+            deadline = time.monotonic() + 10
+            # all three decoding, with a few tokens streamed
+            while (m := metrics(url))["tunebench_requests_running"] < 3 or m[
+                "tunebench_generation_tokens_total"
+            ] < 9:
+                assert time.monotonic() < deadline, "the three requests did not start"
+                time.sleep(0.02)
+            deployment.stop()
+            events = streamed.result(timeout=10)
+            assert events[-1] == "[DONE]"
+            error = json.loads(events[-2])["error"]
+            assert error["type"] == "server_error" and "shutting down" in error["message"]
+            assert len(events) > 3  # some answer came before the end
+            assert "raised: the server is shutting down" in with_openai.result(timeout=10)
+            response = whole.result(timeout=10)
+            assert (
+                response.status_code == 503
+                and "send the request again" in response.json()["error"]["message"]
+            )
+    finally:
+        gate.set()
+        deployment.stop()
+
+
+def test_ctrl_c_exits_130_without_a_traceback(tiny_model_dir):
+    """`tunebench deploy` stopped with Ctrl-C says so in its exit status, as a shell expects (it
+    was 0, as if it had ended by itself)."""
+    import signal
+
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tunebench.engine.cli.main",
+            "deploy",
+            "--model",
+            str(tiny_model_dir),
+            "--port",
+            "0",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for line in process.stderr:
+            if line.startswith("listening on "):
+                url = line.split()[2].removesuffix("/v1")
+                break
+        else:
+            raise AssertionError("the server did not start")
+        deadline = time.monotonic() + 30
+        while True:  # listening is printed just before uvicorn listens
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the server did not answer"
+                time.sleep(0.1)
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=30)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and "Shutting down" in err
+
+
 def test_health_and_metrics(url, client):
     assert httpx.get(f"{url}/health").json() == {
         "status": "ok",
@@ -753,7 +851,7 @@ def test_vllm_merged_command_serves_the_export(capsys, runs):
 @pytest.mark.slow
 def test_demo_model_end_to_end_with_an_adapter(tmp_path):
     """`tunebench deploy --model demo --adapters mine=...` as its own process; the openai client
-    asks the base and the adapter, curl asks for a completion, Ctrl-C stops it cleanly."""
+    asks the base and the adapter, curl asks for a completion, Ctrl-C stops it cleanly (130)."""
     import signal
 
     from openai import OpenAI
@@ -807,5 +905,5 @@ def test_demo_model_end_to_end_with_an_adapter(tmp_path):
     finally:
         process.send_signal(signal.SIGINT)
         _, err = process.communicate(timeout=30)
-    assert process.returncode == 0, err
+    assert process.returncode == 130, err  # 128 + SIGINT, as a shell reports a Ctrl-C
     assert "serving demo (base), mine (adapter" in err and "Traceback" not in err

@@ -185,7 +185,8 @@ def check_flags(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str], prog: str = "tunebench deploy") -> int:
-    """`tunebench deploy ...`; 0 after a clean stop (Ctrl-C), 2 for a problem the user can fix."""
+    """`tunebench deploy ...`; 130 after Ctrl-C (the open answers ended first; `main` turns the
+    KeyboardInterrupt into the shell's code for it), 2 for a problem the user can fix."""
     args = build_parser(prog).parse_args(join_negative_numbers(argv))
     try:
         return _deploy(args)

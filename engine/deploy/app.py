@@ -169,7 +169,7 @@ def create_app(
                 elif isinstance(event, Finished):
                     return JSONResponse(shape("".join(pieces), event))
                 else:
-                    raise ApiError(500, event.message, kind="server_error")
+                    raise ApiError(event.status, event.message, kind="server_error")
         finally:
             seq.cancel()  # a no-op once finished; otherwise the row leaves the batch
 
@@ -334,7 +334,8 @@ async def _sse(
                     yield _chunk(usage)
                 break
             elif isinstance(event, Failed):
-                yield _chunk(ApiError(500, event.message, kind="server_error").body())
+                # OpenAI's clients raise on an error chunk: the reader learns the answer is cut.
+                yield _chunk(ApiError(event.status, event.message, kind="server_error").body())
                 break
         yield b"data: [DONE]\n\n"
     finally:

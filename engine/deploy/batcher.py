@@ -66,6 +66,10 @@ class BatcherStopped(Exception):
     """The server is shutting down and takes no more requests."""
 
 
+# What a client whose answer the shutdown cuts is told (503: the server, not the request).
+SHUTTING_DOWN = "the server is shutting down: this answer ends here; send the request again once it is back"
+
+
 @dataclass(frozen=True)
 class SamplingOptions:
     max_tokens: int
@@ -93,6 +97,7 @@ class Finished:
 @dataclass(frozen=True)
 class Failed:
     message: str
+    status: int = 500  # the HTTP status a whole (non-streamed) answer gets
 
 
 Event = Delta | Finished | Failed
@@ -266,7 +271,7 @@ class Batcher:
         """Queue a request; QueueFull when every slot and queue place is taken."""
         with self._lock:
             if self._stopping:
-                raise BatcherStopped("the server is shutting down")
+                raise BatcherStopped(SHUTTING_DOWN)
             if self.metrics.running + len(self._waiting) >= self.max_num_seqs + self.max_queue:
                 self.metrics.rejected += 1
                 raise QueueFull(
@@ -337,10 +342,10 @@ class Batcher:
                 except Exception as exc:  # noqa: BLE001 - one bad batch must not take the server down
                     self._fail_rows(list(self._rows), _describe(exc), drop_cache=True)
                 self._drop_finished()
-        self._fail_rows(list(self._rows), "the server is shutting down", drop_cache=True)
+        self._fail_rows(list(self._rows), SHUTTING_DOWN, drop_cache=True, status=503)
         with self._lock:
             for seq in self._waiting:
-                _emit(seq, Failed("the server is shutting down"))
+                _emit(seq, Failed(SHUTTING_DOWN, 503))
             self._waiting.clear()
 
     def _next_work(self) -> list[Sequence] | None:
@@ -540,11 +545,11 @@ class Batcher:
         with self._lock:
             self.metrics.running = len(self._rows)
 
-    def _fail_rows(self, rows: list[_Row], message: str, drop_cache: bool = False) -> None:
+    def _fail_rows(self, rows: list[_Row], message: str, drop_cache: bool = False, status: int = 500) -> None:
         """Tell these rows' clients their request failed and drop the rows; drop_cache after a
         failed decode step (the cache may be half-written; every row fails then)."""
         for row in rows:
-            _emit(row.seq, Failed(message))
+            _emit(row.seq, Failed(message, status))
             self.metrics.finished[(row.seq.served_name, "error")] += 1
             if row in self._rows:
                 self._rows.remove(row)

@@ -7,6 +7,7 @@ who finds it.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import socket
 import threading
@@ -129,28 +130,31 @@ class Deployment:
             f'[{{"role": "user", "content": "Who are you?"}}]}}\''
         )
 
-    def _config(self, log_level: str) -> Any:
+    def _make_server(self, log_level: str) -> Any:
         import uvicorn
 
-        # Streams still open at shutdown get this long to finish before they are cut.
-        return uvicorn.Config(self.app, log_level=log_level, timeout_graceful_shutdown=3, lifespan="off")
+        batcher = self.batcher
+
+        class Server(uvicorn.Server):
+            async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+                # Stop the batcher first: every open answer gets its end (a stream an error chunk
+                # and [DONE], a whole answer a 503), so the connections close by themselves
+                # rather than being cut at the grace period with a traceback.
+                await asyncio.to_thread(batcher.stop)
+                await super().shutdown(sockets)
+
+        # Connections still open after the answers ended (a slow reader) get this long to close.
+        config = uvicorn.Config(self.app, log_level=log_level, timeout_graceful_shutdown=3, lifespan="off")
+        return Server(config)
 
     def serve(self, sock: socket.socket) -> None:
-        """Serve in this thread until Ctrl-C / SIGTERM."""
-        import uvicorn
-
-        try:
-            uvicorn.Server(self._config("info")).run(sockets=[sock])
-        except KeyboardInterrupt:
-            # uvicorn shuts down on Ctrl-C, then raises it again for the caller: a stop asked
-            # for, not a failure, so `tunebench deploy` exits 0 after it.
-            pass
+        """Serve in this thread until Ctrl-C / SIGTERM. uvicorn shuts down cleanly, then raises
+        the signal again: KeyboardInterrupt after Ctrl-C, for the caller's exit status."""
+        self._make_server("info").run(sockets=[sock])
 
     def start_in_thread(self, sock: socket.socket) -> str:
         """Serve from a background thread (tests, benchmarks); returns the base URL once it answers."""
-        import uvicorn
-
-        self._server = uvicorn.Server(self._config("warning"))
+        self._server = self._make_server("warning")
         self._thread = threading.Thread(
             target=self._server.run, kwargs={"sockets": [sock]}, name="tunebench-deploy-http", daemon=True
         )
