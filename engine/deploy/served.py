@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..core.context import context_length
 from ..core.errors import UserError
 from ..core.memory_model import model_sizes
 from ..infer.lora_decode import PEFT_BASE
@@ -180,9 +181,7 @@ def _context_length(config_file: Path) -> int:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return 0
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    value = text.get("max_position_embeddings") or config.get("max_position_embeddings")
-    return int(value) if isinstance(value, int) and value > 0 else 0
+    return context_length(config) if isinstance(config, dict) else 0
 
 
 def load_served(

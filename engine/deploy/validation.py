@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 
+from ..core.context import prompt_overflow
 from .batcher import SamplingOptions
 
 TEMPERATURE_RANGE = (0.0, 2.0)  # OpenAI's documented range
@@ -179,11 +180,11 @@ def sampling_options(
     body: dict[str, Any], prompt_tokens: int, defaults: Defaults, max_model_len: int
 ) -> SamplingOptions:
     """The request's sampling settings, each checked, with the server's defaults for the rest."""
-    if prompt_tokens >= max_model_len:
+    problem = prompt_overflow(prompt_tokens, max_model_len)
+    if problem:
         raise ApiError(
             400,
-            f"this model's maximum context length is {max_model_len} tokens, but the prompt has "
-            f"{prompt_tokens} tokens: shorten it (or start the server with a larger --max_model_len)",
+            f"{problem}: shorten it (or start the server with a larger --max_model_len)",
             param="messages" if "messages" in body else "prompt",
             code="context_length_exceeded",
         )

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.config import GenerationConfig
+from ..core.context import context_length, prompt_overflow
 from ..core.errors import UserError
 from ..core.targets import ADAPTER_WEIGHTS, Target, check_trained_on, resolve_target
 from .decode_steps import ATTENTION_WINDOW
@@ -99,6 +100,7 @@ class GenerationSession:
             decode = "graphs" if loaded.device.type == "cuda" else "dynamic"
         self.decode_mode = decode
         self.tokenizer = self.loaded.tokenizer
+        self.context_length = context_length(loaded.model.config.to_dict())  # 0: not known
         self.stop_ids = stop_token_ids(self.tokenizer, self.loaded.model)
         self.peft: Any = None  # the PeftModel, once the first adapter is loaded
         self._adapters: dict[Path, tuple[str, int]] = {}  # adapter dir -> (name, weights mtime)
@@ -209,6 +211,16 @@ class GenerationSession:
         template = str(settings.train_config.get("template") or "")
         adapter = PEFT_BASE if target.is_base else self._adapter_name(target)
         prompt = encode_prompt(self.tokenizer, messages, template, system or run_system)
+        # Refused here, in a second: a prompt past the context would take minutes to prefill (on
+        # a CPU) and then answer garbage.
+        problem = prompt_overflow(len(prompt), self.context_length)
+        if problem:
+            raise UserError(
+                problem,
+                "shorten it, or clear the chat so its earlier turns are not sent again "
+                "(ctrl+l in the TUI's Chat pane, /clear in tunebench chat)",
+                code="context",
+            )
         return _Row(target, adapter, prompt, IncrementalDetokenizer(self.tokenizer))
 
     def _adapter_name(self, target: Target) -> str:

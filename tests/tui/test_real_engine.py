@@ -99,3 +99,23 @@ async def test_edit_set_train_and_chat_with_the_real_engine(real_workspace, real
         assert len(columns) == 2
         assert all(column.turns[0].answer for column in columns)
         assert set(chat.exchanges[0].answers) == {"base", adapter}
+
+
+async def test_a_prompt_longer_than_the_context_is_refused_at_once_in_the_chat(real_workspace, real_engine):
+    """The engine counts the prompt's tokens before it decodes anything: past the model's context
+    (512 for the tiny model) the column says so and what to do, instead of "loading model…" for
+    minutes."""
+    app = TuneBenchApp(real_workspace)
+    async with app.run_test(size=(100, 32)) as pilot:
+        await wait_until(pilot, lambda: app.client.connected and app.snapshot, timeout=20, what="the engine")
+        chat = app.query_one(ChatPane)
+        prompt = app.query_one("#chat-prompt")
+        await pilot.press("5")
+        prompt.value = "Who are you? " * 400
+        await pilot.press("enter")
+        (column,) = app.query(ChatColumn)
+        await wait_until(pilot, lambda: not chat.generating, timeout=60, what="the refusal")
+        note = column.turns[0].stats
+        assert "maximum context length is 512 tokens, but the prompt has" in note
+        assert "clear the chat" in note and "ctrl+l" in note
+        assert not column.turns[0].answer
