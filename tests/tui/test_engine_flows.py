@@ -181,12 +181,14 @@ async def test_engine_death_is_noticed_and_restart_offered(workspace):
     app = TuneBenchApp(workspace, starter=starter)
     try:
         async with app.run_test(size=(100, 32)) as pilot:
-            await wait_until(pilot, lambda: app.client.connected and app.snapshot)
+            status = app.screen_stack[0].query_one("#status")
+            await wait_until(pilot, lambda: "engine RAM 700 MiB" in str(status.render()), what="a sample")
             fake.kill()
             await wait_until(
                 pilot, lambda: isinstance(app.screen, EngineLost), timeout=2.0, what="within 2 s"
             )
-            assert "lost" in str(app.query_one("#status").render())
+            assert "lost" in str(status.render())
+            assert "RAM" not in str(status.render())  # the dead engine's figure is gone with it
             await pilot.press("r")
             await wait_until(pilot, lambda: app.client.connected and len(restarts) == 2, what="a new engine")
             await wait_until(

@@ -22,6 +22,8 @@ class StatusBar(Static):
 
     def set_engine(self, state: str, detail: str = "") -> None:
         self.engine, self.detail = state, detail
+        if state != "connected":
+            self.memory = ""  # a lost or restarting engine's last sample no longer says anything
         self._draw()
 
     def set_snapshot(self, snapshot: P.Snapshot) -> None:
