@@ -273,6 +273,10 @@ def test_concurrent_requests_answer_as_they_do_one_at_a_time(client, url):
         ({"model": "tiny", "messages": QUESTION, "temperature": "hot"}, 400, "temperature", None),
         ({"model": "tiny", "messages": QUESTION, "top_p": 0}, 400, "top_p", None),
         ({"model": "tiny", "messages": QUESTION, "n": 2}, 400, "n", None),
+        ({"model": "tiny", "messages": QUESTION, "n": True}, 400, "n", None),  # JSON true is not 1
+        ({"model": "tiny", "messages": QUESTION, "best_of": True}, 400, "best_of", None),
+        ({"model": "tiny", "messages": QUESTION, "stop": ["\n", ""]}, 400, "stop", None),
+        ({"model": "tiny", "messages": QUESTION, "stop": ""}, 400, "stop", None),
         ({"model": "tiny", "messages": QUESTION, "max_tokens": 0}, 400, "max_tokens", None),
         (
             {"model": "tiny", "messages": QUESTION, "max_tokens": MAX_MODEL_LEN},

@@ -160,16 +160,21 @@ def completion_prompt(body: dict[str, Any]) -> str | list[int]:
     )
 
 
+def _is(value: Any, neutral: Any) -> bool:
+    """value == neutral, without Python's True == 1: JSON's true is not the number 1."""
+    return value == neutral and isinstance(value, bool) == isinstance(neutral, bool)
+
+
 def check_unsupported(body: dict[str, Any]) -> None:
-    n = body.get("n", 1)
-    if n is not None and n != 1:
+    n = body.get("n")
+    if n is not None and not _is(n, 1):
         raise ApiError(400, f"n={n!r}: this server returns one choice per request (n=1)", param="n")
     for name, neutral in UNSUPPORTED.items():
         if name not in body:
             continue
         value = body[name]
         allowed = neutral if isinstance(neutral, tuple) else (neutral, None)
-        if value not in allowed:
+        if not any(_is(value, a) for a in allowed):
             raise ApiError(400, f"{name!r} is not supported by this server; leave it out", param=name)
     response_format = body.get("response_format")
     if response_format not in (None, {"type": "text"}):
@@ -255,7 +260,15 @@ def _stop_strings(body: dict[str, Any]) -> tuple[str, ...]:
         raise ApiError(
             400, f"'stop' takes at most {MAX_STOP_STRINGS} strings (got {len(stops)})", param="stop"
         )
-    return tuple(s for s in stops if s)
+    if "" in stops:
+        # An empty stop string matches at once: every answer would be empty.
+        raise ApiError(
+            400,
+            f"'stop' has an empty string (stop[{stops.index('')}]): each stop string needs at least "
+            "one character; leave the empty one out",
+            param="stop",
+        )
+    return tuple(stops)
 
 
 def flag(body: dict[str, Any], name: str, where: str = "") -> bool:
