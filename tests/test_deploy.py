@@ -381,6 +381,18 @@ def test_api_key_is_required_when_set(plan):
     try:
         from openai import AuthenticationError, OpenAI
 
+        # The printed curl line works once the key is in the environment; the key is not printed.
+        (try_it,) = [line for line in deployment.describe(url).splitlines() if line.startswith("try it")]
+        assert "sesame" not in deployment.describe(url)
+        command = try_it.removeprefix("try it").replace('"Who are you?"}]', '"Hi"}], "max_tokens": 2')
+        answer = subprocess.run(
+            ["bash", "-c", command],
+            env={**os.environ, "TUNEBENCH_API_KEY": "sesame"},
+            capture_output=True,
+            text=True,
+        )
+        assert json.loads(answer.stdout)["usage"]["completion_tokens"] == 2, answer.stdout
+
         missing = httpx.get(f"{url}/v1/models")
         assert missing.status_code == 401 and "Authorization: Bearer" in missing.json()["error"]["message"]
         wrong = OpenAI(base_url=f"{url}/v1", api_key="guess", max_retries=0)

@@ -72,9 +72,12 @@ def base_url(sock: socket.socket) -> str:
 class Deployment:
     """A loaded deployment: the served models, the batcher thread and the ASGI app over them."""
 
-    def __init__(self, served: Any, batcher: Any, app: Any, max_model_len: int, max_num_seqs: int) -> None:
+    def __init__(
+        self, served: Any, batcher: Any, app: Any, max_model_len: int, max_num_seqs: int, api_key: str = ""
+    ) -> None:
         self.served, self.batcher, self.app = served, batcher, app
         self.max_model_len, self.max_num_seqs = max_model_len, max_num_seqs
+        self.api_key = api_key
         self._server: Any = None
         self._thread: threading.Thread | None = None
 
@@ -110,7 +113,7 @@ class Deployment:
             max_request_bytes=max_request_bytes,
         )
         batcher.start()
-        return cls(served, batcher, app, max_model_len, max_num_seqs)
+        return cls(served, batcher, app, max_model_len, max_num_seqs, api_key)
 
     def describe(self, url: str) -> str:
         loaded = self.served.loaded
@@ -119,13 +122,23 @@ class Deployment:
             for t in self.served.targets.values()
         )
         kv = self.served.kv_bytes_per_token() * self.max_num_seqs * self.max_model_len
+        # The key itself is never printed (logs outlive it): the curl line reads it from the
+        # environment, in double quotes so the shell expands it.
+        auth, key_line = "", ""
+        if self.api_key:
+            auth = f' -H "Authorization: Bearer ${API_KEY_ENV}"'
+            key_line = (
+                f"key     required: clients send 'Authorization: Bearer KEY'; the curl line below "
+                f"reads KEY from ${API_KEY_ENV}\n"
+            )
         return (
             f"model   {loaded.resolved.label}: {str(loaded.dtype).replace('torch.', '')} on {loaded.device}\n"
             f"serving {names}\n"
             f"batch   up to {self.max_num_seqs} sequences of up to {self.max_model_len} tokens together; "
             f"KV cache at most {kv / 2**30:.2f} GiB\n"
             f"listening on {url}/v1 (OpenAI API), {url}/health, {url}/metrics; Ctrl-C stops\n"
-            f"try it  curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
+            f"{key_line}"
+            f"try it  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
             f'-d \'{{"model": "{next(iter(self.served.targets))}", "messages": '
             f'[{{"role": "user", "content": "Who are you?"}}]}}\''
         )
