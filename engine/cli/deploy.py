@@ -25,7 +25,6 @@ from ..deploy.deployment import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_MAX_NUM_SEQS,
     DEFAULT_MAX_QUEUE,
-    DEFAULT_MAX_REQUEST_BYTES,
     DEFAULT_PORT,
     FALLBACK_CONTEXT,
     Deployment,
@@ -33,6 +32,7 @@ from ..deploy.deployment import (
     bind_socket,
     is_loopback,
 )
+from ..deploy.validation import DEFAULT_MAX_REQUEST_BYTES
 from .export import default_export_dir
 from .flags import FlagParser, join_negative_numbers, parse_bool
 

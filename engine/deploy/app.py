@@ -30,8 +30,8 @@ from starlette.exceptions import HTTPException
 
 from ..core.errors import UserError
 from .batcher import Batcher, BatcherStopped, Delta, Failed, Finished, QueueFull, Sequence
-from .deployment import DEFAULT_MAX_REQUEST_BYTES
 from .validation import (
+    DEFAULT_MAX_REQUEST_BYTES,
     ApiError,
     Defaults,
     chat_messages,

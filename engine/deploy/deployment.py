@@ -15,15 +15,13 @@ import time
 from typing import Any
 
 from ..core.errors import UserError
+from .validation import DEFAULT_MAX_REQUEST_BYTES
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 DEFAULT_MAX_NEW_TOKENS = 512
 DEFAULT_MAX_NUM_SEQS = 8
 DEFAULT_MAX_QUEUE = 64
-# A request body past this is refused with 413 before it is read whole: 8 MiB holds a chat that
-# fills any context this server loads (~2M tokens of text), even JSON-escaped.
-DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20
 API_KEY_ENV = "TUNEBENCH_API_KEY"
 FALLBACK_CONTEXT = 2048  # --max_model_len when the model's config names no context length
 

@@ -15,6 +15,10 @@ import orjson
 from ..core.context import prompt_overflow
 from .batcher import SamplingOptions
 
+# A request body past this is refused with 413 before it is read whole: 8 MiB holds a chat that
+# fills any context this server loads (~2M tokens of text), even JSON-escaped.
+DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20
+
 TEMPERATURE_RANGE = (0.0, 2.0)  # OpenAI's documented range
 MAX_STOP_STRINGS = 4  # as OpenAI allows
 # OpenAI parameters that change what is generated and that this server does not implement: a
