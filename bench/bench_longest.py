@@ -141,7 +141,8 @@ class TuneBenchSteps:
         import_engine()
         self.vocab = SIZES[args.size]["vocab_size"]
         # two lengths: the path compiles its layers for any forward size from the start
-        self.spare = long_sample(32, self.vocab)
+        # (TB_SEARCH_SPARE=16: one length, so static shapes, compiled again for each try)
+        self.spare = long_sample(int(os.environ.get("TB_SEARCH_SPARE", "32")), self.vocab)
         install_synthetic_data([long_sample(16, self.vocab), self.spare])
         from tunebench.engine.core import protocol as P
         from tunebench.engine.train import recipe
@@ -240,6 +241,8 @@ def search_child(args) -> None:
         record["load_seconds"] = time.perf_counter() - started
         peaks: dict[int, dict] = {}
         loaded = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+        record["loaded_gib"] = loaded / gib
+        print(f"  loaded: {loaded / gib:.2f} GiB on the GPU before the first try", flush=True)
 
         def fits(length: int) -> bool:
             gc.collect()
@@ -258,7 +261,8 @@ def search_child(args) -> None:
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
             except torch.OutOfMemoryError as exc:
-                print(f"  {length} tokens: out of memory ({str(exc).splitlines()[0][:160]})", flush=True)
+                # the whole first line: it goes on to say what PyTorch holds and what is reserved
+                print(f"  {length} tokens: out of memory ({str(exc).splitlines()[0][:600]})", flush=True)
                 return False
             seconds = time.perf_counter() - t
             peak = torch.cuda.max_memory_allocated() / gib if torch.cuda.is_available() else 0.0

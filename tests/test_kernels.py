@@ -236,6 +236,21 @@ def test_a_rope_kernel_that_answers_wrong_is_left_for_ligers_wrapper(fake_liger,
         assert applied[-1] == "liger rotary embedding"
 
 
+def test_a_compiled_decode_step_takes_ligers_copying_rotary(tiny_model_dir, fake_liger, fake_rope_kernel):
+    """On an H200 a decode step compiled with the in-place rotation answered other greedy tokens
+    than the eager one, and the same ones with liger's copying wrapper (bench/RESULTS.md, session
+    26): the session's compile_step asks for the wrapper."""
+    from tunebench.engine.infer.generate import GenerationSession
+
+    session = GenerationSession(str(tiny_model_dir), torch_dtype="float32")
+    session.fused_kernels = True
+    with session._kernels() as applied:
+        assert applied[-1] == "liger rotary embedding (in place)"
+    session.compile_step = True
+    with session._kernels() as applied:
+        assert applied[-1] == "liger rotary embedding"
+
+
 def test_blocks_on_two_devices_leaving_out_of_order_put_transformers_rotary_back(
     fake_liger, fake_rope_kernel
 ):

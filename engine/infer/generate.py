@@ -528,7 +528,9 @@ class GenerationSession:
 
         from ..models.kernels import liger_kernels
 
-        return liger_kernels(self.loaded.model) if self.fused_kernels else nullcontext()
+        if not self.fused_kernels:
+            return nullcontext()
+        return liger_kernels(self.loaded.model, rope_in_place=not self.compile_step)
 
     def _compiled_step_fn(self) -> Any:
         """torch.compile of one decode forward, made once per session (compile_step only)."""

@@ -205,8 +205,11 @@ def liger_runs(device: Any) -> bool:
 
 
 @contextmanager
-def liger_kernels(model: Any) -> Iterator[list[str]]:
+def liger_kernels(model: Any, rope_in_place: bool = True) -> Iterator[list[str]]:
     """While inside, `patch_liger`'s kernels and liger's rotary embedding; yields what applies.
+    `rope_in_place` False: liger's copying rotary wrapper, for a decode step torch.compile traces
+    (the compiled step's greedy answers differed with the in-place one, on an H200, and agreed
+    with the copies: bench/RESULTS.md, session 26).
     On leaving, each patched module's attributes are as they were, so a caller measuring without
     them, or training on the same model, sees transformers' own forwards.
 
@@ -219,7 +222,7 @@ def liger_kernels(model: Any) -> Iterator[list[str]]:
         yield []
         return
     decode_rope = liger_rope
-    if ROPE_IN_PLACE:
+    if ROPE_IN_PLACE and rope_in_place:
         sizes = model_sizes(model.config)
         decode_rope = _decode_rope(device, liger_rope, sizes["heads"], sizes["kv_heads"], sizes["head_dim"])
     layers = getattr(getattr(model, "model", None), "layers", None) or []
