@@ -483,6 +483,21 @@ def test_static_decoder_is_reused_only_for_the_same_rows(tiny_model_dir, runs, s
     assert decoders[0] is not decoders[1] and decoders[1] is decoders[2]
 
 
+def test_an_answer_ends_where_the_context_does(session):
+    """A prompt just short of the context: the answer stops at the context's end ("length"), not
+    max_new_tokens later at positions the model never saw."""
+    from tunebench.engine.infer.prompts import encode_prompt
+
+    prompt = encode_prompt(session.tokenizer, QUESTION, "", "")
+    full = session.context_length
+    try:
+        session.context_length = len(prompt) + 5
+        text, tokens, finish = answers(session.generate(QUESTION, ["base"], greedy(24)))["base"]
+    finally:
+        session.context_length = full
+    assert (tokens, finish) == (5, "length")
+
+
 def test_a_default_dtype_load_on_the_cpu_is_float32(tiny_model_dir):
     """Issue 16 item 9: bfloat16 on a CPU gave batch-dependent greedy answers (a 4-question probe,
     a 1-question probe and plain transformers disagreed), so `auto` means float32 on a CPU even

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -223,6 +223,14 @@ class GenerationSession:
             )
         return _Row(target, adapter, prompt, IncrementalDetokenizer(self.tokenizer))
 
+    def _within_context(self, rows: list[_Row], cfg: GenerationConfig) -> GenerationConfig:
+        """The answers end where the context does (finish_reason "length"): positions past it
+        are ones the model never saw, and its answer there is garbage."""
+        if not self.context_length:
+            return cfg
+        room = self.context_length - max(len(r.prompt) for r in rows)  # >= 1: _row refused the rest
+        return cfg if room >= cfg.max_new_tokens else replace(cfg, max_new_tokens=max(1, room))
+
     def _adapter_name(self, target: Target) -> str:
         """Load the target's adapter into the shared PeftModel once (again if its file changed)."""
         assert target.adapter_dir is not None
@@ -311,6 +319,7 @@ class GenerationSession:
         from .decode_steps import Sampler
 
         started = time.perf_counter()
+        cfg = self._within_context(rows, cfg)
         answered = len(rows)
         rows = self._with_ghost(rows)
         batch = len(rows)

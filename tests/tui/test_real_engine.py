@@ -119,3 +119,4 @@ async def test_a_prompt_longer_than_the_context_is_refused_at_once_in_the_chat(r
         assert "maximum context length is 512 tokens, but the prompt has" in note
         assert "clear the chat" in note and "ctrl+l" in note
         assert not column.turns[0].answer
+        assert prompt.value == ("Who are you? " * 400).strip(), "the question is back, to be shortened"

@@ -195,6 +195,9 @@ class ChatPane(Vertical):
                     column.finish(self.job.index, _stats_text(stats), "cancelled" if event.cancelled else "")
             self._job_done()
         elif isinstance(event, P.EngineError):
+            prompt = self.query_one("#chat-prompt", Input)
+            if event.code == "context" and not cleared and not prompt.value:
+                prompt.value = self.exchanges[self.job.index].prompt  # back to be shortened, not typed again
             self._fail_all(error_text(event))
 
     def _job_done(self) -> None:
