@@ -25,6 +25,7 @@ from tunebench.engine.core.data import DataError, parse_dataset_spec
 from tunebench.engine.core.data_sources import JSON_EXTENSIONS
 from tunebench.engine.core.plans import default_budget_gib
 from tunebench.engine.core.workspace import ENGINE_IDLE_EXIT_S, Workspace
+from tunebench.engine.process.client import probe_socket
 
 from .debounce import Debouncer
 from .deployment import DeployProcess, DeployState, free_port, plan_deploy
@@ -52,6 +53,7 @@ PANES = (
     ("chat", "Chat", ChatPane),
 )
 ESTIMATE_DELAY_S = 0.8  # ask for a memory estimate once the form stops changing
+ENGINE_WATCH_S = 2.0  # how often a TUI whose engine is lost looks for a new one to attach to
 TRAIN_EVENTS = (
     P.ModelLoaded,
     P.DataReport,
@@ -161,6 +163,7 @@ class TuneBenchApp(App[int]):
         self.deployment: DeployProcess | None = None  # `tunebench deploy` started from the palette
         self.deploy_popen: Callable[..., Any] | None = None  # tests start a stand-in server
         self._deploy_timer: Any = None
+        self._engine_watch: Any = None  # while the engine is lost (_reattach_if_engine_back)
 
     # ------------------------------------------------------------ layout
 
@@ -351,6 +354,8 @@ class TuneBenchApp(App[int]):
         self.chat_pane.engine_lost()
         if self.train_pane.run.live:
             self.train_pane.set_status("interrupted")
+        if self._engine_watch is None:
+            self._engine_watch = self.set_interval(ENGINE_WATCH_S, self._reattach_if_engine_back)
         if isinstance(self.screen, EngineLost):
             return
 
@@ -361,6 +366,22 @@ class TuneBenchApp(App[int]):
                 self.call_later(self.action_quit)
 
         self.push_screen(EngineLost(reason, str(self.workspace_info.log_file)), answer)
+
+    def _reattach_if_engine_back(self) -> None:
+        """While the engine is lost: another session (a second TUI, `tunebench workspace` in
+        another terminal) may start a new one; attach to it as soon as it listens."""
+        connecting = any(w.group == "engine" and not w.is_finished for w in self.workers)
+        if self.client.connected or connecting:
+            if self.client.connected and self._engine_watch is not None:
+                self._engine_watch.stop()
+                self._engine_watch = None
+            return
+        if probe_socket(self.workspace) != "live":
+            return
+        if isinstance(self.screen, EngineLost):
+            self.screen.dismiss("")
+        self.notify("an engine is running in this workspace again: reattached")
+        self.connect_engine()
 
     def _engine_error(self, error: P.EngineError) -> None:
         purpose = self.requests.pop(error.id, "")
