@@ -157,6 +157,16 @@ def test_compare_is_side_by_side_on_a_wide_terminal_and_sequential_on_a_narrow_o
         assert answers[plain]["text"].strip() in plain_part
 
 
+def test_a_prompt_past_the_context_is_refused_and_the_chat_goes_on(monkeypatch, capsys, runs, session):
+    """It ended the chat with exit 2, history and all, though its hint names /clear."""
+    plain = str(runs["plain"])
+    out, _ = chat(monkeypatch, capsys, "Who are you? " * 400 + "\nWho are you?\n", "--adapters", plain)
+    assert "(no answer: this model's maximum context length is 512 tokens" in out
+    assert session.generate(QUESTION, [plain], greedy(12))[plain]["text"] in out, (
+        "the next question is answered"
+    )
+
+
 def test_ctrl_c_at_the_prompt_clears_the_line_and_keeps_the_chat(monkeypatch, runs, session, tiny_model_dir):
     from tunebench.engine.core.targets import resolve_target
 

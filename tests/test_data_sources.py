@@ -123,6 +123,24 @@ def test_a_csv_with_only_its_header_says_so(tmp_path):
     assert "instruction, output" in caught.value.hint
 
 
+@pytest.mark.parametrize("where", ["first", "later"])
+def test_a_csv_row_with_an_unquoted_comma_is_named_not_shifted(tmp_path, where):
+    """pandas took a first record with one cell too many as an index and trained its answer as
+    the question; a later one failed with pandas' own message."""
+    rows = ["What is 2+2?,4", "What is the capital of France?,Paris, of course"]
+    if where == "first":
+        rows.reverse()
+    path = tmp_path / "comma.csv"
+    path.write_text("instruction,output\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as caught:
+        read_records(path)
+    row = 2 if where == "first" else 3
+    assert f"{path} row {row}: 3 cells where the header has 2" in caught.value.message
+    assert "double quotes" in caught.value.hint
+    path.write_text('instruction,output\nWhat is the capital?,"Paris, of course"\n', encoding="utf-8")
+    assert messages(str(path))[0][-1]["content"] == "Paris, of course"
+
+
 def test_columnar_files_of_mixed_formats_keep_every_row(tmp_path):
     """Parquet, arrow and save_to_disk give every row every column, null where a record had none:
     a null column used to count as present, so the alpaca rows here were read as messages and

@@ -19,6 +19,7 @@ from itertools import zip_longest
 from typing import Any, TextIO
 
 from ..core.config import GenerationConfig
+from ..core.errors import UserError
 from .flags import adapter_parser, generation_config, parse_args, parse_bool
 from .session import Setup, load_session, resolve_setup
 
@@ -152,6 +153,13 @@ class ChatLoop:
         except KeyboardInterrupt:
             view.finish()
             print("\n(answer stopped; it is not kept in the history)", file=stdout)
+            return
+        except UserError as exc:
+            if exc.code != "context":
+                raise
+            # The chat goes on: the way out the hint names (/clear) is one of its commands.
+            view.finish()
+            print(f"(no answer: {exc.message}; {exc.hint}; it is not kept in the history)", file=stdout)
             return
         if not self.stream:
             for spec, label in zip(specs, labels, strict=True):

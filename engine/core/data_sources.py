@@ -143,6 +143,7 @@ def _csv_as_text(datasets: Any, path: Path) -> dict[str, Any]:
     empty cell as missing."""
     import pandas as pd
 
+    _check_csv_rows(path)
     first = pd.read_csv(path, nrows=1)  # the header, with duplicates named as pandas names them
     if first.empty:  # else datasets says: Instruction "train" corresponds to no data!
         raise SourceError(
@@ -152,6 +153,26 @@ def _csv_as_text(datasets: Any, path: Path) -> dict[str, Any]:
     columns = first.columns
     string = datasets.Value("string")
     return {"features": datasets.Features({str(c): string for c in columns}), "na_filter": False}
+
+
+def _check_csv_rows(path: Path) -> None:
+    """SourceError for a row with more cells than the header: pandas would shift it (a first record
+    with one cell too many makes its first cell an index, the rest move left and train as the
+    wrong fields) or fail with a message of its own. An unquoted comma in an answer is the usual
+    cause. Rows are numbered as a spreadsheet shows them (header: row 1)."""
+    import csv
+
+    with open(path, encoding="utf-8-sig", newline="") as file:
+        rows = csv.reader(file)
+        header = next(rows, [])
+        for number, row in enumerate(rows, start=2):
+            if len(row) > len(header):
+                raise SourceError(
+                    f"{path} row {number}: {len(row)} cells where the header has {len(header)} "
+                    f"({', '.join(header)})",
+                    hint='put a cell that holds a comma in double quotes ("Paris, of course"), as '
+                    "spreadsheets do when they save CSV",
+                )
 
 
 def _load_saved(folder: Path) -> Any:
