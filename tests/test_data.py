@@ -567,6 +567,10 @@ def test_a_chinese_system_prompt_does_not_make_english_samples_chinese(tmp_path)
         [user("Who?"), bot("{{NAME}}")], ["小黄", "Xiao Huang"], ["魔搭", "ModelScope"], system="你是{{NAME}}"
     )
     assert filled == [{"role": "system", "content": "你是Xiao Huang"}, user("Who?"), bot("Xiao Huang")]
+    # nor does a record's own Chinese system message
+    own = [{"role": "system", "content": "你是助手"}, user("Who are you?"), bot("I am {{NAME}}.")]
+    filled, _ = data.fill_placeholders(own, ["小黄", "Xiao Huang"])
+    assert filled[-1] == bot("I am Xiao Huang.")
 
 
 def test_unfilled_placeholder_refuses_the_load_never_trains_the_rest(tmp_path):

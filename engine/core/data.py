@@ -450,10 +450,10 @@ def fill_placeholders(
     non-empty when one stays unfilled.
 
     With two values the first is for samples with Chinese text, the second for the rest. The
-    record's own text decides, not the --system prompt added to it: a Chinese default prompt must
-    not give every English sample the Chinese name.
+    record's user and assistant turns decide, not a system prompt (its own or --system): a Chinese
+    default prompt must not give every English sample the Chinese name.
     """
-    chinese = any(_CJK.search(m["content"]) for m in messages)
+    chinese = any(_CJK.search(m["content"]) for m in messages if m["role"] != "system")
     if system and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system}, *messages]
     found = {m.group(1).lower() for msg in messages for m in _PLACEHOLDER.finditer(msg["content"])}
