@@ -351,6 +351,7 @@ class TuneBenchApp(App[int]):
     def _engine_lost(self, reason: str) -> None:
         self.status_bar.set_engine("lost", reason)
         self.status_bar.set_job("")
+        self.status_bar.set_read_only("")  # who controlled the lost engine controls nothing now
         self.chat_pane.engine_lost()
         if self.train_pane.run.live:
             self.train_pane.set_status("interrupted")
@@ -706,7 +707,7 @@ class TuneBenchApp(App[int]):
     def _farewell(self) -> str:
         """What the terminal shows after the app: where the engine went and how to get back."""
         pid = self.client.engine_pid
-        if not pid:
+        if not pid or not self.client.connected:  # lost, or stopped: nothing stays up
             return ""
         where = "" if self.workspace == Path.cwd() else f" {self.workspace}"
         if self.status_bar.job == "train":

@@ -183,12 +183,15 @@ async def test_engine_death_is_noticed_and_restart_offered(workspace):
         async with app.run_test(size=(100, 32)) as pilot:
             status = app.screen_stack[0].query_one("#status")
             await wait_until(pilot, lambda: "engine RAM 700 MiB" in str(status.render()), what="a sample")
+            app.status_bar.set_read_only("stop (pid 1)")  # `tunebench stop` took control to stop it
             fake.kill()
             await wait_until(
                 pilot, lambda: isinstance(app.screen, EngineLost), timeout=2.0, what="within 2 s"
             )
             assert "lost" in str(status.render())
             assert "RAM" not in str(status.render())  # the dead engine's figure is gone with it
+            assert "read-only" not in str(status.render()), "nobody controls a dead engine"
+            assert app._farewell() == "", "no 'the engine stays up' for an engine that is gone"
             await pilot.press("r")
             await wait_until(pilot, lambda: app.client.connected and len(restarts) == 2, what="a new engine")
             await wait_until(
