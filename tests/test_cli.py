@@ -200,3 +200,12 @@ def test_new_empty_and_existing_workspaces_open_without_a_question(tmp_path, mon
         assert main([str(folder)]) == 0
     assert tui_opened == [(tmp_path / "new").resolve(), empty.resolve(), existing.resolve()]
     assert asked == []
+
+
+def test_the_workbench_usage_is_printed_once(tmp_path, capsys):
+    """`tunebench workspace /tmp/x` (two folders) printed "usage: usage: tunebench ..."."""
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "a"), str(tmp_path / "b")])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: tunebench [WORKSPACE]") and "usage: usage:" not in err
+    assert "unrecognized arguments" in err

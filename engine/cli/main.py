@@ -133,7 +133,8 @@ def _usage() -> str:
 
 
 def _tui_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="tunebench", usage=_usage())
+    usage = _usage().removeprefix("usage: ")  # argparse writes its own "usage: "
+    parser = argparse.ArgumentParser(prog="tunebench", usage=usage)
     parser.add_argument("workspace", nargs="?", default=".")
     parser.add_argument("--model", default=None, help="base model for this workspace (default: demo)")
     parser.add_argument(
