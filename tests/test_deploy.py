@@ -307,6 +307,22 @@ def test_bad_requests_get_openai_error_bodies(url, payload, status, param, code)
     assert error["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize(
+    ("path", "payload", "said"),
+    [
+        ("chat/completions", {"n": True}, "n=true: this server returns one choice"),
+        ("chat/completions", {"stop": ""}, "'stop' is an empty string: each stop string"),
+        ("chat/completions", {"stop": ["a", ""]}, "'stop' has an empty string (stop[1])"),
+        ("completions", {"prompt": True}, "'prompt' must be a string or a list of token ids (got true)"),
+    ],
+)
+def test_a_refused_value_is_named_as_the_client_wrote_it(url, path, payload, said):
+    """JSON's spelling (true, not Python's True), and a value that was sent is not 'required'."""
+    body = {"model": "tiny", **({"messages": QUESTION} if path.startswith("chat") else {}), **payload}
+    response = httpx.post(f"{url}/v1/{path}", json=body)
+    assert response.status_code == 400 and said in response.json()["error"]["message"]
+
+
 def test_completion_prompt_longer_than_the_context_is_400(url):
     response = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "Hello! " * 400})
     assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
@@ -395,6 +411,8 @@ def test_api_key_is_required_when_set(plan):
 
         missing = httpx.get(f"{url}/v1/models")
         assert missing.status_code == 401 and "Authorization: Bearer" in missing.json()["error"]["message"]
+        empty = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer"})  # the variable unset
+        assert empty.status_code == 401 and empty.json()["error"]["message"].startswith("no API key")
         wrong = OpenAI(base_url=f"{url}/v1", api_key="guess", max_retries=0)
         with pytest.raises(AuthenticationError):
             wrong.chat.completions.create(model="tiny", messages=QUESTION)

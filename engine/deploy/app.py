@@ -83,11 +83,11 @@ def create_app(
             return
         header = request.headers.get("authorization", "")
         scheme, _, given = header.partition(" ")
-        if not header:
+        if not given.strip():  # also "Bearer ", from a shell variable meant to hold the key that is unset
             raise ApiError(
                 401,
                 "no API key: send the header 'Authorization: Bearer <key>' with the key this server "
-                "was started with (--api_key)",
+                "was started with (--api_key); an empty key comes from a shell variable that is not set",
                 code="invalid_api_key",
             )
         if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), api_key.encode()):

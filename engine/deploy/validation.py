@@ -159,9 +159,19 @@ def completion_prompt(body: dict[str, Any]) -> str | list[int]:
         raise ApiError(
             400, "one prompt per request: send several requests instead (they batch)", param="prompt"
         )
+    if prompt is not None:
+        raise ApiError(
+            400, f"'prompt' must be a string or a list of token ids (got {_as_json(prompt)})", param="prompt"
+        )
     raise ApiError(
         400, "'prompt' is required: a string (or a list of token ids)", param="prompt", code="missing_prompt"
     )
+
+
+def _as_json(value: Any) -> str:
+    """A request's value as the client wrote it (true, not Python's True), cut short."""
+    text = orjson.dumps(value, default=str).decode()
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _is(value: Any, neutral: Any) -> bool:
@@ -172,7 +182,7 @@ def _is(value: Any, neutral: Any) -> bool:
 def check_unsupported(body: dict[str, Any]) -> None:
     n = body.get("n")
     if n is not None and not _is(n, 1):
-        raise ApiError(400, f"n={n!r}: this server returns one choice per request (n=1)", param="n")
+        raise ApiError(400, f"n={_as_json(n)}: this server returns one choice per request (n=1)", param="n")
     for name, neutral in UNSUPPORTED.items():
         if name not in body:
             continue
@@ -240,7 +250,7 @@ def _number(
         or (kind is int and not isinstance(value, int))
     ):
         word = "a whole number" if kind is int else "a number"
-        raise ApiError(400, f"'{name}' must be {word} (got {value!r})", param=name)
+        raise ApiError(400, f"'{name}' must be {word} (got {_as_json(value)})", param=name)
     if (
         value != value
         or (low is not None and (value <= low if exclusive_low else value < low))
@@ -249,7 +259,7 @@ def _number(
         low_text = "" if low is None else f"{'more than' if exclusive_low else 'at least'} {low}"
         high_text = "" if high is None else f"at most {high}"
         allowed = " and ".join(t for t in (low_text, high_text) if t)
-        raise ApiError(400, f"'{name}' must be {allowed} (got {value!r})", param=name)
+        raise ApiError(400, f"'{name}' must be {allowed} (got {_as_json(value)})", param=name)
     return kind(value)
 
 
@@ -266,10 +276,14 @@ def _stop_strings(body: dict[str, Any]) -> tuple[str, ...]:
         )
     if "" in stops:
         # An empty stop string matches at once: every answer would be empty.
+        which = (
+            "is an empty string"
+            if isinstance(stop, str)
+            else f"has an empty string (stop[{stops.index('')}])"
+        )
         raise ApiError(
             400,
-            f"'stop' has an empty string (stop[{stops.index('')}]): each stop string needs at least "
-            "one character; leave the empty one out",
+            f"'stop' {which}: each stop string needs at least one character; leave the empty one out",
             param="stop",
         )
     return tuple(stops)
@@ -282,5 +296,5 @@ def flag(body: dict[str, Any], name: str, where: str = "") -> bool:
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise ApiError(400, f"'{name}' must be true or false (got {value!r})", param=where or name)
+        raise ApiError(400, f"'{name}' must be true or false (got {_as_json(value)})", param=where or name)
     return value
