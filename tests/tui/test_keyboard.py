@@ -90,6 +90,23 @@ async def test_typing_while_an_answer_streams_goes_into_the_prompt_not_to_shortc
         assert not engine.of_type("StartTraining")
 
 
+async def test_escape_says_cancelling_until_the_engine_ends_the_answer(workspace):
+    """On a CPU a long prompt is read in one forward that cannot stop midway: the status said
+    "answering… (escape cancels)" for a minute after escape, as if it had not been pressed."""
+    with FakeEngineThread(workspace, answers={"base": "word " * 40}, token_delay=2.0):
+        app = TuneBenchApp(workspace, starter=no_start)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: app.client.connected and app.snapshot)
+            chat = app.query_one(ChatPane)
+            status = chat.query_one("#chat-status")
+            await pilot.press("5", *"hello", "enter")
+            await wait_until(pilot, lambda: chat.exchanges and chat.exchanges[0].answers, what="tokens")
+            await pilot.press("escape")
+            assert "cancelling" in str(status.render())
+            await wait_until(pilot, lambda: not chat.generating, timeout=10, what="the end of the answer")
+            assert "cancelling" not in str(status.render()) and "1 exchange" in str(status.render())
+
+
 async def test_coming_back_to_chat_while_it_streams_keeps_the_keys_working(workspace):
     with FakeEngineThread(workspace, answers={"base": "word " * 4000}):
         app = TuneBenchApp(workspace, starter=no_start)

@@ -10,6 +10,7 @@ from tui_helpers import wait_until
 
 server = pytest.importorskip("tunebench.engine.process.server")
 
+from textual.containers import VerticalScroll  # noqa: E402
 from tunebench.tui.app import TuneBenchApp  # noqa: E402
 from tunebench.tui.widgets.chat.chat_column import ChatColumn  # noqa: E402
 from tunebench.tui.widgets.chat.chat_pane import ChatPane  # noqa: E402
@@ -120,3 +121,7 @@ async def test_a_prompt_longer_than_the_context_is_refused_at_once_in_the_chat(r
         assert "clear the chat" in note and "ctrl+l" in note
         assert not column.turns[0].answer
         assert prompt.value == ("Who are you? " * 400).strip(), "the question is back, to be shortened"
+        scroll = column.query_one(VerticalScroll)
+        at_end = lambda: scroll.scroll_offset.y >= scroll.max_scroll_y - 1  # noqa: E731
+        await wait_until(pilot, at_end, what="the end shown")
+        assert scroll.max_scroll_y > 0, "the question is taller than the column: the refusal is below it"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
@@ -65,7 +68,8 @@ class ChatColumn(Vertical):
         turn = ChatTurn(prompt, probe)
         scroll = self.query_one(VerticalScroll)
         scroll.mount(turn)
-        scroll.scroll_end(animate=False)
+        # after the layout: a long question is taller than the column, its end not there yet
+        scroll.call_after_refresh(scroll.scroll_end, animate=False)
         return turn
 
     def append(self, index: int, text: str) -> None:
@@ -73,21 +77,27 @@ class ChatColumn(Vertical):
         turns = self.turns
         if not 0 <= index < len(turns):
             return
-        scroll = self.query_one(VerticalScroll)
-        # Follow the stream only when the reader is at the bottom; someone scrolled up to read
-        # an earlier answer should not be yanked down by every token.
-        follow = scroll.scroll_offset.y >= scroll.max_scroll_y - 1
-        turns[index].append(text)
-        if follow:
-            scroll.call_after_refresh(scroll.scroll_end, animate=False)
+        with self._following():
+            turns[index].append(text)
 
     def finish(self, index: int | None = None, stats: str = "", note: str = "") -> None:
         """End turn `index`, or with None every turn still waiting."""
         turns = self.turns
         chosen = turns if index is None else turns[index : index + 1]
-        for turn in chosen:
-            if turn.pending:
-                turn.finish(stats, note)
+        with self._following():  # the stats line, or why there is no answer, shows
+            for turn in chosen:
+                if turn.pending:
+                    turn.finish(stats, note)
+
+    @contextmanager
+    def _following(self) -> Iterator[None]:
+        """Keep the column at its end through a change, when the reader is there: someone who
+        scrolled up to read an earlier answer is not yanked down by every token."""
+        scroll = self.query_one(VerticalScroll)
+        follow = scroll.scroll_offset.y >= scroll.max_scroll_y - 1
+        yield
+        if follow:
+            scroll.call_after_refresh(scroll.scroll_end, animate=False)
 
     def clear(self) -> None:
         self.query_one(VerticalScroll).remove_children()

@@ -66,6 +66,7 @@ class ChatPane(Vertical):
         self.job: Job | None = None
         self.request_id = ""
         self.chosen_by_person = False  # once the person picks targets, a finished run won't change them
+        self.cancelling = False  # escape was pressed; the engine has not yet ended the answer
 
     def compose(self) -> ComposeResult:
         yield Horizontal(id="chat-columns")
@@ -208,6 +209,7 @@ class ChatPane(Vertical):
             self._answered()
 
     def _answered(self) -> None:
+        self.cancelling = False
         self.generating = False
         # Back to the prompt for the next question, unless the person moved elsewhere.
         focused = self.screen.focused
@@ -239,7 +241,12 @@ class ChatPane(Vertical):
             return
         names = " | ".join(t.label for t in self.targets)
         count = len(self.exchanges)
-        state = "answering… (escape cancels)" if self.generating else f"{count} exchange{'s' * (count != 1)}"
+        if self.cancelling:  # a prompt being read cannot stop midway; its end comes soon
+            state = "cancelling… (the answer stops after the model has read the prompt)"
+        elif self.generating:
+            state = "answering… (escape cancels)"
+        else:
+            state = f"{count} exchange{'s' * (count != 1)}"
         self.query_one("#chat-status", Label).update(f"[dim]{escape(names)}  ·  {state}[/dim]")
 
     # ------------------------------------------------------------- actions
@@ -310,7 +317,9 @@ class ChatPane(Vertical):
                     if column is not None:
                         column.finish(job.index, note="cancelled")
             self.jobs.clear()
-            self.app.send_request(P.CancelGenerate(), "cancel")
+            if self.app.send_request(P.CancelGenerate(), "cancel"):
+                self.cancelling = True
+                self._status()
 
     def action_leave_prompt(self) -> None:
         """Out of the prompt, digits switch panes and arrows scroll the columns (enter comes back)."""
