@@ -200,7 +200,7 @@ def test_swift_conversation_prompt_completion_and_dolly(tmp_path):
             {"prompt": [user("q")], "completion": [user("a")]},
             "completion[0] is from the user but the assistant should speak here",
         ),
-        ({"instruction": "q", "context": "c"}, "missing field 'output'"),
+        ({"instruction": "q", "context": "c"}, "missing field 'response'"),  # Dolly's name for it
     ],
 )
 def test_the_new_layouts_say_what_is_wrong_where(tmp_path, record, reason):

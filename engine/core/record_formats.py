@@ -240,7 +240,8 @@ def _from_alpaca(record: dict) -> list[_Turn]:
     extra = _optional_text(record, "input") or _optional_text(record, DOLLY_NAMES["input"])
     query = f"{instruction}\n{extra}" if extra.strip() else instruction
     # Dolly's response only where there is no output (null is none: a columnar file has both).
-    answer = "output" if record.get("output") is not None or record.get("response") is None else "response"
+    dolly = record.get("output") is None and (record.get("response") is not None or "context" in record)
+    answer = DOLLY_NAMES["output"] if dolly else "output"
     return [
         *_history(record),
         _Turn("user", query, "instruction"),
