@@ -141,8 +141,7 @@ class TuneBenchSteps:
         import_engine()
         self.vocab = SIZES[args.size]["vocab_size"]
         # two lengths: the path compiles its layers for any forward size from the start
-        # (TB_SEARCH_SPARE=16: one length, so static shapes, compiled again for each try)
-        self.spare = long_sample(int(os.environ.get("TB_SEARCH_SPARE", "32")), self.vocab)
+        self.spare = long_sample(32, self.vocab)
         install_synthetic_data([long_sample(16, self.vocab), self.spare])
         from tunebench.engine.core import protocol as P
         from tunebench.engine.train import recipe

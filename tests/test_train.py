@@ -288,3 +288,16 @@ def test_schedule_warms_up_then_decays():
     assert f(99) < 0.01
     linear = lr_lambda(TrainConfig(dataset=["x"], lr_scheduler_type="linear"), 10)
     assert linear(5) == pytest.approx(0.5)
+
+
+def test_a_step_trains_in_training_mode_whoever_calls_it(tiny_model_dir, identity_file, tmp_path):
+    """The longest-sample bench ran the recipe's step on a model left in eval mode: no layer
+    recomputed and every activation was kept (a 7B QLoRA needed ~20 GiB more). The step itself
+    now puts the model in training mode."""
+    from tunebench.engine.train import recipe
+
+    cfg = make_cfg(tiny_model_dir, identity_file, tmp_path, gradient_checkpointing=True, lora_dropout=0.0)
+    setup = recipe._setup(cfg, lambda event: None, recipe.StopSignal(), recipe.Ranks(), None)
+    setup.model.eval()
+    assert recipe._train_step(cfg, setup, recipe._Progress(step=0), recipe.StopSignal())
+    assert setup.model.training

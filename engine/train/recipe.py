@@ -453,7 +453,6 @@ def _train_loop(
     progress = _Progress(step=s.start_step, stage_s={"load": round(s.load_s, 3)})
     epoch_steps = max(1, steps_per_epoch(len(s.train_set), cfg, s.micro_batches_per_step))
     main = s.ranks.is_main
-    s.model.train()
     noted = len(s.path.notes)
     if s.path.compiles:
         emit(P.Progress(stage="compile", message="compiling the decoder layers (the first step)"))
@@ -486,7 +485,6 @@ def _train_loop(
                 progress.status = "aborted"
                 break
             log(P.EvalResult(step=step, eval_loss=eval_loss))
-            s.model.train()
         if step % cfg.save_steps == 0 and step < s.total_steps:
             _save_checkpoint(cfg, s, step, log)
         mode = _stop_mode(s, progress, stop)
@@ -526,6 +524,10 @@ def _train_step(cfg: TrainConfig, s: _Setup, progress: _Progress, stop: StopSign
     """One optimizer step over the plan's next micro-batches; False if an abort cut it short."""
     import torch
 
+    # In eval mode a step would recompute no layer and keep every activation (the longest-sample
+    # bench, which runs steps without the loop, needed ~20 GiB more for a 7B QLoRA that way).
+    if not s.model.training:  # after an evaluation, or a caller of this step alone
+        s.model.train()
     step = s.plan[progress.step]
     mine = s.ranks.share(step)
     # The step's last backward reduces the gradients over the ranks (DDP's all-reduce, FSDP2's
