@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from fake_engine import FakeEngineThread
 from textual.widgets import Input, RichLog
 from tui_helpers import no_start, wait_until
@@ -206,30 +208,18 @@ async def test_engine_death_is_noticed_and_restart_offered(workspace):
 async def test_a_lost_engine_replaced_by_another_session_is_reattached(workspace):
     """A second TUI (read-only beside the first) whose engine died: when another session starts a
     new engine, it attaches to it by itself instead of waiting on the lost dialog."""
-    fake = FakeEngineThread(workspace)
-    fake.__enter__()
-    replacement: list[FakeEngineThread] = []
-    app = TuneBenchApp(workspace, starter=no_start)
-    try:
+    with contextlib.ExitStack() as engines:
+        fake = FakeEngineThread(workspace)
+        engines.enter_context(fake)
+        app = TuneBenchApp(workspace, starter=no_start)
         async with app.run_test(size=(100, 32)) as pilot:
             await wait_until(pilot, lambda: app.client.connected, what="the engine")
             fake.kill()
             await wait_until(pilot, lambda: isinstance(app.screen, EngineLost), timeout=2.0, what="the loss")
-            replacement.append(FakeEngineThread(workspace))  # started elsewhere, not by this TUI
-            replacement[0].__enter__()
-            await wait_until(
-                pilot,
-                lambda: app.client.connected and not isinstance(app.screen, EngineLost),
-                timeout=10.0,
-                what="the reattach",
-            )
-            await wait_until(
-                pilot, lambda: "connected" in str(app.screen_stack[0].query_one("#status").render())
-            )
-    finally:
-        fake.__exit__()
-        for extra in replacement:
-            extra.__exit__()
+            engines.enter_context(FakeEngineThread(workspace))  # started elsewhere, not by this TUI
+            back = lambda: app.client.connected and not isinstance(app.screen, EngineLost)  # noqa: E731
+            await wait_until(pilot, back, timeout=10.0, what="the reattach")
+            assert "reattached" in " ".join(str(n.message) for n in app._notifications)
 
 
 async def test_reattach_shows_the_whole_history(workspace):
