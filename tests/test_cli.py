@@ -209,3 +209,15 @@ def test_the_workbench_usage_is_printed_once(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("usage: tunebench [WORKSPACE]") and "usage: usage:" not in err
     assert "unrecognized arguments" in err
+
+
+def test_ctrl_c_before_a_command_takes_it_says_so(monkeypatch, capsys):
+    """A Ctrl-C while the command was still importing exited 130 without a word."""
+    import tunebench.engine.cli.status as status
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(status, "status_main", interrupted)
+    assert main(["status"]) == 130
+    assert "interrupted (Ctrl-C)" in capsys.readouterr().err

@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # before a command installed its own handling (imports, model load)
+        print("\ninterrupted (Ctrl-C)", file=sys.stderr)
         return 130
 
 
