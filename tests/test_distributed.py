@@ -123,7 +123,7 @@ def test_two_ranks_train_as_one_and_resume_on_one(tiny_model_dir, data_file, one
     # rank 0 alone wrote: each step once, the adapter and the checkpoints
     assert_same_curve(curve(two), curve(one_rank_run))
     assert (two / "adapter" / "adapter_model.safetensors").is_file()
-    assert [c.name for c in list_checkpoints(two)] == ["step-2"]
+    assert [c.name for c in list_checkpoints(two)] == ["step-2", "step-4"]  # every 2 steps and the last
     recorded = orjson.loads((two / "config.json").read_bytes())
     assert recorded["processes"] == 2 and recorded["micro_batches_per_step"] == 2
     assert recorded["config"]["nproc_per_node"] == 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
 from pathlib import Path
 
@@ -61,9 +62,45 @@ def test_a_complete_run_is_not_trained_again_unless_more_steps_are_asked(
 
     assert train("--resume_from_checkpoint", str(run), "--max_steps", "6") == 0
     out, err = capfd.readouterr()
-    assert "the run had completed 4 steps; it continues to 6 from step-2" in out + err
+    # the run kept its last step's checkpoint: it goes on from there, steps 3 and 4 are not trained again
+    assert "the run had completed 4 steps; it continues to 6 from step-4" in out + err
+    assert "train again" not in out + err
     assert steps_logged(run) == [1, 2, 3, 4, 5, 6]
+    assert (run / "metrics.jsonl").read_bytes().startswith(kept["metrics.jsonl"].rsplit(b"\n", 2)[0])
     assert (run / adapter).read_bytes() != kept[adapter]
+
+
+def test_a_short_run_keeps_its_last_step_and_continues_from_it(tiny_model_dir, data, tmp_path, capfd):
+    """A run shorter than --save_steps (50 by default: the 24-step demo) kept no checkpoint, so
+    it could not be continued, and the error said "holds no complete checkpoint" with a hint to
+    pass the run folder that had been passed."""
+    args = ["--model", str(tiny_model_dir), "--dataset", str(data), "--output_dir", str(tmp_path)]
+    assert train(*args, "--run_name", "r", "--max_steps", "2", "--logging_steps", "1") == 0
+    run = tmp_path / "r"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2"]
+    assert {p.name for p in (run / "checkpoints" / "step-2").iterdir()} >= {
+        "adapter_model.safetensors",
+        "trainer_state.pt",
+    }
+    first_steps = (run / "metrics.jsonl").read_bytes().splitlines()[:2]
+    capfd.readouterr()
+    assert train("--resume_from_checkpoint", str(run), "--max_steps", "4") == 0
+    out, err = capfd.readouterr()
+    assert "it continues to 4 from step-2, its learning-rate schedule stretched to 4 steps" in out + err
+    assert steps_logged(run) == [1, 2, 3, 4]
+    assert (run / "metrics.jsonl").read_bytes().splitlines()[:2] == first_steps
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2", "step-4"]
+
+    # A run made before the last step was kept: complete, with no checkpoint to go on from. It says
+    # so, with or without more steps asked, and what to do instead.
+    shutil.rmtree(run / "checkpoints")
+    for more in ([], ["--max_steps", "6"]):
+        assert train("--resume_from_checkpoint", str(run), *more) == 2
+        err = capfd.readouterr().err
+        assert f"run {run} is complete (4 steps) but kept no checkpoint" in err, err
+        assert "so it cannot be continued" in err and "start a new run with more steps" in err
+        assert f"tunebench chat --adapters {run}" in err
+        assert "holds no complete checkpoint" not in err and "Traceback" not in err
 
 
 def signal_on(monkeypatch, kind: str, signum: int, step: int = 0) -> None:

@@ -108,8 +108,9 @@ def test_loss_falls_and_run_files_are_written(tiny_model_dir, identity_file, tmp
         "adapter_config.json",
         "adapter_model.safetensors",
     }
-    # save_steps=2 over 9 steps saves 2, 4, 6, 8; the limit keeps the newest two.
-    assert [p.name for p in list_checkpoints(run_dir)] == ["step-6", "step-8"]
+    # save_steps=2 over 9 steps saves 2, 4, 6, 8 and the last step, 9 (a resume with more steps
+    # goes on from there); the limit keeps the newest two.
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step-8", "step-9"]
 
 
 def test_final_loss_is_the_last_logged_window(tiny_model_dir, identity_file, tmp_path):

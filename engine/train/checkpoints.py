@@ -24,7 +24,7 @@ from pathlib import Path
 from ..core.errors import UserError
 from ..core.files import fsync_dir, reading, writing
 from ..core.targets import ADAPTER_WEIGHTS
-from ..core.workspace import CHECKPOINT_STATE_FILE, checkpoint_step, list_checkpoints
+from ..core.workspace import CHECKPOINT_STATE_FILE, checkpoint_step, list_checkpoints, read_run
 from .types import RunPaths
 
 TMP_CHECKPOINT_PREFIX = ".tmp-step-"
@@ -150,17 +150,48 @@ def _find_checkpoint(p: Path) -> Path:
     if (p / CHECKPOINT_STATE_FILE).is_file():
         return _sound(p.resolve())
     if p.is_dir():
-        found = list_checkpoints(p.parent if p.name == "checkpoints" else p)
+        run = p.parent if p.name == "checkpoints" else p
+        found = list_checkpoints(run)
         if found:
             return _sound(found[-1].resolve())
-        raise UserError(
-            f"--resume_from_checkpoint: {p} holds no complete checkpoint",
-            "point it at runs/<run-id> or runs/<run-id>/checkpoints/step-<n>",
-            code="config",
-        )
+        raise _no_checkpoint(run)
     raise UserError(
         f"--resume_from_checkpoint: {p} does not exist",
         "point it at runs/<run-id> or runs/<run-id>/checkpoints/step-<n>",
+        code="config",
+    )
+
+
+def _no_checkpoint(run: Path) -> UserError:
+    """The error for a folder without a checkpoint to resume from: a run that finished or stopped
+    before its first save (runs made before the last step was saved too finished without one),
+    or a folder that is not a run."""
+    info = read_run(run)
+    if not info.records and not RunPaths(run).config.is_file():
+        return UserError(
+            f"--resume_from_checkpoint: {run} is not a run folder: it holds no config.json and no "
+            "checkpoints/step-<n>",
+            "point it at a run's folder (<output_dir>/<run-id>) or one of its checkpoints "
+            "(<output_dir>/<run-id>/checkpoints/step-<n>)",
+            code="config",
+        )
+    save_steps = info.config.get("save_steps", "")
+    if info.status == "completed":
+        return UserError(
+            f"--resume_from_checkpoint: run {run} is complete ({info.steps} steps) but kept no "
+            f"checkpoint (it finished before its first save, at --save_steps {save_steps}), so it "
+            "cannot be continued",
+            "to train longer, start a new run with more steps (its command, without "
+            "--resume_from_checkpoint and with a higher --max_steps or --num_train_epochs; runs "
+            "now keep a checkpoint of their last step); to use it as it is, "
+            f"`tunebench chat --adapters {run}`",
+            code="config",
+        )
+    return UserError(
+        f"--resume_from_checkpoint: run {run} saved no checkpoint ({info.status} after "
+        f"{info.steps} steps; the first is saved at --save_steps {save_steps}), so there is nothing "
+        "to resume",
+        "start the run again: the same command without --resume_from_checkpoint",
         code="config",
     )
 

@@ -59,6 +59,7 @@ from .distributed import (
 )
 from .plain import plain_path
 from .resume import (
+    continued_note,
     data_changed_warning,
     dataset_hashes,
     logged_seconds,
@@ -284,9 +285,8 @@ def _setup(cfg: TrainConfig, emit: Emit, stop: StopSignal, ranks: Ranks, device:
     recorded_run = read_run_config(run) if resume_dir else {}
     per_step = micro_batches_per_step(cfg, ranks.world, recorded_run)
     plan = build_plan(len(train_set), cfg, per_step)
-    if resume_dir and (completed := refuse_finished_run(run.root, cfg, planned=len(plan))):
-        note = f"the run had completed {completed} steps; it continues to {len(plan)} from {resume_dir.name}"
-        emit(P.Log(message=f"{note} (the steps after it train again, in the longer schedule)"))
+    if resume_dir and (completed := refuse_finished_run(run.root, cfg, len(plan), resume_dir)):
+        emit(P.Log(message=continued_note(completed, len(plan), resume_dir)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, len(plan)))
     setup = _Setup(
         run=run,
@@ -485,7 +485,9 @@ def _train_loop(
                 progress.status = "aborted"
                 break
             log(P.EvalResult(step=step, eval_loss=eval_loss))
-        if step % cfg.save_steps == 0 and step < s.total_steps:
+        # the last step is saved too, so a finished run resumed with more steps goes on from its
+        # end (the optimizer's moments and the RNG as they were) instead of training steps again
+        if step % cfg.save_steps == 0 or step == s.total_steps:
             _save_checkpoint(cfg, s, step, log)
         mode = _stop_mode(s, progress, stop)
         if mode == "graceful":

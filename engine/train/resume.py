@@ -24,7 +24,7 @@ import orjson
 from ..core.config import TrainConfig, format_value, to_command, to_dict
 from ..core.errors import UserError
 from ..core.files import atomic_write_bytes
-from ..core.workspace import read_metrics, read_run
+from ..core.workspace import checkpoint_step, read_metrics, read_run
 from .checkpoints import find_checkpoint
 from .types import RunPaths
 
@@ -55,28 +55,44 @@ def resume_config(given: dict[str, Any]) -> TrainConfig:
     # before the model loads (else the recipe refuses it once it knows the steps planned)
     same_data = not data_changed_warning(record.get("dataset_sha256") or {}, dataset_hashes(cfg))
     if not applied and same_data:
-        refuse_finished_run(run.root, cfg, planned=None)
+        refuse_finished_run(run.root, cfg, None, checkpoint)
     return cfg
 
 
-def refuse_finished_run(run_root: Path, cfg: TrainConfig, planned: int | None) -> int:
-    """A resume of a completed run would train its last steps again over its finished adapter and
-    metrics: UserError, unless it plans more steps than the run took (`planned`; None when not
-    known yet, for settings that plan the run's own steps). The steps the run completed (0 when
-    it did not)."""
+def refuse_finished_run(run_root: Path, cfg: TrainConfig, planned: int | None, checkpoint: Path) -> int:
+    """A resume of a completed run that plans no more steps than it took (`planned`; None when not
+    known yet, for settings that plan the run's own steps) has nothing to train, or would train
+    its last steps again over its finished adapter and metrics: UserError. The steps the run
+    completed (0 when it did not)."""
     info = read_run(run_root)
     completed = info.steps if info.status == "completed" else 0
     if not completed or (planned is not None and planned > completed):
         return completed
     epochs = f"now {format_value(cfg.num_train_epochs)}" if cfg.max_steps <= 0 else "with --max_steps -1"
+    saved_at = checkpoint_step(checkpoint) or 0
+    again = (
+        "a resume with the same steps has nothing left to train"
+        if saved_at >= completed
+        else f"resuming it from {checkpoint.name} would train steps {saved_at + 1}-{completed} again "
+        "and replace that adapter"
+    )
     raise UserError(
         f"--resume_from_checkpoint: run {run_root} is complete: it trained all {completed} steps and "
-        f"saved its adapter in {RunPaths(run_root).adapter}; resuming it would train its last steps "
-        "again and replace that adapter",
+        f"saved its adapter in {RunPaths(run_root).adapter}; {again}",
         f"to train it further, resume with more steps: a higher --num_train_epochs ({epochs}) or "
         f"--max_steps above {completed}; to use it as it is, `tunebench chat --adapters {run_root}`",
         code="config",
     )
+
+
+def continued_note(completed: int, planned: int, checkpoint: Path) -> str:
+    """What a resume of a completed run with more steps does: goes on from its last step (the
+    schedule stretched to the new length), or trains again the steps after an earlier checkpoint."""
+    saved_at = checkpoint_step(checkpoint) or 0
+    note = f"the run had completed {completed} steps; it continues to {planned} from {checkpoint.name}"
+    if saved_at < completed:  # an earlier checkpoint, or a run made before the last step was saved
+        return f"{note} (steps {saved_at + 1}-{completed} train again, in the longer schedule)"
+    return f"{note}, its learning-rate schedule stretched to {planned} steps"
 
 
 def run_config_file(checkpoint: Path) -> Path:
