@@ -80,3 +80,67 @@ def test_the_last_chance_handler_tells_a_read_from_a_write(locked, tmp_path):
     assert write is not None and write.message == f"could not write {tmp_path / 'new'}: permission denied"
     full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "new"))
     assert "free on" in access_failure(full).message  # the space left still explains a full disk
+
+
+@pytest.mark.parametrize("name", ["adapter_model.safetensors", "trainer_state.pt"])
+def test_a_checkpoint_file_that_cannot_be_read_is_a_permission_problem_not_damage(
+    name, tiny_model_dir, tmp_path, monkeypatch, capfd
+):
+    """A checkpoint file this process may not read was reported as "checkpoint ... is damaged:
+    adapter_model.safetensors is not a safetensors file", with "no earlier checkpoint of this run
+    is whole: start a new run". As root, the read is made to refuse as the kernel would for a
+    file of another user's mode 0600."""
+    import builtins
+    import io
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(
+        "".join(json.dumps({"instruction": f"hi {i}", "output": "hello"}) + "\n" for i in range(4))
+    )
+    args = ["--model", str(tiny_model_dir), "--dataset", str(data), "--output_dir", str(tmp_path / "runs")]
+    assert main(["train", "--probe_after", "false", *args, "--run_name", "r", "--max_steps", "2"]) == 0
+    run = tmp_path / "runs" / "r"
+    locked = run / "checkpoints" / "step-2" / name
+    real_open, real_access = builtins.open, os.access
+
+    def refusing_open(file, *a, **kw):
+        if isinstance(file, (str, os.PathLike)) and Path(file).absolute() == locked:
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real_open(file, *a, **kw)
+
+    def access(path, mode, *a, **kw):
+        return False if Path(path).absolute() == locked else real_access(path, mode, *a, **kw)
+
+    for module in (builtins, io):
+        monkeypatch.setattr(module, "open", refusing_open)
+    monkeypatch.setattr(os, "access", access)
+    capfd.readouterr()
+    assert main(["train", "--resume_from_checkpoint", str(run), "--max_steps", "4"]) == 2
+    err = capfd.readouterr().err
+    assert f"--resume_from_checkpoint: cannot read {locked}: permission denied on {locked}" in err, err
+    assert f"ls -ld {locked}" in err
+    assert "damaged" not in err and "start a new run" not in err and "Traceback" not in err
+
+
+def test_a_checkpoint_file_refused_while_loading_is_a_permission_problem(tmp_path, monkeypatch):
+    """The load after the preflight's look (a mode changed in between): safetensors' loader says
+    only "Permission denied (os error 13)", which was taken for damage."""
+    import safetensors.torch
+    from tunebench.engine.core.files import UnreadablePathError
+    from tunebench.engine.train.checkpoints import load_adapter_weights
+
+    def refuse(*_args, **_kwargs):
+        raise PermissionError("Permission denied (os error 13)")
+
+    monkeypatch.setattr(safetensors.torch, "load_file", refuse)
+    monkeypatch.setattr(os, "access", lambda *_a, **_k: False)
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-2"
+    checkpoint.mkdir(parents=True)
+    weights = checkpoint / "adapter_model.safetensors"
+    weights.write_bytes(b"whole, but not for this user")
+    with pytest.raises(UnreadablePathError) as caught:
+        load_adapter_weights(checkpoint, model=None, device="cpu")
+    assert (
+        caught.value.message
+        == f"--resume_from_checkpoint: cannot read {weights}: permission denied on {weights}"
+    )

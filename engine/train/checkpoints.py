@@ -12,6 +12,7 @@ A temporary folder left by a killed run or a failed write is removed at the next
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -22,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..core.errors import UserError
-from ..core.files import fsync_dir, reading, writing
+from ..core.files import UnreadablePathError, fsync_dir, read_failure, reading, writing
 from ..core.targets import ADAPTER_WEIGHTS
 from ..core.workspace import CHECKPOINT_STATE_FILE, checkpoint_step, list_checkpoints, read_run
 from .types import RunPaths
@@ -198,7 +199,8 @@ def _no_checkpoint(run: Path) -> UserError:
 
 def checkpoint_damage(path: Path) -> str:
     """What is wrong with a checkpoint's files ("" when nothing is): a file cut short by a full
-    disk, a copy that stopped halfway, bytes changed on disk. Reads the files but needs no torch."""
+    disk, a copy that stopped halfway, bytes changed on disk. Reads the files but needs no torch;
+    a file the permissions keep from this process raises PermissionError (it is not damaged)."""
     weights = path / ADAPTER_WEIGHTS
     try:
         size = weights.stat().st_size
@@ -212,26 +214,35 @@ def checkpoint_damage(path: Path) -> str:
             return f"{ADAPTER_WEIGHTS} is cut short ({size} of {8 + header_size + end} bytes)"
     except FileNotFoundError:
         return f"{ADAPTER_WEIGHTS} is missing"
+    except PermissionError:
+        raise  # not damage: the files are whole, this process may not read them
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return f"{ADAPTER_WEIGHTS} is not a safetensors file"
     try:
         with zipfile.ZipFile(path / CHECKPOINT_STATE_FILE) as state:  # torch.save's format
             bad = state.testzip()
+    except PermissionError:
+        raise
     except (OSError, zipfile.BadZipFile, EOFError):
         return f"{CHECKPOINT_STATE_FILE} is cut short or not a torch checkpoint"
     return f"{CHECKPOINT_STATE_FILE} is damaged ({bad} fails its checksum)" if bad else ""
 
 
 def _sound(checkpoint: Path, damage: str = "") -> Path:
-    """`checkpoint` if its files are whole; else a UserError that offers the previous sound one."""
-    damage = damage or checkpoint_damage(checkpoint)
+    """`checkpoint` if its files are whole; else a UserError that offers the previous sound one.
+    A file this process may not read is a permission problem, said as one."""
+    if not damage:
+        try:
+            damage = checkpoint_damage(checkpoint)
+        except PermissionError as exc:
+            raise _unreadable(exc) from None
     if not damage:
         return checkpoint
     run = checkpoint.parent.parent
     earlier = [
         c for c in list_checkpoints(run) if (checkpoint_step(c) or 0) < (checkpoint_step(checkpoint) or 0)
     ]
-    previous = next((c for c in reversed(earlier) if not checkpoint_damage(c)), None)
+    previous = next((c for c in reversed(earlier) if _whole(c)), None)
     if previous is None:
         hint = (
             "no earlier checkpoint of this run is whole: start a new run (leave out --resume_from_checkpoint)"
@@ -243,6 +254,33 @@ def _sound(checkpoint: Path, damage: str = "") -> Path:
             f"{checkpoint.parent} and press r)"
         )
     raise UserError(f"checkpoint {checkpoint} is damaged: {damage}", hint, code="checkpoint")
+
+
+def _whole(checkpoint: Path) -> bool:
+    """Whether a checkpoint's files are whole and can be read."""
+    try:
+        return not checkpoint_damage(checkpoint)
+    except PermissionError:
+        return False
+
+
+def _unreadable(exc: BaseException, file: Path | None = None) -> UserError:
+    """A checkpoint file the permissions keep from this process: "cannot read <file>: permission
+    denied on <folder>" (core/files.read_failure), never "damaged"."""
+    if file is not None and (not isinstance(exc, PermissionError) or not exc.filename):
+        # safetensors' loader names no file ("Permission denied (os error 13)")
+        exc = PermissionError(errno.EACCES, "Permission denied", str(file))
+    flag = "--resume_from_checkpoint"
+    return read_failure(exc, flag=flag) or UnreadablePathError(
+        f"{flag}: cannot read {exc.filename}: permission denied",
+        f"check its permissions (`ls -l {exc.filename}`), or choose another checkpoint",
+    )
+
+
+def _is_permission_error(exc: BaseException) -> bool:
+    return isinstance(exc, PermissionError) or any(
+        f"(os error {code})" in str(exc) for code in (errno.EACCES, errno.EPERM)
+    )
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, device, shard_optimizer=None) -> int:
@@ -257,6 +295,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, device, shard_optim
     try:
         state = torch.load(path / CHECKPOINT_STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as exc:  # damage the preflight's look at the files did not show
+        if _is_permission_error(exc):
+            raise _unreadable(exc, path / CHECKPOINT_STATE_FILE) from None
         _sound(path, f"it cannot be read ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]})")
         raise
     optimizer_state = state["optimizer"]
@@ -282,6 +322,8 @@ def load_adapter_weights(path: Path, model, device) -> None:
     try:
         weights = load_file(str(path / ADAPTER_WEIGHTS), device=str(device))
     except Exception as exc:  # damage the preflight's look at the files did not show
+        if _is_permission_error(exc):
+            raise _unreadable(exc, path / ADAPTER_WEIGHTS) from None
         _sound(path, f"it cannot be read ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]})")
         raise
     set_peft_model_state_dict(model, weights)
