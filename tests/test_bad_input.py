@@ -1546,7 +1546,8 @@ def test_a_resume_keeps_the_runs_settings_applies_what_it_can_and_warns_of_other
     assert any("--max_steps 2 -> 3" in n and "--learning_rate 0.0001 -> 0.0002" in n for n in notes), notes
     assert any("resuming on different data" in n and "data.jsonl changed" in n for n in notes), notes
     started = next(e for e in events if e["type"] == "TrainStarted")
-    assert (started["start_step"], started["total_steps"]) == (1, 3) and len(checkpoints) == 1
+    # the run kept its last step's checkpoint (step 2) as well as step 1's: it goes on from step 2
+    assert (started["start_step"], started["total_steps"]) == (2, 3) and len(checkpoints) == 2
     assert "--lora_rank 4" in started["command"]  # the run's own rank, though no flag gave it
 
     # the engine, as the TUI's r sends it: the form's values, one of them a rank the run lacks
