@@ -113,6 +113,29 @@ def test_loss_falls_and_run_files_are_written(tiny_model_dir, identity_file, tmp
     assert [p.name for p in list_checkpoints(run_dir)] == ["step-8", "step-9"]
 
 
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)], ids=["umask-022", "umask-077"])
+def test_the_adapter_and_checkpoint_files_follow_the_umask(
+    umask, mode, tiny_model_dir, identity_file, tmp_path
+):
+    """adapter_model.safetensors was written 0600 (safetensors' save_file) in adapter/ and in each
+    checkpoint while the run's other files followed the umask: other users of a shared box could
+    not load the adapter."""
+    import os
+    import stat
+
+    previous = os.umask(umask)
+    try:
+        run(make_cfg(tiny_model_dir, identity_file, tmp_path, run_name="m", max_steps=2, save_steps=1))
+    finally:
+        os.umask(previous)
+    run_dir = tmp_path / "m"
+    files = [*(run_dir / "adapter").iterdir(), *(run_dir / "checkpoints").glob("step-*/*")]
+    assert {p.name for p in files} >= {"adapter_model.safetensors", "adapter_config.json", "trainer_state.pt"}
+    assert {p.relative_to(run_dir).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in files} == {
+        p.relative_to(run_dir).as_posix(): mode for p in files
+    }
+
+
 def test_final_loss_is_the_last_logged_window(tiny_model_dir, identity_file, tmp_path):
     """Logged losses average the steps since the last log; the final loss must be the number the
     last progress line showed, not the last step's alone."""

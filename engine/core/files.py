@@ -102,6 +102,16 @@ def new_file_mode() -> int:
     return 0o666 & ~_current_umask()
 
 
+def follow_umask(folder: str | Path) -> None:
+    """Give the files in `folder` the mode of a new file under the umask (new_file_mode): a
+    library may write its own (safetensors' save_file makes 0600, which other users of a shared
+    box could not load), where every other file of a run follows the umask."""
+    mode = new_file_mode()
+    for path in Path(folder).iterdir():
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)
+
+
 def _current_umask() -> int:
     # Read, not set-and-restore: os.umask() is process-wide and would race other threads.
     try:

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..core.errors import UserError
-from ..core.files import UnreadablePathError, fsync_dir, read_failure, reading, writing
+from ..core.files import UnreadablePathError, follow_umask, fsync_dir, read_failure, reading, writing
 from ..core.targets import ADAPTER_WEIGHTS
 from ..core.workspace import CHECKPOINT_STATE_FILE, checkpoint_step, list_checkpoints, read_run
 from .types import RunPaths
@@ -66,6 +66,7 @@ def save_checkpoint(
             model.save_pretrained(tmp, state_dict=adapter_state)
         with writing(final / CHECKPOINT_STATE_FILE):
             torch.save(state, tmp / CHECKPOINT_STATE_FILE)
+            follow_umask(tmp)
             for f in tmp.iterdir():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
@@ -342,6 +343,7 @@ def save_adapter_atomically(
             model.save_pretrained(tmp, state_dict=state)
         else:
             model.save_pretrained(tmp, path_initial_model_for_weight_conversion=str(initial))
+        follow_umask(tmp)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
 
