@@ -186,3 +186,26 @@ def test_a_run_resumes_from_any_folder_and_keeps_its_output_dir(
         in err
     )
     assert f"run the resume from {started}, the folder it was started in" in err and "Traceback" not in err
+
+
+def test_a_resume_refuses_another_output_dir_or_run_name(tiny_model_dir, data, tmp_path, monkeypatch, capfd):
+    """--output_dir and --run_name given with a resume were ignored without a word: the run went on
+    in its own folder. Naming the run's own folder, however spelt, is fine."""
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / first_run(tiny_model_dir, data, Path("old2"))
+    before = (run / "metrics.jsonl").read_bytes()
+    capfd.readouterr()
+    for place, named in (
+        (["--output_dir", "elsewhere", "--run_name", "other"], "--output_dir elsewhere and --run_name other"),
+        (["--output_dir", "elsewhere"], "--output_dir elsewhere"),
+        (["--run_name", "other"], "--run_name other"),
+    ):
+        assert train("--resume_from_checkpoint", "old2/r", "--max_steps", "6", *place) == 2
+        err = capfd.readouterr().err
+        assert f"a resume continues run {run} in its own folder, so {named} cannot be applied" in err, err
+        assert f"(the run's are --output_dir {run.parent} --run_name r)" in err
+        assert "to continue the run where it is" in err and "Traceback" not in err
+        assert not (tmp_path / "elsewhere").exists() and (run / "metrics.jsonl").read_bytes() == before
+    own = ["--output_dir", f"{tmp_path}/old2/../old2/", "--run_name", "r"]
+    assert train("--resume_from_checkpoint", "old2/r", "--max_steps", "6", *own) == 0
+    assert steps_logged(run) == [1, 2, 3, 4, 5, 6]

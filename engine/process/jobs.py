@@ -89,7 +89,10 @@ class Jobs:
 
         requested = job.config
         if job.config.resume_from_checkpoint:  # the run's recorded settings, with the request's applied
-            job.config = resume_config(self.resolve_train_paths(request.config))
+            # the form's output_dir and run_name are for new runs: the run goes on in its folder
+            job.config = resume_config(self.resolve_train_paths(request.config), typed=False)
+            place = {"output_dir": job.config.output_dir, "run_name": job.config.run_name}
+            requested = dataclasses.replace(requested, **place)  # what the ranks' command line says
         nproc, chosen = self.processes(requested)
         if nproc > 1 or chosen not in ([], [0]):
             # Several ranks (or a GPU this process does not train on): torchrun's, in a child.

@@ -34,13 +34,18 @@ from .types import RunPaths
 _NOT_SETTINGS = ("resume_from_checkpoint", "output_dir", "run_name", "nproc_per_node", "gpus")
 
 
-def resume_config(given: dict[str, Any]) -> TrainConfig:
+def resume_config(given: dict[str, Any], typed: bool = True) -> TrainConfig:
     """The config a resume trains with: the run's recorded settings, with the `given` ones (which
-    include resume_from_checkpoint) applied; UserError listing any a resume cannot change."""
+    include resume_from_checkpoint) applied; UserError listing any a resume cannot change.
+    `typed`: `given` holds only what the person asked for (the command's flags), so an
+    --output_dir or --run_name other than the run's is refused; the TUI's form always sends its
+    own, meant for new runs."""
     checkpoint = find_checkpoint(given["resume_from_checkpoint"])
     recorded = recorded_config(checkpoint)
     changes = {k: v for k, v in given.items() if k not in _NOT_SETTINGS}
     run = RunPaths(checkpoint.parent.parent)
+    if typed:
+        refuse_another_place(given, run.root)
     record = read_run_config(run)
     # the run goes on in its own folder, whatever the defaults or the flags say
     where = {"output_dir": str(run.root.parent), "run_name": (record.get("config") or {}).get("run_name", "")}
@@ -57,6 +62,28 @@ def resume_config(given: dict[str, Any]) -> TrainConfig:
     if not applied and same_data:
         refuse_finished_run(run.root, cfg, None, checkpoint)
     return cfg
+
+
+def refuse_another_place(given: dict[str, Any], run_root: Path) -> None:
+    """A resume continues the run in its own folder: an --output_dir or --run_name that names
+    another would not be honoured, so it is refused (UserError) rather than ignored."""
+    asked = []
+    output_dir = given.get("output_dir")
+    if output_dir and Path(output_dir).expanduser().resolve() != run_root.parent.resolve():
+        asked.append(f"--output_dir {output_dir}")
+    if given.get("run_name") and given["run_name"] != run_root.name:
+        asked.append(f"--run_name {given['run_name']}")
+    if not asked:
+        return
+    raise UserError(
+        f"--resume_from_checkpoint: a resume continues run {run_root} in its own folder, so "
+        f"{' and '.join(asked)} cannot be applied (the run's are --output_dir {run_root.parent} "
+        f"--run_name {run_root.name})",
+        f"leave {' and '.join(a.split()[0] for a in asked)} out to continue the run where it is; to "
+        "train elsewhere, copy the run's folder there and resume the copy, or start a new run "
+        "without --resume_from_checkpoint",
+        code="config",
+    )
 
 
 def refuse_finished_run(run_root: Path, cfg: TrainConfig, planned: int | None, checkpoint: Path) -> int:
