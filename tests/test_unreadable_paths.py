@@ -62,7 +62,9 @@ def test_a_path_in_a_folder_that_cannot_be_entered_is_named_with_the_folder(
         args += ["--output_dir", str(tmp_path / "runs")]
     assert main(args) == 2
     err = capfd.readouterr().err
-    said = f"{flag + ': ' if flag else ''}cannot read {locked / inside}: permission denied on {locked}"
+    # runs are written into --output_dir: a folder that cannot be entered keeps them from it
+    verb = "write into" if flag == "--output_dir" else "read"
+    said = f"{flag + ': ' if flag else ''}cannot {verb} {locked / inside}: permission denied on {locked}"
     assert said in err, err
     assert f"ls -ld {locked}" in err and "Traceback" not in err
     assert "could not write" not in err and "free on" not in err
@@ -144,3 +146,33 @@ def test_a_checkpoint_file_refused_while_loading_is_a_permission_problem(tmp_pat
         caught.value.message
         == f"--resume_from_checkpoint: cannot read {weights}: permission denied on {weights}"
     )
+
+
+@pytest.mark.parametrize("exists", [True, False], ids=["folder", "new-folder"])
+def test_an_output_dir_that_cannot_be_written_is_refused_before_the_model_loads(
+    exists, tiny_model_dir, tmp_path, monkeypatch, capfd
+):
+    """An --output_dir this process may enter but not write into was found only once the model and
+    the data had loaded. As root, making a file there is made to refuse as the kernel would."""
+    import tempfile
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    output = shared if exists else shared / "runs"
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir).absolute() == shared:
+            raise PermissionError(errno.EACCES, "Permission denied", str(Path(dir) / "x"))
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"instruction": "hi", "output": "hello"}) + "\n")
+    args = ["train", "--model", str(tiny_model_dir), "--dataset", str(data), "--output_dir", str(output)]
+    assert main([*args, "--json"]) == 2
+    out, err = capfd.readouterr()
+    said = f"cannot write into {shared}: permission denied" if exists else f"cannot create {output}"
+    assert f"--output_dir: {said}" in err, err
+    assert f"ls -ld {shared}" in err and "choose another --output_dir" in err and "Traceback" not in err
+    assert "ModelLoaded" not in out and not list(shared.iterdir())  # before the load, nothing made

@@ -211,11 +211,12 @@ _PERMISSION = (errno.EACCES, errno.EPERM)
 
 
 def read_failure(
-    exc: BaseException, path: str | Path | None = None, flag: str = ""
+    exc: BaseException, path: str | Path | None = None, flag: str = "", action: str = "read"
 ) -> UnreadablePathError | None:
     """`exc` as "cannot read <path>: permission denied on <folder>" when the permissions keep this
     process from reading `path` (or the file `exc` names): its folder cannot be entered, or the
-    file itself is not readable; None for any other error, a refused write included."""
+    file itself is not readable; None for any other error, a refused write included. `action`
+    words what the refusal keeps from happening ("write into" for a folder runs go into)."""
     if not isinstance(exc, OSError) or exc.errno not in _PERMISSION:
         return None
     named = path if path is not None else exc.filename
@@ -227,7 +228,7 @@ def read_failure(
         return None  # every folder on the way can be entered: a write was refused, not a read
     where = f"{flag}: " if flag else ""
     return UnreadablePathError(
-        f"{where}cannot read {target}: permission denied on {folder}",
+        f"{where}cannot {action} {target}: permission denied on {folder}",
         f"check its permissions (`ls -ld {folder}`), or choose another path",
     )
 
@@ -250,17 +251,48 @@ def _blocking_folder(path: Path) -> Path | None:
 
 
 @contextlib.contextmanager
-def reading(path: str | Path | None = None, flag: str = "") -> Iterator[None]:
+def reading(path: str | Path | None = None, flag: str = "", action: str = "read") -> Iterator[None]:
     """Turn a PermissionError met while checking or reading `path` (a dataset, a model, a run;
     Python 3.11's Path.exists raises it for a folder that cannot be entered) into a message that
     names the path, the folder that refused and what to do; every other error passes as it is."""
     try:
         yield
     except PermissionError as exc:
-        failure = read_failure(exc, path, flag)
+        failure = read_failure(exc, path, flag, action)
         if failure is None:
             raise
         raise failure from None
+
+
+WRITE_CHECK_PREFIX = ".tunebench-write-check-"
+
+
+def check_writable(folder: str | Path, flag: str = "") -> None:
+    """DiskWriteError when no file can be made in `folder` (or, while it does not exist, in the
+    nearest folder above it, where it will be made): a file is created there and removed at once,
+    so a refusal is said in a second rather than after the model has loaded."""
+    folder = Path(folder).expanduser().absolute()
+    existing = folder
+    while not os.path.isdir(existing) and existing != existing.parent:
+        existing = existing.parent
+    try:
+        fd, name = tempfile.mkstemp(prefix=WRITE_CHECK_PREFIX, dir=existing)
+    except OSError as exc:
+        reason = _REASONS.get(exc.errno) if exc.errno != errno.EFBIG else None
+        if reason is None:
+            return  # not a refusal this can word: the write itself says what is wrong
+        where = f"{flag}: " if flag else ""
+        what = f"cannot write into {folder}" if existing == folder else f"cannot create {folder}"
+        on = f" on {existing}" if existing != folder else ""
+        other = f"choose another {flag}" if flag else "choose another folder"
+        hint = (
+            f"make {existing} writable for you (`ls -ld {existing}`), or {other}"
+            if exc.errno in _PERMISSION
+            else other
+        )
+        raise DiskWriteError(f"{where}{what}: {reason}{on}", hint) from None
+    os.close(fd)
+    os.unlink(name)
 
 
 def access_failure(exc: BaseException) -> UserError | None:

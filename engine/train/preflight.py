@@ -9,7 +9,7 @@ from typing import Any
 
 from ..core.config import TrainConfig
 from ..core.errors import UserError
-from ..core.files import reading
+from ..core.files import check_writable, reading
 
 
 def preflight(cfg: TrainConfig, cancel: Any = None) -> int | None:
@@ -38,7 +38,7 @@ def preflight(cfg: TrainConfig, cancel: Any = None) -> int | None:
         except ValueError as exc:
             raise UserError(f"--template: {exc}", "pass one of the names listed, or leave it out") from None
     output = Path(cfg.output_dir).expanduser()
-    with reading(output, "--output_dir"):
+    with reading(output, "--output_dir", action="write into"):
         is_file = output.exists() and not output.is_dir()
     if is_file:
         raise UserError(
@@ -46,7 +46,12 @@ def preflight(cfg: TrainConfig, cancel: Any = None) -> int | None:
             "give a folder for the runs (it is created if new)",
         )
     if cfg.resume_from_checkpoint:
-        find_checkpoint(cfg.resume_from_checkpoint)
+        # the run goes on in its own folder: that is where its files are written
+        run = find_checkpoint(cfg.resume_from_checkpoint).parent.parent
+        for folder in (run, run / "checkpoints"):
+            check_writable(folder, "--resume_from_checkpoint")
+    else:  # a refusal said now, not once the model and the data have loaded
+        check_writable(output, "--output_dir")
     # A model folder or hub id resolves in milliseconds; a GGUF file (the demo's included) is
     # converted on first use, which waits until the data has passed.
     spec = cfg.model.strip()
