@@ -151,6 +151,27 @@ def test_a_stop_before_the_first_step_says_nothing_was_saved(
     assert "stopped by SIGTERM before any checkpoint was saved: nothing to resume" in err
 
 
+def test_a_stop_while_loading_says_stopped_before_the_first_step(
+    tiny_model_dir, data, tmp_path, monkeypatch, capfd
+):
+    """Ctrl-C while the data loaded ended with "aborted after 0 steps in 0:01, final loss 0.0000"."""
+    from tunebench.engine.cli.progress import ProgressRenderer
+
+    shown = ProgressRenderer.__call__
+
+    def call(self, event) -> None:
+        shown(self, event)
+        if event.type == "Progress":
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(ProgressRenderer, "__call__", call)
+    args = ["--model", str(tiny_model_dir), "--dataset", str(data), "--output_dir", str(tmp_path)]
+    assert train(*args, "--max_steps", "6") == 130
+    out = capfd.readouterr().out
+    assert "stopped before the first step, after 0:0" in out and "nothing was trained or saved" in out, out
+    assert "final loss" not in out and "aborted after" not in out
+
+
 def test_a_run_resumes_from_any_folder_and_keeps_its_output_dir(
     tiny_model_dir, data, tmp_path, monkeypatch, capfd
 ):

@@ -82,6 +82,10 @@ class ProgressRenderer:
             self._print(f"note    {event.message}")
         elif kind == "TrainFinished":
             self.close()
+            if not event.run_id and event.status == "aborted":  # stopped while the model or data loaded
+                after = _fmt_s(event.seconds)
+                print(f"stopped before the first step, after {after}: nothing was trained or saved")
+                return
             loss = "" if math.isnan(event.final_loss) else f", final loss {event.final_loss:.4f}"
             print(f"{event.status} after {event.steps} steps in {_fmt_s(event.seconds)}{loss}")
             if event.stage_s:
