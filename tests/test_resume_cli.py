@@ -230,3 +230,7 @@ def test_a_resume_refuses_another_output_dir_or_run_name(tiny_model_dir, data, t
     own = ["--output_dir", f"{tmp_path}/old2/../old2/", "--run_name", "r"]
     assert train("--resume_from_checkpoint", "old2/r", "--max_steps", "6", *own) == 0
     assert steps_logged(run) == [1, 2, 3, 4, 5, 6]
+    # the stored command gives the checkpoint as an absolute path, as it does the data and the folder
+    record = orjson.loads((run / "config.json").read_bytes())
+    assert record["config"]["resume_from_checkpoint"] == str(run)
+    assert record["command"].endswith(f"--resume_from_checkpoint {run}"), record["command"]

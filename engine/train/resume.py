@@ -293,14 +293,16 @@ def write_run_config(
 
 
 def _as_recorded(cfg: TrainConfig, run: RunPaths) -> TrainConfig:
-    """`cfg` with its data files and run folder as absolute paths: a resume finds them from any
-    folder."""
+    """`cfg` with its data files, run folder and the checkpoint it resumed from as absolute paths:
+    a resume finds them from any folder."""
     here = Path.cwd()
+    resumed = cfg.resume_from_checkpoint
     return dataclasses.replace(
         cfg,
         dataset=[absolute_spec(s, here) for s in cfg.dataset],
         val_dataset=[absolute_spec(s, here) for s in cfg.val_dataset],
         output_dir=str(run.root.absolute().parent),
+        resume_from_checkpoint=str(Path(resumed).expanduser().absolute()) if resumed else "",
     )
 
 
