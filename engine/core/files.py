@@ -278,7 +278,7 @@ def check_writable(folder: str | Path, flag: str = "") -> None:
     try:
         fd, name = tempfile.mkstemp(prefix=WRITE_CHECK_PREFIX, dir=existing)
     except OSError as exc:
-        reason = _REASONS.get(exc.errno) if exc.errno != errno.EFBIG else None
+        reason = _REASONS.get(exc.errno or 0) if exc.errno != errno.EFBIG else None
         if reason is None:
             return  # not a refusal this can word: the write itself says what is wrong
         where = f"{flag}: " if flag else ""
