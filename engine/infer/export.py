@@ -26,6 +26,7 @@ from typing import Any
 import orjson
 
 from ..core.errors import UserError
+from ..core.files import follow_umask
 from ..core.targets import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -86,6 +87,7 @@ def export_model(
             created=datetime.now().isoformat(timespec="seconds"),
         )
         (tmp / INFO_FILE).write_bytes(orjson.dumps(info, option=orjson.OPT_INDENT_2))
+        follow_umask(tmp)  # a server running as another user (Ollama's, vLLM's) reads them
         if out.exists():
             out.rmdir()  # checked empty above
         os.replace(tmp, out)
@@ -265,7 +267,6 @@ def _merge(
     finally:
         hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(out)
-    _readable_like(out / "config.json", out.glob("*.safetensors"))
     if not (out / "chat_template.jinja").exists():  # older transformers keep it in tokenizer_config only
         (out / "chat_template.jinja").write_text(chat_template)
     system = run_system or default_system(tokenizer, chat_template)
@@ -277,14 +278,6 @@ def _merge(
         "base_model_path": str(resolved.path),
         "dtype": dtype,
     }, serving
-
-
-def _readable_like(reference: Path, files: Any) -> None:
-    """Give `files` the permissions of `reference` (which followed the umask): safetensors writes
-    its files 0600, which a server running as another user (Ollama's, vLLM's) cannot read."""
-    mode = reference.stat().st_mode & 0o777
-    for file in files:
-        os.chmod(file, mode)
 
 
 def merge_dtype(model_path: Path, qlora: bool) -> str:
@@ -345,7 +338,6 @@ def _copy_adapter(target: Target, base: str, out: Path, say: Progress) -> dict[s
     say(f"copying the adapter {target.adapter_dir}")
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         shutil.copy2(target.adapter_dir / name, out / name)
-    _readable_like(out / ADAPTER_CONFIG, [out / ADAPTER_WEIGHTS])
     base_path, tokenizer = "", None
     try:
         from ..models.loading import load_tokenizer, resolve_model
