@@ -173,28 +173,14 @@ def _train(
             signal.signal(signum, handler)
     if signals:
         if not is_worker(os.environ):  # under torchrun the launcher says it, once
-            _say_how_to_resume(signals[0], progress, cfg)
+            from ..train.resume import stopped_by_signal
+
+            print(stopped_by_signal(signals[0], progress.run_dir, cfg.nproc_per_node), file=sys.stderr)
         return result, signals[0]
     probe_after = args.probe_after == "true" if args.probe_after else sys.stdout.isatty()
     if main_rank and probe_after and result.status == "completed" and result.adapter_dir:
         _say_verdict(result, cfg, renderer)
     return result, signals[0] if signals else 0
-
-
-def _say_how_to_resume(signum: int, progress, cfg: TrainConfig) -> None:
-    """After Ctrl-C or SIGTERM: the command that continues the run, or that nothing was saved."""
-    from ..train.resume import resume_command
-
-    name = signal.Signals(signum).name
-    if progress.checkpoint:
-        command = resume_command(progress.run_dir, cfg.nproc_per_node)
-        print(f"stopped by {name}; to continue the run: {command}", file=sys.stderr)
-    else:
-        print(
-            f"stopped by {name} before any checkpoint was saved: nothing to resume; run the same "
-            "command again to start over",
-            file=sys.stderr,
-        )
 
 
 class _Silent:

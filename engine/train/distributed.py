@@ -195,16 +195,10 @@ def launch_ranks(launch: Launch, argv: list[str]) -> int:
         except SignalException as exc:
             # Ctrl-C or SIGTERM reached torchrun's agent: it passed the signal on to the ranks, which
             # stop after the same step with a checkpoint (ended if not done in 30 seconds).
-            from .resume import resume_command
+            from .resume import stopped_by_signal
 
-            name, run_dir = signal.Signals(exc.sigval).name, _read_note(note).get("run_dir", "")
-            if run_dir and list_checkpoints(run_dir):
-                command = resume_command(run_dir, launch.nproc_per_node)
-                print(f"stopped by {name}; to continue the run: {command}", file=sys.stderr)
-            else:
-                print(
-                    f"stopped by {name} before any checkpoint was saved: nothing to resume", file=sys.stderr
-                )
+            run_dir = _read_note(note).get("run_dir", "")
+            print(stopped_by_signal(exc.sigval, run_dir, launch.nproc_per_node), file=sys.stderr)
             return 128 + exc.sigval  # the shell's convention for a stop by a signal, as in one process
         finally:
             os.environ.pop(RUN_NOTE_ENV, None)

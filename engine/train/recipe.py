@@ -239,9 +239,12 @@ def _setup(cfg: TrainConfig, emit: Emit, stop: StopSignal, ranks: Ranks, device:
     import torch
 
     resume_dir = find_checkpoint(cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else None
-    # a setting the checkpoint cannot take (its LoRA shape, model, template) fails here, before the load
-    changes = resume_changes(recorded_config(resume_dir), cfg, str(resume_dir)) if resume_dir else []
     run = RunPaths(resume_dir.parent.parent if resume_dir else new_run_dir(cfg))
+    recorded_run = read_run_config(run) if resume_dir else {}  # its config.json, read once
+    # a setting the checkpoint cannot take (its LoRA shape, model, template) fails here, before the load
+    changes = (
+        resume_changes(recorded_config(recorded_run, run.config), cfg, str(resume_dir)) if resume_dir else []
+    )
     for folder in {Path(cfg.output_dir).expanduser(), run.root.parent} if ranks.is_main else ():
         for leftover in remove_unfinished_writes(folder):
             emit(P.Log(message=f"removed {leftover}, left by a run stopped while it wrote a checkpoint"))
@@ -282,7 +285,6 @@ def _setup(cfg: TrainConfig, emit: Emit, stop: StopSignal, ranks: Ranks, device:
         weight_decay=cfg.weight_decay,
         fused=loaded.device.type == "cuda" and not sharded,
     )
-    recorded_run = read_run_config(run) if resume_dir else {}
     per_step = micro_batches_per_step(cfg, ranks.world, recorded_run)
     plan = build_plan(len(train_set), cfg, per_step)
     if resume_dir and (completed := refuse_finished_run(run.root, cfg, len(plan), resume_dir)):

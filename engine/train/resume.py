@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import shlex
+import signal
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import orjson
 from ..core.config import TrainConfig, format_value, to_command, to_dict
 from ..core.errors import UserError
 from ..core.files import atomic_write_bytes
-from ..core.workspace import checkpoint_step, read_metrics, read_run
+from ..core.workspace import checkpoint_step, list_checkpoints, read_metrics, read_run
 from .checkpoints import find_checkpoint
 from .types import RunPaths
 
@@ -41,12 +42,12 @@ def resume_config(given: dict[str, Any], typed: bool = True) -> TrainConfig:
     --output_dir or --run_name other than the run's is refused; the TUI's form always sends its
     own, meant for new runs."""
     checkpoint = find_checkpoint(given["resume_from_checkpoint"])
-    recorded = recorded_config(checkpoint)
-    changes = {k: v for k, v in given.items() if k not in _NOT_SETTINGS}
     run = RunPaths(checkpoint.parent.parent)
+    record = read_run_config(run)
+    recorded = recorded_config(record, run.config)
+    changes = {k: v for k, v in given.items() if k not in _NOT_SETTINGS}
     if typed:
         refuse_another_place(given, run.root)
-    record = read_run_config(run)
     # the run goes on in its own folder, whatever the defaults or the flags say
     where = {"output_dir": str(run.root.parent), "run_name": (record.get("config") or {}).get("run_name", "")}
     cfg = TrainConfig(
@@ -57,10 +58,11 @@ def resume_config(given: dict[str, Any], typed: bool = True) -> TrainConfig:
         if flag not in changes:
             _check_recorded_data(flag, getattr(cfg, flag), run.root, record)
     # the same settings on the same data plan the same steps: a complete run is refused at once,
-    # before the model loads (else the recipe refuses it once it knows the steps planned)
-    same_data = not data_changed_warning(record.get("dataset_sha256") or {}, dataset_hashes(cfg))
-    if not applied and same_data:
-        refuse_finished_run(run.root, cfg, None, checkpoint)
+    # before the model loads (else the recipe refuses it once it knows the steps planned); the
+    # data is hashed only for a complete run, since the recipe hashes it again for every resume
+    if not applied and read_run(run.root).status == "completed":
+        if not data_changed_warning(record.get("dataset_sha256") or {}, dataset_hashes(cfg)):
+            refuse_finished_run(run.root, cfg, None, checkpoint)
     return cfg
 
 
@@ -122,19 +124,10 @@ def continued_note(completed: int, planned: int, checkpoint: Path) -> str:
     return f"{note}, its learning-rate schedule stretched to {planned} steps"
 
 
-def run_config_file(checkpoint: Path) -> Path:
-    """The config.json of the run a checkpoint (runs/<id>/checkpoints/step-<n>) belongs to."""
-    return RunPaths(checkpoint.parent.parent).config
-
-
-def recorded_config(checkpoint: Path) -> dict[str, Any]:
-    """The TrainConfig fields the checkpoint's run recorded when it started (or last resumed)."""
-    path = run_config_file(checkpoint)
-    try:
-        payload = orjson.loads(path.read_bytes())
-    except (OSError, orjson.JSONDecodeError):
-        payload = None
-    if not isinstance(payload, dict) or not isinstance(payload.get("config"), dict):
+def recorded_config(payload: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The TrainConfig fields a run recorded when it started (or last resumed): `payload` is its
+    config.json as read_run_config read it from `path`."""
+    if not isinstance(payload.get("config"), dict):
         raise UserError(
             f"--resume_from_checkpoint: {path} is missing or unreadable, so the settings the run "
             "trained with are unknown",
@@ -245,6 +238,18 @@ def logged_seconds(run_dir: Path) -> float:
     """The elapsed time of the last step a run's metrics.jsonl holds (0 when none)."""
     steps = [r for r in read_metrics(run_dir) if r.get("type") == "TrainStep"]
     return float(steps[-1].get("elapsed_s") or 0.0) if steps else 0.0
+
+
+def stopped_by_signal(signum: int, run_dir: str | Path, processes: int | None) -> str:
+    """What a run stopped by Ctrl-C or SIGTERM says last: the command that continues it from its
+    newest checkpoint, or that it has none to continue from."""
+    name = signal.Signals(signum).name
+    if run_dir and list_checkpoints(run_dir):
+        return f"stopped by {name}; to continue the run: {resume_command(run_dir, processes)}"
+    return (
+        f"stopped by {name} before any checkpoint was saved: nothing to resume; run the same command "
+        "again to start over"
+    )
 
 
 def resume_command(run_dir: str | Path, processes: int | None = 1) -> str:
