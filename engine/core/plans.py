@@ -40,9 +40,10 @@ DEFAULT_TECHNIQUES = frozenset(
 )
 
 # The speed model, in units of one decoder layer's forward per token (forward + backward: 3).
-# Fitted to the H200's 7B rows (bench/RESULTS.md, session 4 call 2): lean LoRA at 2,048 and 4,096
-# tokens per forward (10,531 and 12,301 tokens/s) and fast LoRA at 8,192 (16,898); lean QLoRA at
-# 2,048 and 4,096 (8,125 and 11,357: each forward dequantises every 4-bit weight).
+# Fitted to the H200's 7B rows (bench/RESULTS.md, "recompute compiled into each layer's graph"):
+# lean LoRA at 2,048 and 4,096 tokens per forward (10,531 and 12,301 tokens/s) and fast LoRA at
+# 8,192 (16,898); lean QLoRA at 2,048 and 4,096 (8,125 and 11,357: each forward dequantises every
+# 4-bit weight).
 RECOMPUTE_COST = 0.88  # a recomputed layer replays its forward (fused into its backward)
 FORWARD_OVERHEAD_TOKENS = 1070  # per forward, as tokens of the whole model's work: loss, launches
 QUANTIZED_FORWARD_OVERHEAD_TOKENS = 3500  # the same with 4-bit weights dequantised per forward

@@ -208,8 +208,8 @@ def liger_runs(device: Any) -> bool:
 def liger_kernels(model: Any, rope_in_place: bool = True) -> Iterator[list[str]]:
     """While inside, `patch_liger`'s kernels and liger's rotary embedding; yields what applies.
     `rope_in_place` False: liger's copying rotary wrapper, for a decode step torch.compile traces
-    (the compiled step's greedy answers differed with the in-place one, on an H200, and agreed
-    with the copies: bench/RESULTS.md, session 26).
+    (on a GPU the compiled step's greedy answers differ with the in-place one and agree with the
+    copies: tests/test_generate.py, test_cuda_decode_speed_options_each_give_the_same_greedy_answers).
     On leaving, each patched module's attributes are as they were, so a caller measuring without
     them, or training on the same model, sees transformers' own forwards.
 
