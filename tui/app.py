@@ -254,6 +254,9 @@ class TuneBenchApp(App[int]):
             self.train_ids.add(snapshot.job_id)
         self.status_bar.set_engine("connected", f"pid {snapshot.engine_pid}")
         self.status_bar.set_snapshot(snapshot)
+        if self._engine_watch is not None:  # it was lost, and is back
+            self._engine_watch.stop()
+            self._engine_watch = None
         # Every Snapshot replaces the picture of the run: a reattach redraws the whole history.
         self.train_pane.reset()
         self.train_pane.apply_events(message.history, replay=True)
@@ -373,10 +376,7 @@ class TuneBenchApp(App[int]):
         another terminal) may start a new one; attach to it as soon as it listens."""
         connecting = any(w.group == "engine" and not w.is_finished for w in self.workers)
         if self.client.connected or connecting:
-            if self.client.connected and self._engine_watch is not None:
-                self._engine_watch.stop()
-                self._engine_watch = None
-            return
+            return  # _connected stops this watch
         if probe_socket(self.workspace) != "live":
             return
         if isinstance(self.screen, EngineLost):
