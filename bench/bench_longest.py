@@ -298,11 +298,13 @@ def held_tensors(top: int = 6) -> str:
     import gc
 
     import torch
+    from torch._subclasses.fake_tensor import FakeTensor
 
     found = []
     for obj in gc.get_objects():
         try:
-            if isinstance(obj, torch.Tensor) and obj.is_cuda:
+            # compile's fake tensors have symbolic sizes and no memory of their own
+            if isinstance(obj, torch.Tensor) and obj.is_cuda and not isinstance(obj, FakeTensor):
                 found.append(obj)
         except Exception:  # noqa: BLE001,S112 - some objects fail isinstance (lazy modules)
             continue
