@@ -12,9 +12,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from tunebench.engine.core import data, encoding
+from tunebench.engine.core import data, encoding, json_records
 from tunebench.engine.core.data import (
-    DataError,
     RecordProblem,
     Sample,
     load_dataset,
@@ -24,7 +23,7 @@ from tunebench.engine.core.data import (
     split_eval,
 )
 from tunebench.engine.core.encoding import IGNORE_INDEX, check_sample, tokenize_samples
-from tunebench.engine.core.errors import UserError
+from tunebench.engine.core.errors import DataError, UserError
 from tunebench.engine.core.templates import TEMPLATES, get_template
 
 REPO = Path(__file__).resolve().parent.parent
@@ -405,7 +404,7 @@ def test_utf16_file_is_refused_with_a_fix(tmp_path):
 
 
 def test_huge_record_is_refused_without_reading_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "MAX_RECORD_BYTES", 1000)
+    monkeypatch.setattr(json_records, "MAX_RECORD_BYTES", 1000)
     path = write_jsonl(tmp_path / "huge.jsonl", [qa("q", "a"), qa("q", "x" * 5000)])
     samples, problems = read_records(path)
     assert len(samples) == 1

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 from tunebench.engine.core.data import (
-    DataError,
     load_dataset,
     parse_dataset_spec,
     read_records,
     resolve_dataset_spec,
 )
+from tunebench.engine.core.errors import DataError
 
 datasets = pytest.importorskip("datasets")
 

@@ -11,8 +11,8 @@ import pytest
 from tiny import QWEN25_7B
 from tunebench.engine.core import protocol as P
 from tunebench.engine.core.config import TrainConfig
-from tunebench.engine.core.data import DataError, parse_dataset_spec
-from tunebench.engine.core.errors import UserError
+from tunebench.engine.core.data import parse_dataset_spec
+from tunebench.engine.core.errors import DataError, UserError
 from tunebench.engine.core.estimate import CUDA_CONTEXT_BYTES, ModelShape, read_model_info, training_plan
 from tunebench.engine.core.memory_model import FAST_MAX_TOKENS, GIB, lora_parameters
 from tunebench.engine.core.targets import ADAPTER_CONFIG, ADAPTER_FILES, BASE, adapters_base, resolve_target

@@ -21,8 +21,9 @@ from textual.widgets import Footer, TabbedContent, TabPane
 from textual.worker import Worker, WorkerState
 from tunebench.engine.core import protocol as P
 from tunebench.engine.core.config import changed_fields, to_dict
-from tunebench.engine.core.data import DataError, parse_dataset_spec
+from tunebench.engine.core.data import parse_dataset_spec
 from tunebench.engine.core.data_sources import JSON_EXTENSIONS
+from tunebench.engine.core.errors import DataError
 from tunebench.engine.core.plans import default_budget_gib
 from tunebench.engine.core.workspace import ENGINE_IDLE_EXIT_S, Workspace
 from tunebench.engine.process.client import probe_socket

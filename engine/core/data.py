@@ -4,8 +4,9 @@ Every record becomes a Sample of checked messages (engine/core/record_formats.py
 and their checks), or a RecordProblem that says which file, line or index, and why. Turning
 samples into token ids and loss masks is engine/core/encoding.py's part.
 
-JSON files are parsed with orjson rather than `datasets` so a problem can name its exact line;
-other file types, save_to_disk folders and cached hub ids come through engine/core/data_sources.py.
+JSON and JSONL files are read by engine/core/json_records.py (with orjson, so that a problem names
+its line); other file types, save_to_disk folders and cached hub ids come through
+engine/core/data_sources.py.
 Records of kinds this build does not train (KTO, DPO/ORPO, multimodal, plain pretraining text) are
 refused by name. This module imports neither torch nor transformers: the TUI imports it to check
 rows as they are typed.
@@ -13,40 +14,28 @@ rows as they are typed.
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import re
-import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import orjson
 
-from . import data_sources
-from .errors import DataUserError, raise_if_cancelled
+from . import data_sources, json_records
+from .errors import DataError, raise_if_cancelled
 from .files import atomic_write_bytes
-from .limits import MAX_DATASET_BYTES, MAX_SAMPLES, gib
+from .limits import MAX_SAMPLES
 from .model_files import looks_like_hub_id
 from .record_formats import (
-    FORMAT_KEYS,
     InvalidRecord,
     Message,
-    UnreadableRecord,
-    kind_of,
     normalise_record,
-    record_format,
     record_tools,
 )
 
 EXTENSIONS = data_sources.JSON_EXTENSIONS  # read here; every other source through data_sources
-# A single record larger than this is almost always a mistake (a whole file on one line, a
-# pasted binary); refusing it keeps the tokeniser and the TUI responsive.
-MAX_RECORD_BYTES = 16 * 1024 * 1024
-_SHOWN_PROBLEMS = 10
-_BOM = b"\xef\xbb\xbf"
 
 _PLACEHOLDER = re.compile(r"\{\{\s*(name|author)\s*\}\}", re.IGNORECASE)
 # CJK Unified Ideographs, Extension A and the compatibility block: enough to tell Chinese text.
@@ -72,23 +61,6 @@ class RecordProblem:
 
     def __str__(self) -> str:
         return f"{self.source}: {self.reason}"
-
-
-class DataError(DataUserError, ValueError):
-    """The whole load failed (no file, unreadable file, no valid sample); `problems` says where."""
-
-    def __init__(self, message: str, problems: Sequence[RecordProblem] = (), hint: str = ""):
-        self.problems = list(problems)
-        super().__init__(message, hint)
-
-    def __str__(self) -> str:
-        lines = [self.message]
-        lines += [f"  {p}" for p in self.problems[:_SHOWN_PROBLEMS]]
-        if len(self.problems) > _SHOWN_PROBLEMS:
-            lines.append(f"  ... and {len(self.problems) - _SHOWN_PROBLEMS} more")
-        if self.hint:
-            lines.append(f"  hint: {self.hint}")
-        return "\n".join(lines)
 
 
 @dataclass
@@ -183,9 +155,9 @@ def read_records(path: Path, cancel: Any = None) -> tuple[list[Sample], list[Rec
     path = Path(path)
     is_json_file = path.suffix.lower() in EXTENSIONS and path.exists() and not path.is_dir()
     if is_json_file and data_sources.saved_dataset_folder(path) is None:
-        rows = _records(path, _read_bytes(path))
+        rows = json_records.records(path)
     else:
-        rows = _source_records(path)
+        rows = data_sources.records(path)
     samples: list[Sample] = []
     problems: list[RecordProblem] = []
     for source, record in rows:
@@ -201,238 +173,6 @@ def read_records(path: Path, cancel: Any = None) -> tuple[list[Sample], list[Rec
     if not samples and not problems:
         problems.append(RecordProblem(str(path), "the file holds no records", "empty"))
     return samples, problems
-
-
-def _source_records(path: Path) -> Iterator[tuple[str, Any]]:
-    try:
-        yield from data_sources.records(path)
-    except data_sources.SourceError as exc:
-        raise DataError(exc.message, hint=exc.hint) from None
-
-
-def _read_bytes(path: Path) -> bytes:
-    """The bytes of a JSON file that exists (data_sources says what is wrong with a missing path
-    or a folder)."""
-    try:
-        raw = _read_regular_file(path)
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc.strerror}", hint="check the file's permissions") from None
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise DataError(f"{path} is UTF-16 text", hint="save it as UTF-8 (most editors: Save with Encoding)")
-    return raw[len(_BOM) :] if raw.startswith(_BOM) else raw
-
-
-def _read_regular_file(path: Path) -> bytes:
-    """The file's bytes, if it is a regular file of at most MAX_DATASET_BYTES: a FIFO would block
-    the reader forever and a device such as /dev/zero never ends (through a symlink as well)."""
-    # O_NONBLOCK: opening a FIFO would otherwise wait for a writer; a regular file ignores it.
-    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as fh:
-        info = os.fstat(fh.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise DataError(
-                f"{path} is {_file_kind(info.st_mode)}, not a regular file",
-                hint="name a .jsonl or .json file saved on disk (copy the data into one first)",
-            )
-        if info.st_size > MAX_DATASET_BYTES:
-            raise _too_large(path, info.st_size)
-        raw = fh.read(MAX_DATASET_BYTES + 1)  # the file may have grown since fstat
-    if len(raw) > MAX_DATASET_BYTES:
-        raise _too_large(path, len(raw))
-    return raw
-
-
-def _too_large(path: Path, size: int) -> DataError:
-    return DataError(
-        f"{path} is {gib(size)}; dataset files over {gib(MAX_DATASET_BYTES)} are not read",
-        hint="split it into several files and pass each to --dataset, or keep the part you need",
-    )
-
-
-def _too_many_samples(where: str) -> DataError:
-    return DataError(
-        f"{where} holds more than {MAX_SAMPLES:,} samples, the most one run takes",
-        hint="train on a part of it (split the file, or take fewer with path#N)",
-    )
-
-
-def _file_kind(mode: int) -> str:
-    kinds = [
-        (stat.S_ISFIFO, "a named pipe (FIFO)"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISSOCK, "a socket"),
-    ]
-    return next((word for test, word in kinds if test(mode)), "not a plain file")
-
-
-def _records(path: Path, raw: bytes) -> Iterator[tuple[str, Any]]:
-    """(source, record or InvalidRecord) for each record in the file, in order.
-
-    The extension decides, except that a file holding another layout is read as what it is: a
-    .json with one object per line, and JSON spread over lines (pretty-printed: a list, one
-    object, or objects one after another as `jq` writes them) in a .jsonl too.
-    """
-    if _spread_over_lines(raw):
-        yield from _document_records(path, raw)
-    elif path.suffix.lower() == ".jsonl":
-        yield from _jsonl_records(path, raw)
-    else:
-        try:
-            document = orjson.loads(_utf8(path, raw))
-        except orjson.JSONDecodeError as exc:
-            if _first_byte(raw) == b"{":  # one object per line
-                yield from _jsonl_records(path, raw)
-                return
-            raise _bad_json(path, exc) from None
-        yield from _listed_records(path, document)
-
-
-def _spread_over_lines(raw: bytes) -> bool:
-    """Whether the file is JSON spread over lines (a list, or a first record that goes on past
-    its line): read line by line, each of its lines would be a "bad JSON" of its own."""
-    first = _first_byte(raw)
-    if first != b"{":
-        return first == b"["
-    start = raw.index(first)
-    end = raw.find(b"\n", start)
-    first_line = raw[start:end].rstrip() if end >= 0 else raw[start:]
-    try:
-        orjson.loads(first_line)
-    except orjson.JSONDecodeError as exc:
-        return exc.pos >= len(first_line)  # the line ended inside the object, not at a mistake
-    return False
-
-
-def _first_byte(raw: bytes) -> bytes:
-    """The first byte that is not whitespace (b"" for none), without copying a large file."""
-    found = re.search(rb"\S", raw)
-    return found.group() if found else b""
-
-
-def _document_records(path: Path, raw: bytes) -> Iterator[tuple[str, Any]]:
-    text = _utf8(path, raw)
-    try:
-        document = orjson.loads(text)
-    except orjson.JSONDecodeError as whole:
-        try:
-            values = _json_values(text)
-        except json.JSONDecodeError as exc:
-            # orjson names a mistake better ("trailing comma is not allowed"), unless all it saw
-            # was a good first record with more after it: then the mistake is further on.
-            past_first = whole.msg.startswith("unexpected content after document")
-            raise _bad_json(path, exc if past_first else whole, spread="\n" in text.strip()) from None
-        if len(values) > 1:
-            for line, record in values:
-                yield f"{path}:{line}", record
-            return
-        document = values[0][1]
-    yield from _listed_records(path, document)
-
-
-# The start of a JSON value: anything but the whitespace JSON allows between values, which
-# json.JSONDecoder.raw_decode does not skip.
-_NOT_JSON_SPACE = re.compile(r"[^ \t\n\r]")
-
-
-def _json_values(text: str) -> list[tuple[int, Any]]:
-    """(line where it starts, value) for each JSON value in `text`, one after another."""
-    decoder = json.JSONDecoder()
-    values: list[tuple[int, Any]] = []
-    line, last, pos = 1, 0, 0
-    while found := _NOT_JSON_SPACE.search(text, pos):
-        line, last = line + text.count("\n", last, found.start()), found.start()
-        value, pos = decoder.raw_decode(text, last)
-        values.append((line, value))
-    return values
-
-
-def _bad_json(path: Path, exc: json.JSONDecodeError, spread: bool = False) -> DataError:
-    """One error for a file read as one JSON document; `spread`: pretty-printed over lines,
-    whose lines are no records of their own to report one by one."""
-    hint = "fix the JSON there; a missing comma, quote or bracket is the usual cause"
-    if spread:
-        hint += (
-            " (the file holds JSON spread over lines, pretty-printed, read as a whole; or write "
-            "one complete record per line, as .jsonl)"
-        )
-    return DataError(f"{path}:{exc.lineno}: bad JSON at column {exc.colno}: {exc.msg}", hint=hint)
-
-
-def _utf8(path: Path, raw: bytes) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        raise DataError(
-            f"{path}:{line}: bytes that are not UTF-8 (0x{raw[exc.start]:02x})",
-            hint="save the file as UTF-8",
-        ) from None
-
-
-def _listed_records(path: Path, document: Any) -> Iterator[tuple[str, Any]]:
-    """The records of a file that is one JSON document: a list of them, or one record."""
-    if isinstance(document, dict):
-        document = [_lone_record(path, document)]
-    if not isinstance(document, list):
-        raise DataError(
-            f"{path}: expected a JSON list of records, found {kind_of(document)}",
-            hint="write the file as [{...}, {...}], or as .jsonl with one object per line",
-        )
-    for index, record in enumerate(document):
-        yield f"{path}[{index}]", record
-
-
-def _lone_record(path: Path, document: dict) -> dict:
-    """A .json holding one object is a one-record file; an object wrapping the samples
-    ({"data": [...]}) or holding anything but a record must not train as a single sample."""
-    wraps = [
-        key
-        for key, value in document.items()
-        if key not in FORMAT_KEYS | {"tools"}  # a record's own lists (of turns, of tools)
-        and isinstance(value, list)
-        and any(isinstance(item, dict) for item in value)
-    ]
-    if wraps or record_format(document) is None:
-        keys = ", ".join(sorted(map(str, document))[:8]) or "none"
-        raise DataError(
-            f"{path}: expected a JSON list of records, found an object with keys: {keys}",
-            hint='write the file as [{...}, {...}] (from a wrapper such as {"data": [...]}, keep '
-            "only the list), or as .jsonl with one object per line",
-        )
-    return document
-
-
-def _jsonl_records(path: Path, raw: bytes) -> Iterator[tuple[str, Any]]:
-    for lineno, line in enumerate(raw.split(b"\n"), 1):
-        if not line.strip():
-            continue  # blank lines separate nothing, but keep the line numbers true
-        source = f"{path}:{lineno}"
-        if line.startswith(_BOM):  # files joined with `cat` keep each one's BOM
-            line = line[len(_BOM) :]
-        if len(line) > MAX_RECORD_BYTES:
-            yield (
-                source,
-                InvalidRecord(
-                    f"record is {len(line) / 2**20:.0f} MiB; records over {MAX_RECORD_BYTES // 2**20} MiB "
-                    "are not read (is the whole file on one line?)"
-                ),
-            )
-            continue
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            yield (
-                source,
-                UnreadableRecord(
-                    f"bytes that are not UTF-8 at byte {exc.start + 1} (0x{line[exc.start]:02x}): "
-                    "save the file as UTF-8"
-                ),
-            )
-            continue
-        try:
-            yield source, orjson.loads(text)
-        except orjson.JSONDecodeError as exc:
-            yield source, UnreadableRecord(f"bad JSON at column {exc.colno}: {exc.msg}")
 
 
 # ==================================================== placeholders, mixing
@@ -565,6 +305,13 @@ def _refuse_broken_file(path: Path, problems: list[RecordProblem]) -> None:
             problems,
             hint="add samples (one JSON object per line), or leave the file out of --dataset",
         )
+
+
+def _too_many_samples(where: str) -> DataError:
+    return DataError(
+        f"{where} holds more than {MAX_SAMPLES:,} samples, the most one run takes",
+        hint="train on a part of it (split the file, or take fewer with path#N)",
+    )
 
 
 def _take(items: list[Sample], count: int, rng: random.Random) -> list[Sample]:

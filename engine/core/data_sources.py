@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import DataUserError
+from .errors import DataError
 from .model_files import looks_like_hub_id, modelscope_folder
 
 JSON_EXTENSIONS = (".jsonl", ".json")
@@ -26,11 +26,6 @@ DATA_EXTENSIONS = (*JSON_EXTENSIONS, *BUILDERS)
 SAVED_DATASET_FILES = ("state.json", "dataset_info.json")
 SAVED_DATASET_DICT_FILE = "dataset_dict.json"
 TRAIN_SPLIT = "train"
-
-
-class SourceError(DataUserError):
-    """A source that cannot be read; data.py raises it on as its DataError (this module cannot
-    import data.py, which imports it)."""
 
 
 def fetch_commands(repo_id: str) -> str:
@@ -53,7 +48,7 @@ def saved_dataset_folder(path: Path) -> Path | None:
 
 
 def records(path: Path) -> Iterator[tuple[str, Any]]:
-    """(where, record) for each row of a source that is not a JSON file; SourceError says why a
+    """(where, record) for each row of a source that is not a JSON file; DataError says why a
     source cannot be read (not found, not cached, an unknown file type, a plain folder)."""
     saved = saved_dataset_folder(path)
     if saved is not None:
@@ -61,14 +56,14 @@ def records(path: Path) -> Iterator[tuple[str, Any]]:
     elif path.is_dir():
         inside = sorted(p.name for p in path.iterdir() if p.suffix.lower() in DATA_EXTENSIONS)[:5]
         hint = "name a data file" + (f" such as {path / inside[0]}" if inside else "")
-        raise SourceError(
+        raise DataError(
             f"{path} is a folder, not a dataset file (nor one written by save_to_disk)",
             hint=hint + f" ({', '.join(DATA_EXTENSIONS)})",
         )
     elif path.is_file():
         builder = BUILDERS.get(path.suffix.lower())
         if builder is None:
-            raise SourceError(
+            raise DataError(
                 f"{path}: unknown dataset extension {path.suffix or '(none)'!r}",
                 hint="use .jsonl (one JSON object per line), .json (a list of objects), "
                 ".csv, .parquet, .arrow, .txt, or a folder written by save_to_disk",
@@ -79,7 +74,7 @@ def records(path: Path) -> Iterator[tuple[str, Any]]:
         dataset, where = _load_cached_hub_id(repo_id)
         yield from _rows(dataset, where)
     else:
-        raise SourceError(
+        raise DataError(
             f"dataset file not found: {path}",
             hint=f"check the path; relative paths start from {Path.cwd()}",
         )
@@ -128,10 +123,10 @@ def _read_with(builder: str, paths: list[Path], where: str) -> Any:
                 keep_in_memory=True,
                 **(_csv_as_text(datasets, paths[0]) if builder == "csv" else {}),
             )
-        except SourceError:
+        except DataError:
             raise
         except Exception as exc:  # noqa: BLE001 - pyarrow's parse errors have many types
-            raise SourceError(
+            raise DataError(
                 f"{where} cannot be read as {builder}: {_first_line(exc)}",
                 hint="check that the file is complete and of the type its extension says",
             ) from None
@@ -146,7 +141,7 @@ def _csv_as_text(datasets: Any, path: Path) -> dict[str, Any]:
     _check_csv_rows(path)
     first = pd.read_csv(path, nrows=1)  # the header, with duplicates named as pandas names them
     if first.empty:  # else datasets says: Instruction "train" corresponds to no data!
-        raise SourceError(
+        raise DataError(
             f"{path} holds a header row and no records",
             hint=f"add one row per sample below the header ({', '.join(map(str, first.columns))})",
         )
@@ -156,7 +151,7 @@ def _csv_as_text(datasets: Any, path: Path) -> dict[str, Any]:
 
 
 def _check_csv_rows(path: Path) -> None:
-    """SourceError for a row with more cells than the header: pandas would shift it (a first record
+    """DataError for a row with more cells than the header: pandas would shift it (a first record
     with one cell too many makes its first cell an index, the rest move left and train as the
     wrong fields) or fail with a message of its own. An unquoted comma in an answer is the usual
     cause. Rows are numbered as a spreadsheet shows them (header: row 1)."""
@@ -167,7 +162,7 @@ def _check_csv_rows(path: Path) -> None:
         header = next(rows, [])
         for number, row in enumerate(rows, start=2):
             if len(row) > len(header):
-                raise SourceError(
+                raise DataError(
                     f"{path} row {number}: {len(row)} cells where the header has {len(header)} "
                     f"({', '.join(header)})",
                     hint='put a cell that holds a comma in double quotes ("Paris, of course"), as '
@@ -180,7 +175,7 @@ def _load_saved(folder: Path) -> Any:
     try:
         saved = datasets.load_from_disk(str(folder))
     except Exception as exc:  # noqa: BLE001
-        raise SourceError(
+        raise DataError(
             f"{folder} cannot be read as a saved dataset: {_first_line(exc)}",
             hint="save it again with save_to_disk, or export it to .jsonl",
         ) from None
@@ -194,7 +189,7 @@ def _train_split(dataset: Any, where: str) -> Any:
     splits = list(dataset.keys())
     if TRAIN_SPLIT in splits or len(splits) == 1:
         return dataset[TRAIN_SPLIT if TRAIN_SPLIT in splits else splits[0]]
-    raise SourceError(
+    raise DataError(
         f"{where} has no '{TRAIN_SPLIT}' split (it has {', '.join(splits)})",
         hint=f"save the split to train on as '{TRAIN_SPLIT}', or save that split alone",
     )
@@ -211,7 +206,7 @@ def _load_cached_hub_id(repo_id: str) -> tuple[Any, str]:
         return datasets.load_dataset(repo_id, split=TRAIN_SPLIT, cache_dir=str(cache)), repo_id
     except Exception:  # noqa: BLE001 - any failure here means "not in the local cache"
         pass
-    raise SourceError(
+    raise DataError(
         f"dataset {repo_id!r} is not a file or folder here, and as a hub id it is not in the local "
         "Hugging Face or ModelScope cache; TuneBench downloads nothing",
         hint=f"fetch it where there is network: {fetch_commands(repo_id)}; "
@@ -251,7 +246,7 @@ def _load_folder(folder: Path, repo_id: str) -> Any:
         files = {}
     split = files.get(TRAIN_SPLIT) or (next(iter(files.values())) if len(files) == 1 else None)
     if not split:
-        raise SourceError(
+        raise DataError(
             f"{repo_id}: the cached copy in {folder} holds no data files for a '{TRAIN_SPLIT}' split",
             hint=f"name one of its files as --dataset, or fetch it again: {fetch_commands(repo_id)}",
         )
@@ -259,7 +254,7 @@ def _load_folder(folder: Path, repo_id: str) -> Any:
     builders = {_builder(p) for p in paths}
     if len(builders) != 1 or None in builders:
         types = ", ".join(sorted({p.suffix or p.name for p in paths}))
-        raise SourceError(
+        raise DataError(
             f"{repo_id}: the cached copy in {folder} holds files of several or unknown types ({types})",
             hint="name one of its files as --dataset",
         )

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import TrainConfig
-from .data import DataError, RecordProblem, Sample, fill_placeholders
-from .errors import raise_if_cancelled
+from .data import RecordProblem, Sample, fill_placeholders
+from .errors import DataError, raise_if_cancelled
 from .record_formats import InvalidRecord, Message, normalise_record, record_tools
 from .templates import DEFAULT_TEMPLATE, TEMPLATES, get_template
 from .tool_calls import call_names, tool_names

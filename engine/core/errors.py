@@ -5,7 +5,10 @@ The CLI prints them without a traceback; the engine server turns them into Engin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
+
+_SHOWN_PROBLEMS = 10
 
 
 class UserError(Exception):
@@ -30,6 +33,24 @@ class ModelError(UserError):
 
 class DataUserError(UserError):
     code = "data"
+
+
+class DataError(DataUserError, ValueError):
+    """The whole load failed (no file, unreadable file, no valid sample); `problems` (engine/core/data.py's
+    RecordProblems) says where, the first few of them shown."""
+
+    def __init__(self, message: str, problems: Sequence[Any] = (), hint: str = ""):
+        self.problems = list(problems)
+        super().__init__(message, hint)
+
+    def __str__(self) -> str:
+        lines = [self.message]
+        lines += [f"  {p}" for p in self.problems[:_SHOWN_PROBLEMS]]
+        if len(self.problems) > _SHOWN_PROBLEMS:
+            lines.append(f"  ... and {len(self.problems) - _SHOWN_PROBLEMS} more")
+        if self.hint:
+            lines.append(f"  hint: {self.hint}")
+        return "\n".join(lines)
 
 
 class Cancelled(Exception):

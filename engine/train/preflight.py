@@ -23,7 +23,8 @@ def preflight(cfg: TrainConfig, cancel: Any = None) -> int | None:
     plan whose peak cannot fit in the free RAM; on a GPU, a --max_memory that no plan fits. Once
     `cancel` (a threading.Event) is set, core.errors.Cancelled stops the reading and tokenising.
     """
-    from ..core.data import DataError, load_dataset, split_eval
+    from ..core.data import load_dataset, split_eval
+    from ..core.errors import DataError
     from ..core.model_files import DEMO_NAME, cached_model_dir, demo_gguf_path
     from ..core.templates import get_template
     from ..models.loading import check_qlora_possible, linear_module_names_of, resolve_model

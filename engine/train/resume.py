@@ -154,7 +154,8 @@ def _check_recorded_data(flag: str, specs: list[str], run_root: Path, record: di
     """Runs made before the data was recorded as absolute paths (and the folder they started in)
     hold it as typed: from another folder the file is not found. UserError naming the file and
     the folder to run the resume from."""
-    from ..core.data import DataError, parse_dataset_spec
+    from ..core.data import parse_dataset_spec
+    from ..core.errors import DataError
     from ..core.model_files import looks_like_hub_id
 
     for spec in specs:
@@ -327,7 +328,8 @@ def read_run_config(run: RunPaths) -> dict[str, Any]:
 def dataset_hashes(cfg: TrainConfig) -> dict[str, str]:
     """sha256 of each dataset file the config trains on, by the file's absolute path: what a
     resume compares to tell that the data changed under the run."""
-    from ..core.data import DataError, parse_dataset_spec
+    from ..core.data import parse_dataset_spec
+    from ..core.errors import DataError
 
     hashes = {}
     for spec in (*cfg.dataset, *cfg.val_dataset):

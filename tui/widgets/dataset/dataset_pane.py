@@ -23,7 +23,8 @@ from textual.message import Message
 from textual.widget import Widget
 from textual.widgets import Input, Label, TextArea
 from textual.worker import get_current_worker
-from tunebench.engine.core.data import DataError, DatasetSpec, parse_dataset_spec
+from tunebench.engine.core.data import DatasetSpec, parse_dataset_spec
+from tunebench.engine.core.errors import DataError
 from tunebench.tui.debounce import Debouncer
 from tunebench.tui.paths import short_path
 from tunebench.tui.screens.confirm import Choice
