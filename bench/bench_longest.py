@@ -57,6 +57,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     search.add_argument(
         "--search-seconds", type=float, default=240, help="a stack's search time after its load"
     )
+    search.add_argument(
+        "--static-shapes",
+        action="store_true",
+        help="TuneBench's layers compiled for each length tried, not once for any length",
+    )
 
 
 def search_longest(
@@ -140,9 +145,14 @@ class TuneBenchSteps:
     def __init__(self, args, longest: int):
         import_engine()
         self.vocab = SIZES[args.size]["vocab_size"]
-        # two lengths: the path compiles its layers for any forward size from the start
+        # two lengths: the path compiles its layers for any forward size from the start; one
+        # (--static-shapes): compiled again for each length tried, as a run of one length is
         self.spare = long_sample(32, self.vocab)
-        install_synthetic_data([long_sample(16, self.vocab), self.spare])
+        if args.static_shapes:  # dynamo would otherwise make the token dims dynamic at the second length
+            import torch._dynamo
+
+            torch._dynamo.config.automatic_dynamic_shapes = False
+        install_synthetic_data(([] if args.static_shapes else [long_sample(16, self.vocab)]) + [self.spare])
         from tunebench.engine.core import protocol as P
         from tunebench.engine.train import recipe
 
@@ -354,6 +364,7 @@ def search_parent(args, model_dir: Path) -> None:
             cmd += ["--method", method, "--model-dir", str(model_dir), "--result", str(part)]
             cmd += ["--budget-gib", f"{budget:g}", "--start", str(args.start), "--cap", str(args.cap)]
             cmd += ["--resolution", str(args.resolution), "--search-seconds", str(args.search_seconds)]
+            cmd += ["--static-shapes"] if args.static_shapes else []
             print(f"\n=== longest sample: {args.size} {stack} {method} within {budget:g} GiB", flush=True)
             t = time.perf_counter()
             try:
