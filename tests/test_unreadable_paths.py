@@ -176,3 +176,38 @@ def test_an_output_dir_that_cannot_be_written_is_refused_before_the_model_loads(
     assert f"--output_dir: {said}" in err, err
     assert f"ls -ld {shared}" in err and "choose another --output_dir" in err and "Traceback" not in err
     assert "ModelLoaded" not in out and not list(shared.iterdir())  # before the load, nothing made
+
+
+@pytest.mark.parametrize("locked_part", ["run", "checkpoints"])
+def test_a_resume_into_a_run_folder_that_cannot_be_written_is_refused_before_the_model_loads(
+    locked_part, tiny_model_dir, tmp_path, monkeypatch, capfd
+):
+    """A resume writes into its run's own folder (its checkpoints, log and adapter), whatever
+    --output_dir says: a run folder, or its checkpoints folder, that refuses files is said at once.
+    As root, making a file there is made to refuse as the kernel would."""
+    import tempfile
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(
+        "".join(json.dumps({"instruction": f"hi {i}", "output": "hello"}) + "\n" for i in range(4))
+    )
+    args = ["--model", str(tiny_model_dir), "--dataset", str(data), "--output_dir", str(tmp_path / "runs")]
+    assert main(["train", "--probe_after", "false", *args, "--run_name", "r", "--max_steps", "2"]) == 0
+    run = tmp_path / "runs" / "r"
+    locked = run if locked_part == "run" else run / "checkpoints"
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp(*a, dir=None, **kwargs):
+        if dir is not None and Path(dir).absolute() == locked:
+            raise PermissionError(errno.EACCES, "Permission denied", str(Path(dir) / "x"))
+        return real_mkstemp(*a, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    capfd.readouterr()
+    assert main(["train", "--resume_from_checkpoint", str(run), "--max_steps", "4", "--json"]) == 2
+    out, err = capfd.readouterr()
+    assert f"--resume_from_checkpoint: cannot write into {locked}: permission denied" in err, err
+    assert f"ls -ld {locked}" in err and "Traceback" not in err
+    assert "ModelLoaded" not in out
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before  # the run as it was
