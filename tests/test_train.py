@@ -314,14 +314,27 @@ def test_schedule_warms_up_then_decays():
     assert linear(5) == pytest.approx(0.5)
 
 
-def test_a_step_trains_in_training_mode_whoever_calls_it(tiny_model_dir, identity_file, tmp_path):
-    """The longest-sample bench ran the recipe's step on a model left in eval mode: no layer
-    recomputed and every activation was kept (a 7B QLoRA needed ~20 GiB more). The step itself
-    now puts the model in training mode."""
+@pytest.mark.parametrize("before", ["as set up", "after an evaluation"])
+def test_a_step_trains_in_training_mode_whoever_calls_it(before, tiny_model_dir, identity_file, tmp_path):
+    """The longest-sample bench runs the recipe's step without the train loop. Its decoder layers
+    ran in eval mode, so none recomputed and every activation and dequantised weight was kept (a
+    7B QLoRA needed ~16 GiB more): from_pretrained leaves the model in eval mode, and the PeftModel
+    around it starts in training mode, so asking the top module was not enough. Every module of
+    the model trains in every step."""
     from tunebench.engine.train import recipe
 
     cfg = make_cfg(tiny_model_dir, identity_file, tmp_path, gradient_checkpointing=True, lora_dropout=0.0)
     setup = recipe._setup(cfg, lambda event: None, recipe.StopSignal(), recipe.Ranks(), None)
-    setup.model.eval()
-    assert recipe._train_step(cfg, setup, recipe._Progress(step=0), recipe.StopSignal())
-    assert setup.model.training
+    if before == "after an evaluation":
+        setup.model.eval()
+    modes = []
+    hooks = [
+        module.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+        for module in setup.model.modules()
+    ]
+    try:
+        assert recipe._train_step(cfg, setup, recipe._Progress(step=0), recipe.StopSignal())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert modes and all(modes), f"{modes.count(False)} of {len(modes)} module calls in eval mode"

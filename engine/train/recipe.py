@@ -528,10 +528,10 @@ def _train_step(cfg: TrainConfig, s: _Setup, progress: _Progress, stop: StopSign
     """One optimizer step over the plan's next micro-batches; False if an abort cut it short."""
     import torch
 
-    # In eval mode a step would recompute no layer and keep every activation (the longest-sample
-    # bench, which runs steps without the loop, needed ~20 GiB more for a 7B QLoRA that way).
-    if not s.model.training:  # after an evaluation, or a caller of this step alone
-        s.model.train()
+    # In eval mode a step would recompute no layer and keep every activation and dequantised
+    # weight (a 7B QLoRA needed ~16 GiB more). Set every step, whatever the top module says:
+    # PeftModel starts in training mode around a model that from_pretrained left in eval mode.
+    s.model.train()
     step = s.plan[progress.step]
     mine = s.ranks.share(step)
     # The step's last backward reduces the gradients over the ranks (DDP's all-reduce, FSDP2's
