@@ -84,6 +84,17 @@ def test_the_last_chance_handler_tells_a_read_from_a_write(locked, tmp_path):
     assert "free on" in access_failure(full).message  # the space left still explains a full disk
 
 
+def two_step_run(model: Path, tmp_path: Path) -> Path:
+    """A finished run of two steps (a checkpoint at step 2) on four samples; its folder."""
+    data = tmp_path / "d.jsonl"
+    data.write_text(
+        "".join(json.dumps({"instruction": f"hi {i}", "output": "hello"}) + "\n" for i in range(4))
+    )
+    args = ["--model", str(model), "--dataset", str(data), "--output_dir", str(tmp_path / "runs")]
+    assert main(["train", "--probe_after", "false", *args, "--run_name", "r", "--max_steps", "2"]) == 0
+    return tmp_path / "runs" / "r"
+
+
 @pytest.mark.parametrize("name", ["adapter_model.safetensors", "trainer_state.pt"])
 def test_a_checkpoint_file_that_cannot_be_read_is_a_permission_problem_not_damage(
     name, tiny_model_dir, tmp_path, monkeypatch, capfd
@@ -95,13 +106,7 @@ def test_a_checkpoint_file_that_cannot_be_read_is_a_permission_problem_not_damag
     import builtins
     import io
 
-    data = tmp_path / "d.jsonl"
-    data.write_text(
-        "".join(json.dumps({"instruction": f"hi {i}", "output": "hello"}) + "\n" for i in range(4))
-    )
-    args = ["--model", str(tiny_model_dir), "--dataset", str(data), "--output_dir", str(tmp_path / "runs")]
-    assert main(["train", "--probe_after", "false", *args, "--run_name", "r", "--max_steps", "2"]) == 0
-    run = tmp_path / "runs" / "r"
+    run = two_step_run(tiny_model_dir, tmp_path)
     locked = run / "checkpoints" / "step-2" / name
     real_open, real_access = builtins.open, os.access
 
@@ -148,25 +153,31 @@ def test_a_checkpoint_file_refused_while_loading_is_a_permission_problem(tmp_pat
     )
 
 
+def refuse_files_in(folder: Path, monkeypatch) -> None:
+    """Making a file in `folder` fails as the kernel fails it for a folder of another user's mode
+    0755 (chmod keeps no root process out)."""
+    import tempfile
+
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir).absolute() == folder:
+            raise PermissionError(errno.EACCES, "Permission denied", str(Path(dir) / "x"))
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+
+
 @pytest.mark.parametrize("exists", [True, False], ids=["folder", "new-folder"])
 def test_an_output_dir_that_cannot_be_written_is_refused_before_the_model_loads(
     exists, tiny_model_dir, tmp_path, monkeypatch, capfd
 ):
     """An --output_dir this process may enter but not write into was found only once the model and
     the data had loaded. As root, making a file there is made to refuse as the kernel would."""
-    import tempfile
-
     shared = tmp_path / "shared"
     shared.mkdir()
     output = shared if exists else shared / "runs"
-    real_mkstemp = tempfile.mkstemp
-
-    def mkstemp(*args, dir=None, **kwargs):
-        if dir is not None and Path(dir).absolute() == shared:
-            raise PermissionError(errno.EACCES, "Permission denied", str(Path(dir) / "x"))
-        return real_mkstemp(*args, dir=dir, **kwargs)
-
-    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    refuse_files_in(shared, monkeypatch)
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"instruction": "hi", "output": "hello"}) + "\n")
     args = ["train", "--model", str(tiny_model_dir), "--dataset", str(data), "--output_dir", str(output)]
@@ -185,24 +196,9 @@ def test_a_resume_into_a_run_folder_that_cannot_be_written_is_refused_before_the
     """A resume writes into its run's own folder (its checkpoints, log and adapter), whatever
     --output_dir says: a run folder, or its checkpoints folder, that refuses files is said at once.
     As root, making a file there is made to refuse as the kernel would."""
-    import tempfile
-
-    data = tmp_path / "d.jsonl"
-    data.write_text(
-        "".join(json.dumps({"instruction": f"hi {i}", "output": "hello"}) + "\n" for i in range(4))
-    )
-    args = ["--model", str(tiny_model_dir), "--dataset", str(data), "--output_dir", str(tmp_path / "runs")]
-    assert main(["train", "--probe_after", "false", *args, "--run_name", "r", "--max_steps", "2"]) == 0
-    run = tmp_path / "runs" / "r"
+    run = two_step_run(tiny_model_dir, tmp_path)
     locked = run if locked_part == "run" else run / "checkpoints"
-    real_mkstemp = tempfile.mkstemp
-
-    def mkstemp(*a, dir=None, **kwargs):
-        if dir is not None and Path(dir).absolute() == locked:
-            raise PermissionError(errno.EACCES, "Permission denied", str(Path(dir) / "x"))
-        return real_mkstemp(*a, dir=dir, **kwargs)
-
-    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    refuse_files_in(locked, monkeypatch)
     before = sorted(p.relative_to(run) for p in run.rglob("*"))
     capfd.readouterr()
     assert main(["train", "--resume_from_checkpoint", str(run), "--max_steps", "4", "--json"]) == 2
