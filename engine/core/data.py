@@ -35,7 +35,7 @@ from .record_formats import (
     record_tools,
 )
 
-EXTENSIONS = data_sources.JSON_EXTENSIONS  # read here; every other source through data_sources
+EXTENSIONS = data_sources.JSON_EXTENSIONS  # json_records reads these; data_sources the rest
 
 _PLACEHOLDER = re.compile(r"\{\{\s*(name|author)\s*\}\}", re.IGNORECASE)
 # CJK Unified Ideographs, Extension A and the compatibility block: enough to tell Chinese text.
@@ -147,8 +147,9 @@ def _dataset_path(text: str, root: str | Path | None) -> Path:
 def read_records(path: Path, cancel: Any = None) -> tuple[list[Sample], list[RecordProblem]]:
     """Read one dataset; bad records come back as problems, a bad source raises DataError.
 
-    A .json / .jsonl file is read here, so a problem names its line; anything else (other file
-    types, save_to_disk folders, cached hub ids) through engine/core/data_sources.py.
+    A .json / .jsonl file is read by engine/core/json_records.py, so a problem names its line;
+    anything else (other file types, save_to_disk folders, cached hub ids) through
+    engine/core/data_sources.py.
     Placeholders are left as they are here; load_dataset fills them. Once `cancel` (a
     threading.Event) is set, errors.Cancelled stops the reading between records.
     """

@@ -36,8 +36,8 @@ class DataUserError(UserError):
 
 
 class DataError(DataUserError, ValueError):
-    """The whole load failed (no file, unreadable file, no valid sample); `problems` (engine/core/data.py's
-    RecordProblems) says where, the first few of them shown."""
+    """The whole load of a dataset failed (no file, unreadable file, no valid sample); `problems`
+    (engine/core/data.py's RecordProblems) say where, the first few of them shown."""
 
     def __init__(self, message: str, problems: Sequence[Any] = (), hint: str = ""):
         self.problems = list(problems)
