@@ -249,6 +249,34 @@ def test_cancel_stops_within_one_decode_step(session, runs, monkeypatch):
     assert all(r["tokens"] < 200 for r in result.values())
 
 
+@pytest.mark.parametrize("decode", ["dynamic", "static"])
+def test_cancel_during_the_prefill_stops_at_the_next_layer(tiny_model_dir, runs, session, decode):
+    """A long prompt's prefill takes many seconds on a CPU: Escape must not wait for all of it."""
+    from tunebench.engine.infer.generate import GenerationSession
+    from tunebench.engine.models.blocks import decoder_layers
+
+    chat = GenerationSession(str(tiny_model_dir), torch_dtype="float32", decode=decode)
+    targets = ["base", str(runs["plain"])]
+    expected = answers(chat.generate(QUESTION, targets, greedy(24)))
+    layers = decoder_layers(chat.loaded.model)
+    assert len(layers) == chat.loaded.model.config.num_hidden_layers > 1
+    cancel = threading.Event()
+    ran: list[int] = []
+    hooks = [
+        layer.register_forward_hook(lambda *_, i=i: ran.append(i) or cancel.set())
+        for i, layer in enumerate(layers)
+    ]
+    try:
+        result = chat.generate(QUESTION, targets, greedy(24), cancel=cancel)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert ran == [0], "the cancel came during the first layer: no later layer may run"
+    assert {(r["finish_reason"], r["tokens"]) for r in result.values()} == {("cancelled", 0)}
+    # Nothing half-done is kept: the next request answers as before.
+    assert answers(chat.generate(QUESTION, targets, greedy(24))) == expected
+
+
 def test_seeded_sampling_is_repeatable_and_batch_independent(session, runs):
     cfg = greedy(16, temperature=0.9, top_p=0.9, top_k=40, repetition_penalty=1.3, seed=7)
     targets = ["base", str(runs["plain"])]

@@ -83,6 +83,7 @@ from ..core.plans import (
     techniques_for,
 )
 from ..core.plans import techniques as techniques
+from ..models.blocks import decoder_layers
 from ..models.kernels import patch_liger
 from ..train.types import Batch, TrainPath
 from .compiling import (
@@ -394,12 +395,7 @@ class FastPath:
             if n:
                 self.applied.append(f"LoRA layers x{n}")
         self._restore_dtype(causal)
-        try:
-            from transformers.modeling_layers import GradientCheckpointingLayer
-
-            layers = [mod for mod in decoder.modules() if isinstance(mod, GradientCheckpointingLayer)]
-        except ImportError:
-            layers = []
+        layers = decoder_layers(causal)
         if layers:
             own_recompute(layers, self.cfg.gradient_checkpointing)
             if hasattr(causal, "_require_grads_hook") or getattr(causal, "_require_grads_hooks", None):

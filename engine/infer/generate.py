@@ -29,7 +29,8 @@ from ..core.config import GenerationConfig
 from ..core.context import context_length, prompt_overflow
 from ..core.errors import UserError
 from ..core.targets import ADAPTER_WEIGHTS, Target, check_trained_on, resolve_target
-from .decode_steps import ATTENTION_WINDOW
+from ..models.blocks import decoder_layers
+from .decode_steps import ATTENTION_WINDOW, PrefillStopped, stoppable
 from .lora_decode import PEFT_BASE
 from .lora_decode import FusedLora as _FusedLora
 from .prompts import IncrementalDetokenizer, encode_prompt, stop_token_ids
@@ -100,6 +101,7 @@ class GenerationSession:
             decode = "graphs" if loaded.device.type == "cuda" else "dynamic"
         self.decode_mode = decode
         self.tokenizer = self.loaded.tokenizer
+        self._layers = decoder_layers(loaded.model)  # where a prefill checks for a cancel
         self.context_length = context_length(loaded.model.config.to_dict())  # 0: not known
         self.stop_ids = stop_token_ids(self.tokenizer, self.loaded.model)
         self.peft: Any = None  # the PeftModel, once the first adapter is loaded
@@ -340,10 +342,13 @@ class GenerationSession:
             try:
                 names = tuple(r.adapter for r in rows)
                 steps = None if cancelled_early else self._steps(mode, ids, mask, cfg, fused, names)
-                logits = steps.prefill() if steps is not None else None
-            except BaseException:
+                with stoppable(self._layers, cancel):
+                    logits = steps.prefill() if steps is not None else None
+            except BaseException as exc:
                 self._decoder = None  # half-written: the next request starts a fresh one
-                raise
+                if not isinstance(exc, PrefillStopped):
+                    raise
+                logits = None
             # Pipelined (CUDA graphs): step n+1 is launched before step n's tokens are read back,
             # so the GPU never idles while Python detokenises and streams. Only the token copy is
             # waited for. A row that ends at step n gets its stop token instead of padding for

@@ -42,6 +42,7 @@ from ..core.config import ConfigError
 from ..core.errors import UserError
 from ..core.launch import Launch, is_worker
 from ..core.workspace import list_checkpoints
+from ..models.blocks import decoder_layers
 
 # Where rank 0 tells the launcher its run folder and how the run ended (a JSON file).
 RUN_NOTE_ENV = "TUNEBENCH_RUN_NOTE"
@@ -356,7 +357,7 @@ def shard_model(model: Any, stage: str) -> str:
     from torch.distributed.fsdp import fully_shard
 
     keep = stage == "zero2"
-    units = _decoder_layers(model)
+    units = decoder_layers(model)
     for layer in units:
         fully_shard(layer, reshard_after_forward=not keep)
     fully_shard(model, reshard_after_forward=not keep)
@@ -366,12 +367,6 @@ def shard_model(model: Any, stage: str) -> str:
         f"base and adapter weights, gradients and optimizer state are sharded, {len(units)} "
         f"decoder layers one unit each; weights are {held}"
     )
-
-
-def _decoder_layers(model: Any) -> list[Any]:
-    """The model's repeated blocks, by the class names transformers never splits across devices."""
-    names = set(getattr(model.get_base_model(), "_no_split_modules", None) or [])
-    return [m for m in model.modules() if type(m).__name__ in names]
 
 
 def is_sharded(param: Any) -> bool:
