@@ -24,11 +24,12 @@ UI_LIBRARIES = ("textual", "rich")
 
 # The engine's wings, each with the wings it may import (its own always). Imports point down,
 # cli -> process / deploy -> train / infer -> cuda / models -> core, except that cuda builds on the two
-# train modules below the recipe, and on the models' fused kernels (the decode uses them too).
+# train modules below the recipe, on the models' fused kernels (the decode uses them too) and on
+# the one place that finds a model's decoder layers.
 MAY_IMPORT = {
     "core": set(),
     "models": {"core"},
-    "cuda": {"core", "train.types", "train.plain", "models.kernels"},  # never the recipe
+    "cuda": {"core", "train.types", "train.plain", "models.kernels", "models.blocks"},  # never the recipe
     "train": {"core", "models", "cuda"},
     "infer": {"core", "models"},
     "process": {"core", "models", "train", "infer"},
