@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import signal
 import socket
 import threading
 import time
@@ -147,6 +148,12 @@ class Deployment:
         batcher = self.batcher
 
         class Server(uvicorn.Server):
+            interrupted = False
+
+            def handle_exit(self, sig: int, frame: Any) -> None:
+                self.interrupted = self.interrupted or sig == signal.SIGINT
+                super().handle_exit(sig, frame)
+
             async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
                 # Stop the batcher first: every open answer gets its end (a stream an error chunk
                 # and [DONE], a whole answer a 503), so the connections close by themselves
@@ -161,7 +168,12 @@ class Deployment:
     def serve(self, sock: socket.socket) -> None:
         """Serve in this thread until Ctrl-C / SIGTERM. uvicorn shuts down cleanly, then raises
         the signal again: KeyboardInterrupt after Ctrl-C, for the caller's exit status."""
-        self._make_server("info").run(sockets=[sock])
+        server = self._make_server("info")
+        server.run(sockets=[sock])
+        if server.interrupted:
+            # uvicorn's raise went to the handler it found, which ignores SIGINT in a job that a
+            # non-interactive shell started with `&`; Ctrl-C still stopped the server.
+            raise KeyboardInterrupt
 
     def start_in_thread(self, sock: socket.socket) -> str:
         """Serve from a background thread (tests, benchmarks); returns the base URL once it answers."""
