@@ -36,9 +36,15 @@ def run_once() -> dict:
         sys.exit(f"tunebench demo failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     loaded = re.search(r"demo model loaded in ([\d.]+)s", proc.stdout)
     after = re.search(r"Who are you\?\n\s+before:.*\n\s+after:\s*(.*)", proc.stdout)
+    # Which part a slow run spent its time in: the training's steps, or the answers around it.
+    steps = re.search(r"to the first step ([\d.]+)s, later steps ([\d.]+)s", proc.stdout)
+    speed = re.findall(r"(\d+) tok/s", proc.stdout)
     return {
         "wall_s": round(wall, 1),
         "model_load_s": float(loaded.group(1)) if loaded else None,
+        "first_step_s": float(steps.group(1)) if steps else None,
+        "later_steps_s": float(steps.group(2)) if steps else None,
+        "train_tokens_per_s": int(speed[-1]) if speed else None,
         "learnt_identity": bool(after and "TuneBee" in after.group(1)),
         "load_average_before": round(load_before, 2),
         "load_average_after": round(os.getloadavg()[0], 2),
