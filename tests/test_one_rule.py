@@ -18,10 +18,10 @@ from tunebench.engine.core.memory_model import FAST_MAX_TOKENS, GIB, lora_parame
 from tunebench.engine.core.targets import ADAPTER_CONFIG, ADAPTER_FILES, BASE, adapters_base, resolve_target
 from tunebench.engine.core.workspace import CHECKPOINT_STATE_FILE, Workspace, list_checkpoints, read_run
 from tunebench.engine.process.jobs import Jobs
-from tunebench.tui.app import first_dataset
 from tunebench.tui.widgets.chat.column_choices import ColumnChoice, columns_problem, discover_columns
 from tunebench.tui.widgets.dataset.light_tokenizer import tokenizer_folder
 from tunebench.tui.widgets.params.settings_store import TrainSettings
+from tunebench.tui.workspace_setup import first_dataset
 
 
 @pytest.fixture

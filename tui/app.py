@@ -8,7 +8,6 @@ engine is a separate process, reached through EngineClient over the workspace's 
 from __future__ import annotations
 
 import functools
-import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -20,12 +19,11 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import Footer, TabbedContent, TabPane
 from textual.worker import Worker, WorkerState
 from tunebench.engine.core import protocol as P
-from tunebench.engine.core.config import changed_fields, to_dict
-from tunebench.engine.core.data import parse_dataset_spec
-from tunebench.engine.core.data_sources import JSON_EXTENSIONS
-from tunebench.engine.core.errors import DataError
+from tunebench.engine.core.config import to_dict
+from tunebench.engine.core.errors import UserError
 from tunebench.engine.core.plans import default_budget_gib
-from tunebench.engine.core.workspace import ENGINE_IDLE_EXIT_S, Workspace
+from tunebench.engine.core.probes import default_probes, read_probes
+from tunebench.engine.core.workspace import ENGINE_IDLE_EXIT_S
 from tunebench.engine.process.client import probe_socket
 
 from .debounce import Debouncer
@@ -41,10 +39,10 @@ from .widgets.chat.column_choices import BASE, ColumnChoice, column_label, defau
 from .widgets.dataset.dataset_pane import DatasetPane
 from .widgets.gpu.gpu_pane import GpuPane
 from .widgets.params.params_pane import ParamsPane
-from .widgets.params.settings_store import TrainSettings
 from .widgets.status.status_bar import StatusBar
 from .widgets.train.checkpoint_list import CheckpointList
 from .widgets.train.train_pane import TrainPane
+from .workspace_setup import prepare_workspace
 
 PANES = (
     ("dataset", "Dataset", DatasetPane),
@@ -72,53 +70,6 @@ GLOBAL_HELP_KEYS = (
 )
 # Errors that end a training run: shown in a modal, since the person must act on them.
 RUN_FAILURES = {"oom", "data", "config", "model", "user", "internal"}
-
-
-def sample_data_dir() -> Path | None:
-    """sample_data/ of the checkout (the package is installed editable), if it is there."""
-    folder = Path(__file__).resolve().parent.parent / "sample_data"
-    return folder if (folder / "self_cognition.jsonl").is_file() else None
-
-
-def prepare_workspace(root: Path, model: str | None) -> tuple[Workspace, TrainSettings, Path]:
-    """Create the workspace folders and load the form; a fresh workspace gets the demo set-up
-    (the sample datasets and the demo's identity fine-tune), so the first screen can train."""
-    ws = Workspace(root).ensure()
-    settings = TrainSettings(ws)
-    fresh = not settings.load()
-    samples = sample_data_dir()
-    if samples is not None and not any(ws.datasets_dir.glob("*.json*")):
-        for name in ("self_cognition.jsonl", "general.jsonl"):
-            if (samples / name).is_file():
-                shutil.copy2(samples / name, ws.datasets_dir / name)
-    if fresh:
-        from tunebench.engine.core.demo_config import demo_config
-
-        try:
-            demo = changed_fields(demo_config(output_dir="runs"))
-        except Exception:  # noqa: BLE001 - no sample data: start from the plain defaults
-            demo = {}
-        demo["dataset"] = ["datasets/self_cognition.jsonl"]
-        settings.update(demo)
-    if model:
-        settings.update({"model": model})
-    if fresh or model:
-        settings.save()
-    return ws, settings, first_dataset(ws, settings)
-
-
-def first_dataset(ws: Workspace, settings: TrainSettings) -> Path:
-    """The file the Dataset pane opens: the first JSON file the form trains on (the pane edits JSON
-    lines; a .csv, .parquet, folder or hub id trains but is not opened), else one in datasets/."""
-    for spec in settings.config.dataset:
-        try:
-            path = parse_dataset_spec(spec, ws.root).path
-        except DataError:
-            continue
-        if path.is_file() and path.suffix.lower() in JSON_EXTENSIONS:
-            return path
-    existing = sorted(ws.datasets_dir.glob("*.jsonl"))
-    return existing[0] if existing else ws.datasets_dir / "train.jsonl"
 
 
 def _while_running(handler: Callable[[TuneBenchApp, Any], None]) -> Callable[[TuneBenchApp, Any], None]:
@@ -494,11 +445,21 @@ class TuneBenchApp(App[int]):
         self.push_screen(TargetsPicker(available, self.chat_pane.targets), chosen)
 
     def probe_questions(self) -> list[str]:
-        for folder in (self.workspace, sample_data_dir()):
-            if folder is not None and (folder / "probes.txt").is_file():
-                lines = (folder / "probes.txt").read_text(encoding="utf-8").splitlines()
-                return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-        return []
+        """The probe set `tunebench probe` reads for this workspace; [] when there is none or it
+        cannot be read, which a notice says."""
+        try:
+            path = default_probes((self.workspace,))
+        except UserError:
+            self.notify(
+                f"no probe set: write questions, one a line, in {self.workspace / 'probes.txt'}",
+                severity="warning",
+            )
+            return []
+        try:
+            return read_probes(path)
+        except UserError as exc:
+            self.notify(str(exc), severity="warning")
+            return []
 
     # ------------------------------------------------------------ settings flow
 

@@ -1,5 +1,5 @@
 """The demo's settings: the identity fine-tune of the built-in demo model, tuned to learn its new
-name in a few minutes on a CPU. `tunebench demo` runs it; a fresh TUI workspace starts its form
+name in a minute on a CPU. `tunebench demo` runs it; a fresh TUI workspace starts its form
 from it, so it is torch-free."""
 
 from __future__ import annotations
@@ -9,13 +9,14 @@ from typing import Any
 
 from .config import TrainConfig
 from .errors import UserError
+from .sample_data import find_sample_data
 
 
 def sample_data_dir() -> Path:
-    """sample_data/ of the source checkout (installs are editable), else ./sample_data."""
-    for candidate in (Path(__file__).resolve().parents[2] / "sample_data", Path.cwd() / "sample_data"):
-        if (candidate / "self_cognition.jsonl").is_file():
-            return candidate
+    """find_sample_data(), or a UserError that says where it is looked for."""
+    found = find_sample_data()
+    if found is not None:
+        return found
     raise UserError(
         "sample_data/self_cognition.jsonl not found", "run from the TuneBench checkout, or pass --dataset"
     )

@@ -6,16 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import UserError
+from .sample_data import find_sample_data
 
 
 def default_probes(workspaces: tuple[Path, ...] = ()) -> Path:
     """The probes.txt of a workspace (the run's, then the current folder), as the TUI uses it, else
     sample_data/probes.txt of the source checkout (installs are editable) or of ./sample_data."""
-    here = Path.cwd()
-    candidates = [w / "probes.txt" for w in (*workspaces, here)] + [
-        root / "sample_data" / "probes.txt" for root in (Path(__file__).resolve().parents[2], here)
-    ]
-    for candidate in candidates:
+    samples = find_sample_data()
+    candidates = [w / "probes.txt" for w in (*workspaces, Path.cwd())]
+    for candidate in [*candidates, *([samples / "probes.txt"] if samples else [])]:
         if candidate.is_file():
             return candidate
     raise UserError("sample_data/probes.txt not found", "pass a file of questions with --probes FILE")

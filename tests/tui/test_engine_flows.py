@@ -134,6 +134,21 @@ async def test_probe_set_runs_on_every_column(workspace, fake_engine):
         assert not any(turn.pending for turn in column.turns)
 
 
+async def test_a_probe_set_without_questions_says_so_and_asks_nothing(workspace, fake_engine):
+    """The TUI reads probes.txt as `tunebench probe` does: one with only comments is an error to
+    fix, named in a notice, not an empty run or a silent key."""
+    (workspace / "probes.txt").write_text("# questions go here\n\n")
+    notices: list = []
+    app = TuneBenchApp(workspace, starter=no_start)
+    async with app.run_test(size=(100, 32)) as pilot:
+        await wait_until(pilot, lambda: app.client.connected and app.snapshot)
+        app.notify = lambda message, **kw: notices.append(str(message))
+        await pilot.press("5", "ctrl+r")
+        await pilot.pause()
+        assert not app.query_one(ChatPane).exchanges and not fake_engine.of_type("Generate")
+        assert any("probes.txt holds no questions" in n for n in notices), notices
+
+
 async def test_gpu_pane_shows_memory_and_the_estimate(workspace):
     gpus = [{"index": 0, "name": "NVIDIA H100", "used": 20 * 2**30, "total": 80 * 2**30, "util": 55}]
     with FakeEngineThread(workspace, gpus=gpus, memory_interval=0.1):

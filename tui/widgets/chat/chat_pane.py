@@ -258,13 +258,7 @@ class ChatPane(Vertical):
         if self.generating:
             self.notify("wait for the answer to finish", severity="warning")
             return
-        probes = self.app.probe_questions()
-        if not probes:
-            self.notify(
-                "no probe set found (probes.txt in the workspace or sample_data/)", severity="warning"
-            )
-            return
-        for probe in probes:
+        for probe in self.app.probe_questions():  # none: the app said why
             self.ask(probe, probe=True)
 
     def action_save_transcript(self) -> None:
