@@ -4,7 +4,7 @@ DynamicSteps grows its KV cache token by token (the CPU path: attention reads on
 StaticDecoder preallocates the cache and keeps the attention mask itself, so a decode step reads
 nothing back to the host and can be captured as a CUDA graph; it also outlives a request, so the
 next request with the same rows and adapters replays the graphs already captured. Sampler picks
-the next token of every row on the device; `stoppable` lets a cancel end a prefill between layers.
+the next token of every row on the device.
 """
 
 from __future__ import annotations
@@ -24,32 +24,6 @@ ATTENTION_WINDOW = 256
 # The static cache is preallocated in multiples of this, so later requests of similar length
 # find it big enough and reuse it (and its captured graphs).
 CACHE_ROUNDING = 256
-
-
-class PrefillStopped(Exception):
-    """A cancel seen between two decoder layers of a prefill."""
-
-
-@contextmanager
-def stoppable(layers: list[Any], cancel: Any) -> Iterator[None]:
-    """Checks `cancel` (a threading.Event, or None) before each decoder layer, raising
-    PrefillStopped once it is set: a long prompt's prefill takes many seconds on a CPU, and a
-    cancel should not wait for all of it. Only around a prefill: the decode steps check between
-    tokens, and a captured CUDA graph replays no Python hooks."""
-    if cancel is None:
-        yield
-        return
-
-    def check(_module: Any, _args: Any) -> None:
-        if cancel.is_set():
-            raise PrefillStopped
-
-    handles = [layer.register_forward_pre_hook(check) for layer in layers]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 class DynamicSteps:

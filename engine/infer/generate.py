@@ -27,10 +27,10 @@ from typing import Any
 
 from ..core.config import GenerationConfig
 from ..core.context import context_length, prompt_overflow
-from ..core.errors import UserError
+from ..core.errors import Cancelled, UserError
 from ..core.targets import ADAPTER_WEIGHTS, Target, check_trained_on, resolve_target
-from ..models.blocks import decoder_layers
-from .decode_steps import ATTENTION_WINDOW, PrefillStopped, stoppable
+from ..models.blocks import decoder_layers, stoppable
+from .decode_steps import ATTENTION_WINDOW
 from .lora_decode import PEFT_BASE
 from .lora_decode import FusedLora as _FusedLora
 from .prompts import IncrementalDetokenizer, encode_prompt, stop_token_ids
@@ -346,7 +346,7 @@ class GenerationSession:
                     logits = steps.prefill() if steps is not None else None
             except BaseException as exc:
                 self._decoder = None  # half-written: the next request starts a fresh one
-                if not isinstance(exc, PrefillStopped):
+                if not isinstance(exc, Cancelled):  # a cancel between two layers of the prefill
                     raise
                 logits = None
             # Pipelined (CUDA graphs): step n+1 is launched before step n's tokens are read back,

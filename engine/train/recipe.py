@@ -30,6 +30,7 @@ from ..core.errors import Cancelled, UserError
 from ..core.estimate import qlora_sharding_note
 from ..core.metrics_log import MetricsLog, start_metrics, truncate_metrics
 from ..core.step_clock import StepClock, first_step_note
+from ..models.blocks import stop_before_each
 from .adapter import (
     attach_lora,
     moves_base_into_adapter,
@@ -272,7 +273,9 @@ def _setup(cfg: TrainConfig, emit: Emit, stop: StopSignal, ranks: Ranks, device:
     model = attach_lora(path.prepare_base(loaded.model), cfg, path.gradient_checkpointing)
     if loaded.device.type != "cuda" and ranks.world == 1:
         # not with several ranks: one rank leaving a step halfway would leave the others waiting
-        _abort_between_modules(model, stop)
+        # Every module, in backward as well (recomputed layers run forward again), so an abort
+        # waits for one layer at most. Not on CUDA, where a step takes seconds.
+        stop_before_each(model.modules(), lambda: stop.mode == "abort")
     if sharded:
         if resume_dir:  # into the whole weights, before each rank keeps its shard of them
             load_adapter_weights(resume_dir, model, loaded.device)
@@ -463,7 +466,7 @@ def _train_loop(
             if not _train_step(cfg, s, progress, stop):
                 progress.status = "aborted"
                 break
-        except Cancelled:  # an abort inside the step (_abort_between_modules)
+        except Cancelled:  # an abort inside the step (stop_before_each)
             s.optimizer.zero_grad(set_to_none=True)
             progress.status = "aborted"
             break
@@ -596,20 +599,6 @@ def _gradients_reduced_if(s: _Setup, last: bool) -> Any:
     if s.sharded:
         s.model.set_requires_gradient_sync(last)
     return s.ddp.no_sync() if s.ddp is not None and not last else contextlib.nullcontext()
-
-
-def _abort_between_modules(model, stop: StopSignal) -> None:
-    """Let an abort land inside a step: on a CPU one step of a large batch takes minutes. Every
-    module checks for an abort before its forward, in backward as well (recomputed layers run
-    forward again), so the abort waits for one layer at most. Not on CUDA, whose compiled layers
-    a hook would break, and where a step takes seconds."""
-
-    def check(_module, _args) -> None:
-        if stop.mode == "abort":
-            raise Cancelled()
-
-    for module in model.modules():
-        module.register_forward_pre_hook(check)
 
 
 def _step_event(s: _Setup, progress: _Progress, epoch_steps: int, started: float) -> P.TrainStep:
