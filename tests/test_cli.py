@@ -164,8 +164,10 @@ def tui_opened(monkeypatch):
 
 def answer_on_a_terminal(monkeypatch, reply: str | None) -> list[str]:
     """A terminal that answers `reply` (None: no terminal); returns the questions asked."""
+    import tunebench.engine.cli.main as cli
+
     asked: list[str] = []
-    monkeypatch.setattr(sys.stdin, "isatty", lambda: reply is not None, raising=False)
+    monkeypatch.setattr(cli, "_has_terminal", lambda: reply is not None)
     monkeypatch.setattr("builtins.input", lambda prompt="": asked.append(prompt) or reply or "")
     return asked
 
@@ -186,6 +188,42 @@ def test_a_non_empty_folder_becomes_a_workspace_only_when_the_person_says_yes(
 
     answer_on_a_terminal(monkeypatch, "y")
     assert main([str(folder)]) == 0 and tui_opened == [folder.resolve()]
+
+
+def test_without_a_terminal_the_workbench_says_so_and_creates_nothing(tmp_path, capsys):
+    """`tunebench ws < /dev/null > log` (a cron job, a pipe) drew the workbench's escape codes into
+    the log, created the folder and left its engine running."""
+    assert main([str(tmp_path / "ws")]) == 2  # pytest's stdin and stdout are no terminal
+    assert "needs a terminal" in capsys.readouterr().err
+    assert not (tmp_path / "ws").exists()
+
+
+@pytest.mark.parametrize(
+    ("typed", "ours"),
+    [
+        ("sft", "tunebench train"),
+        ("infer", "tunebench chat"),
+        ("merge-lora", "tunebench export"),
+        ("web-ui", "tunebench [WORKSPACE]"),
+    ],
+)
+def test_other_tools_command_names_point_to_ours_and_create_nothing(
+    typed, ours, tmp_path, monkeypatch, capsys
+):
+    """`tunebench sft --model ...`, from `swift sft` habit, opened a workspace named sft."""
+    monkeypatch.chdir(tmp_path)
+    assert main([typed, "--model", "demo"]) == 2
+    err = capsys.readouterr().err
+    assert f"unknown command {typed!r}" in err and f"`{ours}`" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_status_and_stop_take_help_not_a_folder_named_help(capsys):
+    for command in ("status", "stop"):
+        with pytest.raises(SystemExit) as done:
+            main([command, "--help"])
+        assert done.value.code == 0
+        assert f"usage: tunebench {command} [-h] [workspace]" in capsys.readouterr().out
 
 
 def test_new_empty_and_existing_workspaces_open_without_a_question(tmp_path, monkeypatch, tui_opened):

@@ -20,6 +20,19 @@ from ..core.errors import UserError
 from ..core.files import access_failure
 
 SUBCOMMANDS = ("train", "chat", "probe", "export", "deploy", "serve", "status", "stop", "engine", "demo")
+# What people type from ms-swift (`swift sft`) and LLaMA-Factory (`llamafactory-cli webui`) habit:
+# each would otherwise open the workbench in a new folder of that name.
+OTHER_TOOLS_COMMANDS = {
+    "sft": "train",
+    "pt": "train",
+    "infer": "chat",
+    "eval": "probe",
+    "merge-lora": "export",
+    "api": "deploy",
+    "app": "",
+    "web-ui": "",
+    "webui": "",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,6 +124,18 @@ def _refuse_misspelled_command(word: str) -> None:
     """`tunebench trian ...` would otherwise open the TUI on a new folder named "trian"."""
     if word.startswith("-") or Path(word).expanduser().exists():
         return
+    if word in OTHER_TOOLS_COMMANDS:
+        ours = OTHER_TOOLS_COMMANDS[word]
+        raise UserError(
+            f"unknown command {word!r} (ms-swift's or LLaMA-Factory's name): TuneBench's is "
+            + (f"`tunebench {ours}`" if ours else "`tunebench [WORKSPACE]`, the workbench in this terminal"),
+            f"`tunebench --help` lists the commands; to open a new workspace named {word}, write ./{word}",
+        )
+    if word == "rlhf":
+        raise UserError(
+            "unknown command 'rlhf': TuneBench fine-tunes with supervised data (LoRA, QLoRA), not RLHF",
+            "`tunebench train` takes the same dataset flags as `swift sft`",
+        )
     close = difflib.get_close_matches(word, SUBCOMMANDS, n=1, cutoff=0.75)
     if close:
         raise UserError(
@@ -147,6 +172,13 @@ def _tui_main(argv: list[str]) -> int:
         raise UserError(
             f"{workspace} is a file, not a workspace folder", "give a folder (it is created if new)"
         )
+    if not _has_terminal():
+        raise UserError(
+            "the workbench needs a terminal, and this one's input or output is not one (a pipe, a "
+            "file, a cron job)",
+            "run `tunebench` in an SSH session or tmux; without a terminal use the headless "
+            "commands: tunebench train | chat | probe | export | deploy",
+        )
     if not args.yes and not _may_become_workspace(workspace):
         return 1
     workspace.mkdir(parents=True, exist_ok=True)
@@ -159,6 +191,10 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
+def _has_terminal() -> bool:
+    return sys.stdin.isatty() and sys.stdout.isatty()
+
+
 def _may_become_workspace(folder: Path) -> bool:
     """A new or empty folder, or a workspace, opens at once; a folder of other files (a project,
     a home folder) gets TuneBench's folders only when the person says yes on the terminal."""
@@ -169,12 +205,6 @@ def _may_become_workspace(folder: Path) -> bool:
         return True
     parts = " ".join(ws.parts_to_create())
     place = str(ws.root)
-    if not sys.stdin.isatty():
-        raise UserError(
-            f"{place} holds other files and is not a TuneBench workspace: opening it would create "
-            f"{parts} in it",
-            f"give a new or empty folder (`tunebench workspace`), or pass --yes to create them in {place}",
-        )
     print(f"{place} holds other files and is not a TuneBench workspace.\nOpening it creates {parts} in it.")
     try:
         answer = input("Create them? [y/N] ")
