@@ -139,11 +139,16 @@ def test_qwen2_gguf_keeps_biases_and_padded_vocabulary(gguf_runs, tmp_path):
 
 
 def test_q4_k_m_goes_through_llama_quantize_or_says_how_to_get_it(gguf_runs, tmp_path, monkeypatch):
+    from tunebench.engine.infer import export
     from tunebench.engine.infer.export import export_model
 
     monkeypatch.setenv("PATH", str(tmp_path / "bin"))
-    with pytest.raises(UserError, match="needs llama.cpp's llama-quantize, not found on PATH") as info:
-        export_model(str(gguf_runs["llama"]), str(tmp_path / "none"), quant_bits=4)
+    merged = export._merged_export
+    with monkeypatch.context() as before_any_load:  # said before minutes of load and merge
+        before_any_load.setattr(export, "_merged_export", lambda *a: pytest.fail("the model was merged"))
+        with pytest.raises(UserError, match="needs llama.cpp's llama-quantize, not found on PATH") as info:
+            export_model(str(gguf_runs["llama"]), str(tmp_path / "none"), quant_bits=4)
+    assert export._merged_export is merged
     assert "llama.cpp" in info.value.hint and "--quant_bits 8" in info.value.hint
     assert not (tmp_path / "none").exists()
 

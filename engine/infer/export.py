@@ -37,6 +37,7 @@ from ..core.targets import (
     resolve_target,
 )
 from ..core.templates import with_default_system
+from .gguf_file import GGUF_TYPES, find_quantizer
 from .prompts import stop_token_ids
 
 Progress = Callable[[str], None]
@@ -67,6 +68,8 @@ def export_model(
     assert target.adapter_dir is not None
     out = Path(output_dir).expanduser().resolve()
     _check_output_dir(out)
+    if quant_bits and GGUF_TYPES[quant_bits] == "Q4_K_M":
+        find_quantizer()  # before the load and the merge, minutes on a 7B
     if merge:
         base = base_model_of([target], model or "")  # refused here, before any weights load
     else:  # the base need not be on this machine to copy an adapter

@@ -34,16 +34,23 @@ ARCHITECTURES = ("llama", "qwen2")
 _PREFERRED_PRE = ("qwen2", "llama-bpe")
 
 
+def find_quantizer() -> str:
+    """llama.cpp's llama-quantize, which Q4_K_M needs; a UserError that says how to get it.
+    The export asks before it loads and merges the model, which takes minutes on a 7B."""
+    quantizer = shutil.which(QUANTIZE_TOOL)
+    if quantizer is None:
+        raise UserError(
+            f"Q4_K_M (--quant_bits 4) needs llama.cpp's {QUANTIZE_TOOL}, not found on PATH", QUANTIZE_HINT
+        )
+    return quantizer
+
+
 def write_gguf(folder: Path, out_file: Path, bits: int, name: str, say: Progress) -> str:
     """Write `folder` (a merged Hugging Face model) to `out_file` with the weights in the type
     GGUF_TYPES gives `bits`; returns that type's name."""
     file_type = GGUF_TYPES[bits]
     if file_type == "Q4_K_M":
-        quantizer = shutil.which(QUANTIZE_TOOL)
-        if quantizer is None:
-            raise UserError(
-                f"Q4_K_M (--quant_bits 4) needs llama.cpp's {QUANTIZE_TOOL}, not found on PATH", QUANTIZE_HINT
-            )
+        quantizer = find_quantizer()
         f16 = out_file.with_name(out_file.stem + ".f16.gguf")
         _write(folder, f16, "F16", name, say)
         say(f"quantising to Q4_K_M with {quantizer}")
