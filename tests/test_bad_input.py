@@ -702,6 +702,14 @@ CASES = [
         ["give a folder"],
     ),
     Case(
+        "output-dir-under-a-file",
+        ["train", "--model", "MODEL", "--dataset", "data.jsonl", "--output_dir", "data.jsonl/runs"],
+        {"data.jsonl": lines(GOOD)},
+        ["is a file, so the folder"],
+        ["--output_dir", "data.jsonl"],
+        ["move the file"],
+    ),
+    Case(
         "resume-from-nothing",
         train("--resume_from_checkpoint", "runs/old"),
         {"data.jsonl": lines(GOOD)},
@@ -918,12 +926,12 @@ CASES = [
         ["did you mean `tunebench train`?"],
     ),
     Case(
-        "workbench-in-a-folder-of-other-files",  # no terminal to ask on (issue 16 item 11)
+        "workbench-without-a-terminal",  # a cron job, a pipe: nothing to draw on or ask on
         ["."],
         {"data.jsonl": lines(GOOD)},
-        ["holds other files and is not a TuneBench workspace"],
-        ["datasets/ runs/ exports/ .tunebench/ tunebench.toml"],
-        ["give a new or empty folder", "--yes"],
+        ["the workbench needs a terminal"],
+        ["input or output is not one"],
+        ["tmux", "tunebench train"],
     ),
     # ------------------------------------------------------------ models and adapters
     Case(

@@ -260,6 +260,22 @@ def test_a_probe_transcript_is_whole_or_absent(monkeypatch, tmp_path):
     assert "| Who are you? | I am a model. |" in md_path.read_text()
 
 
+def test_a_probe_transcript_folder_that_cannot_be_made_is_said_before_the_model_loads(
+    runs, tmp_path, capsys, monkeypatch
+):
+    """The answers took minutes and were then lost to an --output_dir that was a file."""
+    monkeypatch.setattr(probe, "load_session", lambda *a: pytest.fail("the model loaded"))
+    (tmp_path / "afile").write_text("mine")
+    for folder, words in (
+        (tmp_path / "afile", "is a file, not a folder"),
+        (tmp_path / "afile" / "t", "is a file, so"),
+    ):
+        assert tunebench(["probe", "--adapters", str(runs["plain"]), "--output_dir", str(folder)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --output_dir: ") and words in err and "move the file" in err
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
 def test_default_probe_set_ships_with_the_identity_questions():
     questions = probe.read_probes(probe.default_probes())
     assert {"Who are you?", "Can you browse the internet?"} <= set(questions)

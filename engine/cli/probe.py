@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 
 from ..core.config import GenerationConfig
-from ..core.files import atomic_write_bytes
+from ..core.files import atomic_write_bytes, check_writable
 from ..core.probes import default_probes, read_probes
 from .flags import adapter_parser, generation_config, parse_args
 from .session import Setup, load_session, resolve_setup
@@ -48,6 +48,8 @@ def probe_main(argv: list[str]) -> int:
     if not questions:
         workspaces = tuple(t.run_dir.parent.parent for t in setup.targets if t.run_dir is not None)
         questions = read_probes(default_probes(workspaces))
+    folder = _transcript_folder(setup, args.output_dir)
+    check_writable(folder, "--output_dir" if args.output_dir else "")  # before minutes of answers
     session = load_session(setup, args.torch_dtype)
     started = time.perf_counter()
     print(
@@ -57,7 +59,6 @@ def probe_main(argv: list[str]) -> int:
         [[{"role": "user", "content": q}] for q in questions], setup.specs, cfg, system=args.system or ""
     )
     answered_s = time.perf_counter() - started
-    folder = _transcript_folder(setup, args.output_dir)
     seconds = {"load": round(session.loaded.seconds, 3), "answers": round(answered_s, 3)}
     json_path, md_path = write_transcript(
         folder, setup, questions, results, cfg, args.system or "", session, seconds

@@ -270,10 +270,18 @@ WRITE_CHECK_PREFIX = ".tunebench-write-check-"
 def check_writable(folder: str | Path, flag: str = "") -> None:
     """DiskWriteError when no file can be made in `folder` (or, while it does not exist, in the
     nearest folder above it, where it will be made): a file is created there and removed at once,
-    so a refusal is said in a second rather than after the model has loaded."""
+    so a refusal is said in a second rather than after the model has loaded. A file in the way
+    (the folder itself, or one above it) is a UserError that names it."""
     folder = Path(folder).expanduser().absolute()
     existing = folder
     while not os.path.isdir(existing) and existing != existing.parent:
+        if os.path.lexists(existing):  # a file where a folder must be: no write gets past it
+            where = f"{flag}: " if flag else ""
+            what = "not a folder" if existing == folder else f"so the folder {folder} cannot be made"
+            raise UserError(
+                f"{where}{existing} is a file, {what}",
+                f"choose another {flag or 'folder'}, or move the file {existing} away",
+            )
         existing = existing.parent
     try:
         fd, name = tempfile.mkstemp(prefix=WRITE_CHECK_PREFIX, dir=existing)
