@@ -276,6 +276,21 @@ def test_a_probe_transcript_folder_that_cannot_be_made_is_said_before_the_model_
     assert (tmp_path / "afile").read_text() == "mine"
 
 
+def test_a_plain_peft_adapter_names_the_hub_base_it_records(runs, tmp_path, capsys):
+    """A PEFT or ms-swift adapter folder with no run config records its base as a hub id; the
+    error said no base was recorded and asked for --model."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(runs["plain"] / "adapter", bare)
+    config = json.loads((bare / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "SomeOrg/NotCached-1B"
+    (bare / "adapter_config.json").write_text(json.dumps(config))
+    assert tunebench(["probe", "--adapters", str(bare)]) == 2
+    err = capsys.readouterr().err
+    assert "SomeOrg/NotCached-1B is not in the local Hugging Face cache" in err and "--model" in err
+
+
 def test_default_probe_set_ships_with_the_identity_questions():
     questions = probe.read_probes(probe.default_probes())
     assert {"Who are you?", "Can you browse the internet?"} <= set(questions)

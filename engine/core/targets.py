@@ -212,8 +212,8 @@ def recorded_base_model(run: dict[str, Any], adapter_dir: Path | None = None) ->
             recorded = adapter_config.get("base_model_name_or_path")
         except (OSError, orjson.JSONDecodeError, AttributeError):
             recorded = None
-        if recorded and (Path(recorded) / "config.json").is_file():
-            return str(recorded)
+        if recorded and isinstance(recorded, str):
+            return recorded  # a hub id loads from the local cache, or its load says it is not there
     return path or None
 
 
