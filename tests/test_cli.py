@@ -113,6 +113,24 @@ def test_errors_print_without_traceback(capsys, tmp_path):
     assert code == 2 and "model not found" in capsys.readouterr().err
 
 
+def test_a_refused_train_with_json_prints_its_error_as_an_event(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    """A tool that reads --json's events saw nothing on stdout when the data or a setting was
+    wrong: the error went to stderr as text only."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.jsonl").write_text('{"messages": [\n')
+    for flags, code in (
+        (["--dataset", "bad.jsonl"], "data"),
+        (["--dataset", "bad.jsonl", "--lora_rank", "0"], "config"),
+    ):
+        assert main(["train", "--model", str(tiny_model_dir), *flags, "--json"]) == 2
+        out, err = capsys.readouterr()
+        (event,) = [json.loads(line) for line in out.splitlines()]
+        assert event["type"] == "EngineError" and event["code"] == code and event["message"], event
+        assert err.startswith("error: ")
+
+
 def test_headless_train_with_json_events(tiny_model_dir, tmp_path):
     data = tmp_path / "d.jsonl"
     rows = [{"instruction": f"Say hi {i}", "output": "hi from {{NAME}}"} for i in range(6)]

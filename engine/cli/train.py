@@ -77,32 +77,41 @@ def train_main(argv: list[str]) -> int:
 
         ranks = current_ranks()
         return as_rank(lambda: _train(args, values, main_rank=ranks.is_main)[0], ranks)
-    cfg = _config(values)
-    if launch:
-        from ..train.distributed import launch_ranks
-        from ..train.preflight import preflight, sharding_for_launch
+    cfg = None
+    try:
+        cfg = _config(values)
+        return _launch(launch, argv, cfg, args.json) if launch else _train_here(args, values, cfg)
+    except (UserError, ConfigError) as exc:
+        if args.json:  # a tool reading the events (the workbench's Train pane) gets the failure too
+            from ..process.jobs import describe_failure
 
-        try:
-            longest = preflight(cfg)  # a mistake is said once, here, before any rank starts
-            stage, why = sharding_for_launch(cfg, longest)
-            if stage:  # the ranks are told, as if the person had typed it
-                if args.json:  # the workbench's Train pane (engine/process/ranks_job.py)
-                    from ..core import protocol as P
+            JsonRenderer()(describe_failure(exc, "train", cfg)[0])
+        raise
 
-                    JsonRenderer()(P.Log(message=why))
-                print(f"note: {why}", file=sys.stderr, flush=True)
-                argv = [*argv, "--deepspeed", stage]
-            return launch_ranks(launch, argv)
-        except (UserError, ConfigError) as exc:
-            if args.json:  # the workbench reads the failure with its code (engine/process/ranks_job.py)
-                from ..process.jobs import describe_failure
 
-                JsonRenderer()(describe_failure(exc, "train", cfg)[0])
-            raise
+def _train_here(args: argparse.Namespace, values: dict[str, Any], cfg: TrainConfig) -> int:
     result, signum = _train(args, values, cfg=cfg)
     if signum:  # stopped by the person: the shell's convention, so a script can tell
         return 128 + signum
     return 0 if result.status == "completed" else (130 if result.status == "aborted" else 0)
+
+
+def _launch(launch: Any, argv: list[str], cfg: TrainConfig, as_json: bool) -> int:
+    """Start the ranks with torchrun, after checking the settings here: a mistake is said once,
+    before any rank starts."""
+    from ..train.distributed import launch_ranks
+    from ..train.preflight import preflight, sharding_for_launch
+
+    longest = preflight(cfg)
+    stage, why = sharding_for_launch(cfg, longest)
+    if stage:  # the ranks are told, as if the person had typed it
+        if as_json:  # the workbench's Train pane (engine/process/ranks_job.py)
+            from ..core import protocol as P
+
+            JsonRenderer()(P.Log(message=why))
+        print(f"note: {why}", file=sys.stderr, flush=True)
+        argv = [*argv, "--deepspeed", stage]
+    return launch_ranks(launch, argv)
 
 
 def _use_gpus(values: dict[str, Any]) -> None:
