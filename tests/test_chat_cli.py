@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import pytest
 from test_generate import QUESTION, greedy, make_run
@@ -300,8 +301,9 @@ def test_default_probe_set_ships_with_the_identity_questions():
     ("argv", "message"),
     [
         (["chat", "--adapters", "{tmp}/missing"], "adapter not found"),
-        (["chat", "--adapters", "{model}"], "holds no adapter"),
-        (["probe", "--adapters", "{model}"], "holds no adapter"),
+        (["chat", "--adapters", "{model}"], "is a model, not an adapter"),
+        (["probe", "--adapters", "{model}"], "is a model, not an adapter"),
+        (["probe", "--probes", "{tmp}"], "is a folder, not a probe file"),
         (["export"], "--adapters is required"),
         (["export", "--adapters", "{tmp}/missing"], "adapter not found"),
         (["export", "--adapters", "{tmp}/a", "--quant_method", "awq"], "TuneBench exports gguf only"),
@@ -330,6 +332,11 @@ def test_export_defaults_to_the_workspace_exports_folder(capsys, runs):
     assert export.export_main(["--adapters", str(runs["plain"]), "--adapter_only"]) == 0
     path = capsys.readouterr().out.strip()
     assert path == str(runs["plain"].parent.parent / "exports" / "plain-adapter")
+    # a second export by default goes beside the first, which stays as it was
+    first = {p.name: p.read_bytes() for p in Path(path).iterdir()}
+    assert export.export_main(["--adapters", str(runs["plain"]), "--adapter_only"]) == 0
+    assert capsys.readouterr().out.strip() == path + "-2"
+    assert {p.name: p.read_bytes() for p in Path(path).iterdir()} == first
     from tunebench.engine.core.targets import resolve_target
 
     gguf = export.default_export_dir(resolve_target(str(runs["plain"])), True, 8)

@@ -114,8 +114,12 @@ def test_bad_targets_are_clear_user_errors(tmp_path, tiny_model_dir):
 
     with pytest.raises(UserError, match="does not exist"):
         resolve_target(str(tmp_path / "missing"))
-    with pytest.raises(UserError, match="holds no adapter"):
+    with pytest.raises(UserError, match="is a model, not an adapter") as given_a_model:
         resolve_target(str(tiny_model_dir))
+    assert f"--model {tiny_model_dir}" in given_a_model.value.hint
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="holds no adapter"):
+        resolve_target(str(tmp_path / "empty"))
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "adapter_config.json").write_text("{}")
     with pytest.raises(UserError, match="no adapter_model.safetensors"):

@@ -50,7 +50,12 @@ def export_main(argv: list[str]) -> int:
         default=True,
         help="as in ms-swift; a merged export always has its Ollama Modelfile",
     )
-    parser.add_argument("--output_dir", default="", help="default: exports/<run-id> beside the run folder")
+    parser.add_argument(
+        "--output_dir",
+        default="",
+        help="default: exports/<run-id> in the workspace that holds the run's runs/ folder "
+        "(-2, -3 ... when it exists)",
+    )
     args = parse_args(parser, argv)
     if len(args.adapters) != 1:
         raise UserError(
@@ -66,7 +71,7 @@ def export_main(argv: list[str]) -> int:
     output = (
         Path(args.output_dir).expanduser()
         if args.output_dir
-        else default_export_dir(target, merge, quant_bits)
+        else next_free(default_export_dir(target, merge, quant_bits))
     )
     path = export_model(
         args.adapters[0],
@@ -124,6 +129,16 @@ def gguf_bits(method: str, bits: int | None, merge: bool) -> int:
             "use --quant_bits 16 (F16), 8 (Q8_0) or 4 (Q4_K_M, with llama.cpp's llama-quantize)",
         )
     return bits
+
+
+def next_free(folder: Path) -> Path:
+    """`folder`, or folder-2, folder-3 ... when it exists: a default export never overwrites one
+    made before, as a run's default folder never does."""
+    candidate, n = folder, 1
+    while candidate.exists():
+        n += 1
+        candidate = folder.with_name(f"{folder.name}-{n}")
+    return candidate
 
 
 def default_export_dir(target: Any, merge: bool, quant_bits: int = 0) -> Path:

@@ -28,6 +28,10 @@ def read_probes(path: Path) -> list[str]:
         raise UserError(
             f"probe file not found: {path}", "pass a text file with one question per line"
         ) from None
+    except IsADirectoryError:
+        raise UserError(
+            f"{path} is a folder, not a probe file", "pass a text file with one question per line"
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read probe file {path}: {exc}", "save it as UTF-8 text") from None
     questions = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]

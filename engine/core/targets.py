@@ -91,6 +91,11 @@ def _find_adapter_dir(path: Path) -> Path:
     checkpoints = list_checkpoints(path.parent if path.name == "checkpoints" else path, ADAPTER_FILES)
     if checkpoints:
         return _checked_adapter(checkpoints[-1])
+    if (path / "config.json").is_file():  # a whole model, given where an adapter goes
+        raise UserError(
+            f"{path} is a model, not an adapter: it holds config.json and no {ADAPTER_CONFIG}",
+            f"pass it as the base with --model {path}; --adapters takes a run or adapter folder",
+        )
     raise UserError(
         f"{path} holds no adapter: no {ADAPTER_CONFIG}, no adapter/ folder and no saved checkpoint",
         TARGET_HINT,
