@@ -710,6 +710,14 @@ CASES = [
         ["move the file"],
     ),
     Case(
+        "demo-output-dir-is-a-file",  # said before the demo model loads and answers
+        ["demo", "--output_dir", "data.jsonl"],
+        {"data.jsonl": lines(GOOD)},
+        ["is a file, not a folder"],
+        ["--output_dir"],
+        ["give a folder"],
+    ),
+    Case(
         "resume-from-nothing",
         train("--resume_from_checkpoint", "runs/old"),
         {"data.jsonl": lines(GOOD)},

@@ -43,11 +43,13 @@ def demo_main(argv: list[str]) -> int:
     from peft import PeftModel
 
     from ..models.loading import load_model
+    from ..train.preflight import preflight
     from ..train.recipe import run_training
     from .progress import ProgressRenderer
 
     started = time.perf_counter()
     cfg = demo_config(args.output_dir)
+    preflight(cfg)  # an --output_dir that cannot be written is said before the model loads
     base = load_model("demo", torch_dtype=cfg.torch_dtype)
     print(f"demo model loaded in {base.seconds:.2f}s")
     before = greedy_answers(base.model, base.tokenizer, QUESTIONS)
