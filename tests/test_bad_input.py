@@ -902,6 +902,14 @@ CASES = [
         ["`tunebench train --help` lists the flags"],
     ),
     Case(
+        "a-value-without-its-flag",  # `tunebench train demo`, meaning --model demo
+        ["train", "demo"],
+        {},
+        ["'demo' has no flag before it"],
+        ["`tunebench train`"],
+        ["for example --model demo"],
+    ),
+    Case(
         "misspelled-flag",
         train("--lora_rnak", "8"),
         {},

@@ -89,9 +89,18 @@ class FlagParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         if "unrecognized arguments" in message:
             flags = message.split(":", 1)[1].split()
-            unknown = [f for f in flags if f.startswith("-")] or flags
-            named = ", ".join(f"{flag}{suggest_flag(flag, self._option_string_actions)}" for flag in unknown)
-            message = f"unknown flag {named}; `{self.prog} --help` lists the flags TuneBench knows"
+            unknown = [f for f in flags if f.startswith("-")]
+            if unknown:
+                named = ", ".join(
+                    f"{flag}{suggest_flag(flag, self._option_string_actions)}" for flag in unknown
+                )
+                message = f"unknown flag {named}; `{self.prog} --help` lists the flags TuneBench knows"
+            else:  # `tunebench train demo`: a value with no flag before it
+                words = " ".join(flags)
+                message = (
+                    f"{words!r} has no flag before it: `{self.prog}` takes flags, each with its value "
+                    f"(for example --model demo); `{self.prog} --help` lists them"
+                )
         else:
             message = f"{message}; see `{self.prog} --help`"
         print(f"error: {message}", file=sys.stderr)
