@@ -292,6 +292,29 @@ def test_a_plain_peft_adapter_names_the_hub_base_it_records(runs, tmp_path, caps
     assert "SomeOrg/NotCached-1B is not in the local Hugging Face cache" in err and "--model" in err
 
 
+def test_an_adapter_that_does_not_fit_the_base_is_said_before_the_first_question(
+    runs, tmp_path, capsys, monkeypatch
+):
+    """A plain adapter (no record of its base) with another --model: the error came only after
+    the person had typed a question."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(runs["plain"] / "adapter", bare)
+    config = json.loads((bare / "adapter_config.json").read_text())
+    config.pop("base_model_name_or_path", None)
+    (bare / "adapter_config.json").write_text(json.dumps(config))
+
+    class Unread(io.StringIO):
+        def readline(self, *args):
+            pytest.fail("a question was read before the adapter loaded")
+
+    monkeypatch.setattr("sys.stdin", Unread())
+    assert tunebench(["chat", "--adapters", str(bare), "--model", "demo"]) == 2
+    err = capsys.readouterr().err
+    assert "could not load the adapter" in err and "--model" in err and "Traceback" not in err
+
+
 def test_default_probe_set_ships_with_the_identity_questions():
     questions = probe.read_probes(probe.default_probes())
     assert {"Who are you?", "Can you browse the internet?"} <= set(questions)

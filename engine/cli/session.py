@@ -53,4 +53,5 @@ def load_session(setup: Setup, torch_dtype: str):
     for target in setup.targets:
         if target.adapter_dir is not None:
             print(f"adapter {target.adapter_dir}", file=sys.stderr)
+    session.load_adapters(setup.targets)
     return session

@@ -233,6 +233,13 @@ class GenerationSession:
         room = self.context_length - max(len(r.prompt) for r in rows)  # >= 1: _row refused the rest
         return cfg if room >= cfg.max_new_tokens else replace(cfg, max_new_tokens=max(1, room))
 
+    def load_adapters(self, targets: list[Target]) -> None:
+        """Load the targets' adapters now, so that one which does not fit this base is said
+        before the first question rather than after it."""
+        for target in targets:
+            if target.adapter_dir is not None:
+                self._adapter_name(target)
+
     def _adapter_name(self, target: Target) -> str:
         """Load the target's adapter into the shared PeftModel once (again if its file changed)."""
         assert target.adapter_dir is not None
