@@ -338,3 +338,16 @@ def test_a_step_trains_in_training_mode_whoever_calls_it(before, tiny_model_dir,
         for hook in hooks:
             hook.remove()
     assert modes and all(modes), f"{modes.count(False)} of {len(modes)} module calls in eval mode"
+
+
+def test_a_run_name_taken_gets_the_next_free_folder(tmp_path):
+    """Two runs with one --run_name (or started in the same second) keep separate folders."""
+    from tunebench.engine.core.config import TrainConfig
+    from tunebench.engine.train.resume import new_run_dir
+
+    cfg = TrainConfig(dataset=["d.jsonl"], output_dir=str(tmp_path), run_name="mine")
+    assert new_run_dir(cfg) == tmp_path / "mine"
+    (tmp_path / "mine").mkdir()
+    assert new_run_dir(cfg) == tmp_path / "mine-2"
+    (tmp_path / "mine-2").mkdir()
+    assert new_run_dir(cfg) == tmp_path / "mine-3"

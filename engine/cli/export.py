@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import UserError
+from ..core.files import next_free
 from ..core.targets import export_name
 from .flags import adapter_parser, parse_args, parse_bool
 
@@ -129,16 +130,6 @@ def gguf_bits(method: str, bits: int | None, merge: bool) -> int:
             "use --quant_bits 16 (F16), 8 (Q8_0) or 4 (Q4_K_M, with llama.cpp's llama-quantize)",
         )
     return bits
-
-
-def next_free(folder: Path) -> Path:
-    """`folder`, or folder-2, folder-3 ... when it exists: a default export never overwrites one
-    made before, as a run's default folder never does."""
-    candidate, n = folder, 1
-    while candidate.exists():
-        n += 1
-        candidate = folder.with_name(f"{folder.name}-{n}")
-    return candidate
 
 
 def default_export_dir(target: Any, merge: bool, quant_bits: int = 0) -> Path:

@@ -267,6 +267,16 @@ def reading(path: str | Path | None = None, flag: str = "", action: str = "read"
 WRITE_CHECK_PREFIX = ".tunebench-write-check-"
 
 
+def next_free(path: Path) -> Path:
+    """`path`, or path-2, path-3 ... when it exists: a default run or export folder never lands
+    in one made before (two runs started in the same second, a second export of one run)."""
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
+
+
 def check_writable(folder: str | Path, flag: str = "") -> None:
     """DiskWriteError when no file can be made in `folder` (or, while it does not exist, in the
     nearest folder above it, where it will be made): a file is created there and removed at once,

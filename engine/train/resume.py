@@ -24,7 +24,7 @@ import orjson
 
 from ..core.config import TrainConfig, format_value, to_command, to_dict
 from ..core.errors import UserError
-from ..core.files import atomic_write_bytes
+from ..core.files import atomic_write_bytes, next_free
 from ..core.workspace import checkpoint_step, list_checkpoints, read_metrics, read_run
 from .checkpoints import find_checkpoint
 from .types import RunPaths
@@ -263,13 +263,7 @@ def resume_command(run_dir: str | Path, processes: int | None = 1) -> str:
 def new_run_dir(cfg: TrainConfig) -> Path:
     """A new run's folder: --run_name, or the time it started, under --output_dir."""
     base = Path(cfg.output_dir).expanduser()
-    name = cfg.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = base / name
-    suffix = 1
-    while path.exists():  # two runs started in the same second keep separate folders
-        suffix += 1
-        path = base / f"{name}-{suffix}"
-    return path
+    return next_free(base / (cfg.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")))
 
 
 def write_run_config(
