@@ -15,8 +15,10 @@ demo=no
 if [ "${1:-}" = "--with-demo" ]; then demo=yes; shift; fi
 out=${1:-.gpu}
 # Everything gpu.txt pins, less what the image has (torch and the packages that come with it),
-# the lint and type-check tools (the suite does not run them) and, unless asked, the demo model.
-skip='torch|numpy|sympy|mpmath|networkx|ruff|mypy|mypy[-_]extensions|librt|ast[-_]serialize|pathspec'
+# the lint and type-check tools (the suite does not run them), pyarrow and pandas (the image has
+# them, and carried they take the tarball past the 64 MiB a GPU run carries) and, unless asked,
+# the demo model.
+skip='torch|numpy|sympy|mpmath|networkx|ruff|mypy|mypy[-_]extensions|librt|ast[-_]serialize|pathspec|pyarrow|pandas'
 [ $demo = yes ] || skip="$skip|llm[-_]smollm2"
 mapfile -t pins < <(grep -v '^#' constraints/gpu.txt | grep -viE "^($skip)==")
 tmp=$(mktemp -d)
