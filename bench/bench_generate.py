@@ -70,6 +70,8 @@ VARIANTS = {
     "compile": {"compile_step": True},
     "no-row-slices": {"row_slice_devices": frozenset()},
     "rope-copies": {"rope_in_place": False},
+    # Not shipped yet: the low-rank products from the base matmul (A_IN_BASE_DEVICES), switched on.
+    "a-in-base": {"a_in_base_devices": frozenset({"cuda"})},
     # The low-rank pass over the whole batch (the mask way and its alternatives), row slices off.
     "lowrank-bmm_xa": {"low_rank_pass": "bmm_xa", "row_slice_devices": frozenset()},
     "lowrank-mulsum": {"low_rank_pass": "mulsum", "row_slice_devices": frozenset()},
@@ -437,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     module_settings = {
         "low_rank_pass": (fused_lora, "GPU_LOW_RANK_PASS"),
         "row_slice_devices": (fused_lora, "ROW_SLICE_DEVICES"),
+        "a_in_base_devices": (fused_lora, "A_IN_BASE_DEVICES"),
         "rope_in_place": (model_kernels, "ROPE_IN_PLACE"),
     }
     shipped = {option: getattr(module, name) for option, (module, name) in module_settings.items()}

@@ -571,3 +571,56 @@ def test_cuda_decode_speed_options_each_give_the_same_greedy_answers(tiny_model_
     monkeypatch.setattr(lora_decode, "ROW_SLICE_DEVICES", frozenset())
     assert generate() == expected
     assert compiled == expected, f"compiled, rotary copies instead: {compiled_with_copies == expected}"
+
+
+@pytest.mark.gpu
+def test_cuda_decode_with_a_in_the_base_matmul_gives_the_same_greedy_answers(
+    tiny_model_dir, runs, monkeypatch
+):
+    """A_IN_BASE_DEVICES (off until measured: bench_generate.py --variants a-in-base) against the
+    shipped decode, with the row-slice pass and with the mask way, for the chat's two columns, a
+    lone adapter column, and the two columns again after the lone one's forward took the spare rows."""
+    from tunebench.engine.infer import lora_decode
+    from tunebench.engine.infer.generate import GenerationSession
+
+    plain = str(runs["plain"])
+
+    def generate():
+        session = GenerationSession(str(tiny_model_dir), torch_dtype="float32")
+        assert session.loaded.device.type == "cuda" and session.decode_mode == "graphs"
+        both = answers(session.generate(QUESTION, ["base", plain], greedy(24)))
+        alone = answers(session.generate(QUESTION, [plain], greedy(24)))[plain]
+        return both, alone, answers(session.generate(QUESTION, ["base", plain], greedy(24)))
+
+    expected = generate()
+    monkeypatch.setattr(lora_decode, "A_IN_BASE_DEVICES", frozenset({"cuda"}))
+    assert generate() == expected
+    monkeypatch.setattr(lora_decode, "ROW_SLICE_DEVICES", frozenset())
+    assert generate() == expected
+
+
+def test_a_in_the_base_matmul_answers_as_the_shipped_decode_in_a_session(tiny_model_dir, runs, monkeypatch):
+    """The session's own path to it (the base weights laid out once, forwards cached per layout)
+    on this machine's device: the two columns, a lone adapter column, then the two again."""
+    import torch
+    from tunebench.engine.infer import lora_decode
+    from tunebench.engine.infer.generate import GenerationSession
+
+    plain = str(runs["plain"])
+
+    def generate():
+        session = GenerationSession(str(tiny_model_dir), torch_dtype="float32")
+        session.fuse_base = True  # as on CUDA
+        both = answers(session.generate(QUESTION, ["base", plain], greedy(16)))
+        alone = answers(session.generate(QUESTION, [plain], greedy(16)))[plain]
+        again = answers(session.generate(QUESTION, ["base", plain], greedy(16)))
+        groups = [g for fused in session._fused_cache.values() for g in fused.groups if g.has_lora]
+        return (both, alone, again), groups
+
+    expected, groups = generate()
+    assert groups and not any(g.base_with_a is not None for g in groups)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    monkeypatch.setattr(lora_decode, "A_IN_BASE_DEVICES", frozenset({device}))
+    got, groups = generate()
+    assert groups and all(g.base_with_a is not None for g in groups)
+    assert got == expected

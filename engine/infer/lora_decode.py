@@ -17,7 +17,10 @@ decode step is bound by launching them (bench/RESULTS_generate.md). FusedLora in
 - runs that pass in the base dtype on a GPU (bf16: no casts) and adds each projection's B product
   into the base output in place with one addmm_; on a CPU it keeps PEFT's float32 adapter weights;
 - on CUDA, where the base weights of such siblings lie next to each other in memory
-  (fuse_sibling_weights), runs one base matmul for the group and hands each sibling a slice of it.
+  (fuse_sibling_weights), runs one base matmul for the group and hands each sibling a slice of it;
+- where A_IN_BASE_DEVICES says so, writes the stacked A matrices into spare rows laid out after
+  the base weights, so that the base matmul yields the low-rank products too: no low-rank pass
+  of its own (o_proj and down_proj are then laid out as groups of one).
 
 Layers or adapters it does not cover (DoRA, LoRA bias, embeddings, modules_to_save, quantised
 base layers, ...) make build() return None, and PEFT's own mixed-batch forward is used instead.
@@ -56,6 +59,22 @@ CPU_LOW_RANK_PASS = "bmm_xa"
 # where the mask way takes three. Not the CPU: its way (CPU_LOW_RANK_PASS) is one batched product
 # per row already, which also keeps each row's answer independent of the batch.
 ROW_SLICE_DEVICES = frozenset({"cuda"})
+# Devices where the base matmul computes the low-rank products as well: x @ [W; A_all]ᵀ, with
+# A_all in A_IN_BASE_ROWS spare rows after the base weights (fuse_sibling_weights). In the H200's
+# 7B decode the separate passes (four a layer, split-K, with their reductions) took about 0.8 ms
+# of a 6.4 ms step (bench/RESULTS_generate.md), each a kernel of a few microseconds for a few
+# kilobytes. Empty until a GPU measures it: `bench_generate.py --variants a-in-base`.
+A_IN_BASE_DEVICES: frozenset[str] = frozenset()
+# Spare rows per projection group for that: one rank-8 adapter on q/k/v takes 24. Adapters
+# stacking more rank than this take the separate pass. On a 7B they take about 4 MB a layer; the
+# base matmul reads only the rows in use.
+A_IN_BASE_ROWS = 64
+# Projections with an input of their own, laid out with spare rows only for A_IN_BASE_DEVICES.
+SINGLE_GROUPS = (("o_proj",), ("down_proj",))
+# The attribute by which fuse_sibling_weights marks a group's first linear with its spare rows.
+SPARE_ROWS_MARK = "_tunebench_spare_rows"
+# ... and the one by which that linear says which FusedLora's A its spare rows hold.
+A_OWNER_MARK = "_tunebench_a_owner"
 
 
 def _plain_linear(module: Any) -> Any:
@@ -72,21 +91,27 @@ def _plain_linear(module: Any) -> Any:
 
 def fuse_sibling_weights(model: Any) -> int:
     """Lay the base weights of each q/k/v and gate/up group out as one buffer, each projection's
-    weight a view of it, so one matmul can compute the group (see _Group). The old storage is
-    freed: no copy of the weights is kept. Only for FUSED_BASE_MODEL_TYPES; returns the number of
-    groups laid out. Run it before inference_mode (parameters must stay normal tensors)."""
+    weight a view of it, so one matmul can compute the group (see _Group). On A_IN_BASE_DEVICES
+    the buffer has A_IN_BASE_ROWS spare rows after the weights, and o_proj and down_proj are laid
+    out too, as groups of one. The old storage is freed: no copy of the weights is kept. Only for
+    FUSED_BASE_MODEL_TYPES; returns the number of groups laid out. Run it before inference_mode
+    (parameters must stay normal tensors)."""
     import torch
 
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) not in FUSED_BASE_MODEL_TYPES:
         return 0
+    weight = next((p for p in model.parameters() if p.dim() == 2), None)
+    spare = A_IN_BASE_ROWS if weight is not None and weight.device.type in A_IN_BASE_DEVICES else 0
     count = 0
     with torch.no_grad():
         for parent in model.modules():
             children = dict(parent.named_children())
-            for names in SHARED_INPUT_GROUPS:
+            for names in SHARED_INPUT_GROUPS + (SINGLE_GROUPS if spare else ()):
                 linears = [_plain_linear(children.get(n)) for n in names]
-                if any(lin is None for lin in linears) or _adjacent_weight(linears) is not None:
+                if any(lin is None for lin in linears):
+                    continue
+                if _adjacent_weight(linears) is not None and _spare_rows(linears) >= spare:
                     continue
                 weights = [lin.weight for lin in linears]
                 first = weights[0]
@@ -95,11 +120,13 @@ def fuse_sibling_weights(model: Any) -> int:
                     for w in weights
                 ):
                     continue
-                fused = torch.cat([w.data for w in weights], dim=0)  # one group's weights extra, briefly
+                # one group's weights extra, briefly; the spare rows zero until A goes there
+                fused = torch.cat([w.data for w in weights] + [first.new_zeros(spare, first.shape[1])], dim=0)
                 offset = 0
                 for w in weights:
                     w.data = fused[offset : offset + w.shape[0]]
                     offset += w.shape[0]
+                setattr(linears[0], SPARE_ROWS_MARK, spare)
                 count += 1
     return count
 
@@ -121,6 +148,24 @@ def _adjacent_weight(linears: list[Any]) -> Any:
         pointer += w.numel() * w.element_size()
     rows = sum(w.shape[0] for w in weights)
     return first.detach().as_strided((rows, first.shape[1]), (first.shape[1], 1))
+
+
+def _spare_rows(linears: list[Any]) -> int:
+    """The spare rows fuse_sibling_weights laid out after these linears' weights (0: none). Read
+    from its own mark, never from what follows in memory: a loader may put other weights there."""
+    first = linears[0]
+    spare = getattr(first, SPARE_ROWS_MARK, 0)
+    view = _adjacent_weight(linears)
+    if not spare or view is None:
+        return 0
+    end = view.data_ptr() + (view.shape[0] + spare) * view.shape[1] * view.element_size()
+    storage = view.untyped_storage()
+    return spare if end <= storage.data_ptr() + storage.nbytes() else 0
+
+
+def _with_rows(weight: Any, extra: int) -> Any:
+    """The (rows + extra, in) view of the buffer that this (rows, in) view starts."""
+    return weight.as_strided((weight.shape[0] + extra, weight.shape[1]), (weight.shape[1], 1))
 
 
 class _RowRun(NamedTuple):
@@ -160,6 +205,13 @@ class _Group:
             tuple[int, int, Any]
         ] = []  # per member: (offset, rank, B (out, rank)); rank 0: none
         self.block_b: Any = None  # (sum out, sum rank) block-diagonal B, with the fused base matmul
+        # A in the base matmul (A_IN_BASE_DEVICES): base_weight's buffer with lora_a in the spare
+        # rows after it, the bias with zeros for them, those rows, and the linear whose mark says
+        # which FusedLora's A they hold (several may be built for one model: see FusedLora.claim)
+        self.base_with_a: Any = None
+        self.bias_with_a: Any = None
+        self.a_slot: Any = None
+        self.a_home: Any = None
         self.runs_rows = False  # the layout takes the row-slice pass (set_rows)
         self.row_run: _RowRun | None = None  # its weights here; None where this group adds nothing
         self._input: Any = None
@@ -239,10 +291,16 @@ class _Group:
         import torch.nn.functional as F
 
         fused = self.base_weight is not None
-        outputs = (
-            [F.linear(x, self.base_weight, self.base_bias)] if fused else [base(x) for base in self.bases]
-        )
-        lora = self._lora(x)
+        in_base = None
+        if self.base_with_a is not None:
+            full = F.linear(x, self.base_with_a, self.bias_with_a)
+            width = self.base_weight.shape[0]
+            outputs, in_base = [full[..., :width]], full[..., width:]
+        elif fused:
+            outputs = [F.linear(x, self.base_weight, self.base_bias)]
+        else:
+            outputs = [base(x) for base in self.bases]
+        lora = self._lora(x, in_base)
         if lora is not None:
             rows, low, parts = lora
             for out, (offset, rank, b) in zip(outputs, parts, strict=True):
@@ -256,16 +314,19 @@ class _Group:
             return [(0, self.lora_a.shape[0], self.block_b)]
         return self.blocks
 
-    def _lora(self, x: Any) -> tuple[slice, Any, list[tuple[int, int, Any]]] | None:
+    def _lora(self, x: Any, in_base: Any = None) -> tuple[slice, Any, list[tuple[int, int, Any]]] | None:
         """The LoRA terms of this input: the rows they go to, those rows' low-rank products and
         the parts (_lora_parts) to multiply them by; None where there are none. The row-slice
-        pass takes its run's rows only; the mask way every row, each kept to its own adapter."""
+        pass takes its run's rows only; the mask way every row, each kept to its own adapter.
+        in_base: x @ lora_aᵀ as the base matmul computed it (A in the base), else None."""
         import torch.nn.functional as F
 
         if self.runs_rows and x.dim() == 3:
             run = self.row_run
             if run is None:
                 return None
+            if in_base is not None and run.lora_a is self.lora_a:
+                return slice(run.start, run.stop), in_base[run.start : run.stop], run.parts
             rows = x[run.start : run.stop]
             low = F.linear(
                 rows if rows.dtype == self.compute_dtype else rows.to(self.compute_dtype), run.lora_a
@@ -273,6 +334,9 @@ class _Group:
             return slice(run.start, run.stop), low, run.parts
         if not self.has_lora:
             return None
+        if in_base is not None:
+            keep = self.row_keep if in_base.dim() == 3 else self.row_keep[:, 0]
+            return slice(None), in_base * keep, self._lora_parts()
         return slice(None), self._low_rank(x), self._lora_parts()
 
     def _low_rank(self, x: Any) -> Any:
@@ -304,10 +368,31 @@ def _add_low_rank(out: Any, low: Any, b: Any) -> Any:
     path there). Returns out."""
     import torch.nn.functional as F
 
-    if out.dtype == low.dtype and out.is_contiguous():
-        out.view(-1, out.shape[-1]).addmm_(low.reshape(-1, low.shape[-1]), b.t())
-        return out
+    if out.dtype == low.dtype and out.stride(-1) == 1:
+        try:  # rows of a wider output (A in the base) are a view too: (rows, width), row stride >= width
+            flat = out.view(-1, out.shape[-1])
+        except RuntimeError:
+            flat = None
+        if flat is not None:
+            flat.addmm_(low.reshape(-1, low.shape[-1]), b.t())
+            return out
     return out.add_(F.linear(low, b).to(out.dtype))
+
+
+def _joined_bias(linears: list[Any], weight: Any) -> Any:
+    """The bias of a fused base matmul over these linears (zeros for those without one), or None
+    where none has a bias."""
+    import torch
+
+    biases = [lin.bias for lin in linears]
+    if all(b is None for b in biases):
+        return None
+    return torch.cat(
+        [
+            b.detach() if b is not None else weight.new_zeros(lin.out_features)
+            for b, lin in zip(biases, linears, strict=True)
+        ]
+    )
 
 
 def _split_last(full: Any, sizes: list[int]) -> list[Any]:
@@ -351,6 +436,7 @@ class FusedLora:
         # Built for one layout (no `adapters=`): graphs over it are captured per layout, so the
         # row-slice pass may bake the layout in.
         self.fixed_layout = fixed_layout
+        self._owner = object()  # what the spare rows' holders say when they hold this forward's A
 
     @classmethod
     def build(
@@ -412,18 +498,8 @@ class FusedLora:
             linears = [_plain_linear(m) for m in members]
             outs = [lin.out_features for lin in linears] if None not in linears else []
             group = _Group(members, bases, outs)
-            if fuse_base and len(members) > 1 and None not in linears and group.outs:
+            if fuse_base and len(members) > 1 and group.outs:
                 group.base_weight = _adjacent_weight(linears)
-            if group.base_weight is not None:
-                biases = [lin.bias for lin in linears]
-                if any(b is not None for b in biases):
-                    w = group.base_weight
-                    group.base_bias = torch.cat(
-                        [
-                            b.detach() if b is not None else w.new_zeros(lin.out_features)
-                            for b, lin in zip(biases, linears, strict=True)
-                        ]
-                    )
             # LoRA blocks: per member, every used adapter it has, in a fixed order.
             a_blocks: list[tuple[Any, str]] = []
             b_parts: list[list[Any]] = []
@@ -466,6 +542,16 @@ class FusedLora:
                         for a, name in a_blocks
                     ]
                 )
+                a_in_base = (
+                    fuse_base
+                    and bool(group.outs)
+                    and weight.device.type in A_IN_BASE_DEVICES
+                    and group.compute_dtype == weight.dtype
+                    and _spare_rows(linears) >= total_rank
+                )
+                if a_in_base:
+                    group.base_weight = _adjacent_weight(linears)  # a group of one too
+                    group.a_home = linears[0]
                 if group.base_weight is not None:
                     block_b = group.lora_a.new_zeros((sum(group.outs), total_rank))
                     out_offset = 0
@@ -474,6 +560,14 @@ class FusedLora:
                             block_b[out_offset : out_offset + size, offset : offset + rank] = b
                         out_offset += size
                     group.block_b = block_b
+            if group.base_weight is not None:
+                group.base_bias = _joined_bias(linears, group.base_weight)
+            if group.a_home is not None:
+                rank = group.lora_a.shape[0]
+                group.base_with_a = _with_rows(group.base_weight, rank)
+                group.a_slot = group.base_with_a[group.base_weight.shape[0] :]
+                if group.base_bias is not None:
+                    group.bias_with_a = torch.cat([group.base_bias, group.base_bias.new_zeros(rank)])
             groups.append(group)
         fused = cls(groups, used, fixed_layout=adapters is None)
         fused.set_rows(names)
@@ -486,6 +580,7 @@ class FusedLora:
         import torch
 
         names = tuple(names)
+        self.claim()
         if names == self.names:
             return
         with_lora = [g for g in self.groups if g.has_lora]
@@ -506,6 +601,16 @@ class FusedLora:
             for group in with_lora:
                 group.set_rows(row_adapter, row_copies and len(group.members) > 1, run)
         self.names = names
+
+    def claim(self) -> None:
+        """Write this forward's A matrices into the spare rows that hold A in the base matmul,
+        where another FusedLora built for the same model (other adapters) wrote its own since:
+        a forward, or a graph captured over it, reads them there."""
+        for group in self.groups:
+            home = group.a_home
+            if home is not None and getattr(home, A_OWNER_MARK, None) is not self._owner:
+                group.a_slot.copy_(group.lora_a)
+                setattr(home, A_OWNER_MARK, self._owner)
 
     def _adapted_run(self, names: tuple[str, ...]) -> tuple[int, int, int] | None:
         """(start, stop, adapter index) when the layout is fixed and rows start..stop-1 are every
@@ -531,6 +636,7 @@ class FusedLora:
 
             return forward
 
+        self.claim()
         try:
             for group in self.groups:
                 for index, module in enumerate(group.members):
