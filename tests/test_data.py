@@ -453,6 +453,19 @@ def test_empty_file_and_all_bad_records_raise_listing_problems(tmp_path):
     assert f"{bad}:1: missing field 'output'" in text and "and 5 more" in text and "hint:" in text
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+@pytest.mark.parametrize("text", ["", " \t\r\n\n  "])
+def test_an_empty_or_blank_file_is_said_to_be_empty(tmp_path, suffix, text):
+    """An empty .json was 'bad JSON at column 1: Input is a zero-length, empty document', with a
+    hint about a missing comma; it is empty, as an empty .jsonl is."""
+    empty = tmp_path / f"empty{suffix}"
+    empty.write_text(text)
+    with pytest.raises(DataError) as err:
+        load_dataset([str(empty)])
+    assert err.value.message == f"no valid training sample in {empty}: the file is empty"
+    assert "holds no records" in str(err.value)
+
+
 # ================================================================ path#N
 
 
