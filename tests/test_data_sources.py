@@ -141,6 +141,18 @@ def test_a_csv_row_with_an_unquoted_comma_is_named_not_shifted(tmp_path, where):
     assert messages(str(path))[0][-1]["content"] == "Paris, of course"
 
 
+@pytest.mark.parametrize(("encoding", "row"), [("cp1252", 3), ("utf-16", 1)], ids=["excel-csv", "utf-16"])
+def test_a_csv_not_in_utf8_names_its_row_and_the_fix(tmp_path, encoding, row):
+    """Excel's plain "CSV" is the Windows code page: the message was pandas' "cannot be read as
+    csv: 'utf-8' codec can't decode byte 0xe9 in position 43", with a hint to check the file type."""
+    path = tmp_path / "excel.csv"
+    path.write_text("instruction,output\nHello?,Hi\nCoffee?,Un café\n", encoding=encoding)
+    with pytest.raises(DataError) as caught:
+        read_records(path)
+    assert caught.value.message.startswith(f"{path} row {row}: bytes that are not UTF-8 (0x")
+    assert "UTF-8" in caught.value.hint and "codec" not in str(caught.value)
+
+
 def test_columnar_files_of_mixed_formats_keep_every_row(tmp_path):
     """Parquet, arrow and save_to_disk give every row every column, null where a record had none:
     a null column used to count as present, so the alpaca rows here were read as messages and

@@ -157,17 +157,42 @@ def _check_csv_rows(path: Path) -> None:
     cause. Rows are numbered as a spreadsheet shows them (header: row 1)."""
     import csv
 
-    with open(path, encoding="utf-8-sig", newline="") as file:
-        rows = csv.reader(file)
-        header = next(rows, [])
-        for number, row in enumerate(rows, start=2):
-            if len(row) > len(header):
-                raise DataError(
-                    f"{path} row {number}: {len(row)} cells where the header has {len(header)} "
-                    f"({', '.join(header)})",
-                    hint='put a cell that holds a comma in double quotes ("Paris, of course"), as '
-                    "spreadsheets do when they save CSV",
-                )
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as file:
+            rows = csv.reader(file)
+            header = next(rows, [])
+            for number, row in enumerate(rows, start=2):
+                if len(row) > len(header):
+                    raise DataError(
+                        f"{path} row {number}: {len(row)} cells where the header has {len(header)} "
+                        f"({', '.join(header)})",
+                        hint='put a cell that holds a comma in double quotes ("Paris, of course"), as '
+                        "spreadsheets do when they save CSV",
+                    )
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+
+
+def _not_utf8(path: Path) -> DataError:
+    """Where a CSV file stops being UTF-8, as the row a spreadsheet shows (the reader decodes in
+    blocks, so its error says neither). Excel's plain "CSV" is written in the Windows code page."""
+    import csv
+    import io
+
+    raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
+    try:
+        raw.decode("utf-8")
+        start = len(raw)  # the file changed since: the row after the last
+    except UnicodeDecodeError as exc:
+        start = exc.start
+    before = raw[:start].decode("utf-8")
+    rows = sum(1 for _ in csv.reader(io.StringIO(before, newline="")))
+    row = rows + 1 if not before or before.endswith(("\n", "\r")) else rows
+    found = f" (0x{raw[start]:02x})" if start < len(raw) else ""
+    return DataError(
+        f"{path} row {row}: bytes that are not UTF-8{found}",
+        hint="save the file as UTF-8 (Excel: Save As, CSV UTF-8)",
+    )
 
 
 def _load_saved(folder: Path) -> Any:
