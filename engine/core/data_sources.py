@@ -138,8 +138,8 @@ def _csv_as_text(datasets: Any, path: Path) -> dict[str, Any]:
     empty cell as missing."""
     import pandas as pd
 
-    _check_csv_rows(path)
-    first = pd.read_csv(path, nrows=1)  # the header, with duplicates named as pandas names them
+    sep = _check_csv_rows(path)
+    first = pd.read_csv(path, nrows=1, sep=sep)  # the header, with duplicates named as pandas names them
     if first.empty:  # else datasets says: Instruction "train" corresponds to no data!
         raise DataError(
             f"{path} holds a header row and no records",
@@ -147,30 +147,46 @@ def _csv_as_text(datasets: Any, path: Path) -> dict[str, Any]:
         )
     columns = first.columns
     string = datasets.Value("string")
-    return {"features": datasets.Features({str(c): string for c in columns}), "na_filter": False}
+    return {"features": datasets.Features({str(c): string for c in columns}), "na_filter": False, "sep": sep}
 
 
-def _check_csv_rows(path: Path) -> None:
+_SEPARATORS = {",": "a comma", ";": "a semicolon", "\t": "a tab"}
+
+
+def _check_csv_rows(path: Path) -> str:
     """DataError for a row with more cells than the header: pandas would shift it (a first record
     with one cell too many makes its first cell an index, the rest move left and train as the
     wrong fields) or fail with a message of its own. An unquoted comma in an answer is the usual
-    cause. Rows are numbered as a spreadsheet shows them (header: row 1)."""
+    cause. Rows are numbered as a spreadsheet shows them (header: row 1).
+
+    Returns the separator: whichever of comma, semicolon and tab the header holds most of. Excel
+    saves CSV with semicolons where the comma is the decimal mark, and a table copied from a
+    spreadsheet has tabs."""
     import csv
 
     try:
         with open(path, encoding="utf-8-sig", newline="") as file:
-            rows = csv.reader(file)
-            header = next(rows, [])
+            header_line = file.readline()
+            sep = max(_SEPARATORS, key=header_line.count)
+            file.seek(0)
+            rows = csv.reader(file, delimiter=sep)
+            header = next((row for row in rows if row), [])  # pandas skips blank lines too
+            if not header:
+                raise DataError(
+                    f"no valid training sample in {path}: the file is empty",
+                    hint="write a header row (instruction,output) and one row per sample below it",
+                )
             for number, row in enumerate(rows, start=2):
                 if len(row) > len(header):
                     raise DataError(
                         f"{path} row {number}: {len(row)} cells where the header has {len(header)} "
                         f"({', '.join(header)})",
-                        hint='put a cell that holds a comma in double quotes ("Paris, of course"), as '
-                        "spreadsheets do when they save CSV",
+                        hint=f"put a cell that holds {_SEPARATORS[sep]} in double quotes "
+                        '("Paris, of course"), as spreadsheets do when they save CSV',
                     )
     except UnicodeDecodeError:
         raise _not_utf8(path) from None
+    return sep
 
 
 def _not_utf8(path: Path) -> DataError:
