@@ -221,6 +221,16 @@ def test_format_detected_per_record_and_extra_fields_are_fine(tmp_path):
     assert [s.messages for s in samples] == [[user("q"), bot("a")]] * 4
 
 
+def test_field_names_in_another_case_say_how_to_write_them(tmp_path):
+    """A spreadsheet's header (Instruction,Output) was 'unknown format (keys: Input, Instruction,
+    Output): expected ...', with nothing on why those keys are not the ones expected."""
+    path = write_jsonl(tmp_path / "cased.jsonl", [{"Instruction": "q", "Input": "", "Output": "a"}])
+    _, problems = read_records(path)
+    assert problems[0].reason.endswith(
+        "field names are lower case: write 'Instruction' as 'instruction', 'Output' as 'output'"
+    )
+
+
 def test_json_list_file_uses_index_sources(tmp_path):
     path = tmp_path / "d.json"
     path.write_text(json.dumps([qa("q", "a"), {"instruction": "q"}, qa("q2", "a2")]))
