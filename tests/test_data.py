@@ -221,6 +221,16 @@ def test_format_detected_per_record_and_extra_fields_are_fine(tmp_path):
     assert [s.messages for s in samples] == [[user("q"), bot("a")]] * 4
 
 
+def test_field_names_in_another_case_say_how_to_write_them(tmp_path):
+    """A spreadsheet's header (Instruction,Output) was 'unknown format (keys: Input, Instruction,
+    Output): expected ...', with nothing on why those keys are not the ones expected."""
+    path = write_jsonl(tmp_path / "cased.jsonl", [{"Instruction": "q", "Input": "", "Output": "a"}])
+    _, problems = read_records(path)
+    assert problems[0].reason.endswith(
+        "field names are lower case: write 'Instruction' as 'instruction', 'Output' as 'output'"
+    )
+
+
 def test_json_list_file_uses_index_sources(tmp_path):
     path = tmp_path / "d.json"
     path.write_text(json.dumps([qa("q", "a"), {"instruction": "q"}, qa("q2", "a2")]))
@@ -451,6 +461,19 @@ def test_empty_file_and_all_bad_records_raise_listing_problems(tmp_path):
     text = str(err.value)
     assert len(err.value.problems) == 15
     assert f"{bad}:1: missing field 'output'" in text and "and 5 more" in text and "hint:" in text
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+@pytest.mark.parametrize("text", ["", " \t\r\n\n  "])
+def test_an_empty_or_blank_file_is_said_to_be_empty(tmp_path, suffix, text):
+    """An empty .json was 'bad JSON at column 1: Input is a zero-length, empty document', with a
+    hint about a missing comma; it is empty, as an empty .jsonl is."""
+    empty = tmp_path / f"empty{suffix}"
+    empty.write_text(text)
+    with pytest.raises(DataError) as err:
+        load_dataset([str(empty)])
+    assert err.value.message == f"no valid training sample in {empty}: the file is empty"
+    assert "holds no records" in str(err.value)
 
 
 # ================================================================ path#N

@@ -141,6 +141,40 @@ def test_a_csv_row_with_an_unquoted_comma_is_named_not_shifted(tmp_path, where):
     assert messages(str(path))[0][-1]["content"] == "Paris, of course"
 
 
+@pytest.mark.parametrize(("encoding", "row"), [("cp1252", 3), ("utf-16", 1)], ids=["excel-csv", "utf-16"])
+def test_a_csv_not_in_utf8_names_its_row_and_the_fix(tmp_path, encoding, row):
+    """Excel's plain "CSV" is the Windows code page: the message was pandas' "cannot be read as
+    csv: 'utf-8' codec can't decode byte 0xe9 in position 43", with a hint to check the file type."""
+    path = tmp_path / "excel.csv"
+    path.write_text("instruction,output\nHello?,Hi\nCoffee?,Un café\n", encoding=encoding)
+    with pytest.raises(DataError) as caught:
+        read_records(path)
+    assert caught.value.message.startswith(f"{path} row {row}: bytes that are not UTF-8 (0x")
+    assert "UTF-8" in caught.value.hint and "codec" not in str(caught.value)
+
+
+@pytest.mark.parametrize("sep", [";", "\t"], ids=["semicolon", "tab"])
+def test_a_csv_separated_by_semicolons_or_tabs_reads_its_cells(tmp_path, sep):
+    """Excel in many languages saves CSV with semicolons, and a pasted table has tabs: every row
+    was refused as 'unknown format (keys: instruction;output)'."""
+    path = tmp_path / "sep.csv"
+    rows = [["instruction", "input", "output"], ["Add 1,5 and 2.", "", "3,5"], ["Say hi.", "", '"Hi; hello"']]
+    path.write_text("\ufeff" + "\r\n".join(sep.join(r) for r in rows) + "\r\n", encoding="utf-8")
+    assert messages(str(path)) == [
+        [{"role": "user", "content": "Add 1,5 and 2."}, {"role": "assistant", "content": "3,5"}],
+        [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi; hello"}],
+    ]
+
+
+def test_an_empty_csv_is_said_to_be_empty(tmp_path):
+    """It was 'cannot be read as csv: No columns to parse from file'."""
+    path = tmp_path / "empty.csv"
+    path.write_text("\n", encoding="utf-8")
+    with pytest.raises(DataError) as caught:
+        read_records(path)
+    assert caught.value.message == f"no valid training sample in {path}: the file is empty"
+
+
 def test_columnar_files_of_mixed_formats_keep_every_row(tmp_path):
     """Parquet, arrow and save_to_disk give every row every column, null where a record had none:
     a null column used to count as present, so the alpaca rows here were read as messages and

@@ -138,8 +138,8 @@ def _csv_as_text(datasets: Any, path: Path) -> dict[str, Any]:
     empty cell as missing."""
     import pandas as pd
 
-    _check_csv_rows(path)
-    first = pd.read_csv(path, nrows=1)  # the header, with duplicates named as pandas names them
+    sep = _check_csv_rows(path)
+    first = pd.read_csv(path, nrows=1, sep=sep)  # the header, with duplicates named as pandas names them
     if first.empty:  # else datasets says: Instruction "train" corresponds to no data!
         raise DataError(
             f"{path} holds a header row and no records",
@@ -147,27 +147,68 @@ def _csv_as_text(datasets: Any, path: Path) -> dict[str, Any]:
         )
     columns = first.columns
     string = datasets.Value("string")
-    return {"features": datasets.Features({str(c): string for c in columns}), "na_filter": False}
+    return {"features": datasets.Features({str(c): string for c in columns}), "na_filter": False, "sep": sep}
 
 
-def _check_csv_rows(path: Path) -> None:
+_SEPARATORS = {",": "a comma", ";": "a semicolon", "\t": "a tab"}
+
+
+def _check_csv_rows(path: Path) -> str:
     """DataError for a row with more cells than the header: pandas would shift it (a first record
     with one cell too many makes its first cell an index, the rest move left and train as the
     wrong fields) or fail with a message of its own. An unquoted comma in an answer is the usual
-    cause. Rows are numbered as a spreadsheet shows them (header: row 1)."""
+    cause. Rows are numbered as a spreadsheet shows them (header: row 1).
+
+    Returns the separator: whichever of comma, semicolon and tab the header holds most of. Excel
+    saves CSV with semicolons where the comma is the decimal mark, and a table copied from a
+    spreadsheet has tabs."""
     import csv
 
-    with open(path, encoding="utf-8-sig", newline="") as file:
-        rows = csv.reader(file)
-        header = next(rows, [])
-        for number, row in enumerate(rows, start=2):
-            if len(row) > len(header):
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as file:
+            header_line = file.readline()
+            sep = max(_SEPARATORS, key=header_line.count)
+            file.seek(0)
+            rows = csv.reader(file, delimiter=sep)
+            header = next((row for row in rows if row), [])  # pandas skips blank lines too
+            if not header:
                 raise DataError(
-                    f"{path} row {number}: {len(row)} cells where the header has {len(header)} "
-                    f"({', '.join(header)})",
-                    hint='put a cell that holds a comma in double quotes ("Paris, of course"), as '
-                    "spreadsheets do when they save CSV",
+                    f"no valid training sample in {path}: the file is empty",
+                    hint="write a header row (instruction,output) and one row per sample below it",
                 )
+            for number, row in enumerate(rows, start=2):
+                if len(row) > len(header):
+                    raise DataError(
+                        f"{path} row {number}: {len(row)} cells where the header has {len(header)} "
+                        f"({', '.join(header)})",
+                        hint=f"put a cell that holds {_SEPARATORS[sep]} in double quotes "
+                        '("Paris, of course"), as spreadsheets do when they save CSV',
+                    )
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+    return sep
+
+
+def _not_utf8(path: Path) -> DataError:
+    """Where a CSV file stops being UTF-8, as the row a spreadsheet shows (the reader decodes in
+    blocks, so its error says neither). Excel's plain "CSV" is written in the Windows code page."""
+    import csv
+    import io
+
+    raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
+    try:
+        raw.decode("utf-8")
+        start = len(raw)  # the file changed since: the row after the last
+    except UnicodeDecodeError as exc:
+        start = exc.start
+    before = raw[:start].decode("utf-8")
+    rows = sum(1 for _ in csv.reader(io.StringIO(before, newline="")))
+    row = rows + 1 if not before or before.endswith(("\n", "\r")) else rows
+    found = f" (0x{raw[start]:02x})" if start < len(raw) else ""
+    return DataError(
+        f"{path} row {row}: bytes that are not UTF-8{found}",
+        hint="save the file as UTF-8 (Excel: Save As, CSV UTF-8)",
+    )
 
 
 def _load_saved(folder: Path) -> Any:

@@ -88,6 +88,8 @@ def _records(path: Path, raw: bytes) -> Iterator[tuple[str, Any]]:
     .json with one object per line, and JSON spread over lines (pretty-printed: a list, one
     object, or objects one after another as `jq` writes them) in a .jsonl too.
     """
+    if not _first_byte(raw):
+        return  # empty or blank: no records, which data.py says as such (not as "bad JSON")
     if _spread_over_lines(raw):
         yield from _document_records(path, raw)
     elif path.suffix.lower() == ".jsonl":

@@ -97,8 +97,12 @@ def normalise_record(record: Any) -> list[Message]:
         nulls = sorted(k for k in FORMAT_KEYS if k in record and record[k] is None)
         null = f"; null: {', '.join(nulls)}" if nulls else ""
         shapes = [f.shape for f in FORMATS]
+        # A spreadsheet's header is often capitalised (Instruction, Output).
+        cased = sorted(k for k in map(str, record) if k != k.lower() and k.lower() in FORMAT_KEYS)
+        case = ", ".join(f"{k!r} as {k.lower()!r}" for k in cased)
         raise InvalidRecord(
             f"unknown format (keys: {keys}{null}): expected {', '.join(shapes[:-1])} or {shapes[-1]}"
+            + (f"; field names are lower case: write {case}" if cased else "")
         )
     turns = found.read(record)
     # An empty system prompt is how many exported datasets say "none".
