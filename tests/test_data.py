@@ -221,14 +221,26 @@ def test_format_detected_per_record_and_extra_fields_are_fine(tmp_path):
     assert [s.messages for s in samples] == [[user("q"), bot("a")]] * 4
 
 
-def test_field_names_in_another_case_say_how_to_write_them(tmp_path):
+def test_field_names_in_another_case_read_as_their_format(tmp_path):
     """A spreadsheet's header (Instruction,Output) was 'unknown format (keys: Input, Instruction,
-    Output): expected ...', with nothing on why those keys are not the ones expected."""
-    path = write_jsonl(tmp_path / "cased.jsonl", [{"Instruction": "q", "Input": "", "Output": "a"}])
-    _, problems = read_records(path)
-    assert problems[0].reason.endswith(
-        "field names are lower case: write 'Instruction' as 'instruction', 'Output' as 'output'"
+    Output): expected ...'. ms-swift reads it; so does this, as long as no two names become one."""
+    path = write_jsonl(
+        tmp_path / "cased.jsonl",
+        [
+            {"Instruction": "q", "Input": "", "Output": "a", "SYSTEM": "s"},
+            {"Conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+            {"Output": "a", "OUTPUT": "b"},  # two names that would become one: not guessed at
+        ],
     )
+    samples, problems = read_records(path)
+    assert [s.messages for s in samples] == [
+        [{"role": "system", "content": "s"}, user("q"), bot("a")],
+        [user("q"), bot("a")],
+    ]
+    assert [p.source for p in problems] == [f"{path}:3"] and "unknown format" in problems[0].reason
+    one = tmp_path / "one.json"  # a .json holding one such record is that record, not a wrapper
+    one.write_text(json.dumps({"Instruction": "q", "Output": "a"}))
+    assert [s.messages for s in read_records(one)[0]] == [[user("q"), bot("a")]]
 
 
 def test_json_list_file_uses_index_sources(tmp_path):

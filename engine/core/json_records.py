@@ -20,7 +20,14 @@ import orjson
 
 from .errors import DataError
 from .limits import MAX_DATASET_BYTES, gib
-from .record_formats import FORMAT_KEYS, InvalidRecord, UnreadableRecord, kind_of, record_format
+from .record_formats import (
+    FORMAT_KEYS,
+    InvalidRecord,
+    UnreadableRecord,
+    in_format_case,
+    kind_of,
+    record_format,
+)
 
 # A single record larger than this is almost always a mistake (a whole file on one line, a
 # pasted binary); refusing it keeps the tokeniser and the TUI responsive.
@@ -210,7 +217,7 @@ def _lone_record(path: Path, document: dict) -> dict:
         and isinstance(value, list)
         and any(isinstance(item, dict) for item in value)
     ]
-    if wraps or record_format(document) is None:
+    if wraps or record_format(in_format_case(document)) is None:
         keys = ", ".join(sorted(map(str, document))[:8]) or "none"
         raise DataError(
             f"{path}: expected a JSON list of records, found an object with keys: {keys}",

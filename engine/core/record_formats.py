@@ -86,6 +86,7 @@ def normalise_record(record: Any) -> list[Message]:
         raise InvalidRecord(
             f"expected a JSON object {{...}} holding the record's fields, found {kind_of(record)}"
         )
+    record = in_format_case(record)
     found = record_format(record)
     kind = untrained_kind(record, chat_format=found is not None)
     if kind:
@@ -97,12 +98,8 @@ def normalise_record(record: Any) -> list[Message]:
         nulls = sorted(k for k in FORMAT_KEYS if k in record and record[k] is None)
         null = f"; null: {', '.join(nulls)}" if nulls else ""
         shapes = [f.shape for f in FORMATS]
-        # A spreadsheet's header is often capitalised (Instruction, Output).
-        cased = sorted(k for k in map(str, record) if k != k.lower() and k.lower() in FORMAT_KEYS)
-        case = ", ".join(f"{k!r} as {k.lower()!r}" for k in cased)
         raise InvalidRecord(
             f"unknown format (keys: {keys}{null}): expected {', '.join(shapes[:-1])} or {shapes[-1]}"
-            + (f"; field names are lower case: write {case}" if cased else "")
         )
     turns = found.read(record)
     # An empty system prompt is how many exported datasets say "none".
@@ -121,6 +118,18 @@ def record_format(record: dict) -> RecordFormat | None:
     own."""
     present = {key for key, value in record.items() if value is not None}
     return next((f for f in FORMATS if present.intersection(f.keys)), None)
+
+
+def in_format_case(record: dict) -> dict:
+    """The record with its field names lower-cased where they are in another case (a spreadsheet's
+    Instruction,Output header, as ms-swift reads it) and that makes it a record of some format
+    with no two names made one; else the record itself."""
+    if record_format(record) is not None:
+        return record
+    lowered = {str(key).lower(): value for key, value in record.items()}
+    if len(lowered) == len(record) and record_format(lowered) is not None:
+        return lowered
+    return record
 
 
 def record_tools(record: dict) -> list[dict]:
