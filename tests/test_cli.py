@@ -277,3 +277,16 @@ def test_ctrl_c_before_a_command_takes_it_says_so(monkeypatch, capsys):
     monkeypatch.setattr(status, "status_main", interrupted)
     assert main(["status"]) == 130
     assert "interrupted (Ctrl-C)" in capsys.readouterr().err
+
+
+def test_the_data_line_counts_the_records_it_skipped(capsys):
+    """A file with unreadable records said '0 dropped' right above the records it skipped
+    ('dropped' counts the samples left out when tokenised)."""
+    from tunebench.engine.cli.progress import ProgressRenderer
+    from tunebench.engine.core import protocol as P
+
+    problems = ["d.jsonl:2: unknown format (keys: bad)"]
+    ProgressRenderer()(P.DataReport(samples=2, tokens=70, problems=problems, skipped=1))
+    out = capsys.readouterr().out
+    assert "2 training samples, 0 eval, 70 tokens; 1 skipped, 0 truncated, 0 dropped" in out
+    assert "  skipped d.jsonl:2: unknown format" in out

@@ -42,7 +42,7 @@ class ProgressRenderer:
         elif kind == "DataReport":
             self._print(
                 f"data    {event.samples} training samples, {event.eval_samples} eval, "
-                f"{event.tokens} tokens; {event.truncated} truncated, {event.dropped} dropped"
+                f"{event.tokens} tokens; {event.left_out()}"
             )
             for problem in event.problems[:20]:
                 self._print(f"  skipped {problem}")

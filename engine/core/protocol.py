@@ -184,8 +184,13 @@ class DataReport(Event):
     eval_samples: int = 0
     tokens: int = 0
     truncated: int = 0
-    dropped: int = 0
+    dropped: int = 0  # samples left out when tokenised (no answer left within max_length, ...)
     problems: list[str] = field(default_factory=list)  # "file:line: reason"
+    skipped: int = 0  # records that could not be read as samples (reasons in problems)
+
+    def left_out(self) -> str:
+        """The counts of what does not train as it was written, as the CLI and the TUI say them."""
+        return f"{self.skipped} skipped, {self.truncated} truncated, {self.dropped} dropped"
 
 
 @dataclass(frozen=True)

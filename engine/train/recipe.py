@@ -440,6 +440,7 @@ def _load_data(cfg: TrainConfig, tokenizer: Any, emit: Emit, cancel: Any) -> tup
             truncated=report.truncated + eval_report.truncated,
             dropped=report.dropped + eval_report.dropped,
             problems=all_problems[:200],
+            skipped=len(problems),
         )
     )
     if not train_set:

@@ -106,7 +106,7 @@ class TrainPane(Vertical):
         elif isinstance(event, P.DataReport):
             self.log_line(
                 f"data {event.samples} train / {event.eval_samples} eval samples, {event.tokens:,} "
-                f"tokens; {event.truncated} truncated, {event.dropped} dropped"
+                f"tokens; {event.left_out()}"
             )
             for problem in event.problems[:10]:
                 self.log_line(f"  skipped {problem}", "yellow")
