@@ -310,3 +310,18 @@ def test_openai_content_parts_of_text_are_accepted(tmp_path):
             {"role": "assistant", "content": "A small model."},
         ]
     ]
+
+
+def test_a_compressed_dataset_says_to_decompress_it(tmp_path):
+    """A .jsonl.gz was 'unknown dataset extension .gz' with the list of types, as if it were one."""
+    import gzip
+
+    path = tmp_path / "train.jsonl.gz"
+    path.write_bytes(gzip.compress(b'{"instruction": "q", "output": "a"}\n'))
+    with pytest.raises(DataError) as caught:
+        load_dataset([str(path)])
+    assert str(caught.value) == f"{path} is compressed (.gz): datasets are read as they are written"
+    assert (
+        caught.value.hint
+        == f"decompress it first (gunzip -k {path}), then name the file that comes out (train.jsonl)"
+    )

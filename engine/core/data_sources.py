@@ -22,6 +22,8 @@ JSON_EXTENSIONS = (".jsonl", ".json")
 # The `datasets` builder that reads each other file type.
 BUILDERS = {".csv": "csv", ".parquet": "parquet", ".arrow": "arrow", ".txt": "text"}
 DATA_EXTENSIONS = (*JSON_EXTENSIONS, *BUILDERS)
+# Compressed files, and the command that gives back the file inside.
+DECOMPRESS = {".gz": "gunzip -k", ".bz2": "bunzip2 -k", ".xz": "unxz -k", ".zst": "unzstd", ".zip": "unzip"}
 # What `save_to_disk` writes: a Dataset's folder, and a DatasetDict's (one folder per split).
 SAVED_DATASET_FILES = ("state.json", "dataset_info.json")
 SAVED_DATASET_DICT_FILE = "dataset_dict.json"
@@ -62,6 +64,12 @@ def records(path: Path) -> Iterator[tuple[str, Any]]:
         )
     elif path.is_file():
         builder = BUILDERS.get(path.suffix.lower())
+        if builder is None and path.suffix.lower() in DECOMPRESS:
+            raise DataError(
+                f"{path} is compressed ({path.suffix}): datasets are read as they are written",
+                hint=f"decompress it first ({DECOMPRESS[path.suffix.lower()]} {path}), then name the "
+                f"file that comes out{f' ({path.stem})' if Path(path.stem).suffix else ''}",
+            )
         if builder is None:
             raise DataError(
                 f"{path}: unknown dataset extension {path.suffix or '(none)'!r}",
