@@ -320,8 +320,7 @@ def test_a_compressed_dataset_says_to_decompress_it(tmp_path):
     path.write_bytes(gzip.compress(b'{"instruction": "q", "output": "a"}\n'))
     with pytest.raises(DataError) as caught:
         load_dataset([str(path)])
-    assert str(caught.value) == f"{path} is compressed (.gz): datasets are read as they are written"
-    assert (
-        caught.value.hint
-        == f"decompress it first (gunzip -k {path}), then name the file that comes out (train.jsonl)"
-    )
+    said = str(caught.value)
+    assert said.startswith(f"{path} is compressed (.gz): datasets are read as they are written")
+    hint = f"decompress it first (gunzip -k {path}), then name the file that comes out (train.jsonl)"
+    assert hint in said
