@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from tiny import QWEN25_7B
+from torch.utils._python_dispatch import TorchDispatchMode
 from tunebench.engine.core.config import TrainConfig
 from tunebench.engine.core.memory_model import (
     LOSS_SLICE_TOKENS,
@@ -209,10 +210,26 @@ def test_chunked_loss_equals_full_cross_entropy():
 
     sliced = fused_loss.in_slices(whole, 16)(h, w, t)
     assert calls == [16, 16, 16, 2]
-    sh, sw = torch.autograd.grad(sliced, (h, w))
+    with FullSizeTensors(h.shape) as made:  # a long sample's hidden states are GiBs
+        sh, sw = torch.autograd.grad(sliced, (h, w))
+    assert len(made.ops) == 1, made.ops  # the gradient itself (slicing made 7: one per slice, and sums)
     torch.testing.assert_close(sliced, full)
     torch.testing.assert_close(sh, gh)
     torch.testing.assert_close(sw, gw)
+
+
+class FullSizeTensors(TorchDispatchMode):
+    """Records the ops that make a tensor of `shape` while it is entered."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.ops = tuple(shape), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and tuple(out.shape) == self.shape and "detach" not in str(func):
+            self.ops.append(str(func))
+        return out
 
 
 def test_technique_switches():

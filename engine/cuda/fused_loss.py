@@ -40,12 +40,13 @@ def in_slices(ce, slice_tokens: int):
     with the transient logits of one slice at a time however long the forward."""
 
     def loss(hidden, weight, targets):
-        n = hidden.shape[0]
-        if n <= slice_tokens:
+        if hidden.shape[0] <= slice_tokens:
             return ce(hidden, weight, targets)
+        # split, not slicing: split's backward joins the slices' gradients in one tensor of the
+        # hidden states' size, where each slice's backward made one and the sum of them another
         parts = [
-            ce(hidden[start : start + slice_tokens], weight, targets[start : start + slice_tokens])
-            for start in range(0, n, slice_tokens)
+            ce(h, weight, t)
+            for h, t in zip(hidden.split(slice_tokens), targets.split(slice_tokens), strict=True)
         ]
         return torch.stack(parts).sum()
 
