@@ -965,3 +965,14 @@ def test_mask_on_the_demo_models_template(smollm2_tokenizer):
     # Rendering the whole text and tokenising it at once gives the same ids on this template.
     full = tok(tok.apply_chat_template(multi.messages, tokenize=False), add_special_tokens=False)["input_ids"]
     assert out[2].input_ids == full
+
+
+def test_a_tail_of_nul_bytes_is_said_to_be_one(tmp_path):
+    """A file whose writer was cut short ends in NUL bytes; the line was 'bad JSON at column 1'."""
+    path = tmp_path / "cut.jsonl"
+    path.write_bytes(json.dumps(qa("q", "a")).encode() + b"\n" + b"\0" * 300)
+    samples, problems = read_records(path)
+    assert len(samples) == 1
+    assert [(p.source, p.reason) for p in problems] == [
+        (f"{path}:2", "NUL bytes where a record goes: was the file cut off while written?")
+    ]

@@ -257,4 +257,10 @@ def _jsonl_records(path: Path, raw: bytes) -> Iterator[tuple[str, Any]]:
         try:
             yield source, orjson.loads(text)
         except orjson.JSONDecodeError as exc:
+            if text.startswith("\0"):  # what a disk leaves where a write was cut short (a crash, a full disk)
+                yield (
+                    source,
+                    UnreadableRecord("NUL bytes where a record goes: was the file cut off while written?"),
+                )
+                continue
             yield source, UnreadableRecord(f"bad JSON at column {exc.colno}: {exc.msg}")
