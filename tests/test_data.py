@@ -976,3 +976,17 @@ def test_a_tail_of_nul_bytes_is_said_to_be_one(tmp_path):
     assert [(p.source, p.reason) for p in problems] == [
         (f"{path}:2", "NUL bytes where a record goes: was the file cut off while written?")
     ]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be"])
+def test_utf16_without_its_byte_order_mark_is_said_to_be_utf16(tmp_path, encoding):
+    """Each line was 'bad JSON ... expected a string key', with nothing on the encoding."""
+    path = tmp_path / "wide.jsonl"
+    path.write_bytes((json.dumps(qa("q", "a")) + "\n").encode(encoding) * 3)
+    with pytest.raises(DataError, match="is UTF-16 text"):
+        read_records(path)
+    path.write_bytes(b"\0" * 4096)  # zeros, as a disk leaves a file whose write was cut short
+    samples, problems = read_records(path)
+    assert not samples and [p.reason for p in problems] == [
+        "NUL bytes where a record goes: was the file cut off while written?"
+    ]

@@ -47,9 +47,16 @@ def _read_bytes(path: Path) -> bytes:
         raw = _read_regular_file(path)
     except OSError as exc:
         raise DataError(f"cannot read {path}: {exc.strerror}", hint="check the file's permissions") from None
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or _utf16_without_bom(raw):
         raise DataError(f"{path} is UTF-16 text", hint="save it as UTF-8 (most editors: Save with Encoding)")
     return raw[len(_BOM) :] if raw.startswith(_BOM) else raw
+
+
+def _utf16_without_bom(raw: bytes) -> bool:
+    """JSON in UTF-16 written without its byte-order mark: its first characters are ASCII ({, [,
+    quotes, spaces), so every other byte of them is zero. UTF-8 JSON holds no zero bytes there."""
+    even, odd = raw[:64:2], raw[1:64:2]
+    return len(odd) >= 2 and (any(even) != any(odd))  # not a file of zeros (a write cut short)
 
 
 def _read_regular_file(path: Path) -> bytes:
