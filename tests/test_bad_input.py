@@ -1652,3 +1652,14 @@ def test_a_plan_too_big_for_the_ram_is_refused_with_settings_that_fit(
     for words in (*what, *fix):
         assert words in text, f"{words!r} not in:\n{text}"
     assert tree(folder, tiny_model_dir) == before
+
+
+def test_a_dataset_mostly_skipped_says_so_before_training(tmp_path, monkeypatch, capfd, tiny_model_dir):
+    """Two good records among five in a format TuneBench does not read trained on the two, with
+    the skipped ones listed but nothing saying most of the data was left out."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mixed.jsonl").write_bytes(lines(GOOD, GOOD, *[{"prompt_text": "q", "reply": "a"}] * 3))
+    argv = ["train", "--model", str(tiny_model_dir), "--output_dir", "runs", "--dataset", "mixed.jsonl"]
+    code, out, err = run_cli([*argv, "--max_steps", "1"], capfd)
+    assert code == 0, err
+    assert "3 of 5 records could not be read and are skipped" in out

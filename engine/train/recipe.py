@@ -445,6 +445,9 @@ def _load_data(cfg: TrainConfig, tokenizer: Any, emit: Emit, cancel: Any) -> tup
     )
     if not train_set:
         raise no_sample_left(all_problems, cfg.max_length)
+    read = len(train_set) + len(eval_set) + report.dropped + eval_report.dropped
+    if len(problems) >= read:  # most of the data is not training: a format mistake, more likely than not
+        emit(P.Log(message=mostly_skipped_note(len(problems), len(problems) + read)))
     emit(P.Log(message=f"chat template: {report.template}"))
     return train_set, eval_set
 
@@ -682,6 +685,13 @@ def no_eval_note(val_ratio: float, samples: int) -> str:
     return (
         f"--val_ratio {val_ratio} holds out nothing from {samples} sample(s) (one must stay "
         "to train on), so this run has no eval; add samples, or give --val_dataset"
+    )
+
+
+def mostly_skipped_note(skipped: int, records: int) -> str:
+    return (
+        f"{skipped} of {records} records could not be read and are skipped (the reasons are listed "
+        "with the data line): if that is not what you meant, stop the run and fix the data"
     )
 
 
