@@ -312,15 +312,37 @@ def test_openai_content_parts_of_text_are_accepted(tmp_path):
     ]
 
 
-def test_a_compressed_dataset_says_to_decompress_it(tmp_path):
+@pytest.mark.parametrize("suffix", [".jsonl.gz", ".json.gz", ".jsonl.bz2", ".jsonl.xz"])
+def test_a_compressed_json_file_reads_as_the_file_inside(tmp_path, suffix):
     """A .jsonl.gz was 'unknown dataset extension .gz' with the list of types, as if it were one."""
+    import bz2
+    import gzip
+    import lzma
+
+    compress = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress}[Path(suffix).suffix]
+    records = [{"instruction": "q", "output": "a"}, {"bad": 1}]
+    text = json.dumps(records) if suffix.startswith(".json.") else "\n".join(map(json.dumps, records))
+    path = tmp_path / f"train{suffix}"
+    path.write_bytes(compress(text.encode()))
+    samples, problems = load_dataset([str(path)])
+    assert [s.messages[-1]["content"] for s in samples] == ["a"]
+    where = f"{path}:2" if suffix.startswith(".jsonl") else f"{path}[1]"
+    assert [p.source for p in problems] == [where]
+
+
+def test_a_compressed_file_that_is_not_whole_or_not_json_says_what_to_do(tmp_path):
     import gzip
 
-    path = tmp_path / "train.jsonl.gz"
-    path.write_bytes(gzip.compress(b'{"instruction": "q", "output": "a"}\n'))
+    cut = tmp_path / "train.jsonl.gz"
+    cut.write_bytes(gzip.compress(b'{"instruction": "q", "output": "a"}\n' * 100)[:40])
+    with pytest.raises(DataError, match="cannot be decompressed") as caught:
+        load_dataset([str(cut)])
+    assert "check that it is whole" in str(caught.value)
+    table = tmp_path / "train.csv.gz"  # read through datasets: decompressed first
+    table.write_bytes(gzip.compress(b"instruction,output\nq,a\n"))
     with pytest.raises(DataError) as caught:
-        load_dataset([str(path)])
+        load_dataset([str(table)])
     said = str(caught.value)
-    assert said.startswith(f"{path} is compressed (.gz): datasets are read as they are written")
-    hint = f"decompress it first (gunzip -k {path}), then name the file that comes out (train.jsonl)"
+    assert said.startswith(f"{table} is compressed (.gz): datasets are read as they are written")
+    hint = f"decompress it first (gunzip -k {table}), then name the file that comes out (train.csv)"
     assert hint in said

@@ -154,7 +154,7 @@ def read_records(path: Path, cancel: Any = None) -> tuple[list[Sample], list[Rec
     threading.Event) is set, errors.Cancelled stops the reading between records.
     """
     path = Path(path)
-    is_json_file = path.suffix.lower() in EXTENSIONS and path.exists() and not path.is_dir()
+    is_json_file = data_sources.json_file_suffix(path) is not None and path.exists() and not path.is_dir()
     if is_json_file and data_sources.saved_dataset_folder(path) is None:
         rows = json_records.records(path)
     else:

@@ -22,8 +22,21 @@ JSON_EXTENSIONS = (".jsonl", ".json")
 # The `datasets` builder that reads each other file type.
 BUILDERS = {".csv": "csv", ".parquet": "parquet", ".arrow": "arrow", ".txt": "text"}
 DATA_EXTENSIONS = (*JSON_EXTENSIONS, *BUILDERS)
-# Compressed files, and the command that gives back the file inside.
+# Compressed files, and the command that gives back the file inside (a compressed .json or
+# .jsonl is read as it is: json_file_suffix).
 DECOMPRESS = {".gz": "gunzip -k", ".bz2": "bunzip2 -k", ".xz": "unxz -k", ".zst": "unzstd", ".zip": "unzip"}
+# The standard library's readers of the compressions a JSON file may come in.
+READ_COMPRESSED = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma"}
+
+
+def json_file_suffix(path: Path) -> str | None:
+    """.json or .jsonl for a JSON file, compressed (data.jsonl.gz) or not; else None."""
+    suffix = path.suffix.lower()
+    if suffix in READ_COMPRESSED:
+        suffix = Path(path.stem).suffix.lower()
+    return suffix if suffix in JSON_EXTENSIONS else None
+
+
 # What `save_to_disk` writes: a Dataset's folder, and a DatasetDict's (one folder per split).
 SAVED_DATASET_FILES = ("state.json", "dataset_info.json")
 SAVED_DATASET_DICT_FILE = "dataset_dict.json"

@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from .data_sources import READ_COMPRESSED, json_file_suffix
 from .errors import DataError
 from .limits import MAX_DATASET_BYTES, gib
 from .record_formats import (
@@ -47,9 +48,33 @@ def _read_bytes(path: Path) -> bytes:
         raw = _read_regular_file(path)
     except OSError as exc:
         raise DataError(f"cannot read {path}: {exc.strerror}", hint="check the file's permissions") from None
+    compression = READ_COMPRESSED.get(path.suffix.lower())
+    if compression:
+        raw = _decompressed(path, raw, compression)
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or _utf16_without_bom(raw):
         raise DataError(f"{path} is UTF-16 text", hint="save it as UTF-8 (most editors: Save with Encoding)")
     return raw[len(_BOM) :] if raw.startswith(_BOM) else raw
+
+
+def _decompressed(path: Path, raw: bytes, module: str) -> bytes:
+    """The JSON inside a compressed file, read up to MAX_DATASET_BYTES (a small file may hold a
+    great deal)."""
+    import importlib
+    import io
+    import lzma
+
+    opener = importlib.import_module(module).open
+    try:
+        with opener(io.BytesIO(raw), "rb") as inner:
+            data = inner.read(MAX_DATASET_BYTES + 1)
+    except (OSError, EOFError, lzma.LZMAError) as exc:  # gzip's BadGzipFile and bz2's are OSErrors
+        raise DataError(
+            f"{path} cannot be decompressed: {exc}",
+            hint="check that it is whole, or decompress it yourself and name the file that comes out",
+        ) from None
+    if len(data) > MAX_DATASET_BYTES:
+        raise _too_large(path, len(data))
+    return data
 
 
 def _utf16_without_bom(raw: bytes) -> bool:
@@ -106,7 +131,7 @@ def _records(path: Path, raw: bytes) -> Iterator[tuple[str, Any]]:
         return  # empty or blank: no records, which data.py says as such (not as "bad JSON")
     if _spread_over_lines(raw):
         yield from _document_records(path, raw)
-    elif path.suffix.lower() == ".jsonl":
+    elif json_file_suffix(path) == ".jsonl":
         yield from _jsonl_records(path, raw)
     else:
         try:
