@@ -290,3 +290,40 @@ def test_the_data_line_counts_the_records_it_skipped(capsys):
     out = capsys.readouterr().out
     assert "2 training samples, 0 eval, 70 tokens; 1 skipped, 0 truncated, 0 dropped" in out
     assert "  skipped d.jsonl:2: unknown format" in out
+
+
+def test_ms_swift_flags_with_nothing_to_set_are_accepted_and_said(capsys):
+    """--packing true, --use_liger_kernel true and the like stopped a copied `swift sft` command
+    with a bare 'unknown flag'."""
+    from tunebench.engine.cli import train as train_cli
+    from tunebench.engine.cli.flags import flag_values
+
+    argv = ["--packing", "true", "--use_liger_kernel", "true", "--dataset_num_proc", "4"]
+    argv += ["--save_only_model", "true", "--eval_strategy", "no", "--add_version", "false"]
+    args = train_cli.build_train_parser().parse_args(argv)
+    values = flag_values(args)
+    train_cli._say_swift_only_flags(args, values)
+    notes = capsys.readouterr().err.splitlines()
+    assert [n.split(":")[1].strip() for n in notes] == [
+        "--packing true",
+        "--use_liger_kernel true",
+        "--dataset_num_proc 4",
+        "--save_only_model true",
+        "--eval_strategy no",
+        "--add_version false",
+    ]
+    assert values["val_ratio"] == 0.0  # --eval_strategy no: no evaluation, as in ms-swift
+    args = train_cli.build_train_parser().parse_args(["--eval_strategy", "steps", "--val_ratio", "0.1"])
+    values = flag_values(args)
+    train_cli._say_swift_only_flags(args, values)
+    assert values["val_ratio"] == 0.1
+
+
+def test_chat_takes_swift_infers_backend_flag_and_points_vllm_to_deploy(capsys):
+    from tunebench.engine.cli.flags import adapter_parser
+
+    parser = adapter_parser("tunebench chat", "")
+    assert parser.parse_args(["--infer_backend", "pt"]).infer_backend == "pt"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--infer_backend", "vllm"])
+    assert "`tunebench deploy --infer_backend vllm` serves with vllm" in capsys.readouterr().err

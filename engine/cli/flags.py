@@ -145,6 +145,13 @@ def adapter_parser(prog: str, description: str, *, generation: bool = True) -> a
     )
     if generation:
         parser.add_argument("--system", default=None, help="system prompt (default: the run's)")
+        parser.add_argument(
+            "--infer_backend",
+            default="pt",
+            type=_built_in_backend,
+            help="pt, the built-in one (accepted from `swift infer` commands); vllm serves through "
+            "`tunebench deploy --infer_backend vllm`",
+        )
         group = parser.add_argument_group("generation")
         hints = get_type_hints(GenerationConfig)
         for f in dataclasses.fields(GenerationConfig):
@@ -155,6 +162,17 @@ def adapter_parser(prog: str, description: str, *, generation: bool = True) -> a
                 help=f"{f.metadata['help']} (default: {f.default})",
             )
     return parser
+
+
+def _built_in_backend(text: str) -> str:
+    if text != "pt":
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: chat and probe answer with the built-in backend (pt); "
+            f"`tunebench deploy --infer_backend {text}` serves with {text}"
+            if text == "vllm"
+            else f"{text!r}: chat and probe answer with the built-in backend (pt)"
+        )
+    return text
 
 
 def generation_config(args: argparse.Namespace) -> GenerationConfig:

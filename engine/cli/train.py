@@ -20,6 +20,20 @@ from ..core.launch import is_worker, launch_from
 from .flags import FlagParser, flag_values, join_negative_numbers
 from .progress import JsonRenderer, ProgressRenderer
 
+# ms-swift flags that set nothing here, each with what TuneBench does instead: accepted, so that a
+# copied `swift sft` command runs, and said once at the start.
+SWIFT_ONLY_FLAGS = {
+    "packing": "samples are always packed on a GPU (padding-free, each attending only to itself); "
+    "a CPU pads each micro-batch",
+    "use_liger_kernel": "liger-kernel's fused loss and kernels are used on a GPU wherever it is installed",
+    "dataset_num_proc": "the data is read and tokenised once, up front",
+    "save_only_model": "a checkpoint holds the adapter and what a resume needs; the final adapter is saved "
+    "on its own",
+    "eval_strategy": "evaluation runs every --eval_steps steps on --val_dataset or the --val_ratio split "
+    "(--eval_strategy no: none, as --val_ratio 0)",
+    "add_version": "each run gets a folder of its own under --output_dir (a time stamp, or --run_name)",
+}
+
 
 def build_train_parser() -> argparse.ArgumentParser:
     parser = FlagParser(
@@ -48,6 +62,11 @@ def build_train_parser() -> argparse.ArgumentParser:
             help=f"{meta['help']}{choices} (default: {default!r})",
             **extra,
         )
+    swift = parser.add_argument_group("ms-swift flags with nothing to set here (accepted, and said)")
+    for name, note in SWIFT_ONLY_FLAGS.items():
+        swift.add_argument(
+            f"--{name}", dest=f"swift_{name}", nargs="?", const="true", metavar="VALUE", help=note
+        )
     parser.add_argument("--json", action="store_true", help="print one JSON object per event")
     parser.add_argument(
         "--probe_after",
@@ -66,6 +85,7 @@ def train_main(argv: list[str]) -> int:
     or be one of those ranks (torchrun's environment says so)."""
     args = build_train_parser().parse_args(join_negative_numbers(argv))
     values = flag_values(args)
+    _say_swift_only_flags(args, values)
     if values.get("gpus") and not is_worker(os.environ):
         _use_gpus(values)
     launch = launch_from(values.get("nproc_per_node"), os.environ)
@@ -87,6 +107,18 @@ def train_main(argv: list[str]) -> int:
 
             JsonRenderer()(describe_failure(exc, "train", cfg)[0])
         raise
+
+
+def _say_swift_only_flags(args: argparse.Namespace, values: dict[str, Any]) -> None:
+    """A note for each ms-swift flag given that sets nothing here; --eval_strategy no turns the
+    evaluation off, as it does there."""
+    for name, note in SWIFT_ONLY_FLAGS.items():
+        given = getattr(args, f"swift_{name}")
+        if given is None or is_worker(os.environ):  # the launching process said it already
+            continue
+        print(f"note: --{name} {given}: {note}", file=sys.stderr, flush=True)
+    if str(args.swift_eval_strategy).lower() == "no" and "val_dataset" not in values:
+        values.setdefault("val_ratio", 0.0)
 
 
 def _train_here(args: argparse.Namespace, values: dict[str, Any], cfg: TrainConfig) -> int:
