@@ -83,3 +83,25 @@ def test_train_cli_probe_after_false_skips_the_probes(tiny_model_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     kinds = [json.loads(line)["type"] for line in proc.stdout.splitlines()]
     assert kinds[-1] == "TrainFinished" and "ProbeVerdict" not in kinds
+
+
+def test_the_verdict_answers_in_the_dtype_chat_and_probe_use_not_the_runs(monkeypatch, tmp_path):
+    """A run trained in bfloat16 on a CPU was judged in bfloat16: the verdict quoted a changed
+    answer that `tunebench chat` and `probe` (float32 there) never gave."""
+    from tunebench.engine.infer import probe_check
+
+    made = []
+
+    class Session:
+        def __init__(self, model, **kwargs):
+            made.append(kwargs)
+
+        def generate_many(self, chats, targets, cfg):
+            return [{target: {"text": "same"} for target in targets} for _ in chats]
+
+    monkeypatch.setattr(probe_check, "GenerationSession", Session)
+    adapter = tmp_path / "runs" / "r1" / "adapter"
+    finished = P.TrainFinished(run_id="r1", adapter_dir=str(adapter), final_loss=1.0, steps=3)
+    verdict = probe_check.verdict_event(finished, "demo")
+    assert made == [{}]  # GenerationSession's own default dtype ("auto")
+    assert verdict.total == 3 and verdict.changed == 0

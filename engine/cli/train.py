@@ -242,7 +242,7 @@ def _say_verdict(result, cfg: TrainConfig, renderer) -> None:
     free_memory()  # the trained model is gone; the probe loads the base afresh
     print("probing the base and the adapter with 3 questions ...", file=sys.stderr, flush=True)
     try:
-        renderer(verdict_event(result, cfg.model, cfg.torch_dtype))
+        renderer(verdict_event(result, cfg.model))
     except UserError as exc:
         print(f"no verdict: {exc.message} ({exc.hint})", file=sys.stderr)
 

@@ -19,11 +19,13 @@ def check_adapter(
     final_loss: float,
     steps: int,
     workspaces: tuple[Path, ...] = (),
-    torch_dtype: str = "auto",
 ) -> tuple[Verdict, list[ProbeAnswers]]:
-    """Probe `adapter_dir` against its base `model` and say whether its answers changed."""
+    """Probe `adapter_dir` against its base `model` and say whether its answers changed. In the
+    dtype chat and probe answer in by default, not the run's: the verdict quotes what they will
+    show (trained in bfloat16 on a CPU, a barely trained adapter's bfloat16 answers differed
+    from the base's where the float32 ones of `tunebench probe` did not)."""
     questions = read_probes(default_probes(workspaces))[:PROBES_AFTER_TRAINING]
-    session = GenerationSession(model, torch_dtype=torch_dtype)
+    session = GenerationSession(model)
     cfg = GenerationConfig(max_new_tokens=PROBE_MAX_NEW_TOKENS, temperature=0.0)
     results = session.generate_many(
         [[{"role": "user", "content": q}] for q in questions], [BASE, adapter_dir], cfg
@@ -35,13 +37,13 @@ def check_adapter(
     return probe_verdict(answers, final_loss, steps), answers
 
 
-def verdict_event(finished: P.TrainFinished, model: str, torch_dtype: str = "auto") -> P.ProbeVerdict:
+def verdict_event(finished: P.TrainFinished, model: str) -> P.ProbeVerdict:
     """The ProbeVerdict for a completed run, probing with its workspace's probes.txt (the
     adapter's runs/<id>/adapter sits two folders below the workspace)."""
     adapter = Path(finished.adapter_dir)
     workspaces = (adapter.parents[2],) if len(adapter.parents) > 2 else ()
     verdict, answers = check_adapter(
-        model, finished.adapter_dir, finished.final_loss, finished.steps, workspaces, torch_dtype
+        model, finished.adapter_dir, finished.final_loss, finished.steps, workspaces
     )
     return P.ProbeVerdict(
         run_id=finished.run_id,

@@ -139,7 +139,7 @@ class Jobs:
         free_memory()  # the trained model is gone; the probe loads the base afresh
         emit(P.Progress(stage="probe", message="asking the base and the adapter 3 probes"))
         try:
-            emit(verdict_event(finished, job.config.model, job.config.torch_dtype))
+            emit(verdict_event(finished, job.config.model))
         except UserError as exc:
             emit(P.Log(level="warning", message=f"no verdict: {exc.message} ({exc.hint})"))
         except Exception as exc:  # noqa: BLE001 - the run itself succeeded
