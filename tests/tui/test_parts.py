@@ -183,3 +183,41 @@ def test_a_row_that_cannot_be_parsed_shows_its_json_not_a_python_repr():
     row = Row.from_text('{"prompt": "你好", "ok": true, "n": null}')
     first, last = row_summary(row)
     assert first == '{"prompt": "你好", "ok": true, "n": null}' and last == ""
+
+
+async def test_checkpoints_removed_from_disk_are_not_offered_to_chat(tmp_path):
+    """save_total_limit deletes older checkpoints; the list kept offering them, and choosing one
+    opened a Chat column that failed with 'adapter not found' on both sides."""
+    from textual.app import App, ComposeResult
+    from tunebench.tui.widgets.train.checkpoint_list import CheckpointList
+
+    kept, removed_later = tmp_path / "step-16", tmp_path / "step-24"
+    kept.mkdir(), removed_later.mkdir()
+    run = RunState()
+    run.checkpoints = [(8, str(tmp_path / "step-8")), (16, str(kept)), (24, str(removed_later))]
+    chosen = []
+
+    class Host(App):
+        def compose(self) -> ComposeResult:
+            yield CheckpointList()
+
+        def on_checkpoint_list_chosen(self, event: CheckpointList.Chosen) -> None:
+            chosen.append(event.path)
+
+    async with Host().run_test() as pilot:
+        listed = pilot.app.query_one(CheckpointList)
+        listed.show(run)
+        assert [str(listed.get_option_at_index(i).prompt) for i in range(listed.option_count)] == [
+            "step 16",
+            "step 24",
+        ]
+        removed_later.rmdir()
+        listed.focus()
+        listed.highlighted = 1
+        await pilot.press("enter")
+        await pilot.pause()
+        assert chosen == [] and listed.option_count == 1
+        listed.highlighted = 0
+        await pilot.press("enter")
+        await pilot.pause()
+        assert chosen == [str(kept)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from textual import on
 from textual.message import Message
@@ -25,7 +26,10 @@ class CheckpointList(OptionList):
             return self.checkpoint_list
 
     def show(self, run: RunState) -> None:
-        options = [Option(f"step {step}", id=path) for step, path in sorted(run.checkpoints)]
+        # Those --save_total_limit (or a person) removed since they were saved are not offered.
+        options = [
+            Option(f"step {step}", id=path) for step, path in sorted(run.checkpoints) if Path(path).is_dir()
+        ]
         if run.adapter_dir:
             options.append(Option(f"final adapter ({run.status})", id=run.adapter_dir))
         if [o.id for o in options] == [self.get_option_at_index(i).id for i in range(self.option_count)]:
@@ -36,5 +40,11 @@ class CheckpointList(OptionList):
     @on(OptionList.OptionSelected)
     def _chosen(self, event: OptionList.OptionSelected) -> None:
         event.stop()
-        if event.option.id:
-            self.post_message(self.Chosen(self, event.option.id))
+        path = event.option.id
+        if not path:
+            return
+        if not Path(path).is_dir():  # removed after the list was drawn
+            self.notify(f"{event.option.prompt} is no longer on disk: choose another", severity="warning")
+            self.remove_option(path)
+            return
+        self.post_message(self.Chosen(self, path))
