@@ -440,7 +440,7 @@ CASES = [
             "downloads nothing",
         ],
         [UNCACHED_HUB_ID],
-        [f"huggingface-cli download --repo-type dataset {UNCACHED_HUB_ID}", "modelscope download --dataset"],
+        [f"hf download --repo-type dataset {UNCACHED_HUB_ID}", "modelscope download --dataset"],
     ),
     # ------------------------------------------------------------ tool calling
     Case(

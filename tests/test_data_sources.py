@@ -219,7 +219,7 @@ def test_save_to_disk_without_a_train_split_says_which_it_has(tmp_path):
 
 
 def test_hub_id_in_the_hugging_face_hub_cache(caches, tmp_path, monkeypatch):
-    """What `huggingface-cli download --repo-type dataset tatsu-lab/alpaca-mini` leaves: a
+    """What `hf download --repo-type dataset tatsu-lab/alpaca-mini` leaves: a
     snapshot with parquet shards named as the hub names them, and a README."""
     repo = caches / "huggingface" / "hub" / "datasets--tatsu-lab--alpaca-mini"
     commit = "0123456789abcdef0123456789abcdef01234567"
@@ -282,7 +282,7 @@ def test_a_hub_id_not_cached_says_so_and_how_to_fetch_it(tmp_path, monkeypatch):
     message = str(err.value)
     assert "'tatsu-lab/alpaca' is not a file or folder here" in message
     assert "not in the local Hugging Face or ModelScope cache" in message and "downloads nothing" in message
-    assert "huggingface-cli download --repo-type dataset tatsu-lab/alpaca" in err.value.hint
+    assert "hf download --repo-type dataset tatsu-lab/alpaca" in err.value.hint
     assert "modelscope download --dataset tatsu-lab/alpaca" in err.value.hint
     # a mistyped file name is a missing file, not a hub id
     with pytest.raises(DataError, match="dataset file not found: data/trian.jsonl"):

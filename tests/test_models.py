@@ -129,7 +129,7 @@ def test_hub_id_in_neither_cache_names_both_download_commands(tmp_path, monkeypa
     (tmp_path / "ms" / "hub" / "models" / "Qwen" / "Other").mkdir(parents=True)
     with pytest.raises(ModelError, match="nor in ModelScope's") as info:
         resolve_model("Qwen/Qwen2.5-7B-Instruct")
-    assert "huggingface-cli download Qwen/Qwen2.5-7B-Instruct" in info.value.hint
+    assert "hf download Qwen/Qwen2.5-7B-Instruct" in info.value.hint
     assert "modelscope download --model Qwen/Qwen2.5-7B-Instruct" in info.value.hint
 
 

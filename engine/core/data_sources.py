@@ -44,7 +44,7 @@ TRAIN_SPLIT = "train"
 
 
 def fetch_commands(repo_id: str) -> str:
-    hub = f"huggingface-cli download --repo-type dataset {repo_id}"
+    hub = f"hf download --repo-type dataset {repo_id}"
     return f"{hub}  (or: modelscope download --dataset {repo_id})"
 
 
@@ -283,7 +283,7 @@ def _hf_home() -> Path:
 
 
 def _hub_snapshot(repo_id: str) -> Path | None:
-    """The snapshot folder `huggingface-cli download --repo-type dataset` left in the hub cache."""
+    """The snapshot folder `hf download --repo-type dataset` left in the hub cache."""
     from huggingface_hub import snapshot_download
 
     cache = Path(os.environ.get("HF_HUB_CACHE") or _hf_home() / "hub").expanduser()

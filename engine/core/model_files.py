@@ -116,7 +116,7 @@ def from_hub_cache(repo_id: str) -> Path:
     raise ModelError(
         f"{repo_id} is not in the local Hugging Face cache nor in ModelScope's "
         f"({modelscope_cache_root()}), and TuneBench never downloads",
-        f"download it where there is network (huggingface-cli download {repo_id}, or "
+        f"download it where there is network (hf download {repo_id}, or "
         f"modelscope download --model {repo_id}) and copy the folder here, then pass "
         "--model /path/to/folder",
     )
