@@ -635,7 +635,9 @@ class TuneBenchApp(App[int]):
             return  # stopped meanwhile
         url = deployment.plan.url
         if state.phase == "serving":
-            busy = f"{state.running} running" + (f", {state.waiting} waiting" if state.waiting else "")
+            busy = f"{state.running} requests running" + (
+                f", {state.waiting} waiting" if state.waiting else ""
+            )
             self.status_bar.set_deploy(f"deploy {url}/v1 {', '.join(state.names)} · {busy}")
         elif state.phase == "starting":
             self.status_bar.set_deploy(f"deploy starting on {url} ({state.detail})")

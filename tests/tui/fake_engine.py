@@ -156,6 +156,12 @@ class FakeEngine:
             )
         )
 
+    def _save_checkpoint(self, rid: str, step: int, run_dir: str) -> None:
+        """A checkpoint's folder, as the engine leaves it (the Train pane lists those on disk)."""
+        path = Path(run_dir) / "checkpoints" / f"step-{step}"
+        path.mkdir(parents=True, exist_ok=True)
+        self._send(P.CheckpointSaved(id=rid, step=step, path=str(path)))
+
     async def _on_StartTraining(self, request: P.StartTraining) -> None:
         if self.job:
             self._send(P.EngineError(id=request.id, code="busy", message="the engine is busy", hint="wait"))
@@ -171,9 +177,7 @@ class FakeEngine:
             await asyncio.sleep(self.step_delay)
             if self._stop.is_set():
                 status = "stopped"
-                self._send(
-                    P.CheckpointSaved(id=rid, step=step - 1, path=f"{run_dir}/checkpoints/step-{step - 1}")
-                )
+                self._save_checkpoint(rid, step - 1, run_dir)
                 break
             self._send(
                 P.TrainStep(
@@ -189,7 +193,7 @@ class FakeEngine:
             )
             if step == self.steps // 2:
                 self._send(P.EvalResult(id=rid, step=step, eval_loss=1.5 / step))
-                self._send(P.CheckpointSaved(id=rid, step=step, path=f"{run_dir}/checkpoints/step-{step}"))
+                self._save_checkpoint(rid, step, run_dir)
         if self.verdict and status == "completed":
             self._send(P.ProbeVerdict(id=rid, run_id="fake-run", changed=0, total=3, message=self.verdict))
         self._send(

@@ -43,9 +43,10 @@ async def test_palette_starts_shows_copies_and_stops_a_deployment(workspace, fak
         status = app.status_bar
         await wait_until(pilot, lambda: "running" in status.deploy, timeout=10, what="the server to answer")
         assert (
-            status.deploy == f"deploy http://127.0.0.1:{plan.port}/v1 base, 0612-1530 · 2 running, 1 waiting"
+            status.deploy
+            == f"deploy http://127.0.0.1:{plan.port}/v1 base, 0612-1530 · 2 requests running, 1 waiting"
         )
-        assert "0612-1530 · 2 running" in str(status.render())
+        assert "0612-1530 · 2 requests running" in str(status.render())
         await palette(pilot, "deploy copy")
         await wait_until(pilot, lambda: app.clipboard == plan.command, what="the command copied")
         process = app.deployment.process

@@ -64,8 +64,10 @@ class StatusBar(Static):
             text.append(f"  ·  {self.job} running", style="bold")
         if self.read_only:
             text.append(f"  ·  read-only: {self.read_only} controls this workspace", style="bold yellow")
-        if self.memory:
-            text.append(f"  ·  {self.memory}", style="dim")
+        # the deployment's address before the memory line: at 80 columns the end is cut off,
+        # and the address is shown nowhere else
         if self.deploy:
             text.append(f"  ·  {self.deploy}", style="bold cyan")
+        if self.memory:
+            text.append(f"  ·  {self.memory}", style="dim")
         self.update(text)
