@@ -52,9 +52,11 @@ def demo_main(argv: list[str]) -> int:
     preflight(cfg)  # an --output_dir that cannot be written is said before the model loads
     base = load_model("demo", torch_dtype=cfg.torch_dtype)
     print(f"demo model loaded in {base.seconds:.2f}s")
+    print(f"asking the base model {len(QUESTIONS)} questions ...", flush=True)
     before = greedy_answers(base.model, base.tokenizer, QUESTIONS)
     result = run_training(cfg, ProgressRenderer())
     tuned = PeftModel.from_pretrained(base.model, result.adapter_dir)
+    print(f"asking the fine-tuned model the same {len(QUESTIONS)} questions ...", flush=True)
     after = greedy_answers(tuned, base.tokenizer, QUESTIONS)
     print()
     for question, old, new in zip(QUESTIONS, before, after, strict=True):
