@@ -221,3 +221,37 @@ async def test_checkpoints_removed_from_disk_are_not_offered_to_chat(tmp_path):
         await pilot.press("enter")
         await pilot.pause()
         assert chosen == [str(kept)]
+
+
+@pytest.mark.parametrize("width", [80, 120])
+async def test_the_train_log_wraps_at_its_width_whenever_its_lines_were_written(width):
+    """Lines written while the Train pane was hidden wrapped at 78 columns at any terminal width,
+    and at 80 columns a full line ran under the scrollbar."""
+    from textual.app import App, ComposeResult
+    from textual.widgets import Label, TabbedContent, TabPane
+    from tunebench.tui.widgets.train.train_log import TrainLog
+
+    line = "verdict: the adapter answers differently from the base on 3 of 3 probes " * 4
+
+    class Host(App):
+        def compose(self) -> ComposeResult:
+            with TabbedContent():
+                with TabPane("other", id="other"):
+                    yield Label("another pane")
+                with TabPane("train", id="train"):
+                    yield TrainLog(wrap=True, max_lines=50)
+
+    async with Host().run_test(size=(width, 30)) as pilot:
+        log = pilot.app.query_one(TrainLog)
+        log.write(line)  # while its pane is hidden
+        await pilot.pause()
+        pilot.app.query_one(TabbedContent).active = "train"
+        await pilot.pause()
+        log.write(line)  # and while shown
+        await pilot.pause()
+        room = log.scrollable_content_region.width
+        rendered = [strip.text.rstrip() for strip in log.lines]
+        assert room >= width - 4
+        assert max(len(text) for text in rendered) <= room
+        assert max(len(text) for text in rendered) > min(room, len(line)) - 20  # not wrapped short
+        assert "".join(rendered).replace(" ", "") == (line + line).replace(" ", "")

@@ -8,7 +8,7 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.widgets import Label, ProgressBar, RichLog
+from textual.widgets import Label, ProgressBar
 from tunebench.engine.core import protocol as P
 from tunebench.tui.engine_client import decode_events
 from tunebench.tui.paths import short_path
@@ -17,6 +17,7 @@ from .checkpoint_list import CheckpointList
 from .loss_chart import LossChart
 from .run_state import RunState
 from .run_stats import RunStats
+from .train_log import TrainLog
 
 
 class TrainPane(Vertical):
@@ -41,7 +42,7 @@ class TrainPane(Vertical):
             with Vertical(id="train-side"):
                 yield Label("Checkpoints", classes="section-title")
                 yield CheckpointList(id="checkpoints")
-        yield RichLog(id="train-log", wrap=True, markup=False, max_lines=500)
+        yield TrainLog(id="train-log", wrap=True, markup=False, max_lines=500)
 
     def on_mount(self) -> None:
         self.redraw()
@@ -64,7 +65,7 @@ class TrainPane(Vertical):
     def reset(self) -> None:
         """Forget the run shown (a Snapshot is about to replay the engine's picture of it)."""
         self.run = RunState()
-        self.query_one(RichLog).clear()
+        self.query_one(TrainLog).clear()
         self.redraw()
 
     def set_status(self, status: str, stage: str = "") -> None:
@@ -72,7 +73,7 @@ class TrainPane(Vertical):
         self.redraw()
 
     def log_line(self, text: str | Text, style: str = "") -> None:
-        self.query_one(RichLog).write(Text(text, style=style) if isinstance(text, str) else text)
+        self.query_one(TrainLog).write(Text(text, style=style) if isinstance(text, str) else text)
 
     def redraw(self) -> None:
         run = self.run
