@@ -1448,3 +1448,20 @@ def test_tunebench_stop_ends_an_engine_that_does_not_stop_and_says_so(workspace,
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_status_finds_headless_runs_in_mss_swifts_output_folder_and_a_folder_of_runs(tmp_path):
+    """After `tunebench train ... --output_dir output`, `tunebench status` and `tunebench status
+    output` said 'runs none yet': a headless run records no last run in the workspace. A model's
+    folder beside them (config.json, no metrics.jsonl) is not taken for a run."""
+    run = tmp_path / "output" / "20261205-120000"
+    run.mkdir(parents=True)
+    records = [P.TrainStep(step=s, total_steps=3, loss=2.0 / s, lr=1e-4) for s in (1, 2, 3)]
+    (run / "metrics.jsonl").write_bytes(b"".join(orjson.dumps(r.to_dict()) + b"\n" for r in records))
+    model = tmp_path / "output" / "Qwen2.5-0.5B-Instruct"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    for folder in (tmp_path, tmp_path / "output"):
+        text = status_text(folder)
+        assert "20261205-120000" in text and "3/3" in text, text
+        assert "Qwen2.5" not in text

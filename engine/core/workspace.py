@@ -167,7 +167,10 @@ class Workspace:
     # ------------------------------------------------------------ runs
     def run_dirs(self) -> list[Path]:
         """Every run folder in runs/ (and in the last run's folder's parent, for a custom
-        output_dir), oldest activity first."""
+        output_dir), oldest activity first. A headless `tunebench train` records no last run, so
+        the runs of ms-swift's `--output_dir output`, and a folder of runs named itself
+        (`tunebench status output`), are found too: there only by their metrics.jsonl, since a
+        model's folder holds a config.json as well."""
         parents = {self.runs_dir}
         last = self._recorded_last_run()
         if last is not None:
@@ -178,6 +181,13 @@ class Workspace:
             if parent.is_dir()
             for p in parent.iterdir()
             if p.is_dir() and ((p / "config.json").is_file() or (p / "metrics.jsonl").is_file())
+        }
+        found |= {
+            p.resolve()
+            for parent in (self.root, self.root / "output")
+            if parent.is_dir()
+            for p in parent.iterdir()
+            if p.is_dir() and (p / "metrics.jsonl").is_file()
         }
         return sorted(found, key=_last_activity)
 
