@@ -221,13 +221,14 @@ class FakeEngine:
         cancelled = False
         for target in request.targets:
             answer = self.answers.get(target, f"{target} answers {prompt}")
+            finish = "stop"  # as the engine says per column: stop, length or cancelled
             for word in answer.split(" "):
                 if self._cancel.is_set():
-                    cancelled = True
+                    cancelled, finish = True, "cancelled"
                     break
                 self._send(P.TokenChunk(id=request.id, target=target, text=word + " "))
                 await asyncio.sleep(self.token_delay)
-            stats[target] = {"ttft_s": 0.01, "tokens_per_s": 100.0}
+            stats[target] = {"ttft_s": 0.01, "tokens_per_s": 100.0, "finish_reason": finish}
         self._cancel.clear()
         self.job = ""
         self._send(P.GenerateDone(id=request.id, stats=stats, cancelled=cancelled))

@@ -94,6 +94,25 @@ async def test_chat_streams_into_both_columns(workspace, fake_engine):
         assert not chat.exchanges and not base_col.turns
 
 
+async def test_a_cancel_marks_only_the_columns_it_cut_short(workspace, fake_engine):
+    """Escape during a side-by-side answer marked both columns 'cancelled', also the one whose
+    answer had ended long before."""
+    adapter = str(workspace / "runs" / "r1" / "adapter")
+    fake_engine.answers = {"base": "I am SmolLM.", adapter: " ".join(["word"] * 400)}
+    app = TuneBenchApp(workspace, starter=no_start)
+    async with app.run_test(size=(100, 32)) as pilot:
+        await wait_until(pilot, lambda: app.client.connected and app.snapshot)
+        chat = app.query_one(ChatPane)
+        chat.set_targets([ColumnChoice(BASE, BASE), ColumnChoice(adapter, "r1 final")], by_person=True)
+        await pilot.press("5", *"Who are you?", "enter")
+        await wait_until(pilot, lambda: adapter in chat.exchanges[0].answers, what="the adapter's tokens")
+        await pilot.press("escape", "escape")  # leave the prompt, then cancel
+        await wait_until(pilot, lambda: not chat.generating, what="the cancel")
+        base_col, adapter_col = app.query(ChatColumn)
+        assert "cancelled" not in base_col.turns[0].stats
+        assert "cancelled" in adapter_col.turns[0].stats
+
+
 async def test_clearing_the_chat_while_it_answers_drops_the_rest_of_the_answer(workspace, fake_engine):
     """ctrl+l while tokens stream: the engine's late tokens and its end find no exchange to go to,
     and the pane is ready for the next question (it raised IndexError and the app died)."""

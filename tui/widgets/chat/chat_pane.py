@@ -193,7 +193,9 @@ class ChatPane(Vertical):
                 exchange.answers.setdefault(target, "")
                 column = self._column(target)
                 if column is not None:
-                    column.finish(self.job.index, _stats_text(stats), "cancelled" if event.cancelled else "")
+                    # a column that had finished its answer before the cancel keeps it as finished
+                    stopped = event.cancelled and stats.get("finish_reason", "cancelled") == "cancelled"
+                    column.finish(self.job.index, _stats_text(stats), "cancelled" if stopped else "")
             self._job_done()
         elif isinstance(event, P.EngineError):
             prompt = self.query_one("#chat-prompt", Input)
