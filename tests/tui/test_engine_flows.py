@@ -61,6 +61,15 @@ async def test_stop_and_abort_keys(workspace):
         assert engine.of_type("StopTraining")[0].mode == "graceful"
 
 
+async def ask_base_and_adapter(app, pilot, adapter: str) -> ChatPane:
+    """The Chat pane with the base and the run's adapter side by side, asked "Who are you?"."""
+    await wait_until(pilot, lambda: app.client.connected and app.snapshot)
+    chat = app.query_one(ChatPane)
+    chat.set_targets([ColumnChoice(BASE, BASE), ColumnChoice(adapter, "r1 final")], by_person=True)
+    await pilot.press("5", *"Who are you?", "enter")
+    return chat
+
+
 async def test_chat_streams_into_both_columns(workspace, fake_engine):
     adapter = str(workspace / "runs" / "r1" / "adapter")
     fake_engine.answers = {
@@ -69,10 +78,7 @@ async def test_chat_streams_into_both_columns(workspace, fake_engine):
     }
     app = TuneBenchApp(workspace, starter=no_start)
     async with app.run_test(size=(100, 32)) as pilot:
-        await wait_until(pilot, lambda: app.client.connected and app.snapshot)
-        chat = app.query_one(ChatPane)
-        chat.set_targets([ColumnChoice(BASE, BASE), ColumnChoice(adapter, "r1 final")], by_person=True)
-        await pilot.press("5", *"Who are you?", "enter")
+        chat = await ask_base_and_adapter(app, pilot, adapter)
         await wait_until(pilot, lambda: not chat.generating and chat.exchanges[0].answers, what="answers")
         base_col, adapter_col = app.query(ChatColumn)
         assert base_col.turns[0].answer.strip() == "I am SmolLM, a helpful assistant."
@@ -101,10 +107,7 @@ async def test_a_cancel_marks_only_the_columns_it_cut_short(workspace, fake_engi
     fake_engine.answers = {"base": "I am SmolLM.", adapter: " ".join(["word"] * 400)}
     app = TuneBenchApp(workspace, starter=no_start)
     async with app.run_test(size=(100, 32)) as pilot:
-        await wait_until(pilot, lambda: app.client.connected and app.snapshot)
-        chat = app.query_one(ChatPane)
-        chat.set_targets([ColumnChoice(BASE, BASE), ColumnChoice(adapter, "r1 final")], by_person=True)
-        await pilot.press("5", *"Who are you?", "enter")
+        chat = await ask_base_and_adapter(app, pilot, adapter)
         await wait_until(pilot, lambda: adapter in chat.exchanges[0].answers, what="the adapter's tokens")
         await pilot.press("escape", "escape")  # leave the prompt, then cancel
         await wait_until(pilot, lambda: not chat.generating, what="the cancel")
