@@ -35,8 +35,6 @@ from .record_formats import (
     record_tools,
 )
 
-EXTENSIONS = data_sources.JSON_EXTENSIONS  # json_records reads these; data_sources the rest
-
 _PLACEHOLDER = re.compile(r"\{\{\s*(name|author)\s*\}\}", re.IGNORECASE)
 # CJK Unified Ideographs, Extension A and the compatibility block: enough to tell Chinese text.
 _CJK = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")

@@ -27,7 +27,6 @@ from .record_formats import (
     UnreadableRecord,
     in_format_case,
     kind_of,
-    record_format,
 )
 
 # A single record larger than this is almost always a mistake (a whole file on one line, a
@@ -249,7 +248,7 @@ def _lone_record(path: Path, document: dict) -> dict:
         and isinstance(value, list)
         and any(isinstance(item, dict) for item in value)
     ]
-    if wraps or record_format(in_format_case(document)) is None:
+    if wraps or in_format_case(document)[1] is None:
         keys = ", ".join(sorted(map(str, document))[:8]) or "none"
         raise DataError(
             f"{path}: expected a JSON list of records, found an object with keys: {keys}",

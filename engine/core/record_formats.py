@@ -86,8 +86,7 @@ def normalise_record(record: Any) -> list[Message]:
         raise InvalidRecord(
             f"expected a JSON object {{...}} holding the record's fields, found {kind_of(record)}"
         )
-    record = in_format_case(record)
-    found = record_format(record)
+    record, found = in_format_case(record)
     kind = untrained_kind(record, chat_format=found is not None)
     if kind:
         raise UntrainedKind(kind)
@@ -120,16 +119,17 @@ def record_format(record: dict) -> RecordFormat | None:
     return next((f for f in FORMATS if present.intersection(f.keys)), None)
 
 
-def in_format_case(record: dict) -> dict:
-    """The record with its field names lower-cased where they are in another case (a spreadsheet's
-    Instruction,Output header, as ms-swift reads it) and that makes it a record of some format
-    with no two names made one; else the record itself."""
-    if record_format(record) is not None:
-        return record
-    lowered = {str(key).lower(): value for key, value in record.items()}
-    if len(lowered) == len(record) and record_format(lowered) is not None:
-        return lowered
-    return record
+def in_format_case(record: dict) -> tuple[dict, RecordFormat | None]:
+    """The record and its format (record_format's), with its field names lower-cased where they
+    are in another case (a spreadsheet's Instruction,Output header, as ms-swift reads it) and
+    that makes it a record of some format with no two names made one."""
+    found = record_format(record)
+    if found is None:
+        lowered = {str(key).lower(): value for key, value in record.items()}
+        found_lowered = record_format(lowered) if len(lowered) == len(record) else None
+        if found_lowered is not None:
+            return lowered, found_lowered
+    return record, found
 
 
 def record_tools(record: dict) -> list[dict]:
