@@ -495,6 +495,37 @@ def test_client_gone_cancels_the_work_and_frees_the_slot(plan, stream):
         deployment.stop()
 
 
+def test_a_client_that_leaves_while_queued_is_counted_and_frees_its_place(plan):
+    deployment, url = start(plan, max_num_seqs=1, max_queue=1, max_new_tokens=200)
+    gate = gate_steps(deployment, delay=0.02)
+    gate.set()
+    try:
+        long = {"model": "tiny", "messages": QUESTION, "max_tokens": 200}
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(httpx.post, f"{url}/v1/chat/completions", json=long, timeout=30)
+            while metrics(url)["tunebench_requests_running"] < 1:
+                time.sleep(0.01)
+            queued = {"model": "bob", "messages": QUESTION, "stream": True}
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json=queued) as response:
+                assert next(response.iter_lines()).startswith("data: ")  # the role chunk, sent while queued
+            deadline = time.monotonic() + 10
+            while (
+                metrics(url).get('tunebench_requests_finished_total{model="bob",finish_reason="cancelled"}')
+                != 1
+            ):
+                assert time.monotonic() < deadline, "the queued request was not counted as cancelled"
+                time.sleep(0.02)
+            numbers = metrics(url)
+            assert numbers["tunebench_requests_waiting"] == 0 and numbers["tunebench_requests_running"] == 1
+            # Its place in the queue (max_queue 1) is free again.
+            second = pool.submit(
+                httpx.post, f"{url}/v1/chat/completions", json={**long, "max_tokens": 2}, timeout=30
+            )
+            assert first.result().status_code == 200 and second.result().status_code == 200
+    finally:
+        deployment.stop()
+
+
 def test_stopping_the_server_ends_open_answers_with_an_error_and_done(plan):
     """Ctrl-C with answers open: a stream ends with an error chunk and [DONE] (the openai client
     raises, saying why), a whole answer gets 503; before, both were cut after the grace period

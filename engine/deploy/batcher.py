@@ -355,11 +355,13 @@ class Batcher:
                 self._lock.wait()
             if self._stopping:
                 return None
+            # A client that left while queued gives up its place now, and counts as cancelled.
+            for seq in [s for s in self._waiting if s.cancelled.is_set()]:
+                self._waiting.remove(seq)
+                self.metrics.finished[(seq.served_name, "cancelled")] += 1
             joining = []
             while self._waiting and len(self._rows) + len(joining) < self.max_num_seqs:
-                seq = self._waiting.popleft()
-                if not seq.cancelled.is_set():
-                    joining.append(seq)
+                joining.append(self._waiting.popleft())
             self.metrics.waiting = len(self._waiting)
             self.metrics.running = len(self._rows) + len(joining)
             return joining
