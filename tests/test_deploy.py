@@ -601,6 +601,7 @@ def test_ctrl_c_exits_130_without_a_traceback(tiny_model_dir):
             "--port",
             "0",
         ],
+        stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
@@ -620,11 +621,16 @@ def test_ctrl_c_exits_130_without_a_traceback(tiny_model_dir):
             except httpx.TransportError:
                 assert time.monotonic() < deadline, "the server did not answer"
                 time.sleep(0.1)
+        assert httpx.get(f"{url}/metrics").status_code == 200
+        assert httpx.get(f"{url}/v1/models").status_code == 200
     finally:
         process.send_signal(signal.SIGINT)
-        _, err = process.communicate(timeout=30)
+        out, err = process.communicate(timeout=30)
     assert process.returncode == 130, err
     assert "Traceback" not in err and "Shutting down" in err
+    # The access log keeps the request a person made, not the polls (the workbench's every second).
+    assert '"GET /v1/models HTTP/1.1" 200' in out, out
+    assert "GET /health" not in out and "GET /metrics" not in out, out
 
 
 def test_health_and_metrics(url, client):

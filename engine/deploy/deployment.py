@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import signal
 import socket
 import threading
@@ -25,6 +26,7 @@ DEFAULT_MAX_NUM_SEQS = 8
 DEFAULT_MAX_QUEUE = 64
 API_KEY_ENV = "TUNEBENCH_API_KEY"
 FALLBACK_CONTEXT = 2048  # --max_model_len when the model's config names no context length
+PROBE_PATHS = frozenset({"/health", "/metrics"})
 
 
 def is_loopback(host: str) -> bool:
@@ -36,6 +38,18 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False  # a host name: it may resolve to any interface
+
+
+class _QuietProbes(logging.Filter):
+    """The access log leaves out answered health and metrics polls: the workbench asks every
+    second, as monitors do, and the requests people made would drown in them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 5:  # uvicorn's: client, method, path, version, status
+            _, method, path, _, status = args
+            return not (method == "GET" and path in PROBE_PATHS and status == 200)
+        return True
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -163,6 +177,9 @@ class Deployment:
 
         # Connections still open after the answers ended (a slow reader) get this long to close.
         config = uvicorn.Config(self.app, log_level=log_level, timeout_graceful_shutdown=3, lifespan="off")
+        access = logging.getLogger("uvicorn.access")  # configured by the line above
+        if not any(isinstance(f, _QuietProbes) for f in access.filters):
+            access.addFilter(_QuietProbes())
         return Server(config)
 
     def serve(self, sock: socket.socket) -> None:
