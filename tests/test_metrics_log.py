@@ -35,7 +35,8 @@ def test_a_resume_keeps_what_was_logged_up_to_its_checkpoint(tmp_path):
         for step in (1, 2, 3, 4):
             log.append(P.TrainStep(step=step, loss=1.0).to_dict())
         log.append(P.CheckpointSaved(step=2, path="x").to_dict())
-        log.append(P.TrainFinished(status="failed", steps=4).to_dict())
+        log.append(P.TrainFinished(status="completed", steps=4).to_dict())
+    append_metrics(tmp_path, P.ProbeVerdict(changed=3, total=3, message="the adapter changed").to_dict())
     with open(metrics_path(tmp_path), "ab") as fh:
         fh.write(b'{"type": "TrainStep", "ste')  # the crash cut the last line short
     truncate_metrics(tmp_path, 2)

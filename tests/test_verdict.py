@@ -72,6 +72,14 @@ def test_train_cli_prints_a_verdict_on_the_first_three_probes(tiny_model_dir, tm
     assert len(verdicts) == 1, proc.stdout
     assert verdicts[0].startswith("verdict the adapter ") and " 3 probes" in verdicts[0]
     assert "after 2 steps" in verdicts[0]
+    # The verdict stays with the run: an engine that restarts reads it back for a reattaching workbench.
+    from tunebench.engine.core.workspace import Workspace
+    from tunebench.engine.process.run_history import RunHistory
+
+    history = RunHistory()
+    history.load_last_run(Workspace(tmp_path))
+    (kept,) = [r for r in history.records if r["type"] == "ProbeVerdict"]
+    assert "verdict " + kept["message"] == verdicts[0] and kept["total"] == 3
 
 
 def test_train_cli_probe_after_false_skips_the_probes(tiny_model_dir, tmp_path):

@@ -2,10 +2,11 @@
 
 The recipe appends a line per logged step, eval, checkpoint and the final TrainFinished; a resume
 truncates the file back to its checkpoint; the engine appends the TrainFinished of a run that
-failed. They all write through here, so the file has one format and one crash rule: appends are
-flushed line by line, and the only rewrite (the truncation) goes through a temporary file and a
-rename, so a crash leaves the old file or the new one, never half of either. Readers skip a last
-line cut short by a crash (workspace.read_metrics).
+failed, and the verdict (ProbeVerdict) after a completed one. They all write through here, so the
+file has one format and one crash rule: appends are flushed line by line, and the only rewrite
+(the truncation) goes through a temporary file and a rename, so a crash leaves the old file or the
+new one, never half of either. Readers skip a last line cut short by a crash
+(workspace.read_metrics).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import orjson
 from .files import atomic_write_bytes
 
 METRICS_FILE = "metrics.jsonl"
+ATTEMPT_ENDS = frozenset({"TrainFinished", "ProbeVerdict"})  # records a resume drops
 
 
 def metrics_path(run_dir: str | Path) -> Path:
@@ -66,8 +68,8 @@ def append_metrics(run_dir: str | Path, record: dict[str, Any]) -> None:
 
 def truncate_metrics(run_dir: str | Path, step: int) -> None:
     """Keep only what was logged up to `step` (the checkpoint a run resumes from): the resumed run
-    logs the rest again. Also drops the TrainFinished of the interrupted attempt and a line cut
-    short by the crash. Rewritten through a temporary file and a rename."""
+    logs the rest again. Also drops the end of the earlier attempt (its TrainFinished and verdict)
+    and a line cut short by the crash. Rewritten through a temporary file and a rename."""
     path = metrics_path(run_dir)
     if not path.exists():
         return
@@ -77,6 +79,6 @@ def truncate_metrics(run_dir: str | Path, step: int) -> None:
             record = orjson.loads(line)
         except orjson.JSONDecodeError:  # a line cut short by the crash
             continue
-        if record.get("type") != "TrainFinished" and record.get("step", 0) <= step:
+        if record.get("type") not in ATTEMPT_ENDS and record.get("step", 0) <= step:
             kept.append(line + b"\n")
     atomic_write_bytes(path, b"".join(kept), sync_dir=True)

@@ -3,10 +3,12 @@ base and the new adapter side by side in one batched decode, then core.verdict's
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from ..core import protocol as P
 from ..core.config import GenerationConfig
+from ..core.metrics_log import append_metrics
 from ..core.probes import default_probes, read_probes
 from ..core.targets import BASE
 from ..core.verdict import PROBE_MAX_NEW_TOKENS, PROBES_AFTER_TRAINING, ProbeAnswers, Verdict, probe_verdict
@@ -45,10 +47,14 @@ def verdict_event(finished: P.TrainFinished, model: str) -> P.ProbeVerdict:
     verdict, answers = check_adapter(
         model, finished.adapter_dir, finished.final_loss, finished.steps, workspaces
     )
-    return P.ProbeVerdict(
+    event = P.ProbeVerdict(
         run_id=finished.run_id,
         changed=verdict.changed,
         total=verdict.total,
         message=verdict.message,
         answers=[{"question": a.question, "base": a.base, "adapter": a.adapter} for a in answers],
     )
+    # Kept with the run, so a workbench that reattaches to a restarted engine shows it again.
+    with contextlib.suppress(OSError):
+        append_metrics(adapter.parent, event.to_dict())
+    return event
