@@ -70,8 +70,8 @@ VARIANTS = {
     "compile": {"compile_step": True},
     "no-row-slices": {"row_slice_devices": frozenset()},
     "rope-copies": {"rope_in_place": False},
-    # Not shipped yet: the low-rank products from the base matmul (A_IN_BASE_DEVICES), switched on.
-    "a-in-base": {"a_in_base_devices": frozenset({"cuda"})},
+    # The low-rank products in separate passes, not from the base matmul (A_IN_BASE_DEVICES).
+    "no-a-in-base": {"a_in_base_devices": frozenset()},
     # The low-rank pass over the whole batch (the mask way and its alternatives), row slices off.
     "lowrank-bmm_xa": {"low_rank_pass": "bmm_xa", "row_slice_devices": frozenset()},
     "lowrank-mulsum": {"low_rank_pass": "mulsum", "row_slice_devices": frozenset()},

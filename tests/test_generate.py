@@ -577,8 +577,8 @@ def test_cuda_decode_speed_options_each_give_the_same_greedy_answers(tiny_model_
 def test_cuda_decode_with_a_in_the_base_matmul_gives_the_same_greedy_answers(
     tiny_model_dir, runs, monkeypatch
 ):
-    """A_IN_BASE_DEVICES (off until measured: bench_generate.py --variants a-in-base) against the
-    shipped decode, with the row-slice pass and with the mask way, for the chat's two columns, a
+    """A_IN_BASE_DEVICES (the low-rank products from the base matmul) against the separate
+    low-rank passes, with the row-slice pass and with the mask way, for the chat's two columns, a
     lone adapter column, and the two columns again after the lone one's forward took the spare rows."""
     from tunebench.engine.infer import lora_decode
     from tunebench.engine.infer.generate import GenerationSession
@@ -592,6 +592,7 @@ def test_cuda_decode_with_a_in_the_base_matmul_gives_the_same_greedy_answers(
         alone = answers(session.generate(QUESTION, [plain], greedy(24)))[plain]
         return both, alone, answers(session.generate(QUESTION, ["base", plain], greedy(24)))
 
+    monkeypatch.setattr(lora_decode, "A_IN_BASE_DEVICES", frozenset())
     expected = generate()
     monkeypatch.setattr(lora_decode, "A_IN_BASE_DEVICES", frozenset({"cuda"}))
     assert generate() == expected
@@ -599,7 +600,7 @@ def test_cuda_decode_with_a_in_the_base_matmul_gives_the_same_greedy_answers(
     assert generate() == expected
 
 
-def test_a_in_the_base_matmul_answers_as_the_shipped_decode_in_a_session(tiny_model_dir, runs, monkeypatch):
+def test_a_in_the_base_matmul_answers_as_the_separate_passes_in_a_session(tiny_model_dir, runs, monkeypatch):
     """The session's own path to it (the base weights laid out once, forwards cached per layout)
     on this machine's device: the two columns, a lone adapter column, then the two again."""
     import torch
@@ -617,6 +618,7 @@ def test_a_in_the_base_matmul_answers_as_the_shipped_decode_in_a_session(tiny_mo
         groups = [g for fused in session._fused_cache.values() for g in fused.groups if g.has_lora]
         return (both, alone, again), groups
 
+    monkeypatch.setattr(lora_decode, "A_IN_BASE_DEVICES", frozenset())
     expected, groups = generate()
     assert groups and not any(g.base_with_a is not None for g in groups)
     device = "cuda" if torch.cuda.is_available() else "cpu"

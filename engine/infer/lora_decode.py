@@ -62,9 +62,9 @@ ROW_SLICE_DEVICES = frozenset({"cuda"})
 # Devices where the base matmul computes the low-rank products as well: x @ [W; A_all]ᵀ, with
 # A_all in A_IN_BASE_ROWS spare rows after the base weights (fuse_sibling_weights). In the H200's
 # 7B decode the separate passes (four a layer, split-K, with their reductions) took about 0.8 ms
-# of a 6.4 ms step (bench/RESULTS_generate.md), each a kernel of a few microseconds for a few
-# kilobytes. Empty until a GPU measures it: `bench_generate.py --variants a-in-base`.
-A_IN_BASE_DEVICES: frozenset[str] = frozenset()
+# of a 6.4 ms step, each a kernel of a few microseconds for a few kilobytes; folded in, two
+# columns decode 9% faster on an H100 (bench/RESULTS_generate.md, `--variants all no-a-in-base`).
+A_IN_BASE_DEVICES: frozenset[str] = frozenset({"cuda"})
 # Spare rows per projection group for that: one rank-8 adapter on q/k/v takes 24. Adapters
 # stacking more rank than this take the separate pass. On a 7B they take about 4 MB a layer; the
 # base matmul reads only the rows in use.
