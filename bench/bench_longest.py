@@ -72,6 +72,7 @@ def search_longest(
     granule: int = 1024,
     resolution: float = 1 / 16,
     seconds: float | None = None,
+    failed_at: int | None = None,
     clock=time.perf_counter,
 ) -> dict:
     """The longest length (a multiple of `granule`, at most `cap`) for which `fits(length)` is
@@ -81,7 +82,8 @@ def search_longest(
     length that fitted and the shortest that did not until they are within `resolution` of the
     first (or one granule). With `seconds`, a try is not started if it would end past them:
     its time is predicted from the last length that fitted, scaled by the square of the length
-    (attention's cost). Returns the longest length that fitted (0: none), the shortest that did
+    (attention's cost). `failed_at`: a length known not to fit (the warm-up's), never tried again,
+    nor any longer one. Returns the longest length that fitted (0: none), the shortest that did
     not (None: none failed), every try as (length, fitted, seconds), and why the search stopped
     early ("time", "cap", or "").
     """
@@ -89,6 +91,8 @@ def search_longest(
     tries: list[tuple[int, bool, float]] = []
 
     def attempt(length: int) -> bool | None:
+        if failed_at is not None and length >= failed_at:
+            return False
         if seconds is not None and tries:
             ref = next((t for t in reversed(tries) if t[1]), tries[-1])
             predicted = ref[2] * (length / ref[0]) ** 2
@@ -110,7 +114,7 @@ def search_longest(
         if fitted is None:
             return result(longest, None, "time")
         if not fitted:
-            failed = length
+            failed = min(length, failed_at or length)
             break
         longest = length
         if length >= cap:
@@ -294,6 +298,7 @@ def search_child(args) -> None:
             cap=args.cap,
             resolution=args.resolution,
             seconds=args.search_seconds,
+            failed_at=None if record["warm_up"]["fitted"] else args.start,
         )
         record |= found
         record["at_longest"] = peaks.get(found["longest"])

@@ -55,6 +55,16 @@ def test_a_first_try_that_fails_bisects_downwards_and_a_cap_that_fits_ends_it(se
     assert search_longest(limit(-1, []), start=4096, cap=1 << 20)["longest"] == 0  # nothing fits
 
 
+def test_a_length_known_not_to_fit_is_not_tried_again(search_longest):
+    """The warm-up step at --start ran out of memory: the search bisects below it at once (on the
+    GPU it had tried the same 86,016 tokens again, and the call's time ran out in that try)."""
+    tried: list[int] = []
+    found = search_longest(limit(70_000, tried), start=86016, cap=98304, resolution=1 / 16, failed_at=86016)
+    assert 86016 not in tried and tried[0] == 43008
+    assert found["failed"] <= 86016 and 65_000 <= found["longest"] <= 70_000
+    assert all(n < 86016 for n, _, _ in found["tries"])
+
+
 def test_a_try_that_would_end_past_the_time_allowed_is_not_started(search_longest):
     now = [0.0]
 
