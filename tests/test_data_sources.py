@@ -275,6 +275,19 @@ def test_hub_id_in_the_modelscope_cache(caches, tmp_path, monkeypatch):
     assert len(messages("AI-ModelScope/alpaca-gpt4-data-en#4")) == 4
 
 
+def test_hub_id_whose_cached_files_are_compressed_json(caches, tmp_path, monkeypatch):
+    """A repository that ships its splits as .jsonl.gz (as many do): read like the user's own
+    compressed files; it was "files of several or unknown types (.gz)"."""
+    import gzip
+
+    folder = caches / "modelscope" / "hub" / "datasets" / "someone" / "zipped"
+    (folder / "data").mkdir(parents=True)
+    with gzip.open(folder / "data" / "train-00000-of-00001.jsonl.gz", "wt") as fh:
+        fh.write("".join(json.dumps(row) + "\n" for row in ROWS))
+    monkeypatch.chdir(tmp_path)
+    assert messages("someone/zipped") == EXPECTED
+
+
 def test_a_hub_id_not_cached_says_so_and_how_to_fetch_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DataError) as err:

@@ -324,9 +324,9 @@ def _load_folder(folder: Path, repo_id: str) -> Any:
 
 
 def _builder(path: Path) -> str | None:
-    """The `datasets` builder for a file of a downloaded repository (JSON ones too: unlike the
-    user's own files, these need no line-exact messages)."""
-    return "json" if path.suffix.lower() in JSON_EXTENSIONS else BUILDERS.get(path.suffix.lower())
+    """The `datasets` builder for a file of a downloaded repository (JSON ones too, compressed
+    or not: unlike the user's own files, these need no line-exact messages)."""
+    return "json" if json_file_suffix(path) else BUILDERS.get(path.suffix.lower())
 
 
 def _first_line(exc: BaseException) -> str:
