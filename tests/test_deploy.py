@@ -90,6 +90,12 @@ def test_models_lists_the_base_and_each_adapter(client):
     models = {m.id: m for m in client.models.list().data}
     assert list(models) == ["tiny", "bob", "plain"]
     assert models["bob"].model_extra["parent"] == "tiny" and models["tiny"].model_extra["parent"] is None
+    # One model's card, as the client's models.retrieve asks for it (it was a 404 "no such route").
+    assert client.models.retrieve("bob").model_extra == models["bob"].model_extra
+    from openai import NotFoundError
+
+    with pytest.raises(NotFoundError, match="does not exist here"):
+        client.models.retrieve("nobody")
 
 
 def test_chat_answers_as_tunebench_chat_does_for_the_base_and_each_adapter(client, runs, tiny_model_dir):
@@ -268,6 +274,16 @@ def test_concurrent_requests_answer_as_they_do_one_at_a_time(client, url):
         ({"model": "tiny"}, 400, "messages", "missing_messages"),
         ({"model": "tiny", "messages": []}, 400, "messages", "missing_messages"),
         ({"messages": QUESTION}, 400, "model", "missing_model"),
+        ({"model": 123, "messages": QUESTION}, 400, "model", "invalid_model"),
+        (
+            b'{"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "seed": 1'
+            + b"0" * 30
+            + b"}",
+            400,
+            "seed",
+            None,
+        ),
+        ({"model": "tiny", "messages": QUESTION, "seed": 2**64}, 400, "seed", None),
         ({"model": "nobody", "messages": QUESTION}, 404, "model", "model_not_found"),
         ({"model": "tiny", "messages": QUESTION, "temperature": 2.5}, 400, "temperature", None),
         ({"model": "tiny", "messages": QUESTION, "temperature": "hot"}, 400, "temperature", None),
@@ -323,10 +339,32 @@ def test_a_refused_value_is_named_as_the_client_wrote_it(url, path, payload, sai
     assert response.status_code == 400 and said in response.json()["error"]["message"]
 
 
-def test_completion_prompt_longer_than_the_context_is_400(url):
+def test_completion_prompt_longer_than_the_context_is_400(url, plan):
     response = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "Hello! " * 400})
     assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
-    assert f"maximum context length is {MAX_MODEL_LEN} tokens" in response.json()["error"]["message"]
+    message = response.json()["error"]["message"]
+    assert f"maximum context length is {MAX_MODEL_LEN} tokens" in message
+    assert f"larger --max_model_len (up to the model's {plan.context_length})" in message
+
+
+def test_a_server_at_the_models_whole_context_does_not_advise_a_larger_one():
+    from tunebench.engine.deploy.validation import ApiError, Defaults, sampling_options
+
+    with pytest.raises(ApiError) as err:
+        sampling_options({"prompt": "x"}, 600, Defaults(16, 0.0, 1.0), 512, model_context=512)
+    assert err.value.message.endswith(": shorten it"), err.value.message
+
+
+@pytest.mark.parametrize("token", [-1, 10**9])
+def test_completion_token_ids_outside_the_vocabulary_are_400(url, token):
+    """They reached the embedding and came back as a 500 "IndexError" (a stream: 200, then an error)."""
+    for stream in (False, True):
+        response = httpx.post(
+            f"{url}/v1/completions",
+            json={"model": "tiny", "prompt": [1, token], "max_tokens": 2, "stream": stream},
+        )
+        assert response.status_code == 400, response.text
+        assert f"token id {token} in 'prompt' is out of the vocabulary" in response.json()["error"]["message"]
 
 
 def assert_too_large(status: int, body: dict) -> None:
@@ -392,7 +430,7 @@ def test_unknown_route_and_method_get_openai_error_bodies(url):
     assert response.status_code == 405 and response.json()["error"]["code"] == "method_not_allowed"
 
 
-def test_api_key_is_required_when_set(plan):
+def test_api_key_is_required_when_set(plan, monkeypatch):
     deployment, url = start(plan, api_key="sesame")
     try:
         from openai import AuthenticationError, OpenAI
@@ -400,6 +438,11 @@ def test_api_key_is_required_when_set(plan):
         # The printed curl line works once the key is in the environment; the key is not printed.
         (try_it,) = [line for line in deployment.describe(url).splitlines() if line.startswith("try it")]
         assert "sesame" not in deployment.describe(url)
+        # Given as --api_key, the key is not in the person's shell: the banner says to export it.
+        monkeypatch.delenv("TUNEBENCH_API_KEY", raising=False)
+        assert "export TUNEBENCH_API_KEY=KEY, then the curl line" in deployment.describe(url)
+        monkeypatch.setenv("TUNEBENCH_API_KEY", "sesame")
+        assert "export" not in deployment.describe(url)
         command = try_it.removeprefix("try it").replace('"Who are you?"}]', '"Hi"}], "max_tokens": 2')
         answer = subprocess.run(
             ["bash", "-c", command],
@@ -455,7 +498,8 @@ def test_queue_full_is_429(plan):
             third = httpx.post(f"{url}/v1/chat/completions", json=payload)
             assert third.status_code == 429 and third.headers["retry-after"] == "1"
             error = third.json()["error"]
-            assert error["code"] == "queue_full" and "--max_num_seqs 1" in error["message"]
+            assert error["code"] == "queue_full" and "(--max_num_seqs 1 + --max_queue 1)" in error["message"]
+            assert "2 requests are in (1 decoding, 1 waiting to start)" in error["message"]
             gate.set()
             assert first.result().status_code == 200 and second.result().status_code == 200
         assert metrics(url)["tunebench_requests_rejected_total"] == 1

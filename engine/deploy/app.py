@@ -52,10 +52,12 @@ def create_app(
     *,
     defaults: Defaults,
     max_model_len: int,
+    model_context: int | None = None,
     api_key: str = "",
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
 ) -> Any:
-    """The ASGI app serving `served` (ServedModels) through `batcher`."""
+    """The ASGI app serving `served` (ServedModels) through `batcher`; `model_context` is the
+    model's own context length, if its config names one."""
     app = FastAPI(title="TuneBench deploy", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
     http_counts: collections.Counter = collections.Counter()
@@ -95,7 +97,14 @@ def create_app(
 
     def target_of(body: dict[str, Any]) -> Any:
         name = body.get("model")
-        if not isinstance(name, str) or not name:
+        if name is not None and not isinstance(name, str):
+            raise ApiError(
+                400,
+                f"'model' must be a string: one of {', '.join(served.targets)}",
+                param="model",
+                code="invalid_model",
+            )
+        if not name:
             raise ApiError(
                 400,
                 f"'model' is required: one of {', '.join(served.targets)}",
@@ -120,7 +129,7 @@ def create_app(
         shape: Callable[..., Any],
     ) -> Response:
         """Submit a sequence; answer as a stream of chunks or as one object."""
-        options = sampling_options(body, len(prompt), defaults, max_model_len)
+        options = sampling_options(body, len(prompt), defaults, max_model_len, model_context)
         stream = flag(body, "stream")
         include_usage = stream and flag(body.get("stream_options") or {}, "include_usage", "stream_options")
         loop = asyncio.get_running_loop()
@@ -193,23 +202,26 @@ def create_app(
             prometheus_text(batcher, http_counts), media_type="text/plain; version=0.0.4; charset=utf-8"
         )
 
+    def model_card(target: Any) -> dict[str, Any]:
+        return {
+            "id": target.name,
+            "object": "model",
+            "created": created,
+            "owned_by": "tunebench",
+            "root": str(target.adapter_dir or served.loaded.resolved.path),
+            "parent": None if target.is_base else served.base_name,
+            "max_model_len": max_model_len,
+        }
+
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
         check_key(request)
-        data = []
-        for target in served.targets.values():
-            data.append(
-                {
-                    "id": target.name,
-                    "object": "model",
-                    "created": created,
-                    "owned_by": "tunebench",
-                    "root": str(target.adapter_dir or served.loaded.resolved.path),
-                    "parent": None if target.is_base else served.base_name,
-                    "max_model_len": max_model_len,
-                }
-            )
-        return JSONResponse({"object": "list", "data": data})
+        return JSONResponse({"object": "list", "data": [model_card(t) for t in served.targets.values()]})
+
+    @app.get("/v1/models/{name:path}")  # served names may hold '/': runid/step-4
+    async def model(request: Request, name: str) -> Response:
+        check_key(request)
+        return JSONResponse(model_card(target_of({"model": name})))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -263,7 +275,7 @@ def create_app(
         body = await read_json(request, max_request_bytes)
         target = target_of(body)
         check_unsupported(body)
-        prompt = completion_prompt(body)
+        prompt = completion_prompt(body, served.vocab_size)
         if isinstance(prompt, str):
             prompt = await run_in_threadpool(served.encode_text, prompt)
         ident, stamp = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -369,6 +381,8 @@ class _CountRequests:
             await self.app(scope, receive, send_status)
         finally:
             route = scope.get("path", "")
+            if route.startswith("/v1/models/"):
+                route = "/v1/models"  # one model's card: counted with the list
             self.counts[(route if route in ROUTES else "other", status)] += 1
 
 

@@ -274,10 +274,11 @@ class Batcher:
                 raise BatcherStopped(SHUTTING_DOWN)
             if self.metrics.running + len(self._waiting) >= self.max_num_seqs + self.max_queue:
                 self.metrics.rejected += 1
+                # Counted together: requests not yet admitted wait even while slots are free.
                 raise QueueFull(
-                    f"{self.metrics.running} sequences are decoding and {len(self._waiting)} are waiting, "
-                    f"the most this server takes (--max_num_seqs {self.max_num_seqs}, "
-                    f"--max_queue {self.max_queue})"
+                    f"{self.metrics.running + len(self._waiting)} requests are in ({self.metrics.running} "
+                    f"decoding, {len(self._waiting)} waiting to start), the most this server takes at once "
+                    f"(--max_num_seqs {self.max_num_seqs} + --max_queue {self.max_queue})"
                 )
             self._waiting.append(seq)
             self.metrics.waiting = len(self._waiting)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import signal
 import socket
 import threading
@@ -122,6 +123,7 @@ class Deployment:
             batcher,
             defaults=Defaults(max_new_tokens, temperature, top_p),
             max_model_len=max_model_len,
+            model_context=plan.context_length,
             api_key=api_key,
             max_request_bytes=max_request_bytes,
         )
@@ -140,8 +142,10 @@ class Deployment:
         auth, key_line = "", ""
         if self.api_key:
             auth = f' -H "Authorization: Bearer ${API_KEY_ENV}"'
+            # A key given as --api_key is not in the shell a person copies the curl line into.
+            first = "" if os.environ.get(API_KEY_ENV) == self.api_key else f"export {API_KEY_ENV}=KEY, then "
             key_line = (
-                f"key     required: clients send 'Authorization: Bearer KEY'; the curl line below "
+                f"key     required: clients send 'Authorization: Bearer KEY'; {first}the curl line below "
                 f"reads KEY from ${API_KEY_ENV}\n"
             )
         return (

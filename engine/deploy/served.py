@@ -107,6 +107,11 @@ class ServedModels:
         return self.peft if self.peft is not None else self.loaded.model
 
     @property
+    def vocab_size(self) -> int:
+        """Token ids a prompt may hold: the rows of the input embedding."""
+        return int(self.loaded.model.get_input_embeddings().weight.shape[0])
+
+    @property
     def base_name(self) -> str:
         return next(t.name for t in self.targets.values() if t.is_base)
 

@@ -21,6 +21,7 @@ DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20
 
 TEMPERATURE_RANGE = (0.0, 2.0)  # OpenAI's documented range
 MAX_STOP_STRINGS = 4  # as OpenAI allows
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 # OpenAI parameters that change what is generated and that this server does not implement: a
 # request that sets one to anything but its neutral value is refused rather than half-answered.
 UNSUPPORTED = {
@@ -141,7 +142,7 @@ def _text_content(content: Any, where: str) -> str:
     raise ApiError(400, f"{where}.content must be a string or a list of text parts", param=where)
 
 
-def completion_prompt(body: dict[str, Any]) -> str | list[int]:
+def completion_prompt(body: dict[str, Any], vocab_size: int) -> str | list[int]:
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
@@ -154,6 +155,13 @@ def completion_prompt(body: dict[str, Any]) -> str | list[int]:
         and prompt
         and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
     ):
+        wrong = next((t for t in prompt if not 0 <= t < vocab_size), None)
+        if wrong is not None:
+            raise ApiError(
+                400,
+                f"token id {wrong} in 'prompt' is out of the vocabulary: ids run from 0 to {vocab_size - 1}",
+                param="prompt",
+            )
         return list(prompt)
     if isinstance(prompt, list) and len(prompt) > 1:
         raise ApiError(
@@ -196,14 +204,23 @@ def check_unsupported(body: dict[str, Any]) -> None:
 
 
 def sampling_options(
-    body: dict[str, Any], prompt_tokens: int, defaults: Defaults, max_model_len: int
+    body: dict[str, Any],
+    prompt_tokens: int,
+    defaults: Defaults,
+    max_model_len: int,
+    model_context: int | None = None,
 ) -> SamplingOptions:
-    """The request's sampling settings, each checked, with the server's defaults for the rest."""
+    """The request's sampling settings, each checked, with the server's defaults for the rest.
+    `model_context`: the model's own context length, past which --max_model_len cannot go."""
     problem = prompt_overflow(prompt_tokens, max_model_len)
     if problem:
+        grow = ""
+        if model_context is None or max_model_len < model_context:
+            upto = f" (up to the model's {model_context})" if model_context else ""
+            grow = f", or start the server with a larger --max_model_len{upto}"
         raise ApiError(
             400,
-            f"{problem}: shorten it (or start the server with a larger --max_model_len)",
+            f"{problem}: shorten it{grow}",
             param="messages" if "messages" in body else "prompt",
             code="context_length_exceeded",
         )
@@ -222,7 +239,7 @@ def sampling_options(
         )
     temperature = _number(body, "temperature", float, *TEMPERATURE_RANGE)
     top_p = _number(body, "top_p", float, 0.0, 1.0, exclusive_low=True)
-    seed = _number(body, "seed", int, None, None)
+    seed = _number(body, "seed", int, *SEED_RANGE)
     return SamplingOptions(
         max_tokens=max_tokens,
         temperature=defaults.temperature if temperature is None else temperature,
@@ -244,6 +261,9 @@ def _number(
     value = body.get(name)
     if value is None:
         return None
+    if kind is int and isinstance(value, float) and value.is_integer() and abs(value) >= 2**63:
+        # JSON's parser hands a whole number past 64 bits over as a float
+        raise ApiError(400, f"'{name}' is out of range (got {_as_json(value)})", param=name)
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, float))
