@@ -319,11 +319,26 @@ def test_ms_swift_flags_with_nothing_to_set_are_accepted_and_said(capsys):
     assert values["val_ratio"] == 0.1
 
 
-def test_chat_takes_swift_infers_backend_flag_and_points_vllm_to_deploy(capsys):
-    from tunebench.engine.cli.flags import adapter_parser
+def test_chat_takes_a_copied_swift_infer_command_and_says_what_its_flags_do_here(capsys):
+    """ms-swift's README infer line stopped at --infer_backend vllm, then at each of the others in turn."""
+    from tunebench.engine.cli.flags import adapter_parser, parse_args, say_swift_infer_flags
 
     parser = adapter_parser("tunebench chat", "")
-    assert parser.parse_args(["--infer_backend", "pt"]).infer_backend == "pt"
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--infer_backend", "vllm"])
-    assert "`tunebench deploy --infer_backend vllm` serves with vllm" in capsys.readouterr().err
+    line = "--adapters output/v0-x/checkpoint-8 --stream true --merge_lora true --infer_backend vllm "
+    line += "--vllm_max_model_len 8192 --temperature 0 --max_new_tokens 2048 --max_batch_size 4 "
+    line += "--model_type qwen2_5"
+    parser.add_argument("--stream")  # chat's own flag
+    args = parse_args(parser, line.split())
+    assert args.adapters == ["output/v0-x/checkpoint-8"] and args.temperature == "0"
+    say_swift_infer_flags(args)
+    notes = capsys.readouterr().err.splitlines()
+    assert [n.split(":")[1].split()[0] for n in notes] == [
+        "--infer_backend",
+        "--merge_lora",
+        "--vllm_max_model_len",
+        "--max_batch_size",
+        "--model_type",
+    ]
+    assert "`tunebench deploy --infer_backend vllm` serves through vLLM" in notes[0]
+    say_swift_infer_flags(parse_args(parser, ["--infer_backend", "pt"]))
+    assert capsys.readouterr().err == ""  # the built-in backend named: nothing to say

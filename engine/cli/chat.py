@@ -20,7 +20,7 @@ from typing import Any, TextIO
 
 from ..core.config import GenerationConfig
 from ..core.errors import UserError
-from .flags import adapter_parser, generation_config, parse_args, parse_bool
+from .flags import adapter_parser, generation_config, parse_args, parse_bool, say_swift_infer_flags
 from .session import Setup, load_session, resolve_setup
 
 MIN_COLUMN = 32  # narrower than this, side-by-side columns are printed one after the other
@@ -47,6 +47,7 @@ def chat_main(argv: list[str]) -> int:
         help="also answer with the base model: side by side (one after the other on a narrow terminal)",
     )
     args = parse_args(parser, argv)
+    say_swift_infer_flags(args)
     cfg = generation_config(args)
     setup = resolve_setup(args, with_base=args.compare)
     session = load_session(setup, args.torch_dtype)

@@ -116,6 +116,22 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
 
 
+# `swift infer` flags that set nothing in chat and probe, each with what happens instead: accepted,
+# so that a command copied from an ms-swift article runs, and said once at the start.
+SWIFT_INFER_ONLY_FLAGS = {
+    "merge_lora": "the adapter answers unmerged, with the same answers (`tunebench export` merges it)",
+    "vllm_max_model_len": "the context is the model's own; a longer conversation is refused, saying so",
+    "max_model_len": "the context is the model's own; a longer conversation is refused, saying so",
+    "vllm_gpu_memory_utilization": "the model takes the memory it needs, no more",
+    "gpu_memory_utilization": "the model takes the memory it needs, no more",
+    "max_batch_size": "chat answers one conversation at a time; probe asks its questions together",
+    "model_type": "the model's type is read from its config",
+    "load_data_args": "chat answers what you type; `tunebench probe --probes FILE` asks a file of questions",
+    "val_dataset": "chat answers what you type; `tunebench probe --probes FILE` asks a file of questions",
+    "result_path": "probe writes its transcript under --output_dir",
+}
+
+
 def adapter_parser(prog: str, description: str, *, generation: bool = True) -> argparse.ArgumentParser:
     """The flags chat, probe and export share: the adapters, the base model, the dtype, and (for
     chat and probe) the system prompt and the generation settings."""
@@ -148,10 +164,14 @@ def adapter_parser(prog: str, description: str, *, generation: bool = True) -> a
         parser.add_argument(
             "--infer_backend",
             default="pt",
-            type=_built_in_backend,
-            help="pt, the built-in one (accepted from `swift infer` commands); vllm serves through "
-            "`tunebench deploy --infer_backend vllm`",
+            help="pt, the built-in one; another (vllm, from a `swift infer` command) is accepted with a "
+            "note: `tunebench deploy --infer_backend vllm` serves through vLLM",
         )
+        swift = parser.add_argument_group("`swift infer` flags with nothing to set here (accepted, and said)")
+        for name, note in SWIFT_INFER_ONLY_FLAGS.items():
+            swift.add_argument(
+                f"--{name}", dest=f"swift_{name}", nargs="?", const="true", metavar="VALUE", help=note
+            )
         group = parser.add_argument_group("generation")
         hints = get_type_hints(GenerationConfig)
         for f in dataclasses.fields(GenerationConfig):
@@ -164,15 +184,19 @@ def adapter_parser(prog: str, description: str, *, generation: bool = True) -> a
     return parser
 
 
-def _built_in_backend(text: str) -> str:
-    if text != "pt":
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: chat and probe answer with the built-in backend (pt); "
-            f"`tunebench deploy --infer_backend {text}` serves with {text}"
-            if text == "vllm"
-            else f"{text!r}: chat and probe answer with the built-in backend (pt)"
+def say_swift_infer_flags(args: argparse.Namespace) -> None:
+    """A note for each `swift infer` flag given that sets nothing in chat or probe."""
+    if args.infer_backend != "pt":
+        print(
+            f"note: --infer_backend {args.infer_backend}: chat and probe answer with the built-in "
+            "backend (pt); `tunebench deploy --infer_backend vllm` serves through vLLM",
+            file=sys.stderr,
+            flush=True,
         )
-    return text
+    for name, note in SWIFT_INFER_ONLY_FLAGS.items():
+        given = getattr(args, f"swift_{name}")
+        if given is not None:
+            print(f"note: --{name} {given}: {note}", file=sys.stderr, flush=True)
 
 
 def generation_config(args: argparse.Namespace) -> GenerationConfig:

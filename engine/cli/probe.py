@@ -21,7 +21,7 @@ import orjson
 from ..core.config import GenerationConfig
 from ..core.files import atomic_write_bytes, check_writable
 from ..core.probes import default_probes, read_probes
-from .flags import adapter_parser, generation_config, parse_args
+from .flags import adapter_parser, generation_config, parse_args, say_swift_infer_flags
 from .session import Setup, load_session, resolve_setup
 
 
@@ -41,6 +41,7 @@ def probe_main(argv: list[str]) -> int:
         help="transcript folder (default: the run's transcripts/, else ./transcripts)",
     )
     args = parse_args(parser, argv)
+    say_swift_infer_flags(args)
     cfg = generation_config(args)
     # A file the user named is checked before anything loads: its mistakes are the cheapest to report.
     questions = read_probes(Path(args.probes).expanduser()) if args.probes else []
