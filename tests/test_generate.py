@@ -126,6 +126,16 @@ def test_bad_targets_are_clear_user_errors(tmp_path, tiny_model_dir):
         resolve_target(str(tmp_path / "half"))
 
 
+def test_a_folder_of_runs_names_its_runs(runs):
+    """ms-swift's --output_dir given where one of its runs goes: said as such, with a run to pass."""
+    from tunebench.engine.core.targets import resolve_target
+
+    with pytest.raises(UserError, match="is a folder of runs, not a run: it holds 3") as err:
+        resolve_target(str(runs["bob"].parent))
+    assert str(runs["training"]) in err.value.message
+    assert err.value.hint == f"pass one of them, e.g. --adapters {runs['training']} (the last by name)"
+
+
 @pytest.mark.parametrize("damage", ["config-not-json", "config-a-list", "header-cut", "empty", "data-cut"])
 def test_a_damaged_adapter_is_named_before_anything_loads(damage, runs, tmp_path):
     import shutil

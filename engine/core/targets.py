@@ -96,10 +96,30 @@ def _find_adapter_dir(path: Path) -> Path:
             f"{path} is a model, not an adapter: it holds config.json and no {ADAPTER_CONFIG}",
             f"pass it as the base with --model {path}; --adapters takes a run or adapter folder",
         )
+    runs = _runs_inside(path)
+    if runs:  # ms-swift's --output_dir given where one of its runs goes
+        listed = ", ".join(str(r) for r in runs[-3:])
+        raise UserError(
+            f"{path} is a folder of runs, not a run: it holds {len(runs)} ({listed})",
+            f"pass one of them, e.g. --adapters {runs[-1]} (the last by name)",
+        )
     raise UserError(
         f"{path} holds no adapter: no {ADAPTER_CONFIG}, no adapter/ folder and no saved checkpoint",
         TARGET_HINT,
     )
+
+
+def _runs_inside(path: Path) -> list[Path]:
+    """Run folders directly inside `path` (each with an adapter or a saved checkpoint), by name."""
+    try:
+        children = sorted(p for p in path.iterdir() if p.is_dir())
+    except OSError:
+        return []
+    return [
+        c
+        for c in children
+        if (c / "adapter" / ADAPTER_CONFIG).is_file() or list_checkpoints(c, ADAPTER_FILES)
+    ]
 
 
 def _checked_adapter(path: Path) -> Path:
