@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 from test_generate import QUESTION, make_run
@@ -146,6 +147,30 @@ def test_existing_output_is_never_overwritten(export_runs, tmp_path):
     with pytest.raises(UserError, match="not empty"):
         export_model(str(export_runs["lora"]), str(target), merge=False)
     assert [p.name for p in target.iterdir()] == ["keep.txt"]
+
+
+def test_an_output_folder_that_cannot_be_written_is_said_before_the_merge(export_runs, tmp_path, monkeypatch):
+    """A GGUF export of a 7B wrote every tensor before its last rename failed: now said first."""
+    import errno
+    import tempfile
+
+    from tunebench.engine.infer import export
+
+    real = tempfile.mkstemp
+    shut = tmp_path / "shut"
+    shut.mkdir()
+
+    def mkstemp(*args, dir=None, **kwargs):  # noqa: A002 - tempfile's own name
+        if dir is not None and Path(dir) == shut:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(export, "_merged_export", lambda *a, **k: pytest.fail("merged before the check"))
+    with pytest.raises(UserError, match="--output_dir: cannot write into") as err:
+        export.export_model(str(export_runs["lora"]), str(shut / "out"), merge=True)
+    assert f"make {shut} writable for you" in err.value.hint
+    assert not list(shut.iterdir())
 
 
 def test_modelfile_templates_follow_the_chat_format(tiny_tokenizer):

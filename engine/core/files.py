@@ -179,9 +179,10 @@ def write_failure(exc: BaseException, path: str | Path | None) -> DiskWriteError
             else "raise the file size limit"
         ) + ", or make the file smaller"
     elif code in (errno.ENOSPC, errno.EDQUOT):
-        hint = "free space on that disk, or write to another one (--output_dir for runs)"
+        hint = "free space on that disk, or write to another one (--output_dir)"
     else:
-        hint = f"make {path.parent} writable for you, or write somewhere else (--output_dir for runs)"
+        place = path if path.is_dir() else path.parent  # a folder being filled, or a new file's folder
+        hint = f"make {place} writable for you, or write somewhere else (--output_dir)"
     return DiskWriteError(message, hint + "; what was already saved is kept")
 
 

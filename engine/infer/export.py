@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 
 from ..core.errors import UserError
-from ..core.files import follow_umask
+from ..core.files import check_writable, follow_umask
 from ..core.targets import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -140,6 +140,8 @@ def _check_output_dir(out: Path) -> None:
             f"--output_dir {out} already exists and is not empty; nothing was overwritten",
             "choose another --output_dir, or delete that folder first",
         )
+    # The export is written beside it and renamed into place: said now, not after minutes of merge.
+    check_writable(out.parent, "--output_dir")
 
 
 # ===================================================================== merged
