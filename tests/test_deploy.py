@@ -276,6 +276,12 @@ def test_concurrent_requests_answer_as_they_do_one_at_a_time(client, url):
         ({"messages": QUESTION}, 400, "model", "missing_model"),
         ({"model": 123, "messages": QUESTION}, 400, "model", "invalid_model"),
         (
+            {"model": "tiny", "messages": QUESTION, "stream_options": {"include_usage": True}},
+            400,
+            "stream_options",
+            None,
+        ),
+        (
             b'{"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "seed": 1'
             + b"0" * 30
             + b"}",

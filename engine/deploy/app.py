@@ -131,6 +131,10 @@ def create_app(
         """Submit a sequence; answer as a stream of chunks or as one object."""
         options = sampling_options(body, len(prompt), defaults, max_model_len, model_context)
         stream = flag(body, "stream")
+        if body.get("stream_options") is not None and not stream:
+            raise ApiError(
+                400, "'stream_options' is only allowed with \"stream\": true", param="stream_options"
+            )
         include_usage = stream and flag(body.get("stream_options") or {}, "include_usage", "stream_options")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
