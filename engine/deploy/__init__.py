@@ -4,6 +4,7 @@
     batcher.py     the thread that owns the model: continuous batching across requests
     app.py         the ASGI app (FastAPI): routes, OpenAI's error bodies, SSE, /metrics
     validation.py  OpenAI request bodies checked field by field
+    tool_parser.py tool calls in an answer (Hermes / Qwen2.5's <tool_call>) as OpenAI's tool_calls
     deployment.py  a loaded deployment on its socket: the loopback/API-key rule, uvicorn
     vllm.py        the hand-off to vLLM's own OpenAI server (--infer_backend vllm)
 

@@ -29,12 +29,15 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from ..core.errors import UserError
+from ..infer.prompts import TemplateWithoutTools
 from .batcher import Batcher, BatcherStopped, Delta, Failed, Finished, QueueFull, Sequence
+from .tool_parser import StreamedToolCalls, split_tool_calls
 from .validation import (
     DEFAULT_MAX_REQUEST_BYTES,
     ApiError,
     Defaults,
     chat_messages,
+    chat_tools,
     check_unsupported,
     completion_prompt,
     flag,
@@ -234,42 +237,66 @@ def create_app(
         target = target_of(body)
         messages = chat_messages(body)
         check_unsupported(body)
+        tools, read_calls = chat_tools(body)
         try:
-            prompt = await run_in_threadpool(served.encode_chat, target.name, messages)
+            prompt = await run_in_threadpool(served.encode_chat, target.name, messages, tools)
+        except TemplateWithoutTools as exc:
+            raise ApiError(
+                400,
+                f"{exc.message}: {exc.hint}",
+                param="tools" if tools else "messages",
+                code="tools_not_supported",
+            ) from None
         except UserError as exc:
             raise ApiError(400, exc.message, param="messages", code="template_error") from None
         ident, stamp = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        # A streamed answer's calls are known only once they are whole: held, and sent at the end.
+        streamed_calls = StreamedToolCalls() if read_calls else None
 
-        def shape(text: str | None, event: Finished | None, first: bool = False) -> dict[str, Any]:
+        def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+            return {
+                "id": ident,
+                "object": "chat.completion.chunk",
+                "created": stamp,
+                "model": target.name,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+            }
+
+        def shape(text: str | None, event: Finished | None, first: bool = False) -> Any:
             if text is not None and event is not None:  # the whole answer at once
+                message: dict[str, Any] = {"role": "assistant", "content": text}
+                finish_reason = event.finish_reason
+                content, calls = split_tool_calls(text) if read_calls else (text, [])
+                if calls:
+                    message = {"role": "assistant", "content": content, "tool_calls": calls}
+                    finish_reason = "tool_calls"
                 return {
                     "id": ident,
                     "object": "chat.completion",
                     "created": stamp,
                     "model": target.name,
                     "choices": [
-                        {
-                            "index": 0,
-                            "message": {"role": "assistant", "content": text},
-                            "logprobs": None,
-                            "finish_reason": event.finish_reason,
-                        }
+                        {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
                     ],
                     "usage": _usage(event),
                 }
-            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
-            if text is not None:
-                delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
-            if event is not None:
-                choice["finish_reason"] = event.finish_reason
-            return {
-                "id": ident,
-                "object": "chat.completion.chunk",
-                "created": stamp,
-                "model": target.name,
-                "choices": [choice],
-            }
+            if first:
+                return [chunk({"role": "assistant", "content": ""})]
+            if event is None:  # a piece of the answer
+                if streamed_calls is not None:
+                    text = streamed_calls.push(text or "")
+                    if not text:
+                        return []
+                return [chunk({"content": text})]
+            chunks, finish_reason = [], event.finish_reason
+            if streamed_calls is not None:
+                rest, calls = streamed_calls.finish()
+                if rest:
+                    chunks.append(chunk({"content": rest}))
+                for index, call in enumerate(calls):
+                    chunks.append(chunk({"tool_calls": [{"index": index, **call}]}))
+                finish_reason = "tool_calls" if calls else finish_reason
+            return [*chunks, chunk({}, finish_reason)]
 
         return await run(request, body, target, prompt, shape)
 
@@ -284,9 +311,9 @@ def create_app(
             prompt = await run_in_threadpool(served.encode_text, prompt)
         ident, stamp = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
-        def shape(text: str | None, event: Finished | None, first: bool = False) -> dict[str, Any] | None:
+        def shape(text: str | None, event: Finished | None, first: bool = False) -> Any:
             if first:
-                return None  # completions streams have no role chunk: the first chunk carries text
+                return []  # completions streams have no role chunk: the first chunk carries text
             choice = {
                 "index": 0,
                 "text": text or "",
@@ -302,7 +329,8 @@ def create_app(
             }
             if text is not None and event is not None:
                 out["usage"] = _usage(event)
-            return out
+                return out
+            return [out]
 
         return await run(request, body, target, prompt, shape)
 
@@ -331,23 +359,23 @@ async def _sse(
     seq: Sequence, events: asyncio.Queue, shape: Callable[..., Any], include_usage: bool
 ) -> AsyncIterator[bytes]:
     """OpenAI's chunk stream: a first chunk (the role, for chat), one per piece of text, one with
-    the finish reason, the usage when asked for, then `data: [DONE]`. If the client goes away,
-    Starlette cancels this generator at its await, and `finally` frees the slot."""
+    the finish reason (after a chat's tool calls), the usage when asked for, then `data: [DONE]`.
+    `shape` gives the chunks (a list) for the opening, a piece, and the end. If the client goes
+    away, Starlette cancels this generator at its await, and `finally` frees the slot."""
     try:
-        opening = shape(None, None, first=True)
-        if opening is not None:
-            yield _chunk(opening)
+        for payload in shape(None, None, first=True):
+            yield _chunk(payload)
         while True:
             event = await events.get()
             if isinstance(event, Delta):
-                yield _chunk(shape(event.text, None))
+                for payload in shape(event.text, None):
+                    yield _chunk(payload)
             elif isinstance(event, Finished):
-                yield _chunk(shape(None, event))
+                ending = shape(None, event)
+                for payload in ending:
+                    yield _chunk(payload)
                 if include_usage:
-                    usage = shape(None, None)
-                    usage["choices"] = []
-                    usage["usage"] = _usage(event)
-                    yield _chunk(usage)
+                    yield _chunk({**ending[-1], "choices": [], "usage": _usage(event)})
                 break
             elif isinstance(event, Failed):
                 # OpenAI's clients raise on an error chunk: the reader learns the answer is cut.

@@ -115,14 +115,17 @@ class ServedModels:
     def base_name(self) -> str:
         return next(t.name for t in self.targets.values() if t.is_base)
 
-    def encode_chat(self, name: str, messages: list[dict[str, str]]) -> list[int]:
+    def encode_chat(
+        self, name: str, messages: list[dict[str, Any]], tools: list[dict] | None = None
+    ) -> list[int]:
         """Prompt tokens of a chat for one served name: its run's template, and its run's system
-        prompt unless the chat brings its own."""
+        prompt unless the chat brings its own; `tools` shown as the template shows them."""
         from ..infer.prompts import encode_prompt
 
         target = self.targets[name]
         has_system = any(m.get("role") == "system" for m in messages)
-        return encode_prompt(self.tokenizer, messages, target.template, "" if has_system else target.system)
+        system = "" if has_system else target.system
+        return encode_prompt(self.tokenizer, messages, target.template, system, tools)
 
     def encode_text(self, prompt: str) -> list[int]:
         """A plain completion prompt, tokenised as-is (special tokens such as BOS added, as vLLM does)."""

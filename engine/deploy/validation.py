@@ -3,6 +3,7 @@
 Each problem a client can cause becomes an ApiError naming the field (`param`) and what is
 allowed, answered with OpenAI's error body and a 400 (404 for an unknown model). Parameters that
 would change the answer and that this server does not implement are refused, not ignored.
+Messages and tools come out in the form training gives the chat template (engine/core/tool_calls.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 import orjson
 
 from ..core.context import prompt_overflow
+from ..core.tool_calls import ToolFormatError, parse_tool_calls, parse_tools
 from .batcher import SamplingOptions
 
 # A request body past this is refused with 413 before it is read whole: 8 MiB holds a chat that
@@ -30,7 +32,6 @@ UNSUPPORTED = {
     "logprobs": (None, False, 0),
     "top_logprobs": (None, 0),
     "logit_bias": (None, {}),
-    "tools": (None, []),
     "functions": (None, []),
     "best_of": (None, 1),
     "echo": (None, False),
@@ -101,7 +102,9 @@ def _too_large(size: str, max_bytes: int) -> ApiError:
     )
 
 
-def chat_messages(body: dict[str, Any]) -> list[dict[str, str]]:
+def chat_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The request's messages as the chat template takes them, in training's form (engine/core/
+    tool_calls.py): {role, content}, plus "tool_calls" on an assistant message that calls tools."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(
@@ -110,19 +113,44 @@ def chat_messages(body: dict[str, Any]) -> list[dict[str, str]]:
             param="messages",
             code="missing_messages",
         )
-    out = []
+    out: list[dict[str, Any]] = []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
             raise ApiError(400, f"{where} must be an object with role and content", param=where)
         role = message.get("role")
         role = "system" if role == "developer" else role  # OpenAI's newer name for the system role
-        if role not in ("system", "user", "assistant"):
+        if role is None:
             raise ApiError(
-                400, f"{where}.role {role!r} is not supported: use system, user or assistant", param=where
+                400, f"{where} has no role: give it one of system, user, assistant or tool", param=where
+            )
+        if role not in ("system", "user", "assistant", "tool"):
+            raise ApiError(
+                400,
+                f"{where}.role {role!r} is not supported: use system, user, assistant or tool",
+                param=where,
+            )
+        if role == "assistant" and message.get("tool_calls"):
+            # OpenAI sends a call's content as null (or leaves it out) when there is no text beside it.
+            content = message.get("content")
+            text = "" if content is None else _text_content(content, where)
+            out.append({"role": role, "content": text, "tool_calls": _calls(message["tool_calls"], where)})
+            continue
+        if role == "tool" and not (out and (out[-1]["role"] == "tool" or out[-1].get("tool_calls"))):
+            raise ApiError(
+                400,
+                f"{where} is a tool result, but no assistant message with tool_calls comes before it",
+                param=where,
             )
         out.append({"role": role, "content": _text_content(message.get("content"), where)})
     return out
+
+
+def _calls(value: Any, where: str) -> list[dict]:
+    try:
+        return parse_tool_calls(value)
+    except ToolFormatError as exc:
+        raise ApiError(400, f"{where}: {exc}", param=f"{where}.tool_calls") from None
 
 
 def _text_content(content: Any, where: str) -> str:
@@ -130,16 +158,39 @@ def _text_content(content: Any, where: str) -> str:
         return content
     if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
         parts = []
-        for part in content:
-            if (
-                not isinstance(part, dict)
-                or part.get("type") != "text"
-                or not isinstance(part.get("text"), str)
-            ):
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text":
                 raise ApiError(400, f"{where}.content: only text parts are supported", param=where)
+            if not isinstance(part.get("text"), str):
+                raise ApiError(
+                    400,
+                    f"{where}.content[{j}] is a text part without a string 'text' "
+                    f"(got {_as_json(part.get('text'))})",
+                    param=where,
+                )
             parts.append(part["text"])
         return "".join(parts)
     raise ApiError(400, f"{where}.content must be a string or a list of text parts", param=where)
+
+
+def chat_tools(body: dict[str, Any]) -> tuple[list[dict], bool]:
+    """The request's tools, in the form the chat template takes (engine/core/tool_calls.py's), and
+    whether the answer is read for calls: tool_choice "auto" (the default with tools) or "none"
+    (the tools stay in the prompt, the answer stays text). A call forced by "required" or a named
+    function needs constrained decoding, which this server does not do: refused, not ignored."""
+    try:
+        tools = parse_tools(body.get("tools"))
+    except ToolFormatError as exc:
+        raise ApiError(400, str(exc), param="tools") from None
+    choice = body.get("tool_choice")
+    if choice not in (None, "auto", "none"):
+        raise ApiError(
+            400,
+            f'tool_choice {_as_json(choice)} is not supported: this server supports only "auto" '
+            '(the model decides; the default) and "none"',
+            param="tool_choice",
+        )
+    return tools, bool(tools) and choice != "none"
 
 
 def completion_prompt(body: dict[str, Any], vocab_size: int) -> str | list[int]:

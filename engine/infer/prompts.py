@@ -31,20 +31,36 @@ def chat_template_for(tokenizer: Any, template: str = "") -> str | None:
     return resolve_template(tokenizer, template)[0]
 
 
+class TemplateWithoutTools(UserError):
+    """Tools (or earlier tool calls) in a chat whose template does not show them."""
+
+
 def encode_prompt(
-    tokenizer: Any, messages: Sequence[dict[str, str]], template: str = "", system: str = ""
+    tokenizer: Any,
+    messages: Sequence[dict[str, Any]],
+    template: str = "",
+    system: str = "",
+    tools: list[dict] | None = None,
 ) -> list[int]:
-    """Token ids of the chat so far plus the assistant header, tokenised the way training did."""
+    """Token ids of the chat so far plus the assistant header, tokenised the way training did.
+    `tools` and assistant messages' "tool_calls" are in engine/core/tool_calls.py's form, and go
+    to the template as training gives them (encoding.encode_messages)."""
     from ..core.encoding import assistant_spans
 
-    chat = [{"role": m["role"], "content": m["content"]} for m in messages]
+    chat = [_chat_message(m) for m in messages]
     if system:
         chat = [{"role": "system", "content": system}] + [m for m in chat if m["role"] != "system"]
     chat_template = chat_template_for(tokenizer, template)
 
-    def render(msgs: list[dict[str, str]], generation_prompt: bool) -> str:
+    def render(msgs: list[dict[str, Any]], generation_prompt: bool, with_tools: bool = True) -> str:
+        # not tools=None: not every tokenizer takes it
+        extra = {"tools": tools} if tools and with_tools else {}
         return tokenizer.apply_chat_template(
-            msgs, chat_template=chat_template, tokenize=False, add_generation_prompt=generation_prompt
+            msgs,
+            chat_template=chat_template,
+            tokenize=False,
+            add_generation_prompt=generation_prompt,
+            **extra,
         )
 
     try:
@@ -52,8 +68,9 @@ def encode_prompt(
     except Exception as exc:  # jinja errors, raise_exception() in templates that refuse a role
         raise UserError(
             f"the chat template cannot render this conversation ({type(exc).__name__}: {exc})",
-            "check the roles (system, user, assistant), or pick another template with --template",
+            "check the roles (system, user, assistant, tool), or pick another template with --template",
         ) from None
+    _check_tools_shown(text, chat, tools or [], template, lambda: render(chat, True, with_tools=False))
     pieces = [text]
     if any(m["role"] == "assistant" for m in chat):
         # Training tokenises each assistant answer on its own (encoding.encode_messages); doing the same
@@ -73,6 +90,38 @@ def encode_prompt(
     for piece_ids in tokenizer(pieces, add_special_tokens=False)["input_ids"]:
         ids += piece_ids
     return ids
+
+
+def _chat_message(message: dict[str, Any]) -> dict[str, Any]:
+    """Role and content, and an assistant's calls where it makes some: what training renders."""
+    out = {"role": message["role"], "content": message["content"]}
+    if message.get("tool_calls"):
+        out["tool_calls"] = message["tool_calls"]
+    return out
+
+
+def _check_tools_shown(
+    text: str, chat: list[dict[str, Any]], tools: list[dict], template: str, without_tools: Any
+) -> None:
+    """A template without tool support drops the tools and earlier calls silently, and the model
+    would answer as if it had none: each tool's and call's name must be in the prompt, and the
+    tools must change it (a name may also be in the question)."""
+    from ..core.tool_calls import call_names, tool_names
+
+    calls = [call for m in chat for call in m.get("tool_calls", [])]
+    names = tool_names(tools) + call_names(calls)
+    missing = [name for name in names if name not in text]
+    if not missing and not (tools and text == without_tools()):
+        return
+    which = f"--template {template}" if template else "the tokenizer's own"
+    raise TemplateWithoutTools(
+        f"the chat template ({which}) does not show tools or tool calls"
+        + (f" ({missing[0]!r} is not in the prompt)" if missing else "")
+        + ", so the model would never see them",
+        "serve an adapter trained with --template qwen or chatml (both carry Qwen2.5's tool "
+        "format; deploy answers with the template each run trained with), or a model whose own "
+        "chat template takes tools (Qwen2.5's does)",
+    )
 
 
 def stop_token_ids(tokenizer: Any, model: Any = None) -> set[int]:
