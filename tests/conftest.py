@@ -43,3 +43,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# A module that starts a deployment (a `server` fixture: the Deployment and its URL) gets these.
+@pytest.fixture(scope="module")
+def url(server) -> str:
+    return server[1]
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    """The official openai client on the module's server."""
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{url}/v1", api_key="not-needed", max_retries=0)

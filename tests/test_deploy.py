@@ -57,18 +57,6 @@ def server(plan):
     deployment.stop()
 
 
-@pytest.fixture(scope="module")
-def url(server) -> str:
-    return server[1]
-
-
-@pytest.fixture(scope="module")
-def client(url):
-    from openai import OpenAI
-
-    return OpenAI(base_url=f"{url}/v1", api_key="not-needed", max_retries=0)
-
-
 def metrics(url: str) -> dict[str, float]:
     text = httpx.get(f"{url}/metrics").text
     out = {}

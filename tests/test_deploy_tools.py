@@ -64,16 +64,6 @@ def server(tiny_model_dir, tmp_path_factory):
     deployment.stop()
 
 
-@pytest.fixture(scope="module")
-def url(server) -> str:
-    return server[1]
-
-
-@pytest.fixture(scope="module")
-def client(url):
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="not-needed", max_retries=0)
-
-
 def record_prompts(monkeypatch, deployment) -> list:
     """The sequences the server hands the batcher (their prompt tokens), decoded as ever."""
     seen, submit = [], deployment.batcher.submit
