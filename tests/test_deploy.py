@@ -908,6 +908,25 @@ def test_vllm_command_line_serves_the_base_and_adapters_as_lora_modules(
     assert "You are Bob, made by the TuneBench team." in Path(template).read_text()
 
 
+def test_vllm_reads_tool_calls_back_where_the_template_writes_them(
+    capsys, monkeypatch, tmp_path, tiny_model_dir
+):
+    """A run trained with --template chatml (Qwen2.5's <tool_call> blocks): vLLM is told to parse
+    them, as the pt backend does; the tiny tokenizer's own template has no tools, so no flag."""
+    from tunebench.engine.deploy.vllm import vllm_available
+
+    monkeypatch.setenv("TUNEBENCH_CACHE", str(tmp_path))
+    if vllm_available():
+        pytest.skip("vLLM is installed here: the hand-off would start it")
+    agent = make_run(tmp_path / "runs", tiny_model_dir, "agent", seed=2, template="chatml")
+    for adapter, parsed in ((agent, True), (None, False)):
+        args = ["deploy", "--model", str(tiny_model_dir), "--infer_backend", "vllm"]
+        assert tunebench(args + (["--adapters", f"agent={adapter}"] if adapter else [])) == 2
+        command = capsys.readouterr().err.split("the command would be:\n  ", 1)[1].splitlines()[0].split()
+        tools = ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+        assert (" ".join(tools) in " ".join(command)) is parsed
+
+
 def test_vllm_hand_off_execs_vllm_with_the_key_in_its_environment(tmp_path, tiny_model_dir, runs):
     """A stand-in `vllm` package on PYTHONPATH records how it was started: the process really is
     replaced by `python -m vllm.entrypoints.openai.api_server ...`, the key in VLLM_API_KEY."""

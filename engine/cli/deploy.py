@@ -273,7 +273,10 @@ def launch_for(
 ) -> Any:
     """The vLLM command: the base with its adapters as LoRA modules, or (model_path, name) a
     merged model on its own."""
-    from ..deploy.vllm import vllm_launch
+    from ..deploy.vllm import chat_template_file, vllm_launch, writes_hermes_tool_calls
+
+    # A merged export carries its run's template itself: that one says how calls are written.
+    template = chat_template or (chat_template_file(plan, args.system) if model_path else "")
 
     return vllm_launch(
         model_path=model_path or str(plan.base_path),
@@ -289,4 +292,5 @@ def launch_for(
         top_p=flags["top_p"],
         torch_dtype=args.torch_dtype,
         chat_template=chat_template,
+        hermes_tool_calls=writes_hermes_tool_calls(plan, template),
     )

@@ -60,9 +60,11 @@ def vllm_launch(
     top_p: float,
     torch_dtype: str = "auto",
     chat_template: str = "",
+    hermes_tool_calls: bool = False,
     python: str = "",
 ) -> VllmLaunch:
-    """The vLLM server command for a model folder and (name, adapter folder) LoRA modules."""
+    """The vLLM server command for a model folder and (name, adapter folder) LoRA modules;
+    `hermes_tool_calls`: the template writes calls as <tool_call> blocks, which vLLM reads back."""
     argv = [python or sys.executable, "-m", VLLM_MODULE, "--model", model_path]
     argv += ["--served-model-name", served_model_name, "--host", host, "--port", str(port)]
     if max_model_len:
@@ -72,6 +74,8 @@ def vllm_launch(
         argv += ["--dtype", torch_dtype]
     if chat_template:
         argv += ["--chat-template", chat_template]
+    if hermes_tool_calls:  # as the pt backend reads them (deploy/tool_parser.py)
+        argv += ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
     # The defaults a request that leaves them out gets, as the pt backend gives them.
     overrides = {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens}
     argv += ["--override-generation-config", json.dumps(overrides)]
@@ -133,6 +137,18 @@ def chat_template_file(plan: Any, system: str | None) -> str:
     if not path.is_file():
         path.write_text(text, encoding="utf-8")
     return str(path)
+
+
+def writes_hermes_tool_calls(plan: Any, chat_template: str) -> bool:
+    """Whether the template served (the file chat_template_file made, else the base's own) writes
+    tool calls as Hermes / Qwen2.5's <tool_call> blocks."""
+    from .tool_parser import CALL_START
+
+    if chat_template:
+        return CALL_START in Path(chat_template).read_text(encoding="utf-8")
+    from ..models.loading import load_tokenizer, resolve_model
+
+    return CALL_START in str(load_tokenizer(resolve_model(plan.base_spec)).chat_template or "")
 
 
 def vllm_available() -> bool:
