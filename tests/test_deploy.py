@@ -198,6 +198,30 @@ def test_ignore_eos_decodes_every_requested_token(url):
     )
 
 
+def test_a_batch_of_prompts_gets_a_choice_each_in_order(client, server):
+    """OpenAI's list of prompts (eval harnesses send batches): one choice per prompt at its index,
+    each the answer the prompt gets alone, whole and streamed; the usage summed. It was a 400."""
+    served = server[0].served
+    prompts = ["Who are you? I am", served.encode_text("The capital of France is"), "Hi"]
+    alone = [client.completions.create(model="bob", prompt=p, max_tokens=6) for p in prompts]
+    batch = client.completions.create(model="bob", prompt=prompts, max_tokens=6)
+    assert [c.index for c in batch.choices] == [0, 1, 2]
+    assert [c.text for c in batch.choices] == [a.choices[0].text for a in alone]
+    assert batch.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    assert batch.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+    texts, finished, usage = ["", "", ""], [None] * 3, None
+    for chunk in client.completions.create(
+        model="bob", prompt=prompts, max_tokens=6, stream=True, stream_options={"include_usage": True}
+    ):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+            finished[choice.index] = choice.finish_reason or finished[choice.index]
+        usage = chunk.usage or usage
+    assert texts == [c.text for c in batch.choices]
+    assert finished == [c.finish_reason for c in batch.choices]
+    assert usage.completion_tokens == batch.usage.completion_tokens
+
+
 def test_curl_completions_whole_and_streamed(url, server):
     served = server[0].served
     payload = {"model": "bob", "prompt": "Who are you? I am", "max_tokens": 10}
@@ -323,7 +347,16 @@ def test_bad_requests_get_openai_error_bodies(url, payload, status, param, code)
         ("chat/completions", {"n": True}, "n=true: this server returns one choice"),
         ("chat/completions", {"stop": ""}, "'stop' is an empty string: each stop string"),
         ("chat/completions", {"stop": ["a", ""]}, "'stop' has an empty string (stop[1])"),
-        ("completions", {"prompt": True}, "'prompt' must be a string or a list of token ids (got true)"),
+        (
+            "completions",
+            {"prompt": True},
+            "'prompt' must be a string, a list of token ids, or a list of those (got true)",
+        ),
+        (
+            "completions",
+            {"prompt": ["Hi", 3.5]},
+            "'prompt[1]' must be a string or a list of token ids (got 3.5)",
+        ),
     ],
 )
 def test_a_refused_value_is_named_as_the_client_wrote_it(url, path, payload, said):

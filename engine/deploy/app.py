@@ -19,7 +19,7 @@ import collections
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import orjson
@@ -39,7 +39,7 @@ from .validation import (
     chat_messages,
     chat_tools,
     check_unsupported,
-    completion_prompt,
+    completion_prompts,
     flag,
     read_json,
     sampling_options,
@@ -128,11 +128,12 @@ def create_app(
         request: Request,
         body: dict[str, Any],
         target: Any,
-        prompt: list[int],
+        prompts: list[list[int]],
         shape: Callable[..., Any],
     ) -> Response:
-        """Submit a sequence; answer as a stream of chunks or as one object."""
-        options = sampling_options(body, len(prompt), defaults, max_model_len, model_context)
+        """Submit one sequence per prompt (several only for /v1/completions); answer as a stream
+        of chunks or as one object, the choices in the prompts' order."""
+        options = [sampling_options(body, len(p), defaults, max_model_len, model_context) for p in prompts]
         stream = flag(body, "stream")
         if body.get("stream_options") is not None and not stream:
             raise ApiError(
@@ -140,54 +141,62 @@ def create_app(
             )
         include_usage = stream and flag(body.get("stream_options") or {}, "include_usage", "stream_options")
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        seq = Sequence(
-            target.name,
-            target.peft_name,
-            prompt,
-            options,
-            emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
-        )
+        events: asyncio.Queue = asyncio.Queue()  # (choice index, event)
+
+        def emitter(index: int) -> Callable[[Any], None]:
+            return lambda event: loop.call_soon_threadsafe(events.put_nowait, (index, event))
+
+        seqs = [
+            Sequence(target.name, target.peft_name, prompt, opts, emit=emitter(i))
+            for i, (prompt, opts) in enumerate(zip(prompts, options, strict=True))
+        ]
         try:
-            batcher.submit(seq)
-        except QueueFull as exc:
+            for seq in seqs:
+                batcher.submit(seq)
+        except (QueueFull, BatcherStopped) as exc:
+            for seq in seqs:
+                seq.cancel()  # the prompts already queued leave with the rest
+            if isinstance(exc, BatcherStopped):
+                raise ApiError(503, str(exc), kind="server_error") from None
             raise ApiError(
                 429,
                 f"the server is busy: {exc}; retry shortly",
                 kind="rate_limit_error",
                 code="queue_full",
             ) from None
-        except BatcherStopped as exc:
-            raise ApiError(503, str(exc), kind="server_error") from None
         if stream:
             return StreamingResponse(
-                _sse(seq, events, shape, include_usage),
+                _sse(seqs, events, shape, include_usage),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        pieces: list[str] = []
+        pieces: list[list[str]] = [[] for _ in seqs]
+        finished: dict[int, Finished] = {}
         check_at = loop.time() + DISCONNECT_POLL_S
         try:
-            while True:
+            while len(finished) < len(seqs):
                 try:
-                    event = await asyncio.wait_for(events.get(), max(0.0, check_at - loop.time()))
+                    index, event = await asyncio.wait_for(events.get(), max(0.0, check_at - loop.time()))
                 except asyncio.TimeoutError:
                     event = None
                 # Checked on a clock, not only when no token came: tokens may arrive faster than that.
                 if loop.time() >= check_at:
                     if await request.is_disconnected():
-                        return Response(status_code=499)  # nobody reads it; the slot is freed below
+                        return Response(status_code=499)  # nobody reads it; the slots are freed below
                     check_at = loop.time() + DISCONNECT_POLL_S
                 if event is None:
                     continue
                 if isinstance(event, Delta):
-                    pieces.append(event.text)
+                    pieces[index].append(event.text)
                 elif isinstance(event, Finished):
-                    return JSONResponse(shape("".join(pieces), event))
+                    finished[index] = event
                 else:
                     raise ApiError(event.status, event.message, kind="server_error")
+            answers = [shape("".join(pieces[i]), finished[i]) for i in range(len(seqs))]
+            return JSONResponse(_together(answers))
         finally:
-            seq.cancel()  # a no-op once finished; otherwise the row leaves the batch
+            for seq in seqs:
+                seq.cancel()  # a no-op once finished; otherwise the row leaves the batch
 
     @app.get("/health")
     async def health() -> Response:
@@ -298,7 +307,7 @@ def create_app(
                 finish_reason = "tool_calls" if calls else finish_reason
             return [*chunks, chunk({}, finish_reason)]
 
-        return await run(request, body, target, prompt, shape)
+        return await run(request, body, target, [prompt], shape)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -306,9 +315,10 @@ def create_app(
         body = await read_json(request, max_request_bytes)
         target = target_of(body)
         check_unsupported(body)
-        prompt = completion_prompt(body, served.vocab_size)
-        if isinstance(prompt, str):
-            prompt = await run_in_threadpool(served.encode_text, prompt)
+        prompts = [
+            await run_in_threadpool(served.encode_text, p) if isinstance(p, str) else p
+            for p in completion_prompts(body, served.vocab_size)
+        ]
         ident, stamp = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def shape(text: str | None, event: Finished | None, first: bool = False) -> Any:
@@ -332,7 +342,7 @@ def create_app(
                 return out
             return [out]
 
-        return await run(request, body, target, prompt, shape)
+        return await run(request, body, target, prompts, shape)
 
     return app
 
@@ -355,35 +365,60 @@ def _chunk(payload: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
+def _together(answers: list[dict[str, Any]]) -> dict[str, Any]:
+    """One answer object for several prompts: each one's choice at its index, the usage summed."""
+    if len(answers) == 1:
+        return answers[0]
+    out = dict(answers[0])
+    out["choices"] = [{**a["choices"][0], "index": i} for i, a in enumerate(answers)]
+    out["usage"] = {key: sum(a["usage"][key] for a in answers) for key in answers[0]["usage"]}
+    return out
+
+
 async def _sse(
-    seq: Sequence, events: asyncio.Queue, shape: Callable[..., Any], include_usage: bool
+    seqs: list[Sequence], events: asyncio.Queue, shape: Callable[..., Any], include_usage: bool
 ) -> AsyncIterator[bytes]:
     """OpenAI's chunk stream: a first chunk (the role, for chat), one per piece of text, one with
-    the finish reason (after a chat's tool calls), the usage when asked for, then `data: [DONE]`.
-    `shape` gives the chunks (a list) for the opening, a piece, and the end. If the client goes
-    away, Starlette cancels this generator at its await, and `finally` frees the slot."""
-    try:
-        for payload in shape(None, None, first=True):
+    the finish reason (after a chat's tool calls) for each prompt's choice (its index), the usage
+    (summed) when asked for, then `data: [DONE]`. `shape` gives the chunks (a list) for the
+    opening, a piece, and the end. If the client goes away, Starlette cancels this generator at
+    its await, and `finally` frees the slots."""
+
+    def at(index: int, payloads: list[dict[str, Any]]) -> Iterator[bytes]:
+        for payload in payloads:
+            if index and payload.get("choices"):
+                payload = {**payload, "choices": [{**c, "index": index} for c in payload["choices"]]}
             yield _chunk(payload)
-        while True:
-            event = await events.get()
+
+    try:
+        for index in range(len(seqs)):
+            for line in at(index, shape(None, None, first=True)):
+                yield line
+        ended: dict[int, Finished] = {}
+        last: dict[str, Any] = {}
+        while len(ended) < len(seqs):
+            index, event = await events.get()
             if isinstance(event, Delta):
-                for payload in shape(event.text, None):
-                    yield _chunk(payload)
+                for line in at(index, shape(event.text, None)):
+                    yield line
             elif isinstance(event, Finished):
                 ending = shape(None, event)
-                for payload in ending:
-                    yield _chunk(payload)
-                if include_usage:
-                    yield _chunk({**ending[-1], "choices": [], "usage": _usage(event)})
-                break
+                ended[index], last = event, ending[-1]
+                for line in at(index, ending):
+                    yield line
             elif isinstance(event, Failed):
                 # OpenAI's clients raise on an error chunk: the reader learns the answer is cut.
                 yield _chunk(ApiError(event.status, event.message, kind="server_error").body())
                 break
+        else:
+            if include_usage:
+                usages = [_usage(e) for e in ended.values()]
+                usage = {key: sum(u[key] for u in usages) for key in usages[0]}
+                yield _chunk({**last, "choices": [], "usage": usage})
         yield b"data: [DONE]\n\n"
     finally:
-        seq.cancel()
+        for seq in seqs:
+            seq.cancel()
 
 
 # ---------------------------------------------------------------- metrics

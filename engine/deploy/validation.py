@@ -193,38 +193,60 @@ def chat_tools(body: dict[str, Any]) -> tuple[list[dict], bool]:
     return tools, bool(tools) and choice != "none"
 
 
-def completion_prompt(body: dict[str, Any], vocab_size: int) -> str | list[int]:
+MAX_PROMPTS = 256  # prompts in one /v1/completions request (each is a sequence of the batch)
+
+
+def completion_prompts(body: dict[str, Any], vocab_size: int) -> list[str | list[int]]:
+    """The request's prompts, as OpenAI's API takes them: a string, a list of token ids, or a
+    list of either (eval harnesses send a batch of prompts in one request)."""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]
+    if prompt is None:
+        raise ApiError(
+            400,
+            "'prompt' is required: a string (or a list of token ids, or a list of those)",
+            param="prompt",
+            code="missing_prompt",
+        )
+    if isinstance(prompt, str) or _token_ids(prompt):
+        return [_one_prompt(prompt, "prompt", vocab_size)]
+    if not isinstance(prompt, list) or not prompt:
+        raise ApiError(
+            400,
+            f"'prompt' must be a string, a list of token ids, or a list of those (got {_as_json(prompt)})",
+            param="prompt",
+        )
+    if len(prompt) > MAX_PROMPTS:
+        raise ApiError(
+            400, f"'prompt' holds {len(prompt)} prompts; at most {MAX_PROMPTS} a request", param="prompt"
+        )
+    return [_one_prompt(p, f"prompt[{i}]", vocab_size) for i, p in enumerate(prompt)]
+
+
+def _token_ids(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+    )
+
+
+def _one_prompt(prompt: Any, where: str, vocab_size: int) -> str | list[int]:
     if isinstance(prompt, str):
         if not prompt:
-            raise ApiError(400, "'prompt' is empty", param="prompt")
+            raise ApiError(400, f"'{where}' is empty", param="prompt")
         return prompt
-    if (
-        isinstance(prompt, list)
-        and prompt
-        and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
-    ):
-        wrong = next((t for t in prompt if not 0 <= t < vocab_size), None)
-        if wrong is not None:
-            raise ApiError(
-                400,
-                f"token id {wrong} in 'prompt' is out of the vocabulary: ids run from 0 to {vocab_size - 1}",
-                param="prompt",
-            )
-        return list(prompt)
-    if isinstance(prompt, list) and len(prompt) > 1:
+    if not _token_ids(prompt):
         raise ApiError(
-            400, "one prompt per request: send several requests instead (they batch)", param="prompt"
+            400, f"'{where}' must be a string or a list of token ids (got {_as_json(prompt)})", param="prompt"
         )
-    if prompt is not None:
+    wrong = next((t for t in prompt if not 0 <= t < vocab_size), None)
+    if wrong is not None:
         raise ApiError(
-            400, f"'prompt' must be a string or a list of token ids (got {_as_json(prompt)})", param="prompt"
+            400,
+            f"token id {wrong} in '{where}' is out of the vocabulary: ids run from 0 to {vocab_size - 1}",
+            param="prompt",
         )
-    raise ApiError(
-        400, "'prompt' is required: a string (or a list of token ids)", param="prompt", code="missing_prompt"
-    )
+    return list(prompt)
 
 
 def _as_json(value: Any) -> str:
