@@ -220,6 +220,11 @@ def test_a_batch_of_prompts_gets_a_choice_each_in_order(client, server):
     assert texts == [c.text for c in batch.choices]
     assert finished == [c.finish_reason for c in batch.choices]
     assert usage.completion_tokens == batch.usage.completion_tokens
+    # More than the server ever takes at once (4 decoding + 8 waiting): a 400 saying so, not a 429.
+    too_many = httpx.post(
+        f"{client.base_url}completions", json={"model": "bob", "prompt": ["Hi"] * 13, "max_tokens": 2}
+    )
+    assert too_many.status_code == 400 and "takes at most 12 at once" in too_many.json()["error"]["message"]
 
 
 def test_curl_completions_whole_and_streamed(url, server):

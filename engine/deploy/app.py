@@ -146,6 +146,15 @@ def create_app(
         def emitter(index: int) -> Callable[[Any], None]:
             return lambda event: loop.call_soon_threadsafe(events.put_nowait, (index, event))
 
+        room = batcher.max_num_seqs + batcher.max_queue
+        if len(prompts) > room:  # refused whenever it comes: a 429's "retry" would not help
+            raise ApiError(
+                400,
+                f"'prompt' holds {len(prompts)} prompts; this server takes at most {room} at once "
+                f"(--max_num_seqs {batcher.max_num_seqs} + --max_queue {batcher.max_queue}): "
+                "send fewer a request",
+                param="prompt",
+            )
         seqs = [
             Sequence(target.name, target.peft_name, prompt, opts, emit=emitter(i))
             for i, (prompt, opts) in enumerate(zip(prompts, options, strict=True))
