@@ -8,7 +8,7 @@ import os
 
 import orjson
 import pytest
-from tui_helpers import MINI_RECORDS, no_start, wait_until
+from tui_helpers import MINI_RECORDS, no_start, record_notices, wait_until
 from tunebench.engine.core import files
 from tunebench.tui.app import TuneBenchApp
 from tunebench.tui.screens.confirm import Choice
@@ -283,11 +283,12 @@ async def test_the_pane_recovers_edits_after_the_tui_is_killed(workspace, fake_e
 
     monkeypatch.setattr(dataset_pane, "AUTOSAVE_DELAY_S", 0.05)
     app = TuneBenchApp(workspace, starter=no_start)
+    said = record_notices(app)
     async with app.run_test(size=(100, 32)) as pilot:
         pane = app.query_one(DatasetPane)
         await wait_until(pilot, lambda: pane.reports, what="row checks")
         assert [row.record for row in pane.store.rows] == expected
-        assert any("recovered 2 unsaved edit" in n.message for n in app._notifications)
+        assert any("recovered 2 unsaved edit" in n for n in said)
         await wait_until(pilot, lambda: not pane.store.dirty, what="the recovered edits to autosave")
     assert records(path) == expected
     assert (path.parent / "mini.jsonl.bak").read_bytes() == before
@@ -373,6 +374,7 @@ async def test_the_read_only_tui_takes_over_when_the_writer_dies(workspace, fake
     monkeypatch.setattr(dataset_pane, "DISK_CHECK_S", 0.05)
     path = workspace / "datasets" / "mini.jsonl"
     writer, reader = TuneBenchApp(workspace, starter=no_start), TuneBenchApp(workspace, starter=no_start)
+    said_to_reader = record_notices(reader)
     writing = writer.run_test(size=(100, 32))
     p1 = await writing.__aenter__()
     try:
@@ -392,7 +394,7 @@ async def test_the_read_only_tui_takes_over_when_the_writer_dies(workspace, fake
             # the file is read again in the background, then the dead writer's journal replayed
             await wait_until(p2, lambda: not pane2.store.loading, what="the reader to read the file")
             assert [row.record for row in pane2.store.rows] == made
-            assert any("recovered 2 unsaved edit" in n.message for n in reader._notifications)
+            assert any("recovered 2 unsaved edit" in n for n in said_to_reader)
             await p2.press("c")
             assert len(pane2.store.rows) == len(made) + 1
             await p2.press("ctrl+s")
@@ -411,6 +413,7 @@ async def test_a_read_only_file_is_not_replaced_and_says_what_to_do(workspace, f
     path.chmod(0o444)
     before = (path.read_bytes(), path.stat().st_ino)
     app = TuneBenchApp(workspace, starter=no_start)
+    said = record_notices(app)
     async with app.run_test(size=(100, 32)) as pilot:
         pane = app.query_one(DatasetPane)
         await wait_until(pilot, lambda: pane.reports, what="row checks")
@@ -419,7 +422,7 @@ async def test_a_read_only_file_is_not_replaced_and_says_what_to_do(workspace, f
         await pilot.press("d", "c", "ctrl+s")
         await pilot.pause(0.2)
         assert not pane.store.dirty and [row.record for row in pane.store.rows] == MINI_RECORDS
-        assert any("read-only (mode 0444)" in n.message for n in app._notifications)
+        assert any("read-only (mode 0444)" in n for n in said)
         assert (path.read_bytes(), path.stat().st_ino) == before
         path.chmod(0o644)  # the person's answer: chmod u+w
         await wait_until(pilot, lambda: not notice(app), what="the pane to notice the chmod")

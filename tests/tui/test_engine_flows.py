@@ -6,7 +6,7 @@ import contextlib
 
 from fake_engine import FakeEngineThread
 from textual.widgets import Input, RichLog
-from tui_helpers import no_start, wait_until
+from tui_helpers import no_start, record_notices, wait_until
 from tunebench.engine.core import protocol as P
 from tunebench.tui.app import TuneBenchApp
 from tunebench.tui.engine_client import EngineClient
@@ -249,6 +249,7 @@ async def test_a_lost_engine_replaced_by_another_session_is_reattached(workspace
         fake = FakeEngineThread(workspace)
         engines.enter_context(fake)
         app = TuneBenchApp(workspace, starter=no_start)
+        said = record_notices(app)
         async with app.run_test(size=(100, 32)) as pilot:
             await wait_until(pilot, lambda: app.client.connected, what="the engine")
             fake.kill()
@@ -256,7 +257,7 @@ async def test_a_lost_engine_replaced_by_another_session_is_reattached(workspace
             engines.enter_context(FakeEngineThread(workspace))  # started elsewhere, not by this TUI
             back = lambda: app.client.connected and not isinstance(app.screen, EngineLost)  # noqa: E731
             await wait_until(pilot, back, timeout=10.0, what="the reattach")
-            assert "reattached" in " ".join(str(n.message) for n in app._notifications)
+            assert "reattached" in " ".join(said)
 
 
 async def test_reattach_shows_the_whole_history(workspace):

@@ -47,3 +47,17 @@ async def wait_until(pilot, predicate: Callable[[], object], timeout: float = 5.
         if loop.time() > deadline:
             raise AssertionError(f"timed out waiting for {what or predicate}")
         await pilot.pause(0.02)
+
+
+def record_notices(app) -> list[str]:
+    """Every notice the app gives from now on. app._notifications drops a notice once its few
+    seconds on screen are over, which a busy CI box can take to reach the assert."""
+    said: list[str] = []
+    notify = app.notify
+
+    def recording(message, **options):
+        said.append(str(message))
+        return notify(message, **options)
+
+    app.notify = recording
+    return said
