@@ -167,11 +167,7 @@ def adapter_parser(prog: str, description: str, *, generation: bool = True) -> a
             help="pt, the built-in one; another (vllm, from a `swift infer` command) is accepted with a "
             "note: `tunebench deploy --infer_backend vllm` serves through vLLM",
         )
-        swift = parser.add_argument_group("`swift infer` flags with nothing to set here (accepted, and said)")
-        for name, note in SWIFT_INFER_ONLY_FLAGS.items():
-            swift.add_argument(
-                f"--{name}", dest=f"swift_{name}", nargs="?", const="true", metavar="VALUE", help=note
-            )
+        add_noted_flags(parser, "`swift infer` flags with nothing to set here", SWIFT_INFER_ONLY_FLAGS)
         group = parser.add_argument_group("generation")
         hints = get_type_hints(GenerationConfig)
         for f in dataclasses.fields(GenerationConfig):
@@ -184,6 +180,24 @@ def adapter_parser(prog: str, description: str, *, generation: bool = True) -> a
     return parser
 
 
+def add_noted_flags(parser: argparse.ArgumentParser, title: str, notes: dict[str, str]) -> None:
+    """ms-swift flags that set nothing here, accepted with any value (or none) so that a copied
+    command runs; say_noted_flags says what happens instead."""
+    group = parser.add_argument_group(f"{title} (accepted, and said)")
+    for name, note in notes.items():
+        group.add_argument(
+            f"--{name}", dest=f"swift_{name}", nargs="?", const="true", metavar="VALUE", help=note
+        )
+
+
+def say_noted_flags(args: argparse.Namespace, notes: dict[str, str]) -> None:
+    """A note, on stderr, for each of add_noted_flags' flags that was given."""
+    for name, note in notes.items():
+        given = getattr(args, f"swift_{name}")
+        if given is not None:
+            print(f"note: --{name} {given}: {note}", file=sys.stderr, flush=True)
+
+
 def say_swift_infer_flags(args: argparse.Namespace) -> None:
     """A note for each `swift infer` flag given that sets nothing in chat or probe."""
     if args.infer_backend != "pt":
@@ -193,10 +207,7 @@ def say_swift_infer_flags(args: argparse.Namespace) -> None:
             file=sys.stderr,
             flush=True,
         )
-    for name, note in SWIFT_INFER_ONLY_FLAGS.items():
-        given = getattr(args, f"swift_{name}")
-        if given is not None:
-            print(f"note: --{name} {given}: {note}", file=sys.stderr, flush=True)
+    say_noted_flags(args, SWIFT_INFER_ONLY_FLAGS)
 
 
 def generation_config(args: argparse.Namespace) -> GenerationConfig:

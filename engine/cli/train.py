@@ -17,7 +17,7 @@ from typing import Any, get_origin, get_type_hints
 from ..core.config import ConfigError, TrainConfig
 from ..core.errors import UserError
 from ..core.launch import is_worker, launch_from
-from .flags import FlagParser, flag_values, join_negative_numbers
+from .flags import FlagParser, add_noted_flags, flag_values, join_negative_numbers, say_noted_flags
 from .progress import JsonRenderer, ProgressRenderer
 
 # ms-swift flags that set nothing here, each with what TuneBench does instead: accepted, so that a
@@ -62,11 +62,7 @@ def build_train_parser() -> argparse.ArgumentParser:
             help=f"{meta['help']}{choices} (default: {default!r})",
             **extra,
         )
-    swift = parser.add_argument_group("ms-swift flags with nothing to set here (accepted, and said)")
-    for name, note in SWIFT_ONLY_FLAGS.items():
-        swift.add_argument(
-            f"--{name}", dest=f"swift_{name}", nargs="?", const="true", metavar="VALUE", help=note
-        )
+    add_noted_flags(parser, "ms-swift flags with nothing to set here", SWIFT_ONLY_FLAGS)
     parser.add_argument("--json", action="store_true", help="print one JSON object per event")
     parser.add_argument(
         "--probe_after",
@@ -112,11 +108,8 @@ def train_main(argv: list[str]) -> int:
 def _say_swift_only_flags(args: argparse.Namespace, values: dict[str, Any]) -> None:
     """A note for each ms-swift flag given that sets nothing here; --eval_strategy no turns the
     evaluation off, as it does there."""
-    for name, note in SWIFT_ONLY_FLAGS.items():
-        given = getattr(args, f"swift_{name}")
-        if given is None or is_worker(os.environ):  # the launching process said it already
-            continue
-        print(f"note: --{name} {given}: {note}", file=sys.stderr, flush=True)
+    if not is_worker(os.environ):  # a rank: the launching process said it already
+        say_noted_flags(args, SWIFT_ONLY_FLAGS)
     if str(args.swift_eval_strategy).lower() == "no" and "val_dataset" not in values:
         values.setdefault("val_ratio", 0.0)
 
