@@ -324,10 +324,10 @@ def create_app(
         body = await read_json(request, max_request_bytes)
         target = target_of(body)
         check_unsupported(body)
-        prompts = [
-            await run_in_threadpool(served.encode_text, p) if isinstance(p, str) else p
-            for p in completion_prompts(body, served.vocab_size)
-        ]
+        given = completion_prompts(body, served.vocab_size)
+        prompts = await run_in_threadpool(  # one trip to a worker thread for the whole batch
+            lambda: [served.encode_text(p) if isinstance(p, str) else p for p in given]
+        )
         ident, stamp = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def shape(text: str | None, event: Finished | None, first: bool = False) -> Any:
