@@ -202,7 +202,7 @@ def create_app(
                 else:
                     raise ApiError(event.status, event.message, kind="server_error")
             answers = [shape("".join(pieces[i]), finished[i]) for i in range(len(seqs))]
-            return JSONResponse(_together(answers))
+            return JSONResponse(_together(answers, _usage(*finished.values())))
         finally:
             for seq in seqs:
                 seq.cancel()  # a no-op once finished; otherwise the row leaves the batch
@@ -359,12 +359,11 @@ def create_app(
 # ---------------------------------------------------------------- output
 
 
-def _usage(event: Finished) -> dict[str, int]:
-    return {
-        "prompt_tokens": event.prompt_tokens,
-        "completion_tokens": event.completion_tokens,
-        "total_tokens": event.prompt_tokens + event.completion_tokens,
-    }
+def _usage(*events: Finished) -> dict[str, int]:
+    """OpenAI's usage of one answer, or summed over a batch's answers."""
+    prompt = sum(e.prompt_tokens for e in events)
+    completion = sum(e.completion_tokens for e in events)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 # ---------------------------------------------------------------- streaming
@@ -374,14 +373,12 @@ def _chunk(payload: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
-def _together(answers: list[dict[str, Any]]) -> dict[str, Any]:
-    """One answer object for several prompts: each one's choice at its index, the usage summed."""
+def _together(answers: list[dict[str, Any]], usage: dict[str, int]) -> dict[str, Any]:
+    """One answer object for several prompts: each one's choice at its index, and their usage."""
     if len(answers) == 1:
         return answers[0]
-    out = dict(answers[0])
-    out["choices"] = [{**a["choices"][0], "index": i} for i, a in enumerate(answers)]
-    out["usage"] = {key: sum(a["usage"][key] for a in answers) for key in answers[0]["usage"]}
-    return out
+    choices = [{**a["choices"][0], "index": i} for i, a in enumerate(answers)]
+    return {**answers[0], "choices": choices, "usage": usage}
 
 
 async def _sse(
@@ -421,9 +418,7 @@ async def _sse(
                 break
         else:
             if include_usage:
-                usages = [_usage(e) for e in ended.values()]
-                usage = {key: sum(u[key] for u in usages) for key in usages[0]}
-                yield _chunk({**last, "choices": [], "usage": usage})
+                yield _chunk({**last, "choices": [], "usage": _usage(*ended.values())})
         yield b"data: [DONE]\n\n"
     finally:
         for seq in seqs:
