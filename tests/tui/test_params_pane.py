@@ -8,7 +8,7 @@ from tui_helpers import no_start, wait_until
 from tunebench.engine.core.config import TrainConfig, field_specs
 from tunebench.tui.app import TuneBenchApp
 from tunebench.tui.widgets.params.command_line import CommandLine
-from tunebench.tui.widgets.params.param_field import ParamField
+from tunebench.tui.widgets.params.param_field import ParamField, hint_that_fits
 
 
 async def test_form_has_a_control_for_every_field(workspace, fake_engine):
@@ -111,3 +111,25 @@ async def test_max_memory_defaults_to_the_cards_free_memory_and_the_gpu_pane_sho
             assert "training will be refused: " + refused in shown and "qlora" in shown
     saved = (workspace / "tunebench.toml").read_text() if (workspace / "tunebench.toml").exists() else ""
     assert "max_memory" not in saved  # the card's default is not a setting the person made
+
+
+def test_an_empty_fields_hint_keeps_whole_clauses_of_its_help():
+    help_text = "chat template: empty = the tokenizer's own; or chatml, qwen, llama3"
+    assert hint_that_fits(help_text, 80) == help_text
+    assert hint_that_fits(help_text, 45) == "chat template: empty = the tokenizer's own"
+    assert hint_that_fits(help_text, 30) == "chat template"
+    assert hint_that_fits(help_text, 8) == "chat te…"
+    assert hint_that_fits("名前: 小蜂", 3) == "名…"  # wide characters take two cells
+
+
+async def test_hints_fit_their_fields_on_an_80_column_terminal(workspace, fake_engine):
+    app = TuneBenchApp(workspace, starter=no_start)
+    async with app.run_test(size=(80, 30)) as pilot:
+        await pilot.press("2")
+        await pilot.pause()
+        template = app.query_one("#input-template", Input)
+        assert template.placeholder == "chat template"
+        for field in app.query(ParamField):
+            control = field.query_one(".param-control")
+            if isinstance(control, Input) and not control.value and field.display:
+                assert len(control.placeholder) <= control.content_size.width, field.field.name

@@ -8,10 +8,12 @@ under the control appears only while the text is wrong.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import get_type_hints
 
-from textual import on
+from rich.cells import cell_len
+from textual import events, on
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
@@ -35,6 +37,31 @@ def bounds_text(f: dataclasses.Field) -> str:
     if "max" in meta:
         parts.append(f"<= {meta['max']}")
     return ", ".join(parts)
+
+
+def hint_that_fits(help_text: str, width: int) -> str:
+    """An empty field's placeholder: as many of its help's leading clauses as fit in `width` cells.
+
+    A clause cut mid-way reads as a different statement ("empty = the"), so whole clauses go;
+    the first alone, cut with an ellipsis, where not even it fits. The whole help shows under the
+    form when the field has the focus."""
+    if cell_len(help_text) <= width:
+        return help_text
+    clauses = re.split(r"(?<=[:;,])\s+", help_text)
+    fitting = ""
+    for n in range(1, len(clauses) + 1):
+        candidate = " ".join(clauses[:n]).rstrip(":;,")
+        if cell_len(candidate) > width:
+            break
+        fitting = candidate
+    if fitting:
+        return fitting
+    first, cut = clauses[0].rstrip(":;,"), ""
+    for char in first:
+        if cell_len(cut + char) > max(0, width - 1):
+            break
+        cut += char
+    return cut + "…"
 
 
 class ParamField(Vertical):
@@ -98,6 +125,11 @@ class ParamField(Vertical):
             )
         control.tooltip = tooltip
         return control
+
+    def on_resize(self, event: events.Resize) -> None:
+        control = self.query_one(".param-control")
+        if isinstance(control, Input) and control.content_size.width > 0:
+            control.placeholder = hint_that_fits(self.field.metadata["help"], control.content_size.width)
 
     # ------------------------------------------------------------ public API
 
