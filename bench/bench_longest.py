@@ -58,10 +58,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--search-seconds", type=float, default=240, help="a stack's search time after its load"
     )
     search.add_argument(
+        "--lengths",
+        default="",
+        help="comma-separated lengths tried in this order instead of a search (where the peak goes)",
+    )
+    search.add_argument(
+        "--mlp-chunk-tokens",
+        type=int,
+        default=0,
+        help="TuneBench's MLP slices: at most this many tokens each (0: the path's own)",
+    )
+    search.add_argument(
+        "--snapshot",
+        action="store_true",
+        help="record the allocator's history during each try and print what is alive at its peak",
+    )
+    search.add_argument(
         "--static-shapes",
         action="store_true",
         help="TuneBench's layers compiled for each length tried, not once for any length",
     )
+
+
+def try_lengths(fits, lengths: list[int], clock=time.perf_counter) -> dict:
+    """Each length tried once, in order (no search): search_longest's result for them."""
+    tries = []
+    for length in lengths:
+        t = clock()
+        tries.append((length, bool(fits(length)), clock() - t))
+    failed = [n for n, fitted, _ in tries if not fitted]
+    longest = max((n for n, fitted, _ in tries if fitted), default=0)
+    failed_first = min(failed) if failed else None
+    return {"longest": longest, "failed": failed_first, "tries": tries, "stopped": "lengths"}
 
 
 def search_longest(
@@ -171,6 +199,8 @@ class TuneBenchSteps:
         # one process, as run_training sets it up when torchrun did not start it (device: the loader's)
         self.setup = recipe._setup(self.cfg, emit, recipe.StopSignal(), recipe.Ranks(), None)
         self.fast = getattr(self.setup.path.collate, "__self__", None)  # the CUDA path, if taken
+        if args.mlp_chunk_tokens and self.fast is not None:
+            self.fast.mlp_chunk_tokens = args.mlp_chunk_tokens
 
     def step(self, length: int) -> None:
         s, fast = self.setup, self.fast
@@ -272,6 +302,8 @@ def search_child(args) -> None:
                 left = torch.cuda.memory_allocated() - loaded
                 if left > gib // 2:  # an earlier try's tensors outlived it: this try's peak is not its own
                     print(f"  note: {left / gib:.2f} GiB held from earlier tries:", held_tensors())
+            if args.snapshot:
+                torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
             t = time.perf_counter()
             try:
                 steps.step(length)
@@ -281,25 +313,32 @@ def search_child(args) -> None:
                 # the whole first line: it goes on to say what PyTorch holds and what is reserved
                 print(f"  {length} tokens: out of memory ({str(exc).splitlines()[0][:600]})", flush=True)
                 return False
+            finally:
+                if args.snapshot:
+                    print(alive_at_peak(torch.cuda.memory._snapshot(), loaded), flush=True)
+                    torch.cuda.memory._record_memory_history(enabled=None)
             seconds = time.perf_counter() - t
             peak = torch.cuda.max_memory_allocated() / gib if torch.cuda.is_available() else 0.0
             peaks[length] = {"seconds": seconds, "peak_gib": peak, "model_gib": steps.modelled_gib()}
             print(f"  {length} tokens: trained in {seconds:.1f} s, peak {peak:.2f} GiB", flush=True)
             return True
 
-        # a first step at the first length compiles (TuneBench's layers): timed again by the
-        # search, so that its predictions of later tries' times are not inflated by the compile
-        t = time.perf_counter()
-        record["warm_up"] = {"length": args.start, "fitted": fits(args.start)}
-        record["warm_up"]["seconds"] = time.perf_counter() - t
-        found = search_longest(
-            fits,
-            start=args.start,
-            cap=args.cap,
-            resolution=args.resolution,
-            seconds=args.search_seconds,
-            failed_at=None if record["warm_up"]["fitted"] else args.start,
-        )
+        if args.lengths:  # where the peak goes at given lengths, no search
+            found = try_lengths(fits, [int(n) for n in args.lengths.split(",")])
+        else:
+            # a first step at the first length compiles (TuneBench's layers): timed again by the
+            # search, so that its predictions of later tries' times are not inflated by the compile
+            t = time.perf_counter()
+            record["warm_up"] = {"length": args.start, "fitted": fits(args.start)}
+            record["warm_up"]["seconds"] = time.perf_counter() - t
+            found = search_longest(
+                fits,
+                start=args.start,
+                cap=args.cap,
+                resolution=args.resolution,
+                seconds=args.search_seconds,
+                failed_at=None if record["warm_up"]["fitted"] else args.start,
+            )
         record |= found
         record["at_longest"] = peaks.get(found["longest"])
         record["per_token"] = linear_peak(peaks)
@@ -310,6 +349,49 @@ def search_child(args) -> None:
         record["error"] = f"{type(exc).__name__}: {exc}"[:2000]
     record["wall_seconds"] = time.perf_counter() - started
     Path(args.result).write_text(json.dumps(record, indent=1))
+
+
+def alive_at_peak(snapshot: dict, loaded: int, top: int = 24) -> str:
+    """What was allocated at the highest point of an allocator history (torch.cuda.memory._snapshot
+    with the history recorded), grouped by where each block was allocated: the innermost frame
+    outside torch's own Python, with its source line (a compiled graph's buffer names its op)."""
+    import linecache
+
+    events = snapshot["device_traces"][0]
+
+    def replay(until: int) -> tuple[dict[int, dict], int, int]:
+        """The blocks alive after event `until`, and the event at which the most were."""
+        alive: dict[int, dict] = {}
+        total = most = at = 0
+        for i, e in enumerate(events[: until + 1]):
+            if e["action"] == "alloc":
+                alive[e["addr"]] = e
+                total += e["size"]
+                if total > most:
+                    most, at = total, i
+            elif e["action"] in ("free_requested", "free_completed") and e["addr"] in alive:
+                total -= alive.pop(e["addr"])["size"]
+        return alive, most, at
+
+    _, most, at = replay(len(events) - 1)
+    at_most = list(replay(at)[0].values())
+    groups: dict[str, list[int]] = {}
+    for e in at_most:
+        frames = e.get("frames") or []
+        # a compiled graph's own code lives under /tmp, not in torch
+        own = next((f for f in frames if "/torch/" not in f["filename"]), None)
+        f = own or (frames[0] if frames else {"filename": "?", "line": 0, "name": "?"})
+        text = linecache.getline(f["filename"], f["line"]).strip()[:110]
+        key = f"{Path(f['filename']).name}:{f['line']} {f['name']}: {text}"
+        groups.setdefault(key, []).append(e["size"])
+    gib = 1024**3
+    lines = [
+        f"  alive at the step's peak: {most / gib:.2f} GiB in {len(at_most)} blocks recorded during the step "
+        f"(plus {loaded / gib:.2f} GiB loaded before it)"
+    ]
+    for key, sizes in sorted(groups.items(), key=lambda kv: -sum(kv[1]))[:top]:
+        lines.append(f"    {sum(sizes) / gib:6.3f} GiB  x{len(sizes):<4d} {key}")
+    return "\n".join(lines)
 
 
 def held_tensors(top: int = 6) -> str:
@@ -374,6 +456,9 @@ def search_parent(args, model_dir: Path) -> None:
             cmd += ["--budget-gib", f"{budget:g}", "--start", str(args.start), "--cap", str(args.cap)]
             cmd += ["--resolution", str(args.resolution), "--search-seconds", str(args.search_seconds)]
             cmd += ["--static-shapes"] if args.static_shapes else []
+            cmd += ["--lengths", args.lengths] if args.lengths else []
+            cmd += ["--mlp-chunk-tokens", str(args.mlp_chunk_tokens)] if args.mlp_chunk_tokens else []
+            cmd += ["--snapshot"] if args.snapshot else []
             print(f"\n=== longest sample: {args.size} {stack} {method} within {budget:g} GiB", flush=True)
             t = time.perf_counter()
             try:
