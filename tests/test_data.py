@@ -24,7 +24,7 @@ from tunebench.engine.core.data import (
 )
 from tunebench.engine.core.encoding import IGNORE_INDEX, check_sample, tokenize_samples
 from tunebench.engine.core.errors import DataError, UserError
-from tunebench.engine.core.templates import TEMPLATES, get_template
+from tunebench.engine.core.templates import SWIFT_TEMPLATE_NAMES, TEMPLATES, get_template, named_template
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_DATA = REPO / "sample_data"
@@ -740,6 +740,26 @@ def test_named_templates_and_fallback(tiny_tokenizer):
     with pytest.raises(ValueError, match="chatml, qwen, llama3"):
         get_template("nope")
     assert set(TEMPLATES) == {"chatml", "qwen", "llama3"}
+
+
+def test_ms_swifts_template_names_mean_the_models_own_format(tiny_tokenizer):
+    """A copied `swift sft ... --template qwen2_5` trains with the tokenizer's own template, saying
+    so; a tokenizer without one is refused with the names that would do."""
+    sample = Sample([user("q"), bot("a")], "t")
+    (own,), own_report = tokenize_samples([sample], tiny_tokenizer, 512)
+    (copied,), report = tokenize_samples([sample], tiny_tokenizer, 512, template="qwen2_5")
+    assert copied.input_ids == own.input_ids and copied.labels == own.labels
+    assert report.template == "the tokenizer's own (--template qwen2_5)"
+    assert own_report.template == "the tokenizer's own"
+
+    bare = copy.deepcopy(tiny_tokenizer)
+    bare.chat_template = None
+    with pytest.raises(DataError, match="qwen2_5 names the model's own chat format") as refused:
+        tokenize_samples([sample], bare, 512, template="qwen2_5")
+    assert "chatml, qwen, llama3" in refused.value.hint
+    # TuneBench's own names keep their own templates, ms-swift's "chatml" and "qwen" included
+    assert named_template("chatml") == TEMPLATES["chatml"] and named_template("") is None
+    assert SWIFT_TEMPLATE_NAMES.isdisjoint(TEMPLATES)
 
 
 def test_template_that_rewrites_earlier_turns_falls_back_to_finding_the_answer(tiny_tokenizer):

@@ -965,6 +965,23 @@ def test_vllm_reads_tool_calls_back_where_the_template_writes_them(
         assert (" ".join(tools) in " ".join(command)) is parsed
 
 
+def test_vllm_serves_a_run_trained_with_ms_swifts_template_name_with_the_tokenizers_own(
+    capsys, monkeypatch, tmp_path, tiny_model_dir
+):
+    """--template qwen2_5 (copied from an ms-swift command) trained with the tokenizer's own
+    template: vLLM gets no template of its own for it, as for a run without --template."""
+    from tunebench.engine.deploy.vllm import vllm_available
+
+    monkeypatch.setenv("TUNEBENCH_CACHE", str(tmp_path))
+    if vllm_available():
+        pytest.skip("vLLM is installed here: the hand-off would start it")
+    run = make_run(tmp_path / "runs", tiny_model_dir, "copied", seed=2, template="qwen2_5")
+    args = ["deploy", "--model", str(tiny_model_dir), "--infer_backend", "vllm", "--adapters", f"copied={run}"]
+    assert tunebench(args) == 2
+    command = capsys.readouterr().err.split("the command would be:\n  ", 1)[1].splitlines()[0].split()
+    assert "--chat-template" not in command and "--lora-modules" in command
+
+
 def test_vllm_hand_off_execs_vllm_with_the_key_in_its_environment(tmp_path, tiny_model_dir, runs):
     """A stand-in `vllm` package on PYTHONPATH records how it was started: the process really is
     replaced by `python -m vllm.entrypoints.openai.api_server ...`, the key in VLLM_API_KEY."""

@@ -94,7 +94,11 @@ class TrainConfig:
         aliases=("dtype",),
     )
     template: str = _f(
-        "", "chat template: empty = the tokenizer's own; or chatml, qwen, llama3", "model", resume="fixed"
+        "",
+        "chat template: empty = the tokenizer's own, as is ms-swift's name for it (qwen2_5, ...); "
+        "or chatml, qwen, llama3",
+        "model",
+        resume="fixed",
     )
     trust_remote_code: bool = _f(False, "allow model code from the model folder to run", "model")
     profile: str = _f(

@@ -24,7 +24,7 @@ from .config import TrainConfig
 from .data import RecordProblem, Sample, fill_placeholders
 from .errors import DataError, raise_if_cancelled
 from .record_formats import InvalidRecord, Message, normalise_record, record_tools
-from .templates import DEFAULT_TEMPLATE, TEMPLATES, get_template
+from .templates import DEFAULT_TEMPLATE, TEMPLATES, get_template, named_template
 from .tool_calls import call_names, tool_names
 
 IGNORE_INDEX = -100  # label of a token the loss skips (the Hugging Face / PyTorch convention)
@@ -62,13 +62,20 @@ class PromptTooLong(InvalidRecord):
 
 def resolve_template(tokenizer: Any, template: str = "") -> tuple[str | None, str]:
     """The Jinja source to render with (None = the tokenizer's own) and a note saying which."""
-    if template:
-        try:
-            return get_template(template), f"{template} (--template)"
-        except ValueError as exc:
-            raise DataError(str(exc)) from None
+    try:
+        source = named_template(template)
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
+    if source is not None:
+        return source, f"{template} (--template)"
     if getattr(tokenizer, "chat_template", None):
-        return None, "the tokenizer's own"
+        return None, f"the tokenizer's own (--template {template})" if template else "the tokenizer's own"
+    if template:
+        raise DataError(
+            f"--template {template} names the model's own chat format (an ms-swift name), but this "
+            f"model's tokenizer has no chat template",
+            hint=f"pass one of {', '.join(TEMPLATES)}",
+        )
     return get_template(DEFAULT_TEMPLATE), f"{DEFAULT_TEMPLATE} (the tokenizer has no chat template)"
 
 

@@ -1,5 +1,8 @@
 """Named chat templates for `--template`, and the fallback for tokenizers that ship none.
 
+ms-swift's own template names (qwen2_5, llama3_2, glm4, ...) are accepted too, as a copied command
+passes them: each names a model family's own format, which is what that model's tokenizer renders.
+
 Each is a Jinja template in the form `tokenizer.apply_chat_template(chat_template=...)` takes.
 They render a finished conversation so that every assistant turn is the assistant header, then
 the content, then the end-of-turn token: that is what lets the data code put the loss on the
@@ -79,14 +82,38 @@ TEMPLATES: dict[str, str] = {"chatml": CHATML, "qwen": QWEN, "llama3": LLAMA3}
 DEFAULT_TEMPLATE = "chatml"
 
 
+# ms-swift's names for the text models' formats (swift/llm/template/constant.py, LLMTemplateType)
+# that are not TEMPLATES' own: each means "the format this model family was trained with".
+SWIFT_TEMPLATE_NAMES = frozenset(
+    """default qwen2_5 qwen2_5_math qwen3 qwen3_thinking qwen3_nothinking qwen3_coder qwq_preview qwq
+    marco_o1 llama llama3_2 reflection megrez yi_coder sus gpt_oss seed_oss minimax minimax_m1
+    minimax_m2 numina ziya atom mengzi chatglm2 glm4 glm4_0414 glm4_5 codegeex4 longwriter_llama
+    internlm internlm2 internlm3 deepseek deepseek_coder deepseek_v2_5 deepseek_r1 deepseek_v3_1
+    openbuddy openbuddy2 baichuan baichuan_m1 minicpm telechat telechat2 codefuse codefuse_codellama
+    skywork skywork_o1 mistral_nemo mistral_2501 devstral zephyr wizardlm2 wizardlm2_moe gemma
+    gemma3_text phi3 phi4 ling ling2 ring2 yuan xverse bluelm orion moonlight kimi_k2 mimo_rl dots1
+    hunyuan_moe hunyuan ernie ernie_thinking longchat aya c4ai dbrx minimind""".split()
+)
+
+
+def named_template(name: str) -> str | None:
+    """The Jinja source `--template name` renders with: one of TEMPLATES, or None for the model's
+    own format (the tokenizer's template), which an empty name or ms-swift's name for a model
+    family's format asks for. ValueError names the known ones."""
+    key = name.strip().lower()
+    if not key or key in SWIFT_TEMPLATE_NAMES:
+        return None
+    return get_template(key)
+
+
 def get_template(name: str) -> str:
-    """The Jinja source of a named template; ValueError names the known ones."""
+    """The Jinja source of one of TEMPLATES; ValueError names them."""
     key = name.strip().lower()
     if key not in TEMPLATES:
         known = ", ".join(TEMPLATES)
         raise ValueError(
-            f"unknown chat template {name!r}: use one of {known}, "
-            "or leave --template empty to use the tokenizer's own"
+            f"unknown chat template {name!r}: use one of {known}, ms-swift's name for the model's "
+            "own format (qwen2_5, llama3_2, glm4, ...), or leave --template empty for the tokenizer's own"
         )
     return TEMPLATES[key]
 

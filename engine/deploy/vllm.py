@@ -113,15 +113,16 @@ def chat_template_file(plan: Any, system: str | None) -> str:
     """A Jinja file with the first run's chat template and its system prompt as the default, or
     "" when the run used the tokenizer's own template and no system prompt (vLLM's default then)."""
     from ..core.model_files import cache_root
-    from ..core.templates import get_template, with_default_system
+    from ..core.templates import get_template, named_template, with_default_system
 
     settings = plan.first_run_settings
     template = str(settings.get("template") or "")
     system_prompt = system if system is not None else str(settings.get("system") or "")
-    if not template and not system_prompt:
+    named = named_template(template)  # None: the tokenizer's own
+    if named is None and not system_prompt:
         return ""
-    if template:
-        source = get_template(template)
+    if named is not None:
+        source = named
     else:
         from ..models.loading import load_tokenizer, resolve_model
 
