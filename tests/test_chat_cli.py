@@ -85,6 +85,26 @@ def test_chat_takes_the_chat_template_from_the_run(monkeypatch, capsys, tiny_mod
     assert expected.strip() and expected in out
 
 
+def test_chat_and_probe_take_a_template_flag_over_the_runs(monkeypatch, capsys, runs, session, tmp_path):
+    """`swift infer ... --template chatml`: the answers are the ones a chatml prompt gives, with a
+    note that the run trained with another format; probe's transcript records it."""
+    plain = str(runs["plain"])
+    out, err = chat(monkeypatch, capsys, "Who are you?\n", "--adapters", plain, "--template", "chatml")
+    expected = session.generate(QUESTION, [plain], greedy(12), template="chatml")[plain]["text"]
+    own = session.generate(QUESTION, [plain], greedy(12))[plain]["text"]
+    assert expected != own, "the two templates should give different answers here"
+    assert expected.strip() and expected in out
+    assert "note: --template chatml: plain trained with the tokenizer's own template" in err
+    assert tunebench(["chat", "--adapters", plain, "--template", "vicuna"]) == 2
+    assert "unknown chat template 'vicuna'" in capsys.readouterr().err
+    folder = tmp_path / "t"
+    args = ["--adapters", plain, "--template", "qwen2_5", "--output_dir", str(folder), "--max_new_tokens", "4"]
+    assert probe.probe_main([*args, "--torch_dtype", "float32"]) == 0
+    assert "--template" not in capsys.readouterr().err  # ms-swift's name for its own format: no note
+    (transcript,) = folder.glob("probe-*.json")
+    assert json.loads(transcript.read_text())["template"] == "qwen2_5"
+
+
 def test_chat_commands_and_history(monkeypatch, capsys, runs, session):
     plain = str(runs["plain"])
     script = (

@@ -115,6 +115,25 @@ def test_chat_prompt_uses_the_runs_system_prompt_unless_the_request_brings_one(s
     assert "Be brief." in served.tokenizer.decode(own) and "Bob" not in served.tokenizer.decode(own)
 
 
+def test_template_flag_renders_every_names_prompts_with_it(plan, server, capsys):
+    """--template llama3: the base and each adapter are prompted in Llama 3's format, their runs'
+    system prompts kept; an unknown name is refused before anything loads."""
+    from tunebench.engine.deploy.served import load_served
+    from tunebench.engine.infer.prompts import encode_prompt
+
+    served = load_served(plan, template="llama3", torch_dtype="float32")
+    for name in ("tiny", "bob", "plain"):
+        target = served.targets[name]
+        assert served.encode_chat(name, QUESTION) == encode_prompt(
+            served.tokenizer, QUESTION, "llama3", target.system
+        ), name
+    assert served.encode_chat("bob", QUESTION) != server[0].served.encode_chat("bob", QUESTION)
+    assert "Bob" in served.tokenizer.decode(served.encode_chat("bob", QUESTION))
+    assert tunebench(["deploy", "--model", "demo", "--template", "vicuna"]) == 2
+    err = capsys.readouterr().err
+    assert "--template: unknown chat template 'vicuna'" in err and "chatml, qwen, llama3" in err
+
+
 def test_streaming_gives_the_same_answer_in_openai_chunks(client):
     whole = client.chat.completions.create(model="bob", messages=QUESTION, max_tokens=14)
     chunks = list(

@@ -149,7 +149,13 @@ class ChatLoop:
         on_chunk = (lambda spec, piece: view.add(by_spec[spec], piece)) if self.stream else None
         try:
             results = self.session.generate(
-                messages, specs, self.cfg, system=self.system or "", on_chunk=on_chunk, cancel=cancel
+                messages,
+                specs,
+                self.cfg,
+                system=self.system or "",
+                on_chunk=on_chunk,
+                cancel=cancel,
+                template=self.setup.template,
             )
         except KeyboardInterrupt:
             view.finish()

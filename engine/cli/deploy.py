@@ -19,6 +19,7 @@ from typing import Any
 
 from ..core.config import ConfigError
 from ..core.errors import UserError
+from ..core.templates import named_template
 from ..deploy.deployment import (
     API_KEY_ENV,
     DEFAULT_HOST,
@@ -69,6 +70,12 @@ def build_parser(prog: str = "tunebench deploy") -> argparse.ArgumentParser:
         help="the base model's name in requests (default: the model's name)",
     )
     what.add_argument("--system", default=None, help="system prompt for every name (default: each run's)")
+    what.add_argument(
+        "--template",
+        default="",
+        help="chat template for every name (default: each run's, else the tokenizer's own): chatml, "
+        "qwen, llama3, or ms-swift's name for the model's own (qwen2_5, ...)",
+    )
     what.add_argument(
         "--torch_dtype",
         default="auto",
@@ -168,6 +175,10 @@ def check_flags(args: argparse.Namespace) -> dict[str, Any]:
         problems["merge_lora"] = "only with --infer_backend vllm (the pt backend serves adapters unmerged)"
     elif args.merge_lora and len(args.adapters) != 1:
         problems["merge_lora"] = "merges exactly one adapter: give one with --adapters"
+    try:
+        named_template(args.template)
+    except ValueError as exc:
+        problems["template"] = str(exc)
     if problems:
         raise ConfigError(problems)
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV, "")
@@ -228,6 +239,7 @@ def _deploy(args: argparse.Namespace) -> int:
         api_key=flags["api_key"],
         max_request_bytes=flags["max_request_bytes"],
         system=args.system,
+        template=args.template,
         torch_dtype=args.torch_dtype,
         say=say,
     )
@@ -247,7 +259,10 @@ def _hand_off_to_vllm(
 
     if not args.merge_lora:
         return run_vllm(
-            launch_for(args, flags, plan, max_model_len, chat_template_file(plan, args.system)), say
+            launch_for(
+                args, flags, plan, max_model_len, chat_template_file(plan, args.system, args.template)
+            ),
+            say,
         )
     spec, target = plan.adapters[0]
     merged = default_export_dir(target, merge=True)
@@ -276,7 +291,7 @@ def launch_for(
     from ..deploy.vllm import chat_template_file, vllm_launch, writes_hermes_tool_calls
 
     # A merged export carries its run's template itself: that one says how calls are written.
-    template = chat_template or (chat_template_file(plan, args.system) if model_path else "")
+    template = chat_template or (chat_template_file(plan, args.system, args.template) if model_path else "")
 
     return vllm_launch(
         model_path=model_path or str(plan.base_path),

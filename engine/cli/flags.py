@@ -162,6 +162,12 @@ def adapter_parser(prog: str, description: str, *, generation: bool = True) -> a
     if generation:
         parser.add_argument("--system", default=None, help="system prompt (default: the run's)")
         parser.add_argument(
+            "--template",
+            default="",
+            help="chat template (default: the run's, else the tokenizer's own): chatml, qwen, llama3, "
+            "or ms-swift's name for the model's own (qwen2_5, ...)",
+        )
+        parser.add_argument(
             "--infer_backend",
             default="pt",
             help="pt, the built-in one; another (vllm, from a `swift infer` command) is accepted with a "

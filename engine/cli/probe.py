@@ -57,7 +57,11 @@ def probe_main(argv: list[str]) -> int:
         f"probing {len(questions)} questions x {len(setup.targets)} targets ...", file=sys.stderr, flush=True
     )
     results = session.generate_many(
-        [[{"role": "user", "content": q}] for q in questions], setup.specs, cfg, system=args.system or ""
+        [[{"role": "user", "content": q}] for q in questions],
+        setup.specs,
+        cfg,
+        system=args.system or "",
+        template=setup.template,
     )
     answered_s = time.perf_counter() - started
     seconds = {"load": round(session.loaded.seconds, 3), "answers": round(answered_s, 3)}
@@ -106,6 +110,7 @@ def write_transcript(
         "model": setup.model,
         "model_path": str(session.loaded.resolved.path),
         "system": system,
+        "template": setup.template,  # "" = each run's
         "generation": dataclasses.asdict(cfg),
         "seconds": seconds or {},  # the base model's load and the answers' generation
         "targets": [
@@ -126,7 +131,8 @@ def write_transcript(
         f"# Probe {stamp}",
         "",
         f"Base model: {setup.model}; {_settings_line(cfg)}"
-        + (f"; system prompt: {system}" if system else ""),
+        + (f"; system prompt: {system}" if system else "")
+        + (f"; chat template: {setup.template}" if setup.template else ""),
         "",
         "| Question | " + " | ".join(labels) + " |",
         "|---" * (len(labels) + 1) + "|",

@@ -14,6 +14,7 @@ from typing import Any
 class Setup:
     model: str
     targets: list[Any]  # targets.Target, base first when present
+    template: str = ""  # --template: every target's chat template ("" = each run's)
 
     @property
     def specs(self) -> list[str]:
@@ -36,7 +37,32 @@ def resolve_setup(args: argparse.Namespace, with_base: bool) -> Setup:
     adapters = [resolve_target(str(Path(a).expanduser())) for a in args.adapters]
     model = base_model_of(adapters, args.model)
     targets = ([Target(BASE)] if with_base or not adapters else []) + adapters
-    return Setup(model, targets)
+    return Setup(model, targets, template_flag(getattr(args, "template", ""), adapters))
+
+
+def template_flag(template: str, adapters: list[Any]) -> str:
+    """--template, checked before anything loads, with a note for each adapter whose run trained
+    with another format: it answers with the one asked for, which it may not follow."""
+    from ..core.errors import UserError
+    from ..core.templates import named_template
+
+    if not template:
+        return ""
+    try:
+        asked = named_template(template)
+    except ValueError as exc:
+        raise UserError(f"--template: {exc}", "pass one of the names listed, or leave it out") from None
+    for target in adapters:
+        trained = str(target.train_config.get("template") or "")
+        if named_template(trained) != asked:
+            with_what = trained or "the tokenizer's own template"
+            print(
+                f"note: --template {template}: {target.label} trained with {with_what}, "
+                f"and answers with {template} as asked",
+                file=sys.stderr,
+                flush=True,
+            )
+    return template
 
 
 def load_session(setup: Setup, torch_dtype: str):

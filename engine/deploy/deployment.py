@@ -109,6 +109,7 @@ class Deployment:
         api_key: str = "",
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         system: str | None = None,
+        template: str = "",
         torch_dtype: str = "auto",
         say: Any = None,
     ) -> Deployment:
@@ -116,7 +117,7 @@ class Deployment:
         from .batcher import Batcher
         from .served import load_served
 
-        served = load_served(plan, system=system, torch_dtype=torch_dtype, say=say)
+        served = load_served(plan, system=system, template=template, torch_dtype=torch_dtype, say=say)
         batcher = Batcher(served, max_num_seqs=max_num_seqs, max_queue=max_queue, max_model_len=max_model_len)
         app = create_app(
             served,

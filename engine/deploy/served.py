@@ -193,16 +193,23 @@ def _context_length(config_file: Path) -> int:
 
 
 def load_served(
-    plan: DeployPlan, *, system: str | None = None, torch_dtype: str = "auto", say: Any = None
+    plan: DeployPlan,
+    *,
+    system: str | None = None,
+    template: str = "",
+    torch_dtype: str = "auto",
+    say: Any = None,
 ) -> ServedModels:
-    """Load the base and every adapter into one PeftModel. `system` (--system) overrides the
-    runs' system prompts."""
+    """Load the base and every adapter into one PeftModel. `system` (--system) and `template`
+    (--template) override the runs' system prompts and chat templates."""
     from ..models.loading import load_model
 
     say = say or (lambda _text: None)
     say(f"loading {plan.base_spec} ...")
     loaded = load_model(plan.base_spec, torch_dtype=torch_dtype)
-    return serve_loaded(loaded, plan.base_name, list(plan.adapters), system=system, say=say)
+    return serve_loaded(
+        loaded, plan.base_name, list(plan.adapters), system=system, template=template, say=say
+    )
 
 
 def serve_loaded(
@@ -211,6 +218,7 @@ def serve_loaded(
     adapters: list[tuple[AdapterSpec, Any]],
     *,
     system: str | None = None,
+    template: str = "",
     say: Any = None,
 ) -> ServedModels:
     """ServedModels over a model already loaded (models.LoadedModel; benchmarks build one in
@@ -231,7 +239,7 @@ def serve_loaded(
             base_name,
             PEFT_BASE,
             None,
-            str(base_settings.get("template") or ""),
+            template or str(base_settings.get("template") or ""),
             system if system is not None else str(base_settings.get("system") or ""),
         )
     ]
@@ -245,7 +253,7 @@ def serve_loaded(
                 spec.name,
                 peft_name,
                 target.adapter_dir,
-                str(settings.get("template") or ""),
+                template or str(settings.get("template") or ""),
                 system if system is not None else str(settings.get("system") or ""),
             )
         )

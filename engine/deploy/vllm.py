@@ -109,14 +109,15 @@ def vllm_lora_rank(rank: int) -> int:
     )
 
 
-def chat_template_file(plan: Any, system: str | None) -> str:
-    """A Jinja file with the first run's chat template and its system prompt as the default, or
-    "" when the run used the tokenizer's own template and no system prompt (vLLM's default then)."""
+def chat_template_file(plan: Any, system: str | None, template: str = "") -> str:
+    """A Jinja file with the first run's chat template (or `template`, --template) and its system
+    prompt as the default, or "" when that is the tokenizer's own template and there is no system
+    prompt (vLLM's default then)."""
     from ..core.model_files import cache_root
     from ..core.templates import get_template, named_template, with_default_system
 
     settings = plan.first_run_settings
-    template = str(settings.get("template") or "")
+    template = template or str(settings.get("template") or "")
     system_prompt = system if system is not None else str(settings.get("system") or "")
     named = named_template(template)  # None: the tokenizer's own
     if named is None and not system_prompt:

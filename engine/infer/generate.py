@@ -140,14 +140,16 @@ class GenerationSession:
         system: str = "",
         on_chunk: ChunkCallback | None = None,
         cancel: threading.Event | None = None,
+        template: str = "",
     ) -> dict[str, dict[str, Any]]:
         """Answer the chat with every target in one batched decode; stream (target, text) pieces.
 
         `messages` is the chat so far (user turn last), shared by every target, or a dict giving
         each target its own history (side-by-side chat, where each column has its own answers).
         The system prompt is `system`, else a system message in `messages`, else the one the
-        target's run trained with; the base column takes the chat template and system prompt of
-        the first adapter's run, so both sides get the same prompt. Returns per target: text,
+        target's run trained with; the chat template is `template` (--template), else the run's.
+        The base column takes the chat template and system prompt of the first adapter's run, so
+        both sides get the same prompt. Returns per target: text,
         tokens, ttft_s (time to first token, prompt included), tokens_per_s (decode rate after
         the first token) and finish_reason ("stop", "length" or "cancelled").
         """
@@ -156,7 +158,7 @@ class GenerationSession:
         with self._lock:
             resolved = self._resolve(specs)
             rows = [
-                self._row(target, conversation, system, resolved)
+                self._row(target, conversation, system, template, resolved)
                 for target, conversation in zip(resolved, conversations, strict=True)
             ]
             callback = None
@@ -172,12 +174,15 @@ class GenerationSession:
         cfg: GenerationConfig,
         system: str = "",
         cancel: threading.Event | None = None,
+        template: str = "",
     ) -> list[dict[str, dict[str, Any]]]:
         """Every conversation against every target (a probe set), batched; one result dict each."""
         specs = list(dict.fromkeys(targets))
         with self._lock:
             resolved = self._resolve(specs)
-            rows = [self._row(t, conv, system, resolved) for conv in conversations for t in resolved]
+            rows = [
+                self._row(t, conv, system, template, resolved) for conv in conversations for t in resolved
+            ]
             results: list[dict[str, Any]] = []
             per_batch = max(len(specs), MAX_BATCH_ROWS // len(specs) * len(specs))
             for start in range(0, len(rows), per_batch):
@@ -202,7 +207,12 @@ class GenerationSession:
         return targets
 
     def _row(
-        self, target: Target, messages: list[dict[str, str]], system: str, all_targets: list[Target]
+        self,
+        target: Target,
+        messages: list[dict[str, str]],
+        system: str,
+        template: str,
+        all_targets: list[Target],
     ) -> _Row:
         if not messages:
             raise UserError("nothing to answer: the chat has no messages", "send a user message")
@@ -210,7 +220,7 @@ class GenerationSession:
         settings = target if not target.is_base else next((t for t in all_targets if not t.is_base), target)
         has_system = any(m.get("role") == "system" for m in messages)
         run_system = "" if has_system else str(settings.train_config.get("system") or "")
-        template = str(settings.train_config.get("template") or "")
+        template = template or str(settings.train_config.get("template") or "")
         adapter = PEFT_BASE if target.is_base else self._adapter_name(target)
         prompt = encode_prompt(self.tokenizer, messages, template, system or run_system)
         # Refused here, in a second: a prompt past the context would take minutes to prefill (on
