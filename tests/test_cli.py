@@ -319,6 +319,49 @@ def test_ms_swift_flags_with_nothing_to_set_are_accepted_and_said(capsys):
     assert values["val_ratio"] == 0.1
 
 
+QLORA_LINE = (
+    "--train_type lora --quant_method bnb --quant_bits 4 --bnb_4bit_compute_dtype bfloat16 "
+    "--bnb_4bit_quant_type nf4 --bnb_4bit_use_double_quant true --optim adamw_torch "
+    "--adam_beta2 0.999 --lora_bias none --truncation_strategy right --lazy_tokenize true"
+)
+
+
+def test_a_copied_ms_swift_qlora_command_runs_and_each_flag_says_what_happens_here(capsys):
+    """ms-swift's QLoRA line (--quant_method bnb --bnb_4bit_...) stopped at 'unknown flag'."""
+    from tunebench.engine.cli import train as train_cli
+    from tunebench.engine.cli.flags import flag_values
+
+    args = train_cli.build_train_parser().parse_args(QLORA_LINE.split())
+    values = flag_values(args)
+    train_cli._say_swift_only_flags(args, values)
+    said = {n.split(":")[1].strip().split()[0] for n in capsys.readouterr().err.splitlines()}
+    assert said == {f for f in QLORA_LINE.split() if f.startswith("--")} - {
+        "--train_type",
+        "--quant_bits",
+    }
+    assert values["quant_bits"] == 4
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--optim", "adafactor"),
+        ("--lora_bias", "all"),
+        ("--truncation_strategy", "delete"),
+        ("--adam_beta2", "0.95"),
+        ("--quant_method", "hqq"),
+        ("--neftune_noise_alpha", "5"),
+        ("--use_chat_template", "false"),
+    ],
+)
+def test_an_ms_swift_flag_asking_for_other_training_is_refused_not_noted(capsys, flag, value):
+    """Ignored with a note, --optim adafactor would train with AdamW while the command says otherwise."""
+    assert main(["train", "--model", "demo", flag, value]) == 2
+    err = capsys.readouterr().err
+    assert f"{flag}: {value!r} is not done here: " in err and f"leave {flag} out" in err
+    assert "Traceback" not in err
+
+
 def test_chat_takes_a_copied_swift_infer_command_and_says_what_its_flags_do_here(capsys):
     """ms-swift's README infer line stopped at --infer_backend vllm, then at each of the others in turn."""
     from tunebench.engine.cli.flags import adapter_parser, parse_args, say_swift_infer_flags

@@ -186,22 +186,62 @@ def adapter_parser(prog: str, description: str, *, generation: bool = True) -> a
     return parser
 
 
-def add_noted_flags(parser: argparse.ArgumentParser, title: str, notes: dict[str, str]) -> None:
-    """ms-swift flags that set nothing here, accepted with any value (or none) so that a copied
-    command runs; say_noted_flags says what happens instead."""
+@dataclasses.dataclass(frozen=True)
+class Noted:
+    """An ms-swift flag with no setting here: what TuneBench does instead, and the values that
+    agree with it (`fits`, lower-case text or a test of the text; none: any value). Another value
+    asks for training that does not happen here, so it is refused rather than noted."""
+
+    note: str
+    fits: tuple[str, ...] | Any = ()
+
+    def agrees(self, value: str) -> bool:
+        if not self.fits:
+            return True
+        if callable(self.fits):
+            return bool(self.fits(value))
+        return value.strip().lower() in self.fits
+
+
+def near(expected: float):
+    """A `fits` test: the text is a number within a millionth of `expected`."""
+
+    def test(text: str) -> bool:
+        try:
+            return abs(float(text) - expected) <= 1e-6 * max(1.0, abs(expected))
+        except ValueError:
+            return False
+
+    return test
+
+
+def add_noted_flags(parser: argparse.ArgumentParser, title: str, notes: dict[str, str | Noted]) -> None:
+    """ms-swift flags that set nothing here, accepted (with any value, or one that agrees with what
+    happens here) so that a copied command runs; say_noted_flags says what happens instead."""
     group = parser.add_argument_group(f"{title} (accepted, and said)")
     for name, note in notes.items():
+        text = note.note if isinstance(note, Noted) else note
         group.add_argument(
-            f"--{name}", dest=f"swift_{name}", nargs="?", const="true", metavar="VALUE", help=note
+            f"--{name}", dest=f"swift_{name}", nargs="?", const="true", metavar="VALUE", help=text
         )
 
 
-def say_noted_flags(args: argparse.Namespace, notes: dict[str, str]) -> None:
-    """A note, on stderr, for each of add_noted_flags' flags that was given."""
-    for name, note in notes.items():
-        given = getattr(args, f"swift_{name}")
-        if given is not None:
-            print(f"note: --{name} {given}: {note}", file=sys.stderr, flush=True)
+def say_noted_flags(args: argparse.Namespace, notes: dict[str, str | Noted]) -> None:
+    """A note, on stderr, for each of add_noted_flags' flags that was given; ConfigError for every
+    one given a value that asks for what does not happen here, before anything is said."""
+    given = {name: getattr(args, f"swift_{name}") for name in notes}
+    given = {name: value for name, value in given.items() if value is not None}
+    refused = {
+        name: f"{value!r} is not done here: {note.note}; leave --{name} out"
+        for name, value in given.items()
+        if isinstance(note := notes[name], Noted) and not note.agrees(value)
+    }
+    if refused:
+        raise ConfigError(refused)
+    for name, value in given.items():
+        note = notes[name]
+        text = note.note if isinstance(note, Noted) else note
+        print(f"note: --{name} {value}: {text}", file=sys.stderr, flush=True)
 
 
 def say_swift_infer_flags(args: argparse.Namespace) -> None:

@@ -17,21 +17,74 @@ from typing import Any, get_origin, get_type_hints
 from ..core.config import ConfigError, TrainConfig
 from ..core.errors import UserError
 from ..core.launch import is_worker, launch_from
-from .flags import FlagParser, add_noted_flags, flag_values, join_negative_numbers, say_noted_flags
+from .flags import (
+    FlagParser,
+    Noted,
+    add_noted_flags,
+    flag_values,
+    join_negative_numbers,
+    near,
+    say_noted_flags,
+)
 from .progress import JsonRenderer, ProgressRenderer
 
 # ms-swift flags that set nothing here, each with what TuneBench does instead: accepted, so that a
-# copied `swift sft` command runs, and said once at the start.
-SWIFT_ONLY_FLAGS = {
+# copied `swift sft` command runs, and said once at the start. A Noted flag's value that asks for
+# other training (--optim adafactor, --lora_bias all) is refused instead: ignoring it would train
+# something else than the command says.
+SWIFT_ONLY_FLAGS: dict[str, str | Noted] = {
     "packing": "samples are always packed on a GPU (padding-free, each attending only to itself); "
     "a CPU pads each micro-batch",
+    "padding_free": "samples are always packed on a GPU (padding-free, each attending only to "
+    "itself); a CPU pads each micro-batch",
     "use_liger_kernel": "liger-kernel's fused loss and kernels are used on a GPU wherever it is installed",
     "dataset_num_proc": "the data is read and tokenised once, up front",
+    "lazy_tokenize": "the data is read and tokenised once, up front",
+    "streaming": "the datasets are read whole, up front",
     "save_only_model": "a checkpoint holds the adapter and what a resume needs; the final adapter is saved "
     "on its own",
+    "resume_only_model": "a resume restores the adapter, the optimizer and the place in the data",
+    "ignore_data_skip": "a resume goes on where the data was",
     "eval_strategy": "evaluation runs every --eval_steps steps on --val_dataset or the --val_ratio split "
     "(--eval_strategy no: none, as --val_ratio 0)",
+    "save_strategy": Noted("a checkpoint every --save_steps steps, and one at the end", ("steps",)),
+    "load_best_model_at_end": "the final adapter is the last step's; the checkpoints (--save_steps, "
+    "--save_total_limit) keep earlier ones, with their eval loss in the run's metrics.jsonl",
+    "metric_for_best_model": "the final adapter is the last step's; each eval loss is in the run's "
+    "metrics.jsonl",
     "add_version": "each run gets a folder of its own under --output_dir (a time stamp, or --run_name)",
+    "logging_dir": "the run's log and metrics.jsonl are in its folder under --output_dir",
+    "use_hf": "models come from local folders and the Hugging Face cache; nothing is downloaded",
+    "model_revision": "the model is read as its folder or the cache holds it",
+    "check_model": "nothing is checked online",
+    "ignore_args_error": "every flag is checked, and a wrong one is named",
+    "push_to_hub": "nothing is uploaded: `tunebench export` writes the folder to upload",
+    "hub_model_id": "nothing is uploaded: `tunebench export` writes the folder to upload",
+    "hub_token": "nothing is uploaded: `tunebench export` writes the folder to upload",
+    "ddp_timeout": "the training processes wait for each other as long as torch's default allows",
+    "bf16": "the weights' and activations' type is --torch_dtype's",
+    "fp16": "the weights' and activations' type is --torch_dtype's",
+    "freeze_vit": "text models only: there is no vision tower to freeze",
+    "quant_method": Noted("--quant_bits 4 quantises the base with bitsandbytes (NF4)", ("bnb",)),
+    "bnb_4bit_quant_type": Noted("4-bit weights are NF4", ("nf4",)),
+    "bnb_4bit_use_double_quant": "the 4-bit blocks' scales are always quantised again (double quantisation)",
+    "bnb_4bit_compute_dtype": "the 4-bit products compute in --torch_dtype (bfloat16 for float32)",
+    "bnb_4bit_quant_storage": "4-bit weights are stored as bytes",
+    "use_chat_template": Noted("samples are rendered with the chat template (--template)", ("true",)),
+    "task_type": Noted("the model is trained to generate the assistant's answers", ("causal_lm",)),
+    "loss_scale": Noted("the loss is on every assistant answer of a conversation", ("default",)),
+    "truncation_strategy": Noted(
+        "a sample longer than --max_length keeps its start and is cut at the end", ("right",)
+    ),
+    "lora_bias": Noted("LoRA trains no biases", ("none",)),
+    "optim": Noted(
+        "the optimizer is torch's AdamW", ("adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw")
+    ),
+    "adam_beta1": Noted("AdamW's beta1 is 0.9", near(0.9)),
+    "adam_beta2": Noted("AdamW's beta2 is 0.999", near(0.999)),
+    "adam_epsilon": Noted("AdamW's epsilon is 1e-8", near(1e-8)),
+    "neftune_noise_alpha": Noted("no noise is added to the embeddings (NEFTune)", near(0.0)),
+    "sequence_parallel_size": Noted("each sample is trained whole on one GPU", near(1.0)),
 }
 
 
