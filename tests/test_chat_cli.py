@@ -98,7 +98,8 @@ def test_chat_and_probe_take_a_template_flag_over_the_runs(monkeypatch, capsys, 
     assert tunebench(["chat", "--adapters", plain, "--template", "vicuna"]) == 2
     assert "unknown chat template 'vicuna'" in capsys.readouterr().err
     folder = tmp_path / "t"
-    args = ["--adapters", plain, "--template", "qwen2_5", "--output_dir", str(folder), "--max_new_tokens", "4"]
+    args = ["--adapters", plain, "--template", "qwen2_5", "--output_dir", str(folder)]
+    args += ["--max_new_tokens", "4"]
     assert probe.probe_main([*args, "--torch_dtype", "float32"]) == 0
     assert "--template" not in capsys.readouterr().err  # ms-swift's name for its own format: no note
     (transcript,) = folder.glob("probe-*.json")

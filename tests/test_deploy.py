@@ -995,10 +995,48 @@ def test_vllm_serves_a_run_trained_with_ms_swifts_template_name_with_the_tokeniz
     if vllm_available():
         pytest.skip("vLLM is installed here: the hand-off would start it")
     run = make_run(tmp_path / "runs", tiny_model_dir, "copied", seed=2, template="qwen2_5")
-    args = ["deploy", "--model", str(tiny_model_dir), "--infer_backend", "vllm", "--adapters", f"copied={run}"]
+    args = ["deploy", "--model", str(tiny_model_dir), "--infer_backend", "vllm"]
+    args += ["--adapters", f"copied={run}"]
     assert tunebench(args) == 2
     command = capsys.readouterr().err.split("the command would be:\n  ", 1)[1].splitlines()[0].split()
     assert "--chat-template" not in command and "--lora-modules" in command
+
+
+def test_a_copied_swift_deploy_line_reaches_vllm_with_its_engine_flags(capsys, monkeypatch, tmp_path, runs):
+    """ms-swift's deploy line (--vllm_max_model_len, --vllm_gpu_memory_utilization, --lora_modules,
+    --use_hf, ...) stopped at its first flag; vLLM's engine flags now reach vLLM as its own."""
+    from tunebench.engine.deploy.vllm import vllm_available
+
+    monkeypatch.setenv("TUNEBENCH_CACHE", str(tmp_path))
+    if vllm_available():
+        pytest.skip("vLLM is installed here: the hand-off would start it")
+    line = f"deploy --lora_modules bob={runs['bob']} --infer_backend vllm --vllm_max_model_len 256 "
+    line += "--vllm_gpu_memory_utilization 0.85 --vllm_tensor_parallel_size 2 --vllm_enforce_eager true "
+    line += "--vllm_max_num_seqs 16 --use_hf true --verbose true"
+    assert tunebench(line.split()) == 2  # no vLLM here: the command it would run is said
+    err = capsys.readouterr().err
+    command = err.split("the command would be:\n  ", 1)[1].splitlines()[0].split()
+    for flag, value in (("--max-model-len", "256"), ("--gpu-memory-utilization", "0.85")):
+        assert command[command.index(flag) + 1] == value
+    assert command[command.index("--tensor-parallel-size") + 1] == "2" and "--enforce-eager" in command
+    assert command[command.index("--max-num-seqs") + 1] == "16"
+    assert f"bob={runs['bob'] / 'adapter'}" in command
+    assert "note: --use_hf true:" in err and "note: --verbose true:" in err
+
+
+@pytest.mark.parametrize(
+    ("line", "said"),
+    [
+        ("--tensor_parallel_size 2", "--tensor_parallel_size: 2 GPUs: the pt backend serves from one GPU"),
+        ("--gpu_memory_utilization 1.5", "--gpu_memory_utilization: a fraction of the GPU's memory"),
+        ("--enforce_eager maybe", "--enforce_eager: 'maybe' is not true or false"),
+        ("--ssl_keyfile key.pem", "--ssl_keyfile: 'key.pem' is not done here: TLS comes from an SSH tunnel"),
+    ],
+)
+def test_swift_deploy_flags_the_pt_backend_cannot_honour_are_refused_before_loading(capsys, line, said):
+    assert tunebench(["deploy", "--model", "demo", *line.split()]) == 2
+    err = capsys.readouterr().err
+    assert said in err and "loading" not in err and "Traceback" not in err
 
 
 def test_vllm_hand_off_execs_vllm_with_the_key_in_its_environment(tmp_path, tiny_model_dir, runs):

@@ -35,7 +35,52 @@ from ..deploy.deployment import (
 )
 from ..deploy.validation import DEFAULT_MAX_REQUEST_BYTES
 from .export import default_export_dir
-from .flags import FlagParser, join_negative_numbers, parse_bool
+from .flags import (
+    FlagParser,
+    Noted,
+    add_noted_flags,
+    join_negative_numbers,
+    parse_bool,
+    say_noted_flags,
+)
+
+# vLLM's engine settings a `swift deploy` line passes (--vllm_NAME or --NAME): handed to vLLM as its
+# own flag; with the pt backend, what happens instead. Values: (vLLM's flag, type, pt's note).
+VLLM_ENGINE_FLAGS: dict[str, tuple[str, type, str]] = {
+    "gpu_memory_utilization": (
+        "--gpu-memory-utilization",
+        float,
+        "the pt backend takes the memory the model and --max_num_seqs x --max_model_len tokens of KV need",
+    ),
+    "tensor_parallel_size": ("--tensor-parallel-size", int, "the pt backend serves from one GPU"),
+    "enforce_eager": ("--enforce-eager", parse_bool, "the pt backend decodes with CUDA graphs on a GPU"),
+    "enable_prefix_caching": (
+        "--enable-prefix-caching",
+        parse_bool,
+        "the pt backend prefills each request's prompt whole",
+    ),
+}
+
+# `swift deploy` flags with nothing to set here, and what happens instead.
+SWIFT_DEPLOY_ONLY_FLAGS: dict[str, str | Noted] = {
+    "use_hf": "models come from local folders and the Hugging Face cache; nothing is downloaded",
+    "model_type": "the model's type is read from its config",
+    "stream": "each request asks for streaming or not (`stream`)",
+    "verbose": "the access log on stderr says each request",
+    "log_interval": "GET /metrics has the counts and rates at any time",
+    "log_level": "the access log on stderr says each request",
+    "owned_by": "GET /v1/models says owned_by tunebench",
+    "result_path": "answers are not kept: a server returns them to its clients",
+    "max_logprobs": "logprobs are not served here: a request that asks for them gets a 400",
+    "ssl_keyfile": Noted(
+        "TLS comes from an SSH tunnel (keep --host 127.0.0.1) or a TLS proxy in front (caddy, nginx)",
+        lambda _value: False,
+    ),
+    "ssl_certfile": Noted(
+        "TLS comes from an SSH tunnel (keep --host 127.0.0.1) or a TLS proxy in front (caddy, nginx)",
+        lambda _value: False,
+    ),
+}
 
 
 def build_parser(prog: str = "tunebench deploy") -> argparse.ArgumentParser:
@@ -58,6 +103,7 @@ def build_parser(prog: str = "tunebench deploy") -> argparse.ArgumentParser:
         "--adapters",
         "--adapter",
         "--ckpt_dir",
+        "--lora_modules",
         nargs="+",
         default=[],
         metavar="NAME=PATH",
@@ -106,11 +152,14 @@ def build_parser(prog: str = "tunebench deploy") -> argparse.ArgumentParser:
     how.add_argument("--top_p", default="1", help="default nucleus sampling mass, (0, 1] (default: 1)")
     how.add_argument(
         "--max_model_len",
+        "--vllm_max_model_len",
         default="0",
         help="most tokens of prompt + answer (default: the model's context length)",
     )
     how.add_argument(
         "--max_num_seqs",
+        "--vllm_max_num_seqs",
+        "--max_batch_size",
         default=str(DEFAULT_MAX_NUM_SEQS),
         help="sequences decoded together; bounds the KV cache to this many x --max_model_len tokens "
         f"(default: {DEFAULT_MAX_NUM_SEQS})",
@@ -134,6 +183,10 @@ def build_parser(prog: str = "tunebench deploy") -> argparse.ArgumentParser:
         default=False,
         help="vllm backend: merge the one adapter into its base first and serve the merged model",
     )
+    engine = parser.add_argument_group("vLLM's engine (--infer_backend vllm; pt says what it does instead)")
+    for name, (_, kind, _) in VLLM_ENGINE_FLAGS.items():
+        engine.add_argument(f"--{name}", f"--vllm_{name}", default=None, metavar=kind.__name__.upper())
+    add_noted_flags(parser, "`swift deploy` flags with nothing to set here", SWIFT_DEPLOY_ONLY_FLAGS)
     return parser
 
 
@@ -179,6 +232,7 @@ def check_flags(args: argparse.Namespace) -> dict[str, Any]:
         named_template(args.template)
     except ValueError as exc:
         problems["template"] = str(exc)
+    values["vllm_engine"] = _vllm_engine_args(args, problems)
     if problems:
         raise ConfigError(problems)
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV, "")
@@ -193,6 +247,36 @@ def check_flags(args: argparse.Namespace) -> dict[str, Any]:
             f"(ssh -L {port}:127.0.0.1:{port} you@this-box)",
         )
     return values
+
+
+def _vllm_engine_args(args: argparse.Namespace, problems: dict[str, str]) -> list[str]:
+    """VLLM_ENGINE_FLAGS given, as vLLM's own flags; with the pt backend, each one's note instead
+    (several GPUs, which pt cannot use, go into `problems`)."""
+    out: list[str] = []
+    for name, (vllm_flag, kind, pt_note) in VLLM_ENGINE_FLAGS.items():
+        raw = getattr(args, name)
+        if raw is None:
+            continue
+        try:
+            value = kind(raw)
+        except (ValueError, argparse.ArgumentTypeError):
+            word = {parse_bool: "true or false", float: "a number", int: "a whole number"}[kind]
+            problems[name] = f"{raw!r} is not {word}"
+            continue
+        if kind is float and not 0 < value <= 1:
+            problems[name] = f"a fraction of the GPU's memory, more than 0 and at most 1 (got {raw})"
+        elif kind is int and value < 1:
+            problems[name] = f"at least 1 (got {raw})"
+        elif args.infer_backend != "vllm":
+            if name == "tensor_parallel_size" and value > 1:
+                problems[name] = f"{value} GPUs: {pt_note}; pass --infer_backend vllm to use several"
+            else:
+                print(f"note: --{name} {raw}: {pt_note}", file=sys.stderr, flush=True)
+        elif kind is parse_bool:
+            out += [vllm_flag] if value else []
+        else:
+            out += [vllm_flag, str(value)]
+    return out
 
 
 def main(argv: list[str], prog: str = "tunebench deploy") -> int:
@@ -216,6 +300,7 @@ def main(argv: list[str], prog: str = "tunebench deploy") -> int:
 def _deploy(args: argparse.Namespace) -> int:
     from ..deploy.served import parse_adapter_specs, plan_deployment
 
+    say_noted_flags(args, SWIFT_DEPLOY_ONLY_FLAGS)
     flags = check_flags(args)
     plan = plan_deployment(args.model, parse_adapter_specs(args.adapters), args.served_model_name)
     context = plan.context_length or FALLBACK_CONTEXT
@@ -308,4 +393,5 @@ def launch_for(
         torch_dtype=args.torch_dtype,
         chat_template=chat_template,
         hermes_tool_calls=writes_hermes_tool_calls(plan, template),
+        engine_args=flags["vllm_engine"],
     )

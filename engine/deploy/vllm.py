@@ -61,10 +61,12 @@ def vllm_launch(
     torch_dtype: str = "auto",
     chat_template: str = "",
     hermes_tool_calls: bool = False,
+    engine_args: list[str] | None = None,
     python: str = "",
 ) -> VllmLaunch:
     """The vLLM server command for a model folder and (name, adapter folder) LoRA modules;
-    `hermes_tool_calls`: the template writes calls as <tool_call> blocks, which vLLM reads back."""
+    `hermes_tool_calls`: the template writes calls as <tool_call> blocks, which vLLM reads back;
+    `engine_args`: vLLM's own engine flags, as given (--gpu-memory-utilization 0.9, ...)."""
     argv = [python or sys.executable, "-m", VLLM_MODULE, "--model", model_path]
     argv += ["--served-model-name", served_model_name, "--host", host, "--port", str(port)]
     if max_model_len:
@@ -76,6 +78,7 @@ def vllm_launch(
         argv += ["--chat-template", chat_template]
     if hermes_tool_calls:  # as the pt backend reads them (deploy/tool_parser.py)
         argv += ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+    argv += engine_args or []
     # The defaults a request that leaves them out gets, as the pt backend gives them.
     overrides = {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens}
     argv += ["--override-generation-config", json.dumps(overrides)]
