@@ -31,6 +31,10 @@ REPLAY_LAYERS_IN_GRAPH = 2.75
 # sample's length (3 x 32,768 x 18,944 x 2 bytes, 3.5 GiB, at 32k tokens on a 7B; 0.43 GiB a
 # slice). 4,096 tokens keep each product large enough to run at full speed.
 MLP_CHUNK_TOKENS = 4096
+# At most this many slices: past MLP_CHUNK_TOKENS x MLP_MAX_CHUNKS tokens the slices grow longer
+# instead. 64 slices of an 86,016-token forward (lean QLoRA, 7B) ran out of memory at 22 GiB and
+# took minutes to compile; 16 slices of 5,376 tokens peaked at 19.98 GiB (H200, bench/RESULTS.md).
+MLP_MAX_CHUNKS = 16
 # The fused loss takes at most this many tokens per call: its transient logits grow with the
 # tokens of a call, so a long sample's loss goes in slices (their sum is the same loss).
 LOSS_SLICE_TOKENS = 16384
@@ -94,14 +98,15 @@ def layer_activation_bytes(
 
 def mlp_chunks(tokens: int, chunk_tokens: int = MLP_CHUNK_TOKENS) -> int:
     """How many slices a forward of `tokens` runs each decoder layer's MLP in: a power of 4 that
-    leaves slices of a quarter to all of `chunk_tokens` (1: whole; `chunk_tokens` 0: never sliced).
+    leaves slices of a quarter to all of `chunk_tokens` (1: whole; `chunk_tokens` 0: never sliced),
+    at most MLP_MAX_CHUNKS (longer slices past that).
 
     A compiled layer is specialised on the count, so counts in powers of 4 keep the compiles few
     when lengths vary (one per fourfold length) with slices still large enough to run at speed."""
     if chunk_tokens <= 0:
         return 1
     chunks = 1
-    while tokens > chunks * chunk_tokens:
+    while tokens > chunks * chunk_tokens and chunks < MLP_MAX_CHUNKS:
         chunks *= 4
     return chunks
 
