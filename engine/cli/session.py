@@ -37,21 +37,17 @@ def resolve_setup(args: argparse.Namespace, with_base: bool) -> Setup:
     adapters = [resolve_target(str(Path(a).expanduser())) for a in args.adapters]
     model = base_model_of(adapters, args.model)
     targets = ([Target(BASE)] if with_base or not adapters else []) + adapters
-    return Setup(model, targets, template_flag(getattr(args, "template", ""), adapters))
+    return Setup(model, targets, _checked_template(getattr(args, "template", ""), adapters))
 
 
-def template_flag(template: str, adapters: list[Any]) -> str:
+def _checked_template(template: str, adapters: list[Any]) -> str:
     """--template, checked before anything loads, with a note for each adapter whose run trained
     with another format: it answers with the one asked for, which it may not follow."""
-    from ..core.errors import UserError
-    from ..core.templates import named_template
+    from ..core.templates import named_template, template_flag
 
     if not template:
         return ""
-    try:
-        asked = named_template(template)
-    except ValueError as exc:
-        raise UserError(f"--template: {exc}", "pass one of the names listed, or leave it out") from None
+    asked = template_flag(template)
     for target in adapters:
         trained = str(target.train_config.get("template") or "")
         if named_template(trained) != asked:

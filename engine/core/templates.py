@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 
+from .errors import UserError
+
 
 def _chatml(default_system: str) -> str:
     """ChatML, with tools in Qwen2.5's format: the tools listed in the system turn inside
@@ -104,6 +106,14 @@ def named_template(name: str) -> str | None:
     if not key or key in SWIFT_TEMPLATE_NAMES:
         return None
     return get_template(key)
+
+
+def template_flag(name: str) -> str | None:
+    """named_template for a --template the person typed: UserError naming the known ones."""
+    try:
+        return named_template(name)
+    except ValueError as exc:
+        raise UserError(f"--template: {exc}", "pass one of the names listed, or leave it out") from None
 
 
 def get_template(name: str) -> str:

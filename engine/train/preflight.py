@@ -26,18 +26,14 @@ def preflight(cfg: TrainConfig, cancel: Any = None) -> int | None:
     from ..core.data import load_dataset, split_eval
     from ..core.errors import DataError
     from ..core.model_files import DEMO_NAME, cached_model_dir, demo_gguf_path
-    from ..core.templates import named_template
+    from ..core.templates import template_flag
     from ..models.loading import check_qlora_possible, linear_module_names_of, resolve_model
     from .checkpoints import find_checkpoint
     from .schedule import check_plan_size
 
     if cfg.is_qlora:
         check_qlora_possible()
-    if cfg.template:
-        try:
-            named_template(cfg.template)
-        except ValueError as exc:
-            raise UserError(f"--template: {exc}", "pass one of the names listed, or leave it out") from None
+    template_flag(cfg.template)
     output = Path(cfg.output_dir).expanduser()
     with reading(output, "--output_dir", action="write into"):
         is_file = output.exists() and not output.is_dir()
