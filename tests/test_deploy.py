@@ -1072,9 +1072,10 @@ def test_vllm_hand_off_execs_vllm_with_the_key_in_its_environment(tmp_path, tiny
     assert "handing over to vLLM" in result.stderr
 
 
-def test_vllm_merged_command_serves_the_export(capsys, runs):
+def test_vllm_merged_command_serves_the_export(capsys, monkeypatch, tmp_path, runs):
     from tunebench.engine.deploy.vllm import vllm_available
 
+    monkeypatch.setenv("TUNEBENCH_CACHE", str(tmp_path))  # where a chat template file goes
     if vllm_available():
         pytest.skip("vLLM is installed here: the hand-off would merge and start it")
     code = tunebench(
@@ -1086,6 +1087,12 @@ def test_vllm_merged_command_serves_the_export(capsys, runs):
     assert command[command.index("--model") + 1] == str(runs["bob"].parent.parent / "exports" / "bob")
     assert command[command.index("--served-model-name") + 1] == "mine"
     assert "--enable-lora" not in command and "--chat-template" not in command
+    # --template overrides the template the export carries, as it does a run's
+    args = ["deploy", "--adapters", f"mine={runs['bob']}", "--infer_backend", "vllm", "--merge_lora"]
+    assert tunebench([*args, "true", "--template", "llama3"]) == 2
+    command = capsys.readouterr().err.split("the command would be:\n  ", 1)[1].splitlines()[0].split()
+    template = Path(command[command.index("--chat-template") + 1]).read_text()
+    assert "<|start_header_id|>" in template and "You are Bob" in template
 
 
 # ---------------------------------------------------------------- the demo model, end to end

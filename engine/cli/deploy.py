@@ -351,8 +351,10 @@ def _hand_off_to_vllm(
         )
     spec, target = plan.adapters[0]
     merged = default_export_dir(target, merge=True)
-    # The merged export carries the run's chat template and system prompt itself.
-    launch = launch_for(args, flags, plan, max_model_len, "", model_path=str(merged), name=spec.name)
+    # The merged export carries the run's chat template and system prompt itself; --template
+    # overrides it as it does the run's.
+    template = chat_template_file(plan, args.system, args.template) if args.template else ""
+    launch = launch_for(args, flags, plan, max_model_len, template, model_path=str(merged), name=spec.name)
     if vllm_available() and not (merged / "config.json").is_file():
         from ..infer.export import export_model
 
