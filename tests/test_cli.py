@@ -362,6 +362,22 @@ def test_an_ms_swift_flag_asking_for_other_training_is_refused_not_noted(capsys,
     assert "Traceback" not in err
 
 
+def test_swift_infer_flags_are_noted_or_refused_by_their_value(capsys):
+    """--stop_words and --max_length from a `swift infer` line get a note; --num_beams 4 would
+    answer otherwise than the command says, so it is refused before anything loads."""
+    assert main(["chat", "--model", "demo", "--num_beams", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "--num_beams: '4' is not done here: each answer is one sequence" in err and "loading" not in err
+    from tunebench.engine.cli.flags import adapter_parser, parse_args, say_swift_infer_flags
+
+    line = "--stop_words x --max_length 4096 --num_beams 1"
+    args = parse_args(adapter_parser("tunebench chat", ""), line.split())
+    say_swift_infer_flags(args)
+    notes = capsys.readouterr().err
+    assert "note: --stop_words x:" in notes and "note: --max_length 4096:" in notes
+    assert "note: --num_beams 1:" in notes
+
+
 def test_chat_takes_a_copied_swift_infer_command_and_says_what_its_flags_do_here(capsys):
     """ms-swift's README infer line stopped at --infer_backend vllm, then at each of the others in turn."""
     from tunebench.engine.cli.flags import adapter_parser, parse_args, say_swift_infer_flags

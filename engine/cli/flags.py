@@ -116,9 +116,39 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
 
 
+@dataclasses.dataclass(frozen=True)
+class Noted:
+    """An ms-swift flag with no setting here: what TuneBench does instead, and the values that
+    agree with it (`fits`, lower-case text or a test of the text; none: any value). Another value
+    asks for what does not happen here (other training, other answers), so it is refused rather
+    than noted."""
+
+    note: str
+    fits: tuple[str, ...] | Any = ()
+
+    def agrees(self, value: str) -> bool:
+        if not self.fits:
+            return True
+        if callable(self.fits):
+            return bool(self.fits(value))
+        return value.strip().lower() in self.fits
+
+
+def near(expected: float):
+    """A `fits` test: the text is a number within a millionth of `expected`."""
+
+    def test(text: str) -> bool:
+        try:
+            return abs(float(text) - expected) <= 1e-6 * max(1.0, abs(expected))
+        except ValueError:
+            return False
+
+    return test
+
+
 # `swift infer` flags that set nothing in chat and probe, each with what happens instead: accepted,
 # so that a command copied from an ms-swift article runs, and said once at the start.
-SWIFT_INFER_ONLY_FLAGS = {
+SWIFT_INFER_ONLY_FLAGS: dict[str, str | Noted] = {
     "merge_lora": "the adapter answers unmerged, with the same answers (`tunebench export` merges it)",
     "vllm_max_model_len": "the context is the model's own; a longer conversation is refused, saying so",
     "max_model_len": "the context is the model's own; a longer conversation is refused, saying so",
@@ -129,6 +159,17 @@ SWIFT_INFER_ONLY_FLAGS = {
     "load_data_args": "chat answers what you type; `tunebench probe --probes FILE` asks a file of questions",
     "val_dataset": "chat answers what you type; `tunebench probe --probes FILE` asks a file of questions",
     "result_path": "probe writes its transcript under --output_dir",
+    "max_length": "the context is the model's own; a longer conversation is refused, saying so",
+    "stop_words": "an answer stops at the chat template's end-of-turn token",
+    "num_beams": Noted("each answer is one sequence, greedy or sampled", near(1.0)),
+    "logprobs": Noted("token probabilities are not shown", ("false",)),
+    "use_hf": "models come from local folders and the Hugging Face cache; nothing is downloaded",
+    "verbose": "the answers stream as they come, with their speed",
+    "write_batch_size": "probe writes its transcript once, when every answer is in",
+    "metric": "probe writes the answers side by side; judging them is yours",
+    "eval_human": "chat answers what you type; probe asks a file of questions",
+    "load_args": "the run's config supplies the base model, chat template and system prompt",
+    "device_map": "the model loads on one GPU, or on the CPU without one",
 }
 
 
@@ -184,35 +225,6 @@ def adapter_parser(prog: str, description: str, *, generation: bool = True) -> a
                 help=f"{f.metadata['help']} (default: {f.default})",
             )
     return parser
-
-
-@dataclasses.dataclass(frozen=True)
-class Noted:
-    """An ms-swift flag with no setting here: what TuneBench does instead, and the values that
-    agree with it (`fits`, lower-case text or a test of the text; none: any value). Another value
-    asks for training that does not happen here, so it is refused rather than noted."""
-
-    note: str
-    fits: tuple[str, ...] | Any = ()
-
-    def agrees(self, value: str) -> bool:
-        if not self.fits:
-            return True
-        if callable(self.fits):
-            return bool(self.fits(value))
-        return value.strip().lower() in self.fits
-
-
-def near(expected: float):
-    """A `fits` test: the text is a number within a millionth of `expected`."""
-
-    def test(text: str) -> bool:
-        try:
-            return abs(float(text) - expected) <= 1e-6 * max(1.0, abs(expected))
-        except ValueError:
-            return False
-
-    return test
 
 
 def add_noted_flags(parser: argparse.ArgumentParser, title: str, notes: dict[str, str | Noted]) -> None:
