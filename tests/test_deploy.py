@@ -534,6 +534,62 @@ def gate_steps(deployment: Deployment, delay: float = 0.0) -> threading.Event:
     return gate
 
 
+def test_a_long_prompt_is_prefilled_in_pieces_with_the_same_keys_and_logits(server, monkeypatch):
+    """Pieces of 16 tokens give the keys, values and last logits of the whole prompt at once."""
+    import torch
+    from tunebench.engine.deploy import batcher as batching
+
+    batcher = server[0].batcher
+    prompt = list(range(5, 105))  # 100 tokens: 7 pieces
+    with torch.inference_mode():
+        whole_logits, whole_kv = batcher._prefill("a0", prompt)
+        monkeypatch.setattr(batching, "PREFILL_CHUNK_TOKENS", 16)
+        between = []
+        logits, kv = batcher._prefill("a0", prompt, between=lambda: between.append(1) or True)
+    assert len(between) == 6  # after every piece but the last
+    torch.testing.assert_close(logits, whole_logits, atol=1e-4, rtol=1e-4)
+    for (keys, values), (whole_keys, whole_values) in zip(kv, whole_kv, strict=True):
+        assert keys.shape == whole_keys.shape == (1, whole_keys.shape[1], 100, whole_keys.shape[3])
+        torch.testing.assert_close(keys, whole_keys, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(values, whole_values, atol=1e-4, rtol=1e-4)
+
+
+def test_running_streams_keep_decoding_while_a_long_prompt_prefills(plan, monkeypatch):
+    """A stream in flight gets a decode step between every two pieces of a newcomer's long
+    prefill, instead of waiting for all of it; the newcomer's answer is the one it gets alone."""
+    from tunebench.engine.deploy import batcher as batching
+
+    monkeypatch.setattr(batching, "PREFILL_CHUNK_TOKENS", 16)
+    deployment, url = start(plan, max_num_seqs=2, max_new_tokens=120)
+    gate_steps(deployment, delay=0.01).set()  # 120 tokens take over a second
+    batcher, steps_between = deployment.batcher, []
+    between = batcher._between_pieces
+
+    def counted(row):
+        before = batcher.metrics.decode_steps
+        going_on = between(row)
+        steps_between.append(batcher.metrics.decode_steps - before)
+        return going_on
+
+    batcher._between_pieces = counted
+    long_prompt = {"model": "bob", "prompt": list(range(5, 105)), "max_tokens": 3, "temperature": 0}
+    try:
+        alone = httpx.post(f"{url}/v1/completions", json=long_prompt, timeout=30).json()
+        payload = {"model": "tiny", "messages": QUESTION, "stream": True, "max_tokens": 120}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=payload, timeout=30) as response:
+            lines = response.iter_lines()
+            while '"content":"' not in next(lines).replace('"content":""', ""):
+                pass  # until the first stream's first token: it is decoding
+            steps_between.clear()  # its own prompt's pieces, with nothing else to decode
+            beside = httpx.post(f"{url}/v1/completions", json=long_prompt, timeout=30).json()
+            rest = list(lines)
+        assert steps_between == [1] * 6, steps_between
+        assert beside["choices"][0]["text"] == alone["choices"][0]["text"]
+        assert [line for line in rest if line][-1] == "data: [DONE]"
+    finally:
+        deployment.stop()
+
+
 def test_queue_full_is_429(plan):
     deployment, url = start(plan, max_num_seqs=1, max_queue=1, max_new_tokens=4)
     gate = gate_steps(deployment)

@@ -2,10 +2,12 @@
 
 Requests arrive from the HTTP handlers through `Batcher.submit` and wait in a bounded queue. The
 batcher thread loops: it takes waiting requests while fewer than `max_num_seqs` decode, prefills
-each one on its own (its first token streams out at once), puts it in a free row of the running
-batch, and runs one decode step for every sequence in the batch. A sequence leaves the batch the
-step it ends (a stop token, a stop string, its token limit, or its client gone), so a short answer
-never waits for a long one and a new request never waits for the batch to drain.
+each one on its own (its first token streams out at once; a long prompt in pieces of
+PREFILL_CHUNK_TOKENS, with a decode step for the running sequences between two pieces), puts it
+in a free row of the running batch, and runs one decode step for every sequence in the batch. A
+sequence leaves the batch the step it ends (a stop token, a stop string, its token limit, or its
+client gone), so a short answer never waits for a long one, a new request never waits for the
+batch to drain, and a long prompt holds the others up by one piece at a time.
 
 Rows of one batch may run different adapters: each step goes through the same mixed-adapter
 forward as the side-by-side chat (infer/lora_decode.FusedLora, else PEFT's own mixed batch), over
@@ -47,6 +49,11 @@ from ..infer.lora_decode import PEFT_BASE
 # differently, which could tip a near-tie and make an answer alone differ from the same in a batch.
 SMALLEST_BATCH = 2
 WARM_UP_PROMPT = "Hello"
+# A longer prompt is prefilled in pieces of this many tokens, with a decode step for the running
+# sequences between two pieces: a 32k-token prompt would otherwise stop every other stream for
+# its whole prefill. The pieces depend on the prompt alone, so an answer does not depend on what
+# else is being served.
+PREFILL_CHUNK_TOKENS = 2048
 
 
 def batch_sizes(max_num_seqs: int) -> tuple[int, ...]:
@@ -335,19 +342,24 @@ class Batcher:
                         self._admit(seq)
                     except Exception as exc:  # noqa: BLE001 - one bad prompt must not fail the others
                         self._fail_rows([r for r in self._rows if r.seq is seq], _describe(exc))
-                self._drop_finished()
-                if not self._rows:
-                    continue
-                try:
-                    self._step()
-                except Exception as exc:  # noqa: BLE001 - one bad batch must not take the server down
-                    self._fail_rows(list(self._rows), _describe(exc), drop_cache=True)
-                self._drop_finished()
+                self._decode_running()
         self._fail_rows(list(self._rows), SHUTTING_DOWN, drop_cache=True, status=503)
         with self._lock:
             for seq in self._waiting:
                 _emit(seq, Failed(SHUTTING_DOWN, 503))
             self._waiting.clear()
+
+    def _decode_running(self) -> None:
+        """One decode step for the sequences in the batch (those whose prefill is done), the
+        finished and the abandoned dropped before and after."""
+        self._drop_finished()
+        if not any(row.slot >= 0 for row in self._rows):
+            return
+        try:
+            self._step()
+        except Exception as exc:  # noqa: BLE001 - one bad batch must not take the server down
+            self._fail_rows(list(self._rows), _describe(exc), drop_cache=True)
+        self._drop_finished()
 
     def _next_work(self) -> list[Sequence] | None:
         """Block until there is something to do; the requests that join the batch now (None: stop)."""
@@ -388,16 +400,31 @@ class Batcher:
             generator=generator,
         )
         self.metrics.prompt_tokens += len(seq.prompt)
-        self._rows.append(row)  # from here on a failure reaches it through _fail_rows
+        # In the batch from here on, so that a failure or a client leaving reaches it (_fail_rows,
+        # _drop_finished); with no slot until its prefill is done, no decode step includes it.
+        self._rows.append(row)
         if row.limit == 0:
             self._finish(row, "length")
             return
-        logits, kv = self._prefill(seq.peft_name, seq.prompt)
+        prefilled = self._prefill(seq.peft_name, seq.prompt, between=lambda: self._between_pieces(row))
+        if prefilled is None:  # the client left, or a decode step between two pieces failed
+            return
+        logits, kv = prefilled
         self._place(row, kv)
         self._accept(row, self._pick(logits, [row])[0])
 
-    def _prefill(self, peft_name: str, prompt: list[int]) -> tuple[Any, list[tuple[Any, Any]]]:
-        """The prompt's last logits and its keys/values per layer ([1, kv heads, tokens, head dim])."""
+    def _between_pieces(self, row: _Row) -> bool:
+        """Between two pieces of a long prefill: a decode step for the running sequences; whether
+        the prefill goes on (its row still in the batch)."""
+        self._decode_running()
+        return row in self._rows
+
+    def _prefill(
+        self, peft_name: str, prompt: list[int], between: Callable[[], bool] | None = None
+    ) -> tuple[Any, list[tuple[Any, Any]]] | None:
+        """The prompt's last logits and its keys/values per layer ([1, kv heads, tokens, head dim]),
+        prefilled in pieces of PREFILL_CHUNK_TOKENS; `between` runs after each piece but the last
+        (None from it: stop, and return None)."""
         import torch
         from transformers import DynamicCache
 
@@ -408,16 +435,23 @@ class Batcher:
         cache = DynamicCache(config=self.served.loaded.model.config)
         # Alone, with no padding and no mask: the same computation however many requests are in
         # flight, so a request's first token never depends on what else is being served.
-        with self._adapters((peft_name,)):
-            logits = decode_forward(self.served.loaded.model, cache, ids, None, positions)
+        for start in range(0, len(prompt), PREFILL_CHUNK_TOKENS):
+            end = start + PREFILL_CHUNK_TOKENS
+            with self._adapters((peft_name,)):
+                logits = decode_forward(
+                    self.served.loaded.model, cache, ids[:, start:end], None, positions[:, start:end]
+                )
+            if end < len(prompt) and between is not None and not between():
+                return None
         return logits, [(layer.keys, layer.values) for layer in cache.layers]
 
     def _step(self) -> None:
-        """One decode step for every row of the batch."""
+        """One decode step for every row of the batch whose prefill is done."""
         self._compact()
-        bucket = next(size for size in self.batch_sizes if size >= len(self._rows))
+        placed = [row for row in self._rows if row.slot >= 0]
+        bucket = next(size for size in self.batch_sizes if size >= len(placed))
         by_row: list[_Row | None] = [None] * bucket
-        for row in self._rows:
+        for row in placed:
             by_row[row.slot] = row
         logits = self._decode(
             bucket,
@@ -426,7 +460,7 @@ class Batcher:
             tuple(r.seq.peft_name if r else PEFT_BASE for r in by_row),
         )
         self.metrics.decode_steps += 1
-        self.metrics.decode_rows += len(self._rows)
+        self.metrics.decode_rows += len(placed)
         for row, token in zip(by_row, self._pick(logits, by_row), strict=True):
             if row is not None:
                 row.length += 1
@@ -619,11 +653,12 @@ class Batcher:
     def _compact(self) -> None:
         """Move the rows past the first len(rows) into the free rows before them, so a step over
         the first `bucket` rows covers every sequence."""
-        count = len(self._rows)
+        placed = [r for r in self._rows if r.slot >= 0]
+        count = len(placed)
         cache = self._cache
         assert cache is not None
-        free = sorted(set(range(count)) - {r.slot for r in self._rows})
-        for row in [r for r in self._rows if r.slot >= count]:
+        free = sorted(set(range(count)) - {r.slot for r in placed})
+        for row in [r for r in placed if r.slot >= count]:
             to = free.pop(0)
             for store in (cache.keys, cache.values):
                 for tensor in store:
