@@ -378,6 +378,19 @@ def test_swift_infer_flags_are_noted_or_refused_by_their_value(capsys):
     assert "note: --num_beams 1:" in notes
 
 
+def test_a_copied_swift_export_line_is_noted_and_its_token_stays_off_the_screen(capsys, tmp_path):
+    """ms-swift's README pushes an export with --push_to_hub true --hub_model_id ... --hub_token
+    ...: each is noted (nothing is uploaded from here), and the token is never printed."""
+    line = "--push_to_hub true --hub_model_id me/bee --hub_token hf_secret123 --use_hf false"
+    assert main(["export", "--adapters", str(tmp_path / "missing"), *line.split()]) == 2
+    err = capsys.readouterr().err
+    assert "note: --push_to_hub true: nothing is uploaded from here" in err
+    assert "note: --hub_token ...:" in err and "hf_secret123" not in err
+    assert "does not exist" in err  # the notes come first, then the command goes on
+    assert main(["export", "--adapters", str(tmp_path), "--to_mcore", "true"]) == 2
+    assert "--to_mcore: 'true' is not done here: Megatron-Core" in capsys.readouterr().err
+
+
 def test_chat_takes_a_copied_swift_infer_command_and_says_what_its_flags_do_here(capsys):
     """ms-swift's README infer line stopped at --infer_backend vllm, then at each of the others in turn."""
     from tunebench.engine.cli.flags import adapter_parser, parse_args, say_swift_infer_flags

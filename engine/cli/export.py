@@ -14,7 +14,22 @@ from typing import Any
 from ..core.errors import UserError
 from ..core.files import next_free
 from ..core.targets import export_name
-from .flags import adapter_parser, parse_args, parse_bool
+from .flags import Noted, adapter_parser, add_noted_flags, parse_args, parse_bool, say_noted_flags
+
+# `swift export` flags with nothing to set here, and what happens instead (ms-swift's README pushes
+# an adapter to the hub with --push_to_hub true --hub_model_id ... --hub_token ...).
+SWIFT_EXPORT_ONLY_FLAGS: dict[str, str | Noted] = {
+    "push_to_hub": "nothing is uploaded from here: upload the folder it writes, e.g. "
+    "`huggingface-cli upload <model-id> <folder>`",
+    "hub_model_id": "nothing is uploaded from here: upload the folder it writes",
+    "hub_token": "nothing is uploaded from here, so the token is not used",
+    "hub_private_repo": "nothing is uploaded from here: upload the folder it writes",
+    "use_hf": "models come from local folders and the Hugging Face cache; nothing is downloaded",
+    "safe_serialization": Noted("weights are written as safetensors", ("true",)),
+    "max_shard_size": "the merged weights are sharded at transformers' default size",
+    "device_map": "the merge runs on the GPU when there is one, else on the CPU",
+    "to_mcore": Noted("Megatron-Core checkpoints are not written here", ("false",)),
+}
 
 
 def export_main(argv: list[str]) -> int:
@@ -57,7 +72,9 @@ def export_main(argv: list[str]) -> int:
         help="default: exports/<run-id> in the workspace that holds the run's runs/ folder "
         "(-2, -3 ... when it exists)",
     )
+    add_noted_flags(parser, "`swift export` flags with nothing to set here", SWIFT_EXPORT_ONLY_FLAGS)
     args = parse_args(parser, argv)
+    say_noted_flags(args, SWIFT_EXPORT_ONLY_FLAGS)
     if len(args.adapters) != 1:
         raise UserError(
             "export takes exactly one adapter" if args.adapters else "no adapter: --adapters is required",

@@ -253,7 +253,8 @@ def say_noted_flags(args: argparse.Namespace, notes: dict[str, str | Noted]) -> 
     for name, value in given.items():
         note = notes[name]
         text = note.note if isinstance(note, Noted) else note
-        print(f"note: --{name} {value}: {text}", file=sys.stderr, flush=True)
+        shown = "..." if name.endswith("token") else value  # a secret stays off the screen and the logs
+        print(f"note: --{name} {shown}: {text}", file=sys.stderr, flush=True)
 
 
 def say_swift_infer_flags(args: argparse.Namespace) -> None:
