@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -414,3 +415,41 @@ def test_chat_takes_a_copied_swift_infer_command_and_says_what_its_flags_do_here
     assert "`tunebench deploy --infer_backend vllm` serves through vLLM" in notes[0]
     say_swift_infer_flags(parse_args(parser, ["--infer_backend", "pt"]))
     assert capsys.readouterr().err == ""  # the built-in backend named: nothing to say
+
+
+def test_a_pasted_command_reads_as_the_command_line_reads_it():
+    """The workbench's ctrl+o: ms-swift's README command, continuation lines and variables in front,
+    gives the values `tunebench train` would train with, and the same refusals as words."""
+    from tunebench.engine.cli.train import values_from_command
+    from tunebench.engine.core.errors import UserError
+
+    command = """CUDA_VISIBLE_DEVICES=0 NPROC_PER_NODE=2 \\
+swift sft \\
+    --model Qwen/Qwen2.5-7B-Instruct --train_type lora \\
+    --dataset 'AI-ModelScope/alpaca-gpt4-data-zh#500' 'swift/self-cognition#500' \\
+    --lora_rank 8 --learning_rate 1e-4 --eval_strategy no --packing true \\
+    --model_author swift --model_name swift-robot"""
+    values, notes = values_from_command(command)
+    assert values == {
+        "model": "Qwen/Qwen2.5-7B-Instruct",
+        "train_type": "lora",
+        "dataset": ["AI-ModelScope/alpaca-gpt4-data-zh#500", "swift/self-cognition#500"],
+        "lora_rank": 8,
+        "learning_rate": 1e-4,
+        "model_author": ["swift"],
+        "model_name": ["swift-robot"],
+        "nproc_per_node": 2,
+        "val_ratio": 0.0,  # --eval_strategy no
+    }
+    noted = [n.split(":")[0] for n in notes]
+    assert noted == ["--packing true", "--eval_strategy no", "CUDA_VISIBLE_DEVICES=0"]
+    assert values_from_command("tunebench train --lora_rank 4")[0] == {"lora_rank": 4}
+    for bad, said in [
+        ("python train.py --lr 1", "'python train.py' is not a training command"),
+        ("swift sft --lora_rnak 4", "unknown flag --lora_rnak (did you mean --lora_rank?)"),
+        ("swift sft --system 'unclosed", "the command cannot be read"),
+    ]:
+        with pytest.raises(UserError, match=re.escape(said)):
+            values_from_command(bad)
+    with pytest.raises(ConfigError, match="'adafactor' is not done here"):
+        values_from_command("swift sft --optim adafactor")

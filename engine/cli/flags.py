@@ -11,6 +11,7 @@ import sys
 from typing import Any, get_type_hints
 
 from ..core.config import ConfigError, GenerationConfig, TrainConfig, parse_value
+from ..core.errors import UserError
 
 
 def suggest_flag(flag: str, known: Any) -> str:
@@ -80,7 +81,10 @@ def flag_values(ns: argparse.Namespace, cls: type = TrainConfig) -> dict[str, An
 
 class FlagParser(argparse.ArgumentParser):
     """Unknown flags named with a suggestion, bad values with the flag: a message and exit 2, no
-    traceback. --lora-rank is read as --lora_rank (HF and other tools spell flags with hyphens)."""
+    traceback. --lora-rank is read as --lora_rank (HF and other tools spell flags with hyphens).
+    `raises`: a UserError with the message instead (the workbench reads pasted commands)."""
+
+    raises = False
 
     def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
         argv = sys.argv[1:] if args is None else list(args)
@@ -103,6 +107,8 @@ class FlagParser(argparse.ArgumentParser):
                 )
         else:
             message = f"{message}; see `{self.prog} --help`"
+        if self.raises:
+            raise UserError(message)
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2)
 
@@ -241,6 +247,12 @@ def add_noted_flags(parser: argparse.ArgumentParser, title: str, notes: dict[str
 def say_noted_flags(args: argparse.Namespace, notes: dict[str, str | Noted]) -> None:
     """A note, on stderr, for each of add_noted_flags' flags that was given; ConfigError for every
     one given a value that asks for what does not happen here, before anything is said."""
+    for line in noted_flag_notes(args, notes):
+        print(f"note: {line}", file=sys.stderr, flush=True)
+
+
+def noted_flag_notes(args: argparse.Namespace, notes: dict[str, str | Noted]) -> list[str]:
+    """say_noted_flags' notes, as lines ("--packing true: samples are always packed ...")."""
     given = {name: getattr(args, f"swift_{name}") for name in notes}
     given = {name: value for name, value in given.items() if value is not None}
     refused = {
@@ -250,11 +262,13 @@ def say_noted_flags(args: argparse.Namespace, notes: dict[str, str | Noted]) -> 
     }
     if refused:
         raise ConfigError(refused)
+    lines = []
     for name, value in given.items():
         note = notes[name]
         text = note.note if isinstance(note, Noted) else note
         shown = "..." if name.endswith("token") else value  # a secret stays off the screen and the logs
-        print(f"note: --{name} {shown}: {text}", file=sys.stderr, flush=True)
+        lines.append(f"--{name} {shown}: {text}")
+    return lines
 
 
 def say_swift_infer_flags(args: argparse.Namespace) -> None:

@@ -24,6 +24,7 @@ from .flags import (
     flag_values,
     join_negative_numbers,
     near,
+    noted_flag_notes,
     say_noted_flags,
 )
 from .progress import JsonRenderer, ProgressRenderer
@@ -163,8 +164,58 @@ def _say_swift_only_flags(args: argparse.Namespace, values: dict[str, Any]) -> N
     evaluation off, as it does there."""
     if not is_worker(os.environ):  # a rank: the launching process said it already
         say_noted_flags(args, SWIFT_ONLY_FLAGS)
+    _eval_strategy(args, values)
+
+
+def _eval_strategy(args: argparse.Namespace, values: dict[str, Any]) -> None:
     if str(args.swift_eval_strategy).lower() == "no" and "val_dataset" not in values:
         values.setdefault("val_ratio", 0.0)
+
+
+# A pasted command's environment assignments (`NPROC_PER_NODE=2 swift sft ...`) that are settings;
+# the others get a note (CUDA_VISIBLE_DEVICES=0 heads most ms-swift commands: the gpus field picks).
+COMMAND_ENVIRONMENT = {"NPROC_PER_NODE": "nproc_per_node"}
+
+
+def values_from_command(text: str) -> tuple[dict[str, Any], list[str]]:
+    """A `swift sft ...` or `tunebench train ...` command as pasted (continuation lines, and
+    variables such as NPROC_PER_NODE=2 in front) read as the form's settings: the TrainConfig
+    values it gives, and a note for each flag or variable that sets nothing here.
+    UserError or ConfigError for what cannot be taken, as the command line would say."""
+    import shlex
+
+    try:
+        words = shlex.split(text.replace("\\\r\n", " ").replace("\\\n", " "))
+    except ValueError as exc:  # an unclosed quote
+        raise UserError(f"the command cannot be read: {exc}", "check its quotes") from None
+    environment: dict[str, str] = {}
+    while words and "=" in words[0] and not words[0].startswith("-"):
+        name, value = words.pop(0).split("=", 1)
+        environment[name] = value
+    for program in (["swift", "sft"], ["tunebench", "train"]):
+        if words[: len(program)] == program:
+            words = words[len(program) :]
+            break
+    else:
+        if words and not words[0].startswith("-"):
+            raise UserError(
+                f"{' '.join(words[:2])!r} is not a training command",
+                "paste a `swift sft ...` or `tunebench train ...` command",
+            )
+    unset = []
+    for name, value in environment.items():
+        if name in COMMAND_ENVIRONMENT:
+            words += [f"--{COMMAND_ENVIRONMENT[name]}", value]
+        else:
+            what = "the gpus field picks the GPUs" if name == "CUDA_VISIBLE_DEVICES" else "it is not set"
+            unset.append(f"{name}={value}: the workbench sets no environment variables; {what}")
+    parser = build_train_parser()
+    parser.raises = True
+    args = parser.parse_args(join_negative_numbers(words))
+    notes = noted_flag_notes(args, SWIFT_ONLY_FLAGS) + unset
+    values = flag_values(args)
+    _eval_strategy(args, values)
+    return values, notes
 
 
 def _train_here(args: argparse.Namespace, values: dict[str, Any], cfg: TrainConfig) -> int:

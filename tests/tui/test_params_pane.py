@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tomllib
 from textual.widgets import Input, Select, Switch
-from tui_helpers import no_start, wait_until
+from tui_helpers import no_start, record_notices, wait_until
 from tunebench.engine.core.config import TrainConfig, field_specs
 from tunebench.tui.app import TuneBenchApp
 from tunebench.tui.widgets.params.command_line import CommandLine
@@ -133,3 +133,35 @@ async def test_hints_fit_their_fields_on_an_80_column_terminal(workspace, fake_e
             control = field.query_one(".param-control")
             if isinstance(control, Input) and not control.value and field.display:
                 assert len(control.placeholder) <= control.content_size.width, field.field.name
+
+
+async def test_a_pasted_swift_sft_command_sets_the_form(workspace, fake_engine):
+    """ctrl+o takes a copied command: its settings in the form, the rest back to defaults, a note
+    for each flag that sets nothing here; a refused flag is said in the box, the text kept."""
+    from textual.widgets import TextArea
+    from tunebench.tui.screens.command_paste import CommandPaste
+
+    app = TuneBenchApp(workspace, starter=no_start)
+    async with app.run_test(size=(100, 32)) as pilot:
+        await pilot.press("2")
+        app.query_one("#input-learning_rate", Input).focus()
+        await pilot.press("ctrl+a", "ctrl+k", *"0.01")
+        assert app.settings.config.learning_rate == 0.01
+        await pilot.press("escape", "ctrl+o")
+        await wait_until(pilot, lambda: isinstance(app.screen, CommandPaste))
+        box = app.screen.query_one(TextArea)
+        box.text = "NPROC_PER_NODE=1 swift sft \\\n  --model demo --lora_rank 16 --optim adafactor"
+        await pilot.press("ctrl+s")
+        assert isinstance(app.screen, CommandPaste)  # refused: the box stays, with the reason
+        assert "'adafactor' is not done here" in str(app.screen.query_one("#paste-error").render())
+        box.text = box.text.replace(" --optim adafactor", " --packing true")
+        notices = record_notices(app)
+        await pilot.press("ctrl+s")
+        await wait_until(pilot, lambda: not isinstance(app.screen, CommandPaste))
+        config = app.settings.config
+        assert (config.lora_rank, config.nproc_per_node) == (16, 1)
+        assert config.learning_rate == TrainConfig().learning_rate  # left out: back to its default
+        assert app.query_one("#input-lora_rank", Input).value == "16"
+        assert "--lora_rank 16" in app.query_one(CommandLine).command
+        said = "\n".join(notices)
+        assert "3 settings from the command" in said and "note: --packing true:" in said

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 from rich.markup import escape
 from textual import on
@@ -20,6 +21,7 @@ from textual.widgets import Label, Static
 from tunebench.engine.core.config import to_command
 
 from ...debounce import Debouncer
+from ...screens.command_paste import CommandPaste, applied_line
 from .command_line import CommandLine
 from .param_field import ParamField
 from .settings_store import TrainSettings
@@ -42,6 +44,12 @@ class ParamsPane(Vertical):
         Binding("enter", "focus_field", "Edit field", tooltip="Back into the field last edited"),
         Binding("ctrl+y", "copy_command", "Copy command", tooltip="Copy the tunebench train command"),
         Binding("ctrl+r", "reset_field", "Reset field", tooltip="Reset the field to its default"),
+        Binding(
+            "ctrl+o",
+            "paste_command",
+            "Paste command",
+            tooltip="Set the form from a pasted swift sft or tunebench train command",
+        ),
     ]
     HELP_KEYS = (
         ("tab / shift+tab", "next / previous field (the command under the form comes last)"),
@@ -65,6 +73,7 @@ class ParamsPane(Vertical):
         self.settings = settings
         self.saver = Debouncer(self, SAVE_DELAY_S, self._save)
         self._last_field: ParamField | None = None  # where enter goes back to after escape
+        self._pasted = ""  # the last command the form was set from, offered again by ctrl+o
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="param-form"):
@@ -180,6 +189,19 @@ class ParamsPane(Vertical):
             "holds it too",
             timeout=4,
         )
+
+    def action_paste_command(self) -> None:
+        self.app.push_screen(CommandPaste(self._pasted), self._take_command)
+
+    def _take_command(self, taken: tuple[dict[str, Any], list[str], str] | None) -> None:
+        if taken is None:
+            return
+        values, notes, self._pasted = taken
+        self.settings.replace(values)
+        self.refresh_fields()
+        self.saver.poke()
+        self.post_message(self.Changed(self, list(self.settings.fields)))
+        self.notify(applied_line(values, notes), timeout=8 + 2 * len(notes))
 
     def action_reset_field(self) -> None:
         field = self._focused_field()

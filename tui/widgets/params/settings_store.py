@@ -54,6 +54,11 @@ class TrainSettings:
             self.text[name] = value if isinstance(value, str) else field_text(self.fields[name], value)
         self._check()
 
+    def replace(self, values: dict[str, Any]) -> None:
+        """Typed values for some fields (a pasted command's), every other field back to its default."""
+        self.text = dict(self.defaults)
+        self.update(values)
+
     def set_default(self, name: str, text: str) -> bool:
         """A default known only at run time (max_memory: the card's free memory). A field still at
         its default takes it; one the person set keeps their value. Not saved to tunebench.toml
