@@ -25,7 +25,7 @@ class CommandPaste(ModalScreen[tuple[dict[str, Any], list[str], str] | None]):
     """Returns the command's values, its notes and its text; None on escape."""
 
     BINDINGS = [
-        Binding("ctrl+s", "apply", "Apply", priority=True),
+        Binding("ctrl+s", "apply", "Apply"),
         Binding("escape", "cancel", "Cancel"),
     ]
 
