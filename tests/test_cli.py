@@ -420,8 +420,8 @@ def test_chat_takes_a_copied_swift_infer_command_and_says_what_its_flags_do_here
 def test_a_pasted_command_reads_as_the_command_line_reads_it():
     """The workbench's ctrl+o: ms-swift's README command, continuation lines and variables in front,
     gives the values `tunebench train` would train with, and the same refusals as words."""
-    from tunebench.engine.cli.train import values_from_command
     from tunebench.engine.core.errors import UserError
+    from tunebench.engine.core.train_flags import values_from_command
 
     command = """CUDA_VISIBLE_DEVICES=0 NPROC_PER_NODE=2 \\
 swift sft \\

@@ -1,6 +1,6 @@
 """Paste a `swift sft ...` or `tunebench train ...` command: the Parameters form takes its settings.
 
-The command is read as `tunebench train` reads its flags (engine/cli/train.values_from_command), so
+The command is read as `tunebench train` reads its flags (engine/core/train_flags.values_from_command), so
 a flag that the command line refuses is refused here too, with the same words; the pasted text
 stays in the box until it reads."""
 
@@ -14,9 +14,9 @@ from textual.binding import Binding
 from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Footer, Label, Static, TextArea
-from tunebench.engine.cli.train import values_from_command
 from tunebench.engine.core.config import ConfigError
 from tunebench.engine.core.errors import UserError
+from tunebench.engine.core.train_flags import values_from_command
 
 from .confirm import keys_line
 
