@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import difflib
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from .config import ConfigError, TrainConfig, parse_value
@@ -86,7 +87,7 @@ class FlagParser(argparse.ArgumentParser):
 
     raises = False
 
-    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
         argv = sys.argv[1:] if args is None else list(args)
         return super().parse_known_args(underscored(argv, self._option_string_actions), namespace)
 
@@ -140,7 +141,7 @@ class Noted:
         return value.strip().lower() in self.fits
 
 
-def near(expected: float):
+def near(expected: float) -> Callable[[str], bool]:
     """A `fits` test: the text is a number within a millionth of `expected`."""
 
     def test(text: str) -> bool:

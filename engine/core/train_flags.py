@@ -80,7 +80,7 @@ SWIFT_ONLY_FLAGS: dict[str, str | Noted] = {
 }
 
 
-def build_train_parser() -> argparse.ArgumentParser:
+def build_train_parser() -> FlagParser:
     parser = FlagParser(
         prog="tunebench train",
         allow_abbrev=False,
