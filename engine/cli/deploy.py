@@ -36,6 +36,7 @@ from ..deploy.deployment import (
 from ..deploy.validation import DEFAULT_MAX_REQUEST_BYTES
 from .export import default_export_dir
 from .flags import (
+    NO_DOWNLOADS,
     FlagParser,
     Noted,
     add_noted_flags,
@@ -62,8 +63,12 @@ VLLM_ENGINE_FLAGS: dict[str, tuple[str, type, str]] = {
 }
 
 # `swift deploy` flags with nothing to set here, and what happens instead.
+NO_TLS = Noted(
+    "TLS comes from an SSH tunnel (keep --host 127.0.0.1) or a TLS proxy in front (caddy, nginx)",
+    lambda _value: False,
+)
 SWIFT_DEPLOY_ONLY_FLAGS: dict[str, str | Noted] = {
-    "use_hf": "models come from local folders and the Hugging Face cache; nothing is downloaded",
+    "use_hf": NO_DOWNLOADS,
     "model_type": "the model's type is read from its config",
     "stream": "each request asks for streaming or not (`stream`)",
     "verbose": "the access log on stderr says each request",
@@ -72,14 +77,8 @@ SWIFT_DEPLOY_ONLY_FLAGS: dict[str, str | Noted] = {
     "owned_by": "GET /v1/models says owned_by tunebench",
     "result_path": "answers are not kept: a server returns them to its clients",
     "max_logprobs": "logprobs are not served here: a request that asks for them gets a 400",
-    "ssl_keyfile": Noted(
-        "TLS comes from an SSH tunnel (keep --host 127.0.0.1) or a TLS proxy in front (caddy, nginx)",
-        lambda _value: False,
-    ),
-    "ssl_certfile": Noted(
-        "TLS comes from an SSH tunnel (keep --host 127.0.0.1) or a TLS proxy in front (caddy, nginx)",
-        lambda _value: False,
-    ),
+    "ssl_keyfile": NO_TLS,
+    "ssl_certfile": NO_TLS,
 }
 
 

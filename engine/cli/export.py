@@ -14,17 +14,26 @@ from typing import Any
 from ..core.errors import UserError
 from ..core.files import next_free
 from ..core.targets import export_name
-from .flags import Noted, adapter_parser, add_noted_flags, parse_args, parse_bool, say_noted_flags
+from .flags import (
+    NO_DOWNLOADS,
+    Noted,
+    adapter_parser,
+    add_noted_flags,
+    parse_args,
+    parse_bool,
+    say_noted_flags,
+)
 
 # `swift export` flags with nothing to set here, and what happens instead (ms-swift's README pushes
 # an adapter to the hub with --push_to_hub true --hub_model_id ... --hub_token ...).
+UPLOAD_IT = "nothing is uploaded from here: upload the folder it writes"
 SWIFT_EXPORT_ONLY_FLAGS: dict[str, str | Noted] = {
     "push_to_hub": "nothing is uploaded from here: upload the folder it writes, e.g. "
     "`huggingface-cli upload <model-id> <folder>`",
-    "hub_model_id": "nothing is uploaded from here: upload the folder it writes",
+    "hub_model_id": UPLOAD_IT,
     "hub_token": "nothing is uploaded from here, so the token is not used",
-    "hub_private_repo": "nothing is uploaded from here: upload the folder it writes",
-    "use_hf": "models come from local folders and the Hugging Face cache; nothing is downloaded",
+    "hub_private_repo": UPLOAD_IT,
+    "use_hf": NO_DOWNLOADS,
     "safe_serialization": Noted("weights are written as safetensors", ("true",)),
     "max_shard_size": "the merged weights are sharded at transformers' default size",
     "device_map": "the merge runs on the GPU when there is one, else on the CPU",

@@ -12,6 +12,7 @@ from typing import get_type_hints
 
 from ..core.config import GenerationConfig
 from ..core.flag_parsing import (  # noqa: F401 - the commands take these from here
+    NO_DOWNLOADS,
     FlagParser,
     Noted,
     add_noted_flags,
@@ -25,10 +26,11 @@ from ..core.flag_parsing import (  # noqa: F401 - the commands take these from h
 
 # `swift infer` flags that set nothing in chat and probe, each with what happens instead: accepted,
 # so that a command copied from an ms-swift article runs, and said once at the start.
+OWN_CONTEXT = "the context is the model's own; a longer conversation is refused, saying so"
 SWIFT_INFER_ONLY_FLAGS: dict[str, str | Noted] = {
     "merge_lora": "the adapter answers unmerged, with the same answers (`tunebench export` merges it)",
-    "vllm_max_model_len": "the context is the model's own; a longer conversation is refused, saying so",
-    "max_model_len": "the context is the model's own; a longer conversation is refused, saying so",
+    "vllm_max_model_len": OWN_CONTEXT,
+    "max_model_len": OWN_CONTEXT,
     "vllm_gpu_memory_utilization": "the model takes the memory it needs, no more",
     "gpu_memory_utilization": "the model takes the memory it needs, no more",
     "max_batch_size": "chat answers one conversation at a time; probe asks its questions together",
@@ -36,11 +38,11 @@ SWIFT_INFER_ONLY_FLAGS: dict[str, str | Noted] = {
     "load_data_args": "chat answers what you type; `tunebench probe --probes FILE` asks a file of questions",
     "val_dataset": "chat answers what you type; `tunebench probe --probes FILE` asks a file of questions",
     "result_path": "probe writes its transcript under --output_dir",
-    "max_length": "the context is the model's own; a longer conversation is refused, saying so",
+    "max_length": OWN_CONTEXT,
     "stop_words": "an answer stops at the chat template's end-of-turn token",
     "num_beams": Noted("each answer is one sequence, greedy or sampled", near(1.0)),
     "logprobs": Noted("token probabilities are not shown", ("false",)),
-    "use_hf": "models come from local folders and the Hugging Face cache; nothing is downloaded",
+    "use_hf": NO_DOWNLOADS,
     "verbose": "the answers stream as they come, with their speed",
     "write_batch_size": "probe writes its transcript once, when every answer is in",
     "metric": "probe writes the answers side by side; judging them is yours",

@@ -123,6 +123,10 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
 
 
+# ms-swift's --use_hf (hub or ModelScope), which every command may be given: the same answer everywhere.
+NO_DOWNLOADS = "models come from local folders and the Hugging Face cache; nothing is downloaded"
+
+
 @dataclasses.dataclass(frozen=True)
 class Noted:
     """An ms-swift flag with no setting here: what TuneBench does instead, and the values that

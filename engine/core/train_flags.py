@@ -11,6 +11,7 @@ from typing import Any, get_origin, get_type_hints
 from .config import TrainConfig
 from .errors import UserError
 from .flag_parsing import (
+    NO_DOWNLOADS,
     FlagParser,
     Noted,
     add_noted_flags,
@@ -24,14 +25,18 @@ from .flag_parsing import (
 # copied `swift sft` command runs, and said once at the start. A Noted flag's value that asks for
 # other training (--optim adafactor, --lora_bias all) is refused instead: ignoring it would train
 # something else than the command says.
+PACKED = (
+    "samples are always packed on a GPU (padding-free, each attending only to itself); a CPU pads "
+    "each micro-batch"
+)
+READ_UP_FRONT = "the data is read and tokenised once, up front"
+NOT_UPLOADED = "nothing is uploaded: `tunebench export` writes the folder to upload"
 SWIFT_ONLY_FLAGS: dict[str, str | Noted] = {
-    "packing": "samples are always packed on a GPU (padding-free, each attending only to itself); "
-    "a CPU pads each micro-batch",
-    "padding_free": "samples are always packed on a GPU (padding-free, each attending only to "
-    "itself); a CPU pads each micro-batch",
+    "packing": PACKED,
+    "padding_free": PACKED,
     "use_liger_kernel": "liger-kernel's fused loss and kernels are used on a GPU wherever it is installed",
-    "dataset_num_proc": "the data is read and tokenised once, up front",
-    "lazy_tokenize": "the data is read and tokenised once, up front",
+    "dataset_num_proc": READ_UP_FRONT,
+    "lazy_tokenize": READ_UP_FRONT,
     "streaming": "the datasets are read whole, up front",
     "save_only_model": "a checkpoint holds the adapter and what a resume needs; the final adapter is saved "
     "on its own",
@@ -46,13 +51,13 @@ SWIFT_ONLY_FLAGS: dict[str, str | Noted] = {
     "metrics.jsonl",
     "add_version": "each run gets a folder of its own under --output_dir (a time stamp, or --run_name)",
     "logging_dir": "the run's log and metrics.jsonl are in its folder under --output_dir",
-    "use_hf": "models come from local folders and the Hugging Face cache; nothing is downloaded",
+    "use_hf": NO_DOWNLOADS,
     "model_revision": "the model is read as its folder or the cache holds it",
     "check_model": "nothing is checked online",
     "ignore_args_error": "every flag is checked, and a wrong one is named",
-    "push_to_hub": "nothing is uploaded: `tunebench export` writes the folder to upload",
-    "hub_model_id": "nothing is uploaded: `tunebench export` writes the folder to upload",
-    "hub_token": "nothing is uploaded: `tunebench export` writes the folder to upload",
+    "push_to_hub": NOT_UPLOADED,
+    "hub_model_id": NOT_UPLOADED,
+    "hub_token": NOT_UPLOADED,
     "ddp_timeout": "the training processes wait for each other as long as torch's default allows",
     "bf16": "the weights' and activations' type is --torch_dtype's",
     "fp16": "the weights' and activations' type is --torch_dtype's",
