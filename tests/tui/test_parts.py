@@ -255,3 +255,46 @@ async def test_the_train_log_wraps_at_its_width_whenever_its_lines_were_written(
         assert max(len(text) for text in rendered) <= room
         assert max(len(text) for text in rendered) > min(room, len(line)) - 20  # not wrapped short
         assert "".join(rendered).replace(" ", "") == (line + line).replace(" ", "")
+
+
+async def test_a_chat_column_keeps_its_end_in_view_unless_the_reader_scrolled_up():
+    """A question taller than the column, refused at once, left the column above its end: the
+    scroll to the end ran before the layout knew the question's height (a CI failure). The end
+    stays in view through every layout, and someone who scrolled up to read is not pulled down."""
+    from textual.app import App, ComposeResult
+    from textual.containers import VerticalScroll
+    from tunebench.tui.widgets.chat.chat_column import ChatColumn
+
+    class Host(App):
+        def compose(self) -> ComposeResult:
+            yield ChatColumn("base", "base")
+
+    async with Host().run_test(size=(60, 16)) as pilot:
+        column = pilot.app.query_one(ChatColumn)
+        scroll = column.query_one(VerticalScroll)
+
+        def at_end() -> bool:
+            return scroll.max_scroll_y > 0 and scroll.scroll_offset.y >= scroll.max_scroll_y - 1
+
+        column.add_turn("Who are you? " * 200)
+        column.finish(0, note="the maximum context length is 512 tokens")  # before any layout
+        await pilot.pause()
+        assert at_end()
+        column.add_turn("and now?")
+        await pilot.pause()
+        for _ in range(30):
+            column.append(1, "word " * 10)
+        await pilot.pause()
+        assert at_end()
+        scroll.scroll_home(animate=False)  # the reader goes up to read the first answer
+        await pilot.pause()
+        column.append(1, "more " * 40)
+        column.finish(1, stats="12.0 tok/s")
+        await pilot.pause()
+        assert scroll.scroll_offset.y == 0
+        scroll.scroll_end(animate=False)  # and back down: the column follows again
+        await pilot.pause()
+        column.add_turn("one more")
+        column.append(2, "answer " * 60)
+        await pilot.pause()
+        assert at_end()

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
@@ -60,16 +57,20 @@ class ChatColumn(Vertical):
         yield Label(self.label, classes="chat-title")
         yield VerticalScroll(classes="chat-scroll")
 
+    def on_mount(self) -> None:
+        # Textual's anchor keeps the end in view through every layout, a tall question's included,
+        # and lets go when the reader scrolls up to read an earlier answer (until they come back
+        # down). Scrolling to the end by hand after each change raced the layout: a refusal that
+        # came back at once could leave the column above its end.
+        self.query_one(VerticalScroll).anchor()
+
     @property
     def turns(self) -> list[ChatTurn]:
         return list(self.query(ChatTurn))
 
     def add_turn(self, prompt: str, probe: bool = False) -> ChatTurn:
         turn = ChatTurn(prompt, probe)
-        scroll = self.query_one(VerticalScroll)
-        scroll.mount(turn)
-        # after the layout: a long question is taller than the column, its end not there yet
-        scroll.call_after_refresh(scroll.scroll_end, animate=False)
+        self.query_one(VerticalScroll).mount(turn)
         return turn
 
     def append(self, index: int, text: str) -> None:
@@ -77,27 +78,15 @@ class ChatColumn(Vertical):
         turns = self.turns
         if not 0 <= index < len(turns):
             return
-        with self._following():
-            turns[index].append(text)
+        turns[index].append(text)
 
     def finish(self, index: int | None = None, stats: str = "", note: str = "") -> None:
         """End turn `index`, or with None every turn still waiting."""
         turns = self.turns
         chosen = turns if index is None else turns[index : index + 1]
-        with self._following():  # the stats line, or why there is no answer, shows
-            for turn in chosen:
-                if turn.pending:
-                    turn.finish(stats, note)
-
-    @contextmanager
-    def _following(self) -> Iterator[None]:
-        """Keep the column at its end through a change, when the reader is there: someone who
-        scrolled up to read an earlier answer is not yanked down by every token."""
-        scroll = self.query_one(VerticalScroll)
-        follow = scroll.scroll_offset.y >= scroll.max_scroll_y - 1
-        yield
-        if follow:
-            scroll.call_after_refresh(scroll.scroll_end, animate=False)
+        for turn in chosen:
+            if turn.pending:
+                turn.finish(stats, note)
 
     def clear(self) -> None:
         self.query_one(VerticalScroll).remove_children()
