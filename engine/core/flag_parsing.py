@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -91,6 +92,17 @@ class FlagParser(argparse.ArgumentParser):
         argv = sys.argv[1:] if args is None else list(args)
         return super().parse_known_args(underscored(argv, self._option_string_actions), namespace)
 
+    def print_help(self, file: Any = None) -> None:
+        if not self.raises:  # the workbench's screen is no place for argparse's print
+            super().print_help(file)
+
+    def exit(self, status: int = 0, message: str | None = None) -> None:  # type: ignore[override]
+        if self.raises:  # -h in a pasted command: argparse would end the workbench
+            raise UserError(
+                "-h/--help is not a setting", f"leave it out; `{self.prog} --help` in a shell lists the flags"
+            )
+        super().exit(status, message)
+
     def error(self, message: str) -> None:  # type: ignore[override]
         if "unrecognized arguments" in message:
             flags = message.split(":", 1)[1].split()
@@ -146,11 +158,12 @@ class Noted:
 
 
 def near(expected: float) -> Callable[[str], bool]:
-    """A `fits` test: the text is a number within a millionth of `expected`."""
+    """A `fits` test: the text is a number within a millionth of `expected`, relative (an epsilon of
+    1e-8 is not met by 1e-7)."""
 
     def test(text: str) -> bool:
         try:
-            return abs(float(text) - expected) <= 1e-6 * max(1.0, abs(expected))
+            return math.isclose(float(text), expected, rel_tol=1e-6, abs_tol=0.0 if expected else 1e-12)
         except ValueError:
             return False
 

@@ -20,6 +20,7 @@ from .flag_parsing import (
     near,
     noted_flag_notes,
 )
+from .pasted_command import read_command, shown_variable
 
 # ms-swift flags that set nothing here, each with what TuneBench does instead: accepted, so that a
 # copied `swift sft` command runs, and said once at the start. A Noted flag's value that asks for
@@ -43,7 +44,7 @@ SWIFT_ONLY_FLAGS: dict[str, str | Noted] = {
     "resume_only_model": "a resume restores the adapter, the optimizer and the place in the data",
     "ignore_data_skip": "a resume goes on where the data was",
     "eval_strategy": "evaluation runs every --eval_steps steps on --val_dataset or the --val_ratio split "
-    "(--eval_strategy no: none, as --val_ratio 0)",
+    "(--eval_strategy no: none; those two are left unused)",
     "save_strategy": Noted("a checkpoint every --save_steps steps, and one at the end", ("steps",)),
     "load_best_model_at_end": "the final adapter is the last step's; the checkpoints (--save_steps, "
     "--save_total_limit) keep earlier ones, with their eval loss in the run's metrics.jsonl",
@@ -126,8 +127,10 @@ def build_train_parser() -> FlagParser:
 
 
 def eval_strategy(args: argparse.Namespace, values: dict[str, Any]) -> None:
-    if str(args.swift_eval_strategy).lower() == "no" and "val_dataset" not in values:
-        values.setdefault("val_ratio", 0.0)
+    """--eval_strategy no: no evaluation, as in ms-swift, whatever evaluation data was named."""
+    if str(args.swift_eval_strategy).lower() == "no":
+        values.pop("val_dataset", None)
+        values["val_ratio"] = 0.0
 
 
 # A pasted command's environment assignments (`NPROC_PER_NODE=2 swift sft ...`) that are settings;
@@ -136,20 +139,11 @@ COMMAND_ENVIRONMENT = {"NPROC_PER_NODE": "nproc_per_node"}
 
 
 def values_from_command(text: str) -> tuple[dict[str, Any], list[str]]:
-    """A `swift sft ...` or `tunebench train ...` command as pasted (continuation lines, and
-    variables such as NPROC_PER_NODE=2 in front) read as the form's settings: the TrainConfig
-    values it gives, and a note for each flag or variable that sets nothing here.
-    UserError or ConfigError for what cannot be taken, as the command line would say."""
-    import shlex
-
-    try:
-        words = shlex.split(text.replace("\\\r\n", " ").replace("\\\n", " "))
-    except ValueError as exc:  # an unclosed quote
-        raise UserError(f"the command cannot be read: {exc}", "check its quotes") from None
-    environment: dict[str, str] = {}
-    while words and "=" in words[0] and not words[0].startswith("-"):
-        name, value = words.pop(0).split("=", 1)
-        environment[name] = value
+    """A `swift sft ...` or `tunebench train ...` command as pasted (pasted_command reads the
+    shell around it) read as the form's settings: the TrainConfig values it gives, and a note for
+    each flag or variable that sets nothing here. UserError or ConfigError for what cannot be
+    taken, as the command line would say."""
+    environment, words, notes = read_command(text)
     for program in (["swift", "sft"], ["tunebench", "train"]):
         if words[: len(program)] == program:
             words = words[len(program) :]
@@ -160,17 +154,19 @@ def values_from_command(text: str) -> tuple[dict[str, Any], list[str]]:
                 f"{' '.join(words[:2])!r} is not a training command",
                 "paste a `swift sft ...` or `tunebench train ...` command",
             )
-    unset = []
+    unset = []  # the variables that set nothing here, said
     for name, value in environment.items():
-        if name in COMMAND_ENVIRONMENT:
-            words += [f"--{COMMAND_ENVIRONMENT[name]}", value]
+        if name in COMMAND_ENVIRONMENT:  # before the command's flags, which win as on the command line
+            words = [f"--{COMMAND_ENVIRONMENT[name]}", value, *words]
         else:
             what = "the gpus field picks the GPUs" if name == "CUDA_VISIBLE_DEVICES" else "it is not set"
-            unset.append(f"{name}={value}: the workbench sets no environment variables; {what}")
+            unset.append(
+                f"{shown_variable(name, value)}: the workbench sets no environment variables; {what}"
+            )
     parser = build_train_parser()
     parser.raises = True
     args = parser.parse_args(join_negative_numbers(words))
-    notes = noted_flag_notes(args, SWIFT_ONLY_FLAGS) + unset
+    notes = noted_flag_notes(args, SWIFT_ONLY_FLAGS) + unset + notes
     values = flag_values(args)
     eval_strategy(args, values)
     return values, notes

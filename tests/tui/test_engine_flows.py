@@ -224,9 +224,8 @@ async def test_engine_death_is_noticed_and_restart_offered(workspace):
             await wait_until(pilot, lambda: "engine RAM 700 MiB" in str(status.render()), what="a sample")
             app.status_bar.set_read_only("stop (pid 1)")  # `tunebench stop` took control to stop it
             fake.kill()
-            await wait_until(
-                pilot, lambda: isinstance(app.screen, EngineLost), timeout=2.0, what="within 2 s"
-            )
+            # noticed from the closed socket, not a long timeout; the limit is loose for a busy box
+            await wait_until(pilot, lambda: isinstance(app.screen, EngineLost), timeout=10.0, what="the loss")
             assert "lost" in str(status.render())
             assert "RAM" not in str(status.render())  # the dead engine's figure is gone with it
             assert "read-only" not in str(status.render()), "nobody controls a dead engine"
@@ -253,7 +252,7 @@ async def test_a_lost_engine_replaced_by_another_session_is_reattached(workspace
         async with app.run_test(size=(100, 32)) as pilot:
             await wait_until(pilot, lambda: app.client.connected, what="the engine")
             fake.kill()
-            await wait_until(pilot, lambda: isinstance(app.screen, EngineLost), timeout=2.0, what="the loss")
+            await wait_until(pilot, lambda: isinstance(app.screen, EngineLost), timeout=10.0, what="the loss")
             engines.enter_context(FakeEngineThread(workspace))  # started elsewhere, not by this TUI
             back = lambda: app.client.connected and not isinstance(app.screen, EngineLost)  # noqa: E731
             await wait_until(pilot, back, timeout=10.0, what="the reattach")

@@ -1,8 +1,8 @@
 """Paste a `swift sft ...` or `tunebench train ...` command: the Parameters form takes its settings.
 
-The command is read as `tunebench train` reads its flags (engine/core/train_flags.values_from_command), so
-a flag that the command line refuses is refused here too, with the same words; the pasted text
-stays in the box until it reads."""
+The command is read as `tunebench train` reads its flags (engine/core/train_flags.values_from_command;
+the shell script around it by engine/core/pasted_command.py), so a flag that the command line
+refuses is refused here too, with the same words; the pasted text stays in the box until it reads."""
 
 from __future__ import annotations
 
@@ -37,8 +37,9 @@ class CommandPaste(ModalScreen[tuple[dict[str, Any], list[str], str] | None]):
         with Vertical(classes="dialog", id="paste-dialog"):
             yield Label("[b]Set the form from a command[/b]", classes="dialog-title")
             yield Static(
-                "Paste a `swift sft ...` or `tunebench train ...` command (backslash-continued lines "
-                "too). The form takes the settings it gives; the others go back to their defaults.",
+                "Paste a `swift sft ...` or `tunebench train ...` command as copied: continued "
+                "lines, comments and `name=value` lines are read as a shell reads them. The form "
+                "takes the settings it gives; the others go back to their defaults.",
                 classes="dialog-body",
                 markup=False,
             )

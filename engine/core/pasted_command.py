@@ -1,0 +1,172 @@
+"""A shell command as people paste it from an article, read into its words without a shell.
+
+ms-swift's examples are shell scripts: a `# 22GB` comment above the command, lines continued with
+a backslash (often with spaces after it, copied from a web page), `nproc_per_node=2` on a line of
+its own, `NPROC_PER_NODE=$nproc_per_node` in front of `swift sft`,
+`--gradient_accumulation_steps $(expr 16 / $nproc_per_node)`, and `nohup ... > train.log 2>&1 &`
+around it. Those are read as bash reads them; other shell syntax is refused with what to write
+instead, and so is a second command.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+import shlex
+from typing import NamedTuple
+
+from .errors import UserError
+
+ASSIGNMENT = re.compile(r"[A-Za-z_]\w*=")
+VARIABLE = re.compile(r"\$(?:\{(\w+)\}|([A-Za-z_]\w*))")
+EXPR = re.compile(r"\$\(\s*expr\s+(\S+)\s+(\S+)\s+(\S+)\s*\)")
+EXPR_OPERATORS = {
+    "+": operator.add,
+    "-": operator.sub,
+    "*": operator.mul,
+    "/": operator.floordiv,
+    "%": operator.mod,
+}
+# What only says where the output goes (`> train.log 2>&1 &`, `| tee train.log`, `nohup`): the
+# workbench keeps the run's log itself.
+OUTPUT_TAIL = re.compile(
+    r"(\s*(\d?>>?|&>)\s*[^\s&|;<>]+|\s*\d?>&\d|\s*\|\s*tee(\s+-a)?\s+[^\s&|;<>]+|\s*&)+\s*$"
+)
+NOHUP = re.compile(r"^\s*nohup\s+")
+OPERATOR_CHARS = set("();<>|&")
+SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSWORD", re.IGNORECASE)
+
+
+class PastedCommand(NamedTuple):
+    environment: dict[str, str]  # `NPROC_PER_NODE=2` in front of the command
+    words: list[str]  # the command's own, from `swift` on
+    notes: list[str]  # what was left out, and why
+
+
+def read_command(text: str) -> PastedCommand:
+    """The one command in `text`, with `$name` and `$(expr a / b)` worked out from the lines before
+    it. UserError for what a shell would be needed for, and for a second command."""
+    variables: dict[str, str] = {}
+    exported: dict[str, str] = {}  # `export NPROC_PER_NODE=2`: the command's environment too
+    command: list[str] | None = None
+    notes: list[str] = []
+    for line, statement in _statements(text):
+        if command is not None:
+            raise UserError(
+                f"line {line} starts a second command ({' '.join(statement.split()[:3])} ...)",
+                "paste one command; run the others in a shell",
+            )
+        shell_only = [
+            part.group(0).strip() for part in (NOHUP.match(statement), OUTPUT_TAIL.search(statement)) if part
+        ]
+        words = _words(_expand(OUTPUT_TAIL.sub("", NOHUP.sub("", statement)), variables, line), line)
+        export = words[:1] == ["export"]
+        if all(ASSIGNMENT.match(word) for word in words[export:]):  # `nproc_per_node=2` on its own line
+            assigned = dict(word.split("=", 1) for word in words[export:])
+            variables.update(assigned)
+            exported.update(assigned if export else {})
+            continue
+        command = words
+        if shell_only:
+            said = " and ".join(f"`{part}`" for part in shell_only)
+            notes.append(f"{said}: where the output goes; the workbench keeps the run's log")
+    words = command or []
+    environment = dict(exported)
+    while words and ASSIGNMENT.match(words[0]):
+        name, value = words.pop(0).split("=", 1)
+        environment[name] = value
+    return PastedCommand(environment, words, notes)
+
+
+def shown_variable(name: str, value: str) -> str:
+    """`NAME=value` for a note, the value hidden when the name says it is a secret (HF_TOKEN)."""
+    return f"{name}=..." if SECRET_NAME.search(name) else f"{name}={value}"
+
+
+def _statements(text: str) -> list[tuple[int, str]]:
+    """The text's commands, each with the line it starts on. A backslash at a line's end (spaces
+    after it too) continues the command, a quoted value may span lines, and a `#` that starts a
+    word starts a comment (not the one in `--dataset data#500`)."""
+    statements: list[tuple[int, str]] = []
+    current, start, line, quote, quote_line = "", 1, 1, "", 0
+    text = text.replace("\r\n", "\n") + "\n"
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if quote:
+            if ch == "\\" and quote == '"':
+                ch = text[i : i + 2]
+            elif ch == quote:
+                quote = ""
+        elif ch == "\\":
+            continued = re.match(r"\\[ \t]*\n", text[i:])
+            if continued:
+                current, line, i = current + " ", line + 1, i + continued.end()
+                continue
+            ch = text[i : i + 2]
+        elif ch == "#" and (not current or current[-1].isspace()):
+            i = text.index("\n", i)
+            continue
+        elif ch == "\n":
+            if current.strip():
+                statements.append((start, current))
+            current, line, i = "", line + 1, i + 1
+            continue
+        elif ch in "'\"":
+            quote, quote_line = ch, line
+        if not current.strip() and not ch.isspace():
+            start = line
+        current += ch
+        line += ch.count("\n")
+        i += len(ch)
+    if quote:
+        raise UserError(
+            f"the command cannot be read: the quote opened on line {quote_line} is never closed",
+            "check its quotes",
+        )
+    return statements
+
+
+def _expand(statement: str, variables: dict[str, str], line: int) -> str:
+    """$name, ${name} and $(expr a op b) as bash gives them, from the lines before."""
+
+    def variable(match: re.Match[str]) -> str:
+        name = match.group(1) or match.group(2)
+        if name not in variables:
+            raise UserError(
+                f"line {line}: ${name} is not set in the pasted text",
+                f"put its value in its place, or paste the line that sets it ({name}=...) too",
+            )
+        return variables[name]
+
+    def expr(match: re.Match[str]) -> str:
+        left, op, right = (VARIABLE.sub(variable, part) for part in match.groups())
+        numbers = left.lstrip("-").isdigit() and right.lstrip("-").isdigit()
+        if op not in EXPR_OPERATORS or not numbers or (op in "/%" and int(right) == 0):
+            raise UserError(
+                f"line {line}: {match.group(0)} is not whole-number arithmetic the workbench can do",
+                "put the value it gives instead",
+            )
+        return str(EXPR_OPERATORS[op](int(left), int(right)))
+
+    return VARIABLE.sub(variable, EXPR.sub(expr, statement))
+
+
+def _words(statement: str, line: int) -> list[str]:
+    """The statement's words as bash splits them; UserError for an operator (`|`, `;`, `$(...)`)."""
+    substitution = re.search(r"\$\([^)]*\)?|`[^`]*`?", statement)
+    if substitution:
+        raise UserError(
+            f"line {line}: {substitution.group(0)} needs a shell to run it, and the workbench runs none",
+            "put the value it gives instead, or run the command in a shell",
+        )
+    lexer = shlex.shlex(statement, posix=True, punctuation_chars=True)
+    lexer.whitespace_split, lexer.commenters = True, ""
+    words = list(lexer)
+    for word in words:
+        if set(word) <= OPERATOR_CHARS:
+            raise UserError(
+                f"line {line}: {word!r} is shell syntax, and the workbench runs no shell",
+                "paste the command alone, or run it in a shell",
+            )
+    return words
