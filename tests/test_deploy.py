@@ -590,6 +590,51 @@ def test_running_streams_keep_decoding_while_a_long_prompt_prefills(plan, monkey
         deployment.stop()
 
 
+def test_requests_waiting_behind_a_long_prefill_still_count_against_the_limit(plan, monkeypatch):
+    """Two long prompts taken off the queue together: while the first prefills in pieces, the
+    second is neither queued nor decoding. /metrics lost it between pieces, and a request past
+    --max_num_seqs + --max_queue got in instead of a 429."""
+    from tunebench.engine.deploy import batcher as batching
+
+    monkeypatch.setattr(batching, "PREFILL_CHUNK_TOKENS", 16)
+    deployment, url = start(plan, max_num_seqs=3, max_queue=0, max_new_tokens=40)
+    gate = gate_steps(deployment)  # the first stream's decode step waits: the long prompts queue up
+    batcher, seen = deployment.batcher, []
+    between = batcher._between_pieces
+
+    def look(row):
+        going_on = between(row)  # a decode step for the first stream, and the counts it sets
+        if len(row.seq.prompt) == 100 and not seen:  # the first long prompt, the other behind it
+            running = metrics(url)["tunebench_requests_running"]
+            try:
+                extra = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "hi"}, timeout=2)
+            except httpx.ReadTimeout:  # let in, and queued behind this very thread
+                seen.append((running, "queued"))
+            else:
+                seen.append((running, extra.status_code))
+        return going_on
+
+    batcher._between_pieces = look
+    long_prompt = {"model": "bob", "prompt": list(range(5, 105)), "max_tokens": 2, "temperature": 0}
+    try:
+        payload = {"model": "tiny", "messages": QUESTION, "max_tokens": 40}
+        with ThreadPoolExecutor(3) as pool:
+            first = pool.submit(httpx.post, f"{url}/v1/chat/completions", json=payload, timeout=30)
+            while metrics(url)["tunebench_requests_running"] < 1:
+                time.sleep(0.01)
+            longs = [
+                pool.submit(httpx.post, f"{url}/v1/completions", json=long_prompt, timeout=30) for _ in "ab"
+            ]
+            while metrics(url)["tunebench_requests_waiting"] < 2:
+                time.sleep(0.01)
+            gate.set()
+            assert [r.result().status_code for r in (first, *longs)] == [200, 200, 200]
+        assert seen == [(3, 429)]
+    finally:
+        gate.set()
+        deployment.stop()
+
+
 def test_queue_full_is_429(plan):
     deployment, url = start(plan, max_num_seqs=1, max_queue=1, max_new_tokens=4)
     gate = gate_steps(deployment)

@@ -252,6 +252,9 @@ class Batcher:
         self._lock = threading.Condition()
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._rows: list[_Row] = []
+        # Taken off the queue, not yet in _rows: they count as running, or a long prefill would let
+        # more requests in than --max_num_seqs + --max_queue.
+        self._joining: collections.deque[Sequence] = collections.deque()
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.batch_sizes = batch_sizes(max_num_seqs)
@@ -333,14 +336,16 @@ class Batcher:
                 return
             finally:
                 self._ready.set()
-            while True:
-                joining = self._next_work()
-                if joining is None:
-                    break
-                for seq in joining:
+            while self._next_work():
+                while self._joining:
+                    seq = self._joining[0]
                     try:
                         self._admit(seq)
                     except Exception as exc:  # noqa: BLE001 - one bad prompt must not fail the others
+                        if self._joining and self._joining[0] is seq:  # it failed before it had a row
+                            self._joining.popleft()
+                            _emit(seq, Failed(_describe(exc), 500))
+                            self.metrics.finished[(seq.served_name, "error")] += 1
                         self._fail_rows([r for r in self._rows if r.seq is seq], _describe(exc))
                 self._decode_running()
         self._fail_rows(list(self._rows), SHUTTING_DOWN, drop_cache=True, status=503)
@@ -361,23 +366,23 @@ class Batcher:
             self._fail_rows(list(self._rows), _describe(exc), drop_cache=True)
         self._drop_finished()
 
-    def _next_work(self) -> list[Sequence] | None:
-        """Block until there is something to do; the requests that join the batch now (None: stop)."""
+    def _next_work(self) -> bool:
+        """Block until there is something to do, and move the requests that join the batch now to
+        _joining; False: stop."""
         with self._lock:
             while not self._stopping and not self._waiting and not self._rows:
                 self._lock.wait()
             if self._stopping:
-                return None
+                return False
             # A client that left while queued gives up its place now, and counts as cancelled.
             for seq in [s for s in self._waiting if s.cancelled.is_set()]:
                 self._waiting.remove(seq)
                 self.metrics.finished[(seq.served_name, "cancelled")] += 1
-            joining = []
-            while self._waiting and len(self._rows) + len(joining) < self.max_num_seqs:
-                joining.append(self._waiting.popleft())
+            while self._waiting and len(self._rows) + len(self._joining) < self.max_num_seqs:
+                self._joining.append(self._waiting.popleft())
             self.metrics.waiting = len(self._waiting)
-            self.metrics.running = len(self._rows) + len(joining)
-            return joining
+            self.metrics.running = len(self._rows) + len(self._joining)
+            return True
 
     def _admit(self, seq: Sequence) -> None:
         """Prefill one request on its own, stream its first token, and put it in a free row."""
@@ -402,6 +407,7 @@ class Batcher:
         self.metrics.prompt_tokens += len(seq.prompt)
         # In the batch from here on, so that a failure or a client leaving reaches it (_fail_rows,
         # _drop_finished); with no slot until its prefill is done, no decode step includes it.
+        self._joining.popleft()
         self._rows.append(row)
         if row.limit == 0:
             self._finish(row, "length")
@@ -569,7 +575,7 @@ class Batcher:
             self._rows.remove(row)
         self.metrics.finished[(row.seq.served_name, reason)] += 1
         with self._lock:
-            self.metrics.running = len(self._rows)
+            self.metrics.running = len(self._rows) + len(self._joining)
         if text:
             _emit(row.seq, Delta(text))
         _emit(row.seq, Finished(reason, len(row.seq.prompt), row.generated))
@@ -580,7 +586,7 @@ class Batcher:
             self._rows.remove(row)
             self.metrics.finished[(row.seq.served_name, "cancelled")] += 1
         with self._lock:
-            self.metrics.running = len(self._rows)
+            self.metrics.running = len(self._rows) + len(self._joining)
 
     def _fail_rows(self, rows: list[_Row], message: str, drop_cache: bool = False, status: int = 500) -> None:
         """Tell these rows' clients their request failed and drop the rows; drop_cache after a
@@ -593,7 +599,7 @@ class Batcher:
         if drop_cache:
             self._drop_cache()
         with self._lock:
-            self.metrics.running = len(self._rows)
+            self.metrics.running = len(self._rows) + len(self._joining)
 
     # ------------------------------------------------------------ the KV cache
 
