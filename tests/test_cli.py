@@ -364,19 +364,26 @@ def test_an_ms_swift_flag_asking_for_other_training_is_refused_not_noted(capsys,
 
 
 def test_swift_infer_flags_are_noted_or_refused_by_their_value(capsys):
-    """--stop_words and --max_length from a `swift infer` line get a note; --num_beams 4 would
-    answer otherwise than the command says, so it is refused before anything loads."""
+    """--max_length and --val_dataset from a `swift infer` line get a note; --num_beams 4 would
+    answer otherwise than the command says, so it is refused before anything loads. --stop_words
+    is a generation setting, a list as in ms-swift."""
     assert main(["chat", "--model", "demo", "--num_beams", "4"]) == 2
     err = capsys.readouterr().err
     assert "--num_beams: '4' is not done here: each answer is one sequence" in err and "loading" not in err
-    from tunebench.engine.cli.flags import adapter_parser, parse_args, say_swift_infer_flags
+    from tunebench.engine.cli.flags import (
+        adapter_parser,
+        generation_config,
+        parse_args,
+        say_swift_infer_flags,
+    )
 
-    line = "--stop_words x --max_length 4096 --num_beams 1"
+    line = "--stop_words x Observation: --max_length 4096 --num_beams 1 --val_dataset a.jsonl b.jsonl"
     args = parse_args(adapter_parser("tunebench chat", ""), line.split())
     say_swift_infer_flags(args)
     notes = capsys.readouterr().err
-    assert "note: --stop_words x:" in notes and "note: --max_length 4096:" in notes
-    assert "note: --num_beams 1:" in notes
+    assert "note: --max_length 4096:" in notes and "note: --val_dataset a.jsonl b.jsonl:" in notes
+    assert "note: --num_beams 1:" in notes and "stop_words" not in notes
+    assert generation_config(args).stop_words == ["x", "Observation:"]
 
 
 def test_a_copied_swift_export_line_is_noted_and_its_token_stays_off_the_screen(capsys, tmp_path):
@@ -394,7 +401,11 @@ def test_a_copied_swift_export_line_is_noted_and_its_token_stays_off_the_screen(
 
 def test_chat_takes_a_copied_swift_infer_command_and_says_what_its_flags_do_here(capsys):
     """ms-swift's README infer line stopped at --infer_backend vllm, then at each of the others in turn."""
-    from tunebench.engine.cli.flags import adapter_parser, parse_args, say_swift_infer_flags
+    from tunebench.engine.cli.flags import (
+        adapter_parser,
+        parse_args,
+        say_swift_infer_flags,
+    )
 
     parser = adapter_parser("tunebench chat", "")
     line = "--adapters output/v0-x/checkpoint-8 --stream true --merge_lora true --infer_backend vllm "

@@ -18,7 +18,7 @@ import pytest
 import torch
 from test_generate import QUESTION, greedy, make_run
 from tunebench.engine.cli.main import main as tunebench
-from tunebench.engine.deploy.batcher import StopText
+from tunebench.engine.infer.prompts import StopText
 from tunebench.engine.deploy.deployment import Deployment, bind_socket, is_loopback
 from tunebench.engine.deploy.served import AdapterSpec, plan_deployment
 

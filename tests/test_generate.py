@@ -242,6 +242,22 @@ def test_each_row_stops_at_its_own_end_of_turn(session, runs, monkeypatch):
     assert result[str(runs["plain"])]["tokens"] > 0  # the other column went on
 
 
+def test_stop_words_end_each_answer_where_they_appear_and_are_not_shown(session, runs):
+    """chat's and probe's --stop_words (a `swift infer` flag): the answer ends before the stop
+    text, in the stream too; the other column goes on to its own end."""
+    targets = ["base", str(runs["plain"])]
+    full = session.generate(QUESTION, targets, greedy(40))
+    text = full["base"]["text"]
+    stop = text[len(text) // 2 : len(text) // 2 + 3]  # three characters from the middle
+    assert len(stop) == 3 and stop not in full[targets[1]]["text"]
+    pieces: list[str] = []
+    on_chunk = lambda t, p: t == "base" and pieces.append(p)  # noqa: E731
+    cut = session.generate(QUESTION, targets, greedy(40, stop_words=[stop]), on_chunk=on_chunk)
+    assert cut["base"]["text"] == text[: text.index(stop)] == "".join(pieces)
+    assert cut["base"]["finish_reason"] == "stop"
+    assert answers(cut)[targets[1]] == answers(full)[targets[1]]
+
+
 def test_cancel_stops_within_one_decode_step(session, runs, monkeypatch):
     model = session.loaded.model
     forward = model.forward

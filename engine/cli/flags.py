@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from typing import get_type_hints
+from typing import get_origin, get_type_hints
 
 from ..core.config import GenerationConfig
 from ..core.flag_parsing import (  # noqa: F401 - the commands take these from here
@@ -36,10 +36,11 @@ SWIFT_INFER_ONLY_FLAGS: dict[str, str | Noted] = {
     "max_batch_size": "chat answers one conversation at a time; probe asks its questions together",
     "model_type": "the model's type is read from its config",
     "load_data_args": "chat answers what you type; `tunebench probe --probes FILE` asks a file of questions",
-    "val_dataset": "chat answers what you type; `tunebench probe --probes FILE` asks a file of questions",
+    "val_dataset": Noted(
+        "chat answers what you type; `tunebench probe --probes FILE` asks a file of questions", many=True
+    ),
     "result_path": "probe writes its transcript under --output_dir",
     "max_length": OWN_CONTEXT,
-    "stop_words": "an answer stops at the chat template's end-of-turn token",
     "num_beams": Noted("each answer is one sequence, greedy or sampled", near(1.0)),
     "logprobs": Noted("token probabilities are not shown", ("false",)),
     "use_hf": NO_DOWNLOADS,
@@ -97,11 +98,14 @@ def adapter_parser(prog: str, description: str, *, generation: bool = True) -> a
         group = parser.add_argument_group("generation")
         hints = get_type_hints(GenerationConfig)
         for f in dataclasses.fields(GenerationConfig):
+            many = get_origin(hints[f.name]) is list  # --stop_words A B, or the flag repeated
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             group.add_argument(
                 f"--{f.name}",
                 default=None,
-                metavar=hints[f.name].__name__.upper(),
-                help=f"{f.metadata['help']} (default: {f.default})",
+                metavar="TEXT" if many else hints[f.name].__name__.upper(),
+                help=f"{f.metadata['help']} (default: {default})",
+                **({"nargs": "+", "action": "extend"} if many else {}),
             )
     return parser
 

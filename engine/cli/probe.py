@@ -146,11 +146,12 @@ def write_transcript(
 
 
 def _settings_line(cfg: GenerationConfig) -> str:
+    stops = f", stopping at {', '.join(map(repr, cfg.stop_words))}" if cfg.stop_words else ""
     if cfg.temperature == 0:
-        return f"greedy, at most {cfg.max_new_tokens} new tokens"
+        return f"greedy, at most {cfg.max_new_tokens} new tokens{stops}"
     return (
         f"temperature {cfg.temperature}, top_p {cfg.top_p}, top_k {cfg.top_k}, seed {cfg.seed}, "
-        f"at most {cfg.max_new_tokens} new tokens"
+        f"at most {cfg.max_new_tokens} new tokens{stops}"
     )
 
 

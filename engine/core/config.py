@@ -281,6 +281,9 @@ class GenerationConfig:
     top_k: int = _f(0, "sample from the k most likely tokens (0 = off)", "generate", min=0, max=MAX_COUNT)
     repetition_penalty: float = _f(1.0, "penalise repeated tokens (1 = off)", "generate", gt=0.0, max=10.0)
     seed: int = _f(0, "seed for sampling", "generate", min=0, max=MAX_SEED)
+    stop_words: list[str] = _f(
+        [], "texts that end an answer where they appear, besides its end-of-turn token", "generate"
+    )
 
     def __post_init__(self) -> None:
         problems = validate(self)

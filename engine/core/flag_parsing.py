@@ -148,6 +148,7 @@ class Noted:
 
     note: str
     fits: tuple[str, ...] | Any = ()
+    many: bool = False  # a list in ms-swift (--val_dataset a.jsonl b.jsonl)
 
     def agrees(self, value: str) -> bool:
         if not self.fits:
@@ -176,15 +177,21 @@ def add_noted_flags(parser: argparse.ArgumentParser, title: str, notes: dict[str
     group = parser.add_argument_group(f"{title} (accepted, and said)")
     for name, note in notes.items():
         text = note.note if isinstance(note, Noted) else note
-        group.add_argument(
-            f"--{name}", dest=f"swift_{name}", nargs="?", const="true", metavar="VALUE", help=text
-        )
+        if isinstance(note, Noted) and note.many:
+            taken: dict[str, Any] = {"nargs": "+", "action": "extend"}
+        else:
+            taken = {"nargs": "?", "const": "true"}
+        group.add_argument(f"--{name}", dest=f"swift_{name}", metavar="VALUE", help=text, **taken)
 
 
 def noted_flag_notes(args: argparse.Namespace, notes: dict[str, str | Noted]) -> list[str]:
     """say_noted_flags' notes, as lines ("--packing true: samples are always packed ...")."""
     given = {name: getattr(args, f"swift_{name}") for name in notes}
-    given = {name: value for name, value in given.items() if value is not None}
+    given = {
+        name: " ".join(value) if isinstance(value, list) else value
+        for name, value in given.items()
+        if value is not None
+    }
     refused = {
         name: f"{value!r} is not done here: {note.note}; leave --{name} out"
         for name, value in given.items()

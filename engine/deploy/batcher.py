@@ -43,6 +43,7 @@ from typing import Any
 
 from ..infer.decode_steps import ATTENTION_WINDOW, CACHE_ROUNDING
 from ..infer.lora_decode import PEFT_BASE
+from ..infer.prompts import StopText
 
 # A lone sequence decodes beside an idle row, as the chat's lone column does (generate.py's ghost
 # row): CPU matmul kernels take another path for a single row (M=1) and round its last bits
@@ -124,35 +125,6 @@ class Sequence:
     def cancel(self) -> None:
         """Called from the HTTP side when the client is gone: the row leaves at the next step."""
         self.cancelled.set()
-
-
-class StopText:
-    """Cuts the answer at the first stop string. Text that could still grow into one is held back
-    until it cannot, so a streamed answer never shows part of a stop string."""
-
-    def __init__(self, stops: tuple[str, ...]) -> None:
-        self.stops = tuple(s for s in stops if s)
-        self.pending = ""
-
-    def push(self, piece: str) -> tuple[str, bool]:
-        """(text that may be shown now, whether a stop string was met)."""
-        text = self.pending + piece
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self.pending = ""
-            return text[: min(hits)], True
-        keep = 0
-        for stop in self.stops:
-            for size in range(min(len(stop) - 1, len(text)), keep, -1):
-                if text.endswith(stop[:size]):
-                    keep = size
-                    break
-        self.pending = text[len(text) - keep :] if keep else ""
-        return text[: len(text) - keep], False
-
-    def flush(self) -> str:
-        text, self.pending = self.pending, ""
-        return text
 
 
 @dataclass

@@ -33,7 +33,7 @@ from ..models.blocks import decoder_layers, stoppable
 from .decode_steps import ATTENTION_WINDOW
 from .lora_decode import PEFT_BASE
 from .lora_decode import FusedLora as _FusedLora
-from .prompts import IncrementalDetokenizer, encode_prompt, stop_token_ids
+from .prompts import IncrementalDetokenizer, StopText, encode_prompt, stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,10 @@ class _Row:
     adapter: str  # PEFT adapter name, or PEFT_BASE
     prompt: list[int]
     detok: IncrementalDetokenizer
+    stop: StopText = field(default_factory=lambda: StopText(()))  # the request's stop texts
     pieces: list[str] = field(default_factory=list)
     finish_reason: str = ""
+    stopped_at_text: bool = False
     first_at: float = 0.0
     last_at: float = 0.0
 
@@ -339,6 +341,8 @@ class GenerationSession:
 
         started = time.perf_counter()
         cfg = self._within_context(rows, cfg)
+        for row in rows:
+            row.stop = StopText(tuple(cfg.stop_words))
         answered = len(rows)
         rows = self._with_ghost(rows)
         batch = len(rows)
@@ -457,7 +461,7 @@ class GenerationSession:
         on_chunk: Callable[[int, str], None] | None,
     ) -> None:
         """One step's tokens into their rows: a stop token ends its row, others are detokenised
-        and streamed."""
+        and streamed up to a stop text, which ends the row too."""
         now = time.perf_counter()
         for i, (row, token) in enumerate(zip(rows, chosen, strict=True)):
             if finished[i]:
@@ -469,11 +473,14 @@ class GenerationSession:
             if not row.detok.ids:
                 row.first_at = now
             row.last_at = now
-            piece = row.detok.push(token)
+            piece, row.stopped_at_text = row.stop.push(row.detok.push(token))
             if piece:
                 row.pieces.append(piece)
                 if on_chunk is not None:
                     on_chunk(i, piece)
+            if row.stopped_at_text:
+                finished[i], row.finish_reason = True, "stop"
+                finished_on_device[i] = True
 
     def _finish_rows(
         self,
@@ -486,7 +493,12 @@ class GenerationSession:
         """Flush each answered row's last text and say why it ended; its result dict."""
         results = []
         for i, row in enumerate(rows):
-            tail = row.detok.flush()
+            tail = ""
+            if not row.stopped_at_text:
+                tail, row.stopped_at_text = row.stop.push(row.detok.flush())
+                tail += "" if row.stopped_at_text else row.stop.flush()
+                if row.stopped_at_text:
+                    finished[i], row.finish_reason = True, "stop"
             if tail:
                 row.pieces.append(tail)
                 if on_chunk is not None:

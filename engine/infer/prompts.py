@@ -2,8 +2,9 @@
 
 A chat is rendered with the chat template its run trained with (--template, else the tokenizer's
 own) and tokenised the way training did, so an adapter sees the token boundaries it was trained
-on. A turn ends at EOS or at an end-of-turn token; answer tokens become text as they stream,
-never splitting a character.
+on. A turn ends at EOS or at an end-of-turn token, or where a stop text appears (StopText: chat's
+and probe's --stop_words, the HTTP API's stop); answer tokens become text as they stream, never
+splitting a character.
 """
 
 from __future__ import annotations
@@ -178,3 +179,32 @@ class IncrementalDetokenizer:
         text = self._decode(self.ids[self._prefix :])
         self._prefix = self._read = len(self.ids)
         return text[len(done) :] if text.startswith(done) else text
+
+
+class StopText:
+    """Cuts the answer at the first stop string. Text that could still grow into one is held back
+    until it cannot, so a streamed answer never shows part of a stop string."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = tuple(s for s in stops if s)
+        self.pending = ""
+
+    def push(self, piece: str) -> tuple[str, bool]:
+        """(text that may be shown now, whether a stop string was met)."""
+        text = self.pending + piece
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.pending = ""
+            return text[: min(hits)], True
+        keep = 0
+        for stop in self.stops:
+            for size in range(min(len(stop) - 1, len(text)), keep, -1):
+                if text.endswith(stop[:size]):
+                    keep = size
+                    break
+        self.pending = text[len(text) - keep :] if keep else ""
+        return text[: len(text) - keep], False
+
+    def flush(self) -> str:
+        text, self.pending = self.pending, ""
+        return text
