@@ -94,16 +94,23 @@ def test_chat_and_probe_take_a_template_flag_over_the_runs(monkeypatch, capsys, 
     own = session.generate(QUESTION, [plain], greedy(12))[plain]["text"]
     assert expected != own, "the two templates should give different answers here"
     assert expected.strip() and expected in out
-    assert "note: --template chatml: plain trained with the tokenizer's own template" in err
+    assert "note: --template chatml: plain trained with another chat template (the tokenizer's own)" in err
     assert tunebench(["chat", "--adapters", plain, "--template", "vicuna"]) == 2
     assert "unknown chat template 'vicuna'" in capsys.readouterr().err
     folder = tmp_path / "t"
     args = ["--adapters", plain, "--template", "qwen2_5", "--output_dir", str(folder)]
     args += ["--max_new_tokens", "4"]
     assert probe.probe_main([*args, "--torch_dtype", "float32"]) == 0
-    assert "--template" not in capsys.readouterr().err  # ms-swift's name for its own format: no note
+    # ms-swift's name for a family's format: this model's own template renders it, and says so
+    assert (
+        "note: --template qwen2_5: answers use the tokenizer's own (--template qwen2_5)"
+        in capsys.readouterr().err
+    )
     (transcript,) = folder.glob("probe-*.json")
     assert json.loads(transcript.read_text())["template"] == "qwen2_5"
+    assert (
+        "chat template: the tokenizer's own (--template qwen2_5)" in transcript.with_suffix(".md").read_text()
+    )
 
 
 def test_chat_commands_and_history(monkeypatch, capsys, runs, session):

@@ -18,9 +18,9 @@ import pytest
 import torch
 from test_generate import QUESTION, greedy, make_run
 from tunebench.engine.cli.main import main as tunebench
-from tunebench.engine.infer.prompts import StopText
 from tunebench.engine.deploy.deployment import Deployment, bind_socket, is_loopback
 from tunebench.engine.deploy.served import AdapterSpec, plan_deployment
+from tunebench.engine.infer.prompts import StopText
 
 MAX_MODEL_LEN = 256
 MAX_REQUEST_BYTES = 64 * 1024
@@ -1112,7 +1112,9 @@ def test_a_copied_swift_deploy_line_reaches_vllm_with_its_engine_flags(capsys, m
     if vllm_available():
         pytest.skip("vLLM is installed here: the hand-off would start it")
     line = f"deploy --lora_modules bob={runs['bob']} --infer_backend vllm --vllm_max_model_len 256 "
-    line += "--vllm_gpu_memory_utilization 0.85 --vllm_tensor_parallel_size 2 --vllm_enforce_eager true "
+    line += (
+        "--vllm_gpu_memory_utilization 0.85 --vllm_tensor_parallel_size 2 --vllm_enforce_eager "  # bare: true
+    )
     line += "--vllm_max_num_seqs 16 --use_hf true --verbose true"
     assert tunebench(line.split()) == 2  # no vLLM here: the command it would run is said
     err = capsys.readouterr().err

@@ -58,7 +58,7 @@ VLLM_ENGINE_FLAGS: dict[str, tuple[str, type, str]] = {
     "enable_prefix_caching": (
         "--enable-prefix-caching",
         parse_bool,
-        "the pt backend prefills each request's prompt whole",
+        "the pt backend prefills each prompt on its own, in pieces, and caches no prefix",
     ),
 }
 
@@ -184,7 +184,12 @@ def build_parser(prog: str = "tunebench deploy") -> argparse.ArgumentParser:
     )
     engine = parser.add_argument_group("vLLM's engine (--infer_backend vllm; pt says what it does instead)")
     for name, (_, kind, _) in VLLM_ENGINE_FLAGS.items():
-        engine.add_argument(f"--{name}", f"--vllm_{name}", default=None, metavar=kind.__name__.upper())
+        if kind is parse_bool:  # --enforce_eager alone means true, as in ms-swift
+            engine.add_argument(
+                f"--{name}", f"--vllm_{name}", nargs="?", const="true", default=None, metavar="BOOL"
+            )
+        else:
+            engine.add_argument(f"--{name}", f"--vllm_{name}", default=None, metavar=kind.__name__.upper())
     add_noted_flags(parser, "`swift deploy` flags with nothing to set here", SWIFT_DEPLOY_ONLY_FLAGS)
     return parser
 

@@ -21,6 +21,7 @@ import orjson
 from ..core.config import GenerationConfig
 from ..core.files import atomic_write_bytes, check_writable
 from ..core.probes import default_probes, read_probes
+from ..core.templates import template_words
 from .flags import adapter_parser, generation_config, parse_args, say_swift_infer_flags
 from .session import Setup, load_session, resolve_setup
 
@@ -132,7 +133,7 @@ def write_transcript(
         "",
         f"Base model: {setup.model}; {_settings_line(cfg)}"
         + (f"; system prompt: {system}" if system else "")
-        + (f"; chat template: {setup.template}" if setup.template else ""),
+        + (f"; chat template: {template_words(setup.template)}" if setup.template else ""),
         "",
         "| Question | " + " | ".join(labels) + " |",
         "|---" * (len(labels) + 1) + "|",

@@ -43,18 +43,23 @@ def resolve_setup(args: argparse.Namespace, with_base: bool) -> Setup:
 def _checked_template(template: str, adapters: list[Any]) -> str:
     """--template, checked before anything loads, with a note for each adapter whose run trained
     with another format: it answers with the one asked for, which it may not follow."""
-    from ..core.templates import named_template, template_flag
+    from ..core.templates import named_template, template_flag, template_words
 
     if not template:
         return ""
     asked = template_flag(template)
+    if asked is None:  # ms-swift's name for a family's format: this model's own renders it
+        print(
+            f"note: --template {template}: answers use {template_words(template)}",
+            file=sys.stderr,
+            flush=True,
+        )
     for target in adapters:
         trained = str(target.train_config.get("template") or "")
         if named_template(trained) != asked:
-            with_what = trained or "the tokenizer's own template"
             print(
-                f"note: --template {template}: {target.label} trained with {with_what}, "
-                f"and answers with {template} as asked",
+                f"note: --template {template}: {target.label} trained with another chat template "
+                f"({template_words(trained)}), and answers with {template_words(template)} as asked",
                 file=sys.stderr,
                 flush=True,
             )

@@ -24,7 +24,7 @@ from .config import TrainConfig
 from .data import RecordProblem, Sample, fill_placeholders
 from .errors import DataError, raise_if_cancelled
 from .record_formats import InvalidRecord, Message, normalise_record, record_tools
-from .templates import DEFAULT_TEMPLATE, TEMPLATES, get_template, named_template
+from .templates import DEFAULT_TEMPLATE, TEMPLATES, get_template, named_template, template_words
 from .tool_calls import call_names, tool_names
 
 IGNORE_INDEX = -100  # label of a token the loss skips (the Hugging Face / PyTorch convention)
@@ -69,7 +69,7 @@ def resolve_template(tokenizer: Any, template: str = "") -> tuple[str | None, st
     if source is not None:
         return source, f"{template} (--template)"
     if getattr(tokenizer, "chat_template", None):
-        return None, f"the tokenizer's own (--template {template})" if template else "the tokenizer's own"
+        return None, template_words(template)
     if template:
         raise DataError(
             f"--template {template} names the model's own chat format (an ms-swift name), but this "

@@ -108,6 +108,16 @@ def named_template(name: str) -> str | None:
     return get_template(key)
 
 
+def template_words(name: str) -> str:
+    """A --template as logs, notes and transcripts say it: ms-swift's name for a family's format
+    is the tokenizer's own template here, and says so."""
+    if not name.strip():
+        return "the tokenizer's own"
+    if name.strip().lower() in SWIFT_TEMPLATE_NAMES:
+        return f"the tokenizer's own (--template {name})"
+    return name
+
+
 def template_flag(name: str) -> str | None:
     """named_template for a --template the person typed: UserError naming the known ones."""
     try:
