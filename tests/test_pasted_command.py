@@ -11,26 +11,30 @@ from tunebench.engine.core.errors import UserError
 from tunebench.engine.core.pasted_command import read_command
 from tunebench.engine.core.train_flags import values_from_command
 
-# ms-swift's multi-GPU example, with what a web page adds: spaces after a backslash, a comment.
+# ms-swift's multi-GPU example, with what a web page adds (spaces after a backslash, a comment) and
+# what a long run on a shared box gets (nohup, the log to a file).
 SWIFT_MULTI_GPU = """# 22GB, two GPUs; Qwen's own template
 nproc_per_node=2
 
 CUDA_VISIBLE_DEVICES=0,1 \\ 
 NPROC_PER_NODE=$nproc_per_node \\
-swift sft \\
+nohup swift sft \\
     --model Qwen/Qwen2.5-7B-Instruct \\
     --dataset 'AI-ModelScope/alpaca-gpt4-data-zh#500' \\
               'swift/self-cognition#500' \\
     --gradient_accumulation_steps $(expr 16 / $nproc_per_node) \\
     --system 'You are a helpful assistant; answer briefly.' \\
-    --model_name swift-robot
+    --model_name swift-robot > train.log 2>&1 &
 """
 
 
 def test_ms_swifts_multi_gpu_script_reads_as_bash_reads_it():
     environment, words, notes = read_command(SWIFT_MULTI_GPU)
     assert environment == {"CUDA_VISIBLE_DEVICES": "0,1", "NPROC_PER_NODE": "2"}
-    assert words[:2] == ["swift", "sft"] and notes == []
+    assert words[:2] == ["swift", "sft"] and words[-1] == "swift-robot"
+    assert notes == [
+        "`nohup` and `> train.log 2>&1 &`: where the output goes; the workbench keeps the run's log"
+    ]
     assert words[words.index("--gradient_accumulation_steps") + 1] == "8"
     assert words[words.index("--dataset") + 1 : words.index("--dataset") + 3] == [
         "AI-ModelScope/alpaca-gpt4-data-zh#500",  # a # inside a word is not a comment

@@ -32,7 +32,6 @@ EXPR_OPERATORS = {
 OUTPUT_TAIL = re.compile(
     r"(\s*(\d?>>?|&>)\s*[^\s&|;<>]+|\s*\d?>&\d|\s*\|\s*tee(\s+-a)?\s+[^\s&|;<>]+|\s*&)+\s*$"
 )
-NOHUP = re.compile(r"^\s*nohup\s+")
 OPERATOR_CHARS = set("();<>|&")
 SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSWORD", re.IGNORECASE)
 
@@ -49,17 +48,15 @@ def read_command(text: str) -> PastedCommand:
     variables: dict[str, str] = {}
     exported: dict[str, str] = {}  # `export NPROC_PER_NODE=2`: the command's environment too
     command: list[str] | None = None
-    notes: list[str] = []
+    shell_only: list[str] = []  # nohup, and the redirections after the command
     for line, statement in _statements(text):
         if command is not None:
             raise UserError(
                 f"line {line} starts a second command ({' '.join(statement.split()[:3])} ...)",
                 "paste one command; run the others in a shell",
             )
-        shell_only = [
-            part.group(0).strip() for part in (NOHUP.match(statement), OUTPUT_TAIL.search(statement)) if part
-        ]
-        words = _words(_expand(OUTPUT_TAIL.sub("", NOHUP.sub("", statement)), variables, line), line)
+        tail = OUTPUT_TAIL.search(statement)
+        words = _words(_expand(OUTPUT_TAIL.sub("", statement), variables, line), line)
         export = words[:1] == ["export"]
         if all(ASSIGNMENT.match(word) for word in words[export:]):  # `nproc_per_node=2` on its own line
             assigned = dict(word.split("=", 1) for word in words[export:])
@@ -67,14 +64,18 @@ def read_command(text: str) -> PastedCommand:
             exported.update(assigned if export else {})
             continue
         command = words
-        if shell_only:
-            said = " and ".join(f"`{part}`" for part in shell_only)
-            notes.append(f"{said}: where the output goes; the workbench keeps the run's log")
+        shell_only = [tail.group(0).strip()] if tail else []
     words = command or []
     environment = dict(exported)
     while words and ASSIGNMENT.match(words[0]):
         name, value = words.pop(0).split("=", 1)
         environment[name] = value
+    if words[:1] == ["nohup"]:  # `NPROC_PER_NODE=2 nohup swift sft ...` as well as `nohup swift sft ...`
+        shell_only.insert(0, words.pop(0))
+    notes = []
+    if shell_only:
+        said = " and ".join(f"`{part}`" for part in shell_only)
+        notes.append(f"{said}: where the output goes; the workbench keeps the run's log")
     return PastedCommand(environment, words, notes)
 
 
