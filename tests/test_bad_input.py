@@ -274,8 +274,8 @@ CASES = [
     Case(
         "unknown-format",
         train(),
-        {"data.jsonl": lines({"question": "q", "answer": "a"})},
-        ["unknown format", "keys: answer, question"],
+        {"data.jsonl": lines({"ask": "q", "reply": "a"})},
+        ["unknown format", "keys: ask, reply"],
         ["data.jsonl:1"],
         ["expected 'messages'"],
     ),

@@ -374,7 +374,7 @@ BAD_RECORDS = [
         '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}',
         ["messages[1] is empty"],
     ),
-    ('{"question": "q", "label": "a"}', ["unknown format", "label, question"]),
+    ('{"ask": "q", "label": "a"}', ["unknown format", "ask, label"]),
     ('{"messages": "q"}', ["'messages' must be a list"]),
 ]
 
@@ -691,6 +691,54 @@ def test_every_assistant_turn_is_trained_and_nothing_else(tiny_tokenizer):
         "I am a helpful assistant.<|im_end|>",
         "我是一个人工智能助手。<|im_end|>",
         "2<|im_end|>",
+    ]
+
+
+def test_an_answer_marked_not_trained_is_context_only(tiny_tokenizer, tmp_path):
+    """ms-swift's "loss": false and OpenAI's "weight": 0 on an assistant message: its tokens stay,
+    as inference tokenises them, and the loss skips them. Before, the mark was ignored and the
+    answer trained."""
+    rows = [
+        {"messages": [user("Hi"), {**bot("Hello."), "loss": False}, user("1 + 1?"), bot("2")]},
+        {"messages": [user("Hi"), {**bot("Hello."), "weight": 0}, user("1 + 1?"), {**bot("2"), "weight": 1}]},
+        {"messages": [user("Hi"), {**bot("Hello."), "loss": False}]},
+        {"messages": [user("Hi"), {**bot("Hello."), "loss": "no"}]},
+        {"messages": [user("Hi"), {**bot("Hello."), "weight": 0.5}]},
+    ]
+    samples, problems = read_records(write_jsonl(tmp_path / "w.jsonl", rows))
+    assert [p.reason for p in problems] == [
+        'every answer is marked not to be trained ("loss": false or "weight": 0): mark one to train, '
+        "or delete the record",
+        "messages[1]: 'loss' must be true or false (whether this answer is trained), found text",
+        "messages[1]: 'weight' must be 0 or 1 (OpenAI's: 0 = not trained), found a number (0.5)",
+    ]
+    tokenized, _ = tokenize_samples(samples, tiny_tokenizer, 512)
+    plain, _ = tokenize_samples(
+        [Sample([user("Hi"), bot("Hello."), user("1 + 1?"), bot("2")], "t")], tiny_tokenizer, 512
+    )
+    for sample in tokenized:
+        assert sample.input_ids == plain[0].input_ids
+        assert labelled_runs(tiny_tokenizer, sample.input_ids, sample.labels) == ["2<|im_end|>"]
+
+
+def test_gsm8k_and_math_records(tmp_path):
+    """The names ms-swift reads as a question and its answer: GSM8K's question / answer, MATH's
+    problem / solution; MATH-500 has a solution and its final answer, and the worked solution is
+    the one trained."""
+    rows = [
+        {"question": "2 + 3?", "answer": "2 + 3 = 5\n#### 5"},
+        {"problem": "Solve x + 1 = 3.", "solution": "x = 3 - 1 = 2.", "level": "Level 1"},
+        {"problem": "1 + 1?", "solution": "1 + 1 = 2, so $\\boxed{2}$.", "answer": "2"},
+        {"question": "no answer here"},
+    ]
+    samples, problems = read_records(write_jsonl(tmp_path / "math.jsonl", rows))
+    assert [s.messages for s in samples] == [
+        [user("2 + 3?"), bot("2 + 3 = 5\n#### 5")],
+        [user("Solve x + 1 = 3."), bot("x = 3 - 1 = 2.")],
+        [user("1 + 1?"), bot("1 + 1 = 2, so $\\boxed{2}$.")],
+    ]
+    assert [p.reason for p in problems] == [
+        "missing field 'answer' (or 'solution'): the answer to its 'question'"
     ]
 
 

@@ -67,6 +67,14 @@ def metrics(url: str) -> dict[str, float]:
     return out
 
 
+def wait_for_metric(url: str, name: str, at_least: float, timeout: float = 30.0) -> None:
+    """Until /metrics shows `name` at `at_least` or more (a request running, or queued)."""
+    deadline = time.monotonic() + timeout
+    while metrics(url)[name] < at_least:
+        assert time.monotonic() < deadline, f"{name} never reached {at_least}"
+        time.sleep(0.01)
+
+
 def sse_events(raw: str) -> list[str]:
     return [line[len("data: ") :] for line in raw.splitlines() if line.startswith("data: ")]
 
@@ -620,13 +628,11 @@ def test_requests_waiting_behind_a_long_prefill_still_count_against_the_limit(pl
         payload = {"model": "tiny", "messages": QUESTION, "max_tokens": 40}
         with ThreadPoolExecutor(3) as pool:
             first = pool.submit(httpx.post, f"{url}/v1/chat/completions", json=payload, timeout=30)
-            while metrics(url)["tunebench_requests_running"] < 1:
-                time.sleep(0.01)
+            wait_for_metric(url, "tunebench_requests_running", 1)
             longs = [
                 pool.submit(httpx.post, f"{url}/v1/completions", json=long_prompt, timeout=30) for _ in "ab"
             ]
-            while metrics(url)["tunebench_requests_waiting"] < 2:
-                time.sleep(0.01)
+            wait_for_metric(url, "tunebench_requests_waiting", 2)
             gate.set()
             assert [r.result().status_code for r in (first, *longs)] == [200, 200, 200]
         assert seen == [(3, 429)]
@@ -642,11 +648,9 @@ def test_queue_full_is_429(plan):
         payload = {"model": "tiny", "messages": QUESTION}
         with ThreadPoolExecutor(2) as pool:
             first = pool.submit(httpx.post, f"{url}/v1/chat/completions", json=payload, timeout=30)
-            while metrics(url)["tunebench_requests_running"] < 1:
-                time.sleep(0.01)
+            wait_for_metric(url, "tunebench_requests_running", 1)
             second = pool.submit(httpx.post, f"{url}/v1/chat/completions", json=payload, timeout=30)
-            while metrics(url)["tunebench_requests_waiting"] < 1:
-                time.sleep(0.01)
+            wait_for_metric(url, "tunebench_requests_waiting", 1)
             third = httpx.post(f"{url}/v1/chat/completions", json=payload)
             assert third.status_code == 429 and third.headers["retry-after"] == "1"
             error = third.json()["error"]
@@ -699,8 +703,7 @@ def test_a_client_that_leaves_while_queued_is_counted_and_frees_its_place(plan):
         long = {"model": "tiny", "messages": QUESTION, "max_tokens": 200}
         with ThreadPoolExecutor(1) as pool:
             first = pool.submit(httpx.post, f"{url}/v1/chat/completions", json=long, timeout=30)
-            while metrics(url)["tunebench_requests_running"] < 1:
-                time.sleep(0.01)
+            wait_for_metric(url, "tunebench_requests_running", 1)
             queued = {"model": "bob", "messages": QUESTION, "stream": True}
             with httpx.stream("POST", f"{url}/v1/chat/completions", json=queued) as response:
                 assert next(response.iter_lines()).startswith("data: ")  # the role chunk, sent while queued

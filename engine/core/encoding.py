@@ -179,8 +179,9 @@ def encode_messages(
             )
     pieces: list[tuple[str, bool]] = []
     cursor = 0
-    for start, end in spans:
-        pieces += [(text[cursor:start], False), (text[start:end], True)]
+    # An answer the loss skips is still its own piece: its tokens are the ones inference gives it.
+    for (start, end), trained in zip(spans, trained_answers(messages), strict=True):
+        pieces += [(text[cursor:start], False), (text[start:end], trained)]
         cursor = end
     pieces.append((text[cursor:], False))
     pieces = [(piece, trained) for piece, trained in pieces if piece]
@@ -214,6 +215,12 @@ def _check_tools_rendered(
             "model whose chat template takes tools (Qwen2.5's does), or pass --template qwen or "
             "chatml (both carry Qwen2.5's tool format)"
         )
+
+
+def trained_answers(messages: list[Message]) -> list[bool]:
+    """Per assistant message, in order (assistant_spans' spans), whether the loss learns it: all
+    but those the record marks "loss": false (ms-swift) or "weight": 0 (OpenAI)."""
+    return [m.get("loss") is not False for m in messages if m["role"] == "assistant"]
 
 
 def assistant_spans(

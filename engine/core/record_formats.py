@@ -3,9 +3,10 @@
 Formats are detected per record (FORMATS): OpenAI messages (role / content), sharegpt
 (conversations of from / value), ms-swift's conversation (human / assistant pairs), prompt /
 completion (texts, or TRL's lists of messages), alpaca (instruction / input / output, optional
-system and history; Dolly's instruction / context / response too), and ms-swift's query /
-response / history. A record becomes a list of {role, content} messages
-(system, then user and assistant turns alternating, ending with the assistant), or raises
+system and history; Dolly's instruction / context / response too), ms-swift's query /
+response / history, and GSM8K's question / answer and MATH's problem / solution. A record
+becomes a list of {role, content} messages (system, then user and assistant turns alternating,
+ending with the assistant; an answer the loss skips carries "loss": False), or raises
 InvalidRecord with the reason a person reads. Reading the files they are in is
 engine/core/data.py's part. Standard library only: the TUI checks rows with it as they are typed.
 """
@@ -155,13 +156,29 @@ def _from_messages(items: Any, key: str = "messages") -> list[_Turn]:
         canonical = message_role(role)
         if canonical is None:
             raise InvalidRecord(f"{where}: unknown role {role!r}: use system, user, assistant or tool")
+        skipped = {"loss": False} if canonical == "assistant" and not _trained(item, where) else {}
         if canonical == "assistant" and item.get("tool_calls"):
             calls = _parsed(tool_calls.parse_tool_calls, item["tool_calls"], where)
             content = _message_content(item, where) if item.get("content") else ""
-            turns.append(_Turn("assistant", content, where, {"tool_calls": calls}))
+            turns.append(_Turn("assistant", content, where, {"tool_calls": calls, **skipped}))
         else:
-            turns.append(_Turn(canonical, _message_content(item, where), where))
+            turns.append(_Turn(canonical, _message_content(item, where), where, skipped))
     return turns
+
+
+def _trained(message: dict, where: str) -> bool:
+    """Whether the loss learns this answer: not with ms-swift's "loss": false, nor with OpenAI's
+    "weight": 0 (a turn kept as context only)."""
+    loss, weight = message.get("loss"), message.get("weight")
+    if loss is not None and not isinstance(loss, bool):
+        raise InvalidRecord(
+            f"{where}: 'loss' must be true or false (whether this answer is trained), found {kind_of(loss)}"
+        )
+    if weight is not None and (isinstance(weight, bool) or weight not in (0, 1)):
+        raise InvalidRecord(
+            f"{where}: 'weight' must be 0 or 1 (OpenAI's: 0 = not trained), found {kind_of(weight)}"
+        )
+    return loss is not False and weight != 0
 
 
 def _parsed(parse: Any, value: Any, where: str) -> Any:
@@ -267,6 +284,17 @@ def _from_query_response(record: dict) -> list[_Turn]:
     return [*_history(record), _Turn("user", query, "query"), _Turn("assistant", response, "response")]
 
 
+def _from_question_answer(record: dict) -> list[_Turn]:
+    """GSM8K's question + answer, MATH's problem + solution (the names ms-swift reads too). With
+    both an answer and a solution (MATH-500), the solution: the worked steps, not the result alone."""
+    asked = "question" if record.get("question") is not None else "problem"
+    answered = "solution" if record.get("solution") is not None else "answer"
+    if record.get(answered) is None:
+        raise InvalidRecord(f"missing field 'answer' (or 'solution'): the answer to its '{asked}'")
+    question, answer = _required_text(record, asked), _required_text(record, answered)
+    return [*_history(record), _Turn("user", question, asked), _Turn("assistant", answer, answered)]
+
+
 class RecordFormat(NamedTuple):
     keys: tuple[str, ...]  # a record with any of these fields (not null) is in this format
     shape: str  # what a record of it holds, for the message about a record in no format
@@ -289,6 +317,11 @@ FORMATS = (
         _from_alpaca,
     ),
     RecordFormat(("query", "response"), "'query' + 'response'", _from_query_response),
+    RecordFormat(
+        ("question", "problem"),
+        "'question' or 'problem' + 'answer' or 'solution' (GSM8K, MATH)",
+        _from_question_answer,
+    ),
 )
 # Every field that marks a record's format.
 FORMAT_KEYS = frozenset(key for f in FORMATS for key in f.keys)
@@ -341,6 +374,11 @@ def _check_turns(turns: list[_Turn]) -> None:
             expected = ("tool",) if calls else ("user",)
         else:
             expected = ("tool", "assistant") if role == "tool" else ("assistant",)
+    if not any(turn.role == "assistant" and turn.extra.get("loss") is not False for turn in body):
+        raise InvalidRecord(
+            'every answer is marked not to be trained ("loss": false or "weight": 0): mark one '
+            "to train, or delete the record"
+        )
     if body[-1].role != "assistant":
         raise InvalidRecord(
             f"the last turn ({body[-1].where}) is the {body[-1].role}'s: end with the assistant's answer"
