@@ -24,6 +24,7 @@ from tunebench.engine.core.data import (
 )
 from tunebench.engine.core.encoding import IGNORE_INDEX, check_sample, tokenize_samples
 from tunebench.engine.core.errors import DataError, UserError
+from tunebench.engine.core.record_formats import InvalidRecord, normalise_record
 from tunebench.engine.core.templates import SWIFT_TEMPLATE_NAMES, TEMPLATES, get_template, named_template
 
 REPO = Path(__file__).resolve().parent.parent
@@ -719,6 +720,33 @@ def test_an_answer_marked_not_trained_is_context_only(tiny_tokenizer, tmp_path):
     for sample in tokenized:
         assert sample.input_ids == plain[0].input_ids
         assert labelled_runs(tiny_tokenizer, sample.input_ids, sample.labels) == ["2<|im_end|>"]
+
+
+# Qwen3's way with an answer's reasoning: rendered before the answer, inside <think>.
+THINKING_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message.get('reasoning_content') %}"
+    "{{ '<think>\\n' + message['reasoning_content'] + '\\n</think>\\n\\n' }}{% endif %}"
+    "{{ message['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_an_answers_reasoning_is_trained_where_the_template_shows_it(tiny_tokenizer):
+    """reasoning_content (Qwen3, DeepSeek-R1 distills) beside the answer was dropped without a word:
+    the model learnt the answers without their reasoning. It goes to the template, is trained
+    with the answer, and a template that does not show it refuses the record."""
+    record = {
+        "messages": [user("Who are you?"), {**bot("I am swift-robot."), "reasoning_content": "A name."}]
+    }
+    messages = normalise_record(record)
+    assert messages[1]["reasoning_content"] == "A name."
+    ids, labels = encoding.encode_messages(messages, tiny_tokenizer, THINKING_TEMPLATE)
+    assert labelled_runs(tiny_tokenizer, ids, labels) == [
+        "<think>\nA name.\n</think>\n\nI am swift-robot.<|im_end|>"
+    ]
+    with pytest.raises(InvalidRecord, match="does not show the answer's reasoning \\('reasoning_content'\\)"):
+        encoding.encode_messages(messages, tiny_tokenizer)  # the tiny chatml template has no reasoning
 
 
 def test_gsm8k_and_math_records(tmp_path):

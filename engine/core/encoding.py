@@ -23,7 +23,7 @@ from typing import Any
 from .config import TrainConfig
 from .data import RecordProblem, Sample, fill_placeholders
 from .errors import DataError, raise_if_cancelled
-from .record_formats import InvalidRecord, Message, normalise_record, record_tools
+from .record_formats import REASONING_KEYS, InvalidRecord, Message, normalise_record, record_tools
 from .templates import DEFAULT_TEMPLATE, TEMPLATES, get_template, named_template, template_words
 from .tool_calls import call_names, tool_names
 
@@ -168,6 +168,7 @@ def encode_messages(
         messages, lambda msgs, gen: _render(tokenizer, msgs, chat_template, gen, tools)
     )
     _check_tools_rendered(text, messages, spans, tools or [])
+    _check_reasoning_rendered(text, messages, spans)
     if max_length and spans:
         prompt = text[: spans[0][0]]
         long = max(_CHUNK_CHARS, max_length * _LONG_PROMPT_CHARS_PER_TOKEN)
@@ -221,6 +222,24 @@ def trained_answers(messages: list[Message]) -> list[bool]:
     """Per assistant message, in order (assistant_spans' spans), whether the loss learns it: all
     but those the record marks "loss": false (ms-swift) or "weight": 0 (OpenAI)."""
     return [m.get("loss") is not False for m in messages if m["role"] == "assistant"]
+
+
+def _check_reasoning_rendered(text: str, messages: list[Message], spans: list[tuple[int, int]]) -> None:
+    """A template that does not render reasoning_content / thinking drops it silently: the model
+    would learn the answers without the reasoning the data holds. The last answer with reasoning
+    must show it (templates such as Qwen3's leave it out of earlier turns on purpose)."""
+    answers = [m for m in messages if m["role"] == "assistant"]
+    for message, (start, end) in reversed(list(zip(answers, spans, strict=True))):
+        key = next((k for k in REASONING_KEYS if message.get(k)), None)
+        if key is None:
+            continue
+        if message[key].strip() not in text[start:end]:
+            raise InvalidRecord(
+                f"the chat template does not show the answer's reasoning ('{key}'), so training would "
+                "drop it: use a model whose chat template renders it (Qwen3's does), or write it into "
+                "the answer itself as <think>...</think>"
+            )
+        return
 
 
 def assistant_spans(

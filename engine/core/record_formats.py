@@ -39,6 +39,9 @@ SHAREGPT_ROLES = {
     "observation": "tool",
     "tool": "tool",
 }
+# An assistant message's reasoning beside its answer, as chat templates read it (Qwen3's and
+# DeepSeek-R1's reasoning_content, gpt-oss's and SmolLM3's thinking): kept for the template.
+REASONING_KEYS = ("reasoning_content", "thinking")
 MESSAGE_ROLES = {
     "system": "system",
     "developer": "system",
@@ -156,14 +159,26 @@ def _from_messages(items: Any, key: str = "messages") -> list[_Turn]:
         canonical = message_role(role)
         if canonical is None:
             raise InvalidRecord(f"{where}: unknown role {role!r}: use system, user, assistant or tool")
-        skipped = {"loss": False} if canonical == "assistant" and not _trained(item, where) else {}
+        extra = _answer_extras(item, where) if canonical == "assistant" else {}
         if canonical == "assistant" and item.get("tool_calls"):
             calls = _parsed(tool_calls.parse_tool_calls, item["tool_calls"], where)
             content = _message_content(item, where) if item.get("content") else ""
-            turns.append(_Turn("assistant", content, where, {"tool_calls": calls, **skipped}))
+            turns.append(_Turn("assistant", content, where, {"tool_calls": calls, **extra}))
         else:
-            turns.append(_Turn(canonical, _message_content(item, where), where, skipped))
+            turns.append(_Turn(canonical, _message_content(item, where), where, extra))
     return turns
+
+
+def _answer_extras(message: dict, where: str) -> dict[str, Any]:
+    """What an assistant message carries beside its text: "loss": False when the loss skips it,
+    and its reasoning under the key it came with."""
+    extras: dict[str, Any] = {} if _trained(message, where) else {"loss": False}
+    for key in REASONING_KEYS:
+        if message.get(key) is not None:
+            reasoning = _required_text(message, key, where)
+            if reasoning.strip():
+                extras[key] = reasoning
+    return extras
 
 
 def _trained(message: dict, where: str) -> bool:
