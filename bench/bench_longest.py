@@ -66,7 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--mlp-chunk-tokens",
         type=int,
         default=0,
-        help="TuneBench's MLP slices: at most this many tokens each (0: the path's own)",
+        help="TuneBench's MLP slices: this many tokens each (0: the path's own), and at most 16 slices "
+        "(MLP_MAX_CHUNKS): past that the slices grow longer",
     )
     search.add_argument(
         "--snapshot",

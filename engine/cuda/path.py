@@ -66,6 +66,7 @@ from ..core.memory_model import (
     GIB,
     LOSS_SLICE_TOKENS,
     MLP_CHUNK_TOKENS,
+    MLP_MAX_CHUNKS,
     Profile,
     estimate_peak_bytes,
     layer_activation_bytes,
@@ -265,7 +266,11 @@ class FastPath:
             ("compile", "each decoder layer compiled as one region"),
             ("ingraph", "recompute compiled into each layer's graph"),
             ("merge", "a step's samples packed into as few forwards as the plan's memory allows"),
-            ("mlpchunk", f"MLPs over slices of at most {self.mlp_chunk_tokens} tokens in longer forwards"),
+            (
+                "mlpchunk",
+                f"MLPs over slices of {self.mlp_chunk_tokens} tokens in longer forwards "
+                f"(at most {MLP_MAX_CHUNKS})",
+            ),
         ]
         use = self.use - (set() if self.compiles else {"compile", "ingraph"})
         notes = [f"GPU path: {text}" for key, text in on if key in use]
@@ -404,7 +409,10 @@ class FastPath:
             use_attention(model, CUDNN_ATTENTION_NAME)
             self.applied.append("cuDNN attention (one sample per forward)")
         if "mlpchunk" in self.use and chunk_mlps(layers):
-            self.applied.append(f"MLPs in slices of at most {self.mlp_chunk_tokens} tokens (long forwards)")
+            self.applied.append(
+                f"MLPs in slices of {self.mlp_chunk_tokens} tokens in long forwards "
+                f"(at most {MLP_MAX_CHUNKS} slices: longer ones past that)"
+            )
         if self.compiles:
             if call_module_forwards_directly(layers):
                 self.applied.append("kernels-hub routing bypassed")
