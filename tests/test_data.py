@@ -766,8 +766,25 @@ def test_gsm8k_and_math_records(tmp_path):
         [user("1 + 1?"), bot("1 + 1 = 2, so $\\boxed{2}$.")],
     ]
     assert [p.reason for p in problems] == [
-        "missing field 'answer' (or 'solution'): the answer to its 'question'"
+        "missing field 'answer' (or 'response', 'output', 'solution', 'completion')"
     ]
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"prompt": "q", "response": "a"},
+        {"query": "q", "answer": "a"},
+        {"input": "q", "output": "a"},
+        {"query": "q", "output": "a"},
+        {"question": "q", "output": "a"},
+        {"problem": "q", "response": "a"},
+    ],
+)
+def test_a_question_and_answer_under_the_other_names_ms_swift_reads(record):
+    """ms-swift reads a single exchange under any of its question and answer names; these stopped
+    at "missing field 'completion'" (or 'instruction', 'response')."""
+    assert normalise_record(record) == [user("q"), bot("a")]
 
 
 @pytest.fixture(scope="module")

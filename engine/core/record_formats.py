@@ -262,17 +262,37 @@ def _from_conversation(items: Any) -> list[_Turn]:
     return turns
 
 
+# The names ms-swift reads an answer under when a record's own name for it is not there
+# ({"prompt": ..., "response": ...}, {"query": ..., "answer": ...}), in its order.
+ANSWER_NAMES = ("response", "answer", "output", "solution", "completion")
+
+
+def _answer_key(record: dict, own: str) -> str:
+    """The field holding a single-turn record's answer: its format's own name, else the first of
+    ANSWER_NAMES it has; InvalidRecord naming them all when it has none."""
+    if record.get(own) is not None:
+        return own
+    found = next((name for name in ANSWER_NAMES if record.get(name) is not None), None)
+    if found is None:
+        others = ", ".join(f"'{name}'" for name in ANSWER_NAMES if name != own)
+        raise InvalidRecord(f"missing field '{own}'{_misspelt(record, own) or f' (or {others})'}")
+    return found
+
+
 def _from_prompt_completion(record: dict) -> list[_Turn]:
     """A prompt and its completion, each a text or (TRL's conversational form) a list of messages."""
-    turns = []
-    for key, role in (("prompt", "user"), ("completion", "assistant")):
-        value = record.get(key)
-        turns += (
-            _from_messages(value, key)
-            if isinstance(value, list)
-            else [_Turn(role, _required_text(record, key), key)]
-        )
-    return turns
+    prompt = record.get("prompt")
+    if not isinstance(prompt, list):
+        answer = _answer_key(record, "completion")
+        return [
+            _Turn("user", _required_text(record, "prompt"), "prompt"),
+            _Turn("assistant", _required_text(record, answer), answer),
+        ]
+    turns = _from_messages(prompt, "prompt")
+    completion = record.get("completion")
+    if isinstance(completion, list):
+        return turns + _from_messages(completion, "completion")
+    return [*turns, _Turn("assistant", _required_text(record, "completion"), "completion")]
 
 
 # Dolly's names for alpaca's fields (databricks-dolly-15k: instruction, context, response, category).
@@ -281,8 +301,12 @@ DOLLY_NAMES = {"input": "context", "output": "response"}
 
 def _from_alpaca(record: dict) -> list[_Turn]:
     """alpaca; or Dolly, whose context follows the instruction in the user turn as alpaca's input does."""
-    instruction = _required_text(record, "instruction")
-    extra = _optional_text(record, "input") or _optional_text(record, DOLLY_NAMES["input"])
+    asked = next((name for name in ("input", "query") if record.get(name) is not None), None)
+    if record.get("instruction") is None and asked:  # {"input": ..., "output": ...}, as ms-swift reads it
+        instruction, extra = _required_text(record, asked), ""
+    else:
+        instruction = _required_text(record, "instruction")
+        extra = _optional_text(record, "input") or _optional_text(record, DOLLY_NAMES["input"])
     query = f"{instruction}\n{extra}" if extra.strip() else instruction
     # Dolly's response only where there is no output (null is none: a columnar file has both).
     dolly = record.get("output") is None and (record.get("response") is not None or "context" in record)
@@ -295,17 +319,16 @@ def _from_alpaca(record: dict) -> list[_Turn]:
 
 
 def _from_query_response(record: dict) -> list[_Turn]:
-    query, response = _required_text(record, "query"), _required_text(record, "response")
-    return [*_history(record), _Turn("user", query, "query"), _Turn("assistant", response, "response")]
+    answered = _answer_key(record, "response")
+    query, response = _required_text(record, "query"), _required_text(record, answered)
+    return [*_history(record), _Turn("user", query, "query"), _Turn("assistant", response, answered)]
 
 
 def _from_question_answer(record: dict) -> list[_Turn]:
     """GSM8K's question + answer, MATH's problem + solution (the names ms-swift reads too). With
     both an answer and a solution (MATH-500), the solution: the worked steps, not the result alone."""
     asked = "question" if record.get("question") is not None else "problem"
-    answered = "solution" if record.get("solution") is not None else "answer"
-    if record.get(answered) is None:
-        raise InvalidRecord(f"missing field 'answer' (or 'solution'): the answer to its '{asked}'")
+    answered = "solution" if record.get("solution") is not None else _answer_key(record, "answer")
     question, answer = _required_text(record, asked), _required_text(record, answered)
     return [*_history(record), _Turn("user", question, asked), _Turn("assistant", answer, answered)]
 
@@ -316,7 +339,8 @@ class RecordFormat(NamedTuple):
     read: Callable[[dict], list[_Turn]]
 
 
-# Tried in this order: the first format with one of its fields in the record reads it.
+# Tried in this order: the first format with one of its fields in the record reads it (so
+# {"question": ..., "output": ...} is a question, and Dolly's response an alpaca answer).
 FORMATS = (
     RecordFormat(("messages",), "'messages' (OpenAI)", lambda r: _from_messages(r["messages"])),
     RecordFormat(
@@ -327,16 +351,16 @@ FORMATS = (
     ),
     RecordFormat(("prompt", "completion"), "'prompt' + 'completion'", _from_prompt_completion),
     RecordFormat(
+        ("question", "problem"),
+        "'question' or 'problem' + 'answer' or 'solution' (GSM8K, MATH)",
+        _from_question_answer,
+    ),
+    RecordFormat(
         ("instruction", "output"),
         "'instruction' + 'output' (alpaca; Dolly's 'context', 'response')",
         _from_alpaca,
     ),
     RecordFormat(("query", "response"), "'query' + 'response'", _from_query_response),
-    RecordFormat(
-        ("question", "problem"),
-        "'question' or 'problem' + 'answer' or 'solution' (GSM8K, MATH)",
-        _from_question_answer,
-    ),
 )
 # Every field that marks a record's format.
 FORMAT_KEYS = frozenset(key for f in FORMATS for key in f.keys)
@@ -412,15 +436,17 @@ def _list_of_objects(items: Any, key: str) -> list[dict]:
 def _required_text(obj: dict, key: str, where: str = "") -> str:
     prefix = f"{where}: " if where else ""
     if key not in obj or obj[key] is None:
-        # Unknown fields are ignored (as ms-swift does), but one that looks like a misspelling
-        # of the missing field is almost always the reason it is missing.
-        others = [str(k) for k in obj if k != key]
-        close = difflib.get_close_matches(key, others, n=1, cutoff=0.75)
-        typo = f" (the record has '{close[0]}': a misspelling of '{key}'?)" if close else ""
-        raise InvalidRecord(f"{prefix}missing field '{key}'{typo}")
+        raise InvalidRecord(f"{prefix}missing field '{key}'{_misspelt(obj, key)}")
     if not isinstance(obj[key], str):
         raise InvalidRecord(f"{prefix}'{key}' must be text, found {kind_of(obj[key])}")
     return obj[key]
+
+
+def _misspelt(obj: dict, key: str) -> str:
+    """' (the record has 'respnse': ...)' when a field looks like a misspelling of the missing
+    `key`: unknown fields are ignored (as ms-swift does), but such a one is almost always why."""
+    close = difflib.get_close_matches(key, [str(k) for k in obj if k != key], n=1, cutoff=0.75)
+    return f" (the record has '{close[0]}': a misspelling of '{key}'?)" if close else ""
 
 
 def _optional_text(obj: dict, key: str) -> str:
