@@ -749,6 +749,29 @@ def test_an_answers_reasoning_is_trained_where_the_template_shows_it(tiny_tokeni
         encoding.encode_messages(messages, tiny_tokenizer)  # the tiny chatml template has no reasoning
 
 
+def test_columns_renames_fields_as_ms_swifts_flag_does(tmp_path):
+    """--columns '{"text1": "query", "text2": "response"}' (ms-swift's flag for data in other field
+    names) was an unknown flag; the fields are renamed before the format is read, in training and
+    in the Dataset pane's checks alike."""
+    from tunebench.engine.core.config import ConfigError, TrainConfig
+    from tunebench.tui.widgets.dataset.dataset_store import Row
+    from tunebench.tui.widgets.dataset.light_tokenizer import LightTokenizer
+    from tunebench.tui.widgets.dataset.row_checks import CheckSettings, RowChecker
+
+    path = write_jsonl(tmp_path / "renamed.jsonl", [{"text1": "q", "text2": "a", "id": 3}])
+    columns = '{"text1": "query", "text2": "response"}'
+    samples, _ = load_dataset([str(path)], columns=columns)
+    assert samples[0].messages == [user("q"), bot("a")]
+    with pytest.raises(DataError):
+        load_dataset([str(path)])  # the names alone are in no format
+    settings = CheckSettings(64, (), (), "", "", columns)
+    checker = RowChecker(LightTokenizer(None), settings)
+    assert checker.check(Row.from_record({"text1": "q", "text2": "a"})).problems == []
+    assert "unknown format" in checker.check(Row.from_record({"text9": "q"})).problems[0]
+    with pytest.raises(ConfigError, match="--columns: not JSON"):
+        TrainConfig(columns="{text1: query}")
+
+
 def test_gsm8k_and_math_records(tmp_path):
     """The names ms-swift reads as a question and its answer: GSM8K's question / answer, MATH's
     problem / solution; MATH-500 has a solution and its final answer, and the worked solution is

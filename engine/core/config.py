@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, get_args, get_origin, get_type_hints
 
 from .limits import MAX_STEPS
+from .record_formats import column_map
 
 
 class ConfigError(ValueError):
@@ -207,6 +208,12 @@ class TrainConfig:
         aliases=("split_dataset_ratio",),
     )
     system: str = _f("", "default system prompt for samples that have none", "data")
+    columns: str = _f(
+        "",
+        'rename dataset fields, as ms-swift\'s --columns: JSON such as {"text1": "query", '
+        '"text2": "response"}',
+        "data",
+    )
     model_name: list[str] = _f(
         [], "name for {{NAME}} in self-cognition data: one, or Chinese English", "data", nargs="+"
     )
@@ -337,6 +344,10 @@ def validate(cfg: Any) -> dict[str, str]:
 
 def _cross_checks(cfg: TrainConfig) -> dict[str, str]:
     problems: dict[str, str] = {}
+    try:
+        column_map(cfg.columns)
+    except ValueError as exc:
+        problems["columns"] = str(exc)
     if not cfg.target_modules:
         problems["target_modules"] = "name at least one module, or all-linear"
     for name in cfg.target_modules:

@@ -31,6 +31,7 @@ from .model_files import looks_like_hub_id
 from .record_formats import (
     InvalidRecord,
     Message,
+    column_map,
     normalise_record,
     record_tools,
 )
@@ -142,8 +143,11 @@ def _dataset_path(text: str, root: str | Path | None) -> Path:
 # ================================================================== reading
 
 
-def read_records(path: Path, cancel: Any = None) -> tuple[list[Sample], list[RecordProblem]]:
+def read_records(
+    path: Path, cancel: Any = None, columns: dict[str, str] | None = None
+) -> tuple[list[Sample], list[RecordProblem]]:
     """Read one dataset; bad records come back as problems, a bad source raises DataError.
+    `columns` (--columns) renames each record's fields before its format is read.
 
     A .json / .jsonl file is read by engine/core/json_records.py, so a problem names its line;
     anything else (other file types, save_to_disk folders, cached hub ids) through
@@ -166,7 +170,7 @@ def read_records(path: Path, cancel: Any = None) -> tuple[list[Sample], list[Rec
         try:
             if isinstance(record, InvalidRecord):
                 raise record
-            samples.append(Sample(normalise_record(record), source, record_tools(record) or None))
+            samples.append(Sample(normalise_record(record, columns), source, record_tools(record) or None))
         except InvalidRecord as exc:
             problems.append(RecordProblem(source, str(exc), exc.kind))
     if not samples and not problems:
@@ -223,9 +227,11 @@ def load_dataset(
     model_author: Sequence[str] = (),
     seed: int = 42,
     cancel: Any = None,
+    columns: str = "",
 ) -> tuple[list[Sample], list[RecordProblem]]:
     """Read, check and mix datasets ("path" or "path#N"); DataError when no valid sample remains.
-    Once `cancel` (a threading.Event) is set, errors.Cancelled stops it between records."""
+    `columns` is --columns (renamed fields). Once `cancel` (a threading.Event) is set,
+    errors.Cancelled stops it between records."""
     if not specs:
         raise DataError("no dataset given", hint="pass --dataset FILE.jsonl (or FILE.jsonl#N)")
     samples: list[Sample] = []
@@ -234,7 +240,7 @@ def load_dataset(
     read = 0
     for index, spec in enumerate(specs):
         path, count = parse_dataset_spec(spec)
-        records, bad = read_records(path, cancel)
+        records, bad = read_records(path, cancel, column_map(columns))
         _refuse_broken_file(path, bad)
         problems += bad
         read += len(records)

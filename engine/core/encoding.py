@@ -321,10 +321,12 @@ def check_sample(
     model_author: Sequence[str] = (),
     system: str = "",
     template: str = "",
+    columns: dict[str, str] | None = None,
 ) -> list[str]:
-    """Everything wrong with one record, as messages for a person (empty when it is fine)."""
+    """Everything wrong with one record, as messages for a person (empty when it is fine);
+    `columns` is --columns' renaming (record_formats.column_map)."""
     try:
-        messages = normalise_record(sample_dict)
+        messages = normalise_record(sample_dict, columns)
         tools = record_tools(sample_dict)
     except InvalidRecord as exc:
         return [str(exc)]

@@ -14,6 +14,7 @@ engine/core/data.py's part. Standard library only: the TUI checks rows with it a
 from __future__ import annotations
 
 import difflib
+import json
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -80,8 +81,27 @@ class UntrainedKind(InvalidRecord):
     kind = "untrained"
 
 
-def normalise_record(record: Any) -> list[Message]:
-    """Any supported format -> checked messages; raises InvalidRecord with the reason.
+def column_map(text: str) -> dict[str, str]:
+    """ms-swift's --columns: a JSON object from a dataset's field names to the ones read here
+    ('{"text1": "query", "text2": "response"}'); {} for none. ValueError says what is wrong."""
+    if not text.strip():
+        return {}
+    try:
+        mapping = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(
+            f'not JSON ({exc.msg} at character {exc.pos}): write it as \'{{"text1": "query"}}\''
+        ) from None
+    if not isinstance(mapping, dict) or not all(isinstance(v, str) and v for v in mapping.values()):
+        raise ValueError(
+            'a JSON object from each field\'s name to the name to read it as, e.g. \'{"text1": "query"}\''
+        )
+    return mapping
+
+
+def normalise_record(record: Any, columns: dict[str, str] | None = None) -> list[Message]:
+    """Any supported format -> checked messages; raises InvalidRecord with the reason. `columns`
+    (column_map's) renames the record's fields first.
 
     Tool calls come out as assistant messages with "tool_calls" (and empty content unless the
     record has text beside the call), tool results as "tool" messages; record_tools gives the
@@ -90,6 +110,8 @@ def normalise_record(record: Any) -> list[Message]:
         raise InvalidRecord(
             f"expected a JSON object {{...}} holding the record's fields, found {kind_of(record)}"
         )
+    if columns:
+        record = {columns.get(str(key), key): value for key, value in record.items()}
     record, found = in_format_case(record)
     kind = untrained_kind(record, chat_format=found is not None)
     if kind:
@@ -101,8 +123,10 @@ def normalise_record(record: Any) -> list[Message]:
         nulls = sorted(k for k in FORMAT_KEYS if k in record and record[k] is None)
         null = f"; null: {', '.join(nulls)}" if nulls else ""
         shapes = [f.shape for f in FORMATS]
+        example = f'{{"{_first_key(record)}": "query", ...}}'
         raise InvalidRecord(
-            f"unknown format (keys: {keys}{null}): expected {', '.join(shapes[:-1])} or {shapes[-1]}"
+            f"unknown format (keys: {keys}{null}): expected {', '.join(shapes[:-1])} or {shapes[-1]}; "
+            f"or rename the fields to these with --columns '{example}'"
         )
     turns = found.read(record)
     # An empty system prompt is how many exported datasets say "none".
@@ -111,6 +135,10 @@ def normalise_record(record: Any) -> list[Message]:
         turns.insert(0, _Turn("system", system, "system"))
     _check_turns(turns)
     return [{"role": t.role, "content": t.content, **t.extra} for t in turns]
+
+
+def _first_key(record: dict) -> str:
+    return next((str(key) for key, value in record.items() if value is not None), "text1")
 
 
 def record_format(record: dict) -> RecordFormat | None:

@@ -49,13 +49,14 @@ def run_conversations(train_config: dict[str, Any], say: Progress) -> list[Conve
     filled them; none (said so) when the dataset is gone or unreadable."""
     from ..core.data import fill_placeholders, parse_dataset_spec, read_records
     from ..core.errors import DataUserError
+    from ..core.record_formats import column_map
 
     specs = train_config.get("dataset") or []
     if not specs:
         return []
     try:
         path, _ = parse_dataset_spec(str(specs[0]))
-        samples, _ = read_records(path)
+        samples, _ = read_records(path, columns=column_map(str(train_config.get("columns") or "")))
     except (DataUserError, OSError, ValueError) as exc:
         say(
             f"the run's dataset {specs[0]} cannot be read here ({str(exc).splitlines()[0][:120]}): "

@@ -72,6 +72,7 @@ def preflight(cfg: TrainConfig, cancel: Any = None) -> int | None:
                     model_author=cfg.model_author,
                     seed=cfg.seed,
                     cancel=cancel,
+                    columns=cfg.columns,
                 )
         except DataError as exc:
             if flag == "--val_dataset":
@@ -218,6 +219,7 @@ def longest_sample_tokens(cfg: TrainConfig) -> int | None:
                 model_name=cfg.model_name,
                 model_author=cfg.model_author,
                 seed=cfg.seed,
+                columns=cfg.columns,
             )
             if len(_LONGEST) >= 16:
                 _LONGEST.clear()
@@ -239,5 +241,12 @@ def _longest_key(cfg: TrainConfig) -> tuple:
     for spec in cfg.dataset:
         stat = parse_dataset_spec(spec).path.stat()
         files.append((spec, stat.st_mtime_ns, stat.st_size))
-    settings = (cfg.system, tuple(cfg.model_name), tuple(cfg.model_author), cfg.seed, cfg.template)
+    settings = (
+        cfg.system,
+        tuple(cfg.model_name),
+        tuple(cfg.model_author),
+        cfg.seed,
+        cfg.template,
+        cfg.columns,
+    )
     return (tuple(files), cfg.model, cfg.max_length, cfg.trust_remote_code, settings)

@@ -420,7 +420,12 @@ def _load_data(cfg: TrainConfig, tokenizer: Any, emit: Emit, cancel: Any) -> tup
     from ..core.encoding import tokenize_samples
 
     emit(P.Progress(stage="tokenize", message="reading and tokenising the data"))
-    identity = {"system": cfg.system, "model_name": cfg.model_name, "model_author": cfg.model_author}
+    identity = {
+        "system": cfg.system,
+        "model_name": cfg.model_name,
+        "model_author": cfg.model_author,
+        "columns": cfg.columns,
+    }
     samples, problems = load_dataset(cfg.dataset, **identity, seed=cfg.seed, cancel=cancel)
     if cfg.val_dataset:
         eval_samples, eval_problems = load_dataset(cfg.val_dataset, **identity, seed=cfg.seed, cancel=cancel)

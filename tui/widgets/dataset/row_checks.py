@@ -35,10 +35,25 @@ class CheckSettings:
     model_author: tuple[str, ...]
     system: str
     template: str
+    columns: str = ""  # --columns: the fields renamed before a record's format is read
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> CheckSettings:
-        return cls(cfg.max_length, tuple(cfg.model_name), tuple(cfg.model_author), cfg.system, cfg.template)
+        return cls(
+            cfg.max_length,
+            tuple(cfg.model_name),
+            tuple(cfg.model_author),
+            cfg.system,
+            cfg.template,
+            cfg.columns,
+        )
+
+    def column_map(self) -> dict[str, str]:
+        """The renaming; none while the form's --columns is not valid JSON (the form says why)."""
+        try:
+            return record_formats.column_map(self.columns)
+        except ValueError:
+            return {}
 
 
 class RowChecker:
@@ -106,9 +121,10 @@ class RowChecker:
             model_author=s.model_author,
             system=s.system,
             template=s.template,
+            columns=s.column_map(),
         )
         try:
-            messages = record_formats.normalise_record(row.record)
+            messages = record_formats.normalise_record(row.record, s.column_map())
         except Exception:  # noqa: BLE001 - check_sample has already said why
             return RowReport(_preview(row), "", None, problems)
         tools = record_formats.record_tools(row.record) or None
