@@ -320,6 +320,28 @@ def test_ms_swift_flags_with_nothing_to_set_are_accepted_and_said(capsys):
     assert values["val_ratio"] == 0.1
 
 
+# Flags from ms-swift's examples and articles that stopped at "unknown flag": each is a note now.
+SWIFT_EXAMPLE_FLAGS = (
+    '--lora_dtype float32 --gradient_checkpointing_kwargs {"use_reentrant":false} --max_pixels 1003520 '
+    "--ddp_find_unused_parameters false --ddp_backend nccl --dataset_shuffle true --data_seed 42 "
+    "--dataloader_pin_memory true --load_from_cache_file false --group_by_length false "
+    "--save_safetensors true --torch_compile false --logging_first_step true --tuner_backend peft "
+    "--use_cpu false --agent_template hermes --create_checkpoint_symlink false"
+)
+
+
+def test_flags_from_ms_swifts_examples_are_noted_and_warmup_steps_is_a_setting(capsys):
+    from tunebench.engine.cli import train as train_cli
+    from tunebench.engine.cli.flags import flag_values
+
+    args = train_cli.build_train_parser().parse_args([*SWIFT_EXAMPLE_FLAGS.split(), "--warmup_steps", "10"])
+    values = flag_values(args)
+    train_cli._say_swift_only_flags(args, values)
+    said = {line.split(":")[1].strip().split()[0] for line in capsys.readouterr().err.splitlines()}
+    assert said == {word for word in SWIFT_EXAMPLE_FLAGS.split() if word.startswith("--")}
+    assert values == {"warmup_steps": 10}
+
+
 QLORA_LINE = (
     "--train_type lora --quant_method bnb --quant_bits 4 --bnb_4bit_compute_dtype bfloat16 "
     "--bnb_4bit_quant_type nf4 --bnb_4bit_use_double_quant true --optim adamw_torch "
@@ -353,6 +375,10 @@ def test_a_copied_ms_swift_qlora_command_runs_and_each_flag_says_what_happens_he
         ("--quant_method", "hqq"),
         ("--neftune_noise_alpha", "5"),
         ("--use_chat_template", "false"),
+        ("--lora_dtype", "bfloat16"),
+        ("--dataset_shuffle", "false"),
+        ("--agent_template", "react_en"),
+        ("--custom_dataset_info", "info.json"),
     ],
 )
 def test_an_ms_swift_flag_asking_for_other_training_is_refused_not_noted(capsys, flag, value):

@@ -312,6 +312,9 @@ def test_schedule_warms_up_then_decays():
     assert f(99) < 0.01
     linear = lr_lambda(TrainConfig(dataset=["x"], lr_scheduler_type="linear"), 10)
     assert linear(5) == pytest.approx(0.5)
+    # --warmup_steps (transformers' and ms-swift's flag) wins over the ratio
+    steps = lr_lambda(TrainConfig(dataset=["x"], warmup_ratio=0.1, warmup_steps=20), 100)
+    assert steps(19) < 1.0 and steps(20) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("before", ["as set up", "after an evaluation"])

@@ -234,6 +234,13 @@ class TrainConfig:
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step", "optim", min=1, max=4096)
     # schedule
     warmup_ratio: float = _f(0.0, "fraction of steps spent warming the lr up", "schedule", min=0.0, max=1.0)
+    warmup_steps: int = _f(
+        0,
+        "steps spent warming the lr up; over warmup_ratio when more than 0",
+        "schedule",
+        min=0,
+        max=MAX_STEPS,
+    )
     lr_scheduler_type: str = _f("cosine", "lr decay after warm-up", "schedule", choices=SCHEDULERS)
     logging_steps: int = _f(5, "log train loss every N optimizer steps", "schedule", min=1, max=MAX_COUNT)
     eval_steps: int = _f(

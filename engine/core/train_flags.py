@@ -32,6 +32,8 @@ PACKED = (
 )
 READ_UP_FRONT = "the data is read and tokenised once, up front"
 NOT_UPLOADED = "nothing is uploaded: `tunebench export` writes the folder to upload"
+TEXT_ONLY = "text models only: no images are read"
+SHUFFLED = "the training samples are shuffled each epoch by --seed"
 SWIFT_ONLY_FLAGS: dict[str, str | Noted] = {
     "packing": PACKED,
     "padding_free": PACKED,
@@ -82,6 +84,37 @@ SWIFT_ONLY_FLAGS: dict[str, str | Noted] = {
     "adam_beta2": Noted("AdamW's beta2 is 0.999", near(0.999)),
     "adam_epsilon": Noted("AdamW's epsilon is 1e-8", near(1e-8)),
     "neftune_noise_alpha": Noted("no noise is added to the embeddings (NEFTune)", near(0.0)),
+    "lora_dtype": Noted("the LoRA weights train in float32", ("none", "float32", "fp32")),
+    "gradient_checkpointing_kwargs": "recompute is TuneBench's own, by the plan for the card's memory",
+    "vit_gradient_checkpointing": TEXT_ONLY,
+    "max_pixels": TEXT_ONLY,
+    "ddp_find_unused_parameters": "data parallel reduces the adapter's gradients only, as they are ready",
+    "ddp_backend": "several GPUs talk through NCCL, CPUs through gloo",
+    "dataset_shuffle": Noted(SHUFFLED, ("true",)),
+    "train_dataloader_shuffle": Noted(SHUFFLED, ("true",)),
+    "val_dataset_shuffle": "the evaluation samples are read in their order",
+    "data_seed": "--seed orders the data too",
+    "dataloader_pin_memory": READ_UP_FRONT,
+    "dataloader_persistent_workers": READ_UP_FRONT,
+    "dataloader_prefetch_factor": READ_UP_FRONT,
+    "load_from_cache_file": READ_UP_FRONT,
+    "group_by_length": PACKED,
+    "remove_unused_columns": "each record's fields are read by its format; others are left alone",
+    "save_safetensors": Noted("adapters are saved as safetensors", ("true",)),
+    "torch_compile": "the decoder layers are compiled on a GPU (the fast path), never on a CPU",
+    "torch_empty_cache_steps": "the memory is not emptied between steps: the plan for the card sets the peak",
+    "logging_first_step": "step 1's loss is always shown",
+    "full_determinism": "--seed fixes the data order, the splits and the LoRA init; GPU kernels may "
+    "differ in the last bits",
+    "hub_private_repo": NOT_UPLOADED,
+    "create_checkpoint_symlink": "the run's folder holds its checkpoints and the final adapter",
+    "save_on_each_node": "the first process saves the checkpoints",
+    "tuner_backend": Noted("LoRA comes from peft", ("peft",)),
+    "use_cpu": Noted("the GPU trains where there is one, else the CPU", ("false",)),
+    "agent_template": Noted("tool calls are rendered in the chat template's own format", ("hermes",)),
+    "custom_dataset_info": Noted(
+        "--dataset takes the files, folders or cached ids themselves", lambda _: False
+    ),
     "sequence_parallel_size": Noted("each sample is trained whole on one GPU", near(1.0)),
 }
 

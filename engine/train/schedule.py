@@ -91,7 +91,10 @@ def loss_tokens(sample: Any) -> int:
 
 
 def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
-    warmup = math.ceil(cfg.warmup_ratio * total_steps)
+    # --warmup_steps over --warmup_ratio, as in transformers' Trainer
+    warmup = (
+        min(cfg.warmup_steps, total_steps) if cfg.warmup_steps else math.ceil(cfg.warmup_ratio * total_steps)
+    )
 
     def factor(step: int) -> float:
         if step < warmup:
