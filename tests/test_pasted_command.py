@@ -101,3 +101,24 @@ def test_a_noted_number_must_match_to_a_millionth_of_itself():
     assert values_from_command("swift sft --adam_epsilon 1e-8 --dataset a.jsonl")[1]
     with pytest.raises(ConfigError, match="--adam_epsilon"):
         values_from_command("swift sft --adam_epsilon 1e-7 --dataset a.jsonl")
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        # a > inside a quoted value is the value's (it crashed the workbench: the quote was cut off)
+        ('swift sft --system "x > y"', ["--system", "x > y"]),
+        ('swift sft --system "use => arrows" > log 2>&1', ["--system", "use => arrows"]),
+        ("swift sft --seed 2 > log", ["--seed", "2"]),
+        # a continuation backslash at the very end (the command was lost)
+        ("swift sft --lora_rank 4 \\", ["--lora_rank", "4"]),
+        ("swift sft --lora_rank 4 \\  ", ["--lora_rank", "4"]),
+        # bash expands nothing in single quotes, nor an escaped $ or `
+        ("swift sft --system 'costs $HOME, $(nproc)'", ["--system", "costs $HOME, $(nproc)"]),
+        ('swift sft --system "cost \\$HOME" --x \\$Y', ["--system", "cost $HOME", "--x", "$Y"]),
+        ('swift sft --system "use \\`code\\`"', ["--system", "use `code`"]),
+        ("N=2\nexport N\nswift sft --nproc_per_node ${N}", ["--nproc_per_node", "2"]),
+    ],
+)
+def test_quotes_escapes_and_line_ends_read_as_bash_reads_them(text, words):
+    assert read_command(text).words[2:] == words

@@ -18,8 +18,10 @@ from typing import NamedTuple
 from .errors import UserError
 
 ASSIGNMENT = re.compile(r"[A-Za-z_]\w*=")
-VARIABLE = re.compile(r"\$(?:\{(\w+)\}|([A-Za-z_]\w*))")
-EXPR = re.compile(r"\$\(\s*expr\s+(\S+)\s+(\S+)\s+(\S+)\s*\)")
+# `$name`, `${name}`, `$(expr a op b)` and other substitutions, not where a backslash escapes them
+VARIABLE = re.compile(r"(?<!\\)\$(?:\{(\w+)\}|([A-Za-z_]\w*))")
+EXPR = re.compile(r"(?<!\\)\$\(\s*expr\s+(\S+)\s+(\S+)\s+(\S+)\s*\)")
+SUBSTITUTION = re.compile(r"(?<!\\)\$\([^)]*\)?|(?<!\\)`[^`]*`?")
 EXPR_OPERATORS = {
     "+": operator.add,
     "-": operator.sub,
@@ -55,16 +57,19 @@ def read_command(text: str) -> PastedCommand:
                 f"line {line} starts a second command ({' '.join(statement.split()[:3])} ...)",
                 "paste one command; run the others in a shell",
             )
-        tail = OUTPUT_TAIL.search(statement)
-        words = _words(_expand(OUTPUT_TAIL.sub("", statement), variables, line), line)
+        statement, tail = _without_output_tail(statement)
+        words = _words(_expand(statement, variables, line), line)
         export = words[:1] == ["export"]
-        if all(ASSIGNMENT.match(word) for word in words[export:]):  # `nproc_per_node=2` on its own line
-            assigned = dict(word.split("=", 1) for word in words[export:])
+        if all(ASSIGNMENT.match(word) or (export and word.isidentifier()) for word in words[export:]):
+            # `nproc_per_node=2` on its own line; `export NAME=2`, or `export NAME` of one set before
+            assigned = dict(
+                w.split("=", 1) if "=" in w else (w, variables.get(w, "")) for w in words[export:]
+            )
             variables.update(assigned)
             exported.update(assigned if export else {})
             continue
         command = words
-        shell_only = [tail.group(0).strip()] if tail else []
+        shell_only = [tail] if tail else []
     words = command or []
     environment = dict(exported)
     while words and ASSIGNMENT.match(words[0]):
@@ -84,13 +89,28 @@ def shown_variable(name: str, value: str) -> str:
     return f"{name}=..." if SECRET_NAME.search(name) else f"{name}={value}"
 
 
+def _without_output_tail(statement: str) -> tuple[str, str]:
+    """The statement without `> train.log 2>&1 &` (or `| tee log`) at its end, and that tail; a
+    `>` inside a quoted value (--system "x > y") is the value's."""
+    for start in (i for i, ch in enumerate(statement) if ch in " \t>&|" or ch.isdigit()):
+        tail = OUTPUT_TAIL.match(statement, start)
+        if tail is None or any(quote in tail.group(0) for quote in "'\""):
+            continue
+        try:
+            shlex.split(statement[:start])
+        except ValueError:  # it starts inside a quoted value
+            continue
+        return statement[:start], tail.group(0).strip()
+    return statement, ""
+
+
 def _statements(text: str) -> list[tuple[int, str]]:
     """The text's commands, each with the line it starts on. A backslash at a line's end (spaces
     after it too) continues the command, a quoted value may span lines, and a `#` that starts a
     word starts a comment (not the one in `--dataset data#500`)."""
     statements: list[tuple[int, str]] = []
     current, start, line, quote, quote_line = "", 1, 1, "", 0
-    text = text.replace("\r\n", "\n") + "\n"
+    text = text.replace("\r\n", "\n").replace("\r", "\n") + "\n"
     i = 0
     while i < len(text):
         ch = text[i]
@@ -125,11 +145,14 @@ def _statements(text: str) -> list[tuple[int, str]]:
             f"the command cannot be read: the quote opened on line {quote_line} is never closed",
             "check its quotes",
         )
+    if current.strip():  # the text ended in a continuation backslash
+        statements.append((start, current))
     return statements
 
 
 def _expand(statement: str, variables: dict[str, str], line: int) -> str:
-    """$name, ${name} and $(expr a op b) as bash gives them, from the lines before."""
+    """$name, ${name} and $(expr a op b) as bash gives them, from the lines before; not inside
+    single quotes, nor escaped (\\$). UserError for any other substitution ($(nproc), `...`)."""
 
     def variable(match: re.Match[str]) -> str:
         name = match.group(1) or match.group(2)
@@ -150,20 +173,51 @@ def _expand(statement: str, variables: dict[str, str], line: int) -> str:
             )
         return str(EXPR_OPERATORS[op](int(left), int(right)))
 
-    return VARIABLE.sub(variable, EXPR.sub(expr, statement))
+    def expanded(part: str) -> str:
+        part = EXPR.sub(expr, part)
+        substitution = SUBSTITUTION.search(part)
+        if substitution:
+            raise UserError(
+                f"line {line}: {substitution.group(0)} needs a shell to run it, and the workbench runs none",
+                "put the value it gives instead, or run the command in a shell",
+            )
+        # bash drops the backslash of an escaped \\$ or \\` (shlex keeps it inside double quotes)
+        return VARIABLE.sub(variable, part).replace("\\$", "$").replace("\\`", "`")
+
+    return "".join(expanded(part) if expands else part for part, expands in _quoting(statement))
+
+
+def _quoting(statement: str) -> list[tuple[str, bool]]:
+    """The statement cut where single quotes open and close: (text, whether bash expands `$` in
+    it); a single-quoted part (its quotes with it) is left as it is."""
+    parts: list[tuple[str, bool]] = []
+    start = i = 0
+    double = False
+    while i < len(statement):
+        ch = statement[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if ch == '"':
+            double = not double
+        elif ch == "'" and not double:
+            end = statement.find("'", i + 1)
+            end = len(statement) if end < 0 else end + 1
+            parts += [(statement[start:i], True), (statement[i:end], False)]
+            start = i = end
+            continue
+        i += 1
+    return [*parts, (statement[start:], True)]
 
 
 def _words(statement: str, line: int) -> list[str]:
-    """The statement's words as bash splits them; UserError for an operator (`|`, `;`, `$(...)`)."""
-    substitution = re.search(r"\$\([^)]*\)?|`[^`]*`?", statement)
-    if substitution:
-        raise UserError(
-            f"line {line}: {substitution.group(0)} needs a shell to run it, and the workbench runs none",
-            "put the value it gives instead, or run the command in a shell",
-        )
+    """The statement's words as bash splits them; UserError for an operator (`|`, `;`)."""
     lexer = shlex.shlex(statement, posix=True, punctuation_chars=True)
     lexer.whitespace_split, lexer.commenters = True, ""
-    words = list(lexer)
+    try:
+        words = list(lexer)
+    except ValueError as exc:  # a quote a variable's value opened
+        raise UserError(f"line {line}: the command cannot be read: {exc}", "check its quotes") from None
     for word in words:
         if set(word) <= OPERATOR_CHARS:
             raise UserError(
