@@ -24,7 +24,7 @@ from tunebench.engine.core.data import (
 )
 from tunebench.engine.core.encoding import IGNORE_INDEX, check_sample, tokenize_samples
 from tunebench.engine.core.errors import DataError, UserError
-from tunebench.engine.core.record_formats import InvalidRecord, normalise_record
+from tunebench.engine.core.record_formats import InvalidRecord, normalise_record, record_tools, renamed
 from tunebench.engine.core.templates import SWIFT_TEMPLATE_NAMES, TEMPLATES, get_template, named_template
 
 REPO = Path(__file__).resolve().parent.parent
@@ -702,6 +702,22 @@ def test_an_answer_marked_not_trained_is_context_only(tiny_tokenizer, tmp_path):
     rows = [
         {"messages": [user("Hi"), {**bot("Hello."), "loss": False}, user("1 + 1?"), bot("2")]},
         {"messages": [user("Hi"), {**bot("Hello."), "weight": 0}, user("1 + 1?"), {**bot("2"), "weight": 1}]},
+        {
+            "messages": [
+                user("Hi"),
+                {**bot("Hello."), "loss": 0},
+                user("1 + 1?"),
+                {**bot("2"), "loss": "true"},
+            ]
+        },
+        {
+            "conversations": [
+                {"from": "human", "value": "Hi"},
+                {"from": "gpt", "value": "Hello.", "loss": False},
+                {"from": "human", "value": "1 + 1?"},
+                {"from": "gpt", "value": "2"},
+            ]
+        },
         {"messages": [user("Hi"), {**bot("Hello."), "loss": False}]},
         {"messages": [user("Hi"), {**bot("Hello."), "loss": "no"}]},
         {"messages": [user("Hi"), {**bot("Hello."), "weight": 0.5}]},
@@ -747,6 +763,9 @@ def test_an_answers_reasoning_is_trained_where_the_template_shows_it(tiny_tokeni
     ]
     with pytest.raises(InvalidRecord, match="does not show the answer's reasoning \\('reasoning_content'\\)"):
         encoding.encode_messages(messages, tiny_tokenizer)  # the tiny chatml template has no reasoning
+    # Qwen3's template shows reasoning after the last question only: an earlier turn's is not asked for
+    earlier = normalise_record({"messages": [*record["messages"], user("And?"), bot("That is all.")]})
+    assert encoding.encode_messages(earlier, tiny_tokenizer)[0]
 
 
 def test_columns_renames_fields_as_ms_swifts_flag_does(tmp_path):
@@ -791,6 +810,34 @@ def test_gsm8k_and_math_records(tmp_path):
     assert [p.reason for p in problems] == [
         "missing field 'answer' (or 'response', 'output', 'solution', 'completion')"
     ]
+
+
+@pytest.mark.parametrize(
+    ("record", "question"),
+    [
+        (
+            {"instruction": "Translate", "input": "hola", "output": "hello", "question": "meta"},
+            "Translate\nhola",
+        ),
+        ({"query": "q", "response": "r", "question": "other"}, "q"),
+        ({"instruction": "Solve it.", "problem": "2 + 2?", "output": "4"}, "Solve it."),
+    ],
+)
+def test_a_stray_question_field_does_not_take_over_a_records_own_format(record, question):
+    """A question / problem field beside alpaca's or query's own fields read as the question in a
+    first version of the GSM8K format (review): the record's own format reads it, as before."""
+    assert normalise_record(record)[0] == user(question)
+
+
+def test_columns_rename_before_anything_reads_the_record():
+    """A field renamed onto 'tools' reached the format but not the tools; and a renamed field wins
+    over one of the same name, whatever their order."""
+    columns = {"q": "query", "a": "response", "funcs": "tools"}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    record = renamed({"q": "hi", "a": "yo", "funcs": tools}, columns)
+    assert record_tools(record)[0]["function"]["name"] == "f"
+    for record in ({"query": "OLD", "q": "NEW", "a": "yo"}, {"q": "NEW", "query": "OLD", "a": "yo"}):
+        assert normalise_record(renamed(record, columns))[0] == user("NEW")
 
 
 @pytest.mark.parametrize(

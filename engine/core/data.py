@@ -34,6 +34,7 @@ from .record_formats import (
     column_map,
     normalise_record,
     record_tools,
+    renamed,
 )
 
 _PLACEHOLDER = re.compile(r"\{\{\s*(name|author)\s*\}\}", re.IGNORECASE)
@@ -170,7 +171,8 @@ def read_records(
         try:
             if isinstance(record, InvalidRecord):
                 raise record
-            samples.append(Sample(normalise_record(record, columns), source, record_tools(record) or None))
+            record = renamed(record, columns or {})
+            samples.append(Sample(normalise_record(record), source, record_tools(record) or None))
         except InvalidRecord as exc:
             problems.append(RecordProblem(source, str(exc), exc.kind))
     if not samples and not problems:

@@ -23,7 +23,7 @@ from typing import Any
 from .config import TrainConfig
 from .data import RecordProblem, Sample, fill_placeholders
 from .errors import DataError, raise_if_cancelled
-from .record_formats import REASONING_KEYS, InvalidRecord, Message, normalise_record, record_tools
+from .record_formats import REASONING_KEYS, InvalidRecord, Message, normalise_record, record_tools, renamed
 from .templates import DEFAULT_TEMPLATE, TEMPLATES, get_template, named_template, template_words
 from .tool_calls import call_names, tool_names
 
@@ -226,10 +226,14 @@ def trained_answers(messages: list[Message]) -> list[bool]:
 
 def _check_reasoning_rendered(text: str, messages: list[Message], spans: list[tuple[int, int]]) -> None:
     """A template that does not render reasoning_content / thinking drops it silently: the model
-    would learn the answers without the reasoning the data holds. The last answer with reasoning
-    must show it (templates such as Qwen3's leave it out of earlier turns on purpose)."""
-    answers = [m for m in messages if m["role"] == "assistant"]
-    for message, (start, end) in reversed(list(zip(answers, spans, strict=True))):
+    would learn the answers without the reasoning the data holds. An answer after the last
+    question with reasoning must show it (Qwen3's template leaves it out of earlier turns on
+    purpose, so those are not checked)."""
+    last_question = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+    answers = [(i, m) for i, m in enumerate(messages) if m["role"] == "assistant"]
+    for (index, message), (start, end) in reversed(list(zip(answers, spans, strict=True))):
+        if index < last_question:
+            return
         key = next((k for k in REASONING_KEYS if message.get(k)), None)
         if key is None:
             continue
@@ -325,8 +329,9 @@ def check_sample(
 ) -> list[str]:
     """Everything wrong with one record, as messages for a person (empty when it is fine);
     `columns` is --columns' renaming (record_formats.column_map)."""
+    sample_dict = renamed(sample_dict, columns or {})
     try:
-        messages = normalise_record(sample_dict, columns)
+        messages = normalise_record(sample_dict)
         tools = record_tools(sample_dict)
     except InvalidRecord as exc:
         return [str(exc)]

@@ -99,9 +99,19 @@ def column_map(text: str) -> dict[str, str]:
     return mapping
 
 
-def normalise_record(record: Any, columns: dict[str, str] | None = None) -> list[Message]:
-    """Any supported format -> checked messages; raises InvalidRecord with the reason. `columns`
-    (column_map's) renames the record's fields first.
+def renamed(record: Any, columns: dict[str, str]) -> Any:
+    """The record with its fields renamed by `columns` (column_map's), before anything reads it:
+    a renamed field wins over one that already has its new name."""
+    if not columns or not isinstance(record, dict):
+        return record
+    taken = {columns[str(key)] for key in record if str(key) in columns}
+    out = {key: value for key, value in record.items() if str(key) not in columns and key not in taken}
+    out.update({columns[str(key)]: value for key, value in record.items() if str(key) in columns})
+    return out
+
+
+def normalise_record(record: Any) -> list[Message]:
+    """Any supported format -> checked messages; raises InvalidRecord with the reason.
 
     Tool calls come out as assistant messages with "tool_calls" (and empty content unless the
     record has text beside the call), tool results as "tool" messages; record_tools gives the
@@ -110,8 +120,6 @@ def normalise_record(record: Any, columns: dict[str, str] | None = None) -> list
         raise InvalidRecord(
             f"expected a JSON object {{...}} holding the record's fields, found {kind_of(record)}"
         )
-    if columns:
-        record = {columns.get(str(key), key): value for key, value in record.items()}
     record, found = in_format_case(record)
     kind = untrained_kind(record, chat_format=found is not None)
     if kind:
@@ -213,7 +221,9 @@ def _trained(message: dict, where: str) -> bool:
     """Whether the loss learns this answer: not with ms-swift's "loss": false, nor with OpenAI's
     "weight": 0 (a turn kept as context only)."""
     loss, weight = message.get("loss"), message.get("weight")
-    if loss is not None and not isinstance(loss, bool):
+    if isinstance(loss, str) and loss.strip().lower() in ("true", "false"):  # a CSV's cell
+        loss = loss.strip().lower() == "true"
+    if loss is not None and (not isinstance(loss, (bool, int)) or loss not in (0, 1)):
         raise InvalidRecord(
             f"{where}: 'loss' must be true or false (whether this answer is trained), found {kind_of(loss)}"
         )
@@ -221,7 +231,7 @@ def _trained(message: dict, where: str) -> bool:
         raise InvalidRecord(
             f"{where}: 'weight' must be 0 or 1 (OpenAI's: 0 = not trained), found {kind_of(weight)}"
         )
-    return loss is not False and weight != 0
+    return (loss is None or bool(loss)) and weight != 0
 
 
 def _parsed(parse: Any, value: Any, where: str) -> Any:
@@ -267,11 +277,12 @@ def _from_sharegpt(items: Any) -> list[_Turn]:
                 "(and function_call, observation for tool calls)"
             )
         text = _required_text(item, text_key, where)
+        extra = _answer_extras(item, where) if role == "assistant" else {}
         if speaker.lower() == "function_call":
             calls = _parsed(tool_calls.parse_call_text, text, where)
-            turns.append(_Turn("assistant", "", where, {"tool_calls": calls}))
+            turns.append(_Turn("assistant", "", where, {"tool_calls": calls, **extra}))
         else:
-            turns.append(_Turn(role, text, where))
+            turns.append(_Turn(role, text, where, extra))
     return turns
 
 
@@ -293,6 +304,8 @@ def _from_conversation(items: Any) -> list[_Turn]:
 # The names ms-swift reads an answer under when a record's own name for it is not there
 # ({"prompt": ..., "response": ...}, {"query": ..., "answer": ...}), in its order.
 ANSWER_NAMES = ("response", "answer", "output", "solution", "completion")
+# ... and a question's, where the format's own (alpaca's instruction, query) is not there.
+QUESTION_NAMES = ("input", "query", "question", "problem")
 
 
 def _answer_key(record: dict, own: str) -> str:
@@ -317,10 +330,10 @@ def _from_prompt_completion(record: dict) -> list[_Turn]:
             _Turn("assistant", _required_text(record, answer), answer),
         ]
     turns = _from_messages(prompt, "prompt")
-    completion = record.get("completion")
-    if isinstance(completion, list):
-        return turns + _from_messages(completion, "completion")
-    return [*turns, _Turn("assistant", _required_text(record, "completion"), "completion")]
+    answer = _answer_key(record, "completion")
+    if isinstance(record[answer], list):
+        return turns + _from_messages(record[answer], answer)
+    return [*turns, _Turn("assistant", _required_text(record, answer), answer)]
 
 
 # Dolly's names for alpaca's fields (databricks-dolly-15k: instruction, context, response, category).
@@ -329,7 +342,7 @@ DOLLY_NAMES = {"input": "context", "output": "response"}
 
 def _from_alpaca(record: dict) -> list[_Turn]:
     """alpaca; or Dolly, whose context follows the instruction in the user turn as alpaca's input does."""
-    asked = next((name for name in ("input", "query") if record.get(name) is not None), None)
+    asked = next((name for name in QUESTION_NAMES if record.get(name) is not None), None)
     if record.get("instruction") is None and asked:  # {"input": ..., "output": ...}, as ms-swift reads it
         instruction, extra = _required_text(record, asked), ""
     else:
@@ -347,9 +360,10 @@ def _from_alpaca(record: dict) -> list[_Turn]:
 
 
 def _from_query_response(record: dict) -> list[_Turn]:
+    asked = next((name for name in ("query", *QUESTION_NAMES) if record.get(name) is not None), "query")
     answered = _answer_key(record, "response")
-    query, response = _required_text(record, "query"), _required_text(record, answered)
-    return [*_history(record), _Turn("user", query, "query"), _Turn("assistant", response, answered)]
+    query, response = _required_text(record, asked), _required_text(record, answered)
+    return [*_history(record), _Turn("user", query, asked), _Turn("assistant", response, answered)]
 
 
 def _from_question_answer(record: dict) -> list[_Turn]:
@@ -367,8 +381,9 @@ class RecordFormat(NamedTuple):
     read: Callable[[dict], list[_Turn]]
 
 
-# Tried in this order: the first format with one of its fields in the record reads it (so
-# {"question": ..., "output": ...} is a question, and Dolly's response an alpaca answer).
+# Tried in this order: the first format with one of its fields in the record reads it. A
+# question / problem is last, so that a stray "question" field never takes over a record that
+# has its format's own fields (alpaca's instruction, query).
 FORMATS = (
     RecordFormat(("messages",), "'messages' (OpenAI)", lambda r: _from_messages(r["messages"])),
     RecordFormat(
@@ -379,16 +394,16 @@ FORMATS = (
     ),
     RecordFormat(("prompt", "completion"), "'prompt' + 'completion'", _from_prompt_completion),
     RecordFormat(
-        ("question", "problem"),
-        "'question' or 'problem' + 'answer' or 'solution' (GSM8K, MATH)",
-        _from_question_answer,
-    ),
-    RecordFormat(
         ("instruction", "output"),
         "'instruction' + 'output' (alpaca; Dolly's 'context', 'response')",
         _from_alpaca,
     ),
     RecordFormat(("query", "response"), "'query' + 'response'", _from_query_response),
+    RecordFormat(
+        ("question", "problem"),
+        "'question' or 'problem' + 'answer' or 'solution' (GSM8K, MATH)",
+        _from_question_answer,
+    ),
 )
 # Every field that marks a record's format.
 FORMAT_KEYS = frozenset(key for f in FORMATS for key in f.keys)

@@ -70,7 +70,9 @@ class ChatColumn(Vertical):
 
     def add_turn(self, prompt: str, probe: bool = False) -> ChatTurn:
         turn = ChatTurn(prompt, probe)
-        self.query_one(VerticalScroll).mount(turn)
+        scroll = self.query_one(VerticalScroll)
+        scroll.mount(turn)
+        scroll.scroll_end(animate=False)  # a new question is followed, even by a reader who scrolled up
         return turn
 
     def append(self, index: int, text: str) -> None:

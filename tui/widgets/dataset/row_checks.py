@@ -123,11 +123,12 @@ class RowChecker:
             template=s.template,
             columns=s.column_map(),
         )
+        record = record_formats.renamed(row.record, s.column_map())
         try:
-            messages = record_formats.normalise_record(row.record, s.column_map())
+            messages = record_formats.normalise_record(record)
         except Exception:  # noqa: BLE001 - check_sample has already said why
             return RowReport(_preview(row), "", None, problems)
-        tools = record_formats.record_tools(row.record) or None
+        tools = record_formats.record_tools(record) or None
         return RowReport(*_ends(messages), self._count(messages, tools) if counts else None, problems)
 
     def _count(self, messages: list[record_formats.Message], tools: list[dict] | None) -> int | None:

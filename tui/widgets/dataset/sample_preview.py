@@ -24,8 +24,9 @@ def render_sample(row: Row, tokenizer: LightTokenizer, settings: CheckSettings) 
     if not row.valid_json:
         return Text(row.text)
     try:
-        messages = record_formats.normalise_record(row.record, settings.column_map())
-        tools = record_formats.record_tools(row.record) or None  # shown in the prompt, as training shows them
+        record = record_formats.renamed(row.record, settings.column_map())
+        messages = record_formats.normalise_record(record)
+        tools = record_formats.record_tools(record) or None  # shown in the prompt, as training shows them
     except Exception as exc:  # noqa: BLE001 - the reason is shown as the preview
         return Text(str(exc), style="red")
     filled, unfilled = data.fill_placeholders(
