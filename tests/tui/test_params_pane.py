@@ -169,3 +169,11 @@ async def test_a_pasted_swift_sft_command_sets_the_form(workspace, fake_engine):
         assert "--lora_rank 16" in app.query_one(CommandLine).command
         said = "\n".join(notices)
         assert "3 settings from the command" in said and "note: --packing true:" in said
+        assert "ctrl+z puts the form back as it was" in said
+        app.query_one("#input-lora_rank", Input).focus()
+        await pilot.press("ctrl+z")  # the paste undone: the learning rate typed before it is back
+        await wait_until(pilot, lambda: app.settings.config.learning_rate == 0.01)
+        assert app.settings.config.lora_rank == TrainConfig().lora_rank
+        assert app.query_one("#input-learning_rate", Input).value == "0.01"
+        await pilot.press("ctrl+z")  # and again: the pasted settings are back
+        await wait_until(pilot, lambda: app.settings.config.lora_rank == 16)

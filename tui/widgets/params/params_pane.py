@@ -50,6 +50,7 @@ class ParamsPane(Vertical):
             "Paste command",
             tooltip="Set the form from a pasted swift sft or tunebench train command",
         ),
+        Binding("ctrl+z", "undo_paste", "Undo paste", tooltip="Put the form back as it was before the paste"),
     ]
     HELP_KEYS = (
         ("tab / shift+tab", "next / previous field (the command under the form comes last)"),
@@ -74,6 +75,8 @@ class ParamsPane(Vertical):
         self.saver = Debouncer(self, SAVE_DELAY_S, self._save)
         self._last_field: ParamField | None = None  # where enter goes back to after escape
         self._pasted = ""  # the last command the form was set from, offered again by ctrl+o
+        # what ctrl+z puts back: the form before the paste, then (ctrl+z again) the form it undid
+        self._before_paste: dict[str, str] | None = None
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="param-form"):
@@ -169,6 +172,8 @@ class ParamsPane(Vertical):
             return self.is_mounted and self._focused_field() is not None
         if action == "focus_field":
             return self.is_mounted and self.screen.focused is self.query_one("#param-form")
+        if action == "undo_paste":
+            return self._before_paste is not None
         return True
 
     def action_leave_field(self) -> None:
@@ -197,11 +202,28 @@ class ParamsPane(Vertical):
         if taken is None:
             return
         values, notes, self._pasted = taken
-        self.settings.replace(values)
+        self._before_paste = self.settings.replace(values)
+        self._form_replaced()
+        self.refresh_bindings()  # ctrl+z shows in the footer
+        self.notify(
+            applied_line(values, notes) + "\nctrl+z puts the form back as it was", timeout=8 + 2 * len(notes)
+        )
+
+    def action_undo_paste(self) -> None:
+        """The form as it was before the paste; pressed again, as it was before this (a swap, so
+        neither the old settings nor the pasted ones, with any edits since, are lost)."""
+        if self._before_paste is None:
+            return
+        current = dict(self.settings.text)
+        self.settings.restore(self._before_paste)
+        self._before_paste = current
+        self._form_replaced()
+        self.notify("the form is back as it was; ctrl+z again swaps back", timeout=4)
+
+    def _form_replaced(self) -> None:
         self.refresh_fields()
         self.saver.poke()
         self.post_message(self.Changed(self, list(self.settings.fields)))
-        self.notify(applied_line(values, notes), timeout=8 + 2 * len(notes))
 
     def action_reset_field(self) -> None:
         field = self._focused_field()

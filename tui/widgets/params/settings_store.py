@@ -54,10 +54,18 @@ class TrainSettings:
             self.text[name] = value if isinstance(value, str) else field_text(self.fields[name], value)
         self._check()
 
-    def replace(self, values: dict[str, Any]) -> None:
-        """Typed values for some fields (a pasted command's), every other field back to its default."""
+    def replace(self, values: dict[str, Any]) -> dict[str, str]:
+        """Typed values for some fields (a pasted command's), every other field back to its default;
+        the texts before, for restore."""
+        before = dict(self.text)
         self.text = dict(self.defaults)
         self.update(values)
+        return before
+
+    def restore(self, texts: dict[str, str]) -> None:
+        """The form's texts as replace found them (its paste undone)."""
+        self.text = {name: texts.get(name, default) for name, default in self.defaults.items()}
+        self._check()
 
     def set_default(self, name: str, text: str) -> bool:
         """A default known only at run time (max_memory: the card's free memory). A field still at
