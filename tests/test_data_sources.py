@@ -242,6 +242,33 @@ def test_hub_id_in_the_hugging_face_hub_cache(caches, tmp_path, monkeypatch):
     )
 
 
+def test_a_hub_id_with_a_subset_reads_that_configuration(caches, tmp_path, monkeypatch):
+    """ms-swift's owner/name:subset (openai/gsm8k:main, whose repository keeps main/ and socratic/):
+    the subset was read as part of the id, so the copy in the cache was never found, and the
+    fetch command named a repository that does not exist."""
+    repo = caches / "huggingface" / "hub" / "datasets--openai--gsm8k"
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    snapshot = repo / "snapshots" / commit
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    for subset, answer in (("main", "4"), ("socratic", "How many? 4")):
+        (snapshot / subset).mkdir(parents=True)
+        rows = [{"question": "2 + 2?", "answer": answer}]
+        datasets.Dataset.from_list(rows).to_parquet(snapshot / subset / "train-00000-of-00001.parquet")
+    monkeypatch.chdir(tmp_path)
+
+    (sample,) = load_dataset(["openai/gsm8k:main"])[0]
+    assert sample.messages[-1] == {"role": "assistant", "content": "4"}
+    (sample,) = load_dataset(["openai/gsm8k:socratic#1"])[0]
+    assert sample.messages[-1]["content"] == "How many? 4"
+    with pytest.raises(DataError, match="has no subset 'nope'") as err:
+        load_dataset(["openai/gsm8k:nope"])
+    assert "main, socratic" in err.value.hint
+    with pytest.raises(DataError) as err:
+        load_dataset(["someone/absent:main#5"])
+    assert "hf download --repo-type dataset someone/absent " in err.value.hint
+
+
 def test_hub_id_in_the_datasets_cache(caches, tmp_path, monkeypatch):
     """What `datasets.load_dataset("someone/alpaca-mini")` leaves in HF_DATASETS_CACHE when it
     ran once with network: found offline by `datasets` itself."""

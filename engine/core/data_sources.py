@@ -91,8 +91,9 @@ def records(path: Path) -> Iterator[tuple[str, Any]]:
             )
         yield from _rows(_read_with(builder, [path], str(path)), str(path), by_row=builder == "csv")
     elif _is_hub_id(path):
-        repo_id = path.as_posix()
-        dataset, where = _load_cached_hub_id(repo_id)
+        # ms-swift's `owner/name:subset` (openai/gsm8k:main): one configuration of the repository
+        repo_id, _, subset = path.as_posix().partition(":")
+        dataset, where = _load_cached_hub_id(repo_id, "" if subset == "default" else subset)
         yield from _rows(dataset, where)
     else:
         raise DataError(
@@ -257,22 +258,38 @@ def _train_split(dataset: Any, where: str) -> Any:
     )
 
 
-def _load_cached_hub_id(repo_id: str) -> tuple[Any, str]:
-    """A hub id's train split from whichever local cache holds it, and where that is."""
+def _load_cached_hub_id(repo_id: str, subset: str = "") -> tuple[Any, str]:
+    """A hub id's train split (of its configuration `subset`, if named) from whichever local
+    cache holds it, and where that is."""
     folder = _hub_snapshot(repo_id) or modelscope_folder(repo_id, "datasets")
+    named = f"{repo_id}:{subset}" if subset else repo_id
     if folder is not None:
-        return _load_folder(folder, repo_id), f"{repo_id} ({folder})"
+        return _load_folder(_subset_folder(folder, repo_id, subset), named), f"{named} ({folder})"
     datasets = _datasets()
     cache = Path(os.environ.get("HF_DATASETS_CACHE") or _hf_home() / "datasets").expanduser()
     try:
-        return datasets.load_dataset(repo_id, split=TRAIN_SPLIT, cache_dir=str(cache)), repo_id
+        return datasets.load_dataset(repo_id, subset or None, split=TRAIN_SPLIT, cache_dir=str(cache)), named
     except Exception:  # noqa: BLE001 - any failure here means "not in the local cache"
         pass
     raise DataError(
-        f"dataset {repo_id!r} is not a file or folder here, and as a hub id it is not in the local "
+        f"dataset {named!r} is not a file or folder here, and as a hub id it is not in the local "
         "Hugging Face or ModelScope cache; TuneBench downloads nothing",
         hint=f"fetch it where there is network: {fetch_commands(repo_id)}; "
         f"or check the path (relative paths start from {Path.cwd()})",
+    )
+
+
+def _subset_folder(folder: Path, repo_id: str, subset: str) -> Path:
+    """Where a repository keeps its configuration `subset`: the folder of that name (as
+    openai/gsm8k keeps main/ and socratic/); DataError naming the ones there are."""
+    if not subset:
+        return folder
+    if (folder / subset).is_dir():
+        return folder / subset
+    subsets = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    raise DataError(
+        f"{repo_id} has no subset {subset!r} in its cached copy ({folder})",
+        hint=f"name one it has ({', '.join(subsets) or 'none: leave out :' + subset}), as {repo_id}:NAME",
     )
 
 
