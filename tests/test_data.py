@@ -791,6 +791,27 @@ def test_columns_renames_fields_as_ms_swifts_flag_does(tmp_path):
         TrainConfig(columns="{text1: query}")
 
 
+def test_loss_scale_last_round_trains_the_last_answer_only(tiny_tokenizer, tmp_path):
+    """ms-swift's --loss_scale last_round (multi-turn data where only the final answer is the
+    target): it was noted as the default, and every answer trained."""
+    from tunebench.engine.core.config import TrainConfig
+    from tunebench.engine.core.data import load_dataset_for
+
+    path = write_jsonl(
+        tmp_path / "turns.jsonl", [{"messages": [user("Hi"), bot("Hello."), user("1 + 1?"), bot("2")]}]
+    )
+    for scale, trained in (("default", ["Hello.<|im_end|>", "2<|im_end|>"]), ("last_round", ["2<|im_end|>"])):
+        samples, _ = load_dataset_for(TrainConfig(dataset=[str(path)], loss_scale=scale), [str(path)])
+        (tokenized,), _ = tokenize_samples(samples, tiny_tokenizer, 512)
+        assert labelled_runs(tiny_tokenizer, tokenized.input_ids, tokenized.labels) == trained
+    from tunebench.engine.core.config import ConfigError
+
+    with pytest.raises(
+        ConfigError, match="--loss_scale: 'ignore_empty_think' is not one of default, last_round"
+    ):
+        TrainConfig(loss_scale="ignore_empty_think")
+
+
 def test_gsm8k_and_math_records(tmp_path):
     """The names ms-swift reads as a question and its answer: GSM8K's question / answer, MATH's
     problem / solution; MATH-500 has a solution and its final answer, and the worked solution is

@@ -50,6 +50,7 @@ TRAIN_TYPES = ("lora", "qlora")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 SCHEDULERS = ("cosine", "linear", "constant")
 PROFILES = ("auto", "fast", "lean")
+LOSS_SCALES = ("default", "last_round")  # ms-swift's --loss_scale values TuneBench trains
 # ms-swift's --init_weights values, PEFT's init_lora_weights (true/false as text: one field, one type)
 INIT_WEIGHTS = ("true", "false", "gaussian", "pissa", "olora")
 # --report_to value -> the package it needs (not dependencies of TuneBench: installed by who wants them)
@@ -208,6 +209,12 @@ class TrainConfig:
         aliases=("split_dataset_ratio",),
     )
     system: str = _f("", "default system prompt for samples that have none", "data")
+    loss_scale: str = _f(
+        "default",
+        "which answers the loss learns: default = every one; last_round = a conversation's last only",
+        "data",
+        choices=LOSS_SCALES,
+    )
     columns: str = _f(
         "",
         'rename dataset fields, as ms-swift\'s --columns: JSON such as {"text1": "query", '

@@ -19,7 +19,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 
@@ -32,10 +32,14 @@ from .record_formats import (
     InvalidRecord,
     Message,
     column_map,
+    last_answer_only,
     normalise_record,
     record_tools,
     renamed,
 )
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 _PLACEHOLDER = re.compile(r"\{\{\s*(name|author)\s*\}\}", re.IGNORECASE)
 # CJK Unified Ideographs, Extension A and the compatibility block: enough to tell Chinese text.
@@ -230,10 +234,12 @@ def load_dataset(
     seed: int = 42,
     cancel: Any = None,
     columns: str = "",
+    loss_scale: str = "default",
 ) -> tuple[list[Sample], list[RecordProblem]]:
     """Read, check and mix datasets ("path" or "path#N"); DataError when no valid sample remains.
-    `columns` is --columns (renamed fields). Once `cancel` (a threading.Event) is set,
-    errors.Cancelled stops it between records."""
+    `columns` is --columns (renamed fields), `loss_scale` --loss_scale (last_round: the last
+    answer alone trained). Once `cancel` (a threading.Event) is set, errors.Cancelled stops it
+    between records."""
     if not specs:
         raise DataError("no dataset given", hint="pass --dataset FILE.jsonl (or FILE.jsonl#N)")
     samples: list[Sample] = []
@@ -253,6 +259,7 @@ def load_dataset(
             if reasons:
                 unfilled.append(RecordProblem(record.source, "; ".join(reasons)))
             else:
+                messages = last_answer_only(messages) if loss_scale == "last_round" else messages
                 ready.append(Sample(messages, record.source, record.tools))
         if count is not None and ready:
             # One generator per file, so adding a dataset does not change what another one samples.
@@ -269,6 +276,23 @@ def load_dataset(
             hint="fix the records listed above (each line says where and why)",
         )
     return samples, problems
+
+
+def load_dataset_for(
+    cfg: TrainConfig, specs: Sequence[str], cancel: Any = None
+) -> tuple[list[Sample], list[RecordProblem]]:
+    """load_dataset with a run's settings for its data: --system, --model_name, --model_author,
+    --seed, --columns and --loss_scale, the same wherever a run's data is read."""
+    return load_dataset(
+        specs,
+        system=cfg.system,
+        model_name=cfg.model_name,
+        model_author=cfg.model_author,
+        seed=cfg.seed,
+        cancel=cancel,
+        columns=cfg.columns,
+        loss_scale=cfg.loss_scale,
+    )
 
 
 def _unfilled_placeholders(unfilled: list[RecordProblem], read: int, specs: Sequence[str]) -> DataError:

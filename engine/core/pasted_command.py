@@ -62,9 +62,10 @@ def read_command(text: str) -> PastedCommand:
         export = words[:1] == ["export"]
         if all(ASSIGNMENT.match(word) or (export and word.isidentifier()) for word in words[export:]):
             # `nproc_per_node=2` on its own line; `export NAME=2`, or `export NAME` of one set before
-            assigned = dict(
-                w.split("=", 1) if "=" in w else (w, variables.get(w, "")) for w in words[export:]
-            )
+            assigned = {}
+            for word in words[export:]:
+                name, has_value, value = word.partition("=")
+                assigned[name] = value if has_value else variables.get(name, "")
             variables.update(assigned)
             exported.update(assigned if export else {})
             continue

@@ -217,6 +217,14 @@ def _answer_extras(message: dict, where: str) -> dict[str, Any]:
     return extras
 
 
+def last_answer_only(messages: list[Message]) -> list[Message]:
+    """ms-swift's --loss_scale last_round: every answer but the last is context, not trained."""
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+    return [
+        {**m, "loss": False} if m["role"] == "assistant" and i != last else m for i, m in enumerate(messages)
+    ]
+
+
 def _trained(message: dict, where: str) -> bool:
     """Whether the loss learns this answer: not with ms-swift's "loss": false, nor with OpenAI's
     "weight": 0 (a turn kept as context only)."""

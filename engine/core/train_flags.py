@@ -72,7 +72,6 @@ SWIFT_ONLY_FLAGS: dict[str, str | Noted] = {
     "bnb_4bit_quant_storage": "4-bit weights are stored as bytes",
     "use_chat_template": Noted("samples are rendered with the chat template (--template)", ("true",)),
     "task_type": Noted("the model is trained to generate the assistant's answers", ("causal_lm",)),
-    "loss_scale": Noted("the loss is on every assistant answer of a conversation", ("default",)),
     "truncation_strategy": Noted(
         "a sample longer than --max_length keeps its start and is cut at the end", ("right",)
     ),

@@ -23,7 +23,7 @@ def preflight(cfg: TrainConfig, cancel: Any = None) -> int | None:
     plan whose peak cannot fit in the free RAM; on a GPU, a --max_memory that no plan fits. Once
     `cancel` (a threading.Event) is set, core.errors.Cancelled stops the reading and tokenising.
     """
-    from ..core.data import load_dataset, split_eval
+    from ..core.data import load_dataset_for, split_eval
     from ..core.errors import DataError
     from ..core.model_files import DEMO_NAME, cached_model_dir, demo_gguf_path
     from ..core.templates import template_flag
@@ -65,15 +65,7 @@ def preflight(cfg: TrainConfig, cancel: Any = None) -> int | None:
             continue
         try:
             with reading(flag=flag):
-                samples, _problems = load_dataset(
-                    specs,
-                    system=cfg.system,
-                    model_name=cfg.model_name,
-                    model_author=cfg.model_author,
-                    seed=cfg.seed,
-                    cancel=cancel,
-                    columns=cfg.columns,
-                )
+                samples, _problems = load_dataset_for(cfg, specs, cancel)
         except DataError as exc:
             if flag == "--val_dataset":
                 exc.message = f"{flag}: {exc.message}"
@@ -203,7 +195,7 @@ def sharding_for_launch(
 def longest_sample_tokens(cfg: TrainConfig) -> int | None:
     """The training data's longest sample in tokens after --max_length, for the memory estimate;
     None when the data or the tokenizer cannot be read (the preflight says why, at training)."""
-    from ..core.data import load_dataset
+    from ..core.data import load_dataset_for
     from ..core.model_files import DEMO_NAME, cached_model_dir
     from ..models.loading import resolve_model
 
@@ -213,14 +205,7 @@ def longest_sample_tokens(cfg: TrainConfig) -> int | None:
     try:
         key = _longest_key(cfg)
         if key not in _LONGEST:
-            samples, _problems = load_dataset(
-                cfg.dataset,
-                system=cfg.system,
-                model_name=cfg.model_name,
-                model_author=cfg.model_author,
-                seed=cfg.seed,
-                columns=cfg.columns,
-            )
+            samples, _problems = load_dataset_for(cfg, cfg.dataset)
             if len(_LONGEST) >= 16:
                 _LONGEST.clear()
             _LONGEST[key] = _longest_sample(cfg, resolve_model(spec), samples)
@@ -248,5 +233,6 @@ def _longest_key(cfg: TrainConfig) -> tuple:
         cfg.seed,
         cfg.template,
         cfg.columns,
+        cfg.loss_scale,
     )
     return (tuple(files), cfg.model, cfg.max_length, cfg.trust_remote_code, settings)

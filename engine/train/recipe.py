@@ -416,19 +416,13 @@ def _load_model(cfg: TrainConfig, emit: Emit, device: Any = None, cancel: Any = 
 def _load_data(cfg: TrainConfig, tokenizer: Any, emit: Emit, cancel: Any) -> tuple[list[Any], list[Any]]:
     """The tokenised train and eval sets, reported in a DataReport; UserError if no sample is left,
     Cancelled once `cancel` is set."""
-    from ..core.data import load_dataset, split_eval
+    from ..core.data import load_dataset_for, split_eval
     from ..core.encoding import tokenize_samples
 
     emit(P.Progress(stage="tokenize", message="reading and tokenising the data"))
-    identity = {
-        "system": cfg.system,
-        "model_name": cfg.model_name,
-        "model_author": cfg.model_author,
-        "columns": cfg.columns,
-    }
-    samples, problems = load_dataset(cfg.dataset, **identity, seed=cfg.seed, cancel=cancel)
+    samples, problems = load_dataset_for(cfg, cfg.dataset, cancel)
     if cfg.val_dataset:
-        eval_samples, eval_problems = load_dataset(cfg.val_dataset, **identity, seed=cfg.seed, cancel=cancel)
+        eval_samples, eval_problems = load_dataset_for(cfg, cfg.val_dataset, cancel)
         problems = problems + eval_problems
     else:
         samples, eval_samples = split_eval(samples, cfg.val_ratio, cfg.seed)

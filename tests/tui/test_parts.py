@@ -145,6 +145,10 @@ def test_the_preview_marks_only_the_answers_and_fills_the_identity():
     assert "I am TuneBee." in trained and "Ada did." in trained  # the identity is filled in
     assert "Who are you?" not in trained and "Be brief." not in trained  # prompts are not trained
     assert "Be brief." in text.plain  # the form's system prompt is part of the rendering
+    last_round = CheckSettings(64, ("TuneBee",), ("Ada",), "Be brief.", "", "", "last_round")
+    text = render_sample(Row.from_record(record), LightTokenizer(None), last_round)
+    trained = "".join(text.plain[s.start : s.end] for s in text.spans if s.style == TRAINED)
+    assert "I am TuneBee." not in trained and "Ada did." in trained  # --loss_scale last_round
     record["messages"][1]["loss"] = False  # ms-swift's mark: context, not trained
     text = render_sample(Row.from_record(record), LightTokenizer(None), settings)
     trained = "".join(text.plain[s.start : s.end] for s in text.spans if s.style == TRAINED)

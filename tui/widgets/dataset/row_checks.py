@@ -36,6 +36,7 @@ class CheckSettings:
     system: str
     template: str
     columns: str = ""  # --columns: the fields renamed before a record's format is read
+    loss_scale: str = "default"  # last_round: a conversation's last answer alone is trained
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> CheckSettings:
@@ -46,6 +47,7 @@ class CheckSettings:
             cfg.system,
             cfg.template,
             cfg.columns,
+            cfg.loss_scale,
         )
 
     def column_map(self) -> dict[str, str]:
