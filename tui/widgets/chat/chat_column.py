@@ -48,6 +48,15 @@ class ChatTurn(Static):
 class ChatColumn(Vertical):
     """Title plus a scrolling list of turns; follows the stream only if already at the bottom."""
 
+    # The turns' box is at least the column's height: a short chat sits at the top, so the
+    # columns' questions line up side by side (the anchor alone sits each at its column's foot).
+    DEFAULT_CSS = """
+    ChatColumn .chat-turns {
+        height: auto;
+        min-height: 100%;
+    }
+    """
+
     def __init__(self, target: str, label: str, **kwargs) -> None:
         super().__init__(classes="chat-column", **kwargs)
         self.target = target
@@ -55,7 +64,8 @@ class ChatColumn(Vertical):
 
     def compose(self) -> ComposeResult:
         yield Label(self.label, classes="chat-title")
-        yield VerticalScroll(classes="chat-scroll")
+        with VerticalScroll(classes="chat-scroll"):
+            yield Vertical(classes="chat-turns")
 
     def on_mount(self) -> None:
         # Textual's anchor keeps the end in view through every layout, a tall question's included,
@@ -71,7 +81,7 @@ class ChatColumn(Vertical):
     def add_turn(self, prompt: str, probe: bool = False) -> ChatTurn:
         turn = ChatTurn(prompt, probe)
         scroll = self.query_one(VerticalScroll)
-        scroll.mount(turn)
+        scroll.query_one(".chat-turns").mount(turn)
         scroll.scroll_end(animate=False)  # a new question is followed, even by a reader who scrolled up
         return turn
 
@@ -91,4 +101,4 @@ class ChatColumn(Vertical):
                 turn.finish(stats, note)
 
     def clear(self) -> None:
-        self.query_one(VerticalScroll).remove_children()
+        self.query_one(".chat-turns").remove_children()
