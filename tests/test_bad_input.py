@@ -1296,7 +1296,9 @@ def test_bom_extra_fields_and_skippable_records_are_accepted(tmp_path, monkeypat
     report = next(e for e in events if e["type"] == "DataReport")
     assert report["samples"] == 5  # two + one + the extras record + the long one
     assert (report["skipped"], report["truncated"], report["dropped"]) == (1, 1, 0)
-    assert report["problems"] == ["extras.jsonl:2: missing field 'output'"]
+    assert report["problems"] == [
+        "extras.jsonl:2: missing field 'output' (or 'response', 'answer', 'solution', 'completion')"
+    ]
     assert events[-1]["type"] == "TrainFinished" and events[-1]["status"] == "completed"
     assert {p: p.read_bytes() for p in inputs} == inputs
     assert (tmp_path / "runs" / "ok" / "adapter" / "adapter_model.safetensors").is_file()

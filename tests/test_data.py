@@ -249,7 +249,11 @@ def test_json_list_file_uses_index_sources(tmp_path):
     path.write_text(json.dumps([qa("q", "a"), {"instruction": "q"}, qa("q2", "a2")]))
     samples, problems = read_records(path)
     assert [s.source for s in samples] == [f"{path}[0]", f"{path}[2]"]
-    assert problems == [RecordProblem(f"{path}[1]", "missing field 'output'")]
+    assert problems == [
+        RecordProblem(
+            f"{path}[1]", "missing field 'output' (or 'response', 'answer', 'solution', 'completion')"
+        )
+    ]
 
 
 def test_mislabelled_files_are_read_as_what_they_hold(tmp_path):
@@ -550,7 +554,11 @@ def test_mixing_datasets_keeps_each_sample_and_problem(tmp_path, numbered):
     assert len(samples) == 4
     assert sum(s.source.startswith(str(numbered)) for s in samples) == 3
     assert samples[-1].source == f"{other}:1"
-    assert problems == [RecordProblem(f"{other}:2", "missing field 'output'")]
+    assert problems == [
+        RecordProblem(
+            f"{other}:2", "missing field 'output' (or 'response', 'answer', 'solution', 'completion')"
+        )
+    ]
     with pytest.raises(DataError, match="not found"):
         load_dataset([str(numbered), str(tmp_path / "typo.jsonl")])
 
@@ -738,10 +746,13 @@ def test_an_answer_marked_not_trained_is_context_only(tiny_tokenizer, tmp_path):
         assert labelled_runs(tiny_tokenizer, sample.input_ids, sample.labels) == ["2<|im_end|>"]
 
 
-# Qwen3's way with an answer's reasoning: rendered before the answer, inside <think>.
+# Qwen3's way with an answer's reasoning: rendered before the answer, inside <think>, and only
+# for the answers after the last question.
 THINKING_TEMPLATE = (
+    "{% set ns = namespace(last=-1) %}{% for m in messages %}"
+    "{% if m['role'] == 'user' %}{% set ns.last = loop.index0 %}{% endif %}{% endfor %}"
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
-    "{% if message.get('reasoning_content') %}"
+    "{% if message.get('reasoning_content') and loop.index0 > ns.last %}"
     "{{ '<think>\\n' + message['reasoning_content'] + '\\n</think>\\n\\n' }}{% endif %}"
     "{{ message['content'] + '<|im_end|>\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
@@ -763,9 +774,16 @@ def test_an_answers_reasoning_is_trained_where_the_template_shows_it(tiny_tokeni
     ]
     with pytest.raises(InvalidRecord, match="does not show the answer's reasoning \\('reasoning_content'\\)"):
         encoding.encode_messages(messages, tiny_tokenizer)  # the tiny chatml template has no reasoning
-    # Qwen3's template shows reasoning after the last question only: an earlier turn's is not asked for
+    # An earlier answer's reasoning: Qwen3's template shows it only while that answer ends the
+    # chat, which is enough; a template that never shows it still refuses the record.
     earlier = normalise_record({"messages": [*record["messages"], user("And?"), bot("That is all.")]})
-    assert encoding.encode_messages(earlier, tiny_tokenizer)[0]
+    ids, labels = encoding.encode_messages(earlier, tiny_tokenizer, THINKING_TEMPLATE)
+    assert labelled_runs(tiny_tokenizer, ids, labels) == [
+        "I am swift-robot.<|im_end|>",
+        "That is all.<|im_end|>",
+    ]
+    with pytest.raises(InvalidRecord, match="does not show the answer's reasoning"):
+        encoding.encode_messages(earlier, tiny_tokenizer)
 
 
 def test_columns_renames_fields_as_ms_swifts_flag_does(tmp_path):
@@ -793,7 +811,8 @@ def test_columns_renames_fields_as_ms_swifts_flag_does(tmp_path):
 
 def test_loss_scale_last_round_trains_the_last_answer_only(tiny_tokenizer, tmp_path):
     """ms-swift's --loss_scale last_round (multi-turn data where only the final answer is the
-    target): it was noted as the default, and every answer trained."""
+    target) was refused. An answer the record marks "loss": true is trained still, as in
+    ms-swift; a record left with nothing trained is a problem, where training divided by zero."""
     from tunebench.engine.core.config import TrainConfig
     from tunebench.engine.core.data import load_dataset_for
 
@@ -804,6 +823,18 @@ def test_loss_scale_last_round_trains_the_last_answer_only(tiny_tokenizer, tmp_p
         samples, _ = load_dataset_for(TrainConfig(dataset=[str(path)], loss_scale=scale), [str(path)])
         (tokenized,), _ = tokenize_samples(samples, tiny_tokenizer, 512)
         assert labelled_runs(tiny_tokenizer, tokenized.input_ids, tokenized.labels) == trained
+    marked = [
+        {"messages": [user("Hi"), {**bot("Hello."), "loss": True}, user("1 + 1?"), bot("2")]},
+        {"messages": [user("Hi"), bot("Hello."), user("1 + 1?"), {**bot("2"), "loss": False}]},
+    ]
+    path = write_jsonl(tmp_path / "marked.jsonl", marked)
+    samples, _ = load_dataset_for(TrainConfig(dataset=[str(path)], loss_scale="last_round"), [str(path)])
+    (tokenized,), report = tokenize_samples(samples, tiny_tokenizer, 512)
+    assert labelled_runs(tiny_tokenizer, tokenized.input_ids, tokenized.labels) == [
+        "Hello.<|im_end|>",
+        "2<|im_end|>",
+    ]
+    assert report.dropped == 1 and "no answer of this record is trained" in report.problems[0].reason
     from tunebench.engine.core.config import ConfigError
 
     with pytest.raises(

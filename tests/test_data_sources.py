@@ -268,6 +268,28 @@ def test_a_hub_id_with_a_subset_reads_that_configuration(caches, tmp_path, monke
         load_dataset(["someone/absent:main#5"])
     assert "hf download --repo-type dataset someone/absent " in err.value.hint
 
+    # configs declared in the README, in folders deeper down (as HuggingFaceTB/smoltalk keeps them)
+    repo = caches / "huggingface" / "hub" / "datasets--someone--talk"
+    snapshot = repo / "snapshots" / commit
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    configs = ""
+    for subset in ("all", "smol"):
+        (snapshot / "data" / subset).mkdir(parents=True)
+        rows = [{"question": "Hi?", "answer": f"hi {subset}"}]
+        datasets.Dataset.from_list(rows).to_parquet(
+            snapshot / "data" / subset / "train-00000-of-00001.parquet"
+        )
+        configs += (
+            f"- config_name: {subset}\n  data_files:\n  - split: train\n    path: data/{subset}/train-*\n"
+        )
+    (snapshot / "README.md").write_text(f"---\nconfigs:\n{configs}---\n# talk\n")
+    (sample,) = load_dataset(["someone/talk:smol"])[0]
+    assert sample.messages[-1]["content"] == "hi smol"
+    with pytest.raises(DataError, match="has no subset 'nope'") as err:
+        load_dataset(["someone/talk:nope"])
+    assert "(all, smol)" in err.value.hint
+
 
 def test_hub_id_in_the_datasets_cache(caches, tmp_path, monkeypatch):
     """What `datasets.load_dataset("someone/alpaca-mini")` leaves in HF_DATASETS_CACHE when it

@@ -264,7 +264,7 @@ def _load_cached_hub_id(repo_id: str, subset: str = "") -> tuple[Any, str]:
     folder = _hub_snapshot(repo_id) or modelscope_folder(repo_id, "datasets")
     named = f"{repo_id}:{subset}" if subset else repo_id
     if folder is not None:
-        return _load_folder(_subset_folder(folder, repo_id, subset), named), f"{named} ({folder})"
+        return _load_subset(folder, repo_id, subset), f"{named} ({folder})"
     datasets = _datasets()
     cache = Path(os.environ.get("HF_DATASETS_CACHE") or _hf_home() / "datasets").expanduser()
     try:
@@ -279,17 +279,34 @@ def _load_cached_hub_id(repo_id: str, subset: str = "") -> tuple[Any, str]:
     )
 
 
-def _subset_folder(folder: Path, repo_id: str, subset: str) -> Path:
-    """Where a repository keeps its configuration `subset`: the folder of that name (as
-    openai/gsm8k keeps main/ and socratic/); DataError naming the ones there are."""
+def _load_subset(folder: Path, repo_id: str, subset: str) -> Any:
+    """A downloaded repository's train split of its configuration `subset` (all of it for none):
+    the folder of that name (openai/gsm8k keeps main/ and socratic/), else the configs its README
+    declares, as `datasets` reads them; DataError naming the configs there are."""
     if not subset:
-        return folder
+        return _load_folder(folder, repo_id)
     if (folder / subset).is_dir():
-        return folder / subset
-    subsets = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        return _load_folder(folder / subset, f"{repo_id}:{subset}")
+    datasets = _datasets()
+    try:
+        return datasets.load_dataset(str(folder), subset, split=TRAIN_SPLIT)
+    except Exception:  # noqa: BLE001 - no such config: say which there are
+        pass
+    try:
+        names = [n for n in datasets.get_dataset_config_names(str(folder)) if n != "default"]
+    except Exception:  # noqa: BLE001 - a repository without configs
+        names = []
+    # ... or its folders that hold data files themselves (main/, socratic/)
+    names = names or sorted(
+        p.name
+        for p in folder.iterdir()
+        if p.is_dir() and any(_builder(f) for f in p.iterdir() if f.is_file())
+    )
     raise DataError(
         f"{repo_id} has no subset {subset!r} in its cached copy ({folder})",
-        hint=f"name one it has ({', '.join(subsets) or 'none: leave out :' + subset}), as {repo_id}:NAME",
+        hint=f"name one it has, as {repo_id}:NAME ({', '.join(names)})"
+        if names
+        else f"it has no subsets: leave out :{subset}",
     )
 
 

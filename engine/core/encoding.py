@@ -23,7 +23,16 @@ from typing import Any
 from .config import TrainConfig
 from .data import RecordProblem, Sample, fill_placeholders
 from .errors import DataError, raise_if_cancelled
-from .record_formats import REASONING_KEYS, InvalidRecord, Message, normalise_record, record_tools, renamed
+from .record_formats import (
+    REASONING_KEYS,
+    InvalidRecord,
+    Message,
+    last_answer_only,
+    normalise_record,
+    record_tools,
+    renamed,
+    trained_answers,
+)
 from .templates import DEFAULT_TEMPLATE, TEMPLATES, get_template, named_template, template_words
 from .tool_calls import call_names, tool_names
 
@@ -164,11 +173,10 @@ def encode_messages(
     `tools` go to the template, which shows them in the prompt; the assistant's calls are
     trained like its answers.
     """
-    text, spans = assistant_spans(
-        messages, lambda msgs, gen: _render(tokenizer, msgs, chat_template, gen, tools)
-    )
+    render = lambda msgs, gen: _render(tokenizer, msgs, chat_template, gen, tools)  # noqa: E731
+    text, spans = assistant_spans(messages, render)
     _check_tools_rendered(text, messages, spans, tools or [])
-    _check_reasoning_rendered(text, messages, spans)
+    _check_reasoning_rendered(messages, render)
     if max_length and spans:
         prompt = text[: spans[0][0]]
         long = max(_CHUNK_CHARS, max_length * _LONG_PROMPT_CHARS_PER_TOKEN)
@@ -192,6 +200,11 @@ def encode_messages(
     for (_, trained), piece_ids in zip(pieces, encoded, strict=True):
         ids += piece_ids
         labels += piece_ids if trained else [IGNORE_INDEX] * len(piece_ids)
+    if not any(trained for _, trained in pieces):
+        raise InvalidRecord(
+            'no answer of this record is trained (each is "loss": false, or --loss_scale last_round '
+            'leaves only a last answer marked "loss": false): mark one to train, or delete the record'
+        )
     return ids, labels
 
 
@@ -218,32 +231,18 @@ def _check_tools_rendered(
         )
 
 
-def trained_answers(messages: list[Message]) -> list[bool]:
-    """Per assistant message, in order (assistant_spans' spans), whether the loss learns it: all
-    but those the record marks "loss": false (ms-swift) or "weight": 0 (OpenAI)."""
-    return [m.get("loss") is not False for m in messages if m["role"] == "assistant"]
-
-
-def _check_reasoning_rendered(text: str, messages: list[Message], spans: list[tuple[int, int]]) -> None:
+def _check_reasoning_rendered(messages: list[Message], render: Callable[[list[Message], bool], str]) -> None:
     """A template that does not render reasoning_content / thinking drops it silently: the model
-    would learn the answers without the reasoning the data holds. An answer after the last
-    question with reasoning must show it (Qwen3's template leaves it out of earlier turns on
-    purpose, so those are not checked)."""
-    last_question = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
-    answers = [(i, m) for i, m in enumerate(messages) if m["role"] == "assistant"]
-    for (index, message), (start, end) in reversed(list(zip(answers, spans, strict=True))):
-        if index < last_question:
-            return
-        key = next((k for k in REASONING_KEYS if message.get(k)), None)
-        if key is None:
-            continue
-        if message[key].strip() not in text[start:end]:
+    would learn the answers without the reasoning the data holds. Each answer's reasoning must
+    show when that answer ends the chat (Qwen3's template shows it there only, on purpose)."""
+    for index, message in enumerate(messages):
+        key = next((k for k in REASONING_KEYS if message["role"] == "assistant" and message.get(k)), None)
+        if key is not None and message[key].strip() not in render(messages[: index + 1], False):
             raise InvalidRecord(
                 f"the chat template does not show the answer's reasoning ('{key}'), so training would "
                 "drop it: use a model whose chat template renders it (Qwen3's does), or write it into "
                 "the answer itself as <think>...</think>"
             )
-        return
 
 
 def assistant_spans(
@@ -326,9 +325,10 @@ def check_sample(
     system: str = "",
     template: str = "",
     columns: dict[str, str] | None = None,
+    loss_scale: str = "default",
 ) -> list[str]:
     """Everything wrong with one record, as messages for a person (empty when it is fine);
-    `columns` is --columns' renaming (record_formats.column_map)."""
+    `columns` is --columns' renaming (record_formats.column_map), `loss_scale` --loss_scale's."""
     sample_dict = renamed(sample_dict, columns or {})
     try:
         messages = normalise_record(sample_dict)
@@ -336,6 +336,7 @@ def check_sample(
     except InvalidRecord as exc:
         return [str(exc)]
     filled, problems = fill_placeholders(messages, model_name, model_author, system=system)
+    filled = last_answer_only(filled) if loss_scale == "last_round" else filled
     if tokenizer is None or not max_length:
         return problems
     try:

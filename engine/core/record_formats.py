@@ -208,7 +208,9 @@ def _from_messages(items: Any, key: str = "messages") -> list[_Turn]:
 def _answer_extras(message: dict, where: str) -> dict[str, Any]:
     """What an assistant message carries beside its text: "loss": False when the loss skips it,
     and its reasoning under the key it came with."""
-    extras: dict[str, Any] = {} if _trained(message, where) else {"loss": False}
+    trained = _trained(message, where)
+    # an explicit "loss": true stays (it wins over --loss_scale last_round, as in ms-swift)
+    extras: dict[str, Any] = {} if trained and message.get("loss") is None else {"loss": trained}
     for key in REASONING_KEYS:
         if message.get(key) is not None:
             reasoning = _required_text(message, key, where)
@@ -218,11 +220,19 @@ def _answer_extras(message: dict, where: str) -> dict[str, Any]:
 
 
 def last_answer_only(messages: list[Message]) -> list[Message]:
-    """ms-swift's --loss_scale last_round: every answer but the last is context, not trained."""
+    """ms-swift's --loss_scale last_round: every answer but the last is context, not trained,
+    unless the record marks it "loss": true."""
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
     return [
-        {**m, "loss": False} if m["role"] == "assistant" and i != last else m for i, m in enumerate(messages)
+        {**m, "loss": False} if m["role"] == "assistant" and i != last and m.get("loss") is not True else m
+        for i, m in enumerate(messages)
     ]
+
+
+def trained_answers(messages: list[Message]) -> list[bool]:
+    """Per assistant message, in order, whether the loss learns it: all but those marked
+    "loss": false (ms-swift's mark, OpenAI's "weight": 0, or --loss_scale last_round)."""
+    return [m.get("loss") is not False for m in messages if m["role"] == "assistant"]
 
 
 def _trained(message: dict, where: str) -> bool:
@@ -357,9 +367,10 @@ def _from_alpaca(record: dict) -> list[_Turn]:
         instruction = _required_text(record, "instruction")
         extra = _optional_text(record, "input") or _optional_text(record, DOLLY_NAMES["input"])
     query = f"{instruction}\n{extra}" if extra.strip() else instruction
-    # Dolly's response only where there is no output (null is none: a columnar file has both).
-    dolly = record.get("output") is None and (record.get("response") is not None or "context" in record)
-    answer = DOLLY_NAMES["output"] if dolly else "output"
+    # Dolly's response, or another name ms-swift reads, only where there is no output (null is
+    # none: a columnar file has both); a Dolly record (its context) misses its response by name.
+    dolly = "context" in record and record.get("output") is None
+    answer = _answer_key(record, DOLLY_NAMES["output"] if dolly else "output")
     return [
         *_history(record),
         _Turn("user", query, "instruction"),

@@ -124,6 +124,7 @@ class RowChecker:
             system=s.system,
             template=s.template,
             columns=s.column_map(),
+            loss_scale=s.loss_scale,
         )
         record = record_formats.renamed(row.record, s.column_map())
         try:

@@ -1,6 +1,6 @@
 """A sample as the model will see it: rendered through the chat template, trained text marked.
 
-The trained spans come from encoding.assistant_spans and encoding.trained_answers, the functions that
+The trained spans come from encoding.assistant_spans and record_formats.trained_answers, the functions that
 build the loss mask for training, so what is highlighted here is exactly what the loss is computed on.
 """
 
@@ -45,7 +45,7 @@ def render_sample(row: Row, tokenizer: LightTokenizer, settings: CheckSettings) 
     except Exception as exc:  # noqa: BLE001 - a broken template or record: say which
         return Text(f"cannot render this sample: {exc}", style="red")
     out = Text(text)
-    for (start, end), trained in zip(spans, encoding.trained_answers(filled), strict=True):
+    for (start, end), trained in zip(spans, record_formats.trained_answers(filled), strict=True):
         if trained:
             out.stylize(TRAINED, start, end)
     if unfilled:  # still {{NAME}} / {{AUTHOR}}: the fields above the table fill them
