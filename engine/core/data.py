@@ -32,10 +32,10 @@ from .record_formats import (
     InvalidRecord,
     Message,
     column_map,
-    last_answer_only,
     normalise_record,
     record_tools,
     renamed,
+    with_loss_scale,
 )
 
 if TYPE_CHECKING:
@@ -259,8 +259,7 @@ def load_dataset(
             if reasons:
                 unfilled.append(RecordProblem(record.source, "; ".join(reasons)))
             else:
-                messages = last_answer_only(messages) if loss_scale == "last_round" else messages
-                ready.append(Sample(messages, record.source, record.tools))
+                ready.append(Sample(with_loss_scale(messages, loss_scale), record.source, record.tools))
         if count is not None and ready:
             # One generator per file, so adding a dataset does not change what another one samples.
             ready = _take(ready, count, random.Random(f"{seed}:{index}"))

@@ -27,11 +27,10 @@ from .record_formats import (
     REASONING_KEYS,
     InvalidRecord,
     Message,
-    last_answer_only,
     normalise_record,
     record_tools,
-    renamed,
     trained_answers,
+    with_loss_scale,
 )
 from .templates import DEFAULT_TEMPLATE, TEMPLATES, get_template, named_template, template_words
 from .tool_calls import call_names, tool_names
@@ -173,7 +172,15 @@ def encode_messages(
     `tools` go to the template, which shows them in the prompt; the assistant's calls are
     trained like its answers.
     """
-    render = lambda msgs, gen: _render(tokenizer, msgs, chat_template, gen, tools)  # noqa: E731
+    # assistant_spans and the reasoning check both render prefixes of `messages`: each once
+    renders: dict[tuple[int, bool], str] = {}
+
+    def render(prefix: list[Message], gen: bool) -> str:
+        key = (len(prefix), gen)
+        if key not in renders:
+            renders[key] = _render(tokenizer, prefix, chat_template, gen, tools)
+        return renders[key]
+
     text, spans = assistant_spans(messages, render)
     _check_tools_rendered(text, messages, spans, tools or [])
     _check_reasoning_rendered(messages, render)
@@ -324,19 +331,17 @@ def check_sample(
     model_author: Sequence[str] = (),
     system: str = "",
     template: str = "",
-    columns: dict[str, str] | None = None,
     loss_scale: str = "default",
 ) -> list[str]:
-    """Everything wrong with one record, as messages for a person (empty when it is fine);
-    `columns` is --columns' renaming (record_formats.column_map), `loss_scale` --loss_scale's."""
-    sample_dict = renamed(sample_dict, columns or {})
+    """Everything wrong with one record (its fields renamed by --columns already, if any), as
+    messages for a person (empty when it is fine); `loss_scale` is --loss_scale's."""
     try:
         messages = normalise_record(sample_dict)
         tools = record_tools(sample_dict)
     except InvalidRecord as exc:
         return [str(exc)]
     filled, problems = fill_placeholders(messages, model_name, model_author, system=system)
-    filled = last_answer_only(filled) if loss_scale == "last_round" else filled
+    filled = with_loss_scale(filled, loss_scale)
     if tokenizer is None or not max_length:
         return problems
     try:

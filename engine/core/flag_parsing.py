@@ -176,12 +176,11 @@ def add_noted_flags(parser: argparse.ArgumentParser, title: str, notes: dict[str
     happens here) so that a copied command runs; say_noted_flags says what happens instead."""
     group = parser.add_argument_group(f"{title} (accepted, and said)")
     for name, note in notes.items():
-        text = note.note if isinstance(note, Noted) else note
         if isinstance(note, Noted) and note.many:
             taken: dict[str, Any] = {"nargs": "+", "action": "extend"}
         else:
             taken = {"nargs": "?", "const": "true"}
-        group.add_argument(f"--{name}", dest=f"swift_{name}", metavar="VALUE", help=text, **taken)
+        group.add_argument(f"--{name}", dest=f"swift_{name}", metavar="VALUE", help=_note_text(note), **taken)
 
 
 def noted_flag_notes(args: argparse.Namespace, notes: dict[str, str | Noted]) -> list[str]:
@@ -201,8 +200,10 @@ def noted_flag_notes(args: argparse.Namespace, notes: dict[str, str | Noted]) ->
         raise ConfigError(refused)
     lines = []
     for name, value in given.items():
-        note = notes[name]
-        text = note.note if isinstance(note, Noted) else note
         shown = "..." if name.endswith("token") else value  # a secret stays off the screen and the logs
-        lines.append(f"--{name} {shown}: {text}")
+        lines.append(f"--{name} {shown}: {_note_text(notes[name])}")
     return lines
+
+
+def _note_text(note: str | Noted) -> str:
+    return note.note if isinstance(note, Noted) else note

@@ -219,9 +219,11 @@ def _answer_extras(message: dict, where: str) -> dict[str, Any]:
     return extras
 
 
-def last_answer_only(messages: list[Message]) -> list[Message]:
-    """ms-swift's --loss_scale last_round: every answer but the last is context, not trained,
-    unless the record marks it "loss": true."""
+def with_loss_scale(messages: list[Message], loss_scale: str) -> list[Message]:
+    """The messages as --loss_scale has them trained: as they are for default; for ms-swift's
+    last_round every answer but the last is context, unless the record marks it "loss": true."""
+    if loss_scale != "last_round":
+        return messages
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
     return [
         {**m, "loss": False} if m["role"] == "assistant" and i != last and m.get("loss") is not True else m

@@ -8,6 +8,7 @@ check_in_batches() gives results a batch at a time, the rows on screen first.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -50,8 +51,9 @@ class CheckSettings:
             cfg.loss_scale,
         )
 
-    def column_map(self) -> dict[str, str]:
-        """The renaming; none while the form's --columns is not valid JSON (the form says why)."""
+    @functools.cached_property
+    def renaming(self) -> dict[str, str]:
+        """--columns read once; none while it is not valid JSON (the form says why)."""
         try:
             return record_formats.column_map(self.columns)
         except ValueError:
@@ -115,18 +117,17 @@ class RowChecker:
             return RowReport(*row_summary(row), None, [row.error])
         s = self.settings
         counts = self.tokenizer.counts_tokens
+        record = record_formats.renamed(row.record, s.renaming)
         problems = encoding.check_sample(
-            row.record,
+            record,
             tokenizer=self.tokenizer if counts else None,
             max_length=s.max_length if counts else None,
             model_name=s.model_name,
             model_author=s.model_author,
             system=s.system,
             template=s.template,
-            columns=s.column_map(),
             loss_scale=s.loss_scale,
         )
-        record = record_formats.renamed(row.record, s.column_map())
         try:
             messages = record_formats.normalise_record(record)
         except Exception:  # noqa: BLE001 - check_sample has already said why

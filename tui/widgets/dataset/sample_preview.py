@@ -24,10 +24,10 @@ def render_sample(row: Row, tokenizer: LightTokenizer, settings: CheckSettings) 
     if not row.valid_json:
         return Text(row.text)
     try:
-        record = record_formats.renamed(row.record, settings.column_map())
-        messages = record_formats.normalise_record(record)
-        if settings.loss_scale == "last_round":
-            messages = record_formats.last_answer_only(messages)
+        record = record_formats.renamed(row.record, settings.renaming)
+        messages = record_formats.with_loss_scale(
+            record_formats.normalise_record(record), settings.loss_scale
+        )
         tools = record_formats.record_tools(record) or None  # shown in the prompt, as training shows them
     except Exception as exc:  # noqa: BLE001 - the reason is shown as the preview
         return Text(str(exc), style="red")
