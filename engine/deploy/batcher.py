@@ -536,11 +536,8 @@ class Batcher:
     def _finish(self, row: _Row, reason: str, flush: bool = True) -> None:
         text = ""
         if flush:
-            text, stopped = row.stop.push(row.detok.flush())
-            if stopped:
-                reason = "stop"
-            else:
-                text += row.stop.flush()
+            text, stopped = row.stop.end(row.detok.flush())
+            reason = "stop" if stopped else reason
         # Out of the batch and the counts first: a client that reads /health right after its
         # answer must not still see itself running.
         if row in self._rows:

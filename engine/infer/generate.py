@@ -495,8 +495,7 @@ class GenerationSession:
         for i, row in enumerate(rows):
             tail = ""
             if not row.stopped_at_text:
-                tail, row.stopped_at_text = row.stop.push(row.detok.flush())
-                tail += "" if row.stopped_at_text else row.stop.flush()
+                tail, row.stopped_at_text = row.stop.end(row.detok.flush())
                 if row.stopped_at_text:
                     finished[i], row.finish_reason = True, "stop"
             if tail:

@@ -208,3 +208,9 @@ class StopText:
     def flush(self) -> str:
         text, self.pending = self.pending, ""
         return text
+
+    def end(self, tail: str) -> tuple[str, bool]:
+        """At the answer's end: `tail` (the detokenizer's last text) through the cut, then what
+        was held back unless a stop string came; (text, whether one came)."""
+        text, stopped = self.push(tail)
+        return (text, True) if stopped else (text + self.flush(), False)
