@@ -353,7 +353,7 @@ class Batcher:
             while self._waiting and len(self._rows) + len(self._joining) < self.max_num_seqs:
                 self._joining.append(self._waiting.popleft())
             self.metrics.waiting = len(self._waiting)
-            self.metrics.running = len(self._rows) + len(self._joining)
+            self._count_running()
             return True
 
     def _admit(self, seq: Sequence) -> None:
@@ -543,8 +543,7 @@ class Batcher:
         if row in self._rows:
             self._rows.remove(row)
         self.metrics.finished[(row.seq.served_name, reason)] += 1
-        with self._lock:
-            self.metrics.running = len(self._rows) + len(self._joining)
+        self._count_running()
         if text:
             _emit(row.seq, Delta(text))
         _emit(row.seq, Finished(reason, len(row.seq.prompt), row.generated))
@@ -554,6 +553,11 @@ class Batcher:
         for row in [r for r in self._rows if r.seq.cancelled.is_set()]:
             self._rows.remove(row)
             self.metrics.finished[(row.seq.served_name, "cancelled")] += 1
+        self._count_running()
+
+    def _count_running(self) -> None:
+        """What /metrics and submit's limit count as running: the batch's rows and the requests
+        joining it (its lock is reentrant: callers may hold it)."""
         with self._lock:
             self.metrics.running = len(self._rows) + len(self._joining)
 
@@ -567,8 +571,7 @@ class Batcher:
                 self._rows.remove(row)
         if drop_cache:
             self._drop_cache()
-        with self._lock:
-            self.metrics.running = len(self._rows) + len(self._joining)
+        self._count_running()
 
     # ------------------------------------------------------------ the KV cache
 
